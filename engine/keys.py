@@ -1,0 +1,99 @@
+"""Every Redis key name leadflow uses, built here and nowhere else.
+
+All keys of one tenant share the hash tag ``{tenant}``, so that every Lua script, which
+only ever touches one tenant, stays in a single Redis Cluster slot. Scripts receive the
+tenant prefix as ``KEYS[1]`` and derive per-account and per-buyer keys from it with the
+Lua helpers that :func:`lua_preamble` generates from the same table below, so the layout
+is written exactly once.
+"""
+
+from __future__ import annotations
+
+ROOT = "lf"
+
+# suffix templates under the tenant prefix; "{}" is the id of the account/buyer/...
+_SUFFIX: dict[str, str] = {
+    "acct": "acct:{}",  # HASH: bal, floor, alert, rthr, minb, mode, ar, paused, closed
+    "acct_ledger": "acct:{}:ledger",  # STREAM: one entry per balance change of that account
+    "buyer": "buyer:{}",  # HASH: paused + cap counters (window id / count pairs)
+    "idem": "idem:{}",  # STRING: first decision of a lead, by idempotency key
+    "dup": "dup:{}",  # STRING: last sale of a dedupe fingerprint (TTL = look-back)
+    "op": "op:{}",  # STRING: applied balance operation (idempotency of credits/usage)
+    "lead": "lead:{}",  # HASH: sold lead record (buyers, prices), for refunds
+}
+_FIXED: dict[str, str] = {
+    "ledger": "ledger",  # STREAM: every ledger entry of the tenant (archived to SQL)
+    "events": "events",  # STREAM: balance_alert, recharge_needed, buyer_paused, ...
+    "deliveries": "deliveries",  # STREAM: one delivery job per sold buyer
+    "cursors": "cursors",  # HASH: campaign id -> round-robin counter
+    "accounts": "accounts",  # SET: account ids (reconcile walks it, never SCAN)
+}
+
+
+def tenant_prefix(tenant: str) -> str:
+    return f"{ROOT}:{{{tenant}}}:"
+
+
+def acct(tenant: str, account: str) -> str:
+    return tenant_prefix(tenant) + _SUFFIX["acct"].format(account)
+
+
+def acct_ledger(tenant: str, account: str) -> str:
+    return tenant_prefix(tenant) + _SUFFIX["acct_ledger"].format(account)
+
+
+def buyer(tenant: str, buyer_id: str) -> str:
+    return tenant_prefix(tenant) + _SUFFIX["buyer"].format(buyer_id)
+
+
+def idem(tenant: str, key: str) -> str:
+    return tenant_prefix(tenant) + _SUFFIX["idem"].format(key)
+
+
+def dup(tenant: str, fingerprint: str) -> str:
+    return tenant_prefix(tenant) + _SUFFIX["dup"].format(fingerprint)
+
+
+def op(tenant: str, op_id: str) -> str:
+    return tenant_prefix(tenant) + _SUFFIX["op"].format(op_id)
+
+
+def lead(tenant: str, lead_id: str) -> str:
+    return tenant_prefix(tenant) + _SUFFIX["lead"].format(lead_id)
+
+
+def ledger(tenant: str) -> str:
+    return tenant_prefix(tenant) + _FIXED["ledger"]
+
+
+def events(tenant: str) -> str:
+    return tenant_prefix(tenant) + _FIXED["events"]
+
+
+def deliveries(tenant: str) -> str:
+    return tenant_prefix(tenant) + _FIXED["deliveries"]
+
+
+def cursors(tenant: str) -> str:
+    return tenant_prefix(tenant) + _FIXED["cursors"]
+
+
+def accounts(tenant: str) -> str:
+    return tenant_prefix(tenant) + _FIXED["accounts"]
+
+
+def dead_letter(tenant: str, stream: str) -> str:
+    """Dead-letter stream of a worker stream (``deliveries``, ``events``, ...)."""
+    return tenant_prefix(tenant) + _FIXED[stream] + ":dead"
+
+
+def lua_preamble() -> str:
+    """Lua helpers ``K.<name>(prefix[, id])`` generated from the tables above."""
+    lines = ["local K = {}"]
+    for name, template in _SUFFIX.items():
+        head, _, tail = template.partition("{}")
+        body = f"p .. {head!r} .. id" + (f" .. {tail!r}" if tail else "")
+        lines.append(f"K.{name} = function(p, id) return {body} end")
+    for name, suffix in _FIXED.items():
+        lines.append(f"K.{name} = function(p) return p .. {suffix!r} end")
+    return "\n".join(lines).replace("'", '"') + "\n"

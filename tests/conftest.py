@@ -1,0 +1,50 @@
+"""Shared fixtures: a real redis-server started by the tests on a free port.
+
+The server is ours (a temp dir, a free port), so flushing it between tests is safe; a Redis
+already running on the machine is never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from engine.embedded import EmbeddedRedis
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE_CONFIG = ROOT / "config" / "example.toml"
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"leadflow test seed: {_seed()}"
+
+
+def _seed() -> int:
+    return int(os.environ.get("LEADFLOW_TEST_SEED", "0")) or random.SystemRandom().randrange(1, 2**31)
+
+
+@pytest.fixture(scope="session")
+def seed() -> int:
+    value = _seed()
+    print(f"random seed: {value} (rerun with LEADFLOW_TEST_SEED={value})")
+    return value
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), persistent=False)
+    with server:
+        yield server
+
+
+@pytest.fixture
+async def redis(redis_server: EmbeddedRedis) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_server.url)
+    await client.flushdb()  # our own server, started above
+    yield client
+    await client.aclose()
