@@ -1,0 +1,156 @@
+"""A bare ASGI toolkit: request, response and a small router.
+
+The ingest hot path is a plain ASGI callable on uvicorn + httptools; a framework's
+middleware stack would cost more than the whole routing decision. This module gives just
+enough structure for the other endpoints: path parameters, body limits and JSON errors.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+from urllib.parse import parse_qsl
+
+import msgspec
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+_json = msgspec.json.Encoder()
+_PARAM = re.compile(r"\{(\w+)\}")
+
+
+class BodyTooLarge(Exception):  # noqa: N818 - mirrors HTTP 413 naming
+    pass
+
+
+class Request:
+    __slots__ = ("body", "headers", "method", "params", "path", "query_string", "scope")
+
+    def __init__(self, scope: Scope, body: bytes, params: dict[str, str]) -> None:
+        self.scope = scope
+        self.method: str = scope["method"]
+        self.path: str = scope["path"]
+        self.query_string: bytes = scope.get("query_string", b"")
+        self.headers: dict[bytes, bytes] = dict(scope["headers"])
+        self.body = body
+        self.params = params
+
+    def header(self, name: bytes) -> str | None:
+        value = self.headers.get(name)
+        return value.decode("latin-1") if value is not None else None
+
+    @property
+    def query(self) -> dict[str, str]:
+        return dict(parse_qsl(self.query_string.decode("latin-1"), keep_blank_values=True))
+
+    @property
+    def content_type(self) -> str:
+        raw = self.headers.get(b"content-type", b"").decode("latin-1")
+        return raw.split(";", 1)[0].strip().lower()
+
+
+class Response:
+    __slots__ = ("body", "content_type", "extra_headers", "status")
+
+    def __init__(
+        self,
+        body: bytes = b"",
+        status: int = 200,
+        content_type: bytes = b"application/json",
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        self.body, self.status, self.content_type = body, status, content_type
+        self.extra_headers = headers or []
+
+    async def send(self, send: Send) -> None:
+        headers = [
+            (b"content-type", self.content_type),
+            (b"content-length", str(len(self.body)).encode()),
+            *self.extra_headers,
+        ]
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        await send({"type": "http.response.body", "body": self.body})
+
+
+def json_response(data: object, status: int = 200) -> Response:
+    return Response(_json.encode(data), status)
+
+
+def error_response(status: int, code: str, message: str, **extra: object) -> Response:
+    """The one error shape of every non-ingest endpoint: ``{"error": {code, message, ...}}``."""
+    return json_response({"error": {"code": code, "message": message, **extra}}, status)
+
+
+async def read_body(receive: Receive, limit: int) -> bytes:
+    """The whole request body, or BodyTooLarge as soon as it passes ``limit`` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class Route:
+    __slots__ = ("body_limit", "handler", "method", "name", "pattern")
+
+    def __init__(self, method: str, path: str, handler: Handler, body_limit: int) -> None:
+        self.method, self.handler, self.body_limit = method, handler, body_limit
+        self.name = path  # the template: a bounded label for metrics
+        self.pattern = re.compile("^" + _PARAM.sub(r"(?P<\1>[^/]+)", path) + "$")
+
+
+class Router:
+    """Exact paths are a dict lookup; templated ones are tried in order."""
+
+    def __init__(self) -> None:
+        self._exact: dict[tuple[str, str], Route] = {}
+        self._templated: list[Route] = []
+        self._paths: set[str] = set()
+
+    def add(self, method: str, path: str, handler: Handler, *, body_limit: int = 64 * 1024) -> None:
+        route = Route(method, path, handler, body_limit)
+        self._paths.add(path)
+        if "{" in path:
+            self._templated.append(route)
+        else:
+            self._exact[(method, path)] = route
+
+    def match(self, method: str, path: str) -> tuple[Route | None, dict[str, str], bool]:
+        """(route, params, path_exists): path_exists tells 405 from 404."""
+        route = self._exact.get((method, path))
+        if route is not None:
+            return route, {}, True
+        path_exists = any(p == path for (_, p) in self._exact)
+        for route in self._templated:
+            m = route.pattern.match(path)
+            if m:
+                if route.method == method:
+                    return route, m.groupdict(), True
+                path_exists = True
+        return None, {}, path_exists
+
+
+def parse_form(body: bytes) -> dict[str, str]:
+    """``application/x-www-form-urlencoded`` -> dict; strict UTF-8 (ValueError otherwise)."""
+    text = body.decode("utf-8")  # UnicodeDecodeError is a ValueError
+    return dict(parse_qsl(text, keep_blank_values=True, strict_parsing=False, max_num_fields=1000))
+
+
+def header_map(headers: Mapping[bytes, bytes]) -> dict[str, str]:
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in headers.items()}

@@ -1,0 +1,101 @@
+-- _lib.lua: the balance-change machinery shared by every script that moves money.
+-- (Prepended, after the generated key helpers K.*, to decide/adjust/refund/sync_account.)
+--
+-- Units: every amount and balance is integer micros ($1.00 = 1000000). Lua numbers are
+-- doubles, exact for integers below 2^53; billing.money caps amounts at 1e15, far below.
+-- Balances themselves only ever change through HINCRBY, which is exact int64 arithmetic.
+-- Time: `now` is Unix epoch milliseconds, passed in by the caller (scripts stay pure).
+--
+-- Account hash fields: bal, floor, alert, rthr (auto-recharge threshold, 0 = none),
+-- ar ("1" = auto-recharge on), minb (minimum balance, "" = none), mode (none|manual|realtime),
+-- paused ("" or the reason), closed ("1" = closed to new debits).
+
+local function fmt(n) return string.format('%d', n) end
+
+local EMITTED = {}   -- event type -> count, returned to the caller for metrics
+local ACCTS = {}     -- account id -> cached settings + balance, for this call only
+
+local function acct(p, id)
+  local a = ACCTS[id]
+  if a then return a end
+  local k = K.acct(p, id)
+  local v = redis.call('HMGET', k, 'bal', 'floor', 'alert', 'rthr', 'ar', 'minb', 'mode', 'paused', 'closed')
+  if not v[1] then return nil end
+  a = {
+    id = id, k = k, bal = tonumber(v[1]), floor = tonumber(v[2]) or -20000000,
+    alert = tonumber(v[3]) or 0, rthr = tonumber(v[4]) or 0, ar = (v[5] == '1'),
+    minb = tonumber(v[6] or ''), mode = v[7] or 'manual', paused = v[8] or '', closed = (v[9] == '1'),
+  }
+  ACCTS[id] = a
+  return a
+end
+
+local function emit(p, etype, a, now, extra)
+  local args = {'XADD', K.events(p), 'MAXLEN', '~', '1000000', '*',
+                'type', etype, 'account', a.id, 'balance', fmt(a.bal), 'ts', now}
+  for i = 1, #extra do args[#args + 1] = extra[i] end
+  redis.call(unpack(args))
+  EMITTED[etype] = (EMITTED[etype] or 0) + 1
+end
+
+local function pause(p, a, reason, now, extra)
+  if a.paused ~= '' then return end
+  a.paused = reason
+  redis.call('HSET', a.k, 'paused', reason)
+  emit(p, 'buyer_paused', a, now, extra or {})
+end
+
+local function resume(p, a, now)
+  a.paused = ''
+  redis.call('HSET', a.k, 'paused', '')
+  emit(p, 'buyer_resumed', a, now, {})
+end
+
+-- A debit of `amount` is allowed when it keeps the balance at or above the floor.
+-- Accounts in billing mode "none" have no balance checks.
+local function can_debit(a, amount)
+  if a.mode == 'none' then return true end
+  if a.closed or a.paused ~= '' then return false end
+  return a.bal - amount >= a.floor
+end
+
+local function write_ledger(p, a, delta, kind, ref, now, extra)
+  local f = {'account', a.id, 'delta', fmt(delta), 'balance', fmt(a.bal), 'kind', kind,
+             'ref', ref, 'ts', now}
+  for i = 1, #extra do f[#f + 1] = extra[i] end
+  -- the same id in the tenant stream (archived to SQL) and the account's own stream
+  local id = redis.call('XADD', K.ledger(p), '*', unpack(f))
+  redis.call('XADD', K.acct_ledger(p, a.id), id, unpack(f))
+  return id
+end
+
+-- Move a balance by `delta` micros (negative = debit), write its ledger entry and flag
+-- threshold crossings: each event fires once per downward crossing and re-arms by itself
+-- once a credit lifts the balance back over the threshold.
+local function apply(p, a, delta, kind, ref, now, extra)
+  local b0 = a.bal
+  a.bal = redis.call('HINCRBY', a.k, 'bal', fmt(delta))
+  local b1 = a.bal
+  local id = write_ledger(p, a, delta, kind, ref, now, extra or {})
+  if a.mode == 'none' then return id end
+  if delta < 0 then
+    if a.alert > 0 and b0 >= a.alert and b1 < a.alert then
+      emit(p, 'balance_alert', a, now, {'threshold', fmt(a.alert)})
+    end
+    if a.ar and a.rthr > 0 and b0 >= a.rthr and b1 < a.rthr then
+      emit(p, 'recharge_needed', a, now, {'threshold', fmt(a.rthr), 'ref', ref})
+    end
+    if a.minb and not a.ar and b0 >= a.minb and b1 < a.minb then
+      pause(p, a, 'min_balance', now, {'ref', ref})
+    end
+  elseif delta > 0 and (a.paused == 'floor' or a.paused == 'min_balance') then
+    if b1 >= math.max(a.minb or 0, 0) then resume(p, a, now) end
+  end
+  return id
+end
+
+local function emitted_list()
+  local out = {}
+  for k, v in pairs(EMITTED) do out[#out + 1] = k; out[#out + 1] = v end
+  return out
+end

@@ -1,0 +1,42 @@
+-- adjust.lua: one idempotent balance change (manual credit, funding, recharge, usage, refund).
+--
+-- KEYS[1]  tenant key prefix ("lf:{tenant}:"); every key touched derives from it (one slot)
+-- ARGV[1]  account id
+-- ARGV[2]  delta, integer micros, signed (negative = debit)
+-- ARGV[3]  ledger kind (funding, recharge, usage, refund, adjustment, ...)
+-- ARGV[4]  operation id: the idempotency key ("" = not idempotent); also the ledger `ref`
+-- ARGV[5]  seconds to remember the operation id (e.g. 32 days for usage events)
+-- ARGV[6]  now, epoch milliseconds
+-- ARGV[7]  "1" = refuse a debit that would cross the floor (or hit a closed/paused account)
+-- ARGV[8]  extra ledger fields, JSON array [k1, v1, k2, v2, ...] (strings)
+--
+-- Returns JSON: {"ok":true,"balance":"<micros>","entry":"<ledger id>","replay":false}
+--           or  {"ok":false,"error":"unknown_account"|"below_floor"|"closed"}
+
+local p = KEYS[1]
+local id, delta, kind, opid = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local now, enforce = ARGV[6], ARGV[7] == '1'
+
+if opid ~= '' then
+  local prior = redis.call('GET', K.op(p, opid))
+  if prior then
+    local r = cjson.decode(prior)
+    r.replay = true
+    return cjson.encode(r)
+  end
+end
+
+local a = acct(p, id)
+if not a then return cjson.encode({ok = false, error = 'unknown_account'}) end
+if delta < 0 and enforce and a.mode ~= 'none' then
+  if a.closed then return cjson.encode({ok = false, error = 'closed'}) end
+  if a.bal + delta < a.floor then return cjson.encode({ok = false, error = 'below_floor'}) end
+end
+
+local entry = apply(p, a, delta, kind, opid, now, cjson.decode(ARGV[8]))
+local result = cjson.encode({ok = true, balance = fmt(a.bal), entry = entry, replay = false,
+                             events = emitted_list()})
+if opid ~= '' then
+  redis.call('SET', K.op(p, opid), result, 'EX', tonumber(ARGV[5]))
+end
+return result

@@ -1,0 +1,192 @@
+-- decide.lua: decide, meter and record a micro-batch of leads of one tenant, atomically.
+--
+-- KEYS[1]  tenant key prefix ("lf:{tenant}:"); every key touched derives from it (one slot)
+-- ARGV[1]  JSON batch:
+--   { "now": <epoch ms>, "w": "<tenant wallet account id>",
+--     "leads": [ {
+--       "id": lead id, "k": idempotency key, "kt": its TTL in seconds, "t": 1 = test lead,
+--       "c": campaign id, "fi": inbound fee (micros), "n": sell limit (buyers),
+--       "rr": 1 = rotate candidates with the campaign cursor using "q" (round robin),
+--       "q": [candidate index (1-based) or 0, ...] the campaign's rotation sequence,
+--       "d": [campaign-scope dedupe fingerprints], "dt": dedupe look-back in seconds,
+--       "win": [hour id, day id, week id, month id] as strings, campaign time zone,
+--       "x": the normalized lead as a JSON string (the delivery job payload),
+--       "cs": [ { "b": buyer id, "a": client account id, "p": price (micros),
+--                 "fo": outbound fee (micros), "bd": [buyer-scope fingerprints],
+--                 "cap": [hour, day, week, month, total, spend day, spend month] (-1 none) } ]
+--     } ] }
+--
+-- Returns JSON {"r": [result per lead, in order], "e": [event type, count, ...]} where a
+-- result is {"id", "s": ACCEPTED|DUPLICATED|REJECTED, "c": code, "m": reason,
+--            "sold": [[buyer, price micros], ...], "t": test, "rp": true on replay}.
+-- The result is also stored under the idempotency key, so a replay returns it verbatim
+-- and changes nothing.
+
+local p = KEYS[1]
+local batch = cjson.decode(ARGV[1])
+local now, wallet_id = batch.now, batch.w
+local wallet = acct(p, wallet_id)
+
+local BUYERS = {}
+local BUYER_FIELDS = {'paused', 'hid', 'hn', 'did', 'dn', 'wid', 'wn', 'mid', 'mn', 'tn',
+                      'sdid', 'sdv', 'smid', 'smv'}
+
+local function buyer(b)
+  local s = BUYERS[b]
+  if s then return s end
+  local k = K.buyer(p, b)
+  local v = redis.call('HMGET', k, unpack(BUYER_FIELDS))
+  s = {k = k}
+  for i = 1, #BUYER_FIELDS do s[BUYER_FIELDS[i]] = v[i] or '' end
+  for _, f in ipairs({'hn', 'dn', 'wn', 'mn', 'tn', 'sdv', 'smv'}) do s[f] = tonumber(s[f]) or 0 end
+  BUYERS[b] = s
+  return s
+end
+
+-- current count of a window: the stored count if it belongs to this window id, else 0
+local function in_window(s, idf, nf, win)
+  if s[idf] == win then return s[nf] end
+  return 0
+end
+
+local function over_cap(s, cap, win, price)
+  local function over(limit, used) return limit >= 0 and used >= limit end
+  local function over_spend(limit, used) return limit >= 0 and used + price > limit end
+  return over(cap[1], in_window(s, 'hid', 'hn', win[1]))
+      or over(cap[2], in_window(s, 'did', 'dn', win[2]))
+      or over(cap[3], in_window(s, 'wid', 'wn', win[3]))
+      or over(cap[4], in_window(s, 'mid', 'mn', win[4]))
+      or over(cap[5], s.tn)
+      or over_spend(cap[6], in_window(s, 'sdid', 'sdv', win[2]))
+      or over_spend(cap[7], in_window(s, 'smid', 'smv', win[4]))
+end
+
+local function count_sale(s, win, price)
+  local function bump(idf, nf, w, by)
+    if s[idf] ~= w then s[idf] = w; s[nf] = by else s[nf] = s[nf] + by end
+  end
+  bump('hid', 'hn', win[1], 1); bump('did', 'dn', win[2], 1)
+  bump('wid', 'wn', win[3], 1); bump('mid', 'mn', win[4], 1)
+  bump('sdid', 'sdv', win[2], price); bump('smid', 'smv', win[4], price)
+  s.tn = s.tn + 1
+  redis.call('HSET', s.k, 'hid', s.hid, 'hn', s.hn, 'did', s.did, 'dn', s.dn, 'wid', s.wid,
+             'wn', s.wn, 'mid', s.mid, 'mn', s.mn, 'tn', s.tn, 'sdid', s.sdid,
+             'sdv', fmt(s.sdv), 'smid', s.smid, 'smv', fmt(s.smv))
+end
+
+local function any_exists(fps)
+  for i = 1, #fps do
+    if redis.call('EXISTS', K.dup(p, fps[i])) == 1 then return true end
+  end
+  return false
+end
+
+local function mark_sold(fps, lead_id, ttl)
+  for i = 1, #fps do redis.call('SET', K.dup(p, fps[i]), lead_id, 'EX', ttl) end
+end
+
+-- the order in which candidates are tried; round robin starts at the campaign cursor
+local function order(L)
+  if L.rr ~= 1 or #L.q == 0 then
+    local o = {}
+    for i = 1, #L.cs do o[i] = {i, 0} end
+    return o
+  end
+  local start = tonumber(redis.call('HGET', K.cursors(p), L.c) or '0') % #L.q
+  local o, seen = {}, {}
+  for off = 0, #L.q - 1 do
+    local pos = (start + off) % #L.q
+    local ci = L.q[pos + 1]
+    if ci > 0 and not seen[ci] then seen[ci] = true; o[#o + 1] = {ci, pos} end
+  end
+  return o
+end
+
+local function sell(L, c, s, a)
+  local ref = L.id
+  apply(p, a, -c.p, 'lead', ref, now, {'buyer', c.b, 'campaign', L.c})
+  if c.fo > 0 then
+    apply(p, wallet, -c.fo, 'fee', ref, now, {'fee', 'outbound', 'buyer', c.b})
+  end
+  count_sale(s, L.win, c.p)
+  mark_sold(c.bd, ref, L.dt)
+  redis.call('HSET', K.lead(p, ref), c.b, cjson.encode({a = c.a, p = fmt(c.p), f = fmt(c.fo),
+             w = L.win, s = 'sold', bd = c.bd}))
+  redis.call('XADD', K.deliveries(p), '*', 'lead_id', ref, 'buyer', c.b, 'campaign', L.c,
+             'account', c.a, 'price', fmt(c.p), 'fee', fmt(c.fo), 'lead', L.x, 'ts', now)
+end
+
+local function decide(L)
+  local test = L.t == 1
+  if not test and any_exists(L.d) then
+    return {s = 'DUPLICATED', c = 100, m = 'duplicate of a lead sold in this campaign'}
+  end
+  if not test and L.fi > 0 and (not wallet or not can_debit(wallet, L.fi)) then
+    return {s = 'REJECTED', c = 203, m = 'tenant platform wallet is at its floor'}
+  end
+  local sold, why = {}, {cap = 0, paused = 0, funds = 0, dup = 0, wallet = 0}
+  for _, o in ipairs(order(L)) do
+    if #sold >= L.n then break end
+    local c = L.cs[o[1]]
+    local s, a = buyer(c.b), acct(p, c.a)
+    if s.paused ~= '' or not a then
+      why.paused = why.paused + 1
+    elseif over_cap(s, c.cap, L.win, c.p) then
+      why.cap = why.cap + 1
+    elseif #c.bd > 0 and any_exists(c.bd) then
+      why.dup = why.dup + 1
+    elseif not can_debit(a, c.p) then
+      why.funds = why.funds + 1
+      if not test and a.paused == '' and not a.closed then
+        pause(p, a, 'floor', now, {'buyer', c.b, 'ref', L.id})
+      end
+    elseif not test and c.fo > 0 and (not wallet or not can_debit(wallet, c.fo + L.fi)) then
+      why.wallet = why.wallet + 1
+      break
+    else
+      if not test then
+        sell(L, c, s, a)
+        if L.rr == 1 then redis.call('HSET', K.cursors(p), L.c, o[2] + 1) end
+      end
+      sold[#sold + 1] = {c.b, fmt(c.p)}
+    end
+  end
+  if not test and L.fi > 0 then
+    apply(p, wallet, -L.fi, 'fee', L.id, now, {'fee', 'inbound', 'campaign', L.c})
+  end
+  if #sold > 0 then
+    if not test then
+      mark_sold(L.d, L.id, L.dt)
+      redis.call('EXPIRE', K.lead(p, L.id), 14 * 86400)
+    end
+    return {s = 'ACCEPTED', c = 0, m = '', sold = sold}
+  end
+  local tried = why.cap + why.paused + why.funds + why.dup + why.wallet
+  if tried == 0 then return {s = 'REJECTED', c = 200, m = 'no buyer matched the lead'} end
+  if why.dup == tried then
+    return {s = 'DUPLICATED', c = 101, m = 'every matching buyer already bought this lead'}
+  end
+  if why.wallet > 0 then return {s = 'REJECTED', c = 203, m = 'tenant platform wallet is at its floor'} end
+  if why.cap == tried then return {s = 'REJECTED', c = 201, m = 'every matching buyer is at a cap'} end
+  return {s = 'REJECTED', c = 202, m = string.format(
+    'no matching buyer could take the lead (%d at cap, %d paused, %d without funds)',
+    why.cap, why.paused, why.funds)}
+end
+
+local out = {}
+for i, L in ipairs(batch.leads) do
+  local ik = K.idem(p, L.k)
+  local prior = redis.call('GET', ik)
+  if prior then
+    local r = cjson.decode(prior)
+    r.rp = true
+    out[i] = r
+  else
+    local r = decide(L)
+    r.id, r.t = L.id, L.t
+    if not r.sold then r.sold = {} end
+    redis.call('SET', ik, cjson.encode(r), 'EX', L.kt)
+    out[i] = r
+  end
+end
+return cjson.encode({r = out, e = emitted_list()})

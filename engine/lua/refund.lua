@@ -1,0 +1,72 @@
+-- refund.lua: undo or re-price one sale (a lead sold to one buyer), idempotently.
+-- Used by the delivery worker (buyer rejected / said duplicate, or a real-time price) and
+-- by returns. A refund credits the buyer's price and the outbound fee back, frees the cap
+-- slot (when still in the same windows) and forgets the sale's dedupe fingerprints.
+--
+-- KEYS[1]  tenant key prefix
+-- ARGV[1]  lead id
+-- ARGV[2]  buyer id
+-- ARGV[3]  action: "refund" | "reprice"
+-- ARGV[4]  reprice: the new price in micros (ignored for refunds)
+-- ARGV[5]  reason (short text, goes into the ledger entry)
+-- ARGV[6]  now, epoch milliseconds
+-- ARGV[7]  ledger kind for refunds: "refund" (delivery rejected) or "return" (buyer return)
+-- ARGV[8]  tenant wallet account id
+--
+-- Returns JSON {"ok":true,"state":"refunded"|"sold","price":"<micros>","replay":bool}
+--           or {"ok":false,"error":"unknown_sale"}
+
+local p, lead_id, b, action = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
+local now, reason, kind = ARGV[6], ARGV[5], ARGV[7]
+local lk = K.lead(p, lead_id)
+local raw = redis.call('HGET', lk, b)
+if not raw then return cjson.encode({ok = false, error = 'unknown_sale'}) end
+local sale = cjson.decode(raw)
+local price = tonumber(sale.p)
+
+if sale.s == 'refunded' then
+  return cjson.encode({ok = true, state = 'refunded', price = sale.p, replay = true})
+end
+
+local a = acct(p, sale.a)
+local extra = {'buyer', b, 'reason', reason}
+
+if action == 'reprice' then
+  local new = tonumber(ARGV[4])
+  if new == price or sale.rp then
+    return cjson.encode({ok = true, state = 'sold', price = sale.p, replay = sale.rp == true})
+  end
+  apply(p, a, price - new, 'reprice', lead_id, now, extra)
+  sale.p, sale.rp = fmt(new), true
+  redis.call('HSET', lk, b, cjson.encode(sale))
+  return cjson.encode({ok = true, state = 'sold', price = sale.p, replay = false})
+end
+
+apply(p, a, price, kind, lead_id, now, extra)
+local fee = tonumber(sale.f)
+if fee > 0 then
+  local wallet = acct(p, ARGV[8])
+  if wallet then apply(p, wallet, fee, 'fee_refund', lead_id, now, extra) end
+end
+
+-- free the cap slot when the sale's windows are still the current ones
+local bk = K.buyer(p, b)
+local v = redis.call('HMGET', bk, 'hid', 'did', 'wid', 'mid', 'sdid', 'smid')
+local w = sale.w
+local pairs_ = {{v[1], w[1], 'hn'}, {v[2], w[2], 'dn'}, {v[3], w[3], 'wn'}, {v[4], w[4], 'mn'}}
+for _, t in ipairs(pairs_) do
+  if t[1] == t[2] then redis.call('HINCRBY', bk, t[3], -1) end
+end
+redis.call('HINCRBY', bk, 'tn', -1)
+if v[5] == w[2] then redis.call('HINCRBY', bk, 'sdv', fmt(-price)) end
+if v[6] == w[4] then redis.call('HINCRBY', bk, 'smv', fmt(-price)) end
+
+-- only sold leads count as duplicates: forget fingerprints this sale set
+for _, fp in ipairs(sale.bd or {}) do
+  local dk = K.dup(p, fp)
+  if redis.call('GET', dk) == lead_id then redis.call('DEL', dk) end
+end
+
+sale.s = 'refunded'
+redis.call('HSET', lk, b, cjson.encode(sale))
+return cjson.encode({ok = true, state = 'refunded', price = sale.p, replay = false})

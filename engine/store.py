@@ -1,0 +1,200 @@
+"""Typed access to leadflow's state in Redis: every call is one Lua script.
+
+This is the only module that runs the money-moving scripts; billing, delivery and the
+HTTP API all go through it, so a balance can only change together with its ledger entry
+and its events.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from engine import keys
+from engine.errors import StoreUnavailable
+from engine.scripts import Scripts, scripts
+
+WALLET = "wallet"
+USAGE_TTL_S = 32 * 86_400  # usage event ids are remembered at least 32 days
+OP_TTL_S = 40 * 86_400
+
+
+class AdjustResult(msgspec.Struct, frozen=True):
+    ok: bool
+    balance: str = "0"
+    entry: str = ""
+    replay: bool = False
+    error: str = ""
+    events: list[str | int] | dict[str, int] = []
+
+
+class SaleResult(msgspec.Struct, frozen=True):
+    ok: bool
+    state: str = ""
+    price: str = "0"
+    replay: bool = False
+    error: str = ""
+
+
+class AccountState(msgspec.Struct, frozen=True):
+    id: str
+    balance: int
+    floor: int
+    alert: int
+    recharge_threshold: int
+    auto_recharge: bool
+    min_balance: int | None
+    mode: str
+    paused: str
+    closed: bool
+
+
+_adjust_dec = msgspec.json.Decoder(AdjustResult)
+_sale_dec = msgspec.json.Decoder(SaleResult)
+_enc = msgspec.json.Encoder()
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def connect(url: str, *, max_connections: int = 64) -> aioredis.Redis:
+    """A client with blind retries turned off: a timed-out script may have run, and only
+    the idempotency keys (not the transport) may decide to run it again."""
+    return aioredis.Redis.from_url(
+        url,
+        max_connections=max_connections,
+        retry=Retry(NoBackoff(), 0),
+        socket_connect_timeout=2.0,
+        socket_timeout=5.0,
+        health_check_interval=0,
+    )
+
+
+UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+class Store:
+    def __init__(self, client: aioredis.Redis, lua: Scripts | None = None) -> None:
+        self.redis = client
+        self.lua = lua or scripts()
+
+    async def _run(self, script: Any, tenant: str, args: list[Any]) -> Any:
+        try:
+            return await script(self.redis, [keys.tenant_prefix(tenant)], args)
+        except UNAVAILABLE as exc:
+            raise StoreUnavailable(f"redis unavailable: {type(exc).__name__}") from exc
+
+    async def load_scripts(self) -> None:
+        await self.lua.load(self.redis)
+
+    async def adjust(
+        self,
+        tenant: str,
+        account: str,
+        delta: int,
+        kind: str,
+        *,
+        op_id: str = "",
+        ttl_s: int = OP_TTL_S,
+        enforce_floor: bool = True,
+        extra: dict[str, str] | None = None,
+    ) -> AdjustResult:
+        """One idempotent balance change with its ledger entry (see lua/adjust.lua)."""
+        flat = [x for kv in (extra or {}).items() for x in kv]
+        raw = await self._run(
+            self.lua.adjust,
+            tenant,
+            [account, delta, kind, op_id, ttl_s, now_ms(), "1" if enforce_floor else "0",
+             _enc.encode(flat)],
+        )
+        return _adjust_dec.decode(raw)
+
+    async def refund_sale(
+        self, tenant: str, lead_id: str, buyer: str, reason: str, *, kind: str = "refund"
+    ) -> SaleResult:
+        raw = await self._run(
+            self.lua.refund, tenant,
+            [lead_id, buyer, "refund", 0, reason, now_ms(), kind, WALLET],
+        )
+        return _sale_dec.decode(raw)
+
+    async def reprice_sale(
+        self, tenant: str, lead_id: str, buyer: str, price: int, reason: str = "realtime price"
+    ) -> SaleResult:
+        raw = await self._run(
+            self.lua.refund, tenant,
+            [lead_id, buyer, "reprice", price, reason, now_ms(), "reprice", WALLET],
+        )
+        return _sale_dec.decode(raw)
+
+    async def sync_account(
+        self,
+        tenant: str,
+        account: str,
+        *,
+        opening: int,
+        floor: int,
+        alert: int,
+        recharge_threshold: int,
+        auto_recharge: bool,
+        min_balance: int | None,
+        mode: str,
+    ) -> bool:
+        created = await self._run(
+            self.lua.sync_account, tenant,
+            [account, opening, floor, alert, recharge_threshold, "1" if auto_recharge else "0",
+             "" if min_balance is None else min_balance, mode, now_ms()],
+        )
+        return bool(created)
+
+    async def account(self, tenant: str, account: str) -> AccountState | None:
+        v = await self.redis.hmget(
+            keys.acct(tenant, account),
+            ["bal", "floor", "alert", "rthr", "ar", "minb", "mode", "paused", "closed"],
+        )
+        if v[0] is None:
+            return None
+        s = [x.decode() if x is not None else "" for x in v]
+        return AccountState(
+            id=account, balance=int(s[0]), floor=int(s[1] or 0), alert=int(s[2] or 0),
+            recharge_threshold=int(s[3] or 0), auto_recharge=s[4] == "1",
+            min_balance=int(s[5]) if s[5] else None, mode=s[6] or "manual",
+            paused=s[7], closed=s[8] == "1",
+        )
+
+    async def account_ids(self, tenant: str) -> list[str]:
+        members = await self.redis.smembers(keys.accounts(tenant))
+        return sorted(m.decode() for m in members)
+
+    async def set_account_flag(self, tenant: str, account: str, field: str, value: str) -> None:
+        """Set ``paused`` or ``closed`` on an account (used for manual pause and closing)."""
+        await self.redis.hset(keys.acct(tenant, account), field, value)
+
+    async def ledger_page(
+        self, tenant: str, account: str, *, before: str = "+", limit: int = 100
+    ) -> list[tuple[str, dict[str, str]]]:
+        """Newest first; pass the last id seen as ``before`` (exclusive) for the next page."""
+        start = before if before == "+" else f"({before}"
+        rows = await self.redis.xrevrange(keys.acct_ledger(tenant, account), start, "-", count=limit)
+        return [(i.decode(), {k.decode(): v.decode() for k, v in f.items()}) for i, f in rows]
+
+    async def ledger_sum(self, tenant: str, account: str) -> tuple[int, int]:
+        """(sum of deltas, entries) of the account's ledger stream, read in pages."""
+        total, n, start = 0, 0, "-"
+        key = keys.acct_ledger(tenant, account)
+        while True:
+            rows = await self.redis.xrange(key, start, "+", count=1000)
+            if not rows:
+                return total, n
+            for _, fields in rows:
+                total += int(fields[b"delta"])
+                n += 1
+            start = "(" + rows[-1][0].decode()
