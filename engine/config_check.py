@@ -1,9 +1,188 @@
-"""Cross-reference and rule checks of a decoded :class:`~engine.config.Config`."""
+"""Cross-reference and rule checks of a decoded :class:`~engine.config.Config`.
+
+Every problem raises :class:`~engine.errors.ConfigError` with the file, a path such as
+``buyers[2].caps.spend_day`` and the reason, so ``leadflow config check`` points at the line
+to fix. Product minimums come from the help pages our users know (shared/seeds).
+"""
 
 from __future__ import annotations
 
-from engine.config import Config
+import re
+from collections.abc import Iterable
+
+from billing import money
+from billing.errors import MoneyError
+from engine.config import (
+    WALLET,
+    WEEKDAYS,
+    Account,
+    Config,
+    resolve_secret,
+    valid_id,
+    zone,
+)
+from engine.errors import ConfigError
+
+MIN_ALERT = 1_000_000  # balance alerts: at least $1.00
+MIN_RECHARGE_THRESHOLD = 20_000_000  # auto-recharge threshold: at least $20.00
+MIN_RECHARGE_AMOUNT = 100_000_000  # auto-recharge amount: at least $100.00
+MAX_CARD_FEE_BP = 1_500  # pass-through card fee: up to 15%
+
+
+class _Checker:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg, self.src = cfg, cfg.source
+
+    def fail(self, path: str, reason: str) -> ConfigError:
+        return ConfigError(self.src, path, reason)
+
+    def money(self, value: str, path: str) -> int:
+        try:
+            return money.parse(value, field=path)
+        except MoneyError as exc:
+            raise self.fail(path, str(exc).split(": ", 1)[-1]) from exc
+
+    def ids(self, items: Iterable[object], section: str, *, scope_tenant: bool) -> None:
+        seen: set[tuple[str, str]] = set()
+        for i, item in enumerate(items):
+            ident, tenant = getattr(item, "id"), getattr(item, "tenant", "")
+            if not valid_id(ident):
+                raise self.fail(f"{section}[{i}].id", f"{ident!r} is not a valid id "
+                                "(letters, digits, '_', '-', '.'; at most 64)")
+            key = (tenant if scope_tenant else "", ident)
+            if key in seen:
+                raise self.fail(f"{section}[{i}].id", f"duplicate id {ident!r}")
+            seen.add(key)
+
+    def account(self, acct: Account, path: str) -> None:
+        self.money(acct.opening_balance, f"{path}.opening_balance")
+        if self.money(acct.floor, f"{path}.floor") > 0:
+            raise self.fail(f"{path}.floor", "the floor must be zero or negative")
+        alert = self.money(acct.alert, f"{path}.alert")
+        if 0 < alert < MIN_ALERT or alert < 0:
+            raise self.fail(f"{path}.alert", "balance alerts start at $1.00 (or 0 to disable)")
+        if acct.min_balance is not None and self.money(acct.min_balance, f"{path}.min_balance") < 0:
+            raise self.fail(f"{path}.min_balance", "must not be negative")
+        ar = acct.auto_recharge
+        thr = self.money(ar.threshold, f"{path}.auto_recharge.threshold")
+        amount = self.money(ar.amount, f"{path}.auto_recharge.amount")
+        self.money(ar.max_amount_per_day, f"{path}.auto_recharge.max_amount_per_day")
+        if ar.enabled and ar.every_days is None and thr < MIN_RECHARGE_THRESHOLD:
+            raise self.fail(f"{path}.auto_recharge.threshold", "at least $20.00")
+        if ar.enabled and amount < MIN_RECHARGE_AMOUNT:
+            raise self.fail(f"{path}.auto_recharge.amount", "at least $100.00")
+        if ar.every_days is not None and ar.every_days < 1:
+            raise self.fail(f"{path}.auto_recharge.every_days", "at least 1 day")
+
+    def tenants(self) -> None:
+        self.ids(self.cfg.tenants, "tenants", scope_tenant=False)
+        for i, t in enumerate(self.cfg.tenants):
+            p = f"tenants[{i}]"
+            zone(t.timezone, self.src, f"{p}.timezone")
+            if not resolve_secret(t.api_token):
+                raise self.fail(f"{p}.api_token", "empty (is its environment variable set?)")
+            self.money(t.fees.inbound_lead, f"{p}.fees.inbound_lead")
+            self.money(t.fees.outbound_delivery, f"{p}.fees.outbound_delivery")
+            try:
+                bp = money.parse_percent(t.fees.card_fee_percent)
+            except MoneyError as exc:
+                raise self.fail(f"{p}.fees.card_fee_percent", str(exc)) from exc
+            if bp > MAX_CARD_FEE_BP:
+                raise self.fail(f"{p}.fees.card_fee_percent", "at most 15%")
+            self.account(t.wallet, f"{p}.wallet")
+            for meter, price in t.meters.items():
+                if self.money(price, f"{p}.meters.{meter}") <= 0:
+                    raise self.fail(f"{p}.meters.{meter}", "unit price must be positive")
+
+    def tenant_of(self, path: str, tenant: str) -> None:
+        if not any(t.id == tenant for t in self.cfg.tenants):
+            raise self.fail(f"{path}.tenant", f"unknown tenant {tenant!r}")
+
+    def clients(self) -> None:
+        self.ids(self.cfg.clients, "clients", scope_tenant=True)
+        for i, c in enumerate(self.cfg.clients):
+            p = f"clients[{i}]"
+            self.tenant_of(p, c.tenant)
+            if c.id == WALLET:
+                raise self.fail(f"{p}.id", f"{WALLET!r} is reserved for the tenant wallet")
+            self.account(c, p)
+
+    def suppliers(self) -> None:
+        self.ids(self.cfg.suppliers, "suppliers", scope_tenant=False)
+        campaigns = {(c.tenant, c.id) for c in self.cfg.campaigns}
+        for i, s in enumerate(self.cfg.suppliers):
+            p = f"suppliers[{i}]"
+            self.tenant_of(p, s.tenant)
+            if not resolve_secret(s.key):
+                raise self.fail(f"{p}.key", "empty (is its environment variable set?)")
+            self.money(s.payout, f"{p}.payout")
+            for j, cid in enumerate(s.campaigns):
+                if (s.tenant, cid) not in campaigns:
+                    raise self.fail(f"{p}.campaigns[{j}]", f"unknown campaign {cid!r}")
+
+    def campaigns(self) -> None:
+        self.ids(self.cfg.campaigns, "campaigns", scope_tenant=False)
+        for i, c in enumerate(self.cfg.campaigns):
+            p = f"campaigns[{i}]"
+            self.tenant_of(p, c.tenant)
+            if c.timezone:
+                zone(c.timezone, self.src, f"{p}.timezone")
+            names = [f.name for f in c.fields]
+            for j, f in enumerate(c.fields):
+                if not re.match(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$", f.name) or f.name.startswith("lp_"):
+                    raise self.fail(f"{p}.fields[{j}].name", f"invalid field name {f.name!r}")
+                if names.count(f.name) > 1:
+                    raise self.fail(f"{p}.fields[{j}].name", f"duplicate field {f.name!r}")
+                if f.type == "list" and not f.values:
+                    raise self.fail(f"{p}.fields[{j}].values", "a list field needs values")
+            if c.sell_limit < 1:
+                raise self.fail(f"{p}.sell_limit", "at least 1")
+            if c.dedupe is not None:
+                for j, name in enumerate(c.dedupe.fields):
+                    if name not in names:
+                        raise self.fail(f"{p}.dedupe.fields[{j}]", f"unknown field {name!r}")
+                if c.dedupe.days < 1:
+                    raise self.fail(f"{p}.dedupe.days", "at least 1 day")
+
+    def buyers(self) -> None:
+        self.ids(self.cfg.buyers, "buyers", scope_tenant=True)
+        clients = {(c.tenant, c.id) for c in self.cfg.clients}
+        campaigns = {(c.tenant, c.id): c for c in self.cfg.campaigns}
+        for i, b in enumerate(self.cfg.buyers):
+            p = f"buyers[{i}]"
+            self.tenant_of(p, b.tenant)
+            if (b.tenant, b.client) not in clients:
+                raise self.fail(f"{p}.client", f"unknown client {b.client!r}")
+            campaign = campaigns.get((b.tenant, b.campaign))
+            if campaign is None:
+                raise self.fail(f"{p}.campaign", f"unknown campaign {b.campaign!r}")
+            if self.money(b.price, f"{p}.price") < 0:
+                raise self.fail(f"{p}.price", "must not be negative")
+            if b.weight < 1:
+                raise self.fail(f"{p}.weight", "at least 1")
+            names = {f.name for f in campaign.fields}
+            for j, flt in enumerate(b.filters):
+                if flt.field not in names:
+                    raise self.fail(f"{p}.filters[{j}].field", f"unknown field {flt.field!r}")
+            for name in ("spend_day", "spend_month"):
+                value = getattr(b.caps, name)
+                if value is not None:
+                    self.money(value, f"{p}.caps.{name}")
+            for day in b.caps.weekday:
+                if day not in WEEKDAYS:
+                    raise self.fail(f"{p}.caps.weekday.{day}", "use mon, tue, ... sun")
+            for name in ("hour", "day", "week", "month", "total"):
+                value = getattr(b.caps, name)
+                if value is not None and value < 0:
+                    raise self.fail(f"{p}.caps.{name}", "must not be negative")
 
 
 def check(cfg: Config) -> None:
-    """Raise ConfigError on the first problem found (filled in by the config issue work)."""
+    c = _Checker(cfg)
+    c.tenants()
+    c.clients()
+    c.campaigns()
+    c.suppliers()
+    c.buyers()
+    if cfg.settings.batch_max < 1:
+        raise c.fail("settings.batch_max", "at least 1")
