@@ -149,7 +149,7 @@ class Router:
 def parse_form(body: bytes) -> dict[str, str]:
     """``application/x-www-form-urlencoded`` -> dict; strict UTF-8 (ValueError otherwise)."""
     text = body.decode("utf-8")  # UnicodeDecodeError is a ValueError
-    return dict(parse_qsl(text, keep_blank_values=True, strict_parsing=False, max_num_fields=1000))
+    return dict(parse_qsl(text, keep_blank_values=True, errors="strict", max_num_fields=1000))
 
 
 def header_map(headers: Mapping[bytes, bytes]) -> dict[str, str]:

@@ -20,19 +20,16 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_CONFIG = ROOT / "config" / "example.toml"
 
 
+SEED = int(os.environ.get("LEADFLOW_TEST_SEED", "0")) or random.SystemRandom().randrange(1, 2**31)
+
+
 def pytest_report_header(config: pytest.Config) -> str:
-    return f"leadflow test seed: {_seed()}"
-
-
-def _seed() -> int:
-    return int(os.environ.get("LEADFLOW_TEST_SEED", "0")) or random.SystemRandom().randrange(1, 2**31)
+    return f"leadflow test seed: {SEED} (rerun with LEADFLOW_TEST_SEED={SEED})"
 
 
 @pytest.fixture(scope="session")
 def seed() -> int:
-    value = _seed()
-    print(f"random seed: {value} (rerun with LEADFLOW_TEST_SEED={value})")
-    return value
+    return SEED
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,162 @@
+"""The tenant API for accounts and buyers (bearer token per tenant).
+
+A tenant only ever sees its own accounts: the token selects the tenant, and every key
+read or written is under that tenant's prefix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import msgspec
+
+from billing import money
+from billing.errors import MoneyError
+from engine import http, keys
+from engine.http import Request, Response
+from engine.runtime import Runtime, token_digest
+from engine.store import AccountState, Store
+
+TenantHandler = Callable[[Request, str], Awaitable[Response]]
+MAX_PAGE = 500
+
+
+class CreditBody(msgspec.Struct, forbid_unknown_fields=True):
+    amount: str
+    note: str = ""
+    reference: str = ""  # the payment received elsewhere (check number, wire id)
+
+
+_credit = msgspec.json.Decoder(CreditBody)
+
+
+def authenticate(runtime: Runtime, req: Request) -> str | None:
+    """The tenant of the request's bearer token, or None."""
+    header = req.header(b"authorization") or ""
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return runtime.tokens.get(token_digest(token.strip()))
+
+
+def tenant_route(runtime: Callable[[], Runtime], handler: TenantHandler) -> http.Handler:
+    async def wrapped(req: Request) -> Response:
+        tenant = authenticate(runtime(), req)
+        if tenant is None:
+            return http.error_response(401, "unauthorized", "missing or invalid bearer token")
+        req.scope["leadflow.tenant"] = tenant
+        return await handler(req, tenant)
+
+    return wrapped
+
+
+def account_view(a: AccountState) -> dict[str, object]:
+    return {
+        "id": a.id,
+        "balance": money.format(a.balance),
+        "floor": money.format(a.floor),
+        "status": "closed" if a.closed else ("paused" if a.paused else "active"),
+        "paused_reason": a.paused or None,
+        "billing": a.mode,
+        "thresholds": {
+            "alert": money.format(a.alert),
+            "auto_recharge": money.format(a.recharge_threshold) if a.auto_recharge else None,
+            "min_balance": None if a.min_balance is None else money.format(a.min_balance),
+        },
+    }
+
+
+class AccountsApi:
+    def __init__(self, runtime: Callable[[], Runtime], store: Store) -> None:
+        self.runtime, self.store = runtime, store
+
+    def mount(self, router: http.Router) -> None:
+        def add(method: str, path: str, handler: TenantHandler) -> None:
+            router.add(method, path, tenant_route(self.runtime, handler))
+
+        add("GET", "/v1/accounts/{id}", self.get_account)
+        add("GET", "/v1/accounts/{id}/ledger", self.ledger)
+        add("POST", "/v1/accounts/{id}/credits", self.credit)
+        add("POST", "/v1/buyers/{id}/pause", self.pause)
+        add("POST", "/v1/buyers/{id}/resume", self.resume)
+
+    async def _account(self, tenant: str, account: str) -> AccountState | None:
+        if not self.runtime().account_exists(tenant, account):
+            return None
+        return await self.store.account(tenant, account)
+
+    async def get_account(self, req: Request, tenant: str) -> Response:
+        a = await self._account(tenant, req.params["id"])
+        if a is None:
+            return http.error_response(404, "unknown_account", "no such account")
+        return http.json_response(account_view(a))
+
+    async def ledger(self, req: Request, tenant: str) -> Response:
+        account = req.params["id"]
+        if await self._account(tenant, account) is None:
+            return http.error_response(404, "unknown_account", "no such account")
+        q = req.query
+        try:
+            limit = min(int(q.get("limit", "100")), MAX_PAGE)
+        except ValueError:
+            return http.error_response(400, "invalid_limit", "limit must be an integer")
+        before = q.get("before", "+")
+        if before != "+" and not _is_stream_id(before):
+            return http.error_response(400, "invalid_cursor", "before must be an entry id")
+        rows = await self.store.ledger_page(tenant, account, before=before, limit=max(limit, 1))
+        entries = [_entry_view(i, f) for i, f in rows]
+        nxt = rows[-1][0] if len(rows) == limit else None
+        return http.json_response({"entries": entries, "next_before": nxt})
+
+    async def credit(self, req: Request, tenant: str) -> Response:
+        """A manual credit: the tenant received a payment outside leadflow ("manual" billing)."""
+        account = req.params["id"]
+        try:
+            body = _credit.decode(req.body)
+            amount = money.parse(body.amount)
+        except (msgspec.DecodeError, MoneyError) as exc:
+            return http.error_response(400, "invalid_body", str(exc))
+        if amount <= 0:
+            return http.error_response(400, "invalid_amount", "amount must be positive")
+        if await self._account(tenant, account) is None:
+            return http.error_response(404, "unknown_account", "no such account")
+        key = req.header(b"idempotency-key")
+        res = await self.store.adjust(
+            tenant, account, amount, "funding", op_id=f"credit:{key}" if key else "",
+            extra={"process": "manual", "note": body.note[:200], "reference": body.reference[:100]},
+        )
+        if not res.ok:
+            return http.error_response(409, res.error, "credit refused")
+        return http.json_response({"balance": money.format(int(res.balance)), "entry": res.entry,
+                                   "replay": res.replay}, 200 if res.replay else 201)
+
+    async def _set_buyer_pause(self, req: Request, tenant: str, paused: bool) -> Response:
+        buyer = req.params["id"]
+        if (tenant, buyer) not in self.runtime().buyer_client:
+            return http.error_response(404, "unknown_buyer", "no such buyer")
+        await self.store.redis.hset(keys.buyer(tenant, buyer), "paused", "manual" if paused else "")
+        return http.json_response({"id": buyer, "status": "paused" if paused else "active"})
+
+    async def pause(self, req: Request, tenant: str) -> Response:
+        return await self._set_buyer_pause(req, tenant, True)
+
+    async def resume(self, req: Request, tenant: str) -> Response:
+        return await self._set_buyer_pause(req, tenant, False)
+
+
+def _is_stream_id(text: str) -> bool:
+    ms, _, seq = text.partition("-")
+    return ms.isdigit() and (seq == "" or seq.isdigit())
+
+
+def _entry_view(entry_id: str, f: dict[str, str]) -> dict[str, object]:
+    view: dict[str, object] = {
+        "id": entry_id, "account": f.get("account"), "kind": f.get("kind"),
+        "delta": money.format(int(f["delta"])), "balance_after": money.format(int(f["balance"])),
+        "lead_id": f.get("ref") if f.get("kind") in ("lead", "fee", "refund", "reprice") else None,
+        "ref": f.get("ref"), "time_ms": int(f.get("ts", "0")),
+    }
+    extra = {k: v for k, v in f.items() if k not in ("account", "kind", "delta", "balance", "ref", "ts")}
+    if extra:
+        view["details"] = extra
+    return view

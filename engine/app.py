@@ -1,0 +1,201 @@
+"""The ASGI application: lead ingest on the hot path, the accounts API beside it.
+
+``POST /v1/leads`` is matched before anything else and handled without a router or
+middleware; every other endpoint goes through :class:`engine.http.Router`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from engine import http
+from engine.accounts_api import AccountsApi
+from engine.batcher import Batcher
+from engine.errors import StoreUnavailable
+from engine.http import Receive, Request, Response, Scope, Send
+from engine.ingest import Codes, Ingest, LeadResponse, error
+from engine.runtime import Runtime
+from engine.store import Store
+
+_lead_enc = msgspec.json.Encoder()
+_FORM = "application/x-www-form-urlencoded"
+_JSON_TYPES = ("application/json", "", "text/plain")
+MAX_BATCH_LINES = 10_000
+
+HttpObserver = Callable[[str, int, float], None]  # route, status, seconds
+
+
+class App:
+    def __init__(
+        self,
+        runtime: Runtime,
+        store: Store,
+        *,
+        max_body: int = 64 * 1024,
+        max_batch_body: int = 8 * 1024 * 1024,
+        batch_max: int = 64,
+        replay_window_s: int = 60,
+        idempotency_ttl_s: int = 86_400,
+        http_observer: HttpObserver | None = None,
+        lead_observer: Callable[[str, str, str], None] | None = None,
+        batch_observer: Any = None,
+    ) -> None:
+        self.runtime, self.store = runtime, store
+        self.max_body, self.max_batch_body = max_body, max_batch_body
+        self.batch_max, self.batch_observer = batch_max, batch_observer
+        self.http_observer = http_observer
+        self.batchers: dict[str, Batcher] = {}
+        self.ready = False
+        self.draining = False
+        self.ingest = Ingest(
+            lambda: self.runtime, self.batcher, replay_window_s=replay_window_s,
+            idempotency_ttl_s=idempotency_ttl_s, observer=lead_observer,
+        )
+        self.router = http.Router()
+        self.router.add("POST", "/v1/leads/batch", self._batch, body_limit=max_batch_body)
+        self.router.add("GET", "/healthz", self._healthz)
+        self.router.add("GET", "/readyz", self._readyz)
+        AccountsApi(lambda: self.runtime, store).mount(self.router)
+
+    def batcher(self, tenant: str) -> Batcher:
+        b = self.batchers.get(tenant)
+        if b is None:
+            b = self.batchers[tenant] = Batcher(
+                self.store, tenant, max_batch=self.batch_max, observer=self.batch_observer
+            )
+        return b
+
+    def add_route(self, method: str, path: str, handler: http.Handler, **kw: Any) -> None:
+        self.router.add(method, path, handler, **kw)
+
+    async def drain(self) -> None:
+        """Let every pending decision finish (SIGTERM): nothing is left half-charged."""
+        self.draining = True
+        await asyncio.gather(*(b.drain() for b in self.batchers.values()))
+
+    # ---- ASGI -------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                await _lifespan(receive, send)
+            return
+        started = time.perf_counter()
+        if scope["path"] == "/v1/leads" and scope["method"] == "POST":
+            route, resp = "/v1/leads", await self._lead(scope, receive)
+        else:
+            route, resp = await self._routed(scope, receive)
+        await resp.send(send)
+        if self.http_observer is not None:
+            self.http_observer(route, resp.status, time.perf_counter() - started)
+
+    async def _routed(self, scope: Scope, receive: Receive) -> tuple[str, Response]:
+        route, params, path_exists = self.router.match(scope["method"], scope["path"])
+        if route is None:
+            status = 405 if path_exists else 404
+            return "unmatched", http.error_response(status, "not_found" if status == 404
+                                                    else "method_not_allowed", "no such endpoint")
+        try:
+            body = await http.read_body(receive, route.body_limit)
+        except http.BodyTooLarge:
+            return route.name, http.error_response(413, "too_large", "request body too large")
+        try:
+            return route.name, await route.handler(Request(scope, body, params))
+        except StoreUnavailable:
+            return route.name, http.error_response(503, "unavailable", "storage unavailable")
+
+    # ---- leads --------------------------------------------------------------------------
+
+    async def _lead(self, scope: Scope, receive: Receive) -> Response:
+        try:
+            body = await http.read_body(receive, self.max_body)
+        except http.BodyTooLarge:
+            return _lead_response(413, error(Codes.TOO_LARGE, f"body over {self.max_body} bytes"))
+        req = Request(scope, body, {})
+        data, problem = _decode_lead(req.content_type, body)
+        if problem is not None:
+            return _lead_response(*problem)
+        status, resp = await self._decide(data, body, req.header(b"idempotency-key"))
+        return _lead_response(status, resp)
+
+    async def _decide(self, data: object, raw: bytes, key: str | None) -> tuple[int, LeadResponse]:
+        try:
+            return await self.ingest.handle(data, raw, key)
+        except StoreUnavailable:
+            return 503, error(Codes.UNAVAILABLE, "storage unavailable; nothing was charged, retry")
+
+    async def _batch(self, req: Request) -> Response:
+        """NDJSON in, NDJSON out: one result per line, in order, each lead on its own."""
+        try:
+            lines = req.body.decode("utf-8").splitlines()
+        except UnicodeDecodeError:
+            return _lead_response(400, error(Codes.MALFORMED, "the body is not UTF-8 NDJSON"))
+        if len(lines) > MAX_BATCH_LINES:
+            return _lead_response(413, error(Codes.TOO_LARGE, f"at most {MAX_BATCH_LINES} lines"))
+        key = req.header(b"idempotency-key")
+        results = await asyncio.gather(*(
+            self._batch_line(line, f"{key}:{n}" if key else None)
+            for n, line in enumerate(lines) if line.strip()
+        ))
+        out = b"\n".join(_lead_enc.encode(r) for _, r in results) + b"\n"
+        return Response(out, 200, b"application/x-ndjson")
+
+    async def _batch_line(self, line: str, key: str | None) -> tuple[int, LeadResponse]:
+        raw = line.encode()
+        try:
+            data = msgspec.json.decode(raw)
+        except (msgspec.DecodeError, UnicodeDecodeError):
+            return 400, error(Codes.MALFORMED, "this line is not a JSON object")
+        return await self._decide(data, raw, key)
+
+    # ---- health -------------------------------------------------------------------------
+
+    async def _healthz(self, req: Request) -> Response:
+        return http.json_response({"status": "alive"})
+
+    async def _readyz(self, req: Request) -> Response:
+        checks = {"config": True, "scripts": self.ready, "redis": False, "draining": self.draining}
+        try:
+            checks["redis"] = bool(await self.store.redis.ping())
+        except Exception:  # noqa: BLE001 - any failure means not ready
+            checks["redis"] = False
+        ok = checks["redis"] and checks["scripts"] and not self.draining
+        return http.json_response({"status": "ready" if ok else "not_ready", "checks": checks},
+                                  200 if ok else 503)
+
+
+def _decode_lead(content_type: str, body: bytes) -> tuple[object, tuple[int, LeadResponse] | None]:
+    if content_type == _FORM:
+        try:
+            return http.parse_form(body), None
+        except ValueError:
+            return None, (400, error(Codes.MALFORMED, "form body is not valid UTF-8 form data"))
+    if content_type not in _JSON_TYPES:
+        return None, (415, error(Codes.UNSUPPORTED_MEDIA,
+                                 "send application/json or application/x-www-form-urlencoded"))
+    try:
+        return msgspec.json.decode(body), None
+    except (msgspec.DecodeError, UnicodeDecodeError):  # invalid UTF-8 inside a string
+        return None, (400, error(Codes.MALFORMED, "the body is not valid UTF-8 JSON"))
+
+
+def _lead_response(status: int, resp: LeadResponse) -> Response:
+    return Response(_lead_enc.encode(resp), status)
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    # the service starts and stops resources itself; lifespan is acknowledged only
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+

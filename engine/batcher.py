@@ -1,0 +1,115 @@
+"""Micro-batching of lead decisions: many concurrent requests, one Lua call.
+
+Requests that arrive in the same event-loop turn (and while a call is in flight) are sent
+together as one EVALSHA of decide.lua, which amortizes the Redis round trip and the script
+call overhead over the batch. A few calls may be in flight at once so that batching never
+adds a full round trip of queueing on top of a busy one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import msgspec
+
+from engine import keys
+from engine.errors import StoreUnavailable
+from engine.store import UNAVAILABLE, WALLET, Store
+
+
+class Decision(msgspec.Struct, frozen=True):
+    """decide.lua's result for one lead."""
+
+    id: str
+    s: str  # ACCEPTED | DUPLICATED | REJECTED
+    c: int
+    m: str = ""
+    sold: list[list[str]] | dict[str, Any] = []  # cjson encodes an empty list as {}
+    t: int = 0
+    rp: bool = False
+
+    @property
+    def buyers(self) -> list[list[str]]:
+        return self.sold if isinstance(self.sold, list) else []
+
+
+class _Reply(msgspec.Struct, frozen=True):
+    r: list[Decision] | dict[str, Any]
+    e: list[str | int] | dict[str, Any] = []
+
+
+_reply = msgspec.json.Decoder(_Reply)
+_enc = msgspec.json.Encoder()
+
+Observer = Any  # callable(seconds, batch_size, events) -> None, for metrics
+
+
+class Batcher:
+    """Batches the decisions of one tenant (one Redis Cluster slot)."""
+
+    def __init__(
+        self, store: Store, tenant: str, *, max_batch: int = 64, max_inflight: int = 2,
+        observer: Observer | None = None,
+    ) -> None:
+        self.store, self.tenant = store, tenant
+        self.prefix = keys.tenant_prefix(tenant)
+        self.max_batch, self.max_inflight = max_batch, max_inflight
+        self.observer = observer
+        self._pending: list[tuple[dict[str, Any], asyncio.Future[Decision]]] = []
+        self._inflight = 0
+        self._scheduled = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def decide(self, lead: dict[str, Any]) -> Decision:
+        fut: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
+        self._pending.append((lead, fut))
+        self._idle.clear()
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._kick)
+        return await fut
+
+    def _kick(self) -> None:
+        self._scheduled = False
+        while self._pending and self._inflight < self.max_inflight:
+            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+            self._inflight += 1
+            asyncio.get_running_loop().create_task(self._flush(batch))
+
+    async def _flush(self, batch: list[tuple[dict[str, Any], asyncio.Future[Decision]]]) -> None:
+        started = time.perf_counter()
+        try:
+            payload = _enc.encode(
+                {"now": time.time_ns() // 1_000_000, "w": WALLET, "leads": [lead for lead, _ in batch]}
+            )
+            raw = await self.store.lua.decide(self.store.redis, [self.prefix], [payload])
+            reply = _reply.decode(raw)
+            results = reply.r if isinstance(reply.r, list) else []
+            for (_, fut), decision in zip(batch, results, strict=True):
+                if not fut.done():
+                    fut.set_result(decision)
+            if self.observer is not None:
+                self.observer(time.perf_counter() - started, len(batch), reply.e)
+        except UNAVAILABLE as exc:
+            self._fail(batch, StoreUnavailable(f"redis unavailable: {type(exc).__name__}"))
+        except Exception as exc:  # noqa: BLE001 - every waiter must be woken with the error
+            self._fail(batch, exc)
+        finally:
+            self._inflight -= 1
+            if self._pending:
+                self._kick()
+            elif self._inflight == 0:
+                self._idle.set()
+
+    @staticmethod
+    def _fail(batch: list[tuple[dict[str, Any], asyncio.Future[Decision]]], exc: Exception) -> None:
+        for _, fut in batch:
+            if not fut.done():
+                fut.set_exception(exc)
+
+    async def drain(self) -> None:
+        """Wait until every submitted lead has its decision (graceful shutdown)."""
+        await self._idle.wait()

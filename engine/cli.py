@@ -1,0 +1,162 @@
+"""The ``leadflow`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from engine import config as config_mod
+from engine.errors import ConfigError, LeadflowError
+from engine.logs import setup_logging
+
+DEFAULT_CONFIG = "config/example.toml"
+
+
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=os.environ.get("LEADFLOW_CONFIG", DEFAULT_CONFIG),
+                   help="config file (TOML); default $LEADFLOW_CONFIG or config/example.toml")
+    p.add_argument("--redis-url", default=None,
+                   help="Redis URL; default $LEADFLOW_REDIS_URL, else an embedded redis-server")
+
+
+def _parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="leadflow", description="lead routing and metering engine")
+    sub = root.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="serve the HTTP API and run the workers until SIGTERM")
+    _config_arg(run)
+    run.add_argument("--host", default=None)
+    run.add_argument("--port", type=int, default=None)
+
+    demo = sub.add_parser("demo", help="post generated leads through the real API, then reconcile")
+    _config_arg(demo)
+    demo.add_argument("--leads", type=int, default=2_000)
+    demo.add_argument("--seed", type=int, default=None)
+
+    cfg = sub.add_parser("config", help="check or load a config file")
+    cfg_sub = cfg.add_subparsers(dest="action", required=True)
+    check = cfg_sub.add_parser("check", help="validate a config file")
+    check.add_argument("path")
+    load = cfg_sub.add_parser("load", help="validate, then make the running engine reload it")
+    load.add_argument("path")
+    load.add_argument("--state-dir", default=None, help="where the running engine's pid file is")
+
+    rec = sub.add_parser("reconcile", help="check that every ledger sums to its balance")
+    _config_arg(rec)
+
+    worker = sub.add_parser("worker", help="run one worker process")
+    worker.add_argument("kind", choices=["deliver", "recharge", "ledger"])
+    _config_arg(worker)
+    worker.add_argument("--consumer", default=None, help="consumer name (default host-pid)")
+    worker.add_argument("--metrics-port", type=int, default=None)
+    return root
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    return uvloop.run(coro)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    setup_logging()
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    except LeadflowError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "config":
+        cfg = config_mod.load(args.path)
+        if args.action == "check":
+            print(f"{args.path}: ok ({len(cfg.tenants)} tenants, {len(cfg.campaigns)} campaigns, "
+                  f"{len(cfg.buyers)} buyers, {len(cfg.suppliers)} suppliers)")
+            return 0
+        return _signal_reload(cfg, args.state_dir)
+    cfg = config_mod.load(args.config)
+    if args.command == "run":
+        from engine.service import Service
+
+        svc = Service(cfg, redis_url=args.redis_url, host=args.host, port=args.port,
+                      workers=_default_workers())
+        _run(_serve(svc))
+        return 0
+    if args.command == "demo":
+        from engine.demo import run_demo
+
+        return _run(run_demo(cfg, leads=args.leads, seed=args.seed, redis_url=args.redis_url))
+    if args.command == "reconcile":
+        return _run(_reconcile(cfg, args.redis_url))
+    from engine.workers import run_worker
+
+    return _run(run_worker(args.kind, cfg, redis_url=args.redis_url, consumer=args.consumer,
+                           metrics_port=args.metrics_port))
+
+
+def _default_workers() -> list[Any]:
+    from engine.workers import in_process_workers
+
+    return in_process_workers()
+
+
+async def _serve(svc: Any) -> int:
+    await svc.run_until_signal()
+    return 0
+
+
+def _signal_reload(cfg: config_mod.Config, state_dir: str | None) -> int:
+    pid_file = Path(state_dir or cfg.settings.state_dir) / "leadflow.pid"
+    try:
+        pid = int(pid_file.read_text())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as exc:
+        print(f"config ok, but no running engine to reload ({pid_file}: {exc})", file=sys.stderr)
+        return 1
+    print(f"config ok; reload signalled to pid {pid}")
+    return 0
+
+
+async def _reconcile(cfg: config_mod.Config, redis_url: str | None) -> int:
+    from engine.reconcile import reconcile
+    from engine.service import redis_url_from
+    from engine.store import Store, connect
+
+    url = redis_url_from(cfg, redis_url)
+    if url is None:
+        from engine.embedded import EmbeddedRedis
+
+        # the embedded default keeps its data (AOF) under the state dir: open it
+        with EmbeddedRedis(Path(cfg.settings.state_dir) / "redis") as server:
+            return await _reconcile_at(cfg, server.url)
+    return await _reconcile_at(cfg, url)
+
+
+async def _reconcile_at(cfg: config_mod.Config, url: str) -> int:
+    from engine.reconcile import reconcile
+    from engine.store import Store, connect
+
+    store = Store(connect(url))
+    try:
+        checks, findings = await reconcile(cfg, store)
+    finally:
+        await store.redis.aclose()
+    for f in findings:
+        print(f"FAIL {f.tenant}/{f.account}: {f.problem}")
+    print(f"reconcile: {len(checks)} accounts checked, {len(findings)} problems")
+    return 1 if findings else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""Lead ingest: authenticate the seller, validate, route, decide; one lead at a time.
+
+Transport-free: the HTTP layer hands in the decoded body and gets back an HTTP status and
+a :class:`LeadResponse`. The request/response shape follows the Lead Prosper direct-post
+habit (``lp_campaign_id``, ``lp_supplier_id``, ``lp_key``, ``lp_action=test``, subids).
+Response codes are documented in the README ("Response codes").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import random
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import msgspec
+
+from engine.batcher import Batcher, Decision
+from engine.fields import FieldError
+from engine.routing import CampaignPlan
+from engine.runtime import Runtime, SupplierPlan
+from engine.schedule import WindowClock
+
+MAX_FIELDS = 200
+MAX_SUBID = 75
+_DUMMY_KEY = secrets.token_bytes(32)  # compared against when the supplier is unknown
+_enc = msgspec.json.Encoder()
+
+
+class LeadResponse(msgspec.Struct):
+    status: str  # ACCEPTED | DUPLICATED | REJECTED | ERROR
+    code: int
+    message: str = ""
+    lead_id: str | None = None
+    payout: str | None = None
+    test: bool = False
+    errors: list[FieldError] = []
+
+
+class Codes:
+    """Numeric ``code`` of every response (README: "Response codes")."""
+
+    ACCEPTED = 0
+    DUPLICATED = 100  # 101: duplicate for every matching buyer (buyer-scope dedupe)
+    # REJECTED: 200 no buyer matched, 201 all at caps, 202 paused/unfunded, 203 tenant wallet
+    MALFORMED = 1000
+    MISSING_CREDENTIALS = 1001
+    TOO_MANY_FIELDS = 1003
+    UNKNOWN_CAMPAIGN = 1010
+    UNAUTHORIZED = 1011
+    FORBIDDEN = 1012
+    INVALID_FIELDS = 1020
+    TOO_LARGE = 1030
+    UNSUPPORTED_MEDIA = 1031
+    UNAVAILABLE = 1040
+
+
+def error(code: int, message: str, errors: list[FieldError] | None = None) -> LeadResponse:
+    return LeadResponse(status="ERROR", code=code, message=message, errors=errors or [])
+
+
+def new_lead_id() -> str:
+    """Time-ordered and unguessable: 12 hex digits of epoch ms, 12 random hex digits."""
+    return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(6)}"
+
+
+def _text(value: object) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+class Ingest:
+    def __init__(
+        self,
+        runtime: Callable[[], Runtime],
+        batcher: Callable[[str], Batcher],
+        *,
+        replay_window_s: int = 60,
+        idempotency_ttl_s: int = 86_400,
+        observer: Callable[[str, str, str], None] | None = None,
+    ) -> None:
+        self._runtime, self._batcher = runtime, batcher
+        self.replay_window_s, self.idempotency_ttl_s = replay_window_s, idempotency_ttl_s
+        self._clock = WindowClock()
+        self._rng = random.Random()
+        self._observer = observer  # (campaign, supplier, status) for metrics
+
+    async def handle(
+        self, data: object, raw: bytes, idempotency_key: str | None = None
+    ) -> tuple[int, LeadResponse]:
+        status, resp, camp, sup = await self._handle(data, raw, idempotency_key)
+        if self._observer is not None:
+            self._observer(camp, sup, resp.status)
+        return status, resp
+
+    async def _handle(
+        self, data: object, raw: bytes, idempotency_key: str | None
+    ) -> tuple[int, LeadResponse, str, str]:
+        if not isinstance(data, dict):
+            return 400, error(Codes.MALFORMED, "the body must be a JSON object or form fields"), "", ""
+        if len(data) > MAX_FIELDS:
+            return 400, error(Codes.TOO_MANY_FIELDS, f"at most {MAX_FIELDS} fields"), "", ""
+        rt = self._runtime()
+        camp_id, sup_id, key = (_text(data.get(k)) for k in ("lp_campaign_id", "lp_supplier_id", "lp_key"))
+        if not camp_id or not sup_id or key is None:
+            return 400, error(Codes.MISSING_CREDENTIALS,
+                              "lp_campaign_id, lp_supplier_id and lp_key are required"), "", ""
+        plan = rt.campaigns.get(camp_id)
+        supplier = rt.suppliers.get(sup_id)
+        if not self._authentic(supplier, key) or supplier is None:
+            return 401, error(Codes.UNAUTHORIZED, "unknown supplier or wrong lp_key"), "", ""
+        if plan is None or plan.tenant != supplier.tenant:
+            return 404, error(Codes.UNKNOWN_CAMPAIGN, f"unknown campaign {camp_id!r}"), "", sup_id
+        if supplier.campaigns and plan.id not in supplier.campaigns:
+            return 403, error(Codes.FORBIDDEN, "supplier may not post to this campaign"), plan.id, sup_id
+        return (*await self._route(data, raw, idempotency_key, plan, supplier), plan.id, sup_id)
+
+    @staticmethod
+    def _authentic(supplier: SupplierPlan | None, key: str) -> bool:
+        expected = supplier.key if supplier is not None else _DUMMY_KEY
+        return hmac.compare_digest(key.encode(), expected)  # constant time
+
+    async def _route(
+        self, data: dict[str, Any], raw: bytes, idempotency_key: str | None,
+        plan: CampaignPlan, supplier: SupplierPlan,
+    ) -> tuple[int, LeadResponse]:
+        windows, local = self._clock.get(plan.tz, time.time())
+        values, errors = plan.schema.validate(data, today=local.date())
+        errors += _subid_errors(data)
+        if errors:
+            names = ", ".join(sorted({e.field for e in errors}))
+            return 422, error(Codes.INVALID_FIELDS, f"invalid fields: {names}", errors)
+        test = supplier.test_mode or data.get("lp_action") == "test"
+        lead_id = new_lead_id()
+        lead = self._lua_lead(plan, values, data, lead_id, test, windows, local, raw,
+                              supplier, idempotency_key)
+        decision = await self._batcher(plan.tenant).decide(lead)
+        return 200, _response(decision, supplier)
+
+    def _lua_lead(
+        self, plan: CampaignPlan, values: dict[str, str], data: Mapping[str, Any], lead_id: str,
+        test: bool, windows: Any, local: Any, raw: bytes, supplier: SupplierPlan,
+        idempotency_key: str | None,
+    ) -> dict[str, Any]:
+        order = plan.ordered(plan.eligible(values, local), self._rng)
+        weekday = windows.weekday
+        cands = [
+            {"b": b.id, "a": b.account, "p": b.price, "fo": b.fee_out,
+             "cap": b.cap_array(weekday), "bd": plan.buyer_prints(b, values)}
+            for b in (plan.buyers[i] for i in order)
+        ]
+        payload = {**values, "lead_id": lead_id, "campaign_id": plan.id}
+        for sub in ("lp_subid1", "lp_subid2"):
+            if data.get(sub):
+                payload[sub] = str(data[sub])
+        if idempotency_key:
+            ikey, ttl = "h:" + _digest(supplier.id, idempotency_key.encode()), self.idempotency_ttl_s
+        else:
+            ikey, ttl = "p:" + _digest(supplier.id, raw), self.replay_window_s
+        return {
+            "id": lead_id, "k": ikey, "kt": ttl, "t": 1 if test else 0, "c": plan.id,
+            "fi": plan.fee_in, "n": plan.sell_limit, "rr": 1 if plan.rotating else 0,
+            "q": plan.rotation(order) if plan.rotating else [],
+            "d": plan.campaign_prints(values), "dt": plan.dedupe_ttl_s,
+            "win": [str(windows.hour), str(windows.day), str(windows.week), str(windows.month)],
+            "x": _enc.encode(payload).decode(), "cs": cands,
+        }
+
+
+def _digest(scope: str, data: bytes) -> str:
+    h = hashlib.blake2b(data, digest_size=16, person=b"leadflow-idem")
+    h.update(scope.encode())
+    return h.hexdigest()
+
+
+def _subid_errors(data: Mapping[str, Any]) -> list[FieldError]:
+    out = []
+    for name in ("lp_subid1", "lp_subid2"):
+        value = data.get(name)
+        if value is None:
+            continue
+        text = _text(value)
+        if text is None or len(text) > MAX_SUBID:
+            out.append(FieldError(field=name, code="too_long" if text else "invalid_type",
+                                  message=f"{name} must be text of at most {MAX_SUBID} characters"))
+    return out
+
+
+_MESSAGES = {"ACCEPTED": "lead accepted"}
+
+
+def _response(d: Decision, supplier: SupplierPlan) -> LeadResponse:
+    return LeadResponse(
+        status=d.s, code=d.c, message=d.m or _MESSAGES.get(d.s, ""), lead_id=d.id,
+        payout=supplier.payout if d.s == "ACCEPTED" else None, test=d.t == 1,
+    )

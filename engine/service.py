@@ -1,0 +1,158 @@
+"""Running leadflow: Redis (embedded or given), the HTTP server, workers, signals.
+
+SIGTERM drains: the server stops accepting, in-flight requests and pending Redis batches
+finish, then workers stop. SIGHUP reloads the config file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from engine import config as config_mod
+from engine.app import App
+from engine.config import Config
+from engine.embedded import EmbeddedRedis
+from engine.errors import ConfigError
+from engine.runtime import Runtime, sync_accounts
+from engine.store import Store, connect
+
+log = logging.getLogger("leadflow")
+
+WorkerFactory = Callable[["Service", asyncio.Event], Awaitable[None]]
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the service owns SIGTERM/SIGHUP so it can
+    drain Redis batches after the last request, before the process exits."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def redis_url_from(cfg: Config, override: str | None) -> str | None:
+    return override or os.environ.get("LEADFLOW_REDIS_URL") or cfg.settings.redis_url
+
+
+class Service:
+    def __init__(
+        self, cfg: Config, *, redis_url: str | None = None, host: str | None = None,
+        port: int | None = None, state_dir: str | None = None,
+        workers: list[WorkerFactory] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.redis_url = redis_url_from(cfg, redis_url)
+        self.host = host or cfg.settings.host
+        self.port = cfg.settings.port if port is None else port
+        self.state_dir = Path(state_dir or cfg.settings.state_dir)
+        self.worker_factories = workers or []
+        self.embedded: EmbeddedRedis | None = None
+        self.store: Store | None = None
+        self.app: App | None = None
+        self._server: _Server | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.stop_event = asyncio.Event()
+
+    async def start(self) -> None:
+        url = self.redis_url
+        if url is None:
+            self.embedded = EmbeddedRedis(
+                self.state_dir / "redis", appendfsync=self.cfg.settings.appendfsync
+            )
+            await asyncio.to_thread(self.embedded.start)
+            url = self.embedded.url
+            log.info("embedded redis-server started", extra={"port": self.embedded.port})
+        self.store = Store(connect(url))
+        await self.store.load_scripts()
+        await sync_accounts(self.cfg, self.store)
+        s = self.cfg.settings
+        self.app = App(
+            Runtime(self.cfg), self.store, max_body=s.max_body_bytes,
+            max_batch_body=s.max_batch_body_bytes, batch_max=s.batch_max,
+            replay_window_s=s.replay_window_s, idempotency_ttl_s=s.idempotency_ttl_s,
+        )
+        self.app.ready = True
+        for factory in self.worker_factories:
+            self._tasks.append(asyncio.create_task(factory(self, self.stop_event)))
+        await self._serve()
+
+    async def _serve(self) -> None:
+        assert self.app is not None
+        config = uvicorn.Config(
+            self.app, host=self.host, port=self.port, http="httptools", lifespan="off",
+            access_log=False, log_level="warning", server_header=False, date_header=False,
+            timeout_graceful_shutdown=30,
+        )
+        self._server = _Server(config)
+        self._tasks.append(asyncio.create_task(self._server.serve()))
+        while not self._server.started:
+            if self._tasks[-1].done():
+                await self._tasks[-1]  # raises the bind error
+                raise RuntimeError("HTTP server stopped at start")
+            await asyncio.sleep(0.01)
+        if self.port == 0:
+            sock = self._server.servers[0].sockets[0]
+            self.port = sock.getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def reload(self, path: str | None = None) -> None:
+        """Swap in a new config: accounts synced first, then one reference swap."""
+        cfg = config_mod.load(path or self.cfg.source)
+        assert self.store is not None and self.app is not None
+        await sync_accounts(cfg, self.store)
+        self.app.runtime = Runtime(cfg)
+        self.cfg = cfg
+        log.info("config reloaded", extra={"source": cfg.source})
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self.app is not None:
+            self.app.draining = True
+        server_task = self._tasks[-1] if self._server is not None else None
+        if server_task is not None:
+            await server_task
+        if self.app is not None:
+            await self.app.drain()
+        self.stop_event.set()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.store is not None:
+            await self.store.redis.aclose()
+        if self.embedded is not None:
+            await asyncio.to_thread(self.embedded.stop)
+
+    async def run_until_signal(self) -> None:
+        """``leadflow run``: serve until SIGTERM/SIGINT; SIGHUP reloads the config."""
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, done.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._safe_reload()))
+        await self.start()
+        self._write_pid()
+        log.info("leadflow serving", extra={"url": self.url})
+        await done.wait()
+        log.info("draining")
+        await self.stop()
+
+    async def _safe_reload(self) -> None:
+        try:
+            await self.reload()
+        except ConfigError as exc:
+            log.error("config reload refused: %s", exc)
+
+    def _write_pid(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        (self.state_dir / "leadflow.pid").write_text(str(os.getpid()))

@@ -1,0 +1,131 @@
+"""Distribution methods, caps, schedules, floors and wallet rules through the real engine."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from engine import keys
+from engine.routing import smooth_wrr
+from tests.harness import buyer, campaign, make_config, running
+
+
+def _emails(n: int, tag: str = "x") -> list[str]:
+    return [f"{tag}{i}@example.com" for i in range(n)]
+
+
+async def _sold_to(eng, n: int, tag: str = "x", **fields) -> list[str]:
+    out = []
+    for email in _emails(n, tag):
+        _, r = await eng.lead(email=email, **fields)
+        assert r["status"] == "ACCEPTED", r
+        out.append(r)
+    jobs = await eng.redis.xrange(keys.deliveries("t1"))
+    return [f[b"buyer"].decode() for _, f in jobs]
+
+
+def test_smooth_wrr_spreads_heavy_buyers():
+    assert smooth_wrr([3, 1]) == [0, 0, 1, 0]
+    assert Counter(smooth_wrr([5, 2, 1])) == {0: 5, 1: 2, 2: 1}
+
+
+async def test_waterfall_priority_then_next(redis, redis_server):
+    cfg = make_config(campaign(), buyer("b1", priority=1), buyer("b2", client="c2", priority=2))
+    async with running(cfg, redis_server.url) as eng:
+        assert await _sold_to(eng, 3) == ["b1"] * 3
+        await eng.api("POST", "/v1/buyers/b1/pause")
+        await _sold_to(eng, 1, "y")
+        jobs = await eng.redis.xrange(keys.deliveries("t1"))
+        assert jobs[-1][1][b"buyer"] == b"b2"
+
+
+async def test_round_robin_alternates(redis, redis_server):
+    cfg = make_config(campaign(distribution="round_robin"), buyer("b1"),
+                      buyer("b2", client="c2"), buyer("b3"))
+    async with running(cfg, redis_server.url) as eng:
+        assert await _sold_to(eng, 6) == ["b1", "b2", "b3", "b1", "b2", "b3"]
+
+
+async def test_round_robin_skips_capped_buyer(redis, redis_server):
+    cfg = make_config(campaign(distribution="round_robin"),
+                      buyer("b1", extra="caps = { total = 1 }"), buyer("b2", client="c2"))
+    async with running(cfg, redis_server.url) as eng:
+        assert await _sold_to(eng, 4) == ["b1", "b2", "b2", "b2"]
+
+
+async def test_weighted_round_robin(redis, redis_server):
+    cfg = make_config(campaign(distribution="weighted_round_robin"), buyer("b1", weight=3),
+                      buyer("b2", client="c2", weight=1))
+    async with running(cfg, redis_server.url) as eng:
+        assert Counter(await _sold_to(eng, 8)) == {"b1": 6, "b2": 2}
+
+
+async def test_highest_price_and_exclusive(redis, redis_server):
+    for method in ("highest_price", "exclusive"):
+        await redis.flushdb()
+        cfg = make_config(campaign(distribution=method), buyer("cheap", price="5.00"),
+                          buyer("rich", client="c2", price="9.00", priority=5))
+        async with running(cfg, redis_server.url) as eng:
+            assert await _sold_to(eng, 2) == ["rich", "rich"]
+
+
+async def test_send_to_all_respects_sell_limit(redis, redis_server):
+    cfg = make_config(campaign(distribution="send_to_all", sell_limit=2),
+                      buyer("b1", price="3.00"), buyer("b2", client="c2", price="4.00"),
+                      buyer("b3", price="5.00"))
+    async with running(cfg, redis_server.url) as eng:
+        assert sorted(await _sold_to(eng, 1)) == ["b2", "b3"]
+        assert await eng.balance("wallet") == 1000_000_000 - 100_000 - 2 * 200_000
+
+
+async def test_count_and_spend_caps(redis, redis_server):
+    cfg = make_config(campaign(),
+                      buyer("b1", price="10.00", extra='caps = { hour = 2, spend_day = "25.00" }'),
+                      buyer("b2", client="c2", priority=2))
+    async with running(cfg, redis_server.url) as eng:
+        assert await _sold_to(eng, 4) == ["b1", "b1", "b2", "b2"]
+    cfg = make_config(campaign(), buyer("b1", price="10.00", extra='caps = { spend_day = "25.00" }'))
+    await redis.flushdb()
+    async with running(cfg, redis_server.url) as eng:
+        await _sold_to(eng, 2)
+        _, r = await eng.lead(email="z@example.com")
+        assert r["status"] == "REJECTED" and r["code"] == 201
+
+
+async def test_schedule_closed_buyer_is_not_a_candidate(redis, redis_server):
+    cfg = make_config(campaign(), buyer("b1", extra='schedule = { days = [], start = "00:00", end = "24:00" }'))
+    async with running(cfg, redis_server.url) as eng:
+        _, r = await eng.lead(email="a@example.com")
+        assert r["status"] == "REJECTED" and r["code"] == 200
+
+
+async def test_floor_refuses_debit_pauses_buyer_and_alerts_once(redis, redis_server):
+    cfg = make_config(campaign(), buyer("b1", price="30.00"))
+    async with running(cfg, redis_server.url) as eng:
+        statuses = [(await eng.lead(email=e))[1]["status"] for e in _emails(6)]
+        # 100 -> 70 -> 40 -> 10 -> -20 (at the floor) -> refused
+        assert statuses == ["ACCEPTED"] * 4 + ["REJECTED"] * 2
+        assert await eng.balance("c1") == -20_000_000
+        types = [e["type"] for e in await eng.events()]
+        assert types.count("balance_alert") == 1 and types.count("buyer_paused") == 1
+        state = await eng.store.account("t1", "c1")
+        assert state is not None and state.paused == "floor"
+        status, body = await eng.api("POST", "/v1/accounts/c1/credits", json={"amount": "50.00"})
+        assert status == 201 and body["balance"] == "30.00"
+        assert (await eng.store.account("t1", "c1")).paused == ""
+        _, r = await eng.lead(email="again@example.com")
+        assert r["status"] == "ACCEPTED"
+        await eng.assert_reconciled()
+
+
+async def test_tenant_wallet_at_floor_refuses_leads(redis, redis_server):
+    base_wallet = 'opening_balance = "0.30"\nfloor = "0.00"\nalert = "0"'
+    from tests.harness import BASE_TOML
+
+    cfg = make_config(campaign(), buyer("b1"),
+                      base=BASE_TOML.replace('opening_balance = "1000.00"', base_wallet))
+    async with running(cfg, redis_server.url) as eng:
+        _, a = await eng.lead(email="a@example.com")
+        _, b = await eng.lead(email="b@example.com")
+        assert a["status"] == "ACCEPTED" and b["status"] == "REJECTED" and b["code"] == 203
+        assert await eng.balance("wallet") == 0
+        await eng.assert_reconciled()
