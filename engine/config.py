@@ -107,7 +107,8 @@ class Caps(_Shape):
 class Schedule(_Shape):
     """When a buyer takes leads: weekdays and an ``HH:MM``-``HH:MM`` window, campaign tz."""
 
-    days: list[str] = list(WEEKDAYS)
+    # msgspec refuses a non-empty mutable default: build a fresh list per instance
+    days: list[str] = msgspec.field(default_factory=lambda: list(WEEKDAYS))
     start: str = "00:00"
     end: str = "24:00"
 
@@ -138,7 +139,7 @@ class Buyer(_Shape):
     weight: int = 1
     status: Literal["active", "paused"] = "active"
     filters: list[Filter] = []
-    caps: Caps = Caps()
+    caps: Caps = msgspec.field(default_factory=Caps)
     schedule: Schedule | None = None
     delivery: Delivery | None = None
 
@@ -159,7 +160,7 @@ class Account(_Shape):
     floor: str = "-20.00"
     alert: str = "20.00"  # balance_alert below this, at least $1.00
     min_balance: str | None = None
-    auto_recharge: AutoRecharge = AutoRecharge()
+    auto_recharge: AutoRecharge = msgspec.field(default_factory=AutoRecharge)
 
 
 class Client(Account, kw_only=True):
@@ -175,13 +176,13 @@ class Fees(_Shape):
     card_fee_percent: str = "0"  # passed to buyers on card funding, 0 to 15
 
 
-class Tenant(_Shape):
+class Tenant(_Shape, kw_only=True):  # kw_only is not inherited by msgspec
     id: Id
     name: str = ""
     api_token: str  # bearer token of the tenant's API; literal or env:NAME
     timezone: str = "UTC"
-    fees: Fees = Fees()
-    wallet: Account = Account()
+    fees: Fees = msgspec.field(default_factory=Fees)
+    wallet: Account = msgspec.field(default_factory=Account)
     meters: dict[str, str] = {}  # metered service -> unit price
 
 
@@ -210,7 +211,7 @@ class Settings(_Shape):
 
 
 class Config(_Shape):
-    settings: Settings = Settings()
+    settings: Settings = msgspec.field(default_factory=Settings)
     tenants: list[Tenant] = []
     clients: list[Client] = []
     suppliers: list[Supplier] = []
