@@ -25,7 +25,8 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 
 def _seed() -> int:
-    return int(os.environ.get("LEADFLOW_TEST_SEED", "0")) or random.SystemRandom().randrange(1, 2**31)
+    fixed = int(os.environ.get("LEADFLOW_TEST_SEED", "0"))
+    return fixed or random.SystemRandom().randrange(1, 2**31)
 
 
 @pytest.fixture(scope="session")
