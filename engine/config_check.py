@@ -186,3 +186,8 @@ def check(cfg: Config) -> None:
     c.buyers()
     if cfg.settings.batch_max < 1:
         raise c.fail("settings.batch_max", "at least 1")
+    # compiling the routing plans checks what only compilation can: regexes, ranges,
+    # schedules, field rules (each raises ConfigError with its path)
+    from engine.runtime import Runtime
+
+    Runtime(cfg)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from datetime import UTC, datetime
 
 from engine import keys
 from engine.routing import smooth_wrr
@@ -92,7 +93,9 @@ async def test_count_and_spend_caps(redis, redis_server):
 
 
 async def test_schedule_closed_buyer_is_not_a_candidate(redis, redis_server):
-    cfg = make_config(campaign(), buyer("b1", extra='schedule = { days = [], start = "00:00", end = "24:00" }'))
+    days = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+    other = days[(datetime.now(UTC).weekday() + 3) % 7]  # a day that is not today (UTC)
+    cfg = make_config(campaign(), buyer("b1", extra=f'schedule = {{ days = ["{other}"] }}'))
     async with running(cfg, redis_server.url) as eng:
         _, r = await eng.lead(email="a@example.com")
         assert r["status"] == "REJECTED" and r["code"] == 200
