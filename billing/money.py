@@ -26,7 +26,7 @@ def parse(text: str, *, field: str = "amount") -> int:
     could not hold exactly.
     """
     if not isinstance(text, str):
-        raise MoneyError(f"{field}: expected a decimal string such as \"25.00\"")
+        raise MoneyError(f'{field}: expected a decimal string such as "25.00"')
     m = _DECIMAL.match(text.strip())
     if m is None:
         raise MoneyError(f"{field}: {text!r} is not a decimal amount (at most 6 decimals)")
@@ -37,7 +37,7 @@ def parse(text: str, *, field: str = "amount") -> int:
     return -value if sign else value
 
 
-def format(micros: int) -> str:  # noqa: A001 - mirrors parse()
+def format(micros: int) -> str:
     """Render micros as a decimal string with at least two decimals: ``"25.00"``, ``"0.125"``."""
     sign = "-" if micros < 0 else ""
     whole, frac = divmod(abs(micros), MICROS)
@@ -54,6 +54,6 @@ def parse_percent(text: str, *, field: str = "percent") -> int:
     """Parse ``"3"`` or ``"2.5"`` (percent) into basis points (``300``, ``250``)."""
     m = re.match(r"^(\d{1,3})(?:\.(\d{1,2}))?$", text.strip()) if isinstance(text, str) else None
     if m is None:
-        raise MoneyError(f"{field}: {text!r} is not a percentage such as \"3\" or \"2.5\"")
+        raise MoneyError(f'{field}: {text!r} is not a percentage such as "3" or "2.5"')
     whole, frac = m.groups()
     return int(whole) * 100 + int((frac or "").ljust(2, "0"))

@@ -122,13 +122,19 @@ class AccountsApi:
             return http.error_response(404, "unknown_account", "no such account")
         key = req.header(b"idempotency-key")
         res = await self.store.adjust(
-            tenant, account, amount, "funding", op_id=f"credit:{key}" if key else "",
+            tenant,
+            account,
+            amount,
+            "funding",
+            op_id=f"credit:{key}" if key else "",
             extra={"process": "manual", "note": body.note[:200], "reference": body.reference[:100]},
         )
         if not res.ok:
             return http.error_response(409, res.error, "credit refused")
-        return http.json_response({"balance": money.format(int(res.balance)), "entry": res.entry,
-                                   "replay": res.replay}, 200 if res.replay else 201)
+        return http.json_response(
+            {"balance": money.format(int(res.balance)), "entry": res.entry, "replay": res.replay},
+            200 if res.replay else 201,
+        )
 
     async def _set_buyer_pause(self, req: Request, tenant: str, paused: bool) -> Response:
         buyer = req.params["id"]
@@ -151,12 +157,18 @@ def _is_stream_id(text: str) -> bool:
 
 def _entry_view(entry_id: str, f: dict[str, str]) -> dict[str, object]:
     view: dict[str, object] = {
-        "id": entry_id, "account": f.get("account"), "kind": f.get("kind"),
-        "delta": money.format(int(f["delta"])), "balance_after": money.format(int(f["balance"])),
+        "id": entry_id,
+        "account": f.get("account"),
+        "kind": f.get("kind"),
+        "delta": money.format(int(f["delta"])),
+        "balance_after": money.format(int(f["balance"])),
         "lead_id": f.get("ref") if f.get("kind") in ("lead", "fee", "refund", "reprice") else None,
-        "ref": f.get("ref"), "time_ms": int(f.get("ts", "0")),
+        "ref": f.get("ref"),
+        "time_ms": int(f.get("ts", "0")),
     }
-    extra = {k: v for k, v in f.items() if k not in ("account", "kind", "delta", "balance", "ref", "ts")}
+    extra = {
+        k: v for k, v in f.items() if k not in ("account", "kind", "delta", "balance", "ref", "ts")
+    }
     if extra:
         view["details"] = extra
     return view

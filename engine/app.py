@@ -53,8 +53,11 @@ class App:
         self.ready = False
         self.draining = False
         self.ingest = Ingest(
-            lambda: self.runtime, self.batcher, replay_window_s=replay_window_s,
-            idempotency_ttl_s=idempotency_ttl_s, observer=lead_observer,
+            lambda: self.runtime,
+            self.batcher,
+            replay_window_s=replay_window_s,
+            idempotency_ttl_s=idempotency_ttl_s,
+            observer=lead_observer,
         )
         self.router = http.Router()
         self.router.add("POST", "/v1/leads/batch", self._batch, body_limit=max_batch_body)
@@ -98,8 +101,9 @@ class App:
         route, params, path_exists = self.router.match(scope["method"], scope["path"])
         if route is None:
             status = 405 if path_exists else 404
-            return "unmatched", http.error_response(status, "not_found" if status == 404
-                                                    else "method_not_allowed", "no such endpoint")
+            return "unmatched", http.error_response(
+                status, "not_found" if status == 404 else "method_not_allowed", "no such endpoint"
+            )
         try:
             body = await http.read_body(receive, route.body_limit)
         except http.BodyTooLarge:
@@ -138,10 +142,13 @@ class App:
         if len(lines) > MAX_BATCH_LINES:
             return _lead_response(413, error(Codes.TOO_LARGE, f"at most {MAX_BATCH_LINES} lines"))
         key = req.header(b"idempotency-key")
-        results = await asyncio.gather(*(
-            self._batch_line(line, f"{key}:{n}" if key else None)
-            for n, line in enumerate(lines) if line.strip()
-        ))
+        results = await asyncio.gather(
+            *(
+                self._batch_line(line, f"{key}:{n}" if key else None)
+                for n, line in enumerate(lines)
+                if line.strip()
+            )
+        )
         out = b"\n".join(_lead_enc.encode(r) for _, r in results) + b"\n"
         return Response(out, 200, b"application/x-ndjson")
 
@@ -165,8 +172,9 @@ class App:
         except Exception:  # noqa: BLE001 - any failure means not ready
             checks["redis"] = False
         ok = checks["redis"] and checks["scripts"] and not self.draining
-        return http.json_response({"status": "ready" if ok else "not_ready", "checks": checks},
-                                  200 if ok else 503)
+        return http.json_response(
+            {"status": "ready" if ok else "not_ready", "checks": checks}, 200 if ok else 503
+        )
 
 
 def _decode_lead(content_type: str, body: bytes) -> tuple[object, tuple[int, LeadResponse] | None]:
@@ -176,8 +184,13 @@ def _decode_lead(content_type: str, body: bytes) -> tuple[object, tuple[int, Lea
         except ValueError:
             return None, (400, error(Codes.MALFORMED, "form body is not valid UTF-8 form data"))
     if content_type not in _JSON_TYPES:
-        return None, (415, error(Codes.UNSUPPORTED_MEDIA,
-                                 "send application/json or application/x-www-form-urlencoded"))
+        return None, (
+            415,
+            error(
+                Codes.UNSUPPORTED_MEDIA,
+                "send application/json or application/x-www-form-urlencoded",
+            ),
+        )
     try:
         return msgspec.json.decode(body), None
     except (msgspec.DecodeError, UnicodeDecodeError):  # invalid UTF-8 inside a string
@@ -197,5 +210,3 @@ async def _lifespan(receive: Receive, send: Send) -> None:
         elif message["type"] == "lifespan.shutdown":
             await send({"type": "lifespan.shutdown.complete"})
             return
-
-

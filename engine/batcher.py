@@ -50,7 +50,12 @@ class Batcher:
     """Batches the decisions of one tenant (one Redis Cluster slot)."""
 
     def __init__(
-        self, store: Store, tenant: str, *, max_batch: int = 64, max_inflight: int = 2,
+        self,
+        store: Store,
+        tenant: str,
+        *,
+        max_batch: int = 64,
+        max_inflight: int = 2,
         observer: Observer | None = None,
     ) -> None:
         self.store, self.tenant = store, tenant
@@ -83,7 +88,11 @@ class Batcher:
         started = time.perf_counter()
         try:
             payload = _enc.encode(
-                {"now": time.time_ns() // 1_000_000, "w": WALLET, "leads": [lead for lead, _ in batch]}
+                {
+                    "now": time.time_ns() // 1_000_000,
+                    "w": WALLET,
+                    "leads": [lead for lead, _ in batch],
+                }
             )
             raw = await self.store.lua.decide(self.store.redis, [self.prefix], [payload])
             reply = _reply.decode(raw)

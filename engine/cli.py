@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import signal
 import sys
@@ -21,10 +20,16 @@ DEFAULT_CONFIG = "config/example.toml"
 
 
 def _config_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=os.environ.get("LEADFLOW_CONFIG", DEFAULT_CONFIG),
-                   help="config file (TOML); default $LEADFLOW_CONFIG or config/example.toml")
-    p.add_argument("--redis-url", default=None,
-                   help="Redis URL; default $LEADFLOW_REDIS_URL, else an embedded redis-server")
+    p.add_argument(
+        "--config",
+        default=os.environ.get("LEADFLOW_CONFIG", DEFAULT_CONFIG),
+        help="config file (TOML); default $LEADFLOW_CONFIG or config/example.toml",
+    )
+    p.add_argument(
+        "--redis-url",
+        default=None,
+        help="Redis URL; default $LEADFLOW_REDIS_URL, else an embedded redis-server",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -81,16 +86,23 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "config":
         cfg = config_mod.load(args.path)
         if args.action == "check":
-            print(f"{args.path}: ok ({len(cfg.tenants)} tenants, {len(cfg.campaigns)} campaigns, "
-                  f"{len(cfg.buyers)} buyers, {len(cfg.suppliers)} suppliers)")
+            print(
+                f"{args.path}: ok ({len(cfg.tenants)} tenants, {len(cfg.campaigns)} campaigns, "
+                f"{len(cfg.buyers)} buyers, {len(cfg.suppliers)} suppliers)"
+            )
             return 0
         return _signal_reload(cfg, args.state_dir)
     cfg = config_mod.load(args.config)
     if args.command == "run":
         from engine.service import Service
 
-        svc = Service(cfg, redis_url=args.redis_url, host=args.host, port=args.port,
-                      workers=_default_workers())
+        svc = Service(
+            cfg,
+            redis_url=args.redis_url,
+            host=args.host,
+            port=args.port,
+            workers=_default_workers(),
+        )
         _run(_serve(svc))
         return 0
     if args.command == "demo":
@@ -101,8 +113,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _run(_reconcile(cfg, args.redis_url))
     from engine.workers import run_worker
 
-    return _run(run_worker(args.kind, cfg, redis_url=args.redis_url, consumer=args.consumer,
-                           metrics_port=args.metrics_port))
+    return _run(
+        run_worker(
+            args.kind,
+            cfg,
+            redis_url=args.redis_url,
+            consumer=args.consumer,
+            metrics_port=args.metrics_port,
+        )
+    )
 
 
 def _default_workers() -> list[Any]:
@@ -129,9 +148,7 @@ def _signal_reload(cfg: config_mod.Config, state_dir: str | None) -> int:
 
 
 async def _reconcile(cfg: config_mod.Config, redis_url: str | None) -> int:
-    from engine.reconcile import reconcile
     from engine.service import redis_url_from
-    from engine.store import Store, connect
 
     url = redis_url_from(cfg, redis_url)
     if url is None:

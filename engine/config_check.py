@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Any
 
 from billing import money
 from billing.errors import MoneyError
@@ -42,13 +43,15 @@ class _Checker:
         except MoneyError as exc:
             raise self.fail(path, str(exc).split(": ", 1)[-1]) from exc
 
-    def ids(self, items: Iterable[object], section: str, *, scope_tenant: bool) -> None:
+    def ids(self, items: Iterable[Any], section: str, *, scope_tenant: bool) -> None:
         seen: set[tuple[str, str]] = set()
         for i, item in enumerate(items):
-            ident, tenant = getattr(item, "id"), getattr(item, "tenant", "")
+            ident, tenant = item.id, getattr(item, "tenant", "")
             if not valid_id(ident):
-                raise self.fail(f"{section}[{i}].id", f"{ident!r} is not a valid id "
-                                "(letters, digits, '_', '-', '.'; at most 64)")
+                raise self.fail(
+                    f"{section}[{i}].id",
+                    f"{ident!r} is not a valid id (letters, digits, '_', '-', '.'; at most 64)",
+                )
             key = (tenant if scope_tenant else "", ident)
             if key in seen:
                 raise self.fail(f"{section}[{i}].id", f"duplicate id {ident!r}")
@@ -129,7 +132,9 @@ class _Checker:
                 zone(c.timezone, self.src, f"{p}.timezone")
             names = [f.name for f in c.fields]
             for j, f in enumerate(c.fields):
-                if not re.match(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$", f.name) or f.name.startswith("lp_"):
+                if not re.match(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$", f.name) or f.name.startswith(
+                    "lp_"
+                ):
                     raise self.fail(f"{p}.fields[{j}].name", f"invalid field name {f.name!r}")
                 if names.count(f.name) > 1:
                     raise self.fail(f"{p}.fields[{j}].name", f"duplicate field {f.name!r}")

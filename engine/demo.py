@@ -31,10 +31,13 @@ _STATES = ["CA", "AZ", "NV", "TX", "FL", "NY", "IL", "WA", "AK", "OR"]
 
 def _person(rng: random.Random, n: int) -> dict[str, Any]:
     return {
-        "first_name": rng.choice(_FIRST), "last_name": rng.choice(_LAST),
+        "first_name": rng.choice(_FIRST),
+        "last_name": rng.choice(_LAST),
         "email": f"lead{n}.{rng.randrange(10**9)}@example.com",
-        "phone": f"({rng.randrange(201, 989)}) {rng.randrange(200, 999)}-{rng.randrange(10**4):04d}",
-        "state": rng.choice(_STATES), "zip": f"{rng.randrange(10000, 99999)}",
+        "phone": f"({rng.randrange(201, 989)}) {rng.randrange(200, 999)}-"
+        f"{rng.randrange(10**4):04d}",
+        "state": rng.choice(_STATES),
+        "zip": f"{rng.randrange(10000, 99999)}",
     }
 
 
@@ -46,11 +49,17 @@ def _lead(rng: random.Random, n: int) -> dict[str, Any]:
         supplier = "aff-test"
     body: dict[str, Any] = {"lp_campaign_id": campaign, "lp_supplier_id": supplier, **p}
     if campaign == "solar":
-        body |= {"monthly_bill": rng.randrange(40, 600), "homeowner": rng.random() < 0.8,
-                 "roof_type": rng.choice(["asphalt", "metal", "tile"])}
+        body |= {
+            "monthly_bill": rng.randrange(40, 600),
+            "homeowner": rng.random() < 0.8,
+            "roof_type": rng.choice(["asphalt", "metal", "tile"]),
+        }
     elif campaign == "auto-insurance":
-        body |= {"dob": f"19{rng.randrange(50, 99)}-0{rng.randrange(1, 9)}-1{rng.randrange(0, 9)}",
-                 "vehicles": rng.randrange(1, 4), "insured": rng.random() < 0.7}
+        body |= {
+            "dob": f"19{rng.randrange(50, 99)}-0{rng.randrange(1, 9)}-1{rng.randrange(0, 9)}",
+            "vehicles": rng.randrange(1, 4),
+            "insured": rng.random() < 0.7,
+        }
     if rng.random() < 0.08:  # invalid: a broken field
         body[rng.choice(["email", "phone", "zip"])] = "not-valid"
     return body
@@ -72,8 +81,7 @@ async def _post_all(url: str, cfg: Config, leads: list[dict[str, Any]]) -> Count
     keys_by_supplier = {s.id: resolve_secret(s.key) for s in cfg.suppliers}
     counts: Counter[str] = Counter()
     sem = asyncio.Semaphore(32)
-    bar = tqdm(total=len(leads), desc="posting leads", unit="lead", file=sys.stderr,
-               disable=None)
+    bar = tqdm(total=len(leads), desc="posting leads", unit="lead", file=sys.stderr, disable=None)
     async with aiohttp.ClientSession() as http:
 
         async def post(lead: dict[str, Any]) -> None:
@@ -103,8 +111,8 @@ async def _events(svc: Service) -> Counter[str]:
     assert svc.store is not None
     counts: Counter[str] = Counter()
     for t in svc.cfg.tenants:
-        for _, fields in await svc.store.redis.xrange(keys.events(t.id)):
-            counts[fields[b"type"].decode()] += 1
+        for _, fields in await svc.store.stream_range(keys.events(t.id)):
+            counts[fields["type"]] += 1
         counts["delivery"] += await svc.store.redis.xlen(keys.deliveries(t.id))
     return counts
 
@@ -135,7 +143,9 @@ async def run_demo(cfg: Config, *, leads: int, seed: int | None, redis_url: str 
 
 
 def _print_summary(
-    counts: Counter[str], before: dict[tuple[str, str], int], after: dict[tuple[str, str], int],
+    counts: Counter[str],
+    before: dict[tuple[str, str], int],
+    after: dict[tuple[str, str], int],
     events: Counter[str],
 ) -> None:
     print("\nleads by status:")
@@ -144,8 +154,10 @@ def _print_summary(
     print("\nmoney moved per account:")
     for key in sorted(after):
         delta = after[key] - before.get(key, 0)
-        print(f"  {key[0]}/{key[1]:<24} {money.format(delta):>12}   "
-              f"balance {money.format(after[key]):>12}")
+        print(
+            f"  {key[0]}/{key[1]:<24} {money.format(delta):>12}   "
+            f"balance {money.format(after[key]):>12}"
+        )
     print("\nevents emitted:")
     for etype, n in sorted(events.items()):
         print(f"  {etype:<20} {n:>8}")

@@ -69,13 +69,20 @@ class EmbeddedRedis:
     def _args(self, binary: str) -> list[str]:
         args = [
             binary,
-            "--bind", "127.0.0.1",
-            "--port", str(self.port),
-            "--dir", str(self.state_dir),
-            "--save", "",
-            "--daemonize", "no",
-            "--protected-mode", "yes",
-            "--logfile", str(self.state_dir / "redis.log"),
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dir",
+            str(self.state_dir),
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "yes",
+            "--logfile",
+            str(self.state_dir / "redis.log"),
         ]
         if self.persistent:
             args += ["--appendonly", "yes", "--appendfsync", self.appendfsync]

@@ -23,7 +23,7 @@ _json = msgspec.json.Encoder()
 _PARAM = re.compile(r"\{(\w+)\}")
 
 
-class BodyTooLarge(Exception):  # noqa: N818 - mirrors HTTP 413 naming
+class BodyTooLarge(Exception):
     pass
 
 

@@ -103,14 +103,28 @@ class Ingest:
         self, data: object, raw: bytes, idempotency_key: str | None
     ) -> tuple[int, LeadResponse, str, str]:
         if not isinstance(data, dict):
-            return 400, error(Codes.MALFORMED, "the body must be a JSON object or form fields"), "", ""
+            return (
+                400,
+                error(Codes.MALFORMED, "the body must be a JSON object or form fields"),
+                "",
+                "",
+            )
         if len(data) > MAX_FIELDS:
             return 400, error(Codes.TOO_MANY_FIELDS, f"at most {MAX_FIELDS} fields"), "", ""
         rt = self._runtime()
-        camp_id, sup_id, key = (_text(data.get(k)) for k in ("lp_campaign_id", "lp_supplier_id", "lp_key"))
+        camp_id, sup_id, key = (
+            _text(data.get(k)) for k in ("lp_campaign_id", "lp_supplier_id", "lp_key")
+        )
         if not camp_id or not sup_id or key is None:
-            return 400, error(Codes.MISSING_CREDENTIALS,
-                              "lp_campaign_id, lp_supplier_id and lp_key are required"), "", ""
+            return (
+                400,
+                error(
+                    Codes.MISSING_CREDENTIALS,
+                    "lp_campaign_id, lp_supplier_id and lp_key are required",
+                ),
+                "",
+                "",
+            )
         plan = rt.campaigns.get(camp_id)
         supplier = rt.suppliers.get(sup_id)
         if not self._authentic(supplier, key) or supplier is None:
@@ -118,7 +132,12 @@ class Ingest:
         if plan is None or plan.tenant != supplier.tenant:
             return 404, error(Codes.UNKNOWN_CAMPAIGN, f"unknown campaign {camp_id!r}"), "", sup_id
         if supplier.campaigns and plan.id not in supplier.campaigns:
-            return 403, error(Codes.FORBIDDEN, "supplier may not post to this campaign"), plan.id, sup_id
+            return (
+                403,
+                error(Codes.FORBIDDEN, "supplier may not post to this campaign"),
+                plan.id,
+                sup_id,
+            )
         return (*await self._route(data, raw, idempotency_key, plan, supplier), plan.id, sup_id)
 
     @staticmethod
@@ -127,8 +146,12 @@ class Ingest:
         return hmac.compare_digest(key.encode(), expected)  # constant time
 
     async def _route(
-        self, data: dict[str, Any], raw: bytes, idempotency_key: str | None,
-        plan: CampaignPlan, supplier: SupplierPlan,
+        self,
+        data: dict[str, Any],
+        raw: bytes,
+        idempotency_key: str | None,
+        plan: CampaignPlan,
+        supplier: SupplierPlan,
     ) -> tuple[int, LeadResponse]:
         windows, local = self._clock.get(plan.tz, time.time())
         values, errors = plan.schema.validate(data, today=local.date())
@@ -138,21 +161,36 @@ class Ingest:
             return 422, error(Codes.INVALID_FIELDS, f"invalid fields: {names}", errors)
         test = supplier.test_mode or data.get("lp_action") == "test"
         lead_id = new_lead_id()
-        lead = self._lua_lead(plan, values, data, lead_id, test, windows, local, raw,
-                              supplier, idempotency_key)
+        lead = self._lua_lead(
+            plan, values, data, lead_id, test, windows, local, raw, supplier, idempotency_key
+        )
         decision = await self._batcher(plan.tenant).decide(lead)
         return 200, _response(decision, supplier)
 
     def _lua_lead(
-        self, plan: CampaignPlan, values: dict[str, str], data: Mapping[str, Any], lead_id: str,
-        test: bool, windows: Any, local: Any, raw: bytes, supplier: SupplierPlan,
+        self,
+        plan: CampaignPlan,
+        values: dict[str, str],
+        data: Mapping[str, Any],
+        lead_id: str,
+        test: bool,
+        windows: Any,
+        local: Any,
+        raw: bytes,
+        supplier: SupplierPlan,
         idempotency_key: str | None,
     ) -> dict[str, Any]:
         order = plan.ordered(plan.eligible(values, local), self._rng)
         weekday = windows.weekday
         cands = [
-            {"b": b.id, "a": b.account, "p": b.price, "fo": b.fee_out,
-             "cap": b.cap_array(weekday), "bd": plan.buyer_prints(b, values)}
+            {
+                "b": b.id,
+                "a": b.account,
+                "p": b.price,
+                "fo": b.fee_out,
+                "cap": b.cap_array(weekday),
+                "bd": plan.buyer_prints(b, values),
+            }
             for b in (plan.buyers[i] for i in order)
         ]
         payload = {**values, "lead_id": lead_id, "campaign_id": plan.id}
@@ -160,16 +198,27 @@ class Ingest:
             if data.get(sub):
                 payload[sub] = str(data[sub])
         if idempotency_key:
-            ikey, ttl = "h:" + _digest(supplier.id, idempotency_key.encode()), self.idempotency_ttl_s
+            ikey, ttl = (
+                "h:" + _digest(supplier.id, idempotency_key.encode()),
+                self.idempotency_ttl_s,
+            )
         else:
             ikey, ttl = "p:" + _digest(supplier.id, raw), self.replay_window_s
         return {
-            "id": lead_id, "k": ikey, "kt": ttl, "t": 1 if test else 0, "c": plan.id,
-            "fi": plan.fee_in, "n": plan.sell_limit, "rr": 1 if plan.rotating else 0,
+            "id": lead_id,
+            "k": ikey,
+            "kt": ttl,
+            "t": 1 if test else 0,
+            "c": plan.id,
+            "fi": plan.fee_in,
+            "n": plan.sell_limit,
+            "rr": 1 if plan.rotating else 0,
             "q": plan.rotation(order) if plan.rotating else [],
-            "d": plan.campaign_prints(values), "dt": plan.dedupe_ttl_s,
+            "d": plan.campaign_prints(values),
+            "dt": plan.dedupe_ttl_s,
             "win": [str(windows.hour), str(windows.day), str(windows.week), str(windows.month)],
-            "x": _enc.encode(payload).decode(), "cs": cands,
+            "x": _enc.encode(payload).decode(),
+            "cs": cands,
         }
 
 
@@ -187,8 +236,13 @@ def _subid_errors(data: Mapping[str, Any]) -> list[FieldError]:
             continue
         text = _text(value)
         if text is None or len(text) > MAX_SUBID:
-            out.append(FieldError(field=name, code="too_long" if text else "invalid_type",
-                                  message=f"{name} must be text of at most {MAX_SUBID} characters"))
+            out.append(
+                FieldError(
+                    field=name,
+                    code="too_long" if text else "invalid_type",
+                    message=f"{name} must be text of at most {MAX_SUBID} characters",
+                )
+            )
     return out
 
 
@@ -197,6 +251,10 @@ _MESSAGES = {"ACCEPTED": "lead accepted"}
 
 def _response(d: Decision, supplier: SupplierPlan) -> LeadResponse:
     return LeadResponse(
-        status=d.s, code=d.c, message=d.m or _MESSAGES.get(d.s, ""), lead_id=d.id,
-        payout=supplier.payout if d.s == "ACCEPTED" else None, test=d.t == 1,
+        status=d.s,
+        code=d.c,
+        message=d.m or _MESSAGES.get(d.s, ""),
+        lead_id=d.id,
+        payout=supplier.payout if d.s == "ACCEPTED" else None,
+        test=d.t == 1,
     )

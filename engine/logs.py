@@ -12,19 +12,43 @@ import time
 
 import msgspec
 
-_SAFE_EXTRA = frozenset({
-    "tenant", "account", "buyer", "campaign", "supplier", "lead_id", "status", "code", "port",
-    "url", "source", "attempt", "outcome", "stream", "group", "consumer", "count", "event",
-    "seconds", "balance", "reason", "entry", "payment_intent",
-})
+_SAFE_EXTRA = frozenset(
+    {
+        "tenant",
+        "account",
+        "buyer",
+        "campaign",
+        "supplier",
+        "lead_id",
+        "status",
+        "code",
+        "port",
+        "url",
+        "source",
+        "attempt",
+        "outcome",
+        "stream",
+        "group",
+        "consumer",
+        "count",
+        "event",
+        "seconds",
+        "balance",
+        "reason",
+        "entry",
+        "payment_intent",
+    }
+)
 _enc = msgspec.json.Encoder()
 
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, object] = {
-            "ts": round(record.created, 3), "level": record.levelname.lower(),
-            "logger": record.name, "msg": record.getMessage(),
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
         }
         for key in _SAFE_EXTRA:
             if key in record.__dict__:

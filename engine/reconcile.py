@@ -36,11 +36,25 @@ async def reconcile(cfg: Config, store: Store) -> tuple[list[AccountCheck], list
             total, n = await store.ledger_sum(tenant.id, account)
             checks.append(AccountCheck(tenant.id, account, state.balance, total, n))
             if total != state.balance:
-                findings.append(Finding(tenant.id, account, (
-                    f"ledger sums to {money.format(total)} but the balance is "
-                    f"{money.format(state.balance)}")))
+                findings.append(
+                    Finding(
+                        tenant.id,
+                        account,
+                        (
+                            f"ledger sums to {money.format(total)} but the balance is "
+                            f"{money.format(state.balance)}"
+                        ),
+                    )
+                )
             if state.mode != "none" and state.balance < state.floor:
-                findings.append(Finding(tenant.id, account, (
-                    f"balance {money.format(state.balance)} is below its floor "
-                    f"{money.format(state.floor)}")))
+                findings.append(
+                    Finding(
+                        tenant.id,
+                        account,
+                        (
+                            f"balance {money.format(state.balance)} is below its floor "
+                            f"{money.format(state.floor)}"
+                        ),
+                    )
+                )
     return checks, findings

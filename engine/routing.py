@@ -95,7 +95,8 @@ class CampaignPlan:
         self.id, self.tenant = campaign.id, tenant.id
         self.tz = ZoneInfo(campaign.timezone or tenant.timezone)
         self.schema = CampaignSchema(
-            campaign.fields, source=cfg.source,
+            campaign.fields,
+            source=cfg.source,
             path_prefix=f"campaigns[{cfg.campaigns.index(campaign)}].fields",
         )
         self.method = campaign.distribution
@@ -115,19 +116,31 @@ class CampaignPlan:
         path = f"buyers[{cfg.buyers.index(b)}]"
         c = b.caps
         return BuyerPlan(
-            id=b.id, account=b.client, price=money.parse(b.price), fee_out=fee_out,
-            priority=b.priority, weight=b.weight, active=b.status == "active",
+            id=b.id,
+            account=b.client,
+            price=money.parse(b.price),
+            fee_out=fee_out,
+            priority=b.priority,
+            weight=b.weight,
+            active=b.status == "active",
             filter=BuyerFilter(b.filters, source=cfg.source, path_prefix=f"{path}.filters"),
             schedule=CompiledSchedule(b.schedule, source=cfg.source, path=f"{path}.schedule"),
             caps=c,
-            static_caps=(_cap(c.hour), _cap(c.week), _cap(c.month), _cap(c.total),
-                         _spend_cap(c.spend_day), _spend_cap(c.spend_month)),
+            static_caps=(
+                _cap(c.hour),
+                _cap(c.week),
+                _cap(c.month),
+                _cap(c.total),
+                _spend_cap(c.spend_day),
+                _spend_cap(c.spend_month),
+            ),
         )
 
     def eligible(self, lead: Mapping[str, str], local: datetime) -> list[int]:
         """Indexes of the buyers whose filters and schedule accept this lead now."""
         return [
-            i for i, b in enumerate(self.buyers)
+            i
+            for i, b in enumerate(self.buyers)
             if b.active and b.schedule.is_open(local) and b.filter.matches(lead)
         ]
 
@@ -136,7 +149,9 @@ class CampaignPlan:
         buyers = self.buyers
         if self.method == "waterfall":
             # priority first; ties broken at random, weighted by weight
-            keyed = [(buyers[i].priority, -rng.random() ** (1 / buyers[i].weight), i) for i in idx]
+            keyed = [
+                (buyers[i].priority, -(rng.random() ** (1 / buyers[i].weight)), i) for i in idx
+            ]
             return [i for *_, i in sorted(keyed)]
         if self.method in ("highest_price", "exclusive", "send_to_all"):
             return sorted(idx, key=lambda i: (-buyers[i].price, buyers[i].priority))

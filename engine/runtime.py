@@ -39,8 +39,11 @@ class Runtime:
         }
         self.suppliers: dict[str, SupplierPlan] = {
             s.id: SupplierPlan(
-                id=s.id, tenant=s.tenant, key=resolve_secret(s.key).encode(),
-                payout=money.format(money.parse(s.payout)), test_mode=s.test_mode,
+                id=s.id,
+                tenant=s.tenant,
+                key=resolve_secret(s.key).encode(),
+                payout=money.format(money.parse(s.payout)),
+                test_mode=s.test_mode,
                 campaigns=frozenset(s.campaigns),
             )
             for s in cfg.suppliers
@@ -68,7 +71,8 @@ async def sync_accounts(cfg: Config, store: Store) -> int:
         for account_id, a, mode in accounts:
             ar = a.auto_recharge
             created += await store.sync_account(
-                t.id, account_id,
+                t.id,
+                account_id,
                 opening=money.parse(a.opening_balance),
                 floor=money.parse(a.floor),
                 alert=money.parse(a.alert),

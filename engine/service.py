@@ -11,7 +11,7 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from engine.store import Store, connect
 
 log = logging.getLogger("leadflow")
 
-WorkerFactory = Callable[["Service", asyncio.Event], Awaitable[None]]
+WorkerFactory = Callable[["Service", asyncio.Event], Coroutine[Any, Any, None]]
 
 
 class _Server(uvicorn.Server):
@@ -45,8 +45,13 @@ def redis_url_from(cfg: Config, override: str | None) -> str | None:
 
 class Service:
     def __init__(
-        self, cfg: Config, *, redis_url: str | None = None, host: str | None = None,
-        port: int | None = None, state_dir: str | None = None,
+        self,
+        cfg: Config,
+        *,
+        redis_url: str | None = None,
+        host: str | None = None,
+        port: int | None = None,
+        state_dir: str | None = None,
         workers: list[WorkerFactory] | None = None,
     ) -> None:
         self.cfg = cfg
@@ -76,9 +81,13 @@ class Service:
         await sync_accounts(self.cfg, self.store)
         s = self.cfg.settings
         self.app = App(
-            Runtime(self.cfg), self.store, max_body=s.max_body_bytes,
-            max_batch_body=s.max_batch_body_bytes, batch_max=s.batch_max,
-            replay_window_s=s.replay_window_s, idempotency_ttl_s=s.idempotency_ttl_s,
+            Runtime(self.cfg),
+            self.store,
+            max_body=s.max_body_bytes,
+            max_batch_body=s.max_batch_body_bytes,
+            batch_max=s.batch_max,
+            replay_window_s=s.replay_window_s,
+            idempotency_ttl_s=s.idempotency_ttl_s,
         )
         self.app.ready = True
         for factory in self.worker_factories:
@@ -88,8 +97,15 @@ class Service:
     async def _serve(self) -> None:
         assert self.app is not None
         config = uvicorn.Config(
-            self.app, host=self.host, port=self.port, http="httptools", lifespan="off",
-            access_log=False, log_level="warning", server_header=False, date_header=False,
+            self.app,
+            host=self.host,
+            port=self.port,
+            http="httptools",
+            lifespan="off",
+            access_log=False,
+            log_level="warning",
+            server_header=False,
+            date_header=False,
             timeout_graceful_shutdown=30,
         )
         self._server = _Server(config)

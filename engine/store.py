@@ -112,8 +112,16 @@ class Store:
         raw = await self._run(
             self.lua.adjust,
             tenant,
-            [account, delta, kind, op_id, ttl_s, now_ms(), "1" if enforce_floor else "0",
-             _enc.encode(flat)],
+            [
+                account,
+                delta,
+                kind,
+                op_id,
+                ttl_s,
+                now_ms(),
+                "1" if enforce_floor else "0",
+                _enc.encode(flat),
+            ],
         )
         return _adjust_dec.decode(raw)
 
@@ -121,7 +129,8 @@ class Store:
         self, tenant: str, lead_id: str, buyer: str, reason: str, *, kind: str = "refund"
     ) -> SaleResult:
         raw = await self._run(
-            self.lua.refund, tenant,
+            self.lua.refund,
+            tenant,
             [lead_id, buyer, "refund", 0, reason, now_ms(), kind, WALLET],
         )
         return _sale_dec.decode(raw)
@@ -130,7 +139,8 @@ class Store:
         self, tenant: str, lead_id: str, buyer: str, price: int, reason: str = "realtime price"
     ) -> SaleResult:
         raw = await self._run(
-            self.lua.refund, tenant,
+            self.lua.refund,
+            tenant,
             [lead_id, buyer, "reprice", price, reason, now_ms(), "reprice", WALLET],
         )
         return _sale_dec.decode(raw)
@@ -149,14 +159,31 @@ class Store:
         mode: str,
     ) -> bool:
         created = await self._run(
-            self.lua.sync_account, tenant,
-            [account, opening, floor, alert, recharge_threshold, "1" if auto_recharge else "0",
-             "" if min_balance is None else min_balance, mode, now_ms()],
+            self.lua.sync_account,
+            tenant,
+            [
+                account,
+                opening,
+                floor,
+                alert,
+                recharge_threshold,
+                "1" if auto_recharge else "0",
+                "" if min_balance is None else min_balance,
+                mode,
+                now_ms(),
+            ],
         )
         return bool(created)
 
+    async def stream_range(
+        self, key: str, start: str = "-", end: str = "+", count: int | None = None
+    ) -> list[tuple[str, dict[str, str]]]:
+        """XRANGE with entries decoded to str (redis-py returns loosely typed bytes)."""
+        rows: Any = await self.redis.xrange(key, start, end, count=count)
+        return _decode_entries(rows)
+
     async def account(self, tenant: str, account: str) -> AccountState | None:
-        v = await self.redis.hmget(
+        v: Any = await self.redis.hmget(
             keys.acct(tenant, account),
             ["bal", "floor", "alert", "rthr", "ar", "minb", "mode", "paused", "closed"],
         )
@@ -164,14 +191,20 @@ class Store:
             return None
         s = [x.decode() if x is not None else "" for x in v]
         return AccountState(
-            id=account, balance=int(s[0]), floor=int(s[1] or 0), alert=int(s[2] or 0),
-            recharge_threshold=int(s[3] or 0), auto_recharge=s[4] == "1",
-            min_balance=int(s[5]) if s[5] else None, mode=s[6] or "manual",
-            paused=s[7], closed=s[8] == "1",
+            id=account,
+            balance=int(s[0]),
+            floor=int(s[1] or 0),
+            alert=int(s[2] or 0),
+            recharge_threshold=int(s[3] or 0),
+            auto_recharge=s[4] == "1",
+            min_balance=int(s[5]) if s[5] else None,
+            mode=s[6] or "manual",
+            paused=s[7],
+            closed=s[8] == "1",
         )
 
     async def account_ids(self, tenant: str) -> list[str]:
-        members = await self.redis.smembers(keys.accounts(tenant))
+        members: Any = await self.redis.smembers(keys.accounts(tenant))
         return sorted(m.decode() for m in members)
 
     async def set_account_flag(self, tenant: str, account: str, field: str, value: str) -> None:
@@ -183,18 +216,24 @@ class Store:
     ) -> list[tuple[str, dict[str, str]]]:
         """Newest first; pass the last id seen as ``before`` (exclusive) for the next page."""
         start = before if before == "+" else f"({before}"
-        rows = await self.redis.xrevrange(keys.acct_ledger(tenant, account), start, "-", count=limit)
-        return [(i.decode(), {k.decode(): v.decode() for k, v in f.items()}) for i, f in rows]
+        rows: Any = await self.redis.xrevrange(
+            keys.acct_ledger(tenant, account), start, "-", count=limit
+        )
+        return _decode_entries(rows)
 
     async def ledger_sum(self, tenant: str, account: str) -> tuple[int, int]:
         """(sum of deltas, entries) of the account's ledger stream, read in pages."""
         total, n, start = 0, 0, "-"
         key = keys.acct_ledger(tenant, account)
         while True:
-            rows = await self.redis.xrange(key, start, "+", count=1000)
+            rows = await self.stream_range(key, start, "+", count=1000)
             if not rows:
                 return total, n
             for _, fields in rows:
-                total += int(fields[b"delta"])
+                total += int(fields["delta"])
                 n += 1
-            start = "(" + rows[-1][0].decode()
+            start = "(" + rows[-1][0]
+
+
+def _decode_entries(rows: Any) -> list[tuple[str, dict[str, str]]]:
+    return [(i.decode(), {k.decode(): v.decode() for k, v in f.items()}) for i, f in rows]

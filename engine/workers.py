@@ -12,8 +12,8 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 from engine.config import Config
 from engine.errors import LeadflowError
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("leadflow.workers")
 
-WorkerFn = Callable[["Service", asyncio.Event], Awaitable[None]]
+WorkerFn = Callable[["Service", asyncio.Event], Coroutine[Any, Any, None]]
 
 
 def default_consumer() -> str:
@@ -39,7 +39,11 @@ def in_process_workers() -> list[WorkerFn]:
 
 
 async def run_worker(
-    kind: str, cfg: Config, *, redis_url: str | None, consumer: str | None,
+    kind: str,
+    cfg: Config,
+    *,
+    redis_url: str | None,
+    consumer: str | None,
     metrics_port: int | None,
 ) -> int:
     fn = _registry().get(kind)
