@@ -60,6 +60,8 @@ class App:
             observer=lead_observer,
         )
         self.router = http.Router()
+        # POST /v1/leads is served before routing (see __call__); listed so GET gets a 405
+        self.router.add("POST", "/v1/leads", self._lead_routed, body_limit=max_body)
         self.router.add("POST", "/v1/leads/batch", self._batch, body_limit=max_batch_body)
         self.router.add("GET", "/healthz", self._healthz)
         self.router.add("GET", "/readyz", self._readyz)
@@ -120,12 +122,13 @@ class App:
             body = await http.read_body(receive, self.max_body)
         except http.BodyTooLarge:
             return _lead_response(413, error(Codes.TOO_LARGE, f"body over {self.max_body} bytes"))
-        req = Request(scope, body, {})
-        data, problem = _decode_lead(req.content_type, body)
+        return await self._lead_routed(Request(scope, body, {}))
+
+    async def _lead_routed(self, req: Request) -> Response:
+        data, problem = _decode_lead(req.content_type, req.body)
         if problem is not None:
             return _lead_response(*problem)
-        status, resp = await self._decide(data, body, req.header(b"idempotency-key"))
-        return _lead_response(status, resp)
+        return _lead_response(*await self._decide(data, req.body, req.header(b"idempotency-key")))
 
     async def _decide(self, data: object, raw: bytes, key: str | None) -> tuple[int, LeadResponse]:
         try:

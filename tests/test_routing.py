@@ -132,3 +132,53 @@ async def test_tenant_wallet_at_floor_refuses_leads(redis, redis_server):
         assert a["status"] == "ACCEPTED" and b["status"] == "REJECTED" and b["code"] == 203
         assert await eng.balance("wallet") == 0
         await eng.assert_reconciled()
+
+
+async def test_buyer_scope_dedupe(redis, redis_server):
+    cfg = make_config(
+        campaign(distribution="send_to_all",
+                 extra='dedupe = { fields = ["phone"], match = "all", days = 7, scope = "buyer" }'),
+        buyer("b1", extra='caps = { total = 1 }'), buyer("b2", client="c2"),
+    )
+    async with running(cfg, redis_server.url) as eng:
+        _, a = await eng.lead(email="a@example.com", phone="2125550123")
+        assert a["status"] == "ACCEPTED"
+        _, b = await eng.lead(email="b@example.com", phone="212-555-0123")
+        assert b["status"] == "DUPLICATED" and b["code"] == 101
+        _, c = await eng.lead(email="c@example.com", phone="2125550199")
+        assert c["status"] == "ACCEPTED"  # b2 only: b1 is at its total cap
+
+
+async def test_decide_survives_script_flush(redis, redis_server):
+    cfg = make_config(campaign(), buyer("b1"))
+    async with running(cfg, redis_server.url) as eng:
+        await redis.script_flush()
+        _, r = await eng.lead(email="a@example.com")
+        assert r["status"] == "ACCEPTED"
+
+
+async def test_windows_reset_counts(redis, redis_server):
+    """Day/week/month caps count within their window only (driven through decide.lua)."""
+    from engine.scripts import scripts
+    from engine.store import WALLET
+    import msgspec
+
+    cfg = make_config(campaign(), buyer("b1", extra="caps = { day = 1, week = 2, month = 3 }"))
+    async with running(cfg, redis_server.url) as eng:
+        def lead(n, win):
+            return {"id": f"L{n}", "k": f"k{n}", "kt": 60, "t": 0, "c": "camp", "fi": 0, "n": 1,
+                    "rr": 0, "q": [], "d": [], "dt": 60, "win": win, "x": "{}",
+                    "cs": [{"b": "b1", "a": "c1", "p": 1, "fo": 0, "bd": [], "cap": [-1, 1, 2, 3, -1, -1, -1]}]}
+
+        async def run(n, win):
+            raw = await scripts().decide(redis, ["lf:{t1}:"], [msgspec.json.encode(
+                {"now": 1, "w": WALLET, "leads": [lead(n, win)]})])
+            return msgspec.json.decode(raw)["r"][0]["s"]
+
+        assert await run(1, ["h1", "d1", "w1", "m1"]) == "ACCEPTED"
+        assert await run(2, ["h1", "d1", "w1", "m1"]) == "REJECTED"  # day cap
+        assert await run(3, ["h2", "d2", "w1", "m1"]) == "ACCEPTED"  # new day
+        assert await run(4, ["h3", "d3", "w1", "m1"]) == "REJECTED"  # week cap (2)
+        assert await run(5, ["h4", "d4", "w2", "m1"]) == "ACCEPTED"  # new week
+        assert await run(6, ["h5", "d5", "w3", "m1"]) == "REJECTED"  # month cap (3)
+        assert await run(7, ["h6", "d6", "w4", "m2"]) == "ACCEPTED"  # new month

@@ -131,10 +131,10 @@ local function decide(L)
     local s, a = buyer(c.b), acct(p, c.a)
     if s.paused ~= '' or not a then
       why.paused = why.paused + 1
-    elseif over_cap(s, c.cap, L.win, c.p) then
-      why.cap = why.cap + 1
     elseif #c.bd > 0 and any_exists(c.bd) then
       why.dup = why.dup + 1
+    elseif over_cap(s, c.cap, L.win, c.p) then
+      why.cap = why.cap + 1
     elseif not can_debit(a, c.p) then
       why.funds = why.funds + 1
       if not test and a.paused == '' and not a.closed then

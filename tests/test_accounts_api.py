@@ -1,0 +1,95 @@
+"""The tenant API: auth, isolation, ledger paging, manual credits, pause/resume."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.harness import buyer, campaign, make_config, running
+
+
+@pytest.fixture
+def cfg():
+    return make_config(campaign(), buyer("b1", price="10.00"))
+
+
+async def test_account_view_and_tenant_isolation(redis, redis_server, cfg):
+    async with running(cfg, redis_server.url) as eng:
+        status, body = await eng.api("GET", "/v1/accounts/c1")
+        assert status == 200 and body["balance"] == "100.00" and body["floor"] == "-20.00"
+        assert body["status"] == "active" and body["thresholds"]["alert"] == "20.00"
+        # t2's token cannot see t1's accounts, and no token sees nothing
+        assert (await eng.api("GET", "/v1/accounts/c1", token="tok-t2"))[0] == 404
+        assert (await eng.api("GET", "/v1/accounts/c1", token="wrong"))[0] == 401
+        async with eng.http.get(eng.url + "/v1/accounts/c1") as r:
+            assert r.status == 401
+        assert (await eng.api("GET", "/v1/accounts/other", token="tok-t2"))[0] == 200
+        assert (await eng.api("POST", "/v1/buyers/b1/pause", token="tok-t2"))[0] == 404
+
+
+async def test_ledger_is_paged_newest_first(redis, redis_server, cfg):
+    async with running(cfg, redis_server.url) as eng:
+        for i in range(5):
+            await eng.lead(email=f"l{i}@example.com")
+        status, page = await eng.api("GET", "/v1/accounts/c1/ledger?limit=2")
+        assert status == 200 and len(page["entries"]) == 2
+        assert page["entries"][0]["balance_after"] == "50.00"
+        assert page["entries"][0]["kind"] == "lead" and page["entries"][0]["lead_id"]
+        seen = [e["id"] for e in page["entries"]]
+        while page["next_before"]:
+            _, page = await eng.api("GET", f"/v1/accounts/c1/ledger?limit=2&before={page['next_before']}")
+            seen += [e["id"] for e in page["entries"]]
+        assert len(seen) == 6 and seen == sorted(seen, reverse=True)  # 5 leads + opening
+        assert (await eng.api("GET", "/v1/accounts/c1/ledger?before=junk"))[0] == 400
+
+
+@pytest.mark.parametrize("body", [
+    {"amount": 10}, {"amount": "1e3"}, {"amount": "-5.00"}, {"amount": "0"},
+    {"amount": "10.0000001"}, {"amount": "10.00", "surprise": 1}, "not an object",
+])
+async def test_bad_credit_is_refused_and_changes_nothing(redis, redis_server, cfg, body):
+    async with running(cfg, redis_server.url) as eng:
+        before = await redis.dbsize(), await eng.balance("c1")
+        status, resp = await eng.api("POST", "/v1/accounts/c1/credits", json=body)
+        assert status == 400 and resp["error"]["code"] and resp["error"]["message"]
+        assert (await redis.dbsize(), await eng.balance("c1")) == before
+
+
+async def test_credit_is_idempotent_with_key(redis, redis_server, cfg):
+    async with running(cfg, redis_server.url) as eng:
+        h = {"Idempotency-Key": "wire-778"}
+        s1, a = await eng.api("POST", "/v1/accounts/c1/credits", json={"amount": "40.00"}, headers=h)
+        s2, b = await eng.api("POST", "/v1/accounts/c1/credits", json={"amount": "40.00"}, headers=h)
+        assert (s1, s2) == (201, 200) and a["balance"] == b["balance"] == "140.00" and b["replay"]
+        assert (await eng.api("POST", "/v1/accounts/nope/credits", json={"amount": "1.00"}))[0] == 404
+
+
+async def test_unknown_routes(redis, redis_server, cfg):
+    async with running(cfg, redis_server.url) as eng:
+        assert (await eng.api("GET", "/v1/nothing"))[0] == 404
+        assert (await eng.api("DELETE", "/v1/accounts/c1"))[0] == 405
+        async with eng.http.get(eng.url + "/v1/leads") as r:
+            assert r.status == 405
+        async with eng.http.get(eng.url + "/readyz") as r:
+            assert r.status == 200 and (await r.json())["status"] == "ready"
+
+
+async def test_reload_under_load_drops_and_double_charges_nothing(redis, redis_server, tmp_path):
+    from tests.harness import BASE_TOML
+
+    path = tmp_path / "cfg.toml"
+    path.write_text(BASE_TOML + campaign() + buyer("b1", price="1.00"))
+    cfg = make_config(campaign(), buyer("b1", price="1.00"))
+    cfg.source = str(path)
+    async with running(cfg, redis_server.url) as eng:
+        path.write_text(BASE_TOML + campaign() + buyer("b1", price="2.00"))
+        leads = [eng.lead(email=f"r{i}@example.com") for i in range(60)]
+        results = await asyncio.gather(*leads, eng.svc.reload())
+        statuses = [r[1]["status"] for r in results[:-1]]
+        assert statuses == ["ACCEPTED"] * 60
+        spent = 100_000_000 - await eng.balance("c1")
+        assert 60_000_000 <= spent <= 120_000_000  # each lead at the old or the new price
+        _, r = await eng.lead(email="after@example.com")
+        assert 100_000_000 - await eng.balance("c1") == spent + 2_000_000
+        await eng.assert_reconciled()
