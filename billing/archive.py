@@ -224,8 +224,9 @@ class Archive:
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
-        _, claimed, _ = await redis.xautoclaim(stream, GROUP, consumer, claim_idle_ms,
-                                               start_id="0-0", count=count)
+        res = await redis.xautoclaim(stream, GROUP, consumer, claim_idle_ms,
+                                     start_id="0-0", count=count)
+        claimed = res[1]  # [next id, entries(, deleted ids)]
         fresh = await redis.xreadgroup(GROUP, consumer, {stream: ">"}, count=count)
         entries = [(i.decode(), _decode(f)) for i, f in claimed if f]
         for _, batch in fresh or []:

@@ -115,12 +115,12 @@ async def _emit(ctx: BillingContext, tenant: str, etype: str, account: str,
     )
 
 
-async def _finish(ctx: BillingContext, a: Attempt) -> None:
+async def _finish(ctx: BillingContext, a: Attempt, now: int) -> None:
     """Publish the outcome once (``notified``) and remember the last success."""
     if a.notified:
         return
     if a.state == "credited":
-        await ctx.store.redis.hset(keys.rstate(a.tenant, a.account), "last_ms", str(now_ms()))
+        await ctx.store.redis.hset(keys.rstate(a.tenant, a.account), "last_ms", str(now))
         await _emit(ctx, a.tenant, "recharge_succeeded", a.account, ref=a.id,
                     amount=a.amount, payment_intent=a.pi)
     else:
@@ -147,7 +147,7 @@ async def recharge(ctx: BillingContext, tenant: str, account: str, *, attempt_id
                 return None
         a = await ctx.charger.run(a)
         if a.state in ("credited", "failed", "needs_customer"):
-            await _finish(ctx, a)
+            await _finish(ctx, a, now)
         return a
 
 
@@ -276,8 +276,9 @@ async def process_once(
     for tenant in cfg.tenants:
         stream = keys.events(tenant.id)
         await _ensure_group(ctx, tenant.id)
-        _, claimed, _ = await r.xautoclaim(stream, GROUP, consumer, claim_idle_ms,
-                                           start_id="0-0", count=count)
+        res = await r.xautoclaim(stream, GROUP, consumer, claim_idle_ms, start_id="0-0",
+                                 count=count)
+        claimed = res[1]  # [next id, entries(, deleted ids)]
         batches = [claimed]
         fresh = await r.xreadgroup(GROUP, consumer, {stream: ">"}, count=count,
                                    block=block_ms if len(cfg.tenants) == 1 else None)
