@@ -147,7 +147,7 @@ class _Postgres:
     async def fetch(self, sql: str, params: Sequence[Any]) -> list[Row]:
         async with self._lock, self._conn.transaction(), self._conn.cursor() as cur:
             await cur.execute(sql, params)
-            return list(await cur.fetchall())
+            return list(await cur.fetchall()) if cur.description is not None else []
 
     async def close(self) -> None:
         await self._conn.close()
