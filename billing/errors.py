@@ -27,6 +27,16 @@ class InvalidRequest(BillingError, ValueError):
     status = 400
 
 
+class Unauthorized(BillingError):
+    code = "unauthorized"
+    status = 401
+
+
+class ServiceUnavailable(BillingError):
+    code = "unavailable"
+    status = 503
+
+
 class UnknownAccount(BillingError):
     code = "unknown_account"
     status = 404
