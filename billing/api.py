@@ -114,7 +114,7 @@ def _methods_json(ms: list[Any]) -> list[dict[str, Any]]:
     return [msgspec.structs.asdict(m) for m in ms]
 
 
-def routes(ctx: BillingContext) -> list[tuple[str, str, Handler]]:
+def routes(ctx: BillingContext) -> list[tuple[str, str, Handler]]:  # noqa: PLR0915 - closures
     """Every billing endpoint, bound to ``ctx``."""
 
     def account_of(req: Request) -> tuple[str, str]:

@@ -190,7 +190,7 @@ class Archive:
         self._db = backend
         p = backend.ph
         self._insert_sql = (
-            f"INSERT INTO ledger_entries ({', '.join(_COLS)}) VALUES "
+            f"INSERT INTO ledger_entries ({', '.join(_COLS)}) VALUES "  # noqa: S608
             f"({', '.join([p] * len(_COLS))}) ON CONFLICT (tenant, entry_id) DO NOTHING"
         )
 
@@ -224,10 +224,10 @@ class Archive:
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
-        res = await redis.xautoclaim(stream, GROUP, consumer, claim_idle_ms,
+        res: Any = await redis.xautoclaim(stream, GROUP, consumer, claim_idle_ms,
                                      start_id="0-0", count=count)
         claimed = res[1]  # [next id, entries(, deleted ids)]
-        fresh = await redis.xreadgroup(GROUP, consumer, {stream: ">"}, count=count)
+        fresh: Any = await redis.xreadgroup(GROUP, consumer, {stream: ">"}, count=count)
         entries = [(i.decode(), _decode(f)) for i, f in claimed if f]
         for _, batch in fresh or []:
             entries += [(i.decode(), _decode(f)) for i, f in batch]
@@ -301,7 +301,8 @@ class Archive:
                                      code="invalid_query") from None
             where.append(f"(id_ms < {p} OR (id_ms = {p} AND id_seq < {p}))")
             params += [ms, ms, seq]
-        sql = (f"SELECT entry_id, account, kind, delta, balance, ref, ts, process, usr, extra "
+        # placeholders only: every value is a bound parameter
+        sql = ("SELECT entry_id, account, kind, delta, balance, ref, ts, process, usr, extra "  # noqa: S608
                f"FROM ledger_entries WHERE {' AND '.join(where)} "
                f"ORDER BY id_ms DESC, id_seq DESC LIMIT {p}")
         rows = await self._db.fetch(sql, [*params, limit + 1])
@@ -337,8 +338,8 @@ class Archive:
                           ) -> tuple[int, int]:
         """(sum of deltas, rows) archived for the account, up to entry id ``upto``."""
         p = self._db.ph
-        sql = f"SELECT COALESCE(SUM(delta), 0), COUNT(*) FROM ledger_entries " \
-              f"WHERE tenant = {p} AND account = {p}"
+        sql = ("SELECT COALESCE(SUM(delta), 0), COUNT(*) FROM ledger_entries "  # noqa: S608
+               f"WHERE tenant = {p} AND account = {p}")
         params: list[Any] = [tenant, account]
         if upto:
             ms, seq = _split_id(upto)
@@ -354,7 +355,7 @@ class Archive:
         for i in range(0, len(ids), 500):
             chunk = ids[i:i + 500]
             rows = await self._db.fetch(
-                f"SELECT entry_id FROM ledger_entries WHERE tenant = {p} AND entry_id IN "
+                f"SELECT entry_id FROM ledger_entries WHERE tenant = {p} AND entry_id IN "  # noqa: S608
                 f"({', '.join([p] * len(chunk))})", [tenant, *chunk])
             found.update(r[0] for r in rows)
         return found

@@ -22,11 +22,13 @@ skipped. Every transition is appended to the ``charge_audit`` stream.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Literal
 
 import msgspec
 import redis.asyncio as aioredis
+from redis.exceptions import LockError
 
 from billing import money
 from billing.errors import (
@@ -289,12 +291,9 @@ class AccountLock:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        from redis.exceptions import LockError
-
-        try:
+        # expired and maybe taken over: the attempt record protects the money
+        with contextlib.suppress(LockError):
             await self._lock.release()
-        except LockError:
-            pass  # expired and maybe taken over: the attempt record protects the money
 
 
 async def require_account(store: Store, tenant: str, account: str) -> None:

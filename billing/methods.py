@@ -36,6 +36,10 @@ _enc = msgspec.json.Encoder()
 _dec = msgspec.json.Decoder(list[Method])
 
 
+def _text(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
 def _check_pm(pm: str) -> None:
     if not isinstance(pm, str) or not pm.startswith("pm_") or not 3 < len(pm) <= 255:
         raise InvalidRequest(f"payment method: {pm!r} is not a Stripe PaymentMethod id (pm_...)",
@@ -62,7 +66,7 @@ class Methods:
         key = keys.pay(tenant, account)
         raw = await self.redis.hget(key, "customer")
         if raw:
-            return str(raw.decode())
+            return _text(raw)
         if not create:
             return ""
         # deterministic idempotency key: a retry after a crash gets the same customer
@@ -71,7 +75,7 @@ class Methods:
         if await self.redis.hsetnx(key, "customer", cus):
             return cus
         raw = await self.redis.hget(key, "customer")
-        return str(raw.decode()) if raw else cus
+        return _text(raw) if raw else cus
 
     async def all(self, tenant: str, account: str) -> list[Method]:
         raw = await self.redis.hget(keys.pay(tenant, account), "methods")
@@ -91,7 +95,7 @@ class Methods:
                     await pipe.watch(key)
                     raw = await pipe.hget(key, "methods")
                     methods = _normalize(change(_dec.decode(raw) if raw else []))
-                    pipe.multi()
+                    pipe.multi()  # type: ignore[no-untyped-call]
                     pipe.hset(key, "methods", _enc.encode(methods))
                     await pipe.execute()
                     return methods

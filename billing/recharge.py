@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import msgspec
@@ -107,10 +108,10 @@ def _day(ctx: BillingContext, tenant: str, ms: int) -> str:
 async def _emit(ctx: BillingContext, tenant: str, etype: str, account: str,
                 **fields: str | int) -> None:
     state = await ctx.store.account(tenant, account)
+    entry: dict[Any, Any] = {"type": etype, "account": account,
+                             "balance": state.balance if state else 0, "ts": now_ms(), **fields}
     await ctx.store.redis.xadd(
-        keys.events(tenant),
-        {"type": etype, "account": account, "balance": state.balance if state else 0,
-         "ts": now_ms(), **fields},
+        keys.events(tenant), entry,
         maxlen=1_000_000, approximate=True,
     )
 
@@ -142,7 +143,8 @@ async def recharge(ctx: BillingContext, tenant: str, account: str, *, attempt_id
     async with ctx.charger.lock(tenant, account):
         a = await ctx.charger.load(tenant, attempt_id)
         if a is None:
-            a = await _start(ctx, tenant, account, ar, attempt_id, reason, now)
+            a = await _start(ctx, tenant, account, ar=ar, attempt_id=attempt_id, reason=reason,
+                             now=now)
             if a is None:
                 return None
         a = await ctx.charger.run(a)
@@ -151,7 +153,7 @@ async def recharge(ctx: BillingContext, tenant: str, account: str, *, attempt_id
         return a
 
 
-async def _start(ctx: BillingContext, tenant: str, account: str, ar: AutoRecharge,
+async def _start(ctx: BillingContext, tenant: str, account: str, *, ar: AutoRecharge,
                  attempt_id: str, reason: str, now: int) -> Attempt | None:
     if not ar.enabled:
         return None
@@ -230,8 +232,9 @@ async def _dead_letter(ctx: BillingContext, tenant: str, entry_id: str,
                        fields: dict[bytes, bytes], error: str) -> None:
     stream = keys.events(tenant)
     r = ctx.store.redis
-    await r.xadd(keys.dead_letter(tenant, "events"),
-                 {**fields, b"source_id": entry_id, b"error": error[:500], b"ts": now_ms()})
+    dead: dict[Any, Any] = {**fields, b"source_id": entry_id, b"error": error[:500],
+                            b"ts": now_ms()}
+    await r.xadd(keys.dead_letter(tenant, "events"), dead)
     await r.xack(stream, GROUP, entry_id)
     log.error("recharge event %s dead-lettered: %s", entry_id, error)
 
@@ -276,11 +279,11 @@ async def process_once(
     for tenant in cfg.tenants:
         stream = keys.events(tenant.id)
         await _ensure_group(ctx, tenant.id)
-        res = await r.xautoclaim(stream, GROUP, consumer, claim_idle_ms, start_id="0-0",
+        res: Any = await r.xautoclaim(stream, GROUP, consumer, claim_idle_ms, start_id="0-0",
                                  count=count)
         claimed = res[1]  # [next id, entries(, deleted ids)]
         batches = [claimed]
-        fresh = await r.xreadgroup(GROUP, consumer, {stream: ">"}, count=count,
+        fresh: Any = await r.xreadgroup(GROUP, consumer, {stream: ">"}, count=count,
                                    block=block_ms if len(cfg.tenants) == 1 else None)
         batches += [entries for _, entries in fresh or []]
         for entries in batches:

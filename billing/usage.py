@@ -108,8 +108,9 @@ async def _debit(ctx: BillingContext, tenant: str, u: Usage, unit: int,
                        balance=money.format(int(res.balance)), replay=res.replay)
 
 
-async def record_usage(ctx: BillingContext, tenant: str, account: str, meter: str,
-                       quantity: int | str, event_id: str, *, user: str = "") -> UsageResult:
+async def record_usage(  # noqa: PLR0917 - the documented signature
+        ctx: BillingContext, tenant: str, account: str, meter: str, quantity: int | str,
+        event_id: str, *, user: str = "") -> UsageResult:
     """Debit one usage event; raises InvalidRequest / InsufficientFunds / AccountClosed."""
     u = Usage(account=account, meter=meter, quantity=quantity, event_id=event_id, user=user)
     unit, cost = _check(ctx, tenant, u)

@@ -27,7 +27,8 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 
 def _seed() -> int:
-    return int(os.environ.get("LEADFLOW_TEST_SEED", "0")) or random.SystemRandom().randrange(1, 2**31)
+    env = int(os.environ.get("LEADFLOW_TEST_SEED", "0"))
+    return env or random.SystemRandom().randrange(1, 2**31)
 
 
 @pytest.fixture(scope="session")

@@ -80,7 +80,7 @@ async def _server() -> AsyncIterator[tuple[_App, str]]:
                                            lifespan="off", ws="none", log_level="warning",
                                            access_log=False))
     task = asyncio.create_task(server.serve())
-    while not server.started:
+    while not server.started:  # noqa: ASYNC110 - uvicorn exposes a flag, not an event
         await asyncio.sleep(0.005)
     yield app, f"http://127.0.0.1:{port}"
     server.should_exit = True

@@ -66,7 +66,7 @@ async def test_threshold_recharge_credits_resumes_and_reports(
     assert await _events(redis, "buyer_resumed")  # Lua resumed the paused account
     state = await ctx.store.account(T, "c1")
     assert state is not None and state.paused == ""
-    entry = [f for _, f in await ctx.store.ledger_page(T, "c1", limit=1)][0]
+    _, entry = (await ctx.store.ledger_page(T, "c1", limit=1))[0]
     assert entry["kind"] == "recharge" and entry["gross"] == "103.00"
     assert entry["card_fee"] == "3.00" and entry["ref"] == ok[0]["payment_intent"]
     # nothing left pending, non-recharge events acknowledged too

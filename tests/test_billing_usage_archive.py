@@ -9,7 +9,6 @@ import pwd
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -132,18 +131,19 @@ def postgres_url() -> Iterator[str]:
     if user:
         shutil.chown(base, user)
     port = free_port()
-    run = {"check": True, "user": user, "stdout": subprocess.DEVNULL,
-           "stderr": subprocess.PIPE}
-    subprocess.run([f"{bindir}/initdb", "-D", str(data), "-U", "leadflow", "--auth=trust",
-                    "-E", "UTF8", "--no-sync"], **run)  # type: ignore[call-overload]
-    subprocess.run([f"{bindir}/pg_ctl", "-D", str(data), "-w", "-l", str(base / "log"),
-                    "-o", f"-p {port} -k {base} -h 127.0.0.1 -F", "start"],
-                   **run)  # type: ignore[call-overload]
+    def pg(*args: str, check: bool = True) -> None:
+        subprocess.run(list(args), check=check, user=user, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE)
+
+    pg(f"{bindir}/initdb", "-D", str(data), "-U", "leadflow", "--auth=trust", "-E", "UTF8",
+       "--no-sync")
+    # -w: pg_ctl itself waits until the server accepts connections
+    pg(f"{bindir}/pg_ctl", "-D", str(data), "-w", "-l", str(base / "log"),
+       "-o", f"-p {port} -k {base} -h 127.0.0.1 -F", "start")
     try:
         yield f"postgresql://leadflow@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run([f"{bindir}/pg_ctl", "-D", str(data), "-m", "immediate", "stop"],
-                       **{**run, "check": False})  # type: ignore[call-overload]
+        pg(f"{bindir}/pg_ctl", "-D", str(data), "-m", "immediate", "stop", check=False)
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -154,7 +154,7 @@ async def archive(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
     else:
         url = request.getfixturevalue("postgres_url")
         arc = await Archive.open(url)
-        await arc._db.fetch("TRUNCATE ledger_entries", [])  # noqa: SLF001 - fresh table
+        await arc._db.fetch("TRUNCATE ledger_entries", [])
     yield arc
     await arc.close()
 
@@ -190,12 +190,12 @@ async def test_archive_idempotent_and_trims_after_commit(
     assert await archive.archive_once(r, T, consumer="a1", claim_idle_ms=0) == 1
     assert await archive.archive_once(r, T, consumer="a1", claim_idle_ms=0) == 0
     # replay everything already archived: ON CONFLICT DO NOTHING
-    await archive._db.insert(archive._insert_sql, [  # noqa: SLF001
+    await archive._db.insert(archive._insert_sql, [
         ("acme", "1-0", 1, 0, "c1", "usage", -1, 0, "", 1, "", "", "{}")])
-    await archive._db.insert(archive._insert_sql, [  # noqa: SLF001
+    await archive._db.insert(archive._insert_sql, [
         ("acme", "1-0", 1, 0, "c1", "usage", -1, 0, "", 1, "", "", "{}")])
     assert (await archive.account_sum(T, "c1"))[1] == 8
-    await archive._db.fetch(  # noqa: SLF001 - undo the probe row
+    await archive._db.fetch(
         f"DELETE FROM ledger_entries WHERE entry_id = {archive._db.ph}", ["1-0"])
     rec = await reconcile(ctx.store, archive, T, "c1")
     assert rec.ok and rec.unarchived_sum == 0 and rec.redis_balance == 500 * D - 800_000
@@ -248,9 +248,11 @@ async def test_archive_worker_loop(ctx: BillingContext, tmp_path: Path) -> None:
         stop = asyncio.Event()
         task = asyncio.create_task(run_archive_worker(ctx.store, arc, [T], consumer="w",
                                                       stop=stop, idle_s=0.01))
-        deadline = time.monotonic() + 10
-        while (await arc.account_sum(T, "c1"))[1] < 6 and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        async def archived_all() -> None:
+            while (await arc.account_sum(T, "c1"))[1] < 6:  # noqa: ASYNC110 - polls SQL
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(archived_all(), 10)
         stop.set()
         await task
         assert (await arc.account_sum(T, "c1"))[1] == 6
