@@ -311,10 +311,13 @@ async def run_recharge_worker(cfg: Config, store: Store, gateway: StripeGateway,
                                    ctx=ctx)
         except (StoreUnavailable, PaymentTransient, *UNAVAILABLE) as exc:
             log.warning("recharge worker: %s; retrying", exc)
-            n = 0
-        if n == 0 and len(cfg.tenants) != 1:
+            n = -1
+        except Exception:  # the worker outlives one bad pass; its entries stay pending
+            log.exception("recharge worker pass failed")
+            n = -1
+        if n < 0 or (n == 0 and len(cfg.tenants) != 1):
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.5)
+                await asyncio.wait_for(stop.wait(), 1.0 if n < 0 else 0.5)
 
 
 __all__ = ["CENT", "configure", "process_once", "recharge", "run_recharge_worker",

@@ -252,3 +252,37 @@ async def test_settings_minimums(ctx: BillingContext, localstripe: LocalStripe) 
     assert ok.enabled
     state = await ctx.store.account(T, "c1")
     assert state is not None and state.auto_recharge and state.recharge_threshold == 20 * D
+
+
+async def test_run_recharge_worker_loop(
+        redis: aioredis.Redis, gateway: StripeGateway, localstripe: LocalStripe) -> None:
+    import asyncio
+
+    ctx = await _ctx(redis, gateway)
+    await ctx.methods.attach(T, "c1", localstripe.card())
+    stop = asyncio.Event()
+    task = asyncio.create_task(recharge.run_recharge_worker(
+        ctx.config, ctx.store, gateway, consumer="loop", stop=stop))
+    await _drop_below_threshold(ctx)
+
+    async def credited() -> None:
+        while not await _events(redis, "recharge_succeeded"):  # noqa: ASYNC110 - polls redis
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(credited(), 20)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert await _balance(ctx) == 115 * D
+
+
+def test_gateway_reads_key_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    from billing.errors import PaymentError
+    from billing.stripe_gateway import ENV_KEY
+
+    monkeypatch.delenv(ENV_KEY, raising=False)
+    with pytest.raises(PaymentError) as err:
+        StripeGateway()
+    assert err.value.code == "stripe_not_configured"
+    monkeypatch.setenv(ENV_KEY, "sk_test_secret_value")
+    gw = StripeGateway(api_base="http://127.0.0.1:1")
+    assert "sk_test_secret_value" not in repr(gw)
