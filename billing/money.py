@@ -37,7 +37,7 @@ def parse(text: str, *, field: str = "amount") -> int:
     return -value if sign else value
 
 
-def format(micros: int) -> str:  # shadows the builtin on purpose: mirrors parse()
+def format(micros: int) -> str:
     """Render micros as a decimal string with at least two decimals: ``"25.00"``, ``"0.125"``."""
     sign = "-" if micros < 0 else ""
     whole, frac = divmod(abs(micros), MICROS)
