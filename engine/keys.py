@@ -20,6 +20,13 @@ _SUFFIX: dict[str, str] = {
     "dup": "dup:{}",  # STRING: last sale of a dedupe fingerprint (TTL = look-back)
     "op": "op:{}",  # STRING: applied balance operation (idempotency of credits/usage)
     "lead": "lead:{}",  # HASH: sold lead record (buyers, prices), for refunds
+    # billing (see docs/billing.md)
+    "pay": "acct:{}:pay",  # HASH: customer (Stripe id), methods (JSON list, [0] = primary)
+    "autorecharge": "acct:{}:autorecharge",  # STRING: JSON AutoRecharge set through the API
+    "rlock": "acct:{}:rlock",  # STRING: recharge/refund lock of an account (owner, PX TTL)
+    "rstate": "acct:{}:rstate",  # HASH: day, n, amount (daily caps), last_ms, attempt
+    "attempt": "attempt:{}",  # STRING: JSON charge attempt (funding/recharge state machine)
+    "card_tries": "card:{}:tries",  # ZSET: charge attempts on one payment method, by ms
 }
 _FIXED: dict[str, str] = {
     "ledger": "ledger",  # STREAM: every ledger entry of the tenant (archived to SQL)
@@ -27,6 +34,7 @@ _FIXED: dict[str, str] = {
     "deliveries": "deliveries",  # STREAM: one delivery job per sold buyer
     "cursors": "cursors",  # HASH: campaign id -> round-robin counter
     "accounts": "accounts",  # SET: account ids (reconcile walks it, never SCAN)
+    "charge_audit": "charge_audit",  # STREAM: every charge attempt transition (audit)
 }
 
 
@@ -60,6 +68,34 @@ def op(tenant: str, op_id: str) -> str:
 
 def lead(tenant: str, lead_id: str) -> str:
     return tenant_prefix(tenant) + _SUFFIX["lead"].format(lead_id)
+
+
+def pay(tenant: str, account: str) -> str:
+    return tenant_prefix(tenant) + _SUFFIX["pay"].format(account)
+
+
+def autorecharge(tenant: str, account: str) -> str:
+    return tenant_prefix(tenant) + _SUFFIX["autorecharge"].format(account)
+
+
+def rlock(tenant: str, account: str) -> str:
+    return tenant_prefix(tenant) + _SUFFIX["rlock"].format(account)
+
+
+def rstate(tenant: str, account: str) -> str:
+    return tenant_prefix(tenant) + _SUFFIX["rstate"].format(account)
+
+
+def attempt(tenant: str, attempt_id: str) -> str:
+    return tenant_prefix(tenant) + _SUFFIX["attempt"].format(attempt_id)
+
+
+def card_tries(tenant: str, payment_method: str) -> str:
+    return tenant_prefix(tenant) + _SUFFIX["card_tries"].format(payment_method)
+
+
+def charge_audit(tenant: str) -> str:
+    return tenant_prefix(tenant) + _FIXED["charge_audit"]
 
 
 def ledger(tenant: str) -> str:

@@ -16,6 +16,8 @@ import redis.asyncio as aioredis
 
 from engine.embedded import EmbeddedRedis
 
+pytest_plugins = ("tests.stripe_fixture", "tests.billing_fixtures")
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_CONFIG = ROOT / "config" / "example.toml"
 

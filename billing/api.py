@@ -1,0 +1,267 @@
+"""Billing HTTP handlers (plain ``async def handler(req) -> Response`` functions).
+
+:func:`routes` returns ``(method, path, handler)`` triples; the integrator mounts them
+behind tenant bearer-token auth, which leaves the tenant id in
+``req.scope["leadflow.tenant"]`` (and optionally the acting user in
+``req.scope["leadflow.user"]``). Bodies are JSON decoded by msgspec Structs built once;
+money crosses the API as decimal strings. Every error is
+``{"error": {"code", "message"}}`` with a stable code; a refused request moves no money.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+
+from billing import funding, money, recharge, usage
+from billing.context import BillingContext
+from billing.errors import (
+    BillingError,
+    InvalidRequest,
+    PaymentsFailed,
+    ServiceUnavailable,
+    Unauthorized,
+)
+from engine.config import AutoRecharge
+from engine.errors import StoreUnavailable
+from engine.http import Request, Response, error_response, json_response
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class FundBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    amount: str
+    idempotency_key: str | None = None
+
+
+class AttachBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    payment_method: str
+
+
+class BatchBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    items: list[usage.Usage]
+
+
+_fund = msgspec.json.Decoder(FundBody)
+_attach = msgspec.json.Decoder(AttachBody)
+_auto = msgspec.json.Decoder(AutoRecharge)
+_usage = msgspec.json.Decoder(usage.Usage)
+_batch = msgspec.json.Decoder(BatchBody)
+
+
+def _tenant(req: Request) -> str:
+    tenant = req.scope.get("leadflow.tenant")
+    if not isinstance(tenant, str) or not tenant:
+        raise Unauthorized("no authenticated tenant")
+    return tenant
+
+
+def _user(req: Request) -> str:
+    user = req.scope.get("leadflow.user")
+    return user if isinstance(user, str) else "api"
+
+
+def _decode(req: Request, decoder: msgspec.json.Decoder[Any]) -> Any:
+    if req.content_type not in ("application/json", ""):
+        raise InvalidRequest("the body must be application/json", code="unsupported_media_type")
+    if not req.body:
+        raise InvalidRequest("a JSON body is required", code="invalid_body")
+    try:
+        return decoder.decode(req.body)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(f"invalid body: {exc}", code="invalid_body") from None
+    except msgspec.DecodeError:
+        raise InvalidRequest("the body is not valid JSON", code="invalid_body") from None
+
+
+def _handle(fn: Handler) -> Handler:
+    """Turn billing errors into the API's error shape."""
+
+    async def wrapped(req: Request) -> Response:
+        try:
+            return await fn(req)
+        except BillingError as exc:
+            extra: dict[str, object] = {}
+            if isinstance(exc, PaymentsFailed):
+                extra["attempt"] = exc.attempt
+            return error_response(exc.status, exc.code, str(exc), **extra)
+        except StoreUnavailable as exc:
+            return error_response(503, "unavailable", str(exc))
+
+    wrapped.__name__ = fn.__name__
+    wrapped.__doc__ = fn.__doc__
+    return wrapped
+
+
+def _time(value: str, field: str) -> int:
+    """Epoch milliseconds from ``1700000000000`` or ISO 8601 (``2026-01-31``, UTC if naive)."""
+    if value.isdigit():
+        return int(value)
+    try:
+        when = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidRequest(f"{field}: epoch milliseconds or an ISO 8601 date/time",
+                             code="invalid_query") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return int(when.timestamp() * 1000)
+
+
+def _methods_json(ms: list[Any]) -> list[dict[str, Any]]:
+    return [msgspec.structs.asdict(m) for m in ms]
+
+
+def routes(ctx: BillingContext) -> list[tuple[str, str, Handler]]:  # noqa: PLR0915 - closures
+    """Every billing endpoint, bound to ``ctx``."""
+
+    def account_of(req: Request) -> tuple[str, str]:
+        tenant = _tenant(req)
+        account = req.params["id"]
+        ctx.settings(tenant, account)  # 404 for another tenant's or an unknown account
+        return tenant, account
+
+    async def fund(req: Request) -> Response:
+        """POST /v1/accounts/{id}/funds {"amount": "100.00"} + Idempotency-Key."""
+        tenant, account = account_of(req)
+        body: FundBody = _decode(req, _fund)
+        key = req.header(b"idempotency-key") or body.idempotency_key
+        if not key:
+            raise InvalidRequest("an Idempotency-Key header (or idempotency_key) is required",
+                                 code="invalid_idempotency_key")
+        amount = money.parse(body.amount, field="amount")
+        a = await funding.fund(ctx, tenant, account, amount, key, user=_user(req))
+        return json_response({
+            "attempt": a.id, "state": a.state, "amount": money.format(a.amount),
+            "card_fee": money.format(a.fee), "charged": money.format(a.gross),
+            "payment_intent": a.pi, "balance": money.format(int(a.balance or 0)),
+        }, 201)
+
+    async def list_methods(req: Request) -> Response:
+        tenant, account = account_of(req)
+        return json_response({"data": _methods_json(await ctx.methods.all(tenant, account))})
+
+    async def attach(req: Request) -> Response:
+        """POST /v1/accounts/{id}/payment-methods {"payment_method": "pm_..."}."""
+        tenant, account = account_of(req)
+        body: AttachBody = _decode(req, _attach)
+        m = await ctx.methods.attach(tenant, account, body.payment_method)
+        return json_response(msgspec.structs.asdict(m), 201)
+
+    def method_action(action: str) -> Handler:
+        async def handler(req: Request) -> Response:
+            tenant, account = account_of(req)
+            pm = req.params["pm"]
+            fn = {"activate": ctx.methods.activate, "deactivate": ctx.methods.deactivate,
+                  "primary": ctx.methods.set_primary, "detach": ctx.methods.detach}[action]
+            return json_response({"data": _methods_json(await fn(tenant, account, pm))})
+
+        handler.__name__ = f"payment_method_{action}"
+        return handler
+
+    async def refund_balance(req: Request) -> Response:
+        """POST /v1/accounts/{id}/refund-balance: refund unused balance, close account."""
+        tenant, account = account_of(req)
+        before = await ctx.store.account(tenant, account)
+        entries = await funding.refund_balance(ctx, tenant, account, user=_user(req))
+        return json_response({"refunded": money.format(before.balance if before else 0),
+                              "entries": entries, "closed": True})
+
+    async def auto_recharge(req: Request) -> Response:
+        """PUT /v1/accounts/{id}/auto-recharge (AutoRecharge fields)."""
+        tenant, account = account_of(req)
+        ar: AutoRecharge = _decode(req, _auto)
+        saved = await recharge.configure(ctx, tenant, account, ar)
+        return json_response(msgspec.structs.asdict(saved))
+
+    async def record_usage(req: Request) -> Response:
+        """POST /v1/usage {account, meter, quantity, event_id}."""
+        tenant = _tenant(req)
+        u: usage.Usage = _decode(req, _usage)
+        if not u.user:
+            u.user = _user(req)
+        res = await usage.record_usage(ctx, tenant, u.account, u.meter, u.quantity,
+                                       u.event_id, user=u.user)
+        return json_response(msgspec.structs.asdict(res), 200 if res.replay else 201)
+
+    async def record_batch(req: Request) -> Response:
+        """POST /v1/usage/batch {"items": [...]}: all validated first, then each debited."""
+        tenant = _tenant(req)
+        body: BatchBody = _decode(req, _batch)
+        for u in body.items:
+            u.user = u.user or _user(req)
+        out = await usage.record_batch(ctx, tenant, body.items)
+        return json_response({"data": [msgspec.structs.asdict(r) for r in out]})
+
+    async def transactions(req: Request) -> Response:
+        """GET /v1/accounts/{id}/transactions?from&to&type&q&limit&cursor&format=csv."""
+        tenant, account = account_of(req)
+        if ctx.archive is None:
+            raise ServiceUnavailable("the ledger archive is not configured")
+        qs = req.query
+        unknown = set(qs) - {"from", "to", "type", "q", "limit", "cursor", "format"}
+        if unknown:
+            raise InvalidRequest(f"unknown parameter(s): {', '.join(sorted(unknown))}",
+                                 code="invalid_query")
+        filters: dict[str, Any] = {
+            "from_ms": _time(qs["from"], "from") if qs.get("from") else None,
+            "to_ms": _time(qs["to"], "to") if qs.get("to") else None,
+            "type": qs.get("type") or None, "q": qs.get("q") or None,
+        }
+        fmt = qs.get("format", "json")
+        if fmt == "csv":
+            text = await ctx.archive.export_csv(tenant, account, **filters)
+            return Response(text.encode(), 200, b"text/csv; charset=utf-8", [
+                (b"content-disposition",
+                 f'attachment; filename="{account}-transactions.csv"'.encode())])
+        if fmt != "json":
+            raise InvalidRequest("format: json or csv", code="invalid_query")
+        limit_raw = qs.get("limit", "100")
+        if not limit_raw.isdigit():
+            raise InvalidRequest("limit: 1 to 1000", code="invalid_query")
+        page = await ctx.archive.transactions(tenant, account, limit=int(limit_raw),
+                                              cursor=qs.get("cursor") or None, **filters)
+        return json_response({"data": page.items, "next_cursor": page.next_cursor})
+
+    async def overview(req: Request) -> Response:
+        """GET /v1/accounts/{id}/overview: balance, cards, auto recharge, last entries."""
+        tenant, account = account_of(req)
+        state = await ctx.store.account(tenant, account)
+        if state is None:
+            raise InvalidRequest(f"account {account} is not provisioned",
+                                 code="unknown_account")
+        recent = await ctx.store.ledger_page(tenant, account, limit=20)
+        payments = [dict(f, id=i) for i, f in recent
+                    if f.get("kind") in ("funding", "recharge", "refund")]
+        return json_response({
+            "account": account,
+            "balance": money.format(state.balance),
+            "floor": money.format(state.floor),
+            "alert": money.format(state.alert),
+            "paused": state.paused, "closed": state.closed,
+            "auto_recharge": msgspec.structs.asdict(await recharge.settings(ctx, tenant,
+                                                                            account)),
+            "payment_methods": _methods_json(await ctx.methods.all(tenant, account)),
+            "payment_history": payments,
+            "last_transactions": [dict(f, id=i) for i, f in recent[:10]],
+        })
+
+    base = "/v1/accounts/{id}"
+    table: list[tuple[str, str, Handler]] = [
+        ("POST", f"{base}/funds", fund),
+        ("GET", f"{base}/payment-methods", list_methods),
+        ("POST", f"{base}/payment-methods", attach),
+        ("POST", f"{base}/payment-methods/{{pm}}/activate", method_action("activate")),
+        ("POST", f"{base}/payment-methods/{{pm}}/deactivate", method_action("deactivate")),
+        ("POST", f"{base}/payment-methods/{{pm}}/primary", method_action("primary")),
+        ("DELETE", f"{base}/payment-methods/{{pm}}", method_action("detach")),
+        ("POST", f"{base}/refund-balance", refund_balance),
+        ("PUT", f"{base}/auto-recharge", auto_recharge),
+        ("POST", "/v1/usage", record_usage),
+        ("POST", "/v1/usage/batch", record_batch),
+        ("GET", f"{base}/transactions", transactions),
+        ("GET", f"{base}/overview", overview),
+    ]
+    return [(method, path, _handle(fn)) for method, path, fn in table]

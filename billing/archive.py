@@ -1,0 +1,407 @@
+"""The ledger archive: Redis ledger streams copied into SQL, then trimmed.
+
+The worker reads the tenant ledger stream through the consumer group ``archive``, inserts
+the entries in one SQL transaction (``ON CONFLICT DO NOTHING`` on ``(tenant, entry_id)``:
+a batch replayed after a crash inserts nothing twice), commits, acknowledges, and only
+then trims the tenant stream and the touched account streams with ``XTRIM MINID`` up to
+the oldest entry not yet committed (pending in the group, or not yet delivered).
+
+SQLite (stdlib ``sqlite3`` in a worker thread) is the default; a ``postgresql://`` URL
+uses PostgreSQL through psycopg 3. :func:`reconcile` checks that the Redis balance equals
+the SQL sum plus the entries still in the account stream and not yet in SQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import io
+import sqlite3
+import threading
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Any, Protocol
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from billing import money
+from billing.errors import InvalidRequest
+from engine import keys
+from engine.store import UNAVAILABLE, Store
+
+GROUP = "archive"
+# API transaction types -> ledger kinds
+TYPES: dict[str, tuple[str, ...]] = {
+    "lead": ("lead", "reprice"),
+    "fee": ("fee", "fee_refund"),
+    "usage": ("usage",),
+    "funding": ("funding",),
+    "recharge": ("recharge",),
+    "refund": ("refund",),
+    "return": ("return",),
+    "adjustment": ("adjustment", "opening"),
+}
+_BASE = ("account", "delta", "balance", "kind", "ref", "ts")
+_COLS = ("tenant", "entry_id", "id_ms", "id_seq", "account", "kind", "delta", "balance", "ref",
+         "ts", "process", "usr", "extra")
+_json = msgspec.json.Encoder()
+_extra_dec = msgspec.json.Decoder(dict[str, str])
+Row = tuple[Any, ...]
+
+
+class Transaction(msgspec.Struct, kw_only=True):
+    id: str
+    account: str
+    type: str
+    amount: str
+    balance: str
+    ref: str
+    ts: int
+    process: str = ""
+    user: str = ""
+    extra: dict[str, str] = {}
+
+
+class Page(msgspec.Struct, kw_only=True):
+    items: list[Transaction]
+    next_cursor: str | None = None
+
+
+class _Backend(Protocol):
+    ph: str
+
+    async def script(self, sql: str) -> None: ...
+    async def insert(self, sql: str, rows: Sequence[Row]) -> None: ...
+    async def fetch(self, sql: str, params: Sequence[Any]) -> list[Row]: ...
+    async def close(self) -> None: ...
+
+
+class _Sqlite:
+    ph = "?"
+
+    def __init__(self, path: str) -> None:
+        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._lock = threading.Lock()
+
+    def _script(self, sql: str) -> None:
+        with self._lock:
+            self._conn.executescript(sql)
+
+    def _insert(self, sql: str, rows: Sequence[Row]) -> None:
+        with self._lock:
+            self._conn.execute("BEGIN")
+            try:
+                self._conn.executemany(sql, rows)
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def _fetch(self, sql: str, params: Sequence[Any]) -> list[Row]:
+        with self._lock:
+            return list(self._conn.execute(sql, params).fetchall())
+
+    async def script(self, sql: str) -> None:
+        await asyncio.to_thread(self._script, sql)
+
+    async def insert(self, sql: str, rows: Sequence[Row]) -> None:
+        await asyncio.to_thread(self._insert, sql, rows)
+
+    async def fetch(self, sql: str, params: Sequence[Any]) -> list[Row]:
+        return await asyncio.to_thread(self._fetch, sql, params)
+
+    async def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+class _Postgres:
+    ph = "%s"
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def connect(cls, url: str) -> _Postgres:
+        import psycopg
+
+        return cls(await psycopg.AsyncConnection.connect(url))
+
+    async def script(self, sql: str) -> None:
+        async with self._lock, self._conn.transaction():
+            for stmt in (s.strip() for s in sql.split(";")):
+                if stmt and not all(ln.startswith("--") for ln in stmt.splitlines()):
+                    await self._conn.execute(stmt)
+
+    async def insert(self, sql: str, rows: Sequence[Row]) -> None:
+        async with self._lock, self._conn.transaction(), self._conn.cursor() as cur:
+            await cur.executemany(sql, rows)
+
+    async def fetch(self, sql: str, params: Sequence[Any]) -> list[Row]:
+        async with self._lock, self._conn.transaction(), self._conn.cursor() as cur:
+            await cur.execute(sql, params)
+            return list(await cur.fetchall()) if cur.description is not None else []
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+
+def _split_id(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _next_id(entry_id: str) -> str:
+    ms, seq = _split_id(entry_id)
+    return f"{ms}-{seq + 1}"
+
+
+def _row(tenant: str, entry_id: str, f: dict[str, str]) -> Row:
+    ms, seq = _split_id(entry_id)
+    extra = {k: v for k, v in f.items() if k not in _BASE and k not in ("process", "user")}
+    return (tenant, entry_id, ms, seq, f.get("account", ""), f.get("kind", ""),
+            int(f.get("delta", 0)), int(f.get("balance", 0)), f.get("ref", ""),
+            int(f.get("ts", ms)), f.get("process", ""), f.get("user", ""),
+            _json.encode(extra).decode())
+
+
+def _type_of(kind: str) -> str:
+    for t, kinds in TYPES.items():
+        if kind in kinds:
+            return t
+    return kind
+
+
+def _decode(fields: dict[bytes, bytes]) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in fields.items()}
+
+
+class Archive:
+    """SQL side of the ledger. Open with :meth:`open`; close when done."""
+
+    def __init__(self, backend: _Backend) -> None:
+        self._db = backend
+        p = backend.ph
+        self._insert_sql = (
+            f"INSERT INTO ledger_entries ({', '.join(_COLS)}) VALUES "  # noqa: S608
+            f"({', '.join([p] * len(_COLS))}) ON CONFLICT (tenant, entry_id) DO NOTHING"
+        )
+
+    @classmethod
+    async def open(cls, url: str | None = None, *, path: str = ".leadflow/ledger.sqlite3"
+                   ) -> Archive:
+        """``postgresql://...`` -> PostgreSQL; ``sqlite:///file`` or None -> SQLite file."""
+        backend: _Backend
+        if url and url.startswith(("postgres://", "postgresql://")):
+            backend = await _Postgres.connect(url)
+        else:
+            if url:
+                path = url.removeprefix("sqlite:///").removeprefix("sqlite://")
+            backend = await asyncio.to_thread(_Sqlite, path)
+        archive = cls(backend)
+        schema = resources.files("billing").joinpath("schema.sql").read_text(encoding="utf-8")
+        await backend.script(schema)
+        return archive
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    # -- archiving -------------------------------------------------------------------------
+
+    async def archive_once(self, redis: aioredis.Redis, tenant: str, *, consumer: str,
+                           count: int = 1_000, claim_idle_ms: int = 60_000) -> int:
+        """Copy one batch to SQL, ack it, then trim; returns the number of entries."""
+        stream = keys.ledger(tenant)
+        try:
+            await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        res: Any = await redis.xautoclaim(stream, GROUP, consumer, claim_idle_ms,
+                                     start_id="0-0", count=count)
+        claimed = res[1]  # [next id, entries(, deleted ids)]
+        fresh: Any = await redis.xreadgroup(GROUP, consumer, {stream: ">"}, count=count)
+        entries = [(i.decode(), _decode(f)) for i, f in claimed if f]
+        for _, batch in fresh or []:
+            entries += [(i.decode(), _decode(f)) for i, f in batch]
+        if not entries:
+            await self._trim(redis, tenant, set())
+            return 0
+        await self._db.insert(self._insert_sql, [_row(tenant, i, f) for i, f in entries])
+        # committed: only now may Redis forget them
+        await redis.xack(stream, GROUP, *[i for i, _ in entries])
+        await self._trim(redis, tenant, {f.get("account", "") for _, f in entries})
+        return len(entries)
+
+    async def _trim(self, redis: aioredis.Redis, tenant: str, accounts: set[str]) -> None:
+        stream = keys.ledger(tenant)
+        groups = await redis.xinfo_groups(stream)
+        group = next((g for g in groups if g["name"] in (GROUP, GROUP.encode())), None)
+        if group is None:
+            return
+        summary = await redis.xpending(stream, GROUP)
+        if summary["pending"]:
+            min_id = summary["min"]
+            safe = min_id.decode() if isinstance(min_id, bytes) else str(min_id)
+        else:
+            last = group["last-delivered-id"]
+            last = last.decode() if isinstance(last, bytes) else str(last)
+            if last == "0-0":
+                return
+            safe = _next_id(last)
+        await redis.xtrim(stream, minid=safe, approximate=False)
+        for account in accounts:
+            if account:
+                await redis.xtrim(keys.acct_ledger(tenant, account), minid=safe,
+                                  approximate=False)
+
+    # -- queries ---------------------------------------------------------------------------
+
+    async def transactions(
+        self, tenant: str, account: str, *, from_ms: int | None = None,
+        to_ms: int | None = None, type: str | None = None, q: str | None = None,
+        limit: int = 100, cursor: str | None = None,
+    ) -> Page:
+        """Newest first. ``cursor`` is the ``next_cursor`` of the previous page."""
+        if not 1 <= limit <= 1_000:
+            raise InvalidRequest("limit: 1 to 1000", code="invalid_query")
+        p = self._db.ph
+        where = [f"tenant = {p}", f"account = {p}"]
+        params: list[Any] = [tenant, account]
+        if from_ms is not None:
+            where.append(f"ts >= {p}")
+            params.append(from_ms)
+        if to_ms is not None:
+            where.append(f"ts < {p}")
+            params.append(to_ms)
+        if type:
+            if type not in TYPES:
+                raise InvalidRequest(f"type: one of {', '.join(TYPES)}", code="invalid_query")
+            kinds = TYPES[type]
+            where.append(f"kind IN ({', '.join([p] * len(kinds))})")
+            params.extend(kinds)
+        if q:
+            pattern = "%" + q.lower().replace("\\", "\\\\").replace("%", "\\%").replace(
+                "_", "\\_") + "%"
+            where.append(" OR ".join(f"LOWER({c}) LIKE {p} ESCAPE '\\'"
+                                     for c in ("process", "usr", "ref")).join("()"))
+            params.extend([pattern] * 3)
+        if cursor:
+            try:
+                ms, seq = _split_id(cursor)
+            except ValueError:
+                raise InvalidRequest("cursor: not a cursor of this API",
+                                     code="invalid_query") from None
+            where.append(f"(id_ms < {p} OR (id_ms = {p} AND id_seq < {p}))")
+            params += [ms, ms, seq]
+        # placeholders only: every value is a bound parameter
+        sql = ("SELECT entry_id, account, kind, delta, balance, ref, ts, process, usr, extra "  # noqa: S608
+               f"FROM ledger_entries WHERE {' AND '.join(where)} "
+               f"ORDER BY id_ms DESC, id_seq DESC LIMIT {p}")
+        rows = await self._db.fetch(sql, [*params, limit + 1])
+        items = [
+            Transaction(id=r[0], account=r[1], type=_type_of(r[2]), amount=money.format(r[3]),
+                        balance=money.format(r[4]), ref=r[5], ts=int(r[6]), process=r[7],
+                        user=r[8], extra={"kind": r[2], **_extra_dec.decode(r[9])})
+            for r in rows[:limit]
+        ]
+        return Page(items=items, next_cursor=items[-1].id if len(rows) > limit else None)
+
+    async def export_csv(self, tenant: str, account: str, **filters: Any) -> str:
+        """Every matching transaction as CSV (paged internally)."""
+        out = io.StringIO()
+        w = csv.writer(out, lineterminator="\r\n")
+        w.writerow(["id", "time_utc", "account", "type", "kind", "amount", "balance", "ref",
+                    "process", "user", "gross", "card_fee"])
+        cursor: str | None = None
+        while True:
+            page = await self.transactions(tenant, account, limit=1_000, cursor=cursor,
+                                           **filters)
+            for t in page.items:
+                when = datetime.fromtimestamp(t.ts / 1000, UTC).isoformat(timespec="seconds")
+                w.writerow([t.id, when, t.account, t.type, t.extra.get("kind", ""), t.amount,
+                            t.balance, _csv_safe(t.ref), _csv_safe(t.process),
+                            _csv_safe(t.user), t.extra.get("gross", ""),
+                            t.extra.get("card_fee", "")])
+            if page.next_cursor is None:
+                return out.getvalue()
+            cursor = page.next_cursor
+
+    async def account_sum(self, tenant: str, account: str, *, upto: str | None = None
+                          ) -> tuple[int, int]:
+        """(sum of deltas, rows) archived for the account, up to entry id ``upto``."""
+        p = self._db.ph
+        sql = ("SELECT COALESCE(SUM(delta), 0), COUNT(*) FROM ledger_entries "  # noqa: S608
+               f"WHERE tenant = {p} AND account = {p}")
+        params: list[Any] = [tenant, account]
+        if upto:
+            ms, seq = _split_id(upto)
+            sql += f" AND (id_ms < {p} OR (id_ms = {p} AND id_seq <= {p}))"
+            params += [ms, ms, seq]
+        rows = await self._db.fetch(sql, params)
+        return int(rows[0][0]), int(rows[0][1])
+
+    async def archived(self, tenant: str, ids: Iterable[str]) -> set[str]:
+        ids = list(ids)
+        found: set[str] = set()
+        p = self._db.ph
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            rows = await self._db.fetch(
+                f"SELECT entry_id FROM ledger_entries WHERE tenant = {p} AND entry_id IN "  # noqa: S608
+                f"({', '.join([p] * len(chunk))})", [tenant, *chunk])
+            found.update(r[0] for r in rows)
+        return found
+
+
+def _csv_safe(text: str) -> str:
+    """Neutralise spreadsheet formulas in user-controlled cells."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+class Reconciliation(msgspec.Struct, frozen=True):
+    account: str
+    redis_balance: int
+    sql_sum: int
+    unarchived_sum: int
+
+    @property
+    def ok(self) -> bool:
+        return self.redis_balance == self.sql_sum + self.unarchived_sum
+
+
+async def reconcile(store: Store, archive: Archive, tenant: str, account: str) -> Reconciliation:
+    """Redis balance == SQL sum + account stream entries not yet in SQL (one snapshot)."""
+    async with store.redis.pipeline(transaction=True) as pipe:
+        pipe.hget(keys.acct(tenant, account), "bal")
+        pipe.xrange(keys.acct_ledger(tenant, account), "-", "+")
+        pipe.xrevrange(keys.ledger(tenant), "+", "-", count=1)
+        bal, rows, last = await pipe.execute()
+    upto = last[0][0].decode() if last else None
+    stream = {i.decode(): int(f[b"delta"]) for i, f in rows}
+    done = await archive.archived(tenant, stream)
+    sql_sum, _ = await archive.account_sum(tenant, account, upto=upto)
+    return Reconciliation(account=account, redis_balance=int(bal or 0), sql_sum=sql_sum,
+                          unarchived_sum=sum(d for i, d in stream.items() if i not in done))
+
+
+async def run_archive_worker(store: Store, archive: Archive, tenants: list[str], *,
+                             consumer: str, stop: asyncio.Event, idle_s: float = 0.5) -> None:
+    """Archive every tenant's ledger until ``stop`` is set."""
+    while not stop.is_set():
+        n = 0
+        for tenant in tenants:
+            try:
+                n += await archive.archive_once(store.redis, tenant, consumer=consumer)
+            except UNAVAILABLE:
+                break
+        if n == 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), idle_s)

@@ -1,0 +1,50 @@
+"""The wiring billing's functions share: config, store, Stripe gateway, archive."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from billing.attempts import Charger, Hook
+from billing.errors import UnknownAccount
+from billing.methods import Methods
+from billing.stripe_gateway import StripeGateway
+from engine.config import WALLET, Account, Config, Tenant
+from engine.store import Store
+
+if TYPE_CHECKING:
+    from billing.archive import Archive
+
+
+@dataclass
+class BillingContext:
+    config: Config
+    store: Store
+    gateway: StripeGateway
+    archive: Archive | None = None
+    hook: Hook | None = None  # test seam, see billing.attempts.Charger
+    methods: Methods = field(init=False)
+    charger: Charger = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.methods = Methods(self.store.redis, self.gateway)
+        self.charger = Charger(self.store, self.gateway, hook=self.hook)
+
+    def tenant(self, tenant_id: str) -> Tenant:
+        for t in self.config.tenants:
+            if t.id == tenant_id:
+                return t
+        raise UnknownAccount(f"unknown tenant {tenant_id}", code="unknown_tenant")
+
+    def settings(self, tenant_id: str, account: str) -> Account:
+        """The config of a tenant's account (the wallet or one of its clients)."""
+        tenant = self.tenant(tenant_id)
+        if account == WALLET:
+            return tenant.wallet
+        for c in self.config.clients:
+            if c.id == account and c.tenant == tenant_id:
+                return c
+        raise UnknownAccount(f"unknown account {account}")
+
+    def account_ids(self, tenant_id: str) -> list[str]:
+        return [WALLET, *(c.id for c in self.config.clients if c.tenant == tenant_id)]

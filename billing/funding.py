@@ -1,0 +1,184 @@
+"""Manual funding by card and refund of the unused balance.
+
+Rules (seeds 000 and 001): funding is at least $100.00; a tenant may pass its card fee on
+to the payer, 0-15% (``Fees.card_fee_percent``): funding $100.00 at 3% charges $103.00 and
+credits $100.00, and the ledger entry carries ``gross`` and ``card_fee``. The primary card
+is tried first, then each activated backup. The credit is ``Store.adjust(kind="funding",
+op_id=<PaymentIntent id>)``. The caller's idempotency key names the attempt: a retried
+request resumes it and never charges twice.
+
+A refund of the unused balance walks the account's latest card charges, refunds them
+through Stripe up to the balance (the pass-through fee is not refunded: Stripe keeps its
+own fee on refunds too), writes one ``refund`` ledger entry per Stripe refund and leaves
+the account closed at zero.
+"""
+
+from __future__ import annotations
+
+import re
+
+from billing import money
+from billing.attempts import Attempt, CardTry, require_account
+from billing.context import BillingContext
+from billing.errors import (
+    AccountClosed,
+    BillingError,
+    InvalidRequest,
+    PaymentsFailed,
+)
+from engine.store import Store
+
+MIN_FUNDING = 100 * money.MICROS
+MAX_FUNDING = 1_000_000 * money.MICROS
+MAX_FEE_BP = 1_500  # 15%
+CENT = 10_000  # micros
+_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+
+
+def check_idempotency_key(key: str) -> None:
+    if not isinstance(key, str) or not _KEY.match(key):
+        raise InvalidRequest("idempotency key: 1-128 characters of A-Z a-z 0-9 _ . : -",
+                             code="invalid_idempotency_key")
+
+
+def check_card_amount(amount: int, *, minimum: int, field: str = "amount") -> None:
+    """A card amount: whole cents, at least ``minimum``, at most MAX_FUNDING."""
+    if amount < minimum:
+        raise InvalidRequest(f"{field}: the minimum is ${money.format(minimum)}",
+                             code="amount_too_small")
+    if amount > MAX_FUNDING:
+        raise InvalidRequest(f"{field}: the maximum is ${money.format(MAX_FUNDING)}",
+                             code="amount_too_large")
+    if amount % CENT:
+        raise InvalidRequest(f"{field}: cards are charged in whole cents",
+                             code="invalid_amount")
+
+
+def fee_basis_points(ctx: BillingContext, tenant: str) -> int:
+    raw = ctx.tenant(tenant).fees.card_fee_percent
+    bp = money.parse_percent(raw, field="fees.card_fee_percent")
+    if bp > MAX_FEE_BP:
+        raise BillingError(f"tenant {tenant}: card_fee_percent {raw} is over 15%",
+                           code="invalid_config")
+    return bp
+
+
+def card_fee(amount: int, basis_points: int) -> int:
+    """The pass-through fee on ``amount`` micros, rounded half up to whole cents."""
+    cents = (amount // CENT * basis_points + 5_000) // 10_000
+    return cents * CENT
+
+
+async def open_account(store: Store, tenant: str, account: str) -> None:
+    await require_account(store, tenant, account)
+    state = await store.account(tenant, account)
+    if state is not None and state.closed:
+        raise AccountClosed(f"account {account} is closed")
+
+
+async def fund(
+    ctx: BillingContext, tenant: str, account: str, amount: int, idempotency_key: str,
+    *, user: str = "",
+) -> Attempt:
+    """Charge the account's cards for ``amount`` micros (+ fee) and credit ``amount``.
+
+    Returns the credited attempt; raises InvalidRequest (nothing moved), NoPaymentMethod,
+    Busy, PaymentsFailed (every card failed) or PaymentTransient (retry with the same key).
+    """
+    check_idempotency_key(idempotency_key)
+    check_card_amount(amount, minimum=MIN_FUNDING)
+    ctx.settings(tenant, account)
+    fee = card_fee(amount, fee_basis_points(ctx, tenant))
+    attempt_id = f"fund:{account}:{idempotency_key}"
+    prior = await ctx.charger.load(tenant, attempt_id)
+    if prior is not None and (prior.amount != amount or prior.account != account):
+        raise InvalidRequest("idempotency key already used for a different funding",
+                             code="idempotency_conflict")
+    async with ctx.charger.lock(tenant, account):
+        if prior is None:
+            await open_account(ctx.store, tenant, account)
+            customer, cards = await ctx.methods.require(tenant, account)
+            prior, _ = await ctx.charger.create(Attempt(
+                id=attempt_id, tenant=tenant, account=account, purpose="funding",
+                amount=amount, fee=fee, customer=customer,
+                cards=[CardTry(pm=c.id) for c in cards],
+                extra={"process": "manual_funding", "user": user},
+            ))
+        done = await ctx.charger.run(prior)
+    if done.state != "credited":
+        codes = ", ".join(f"{c.pm}: {c.code or c.state}" for c in done.cards)
+        raise PaymentsFailed(f"funding failed: {done.error or done.state} ({codes})",
+                             attempt=done.id,
+                             needs_customer=done.state == "needs_customer")
+    return done
+
+
+async def refund_balance(
+    ctx: BillingContext, tenant: str, account: str, *, user: str = ""
+) -> list[str]:
+    """Refund the unused balance to the cards it came from and close the account.
+
+    Returns the ledger entry ids written. Refused (nothing moved) when the balance is
+    negative or larger than what the account's charges can still refund.
+    """
+    ctx.settings(tenant, account)
+    async with ctx.charger.lock(tenant, account):
+        state = await ctx.store.account(tenant, account)
+        if state is None:
+            raise InvalidRequest(f"unknown account {account}", code="unknown_account")
+        if state.balance < 0:
+            raise InvalidRequest("the balance is negative: nothing to refund",
+                                 code="negative_balance")
+        customer = await ctx.methods.customer(tenant, account)
+        plan = await _refundable(ctx, customer) if customer else []
+        if sum(c for _, c in plan) * CENT < state.balance - state.balance % CENT:
+            raise InvalidRequest(
+                f"the balance ${money.format(state.balance)} is more than the card charges "
+                "can refund; contact support", code="refund_exceeds_charges")
+        # close first: no new debit can slip in while money flows back
+        await ctx.store.set_account_flag(tenant, account, "closed", "1")
+        state = await ctx.store.account(tenant, account)
+        assert state is not None
+        left_cents = state.balance // CENT
+        entries: list[str] = []
+        for n, (pi, cents) in enumerate(plan):
+            if left_cents <= 0:
+                break
+            take = min(cents, left_cents)
+            refund_id = await ctx.gateway.refund(
+                payment_intent=pi, amount_cents=take,
+                idempotency_key=f"{tenant}:refund:{account}:{pi}:{state.balance}:{n}",
+                metadata={"tenant": tenant, "account": account},
+            )
+            res = await ctx.store.adjust(
+                tenant, account, -take * CENT, "refund", op_id=f"refund:{refund_id}",
+                enforce_floor=False,
+                extra={"payment_intent": pi, "stripe_refund": refund_id,
+                       "process": "balance_refund", "user": user},
+            )
+            entries.append(res.entry)
+            left_cents -= take
+        rest = (await ctx.store.account(tenant, account))
+        if rest is not None and rest.balance > 0:  # sub-cent usage remainder
+            res = await ctx.store.adjust(
+                tenant, account, -rest.balance, "adjustment", enforce_floor=False,
+                op_id=f"refund-rest:{account}:{rest.balance}",
+                extra={"process": "balance_refund", "reason": "sub-cent remainder",
+                       "user": user})
+            entries.append(res.entry)
+        return entries
+
+
+async def _refundable(ctx: BillingContext, customer: str) -> list[tuple[str, int]]:
+    """(PaymentIntent, refundable cents) of the customer's paid charges, newest first."""
+    out = []
+    for ch in await ctx.gateway.list_charges(customer):
+        if not ch.paid or not ch.payment_intent:
+            continue
+        intent = await ctx.gateway.retrieve_intent(ch.payment_intent)
+        credit = int(intent.metadata.get("credit_cents", ch.amount))
+        fee = ch.amount - credit
+        cents = ch.amount - fee - max(ch.amount_refunded, 0)
+        if cents > 0:
+            out.append((ch.payment_intent, cents))
+    return out

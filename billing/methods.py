@@ -1,0 +1,171 @@
+"""Payment methods of an account: one Stripe Customer, a primary card and backups.
+
+Seed 004: a primary payment method and backups that are used, in order, only once they
+have been *activated*. The first card attached becomes the (active) primary; later cards
+are inactive backups until activated. The primary cannot be deactivated; detaching it
+promotes the first active backup.
+
+Redis holds the customer id and the ordered method list (``keys.pay``); Stripe holds the
+cards. Only Stripe ids, brand, last4 and expiry are stored -- never a card number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.exceptions import WatchError
+
+from billing.errors import InvalidRequest, NoPaymentMethod, UnknownPaymentMethod
+from billing.stripe_gateway import Card, StripeGateway
+from engine import keys
+
+
+class Method(msgspec.Struct, kw_only=True):
+    id: str
+    brand: str = ""
+    last4: str = ""
+    exp_month: int = 0
+    exp_year: int = 0
+    active: bool = False
+    primary: bool = False
+
+
+_enc = msgspec.json.Encoder()
+_dec = msgspec.json.Decoder(list[Method])
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+def _check_pm(pm: str) -> None:
+    if not isinstance(pm, str) or not pm.startswith("pm_") or not 3 < len(pm) <= 255:
+        raise InvalidRequest(f"payment method: {pm!r} is not a Stripe PaymentMethod id (pm_...)",
+                             code="invalid_payment_method")
+
+
+def _normalize(methods: list[Method]) -> list[Method]:
+    for i, m in enumerate(methods):
+        m.primary = i == 0
+        if m.primary:
+            m.active = True
+    return methods
+
+
+class Methods:
+    """Payment methods of a tenant's accounts."""
+
+    def __init__(self, redis: aioredis.Redis, gateway: StripeGateway) -> None:
+        self.redis = redis
+        self.gateway = gateway
+
+    async def customer(self, tenant: str, account: str, *, create: bool = False) -> str:
+        """The account's Stripe Customer id ("" when none and ``create`` is false)."""
+        key = keys.pay(tenant, account)
+        raw = await self.redis.hget(key, "customer")
+        if raw:
+            return _text(raw)
+        if not create:
+            return ""
+        # deterministic idempotency key: a retry after a crash gets the same customer
+        cus = await self.gateway.create_customer(
+            tenant=tenant, account=account, idempotency_key=f"customer:{tenant}:{account}")
+        if await self.redis.hsetnx(key, "customer", cus):
+            return cus
+        raw = await self.redis.hget(key, "customer")
+        return _text(raw) if raw else cus
+
+    async def all(self, tenant: str, account: str) -> list[Method]:
+        raw = await self.redis.hget(keys.pay(tenant, account), "methods")
+        return _dec.decode(raw) if raw else []
+
+    async def chargeable(self, tenant: str, account: str) -> list[Method]:
+        """The cards to try, in order: the primary, then every activated backup."""
+        return [m for m in await self.all(tenant, account) if m.active]
+
+    async def _update(
+        self, tenant: str, account: str, change: Callable[[list[Method]], list[Method]]
+    ) -> list[Method]:
+        key = keys.pay(tenant, account)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(key)
+                    raw = await pipe.hget(key, "methods")
+                    methods = _normalize(change(_dec.decode(raw) if raw else []))
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    pipe.hset(key, "methods", _enc.encode(methods))
+                    await pipe.execute()
+                    return methods
+                except WatchError:
+                    continue
+
+    async def attach(self, tenant: str, account: str, payment_method: str) -> Method:
+        """Attach a PaymentMethod (created client-side by Stripe.js) to the account."""
+        _check_pm(payment_method)
+        cus = await self.customer(tenant, account, create=True)
+        card: Card = await self.gateway.attach(payment_method, cus)
+        new = Method(id=card.id, brand=card.brand, last4=card.last4,
+                     exp_month=card.exp_month, exp_year=card.exp_year)
+
+        def add(ms: list[Method]) -> list[Method]:
+            return [*(m for m in ms if m.id != new.id), new]
+
+        methods = await self._update(tenant, account, add)
+        return next(m for m in methods if m.id == new.id)
+
+    @staticmethod
+    def _find(ms: list[Method], pm: str) -> Method:
+        for m in ms:
+            if m.id == pm:
+                return m
+        raise UnknownPaymentMethod(f"payment method {pm} is not on this account")
+
+    async def activate(self, tenant: str, account: str, pm: str) -> list[Method]:
+        def on(ms: list[Method]) -> list[Method]:
+            self._find(ms, pm).active = True
+            return ms
+
+        return await self._update(tenant, account, on)
+
+    async def deactivate(self, tenant: str, account: str, pm: str) -> list[Method]:
+        def off(ms: list[Method]) -> list[Method]:
+            m = self._find(ms, pm)
+            if ms[0].id == pm:
+                raise InvalidRequest("the primary payment method cannot be deactivated; "
+                                     "make another card primary first", code="is_primary")
+            m.active = False
+            return ms
+
+        return await self._update(tenant, account, off)
+
+    async def set_primary(self, tenant: str, account: str, pm: str) -> list[Method]:
+        def first(ms: list[Method]) -> list[Method]:
+            m = self._find(ms, pm)
+            m.active = True
+            return [m, *(x for x in ms if x.id != pm)]
+
+        return await self._update(tenant, account, first)
+
+    async def detach(self, tenant: str, account: str, pm: str) -> list[Method]:
+        self._find(await self.all(tenant, account), pm)
+        await self.gateway.detach(pm)
+
+        def drop(ms: list[Method]) -> list[Method]:
+            rest = [m for m in ms if m.id != pm]
+            # promote the first active backup when the primary goes
+            if ms and ms[0].id == pm:
+                rest.sort(key=lambda m: not m.active)
+            return rest
+
+        return await self._update(tenant, account, drop)
+
+    async def require(self, tenant: str, account: str) -> tuple[str, list[Method]]:
+        """(customer, chargeable cards) or NoPaymentMethod."""
+        cus = await self.customer(tenant, account)
+        cards = await self.chargeable(tenant, account) if cus else []
+        if not cards:
+            raise NoPaymentMethod(f"account {account} has no payment method on file")
+        return cus, cards

@@ -1,0 +1,324 @@
+"""Auto recharge: threshold mode from ``recharge_needed`` events, and schedule mode.
+
+The worker reads the tenant events stream through the consumer group ``recharge``
+(XREADGROUP; several workers may run; XAUTOCLAIM takes over entries a dead worker left
+pending). Events other than ``recharge_needed`` are acknowledged and ignored. An entry is
+acknowledged only once its recharge ended (credited, failed, refused by a cap, skipped);
+one that keeps failing for transient reasons goes, after :data:`MAX_DELIVERIES`, to the
+dead-letter stream ``keys.dead_letter(tenant, "events")`` with the error -- never dropped.
+
+One recharge per account at a time (``keys.rlock``). The attempt id derives from the
+event's stream id (``rc:<entry id>``), so a redelivered event resumes the same attempt; a
+second, different event for the same low balance finds the balance already above the
+threshold and is skipped. Daily caps (``max_per_day`` recharges started and
+``max_amount_per_day`` credited, in the tenant's time zone) stop runaway loops; results are
+published on the events stream as ``recharge_succeeded`` / ``recharge_failed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import msgspec
+from redis.exceptions import ResponseError
+
+from billing import money
+from billing.attempts import Attempt, CardTry, Hook
+from billing.context import BillingContext
+from billing.errors import (
+    BillingError,
+    Busy,
+    InvalidRequest,
+    NoPaymentMethod,
+    PaymentTransient,
+)
+from billing.funding import CENT, card_fee, check_card_amount, fee_basis_points
+from billing.stripe_gateway import StripeGateway
+from engine import keys
+from engine.config import AutoRecharge, Config
+from engine.errors import StoreUnavailable
+from engine.store import UNAVAILABLE, Store, now_ms
+
+log = logging.getLogger("leadflow.billing.recharge")
+
+GROUP = "recharge"
+MAX_DELIVERIES = 5
+MIN_THRESHOLD = 20 * money.MICROS
+MIN_AMOUNT = 100 * money.MICROS
+_DAY_MS = 86_400_000
+_ar_enc = msgspec.json.Encoder()
+_ar_dec = msgspec.json.Decoder(AutoRecharge)
+
+
+# -- settings ------------------------------------------------------------------------------
+
+def validate(ar: AutoRecharge) -> None:
+    """Seed 000: threshold at least $20.00, amount at least $100.00; sane caps."""
+    threshold = money.parse(ar.threshold, field="threshold")
+    amount = money.parse(ar.amount, field="amount")
+    cap = money.parse(ar.max_amount_per_day, field="max_amount_per_day")
+    if threshold < MIN_THRESHOLD:
+        raise InvalidRequest("threshold: the minimum is $20.00", code="threshold_too_small")
+    check_card_amount(amount, minimum=MIN_AMOUNT)
+    if ar.every_days is not None and not 1 <= ar.every_days <= 366:
+        raise InvalidRequest("every_days: 1 to 366", code="invalid_schedule")
+    if not 1 <= ar.max_per_day <= 100:
+        raise InvalidRequest("max_per_day: 1 to 100", code="invalid_cap")
+    if cap < amount:
+        raise InvalidRequest("max_amount_per_day: at least one recharge amount",
+                             code="invalid_cap")
+
+
+async def settings(ctx: BillingContext, tenant: str, account: str) -> AutoRecharge:
+    """The account's auto-recharge settings: the API's override, else the config's."""
+    base = ctx.settings(tenant, account).auto_recharge
+    raw = await ctx.store.redis.get(keys.autorecharge(tenant, account))
+    return _ar_dec.decode(raw) if raw else base
+
+
+async def configure(ctx: BillingContext, tenant: str, account: str,
+                    ar: AutoRecharge) -> AutoRecharge:
+    """Validate and store settings; arm the account's recharge threshold in Redis."""
+    ctx.settings(tenant, account)
+    validate(ar)
+    if ar.enabled:
+        await ctx.methods.require(tenant, account)  # a card on file first (seed 000)
+    if await ctx.store.account(tenant, account) is None:
+        raise InvalidRequest(f"unknown account {account}", code="unknown_account")
+    await ctx.store.redis.set(keys.autorecharge(tenant, account), _ar_enc.encode(ar))
+    threshold_mode = ar.enabled and ar.every_days is None
+    rthr = money.parse(ar.threshold) if threshold_mode else 0
+    await ctx.store.set_account_flag(tenant, account, "rthr", str(rthr))
+    await ctx.store.set_account_flag(tenant, account, "ar", "1" if threshold_mode else "0")
+    return ar
+
+
+# -- one recharge --------------------------------------------------------------------------
+
+def _day(ctx: BillingContext, tenant: str, ms: int) -> str:
+    tz = ZoneInfo(ctx.tenant(tenant).timezone)
+    return dt.datetime.fromtimestamp(ms / 1000, tz).date().isoformat()
+
+
+async def _emit(ctx: BillingContext, tenant: str, etype: str, account: str,
+                **fields: str | int) -> None:
+    state = await ctx.store.account(tenant, account)
+    entry: dict[Any, Any] = {"type": etype, "account": account,
+                             "balance": state.balance if state else 0, "ts": now_ms(), **fields}
+    await ctx.store.redis.xadd(
+        keys.events(tenant), entry,
+        maxlen=1_000_000, approximate=True,
+    )
+
+
+async def _finish(ctx: BillingContext, a: Attempt, now: int) -> None:
+    """Publish the outcome once (``notified``) and remember the last success."""
+    if a.notified:
+        return
+    if a.state == "credited":
+        await ctx.store.redis.hset(keys.rstate(a.tenant, a.account), "last_ms", str(now))
+        await _emit(ctx, a.tenant, "recharge_succeeded", a.account, ref=a.id,
+                    amount=a.amount, payment_intent=a.pi)
+    else:
+        await _emit(ctx, a.tenant, "recharge_failed", a.account, ref=a.id,
+                    reason=a.error or a.state, amount=a.amount)
+    a.notified = True
+    await ctx.charger.save(a)
+
+
+async def recharge(ctx: BillingContext, tenant: str, account: str, *, attempt_id: str,
+                   reason: str, now: int | None = None) -> Attempt | None:
+    """Run (or resume) one recharge; None when skipped or refused by a cap.
+
+    Raises Busy when another charge of the account is in flight, PaymentTransient when
+    Stripe's answer is unknown (the attempt is kept and resumed by the next call).
+    """
+    now = now or now_ms()
+    ar = await settings(ctx, tenant, account)
+    async with ctx.charger.lock(tenant, account):
+        a = await ctx.charger.load(tenant, attempt_id)
+        if a is None:
+            a = await _start(ctx, tenant, account, ar=ar, attempt_id=attempt_id, reason=reason,
+                             now=now)
+            if a is None:
+                return None
+        a = await ctx.charger.run(a)
+        if a.state in ("credited", "failed", "needs_customer"):
+            await _finish(ctx, a, now)
+        return a
+
+
+async def _start(ctx: BillingContext, tenant: str, account: str, *, ar: AutoRecharge,
+                 attempt_id: str, reason: str, now: int) -> Attempt | None:
+    if not ar.enabled:
+        return None
+    state = await ctx.store.account(tenant, account)
+    if state is None or state.closed:
+        return None
+    if reason == "threshold" and (ar.every_days is not None
+                                  or state.balance >= money.parse(ar.threshold)):
+        return None  # schedule mode, or already recharged by an earlier event
+    amount = money.parse(ar.amount)
+    rkey = keys.rstate(tenant, account)
+    day = _day(ctx, tenant, now)
+    got = await ctx.store.redis.hmget(rkey, ["day", "n", "amount"])
+    n, spent = (int(got[1] or 0), int(got[2] or 0)) if got[0] == day.encode() else (0, 0)
+    if n + 1 > ar.max_per_day or spent + amount > money.parse(ar.max_amount_per_day):
+        await _emit(ctx, tenant, "recharge_failed", account, ref=attempt_id,
+                    reason="daily_cap", amount=amount)
+        await ctx.store.redis.xadd(keys.charge_audit(tenant), {
+            "attempt": attempt_id, "account": account, "purpose": "recharge",
+            "step": "refused_daily_cap", "state": "refused", "amount": amount, "ts": now})
+        return None
+    try:
+        customer, cards = await ctx.methods.require(tenant, account)
+    except NoPaymentMethod:
+        await _emit(ctx, tenant, "recharge_failed", account, ref=attempt_id,
+                    reason="no_payment_method", amount=amount)
+        return None
+    fee = card_fee(amount, fee_basis_points(ctx, tenant))
+    a, created = await ctx.charger.create(Attempt(
+        id=attempt_id, tenant=tenant, account=account, purpose="recharge", amount=amount,
+        fee=fee, customer=customer, cards=[CardTry(pm=c.id) for c in cards],
+        extra={"process": f"auto_recharge:{reason}", "user": "system"},
+    ))
+    if created:
+        await ctx.store.redis.hset(rkey, mapping={"day": day, "n": n + 1,
+                                                  "amount": spent + amount, "attempt": a.id})
+    return a
+
+
+async def run_scheduled(ctx: BillingContext, *, now: int | None = None) -> list[Attempt]:
+    """Schedule mode: recharge accounts whose last recharge is ``every_days`` old or more.
+
+    Run it periodically (the worker does, every minute); at most one attempt per account
+    and day (``sched:<account>:<day>``).
+    """
+    now = now or now_ms()
+    done: list[Attempt] = []
+    for tenant in ctx.config.tenants:
+        for account in ctx.account_ids(tenant.id):
+            ar = await settings(ctx, tenant.id, account)
+            if not ar.enabled or ar.every_days is None:
+                continue
+            last = await ctx.store.redis.hget(keys.rstate(tenant.id, account), "last_ms")
+            if last is not None and now - int(last) < ar.every_days * _DAY_MS:
+                continue
+            attempt_id = f"sched:{account}:{_day(ctx, tenant.id, now)}"
+            with contextlib.suppress(Busy):
+                a = await recharge(ctx, tenant.id, account, attempt_id=attempt_id,
+                                   reason="schedule", now=now)
+                if a is not None:
+                    done.append(a)
+    return done
+
+
+# -- the events consumer -------------------------------------------------------------------
+
+async def _ensure_group(ctx: BillingContext, tenant: str) -> None:
+    try:
+        await ctx.store.redis.xgroup_create(keys.events(tenant), GROUP, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+async def _dead_letter(ctx: BillingContext, tenant: str, entry_id: str,
+                       fields: dict[bytes, bytes], error: str) -> None:
+    stream = keys.events(tenant)
+    r = ctx.store.redis
+    dead: dict[Any, Any] = {**fields, b"source_id": entry_id, b"error": error[:500],
+                            b"ts": now_ms()}
+    await r.xadd(keys.dead_letter(tenant, "events"), dead)
+    await r.xack(stream, GROUP, entry_id)
+    log.error("recharge event %s dead-lettered: %s", entry_id, error)
+
+
+async def _deliveries(ctx: BillingContext, tenant: str, entry_id: str) -> int:
+    rows = await ctx.store.redis.xpending_range(keys.events(tenant), GROUP, entry_id, entry_id, 1)
+    return int(rows[0]["times_delivered"]) if rows else 1
+
+
+async def _handle(ctx: BillingContext, tenant: str, entry_id: str,
+                  fields: dict[bytes, bytes]) -> None:
+    stream = keys.events(tenant)
+    if fields.get(b"type") != b"recharge_needed":
+        await ctx.store.redis.xack(stream, GROUP, entry_id)
+        return
+    account = fields.get(b"account", b"").decode()
+    try:
+        await recharge(ctx, tenant, account, attempt_id=f"rc:{entry_id}", reason="threshold")
+    except (Busy, PaymentTransient, StoreUnavailable) as exc:
+        # left pending: XAUTOCLAIM hands it to a worker again, up to MAX_DELIVERIES times
+        if await _deliveries(ctx, tenant, entry_id) >= MAX_DELIVERIES:
+            await _dead_letter(ctx, tenant, entry_id, fields, f"{type(exc).__name__}: {exc}")
+        return
+    except BillingError as exc:  # permanent: unknown account, bad config, ...
+        await _dead_letter(ctx, tenant, entry_id, fields, f"{exc.code}: {exc}")
+        return
+    await ctx.store.redis.xack(stream, GROUP, entry_id)
+
+
+async def process_once(
+    cfg: Config, store: Store, gateway: StripeGateway, *, consumer: str, count: int = 50,
+    block_ms: int | None = None, claim_idle_ms: int = 60_000, hook: Hook | None = None,
+    ctx: BillingContext | None = None,
+) -> int:
+    """One pass over every tenant: take over stale entries, then read new ones.
+
+    Returns how many entries were handled.
+    """
+    ctx = ctx or BillingContext(cfg, store, gateway, hook=hook)
+    r = store.redis
+    handled = 0
+    for tenant in cfg.tenants:
+        stream = keys.events(tenant.id)
+        await _ensure_group(ctx, tenant.id)
+        res: Any = await r.xautoclaim(stream, GROUP, consumer, claim_idle_ms, start_id="0-0",
+                                 count=count)
+        claimed = res[1]  # [next id, entries(, deleted ids)]
+        batches = [claimed]
+        fresh: Any = await r.xreadgroup(GROUP, consumer, {stream: ">"}, count=count,
+                                   block=block_ms if len(cfg.tenants) == 1 else None)
+        batches += [entries for _, entries in fresh or []]
+        for entries in batches:
+            for raw_id, fields in entries:
+                if fields is None:  # deleted while pending
+                    continue
+                await _handle(ctx, tenant.id, raw_id.decode(), fields)
+                handled += 1
+    return handled
+
+
+async def run_recharge_worker(cfg: Config, store: Store, gateway: StripeGateway, *,
+                              consumer: str, stop: asyncio.Event,
+                              schedule_every_s: float = 60.0) -> None:
+    """Consume recharge events until ``stop`` is set; run schedule mode every minute."""
+    ctx = BillingContext(cfg, store, gateway)
+    loop = asyncio.get_running_loop()
+    next_schedule = loop.time()
+    while not stop.is_set():
+        try:
+            if loop.time() >= next_schedule:
+                await run_scheduled(ctx)
+                next_schedule = loop.time() + schedule_every_s
+            n = await process_once(cfg, store, gateway, consumer=consumer, block_ms=1_000,
+                                   ctx=ctx)
+        except (StoreUnavailable, PaymentTransient, *UNAVAILABLE) as exc:
+            log.warning("recharge worker: %s; retrying", exc)
+            n = -1
+        except Exception:  # the worker outlives one bad pass; its entries stay pending
+            log.exception("recharge worker pass failed")
+            n = -1
+        if n < 0 or (n == 0 and len(cfg.tenants) != 1):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0 if n < 0 else 0.5)
+
+
+__all__ = ["CENT", "configure", "process_once", "recharge", "run_recharge_worker",
+           "run_scheduled", "settings", "validate"]

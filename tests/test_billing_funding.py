@@ -1,0 +1,161 @@
+"""Funding by card, payment methods and balance refunds, against localstripe + redis."""
+
+from __future__ import annotations
+
+import pytest
+
+from billing import funding, money
+from billing.context import BillingContext
+from billing.errors import (
+    CardDeclined,
+    InvalidRequest,
+    NoPaymentMethod,
+    PaymentsFailed,
+)
+from engine import keys
+from tests.billing_fixtures import T
+from tests.stripe_fixture import ATTACH_DECLINED, DECLINES, NEEDS_AUTH, LocalStripe
+
+D = money.MICROS
+
+
+async def _balance(ctx: BillingContext, account: str = "c1") -> int:
+    state = await ctx.store.account(T, account)
+    assert state is not None
+    return state.balance
+
+
+async def _ledger(ctx: BillingContext, account: str = "c1") -> list[dict[str, str]]:
+    return [f for _, f in reversed(await ctx.store.ledger_page(T, account))]
+
+
+async def test_fee_math_3_percent_on_100(ctx: BillingContext, localstripe: LocalStripe) -> None:
+    await ctx.methods.attach(T, "c1", localstripe.card())
+    a = await funding.fund(ctx, T, "c1", 100 * D, "order-1")
+    assert a.state == "credited"
+    pis = localstripe.intents(a.id, a.customer)
+    assert [(p.amount, p.status) for p in pis] == [(10300, "succeeded")]  # $103 charged
+    assert await _balance(ctx) == 100 * D  # $100 credited
+    entry = (await _ledger(ctx))[-1]
+    assert entry["kind"] == "funding" and entry["delta"] == str(100 * D)
+    assert entry["gross"] == "103.00" and entry["card_fee"] == "3.00"
+    assert entry["ref"] == pis[0].id
+    # the same idempotency key again: no second charge, no second credit
+    again = await funding.fund(ctx, T, "c1", 100 * D, "order-1")
+    assert again.pi == a.pi and len(localstripe.intents(a.id, a.customer)) == 1
+    assert await _balance(ctx) == 100 * D
+
+
+def test_fee_rounding() -> None:
+    assert funding.card_fee(100 * D, 300) == 3 * D
+    assert funding.card_fee(100 * D, 0) == 0
+    assert funding.card_fee(100 * D, 1500) == 15 * D
+    assert funding.card_fee(123_450_000, 250) == 3_090_000  # 3.08625 -> 3.09
+
+
+@pytest.mark.parametrize("amount", [99_990_000, 0, -100 * D, 100 * D + 1, 10**13])
+async def test_funding_amount_rules(ctx: BillingContext, localstripe: LocalStripe,
+                                    amount: int) -> None:
+    await ctx.methods.attach(T, "c1", localstripe.card())
+    with pytest.raises(InvalidRequest):
+        await funding.fund(ctx, T, "c1", amount, f"bad-{amount}")
+    assert await _balance(ctx) == 0
+    assert await ctx.store.redis.exists(keys.attempt(T, f"fund:c1:bad-{amount}")) == 0
+
+
+async def test_no_card_refused(ctx: BillingContext) -> None:
+    with pytest.raises(NoPaymentMethod):
+        await funding.fund(ctx, T, "c1", 100 * D, "k")
+    assert await _balance(ctx) == 0
+
+
+async def test_declined_primary_then_activated_backup(
+        ctx: BillingContext, localstripe: LocalStripe) -> None:
+    bad = await ctx.methods.attach(T, "c1", localstripe.card(DECLINES))
+    good = await ctx.methods.attach(T, "c1", localstripe.card())
+    assert bad.primary and not good.active  # backups wait for activation (seed 004)
+    with pytest.raises(PaymentsFailed):
+        await funding.fund(ctx, T, "c1", 100 * D, "k1")
+    await ctx.methods.activate(T, "c1", good.id)
+    a = await funding.fund(ctx, T, "c1", 100 * D, "k2")
+    assert [c.state for c in a.cards] == ["declined", "succeeded"]
+    assert await _balance(ctx) == 100 * D
+    statuses = sorted(p.status for p in localstripe.intents(a.id, a.customer))
+    assert statuses == ["requires_payment_method", "succeeded"]
+
+
+async def test_all_cards_declined(ctx: BillingContext, localstripe: LocalStripe) -> None:
+    await ctx.methods.attach(T, "c1", localstripe.card(DECLINES))
+    b = await ctx.methods.attach(T, "c1", localstripe.card(DECLINES))
+    await ctx.methods.activate(T, "c1", b.id)
+    with pytest.raises(PaymentsFailed) as err:
+        await funding.fund(ctx, T, "c1", 150 * D, "k")
+    assert err.value.code == "payment_failed"
+    assert await _balance(ctx) == 0
+    assert await _ledger(ctx) == []
+
+
+async def test_authentication_required_needs_customer(
+        ctx: BillingContext, localstripe: LocalStripe) -> None:
+    await ctx.methods.attach(T, "c1", localstripe.card(NEEDS_AUTH))
+    with pytest.raises(PaymentsFailed) as err:
+        await funding.fund(ctx, T, "c1", 100 * D, "k")
+    assert err.value.needs_customer and err.value.code == "authentication_required"
+    # the same request again never retries the card
+    with pytest.raises(PaymentsFailed):
+        await funding.fund(ctx, T, "c1", 100 * D, "k")
+    assert len(localstripe.intents("fund:c1:k", await ctx.methods.customer(T, "c1"))) == 1
+    assert await _balance(ctx) == 0
+
+
+async def test_attach_declined_card(ctx: BillingContext, localstripe: LocalStripe) -> None:
+    with pytest.raises(CardDeclined):
+        await ctx.methods.attach(T, "c1", localstripe.card(ATTACH_DECLINED))
+    assert await ctx.methods.all(T, "c1") == []
+
+
+async def test_methods_primary_and_detach(ctx: BillingContext, localstripe: LocalStripe) -> None:
+    a = await ctx.methods.attach(T, "c1", localstripe.card())
+    b = await ctx.methods.attach(T, "c1", localstripe.card())
+    c = await ctx.methods.attach(T, "c1", localstripe.card())
+    with pytest.raises(InvalidRequest):
+        await ctx.methods.deactivate(T, "c1", a.id)
+    await ctx.methods.activate(T, "c1", c.id)
+    ms = await ctx.methods.set_primary(T, "c1", b.id)
+    assert [m.id for m in ms] == [b.id, a.id, c.id] and ms[0].primary and ms[0].active
+    ms = await ctx.methods.detach(T, "c1", b.id)
+    assert ms[0].id == a.id and ms[0].primary
+    cards = await ctx.gateway.list_cards(await ctx.methods.customer(T, "c1"))
+    assert {x.id for x in cards} == {a.id, c.id}
+    raw = await ctx.store.redis.hget(keys.pay(T, "c1"), "methods")
+    assert raw is not None and b"4242424242424242" not in raw
+
+
+async def test_refund_balance_closes_at_zero(ctx: BillingContext, localstripe: LocalStripe) -> None:
+    await ctx.methods.attach(T, "c1", localstripe.card())
+    a1 = await funding.fund(ctx, T, "c1", 100 * D, "f1")
+    a2 = await funding.fund(ctx, T, "c1", 200 * D, "f2")
+    await ctx.store.adjust(T, "c1", -250_005_000, "usage", op_id="usage:x")  # $250.005 used
+    entries = await funding.refund_balance(ctx, T, "c1")
+    state = await ctx.store.account(T, "c1")
+    assert state is not None and state.balance == 0 and state.closed
+    ledger = await _ledger(ctx)
+    refunds = [e for e in ledger if e["kind"] == "refund"]
+    assert sum(int(e["delta"]) for e in refunds) == -49_990_000  # $49.99 back by card
+    assert len(entries) == len(refunds) + 1  # + the sub-cent remainder write-off
+    refunded = {e["payment_intent"] for e in refunds}
+    assert refunded <= {a1.pi, a2.pi}
+    # a closed account takes no new funding
+    with pytest.raises(Exception) as err:
+        await funding.fund(ctx, T, "c1", 100 * D, "f3")
+    assert getattr(err.value, "code", "") == "account_closed"
+
+
+async def test_refund_refused_when_charges_cannot_cover(
+        ctx: BillingContext, localstripe: LocalStripe) -> None:
+    await ctx.store.adjust(T, "c1", 50 * D, "adjustment", op_id="manual-credit")
+    with pytest.raises(InvalidRequest) as err:
+        await funding.refund_balance(ctx, T, "c1")
+    assert err.value.code == "refund_exceeds_charges"
+    state = await ctx.store.account(T, "c1")
+    assert state is not None and state.balance == 50 * D and not state.closed

@@ -1,0 +1,288 @@
+"""Auto recharge: the events consumer, crash recovery, caps, schedule mode."""
+
+from __future__ import annotations
+
+import pytest
+import redis.asyncio as aioredis
+
+from billing import money, recharge
+from billing.attempts import Attempt, Charger
+from billing.context import BillingContext
+from billing.errors import InvalidRequest
+from billing.stripe_gateway import StripeGateway
+from engine import keys
+from engine.config import AutoRecharge
+from tests.billing_fixtures import T, make_config, new_ctx
+from tests.stripe_fixture import DECLINES, NEEDS_AUTH, LocalStripe
+
+D = money.MICROS
+AUTO = AutoRecharge(enabled=True, threshold="20.00", amount="100.00", max_per_day=3,
+                    max_amount_per_day="1000.00")
+
+
+class Killed(Exception):
+    """Stands for the worker process dying at a given step."""
+
+
+async def _ctx(redis: aioredis.Redis, gateway: StripeGateway, auto: AutoRecharge = AUTO,
+               **kw: object) -> BillingContext:
+    return await new_ctx(redis, gateway, make_config(auto=auto), **kw)  # type: ignore[arg-type]
+
+
+async def _drop_below_threshold(ctx: BillingContext, account: str = "c1", n: int = 0) -> None:
+    """$30 credited, then $15 of usage: the balance crosses the $20 threshold."""
+    await ctx.store.adjust(T, account, 30 * D, "adjustment", op_id=f"seed-{n}")
+    await ctx.store.adjust(T, account, -15 * D, "usage", op_id=f"use-{n}")
+
+
+async def _events(redis: aioredis.Redis, etype: str | None = None) -> list[dict[str, str]]:
+    out = [{k.decode(): v.decode() for k, v in f.items()}
+           for _, f in await redis.xrange(keys.events(T))]
+    return [e for e in out if etype is None or e["type"] == etype]
+
+
+async def _balance(ctx: BillingContext, account: str = "c1") -> int:
+    state = await ctx.store.account(T, account)
+    assert state is not None
+    return state.balance
+
+
+async def _process(ctx: BillingContext, consumer: str = "w1", idle: int = 60_000) -> int:
+    return await recharge.process_once(ctx.config, ctx.store, ctx.gateway, consumer=consumer,
+                                       claim_idle_ms=idle, ctx=ctx)
+
+
+async def test_threshold_recharge_credits_resumes_and_reports(
+        redis: aioredis.Redis, gateway: StripeGateway, localstripe: LocalStripe) -> None:
+    ctx = await _ctx(redis, gateway)
+    await ctx.methods.attach(T, "c1", localstripe.card())
+    await ctx.store.set_account_flag(T, "c1", "paused", "floor")
+    await _drop_below_threshold(ctx)
+    assert [e["type"] for e in await _events(redis, "recharge_needed")] == ["recharge_needed"]
+    assert await _process(ctx) >= 1
+    assert await _balance(ctx) == 115 * D
+    ok = await _events(redis, "recharge_succeeded")
+    assert len(ok) == 1 and ok[0]["account"] == "c1" and ok[0]["amount"] == str(100 * D)
+    assert await _events(redis, "buyer_resumed")  # Lua resumed the paused account
+    state = await ctx.store.account(T, "c1")
+    assert state is not None and state.paused == ""
+    _, entry = (await ctx.store.ledger_page(T, "c1", limit=1))[0]
+    assert entry["kind"] == "recharge" and entry["gross"] == "103.00"
+    assert entry["card_fee"] == "3.00" and entry["ref"] == ok[0]["payment_intent"]
+    # nothing left pending, non-recharge events acknowledged too
+    pending = await redis.xpending(keys.events(T), recharge.GROUP)
+    assert pending["pending"] == 0
+    audit = await redis.xrange(keys.charge_audit(T))
+    assert [f[b"step"] for _, f in audit][-1] == b"credited"
+
+
+async def test_duplicated_event_charges_once(
+        redis: aioredis.Redis, gateway: StripeGateway, localstripe: LocalStripe) -> None:
+    ctx = await _ctx(redis, gateway)
+    await ctx.methods.attach(T, "c1", localstripe.card())
+    await _drop_below_threshold(ctx)
+    first = (await _events(redis, "recharge_needed"))[0]
+    await redis.xadd(keys.events(T), first)  # the same event, published twice
+    await _process(ctx)
+    await _process(ctx)
+    assert await _balance(ctx) == 115 * D
+    cus = await ctx.methods.customer(T, "c1")
+    assert [p.status for p in localstripe.intents(customer=cus)] == ["succeeded"]
+    assert len(await _events(redis, "recharge_succeeded")) == 1
+
+
+@pytest.mark.parametrize("step", ["before_charge", "after_charge", "before_credit"])
+async def test_worker_killed_mid_charge_resumes_same_attempt(
+        redis: aioredis.Redis, gateway: StripeGateway, localstripe: LocalStripe,
+        step: str) -> None:
+    async def die(name: str, a: Attempt) -> None:
+        if name == step:
+            raise Killed(step)
+
+    dying = await _ctx(redis, gateway, hook=die)
+    await dying.methods.attach(T, "c1", localstripe.card())
+    await _drop_below_threshold(dying)
+    with pytest.raises(Killed):
+        await _process(dying, consumer="w1")
+    recorded = await redis.keys(keys.attempt(T, "rc:*"))
+    assert len(recorded) == 1  # the attempt was recorded before Stripe was called
+    # a fresh worker (another consumer) takes the pending entry over and finishes it
+    fresh = await _ctx(redis, gateway)
+    await _process(fresh, consumer="w2", idle=0)
+    assert await _balance(fresh) == 115 * D
+    cus = await fresh.methods.customer(T, "c1")
+    assert [p.status for p in localstripe.intents(customer=cus)] == ["succeeded"]
+    assert len(await _events(redis, "recharge_succeeded")) == 1
+    assert (await redis.xpending(keys.events(T), recharge.GROUP))["pending"] == 0
+
+
+async def test_declined_primary_uses_activated_backup(
+        redis: aioredis.Redis, gateway: StripeGateway, localstripe: LocalStripe) -> None:
+    ctx = await _ctx(redis, gateway)
+    await ctx.methods.attach(T, "c1", localstripe.card(DECLINES))
+    backup = await ctx.methods.attach(T, "c1", localstripe.card())
+    await ctx.methods.activate(T, "c1", backup.id)
+    await _drop_below_threshold(ctx)
+    await _process(ctx)
+    assert await _balance(ctx) == 115 * D
+    [ok] = await _events(redis, "recharge_succeeded")
+    a = await ctx.charger.load(T, ok["ref"])
+    assert a is not None and [c.state for c in a.cards] == ["declined", "succeeded"]
+
+
+async def test_all_cards_declined_reports_failure(
+        redis: aioredis.Redis, gateway: StripeGateway, localstripe: LocalStripe) -> None:
+    ctx = await _ctx(redis, gateway)
+    await ctx.methods.attach(T, "c1", localstripe.card(DECLINES))
+    b = await ctx.methods.attach(T, "c1", localstripe.card(DECLINES))
+    await ctx.methods.activate(T, "c1", b.id)
+    await _drop_below_threshold(ctx)
+    await _process(ctx)
+    assert await _balance(ctx) == 15 * D
+    [failed] = await _events(redis, "recharge_failed")
+    assert failed["reason"] == "all_cards_failed"
+    assert (await redis.xpending(keys.events(T), recharge.GROUP))["pending"] == 0
+
+
+async def test_authentication_required_needs_the_customer(
+        redis: aioredis.Redis, gateway: StripeGateway, localstripe: LocalStripe) -> None:
+    ctx = await _ctx(redis, gateway)
+    await ctx.methods.attach(T, "c1", localstripe.card(NEEDS_AUTH))
+    await _drop_below_threshold(ctx)
+    await _process(ctx)
+    [failed] = await _events(redis, "recharge_failed")
+    assert failed["reason"] == "authentication_required"
+    # redelivering the same event never retries the card
+    a = await ctx.charger.load(T, failed["ref"])
+    assert a is not None and a.state == "needs_customer"
+    await recharge.recharge(ctx, T, "c1", attempt_id=a.id, reason="threshold")
+    cus = await ctx.methods.customer(T, "c1")
+    assert len(localstripe.intents(customer=cus)) == 1
+
+
+async def test_daily_caps(redis: aioredis.Redis, gateway: StripeGateway,
+                          localstripe: LocalStripe) -> None:
+    auto = AutoRecharge(enabled=True, threshold="20.00", amount="100.00", max_per_day=2,
+                        max_amount_per_day="1000.00")
+    ctx = await _ctx(redis, gateway, auto)
+    await ctx.methods.attach(T, "c1", localstripe.card())
+    await _drop_below_threshold(ctx)
+    await _process(ctx)
+    for n in range(2):
+        bal = await _balance(ctx)
+        await ctx.store.adjust(T, "c1", -(bal - 15 * D), "usage", op_id=f"drain-{n}")
+        await _process(ctx)
+    assert len(await _events(redis, "recharge_succeeded")) == 2
+    [capped] = await _events(redis, "recharge_failed")
+    assert capped["reason"] == "daily_cap"
+    # amount cap: $150/day allows one $100 recharge only
+    auto2 = AutoRecharge(enabled=True, threshold="20.00", amount="100.00", max_per_day=5,
+                         max_amount_per_day="150.00")
+    await recharge.configure(ctx, T, "c1", auto2)
+    await redis.delete(keys.rstate(T, "c1"))
+    a = await recharge.recharge(ctx, T, "c1", attempt_id="x1", reason="manual")
+    b = await recharge.recharge(ctx, T, "c1", attempt_id="x2", reason="manual")
+    assert a is not None and a.state == "credited" and b is None
+
+
+async def test_card_retry_budget(redis: aioredis.Redis, gateway: StripeGateway,
+                                 localstripe: LocalStripe) -> None:
+    ctx = await _ctx(redis, gateway)
+    ctx.charger = Charger(ctx.store, gateway, max_card_tries=2)
+    await ctx.methods.attach(T, "c1", localstripe.card(DECLINES))
+    results = []
+    for n in range(3):
+        a = await recharge.recharge(ctx, T, "c1", attempt_id=f"r{n}", reason="manual")
+        assert a is not None
+        results.append(a.cards[0].code)
+    assert results == ["card_declined", "card_declined", "retry_limit"]
+    cus = await ctx.methods.customer(T, "c1")
+    assert len(localstripe.intents(customer=cus)) == 2
+
+
+async def test_dead_letter_never_drops(redis: aioredis.Redis, gateway: StripeGateway,
+                                       localstripe: LocalStripe) -> None:
+    ctx = await _ctx(redis, gateway)
+    await redis.xadd(keys.events(T), {"type": "recharge_needed", "account": "ghost",
+                                      "balance": "0", "ts": "1"})
+    await ctx.methods.attach(T, "c1", localstripe.card())
+    await _drop_below_threshold(ctx)
+    # c1 stays busy (another process holds its lock): retried, then dead-lettered
+    lock = redis.lock(keys.rlock(T, "c1"), timeout=60)
+    assert await lock.acquire()
+    for _ in range(recharge.MAX_DELIVERIES + 1):
+        await _process(ctx, idle=0)
+    await lock.release()
+    dead = await redis.xrange(keys.dead_letter(T, "events"))
+    assert sorted(f[b"account"] for _, f in dead) == [b"c1", b"ghost"]
+    assert all(b"error" in f and b"source_id" in f for _, f in dead)
+    assert (await redis.xpending(keys.events(T), recharge.GROUP))["pending"] == 0
+
+
+async def test_schedule_mode(redis: aioredis.Redis, gateway: StripeGateway,
+                             localstripe: LocalStripe) -> None:
+    auto = AutoRecharge(enabled=True, amount="100.00", every_days=30)
+    ctx = await _ctx(redis, gateway, auto)
+    await ctx.methods.attach(T, "c2", localstripe.card())
+    now = 1_900_000_000_000
+    done = await recharge.run_scheduled(ctx, now=now)
+    assert [a.account for a in done] == ["c2"]  # the others have no card: no attempt
+    assert await _balance(ctx, "c2") == 100 * D
+    assert await recharge.run_scheduled(ctx, now=now + 86_400_000) == []
+    again = await recharge.run_scheduled(ctx, now=now + 31 * 86_400_000)
+    assert [a.account for a in again] == ["c2"]
+    # schedule mode never reacts to the threshold
+    await _drop_below_threshold(ctx, "c2")
+    assert await _events(redis, "recharge_needed") == []
+
+
+async def test_settings_minimums(ctx: BillingContext, localstripe: LocalStripe) -> None:
+    await ctx.methods.attach(T, "c1", localstripe.card())
+    for bad in (AutoRecharge(enabled=True, threshold="19.99"),
+                AutoRecharge(enabled=True, amount="99.99"),
+                AutoRecharge(enabled=True, amount="100.001"),
+                AutoRecharge(enabled=True, max_amount_per_day="50.00"),
+                AutoRecharge(enabled=True, max_per_day=0),
+                AutoRecharge(enabled=True, every_days=0)):
+        with pytest.raises(InvalidRequest):
+            await recharge.configure(ctx, T, "c1", bad)
+    assert await ctx.store.redis.get(keys.autorecharge(T, "c1")) is None
+    ok = await recharge.configure(ctx, T, "c1", AutoRecharge(enabled=True, threshold="20.00",
+                                                             amount="100.00"))
+    assert ok.enabled
+    state = await ctx.store.account(T, "c1")
+    assert state is not None and state.auto_recharge and state.recharge_threshold == 20 * D
+
+
+async def test_run_recharge_worker_loop(
+        redis: aioredis.Redis, gateway: StripeGateway, localstripe: LocalStripe) -> None:
+    import asyncio
+
+    ctx = await _ctx(redis, gateway)
+    await ctx.methods.attach(T, "c1", localstripe.card())
+    stop = asyncio.Event()
+    task = asyncio.create_task(recharge.run_recharge_worker(
+        ctx.config, ctx.store, gateway, consumer="loop", stop=stop))
+    await _drop_below_threshold(ctx)
+
+    async def credited() -> None:
+        while not await _events(redis, "recharge_succeeded"):  # noqa: ASYNC110 - polls redis
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(credited(), 20)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert await _balance(ctx) == 115 * D
+
+
+def test_gateway_reads_key_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    from billing.errors import PaymentError
+    from billing.stripe_gateway import ENV_KEY
+
+    monkeypatch.delenv(ENV_KEY, raising=False)
+    with pytest.raises(PaymentError) as err:
+        StripeGateway()
+    assert err.value.code == "stripe_not_configured"
+    monkeypatch.setenv(ENV_KEY, "sk_test_secret_value")
+    gw = StripeGateway(api_base="http://127.0.0.1:1")
+    assert "sk_test_secret_value" not in repr(gw)
