@@ -102,10 +102,11 @@ class Children(Generic[M]):
     """Cache of bound ``.labels()`` children of one metric, with a cardinality cap.
 
     ``children(*values)`` returns the child for that label set; after the first call it is
-    one dict lookup (``Metric.labels`` takes a lock and re-validates every time). Beyond
-    ``limit`` distinct label sets, new ones are folded into a single ``__other__`` child and
+    one dict lookup (``Metric.labels`` takes a lock and re-validates every time). ``known``
+    label sets are created up front (so they export 0 before their first event). Beyond
+    ``limit`` further label sets, new ones are folded into a single ``__other__`` child and
     counted in ``leadflow_metric_label_overflow_total{metric}``: a misconfigured or abused
-    label can cost at most ``limit`` series, never an unbounded number.
+    label can cost at most ``limit`` extra series, never an unbounded number.
     """
 
     __slots__ = ("_cache", "_limit", "_lock", "_metric", "_name", "_on_overflow", "_other")
@@ -126,8 +127,10 @@ class Children(Generic[M]):
         self._cache: dict[tuple[str, ...], M] = {}
         self._other: M | None = None
         self._lock = Lock()
-        for values in known:
-            self(*values)
+        for values in known:  # pre-created, and not counted against ``limit``
+            key = tuple(values)
+            self._cache[key] = metric.labels(*key)
+        self._limit = limit + len(self._cache)
 
     @property
     def metric(self) -> M:
