@@ -88,7 +88,7 @@ def _command(
         exe, "--interface", interface,
         "--host", "127.0.0.1", "--port", str(port),
         "--loop", "uvloop", "--workers", str(workers),
-        "--log-level", "warning", "--no-ws",
+        "--log-level", "warning", "--no-ws", "--http", "1", "--no-access-log",
         app_ref,
     ]  # fmt: skip
 
