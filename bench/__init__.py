@@ -1,0 +1,1 @@
+"""Benchmark harness: an out-of-process HTTP load generator and a null endpoint ceiling."""
