@@ -20,6 +20,9 @@ _SUFFIX: dict[str, str] = {
     "dup": "dup:{}",  # STRING: last sale of a dedupe fingerprint (TTL = look-back)
     "op": "op:{}",  # STRING: applied balance operation (idempotency of credits/usage)
     "lead": "lead:{}",  # HASH: sold lead record (buyers, prices), for refunds
+    "dlog": "dlog:{}",  # LIST: delivery log of a lead (one JSON entry per attempt, TTL)
+    "dstate": "dstate:{}",  # HASH: buyer -> delivery outcome of a lead, or a sync claim (TTL)
+    "breaker": "breaker:{}",  # STRING: present while the buyer's breaker is open (TTL)
 }
 _FIXED: dict[str, str] = {
     "ledger": "ledger",  # STREAM: every ledger entry of the tenant (archived to SQL)
@@ -27,6 +30,8 @@ _FIXED: dict[str, str] = {
     "deliveries": "deliveries",  # STREAM: one delivery job per sold buyer
     "cursors": "cursors",  # HASH: campaign id -> round-robin counter
     "accounts": "accounts",  # SET: account ids (reconcile walks it, never SCAN)
+    "retries": "deliveries:retry",  # ZSET: delivery jobs waiting for a retry, score = due ms
+    "breakers": "breakers",  # ZSET: buyer id -> ms its open breaker half-opens
 }
 
 
@@ -62,6 +67,18 @@ def lead(tenant: str, lead_id: str) -> str:
     return tenant_prefix(tenant) + _SUFFIX["lead"].format(lead_id)
 
 
+def dlog(tenant: str, lead_id: str) -> str:
+    return tenant_prefix(tenant) + _SUFFIX["dlog"].format(lead_id)
+
+
+def dstate(tenant: str, lead_id: str) -> str:
+    return tenant_prefix(tenant) + _SUFFIX["dstate"].format(lead_id)
+
+
+def breaker(tenant: str, buyer_id: str) -> str:
+    return tenant_prefix(tenant) + _SUFFIX["breaker"].format(buyer_id)
+
+
 def ledger(tenant: str) -> str:
     return tenant_prefix(tenant) + _FIXED["ledger"]
 
@@ -80,6 +97,14 @@ def cursors(tenant: str) -> str:
 
 def accounts(tenant: str) -> str:
     return tenant_prefix(tenant) + _FIXED["accounts"]
+
+
+def retries(tenant: str) -> str:
+    return tenant_prefix(tenant) + _FIXED["retries"]
+
+
+def breakers(tenant: str) -> str:
+    return tenant_prefix(tenant) + _FIXED["breakers"]
 
 
 def dead_letter(tenant: str, stream: str) -> str:
