@@ -40,7 +40,7 @@ class _Shape(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, kw_
     pass
 
 
-class Field(_Shape):
+class Field(_Shape, kw_only=True):
     """One campaign field. ``min``/``max`` bound numbers; ``min_age``/``max_age`` bound dob."""
 
     name: str
@@ -54,14 +54,14 @@ class Field(_Shape):
     max_age: int | None = None
 
 
-class Dedupe(_Shape):
+class Dedupe(_Shape, kw_only=True):
     fields: list[str]
     match: Literal["all", "any"] = "all"
     days: int = 30
     scope: Literal["campaign", "buyer"] = "campaign"
 
 
-class Campaign(_Shape):
+class Campaign(_Shape, kw_only=True):
     id: Id
     tenant: Id
     name: str = ""
@@ -74,7 +74,7 @@ class Campaign(_Shape):
     sync_deadline_ms: int = 5_000
 
 
-class Filter(_Shape):
+class Filter(_Shape, kw_only=True):
     """A buyer filter on one field; every filter of a buyer must pass.
 
     op ``in``: equals one of ``values`` (case-insensitive); ``regex``: ``pattern`` matches;
@@ -91,7 +91,7 @@ class Filter(_Shape):
     action: Literal["allow", "block"] = "allow"
 
 
-class Caps(_Shape):
+class Caps(_Shape, kw_only=True):
     """Lead-count caps per window and spend caps; windows in the campaign's time zone."""
 
     hour: int | None = None
@@ -104,15 +104,15 @@ class Caps(_Shape):
     weekday: dict[str, int] = {}  # per-weekday daily cap, e.g. {sat = 10}
 
 
-class Schedule(_Shape):
+class Schedule(_Shape, kw_only=True):
     """When a buyer takes leads: weekdays and an ``HH:MM``-``HH:MM`` window, campaign tz."""
 
-    days: list[str] = list(WEEKDAYS)
+    days: list[str] = msgspec.field(default_factory=lambda: list(WEEKDAYS))
     start: str = "00:00"
     end: str = "24:00"
 
 
-class ResponseRule(_Shape):
+class ResponseRule(_Shape, kw_only=True):
     """One response rule of a buyer's webhook; every condition given must hold (AND).
 
     ``status``: the HTTP status is one of these; ``path`` + ``equals``: the JSON value at a
@@ -129,7 +129,7 @@ class ResponseRule(_Shape):
     regex: str | None = None
 
 
-class Delivery(_Shape):
+class Delivery(_Shape, kw_only=True):
     """How a buyer receives its leads (webhook). See docs/delivery.md.
 
     Request: ``method``/``format``/``template``/``headers`` (values may be ``env:NAME``),
@@ -162,7 +162,7 @@ class Delivery(_Shape):
     breaker_cooldown_s: int = 30
 
 
-class Buyer(_Shape):
+class Buyer(_Shape, kw_only=True):
     id: Id
     tenant: Id
     campaign: Id
@@ -172,12 +172,12 @@ class Buyer(_Shape):
     weight: int = 1
     status: Literal["active", "paused"] = "active"
     filters: list[Filter] = []
-    caps: Caps = Caps()
+    caps: Caps = msgspec.field(default_factory=Caps)
     schedule: Schedule | None = None
     delivery: Delivery | None = None
 
 
-class AutoRecharge(_Shape):
+class AutoRecharge(_Shape, kw_only=True):
     enabled: bool = False
     threshold: str = "20.00"  # at least $20.00
     amount: str = "100.00"  # at least $100.00
@@ -186,14 +186,14 @@ class AutoRecharge(_Shape):
     max_amount_per_day: str = "1000.00"
 
 
-class Account(_Shape):
+class Account(_Shape, kw_only=True):
     """Settings shared by client accounts and the tenant wallet."""
 
     opening_balance: str = "0.00"
     floor: str = "-20.00"
     alert: str = "20.00"  # balance_alert below this, at least $1.00
     min_balance: str | None = None
-    auto_recharge: AutoRecharge = AutoRecharge()
+    auto_recharge: AutoRecharge = msgspec.field(default_factory=AutoRecharge)
 
 
 class Client(Account, kw_only=True):
@@ -203,23 +203,23 @@ class Client(Account, kw_only=True):
     billing: BillingMode = "manual"
 
 
-class Fees(_Shape):
+class Fees(_Shape, kw_only=True):
     inbound_lead: str = "0.00"  # per accepted inbound lead, charged to the tenant wallet
     outbound_delivery: str = "0.00"  # per sold delivery
     card_fee_percent: str = "0"  # passed to buyers on card funding, 0 to 15
 
 
-class Tenant(_Shape):
+class Tenant(_Shape, kw_only=True):
     id: Id
     name: str = ""
     api_token: str  # bearer token of the tenant's API; literal or env:NAME
     timezone: str = "UTC"
-    fees: Fees = Fees()
-    wallet: Account = Account()
+    fees: Fees = msgspec.field(default_factory=Fees)
+    wallet: Account = msgspec.field(default_factory=Account)
     meters: dict[str, str] = {}  # metered service -> unit price
 
 
-class Supplier(_Shape):
+class Supplier(_Shape, kw_only=True):
     id: Id
     tenant: Id
     key: str  # the lp_key sellers post with; literal or env:NAME
@@ -229,7 +229,7 @@ class Supplier(_Shape):
     campaigns: list[Id] = []  # empty: every campaign of the tenant
 
 
-class Settings(_Shape):
+class Settings(_Shape, kw_only=True):
     redis_url: str | None = None  # none: the embedded redis-server
     state_dir: str = ".leadflow"
     host: str = "127.0.0.1"
@@ -243,8 +243,8 @@ class Settings(_Shape):
     sql_url: str | None = None
 
 
-class Config(_Shape):
-    settings: Settings = Settings()
+class Config(_Shape, kw_only=True):
+    settings: Settings = msgspec.field(default_factory=Settings)
     tenants: list[Tenant] = []
     clients: list[Client] = []
     suppliers: list[Supplier] = []
