@@ -77,6 +77,7 @@ class WorkerOptions:
     connector_limit: int = 512  # TCPConnector(limit=...)
     limit_per_host: int = 64  # TCPConnector(limit_per_host=...)
     excerpt_chars: int = 256  # response excerpt kept in the delivery log
+    redis_concurrency: int = 32  # Redis calls in flight; keep below the client's pool size
 
 
 class Job(NamedTuple):
@@ -93,6 +94,19 @@ class Job(NamedTuple):
 
 
 _lead_dec = msgspec.json.Decoder(dict[str, str])
+
+
+class _Batch:
+    """What a batch of jobs writes: pipeline ops per tenant, then money effects."""
+
+    __slots__ = ("money", "ops")
+
+    def __init__(self) -> None:
+        self.ops: dict[str, list[Callable[[Any], None]]] = {}
+        self.money: list[tuple[Job, Decision]] = []
+
+    def add(self, tenant: str, op: Callable[[Any], None]) -> None:
+        self.ops.setdefault(tenant, []).append(op)
 
 
 def _job(tenant: str, entry_id: bytes | str, raw: dict[bytes, bytes] | None) -> Job | None:
@@ -139,6 +153,7 @@ class DeliveryWorker:
         self._session: aiohttp.ClientSession | None = None
         self._inflight_ids: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._rsem = asyncio.Semaphore(self.opts.redis_concurrency)
         self._room = asyncio.Event()
         self._room.set()
         self._last_claim = 0
@@ -236,69 +251,110 @@ class DeliveryWorker:
         return len(jobs)
 
     async def handle_batch(self, jobs: Sequence[Job]) -> None:
+        """Deliver a batch: one read of the sales/decisions, the requests concurrently, then
+        one MULTI per tenant with every decision, log entry, retry and ack of the batch, the
+        money effects, and one MULTI acking the jobs that had one."""
         if not jobs:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
             for j in jobs:
                 pipe.hget(keys.lead(j.tenant, j.lead_id), j.buyer)
                 pipe.hget(keys.dstate(j.tenant, j.lead_id), j.buyer)
-            pre = await pipe.execute()
-        await asyncio.gather(*(self.handle(j, pre[2 * i], pre[2 * i + 1])
-                               for i, j in enumerate(jobs)))
-
-    async def handle(self, job: Job, sale_raw: bytes | None, state_raw: bytes | None) -> None:
-        """Deliver one job (never raises; on an internal error the entry stays pending)."""
-        self._inflight_ids.add(job.entry_id)
+            async with self._rsem:
+                pre = await pipe.execute()
+        out = _Batch()
+        for j in jobs:
+            self._inflight_ids.add(j.entry_id)
         try:
-            await self._handle(job, sale_raw, state_raw)
+            await asyncio.gather(*(self.handle(j, pre[2 * i], pre[2 * i + 1], out)
+                                   for i, j in enumerate(jobs)))
+            await self._commit(out)
+        finally:
+            for j in jobs:
+                self._inflight_ids.discard(j.entry_id)
+
+    async def _commit(self, out: _Batch) -> None:
+        for ops in out.ops.values():
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for op in ops:
+                    op(pipe)
+                async with self._rsem:
+                    await pipe.execute()
+        if not out.money:
+            return
+
+        async def money(job: Job, dec: Decision) -> Job | None:
+            try:
+                async with self._rsem:
+                    await record.apply_money(self.store, job.tenant, job.lead_id, job.buyer,
+                                             dec, sale_price=job.price)
+            except Exception:  # left pending: a later claim replays it from the decision
+                log.exception("money effect of %s/%s (tenant %s) failed; left pending",
+                              job.lead_id, job.buyer, job.tenant)
+                return None
+            return job
+
+        done = [j for j in await asyncio.gather(*(money(j, d) for j, d in out.money)) if j]
+        if done:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for j in done:
+                    self._ack_in(pipe, j)
+                async with self._rsem:
+                    await pipe.execute()
+
+    async def handle(
+        self, job: Job, sale_raw: bytes | None, state_raw: bytes | None, out: _Batch
+    ) -> None:
+        """Deliver one job into ``out`` (never raises; on an internal error the entry stays
+        pending and a later XAUTOCLAIM retries it)."""
+        try:
+            await self._handle(job, sale_raw, state_raw, out)
         except Exception:
             log.exception("delivery of %s to %s (tenant %s) failed; left pending",
                           job.lead_id, job.buyer, job.tenant)
-        finally:
-            self._inflight_ids.discard(job.entry_id)
 
-    async def _handle(self, job: Job, sale_raw: bytes | None, state_raw: bytes | None) -> None:
+    async def _handle(
+        self, job: Job, sale_raw: bytes | None, state_raw: bytes | None, out: _Batch
+    ) -> None:
         now = self.clock()
         prior = record.decode_decision(state_raw)
         if prior is not None:
             if prior.o == record.SYNC and prior.u > now:
-                await self._defer(job, prior.u, "sync attempt in progress")
+                self._defer(out, job, prior.u, "sync attempt in progress")
                 return
             if prior.o != record.SYNC:  # decided before: replay the money effect, ack
-                await record.apply_money(self.store, job.tenant, job.lead_id, job.buyer,
-                                         prior, sale_price=job.price)
-                await self._ack(job)
+                out.money.append((job, prior))
                 return
         if sale_raw is None:
-            await self._give_up(job, "unknown sale (expired or never recorded)", refund=False)
+            self._give_up(out, job, "unknown sale (expired or never recorded)", refund=False)
             return
         if msgspec.json.decode(sale_raw).get("s") == "refunded":
-            await self._finish(job, Decision(record.REJECTED, "sale refunded before delivery"),
-                               result="skipped")
+            self._finish(out, job, Decision(record.REJECTED, "sale refunded before delivery"),
+                         result="skipped")
             return
         target = self.endpoint(job.tenant, job.buyer)
         if target is None:
-            await self._give_up(job, "buyer not configured")
+            self._give_up(out, job, "buyer not configured")
             return
         if isinstance(target, Buyer):  # no webhook: the lead is delivered by being sold
-            await self._finish(job, Decision(record.ACCEPTED, "no webhook configured"))
+            self._finish(out, job, Decision(record.ACCEPTED, "no webhook configured"))
             return
-        await self._deliver(job, target, now)
+        await self._deliver(out, job, target, now)
 
-    async def _deliver(self, job: Job, ep: Endpoint, now: int) -> None:
+    async def _deliver(self, out: _Batch, job: Job, ep: Endpoint, now: int) -> None:
         d = ep.delivery
         expires = job.ts + d.max_age_s * 1_000
         if now >= expires:
-            await self._give_up(job, f"expired after {job.attempt} attempts")
+            self._give_up(out, job, f"expired after {job.attempt} attempts")
             return
         br = self.breakers.get(job.tenant, job.buyer, failures=d.breaker_failures,
                                cooldown_s=d.breaker_cooldown_s)
         wait_until = br.allow(now)
         if wait_until:
             if wait_until >= expires:
-                await self._give_up(job, f"breaker open; expired after {job.attempt} attempts")
+                self._give_up(out, job, f"breaker open; expired after {job.attempt} attempts")
             else:
-                await self._defer(job, wait_until, "breaker open")
+                self._defer(out, job, wait_until, "breaker open")
             return
         lead = _lead_dec.decode(job.fields.get("lead", "{}"))
         att = await client.attempt(self.session, ep, lead=lead, lead_id=job.lead_id,
@@ -311,67 +367,73 @@ class DeliveryWorker:
         if att.verdict is not None:
             await self.breakers.success(job.tenant, job.buyer, br)
             v = att.verdict
-            await self._finish(job, Decision(v.outcome.value, v.reason, v.price),
-                               result=v.outcome.lower(), attempt=n, status=att.status,
-                               ms=att.latency_ms, excerpt=att.excerpt)
+            self._finish(out, job, Decision(v.outcome.value, v.reason, v.price),
+                         result=v.outcome.lower(), attempt=n, status=att.status,
+                         ms=att.latency_ms, excerpt=att.excerpt)
             return
         await self.breakers.failure(job.tenant, job.buyer, br, now)
         due = now + retry_delay_ms(n, d.retry_base_ms, d.retry_max_ms, att.retry_after_ms)
         if n >= d.max_attempts or due >= expires:
-            await self._give_up(job, f"gave up after {n} attempts: {att.error}", attempt=n,
-                                status=att.status, ms=att.latency_ms, excerpt=att.excerpt)
+            self._give_up(out, job, f"gave up after {n} attempts: {att.error}", attempt=n,
+                          status=att.status, ms=att.latency_ms, excerpt=att.excerpt)
             return
         fields = {**job.fields, "attempt": str(n)}
-        async with self.redis.pipeline(transaction=True) as pipe:
-            record.write_log(pipe, job.tenant, job.lead_id, record.log_entry(
-                buyer=job.buyer, attempt=n, ts=now, result="retry", status=att.status,
-                ms=att.latency_ms, reason=f"{att.error}; retry at {due}", excerpt=att.excerpt))
+        entry = record.log_entry(
+            buyer=job.buyer, attempt=n, ts=now, result="retry", status=att.status,
+            ms=att.latency_ms, reason=f"{att.error}; retry at {due}", excerpt=att.excerpt)
+
+        def op(pipe: Any) -> None:
+            record.write_log(pipe, job.tenant, job.lead_id, entry)
             self._schedule(pipe, job, fields, due)
-            await pipe.execute()
+
+        out.add(job.tenant, op)
 
     def _schedule(self, pipe: Any, job: Job, fields: dict[str, str], due: int) -> None:
         member = msgspec.json.encode([x for kv in fields.items() for x in kv])
         pipe.zadd(keys.retries(job.tenant), {member: due})
         self._ack_in(pipe, job)
 
-    async def _defer(self, job: Job, until: int, why: str) -> None:
+    def _defer(self, out: _Batch, job: Job, until: int, why: str) -> None:
         record.notify(self.observer, DeliveryEvent(job.tenant, job.buyer, job.lead_id,
                                                    "deferred", 0, 0, job.attempt))
-        async with self.redis.pipeline(transaction=True) as pipe:
-            record.write_log(pipe, job.tenant, job.lead_id, record.log_entry(
-                buyer=job.buyer, attempt=job.attempt, ts=self.clock(), result="deferred",
-                reason=f"{why}; retry at {until}"))
-            self._schedule(pipe, job, job.fields, until)
-            await pipe.execute()
+        entry = record.log_entry(buyer=job.buyer, attempt=job.attempt, ts=self.clock(),
+                                 result="deferred", reason=f"{why}; retry at {until}")
 
-    async def _finish(
-        self, job: Job, dec: Decision, *, result: str = "", attempt: int | None = None,
-        status: int = 0, ms: int = 0, excerpt: str = "", dead: bool = False,
+        def op(pipe: Any) -> None:
+            record.write_log(pipe, job.tenant, job.lead_id, entry)
+            self._schedule(pipe, job, job.fields, until)
+
+        out.add(job.tenant, op)
+
+    def _finish(
+        self, out: _Batch, job: Job, dec: Decision, *, result: str = "",
+        attempt: int | None = None, status: int = 0, ms: int = 0, excerpt: str = "",
+        dead: bool = False,
     ) -> None:
         """Record the decision and log, then the money effect, then ack (see module docs)."""
         money = dec.o in record.REFUNDED_OUTCOMES or (
             dec.o == record.ACCEPTED and dec.p is not None and dec.p != job.price)
         now = self.clock()
-        async with self.redis.pipeline(transaction=True) as pipe:
+        n = job.attempt if attempt is None else attempt
+        entry = record.log_entry(buyer=job.buyer, attempt=n, ts=now,
+                                 result=result or dec.o.lower(), status=status, ms=ms,
+                                 reason=dec.r, excerpt=excerpt)
+
+        def op(pipe: Any) -> None:
             record.write_decision(pipe, job.tenant, job.lead_id, job.buyer, dec)
-            record.write_log(pipe, job.tenant, job.lead_id, record.log_entry(
-                buyer=job.buyer, attempt=job.attempt if attempt is None else attempt, ts=now,
-                result=result or dec.o.lower(), status=status, ms=ms, reason=dec.r,
-                excerpt=excerpt))
+            record.write_log(pipe, job.tenant, job.lead_id, entry)
             if dead:
-                self._dead_letter(pipe, job, dec.r, attempts=attempt or job.attempt,
-                                  status=status, now=now)
+                self._dead_letter(pipe, job, dec.r, attempts=n, status=status, now=now)
             if not money:
                 self._ack_in(pipe, job)
-            await pipe.execute()
-        if money:
-            await record.apply_money(self.store, job.tenant, job.lead_id, job.buyer, dec,
-                                     sale_price=job.price)
-            await self._ack(job)
 
-    async def _give_up(
-        self, job: Job, reason: str, *, refund: bool = True, attempt: int | None = None,
-        status: int = 0, ms: int = 0, excerpt: str = "",
+        out.add(job.tenant, op)
+        if money:
+            out.money.append((job, dec))
+
+    def _give_up(
+        self, out: _Batch, job: Job, reason: str, *, refund: bool = True,
+        attempt: int | None = None, status: int = 0, ms: int = 0, excerpt: str = "",
     ) -> None:
         n = job.attempt if attempt is None else attempt
         record.notify(self.observer, DeliveryEvent(job.tenant, job.buyer, job.lead_id,
@@ -379,8 +441,8 @@ class DeliveryWorker:
         log.warning("delivery of %s to %s (tenant %s) dead-lettered: %s", job.lead_id,
                     job.buyer, job.tenant, reason)
         dec = Decision(record.FAILED if refund else "UNKNOWN", reason)
-        await self._finish(job, dec, result="failed", attempt=n, status=status, ms=ms,
-                           excerpt=excerpt, dead=True)
+        self._finish(out, job, dec, result="failed", attempt=n, status=status, ms=ms,
+                     excerpt=excerpt, dead=True)
 
     def _dead_letter(
         self, pipe: Any, job: Job, reason: str, *, attempts: int, status: int, now: int
@@ -397,11 +459,6 @@ class DeliveryWorker:
         stream = keys.deliveries(job.tenant)
         pipe.xack(stream, self.opts.group, job.entry_id)
         pipe.xdel(stream, job.entry_id)
-
-    async def _ack(self, job: Job) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            self._ack_in(pipe, job)
-            await pipe.execute()
 
     # -- the long-running loop -----------------------------------------------------------
 

@@ -1,0 +1,1 @@
+"""Benchmarks (functions, not tests): ``python -m bench.<name>``."""
