@@ -148,6 +148,7 @@ class DeliveryWorker:
             (b.tenant, b.id): b for b in cfg.buyers if b.tenant in self.tenants
         }
         self._endpoints: dict[tuple[str, str], Endpoint] = {}
+        self._per_buyer: dict[tuple[str, str], asyncio.Semaphore] = {}
         self._streams = {keys.deliveries(t): t for t in self.tenants}
         self._requeue = self.redis.register_script(_REQUEUE)
         self._session: aiohttp.ClientSession | None = None
@@ -179,6 +180,12 @@ class DeliveryWorker:
     def session(self) -> aiohttp.ClientSession:
         assert self._session is not None, "call start() first"
         return self._session
+
+    def _slots(self, tenant: str, buyer: str) -> asyncio.Semaphore:
+        sem = self._per_buyer.get((tenant, buyer))
+        if sem is None:
+            sem = self._per_buyer[(tenant, buyer)] = asyncio.Semaphore(self.opts.limit_per_host)
+        return sem
 
     def endpoint(self, tenant: str, buyer: str) -> Endpoint | Buyer | None:
         """The buyer's Endpoint; the Buyer when it has no webhook; None when unknown."""
@@ -357,9 +364,12 @@ class DeliveryWorker:
                 self._defer(out, job, wait_until, "breaker open")
             return
         lead = _lead_dec.decode(job.fields.get("lead", "{}"))
-        att = await client.attempt(self.session, ep, lead=lead, lead_id=job.lead_id,
-                                   campaign=job.campaign, price=job.price,
-                                   excerpt_chars=self.opts.excerpt_chars)
+        # wait for a connection slot of this endpoint *before* the request timeout starts,
+        # so queueing behind the per-host limit never counts as a buyer timeout
+        async with self._slots(job.tenant, job.buyer):
+            att = await client.attempt(self.session, ep, lead=lead, lead_id=job.lead_id,
+                                       campaign=job.campaign, price=job.price,
+                                       excerpt_chars=self.opts.excerpt_chars)
         now = self.clock()
         n = job.attempt + 1
         record.notify(self.observer, DeliveryEvent(job.tenant, job.buyer, job.lead_id,
