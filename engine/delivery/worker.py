@@ -63,6 +63,40 @@ return #due
 """
 
 
+# the common end of a batch, one call per tenant: decisions, log entries, acks
+# ARGV[1] = {"g": group, "ttl": s, "lmax": n, "d": [[lead, buyer, decision]], "l": [[lead,
+# entry]], "a": [entry ids to XACK + XDEL]}
+_FINISH = keys.lua_preamble() + """
+local p, b = KEYS[1], cjson.decode(ARGV[1])
+for _, d in ipairs(b.d) do
+  local k = K.dstate(p, d[1])
+  redis.call('HSET', k, d[2], d[3])
+  redis.call('EXPIRE', k, b.ttl)
+end
+for _, l in ipairs(b.l) do
+  local k = K.dlog(p, l[1])
+  if redis.call('RPUSH', k, l[2]) > b.lmax then redis.call('LTRIM', k, -b.lmax, -1) end
+  redis.call('EXPIRE', k, b.ttl)
+end
+if #b.a > 0 then
+  redis.call('XACK', K.deliveries(p), b.g, unpack(b.a))
+  redis.call('XDEL', K.deliveries(p), unpack(b.a))
+end
+return #b.a
+"""
+
+
+# the sale record and the delivery decision of each job of a batch ("" when absent)
+_PRECHECK = keys.lua_preamble() + """
+local p, out = KEYS[1], {}
+for i, j in ipairs(cjson.decode(ARGV[1])) do
+  out[2 * i - 1] = redis.call('HGET', K.lead(p, j[1]), j[2]) or ''
+  out[2 * i] = redis.call('HGET', K.dstate(p, j[1]), j[2]) or ''
+end
+return out
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerOptions:
     """Process-level knobs (per-buyer retry policy lives in the buyer's Delivery)."""
@@ -99,14 +133,31 @@ _lead_dec = msgspec.json.Decoder(dict[str, str])
 class _Batch:
     """What a batch of jobs writes: pipeline ops per tenant, then money effects."""
 
-    __slots__ = ("money", "ops")
+    __slots__ = ("common", "money", "ops")
 
     def __init__(self) -> None:
-        self.ops: dict[str, list[Callable[[Any], None]]] = {}
+        self.ops: dict[str, list[Callable[[Any], None]]] = {}  # rare: retries, dead letters
+        self.common: dict[str, dict[str, list[Any]]] = {}  # decisions, logs, acks (Lua)
         self.money: list[tuple[Job, Decision]] = []
 
     def add(self, tenant: str, op: Callable[[Any], None]) -> None:
         self.ops.setdefault(tenant, []).append(op)
+
+    def _c(self, tenant: str) -> dict[str, list[Any]]:
+        c = self.common.get(tenant)
+        if c is None:
+            c = self.common[tenant] = {"d": [], "l": [], "a": []}
+        return c
+
+    def decide(self, job: Job, dec: Decision) -> None:
+        self._c(job.tenant)["d"].append(
+            [job.lead_id, job.buyer, record.encode_decision(dec).decode()])
+
+    def log(self, job: Job, entry: bytes) -> None:
+        self._c(job.tenant)["l"].append([job.lead_id, entry.decode()])
+
+    def ack(self, job: Job) -> None:
+        self._c(job.tenant)["a"].append(job.entry_id)
 
 
 def _job(tenant: str, entry_id: bytes | str, raw: dict[bytes, bytes] | None) -> Job | None:
@@ -151,6 +202,8 @@ class DeliveryWorker:
         self._per_buyer: dict[tuple[str, str], asyncio.Semaphore] = {}
         self._streams = {keys.deliveries(t): t for t in self.tenants}
         self._requeue = self.redis.register_script(_REQUEUE)
+        self._finish_lua = self.redis.register_script(_FINISH)
+        self._precheck = self.redis.register_script(_PRECHECK)
         self._session: aiohttp.ClientSession | None = None
         self._inflight_ids: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -263,28 +316,35 @@ class DeliveryWorker:
         money effects, and one MULTI acking the jobs that had one."""
         if not jobs:
             return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for j in jobs:
-                pipe.hget(keys.lead(j.tenant, j.lead_id), j.buyer)
-                pipe.hget(keys.dstate(j.tenant, j.lead_id), j.buyer)
+        pre: dict[str, tuple[bytes | None, bytes | None]] = {}
+        for tenant in {j.tenant for j in jobs}:
+            mine = [j for j in jobs if j.tenant == tenant]
             async with self._rsem:
-                pre = await pipe.execute()
+                raw = await self._precheck(keys=[keys.tenant_prefix(tenant)], args=[
+                    msgspec.json.encode([[j.lead_id, j.buyer] for j in mine])])
+            for i, j in enumerate(mine):
+                pre[j.entry_id] = (raw[2 * i] or None, raw[2 * i + 1] or None)
         out = _Batch()
         for j in jobs:
             self._inflight_ids.add(j.entry_id)
         try:
-            await asyncio.gather(*(self.handle(j, pre[2 * i], pre[2 * i + 1], out)
-                                   for i, j in enumerate(jobs)))
+            await asyncio.gather(*(self.handle(j, *pre[j.entry_id], out) for j in jobs))
             await self._commit(out)
         finally:
             for j in jobs:
                 self._inflight_ids.discard(j.entry_id)
 
     async def _commit(self, out: _Batch) -> None:
-        for ops in out.ops.values():
+        for tenant in out.ops.keys() | out.common.keys():
             async with self.redis.pipeline(transaction=True) as pipe:
-                for op in ops:
+                for op in out.ops.get(tenant, []):
                     op(pipe)
+                common = out.common.get(tenant)
+                if common:
+                    arg = {"g": self.opts.group, "ttl": record.STATE_TTL_S,
+                           "lmax": record.LOG_MAX, **common}
+                    await self._finish_lua(keys=[keys.tenant_prefix(tenant)],
+                                           args=[msgspec.json.encode(arg)], client=pipe)
                 async with self._rsem:
                     await pipe.execute()
         if not out.money:
@@ -429,17 +489,15 @@ class DeliveryWorker:
                                  result=result or dec.o.lower(), status=status, ms=ms,
                                  reason=dec.r, excerpt=excerpt)
 
-        def op(pipe: Any) -> None:
-            record.write_decision(pipe, job.tenant, job.lead_id, job.buyer, dec)
-            record.write_log(pipe, job.tenant, job.lead_id, entry)
-            if dead:
-                self._dead_letter(pipe, job, dec.r, attempts=n, status=status, now=now)
-            if not money:
-                self._ack_in(pipe, job)
-
-        out.add(job.tenant, op)
+        out.decide(job, dec)
+        out.log(job, entry)
+        if dead:
+            out.add(job.tenant, lambda pipe: self._dead_letter(
+                pipe, job, dec.r, attempts=n, status=status, now=now))
         if money:
             out.money.append((job, dec))
+        else:
+            out.ack(job)
 
     def _give_up(
         self, out: _Batch, job: Job, reason: str, *, refund: bool = True,
