@@ -1,1 +1,1 @@
-"""Benchmark harness: an out-of-process HTTP load generator and a null endpoint ceiling."""
+"""Benchmarks, opt-in and apart from the tests: ``python -m bench all`` or ``python -m bench NAME``."""

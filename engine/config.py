@@ -112,20 +112,54 @@ class Schedule(_Shape, kw_only=True):
     end: str = "24:00"
 
 
+class ResponseRule(_Shape, kw_only=True):
+    """One response rule of a buyer's webhook; every condition given must hold (AND).
+
+    ``status``: the HTTP status is one of these; ``path`` + ``equals``: the JSON value at a
+    dotted path (``"result"``, ``"data.items.0.status"``) equals this text (case-insensitive;
+    JSON ``true`` is ``"true"``); ``path`` alone: the path exists and is not null/false/"";
+    ``contains``: the body contains this text; ``regex``: the pattern matches (search) the body.
+    A rule list matches when any of its rules matches (OR). See docs/delivery.md.
+    """
+
+    status: list[int] = []
+    path: str | None = None
+    equals: str | None = None
+    contains: str | None = None
+    regex: str | None = None
+
+
 class Delivery(_Shape, kw_only=True):
-    """How a buyer receives its leads (webhook). See the delivery docs."""
+    """How a buyer receives its leads (webhook). See docs/delivery.md.
+
+    Request: ``method``/``format``/``template``/``headers`` (values may be ``env:NAME``),
+    signed with ``secret`` (Standard Webhooks). Verdict: ``duplicate`` rules, then ``accept``
+    rules (empty: any 2xx is accepted); anything else is rejected; 5xx, 429, timeouts and
+    network errors are retried. Optional real-time price at ``price_path``, capped at
+    ``max_price`` (default: the buyer's configured price). Retry policy: at most
+    ``max_attempts`` attempts within ``max_age_s`` of the sale, exponential backoff with full
+    jitter from ``retry_base_ms`` up to ``retry_max_ms``; Retry-After is honoured. The
+    circuit breaker opens after ``breaker_failures`` consecutive failures for
+    ``breaker_cooldown_s``.
+    """
 
     url: str
     method: Literal["POST", "PUT", "GET"] = "POST"
     format: Literal["json", "form"] = "json"
     template: dict[str, str] = {}  # outgoing name -> "{field}" or a static value
-    headers: dict[str, str] = {}
+    headers: dict[str, str] = {}  # values may be "env:NAME"; never logged
     timeout_ms: int = 5_000
     secret: str = ""  # Standard Webhooks secret ("whsec_..." or env:NAME)
-    accept: list[dict[str, str]] = []  # response rules, see engine.delivery
-    duplicate: list[dict[str, str]] = []
+    accept: list[ResponseRule] = []  # empty: any 2xx is accepted
+    duplicate: list[ResponseRule] = []
     price_path: str | None = None  # real-time price read from the response
     max_price: str | None = None
+    max_attempts: int = 8
+    max_age_s: int = 6 * 3_600
+    retry_base_ms: int = 1_000
+    retry_max_ms: int = 300_000
+    breaker_failures: int = 10
+    breaker_cooldown_s: int = 30
 
 
 class Buyer(_Shape, kw_only=True):

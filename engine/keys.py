@@ -27,6 +27,9 @@ _SUFFIX: dict[str, str] = {
     "rstate": "acct:{}:rstate",  # HASH: day, n, amount (daily caps), last_ms, attempt
     "attempt": "attempt:{}",  # STRING: JSON charge attempt (funding/recharge state machine)
     "card_tries": "card:{}:tries",  # ZSET: charge attempts on one payment method, by ms
+    "dlog": "dlog:{}",  # LIST: delivery log of a lead (one JSON entry per attempt, TTL)
+    "dstate": "dstate:{}",  # HASH: buyer -> delivery outcome of a lead, or a sync claim (TTL)
+    "breaker": "breaker:{}",  # STRING: present while the buyer's breaker is open (TTL)
 }
 _FIXED: dict[str, str] = {
     "ledger": "ledger",  # STREAM: every ledger entry of the tenant (archived to SQL)
@@ -35,6 +38,10 @@ _FIXED: dict[str, str] = {
     "cursors": "cursors",  # HASH: campaign id -> round-robin counter
     "accounts": "accounts",  # SET: account ids (reconcile walks it, never SCAN)
     "charge_audit": "charge_audit",  # STREAM: every charge attempt transition (audit)
+
+
+    "retries": "deliveries:retry",  # ZSET: delivery jobs waiting for a retry, score = due ms
+    "breakers": "breakers",  # ZSET: buyer id -> ms its open breaker half-opens
 }
 
 
@@ -98,6 +105,18 @@ def charge_audit(tenant: str) -> str:
     return tenant_prefix(tenant) + _FIXED["charge_audit"]
 
 
+def dlog(tenant: str, lead_id: str) -> str:
+    return tenant_prefix(tenant) + _SUFFIX["dlog"].format(lead_id)
+
+
+def dstate(tenant: str, lead_id: str) -> str:
+    return tenant_prefix(tenant) + _SUFFIX["dstate"].format(lead_id)
+
+
+def breaker(tenant: str, buyer_id: str) -> str:
+    return tenant_prefix(tenant) + _SUFFIX["breaker"].format(buyer_id)
+
+
 def ledger(tenant: str) -> str:
     return tenant_prefix(tenant) + _FIXED["ledger"]
 
@@ -116,6 +135,14 @@ def cursors(tenant: str) -> str:
 
 def accounts(tenant: str) -> str:
     return tenant_prefix(tenant) + _FIXED["accounts"]
+
+
+def retries(tenant: str) -> str:
+    return tenant_prefix(tenant) + _FIXED["retries"]
+
+
+def breakers(tenant: str) -> str:
+    return tenant_prefix(tenant) + _FIXED["breakers"]
 
 
 def dead_letter(tenant: str, stream: str) -> str:

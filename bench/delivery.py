@@ -1,0 +1,153 @@
+"""Deliveries/s of one worker process vs a bare aiohttp client loop, same local sink.
+
+``python -m bench.delivery [N]``: starts a throwaway redis-server and an aiohttp sink in a
+separate process, sells N leads through decide.lua (one buyer, one job each), then
+
+1. *worker*: one :class:`DeliveryWorker` drains the stream (XREADGROUP, sign, POST,
+   classify, decision + log + XACK/XDEL per job), timed from start to an empty stream;
+2. *ceiling*: a bare aiohttp loop POSTs the same N JSON bodies to the same sink with the
+   same connection limit, nothing else.
+
+Prints both rates and worker/ceiling (target >= 0.7).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import socket
+import sys
+import tempfile
+import time
+from typing import Any
+
+import msgspec
+import uvloop
+from aiohttp import web
+
+from engine import keys
+from engine.config import WALLET, Buyer, Config, Delivery, ResponseRule
+from engine.delivery.worker import DeliveryWorker, WorkerOptions
+from engine.embedded import EmbeddedRedis, free_port
+from engine.scripts import scripts
+from engine.store import Store, connect, now_ms
+
+T = "bench"
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+LEAD = {"first_name": "Ada", "last_name": "Lovelace", "email": "ada@example.com",
+        "phone": "5555550100", "state": "CA", "zip": "94105"}
+CONCURRENCY = 64  # connections per host, the same for both runs
+
+
+def _sink(port: int) -> None:
+    async def ok(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"status": "accepted"})
+
+    app = web.Application()
+    app.router.add_post("/lead", ok)
+    uvloop.install()
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
+def _wait_port(port: int, within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+async def _sell(store: Store, b: Buyer, n: int) -> None:
+    for account in (WALLET, b.client):
+        await store.sync_account(T, account, opening=10**14, floor=0, alert=0,
+                                 recharge_threshold=0, auto_recharge=False, min_balance=None,
+                                 mode="manual")
+    x = msgspec.json.encode(LEAD).decode()
+    for start in range(0, n, 64):
+        leads = [{"id": f"L{i}", "k": f"k{i}", "kt": 3600, "t": 0, "c": b.campaign, "fi": 0,
+                  "n": 1, "rr": 0, "q": [], "d": [], "dt": 60, "win": ["h", "d", "w", "m"],
+                  "x": x, "cs": [{"b": b.id, "a": b.client, "p": 1_000_000, "fo": 0,
+                                  "bd": [], "cap": [-1] * 7}]}
+                 for i in range(start, min(n, start + 64))]
+        batch = {"now": now_ms(), "w": WALLET, "leads": leads}
+        await scripts().decide(store.redis, [keys.tenant_prefix(T)], [msgspec.json.encode(batch)])
+
+
+async def _worker_rate(store: Store, b: Buyer, n: int) -> float:
+    w = DeliveryWorker(Config(buyers=[b]), store, tenants=[T], consumer="bench",
+                       options=WorkerOptions(count=128, max_inflight=512, block_ms=20,
+                                             limit_per_host=CONCURRENCY))
+    stop = asyncio.Event()
+    t0 = time.perf_counter()
+    task = asyncio.create_task(w.run(stop))
+    stream = keys.deliveries(T)
+    while True:
+        await asyncio.sleep(0.02)
+        if await store.redis.xlen(stream) == 0:
+            break
+    elapsed = time.perf_counter() - t0
+    stop.set()
+    await task
+    return n / elapsed
+
+
+async def _ceiling_rate(url: str, n: int) -> float:
+    import aiohttp
+
+    body = msgspec.json.encode(LEAD)
+    conn = aiohttp.TCPConnector(limit=512, limit_per_host=CONCURRENCY)
+    async with aiohttp.ClientSession(connector=conn) as session:
+        queue = iter(range(n))
+
+        async def loop() -> None:
+            for _ in queue:
+                async with session.post(url, data=body,
+                                        headers={"Content-Type": "application/json"}) as r:
+                    await r.read()
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(loop() for _ in range(CONCURRENCY * 2)))
+        return n / (time.perf_counter() - t0)
+
+
+def run(n: int = 5_000) -> dict[str, Any]:
+    """Run the benchmark once; print and return the rates."""
+    port = free_port()
+    sink = multiprocessing.get_context("spawn").Process(target=_sink, args=(port,), daemon=True)
+    sink.start()
+    try:
+        _wait_port(port)
+        url = f"http://127.0.0.1:{port}/lead"
+        with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(tmp, persistent=False) as srv:
+
+            async def main() -> dict[str, Any]:
+                store = Store(connect(srv.url, max_connections=128))
+                b = Buyer(id="b1", tenant=T, campaign="c1", client="c-b1", price="1.00",
+                          delivery=Delivery(url=url, secret=SECRET,
+                                            accept=[ResponseRule(path="status",
+                                                                 equals="accepted")]))
+                await _sell(store, b, n)
+                worker = await _worker_rate(store, b, n)
+                ceiling = await _ceiling_rate(url, n)
+                await store.redis.aclose()
+                return {"n": n, "worker_per_s": worker, "ceiling_per_s": ceiling,
+                        "ratio": worker / ceiling}
+
+            result = uvloop.run(main())
+    finally:
+        sink.terminate()
+        sink.join()
+    print(f"deliveries: {result['n']}")
+    print(f"worker : {result['worker_per_s']:8.0f} deliveries/s")
+    print(f"ceiling: {result['ceiling_per_s']:8.0f} requests/s (bare aiohttp loop)")
+    print(f"ratio  : {result['ratio']:.2f} (target >= 0.70)")
+    return result
+
+
+if __name__ == "__main__":
+    run(int(sys.argv[1]) if len(sys.argv) > 1 else 5_000)

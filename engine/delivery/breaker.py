@@ -1,0 +1,120 @@
+"""A circuit breaker per buyer endpoint, mirrored to Redis for the router.
+
+States: *closed* (requests flow; consecutive failures are counted) -> *open* after
+``breaker_failures`` consecutive failures (no requests for ``breaker_cooldown_s``) ->
+*half-open* once the cool-down has passed (one probe request at a time) -> *closed* when
+the probe succeeds, *open* again when it fails. A failure is a timeout, a network error,
+a 5xx or a 429; a rejection is a healthy answer and resets the count.
+
+Each worker process keeps its own breakers. While a breaker is open the worker writes
+
+* ``keys.breaker(tenant, buyer)``: a STRING (the half-open time, epoch ms) with a TTL of
+  the cool-down, so the router can skip the buyer with one ``EXISTS`` (the Lua helper
+  ``K.breaker(p, buyer)`` names the same key inside scripts), and
+* ``keys.breakers(tenant)``: a ZSET buyer -> half-open time, read by :func:`open_buyers`.
+
+Both are removed when the breaker closes; the TTL/score ends an open state that no worker
+closes (e.g. the worker stopped).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from engine import keys
+from engine.store import now_ms
+
+_PROBE_WAIT_MS = 1_000  # jobs that find a probe in flight come back after this
+
+
+class State(enum.StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+@dataclass(slots=True)
+class Breaker:
+    failures_to_open: int
+    cooldown_ms: int
+    state: State = State.CLOSED
+    failures: int = 0
+    open_until: int = 0
+    probing: bool = False
+
+    def allow(self, now: int) -> int:
+        """0 when a request may go now, else the epoch ms to try again at."""
+        if self.state is State.CLOSED:
+            return 0
+        if self.state is State.OPEN:
+            if now < self.open_until:
+                return self.open_until
+            self.state = State.HALF_OPEN
+        if self.probing:
+            return now + min(_PROBE_WAIT_MS, self.cooldown_ms)
+        self.probing = True
+        return 0
+
+    def success(self) -> bool:
+        """Record a success; True when this closed an open/half-open breaker."""
+        was_open = self.state is not State.CLOSED
+        self.state, self.failures, self.probing = State.CLOSED, 0, False
+        return was_open
+
+    def failure(self, now: int) -> bool:
+        """Record a failure; True when this opened the breaker."""
+        self.failures += 1
+        self.probing = False
+        if self.state is State.HALF_OPEN or (
+            self.state is State.CLOSED and self.failures >= self.failures_to_open
+        ):
+            self.state, self.open_until = State.OPEN, now + self.cooldown_ms
+            return True
+        return False
+
+
+class Breakers:
+    """The breakers of one worker process, keyed by (tenant, buyer)."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self._redis = redis
+        self._by_buyer: dict[tuple[str, str], Breaker] = {}
+
+    def get(self, tenant: str, buyer: str, *, failures: int, cooldown_s: int) -> Breaker:
+        b = self._by_buyer.get((tenant, buyer))
+        if b is None:
+            b = Breaker(max(1, failures), max(1, cooldown_s) * 1_000)
+            self._by_buyer[(tenant, buyer)] = b
+        return b
+
+    async def success(self, tenant: str, buyer: str, b: Breaker) -> None:
+        if b.success():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.delete(keys.breaker(tenant, buyer))
+                pipe.zrem(keys.breakers(tenant), buyer)
+                await pipe.execute()
+
+    async def failure(self, tenant: str, buyer: str, b: Breaker, now: int) -> bool:
+        if not b.failure(now):
+            return False
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(keys.breaker(tenant, buyer), str(b.open_until), px=b.cooldown_ms)
+            pipe.zadd(keys.breakers(tenant), {buyer: b.open_until})
+            pipe.zremrangebyscore(keys.breakers(tenant), "-inf", now)
+            await pipe.execute()
+        return True
+
+
+async def open_buyers(redis: aioredis.Redis, tenant: str, *, now: int | None = None) -> set[str]:
+    """Buyers of ``tenant`` whose breaker is open now (the router may skip them)."""
+    t = now_ms() if now is None else now
+    members = await redis.zrangebyscore(keys.breakers(tenant), f"({t}", "+inf")
+    return {m.decode() if isinstance(m, bytes) else str(m) for m in members}
+
+
+async def is_open(redis: aioredis.Redis, tenant: str, buyer: str) -> bool:
+    """One buyer's breaker is open (one EXISTS; what the router checks per candidate)."""
+    return bool(await redis.exists(keys.breaker(tenant, buyer)))

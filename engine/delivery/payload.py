@@ -1,0 +1,110 @@
+"""The outgoing request of one delivery, built from a buyer's :class:`Delivery` settings.
+
+* ``template``: outgoing name -> value; ``{field}`` placeholders are replaced by the lead's
+  normalized field values (a missing field becomes ``""``), ``{{``/``}}`` are literal braces,
+  anything else is static text. Besides lead fields, ``{lead_id}``, ``{buyer}``,
+  ``{campaign}`` and ``{price}`` (decimal) are available; a lead field of the same name wins.
+  No template: every lead field is sent under its own name.
+* ``format``: ``json`` (an object of strings) or ``form`` (urlencoded); ``method`` GET sends
+  the fields as the query string and no body.
+* ``headers``: custom headers; a value ``env:NAME`` is read from the environment. They are
+  never logged and never written to the delivery log.
+
+The signed content is the body, or for GET the query string (without ``?``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import NamedTuple
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
+import msgspec
+
+from billing import money
+from engine.config import Delivery, resolve_secret
+from engine.delivery.signing import Signer, webhook_id
+
+_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{(\w+)\}")
+_json = msgspec.json.Encoder()
+_CONTENT_TYPE = {"json": "application/json", "form": "application/x-www-form-urlencoded"}
+
+
+class Request(NamedTuple):
+    method: str
+    url: str
+    headers: dict[str, str]
+    body: bytes
+    msg_id: str
+
+
+def _render(template: str, values: Mapping[str, str]) -> str:
+    if "{" not in template and "}" not in template:
+        return template
+
+    def sub(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if name is None:
+            return m.group(0)[0]
+        return values.get(name, "")
+
+    return _PLACEHOLDER.sub(sub, template)
+
+
+class RequestBuilder:
+    """Everything of one buyer's request that does not depend on the lead, resolved once."""
+
+    __slots__ = ("_base_headers", "_parts", "_signer", "buyer", "delivery")
+
+    def __init__(self, buyer: str, delivery: Delivery) -> None:
+        self.buyer = buyer
+        self.delivery = delivery
+        self._signer = Signer(resolve_secret(delivery.secret))
+        headers = {name: resolve_secret(value) for name, value in delivery.headers.items()}
+        if delivery.method != "GET":
+            headers.setdefault("Content-Type", _CONTENT_TYPE[delivery.format])
+        self._base_headers = headers
+        self._parts = urlsplit(delivery.url)
+
+    def __repr__(self) -> str:  # the headers may hold secrets
+        return f"RequestBuilder(buyer={self.buyer!r})"
+
+    def fields(
+        self, lead: Mapping[str, str], *, lead_id: str, campaign: str = "", price: int = 0
+    ) -> dict[str, str]:
+        """The outgoing name -> value mapping of one lead."""
+        template = self.delivery.template
+        if not template:
+            return {str(k): str(v) for k, v in lead.items()}
+        values = {"lead_id": lead_id, "buyer": self.buyer, "campaign": campaign,
+                  "price": money.format(price), **lead}
+        return {name: _render(value, values) for name, value in template.items()}
+
+    def build(
+        self,
+        lead: Mapping[str, str],
+        *,
+        lead_id: str,
+        campaign: str = "",
+        price: int = 0,
+        timestamp: int,
+    ) -> Request:
+        """The signed request of one attempt (``timestamp``: epoch seconds of the attempt)."""
+        fields = self.fields(lead, lead_id=lead_id, campaign=campaign, price=price)
+        d = self.delivery
+        url = d.url
+        if d.method == "GET":
+            query = urlencode(fields)
+            if self._parts.query:
+                query = f"{self._parts.query}&{query}" if query else self._parts.query
+            p = self._parts
+            url = urlunsplit((p.scheme, p.netloc, p.path, query, p.fragment))
+            body, signed = b"", query.encode()
+        else:
+            body = _json.encode(fields) if d.format == "json" else urlencode(fields).encode()
+            signed = body
+        msg_id = webhook_id(lead_id, self.buyer)
+        headers = dict(self._base_headers)
+        headers.update(self._signer.headers(msg_id, timestamp, signed))
+        return Request(d.method, url, headers, body, msg_id)

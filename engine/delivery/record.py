@@ -1,0 +1,132 @@
+"""Recording a delivery: its decision, its log, its money effect, and observers.
+
+* ``keys.dstate(tenant, lead)``: HASH buyer -> JSON :class:`Decision`, written once a
+  delivery is decided (``ACCEPTED``/``DUPLICATED``/``REJECTED``/``FAILED``) or while a
+  sync-mode attempt holds it (``SYNC`` until ``u``). It is written *before* the money
+  effect, so a worker that dies between the two replays the (idempotent) refund/reprice
+  from it instead of sending the lead again.
+* ``keys.dlog(tenant, lead)``: LIST of JSON entries, one per attempt or decision: buyer,
+  attempt, ts, status, ms, result, reason, a truncated response excerpt. No headers, no
+  secrets, no request body.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import msgspec
+
+from engine import keys
+from engine.store import Store
+
+log = logging.getLogger("leadflow.delivery")
+
+ACCEPTED, DUPLICATED, REJECTED, FAILED, SYNC = (
+    "ACCEPTED", "DUPLICATED", "REJECTED", "FAILED", "SYNC")
+REFUNDED_OUTCOMES = frozenset({DUPLICATED, REJECTED, FAILED})
+STATE_TTL_S = 14 * 86_400  # as long as the sale record (decide.lua)
+LOG_MAX = 100  # entries kept per lead
+
+
+class Decision(msgspec.Struct, omit_defaults=True):
+    o: str  # ACCEPTED | DUPLICATED | REJECTED | FAILED | SYNC
+    r: str = ""  # reason
+    p: int | None = None  # real-time price (micros) of an accepted lead
+    u: int = 0  # SYNC: the claim holds until this epoch ms
+
+
+_enc = msgspec.json.Encoder()
+_dec = msgspec.json.Decoder(Decision)
+
+
+def encode_decision(d: Decision) -> bytes:
+    return _enc.encode(d)
+
+
+def decode_decision(raw: bytes | str | None) -> Decision | None:
+    if raw is None:
+        return None
+    try:
+        return _dec.decode(raw)
+    except msgspec.DecodeError:
+        return None
+
+
+class DeliveryEvent(NamedTuple):
+    """What an observer (metrics) is told after each attempt or decision.
+
+    ``kind``: accepted | duplicated | rejected | timeout | error (an attempt), dead_letter
+    (given up), deferred (breaker open / sync claim); ``latency_ms`` is 0 without a request.
+    """
+
+    tenant: str
+    buyer: str
+    lead_id: str
+    kind: str
+    latency_ms: int
+    status: int
+    attempt: int
+
+
+Observer = Callable[[DeliveryEvent], None]
+
+
+def notify(observer: Observer | None, event: DeliveryEvent) -> None:
+    if observer is None:
+        return
+    try:
+        observer(event)
+    except Exception:  # an observer must never break a delivery
+        log.exception("delivery observer failed")
+
+
+def log_entry(
+    *, buyer: str, attempt: int, ts: int, result: str, status: int = 0, ms: int = 0,
+    reason: str = "", excerpt: str = "",
+) -> bytes:
+    entry: dict[str, Any] = {"buyer": buyer, "attempt": attempt, "ts": ts, "result": result,
+                             "status": status, "ms": ms}
+    if reason:
+        entry["reason"] = reason
+    if excerpt:
+        entry["excerpt"] = excerpt
+    return _enc.encode(entry)
+
+
+def write_log(pipe: Any, tenant: str, lead_id: str, entry: bytes) -> None:
+    k = keys.dlog(tenant, lead_id)
+    pipe.rpush(k, entry)
+    pipe.ltrim(k, -LOG_MAX, -1)
+    pipe.expire(k, STATE_TTL_S)
+
+
+def write_decision(pipe: Any, tenant: str, lead_id: str, buyer: str, d: Decision) -> None:
+    k = keys.dstate(tenant, lead_id)
+    pipe.hset(k, buyer, encode_decision(d))
+    pipe.expire(k, STATE_TTL_S)
+
+
+async def apply_money(
+    store: Store, tenant: str, lead_id: str, buyer: str, d: Decision, *, sale_price: int
+) -> None:
+    """The money effect of a decision; idempotent (refund.lua), so safe to replay."""
+    if d.o in REFUNDED_OUTCOMES:
+        res = await store.refund_sale(tenant, lead_id, buyer, d.r[:200] or d.o.lower())
+    elif d.o == ACCEPTED and d.p is not None and d.p != sale_price:
+        res = await store.reprice_sale(tenant, lead_id, buyer, d.p)
+    else:
+        return
+    if not res.ok:
+        log.warning("sale %s/%s of tenant %s: %s", lead_id, buyer, tenant, res.error)
+
+
+async def read_log(store: Store, tenant: str, lead_id: str) -> list[dict[str, Any]]:
+    """The delivery log of a lead, oldest first."""
+    rows = await store.redis.lrange(keys.dlog(tenant, lead_id), 0, -1)
+    return [msgspec.json.decode(r) for r in rows]
+
+
+async def read_decision(store: Store, tenant: str, lead_id: str, buyer: str) -> Decision | None:
+    return decode_decision(await store.redis.hget(keys.dstate(tenant, lead_id), buyer))

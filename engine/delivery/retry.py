@@ -1,0 +1,46 @@
+"""Retry timing: exponential backoff with full jitter, and ``Retry-After``.
+
+The n-th retry (n = 1, 2, ...) waits a uniformly random time in
+``[0, min(retry_max_ms, retry_base_ms * 2**(n-1))]`` ("full jitter"); a ``Retry-After``
+header (seconds or an HTTP-date) is a lower bound on that wait.
+"""
+
+from __future__ import annotations
+
+import random
+from email.utils import parsedate_to_datetime
+
+_rng = random.SystemRandom()
+
+
+def backoff_ms(attempt: int, base_ms: int, max_ms: int, *, rng: random.Random = _rng) -> int:
+    """Full-jitter wait before retry number ``attempt`` (1-based)."""
+    ceiling = min(max_ms, base_ms * (1 << min(max(attempt - 1, 0), 40)))
+    return rng.randint(0, max(ceiling, 0))
+
+
+def parse_retry_after(value: str | None, now_ms: int) -> int | None:
+    """Milliseconds to wait from a ``Retry-After`` header, or None when absent or invalid."""
+    if not value:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return int(text) * 1_000
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0, int(when.timestamp() * 1_000) - now_ms)
+
+
+def retry_delay_ms(
+    attempt: int, base_ms: int, max_ms: int, retry_after_ms: int | None,
+    *, rng: random.Random = _rng,
+) -> int:
+    """The wait before retry ``attempt``: jittered backoff, at least ``Retry-After``."""
+    delay = backoff_ms(attempt, base_ms, max_ms, rng=rng)
+    if retry_after_ms is not None:
+        delay = max(delay, retry_after_ms)
+    return delay

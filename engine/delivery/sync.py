@@ -1,0 +1,91 @@
+"""Sync mode: ONE delivery attempt while the ingest request waits for the buyer's verdict.
+
+For campaigns with ``mode = "sync"`` the ingest handler calls :func:`deliver_sync` for a
+sale it just made, with the absolute deadline of the ingest response. The attempt:
+
+1. claims the delivery: ``HSETNX keys.dstate(lead) buyer {"o":"SYNC","u":deadline+grace}``.
+   The stream worker defers the same sale's job until the claim ends, so the lead is not
+   sent twice at once. An existing decision is returned as is (a replayed ingest).
+2. sends once, with ``timeout = min(delivery.timeout_ms, deadline - now)``.
+3. a verdict is recorded exactly as the worker records it (decision, log, refund on
+   DUPLICATED/REJECTED, reprice on an accepted real-time price) and returned; the caller
+   may then try the next buyer, whose money has been freed.
+4. no verdict (timeout, network error, 5xx, 429, deadline passed): the claim is released
+   and ``None`` is returned: the sale stands and the stream worker delivers the job
+   asynchronously with its normal retry policy (same ``webhook-id``).
+
+Breakers are not consulted here: the router already skips buyers whose breaker is open
+(``breaker.is_open`` / ``open_buyers``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import aiohttp
+
+from engine import keys
+from engine.delivery import client, record
+from engine.delivery.client import Endpoint
+from engine.delivery.record import Decision, DeliveryEvent, Observer
+from engine.delivery.verdict import Outcome, Verdict
+from engine.store import Store, now_ms
+
+CLAIM_GRACE_MS = 2_000  # the claim outlives the deadline by this much
+
+
+async def deliver_sync(
+    store: Store,
+    session: aiohttp.ClientSession,
+    endpoint: Endpoint,
+    *,
+    lead_id: str,
+    lead: Mapping[str, str],
+    price: int,
+    deadline_ms: int,
+    campaign: str = "",
+    observer: Observer | None = None,
+) -> Verdict | None:
+    """One attempt to deliver the sale (lead_id, endpoint.buyer) before ``deadline_ms``
+    (epoch ms). The buyer's verdict, or None when undecided (left to the stream worker)."""
+    tenant, buyer = endpoint.tenant, endpoint.buyer
+    state_key = keys.dstate(tenant, lead_id)
+    claim = Decision(record.SYNC, "sync attempt", u=deadline_ms + CLAIM_GRACE_MS)
+    if not await store.redis.hsetnx(state_key, buyer, record.encode_decision(claim)):
+        prior = record.decode_decision(await store.redis.hget(state_key, buyer))
+        if prior is None or prior.o not in Outcome.__members__:
+            return None  # another sync attempt holds it, or it failed for good
+        return Verdict(Outcome(prior.o), prior.r, prior.p)
+    await store.redis.expire(state_key, record.STATE_TTL_S)
+    left = deadline_ms - now_ms()
+    if left <= 0:
+        await store.redis.hdel(state_key, buyer)
+        return None
+    att = await client.attempt(session, endpoint, lead=lead, lead_id=lead_id,
+                               campaign=campaign, price=price,
+                               timeout_ms=min(endpoint.delivery.timeout_ms, left))
+    record.notify(observer, DeliveryEvent(tenant, buyer, lead_id, att.kind, att.latency_ms,
+                                          att.status, 1))
+    now = now_ms()
+    async with store.redis.pipeline(transaction=True) as pipe:
+        if att.verdict is None:
+            pipe.hdel(state_key, buyer)
+            entry = record.log_entry(buyer=buyer, attempt=1, ts=now, result="retry",
+                                     status=att.status, ms=att.latency_ms,
+                                     reason=f"sync: {att.error}; left to the worker",
+                                     excerpt=att.excerpt)
+        else:
+            v = att.verdict
+            record.write_decision(pipe, tenant, lead_id, buyer,
+                                  Decision(v.outcome.value, v.reason, v.price))
+            entry = record.log_entry(buyer=buyer, attempt=1, ts=now, result=v.outcome.lower(),
+                                     status=att.status, ms=att.latency_ms,
+                                     reason=f"sync: {v.reason}", excerpt=att.excerpt)
+        record.write_log(pipe, tenant, lead_id, entry)
+        await pipe.execute()
+    if att.verdict is None:
+        return None
+    v = att.verdict
+    await record.apply_money(store, tenant, lead_id, buyer,
+                             Decision(v.outcome.value, v.reason, v.price), sale_price=price)
+    return v

@@ -1,0 +1,197 @@
+"""What a buyer's response means: ACCEPTED, DUPLICATED, REJECTED, or retry later.
+
+Order of evaluation (docs/delivery.md):
+
+1. 5xx and 429 are *retryable* (the buyer could not decide); so are timeouts and network
+   errors, which never reach this module.
+2. Any ``duplicate`` rule matches -> DUPLICATED.
+3. ``accept`` rules: any matches -> ACCEPTED; with no accept rules any 2xx is ACCEPTED.
+4. Everything else -> REJECTED.
+
+A rule's conditions (status, JSON path equals/truthy, substring, regex) must all hold.
+JSON is parsed at most once per response and numbers are kept as ``Decimal`` (money is
+never a float). An ACCEPTED verdict may carry a real-time price read at ``price_path``,
+capped at ``max_price`` (default: the buyer's configured price, so without ``max_price``
+a buyer can only lower its price).
+"""
+
+from __future__ import annotations
+
+import decimal
+import enum
+import re
+from typing import Any, NamedTuple
+
+import msgspec
+
+from billing import money
+from billing.errors import MoneyError
+from engine.config import Delivery, ResponseRule
+from engine.delivery import DeliveryError
+
+_json = msgspec.json.Decoder(float_hook=decimal.Decimal)
+_MISSING = object()
+
+
+class Outcome(enum.StrEnum):
+    ACCEPTED = "ACCEPTED"
+    DUPLICATED = "DUPLICATED"
+    REJECTED = "REJECTED"
+
+
+class Verdict(NamedTuple):
+    outcome: Outcome
+    reason: str
+    price: int | None = None  # real-time price (micros) of an accepted lead, when read
+
+
+class RuleError(DeliveryError):
+    """A response rule or price setting is invalid."""
+
+
+def is_retryable(status: int) -> bool:
+    """5xx and 429: the buyer did not decide; try again later."""
+    return status >= 500 or status == 429
+
+
+def _path_parts(path: str) -> tuple[str, ...]:
+    p = path.removeprefix("$").removeprefix(".")
+    return tuple(part for part in p.split(".") if part)
+
+
+def json_path(doc: Any, parts: tuple[str, ...]) -> Any:
+    """The value at a dotted path (list indexes are numbers); ``_MISSING`` if absent."""
+    cur = doc
+    for part in parts:
+        if isinstance(cur, dict):
+            if part not in cur:
+                return _MISSING
+            cur = cur[part]
+        elif isinstance(cur, list) and part.lstrip("-").isdigit():
+            i = int(part)
+            if not -len(cur) <= i < len(cur):
+                return _MISSING
+            cur = cur[i]
+        else:
+            return _MISSING
+    return cur
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    return str(value)
+
+
+class _Body:
+    """A response body with its JSON parsed lazily, once."""
+
+    __slots__ = ("_doc", "raw", "text")
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        self.text = raw.decode("utf-8", "replace")
+        self._doc: Any = _MISSING
+
+    def doc(self) -> Any:
+        if self._doc is _MISSING:
+            try:
+                self._doc = _json.decode(self.raw)
+            except (msgspec.DecodeError, ValueError):
+                self._doc = None
+        return self._doc
+
+
+class _Rule:
+    __slots__ = ("contains", "equals", "parts", "path", "regex", "status")
+
+    def __init__(self, rule: ResponseRule) -> None:
+        self.status = frozenset(rule.status)
+        self.path = rule.path
+        self.parts = _path_parts(rule.path) if rule.path else ()
+        self.equals = rule.equals.casefold() if rule.equals is not None else None
+        self.contains = rule.contains
+        try:
+            self.regex = re.compile(rule.regex) if rule.regex else None
+        except re.error as exc:
+            raise RuleError(f"invalid regex {rule.regex!r}: {exc}") from exc
+        if not (self.status or self.path or self.contains or self.regex):
+            raise RuleError("a response rule needs status, path, contains or regex")
+        if self.equals is not None and not self.path:
+            raise RuleError("'equals' needs a 'path'")
+
+    def matches(self, status: int, body: _Body) -> bool:
+        if self.status and status not in self.status:
+            return False
+        if self.contains is not None and self.contains not in body.text:
+            return False
+        if self.regex is not None and self.regex.search(body.text) is None:
+            return False
+        if self.path:
+            value = json_path(body.doc(), self.parts)
+            if self.equals is not None:
+                return value is not _MISSING and _text(value).casefold() == self.equals
+            return value not in (_MISSING, None, False, "")
+        return True
+
+    def describe(self) -> str:
+        bits = []
+        if self.status:
+            bits.append(f"status in {sorted(self.status)}")
+        if self.path:
+            bits.append(f"{self.path} = {self.equals!r}" if self.equals is not None
+                        else f"{self.path} set")
+        if self.contains is not None:
+            bits.append(f"body contains {self.contains!r}")
+        if self.regex is not None:
+            bits.append(f"body matches {self.regex.pattern!r}")
+        return " and ".join(bits)
+
+
+class ResponseMapper:
+    """One buyer's response rules, compiled once."""
+
+    __slots__ = ("_accept", "_duplicate", "_max_price", "_price_parts")
+
+    def __init__(self, delivery: Delivery, *, buyer_price: int) -> None:
+        self._accept = [_Rule(r) for r in delivery.accept]
+        self._duplicate = [_Rule(r) for r in delivery.duplicate]
+        self._price_parts = _path_parts(delivery.price_path) if delivery.price_path else None
+        try:
+            self._max_price = (money.parse(delivery.max_price, field="max_price")
+                               if delivery.max_price is not None else buyer_price)
+        except MoneyError as exc:
+            raise RuleError(str(exc)) from exc
+
+    def classify(self, status: int, raw: bytes) -> Verdict:
+        """The verdict of a non-retryable response (check :func:`is_retryable` first)."""
+        body = _Body(raw)
+        for rule in self._duplicate:
+            if rule.matches(status, body):
+                return Verdict(Outcome.DUPLICATED, f"duplicate: {rule.describe()}")
+        if self._accept:
+            accepted = next((r for r in self._accept if r.matches(status, body)), None)
+            if accepted is None:
+                return Verdict(Outcome.REJECTED, f"rejected: HTTP {status}, no accept rule matched")
+            reason = f"accepted: {accepted.describe()}"
+        elif 200 <= status < 300:
+            reason = f"accepted: HTTP {status}"
+        else:
+            return Verdict(Outcome.REJECTED, f"rejected: HTTP {status}")
+        return Verdict(Outcome.ACCEPTED, reason, self._price(body))
+
+    def _price(self, body: _Body) -> int | None:
+        if self._price_parts is None:
+            return None
+        value = json_path(body.doc(), self._price_parts)
+        if isinstance(value, bool) or not isinstance(value, int | str | decimal.Decimal):
+            return None
+        try:
+            price = money.parse(str(value), field="price")
+        except MoneyError:
+            return None
+        if price < 0:
+            return None
+        return min(price, self._max_price)

@@ -1,0 +1,599 @@
+"""``leadflow worker deliver``: delivery jobs from Redis Streams to buyers' webhooks.
+
+Reading: every worker process joins the consumer group ``delivery`` of each tenant's
+``keys.deliveries`` stream and reads with ``XREADGROUP COUNT n BLOCK ms``; several workers
+share the work. An entry stays pending until its outcome is recorded; ``XAUTOCLAIM`` hands
+entries idle longer than ``claim_idle_ms`` (a crashed worker's) to a live worker, which
+sends them again with the same ``webhook-id``.
+
+Retries never block a worker: a retryable failure (timeout, network error, 5xx, 429)
+moves the job, with its attempt count, into the per-tenant ZSET ``keys.retries`` (score =
+due time) and acks the stream entry, in one MULTI. Every loop a small Lua script moves the
+jobs that are due back onto the stream (ZREM + XADD, atomically), so a retry is read,
+claimed and crash-recovered like any new job. A job whose buyer's breaker is open is
+deferred the same way, to the half-open time, without counting an attempt.
+
+Giving up: after ``max_attempts`` attempts, or when the next try would be later than
+``max_age_s`` after the sale, the job goes to the dead-letter stream
+``keys.dead_letter(tenant, "deliveries")``, a ``delivery_failed`` event goes to
+``keys.events`` and the sale is refunded (a lead the buyer never received is not paid for).
+
+Outcome: the decision is written to ``keys.dstate`` (+ the delivery log), then the money
+effect (refund for DUPLICATED/REJECTED/FAILED, reprice for an accepted real-time price),
+then ``XACK`` + ``XDEL``. A job found already decided replays only the idempotent money
+effect and acks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import aiohttp
+import msgspec
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from engine import keys
+from engine.config import Buyer, Config
+from engine.delivery import client, record
+from engine.delivery.breaker import Breakers
+from engine.delivery.client import Endpoint
+from engine.delivery.record import Decision, DeliveryEvent, Observer
+from engine.delivery.retry import retry_delay_ms
+from engine.store import Store, now_ms
+
+log = logging.getLogger("leadflow.delivery")
+
+GROUP = "delivery"
+
+# due retries of one tenant back onto its stream: ZREM + XADD, atomically
+_REQUEUE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+for _, m in ipairs(due) do
+  redis.call('ZREM', KEYS[1], m)
+  redis.call('XADD', KEYS[2], '*', unpack(cjson.decode(m)))
+end
+return #due
+"""
+
+
+# the common end of a batch, one call per tenant: decisions, log entries, acks
+# ARGV[1] = {"g": group, "ttl": s, "lmax": n, "d": [[lead, buyer, decision]], "l": [[lead,
+# entry]], "a": [entry ids to XACK + XDEL]}
+_FINISH = keys.lua_preamble() + """
+local p, b = KEYS[1], cjson.decode(ARGV[1])
+for _, d in ipairs(b.d) do
+  local k = K.dstate(p, d[1])
+  redis.call('HSET', k, d[2], d[3])
+  redis.call('EXPIRE', k, b.ttl)
+end
+for _, l in ipairs(b.l) do
+  local k = K.dlog(p, l[1])
+  if redis.call('RPUSH', k, l[2]) > b.lmax then redis.call('LTRIM', k, -b.lmax, -1) end
+  redis.call('EXPIRE', k, b.ttl)
+end
+if #b.a > 0 then
+  redis.call('XACK', K.deliveries(p), b.g, unpack(b.a))
+  redis.call('XDEL', K.deliveries(p), unpack(b.a))
+end
+return #b.a
+"""
+
+
+# the sale record and the delivery decision of each job of a batch ("" when absent)
+_PRECHECK = keys.lua_preamble() + """
+local p, out = KEYS[1], {}
+for i, j in ipairs(cjson.decode(ARGV[1])) do
+  out[2 * i - 1] = redis.call('HGET', K.lead(p, j[1]), j[2]) or ''
+  out[2 * i] = redis.call('HGET', K.dstate(p, j[1]), j[2]) or ''
+end
+return out
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerOptions:
+    """Process-level knobs (per-buyer retry policy lives in the buyer's Delivery)."""
+
+    group: str = GROUP
+    count: int = 64  # XREADGROUP COUNT
+    block_ms: int = 1_000  # XREADGROUP BLOCK (keep below the Redis socket timeout)
+    max_inflight: int = 256  # jobs in flight per process
+    claim_idle_ms: int = 60_000  # XAUTOCLAIM min idle: longer than any buyer timeout
+    claim_every_ms: int = 5_000
+    requeue_batch: int = 500  # due retries moved per loop and tenant
+    connector_limit: int = 512  # TCPConnector(limit=...)
+    limit_per_host: int = 64  # TCPConnector(limit_per_host=...)
+    excerpt_chars: int = 256  # response excerpt kept in the delivery log
+    redis_concurrency: int = 32  # Redis calls in flight; keep below the client's pool size
+
+
+class Job(NamedTuple):
+    tenant: str
+    entry_id: str
+    fields: dict[str, str]
+    lead_id: str
+    buyer: str
+    campaign: str
+    account: str
+    price: int
+    ts: int
+    attempt: int  # attempts already made
+
+
+_lead_dec = msgspec.json.Decoder(dict[str, str])
+
+
+class _Batch:
+    """What a batch of jobs writes: pipeline ops per tenant, then money effects."""
+
+    __slots__ = ("common", "money", "ops")
+
+    def __init__(self) -> None:
+        self.ops: dict[str, list[Callable[[Any], None]]] = {}  # rare: retries, dead letters
+        self.common: dict[str, dict[str, list[Any]]] = {}  # decisions, logs, acks (Lua)
+        self.money: list[tuple[Job, Decision]] = []
+
+    def add(self, tenant: str, op: Callable[[Any], None]) -> None:
+        self.ops.setdefault(tenant, []).append(op)
+
+    def _c(self, tenant: str) -> dict[str, list[Any]]:
+        c = self.common.get(tenant)
+        if c is None:
+            c = self.common[tenant] = {"d": [], "l": [], "a": []}
+        return c
+
+    def decide(self, job: Job, dec: Decision) -> None:
+        self._c(job.tenant)["d"].append(
+            [job.lead_id, job.buyer, record.encode_decision(dec).decode()])
+
+    def log(self, job: Job, entry: bytes) -> None:
+        self._c(job.tenant)["l"].append([job.lead_id, entry.decode()])
+
+    def ack(self, job: Job) -> None:
+        self._c(job.tenant)["a"].append(job.entry_id)
+
+
+def _job(tenant: str, entry_id: bytes | str, raw: dict[bytes, bytes] | None) -> Job | None:
+    eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    if not raw:
+        return None
+    f = {k.decode(): v.decode() for k, v in raw.items()}
+    try:
+        return Job(tenant, eid, f, f["lead_id"], f["buyer"], f.get("campaign", ""),
+                   f.get("account", ""), int(f.get("price") or 0), int(f.get("ts") or 0),
+                   int(f.get("attempt") or 0))
+    except (KeyError, ValueError):
+        return None
+
+
+class DeliveryWorker:
+    """One worker process's delivery loop over some tenants. See the module docs."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        store: Store,
+        *,
+        tenants: Sequence[str],
+        consumer: str,
+        options: WorkerOptions | None = None,
+        observer: Observer | None = None,
+        clock: Callable[[], int] | None = None,
+    ) -> None:
+        self.store = store
+        self.redis: aioredis.Redis = store.redis
+        self.tenants = list(tenants)
+        self.consumer = consumer
+        self.opts = options or WorkerOptions()
+        self.observer = observer
+        self.clock = clock or now_ms
+        self.breakers = Breakers(self.redis)
+        self._buyers: dict[tuple[str, str], Buyer] = {
+            (b.tenant, b.id): b for b in cfg.buyers if b.tenant in self.tenants
+        }
+        self._endpoints: dict[tuple[str, str], Endpoint] = {}
+        self._per_buyer: dict[tuple[str, str], asyncio.Semaphore] = {}
+        self._streams = {keys.deliveries(t): t for t in self.tenants}
+        self._requeue = self.redis.register_script(_REQUEUE)
+        self._finish_lua = self.redis.register_script(_FINISH)
+        self._precheck = self.redis.register_script(_PRECHECK)
+        self._session: aiohttp.ClientSession | None = None
+        self._inflight_ids: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._rsem = asyncio.Semaphore(self.opts.redis_concurrency)
+        self._room = asyncio.Event()
+        self._room.set()
+        self._last_claim = 0
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for stream in self._streams:
+            with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
+                await self.redis.xgroup_create(stream, self.opts.group, id="0", mkstream=True)
+        if self._session is None:
+            self._session = client.new_session(
+                limit=self.opts.connector_limit, limit_per_host=self.opts.limit_per_host)
+
+    async def close(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "call start() first"
+        return self._session
+
+    def _slots(self, tenant: str, buyer: str) -> asyncio.Semaphore:
+        sem = self._per_buyer.get((tenant, buyer))
+        if sem is None:
+            sem = self._per_buyer[(tenant, buyer)] = asyncio.Semaphore(self.opts.limit_per_host)
+        return sem
+
+    def endpoint(self, tenant: str, buyer: str) -> Endpoint | Buyer | None:
+        """The buyer's Endpoint; the Buyer when it has no webhook; None when unknown."""
+        b = self._buyers.get((tenant, buyer))
+        if b is None or b.delivery is None:
+            return b
+        ep = self._endpoints.get((tenant, buyer))
+        if ep is None:
+            ep = self._endpoints[(tenant, buyer)] = Endpoint(b)
+        return ep
+
+    # -- reading -------------------------------------------------------------------------
+
+    async def requeue_due(self) -> int:
+        """Move due retries of every tenant back onto its stream."""
+        moved, now = 0, self.clock()
+        for t in self.tenants:
+            moved += int(await self._requeue(
+                keys=[keys.retries(t), keys.deliveries(t)], args=[now, self.opts.requeue_batch]))
+        return moved
+
+    async def _read(self, count: int, block_ms: int | None) -> list[Job]:
+        streams: dict[Any, Any] = dict.fromkeys(self._streams, ">")
+        rows: Any = await self.redis.xreadgroup(self.opts.group, self.consumer, streams,
+                                                count=count, block=block_ms)
+        jobs: list[Job] = []
+        for stream, entries in rows or []:
+            tenant = self._streams[stream.decode() if isinstance(stream, bytes) else stream]
+            jobs.extend(await self._parse(tenant, entries))
+        return jobs
+
+    async def _claim(self, count: int) -> list[Job]:
+        """Entries idle longer than claim_idle_ms (their worker died) become ours."""
+        jobs: list[Job] = []
+        for stream, tenant in self._streams.items():
+            res: Any = await self.redis.xautoclaim(stream, self.opts.group, self.consumer,
+                                              self.opts.claim_idle_ms, "0-0", count=count)
+            entries = [e for e in res[1] if _eid(e[0]) not in self._inflight_ids]
+            jobs.extend(await self._parse(tenant, entries))
+        return jobs
+
+    async def _parse(self, tenant: str, entries: Iterable[Any]) -> list[Job]:
+        jobs, bad = [], []
+        for entry_id, raw in entries:
+            job = _job(tenant, entry_id, raw)
+            if job is None:  # deleted while pending (Redis 6.2 claims those) or malformed
+                bad.append(_eid(entry_id))
+            else:
+                jobs.append(job)
+        if bad:
+            stream = keys.deliveries(tenant)
+            log.warning("tenant %s: dropping %d empty/malformed delivery entries", tenant,
+                        len(bad))
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.xack(stream, self.opts.group, *bad)
+                pipe.xdel(stream, *bad)
+                await pipe.execute()
+        return jobs
+
+    # -- processing ----------------------------------------------------------------------
+
+    async def process_once(self, *, block_ms: int | None = None, claim: bool = True) -> int:
+        """One pass: requeue due retries, claim idle entries, read new ones, process them
+        all and wait for them. Returns the number of jobs handled. (Tests and tools.)"""
+        await self.start()
+        await self.requeue_due()
+        jobs = await self._claim(self.opts.count) if claim else []
+        jobs += await self._read(self.opts.count, block_ms)
+        await self.handle_batch(jobs)
+        return len(jobs)
+
+    async def handle_batch(self, jobs: Sequence[Job]) -> None:
+        """Deliver a batch: one read of the sales/decisions, the requests concurrently, then
+        one MULTI per tenant with every decision, log entry, retry and ack of the batch, the
+        money effects, and one MULTI acking the jobs that had one."""
+        if not jobs:
+            return
+        pre: dict[str, tuple[bytes | None, bytes | None]] = {}
+        for tenant in {j.tenant for j in jobs}:
+            mine = [j for j in jobs if j.tenant == tenant]
+            async with self._rsem:
+                raw = await self._precheck(keys=[keys.tenant_prefix(tenant)], args=[
+                    msgspec.json.encode([[j.lead_id, j.buyer] for j in mine])])
+            for i, j in enumerate(mine):
+                pre[j.entry_id] = (raw[2 * i] or None, raw[2 * i + 1] or None)
+        out = _Batch()
+        for j in jobs:
+            self._inflight_ids.add(j.entry_id)
+        try:
+            await asyncio.gather(*(self.handle(j, *pre[j.entry_id], out) for j in jobs))
+            await self._commit(out)
+        finally:
+            for j in jobs:
+                self._inflight_ids.discard(j.entry_id)
+
+    async def _commit(self, out: _Batch) -> None:
+        for tenant in out.ops.keys() | out.common.keys():
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for op in out.ops.get(tenant, []):
+                    op(pipe)
+                common = out.common.get(tenant)
+                if common:
+                    arg = {"g": self.opts.group, "ttl": record.STATE_TTL_S,
+                           "lmax": record.LOG_MAX, **common}
+                    await self._finish_lua(keys=[keys.tenant_prefix(tenant)],
+                                           args=[msgspec.json.encode(arg)], client=pipe)
+                async with self._rsem:
+                    await pipe.execute()
+        if not out.money:
+            return
+
+        async def money(job: Job, dec: Decision) -> Job | None:
+            try:
+                async with self._rsem:
+                    await record.apply_money(self.store, job.tenant, job.lead_id, job.buyer,
+                                             dec, sale_price=job.price)
+            except Exception:  # left pending: a later claim replays it from the decision
+                log.exception("money effect of %s/%s (tenant %s) failed; left pending",
+                              job.lead_id, job.buyer, job.tenant)
+                return None
+            return job
+
+        done = [j for j in await asyncio.gather(*(money(j, d) for j, d in out.money)) if j]
+        if done:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for j in done:
+                    self._ack_in(pipe, j)
+                async with self._rsem:
+                    await pipe.execute()
+
+    async def handle(
+        self, job: Job, sale_raw: bytes | None, state_raw: bytes | None, out: _Batch
+    ) -> None:
+        """Deliver one job into ``out`` (never raises; on an internal error the entry stays
+        pending and a later XAUTOCLAIM retries it)."""
+        try:
+            await self._handle(job, sale_raw, state_raw, out)
+        except Exception:
+            log.exception("delivery of %s to %s (tenant %s) failed; left pending",
+                          job.lead_id, job.buyer, job.tenant)
+
+    async def _handle(
+        self, job: Job, sale_raw: bytes | None, state_raw: bytes | None, out: _Batch
+    ) -> None:
+        now = self.clock()
+        prior = record.decode_decision(state_raw)
+        if prior is not None:
+            if prior.o == record.SYNC and prior.u > now:
+                self._defer(out, job, prior.u, "sync attempt in progress")
+                return
+            if prior.o != record.SYNC:  # decided before: replay the money effect, ack
+                out.money.append((job, prior))
+                return
+        if sale_raw is None:
+            self._give_up(out, job, "unknown sale (expired or never recorded)", refund=False)
+            return
+        if msgspec.json.decode(sale_raw).get("s") == "refunded":
+            self._finish(out, job, Decision(record.REJECTED, "sale refunded before delivery"),
+                         result="skipped")
+            return
+        target = self.endpoint(job.tenant, job.buyer)
+        if target is None:
+            self._give_up(out, job, "buyer not configured")
+            return
+        if isinstance(target, Buyer):  # no webhook: the lead is delivered by being sold
+            self._finish(out, job, Decision(record.ACCEPTED, "no webhook configured"))
+            return
+        await self._deliver(out, job, target, now)
+
+    async def _deliver(self, out: _Batch, job: Job, ep: Endpoint, now: int) -> None:
+        d = ep.delivery
+        expires = job.ts + d.max_age_s * 1_000
+        if now >= expires:
+            self._give_up(out, job, f"expired after {job.attempt} attempts")
+            return
+        br = self.breakers.get(job.tenant, job.buyer, failures=d.breaker_failures,
+                               cooldown_s=d.breaker_cooldown_s)
+        wait_until = br.allow(now)
+        if wait_until:
+            if wait_until >= expires:
+                self._give_up(out, job, f"breaker open; expired after {job.attempt} attempts")
+            else:
+                self._defer(out, job, wait_until, "breaker open")
+            return
+        lead = _lead_dec.decode(job.fields.get("lead", "{}"))
+        # wait for a connection slot of this endpoint *before* the request timeout starts,
+        # so queueing behind the per-host limit never counts as a buyer timeout
+        async with self._slots(job.tenant, job.buyer):
+            att = await client.attempt(self.session, ep, lead=lead, lead_id=job.lead_id,
+                                       campaign=job.campaign, price=job.price,
+                                       excerpt_chars=self.opts.excerpt_chars)
+        now = self.clock()
+        n = job.attempt + 1
+        record.notify(self.observer, DeliveryEvent(job.tenant, job.buyer, job.lead_id,
+                                                   att.kind, att.latency_ms, att.status, n))
+        if att.verdict is not None:
+            await self.breakers.success(job.tenant, job.buyer, br)
+            v = att.verdict
+            self._finish(out, job, Decision(v.outcome.value, v.reason, v.price),
+                         result=v.outcome.lower(), attempt=n, status=att.status,
+                         ms=att.latency_ms, excerpt=att.excerpt)
+            return
+        await self.breakers.failure(job.tenant, job.buyer, br, now)
+        due = now + retry_delay_ms(n, d.retry_base_ms, d.retry_max_ms, att.retry_after_ms)
+        if n >= d.max_attempts or due >= expires:
+            self._give_up(out, job, f"gave up after {n} attempts: {att.error}", attempt=n,
+                          status=att.status, ms=att.latency_ms, excerpt=att.excerpt)
+            return
+        fields = {**job.fields, "attempt": str(n)}
+        entry = record.log_entry(
+            buyer=job.buyer, attempt=n, ts=now, result="retry", status=att.status,
+            ms=att.latency_ms, reason=f"{att.error}; retry at {due}", excerpt=att.excerpt)
+
+        def op(pipe: Any) -> None:
+            record.write_log(pipe, job.tenant, job.lead_id, entry)
+            self._schedule(pipe, job, fields, due)
+
+        out.add(job.tenant, op)
+
+    def _schedule(self, pipe: Any, job: Job, fields: dict[str, str], due: int) -> None:
+        member = msgspec.json.encode([x for kv in fields.items() for x in kv])
+        pipe.zadd(keys.retries(job.tenant), {member: due})
+        self._ack_in(pipe, job)
+
+    def _defer(self, out: _Batch, job: Job, until: int, why: str) -> None:
+        record.notify(self.observer, DeliveryEvent(job.tenant, job.buyer, job.lead_id,
+                                                   "deferred", 0, 0, job.attempt))
+        entry = record.log_entry(buyer=job.buyer, attempt=job.attempt, ts=self.clock(),
+                                 result="deferred", reason=f"{why}; retry at {until}")
+
+        def op(pipe: Any) -> None:
+            record.write_log(pipe, job.tenant, job.lead_id, entry)
+            self._schedule(pipe, job, job.fields, until)
+
+        out.add(job.tenant, op)
+
+    def _finish(
+        self, out: _Batch, job: Job, dec: Decision, *, result: str = "",
+        attempt: int | None = None, status: int = 0, ms: int = 0, excerpt: str = "",
+        dead: bool = False,
+    ) -> None:
+        """Record the decision and log, then the money effect, then ack (see module docs)."""
+        money = dec.o in record.REFUNDED_OUTCOMES or (
+            dec.o == record.ACCEPTED and dec.p is not None and dec.p != job.price)
+        now = self.clock()
+        n = job.attempt if attempt is None else attempt
+        entry = record.log_entry(buyer=job.buyer, attempt=n, ts=now,
+                                 result=result or dec.o.lower(), status=status, ms=ms,
+                                 reason=dec.r, excerpt=excerpt)
+
+        out.decide(job, dec)
+        out.log(job, entry)
+        if dead:
+            out.add(job.tenant, lambda pipe: self._dead_letter(
+                pipe, job, dec.r, attempts=n, status=status, now=now))
+        if money:
+            out.money.append((job, dec))
+        else:
+            out.ack(job)
+
+    def _give_up(
+        self, out: _Batch, job: Job, reason: str, *, refund: bool = True,
+        attempt: int | None = None, status: int = 0, ms: int = 0, excerpt: str = "",
+    ) -> None:
+        n = job.attempt if attempt is None else attempt
+        record.notify(self.observer, DeliveryEvent(job.tenant, job.buyer, job.lead_id,
+                                                   "dead_letter", 0, status, n))
+        log.warning("delivery of %s to %s (tenant %s) dead-lettered: %s", job.lead_id,
+                    job.buyer, job.tenant, reason)
+        dec = Decision(record.FAILED if refund else "UNKNOWN", reason)
+        self._finish(out, job, dec, result="failed", attempt=n, status=status, ms=ms,
+                     excerpt=excerpt, dead=True)
+
+    def _dead_letter(
+        self, pipe: Any, job: Job, reason: str, *, attempts: int, status: int, now: int
+    ) -> None:
+        pipe.xadd(keys.dead_letter(job.tenant, "deliveries"),
+                  {**job.fields, "attempts": attempts, "reason": reason,
+                   "last_status": status, "failed_ts": now, "entry": job.entry_id})
+        pipe.xadd(keys.events(job.tenant),
+                  {"type": "delivery_failed", "account": job.account, "lead_id": job.lead_id,
+                   "buyer": job.buyer, "campaign": job.campaign, "reason": reason,
+                   "attempts": attempts, "ts": now}, maxlen=1_000_000, approximate=True)
+
+    def _ack_in(self, pipe: Any, job: Job) -> None:
+        stream = keys.deliveries(job.tenant)
+        pipe.xack(stream, self.opts.group, job.entry_id)
+        pipe.xdel(stream, job.entry_id)
+
+    # -- the long-running loop -----------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Read and deliver until ``stop`` is set, then finish the jobs in flight."""
+        await self.start()
+        inflight = 0
+
+        def done(n: int, task: asyncio.Task[None]) -> None:
+            nonlocal inflight
+            self._tasks.discard(task)
+            inflight -= n
+            if inflight < self.opts.max_inflight:
+                self._room.set()
+
+        try:
+            while not stop.is_set():
+                if inflight >= self.opts.max_inflight:
+                    self._room.clear()
+                    await _wait_any(self._room, stop)
+                    continue
+                room = min(self.opts.count, self.opts.max_inflight - inflight)
+                jobs: list[Job] = []
+                try:
+                    await self.requeue_due()
+                    if self.clock() - self._last_claim >= self.opts.claim_every_ms:
+                        self._last_claim = self.clock()
+                        jobs = await self._claim(room)
+                    if not jobs:
+                        jobs = await self._read(room, self.opts.block_ms)
+                except (OSError, aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+                    log.warning("delivery worker: redis unavailable (%s); retrying", exc)
+                    await _wait_any(stop, within_s=1.0)
+                    continue
+                if jobs:
+                    inflight += len(jobs)
+                    task = asyncio.create_task(self.handle_batch(jobs))
+                    self._tasks.add(task)
+                    task.add_done_callback(functools.partial(done, len(jobs)))
+        finally:
+            await self.close()
+
+
+def _eid(entry_id: bytes | str) -> str:
+    return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+
+
+async def _wait_any(*events: asyncio.Event, within_s: float | None = None) -> None:
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, timeout=within_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+
+
+async def run_delivery_worker(
+    cfg: Config,
+    store: Store,
+    *,
+    tenants: Sequence[str],
+    consumer: str,
+    stop: asyncio.Event,
+    options: WorkerOptions | None = None,
+    observer: Observer | None = None,
+) -> None:
+    """The ``leadflow worker deliver`` entry point: one worker until ``stop`` is set."""
+    worker = DeliveryWorker(cfg, store, tenants=tenants, consumer=consumer, options=options,
+                            observer=observer)
+    await worker.run(stop)

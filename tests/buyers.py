@@ -1,0 +1,138 @@
+"""Real buyer endpoints for the delivery tests: aiohttp servers on free loopback ports.
+
+Every route records the requests it gets and verifies their Standard Webhooks signature
+with ``standardwebhooks.Webhook(SECRET).verify`` (as a buyer would); a request that fails
+verification is answered 401. Behaviours that change over retries (500 then 200, 429 then
+200, hold then 200) count per ``webhook-id``. Nothing here sleeps: slow answers wait on an
+``asyncio.Event`` the test releases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from aiohttp import web
+from standardwebhooks import Webhook
+
+SECRET = "whsec_" + base64.b64encode(b"leadflow-test-secret-0123456789ab").decode()
+
+
+@dataclass
+class Received:
+    path: str
+    method: str
+    headers: dict[str, str]
+    body: bytes
+    query: str
+    verified: bool
+
+    @property
+    def msg_id(self) -> str:
+        return self.headers.get("webhook-id", "")
+
+
+@dataclass
+class Buyers:
+    """Base URLs and what each route received."""
+
+    url: str = ""
+    raw_url: str = ""  # a raw TCP server: /garbage answers non-HTTP, /reset closes abruptly
+    received: list[Received] = field(default_factory=list)
+    release: asyncio.Event = field(default_factory=asyncio.Event)  # ends /slow and /hold
+    seen: Counter[tuple[str, str]] = field(default_factory=Counter)
+    flaky_fail: str = "500"  # /flaky: "500" fails, "" accepts (breaker tests flip it)
+
+    def at(self, path: str) -> list[Received]:
+        return [r for r in self.received if r.path == path]
+
+
+def _app(state: Buyers) -> web.Application:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        content = request.query_string if request.method == "GET" else body.decode()
+        try:
+            Webhook(SECRET).verify(content, headers, json_parse=False)
+            verified = True
+        except Exception:
+            verified = False
+        path = request.path
+        state.received.append(
+            Received(path, request.method, headers, body, request.query_string, verified))
+        if not verified:
+            return web.json_response({"status": "bad signature"}, status=401)
+        key = (path, headers.get("webhook-id", ""))
+        state.seen[key] += 1
+        n = state.seen[key]
+        match path:
+            case "/accept":
+                return web.json_response({"status": "accepted", "id": "b-1"})
+            case "/reject":
+                return web.json_response({"status": "rejected", "reason": "no coverage"})
+            case "/duplicate":
+                return web.json_response({"status": "duplicate"}, status=409)
+            case "/price":
+                return web.json_response({"status": "accepted", "bid": {"price": 18.5}})
+            case "/price_high":
+                return web.json_response({"status": "accepted", "bid": {"price": "99.00"}})
+            case "/slow":
+                await state.release.wait()
+                return web.json_response({"status": "accepted"})
+            case "/hold":  # the first request waits for release, later ones answer at once
+                if n == 1:
+                    await state.release.wait()
+                return web.json_response({"status": "accepted"})
+            case "/flaky":  # 500 then 200
+                if n == 1:
+                    return web.json_response({"error": "boom"}, status=500)
+                return web.json_response({"status": "accepted"})
+            case "/busy":  # 429 Retry-After: 1, then 200
+                if n == 1:
+                    return web.json_response({"error": "slow down"}, status=429,
+                                             headers={"Retry-After": "1"})
+                return web.json_response({"status": "accepted"})
+            case "/down":  # always 500 unless flaky_fail is cleared
+                if state.flaky_fail:
+                    return web.json_response({"error": "down"}, status=500)
+                return web.json_response({"status": "accepted"})
+            case "/text":
+                return web.Response(text="<html>not json</html>", status=200)
+        return web.json_response({"status": "unknown route"}, status=404)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app
+
+
+async def _raw(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(Exception):
+        head = await reader.readuntil(b"\r\n\r\n")
+        if b" /garbage" in head.split(b"\r\n", 1)[0]:
+            writer.write(b"\x00\xffthis is not HTTP at all\r\n\r\n")
+            await writer.drain()
+        writer.transport.abort()  # RST, no response: an abruptly closed connection
+
+
+@contextlib.asynccontextmanager
+async def buyer_servers() -> AsyncIterator[Buyers]:
+    state = Buyers()
+    runner = web.AppRunner(_app(state), shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    raw = await asyncio.start_server(_raw, "127.0.0.1", 0)
+    port = runner.addresses[0][1]
+    raw_port = raw.sockets[0].getsockname()[1]
+    state.url, state.raw_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{raw_port}"
+    try:
+        yield state
+    finally:
+        state.release.set()
+        raw.close()
+        await raw.wait_closed()
+        await runner.cleanup()

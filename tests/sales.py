@@ -1,0 +1,54 @@
+"""Make sales the way production does: sync the accounts, then run decide.lua."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from billing import money
+from engine import keys
+from engine.config import WALLET, Buyer, Delivery
+from engine.scripts import scripts
+from engine.store import Store, now_ms
+
+T = "acme"
+OPENING = 100_000_000  # $100.00
+FEE = 500_000  # $0.50 outbound fee
+
+
+def buyer(bid: str, url: str, *, price: str = "25.00", **delivery: Any) -> Buyer:
+    return Buyer(id=bid, tenant=T, campaign="cmp", client=f"c-{bid}", price=price,
+                 delivery=Delivery(url=url, **delivery))
+
+
+async def accounts(store: Store, *buyers: Buyer) -> None:
+    for account in [WALLET, *(b.client for b in buyers)]:
+        await store.sync_account(T, account, opening=OPENING, floor=-20_000_000, alert=0,
+                                 recharge_threshold=0, auto_recharge=False, min_balance=None,
+                                 mode="manual")
+
+
+async def sell(store: Store, b: Buyer, lead_id: str, lead: dict[str, str] | None = None) -> None:
+    """One lead, one candidate: the sale record and the delivery job, as in production."""
+    lead = lead if lead is not None else {"first_name": "Ada", "email": "ada@example.com",
+                                          "state": "CA"}
+    batch = {"now": now_ms(), "w": WALLET, "leads": [{
+        "id": lead_id, "k": f"k-{lead_id}", "kt": 3600, "t": 0, "c": b.campaign, "fi": 0,
+        "n": 1, "rr": 0, "q": [], "d": [], "dt": 86_400,
+        "win": ["h1", "d1", "w1", "m1"], "x": msgspec.json.encode(lead).decode(),
+        "cs": [{"b": b.id, "a": b.client, "p": money.parse(b.price), "fo": FEE,
+                "bd": [f"fp-{lead_id}"], "cap": [-1] * 7}],
+    }]}
+    raw = await scripts().decide(store.redis, [keys.tenant_prefix(T)],
+                                 [msgspec.json.encode(batch)])
+    result = msgspec.json.decode(raw)["r"][0]
+    assert result["s"] == "ACCEPTED", result
+
+
+async def balance(store: Store, account: str) -> int:
+    state = await store.account(T, account)
+    assert state is not None
+    total, _ = await store.ledger_sum(T, account)
+    assert total == state.balance, "the ledger must sum to the balance"
+    return state.balance

@@ -1,0 +1,132 @@
+"""engine.delivery building blocks without Redis: signing, payload, verdicts, retry, breaker."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from urllib.parse import parse_qsl
+
+import msgspec
+import pytest
+from standardwebhooks import Webhook, WebhookVerificationError
+
+from engine.config import Delivery, ResponseRule
+from engine.delivery.breaker import Breaker, State
+from engine.delivery.payload import RequestBuilder
+from engine.delivery.retry import backoff_ms, parse_retry_after, retry_delay_ms
+from engine.delivery.signing import Signer, SigningError, webhook_id
+from engine.delivery.verdict import Outcome, ResponseMapper, RuleError, is_retryable
+from tests.buyers import SECRET
+
+LEAD = {"first_name": "Ada", "last_name": "Lovelace", "email": "ada@example.com"}
+
+
+def test_signature_verifies_with_standardwebhooks() -> None:
+    body = b'{"a":"1"}'
+    ts = int(datetime.now(UTC).timestamp())
+    headers = Signer(SECRET).headers(webhook_id("L1", "b1"), ts, body)
+    assert headers["webhook-id"] == "msg_L1_b1"
+    assert Webhook(SECRET).verify(body, headers) == {"a": "1"}
+    with pytest.raises(WebhookVerificationError):
+        Webhook(SECRET).verify(b'{"a":"2"}', headers)
+
+
+def test_bad_and_empty_secrets() -> None:
+    with pytest.raises(SigningError):
+        Signer("whsec_not*base64")
+    unsigned = Signer("").headers("m", 1, b"")
+    assert "webhook-signature" not in unsigned and unsigned["webhook-id"] == "m"
+    assert "key" not in repr(Signer(SECRET)).lower()
+
+
+def test_json_template_static_values_and_secret_headers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BUYER_TOKEN", "s3cret")
+    d = Delivery(url="http://b/x", template={"name": "{first_name} {last_name}",
+                                             "src": "leadflow", "id": "{lead_id}",
+                                             "missing": "{nope}", "lit": "{{x}}"},
+                 headers={"Authorization": "env:BUYER_TOKEN"}, secret=SECRET)
+    b = RequestBuilder("b1", d)
+    req = b.build(LEAD, lead_id="L1", timestamp=int(datetime.now(UTC).timestamp()))
+    assert msgspec.json.decode(req.body) == {"name": "Ada Lovelace", "src": "leadflow",
+                                             "id": "L1", "missing": "", "lit": "{x}"}
+    assert req.headers["Authorization"] == "s3cret"
+    assert req.headers["Content-Type"] == "application/json"
+    assert "s3cret" not in repr(b)
+    Webhook(SECRET).verify(req.body, req.headers)
+
+
+def test_form_and_get_and_default_fields() -> None:
+    ts = int(datetime.now(UTC).timestamp())
+    form = RequestBuilder("b1", Delivery(url="http://b/x", format="form", secret=SECRET))
+    req = form.build(LEAD, lead_id="L1", timestamp=ts)
+    assert dict(parse_qsl(req.body.decode())) == LEAD
+    assert req.headers["Content-Type"] == "application/x-www-form-urlencoded"
+    get = RequestBuilder("b1", Delivery(url="http://b/x?k=1", method="GET", secret=SECRET,
+                                        template={"e": "{email}"}))
+    req = get.build(LEAD, lead_id="L1", timestamp=ts)
+    assert req.body == b"" and req.url == "http://b/x?k=1&e=ada%40example.com"
+    Webhook(SECRET).verify("k=1&e=ada%40example.com", req.headers, json_parse=False)
+
+
+def _mapper(**kw: object) -> ResponseMapper:
+    return ResponseMapper(Delivery(url="http://b", **kw), buyer_price=25_000_000)  # type: ignore[arg-type]
+
+
+def test_verdict_rules() -> None:
+    m = _mapper(accept=[ResponseRule(path="result", equals="success")],
+                duplicate=[ResponseRule(status=[409]), ResponseRule(contains="already")])
+    assert m.classify(200, b'{"result": "SUCCESS"}').outcome is Outcome.ACCEPTED
+    assert m.classify(200, b'{"result": "fail"}').outcome is Outcome.REJECTED
+    assert m.classify(409, b"").outcome is Outcome.DUPLICATED
+    assert m.classify(200, b"lead already exists").outcome is Outcome.DUPLICATED
+    assert m.classify(200, b"garbage{").outcome is Outcome.REJECTED
+    plain = _mapper()
+    assert plain.classify(201, b"").outcome is Outcome.ACCEPTED
+    assert plain.classify(400, b"").outcome is Outcome.REJECTED
+    rx = _mapper(accept=[ResponseRule(regex=r"^OK\b", status=[200])])
+    assert rx.classify(200, b"OK 123").outcome is Outcome.ACCEPTED
+    assert rx.classify(202, b"OK 123").outcome is Outcome.REJECTED
+    nested = _mapper(accept=[ResponseRule(path="$.data.items.0.ok", equals="true")])
+    assert nested.classify(200, b'{"data":{"items":[{"ok":true}]}}').outcome is Outcome.ACCEPTED
+    assert all(is_retryable(s) for s in (500, 503, 429)) and not is_retryable(404)
+    with pytest.raises(RuleError):
+        _mapper(accept=[ResponseRule(regex="(")])
+    with pytest.raises(RuleError):
+        _mapper(accept=[ResponseRule()])
+
+
+def test_realtime_price_is_decimal_exact_and_capped() -> None:
+    m = _mapper(price_path="bid.price", max_price="30.00")
+    assert m.classify(200, b'{"bid":{"price":18.123456}}').price == 18_123_456
+    assert m.classify(200, b'{"bid":{"price":"99"}}').price == 30_000_000
+    assert m.classify(200, b'{"bid":{"price":-1}}').price is None
+    assert m.classify(200, b'{"bid":{}}').price is None
+    # without max_price the buyer's configured price caps it
+    assert _mapper(price_path="p").classify(200, b'{"p": 40}').price == 25_000_000
+
+
+def test_backoff_full_jitter_and_retry_after() -> None:
+    rng = random.Random(7)
+    for attempt in range(1, 12):
+        d = backoff_ms(attempt, 100, 5_000, rng=rng)
+        assert 0 <= d <= min(5_000, 100 * 2 ** (attempt - 1))
+    now = 1_700_000_000_000
+    assert parse_retry_after("1", now) == 1_000
+    when = datetime.fromtimestamp(now / 1000, UTC) + timedelta(seconds=30)
+    assert parse_retry_after(format_datetime(when, usegmt=True), now) == 30_000
+    assert parse_retry_after("soon", now) is None and parse_retry_after(None, now) is None
+    assert retry_delay_ms(1, 10, 10, 1_000, rng=rng) == 1_000  # Retry-After is a floor
+
+
+def test_breaker_state_machine() -> None:
+    b = Breaker(failures_to_open=3, cooldown_ms=1_000)
+    assert b.allow(0) == 0
+    assert not b.failure(1) and not b.failure(2)
+    assert b.failure(3) and b.state is State.OPEN
+    assert b.allow(500) == 1_003
+    assert b.allow(1_003) == 0 and b.state is State.HALF_OPEN  # the probe
+    assert b.allow(1_004) > 1_004  # only one probe at a time
+    assert b.failure(1_010) and b.state is State.OPEN  # a failed probe re-opens
+    assert b.allow(2_010) == 0
+    assert b.success() and b.state is State.CLOSED and b.allow(2_011) == 0

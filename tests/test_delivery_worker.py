@@ -1,0 +1,340 @@
+"""The delivery worker end to end: real redis-server, real HTTP buyers, real decide.lua sales.
+
+No mocks and no sleep-based synchronization: the tests drive ``process_once`` and poll
+Redis/the buyers' records with deadlines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+
+from engine import keys
+from engine.config import Buyer, Config, ResponseRule
+from engine.delivery.breaker import is_open, open_buyers
+from engine.delivery.client import Endpoint
+from engine.delivery.record import DeliveryEvent, read_decision, read_log
+from engine.delivery.sync import deliver_sync
+from engine.delivery.verdict import Outcome
+from engine.delivery.worker import DeliveryWorker, WorkerOptions
+from engine.store import Store, now_ms
+from tests.buyers import SECRET, Buyers, buyer_servers
+from tests.sales import FEE, OPENING, T, accounts, balance, buyer, sell
+
+PRICE = 25_000_000
+ACCEPT = [ResponseRule(path="status", equals="accepted")]
+DUP = [ResponseRule(status=[409])]
+FAST = dict(secret=SECRET, accept=ACCEPT, duplicate=DUP, timeout_ms=300, retry_base_ms=5,
+            retry_max_ms=20)
+
+
+@pytest.fixture
+async def buyers() -> AsyncIterator[Buyers]:
+    async with buyer_servers() as b:
+        yield b
+
+
+@pytest.fixture
+def store(redis: aioredis.Redis) -> Store:
+    return Store(redis)
+
+
+class Clock:
+    """Real time plus an offset the test can move forward (no sleeping)."""
+
+    def __init__(self) -> None:
+        self.offset = 0
+
+    def __call__(self) -> int:
+        return now_ms() + self.offset
+
+
+def worker(store: Store, *buyers_: Buyer, consumer: str = "w1", clock: Clock | None = None,
+           events: list[DeliveryEvent] | None = None, **opts: Any) -> DeliveryWorker:
+    cfg = Config(buyers=list(buyers_))
+    return DeliveryWorker(cfg, store, tenants=[T], consumer=consumer,
+                          options=WorkerOptions(**opts), clock=clock,
+                          observer=events.append if events is not None else None)
+
+
+async def until(
+    w: DeliveryWorker, done: Callable[[], Awaitable[bool]], within: float = 10.0
+) -> None:
+    """Run worker passes until ``done()`` or the deadline."""
+    deadline = time.monotonic() + within
+    while not await done():
+        assert time.monotonic() < deadline, "condition not reached before the deadline"
+        await w.process_once()
+        await asyncio.sleep(0.005)
+
+
+async def settled(store: Store, lead_id: str, b: Buyer) -> str:
+    d = await read_decision(store, T, lead_id, b.id)
+    return d.o if d else ""
+
+
+async def stream_empty(redis: aioredis.Redis) -> bool:
+    if await redis.xlen(keys.deliveries(T)):
+        return False
+    pending = await redis.xpending(keys.deliveries(T), "delivery")
+    return bool(pending["pending"] == 0)
+
+
+async def assert_refunded(store: Store, b: Buyer, *, wallet: int = OPENING) -> None:
+    assert await balance(store, b.client) == OPENING
+    assert await balance(store, "wallet") == wallet  # the outbound fee came back
+    counters = await store.redis.hgetall(keys.buyer(T, b.id))
+    assert counters[b"tn"] == b"0" and counters[b"dn"] == b"0"  # the cap slot is free
+
+
+async def test_accepted_keeps_the_sale(store: Store, buyers: Buyers) -> None:
+    b = buyer("b1", buyers.url + "/accept", **FAST)
+    await accounts(store, b)
+    await sell(store, b, "L1")
+    events: list[DeliveryEvent] = []
+    w = worker(store, b, events=events)
+    try:
+        assert await w.process_once() == 1
+    finally:
+        await w.close()
+    assert await settled(store, "L1", b) == "ACCEPTED"
+    assert await balance(store, b.client) == OPENING - PRICE
+    assert await balance(store, "wallet") == OPENING - FEE
+    [req] = buyers.at("/accept")
+    assert req.verified and req.msg_id == "msg_L1_b1"
+    assert await stream_empty(store.redis)
+    [entry] = await read_log(store, T, "L1")
+    assert entry["result"] == "accepted" and entry["status"] == 200 and entry["attempt"] == 1
+    assert "headers" not in entry and SECRET not in str(entry)
+    assert [(e.kind, e.status) for e in events] == [("accepted", 200)]
+
+
+@pytest.mark.parametrize(("path", "outcome"), [("/reject", "REJECTED"),
+                                               ("/duplicate", "DUPLICATED")])
+async def test_rejected_and_duplicate_are_refunded(
+    store: Store, buyers: Buyers, path: str, outcome: str
+) -> None:
+    b = buyer("b1", buyers.url + path, **FAST)
+    await accounts(store, b)
+    await sell(store, b, "L1")
+    w = worker(store, b)
+    try:
+        await w.process_once()
+    finally:
+        await w.close()
+    assert await settled(store, "L1", b) == outcome
+    await assert_refunded(store, b)
+    assert not await store.redis.exists(keys.dup(T, "fp-L1"))  # fingerprint forgotten
+    ledger = await store.ledger_page(T, b.client)
+    assert ledger[0][1]["kind"] == "refund" and ledger[0][1]["delta"] == str(PRICE)
+    assert await stream_empty(store.redis)
+    # a replayed job (e.g. re-claimed) refunds nothing twice
+    assert (await store.refund_sale(T, "L1", b.id, "again")).replay
+
+
+async def test_realtime_price_reprices_the_sale(store: Store, buyers: Buyers) -> None:
+    b = buyer("b1", buyers.url + "/price", price_path="bid.price", **FAST)
+    b2 = buyer("b2", buyers.url + "/price_high", price_path="bid.price", max_price="30.00",
+               **FAST)
+    await accounts(store, b, b2)
+    await sell(store, b, "L1")
+    await sell(store, b2, "L2")
+    w = worker(store, b, b2)
+    try:
+        await w.process_once()
+    finally:
+        await w.close()
+    assert await balance(store, b.client) == OPENING - 18_500_000
+    assert await balance(store, b2.client) == OPENING - 30_000_000
+
+
+async def test_500_then_200_delivered_once_with_the_same_webhook_id(
+    store: Store, buyers: Buyers
+) -> None:
+    b = buyer("b1", buyers.url + "/flaky", **FAST)
+    await accounts(store, b)
+    await sell(store, b, "L1")
+    w = worker(store, b)
+    try:
+        await w.process_once()
+        assert await store.redis.zcard(keys.retries(T)) == 1
+        assert await stream_empty(store.redis)  # the retry waits in the ZSET, not the PEL
+        await until(w, lambda: _is(settled(store, "L1", b), "ACCEPTED"))
+    finally:
+        await w.close()
+    reqs = buyers.at("/flaky")
+    assert len(reqs) == 2 and all(r.verified for r in reqs)
+    assert reqs[0].msg_id == reqs[1].msg_id == "msg_L1_b1"
+    assert reqs[0].body == reqs[1].body
+    assert await balance(store, b.client) == OPENING - PRICE
+    log = await read_log(store, T, "L1")
+    assert [(e["result"], e["status"]) for e in log] == [("retry", 500), ("accepted", 200)]
+
+
+async def test_429_honours_retry_after(store: Store, buyers: Buyers) -> None:
+    b = buyer("b1", buyers.url + "/busy", **FAST)  # backoff at most 20 ms
+    await accounts(store, b)
+    await sell(store, b, "L1")
+    clock = Clock()
+    w = worker(store, b, clock=clock)
+    try:
+        before = clock()
+        await w.process_once()
+        [(_, due)] = await store.redis.zrange(keys.retries(T), 0, -1, withscores=True)
+        assert due - before >= 1_000  # Retry-After: 1 beats the 20 ms backoff
+        await w.process_once()
+        assert len(buyers.at("/busy")) == 1  # not due yet
+        clock.offset = int(due) - now_ms() + 1  # time passes, without sleeping
+        await until(w, lambda: _is(settled(store, "L1", b), "ACCEPTED"))
+    finally:
+        await w.close()
+    assert len(buyers.at("/busy")) == 2
+
+
+@pytest.mark.parametrize("path", ["/slow", "/reset", "/garbage"])
+async def test_exhausted_retries_dead_letter_event_and_refund(
+    store: Store, buyers: Buyers, path: str
+) -> None:
+    base = buyers.url if path == "/slow" else buyers.raw_url
+    b = buyer("b1", base + path, max_attempts=3, **FAST)
+    await accounts(store, b)
+    await sell(store, b, "L1")
+    events: list[DeliveryEvent] = []
+    w = worker(store, b, events=events)
+    try:
+        await until(w, lambda: _is(settled(store, "L1", b), "FAILED"))
+    finally:
+        await w.close()
+    [(_, dead)] = await store.redis.xrange(keys.dead_letter(T, "deliveries"))
+    assert dead[b"lead_id"] == b"L1" and dead[b"attempts"] == b"3"
+    ev = [f for _, f in await store.redis.xrange(keys.events(T))
+          if f[b"type"] == b"delivery_failed"]
+    assert len(ev) == 1 and ev[0][b"buyer"] == b"b1"
+    await assert_refunded(store, b)
+    assert await stream_empty(store.redis) and await store.redis.zcard(keys.retries(T)) == 0
+    kinds = [e.kind for e in events]
+    assert kinds[-1] == "dead_letter" and len(kinds) == 4
+    assert kinds[0] == ("timeout" if path == "/slow" else "error")
+    log = await read_log(store, T, "L1")
+    assert [e["result"] for e in log] == ["retry", "retry", "failed"]
+
+
+async def test_breaker_opens_and_router_sees_it(store: Store, buyers: Buyers) -> None:
+    b = buyer("b1", buyers.url + "/down", breaker_failures=2, breaker_cooldown_s=5,
+              max_attempts=50, **FAST)
+    await accounts(store, b)
+    for i in range(3):
+        await sell(store, b, f"L{i}")
+    clock = Clock()
+    w = worker(store, b, clock=clock)
+    try:
+        await until(w, lambda: is_open(store.redis, T, "b1"))
+        assert await open_buyers(store.redis, T) == {"b1"}
+        sent = len(buyers.at("/down"))
+        assert sent >= 2  # requests already in flight when it opened still went out
+        for _ in range(3):  # jobs are deferred, nothing is sent while open
+            await w.process_once()
+        assert len(buyers.at("/down")) == sent
+        assert 0 < await store.redis.pttl(keys.breaker(T, "b1")) <= 5_000
+        buyers.flaky_fail = ""  # the buyer recovers; after the cool-down one probe closes it
+        clock.offset = 5_001
+
+        async def all_accepted() -> bool:
+            return all([await settled(store, f"L{i}", b) == "ACCEPTED" for i in range(3)])
+
+        await until(w, all_accepted)
+    finally:
+        await w.close()
+    assert await open_buyers(store.redis, T) == set()
+    assert not await is_open(store.redis, T, "b1")
+
+
+async def test_killed_worker_job_is_reclaimed_and_charged_once(
+    store: Store, buyers: Buyers
+) -> None:
+    b = buyer("b1", buyers.url + "/hold", **{**FAST, "timeout_ms": 10_000})
+    await accounts(store, b)
+    await sell(store, b, "L1")
+    first = worker(store, b, consumer="w1")
+    task = asyncio.create_task(first.process_once())
+    deadline = time.monotonic() + 10
+    while not buyers.at("/hold"):  # the request reached the buyer ...
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.005)
+    task.cancel()  # ... and the worker dies before recording the outcome
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await first.close()
+    pending = await store.redis.xpending(keys.deliveries(T), "delivery")
+    assert pending["pending"] == 1 and pending["consumers"][0]["name"] == b"w1"
+    second = worker(store, b, consumer="w2", claim_idle_ms=0)
+    try:
+        await until(second, lambda: _is(settled(store, "L1", b), "ACCEPTED"))
+    finally:
+        await second.close()
+    reqs = buyers.at("/hold")
+    assert len(reqs) == 2 and reqs[0].msg_id == reqs[1].msg_id == "msg_L1_b1"
+    assert await balance(store, b.client) == OPENING - PRICE  # charged once
+    assert await stream_empty(store.redis)
+
+
+async def test_sync_mode_single_attempt(store: Store, buyers: Buyers) -> None:
+    ok = buyer("b1", buyers.url + "/accept", **FAST)
+    no = buyer("b2", buyers.url + "/reject", **FAST)
+    slow = buyer("b3", buyers.url + "/slow", **FAST)
+    await accounts(store, ok, no, slow)
+    for bb, lead_id in ((ok, "S1"), (no, "S2"), (slow, "S3")):
+        await sell(store, bb, lead_id)
+    lead = {"first_name": "Ada"}
+    async with aiohttp.ClientSession() as session:
+        async def sync(bb: Buyer, lead_id: str, deadline: int) -> Any:
+            return await deliver_sync(store, session, Endpoint(bb), lead_id=lead_id, lead=lead,
+                                      price=PRICE, deadline_ms=deadline)
+
+        v = await sync(ok, "S1", now_ms() + 2_000)
+        assert v is not None and v.outcome is Outcome.ACCEPTED
+        v = await sync(no, "S2", now_ms() + 2_000)
+        assert v is not None and v.outcome is Outcome.REJECTED
+        # money freed before the next buyer is tried (the S1 and S3 fees stay)
+        await assert_refunded(store, no, wallet=OPENING - 2 * FEE)
+        assert await sync(slow, "S3", now_ms() + 100) is None  # undecided: left to the worker
+        again = await sync(ok, "S1", now_ms() + 2_000)  # a replay returns the decision
+        assert again is not None and again.outcome is Outcome.ACCEPTED
+    assert len(buyers.at("/accept")) == 1
+    # the worker acks decided jobs without sending again, and delivers the undecided one
+    buyers.release.set()
+    w = worker(store, ok, no, slow)
+    try:
+        await until(w, lambda: stream_empty(store.redis))
+    finally:
+        await w.close()
+    assert len(buyers.at("/accept")) == 1 and len(buyers.at("/reject")) == 1
+    assert await settled(store, "S3", slow) == "ACCEPTED"
+    await assert_refunded(store, no, wallet=OPENING - 2 * FEE)
+
+
+async def test_run_loop_delivers_and_stops(store: Store, buyers: Buyers) -> None:
+    b = buyer("b1", buyers.url + "/accept", price="1.00", **FAST)
+    await accounts(store, b)
+    for i in range(20):
+        await sell(store, b, f"R{i}")
+    w = worker(store, b, block_ms=50, count=8, max_inflight=16)
+    stop = asyncio.Event()
+    task = asyncio.create_task(w.run(stop))
+    deadline = time.monotonic() + 10
+    while len(buyers.at("/accept")) < 20 or not await stream_empty(store.redis):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert await balance(store, b.client) == OPENING - 20 * 1_000_000
+
+
+async def _is(value: Awaitable[str], expected: str) -> bool:
+    return await value == expected
