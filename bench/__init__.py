@@ -1,1 +1,1 @@
-"""Benchmarks, opt-in and apart from the tests: ``python -m bench all`` or ``python -m bench NAME``."""
+"""Benchmarks, opt-in and kept apart from the tests: ``python -m bench all`` or ``NAME``."""

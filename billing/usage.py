@@ -108,7 +108,7 @@ async def _debit(ctx: BillingContext, tenant: str, u: Usage, unit: int,
                        balance=money.format(int(res.balance)), replay=res.replay)
 
 
-async def record_usage(  # noqa: PLR0917 - the documented signature
+async def record_usage(
         ctx: BillingContext, tenant: str, account: str, meter: str, quantity: int | str,
         event_id: str, *, user: str = "") -> UsageResult:
     """Debit one usage event; raises InvalidRequest / InsufficientFunds / AccountClosed."""

@@ -90,6 +90,6 @@ async def test_reload_under_load_drops_and_double_charges_nothing(redis, redis_s
         assert statuses == ["ACCEPTED"] * 60
         spent = 100_000_000 - await eng.balance("c1")
         assert 60_000_000 <= spent <= 120_000_000  # each lead at the old or the new price
-        _, r = await eng.lead(email="after@example.com")
+        _, _r = await eng.lead(email="after@example.com")
         assert 100_000_000 - await eng.balance("c1") == spent + 2_000_000
         await eng.assert_reconciled()

@@ -159,12 +159,13 @@ async def test_decide_survives_script_flush(redis, redis_server):
 
 async def test_windows_reset_counts(redis, redis_server):
     """Day/week/month caps count within their window only (driven through decide.lua)."""
-    from engine.scripts import scripts
-    from engine.store import WALLET
     import msgspec
 
+    from engine.scripts import scripts
+    from engine.store import WALLET
+
     cfg = make_config(campaign(), buyer("b1", extra="caps = { day = 1, week = 2, month = 3 }"))
-    async with running(cfg, redis_server.url) as eng:
+    async with running(cfg, redis_server.url):
         def lead(n, win):
             return {"id": f"L{n}", "k": f"k{n}", "kt": 60, "t": 0, "c": "camp", "fi": 0, "n": 1,
                     "rr": 0, "q": [], "d": [], "dt": 60, "win": win, "x": "{}",
