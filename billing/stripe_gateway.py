@@ -291,3 +291,32 @@ class StripeGateway:
             options={"idempotency_key": idempotency_key},
         )
         return str(ref.id)
+
+
+class PaymentsNotConfigured(PaymentError):
+    code = "stripe_not_configured"
+    status = 503
+
+
+class _Absent:
+    """Any attribute path (``client.v1.customers.create``) resolves; _call refuses it."""
+
+    def __getattr__(self, name: str) -> _Absent:
+        return self
+
+
+class UnconfiguredGateway(StripeGateway):
+    """Stands in when no Stripe key is set: every card operation fails with a clear 503,
+    while the rest of billing (manual credits, usage, history) keeps working."""
+
+    def __init__(self) -> None:  # no client: nothing to talk to
+        self.currency = "usd"
+        self._client = _Absent()  # type: ignore[assignment]
+
+    async def _call(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        raise PaymentsNotConfigured(f"card payments are not configured: set {ENV_KEY}")
+
+
+def gateway_from_env() -> StripeGateway:
+    """The real gateway when ``LEADFLOW_STRIPE_SECRET_KEY`` is set, else the stand-in."""
+    return StripeGateway() if os.environ.get(ENV_KEY) else UnconfiguredGateway()

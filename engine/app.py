@@ -18,7 +18,8 @@ from engine.accounts_api import AccountsApi
 from engine.batcher import Batcher
 from engine.errors import StoreUnavailable
 from engine.http import Receive, Request, Response, Scope, Send
-from engine.ingest import Codes, Ingest, LeadResponse, error
+from engine.ingest import Codes, Ingest, LeadObserver, LeadResponse, error
+from engine.metrics import registry_for_process, render
 from engine.runtime import Runtime
 from engine.store import Store
 
@@ -42,7 +43,7 @@ class App:
         replay_window_s: int = 60,
         idempotency_ttl_s: int = 86_400,
         http_observer: HttpObserver | None = None,
-        lead_observer: Callable[[str, str, str], None] | None = None,
+        lead_observer: LeadObserver | None = None,
         batch_observer: Any = None,
     ) -> None:
         self.runtime, self.store = runtime, store
@@ -50,6 +51,7 @@ class App:
         self.batch_max, self.batch_observer = batch_max, batch_observer
         self.http_observer = http_observer
         self.batchers: dict[str, Batcher] = {}
+        self.registry = registry_for_process()
         self.ready = False
         self.draining = False
         self.ingest = Ingest(
@@ -65,6 +67,7 @@ class App:
         self.router.add("POST", "/v1/leads/batch", self._batch, body_limit=max_batch_body)
         self.router.add("GET", "/healthz", self._healthz)
         self.router.add("GET", "/readyz", self._readyz)
+        self.router.add("GET", "/metrics", self._metrics)
         AccountsApi(lambda: self.runtime, store).mount(self.router)
 
     def batcher(self, tenant: str) -> Batcher:
@@ -167,6 +170,10 @@ class App:
 
     async def _healthz(self, req: Request) -> Response:
         return http.json_response({"status": "alive"})
+
+    async def _metrics(self, req: Request) -> Response:
+        body, ctype = await asyncio.to_thread(render, self.registry, req.header(b"accept"))
+        return Response(body, 200, ctype.encode())
 
     async def _readyz(self, req: Request) -> Response:
         checks = {"config": True, "scripts": self.ready, "redis": False, "draining": self.draining}

@@ -14,7 +14,7 @@ import random
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -26,7 +26,11 @@ from engine.schedule import WindowClock
 
 MAX_FIELDS = 200
 MAX_SUBID = 75
-_DUMMY_KEY = secrets.token_bytes(32)  # compared against when the supplier is unknown
+_DUMMY_KEY = secrets.token_bytes(32)
+# (campaign, supplier, status, seconds, sold [(buyer, price)], inbound fee, outbound fees)
+LeadObserver = Callable[
+    [str, str, str, float, list[list[str]], int, list[int]], None
+]  # compared against when the supplier is unknown
 _enc = msgspec.json.Encoder()
 
 
@@ -62,6 +66,27 @@ def error(code: int, message: str, errors: list[FieldError] | None = None) -> Le
     return LeadResponse(status="ERROR", code=code, message=message, errors=errors or [])
 
 
+class _Outcome(NamedTuple):
+    http_status: int
+    response: LeadResponse
+    campaign: str = ""
+    supplier: str = ""
+    decision: Decision | None = None
+    plan: CampaignPlan | None = None
+
+
+def _refused(
+    status: int,
+    code: int,
+    message: str,
+    errors: list[FieldError] | None = None,
+    *,
+    campaign: str = "",
+    supplier: str = "",
+) -> _Outcome:
+    return _Outcome(status, error(code, message, errors), campaign, supplier)
+
+
 def new_lead_id() -> str:
     """Time-ordered and unguessable: 12 hex digits of epoch ms, 12 random hex digits."""
     return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(6)}"
@@ -83,62 +108,73 @@ class Ingest:
         *,
         replay_window_s: int = 60,
         idempotency_ttl_s: int = 86_400,
-        observer: Callable[[str, str, str], None] | None = None,
+        observer: LeadObserver | None = None,
     ) -> None:
         self._runtime, self._batcher = runtime, batcher
         self.replay_window_s, self.idempotency_ttl_s = replay_window_s, idempotency_ttl_s
         self._clock = WindowClock()
         self._rng = random.Random()
-        self._observer = observer  # (campaign, supplier, status) for metrics
+        self._observer = observer
 
     async def handle(
         self, data: object, raw: bytes, idempotency_key: str | None = None
     ) -> tuple[int, LeadResponse]:
-        status, resp, camp, sup = await self._handle(data, raw, idempotency_key)
+        started = time.perf_counter()
+        out = await self._handle(data, raw, idempotency_key)
         if self._observer is not None:
-            self._observer(camp, sup, resp.status)
-        return status, resp
+            self._observe(out, time.perf_counter() - started)
+        return out.http_status, out.response
 
-    async def _handle(
-        self, data: object, raw: bytes, idempotency_key: str | None
-    ) -> tuple[int, LeadResponse, str, str]:
+    def _observe(self, out: _Outcome, seconds: float) -> None:
+        assert self._observer is not None
+        d, plan = out.decision, out.plan
+        if d is None or plan is None or d.rp or d.t == 1:  # no money moved
+            self._observer(out.campaign, out.supplier, out.response.status, seconds, [], 0, [])
+            return
+        charged_in = plan.fee_in if d.c != 203 and d.s != "DUPLICATED" else 0
+        fee_out = plan.buyers[0].fee_out if plan.buyers else 0
+        self._observer(
+            out.campaign,
+            out.supplier,
+            out.response.status,
+            seconds,
+            d.buyers,
+            charged_in,
+            [fee_out] * len(d.buyers),
+        )
+
+    async def _handle(self, data: object, raw: bytes, idempotency_key: str | None) -> _Outcome:
         if not isinstance(data, dict):
-            return (
-                400,
-                error(Codes.MALFORMED, "the body must be a JSON object or form fields"),
-                "",
-                "",
-            )
+            return _refused(400, Codes.MALFORMED, "the body must be a JSON object or form fields")
         if len(data) > MAX_FIELDS:
-            return 400, error(Codes.TOO_MANY_FIELDS, f"at most {MAX_FIELDS} fields"), "", ""
+            return _refused(400, Codes.TOO_MANY_FIELDS, f"at most {MAX_FIELDS} fields")
         rt = self._runtime()
         camp_id, sup_id, key = (
             _text(data.get(k)) for k in ("lp_campaign_id", "lp_supplier_id", "lp_key")
         )
         if not camp_id or not sup_id or key is None:
-            return (
+            return _refused(
                 400,
-                error(
-                    Codes.MISSING_CREDENTIALS,
-                    "lp_campaign_id, lp_supplier_id and lp_key are required",
-                ),
-                "",
-                "",
+                Codes.MISSING_CREDENTIALS,
+                "lp_campaign_id, lp_supplier_id and lp_key are required",
             )
         plan = rt.campaigns.get(camp_id)
         supplier = rt.suppliers.get(sup_id)
         if not self._authentic(supplier, key) or supplier is None:
-            return 401, error(Codes.UNAUTHORIZED, "unknown supplier or wrong lp_key"), "", ""
+            return _refused(401, Codes.UNAUTHORIZED, "unknown supplier or wrong lp_key")
         if plan is None or plan.tenant != supplier.tenant:
-            return 404, error(Codes.UNKNOWN_CAMPAIGN, f"unknown campaign {camp_id!r}"), "", sup_id
-        if supplier.campaigns and plan.id not in supplier.campaigns:
-            return (
-                403,
-                error(Codes.FORBIDDEN, "supplier may not post to this campaign"),
-                plan.id,
-                sup_id,
+            return _refused(
+                404, Codes.UNKNOWN_CAMPAIGN, f"unknown campaign {camp_id!r}", supplier=sup_id
             )
-        return (*await self._route(data, raw, idempotency_key, plan, supplier), plan.id, sup_id)
+        if supplier.campaigns and plan.id not in supplier.campaigns:
+            return _refused(
+                403,
+                Codes.FORBIDDEN,
+                "supplier may not post to this campaign",
+                campaign=plan.id,
+                supplier=sup_id,
+            )
+        return await self._route(data, raw, idempotency_key, plan, supplier)
 
     @staticmethod
     def _authentic(supplier: SupplierPlan | None, key: str) -> bool:
@@ -152,20 +188,27 @@ class Ingest:
         idempotency_key: str | None,
         plan: CampaignPlan,
         supplier: SupplierPlan,
-    ) -> tuple[int, LeadResponse]:
+    ) -> _Outcome:
         windows, local = self._clock.get(plan.tz, time.time())
         values, errors = plan.schema.validate(data, today=local.date())
         errors += _subid_errors(data)
         if errors:
             names = ", ".join(sorted({e.field for e in errors}))
-            return 422, error(Codes.INVALID_FIELDS, f"invalid fields: {names}", errors)
+            return _refused(
+                422,
+                Codes.INVALID_FIELDS,
+                f"invalid fields: {names}",
+                errors,
+                campaign=plan.id,
+                supplier=supplier.id,
+            )
         test = supplier.test_mode or data.get("lp_action") == "test"
         lead_id = new_lead_id()
         lead = self._lua_lead(
             plan, values, data, lead_id, test, windows, local, raw, supplier, idempotency_key
         )
         decision = await self._batcher(plan.tenant).decide(lead)
-        return 200, _response(decision, supplier)
+        return _Outcome(200, _response(decision, supplier), plan.id, supplier.id, decision, plan)
 
     def _lua_lead(
         self,

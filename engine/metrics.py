@@ -61,9 +61,10 @@ OTHER = "__other__"  # label value that replaces label sets beyond a Children li
 
 # -- bounded label values known up front (pre-created so rate() sees a 0 before the first
 #    event, which keeps alerts like "recharge failures > 0" from missing the first one) ----
-LEAD_STATUSES = ("sold", "unsold", "rejected", "duplicate", "invalid", "error")
-DEBIT_KINDS = ("lead_purchase", "delivery_fee", "platform_fee", "adjustment")
-CREDIT_KINDS = ("recharge", "manual", "refund", "supplier_payout", "adjustment")
+# lead statuses are the API's, lower-cased; money kinds are the ledger's `kind` values
+LEAD_STATUSES = ("accepted", "duplicated", "rejected", "error")
+DEBIT_KINDS = ("lead", "fee", "usage", "reprice", "refund", "adjustment")
+CREDIT_KINDS = ("funding", "recharge", "refund", "fee_refund", "return", "opening", "adjustment")
 EVENT_TYPES = (
     "balance_alert",
     "recharge_needed",
@@ -72,9 +73,11 @@ EVENT_TYPES = (
     "buyer_paused",
     "buyer_resumed",
 )
-PAUSE_REASONS = ("balance_floor", "cap_reached", "delivery_failures", "manual")
-RECHARGE_OUTCOMES = ("succeeded", "failed", "declined", "skipped")
-DELIVERY_OUTCOMES = ("accepted", "rejected", "error", "timeout", "dead_letter")
+PAUSE_REASONS = ("floor", "min_balance", "manual")
+RECHARGE_OUTCOMES = ("succeeded", "failed", "declined", "authentication_required", "skipped")
+DELIVERY_OUTCOMES = (
+    "accepted", "duplicated", "rejected", "error", "timeout", "dead_letter", "deferred",
+)
 
 # -- buckets (seconds) -------------------------------------------------------------------
 # decision: one Lua script round trip plus Python routing; sub-millisecond to 100 ms.

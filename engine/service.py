@@ -11,17 +11,24 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
 import uvicorn
 
+from billing.api import routes as billing_routes
+from billing.context import BillingContext
+from billing.stripe_gateway import gateway_from_env
 from engine import config as config_mod
+from engine import telemetry
+from engine.accounts_api import tenant_route
 from engine.app import App
-from engine.config import Config
+from engine.config import WALLET, Config
 from engine.embedded import EmbeddedRedis
 from engine.errors import ConfigError
+from engine.http import Handler, Request, Response
 from engine.runtime import Runtime, sync_accounts
 from engine.store import Store, connect
 
@@ -37,6 +44,10 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+def _decide_observer(seconds: float, size: int, events: Any) -> None:
+    telemetry.script_observer("decide", seconds, events)
 
 
 def redis_url_from(cfg: Config, override: str | None) -> str | None:
@@ -63,11 +74,14 @@ class Service:
         self.embedded: EmbeddedRedis | None = None
         self.store: Store | None = None
         self.app: App | None = None
+        self.billing: BillingContext | None = None
         self._server: _Server | None = None
         self._tasks: list[asyncio.Task[Any]] = []
+        self._server_task: asyncio.Task[Any] | None = None
         self.stop_event = asyncio.Event()
+        self.consumer = f"{socket.gethostname()}-{os.getpid()}"  # stream consumer name
 
-    async def start(self) -> None:
+    async def start(self, *, serve: bool = True) -> None:
         url = self.redis_url
         if url is None:
             self.embedded = EmbeddedRedis(
@@ -76,7 +90,7 @@ class Service:
             await asyncio.to_thread(self.embedded.start)
             url = self.embedded.url
             log.info("embedded redis-server started", extra={"port": self.embedded.port})
-        self.store = Store(connect(url))
+        self.store = Store(connect(url), observer=telemetry.money_observer)
         await self.store.load_scripts()
         await sync_accounts(self.cfg, self.store)
         s = self.cfg.settings
@@ -88,11 +102,34 @@ class Service:
             batch_max=s.batch_max,
             replay_window_s=s.replay_window_s,
             idempotency_ttl_s=s.idempotency_ttl_s,
+            http_observer=telemetry.http_observer,
+            lead_observer=telemetry.lead_observer,
+            batch_observer=_decide_observer,
         )
+        self.billing = BillingContext(self.cfg, self.store, gateway_from_env())
+        self._mount_billing()
         self.app.ready = True
+        tenants = [t.id for t in self.cfg.tenants]
+        self._tasks.append(asyncio.create_task(
+            telemetry.monitor(self.store.redis, tenants, self.stop_event)))
         for factory in self.worker_factories:
             self._tasks.append(asyncio.create_task(factory(self, self.stop_event)))
-        await self._serve()
+        if serve:
+            await self._serve()
+
+    def _mount_billing(self) -> None:
+        """Billing's endpoints, behind the same per-tenant bearer token as the accounts API."""
+        assert self.app is not None and self.billing is not None
+        app = self.app
+
+        def guarded(handler: Handler) -> Handler:
+            async def with_tenant(req: Request, tenant: str) -> Response:
+                return await handler(req)
+
+            return tenant_route(lambda: app.runtime, with_tenant)
+
+        for method, path, handler in billing_routes(self.billing):
+            app.add_route(method, path, guarded(handler))
 
     async def _serve(self) -> None:
         assert self.app is not None
@@ -109,10 +146,11 @@ class Service:
             timeout_graceful_shutdown=30,
         )
         self._server = _Server(config)
-        self._tasks.append(asyncio.create_task(self._server.serve()))
+        self._server_task = asyncio.create_task(self._server.serve())
+        self._tasks.append(self._server_task)
         while not self._server.started:
-            if self._tasks[-1].done():
-                await self._tasks[-1]  # raises the bind error
+            if self._server_task.done():
+                await self._server_task  # raises the bind error
                 raise RuntimeError("HTTP server stopped at start")
             await asyncio.sleep(0.01)
         if self.port == 0:
@@ -129,6 +167,8 @@ class Service:
         assert self.store is not None and self.app is not None
         await sync_accounts(cfg, self.store)
         self.app.runtime = Runtime(cfg)
+        if self.billing is not None:
+            self.billing.config = cfg
         self.cfg = cfg
         log.info("config reloaded", extra={"source": cfg.source})
 
@@ -137,7 +177,7 @@ class Service:
             self._server.should_exit = True
         if self.app is not None:
             self.app.draining = True
-        server_task = self._tasks[-1] if self._server is not None else None
+        server_task = self._server_task
         if server_task is not None:
             await server_task
         if self.app is not None:
@@ -157,11 +197,29 @@ class Service:
             loop.add_signal_handler(sig, done.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._safe_reload()))
         await self.start()
+        self._export_balances()
         self._write_pid()
         log.info("leadflow serving", extra={"url": self.url})
         await done.wait()
         log.info("draining")
         await self.stop()
+
+    def _export_balances(self) -> None:
+        """Account balances for Prometheus, read at scrape time only (docs/metrics.md)."""
+        import redis as sync_redis
+
+        from engine.metrics import BalanceCollector, redis_balance_source
+
+        assert self.app is not None and self.store is not None
+        kw = self.store.redis.connection_pool.connection_kwargs
+        client = sync_redis.Redis(host=kw.get("host", "127.0.0.1"), port=kw.get("port", 6379),
+                                  db=kw.get("db", 0), password=kw.get("password"))
+
+        def accounts() -> list[tuple[str, str]]:
+            cfg = self.cfg
+            return [(t.id, WALLET) for t in cfg.tenants] + [(c.tenant, c.id) for c in cfg.clients]
+
+        self.app.registry.register(BalanceCollector(redis_balance_source(client, accounts)))
 
     async def _safe_reload(self) -> None:
         try:

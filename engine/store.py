@@ -8,6 +8,7 @@ and its events.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -81,10 +82,17 @@ def connect(url: str, *, max_connections: int = 64) -> aioredis.Redis:
 UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
+MoneyObserver = Callable[[str, int], None]  # (ledger kind, signed micros)
+
+
 class Store:
-    def __init__(self, client: aioredis.Redis, lua: Scripts | None = None) -> None:
+    def __init__(
+        self, client: aioredis.Redis, lua: Scripts | None = None,
+        observer: MoneyObserver | None = None,
+    ) -> None:
         self.redis = client
         self.lua = lua or scripts()
+        self.observer = observer
 
     async def _run(self, script: Any, tenant: str, args: list[Any]) -> Any:
         try:
@@ -123,7 +131,10 @@ class Store:
                 _enc.encode(flat),
             ],
         )
-        return _adjust_dec.decode(raw)
+        res = _adjust_dec.decode(raw)
+        if self.observer is not None and res.ok and not res.replay:
+            self.observer(kind, delta)
+        return res
 
     async def refund_sale(
         self, tenant: str, lead_id: str, buyer: str, reason: str, *, kind: str = "refund"
@@ -133,7 +144,10 @@ class Store:
             tenant,
             [lead_id, buyer, "refund", 0, reason, now_ms(), kind, WALLET],
         )
-        return _sale_dec.decode(raw)
+        res = _sale_dec.decode(raw)
+        if self.observer is not None and res.ok and not res.replay:
+            self.observer(kind, int(res.price))
+        return res
 
     async def reprice_sale(
         self, tenant: str, lead_id: str, buyer: str, price: int, reason: str = "realtime price"

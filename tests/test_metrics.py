@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from engine import keys
 from engine.embedded import EmbeddedRedis
 from engine.metrics import (
+    CREDIT_KINDS,
     OTHER,
     BalanceCollector,
     Children,
@@ -196,9 +197,9 @@ def test_children_cache_returns_same_child_and_caps_cardinality() -> None:
     assert sold[(OTHER, OTHER)] == 3
     overflow = fams["leadflow_metric_label_overflow"].samples
     assert [(s.labels["metric"], s.value) for s in overflow] == [("leads_sold", 2)]
-    for kind in ("recharge", "manual", "refund", "supplier_payout", "adjustment", "new1"):
+    for kind in (*CREDIT_KINDS, "new1"):
         m.money_credited(kind).inc()  # known kinds do not count against the limit
-    assert len(m.money_credited) == 6
+    assert len(m.money_credited) == len(CREDIT_KINDS) + 1
 
 
 def test_balance_collector_top_n_by_headroom() -> None:
@@ -308,7 +309,7 @@ _WORKER = textwrap.dedent(
     """
     import sys
     from engine.metrics import METRICS
-    METRICS.leads_received("c1", "s1", "sold").inc(int(sys.argv[1]))
+    METRICS.leads_received("c1", "s1", "accepted").inc(int(sys.argv[1]))
     METRICS.decision_duration.observe(0.001)
     METRICS.redis_up.set(int(sys.argv[2]))
     """
@@ -341,7 +342,7 @@ def test_multiprocess_mode_merges_processes(tmp_path: Path) -> None:
     run(_WORKER, "3", "0")
     text = run(_SCRAPER)
     fams = {f.name: f for f in text_string_to_metric_families(text)}
-    sold = [s for s in fams["leadflow_leads_received"].samples if s.labels.get("status") == "sold"]
+    sold = [s for s in fams["leadflow_leads_received"].samples if s.labels.get("status") == "accepted"]
     assert [s.value for s in sold] == [5]
     count = [
         s for s in fams["leadflow_decision_duration_seconds"].samples if s.name.endswith("_count")

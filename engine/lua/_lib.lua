@@ -42,7 +42,10 @@ local function pause(p, a, reason, now, extra)
   if a.paused ~= '' then return end
   a.paused = reason
   redis.call('HSET', a.k, 'paused', reason)
-  emit(p, 'buyer_paused', a, now, extra or {})
+  local e = extra or {}
+  e[#e + 1] = 'reason'; e[#e + 1] = reason
+  emit(p, 'buyer_paused', a, now, e)
+  EMITTED['paused:' .. reason] = (EMITTED['paused:' .. reason] or 0) + 1
 end
 
 local function resume(p, a, now)

@@ -1,0 +1,109 @@
+"""The bridge from engine events to Prometheus metrics (engine/metrics.py).
+
+The hot path calls small observer callbacks with plain values; this module turns them into
+metric updates, so ingest, batching, Store and the workers stay free of metric objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from engine import keys
+from engine.delivery.record import DeliveryEvent
+from engine.metrics import METRICS
+
+log = logging.getLogger("leadflow.telemetry")
+
+_UNKNOWN = "unknown"
+# streams with consumer groups whose lag/pending SREs watch: (logical name, key builder)
+_STREAMS = (("deliveries", keys.deliveries), ("events", keys.events), ("ledger", keys.ledger))
+
+
+def http_observer(route: str, status: int, seconds: float) -> None:
+    METRICS.http_request(route, status, seconds)
+
+
+def lead_observer(
+    campaign: str, supplier: str, status: str, seconds: float, sold: Sequence[Sequence[str]],
+    fee_in: int, fee_out: Sequence[int],
+) -> None:
+    """One decided lead: status count, decision latency, sales and the money they moved."""
+    METRICS.leads_received(campaign or _UNKNOWN, supplier or _UNKNOWN, status.lower()).inc()
+    if status == "ERROR":
+        return
+    METRICS.decision_duration.observe(seconds)
+    spent = 0
+    for buyer, price in sold:
+        METRICS.leads_sold(campaign, buyer).inc()
+        spent += int(price)
+    if spent:
+        METRICS.money_debited("lead").inc(spent)
+    fees = fee_in + sum(fee_out)
+    if fees:
+        METRICS.money_debited("fee").inc(fees)
+
+
+def script_observer(script: str, seconds: float, events: Iterable[Any]) -> None:
+    """One Lua call: its latency and the events it emitted (``[type, count, ...]``)."""
+    METRICS.redis_script_duration(script).observe(seconds)
+    flat = list(events) if not isinstance(events, dict) else []
+    for etype, count in zip(flat[::2], flat[1::2], strict=False):
+        name = str(etype)
+        if name.startswith("paused:"):
+            METRICS.buyers_paused(name.removeprefix("paused:")).inc(int(count))
+        else:
+            METRICS.events_emitted(name).inc(int(count))
+
+
+def money_observer(kind: str, delta: int) -> None:
+    if delta > 0:
+        METRICS.money_credited(kind).inc(delta)
+    elif delta < 0:
+        METRICS.money_debited(kind).inc(-delta)
+
+
+def delivery_observer(event: DeliveryEvent) -> None:
+    METRICS.delivery(event.kind, event.latency_ms / 1000)
+
+
+async def monitor(client: aioredis.Redis, tenants: Sequence[str], stop: asyncio.Event,
+                  *, every_s: float = 5.0) -> None:
+    """Redis liveness and consumer-group lag/pending, every few seconds until ``stop``."""
+    while not stop.is_set():
+        try:
+            await client.ping()
+            METRICS.redis_up.set(1)
+            await _stream_gauges(client, tenants)
+        except (OSError, ConnectionError, TimeoutError) as exc:
+            METRICS.redis_up.set(0)
+            log.warning("redis unreachable", extra={"reason": type(exc).__name__})
+        except Exception as exc:  # noqa: BLE001 - metrics must never take the engine down
+            METRICS.redis_up.set(0)
+            log.warning("monitor failed", extra={"reason": type(exc).__name__})
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), every_s)
+
+
+async def _stream_gauges(client: aioredis.Redis, tenants: Sequence[str]) -> None:
+    totals: dict[tuple[str, str], tuple[int, int]] = {}
+    for tenant in tenants:
+        for name, key_of in _STREAMS:
+            try:
+                groups: Any = await client.xinfo_groups(key_of(tenant))
+            except ResponseError:  # no such stream yet
+                continue
+            for g in groups:
+                group = g["name"].decode() if isinstance(g["name"], bytes) else str(g["name"])
+                lag, pending = totals.get((name, group), (0, 0))
+                totals[(name, group)] = (lag + int(g.get("lag") or 0),
+                                         pending + int(g.get("pending") or 0))
+    for (name, group), (lag, pending) in totals.items():
+        METRICS.stream_lag(name, group).set(lag)
+        METRICS.stream_pending(name, group).set(pending)
