@@ -125,13 +125,22 @@ class App:
             body = await http.read_body(receive, self.max_body)
         except http.BodyTooLarge:
             return _lead_response(413, error(Codes.TOO_LARGE, f"body over {self.max_body} bytes"))
-        return await self._lead_routed(Request(scope, body, {}))
+        ctype, key = b"", None
+        for name, value in scope["headers"]:  # two headers matter: skip building a dict
+            if name == b"content-type":
+                ctype = value
+            elif name == b"idempotency-key":
+                key = value.decode("latin-1")
+        return await self._lead_body(http.media_type(ctype), body, key)
 
     async def _lead_routed(self, req: Request) -> Response:
-        data, problem = _decode_lead(req.content_type, req.body)
+        return await self._lead_body(req.content_type, req.body, req.header(b"idempotency-key"))
+
+    async def _lead_body(self, content_type: str, body: bytes, key: str | None) -> Response:
+        data, problem = _decode_lead(content_type, body)
         if problem is not None:
             return _lead_response(*problem)
-        return _lead_response(*await self._decide(data, req.body, req.header(b"idempotency-key")))
+        return _lead_response(*await self._decide(data, body, key))
 
     async def _decide(self, data: object, raw: bytes, key: str | None) -> tuple[int, LeadResponse]:
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -38,12 +39,14 @@ class Decision(msgspec.Struct, frozen=True):
 class _Reply(msgspec.Struct, frozen=True):
     r: list[Decision] | dict[str, Any]
     e: list[str | int] | dict[str, Any] = []
+    m: list[str] = []  # micros debited by the call: [lead prices, platform fees]
 
 
 _reply = msgspec.json.Decoder(_Reply)
-_enc = msgspec.json.Encoder()
+_WALLET = WALLET.encode()
 
-Observer = Any  # callable(seconds, batch_size, events) -> None, for metrics
+# (seconds, [event type, count, ...], [lead debits, fee debits]) -> None, for metrics
+Observer = Callable[[float, Any, list[str]], None]
 
 
 class Batcher:
@@ -62,13 +65,14 @@ class Batcher:
         self.prefix = keys.tenant_prefix(tenant)
         self.max_batch, self.max_inflight = max_batch, max_inflight
         self.observer = observer
-        self._pending: list[tuple[dict[str, Any], asyncio.Future[Decision]]] = []
+        self._pending: list[tuple[bytes, asyncio.Future[Decision]]] = []
         self._inflight = 0
         self._scheduled = False
         self._idle = asyncio.Event()
         self._idle.set()
 
-    async def decide(self, lead: dict[str, Any]) -> Decision:
+    async def decide(self, lead: bytes) -> Decision:
+        """Decide one lead (decide.lua's per-lead JSON object, already encoded)."""
         fut: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
         self._pending.append((lead, fut))
         self._idle.clear()
@@ -84,15 +88,11 @@ class Batcher:
             self._inflight += 1
             asyncio.get_running_loop().create_task(self._flush(batch))
 
-    async def _flush(self, batch: list[tuple[dict[str, Any], asyncio.Future[Decision]]]) -> None:
+    async def _flush(self, batch: list[tuple[bytes, asyncio.Future[Decision]]]) -> None:
         started = time.perf_counter()
         try:
-            payload = _enc.encode(
-                {
-                    "now": time.time_ns() // 1_000_000,
-                    "w": WALLET,
-                    "leads": [lead for lead, _ in batch],
-                }
+            payload = b'{"now":%d,"w":"%s","leads":[%s]}' % (
+                time.time_ns() // 1_000_000, _WALLET, b",".join([lead for lead, _ in batch])
             )
             raw = await self.store.lua.decide(self.store.redis, [self.prefix], [payload])
             reply = _reply.decode(raw)
@@ -101,7 +101,7 @@ class Batcher:
                 if not fut.done():
                     fut.set_result(decision)
             if self.observer is not None:
-                self.observer(time.perf_counter() - started, len(batch), reply.e)
+                self.observer(time.perf_counter() - started, reply.e, reply.m)
         except UNAVAILABLE as exc:
             self._fail(batch, StoreUnavailable(f"redis unavailable: {type(exc).__name__}"))
         except Exception as exc:  # noqa: BLE001 - every waiter must be woken with the error
@@ -114,7 +114,7 @@ class Batcher:
                 self._idle.set()
 
     @staticmethod
-    def _fail(batch: list[tuple[dict[str, Any], asyncio.Future[Decision]]], exc: Exception) -> None:
+    def _fail(batch: list[tuple[bytes, asyncio.Future[Decision]]], exc: Exception) -> None:
         for _, fut in batch:
             if not fut.done():
                 fut.set_exception(exc)

@@ -49,8 +49,12 @@ class Request:
 
     @property
     def content_type(self) -> str:
-        raw = self.headers.get(b"content-type", b"").decode("latin-1")
-        return raw.split(";", 1)[0].strip().lower()
+        return media_type(self.headers.get(b"content-type", b""))
+
+
+def media_type(content_type: bytes) -> str:
+    """``application/json; charset=utf-8`` -> ``application/json``."""
+    return content_type.decode("latin-1").split(";", 1)[0].strip().lower()
 
 
 class Response:

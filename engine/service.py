@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -46,8 +47,20 @@ class _Server(uvicorn.Server):
         yield
 
 
-def _decide_observer(seconds: float, size: int, events: Any) -> None:
+def _decide_observer(seconds: float, events: Any, debited: list[str]) -> None:
     telemetry.script_observer("decide", seconds, events)
+    if debited:
+        telemetry.money_observer("lead", -int(debited[0]))
+        telemetry.money_observer("fee", -int(debited[1]))
+
+
+def tune_gc() -> None:
+    """Move everything alive after start-up (config, plans, modules) out of the collector's
+    reach and collect young objects less often: full collections over start-up objects were
+    the main source of p99 latency spikes under load."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 100)
 
 
 def redis_url_from(cfg: Config, override: str | None) -> str | None:
@@ -116,6 +129,7 @@ class Service:
             self._tasks.append(asyncio.create_task(factory(self, self.stop_event)))
         if serve:
             await self._serve()
+            tune_gc()
 
     def _mount_billing(self) -> None:
         """Billing's endpoints, behind the same per-tenant bearer token as the accounts API."""
@@ -144,6 +158,7 @@ class Service:
             server_header=False,
             date_header=False,
             timeout_graceful_shutdown=30,
+            proxy_headers=False,  # no X-Forwarded-* rewriting on the hot path
         )
         self._server = _Server(config)
         self._server_task = asyncio.create_task(self._server.serve())

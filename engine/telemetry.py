@@ -31,23 +31,16 @@ def http_observer(route: str, status: int, seconds: float) -> None:
 
 
 def lead_observer(
-    campaign: str, supplier: str, status: str, seconds: float, sold: Sequence[Sequence[str]],
-    fee_in: int, fee_out: Sequence[int],
+    campaign: str, supplier: str, status: str, seconds: float, sold: list[list[str]]
 ) -> None:
-    """One decided lead: status count, decision latency, sales and the money they moved."""
+    """One decided lead: status count, decision latency, sales. (The money a decision moved
+    is counted once per Lua call, see script_observer's caller.)"""
     METRICS.leads_received(campaign or _UNKNOWN, supplier or _UNKNOWN, status.lower()).inc()
     if status == "ERROR":
         return
     METRICS.decision_duration.observe(seconds)
-    spent = 0
-    for buyer, price in sold:
+    for buyer, _ in sold:
         METRICS.leads_sold(campaign, buyer).inc()
-        spent += int(price)
-    if spent:
-        METRICS.money_debited("lead").inc(spent)
-    fees = fee_in + sum(fee_out)
-    if fees:
-        METRICS.money_debited("fee").inc(fees)
 
 
 def script_observer(script: str, seconds: float, events: Iterable[Any]) -> None:

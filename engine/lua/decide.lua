@@ -16,7 +16,8 @@
 --                 "cap": [hour, day, week, month, total, spend day, spend month] (-1 none) } ]
 --     } ] }
 --
--- Returns JSON {"r": [result per lead, in order], "e": [event type, count, ...]} where a
+-- Returns JSON {"r": [result per lead, in order], "e": [event type, count, ...],
+-- "m": [lead debits, fee debits] (micros, as strings)} where a
 -- result is {"id", "s": ACCEPTED|DUPLICATED|REJECTED, "c": code, "m": reason,
 --            "sold": [[buyer, price micros], ...], "t": test, "rp": true on replay}.
 -- The result is also stored under the idempotency key, so a replay returns it verbatim
@@ -28,6 +29,7 @@ local now, wallet_id = batch.now, batch.w
 local wallet = acct(p, wallet_id)
 
 local BUYERS = {}
+local DEBITED = {lead = 0, fee = 0}  -- money moved by this call, returned for metrics
 local BUYER_FIELDS = {'paused', 'hid', 'hn', 'did', 'dn', 'wid', 'wn', 'mid', 'mn', 'tn',
                       'sdid', 'sdv', 'smid', 'smv'}
 
@@ -105,9 +107,7 @@ end
 local function sell(L, c, s, a)
   local ref = L.id
   apply(p, a, -c.p, 'lead', ref, now, {'buyer', c.b, 'campaign', L.c})
-  if c.fo > 0 then
-    apply(p, wallet, -c.fo, 'fee', ref, now, {'fee', 'outbound', 'buyer', c.b})
-  end
+  DEBITED.lead = DEBITED.lead + c.p
   count_sale(s, L.win, c.p)
   mark_sold(c.bd, ref, L.dt)
   redis.call('HSET', K.lead(p, ref), c.b, cjson.encode({a = c.a, p = fmt(c.p), f = fmt(c.fo),
@@ -125,6 +125,9 @@ local function decide(L)
     return {s = 'REJECTED', c = 203, m = 'tenant platform wallet is at its floor'}
   end
   local sold, why = {}, {cap = 0, paused = 0, funds = 0, dup = 0, wallet = 0}
+  -- the platform fees of this lead, debited from the wallet as ONE balance change at the end
+  local fee_in = test and 0 or L.fi
+  local fees = fee_in
   for _, o in ipairs(order(L)) do
     if #sold >= L.n then break end
     local c = L.cs[o[1]]
@@ -140,19 +143,22 @@ local function decide(L)
       if not test and a.paused == '' and not a.closed then
         pause(p, a, 'floor', now, {'buyer', c.b, 'ref', L.id})
       end
-    elseif not test and c.fo > 0 and (not wallet or not can_debit(wallet, c.fo + L.fi)) then
+    elseif not test and c.fo > 0 and (not wallet or not can_debit(wallet, fees + c.fo)) then
       why.wallet = why.wallet + 1
       break
     else
       if not test then
         sell(L, c, s, a)
+        fees = fees + c.fo
         if L.rr == 1 then redis.call('HSET', K.cursors(p), L.c, o[2] + 1) end
       end
       sold[#sold + 1] = {c.b, fmt(c.p)}
     end
   end
-  if not test and L.fi > 0 then
-    apply(p, wallet, -L.fi, 'fee', L.id, now, {'fee', 'inbound', 'campaign', L.c})
+  if fees > 0 then
+    apply(p, wallet, -fees, 'fee', L.id, now,
+          {'inbound', fmt(fee_in), 'outbound', fmt(fees - fee_in), 'campaign', L.c})
+    DEBITED.fee = DEBITED.fee + fees
   end
   if #sold > 0 then
     if not test then
@@ -189,4 +195,4 @@ for i, L in ipairs(batch.leads) do
     out[i] = r
   end
 end
-return cjson.encode({r = out, e = emitted_list()})
+return cjson.encode({r = out, e = emitted_list(), m = {fmt(DEBITED.lead), fmt(DEBITED.fee)}})
