@@ -135,6 +135,16 @@ async def _serve(svc: Any) -> int:
     return 0
 
 
+async def _open_archive(cfg: config_mod.Config) -> Any:
+    """The ledger worker's SQL archive, when there is one (``sql_url`` or the SQLite file)."""
+    from billing.archive import Archive
+
+    sqlite = Path(cfg.settings.state_dir) / "ledger.sqlite3"
+    if cfg.settings.sql_url is None and not sqlite.exists():
+        return None
+    return await Archive.open(cfg.settings.sql_url, path=str(sqlite))
+
+
 def _signal_reload(cfg: config_mod.Config, state_dir: str | None) -> int:
     pid_file = Path(state_dir or cfg.settings.state_dir) / "leadflow.pid"
     try:
@@ -165,10 +175,13 @@ async def _reconcile_at(cfg: config_mod.Config, url: str) -> int:
     from engine.store import Store, connect
 
     store = Store(connect(url))
+    archive = await _open_archive(cfg)
     try:
-        checks, findings = await reconcile(cfg, store)
+        checks, findings = await reconcile(cfg, store, archive)
     finally:
         await store.redis.aclose()
+        if archive is not None:
+            await archive.close()
     for f in findings:
         print(f"FAIL {f.tenant}/{f.account}: {f.problem}")
     print(f"reconcile: {len(checks)} accounts checked, {len(findings)} problems")
