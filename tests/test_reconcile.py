@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 
@@ -32,6 +33,10 @@ async def test_reconcile_with_archive_after_trim(redis, redis_server, tmp_path):
             await archive.close()
 
 
+def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=60)
+
+
 async def test_reconcile_command_exit_codes(redis, redis_server, tmp_path):
     path = tmp_path / "cfg.toml"
     path.write_text(BASE_TOML + f'\n[settings]\nstate_dir = "{tmp_path}"\n')
@@ -40,8 +45,8 @@ async def test_reconcile_command_exit_codes(redis, redis_server, tmp_path):
         pass
     cmd = [sys.executable, "-m", "engine.cli", "reconcile", "--config", str(path),
            "--redis-url", redis_server.url]
-    ok = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    ok = await asyncio.to_thread(_run, cmd)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     await redis.hincrby(keys.acct("t1", "wallet"), "bal", -1)
-    bad = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    bad = await asyncio.to_thread(_run, cmd)
     assert bad.returncode == 1 and "FAIL t1/wallet" in bad.stdout
