@@ -15,10 +15,22 @@ from billing.errors import MoneyError
 from engine import http, keys
 from engine.http import Request, Response
 from engine.runtime import Runtime, token_digest
-from engine.store import AccountState, Store
+from engine.store import AccountState, Store, now_ms
 
 TenantHandler = Callable[[Request, str], Awaitable[Response]]
 MAX_PAGE = 500
+
+
+RETURN_WINDOW_MS = 5 * 86_400_000  # returns within 5 days of the sale (shared/seeds)
+RETURN_REASONS = frozenset({  # the approved reasons our users know
+    "disconnected_phone", "wrong_number", "outside_us_canada", "third_party_submission",
+})
+
+
+class ReturnBody(msgspec.Struct, forbid_unknown_fields=True):
+    buyer: str
+    reason: str
+    note: str = ""
 
 
 class CreditBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -28,6 +40,7 @@ class CreditBody(msgspec.Struct, forbid_unknown_fields=True):
 
 
 _credit = msgspec.json.Decoder(CreditBody)
+_return = msgspec.json.Decoder(ReturnBody)
 
 
 def authenticate(runtime: Runtime, req: Request) -> str | None:
@@ -79,6 +92,7 @@ class AccountsApi:
         add("POST", "/v1/accounts/{id}/credits", self.credit)
         add("POST", "/v1/buyers/{id}/pause", self.pause)
         add("POST", "/v1/buyers/{id}/resume", self.resume)
+        add("POST", "/v1/leads/{id}/returns", self.return_lead)
 
     async def _account(self, tenant: str, account: str) -> AccountState | None:
         if not self.runtime().account_exists(tenant, account):
@@ -149,6 +163,46 @@ class AccountsApi:
     async def resume(self, req: Request, tenant: str) -> Response:
         return await self._set_buyer_pause(req, tenant, False)
 
+    async def return_lead(self, req: Request, tenant: str) -> Response:
+        return await _return_lead(self.store, req, tenant)
+
+
+async def _return_lead(store: Store, req: Request, tenant: str) -> Response:
+    """A buyer returns a bad lead: refunded (kind ``return``) within 5 days, for an approved
+    reason only; idempotent (a second return of the same sale changes nothing)."""
+    lead_id = req.params["id"]
+    try:
+        body = _return.decode(req.body)
+    except msgspec.DecodeError as exc:
+        return http.error_response(400, "invalid_body", str(exc))
+    if body.reason not in RETURN_REASONS:
+        return http.error_response(422, "reason_not_accepted",
+                                   f"returns are accepted for: {', '.join(sorted(RETURN_REASONS))}")
+    sold_ms = _lead_time_ms(lead_id)
+    if sold_ms is None:
+        return http.error_response(404, "unknown_sale", "no such sale")
+    if now_ms() - sold_ms > RETURN_WINDOW_MS:
+        return http.error_response(409, "return_window_closed",
+                                   "returns close 5 days after the sale")
+    res = await store.refund_sale(tenant, lead_id, body.buyer, f"return: {body.reason}",
+                                  kind="return")
+    if not res.ok:
+        return http.error_response(404, res.error, "no such sale")
+    return http.json_response({"lead_id": lead_id, "buyer": body.buyer, "state": res.state,
+                               "refunded": money.format(int(res.price)), "replay": res.replay})
+
+
+def _lead_time_ms(lead_id: str) -> int | None:
+    """Lead ids start with 12 hex digits of the epoch ms they were decided at."""
+    head = lead_id[:12]
+    try:
+        return int(head, 16) if len(lead_id) >= 12 else None
+    except ValueError:
+        return None
+
+
+_LEAD_KINDS = frozenset({"lead", "fee", "refund", "fee_refund", "reprice", "return"})
+
 
 def _is_stream_id(text: str) -> bool:
     ms, _, seq = text.partition("-")
@@ -162,7 +216,7 @@ def _entry_view(entry_id: str, f: dict[str, str]) -> dict[str, object]:
         "kind": f.get("kind"),
         "delta": money.format(int(f["delta"])),
         "balance_after": money.format(int(f["balance"])),
-        "lead_id": f.get("ref") if f.get("kind") in ("lead", "fee", "refund", "reprice") else None,
+        "lead_id": f.get("ref") if f.get("kind") in _LEAD_KINDS else None,
         "ref": f.get("ref"),
         "time_ms": int(f.get("ts", "0")),
     }

@@ -93,3 +93,26 @@ async def test_reload_under_load_drops_and_double_charges_nothing(redis, redis_s
         _, _r = await eng.lead(email="after@example.com")
         assert 100_000_000 - await eng.balance("c1") == spent + 2_000_000
         await eng.assert_reconciled()
+
+
+async def test_returns_within_five_days_for_approved_reasons(redis, redis_server, cfg):
+    async with running(cfg, redis_server.url) as eng:
+        _, lead = await eng.lead(email="r@example.com")
+        path = f"/v1/leads/{lead['lead_id']}/returns"
+        status, body = await eng.api("POST", path, json={"buyer": "b1", "reason": "not_interested"})
+        assert status == 422 and body["error"]["code"] == "reason_not_accepted"
+        assert await eng.balance("c1") == 90_000_000
+        status, body = await eng.api("POST", path, json={"buyer": "b1", "reason": "wrong_number"})
+        assert status == 200 and body["refunded"] == "10.00" and body["state"] == "refunded"
+        assert await eng.balance("c1") == 100_000_000
+        status, again = await eng.api("POST", path, json={"buyer": "b1", "reason": "wrong_number"})
+        assert status == 200 and again["replay"] and await eng.balance("c1") == 100_000_000
+        old = "000000000001" + lead["lead_id"][12:]  # decided in 1970: window closed
+        status, body = await eng.api("POST", f"/v1/leads/{old}/returns",
+                                     json={"buyer": "b1", "reason": "wrong_number"})
+        assert status == 409 and body["error"]["code"] == "return_window_closed"
+        status, _ = await eng.api("POST", "/v1/leads/nope/returns", json={"buyer": "b1", "reason": "wrong_number"})
+        assert status == 404
+        entries = (await eng.api("GET", "/v1/accounts/c1/ledger"))[1]["entries"]
+        assert entries[0]["kind"] == "return"
+        await eng.assert_reconciled()
