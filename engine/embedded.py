@@ -55,8 +55,10 @@ class EmbeddedRedis:
         port: int | None = None,
         appendfsync: str = "everysec",
         persistent: bool = True,
+        extra_args: list[str] | None = None,
     ) -> None:
         self.state_dir = Path(state_dir)
+        self.extra_args = extra_args or []
         self.port = port or free_port()
         self.appendfsync = appendfsync
         self.persistent = persistent
@@ -88,24 +90,31 @@ class EmbeddedRedis:
             args += ["--appendonly", "yes", "--appendfsync", self.appendfsync]
         else:
             args += ["--appendonly", "no"]
-        return args
+        return args + self.extra_args
 
     def start(self) -> EmbeddedRedis:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         binary = find_redis_server()
         self._proc = subprocess.Popen(
-            self._args(binary), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            self._args(binary), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         deadline = time.monotonic() + _START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
-                raise EmbeddedRedisError(f"redis-server exited at start: {err.strip()}")
+                self._proc = None
+                raise EmbeddedRedisError(f"redis-server exited at start: {self._log_tail()}")
             if self._ping():
                 return self
             time.sleep(0.02)
         self.stop()
         raise EmbeddedRedisError(f"redis-server did not answer on port {self.port}")
+
+    def _log_tail(self) -> str:
+        try:
+            lines = (self.state_dir / "redis.log").read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        return " | ".join(line.split(" ", 3)[-1] for line in lines[-3:])
 
     def _ping(self) -> bool:
         try:
@@ -125,8 +134,6 @@ class EmbeddedRedis:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
 
     def __enter__(self) -> EmbeddedRedis:
         return self.start()

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -66,9 +67,26 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+CLUSTER_SCHEME = "redis+cluster://"
+
+
 def connect(url: str, *, max_connections: int = 64) -> aioredis.Redis:
     """A client with blind retries turned off: a timed-out script may have run, and only
-    the idempotency keys (not the transport) may decide to run it again."""
+    the idempotency keys (not the transport) may decide to run it again.
+
+    ``redis+cluster://host:port`` connects to a Redis Cluster through any of its nodes;
+    every script touches one tenant's keys, which share a hash tag, so one slot.
+    """
+    if url.startswith(CLUSTER_SCHEME):
+        cluster = RedisCluster.from_url(
+            "redis://" + url.removeprefix(CLUSTER_SCHEME),
+            max_connections=max_connections,
+            retry=Retry(NoBackoff(), 0),
+            socket_connect_timeout=2.0,
+            socket_timeout=5.0,
+        )
+        # the cluster client speaks the same command API; Store only uses that API
+        return cast(aioredis.Redis, cluster)
     return aioredis.Redis.from_url(
         url,
         max_connections=max_connections,
