@@ -165,14 +165,29 @@ async def _reconcile_at(cfg: config_mod.Config, url: str) -> int:
     from engine.store import Store, connect
 
     store = Store(connect(url))
+    archive = await _open_archive(cfg)
     try:
-        checks, findings = await reconcile(cfg, store)
+        checks, findings = await reconcile(cfg, store, archive)
     finally:
         await store.redis.aclose()
+        if archive is not None:
+            await archive.close()
     for f in findings:
         print(f"FAIL {f.tenant}/{f.account}: {f.problem}")
     print(f"reconcile: {len(checks)} accounts checked, {len(findings)} problems")
     return 1 if findings else 0
+
+
+async def _open_archive(cfg: config_mod.Config) -> Any:
+    """The ledger worker's SQL archive (``sql_url``, else the SQLite file in ``state_dir``),
+    if there is one: entries it archived were trimmed from Redis."""
+    from billing.archive import Archive
+
+    url = cfg.settings.sql_url
+    path = Path(cfg.settings.state_dir) / "ledger.sqlite3"
+    if not url and not path.exists():
+        return None
+    return await Archive.open(url, path=str(path))
 
 
 if __name__ == "__main__":

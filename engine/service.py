@@ -83,6 +83,8 @@ class Service:
         self.consumer = f"{socket.gethostname()}-{os.getpid()}"  # stream consumer name
 
     async def start(self, *, serve: bool = True) -> None:
+        # before any worker runs: the ledger worker's SQLite archive lives here
+        self.state_dir.mkdir(parents=True, exist_ok=True)
         url = self.redis_url
         if url is None:
             self.embedded = EmbeddedRedis(
@@ -114,9 +116,20 @@ class Service:
         self._tasks.append(asyncio.create_task(
             telemetry.monitor(self.store.redis, tenants, self.stop_event)))
         for factory in self.worker_factories:
-            self._tasks.append(asyncio.create_task(factory(self, self.stop_event)))
+            self._tasks.append(asyncio.create_task(self._worker(factory)))
         if serve:
             await self._serve()
+
+    async def _worker(self, factory: WorkerFactory) -> None:
+        """Run one in-process worker; a worker that dies says so in the log."""
+        name = getattr(factory, "__name__", "worker")
+        try:
+            await factory(self, self.stop_event)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("worker stopped by an error", extra={"worker": name})
+            raise
 
     def _mount_billing(self) -> None:
         """Billing's endpoints, behind the same per-tenant bearer token as the accounts API."""
