@@ -22,6 +22,14 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_CONFIG = ROOT / "config" / "example.toml"
 
 
+# Hermetic: settings the engine reads from the environment must come from the tests, never
+# from the machine (a LEADFLOW_REDIS_URL pointing at a real Redis, a real Stripe key, a
+# multiprocess metrics dir). Tests that want one set it themselves (monkeypatch, or the
+# env of a subprocess they start).
+for _name in ("LEADFLOW_REDIS_URL", "LEADFLOW_CONFIG", "LEADFLOW_STRIPE_SECRET_KEY",
+              "LEADFLOW_STRIPE_API_BASE", "LEADFLOW_REVISION", "PROMETHEUS_MULTIPROC_DIR"):
+    os.environ.pop(_name, None)
+
 SEED = int(os.environ.get("LEADFLOW_TEST_SEED", "0")) or random.SystemRandom().randrange(1, 2**31)
 
 
