@@ -37,6 +37,11 @@ def pytest_report_header(config: pytest.Config) -> str:
     return f"leadflow test seed: {SEED} (rerun with LEADFLOW_TEST_SEED={SEED})"
 
 
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    # again at the end: `-q` hides the header, and a failure is read from the bottom up
+    terminalreporter.write_line(pytest_report_header(terminalreporter.config))
+
+
 @pytest.fixture(scope="session")
 def seed() -> int:
     return SEED
