@@ -1,14 +1,21 @@
 """Structured JSON logs: one line per event, ids included, secrets and PII never.
 
 Log calls pass ids through ``extra={...}``; only whitelisted keys are written, so a lead's
-fields or a token can never reach the log by accident.
+fields or a token can never reach the log by accident. An exception is written as its class
+name and the code locations of its traceback (``file:line function``), never its message
+or any value.
+
+Every record of the process goes through the same formatter: leadflow's own loggers at INFO,
+everything else (uvicorn, asyncio, libraries, ``warnings``) at WARNING through the root
+logger, and uncaught exceptions through ``sys.excepthook``, so stderr is JSON lines only.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-import time
+import traceback
+from types import TracebackType
 
 import msgspec
 
@@ -37,6 +44,7 @@ _SAFE_EXTRA = frozenset(
         "reason",
         "entry",
         "payment_intent",
+        "worker",
     }
 )
 _enc = msgspec.json.Encoder()
@@ -55,14 +63,31 @@ class JsonFormatter(logging.Formatter):
                 out[key] = record.__dict__[key]
         if record.exc_info and record.exc_info[0] is not None:
             out["error"] = record.exc_info[0].__name__
+            out["trace"] = _where(record.exc_info[2])
         return _enc.encode(out).decode()
+
+
+def _where(tb: TracebackType | None, limit: int = 8) -> list[str]:
+    """The innermost ``limit`` frames as ``file:line function``: code, never data."""
+    frames = traceback.extract_tb(tb)[-limit:]
+    return [f"{'/'.join(f.filename.rsplit('/', 2)[-2:])}:{f.lineno} {f.name}" for f in frames]
+
+
+def _excepthook(
+    kind: type[BaseException], exc: BaseException, tb: TracebackType | None
+) -> None:
+    logging.getLogger("leadflow").critical("uncaught exception", exc_info=(kind, exc, tb))
 
 
 def setup_logging(level: int = logging.INFO) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
-    root = logging.getLogger("leadflow")
+    root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
-    logging.Formatter.converter = time.gmtime
+    root.setLevel(logging.WARNING)  # libraries: warnings and errors only
+    ours = logging.getLogger("leadflow")
+    ours.handlers[:] = []
+    ours.setLevel(level)
+    ours.propagate = True
+    logging.captureWarnings(True)  # `warnings` go to the py.warnings logger, as JSON
+    sys.excepthook = _excepthook

@@ -91,10 +91,13 @@ class Service:
         self._server: _Server | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._server_task: asyncio.Task[Any] | None = None
+        self._balances: tuple[Any, Any] | None = None  # (collector, its sync Redis client)
         self.stop_event = asyncio.Event()
         self.consumer = f"{socket.gethostname()}-{os.getpid()}"  # stream consumer name
 
     async def start(self, *, serve: bool = True) -> None:
+        # before any worker runs: the ledger worker's SQLite archive lives here
+        self.state_dir.mkdir(parents=True, exist_ok=True)
         url = self.redis_url
         if url is None:
             self.embedded = EmbeddedRedis(
@@ -126,10 +129,21 @@ class Service:
         self._tasks.append(asyncio.create_task(
             telemetry.monitor(self.store.redis, tenants, self.stop_event)))
         for factory in self.worker_factories:
-            self._tasks.append(asyncio.create_task(factory(self, self.stop_event)))
+            self._tasks.append(asyncio.create_task(self._worker(factory)))
         if serve:
             await self._serve()
             tune_gc()
+
+    async def _worker(self, factory: WorkerFactory) -> None:
+        """Run one in-process worker; a worker that dies says so in the log."""
+        name = getattr(factory, "__name__", "worker")
+        try:
+            await factory(self, self.stop_event)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("worker stopped by an error", extra={"worker": name})
+            raise
 
     def _mount_billing(self) -> None:
         """Billing's endpoints, behind the same per-tenant bearer token as the accounts API."""
@@ -155,6 +169,7 @@ class Service:
             lifespan="off",
             access_log=False,
             log_level="warning",
+            log_config=None,  # uvicorn's records go to our JSON handler (engine/logs.py)
             server_header=False,
             date_header=False,
             timeout_graceful_shutdown=30,
@@ -199,6 +214,12 @@ class Service:
             await self.app.drain()
         self.stop_event.set()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._balances is not None:
+            collector, client = self._balances
+            self._balances = None
+            assert self.app is not None
+            self.app.registry.unregister(collector)
+            client.close()
         if self.store is not None:
             await self.store.redis.aclose()
         if self.embedded is not None:
@@ -212,15 +233,20 @@ class Service:
             loop.add_signal_handler(sig, done.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._safe_reload()))
         await self.start()
-        self._export_balances()
+        self.export_balances()
         self._write_pid()
         log.info("leadflow serving", extra={"url": self.url})
         await done.wait()
         log.info("draining")
         await self.stop()
+        log.info("stopped")
 
-    def _export_balances(self) -> None:
-        """Account balances for Prometheus, read at scrape time only (docs/metrics.md)."""
+    def export_balances(self) -> None:
+        """Account balances for Prometheus, read at scrape time only (docs/metrics.md).
+
+        Registered on the app's registry until :meth:`stop` (which unregisters it, so a
+        process may start a Service again, as the tests do).
+        """
         import redis as sync_redis
 
         from engine.metrics import BalanceCollector, redis_balance_source
@@ -234,7 +260,9 @@ class Service:
             cfg = self.cfg
             return [(t.id, WALLET) for t in cfg.tenants] + [(c.tenant, c.id) for c in cfg.clients]
 
-        self.app.registry.register(BalanceCollector(redis_balance_source(client, accounts)))
+        collector = BalanceCollector(redis_balance_source(client, accounts))
+        self.app.registry.register(collector)
+        self._balances = (collector, client)
 
     async def _safe_reload(self) -> None:
         try:

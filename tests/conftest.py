@@ -22,11 +22,24 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_CONFIG = ROOT / "config" / "example.toml"
 
 
+# Hermetic: settings the engine reads from the environment must come from the tests, never
+# from the machine (a LEADFLOW_REDIS_URL pointing at a real Redis, a real Stripe key, a
+# multiprocess metrics dir). Tests that want one set it themselves (monkeypatch, or the
+# env of a subprocess they start).
+for _name in ("LEADFLOW_REDIS_URL", "LEADFLOW_CONFIG", "LEADFLOW_STRIPE_SECRET_KEY",
+              "LEADFLOW_STRIPE_API_BASE", "LEADFLOW_REVISION", "PROMETHEUS_MULTIPROC_DIR"):
+    os.environ.pop(_name, None)
+
 SEED = int(os.environ.get("LEADFLOW_TEST_SEED", "0")) or random.SystemRandom().randrange(1, 2**31)
 
 
 def pytest_report_header(config: pytest.Config) -> str:
     return f"leadflow test seed: {SEED} (rerun with LEADFLOW_TEST_SEED={SEED})"
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    # again at the end: `-q` hides the header, and a failure is read from the bottom up
+    terminalreporter.write_line(pytest_report_header(terminalreporter.config))
 
 
 @pytest.fixture(scope="session")

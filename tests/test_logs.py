@@ -1,0 +1,41 @@
+"""engine.logs: one JSON object per record; extras are whitelisted; exceptions keep their
+class and code locations, never their message."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import msgspec
+
+from engine.logs import JsonFormatter
+
+
+def _record(msg: str, **extra: object) -> logging.LogRecord:
+    rec = logging.LogRecord("leadflow.test", logging.WARNING, __file__, 1, msg, (), None)
+    rec.__dict__.update(extra)
+    return rec
+
+
+def test_only_whitelisted_extras_are_written() -> None:
+    line = JsonFormatter().format(_record(
+        "lead decided\nsecond line", tenant="t1", lead_id="L1", email="jane@example.com",
+        lp_key="k-secret", api_token="tok-secret"))
+    assert "\n" not in line
+    rec = msgspec.json.decode(line)
+    assert rec["msg"] == "lead decided\nsecond line"
+    assert (rec["tenant"], rec["lead_id"], rec["level"]) == ("t1", "L1", "warning")
+    assert "jane@example.com" not in line and "secret" not in line
+
+
+def test_exceptions_keep_class_and_location_not_message() -> None:
+    try:
+        raise ValueError("card 4242424242424242 for jane@example.com")
+    except ValueError:
+        rec = _record("payment failed")
+        rec.exc_info = sys.exc_info()
+    line = JsonFormatter().format(rec)
+    out = msgspec.json.decode(line)
+    assert out["error"] == "ValueError"
+    assert out["trace"][-1].startswith("tests/test_logs.py:")
+    assert "4242" not in line and "jane" not in line
