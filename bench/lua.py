@@ -62,8 +62,10 @@ def representative_leads(cfg: Any, n: int, *, seed: int = SEED) -> tuple[str, li
         if errors:
             continue
         raw = msgspec.json.encode(data)
-        out.append(ingest._lua_lead(plan, values, data, new_lead_id(), False, windows, local,
-                                    raw, supplier, None))
+        lead = ingest._lua_lead(plan, values, data, new_lead_id(), False, windows, local, raw,
+                                supplier, None)
+        # a dict, or decide.lua's JSON already encoded (when the engine pre-encodes it)
+        out.append(msgspec.json.decode(lead) if isinstance(lead, bytes | str) else lead)
         if len(out) == n:
             return tenant, out
     raise RuntimeError(f"only {len(out)} valid leads generated")
