@@ -28,6 +28,7 @@ MIN_ALERT = 1_000_000  # balance alerts: at least $1.00
 MIN_RECHARGE_THRESHOLD = 20_000_000  # auto-recharge threshold: at least $20.00
 MIN_RECHARGE_AMOUNT = 100_000_000  # auto-recharge amount: at least $100.00
 MAX_CARD_FEE_BP = 1_500  # pass-through card fee: up to 15%
+MAX_SYNC_DEADLINE_MS = 60_000  # a seller waits at most a minute for a sync-mode answer
 
 
 class _Checker:
@@ -142,6 +143,12 @@ class _Checker:
                     raise self.fail(f"{p}.fields[{j}].values", "a list field needs values")
             if c.sell_limit < 1:
                 raise self.fail(f"{p}.sell_limit", "at least 1")
+            if not 1 <= c.sync_deadline_ms <= MAX_SYNC_DEADLINE_MS:
+                raise self.fail(f"{p}.sync_deadline_ms",
+                                f"between 1 and {MAX_SYNC_DEADLINE_MS} milliseconds")
+            if c.mode == "sync" and c.distribution == "send_to_all":
+                raise self.fail(f"{p}.mode", "sync mode sells to one buyer at a time; "
+                                "send_to_all campaigns are async only")
             if c.dedupe is not None:
                 for j, name in enumerate(c.dedupe.fields):
                     if name not in names:
