@@ -42,7 +42,7 @@ from redis.exceptions import ResponseError
 from engine import keys
 from engine.config import Buyer, Config
 from engine.delivery import client, record
-from engine.delivery.breaker import Breakers
+from engine.delivery.breaker import Breakers, State
 from engine.delivery.client import Endpoint
 from engine.delivery.record import Decision, DeliveryEvent, Observer
 from engine.delivery.retry import retry_delay_ms
@@ -107,7 +107,8 @@ class WorkerOptions:
     max_inflight: int = 256  # jobs in flight per process
     claim_idle_ms: int = 60_000  # XAUTOCLAIM min idle: longer than any buyer timeout
     claim_every_ms: int = 5_000
-    requeue_batch: int = 500  # due retries moved per loop and tenant
+    requeue_batch: int = 500  # due retries moved per pass and tenant
+    requeue_every_ms: int = 50  # run loop: due retries are moved at most this often
     connector_limit: int = 512  # TCPConnector(limit=...)
     limit_per_host: int = 64  # TCPConnector(limit_per_host=...)
     excerpt_chars: int = 256  # response excerpt kept in the delivery log
@@ -211,6 +212,7 @@ class DeliveryWorker:
         self._room = asyncio.Event()
         self._room.set()
         self._last_claim = 0
+        self._last_requeue = 0
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -336,6 +338,13 @@ class DeliveryWorker:
 
     async def _commit(self, out: _Batch) -> None:
         for tenant in out.ops.keys() | out.common.keys():
+            if tenant not in out.ops:  # the common case: one Lua call, atomic by itself
+                arg = {"g": self.opts.group, "ttl": record.STATE_TTL_S,
+                       "lmax": record.LOG_MAX, **out.common[tenant]}
+                async with self._rsem:
+                    await self._finish_lua(keys=[keys.tenant_prefix(tenant)],
+                                           args=[msgspec.json.encode(arg)])
+                continue
             async with self.redis.pipeline(transaction=True) as pipe:
                 for op in out.ops.get(tenant, []):
                     op(pipe)
@@ -435,7 +444,8 @@ class DeliveryWorker:
         record.notify(self.observer, DeliveryEvent(job.tenant, job.buyer, job.lead_id,
                                                    att.kind, att.latency_ms, att.status, n))
         if att.verdict is not None:
-            await self.breakers.success(job.tenant, job.buyer, br)
+            if br.state is not State.CLOSED or br.failures:
+                await self.breakers.success(job.tenant, job.buyer, br)
             v = att.verdict
             self._finish(out, job, Decision(v.outcome.value, v.reason, v.price),
                          result=v.outcome.lower(), attempt=n, status=att.status,
@@ -551,7 +561,9 @@ class DeliveryWorker:
                 room = min(self.opts.count, self.opts.max_inflight - inflight)
                 jobs: list[Job] = []
                 try:
-                    await self.requeue_due()
+                    if self.clock() - self._last_requeue >= self.opts.requeue_every_ms:
+                        self._last_requeue = self.clock()
+                        await self.requeue_due()
                     if self.clock() - self._last_claim >= self.opts.claim_every_ms:
                         self._last_claim = self.clock()
                         jobs = await self._claim(room)
