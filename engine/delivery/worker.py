@@ -8,7 +8,7 @@ sends them again with the same ``webhook-id``.
 
 Retries never block a worker: a retryable failure (timeout, network error, 5xx, 429)
 moves the job, with its attempt count, into the per-tenant ZSET ``keys.retries`` (score =
-due time) and acks the stream entry, in one MULTI. Every loop a small Lua script moves the
+due time) and acks the stream entry, in one MULTI. Every 50 ms a small Lua script moves the
 jobs that are due back onto the stream (ZREM + XADD, atomically), so a retry is read,
 claimed and crash-recovered like any new job. A job whose buyer's breaker is open is
 deferred the same way, to the half-open time, without counting an attempt.
@@ -359,9 +359,10 @@ class DeliveryWorker:
         return len(jobs)
 
     async def handle_batch(self, jobs: Sequence[Job]) -> None:
-        """Deliver a batch: one read of the sales/decisions, the requests concurrently, then
-        one MULTI per tenant with every decision, log entry, retry and ack of the batch, the
-        money effects, and one MULTI acking the jobs that had one."""
+        """Deliver a batch: one read of the sales/decisions, the requests concurrently (in
+        the endpoints' lanes), then one Lua call per tenant with every decision, log entry and
+        ack of the batch (in a MULTI with its retries and dead letters, if any), the money
+        effects, and one MULTI acking the jobs that had one."""
         if not jobs:
             return
         pre: dict[str, tuple[bytes | None, bytes | None]] = {}
