@@ -36,6 +36,7 @@ delivered by the worker (its claim expires at the deadline + 2 s).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +48,13 @@ from engine.batcher import Batcher, Decision
 from engine.config import Buyer, Config
 from engine.delivery import client
 from engine.delivery.client import Endpoint
-from engine.delivery.record import STATE_TTL_S, SYNC, Observer, encode_decision
+from engine.delivery.record import (
+    STATE_TTL_S,
+    SYNC,
+    Observer,
+    decode_decision,
+    encode_decision,
+)
 from engine.delivery.record import Decision as Claim
 from engine.delivery.sync import CLAIM_GRACE_MS, deliver_sync
 from engine.delivery.verdict import Outcome
@@ -169,7 +176,14 @@ class SyncRouter:
                 await self._finish(prefix, lead, "", mine, [], [])
             return await self._replayed(tenant, lead["k"], d)
         w = _Waterfall()
-        final = await self._waterfall(w, batcher, cfg, plan, lead, d, deadline, hold)
+        try:
+            final = await self._waterfall(w, batcher, cfg, plan, lead, d, deadline, hold)
+        except BaseException:  # e.g. Redis gone: free the buyers never sold, then fail
+            release = [b for b in mine if b not in w.tried]
+            if release:
+                with contextlib.suppress(Exception):
+                    await self._finish(prefix, lead, "", release, w.derived, [])
+            raise
         forget = list(lead["d"]) if final.c == ALL_REJECTED else []
         record = _enc.encode(_plain(final)).decode() if w.marked else ""
         release = [b for b in mine if b not in w.tried]
@@ -220,17 +234,31 @@ class SyncRouter:
         await self._final(keys=[prefix], args=[_enc.encode(arg)])
 
     async def _replayed(self, tenant: str, key: str, d: Decision) -> Decision:
-        """A replay: the stored result, once the waterfall that writes it has finished."""
+        """A replay: the stored result, once the waterfall that writes it has finished.
+
+        It is running while the record is marked pending (``sy`` in the future) or, before
+        the mark is written, while the lead still has live SYNC claims (released in the same
+        Lua call that writes the final record)."""
         k = keys.idem(tenant, key)
         while True:
             raw = await self.store.redis.get(k)
             if raw is None:
                 return d
             stored = _stored.decode(raw)
-            if not stored.sy or now_ms() >= stored.sy:
+            now = now_ms()
+            running = now < stored.sy if stored.sy else await self._claimed(tenant, stored.id)
+            if not running:
                 return Decision(id=stored.id, s=stored.s, c=stored.c, m=stored.m,
                                 sold=stored.sold, t=stored.t, rp=True)
             await asyncio.sleep(_REPLAY_POLL_S)
+
+    async def _claimed(self, tenant: str, lead_id: str) -> bool:
+        now = now_ms()
+        for raw in await self.store.redis.hvals(keys.dstate(tenant, lead_id)):
+            claim = decode_decision(raw)
+            if claim is not None and claim.o == SYNC and claim.u > now:
+                return True
+        return False
 
 
 def _all_rejected(lead_id: str, tried: int) -> Decision:

@@ -236,3 +236,19 @@ async def test_test_leads_and_async_campaigns_are_not_waited_for(
         _, r = await eng.lead(supplier="stest", key="key-test", email="t@example.com")
         assert r["status"] == "ACCEPTED" and r["test"] is True
         assert buyers.received == []
+
+
+async def test_concurrent_twins_get_the_final_result(redis, redis_server, buyers: Buyers) -> None:
+    """The same payload posted several times at once: one waterfall, every answer final."""
+    cfg = sync_config(buyers, "/reject", "/accept")
+    async with running(cfg, redis_server.url) as eng:
+        for i in range(5):
+            results = await asyncio.gather(*(eng.lead(email=f"twin{i}@example.com")
+                                             for _ in range(4)))
+            bodies = [r for _, r in results]
+            assert all(b == bodies[0] for b in bodies), bodies
+            assert (bodies[0]["status"], bodies[0]["code"]) == ("ACCEPTED", 0)
+        assert len(buyers.at("/reject")) == 5 and len(buyers.at("/accept")) == 5
+        assert await eng.balance("c2") == OPENING - 5 * PRICE
+        assert await eng.balance("c1") == OPENING
+        await ledgers_sum(eng)
