@@ -1,7 +1,8 @@
 """Sync mode (``mode = "sync"``): the seller's response waits for a buyer's verdict.
 
-Only :class:`~engine.ingest.Ingest` calls this, and only for sync campaigns; the async path
-never imports it. For one lead, within ``now + campaign.sync_deadline_ms``:
+Only :class:`~engine.ingest.Ingest` calls this, and only for sync campaigns (one ``plan.sync``
+test on the async path, which never runs any of this). For one lead, within
+``now + campaign.sync_deadline_ms``:
 
 1. **Claims** (one Lua call): a ``SYNC`` claim in ``keys.dstate(lead)`` for every candidate
    buyer with a webhook, written *before* the sale, so the stream worker, which may read
@@ -30,7 +31,8 @@ While the waterfall runs, the idempotency record holds a *pending* result (ACCEP
 with a ``sy`` field = the claim's end). A replay that finds it waits (polling) until the
 final result is written or the claim ends, then returns what is stored. An engine that
 dies mid-waterfall thus leaves "ACCEPTED, verdict pending": the sale standing then is
-delivered by the worker (its claim expires at the deadline + 2 s).
+delivered by the worker (its claim expires at the deadline + 2 s). Known gap: if it died
+between a refund and the next try's sale, no sale stands although the record says pending.
 """
 
 from __future__ import annotations
@@ -58,11 +60,12 @@ from engine.delivery.record import (
 from engine.delivery.record import Decision as Claim
 from engine.delivery.sync import CLAIM_GRACE_MS, deliver_sync
 from engine.delivery.verdict import Outcome
+from engine.ingest import Codes
 from engine.routing import CampaignPlan
 from engine.store import Store, now_ms
 
-ACCEPTED_PENDING = 1  # ACCEPTED: sold, the buyer did not answer within the deadline
-ALL_REJECTED = 204  # REJECTED: every buyer the lead was sent to rejected it
+ACCEPTED_PENDING = Codes.ACCEPTED_PENDING  # 1: sold, no verdict within the deadline
+ALL_REJECTED = Codes.ALL_REJECTED  # 204: every buyer the lead was sent to rejected it
 PENDING_MESSAGE = "lead accepted; buyer verdict pending (delivery continues asynchronously)"
 _REPLAY_POLL_S = 0.02
 
