@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -22,6 +22,9 @@ from engine.ingest import Codes, Ingest, LeadObserver, LeadResponse, error
 from engine.metrics import registry_for_process, render
 from engine.runtime import Runtime
 from engine.store import Store
+
+if TYPE_CHECKING:
+    from engine.sync_route import SyncRouter
 
 _lead_enc = msgspec.json.Encoder()
 _FORM = "application/x-www-form-urlencoded"
@@ -45,6 +48,7 @@ class App:
         http_observer: HttpObserver | None = None,
         lead_observer: LeadObserver | None = None,
         batch_observer: Any = None,
+        sync: SyncRouter | None = None,
     ) -> None:
         self.runtime, self.store = runtime, store
         self.max_body, self.max_batch_body = max_body, max_batch_body
@@ -60,6 +64,7 @@ class App:
             replay_window_s=replay_window_s,
             idempotency_ttl_s=idempotency_ttl_s,
             observer=lead_observer,
+            sync=sync,
         )
         self.router = http.Router()
         # POST /v1/leads is served before routing (see __call__); listed so GET gets a 405

@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     _config_arg(demo)
     demo.add_argument("--leads", type=int, default=2_000)
     demo.add_argument("--seed", type=int, default=None)
+    demo.add_argument("--no-sink", dest="sink", action="store_false",
+                      help="no local buyer webhook sink (sold leads are not delivered)")
 
     cfg = sub.add_parser("config", help="check or load a config file")
     cfg_sub = cfg.add_subparsers(dest="action", required=True)
@@ -108,7 +110,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from engine.demo import run_demo
 
-        return _run(run_demo(cfg, leads=args.leads, seed=args.seed, redis_url=args.redis_url))
+        return _run(run_demo(cfg, leads=args.leads, seed=args.seed, redis_url=args.redis_url,
+                             sink=args.sink))
     if args.command == "reconcile":
         return _run(_reconcile(cfg, args.redis_url))
     from engine.workers import run_worker

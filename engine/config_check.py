@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import urlsplit
 
 from billing import money
 from billing.errors import MoneyError
@@ -17,17 +18,24 @@ from engine.config import (
     WALLET,
     WEEKDAYS,
     Account,
+    Buyer,
     Config,
+    ResponseRule,
     resolve_secret,
     valid_id,
     zone,
 )
+from engine.delivery import DeliveryError
+from engine.delivery.payload import RequestBuilder
+from engine.delivery.signing import Signer, SigningError
+from engine.delivery.verdict import ResponseMapper
 from engine.errors import ConfigError
 
 MIN_ALERT = 1_000_000  # balance alerts: at least $1.00
 MIN_RECHARGE_THRESHOLD = 20_000_000  # auto-recharge threshold: at least $20.00
 MIN_RECHARGE_AMOUNT = 100_000_000  # auto-recharge amount: at least $100.00
 MAX_CARD_FEE_BP = 1_500  # pass-through card fee: up to 15%
+MAX_SYNC_DEADLINE_MS = 60_000  # a seller waits at most a minute for a sync-mode answer
 
 
 class _Checker:
@@ -142,6 +150,12 @@ class _Checker:
                     raise self.fail(f"{p}.fields[{j}].values", "a list field needs values")
             if c.sell_limit < 1:
                 raise self.fail(f"{p}.sell_limit", "at least 1")
+            if not 1 <= c.sync_deadline_ms <= MAX_SYNC_DEADLINE_MS:
+                raise self.fail(f"{p}.sync_deadline_ms",
+                                f"between 1 and {MAX_SYNC_DEADLINE_MS} milliseconds")
+            if c.mode == "sync" and c.distribution == "send_to_all":
+                raise self.fail(f"{p}.mode", "sync mode sells to one buyer at a time; "
+                                "send_to_all campaigns are async only")
             if c.dedupe is not None:
                 for j, name in enumerate(c.dedupe.fields):
                     if name not in names:
@@ -180,6 +194,65 @@ class _Checker:
                 value = getattr(b.caps, name)
                 if value is not None and value < 0:
                     raise self.fail(f"{p}.caps.{name}", "must not be negative")
+            if b.delivery is not None:
+                self.delivery(b, f"{p}.delivery")
+
+    def delivery(self, b: Buyer, p: str) -> None:
+        """A buyer's webhook settings, checked here so a bad one fails the load (with its
+        path) instead of every delivery in the worker."""
+        d = b.delivery
+        assert d is not None
+        parts = urlsplit(d.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise self.fail(f"{p}.url", f"{d.url!r} is not an http(s) URL with a host")
+        try:
+            _ = parts.port
+        except ValueError as exc:
+            raise self.fail(f"{p}.url", f"invalid port: {exc}") from exc
+        if d.secret:
+            secret = resolve_secret(d.secret)
+            if not secret:
+                raise self.fail(f"{p}.secret", "empty (is its environment variable set?)")
+            if not secret.startswith("whsec_"):
+                raise self.fail(f"{p}.secret", "expected whsec_<base64> or env:NAME")
+            try:
+                Signer(secret)
+            except SigningError as exc:
+                raise self.fail(f"{p}.secret", str(exc)) from exc
+        for name, value in d.headers.items():
+            if value.startswith("env:") and not resolve_secret(value):
+                raise self.fail(f"{p}.headers.{name}",
+                                "empty (is its environment variable set?)")
+        for field in ("timeout_ms", "max_attempts", "max_age_s", "retry_base_ms",
+                      "retry_max_ms", "breaker_failures", "breaker_cooldown_s"):
+            if getattr(d, field) < 1:
+                raise self.fail(f"{p}.{field}", "must be positive")
+        if d.retry_max_ms < d.retry_base_ms:
+            raise self.fail(f"{p}.retry_max_ms", "must not be below retry_base_ms")
+        if d.max_price is not None and self.money(d.max_price, f"{p}.max_price") < 0:
+            raise self.fail(f"{p}.max_price", "must not be negative")
+        for kind in ("accept", "duplicate"):
+            for j, rule in enumerate(getattr(d, kind)):
+                self.rule(rule, f"{p}.{kind}[{j}]")
+        try:  # anything else the endpoint cannot be built with (template, rules, price)
+            RequestBuilder(b.id, d)
+            ResponseMapper(d, buyer_price=money.parse(b.price))
+        except DeliveryError as exc:
+            raise self.fail(p, str(exc)) from exc
+
+    def rule(self, rule: ResponseRule, p: str) -> None:
+        if not (rule.status or rule.path or rule.contains is not None or rule.regex):
+            raise self.fail(p, "a response rule needs status, path, contains or regex")
+        if rule.equals is not None and not rule.path:
+            raise self.fail(f"{p}.equals", "'equals' needs a 'path'")
+        for j, status in enumerate(rule.status):
+            if not 100 <= status <= 599:
+                raise self.fail(f"{p}.status[{j}]", f"{status} is not an HTTP status")
+        if rule.regex:
+            try:
+                re.compile(rule.regex)
+            except re.error as exc:
+                raise self.fail(f"{p}.regex", f"invalid regex: {exc}") from exc
 
 
 def check(cfg: Config) -> None:

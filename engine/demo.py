@@ -3,26 +3,38 @@
 Posts generated leads (mostly valid, some invalid, some duplicates and replays) to
 ``POST /v1/leads``, shows a progress bar, prints what happened and the money that moved,
 then runs the reconcile check; a failed reconcile makes the command exit non-zero.
+
+With the buyer sink (the default; ``--no-sink`` turns it off) every buyer's webhook points
+at a local aiohttp server on a loopback port, signed with a throwaway secret, and the
+in-process delivery worker really delivers the sold leads: the sink accepts most and
+rejects about one in ten (decided by the webhook-id, so a retry gets the same answer),
+and those sales are refunded before the balances and the reconcile are read.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
 import random
 import shutil
 import sys
 import tempfile
+import time
+import zlib
 from collections import Counter
 from typing import Any
 
 import aiohttp
+import msgspec
+from aiohttp import web
 from tqdm import tqdm
 
 from billing import money
 from engine import keys
-from engine.config import Config, resolve_secret
+from engine.config import Config, Delivery, ResponseRule, resolve_secret
 from engine.reconcile import reconcile
-from engine.service import Service
+from engine.service import Service, WorkerFactory
 
 _FIRST = ["Ana", "Ben", "Chloe", "Dev", "Elif", "Femi", "Gus", "Hana", "Ivan", "Jo"]
 _LAST = ["Ng", "Okafor", "Smith", "Garcia", "Kim", "Rossi", "Haddad", "Weber"]
@@ -120,25 +132,108 @@ async def _events(svc: Service) -> Counter[str]:
     return counts
 
 
-async def run_demo(cfg: Config, *, leads: int, seed: int | None, redis_url: str | None) -> int:
+class BuyerSink:
+    """A local webhook endpoint for every buyer of the demo (loopback only)."""
+
+    def __init__(self) -> None:
+        self.outcomes: Counter[str] = Counter()
+        self.url = ""
+        self.secret = "whsec_" + base64.b64encode(os.urandom(24)).decode()
+        self._runner: web.AppRunner | None = None
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        await request.read()
+        msg_id = request.headers.get("webhook-id", "")
+        if zlib.crc32(msg_id.encode()) % 10 == 0:  # about one in ten, stable per delivery
+            self.outcomes["rejected"] += 1
+            return web.json_response({"status": "rejected", "reason": "demo: not in area"})
+        self.outcomes["accepted"] += 1
+        return web.json_response({"status": "accepted"})
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/{buyer}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def route(self, cfg: Config) -> Config:
+        """The config with every buyer's webhook pointing at this sink."""
+        rules = [ResponseRule(path="status", equals="accepted")]
+        buyers = [
+            msgspec.structs.replace(b, delivery=Delivery(
+                url=f"{self.url}/{b.id}", secret=self.secret, accept=rules, timeout_ms=2_000,
+                retry_base_ms=50, retry_max_ms=500))
+            for b in cfg.buyers
+        ]
+        return msgspec.structs.replace(cfg, buyers=buyers)
+
+
+async def _delivered(svc: Service, *, within_s: float = 60.0) -> bool:
+    """Wait until no delivery job is left on a stream or waiting for a retry."""
+    assert svc.store is not None
+    deadline = time.monotonic() + within_s
+    while True:
+        left = 0
+        for t in svc.cfg.tenants:
+            left += await svc.store.redis.xlen(keys.deliveries(t.id))
+            left += await svc.store.redis.zcard(keys.retries(t.id))
+        if not left:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+
+
+async def run_demo(
+    cfg: Config, *, leads: int, seed: int | None, redis_url: str | None, sink: bool = True
+) -> int:
     seed = seed if seed is not None else random.SystemRandom().randrange(1, 2**31)
     state_dir = tempfile.mkdtemp(prefix="leadflow-demo-")
-    svc = Service(cfg, redis_url=redis_url, port=0, state_dir=state_dir)
+    buyers = BuyerSink() if sink else None
+    workers: list[WorkerFactory] = []
+    if buyers is not None:
+        from engine.workers import deliver
+
+        await buyers.start()
+        cfg = buyers.route(cfg)
+        workers.append(deliver)
+    svc = Service(cfg, redis_url=redis_url, port=0, state_dir=state_dir, workers=workers)
     print(f"leadflow demo: {leads} leads, seed {seed}, state in {state_dir}")
+    drained = True
     try:
         await svc.start()
         if redis_url is None:
             print(f"embedded redis-server on port {svc.embedded.port if svc.embedded else '?'}")
+        if buyers is not None:
+            print(f"buyer webhooks: local sink at {buyers.url}")
         before = await _balances(svc)
         counts = await _post_all(svc.url, cfg, make_leads(random.Random(seed), leads))
+        if buyers is not None:
+            drained = await _delivered(svc)
         after = await _balances(svc)
         events = await _events(svc)
+        if buyers is not None:
+            events.pop("delivery", None)  # delivered jobs leave the stream
         assert svc.store is not None
         checks, findings = await reconcile(cfg, svc.store)
     finally:
         await svc.stop()
+        if buyers is not None:
+            await buyers.stop()
         shutil.rmtree(state_dir, ignore_errors=True)
     _print_summary(counts, before, after, events)
+    if buyers is not None:
+        print("\ndeliveries (local buyer sink):")
+        for outcome, n in sorted(buyers.outcomes.items()):
+            print(f"  {outcome:<20} {n:>8}")
+        if not drained:
+            print("  (some deliveries were still pending when the demo stopped)")
     for f in findings:
         print(f"RECONCILE FAIL {f.tenant}/{f.account}: {f.problem}")
     print(f"reconcile: {len(checks)} accounts, {len(findings)} problems")

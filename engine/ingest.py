@@ -16,7 +16,7 @@ import random
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
 
@@ -25,6 +25,9 @@ from engine.fields import FieldError
 from engine.routing import CampaignPlan
 from engine.runtime import Runtime, SupplierPlan
 from engine.schedule import WindowClock, Windows
+
+if TYPE_CHECKING:
+    from engine.sync_route import SyncRouter
 
 MAX_FIELDS = 200
 MAX_SUBID = 75
@@ -48,8 +51,10 @@ class Codes:
     """Numeric ``code`` of every response (README: "Response codes")."""
 
     ACCEPTED = 0
+    ACCEPTED_PENDING = 1  # sync mode: sold, the buyer's verdict did not come in time
     DUPLICATED = 100  # 101: duplicate for every matching buyer (buyer-scope dedupe)
     # REJECTED: 200 no buyer matched, 201 all at caps, 202 paused/unfunded, 203 tenant wallet
+    ALL_REJECTED = 204  # sync mode: every buyer the lead was sent to rejected it
     MALFORMED = 1000
     MISSING_CREDENTIALS = 1001
     TOO_MANY_FIELDS = 1003
@@ -114,8 +119,10 @@ class Ingest:
         replay_window_s: int = 60,
         idempotency_ttl_s: int = 86_400,
         observer: LeadObserver | None = None,
+        sync: SyncRouter | None = None,
     ) -> None:
         self._runtime, self._batcher = runtime, batcher
+        self.sync = sync  # sync-mode campaigns (None: they are routed like async ones)
         self.replay_window_s, self.idempotency_ttl_s = replay_window_s, idempotency_ttl_s
         self._clock = WindowClock()
         self._rng = random.Random()
@@ -200,7 +207,11 @@ class Ingest:
         lead = self._lua_lead(
             plan, values, data, lead_id, test, windows, local, raw, supplier, idempotency_key
         )
-        decision = await self._batcher(plan.tenant).decide(lead)
+        if plan.sync and self.sync is not None:  # waits for the buyers' verdicts
+            decision = await self.sync.decide(
+                self._batcher(plan.tenant), self._runtime().cfg, plan, lead)
+        else:
+            decision = await self._batcher(plan.tenant).decide(lead)
         return _Outcome(200, _response(decision, supplier), plan.id, supplier.id, decision, plan)
 
     def _lua_lead(

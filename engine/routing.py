@@ -107,6 +107,7 @@ class CampaignPlan:
             path_prefix=f"campaigns[{cfg.campaigns.index(campaign)}].fields",
         )
         self.method = campaign.distribution
+        self.sync = campaign.mode == "sync"  # ingest hands these to engine.sync_route
         self.rotating = self.method in _ROTATING
         self.sell_limit = campaign.sell_limit if self.method == "send_to_all" else 1
         self.fee_in = money.parse(tenant.fees.inbound_lead)

@@ -32,6 +32,7 @@ from engine.errors import ConfigError
 from engine.http import Handler, Request, Response
 from engine.runtime import Runtime, sync_accounts
 from engine.store import Store, connect
+from engine.sync_route import SyncRouter
 
 log = logging.getLogger("leadflow")
 
@@ -88,6 +89,7 @@ class Service:
         self.store: Store | None = None
         self.app: App | None = None
         self.billing: BillingContext | None = None
+        self.sync: SyncRouter | None = None
         self._server: _Server | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._server_task: asyncio.Task[Any] | None = None
@@ -110,6 +112,9 @@ class Service:
         await self.store.load_scripts()
         await sync_accounts(self.cfg, self.store)
         s = self.cfg.settings
+        # one client session per process for sync-mode deliveries, closed at stop
+        self.sync = SyncRouter(self.store, observer=telemetry.delivery_observer)
+        await self.sync.start()
         self.app = App(
             Runtime(self.cfg),
             self.store,
@@ -121,6 +126,7 @@ class Service:
             http_observer=telemetry.http_observer,
             lead_observer=telemetry.lead_observer,
             batch_observer=_decide_observer,
+            sync=self.sync,
         )
         self.billing = BillingContext(self.cfg, self.store, gateway_from_env())
         self._mount_billing()
@@ -214,6 +220,8 @@ class Service:
             await self.app.drain()
         self.stop_event.set()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.sync is not None:  # after the last request: no sync delivery in flight
+            await self.sync.close()
         if self._balances is not None:
             collector, client = self._balances
             self._balances = None

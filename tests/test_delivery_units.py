@@ -17,7 +17,9 @@ from engine.delivery.payload import RequestBuilder
 from engine.delivery.retry import backoff_ms, parse_retry_after, retry_delay_ms
 from engine.delivery.signing import Signer, SigningError, webhook_id
 from engine.delivery.verdict import Outcome, ResponseMapper, RuleError, is_retryable
+from engine.errors import ConfigError
 from tests.buyers import SECRET
+from tests.harness import buyer, campaign, make_config
 
 LEAD = {"first_name": "Ada", "last_name": "Lovelace", "email": "ada@example.com"}
 
@@ -130,3 +132,59 @@ def test_breaker_state_machine() -> None:
     assert b.failure(1_010) and b.state is State.OPEN  # a failed probe re-opens
     assert b.allow(2_010) == 0
     assert b.success() and b.state is State.CLOSED and b.allow(2_011) == 0
+
+
+# -- delivery settings are checked when the config is loaded ---------------------------
+
+_GOOD = 'url = "https://buyer.example/leads"'
+
+
+@pytest.mark.parametrize(("delivery", "path", "reason"), [
+    ('url = "ftp://buyer.example/x"', "buyers[0].delivery.url", "http(s) URL"),
+    ('url = "https:///no-host"', "buyers[0].delivery.url", "with a host"),
+    ('url = "http://buyer.example:99999/"', "buyers[0].delivery.url", "port"),
+    (_GOOD + ', secret = "not-a-secret"', "buyers[0].delivery.secret", "whsec_"),
+    (_GOOD + ', secret = "whsec_***"', "buyers[0].delivery.secret", "base64"),
+    (_GOOD + ', secret = "env:LEADFLOW_TEST_UNSET_SECRET"', "buyers[0].delivery.secret",
+     "environment variable"),
+    (_GOOD + ', headers = { Authorization = "env:LEADFLOW_TEST_UNSET_TOKEN" }',
+     "buyers[0].delivery.headers.Authorization", "environment variable"),
+    (_GOOD + ', accept = [{ regex = "(" }]', "buyers[0].delivery.accept[0].regex",
+     "invalid regex"),
+    (_GOOD + ', duplicate = [{ status = [409], equals = "x" }]', "buyers[0].delivery.duplicate[0].equals",
+     "needs a 'path'"),
+    (_GOOD + ", accept = [{}]", "buyers[0].delivery.accept[0]", "needs status"),
+    (_GOOD + ", accept = [{ status = [700] }]", "buyers[0].delivery.accept[0].status[0]",
+     "HTTP status"),
+    (_GOOD + ', max_price = "1.5.0"', "buyers[0].delivery.max_price", ""),
+    (_GOOD + ', max_price = "-1.00"', "buyers[0].delivery.max_price", "negative"),
+    (_GOOD + ", timeout_ms = 0", "buyers[0].delivery.timeout_ms", "positive"),
+    (_GOOD + ", max_attempts = 0", "buyers[0].delivery.max_attempts", "positive"),
+    (_GOOD + ", breaker_cooldown_s = -1", "buyers[0].delivery.breaker_cooldown_s", "positive"),
+    (_GOOD + ", retry_base_ms = 500, retry_max_ms = 100", "buyers[0].delivery.retry_max_ms",
+     "retry_base_ms"),
+])
+def test_bad_delivery_config_fails_at_load(delivery: str, path: str, reason: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        make_config(campaign(), buyer("b1", extra=f"delivery = {{ {delivery} }}"))
+    assert err.value.path == path and reason in err.value.reason
+    assert "<test>" in str(err.value) and path in str(err.value)
+
+
+def test_good_delivery_config_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LEADFLOW_TEST_WHSEC", SECRET)
+    cfg = make_config(campaign(), buyer("b1", extra=(
+        'delivery = { url = "http://127.0.0.1:8081/x?src=lf", secret = "env:LEADFLOW_TEST_WHSEC",'
+        ' accept = [{ path = "status", equals = "ok" }, { regex = "^acc" }],'
+        ' duplicate = [{ status = [409] }], max_price = "30.00" }')))
+    assert cfg.buyers[0].delivery is not None
+
+
+@pytest.mark.parametrize(("extra", "path", "reason"), [
+    ("sync_deadline_ms = 0", "campaigns[1].sync_deadline_ms", "between"),
+    ('mode = "sync"', "campaigns[1].mode", "send_to_all"),
+])
+def test_bad_sync_campaign_config(extra: str, path: str, reason: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        make_config(campaign(distribution="send_to_all", extra=extra))
+    assert err.value.path == path and reason in err.value.reason

@@ -239,6 +239,7 @@ def test_balance_collector_reads_only_at_scrape_time_and_survives_errors() -> No
 def test_redis_balance_source_reads_account_hashes(redis_server: EmbeddedRedis) -> None:
     client = syncredis.Redis.from_url(redis_server.url)
     try:
+        client.delete(keys.acct("t1", "wallet"), keys.acct("t1", "c1"))  # an earlier test's
         client.hset(keys.acct("t1", "wallet"), mapping={"bal": 5_000_000, "floor": -20_000_000})
         client.hset(keys.acct("t1", "c1"), mapping={"bal": -1_500_000})
         source = redis_balance_source(client, [("t1", "wallet"), ("t1", "c1"), ("t1", "gone")])

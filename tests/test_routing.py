@@ -183,3 +183,40 @@ async def test_windows_reset_counts(redis, redis_server):
         assert await run(5, ["h4", "d4", "w2", "m1"]) == "ACCEPTED"  # new week
         assert await run(6, ["h5", "d5", "w3", "m1"]) == "REJECTED"  # month cap (3)
         assert await run(7, ["h6", "d6", "w4", "m2"]) == "ACCEPTED"  # new month
+
+
+async def test_open_breaker_skips_buyer_until_it_closes(redis, redis_server):
+    """A buyer whose delivery breaker is open is skipped like a paused one (decide.lua)."""
+    import asyncio
+    import time
+
+    from engine.delivery.breaker import Breaker, Breakers, is_open
+
+    cfg = make_config(campaign(), buyer("b1", priority=1), buyer("b2", client="c2", priority=2))
+    async with running(cfg, redis_server.url) as eng:
+        assert await _sold_to(eng, 1, "a") == ["b1"]
+        # the delivery worker opens b1's breaker (what it writes after N failures)
+        breakers = Breakers(redis)
+        br = breakers.get("t1", "b1", failures=1, cooldown_s=30)
+        assert await breakers.failure("t1", "b1", br, int(time.time() * 1000))
+        assert await is_open(redis, "t1", "b1")
+        assert (await _sold_to(eng, 1, "b"))[-1] == "b2"
+        # with no other buyer the lead is refused and the breaker counts as "paused"
+        await eng.api("POST", "/v1/buyers/b2/pause")
+        _, r = await eng.lead(email="c0@example.com")
+        assert r["status"] == "REJECTED" and r["code"] == 202 and "2 paused" in r["message"]
+        await eng.api("POST", "/v1/buyers/b2/resume")
+        # the probe succeeds: the breaker closes and b1 gets leads again
+        await breakers.success("t1", "b1", br)
+        assert not await is_open(redis, "t1", "b1")
+        assert (await _sold_to(eng, 1, "d"))[-1] == "b1"
+        # an open state no worker closes ends by itself with the key's TTL
+        short = Breaker(1, 50)
+        assert await breakers.failure("t1", "b1", short, int(time.time() * 1000))
+        assert (await _sold_to(eng, 1, "e"))[-1] == "b2"
+        deadline = time.monotonic() + 5
+        while await is_open(redis, "t1", "b1"):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        assert (await _sold_to(eng, 1, "f"))[-1] == "b1"
+        await eng.assert_reconciled()

@@ -26,7 +26,7 @@ MAX_BODY_BYTES = 64 * 1024  # the most of a response body read (rules, price, ex
 class Endpoint:
     """A buyer's webhook: request builder and response rules, built once per process."""
 
-    __slots__ = ("builder", "buyer", "delivery", "mapper", "tenant")
+    __slots__ = ("builder", "buyer", "delivery", "mapper", "tenant", "timeout")
 
     def __init__(self, buyer: Buyer) -> None:
         assert buyer.delivery is not None
@@ -34,6 +34,7 @@ class Endpoint:
         self.delivery: Delivery = buyer.delivery
         self.builder = RequestBuilder(buyer.id, buyer.delivery)
         self.mapper = ResponseMapper(buyer.delivery, buyer_price=money.parse(buyer.price))
+        self.timeout = aiohttp.ClientTimeout(total=max(buyer.delivery.timeout_ms, 1) / 1_000)
 
     def __repr__(self) -> str:
         return f"Endpoint({self.tenant!r}, {self.buyer!r})"
@@ -67,6 +68,9 @@ def new_session(*, limit: int = 512, limit_per_host: int = 64) -> aiohttp.Client
 
 
 async def _read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    length = resp.content_length
+    if length is not None and length <= limit and "Content-Encoding" not in resp.headers:
+        return await resp.read()  # the common case: a small, declared, plain body
     chunks: list[bytes] = []
     size = 0
     async for chunk in resp.content.iter_chunked(16 * 1024):
@@ -92,8 +96,8 @@ async def attempt(
     now = time.time()
     req = endpoint.builder.build(lead, lead_id=lead_id, campaign=campaign, price=price,
                                  timestamp=int(now))
-    limit_ms = endpoint.delivery.timeout_ms if timeout_ms is None else timeout_ms
-    timeout = aiohttp.ClientTimeout(total=max(limit_ms, 1) / 1_000)
+    timeout = (endpoint.timeout if timeout_ms is None
+               else aiohttp.ClientTimeout(total=max(timeout_ms, 1) / 1_000))
     t0 = time.perf_counter()
     try:
         async with session.request(

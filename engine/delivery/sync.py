@@ -45,18 +45,24 @@ async def deliver_sync(
     deadline_ms: int,
     campaign: str = "",
     observer: Observer | None = None,
+    claimed: bool = False,
 ) -> Verdict | None:
     """One attempt to deliver the sale (lead_id, endpoint.buyer) before ``deadline_ms``
-    (epoch ms). The buyer's verdict, or None when undecided (left to the stream worker)."""
+    (epoch ms). The buyer's verdict, or None when undecided (left to the stream worker).
+
+    ``claimed``: the caller already holds the SYNC claim of this (lead, buyer) (written
+    before the sale, as :mod:`engine.sync_route` does, so the stream worker can never see
+    the job unclaimed); step 1 is skipped."""
     tenant, buyer = endpoint.tenant, endpoint.buyer
     state_key = keys.dstate(tenant, lead_id)
-    claim = Decision(record.SYNC, "sync attempt", u=deadline_ms + CLAIM_GRACE_MS)
-    if not await store.redis.hsetnx(state_key, buyer, record.encode_decision(claim)):
-        prior = record.decode_decision(await store.redis.hget(state_key, buyer))
-        if prior is None or prior.o not in Outcome.__members__:
-            return None  # another sync attempt holds it, or it failed for good
-        return Verdict(Outcome(prior.o), prior.r, prior.p)
-    await store.redis.expire(state_key, record.STATE_TTL_S)
+    if not claimed:
+        claim = Decision(record.SYNC, "sync attempt", u=deadline_ms + CLAIM_GRACE_MS)
+        if not await store.redis.hsetnx(state_key, buyer, record.encode_decision(claim)):
+            prior = record.decode_decision(await store.redis.hget(state_key, buyer))
+            if prior is None or prior.o not in Outcome.__members__:
+                return None  # another sync attempt holds it, or it failed for good
+            return Verdict(Outcome(prior.o), prior.r, prior.p)
+        await store.redis.expire(state_key, record.STATE_TTL_S)
     left = deadline_ms - now_ms()
     if left <= 0:
         await store.redis.hdel(state_key, buyer)

@@ -8,7 +8,7 @@ sends them again with the same ``webhook-id``.
 
 Retries never block a worker: a retryable failure (timeout, network error, 5xx, 429)
 moves the job, with its attempt count, into the per-tenant ZSET ``keys.retries`` (score =
-due time) and acks the stream entry, in one MULTI. Every loop a small Lua script moves the
+due time) and acks the stream entry, in one MULTI. Every 50 ms a small Lua script moves the
 jobs that are due back onto the stream (ZREM + XADD, atomically), so a retry is read,
 claimed and crash-recovered like any new job. A job whose buyer's breaker is open is
 deferred the same way, to the half-open time, without counting an attempt.
@@ -27,6 +27,7 @@ effect and acks.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -42,7 +43,7 @@ from redis.exceptions import ResponseError
 from engine import keys
 from engine.config import Buyer, Config
 from engine.delivery import client, record
-from engine.delivery.breaker import Breakers
+from engine.delivery.breaker import Breaker, Breakers, State
 from engine.delivery.client import Endpoint
 from engine.delivery.record import Decision, DeliveryEvent, Observer
 from engine.delivery.retry import retry_delay_ms
@@ -107,7 +108,8 @@ class WorkerOptions:
     max_inflight: int = 256  # jobs in flight per process
     claim_idle_ms: int = 60_000  # XAUTOCLAIM min idle: longer than any buyer timeout
     claim_every_ms: int = 5_000
-    requeue_batch: int = 500  # due retries moved per loop and tenant
+    requeue_batch: int = 500  # due retries moved per pass and tenant
+    requeue_every_ms: int = 50  # run loop: due retries are moved at most this often
     connector_limit: int = 512  # TCPConnector(limit=...)
     limit_per_host: int = 64  # TCPConnector(limit_per_host=...)
     excerpt_chars: int = 256  # response excerpt kept in the delivery log
@@ -128,6 +130,18 @@ class Job(NamedTuple):
 
 
 _lead_dec = msgspec.json.Decoder(dict[str, str])
+
+
+class _Send(NamedTuple):
+    """A job ready for its request, waiting for a connection slot of its endpoint."""
+
+    job: Job
+    ep: Endpoint
+    breaker: Breaker
+    lead: dict[str, str]
+    expires: int
+    out: _Batch
+    done: asyncio.Future[None]
 
 
 class _Batch:
@@ -199,7 +213,10 @@ class DeliveryWorker:
             (b.tenant, b.id): b for b in cfg.buyers if b.tenant in self.tenants
         }
         self._endpoints: dict[tuple[str, str], Endpoint] = {}
-        self._per_buyer: dict[tuple[str, str], asyncio.Semaphore] = {}
+        # per endpoint: jobs waiting for a connection slot, and the lanes sending them
+        self._waiting: dict[tuple[str, str], collections.deque[_Send]] = {}
+        self._lanes: dict[tuple[str, str], int] = {}
+        self._lane_tasks: set[asyncio.Task[None]] = set()
         self._streams = {keys.deliveries(t): t for t in self.tenants}
         self._requeue = self.redis.register_script(_REQUEUE)
         self._finish_lua = self.redis.register_script(_FINISH)
@@ -211,6 +228,7 @@ class DeliveryWorker:
         self._room = asyncio.Event()
         self._room.set()
         self._last_claim = 0
+        self._last_requeue = 0
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -225,6 +243,10 @@ class DeliveryWorker:
     async def close(self) -> None:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        for task in list(self._lane_tasks):  # requests of batches no one waits for
+            task.cancel()
+        if self._lane_tasks:
+            await asyncio.gather(*self._lane_tasks, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -234,11 +256,37 @@ class DeliveryWorker:
         assert self._session is not None, "call start() first"
         return self._session
 
-    def _slots(self, tenant: str, buyer: str) -> asyncio.Semaphore:
-        sem = self._per_buyer.get((tenant, buyer))
-        if sem is None:
-            sem = self._per_buyer[(tenant, buyer)] = asyncio.Semaphore(self.opts.limit_per_host)
-        return sem
+    def _enqueue(self, send: _Send) -> asyncio.Future[None]:
+        """Queue one request of an endpoint; at most ``limit_per_host`` lanes per endpoint
+        send its queue, each holding one connection slot, so a request's timeout starts only
+        once it has a slot. The future is done when the job's outcome is in its batch."""
+        key = (send.job.tenant, send.job.buyer)
+        q = self._waiting.get(key)
+        if q is None:
+            q = self._waiting[key] = collections.deque()
+        q.append(send)
+        if self._lanes.get(key, 0) < self.opts.limit_per_host:
+            self._lanes[key] = self._lanes.get(key, 0) + 1
+            task = asyncio.get_running_loop().create_task(self._lane(key, q))
+            self._lane_tasks.add(task)
+            task.add_done_callback(self._lane_tasks.discard)
+        return send.done
+
+    async def _lane(self, key: tuple[str, str], q: collections.deque[_Send]) -> None:
+        try:
+            while q:
+                send = q.popleft()
+                try:
+                    if not send.done.done():  # its batch may have been cancelled
+                        await self._send(send)
+                except Exception:
+                    log.exception("delivery of %s to %s (tenant %s) failed; left pending",
+                                  send.job.lead_id, send.job.buyer, send.job.tenant)
+                finally:
+                    if not send.done.done():
+                        send.done.set_result(None)
+        finally:
+            self._lanes[key] -= 1
 
     def endpoint(self, tenant: str, buyer: str) -> Endpoint | Buyer | None:
         """The buyer's Endpoint; the Buyer when it has no webhook; None when unknown."""
@@ -311,9 +359,10 @@ class DeliveryWorker:
         return len(jobs)
 
     async def handle_batch(self, jobs: Sequence[Job]) -> None:
-        """Deliver a batch: one read of the sales/decisions, the requests concurrently, then
-        one MULTI per tenant with every decision, log entry, retry and ack of the batch, the
-        money effects, and one MULTI acking the jobs that had one."""
+        """Deliver a batch: one read of the sales/decisions, the requests concurrently (in
+        the endpoints' lanes), then one Lua call per tenant with every decision, log entry and
+        ack of the batch (in a MULTI with its retries and dead letters, if any), the money
+        effects, and one MULTI acking the jobs that had one."""
         if not jobs:
             return
         pre: dict[str, tuple[bytes | None, bytes | None]] = {}
@@ -327,15 +376,30 @@ class DeliveryWorker:
         out = _Batch()
         for j in jobs:
             self._inflight_ids.add(j.entry_id)
+        waits: list[asyncio.Future[None]] = []
         try:
-            await asyncio.gather(*(self.handle(j, *pre[j.entry_id], out) for j in jobs))
+            for j in jobs:
+                send = self._prepare(j, *pre[j.entry_id], out)
+                if send is not None:
+                    waits.append(self._enqueue(send))
+            if waits:
+                await asyncio.gather(*waits)
             await self._commit(out)
         finally:
+            for w in waits:
+                w.cancel()  # a no-op once done; else its lane skips the job
             for j in jobs:
                 self._inflight_ids.discard(j.entry_id)
 
     async def _commit(self, out: _Batch) -> None:
         for tenant in out.ops.keys() | out.common.keys():
+            if tenant not in out.ops:  # the common case: one Lua call, atomic by itself
+                arg = {"g": self.opts.group, "ttl": record.STATE_TTL_S,
+                       "lmax": record.LOG_MAX, **out.common[tenant]}
+                async with self._rsem:
+                    await self._finish_lua(keys=[keys.tenant_prefix(tenant)],
+                                           args=[msgspec.json.encode(arg)])
+                continue
             async with self.redis.pipeline(transaction=True) as pipe:
                 for op in out.ops.get(tenant, []):
                     op(pipe)
@@ -374,46 +438,55 @@ class DeliveryWorker:
     ) -> None:
         """Deliver one job into ``out`` (never raises; on an internal error the entry stays
         pending and a later XAUTOCLAIM retries it)."""
+        send = self._prepare(job, sale_raw, state_raw, out)
+        if send is not None:
+            await self._enqueue(send)
+
+    def _prepare(
+        self, job: Job, sale_raw: bytes | None, state_raw: bytes | None, out: _Batch
+    ) -> _Send | None:
+        """Everything of a job up to its request; the request to send, if any."""
         try:
-            await self._handle(job, sale_raw, state_raw, out)
+            return self._handle(job, sale_raw, state_raw, out)
         except Exception:
             log.exception("delivery of %s to %s (tenant %s) failed; left pending",
                           job.lead_id, job.buyer, job.tenant)
+            return None
 
-    async def _handle(
+    def _handle(
         self, job: Job, sale_raw: bytes | None, state_raw: bytes | None, out: _Batch
-    ) -> None:
+    ) -> _Send | None:
         now = self.clock()
         prior = record.decode_decision(state_raw)
         if prior is not None:
             if prior.o == record.SYNC and prior.u > now:
                 self._defer(out, job, prior.u, "sync attempt in progress")
-                return
+                return None
             if prior.o != record.SYNC:  # decided before: replay the money effect, ack
                 out.money.append((job, prior))
-                return
+                return None
         if sale_raw is None:
             self._give_up(out, job, "unknown sale (expired or never recorded)", refund=False)
-            return
+            return None
         if msgspec.json.decode(sale_raw).get("s") == "refunded":
             self._finish(out, job, Decision(record.REJECTED, "sale refunded before delivery"),
                          result="skipped")
-            return
+            return None
         target = self.endpoint(job.tenant, job.buyer)
         if target is None:
             self._give_up(out, job, "buyer not configured")
-            return
+            return None
         if isinstance(target, Buyer):  # no webhook: the lead is delivered by being sold
             self._finish(out, job, Decision(record.ACCEPTED, "no webhook configured"))
-            return
-        await self._deliver(out, job, target, now)
+            return None
+        return self._deliver(out, job, target, now)
 
-    async def _deliver(self, out: _Batch, job: Job, ep: Endpoint, now: int) -> None:
+    def _deliver(self, out: _Batch, job: Job, ep: Endpoint, now: int) -> _Send | None:
         d = ep.delivery
         expires = job.ts + d.max_age_s * 1_000
         if now >= expires:
             self._give_up(out, job, f"expired after {job.attempt} attempts")
-            return
+            return None
         br = self.breakers.get(job.tenant, job.buyer, failures=d.breaker_failures,
                                cooldown_s=d.breaker_cooldown_s)
         wait_until = br.allow(now)
@@ -422,20 +495,25 @@ class DeliveryWorker:
                 self._give_up(out, job, f"breaker open; expired after {job.attempt} attempts")
             else:
                 self._defer(out, job, wait_until, "breaker open")
-            return
+            return None
         lead = _lead_dec.decode(job.fields.get("lead", "{}"))
-        # wait for a connection slot of this endpoint *before* the request timeout starts,
-        # so queueing behind the per-host limit never counts as a buyer timeout
-        async with self._slots(job.tenant, job.buyer):
-            att = await client.attempt(self.session, ep, lead=lead, lead_id=job.lead_id,
-                                       campaign=job.campaign, price=job.price,
-                                       excerpt_chars=self.opts.excerpt_chars)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        return _Send(job, ep, br, lead, expires, out, done)
+
+    async def _send(self, send: _Send) -> None:
+        """One request (in a lane: it holds a connection slot) and its outcome."""
+        job, ep, br, out, expires = send.job, send.ep, send.breaker, send.out, send.expires
+        d = ep.delivery
+        att = await client.attempt(self.session, ep, lead=send.lead, lead_id=job.lead_id,
+                                   campaign=job.campaign, price=job.price,
+                                   excerpt_chars=self.opts.excerpt_chars)
         now = self.clock()
         n = job.attempt + 1
         record.notify(self.observer, DeliveryEvent(job.tenant, job.buyer, job.lead_id,
                                                    att.kind, att.latency_ms, att.status, n))
         if att.verdict is not None:
-            await self.breakers.success(job.tenant, job.buyer, br)
+            if br.state is not State.CLOSED or br.failures:
+                await self.breakers.success(job.tenant, job.buyer, br)
             v = att.verdict
             self._finish(out, job, Decision(v.outcome.value, v.reason, v.price),
                          result=v.outcome.lower(), attempt=n, status=att.status,
@@ -551,7 +629,9 @@ class DeliveryWorker:
                 room = min(self.opts.count, self.opts.max_inflight - inflight)
                 jobs: list[Job] = []
                 try:
-                    await self.requeue_due()
+                    if self.clock() - self._last_requeue >= self.opts.requeue_every_ms:
+                        self._last_requeue = self.clock()
+                        await self.requeue_due()
                     if self.clock() - self._last_claim >= self.opts.claim_every_ms:
                         self._last_claim = self.clock()
                         jobs = await self._claim(room)

@@ -20,6 +20,9 @@
 -- "m": [lead debits, fee debits] (micros, as strings)} where a
 -- result is {"id", "s": ACCEPTED|DUPLICATED|REJECTED, "c": code, "m": reason,
 --            "sold": [[buyer, price micros], ...], "t": test, "rp": true on replay}.
+-- A candidate is skipped (counted as "paused") when its buyer hash says paused, its account
+-- is missing, or its delivery circuit breaker is open (K.breaker exists; one EXISTS per
+-- buyer per call, written by the delivery worker).
 -- The result is also stored under the idempotency key, so a replay returns it verbatim
 -- and changes nothing.
 
@@ -41,6 +44,8 @@ local function buyer(b)
   s = {k = k}
   for i = 1, #BUYER_FIELDS do s[BUYER_FIELDS[i]] = v[i] or '' end
   for _, f in ipairs({'hn', 'dn', 'wn', 'mn', 'tn', 'sdv', 'smv'}) do s[f] = tonumber(s[f]) or 0 end
+  -- the delivery worker keeps this key while the buyer's circuit breaker is open
+  s.open = redis.call('EXISTS', K.breaker(p, b)) == 1
   BUYERS[b] = s
   return s
 end
@@ -132,7 +137,7 @@ local function decide(L)
     if #sold >= L.n then break end
     local c = L.cs[o[1]]
     local s, a = buyer(c.b), acct(p, c.a)
-    if s.paused ~= '' or not a then
+    if s.paused ~= '' or s.open or not a then
       why.paused = why.paused + 1
     elseif #c.bd > 0 and any_exists(c.bd) then
       why.dup = why.dup + 1

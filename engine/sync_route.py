@@ -1,0 +1,297 @@
+"""Sync mode (``mode = "sync"``): the seller's response waits for a buyer's verdict.
+
+Only :class:`~engine.ingest.Ingest` calls this, and only for sync campaigns (one ``plan.sync``
+test on the async path, which never runs any of this). For one lead, within
+``now + campaign.sync_deadline_ms``:
+
+1. **Claims** (one Lua call): a ``SYNC`` claim in ``keys.dstate(lead)`` for every candidate
+   buyer with a webhook, written *before* the sale, so the stream worker, which may read
+   the delivery job the moment decide.lua adds it, defers it instead of sending it too.
+   Nothing is claimed when the lead's idempotency record exists (a replay).
+2. **Try n**: decide.lua sells the lead to the next eligible buyer (its own atomic debit,
+   caps, floor, ledger entries and delivery job), then :func:`deliver_sync` sends it once.
+   Try 1 is the lead as ingest built it; try n > 1 uses a derived idempotency key
+   (``k:lead_id:n``), ``fi = 0`` (the inbound fee is charged once per lead, by try 1),
+   no campaign-dedupe check (try 1 marked the fingerprints with this lead id) and the
+   candidates minus every buyer already tried (round-robin positions remapped). The lead
+   id is the same in every try; sale records are per (lead, buyer).
+3. **Verdict**: ACCEPTED ends the waterfall (code 0, with a real-time price if any);
+   REJECTED or DUPLICATED was already refunded by :func:`deliver_sync` (price and outbound
+   fee back, cap slot freed), so try n + 1 follows. No verdict (timeout, 5xx, 429, network
+   error, deadline passed): the sale stands, the stream worker delivers it with its normal
+   retries, and the seller gets ACCEPTED with code 1 (verdict pending).
+4. **No buyer left** after at least one rejection: REJECTED code 204. Buyers pay nothing;
+   the inbound fee stays charged, as for any valid lead no buyer took; the campaign-dedupe
+   fingerprints of the lead are forgotten (only sold leads count as duplicates).
+5. **Final record** (one Lua call): the final result overwrites the lead's idempotency
+   record ``keys.idem(k)``, so a replay returns it; the derived keys are deleted and the
+   claims of buyers never sold are released.
+
+While the waterfall runs, the idempotency record holds a *pending* result (ACCEPTED code 1
+with a ``sy`` field = the claim's end). A replay that finds it waits (polling) until the
+final result is written or the claim ends, then returns what is stored. An engine that
+dies mid-waterfall thus leaves "ACCEPTED, verdict pending": the sale standing then is
+delivered by the worker (its claim expires at the deadline + 2 s). Known gap: if it died
+between a refund and the next try's sale, no sale stands although the record says pending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import msgspec
+
+from engine import keys
+from engine.batcher import Batcher, Decision
+from engine.config import Buyer, Config
+from engine.delivery import client
+from engine.delivery.client import Endpoint
+from engine.delivery.record import (
+    STATE_TTL_S,
+    SYNC,
+    Observer,
+    decode_decision,
+    encode_decision,
+)
+from engine.delivery.record import Decision as Claim
+from engine.delivery.sync import CLAIM_GRACE_MS, deliver_sync
+from engine.delivery.verdict import Outcome
+from engine.ingest import Codes
+from engine.routing import CampaignPlan
+from engine.store import Store, now_ms
+
+ACCEPTED_PENDING = Codes.ACCEPTED_PENDING  # 1: sold, no verdict within the deadline
+ALL_REJECTED = Codes.ALL_REJECTED  # 204: every buyer the lead was sent to rejected it
+PENDING_MESSAGE = "lead accepted; buyer verdict pending (delivery continues asynchronously)"
+_REPLAY_POLL_S = 0.02
+
+# claims before the first sale; none when the lead was already decided (a replay)
+# KEYS[1] prefix; ARGV: lead id, idempotency key, claim JSON, TTL s, buyer ids...
+_CLAIM = keys.lua_preamble() + """
+local p = KEYS[1]
+if redis.call('EXISTS', K.idem(p, ARGV[2])) == 1 then return {} end
+local k, out = K.dstate(p, ARGV[1]), {}
+for i = 5, #ARGV do
+  if redis.call('HSETNX', k, ARGV[i], ARGV[3]) == 1 then out[#out + 1] = ARGV[i] end
+end
+if #out > 0 then redis.call('EXPIRE', k, ARGV[4]) end
+return out
+"""
+
+# the end of a waterfall: final result, derived keys, unused claims, fingerprints
+# ARGV[1] = {"k", "r" ("" = keep), "kt", "lead", "rel": [buyers], "del": [keys], "fp": [..]}
+_FINAL = keys.lua_preamble() + """
+local p, a = KEYS[1], cjson.decode(ARGV[1])
+if a.r ~= '' then redis.call('SET', K.idem(p, a.k), a.r, 'EX', a.kt) end
+if #a.rel > 0 then redis.call('HDEL', K.dstate(p, a.lead), unpack(a.rel)) end
+for _, k in ipairs(a.del) do redis.call('DEL', K.idem(p, k)) end
+for _, fp in ipairs(a.fp) do
+  local dk = K.dup(p, fp)
+  if redis.call('GET', dk) == a.lead then redis.call('DEL', dk) end
+end
+return 1
+"""
+
+
+class _Stored(Decision, frozen=True):
+    """An idempotency record as stored, with the pending marker of a running waterfall."""
+
+    sy: int = 0  # epoch ms the waterfall's claims end; 0 = final
+
+
+_stored = msgspec.json.Decoder(_Stored)
+_lead_dec = msgspec.json.Decoder(dict[str, str])
+_enc = msgspec.json.Encoder()
+
+
+@dataclass(slots=True)
+class _Waterfall:
+    tried: list[str] = field(default_factory=list)  # buyers sold to, in order
+    derived: list[str] = field(default_factory=list)  # idempotency keys of tries 2..n
+    marked: bool = False  # the pending record was written
+
+
+class SyncRouter:
+    """Sync-mode routing of one engine process: one long-lived client session (opened by
+    :meth:`start` at service start, closed by :meth:`close` at stop) and the buyers'
+    endpoints, rebuilt when the config changes."""
+
+    def __init__(self, store: Store, *, observer: Observer | None = None) -> None:
+        self.store = store
+        self.observer = observer
+        self._session: aiohttp.ClientSession | None = None
+        self._claim = store.redis.register_script(_CLAIM)
+        self._final = store.redis.register_script(_FINAL)
+        self._cfg: Config | None = None
+        self._buyers: dict[tuple[str, str], Buyer] = {}
+        self._endpoints: dict[tuple[str, str], Endpoint] = {}
+
+    async def start(self) -> None:
+        if self._session is None:
+            self._session = client.new_session()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def endpoint(self, cfg: Config, tenant: str, buyer: str) -> Endpoint | None:
+        """The buyer's webhook endpoint, or None when it has none (sold = delivered)."""
+        if cfg is not self._cfg:
+            self._cfg = cfg
+            self._buyers = {(b.tenant, b.id): b for b in cfg.buyers}
+            self._endpoints = {}
+        ep = self._endpoints.get((tenant, buyer))
+        if ep is None:
+            b = self._buyers.get((tenant, buyer))
+            if b is None or b.delivery is None:
+                return None
+            ep = self._endpoints[(tenant, buyer)] = Endpoint(b)
+        return ep
+
+    async def decide(
+        self, batcher: Batcher, cfg: Config, plan: CampaignPlan, encoded: bytes
+    ) -> Decision:
+        """The final decision of one lead of a sync campaign (see the module docs).
+
+        ``encoded`` is decide.lua's lead JSON as the async path sends it; the waterfall
+        derives its later tries from the decoded form (not the hot path)."""
+        if self._session is None:
+            await self.start()
+        lead: dict[str, Any] = msgspec.json.decode(encoded)
+        if lead["t"] == 1:  # test leads: a decision, no sale, no delivery
+            return await batcher.decide(encoded)
+        assert self._session is not None
+        tenant, lead_id = plan.tenant, str(lead["id"])
+        prefix = keys.tenant_prefix(tenant)
+        deadline = now_ms() + plan.campaign.sync_deadline_ms
+        hold = deadline + CLAIM_GRACE_MS
+        hooked = [c["b"] for c in lead["cs"] if self.endpoint(cfg, tenant, c["b"]) is not None]
+        mine: list[str] = []
+        if hooked:
+            claim = encode_decision(Claim(SYNC, "sync waterfall", u=hold))
+            got = await self._claim(keys=[prefix],
+                                    args=[lead_id, lead["k"], claim, STATE_TTL_S, *hooked])
+            mine = [b.decode() if isinstance(b, bytes) else str(b) for b in got]
+        d = await batcher.decide(encoded)
+        if d.rp:
+            if mine:  # a concurrent twin claimed before it was decided: give them back
+                await self._finish(prefix, lead, "", mine, [], [])
+            return await self._replayed(tenant, lead["k"], d)
+        w = _Waterfall()
+        try:
+            final = await self._waterfall(w, batcher, cfg, plan, lead, d, deadline, hold)
+        except BaseException:  # e.g. Redis gone: free the buyers never sold, then fail
+            release = [b for b in mine if b not in w.tried]
+            if release:
+                with contextlib.suppress(Exception):
+                    await self._finish(prefix, lead, "", release, w.derived, [])
+            raise
+        forget = list(lead["d"]) if final.c == ALL_REJECTED else []
+        record = _enc.encode(_plain(final)).decode() if w.marked else ""
+        release = [b for b in mine if b not in w.tried]
+        if record or release or w.derived or forget:
+            await self._finish(prefix, lead, record, release, w.derived, forget)
+        return final
+
+    async def _waterfall(
+        self, w: _Waterfall, batcher: Batcher, cfg: Config, plan: CampaignPlan,
+        lead: dict[str, Any], d: Decision, deadline: int, hold: int,
+    ) -> Decision:
+        """Steps 2-4: deliver each sale, sell to the next buyer on a rejection."""
+        assert self._session is not None
+        tenant, lead_id = plan.tenant, str(lead["id"])
+        payload = _lead_dec.decode(lead["x"])
+        while True:
+            if d.s != "ACCEPTED" or not d.buyers:
+                return d if not w.tried else _all_rejected(lead_id, len(w.tried))
+            buyer, price_s = d.buyers[0]
+            price = int(price_s)
+            w.tried.append(buyer)
+            ep = self.endpoint(cfg, tenant, buyer)
+            if ep is None:  # no webhook: the lead is delivered by being sold
+                return _accepted(lead_id, buyer, price)
+            if not w.marked:  # from now on a replay waits for the final result
+                w.marked = True
+                await self.store.redis.set(
+                    keys.idem(tenant, lead["k"]),
+                    _enc.encode(_pending(lead_id, buyer, price, hold)), ex=lead["kt"])
+            v = await deliver_sync(self.store, self._session, ep, lead_id=lead_id,
+                                   lead=payload, price=price, deadline_ms=deadline,
+                                   campaign=plan.id, observer=self.observer, claimed=True)
+            if v is None:  # undecided: the sale stands, the worker delivers it
+                return _pending(lead_id, buyer, price, 0)
+            if v.outcome is Outcome.ACCEPTED:
+                return _accepted(lead_id, buyer, price if v.price is None else v.price)
+            # rejected or duplicate, already refunded by deliver_sync: the next buyer
+            nxt = _next_try(lead, set(w.tried), len(w.tried) + 1)
+            if not nxt["cs"]:
+                return _all_rejected(lead_id, len(w.tried))
+            w.derived.append(nxt["k"])
+            d = await batcher.decide(_enc.encode(nxt))
+
+    async def _finish(self, prefix: str, lead: dict[str, Any], record: str, release: list[str],
+                      derived: list[str], forget: list[str]) -> None:
+        arg = {"k": lead["k"], "r": record, "kt": lead["kt"], "lead": lead["id"],
+               "rel": release, "del": derived, "fp": forget}
+        await self._final(keys=[prefix], args=[_enc.encode(arg)])
+
+    async def _replayed(self, tenant: str, key: str, d: Decision) -> Decision:
+        """A replay: the stored result, once the waterfall that writes it has finished.
+
+        It is running while the record is marked pending (``sy`` in the future) or, before
+        the mark is written, while the lead still has live SYNC claims (released in the same
+        Lua call that writes the final record)."""
+        k = keys.idem(tenant, key)
+        while True:
+            raw = await self.store.redis.get(k)
+            if raw is None:
+                return d
+            stored = _stored.decode(raw)
+            now = now_ms()
+            running = now < stored.sy if stored.sy else await self._claimed(tenant, stored.id)
+            if not running:
+                return Decision(id=stored.id, s=stored.s, c=stored.c, m=stored.m,
+                                sold=stored.sold, t=stored.t, rp=True)
+            await asyncio.sleep(_REPLAY_POLL_S)
+
+    async def _claimed(self, tenant: str, lead_id: str) -> bool:
+        now = now_ms()
+        for raw in await self.store.redis.hvals(keys.dstate(tenant, lead_id)):
+            claim = decode_decision(raw)
+            if claim is not None and claim.o == SYNC and claim.u > now:
+                return True
+        return False
+
+
+def _all_rejected(lead_id: str, tried: int) -> Decision:
+    return Decision(id=lead_id, s="REJECTED", c=ALL_REJECTED,
+                    m=f"every buyer rejected the lead ({tried} tried)")
+
+
+def _accepted(lead_id: str, buyer: str, price: int) -> Decision:
+    return Decision(id=lead_id, s="ACCEPTED", c=0, sold=[[buyer, str(price)]])
+
+
+def _pending(lead_id: str, buyer: str, price: int, until: int) -> _Stored:
+    return _Stored(id=lead_id, s="ACCEPTED", c=ACCEPTED_PENDING, m=PENDING_MESSAGE,
+                   sold=[[buyer, str(price)]], sy=until)
+
+
+def _plain(d: Decision) -> Decision:
+    """The final record: decide.lua's shape, without a pending marker."""
+    return Decision(id=d.id, s=d.s, c=d.c, m=d.m, sold=d.buyers, t=d.t)
+
+
+def _next_try(lead: dict[str, Any], tried: set[str], n: int) -> dict[str, Any]:
+    """Try n of a lead: the candidates not tried yet, no second inbound fee, no campaign
+    dedupe (this lead's own fingerprints), a derived idempotency key."""
+    cs = lead["cs"]
+    keep = [i for i, c in enumerate(cs) if c["b"] not in tried]
+    pos = {old + 1: new + 1 for new, old in enumerate(keep)}
+    return {**lead, "k": f"{lead['k']}:{lead['id']}:{n}", "fi": 0, "d": [],
+            "cs": [cs[i] for i in keep], "q": [pos.get(x, 0) for x in lead["q"]]}
