@@ -62,10 +62,11 @@ def representative_leads(cfg: Any, n: int, *, seed: int = SEED) -> tuple[str, li
         if errors:
             continue
         raw = msgspec.json.encode(data)
-        lead = ingest._lua_lead(plan, values, data, new_lead_id(), False, windows, local, raw,
-                                supplier, None)
-        # a dict, or decide.lua's JSON already encoded (when the engine pre-encodes it)
-        out.append(msgspec.json.decode(lead) if isinstance(lead, bytes | str) else lead)
+        lead, payload = ingest._lua_lead(plan, values, data, new_lead_id(), False, windows,
+                                         local, raw, supplier, None)
+        # decide.lua's lead JSON with its delivery payload inline (redis-benchmark sends
+        # one static ARGV; the engine sends the payload as its own ARGV)
+        out.append({**msgspec.json.decode(lead), "x": payload.decode()})
         if len(out) == n:
             return tenant, out
     raise RuntimeError(f"only {len(out)} valid leads generated")

@@ -43,6 +43,7 @@ class App:
         max_body: int = 64 * 1024,
         max_batch_body: int = 8 * 1024 * 1024,
         batch_max: int = 64,
+        batch_inflight: int = 2,
         replay_window_s: int = 60,
         idempotency_ttl_s: int = 86_400,
         http_observer: HttpObserver | None = None,
@@ -53,6 +54,7 @@ class App:
         self.runtime, self.store = runtime, store
         self.max_body, self.max_batch_body = max_body, max_batch_body
         self.batch_max, self.batch_observer = batch_max, batch_observer
+        self.batch_inflight = batch_inflight
         self.http_observer = http_observer
         self.batchers: dict[str, Batcher] = {}
         self.registry = registry_for_process()
@@ -79,7 +81,8 @@ class App:
         b = self.batchers.get(tenant)
         if b is None:
             b = self.batchers[tenant] = Batcher(
-                self.store, tenant, max_batch=self.batch_max, observer=self.batch_observer
+                self.store, tenant, max_batch=self.batch_max, max_inflight=self.batch_inflight,
+                observer=self.batch_observer,
             )
         return b
 

@@ -44,6 +44,7 @@ class _Reply(msgspec.Struct, frozen=True):
 
 _reply = msgspec.json.Decoder(_Reply)
 _WALLET = WALLET.encode()
+_Item = tuple[bytes, bytes, "asyncio.Future[Decision]"]  # (lead JSON, payload, waiter)
 
 # (seconds, [event type, count, ...], [lead debits, fee debits]) -> None, for metrics
 Observer = Callable[[float, Any, list[str]], None]
@@ -65,16 +66,17 @@ class Batcher:
         self.prefix = keys.tenant_prefix(tenant)
         self.max_batch, self.max_inflight = max_batch, max_inflight
         self.observer = observer
-        self._pending: list[tuple[bytes, asyncio.Future[Decision]]] = []
+        self._pending: list[_Item] = []
         self._inflight = 0
         self._scheduled = False
         self._idle = asyncio.Event()
         self._idle.set()
 
-    async def decide(self, lead: bytes) -> Decision:
-        """Decide one lead (decide.lua's per-lead JSON object, already encoded)."""
+    async def decide(self, lead: bytes, payload: bytes) -> Decision:
+        """Decide one lead: decide.lua's per-lead JSON object (already encoded) and the
+        lead's delivery payload, which travels as its own ARGV (see decide.lua)."""
         fut: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
-        self._pending.append((lead, fut))
+        self._pending.append((lead, payload, fut))
         self._idle.clear()
         if not self._scheduled:
             self._scheduled = True
@@ -88,16 +90,18 @@ class Batcher:
             self._inflight += 1
             asyncio.get_running_loop().create_task(self._flush(batch))
 
-    async def _flush(self, batch: list[tuple[bytes, asyncio.Future[Decision]]]) -> None:
+    async def _flush(self, batch: list[_Item]) -> None:
         started = time.perf_counter()
         try:
-            payload = b'{"now":%d,"w":"%s","leads":[%s]}' % (
-                time.time_ns() // 1_000_000, _WALLET, b",".join([lead for lead, _ in batch])
+            head = b'{"now":%d,"w":"%s","leads":[%s]}' % (
+                time.time_ns() // 1_000_000, _WALLET, b",".join([lead for lead, _, _ in batch])
             )
-            raw = await self.store.lua.decide(self.store.redis, [self.prefix], [payload])
+            raw = await self.store.lua.decide(
+                self.store.redis, [self.prefix], [head, *[x for _, x, _ in batch]]
+            )
             reply = _reply.decode(raw)
             results = reply.r if isinstance(reply.r, list) else []
-            for (_, fut), decision in zip(batch, results, strict=True):
+            for (_, _, fut), decision in zip(batch, results, strict=True):
                 if not fut.done():
                     fut.set_result(decision)
             if self.observer is not None:
@@ -114,8 +118,8 @@ class Batcher:
                 self._idle.set()
 
     @staticmethod
-    def _fail(batch: list[tuple[bytes, asyncio.Future[Decision]]], exc: Exception) -> None:
-        for _, fut in batch:
+    def _fail(batch: list[_Item], exc: Exception) -> None:
+        for _, _, fut in batch:
             if not fut.done():
                 fut.set_exception(exc)
 

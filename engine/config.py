@@ -236,6 +236,7 @@ class Settings(_Shape, kw_only=True):
     port: int = 8080
     appendfsync: Literal["everysec", "always"] = "everysec"
     batch_max: int = 64  # leads per Lua call
+    batch_inflight: int = 2  # Lua calls in flight at once per tenant
     max_body_bytes: int = 64 * 1024
     max_batch_body_bytes: int = 8 * 1024 * 1024
     idempotency_ttl_s: int = 86_400

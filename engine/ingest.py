@@ -204,14 +204,14 @@ class Ingest:
             )
         test = supplier.test_mode or data.get("lp_action") == "test"
         lead_id = new_lead_id()
-        lead = self._lua_lead(
+        lead, payload = self._lua_lead(
             plan, values, data, lead_id, test, windows, local, raw, supplier, idempotency_key
         )
         if plan.sync and self.sync is not None:  # waits for the buyers' verdicts
             decision = await self.sync.decide(
-                self._batcher(plan.tenant), self._runtime().cfg, plan, lead)
+                self._batcher(plan.tenant), self._runtime().cfg, plan, lead, payload)
         else:
-            decision = await self._batcher(plan.tenant).decide(lead)
+            decision = await self._batcher(plan.tenant).decide(lead, payload)
         return _Outcome(200, _response(decision, supplier), plan.id, supplier.id, decision, plan)
 
     def _lua_lead(
@@ -226,9 +226,10 @@ class Ingest:
         raw: bytes,
         supplier: SupplierPlan,
         idempotency_key: str | None,
-    ) -> bytes:
-        """The lead as decide.lua's JSON, already encoded: per-buyer parts that only change
-        with the weekday are pre-encoded on the plan, so a lead costs one small encode."""
+    ) -> tuple[bytes, bytes]:
+        """The lead as decide.lua's JSON, already encoded, and its delivery payload: per-buyer
+        parts that only change with the weekday are pre-encoded on the plan, so a lead costs
+        two small encodes."""
         order = plan.ordered(plan.eligible(values, local), self._rng)
         payload = {**values, "lead_id": lead_id, "campaign_id": plan.id}
         for sub in ("lp_subid1", "lp_subid2"):
@@ -252,9 +253,9 @@ class Ingest:
             "d": plan.campaign_prints(values),
             "dt": plan.dedupe_ttl_s,
             "win": _window_ids(windows),
-            "x": _enc.encode(payload).decode(),
         })
-        return head[:-1] + b',"cs":[' + plan.candidates_json(order, values, windows.weekday) + b"]}"
+        cands = plan.candidates_json(order, values, windows.weekday)
+        return head[:-1] + b',"cs":[' + cands + b"]}", _enc.encode(payload)
 
 
 @functools.lru_cache(maxsize=64)

@@ -121,6 +121,7 @@ class Service:
             max_body=s.max_body_bytes,
             max_batch_body=s.max_batch_body_bytes,
             batch_max=s.batch_max,
+            batch_inflight=s.batch_inflight,
             replay_window_s=s.replay_window_s,
             idempotency_ttl_s=s.idempotency_ttl_s,
             http_observer=telemetry.http_observer,

@@ -154,7 +154,8 @@ class SyncRouter:
         return ep
 
     async def decide(
-        self, batcher: Batcher, cfg: Config, plan: CampaignPlan, encoded: bytes
+        self, batcher: Batcher, cfg: Config, plan: CampaignPlan, encoded: bytes,
+        payload: bytes,
     ) -> Decision:
         """The final decision of one lead of a sync campaign (see the module docs).
 
@@ -163,8 +164,9 @@ class SyncRouter:
         if self._session is None:
             await self.start()
         lead: dict[str, Any] = msgspec.json.decode(encoded)
+        lead["x"] = payload.decode()
         if lead["t"] == 1:  # test leads: a decision, no sale, no delivery
-            return await batcher.decide(encoded)
+            return await batcher.decide(encoded, payload)
         assert self._session is not None
         tenant, lead_id = plan.tenant, str(lead["id"])
         prefix = keys.tenant_prefix(tenant)
@@ -177,7 +179,7 @@ class SyncRouter:
             got = await self._claim(keys=[prefix],
                                     args=[lead_id, lead["k"], claim, STATE_TTL_S, *hooked])
             mine = [b.decode() if isinstance(b, bytes) else str(b) for b in got]
-        d = await batcher.decide(encoded)
+        d = await batcher.decide(encoded, payload)
         if d.rp:
             if mine:  # a concurrent twin claimed before it was decided: give them back
                 await self._finish(prefix, lead, "", mine, [], [])
@@ -232,7 +234,7 @@ class SyncRouter:
             if not nxt["cs"]:
                 return _all_rejected(lead_id, len(w.tried))
             w.derived.append(nxt["k"])
-            d = await batcher.decide(_enc.encode(nxt))
+            d = await batcher.decide(_enc.encode(nxt), lead["x"].encode())
 
     async def _finish(self, prefix: str, lead: dict[str, Any], record: str, release: list[str],
                       derived: list[str], forget: list[str]) -> None:

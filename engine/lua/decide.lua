@@ -1,7 +1,7 @@
 -- decide.lua: decide, meter and record a micro-batch of leads of one tenant, atomically.
 --
 -- KEYS[1]  tenant key prefix ("lf:{tenant}:"); every key touched derives from it (one slot)
--- ARGV[1]  JSON batch:
+-- ARGV[1]  JSON batch (below); ARGV[1 + i]: lead i's "x" payload when not inline
 --   { "now": <epoch ms>, "w": "<tenant wallet account id>",
 --     "leads": [ {
 --       "id": lead id, "k": idempotency key, "kt": its TTL in seconds, "t": 1 = test lead,
@@ -10,7 +10,9 @@
 --       "q": [candidate index (1-based) or 0, ...] the campaign's rotation sequence,
 --       "d": [campaign-scope dedupe fingerprints], "dt": dedupe look-back in seconds,
 --       "win": [hour id, day id, week id, month id] as strings, campaign time zone,
---       "x": the normalized lead as a JSON string (the delivery job payload),
+--       "x": the normalized lead as a JSON string (the delivery job payload); may be left
+--            out and passed as ARGV[1 + i] instead (the engine does: no JSON-in-JSON to
+--            escape in Python nor to scan in cjson),
 --       "cs": [ { "b": buyer id, "a": client account id, "p": price (micros),
 --                 "fo": outbound fee (micros), "bd": [buyer-scope fingerprints],
 --                 "cap": [hour, day, week, month, total, spend day, spend month] (-1 none) } ]
@@ -186,6 +188,7 @@ end
 
 local out = {}
 for i, L in ipairs(batch.leads) do
+  L.x = L.x or ARGV[i + 1]
   local ik = K.idem(p, L.k)
   local prior = redis.call('GET', ik)
   if prior then
