@@ -25,72 +25,37 @@ import asyncio
 import contextlib
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
 import stripe
 
 from bench import common
+from bench.localstripe import API_KEY, serve_localstripe
 from billing import money
 from billing import recharge as rc
 from billing.context import BillingContext
 from billing.stripe_gateway import StripeGateway
 from engine import keys
 from engine.config import AutoRecharge, Config
-from engine.embedded import EmbeddedRedis, free_port
+from engine.embedded import EmbeddedRedis
 from engine.runtime import sync_accounts
 from engine.store import Store, connect
 
-API_KEY = "sk_test_leadflow_bench"
 VISA = "4242424242424242"
 TENANT, ACCOUNT = "acme", "sunpower-direct"
 SEED = 66
 JITTER_S = 0.6  # a random pause before each crossing
 CARD_EVERY = 5  # a fresh primary card every N crossings (10 tries per card per 30 days)
-_BOOT = (
-    "import sys, localstripe.resources as r; r.Store.dump_to_disk = lambda self: None; "
-    "from localstripe import server; server.start()"
-)
 
 
-@contextlib.contextmanager
-def localstripe(timeout: float = 20.0) -> Iterator[str]:
+def localstripe(timeout: float = 20.0) -> contextlib.AbstractContextManager[str]:
     """A localstripe server on a free port (no persistence); yields its base URL."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", _BOOT, "--port", str(port), "--from-scratch"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        req = urllib.request.Request(url + "/v1/customers",
-                                     headers={"Authorization": f"Bearer {API_KEY}"})
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError("localstripe exited at start")
-            try:
-                with urllib.request.urlopen(req, timeout=0.5) as resp:
-                    if resp.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"localstripe did not answer on {url}")
-            time.sleep(0.05)  # poll interval while localstripe starts
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    return serve_localstripe(timeout)
 
 
 def _new_card(client: stripe.StripeClient) -> str:

@@ -56,6 +56,16 @@ def _inside_python(exe: str, prefixes: tuple[Path, ...]) -> bool:
     return "shims" in Path(exe).parts or any(real.is_relative_to(p) for p in prefixes)
 
 
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """SIGTERM a child process, then SIGKILL it if it has not exited within ``timeout``."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -146,12 +156,7 @@ class EmbeddedRedis:
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
             return
-        proc.terminate()  # SIGTERM: redis fsyncs the AOF and exits cleanly
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)  # SIGTERM: redis fsyncs the AOF and exits cleanly
 
     def __enter__(self) -> EmbeddedRedis:
         return self.start()

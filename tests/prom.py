@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry
 
+from engine.embedded import stop_process
 from engine.metrics import render
 
 T = TypeVar("T")
@@ -165,12 +166,7 @@ def run_prometheus(
         server.wait_ready()
         yield server
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
+        stop_process(process, timeout=15)
 
 
 @contextlib.contextmanager

@@ -11,30 +11,20 @@ every charge is declined (card_declined); 4000002760003184 needs 3-D Secure
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 import stripe
 
+from bench.localstripe import API_KEY, serve_localstripe
 from billing.stripe_gateway import StripeGateway
-from engine.embedded import free_port
 
-API_KEY = "sk_test_leadflow_tests"
 VISA = "4242424242424242"
 DECLINES = "4000000000000341"
 NEEDS_AUTH = "4000002760003184"
 ATTACH_DECLINED = "4000000000000002"
 
-_BOOT = (
-    "import sys, localstripe.resources as r; r.Store.dump_to_disk = lambda self: None; "
-    "from localstripe import server; server.start()"
-)
 
 
 @dataclass
@@ -67,42 +57,12 @@ class LocalStripe:
         return out
 
 
-def _wait(url: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    req = urllib.request.Request(url + "/v1/customers",
-                                 headers={"Authorization": f"Bearer {API_KEY}"})
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("localstripe exited at start")
-        try:
-            with urllib.request.urlopen(req, timeout=0.5) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(0.05)
-    raise RuntimeError(f"localstripe did not answer on {url}")
-
-
 @pytest.fixture(scope="session")
 def localstripe() -> Iterator[LocalStripe]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _BOOT, "--port", str(port), "--from-scratch"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait(url, proc)
+    with serve_localstripe() as url:
         client = stripe.StripeClient(API_KEY, base_addresses={"api": url},
                                      max_network_retries=0)
         yield LocalStripe(url=url, client=client)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="session")
