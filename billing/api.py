@@ -114,91 +114,96 @@ def _methods_json(ms: list[Any]) -> list[dict[str, Any]]:
     return [msgspec.structs.asdict(m) for m in ms]
 
 
-def routes(ctx: BillingContext) -> list[tuple[str, str, Handler]]:  # noqa: PLR0915 - closures
-    """Every billing endpoint, bound to ``ctx``."""
+class _BillingApi:
+    """Every billing endpoint, bound to one :class:`BillingContext`."""
 
-    def account_of(req: Request) -> tuple[str, str]:
+    def __init__(self, ctx: BillingContext) -> None:
+        self.ctx = ctx
+
+
+    def _account_of(self, req: Request) -> tuple[str, str]:
         tenant = _tenant(req)
         account = req.params["id"]
-        ctx.settings(tenant, account)  # 404 for another tenant's or an unknown account
+        self.ctx.settings(tenant, account)  # 404 for another tenant's or an unknown account
         return tenant, account
 
-    async def fund(req: Request) -> Response:
+    async def fund(self, req: Request) -> Response:
         """POST /v1/accounts/{id}/funds {"amount": "100.00"} + Idempotency-Key."""
-        tenant, account = account_of(req)
+        tenant, account = self._account_of(req)
         body: FundBody = _decode(req, _fund)
         key = req.header(b"idempotency-key") or body.idempotency_key
         if not key:
             raise InvalidRequest("an Idempotency-Key header (or idempotency_key) is required",
                                  code="invalid_idempotency_key")
         amount = money.parse(body.amount, field="amount")
-        a = await funding.fund(ctx, tenant, account, amount, key, user=_user(req))
+        a = await funding.fund(self.ctx, tenant, account, amount, key, user=_user(req))
         return json_response({
             "attempt": a.id, "state": a.state, "amount": money.format(a.amount),
             "card_fee": money.format(a.fee), "charged": money.format(a.gross),
             "payment_intent": a.pi, "balance": money.format(int(a.balance or 0)),
         }, 201)
 
-    async def list_methods(req: Request) -> Response:
-        tenant, account = account_of(req)
-        return json_response({"data": _methods_json(await ctx.methods.all(tenant, account))})
+    async def list_methods(self, req: Request) -> Response:
+        tenant, account = self._account_of(req)
+        return json_response({"data": _methods_json(await self.ctx.methods.all(tenant, account))})
 
-    async def attach(req: Request) -> Response:
+    async def attach(self, req: Request) -> Response:
         """POST /v1/accounts/{id}/payment-methods {"payment_method": "pm_..."}."""
-        tenant, account = account_of(req)
+        tenant, account = self._account_of(req)
         body: AttachBody = _decode(req, _attach)
-        m = await ctx.methods.attach(tenant, account, body.payment_method)
+        m = await self.ctx.methods.attach(tenant, account, body.payment_method)
         return json_response(msgspec.structs.asdict(m), 201)
 
-    def method_action(action: str) -> Handler:
+    def method_action(self, action: str) -> Handler:
         async def handler(req: Request) -> Response:
-            tenant, account = account_of(req)
+            tenant, account = self._account_of(req)
             pm = req.params["pm"]
-            fn = {"activate": ctx.methods.activate, "deactivate": ctx.methods.deactivate,
-                  "primary": ctx.methods.set_primary, "detach": ctx.methods.detach}[action]
+            m = self.ctx.methods
+            fn = {"activate": m.activate, "deactivate": m.deactivate,
+                  "primary": m.set_primary, "detach": m.detach}[action]
             return json_response({"data": _methods_json(await fn(tenant, account, pm))})
 
         handler.__name__ = f"payment_method_{action}"
         return handler
 
-    async def refund_balance(req: Request) -> Response:
+    async def refund_balance(self, req: Request) -> Response:
         """POST /v1/accounts/{id}/refund-balance: refund unused balance, close account."""
-        tenant, account = account_of(req)
-        before = await ctx.store.account(tenant, account)
-        entries = await funding.refund_balance(ctx, tenant, account, user=_user(req))
+        tenant, account = self._account_of(req)
+        before = await self.ctx.store.account(tenant, account)
+        entries = await funding.refund_balance(self.ctx, tenant, account, user=_user(req))
         return json_response({"refunded": money.format(before.balance if before else 0),
                               "entries": entries, "closed": True})
 
-    async def auto_recharge(req: Request) -> Response:
+    async def auto_recharge(self, req: Request) -> Response:
         """PUT /v1/accounts/{id}/auto-recharge (AutoRecharge fields)."""
-        tenant, account = account_of(req)
+        tenant, account = self._account_of(req)
         ar: AutoRecharge = _decode(req, _auto)
-        saved = await recharge.configure(ctx, tenant, account, ar)
+        saved = await recharge.configure(self.ctx, tenant, account, ar)
         return json_response(msgspec.structs.asdict(saved))
 
-    async def record_usage(req: Request) -> Response:
+    async def record_usage(self, req: Request) -> Response:
         """POST /v1/usage {account, meter, quantity, event_id}."""
         tenant = _tenant(req)
         u: usage.Usage = _decode(req, _usage)
         if not u.user:
             u.user = _user(req)
-        res = await usage.record_usage(ctx, tenant, u.account, u.meter, u.quantity,
+        res = await usage.record_usage(self.ctx, tenant, u.account, u.meter, u.quantity,
                                        u.event_id, user=u.user)
         return json_response(msgspec.structs.asdict(res), 200 if res.replay else 201)
 
-    async def record_batch(req: Request) -> Response:
+    async def record_batch(self, req: Request) -> Response:
         """POST /v1/usage/batch {"items": [...]}: all validated first, then each debited."""
         tenant = _tenant(req)
         body: BatchBody = _decode(req, _batch)
         for u in body.items:
             u.user = u.user or _user(req)
-        out = await usage.record_batch(ctx, tenant, body.items)
+        out = await usage.record_batch(self.ctx, tenant, body.items)
         return json_response({"data": [msgspec.structs.asdict(r) for r in out]})
 
-    async def transactions(req: Request) -> Response:
+    async def transactions(self, req: Request) -> Response:
         """GET /v1/accounts/{id}/transactions?from&to&type&q&limit&cursor&format=csv."""
-        tenant, account = account_of(req)
-        if ctx.archive is None:
+        tenant, account = self._account_of(req)
+        if self.ctx.archive is None:
             raise ServiceUnavailable("the ledger archive is not configured")
         qs = req.query
         unknown = set(qs) - {"from", "to", "type", "q", "limit", "cursor", "format"}
@@ -212,7 +217,7 @@ def routes(ctx: BillingContext) -> list[tuple[str, str, Handler]]:  # noqa: PLR0
         }
         fmt = qs.get("format", "json")
         if fmt == "csv":
-            text = await ctx.archive.export_csv(tenant, account, **filters)
+            text = await self.ctx.archive.export_csv(tenant, account, **filters)
             return Response(text.encode(), 200, b"text/csv; charset=utf-8", [
                 (b"content-disposition",
                  f'attachment; filename="{account}-transactions.csv"'.encode())])
@@ -221,18 +226,18 @@ def routes(ctx: BillingContext) -> list[tuple[str, str, Handler]]:  # noqa: PLR0
         limit_raw = qs.get("limit", "100")
         if not limit_raw.isdigit():
             raise InvalidRequest("limit: 1 to 1000", code="invalid_query")
-        page = await ctx.archive.transactions(tenant, account, limit=int(limit_raw),
+        page = await self.ctx.archive.transactions(tenant, account, limit=int(limit_raw),
                                               cursor=qs.get("cursor") or None, **filters)
         return json_response({"data": page.items, "next_cursor": page.next_cursor})
 
-    async def overview(req: Request) -> Response:
+    async def overview(self, req: Request) -> Response:
         """GET /v1/accounts/{id}/overview: balance, cards, auto recharge, last entries."""
-        tenant, account = account_of(req)
-        state = await ctx.store.account(tenant, account)
+        tenant, account = self._account_of(req)
+        state = await self.ctx.store.account(tenant, account)
         if state is None:
             raise InvalidRequest(f"account {account} is not provisioned",
                                  code="unknown_account")
-        recent = await ctx.store.ledger_page(tenant, account, limit=20)
+        recent = await self.ctx.store.ledger_page(tenant, account, limit=20)
         payments = [dict(f, id=i) for i, f in recent
                     if f.get("kind") in ("funding", "recharge", "refund")]
         return json_response({
@@ -241,27 +246,33 @@ def routes(ctx: BillingContext) -> list[tuple[str, str, Handler]]:  # noqa: PLR0
             "floor": money.format(state.floor),
             "alert": money.format(state.alert),
             "paused": state.paused, "closed": state.closed,
-            "auto_recharge": msgspec.structs.asdict(await recharge.settings(ctx, tenant,
+            "auto_recharge": msgspec.structs.asdict(await recharge.settings(self.ctx, tenant,
                                                                             account)),
-            "payment_methods": _methods_json(await ctx.methods.all(tenant, account)),
+            "payment_methods": _methods_json(await self.ctx.methods.all(tenant, account)),
             "payment_history": payments,
             "last_transactions": [dict(f, id=i) for i, f in recent[:10]],
         })
 
-    base = "/v1/accounts/{id}"
-    table: list[tuple[str, str, Handler]] = [
-        ("POST", f"{base}/funds", fund),
-        ("GET", f"{base}/payment-methods", list_methods),
-        ("POST", f"{base}/payment-methods", attach),
-        ("POST", f"{base}/payment-methods/{{pm}}/activate", method_action("activate")),
-        ("POST", f"{base}/payment-methods/{{pm}}/deactivate", method_action("deactivate")),
-        ("POST", f"{base}/payment-methods/{{pm}}/primary", method_action("primary")),
-        ("DELETE", f"{base}/payment-methods/{{pm}}", method_action("detach")),
-        ("POST", f"{base}/refund-balance", refund_balance),
-        ("PUT", f"{base}/auto-recharge", auto_recharge),
-        ("POST", "/v1/usage", record_usage),
-        ("POST", "/v1/usage/batch", record_batch),
-        ("GET", f"{base}/transactions", transactions),
-        ("GET", f"{base}/overview", overview),
-    ]
-    return [(method, path, _handle(fn)) for method, path, fn in table]
+    def routes(self) -> list[tuple[str, str, Handler]]:
+        base = "/v1/accounts/{id}"
+        table: list[tuple[str, str, Handler]] = [
+            ("POST", f"{base}/funds", self.fund),
+            ("GET", f"{base}/payment-methods", self.list_methods),
+            ("POST", f"{base}/payment-methods", self.attach),
+            ("POST", f"{base}/payment-methods/{{pm}}/activate", self.method_action("activate")),
+            ("POST", f"{base}/payment-methods/{{pm}}/deactivate", self.method_action("deactivate")),
+            ("POST", f"{base}/payment-methods/{{pm}}/primary", self.method_action("primary")),
+            ("DELETE", f"{base}/payment-methods/{{pm}}", self.method_action("detach")),
+            ("POST", f"{base}/refund-balance", self.refund_balance),
+            ("PUT", f"{base}/auto-recharge", self.auto_recharge),
+            ("POST", "/v1/usage", self.record_usage),
+            ("POST", "/v1/usage/batch", self.record_batch),
+            ("GET", f"{base}/transactions", self.transactions),
+            ("GET", f"{base}/overview", self.overview),
+        ]
+        return [(method, path, _handle(fn)) for method, path, fn in table]
+
+
+def routes(ctx: BillingContext) -> list[tuple[str, str, Handler]]:
+    """Every billing endpoint, bound to ``ctx``: (method, path template, handler)."""
+    return _BillingApi(ctx).routes()

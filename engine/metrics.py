@@ -190,39 +190,51 @@ class Metrics:
         revision: str | None = None,
     ) -> None:
         self.registry = registry
-        r = registry
+        self._label_limit = label_limit
+        self._meta(version, revision)
+        self._lead_metrics()
+        self._money_metrics()
+        self._billing_metrics()
+        self._delivery_metrics()
+        self._stream_metrics()
+        self._http_metrics()
+        self._redis_metrics()
 
-        def counter(name: str, doc: str, labels: Sequence[str] = ()) -> Counter:
-            return Counter(name, doc, labels, namespace=NAMESPACE, registry=r)
+    # -- builders -------------------------------------------------------------------------
+    def _counter(self, name: str, doc: str, labels: Sequence[str] = ()) -> Counter:
+        return Counter(name, doc, labels, namespace=NAMESPACE, registry=self.registry)
 
-        def hist(
-            name: str, doc: str, buckets: Sequence[float], labels: Sequence[str] = ()
-        ) -> Histogram:
-            return Histogram(name, doc, labels, namespace=NAMESPACE, registry=r, buckets=buckets)
+    def _hist(
+        self, name: str, doc: str, buckets: Sequence[float], labels: Sequence[str] = ()
+    ) -> Histogram:
+        return Histogram(name, doc, labels, namespace=NAMESPACE, registry=self.registry,
+                         buckets=buckets)
 
-        # -- meta ------------------------------------------------------------------------
+    def _children(
+        self, metric: M, name: str, known: Iterable[Sequence[str]] = ()
+    ) -> Children[M]:
+        return Children(metric, name=name, limit=self._label_limit,
+                        on_overflow=self._overflow, known=known)
+
+    def _overflow(self, name: str) -> None:
+        self.label_overflow(name).inc()
+
+    def _meta(self, version: str | None, revision: str | None) -> None:
         # (metric,)
         self.label_overflow = Children(
-            counter(
+            self._counter(
                 "metric_label_overflow_total",
                 "Label sets folded into __other__ because a metric hit its label limit.",
                 ["metric"],
             ),
             name="metric_label_overflow",
         )
-
-        def overflow(name: str) -> None:
-            self.label_overflow(name).inc()
-
-        def children(metric: M, name: str, known: Iterable[Sequence[str]] = ()) -> Children[M]:
-            return Children(metric, name=name, limit=label_limit, on_overflow=overflow, known=known)
-
         self.build_info = Gauge(
             "build_info",
             "Always 1; labels carry the running leadflow version.",
             ["version", "revision", "python"],
             namespace=NAMESPACE,
-            registry=r,
+            registry=self.registry,
             multiprocess_mode="max",
         )
         self.build_info.labels(
@@ -231,10 +243,10 @@ class Metrics:
             platform.python_version(),
         ).set(1)
 
-        # -- leads -----------------------------------------------------------------------
+    def _lead_metrics(self) -> None:
         # (campaign, supplier, status)
-        self.leads_received = children(
-            counter(
+        self.leads_received = self._children(
+            self._counter(
                 "leads_received_total",
                 "Leads posted by suppliers, by final decision status.",
                 ["campaign", "supplier", "status"],
@@ -242,22 +254,22 @@ class Metrics:
             "leads_received",
         )
         # (campaign, buyer)
-        self.leads_sold = children(
-            counter(
+        self.leads_sold = self._children(
+            self._counter(
                 "leads_sold_total",
                 "Lead sales (one per buyer a lead is sold to).",
                 ["campaign", "buyer"],
             ),
             "leads_sold",
         )
-        self.decision_duration = hist(
+        self.decision_duration = self._hist(
             "decision_duration_seconds",
             "Time to decide one lead (validation, routing, atomic metering script).",
             DECISION_BUCKETS,
         )
         # (script,)
-        self.redis_script_duration = children(
-            hist(
+        self.redis_script_duration = self._children(
+            self._hist(
                 "redis_script_duration_seconds",
                 "Round-trip time of one Lua script call (EVALSHA), by script name.",
                 SCRIPT_BUCKETS,
@@ -266,10 +278,10 @@ class Metrics:
             "redis_script_duration",
         )
 
-        # -- money (micros) --------------------------------------------------------------
+    def _money_metrics(self) -> None:
         # (kind,)
-        self.money_debited = children(
-            counter(
+        self.money_debited = self._children(
+            self._counter(
                 "money_debited_micros_total",
                 "Money debited from accounts, in micros (1e-6 currency units).",
                 ["kind"],
@@ -278,8 +290,8 @@ class Metrics:
             [(k,) for k in DEBIT_KINDS],
         )
         # (kind,)
-        self.money_credited = children(
-            counter(
+        self.money_credited = self._children(
+            self._counter(
                 "money_credited_micros_total",
                 "Money credited to accounts, in micros (1e-6 currency units).",
                 ["kind"],
@@ -288,10 +300,10 @@ class Metrics:
             [(k,) for k in CREDIT_KINDS],
         )
 
-        # -- events, buyers, recharge ----------------------------------------------------
+    def _billing_metrics(self) -> None:
         # (type,)
-        self.events_emitted = children(
-            counter(
+        self.events_emitted = self._children(
+            self._counter(
                 "events_emitted_total",
                 "Events appended to the events stream, by type.",
                 ["type"],
@@ -300,8 +312,8 @@ class Metrics:
             [(t,) for t in EVENT_TYPES],
         )
         # (reason,)
-        self.buyers_paused = children(
-            counter(
+        self.buyers_paused = self._children(
+            self._counter(
                 "buyers_paused_total",
                 "Buyers paused, by reason.",
                 ["reason"],
@@ -310,8 +322,8 @@ class Metrics:
             [(x,) for x in PAUSE_REASONS],
         )
         # (outcome,)
-        self.recharge_attempts = children(
-            counter(
+        self.recharge_attempts = self._children(
+            self._counter(
                 "recharge_attempts_total",
                 "Automatic wallet recharge attempts, by outcome.",
                 ["outcome"],
@@ -319,16 +331,16 @@ class Metrics:
             "recharge_attempts",
             [(o,) for o in RECHARGE_OUTCOMES],
         )
-        self.recharge_latency = hist(
+        self.recharge_latency = self._hist(
             "recharge_latency_seconds",
             "Time from a balance crossing its recharge threshold to the wallet being credited.",
             RECHARGE_BUCKETS,
         )
 
-        # -- deliveries ------------------------------------------------------------------
+    def _delivery_metrics(self) -> None:
         # (outcome,)
-        self.deliveries = children(
-            counter(
+        self.deliveries = self._children(
+            self._counter(
                 "deliveries_total",
                 "Webhook delivery attempts to buyers, by outcome.",
                 ["outcome"],
@@ -336,43 +348,43 @@ class Metrics:
             "deliveries",
             [(o,) for o in DELIVERY_OUTCOMES],
         )
-        self.delivery_duration = hist(
+        self.delivery_duration = self._hist(
             "delivery_duration_seconds",
             "Duration of one webhook delivery attempt (request sent to response read).",
             DELIVERY_BUCKETS,
         )
 
-        # -- streams ---------------------------------------------------------------------
+    def _stream_metrics(self) -> None:
         # (stream, group): logical stream name ("deliveries", "events", "ledger"), summed
         # over tenants; never the full key.
-        self.stream_lag = children(
+        self.stream_lag = self._children(
             Gauge(
                 "stream_lag_entries",
                 "Entries of a stream not yet delivered to a consumer group (XINFO GROUPS lag).",
                 ["stream", "group"],
                 namespace=NAMESPACE,
-                registry=r,
+                registry=self.registry,
                 multiprocess_mode="livemostrecent",
             ),
             "stream_lag",
         )
-        self.stream_pending = children(
+        self.stream_pending = self._children(
             Gauge(
                 "stream_pending_entries",
                 "Entries delivered to a consumer group but not acknowledged (XPENDING).",
                 ["stream", "group"],
                 namespace=NAMESPACE,
-                registry=r,
+                registry=self.registry,
                 multiprocess_mode="livemostrecent",
             ),
             "stream_pending",
         )
 
-        # -- HTTP ------------------------------------------------------------------------
+    def _http_metrics(self) -> None:
         # (route, code): route is the route *template* ("/v1/leads/{campaign}"), or
         # "unmatched" for 404s; code is the status as a string.
-        self.http_requests = children(
-            counter(
+        self.http_requests = self._children(
+            self._counter(
                 "http_requests_total",
                 "HTTP requests served, by route template and status code.",
                 ["route", "code"],
@@ -380,8 +392,8 @@ class Metrics:
             "http_requests",
         )
         # (route,)
-        self.http_request_duration = children(
-            hist(
+        self.http_request_duration = self._children(
+            self._hist(
                 "http_request_duration_seconds",
                 "HTTP request duration, by route template.",
                 HTTP_BUCKETS,
@@ -390,12 +402,12 @@ class Metrics:
             "http_request_duration",
         )
 
-        # -- redis -----------------------------------------------------------------------
+    def _redis_metrics(self) -> None:
         self.redis_up = Gauge(
             "redis_up",
             "1 if the last Redis health check (PING) succeeded, else 0.",
             namespace=NAMESPACE,
-            registry=r,
+            registry=self.registry,
             multiprocess_mode="livemin",
         )
 
