@@ -130,6 +130,9 @@ async def refund_balance(
             raise InvalidRequest("the balance is negative: nothing to refund",
                                  code="negative_balance")
         customer = await ctx.methods.customer(tenant, account)
+        if customer and await _recover_refunds(ctx, tenant, account, customer, user):
+            state = await ctx.store.account(tenant, account)  # a crashed run's refunds, booked
+            assert state is not None
         plan = await _refundable(ctx, customer) if customer else []
         if sum(c for _, c in plan) * CENT < state.balance - state.balance % CENT:
             raise InvalidRequest(
@@ -148,15 +151,9 @@ async def refund_balance(
             refund_id = await ctx.gateway.refund(
                 payment_intent=pi, amount_cents=take,
                 idempotency_key=f"{tenant}:refund:{account}:{pi}:{state.balance}:{n}",
-                metadata={"tenant": tenant, "account": account},
+                metadata={"tenant": tenant, "account": account, "process": _PROCESS},
             )
-            res = await ctx.store.adjust(
-                tenant, account, -take * CENT, "refund", op_id=f"refund:{refund_id}",
-                enforce_floor=False,
-                extra={"payment_intent": pi, "stripe_refund": refund_id,
-                       "process": "balance_refund", "user": user},
-            )
-            entries.append(res.entry)
+            entries.append(await _book_refund(ctx, tenant, account, pi, refund_id, take, user))
             left_cents -= take
         rest = (await ctx.store.account(tenant, account))
         if rest is not None and rest.balance > 0:  # sub-cent usage remainder
@@ -167,6 +164,43 @@ async def refund_balance(
                        "user": user})
             entries.append(res.entry)
         return entries
+
+
+_PROCESS = "balance_refund"
+
+
+async def _book_refund(ctx: BillingContext, tenant: str, account: str, pi: str,
+                       refund_id: str, cents: int, user: str) -> str:
+    """The ledger entry of one Stripe refund, idempotent on the refund id."""
+    res = await ctx.store.adjust(
+        tenant, account, -cents * CENT, "refund", op_id=f"refund:{refund_id}",
+        enforce_floor=False,
+        extra={"payment_intent": pi, "stripe_refund": refund_id, "process": _PROCESS,
+               "user": user},
+    )
+    return res.entry
+
+
+async def _recover_refunds(ctx: BillingContext, tenant: str, account: str, customer: str,
+                           user: str) -> int:
+    """Book the balance refunds Stripe made but the ledger never saw (a run that died
+    between the refund and its entry). Without this, a second run would refund the same
+    balance again from the remaining charges. Returns how many were booked now."""
+    booked = 0
+    for ch in await ctx.gateway.list_charges(customer):
+        if ch.amount_refunded <= 0 or not ch.payment_intent:
+            continue
+        for refund_id, cents, meta in await ctx.gateway.list_refunds(ch.payment_intent):
+            if meta.get("process") != _PROCESS or meta.get("account") != account:
+                continue
+            res = await ctx.store.adjust(
+                tenant, account, -cents * CENT, "refund", op_id=f"refund:{refund_id}",
+                enforce_floor=False,
+                extra={"payment_intent": ch.payment_intent, "stripe_refund": refund_id,
+                       "process": _PROCESS, "user": user, "recovered": "1"},
+            )
+            booked += 0 if res.replay else 1
+    return booked
 
 
 async def _refundable(ctx: BillingContext, customer: str) -> list[tuple[str, int]]:

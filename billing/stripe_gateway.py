@@ -280,6 +280,13 @@ class StripeGateway:
         out.sort(key=lambda c: c.created, reverse=True)
         return out
 
+    async def list_refunds(self, payment_intent: str) -> list[tuple[str, int, dict[str, str]]]:
+        """(refund id, cents, metadata) of every refund of a PaymentIntent."""
+        rows = await self._list_all(self._client.v1.refunds.list,
+                                    {"payment_intent": payment_intent, "limit": _PAGE})
+        return [(str(r.id), int(r.amount),
+                 r.metadata.to_dict() if getattr(r, "metadata", None) else {}) for r in rows]
+
     async def refund(
         self, *, payment_intent: str, amount_cents: int, idempotency_key: str,
         metadata: dict[str, str],

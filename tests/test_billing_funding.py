@@ -159,3 +159,22 @@ async def test_refund_refused_when_charges_cannot_cover(
     assert err.value.code == "refund_exceeds_charges"
     state = await ctx.store.account(T, "c1")
     assert state is not None and state.balance == 50 * D and not state.closed
+
+
+async def test_refund_balance_after_a_crash_between_refund_and_ledger(
+        ctx: BillingContext, localstripe: LocalStripe) -> None:
+    """A run died right after Stripe refunded $60 and before the ledger entry: the next run
+    books that refund and refunds only the rest, never the same money twice."""
+    await ctx.methods.attach(T, "c1", localstripe.card())
+    a = await funding.fund(ctx, T, "c1", 100 * D, "f1")
+    await ctx.gateway.refund(  # what the dead run did, and nothing more
+        payment_intent=a.pi, amount_cents=6_000, idempotency_key="crashed-run",
+        metadata={"tenant": T, "account": "c1", "process": "balance_refund"})
+    await funding.refund_balance(ctx, T, "c1")
+    state = await ctx.store.account(T, "c1")
+    assert state is not None and state.balance == 0 and state.closed
+    refunds = await ctx.gateway.list_refunds(a.pi)
+    assert sum(cents for _, cents, _ in refunds) == 10_000  # $100 back in all, not $160
+    ledger = [e for e in await _ledger(ctx) if e["kind"] == "refund"]
+    assert sorted(int(e["delta"]) for e in ledger) == [-60 * D, -40 * D]
+    assert any(e.get("recovered") == "1" for e in ledger)
