@@ -60,6 +60,7 @@ class App:
         self.registry = registry_for_process()
         self.ready = False
         self.draining = False
+        self.failed_workers: list[str] = []  # in-process workers that died
         self.ingest = Ingest(
             lambda: self.runtime,
             self.batcher,
@@ -193,12 +194,15 @@ class App:
         return Response(body, 200, ctype.encode())
 
     async def _readyz(self, req: Request) -> Response:
-        checks = {"config": True, "scripts": self.ready, "redis": False, "draining": self.draining}
+        checks: dict[str, object] = {
+            "config": True, "scripts": self.ready, "redis": False, "draining": self.draining,
+            "failed_workers": self.failed_workers,
+        }
         try:
             checks["redis"] = bool(await self.store.redis.ping())
         except Exception:  # noqa: BLE001 - any failure means not ready
             checks["redis"] = False
-        ok = checks["redis"] and checks["scripts"] and not self.draining
+        ok = bool(checks["redis"] and self.ready and not self.draining and not self.failed_workers)
         return http.json_response(
             {"status": "ready" if ok else "not_ready", "checks": checks}, 200 if ok else 503
         )

@@ -150,6 +150,8 @@ class Service:
             raise
         except Exception:
             log.exception("worker stopped by an error", extra={"worker": name})
+            if self.app is not None:  # /readyz says so until the process is restarted
+                self.app.failed_workers.append(name)
             raise
 
     def _mount_billing(self) -> None:

@@ -116,3 +116,25 @@ async def test_returns_within_five_days_for_approved_reasons(redis, redis_server
         entries = (await eng.api("GET", "/v1/accounts/c1/ledger"))[1]["entries"]
         assert entries[0]["kind"] == "return"
         await eng.assert_reconciled()
+
+
+async def test_readyz_reports_a_dead_worker(redis, redis_server, cfg):
+    async def broken(svc, stop):
+        raise RuntimeError("worker bug")
+
+    from engine.service import Service
+
+    svc = Service(cfg, redis_url=redis_server.url, host="127.0.0.1", port=0, workers=[broken])
+    await svc.start()
+    try:
+        import aiohttp
+
+        async with aiohttp.ClientSession() as http:
+            for _ in range(200):  # the worker task fails on its first step
+                async with http.get(svc.url + "/readyz") as r:
+                    body = await r.json()
+                if body["checks"]["failed_workers"]:
+                    break
+            assert r.status == 503 and body["checks"]["failed_workers"] == ["broken"]
+    finally:
+        await svc.stop()
