@@ -99,6 +99,8 @@ def _handle(fn: Handler) -> Handler:
 def _time(value: str, field: str) -> int:
     """Epoch milliseconds from ``1700000000000`` or ISO 8601 (``2026-01-31``, UTC if naive)."""
     if value.isdigit():
+        if len(value) > 15:  # past the year 33658: not a time, and SQL would overflow
+            raise InvalidRequest(f"{field}: out of range", code="invalid_query")
         return int(value)
     try:
         when = dt.datetime.fromisoformat(value)

@@ -156,7 +156,7 @@ async def refund_balance(
             entries.append(await _book_refund(ctx, tenant, account, pi, refund_id, take, user))
             left_cents -= take
         rest = (await ctx.store.account(tenant, account))
-        if rest is not None and rest.balance > 0:  # sub-cent usage remainder
+        if rest is not None and 0 < rest.balance < CENT:  # a sub-cent usage remainder
             res = await ctx.store.adjust(
                 tenant, account, -rest.balance, "adjustment", enforce_floor=False,
                 op_id=f"refund-rest:{account}:{rest.balance}",

@@ -76,9 +76,7 @@ def validate(ar: AutoRecharge) -> None:
 
 async def settings(ctx: BillingContext, tenant: str, account: str) -> AutoRecharge:
     """The account's auto-recharge settings: the API's override, else the config's."""
-    base = ctx.settings(tenant, account).auto_recharge
-    raw = await ctx.store.redis.get(keys.autorecharge(tenant, account))
-    return _ar_dec.decode(raw) if raw else base
+    return await effective(ctx.store, tenant, account, ctx.settings(tenant, account).auto_recharge)
 
 
 async def configure(ctx: BillingContext, tenant: str, account: str,
@@ -91,11 +89,24 @@ async def configure(ctx: BillingContext, tenant: str, account: str,
     if await ctx.store.account(tenant, account) is None:
         raise InvalidRequest(f"unknown account {account}", code="unknown_account")
     await ctx.store.redis.set(keys.autorecharge(tenant, account), _ar_enc.encode(ar))
-    threshold_mode = ar.enabled and ar.every_days is None
-    rthr = money.parse(ar.threshold) if threshold_mode else 0
+    armed, rthr = threshold_flags(ar)
     await ctx.store.set_account_flag(tenant, account, "rthr", str(rthr))
-    await ctx.store.set_account_flag(tenant, account, "ar", "1" if threshold_mode else "0")
+    await ctx.store.set_account_flag(tenant, account, "ar", "1" if armed else "0")
     return ar
+
+
+def threshold_flags(ar: AutoRecharge) -> tuple[bool, int]:
+    """(armed, threshold micros) for the Lua machinery: only threshold mode emits
+    ``recharge_needed``; schedule mode recharges on its own clock."""
+    armed = ar.enabled and ar.every_days is None
+    return armed, money.parse(ar.threshold) if armed else 0
+
+
+async def effective(store: Store, tenant: str, account: str, base: AutoRecharge
+                    ) -> AutoRecharge:
+    """The settings in force: the API's override (PUT /auto-recharge) over the config's."""
+    raw = await store.redis.get(keys.autorecharge(tenant, account))
+    return _ar_dec.decode(raw) if raw else base
 
 
 # -- one recharge --------------------------------------------------------------------------

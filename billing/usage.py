@@ -2,7 +2,7 @@
 
 ``Tenant.meters`` maps a meter name to its unit price (a decimal string). One usage event
 debits ``quantity x unit price`` (rounded half up to the micro) through
-``Store.adjust(kind="usage", op_id="usage:<event id>")``: the event id is remembered for
+``Store.adjust(kind="usage", op_id="usage:<account>:<event id>")``: the event id is remembered for
 32 days, so a replayed event never debits twice, and the account floor is enforced
 (a debit that would cross it is refused and changes nothing).
 """
@@ -89,7 +89,8 @@ def _check(ctx: BillingContext, tenant: str, u: Usage) -> tuple[int, int]:
 async def _debit(ctx: BillingContext, tenant: str, u: Usage, unit: int,
                  cost: int) -> UsageResult:
     res = await ctx.store.adjust(
-        tenant, u.account, -cost, "usage", op_id="usage:" + u.event_id, ttl_s=USAGE_TTL_S,
+        tenant, u.account, -cost, "usage", op_id=f"usage:{u.account}:{u.event_id}",
+        ttl_s=USAGE_TTL_S,
         enforce_floor=True,
         extra={"meter": u.meter, "quantity": str(u.quantity), "unit_price": money.format(unit),
                "process": u.meter, "user": u.user},

@@ -6,6 +6,7 @@ read or written is under that tenant's prefix.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 
 import msgspec
@@ -140,7 +141,7 @@ class AccountsApi:
             account,
             amount,
             "funding",
-            op_id=f"credit:{key}" if key else "",
+            op_id=f"credit:{account}:{key}" if key else "",
             extra={"process": "manual", "note": body.note[:200], "reference": body.reference[:100]},
         )
         if not res.ok:
@@ -204,9 +205,12 @@ def _lead_time_ms(lead_id: str) -> int | None:
 _LEAD_KINDS = frozenset({"lead", "fee", "refund", "fee_refund", "reprice", "return"})
 
 
+_STREAM_ID = re.compile(r"^[0-9]{1,19}(-[0-9]{1,19})?$")
+
+
 def _is_stream_id(text: str) -> bool:
-    ms, _, seq = text.partition("-")
-    return ms.isdigit() and (seq == "" or seq.isdigit())
+    """A Redis stream id (``ms`` or ``ms-seq``) small enough for Redis to parse."""
+    return bool(_STREAM_ID.match(text)) and int(text.partition("-")[0]) < 2**63
 
 
 def _entry_view(entry_id: str, f: dict[str, str]) -> dict[str, object]:

@@ -155,7 +155,9 @@ class App:
         try:
             return await self.ingest.handle(data, raw, key)
         except StoreUnavailable:
-            return 503, error(Codes.UNAVAILABLE, "storage unavailable; nothing was charged, retry")
+            return 503, error(Codes.UNAVAILABLE,
+                              "storage unavailable; retry with the same payload or "
+                              "Idempotency-Key: a lead is never charged twice")
 
     async def _batch(self, req: Request) -> Response:
         """NDJSON in, NDJSON out: one result per line, in order, each lead on its own."""

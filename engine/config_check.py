@@ -92,8 +92,9 @@ class _Checker:
             zone(t.timezone, self.src, f"{p}.timezone")
             if not resolve_secret(t.api_token):
                 raise self.fail(f"{p}.api_token", "empty (is its environment variable set?)")
-            self.money(t.fees.inbound_lead, f"{p}.fees.inbound_lead")
-            self.money(t.fees.outbound_delivery, f"{p}.fees.outbound_delivery")
+            for fee in ("inbound_lead", "outbound_delivery"):
+                if self.money(getattr(t.fees, fee), f"{p}.fees.{fee}") < 0:
+                    raise self.fail(f"{p}.fees.{fee}", "a fee must not be negative")
             try:
                 bp = money.parse_percent(t.fees.card_fee_percent)
             except MoneyError as exc:
@@ -262,8 +263,10 @@ def check(cfg: Config) -> None:
     c.campaigns()
     c.suppliers()
     c.buyers()
-    if cfg.settings.batch_max < 1:
-        raise c.fail("settings.batch_max", "at least 1")
+    for name in ("batch_max", "batch_inflight", "replay_window_s", "idempotency_ttl_s",
+                 "max_body_bytes", "max_batch_body_bytes"):
+        if getattr(cfg.settings, name) < 1:
+            raise c.fail(f"settings.{name}", "at least 1")
     # compiling the routing plans checks what only compilation can: regexes, ranges,
     # schedules, field rules (each raises ConfigError with its path)
     from engine.runtime import Runtime

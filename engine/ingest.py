@@ -264,8 +264,10 @@ def _window_ids(w: Windows) -> list[str]:
 
 
 def _digest(scope: str, data: bytes) -> str:
-    h = hashlib.blake2b(data, digest_size=16, person=b"leadflow-idem")
-    h.update(scope.encode())
+    """Idempotency key of ``data`` within ``scope`` (a supplier): the scope comes first and
+    ends with a NUL, which ids cannot contain, so ("1", "15...") never meets ("11", "5...")."""
+    h = hashlib.blake2b(scope.encode() + b"\x00", digest_size=16, person=b"leadflow-idem")
+    h.update(data)
     return h.hexdigest()
 
 

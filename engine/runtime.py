@@ -63,21 +63,25 @@ class Runtime:
 
 async def sync_accounts(cfg: Config, store: Store) -> int:
     """Create missing accounts (with their opening balance) and update settings of the
-    others. Returns how many were created."""
+    others. Auto-recharge set through the API outlives reloads and restarts (it is stored
+    beside the account and wins over the file). Returns how many were created."""
+    from billing.recharge import effective, threshold_flags
+
     created = 0
     for t in cfg.tenants:
         accounts: list[tuple[str, Account, str]] = [(WALLET, t.wallet, "manual")]
         accounts += [(c.id, c, c.billing) for c in cfg.clients if c.tenant == t.id]
         for account_id, a, mode in accounts:
-            ar = a.auto_recharge
+            armed, threshold = threshold_flags(
+                await effective(store, t.id, account_id, a.auto_recharge))
             created += await store.sync_account(
                 t.id,
                 account_id,
                 opening=money.parse(a.opening_balance),
                 floor=money.parse(a.floor),
                 alert=money.parse(a.alert),
-                recharge_threshold=money.parse(ar.threshold) if ar.every_days is None else 0,
-                auto_recharge=ar.enabled,
+                recharge_threshold=threshold,
+                auto_recharge=armed,
                 min_balance=None if a.min_balance is None else money.parse(a.min_balance),
                 mode=mode,
             )

@@ -36,7 +36,7 @@ async def test_usage_debits_unit_price_times_quantity(ctx: BillingContext) -> No
     assert r.cost == "0.03"  # 0.012 x 2.5
     entry = [f for _, f in await ctx.store.ledger_page(T, "c1", limit=2)][1]
     assert entry["kind"] == "usage" and entry["process"] == "sms" and entry["user"] == "bob"
-    assert entry["ref"] == "usage:ev-1" and entry["unit_price"] == "0.05"
+    assert entry["ref"] == "usage:c1:ev-1" and entry["unit_price"] == "0.05"
 
 
 async def test_usage_idempotent_on_event_id(ctx: BillingContext) -> None:
@@ -44,7 +44,7 @@ async def test_usage_idempotent_on_event_id(ctx: BillingContext) -> None:
     a = await usage.record_usage(ctx, T, "c1", "email_test", 2, "ev-1")
     b = await usage.record_usage(ctx, T, "c1", "email_test", 2, "ev-1")
     assert b.replay and a.balance == b.balance == "7.50"
-    ttl = await ctx.store.redis.ttl(keys.op(T, "usage:ev-1"))
+    ttl = await ctx.store.redis.ttl(keys.op(T, "usage:c1:ev-1"))
     assert ttl > 31 * 86_400  # remembered at least 32 days
 
 

@@ -31,12 +31,28 @@ end
 local a = acct(p, sale.a)
 local extra = {'buyer', b, 'reason', reason}
 
+-- spend counters follow the sale's price while the sale's day/month are the current ones
+local function spend(delta)
+  local bk = K.buyer(p, b)
+  local v = redis.call('HMGET', bk, 'sdid', 'smid')
+  if v[1] == sale.w[2] then redis.call('HINCRBY', bk, 'sdv', fmt(delta)) end
+  if v[2] == sale.w[4] then redis.call('HINCRBY', bk, 'smv', fmt(delta)) end
+end
+
 if action == 'reprice' then
   local new = tonumber(ARGV[4])
   if new == price or sale.rp then
     return cjson.encode({ok = true, state = 'sold', price = sale.p, replay = sale.rp == true})
   end
-  apply(p, a, price - new, 'reprice', lead_id, now, extra)
+  -- a higher real-time price is a further debit: it may not take the balance below the
+  -- floor (the sale then stands at its routed price)
+  if new > price and a.mode ~= 'none' and a.bal - (new - price) < a.floor then
+    new = price
+  end
+  if new ~= price then
+    apply(p, a, price - new, 'reprice', lead_id, now, extra)
+    spend(new - price)
+  end
   sale.p, sale.rp = fmt(new), true
   redis.call('HSET', lk, b, cjson.encode(sale))
   return cjson.encode({ok = true, state = 'sold', price = sale.p, replay = false})
@@ -51,15 +67,14 @@ end
 
 -- free the cap slot when the sale's windows are still the current ones
 local bk = K.buyer(p, b)
-local v = redis.call('HMGET', bk, 'hid', 'did', 'wid', 'mid', 'sdid', 'smid')
+local v = redis.call('HMGET', bk, 'hid', 'did', 'wid', 'mid')
 local w = sale.w
 local pairs_ = {{v[1], w[1], 'hn'}, {v[2], w[2], 'dn'}, {v[3], w[3], 'wn'}, {v[4], w[4], 'mn'}}
 for _, t in ipairs(pairs_) do
   if t[1] == t[2] then redis.call('HINCRBY', bk, t[3], -1) end
 end
 redis.call('HINCRBY', bk, 'tn', -1)
-if v[5] == w[2] then redis.call('HINCRBY', bk, 'sdv', fmt(-price)) end
-if v[6] == w[4] then redis.call('HINCRBY', bk, 'smv', fmt(-price)) end
+spend(-price)
 
 -- only sold leads count as duplicates: forget fingerprints this sale set
 for _, fp in ipairs(sale.bd or {}) do

@@ -1,0 +1,89 @@
+"""Edge cases of the money paths found in review: reprices, idempotency scopes, cursors,
+config bounds, API-set auto-recharge across reloads."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from engine import keys
+from engine.config import AutoRecharge
+from engine.errors import ConfigError
+from engine.ingest import _digest
+from engine.runtime import sync_accounts
+from engine.store import Store
+from tests import sales
+from tests.harness import BASE_TOML, buyer, campaign, make_config, running
+
+
+async def _spend(redis, b: str) -> tuple[int, int]:
+    v = await redis.hmget(keys.buyer(sales.T, b), "sdv", "smv")
+    return int(v[0] or 0), int(v[1] or 0)
+
+
+async def test_reprice_never_crosses_the_floor_and_spend_caps_follow(redis):
+    store = Store(redis)
+    b = sales.buyer("b1", "http://127.0.0.1:9/")
+    await sales.accounts(store, b)
+    await sales.sell(store, b, "L1")  # $25 of $100
+    res = await store.reprice_sale(sales.T, "L1", "b1", 200_000_000)  # would reach -$100
+    assert res.ok and res.price == "25000000"  # refused above the floor: routed price stands
+    assert await sales.balance(store, "c-b1") == 75_000_000
+    await sales.sell(store, b, "L2")
+    res = await store.reprice_sale(sales.T, "L2", "b1", 30_000_000)  # $5 more: fits
+    assert res.price == "30000000" and await sales.balance(store, "c-b1") == 45_000_000
+    assert await _spend(redis, "b1") == (55_000_000, 55_000_000)
+    await store.refund_sale(sales.T, "L2", "b1", "rejected")
+    await store.refund_sale(sales.T, "L1", "b1", "rejected")
+    assert await _spend(redis, "b1") == (0, 0)  # never negative, never drifting
+    assert await sales.balance(store, "c-b1") == 100_000_000
+
+
+def test_idempotency_keys_of_suppliers_never_collide():
+    assert _digest("1", b"order-51") != _digest("11", b"order-5")
+    assert _digest("s1", b"x") == _digest("s1", b"x")
+
+
+@pytest.mark.parametrize(("setting", "value"), [
+    ("replay_window_s", 0), ("idempotency_ttl_s", 0), ("batch_inflight", 0),
+])
+def test_settings_bounds(setting, value):
+    with pytest.raises(ConfigError, match=setting):
+        make_config(base=BASE_TOML + f"\n[settings]\n{setting} = {value}\n")
+
+
+def test_negative_fee_is_refused():
+    with pytest.raises(ConfigError, match="negative"):
+        make_config(base=BASE_TOML.replace('outbound_delivery = "0.20"',
+                                           'outbound_delivery = "-0.10"'))
+
+
+async def test_credit_idempotency_is_per_account(redis, redis_server):
+    cfg = make_config(campaign(), buyer("b1"))
+    async with running(cfg, redis_server.url) as eng:
+        h = {"Idempotency-Key": "wire-1"}
+        s1, _ = await eng.api("POST", "/v1/accounts/c1/credits", json={"amount": "5.00"}, headers=h)
+        s2, b = await eng.api("POST", "/v1/accounts/c2/credits", json={"amount": "5.00"}, headers=h)
+        assert (s1, s2) == (201, 201) and not b["replay"]
+        assert await eng.balance("c1") == await eng.balance("c2") == 105_000_000
+
+
+@pytest.mark.parametrize("cursor", ["123-", "-5", "1" * 23, "99999999999999999999-1", "a-b"])
+async def test_bad_ledger_cursor_is_a_400(redis, redis_server, cursor):
+    cfg = make_config(campaign(), buyer("b1"))
+    async with running(cfg, redis_server.url) as eng:
+        status, body = await eng.api("GET", f"/v1/accounts/c1/ledger?before={cursor}")
+        assert status == 400 and body["error"]["code"] == "invalid_cursor"
+
+
+async def test_api_auto_recharge_survives_a_reload(redis):
+    store = Store(redis)
+    cfg = make_config(campaign(), buyer("b1"))
+    await sync_accounts(cfg, store)
+    state = await store.account("t1", "c1")
+    assert state is not None and not state.auto_recharge
+    on = AutoRecharge(enabled=True, threshold="30.00", amount="100.00")
+    await redis.set(keys.autorecharge("t1", "c1"), msgspec.json.encode(on))  # as PUT stores it
+    await sync_accounts(cfg, store)  # a reload or a restart
+    state = await store.account("t1", "c1")
+    assert state is not None and state.auto_recharge and state.recharge_threshold == 30_000_000
