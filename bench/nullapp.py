@@ -79,6 +79,9 @@ def _command(
             "--host", "127.0.0.1", "--port", str(port),
             "--http", "httptools", "--loop", "uvloop",
             "--no-access-log", "--log-level", "warning",
+            # the engine's own uvicorn settings (engine/service.py), so the ceiling is the
+            # same stack: no proxy-header middleware, no Date/Server headers
+            "--no-proxy-headers", "--no-server-header", "--no-date-header",
             "--workers", str(workers),
         ]  # fmt: skip
     exe = shutil.which("granian")
