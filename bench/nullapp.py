@@ -23,6 +23,8 @@ from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any, Literal
 
+from engine.http import lifespan
+
 ROOT = Path(__file__).resolve().parent.parent
 BODY = b'{"ok":true}'
 HEADERS = [(b"content-type", b"application/json"), (b"content-length", str(len(BODY)).encode())]
@@ -37,13 +39,8 @@ async def app(
 ) -> None:
     """Null ASGI app: drain the body, answer 200 with a fixed small JSON."""
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await lifespan(receive, send)  # the engine's own (engine/http.py)
+        return
     if scope["type"] != "http":
         return
     more = True

@@ -100,7 +100,7 @@ class App:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             if scope["type"] == "lifespan":
-                await _lifespan(receive, send)
+                await http.lifespan(receive, send)
             return
         started = time.perf_counter()
         if scope["path"] == "/v1/leads" and scope["method"] == "POST":
@@ -232,14 +232,3 @@ def _decode_lead(content_type: str, body: bytes) -> tuple[object, tuple[int, Lea
 
 def _lead_response(status: int, resp: LeadResponse) -> Response:
     return Response(_lead_enc.encode(resp), status)
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    # the service starts and stops resources itself; lifespan is acknowledged only
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return

@@ -89,6 +89,18 @@ def error_response(status: int, code: str, message: str, **extra: object) -> Res
     return json_response({"error": {"code": code, "message": message, **extra}}, status)
 
 
+async def lifespan(receive: Receive, send: Send) -> None:
+    """Acknowledge the ASGI lifespan protocol; the service starts and stops its resources
+    itself, outside the server's lifespan."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
 async def read_body(receive: Receive, limit: int) -> bytes:
     """The whole request body, or BodyTooLarge as soon as it passes ``limit`` bytes."""
     chunks: list[bytes] = []
