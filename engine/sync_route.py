@@ -181,8 +181,10 @@ class SyncRouter:
             mine = [b.decode() if isinstance(b, bytes) else str(b) for b in got]
         d = await batcher.decide(encoded, payload)
         if d.rp:
-            if mine:  # a concurrent twin claimed before it was decided: give them back
-                await self._finish(prefix, lead, "", mine, [], [])
+            # A concurrent twin decided first, and its waterfall may be delivering to a buyer
+            # we claimed: releasing our claims could let the stream worker send that lead as
+            # well. They are left to expire (``hold``): on buyers the twin never sells to
+            # there is no job to hold back, and the twin's deliver_sync settles the others.
             return await self._replayed(tenant, lead["k"], d)
         w = _Waterfall()
         try:
