@@ -64,12 +64,6 @@ class Busy(BillingError):
     status = 409
 
 
-class LimitReached(BillingError):
-    """A daily recharge cap or a card's retry budget is exhausted."""
-
-    code = "limit_reached"
-    status = 429
-
 
 class PaymentError(BillingError):
     """Base class of errors that come from the card processor."""

@@ -45,11 +45,6 @@ def format(micros: int) -> str:
     return f"{sign}{whole}.{digits}"
 
 
-def percent_of(amount: int, basis_points: int) -> int:
-    """``amount * basis_points / 10_000`` rounded half up, in integers only."""
-    return (amount * basis_points + 5_000) // 10_000
-
-
 def parse_percent(text: str, *, field: str = "percent") -> int:
     """Parse ``"3"`` or ``"2.5"`` (percent) into basis points (``300``, ``250``)."""
     m = re.match(r"^(\d{1,3})(?:\.(\d{1,2}))?$", text.strip()) if isinstance(text, str) else None

@@ -8,7 +8,7 @@ enough structure for the other endpoints: path parameters, body limits and JSON 
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -166,7 +166,3 @@ def parse_form(body: bytes) -> dict[str, str]:
     """``application/x-www-form-urlencoded`` -> dict; strict UTF-8 (ValueError otherwise)."""
     text = body.decode("utf-8")  # UnicodeDecodeError is a ValueError
     return dict(parse_qsl(text, keep_blank_values=True, errors="strict", max_num_fields=1000))
-
-
-def header_map(headers: Mapping[bytes, bytes]) -> dict[str, str]:
-    return {k.decode("latin-1"): v.decode("latin-1") for k, v in headers.items()}
