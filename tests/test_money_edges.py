@@ -87,3 +87,21 @@ async def test_api_auto_recharge_survives_a_reload(redis):
     await sync_accounts(cfg, store)  # a reload or a restart
     state = await store.account("t1", "c1")
     assert state is not None and state.auto_recharge and state.recharge_threshold == 30_000_000
+
+
+async def test_every_money_script_survives_script_flush(redis):
+    """NOSCRIPT after SCRIPT FLUSH: each script is sent again and runs (engine/scripts.py)."""
+    store = Store(redis)
+    await store.load_scripts()
+    b = sales.buyer("b1", "http://127.0.0.1:9/")
+    await redis.script_flush()
+    await sales.accounts(store, b)  # sync_account.lua
+    await redis.script_flush()
+    await sales.sell(store, b, "L1")  # decide.lua
+    await redis.script_flush()
+    assert (await store.reprice_sale(sales.T, "L1", "b1", 20_000_000)).ok  # refund.lua
+    await redis.script_flush()
+    assert (await store.refund_sale(sales.T, "L1", "b1", "rejected")).ok
+    await redis.script_flush()
+    assert (await store.adjust(sales.T, "c-b1", 1_000_000, "adjustment")).ok  # adjust.lua
+    assert await sales.balance(store, "c-b1") == 101_000_000
