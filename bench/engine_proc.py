@@ -24,6 +24,8 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from engine.embedded import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 30.0
 
@@ -47,12 +49,6 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def _free_port() -> int:
-    from engine.embedded import free_port
-
-    return free_port()
-
-
 def _ready(url: str) -> bool:
     try:
         with urllib.request.urlopen(url + "/readyz", timeout=1.0) as resp:
@@ -70,7 +66,7 @@ def serve_engine(
     ready_timeout: float = READY_TIMEOUT_S,
 ) -> Iterator[EngineURL]:
     """Run the engine in a subprocess; yields its base URL (``.pid`` is the engine's pid)."""
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "bench.engine_proc", "--config", str(config),
            "--redis-url", redis_url, "--port", str(port)]
     if cpu is not None and shutil.which("taskset"):

@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any, Literal
 
+from engine.embedded import free_port
 from engine.http import lifespan
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,11 +57,6 @@ async def rsgi_app(scope: Any, protocol: Any) -> None:
     await protocol()  # read the body
     protocol.response_bytes(200, [("content-type", "application/json")], BODY)
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _command(

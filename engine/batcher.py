@@ -17,7 +17,7 @@ import msgspec
 
 from engine import keys
 from engine.errors import StoreUnavailable
-from engine.store import UNAVAILABLE, WALLET, Store
+from engine.store import UNAVAILABLE, WALLET, Store, now_ms
 
 
 class Decision(msgspec.Struct, frozen=True):
@@ -94,7 +94,7 @@ class Batcher:
         started = time.perf_counter()
         try:
             head = b'{"now":%d,"w":"%s","leads":[%s]}' % (
-                time.time_ns() // 1_000_000, _WALLET, b",".join([lead for lead, _, _ in batch])
+                now_ms(), _WALLET, b",".join([lead for lead, _, _ in batch])
             )
             raw = await self.store.lua.decide(
                 self.store.redis, [self.prefix], [head, *[x for _, x, _ in batch]]

@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -27,7 +26,7 @@ from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry
 
-from engine.embedded import stop_process
+from engine.embedded import free_port, stop_process
 from engine.metrics import render
 
 T = TypeVar("T")
@@ -39,11 +38,6 @@ def prometheus_binary() -> str | None:
         return found
     return "/usr/bin/prometheus" if os.access("/usr/bin/prometheus", os.X_OK) else None
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def poll(fn: Callable[[], T | None], *, timeout: float, interval: float = 0.1, what: str = "") -> T:

@@ -18,6 +18,7 @@ from billing.api import routes
 from billing.archive import Archive
 from billing.context import BillingContext
 from billing.stripe_gateway import StripeGateway
+from engine import keys
 from engine.embedded import free_port
 from engine.http import Request, Router, error_response, read_body
 from tests.billing_fixtures import T, new_ctx
@@ -101,8 +102,8 @@ async def api(redis: aioredis.Redis, gateway: StripeGateway, tmp_path: Path,
 
 async def _snapshot(ctx: BillingContext) -> tuple[Any, ...]:
     r = ctx.store.redis
-    bal = [await r.hget(f"lf:{{{T}}}:acct:c{i}", "bal") for i in (1, 2, 3)]
-    return (*bal, await r.xlen(f"lf:{{{T}}}:ledger"))
+    bal = [await r.hget(keys.acct(T, f"c{i}"), "bal") for i in (1, 2, 3)]
+    return (*bal, await r.xlen(keys.ledger(T)))
 
 
 async def test_full_flow(api: Api, localstripe: LocalStripe) -> None:

@@ -106,7 +106,7 @@ async def test_first_rejects_second_accepts(redis, redis_server, buyers: Buyers)
         assert len(buyers.received) == 2
         assert await eng.balance("c1") == OPENING and await eng.balance("c2") == OPENING - PRICE
         # only the final result is left under the lead's idempotency key
-        idem = [k for k in await redis.keys("lf:{t1}:idem:*")]
+        idem = [k for k in await redis.keys(keys.idem("t1", "*"))]
         assert len(idem) == 1
         await ledgers_sum(eng)
 

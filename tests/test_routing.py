@@ -172,7 +172,7 @@ async def test_windows_reset_counts(redis, redis_server):
                     "cs": [{"b": "b1", "a": "c1", "p": 1, "fo": 0, "bd": [], "cap": [-1, 1, 2, 3, -1, -1, -1]}]}
 
         async def run(n, win):
-            raw = await scripts().decide(redis, ["lf:{t1}:"], [msgspec.json.encode(
+            raw = await scripts().decide(redis, [keys.tenant_prefix("t1")], [msgspec.json.encode(
                 {"now": 1, "w": WALLET, "leads": [lead(n, win)]})])
             return msgspec.json.decode(raw)["r"][0]["s"]
 
