@@ -62,6 +62,13 @@ class Scripts:
             await script.load(client)
 
 
+def housekeeping(name: str) -> str:
+    """The source of a script that moves no money (delivery and sync-mode bookkeeping):
+    the key helpers and the .lua file, for redis-py's ``register_script``, which also
+    handles NOSCRIPT inside pipelines."""
+    return keys.lua_preamble() + _read(name + ".lua")
+
+
 _scripts: Scripts | None = None
 
 

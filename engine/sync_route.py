@@ -45,7 +45,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from engine import keys
+from engine import keys, scripts
 from engine.batcher import Batcher, Decision
 from engine.config import Buyer, Config
 from engine.delivery import client
@@ -69,32 +69,9 @@ ALL_REJECTED = Codes.ALL_REJECTED  # 204: every buyer the lead was sent to rejec
 PENDING_MESSAGE = "lead accepted; buyer verdict pending (delivery continues asynchronously)"
 _REPLAY_POLL_S = 0.02
 
-# claims before the first sale; none when the lead was already decided (a replay)
-# KEYS[1] prefix; ARGV: lead id, idempotency key, claim JSON, TTL s, buyer ids...
-_CLAIM = keys.lua_preamble() + """
-local p = KEYS[1]
-if redis.call('EXISTS', K.idem(p, ARGV[2])) == 1 then return {} end
-local k, out = K.dstate(p, ARGV[1]), {}
-for i = 5, #ARGV do
-  if redis.call('HSETNX', k, ARGV[i], ARGV[3]) == 1 then out[#out + 1] = ARGV[i] end
-end
-if #out > 0 then redis.call('EXPIRE', k, ARGV[4]) end
-return out
-"""
-
-# the end of a waterfall: final result, derived keys, unused claims, fingerprints
-# ARGV[1] = {"k", "r" ("" = keep), "kt", "lead", "rel": [buyers], "del": [keys], "fp": [..]}
-_FINAL = keys.lua_preamble() + """
-local p, a = KEYS[1], cjson.decode(ARGV[1])
-if a.r ~= '' then redis.call('SET', K.idem(p, a.k), a.r, 'EX', a.kt) end
-if #a.rel > 0 then redis.call('HDEL', K.dstate(p, a.lead), unpack(a.rel)) end
-for _, k in ipairs(a.del) do redis.call('DEL', K.idem(p, k)) end
-for _, fp in ipairs(a.fp) do
-  local dk = K.dup(p, fp)
-  if redis.call('GET', dk) == a.lead then redis.call('DEL', dk) end
-end
-return 1
-"""
+# engine/lua/sync_claim.lua and sync_final.lua (their headers name KEYS and ARGV)
+_CLAIM = scripts.housekeeping("sync_claim")
+_FINAL = scripts.housekeeping("sync_final")
 
 
 class _Stored(Decision, frozen=True):

@@ -105,3 +105,23 @@ async def test_every_money_script_survives_script_flush(redis):
     await redis.script_flush()
     assert (await store.adjust(sales.T, "c-b1", 1_000_000, "adjustment")).ok  # adjust.lua
     assert await sales.balance(store, "c-b1") == 101_000_000
+
+
+@pytest.mark.parametrize("name", ["delivery_precheck", "delivery_finish", "sync_claim",
+                                  "sync_final", "delivery_requeue"])
+async def test_bookkeeping_scripts_load_and_survive_script_flush(redis, name):
+    from engine.scripts import housekeeping
+
+    script = redis.register_script(housekeeping(name))
+    await redis.script_flush()  # redis-py's Script sends the source again on NOSCRIPT
+    args = {
+        "delivery_precheck": ([keys.tenant_prefix("t1")], [b'[["L1","b1"]]']),
+        "delivery_finish": ([keys.tenant_prefix("t1")],
+                            [b'{"g":"g","ttl":60,"lmax":5,"d":[],"l":[],"a":[]}']),
+        "sync_claim": ([keys.tenant_prefix("t1")], ["L1", "k1", "{}", 60, "b1"]),
+        "sync_final": ([keys.tenant_prefix("t1")],
+                       [b'{"k":"k1","r":"","kt":60,"lead":"L1","rel":[],"del":[],"fp":[]}']),
+        "delivery_requeue": ([keys.retries("t1"), keys.deliveries("t1")], [0, 10]),
+    }[name]
+    result = await script(keys=args[0], args=args[1])
+    assert result is not None

@@ -40,7 +40,7 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from engine import keys
+from engine import keys, scripts
 from engine.config import Buyer, Config
 from engine.delivery import client, record
 from engine.delivery.breaker import Breaker, Breakers, State
@@ -53,49 +53,10 @@ log = logging.getLogger("leadflow.delivery")
 
 GROUP = "delivery"
 
-# due retries of one tenant back onto its stream: ZREM + XADD, atomically
-_REQUEUE = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
-for _, m in ipairs(due) do
-  redis.call('ZREM', KEYS[1], m)
-  redis.call('XADD', KEYS[2], '*', unpack(cjson.decode(m)))
-end
-return #due
-"""
-
-
-# the common end of a batch, one call per tenant: decisions, log entries, acks
-# ARGV[1] = {"g": group, "ttl": s, "lmax": n, "d": [[lead, buyer, decision]], "l": [[lead,
-# entry]], "a": [entry ids to XACK + XDEL]}
-_FINISH = keys.lua_preamble() + """
-local p, b = KEYS[1], cjson.decode(ARGV[1])
-for _, d in ipairs(b.d) do
-  local k = K.dstate(p, d[1])
-  redis.call('HSET', k, d[2], d[3])
-  redis.call('EXPIRE', k, b.ttl)
-end
-for _, l in ipairs(b.l) do
-  local k = K.dlog(p, l[1])
-  if redis.call('RPUSH', k, l[2]) > b.lmax then redis.call('LTRIM', k, -b.lmax, -1) end
-  redis.call('EXPIRE', k, b.ttl)
-end
-if #b.a > 0 then
-  redis.call('XACK', K.deliveries(p), b.g, unpack(b.a))
-  redis.call('XDEL', K.deliveries(p), unpack(b.a))
-end
-return #b.a
-"""
-
-
-# the sale record and the delivery decision of each job of a batch ("" when absent)
-_PRECHECK = keys.lua_preamble() + """
-local p, out = KEYS[1], {}
-for i, j in ipairs(cjson.decode(ARGV[1])) do
-  out[2 * i - 1] = redis.call('HGET', K.lead(p, j[1]), j[2]) or ''
-  out[2 * i] = redis.call('HGET', K.dstate(p, j[1]), j[2]) or ''
-end
-return out
-"""
+# bookkeeping scripts (engine/lua/delivery_*.lua: each header names its KEYS and ARGV)
+_REQUEUE = scripts.housekeeping("delivery_requeue")
+_FINISH = scripts.housekeeping("delivery_finish")
+_PRECHECK = scripts.housekeeping("delivery_precheck")
 
 
 @dataclass(frozen=True, slots=True)
