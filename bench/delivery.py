@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 import socket
 import sys
 import tempfile
@@ -29,12 +30,15 @@ import msgspec
 import uvloop
 from aiohttp import web
 
+from bench import common
 from engine import keys
 from engine.config import WALLET, Buyer, Config, Delivery, ResponseRule
 from engine.delivery.worker import DeliveryWorker, WorkerOptions
 from engine.embedded import EmbeddedRedis, free_port
 from engine.scripts import scripts
+from engine.service import tune_gc
 from engine.store import Store, connect, now_ms
+from engine.telemetry import delivery_observer
 
 T = "bench"
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -83,9 +87,11 @@ async def _sell(store: Store, b: Buyer, n: int, *, first: int = 0) -> None:
 
 
 async def _worker_rate(store: Store, b: Buyer, n: int) -> tuple[float, float]:
+    # as `leadflow worker deliver` runs it: with the metrics observer
     w = DeliveryWorker(Config(buyers=[b]), store, tenants=[T], consumer="bench",
                        options=WorkerOptions(count=128, max_inflight=512, block_ms=20,
-                                             limit_per_host=CONCURRENCY))
+                                             limit_per_host=CONCURRENCY),
+                       observer=delivery_observer)
     stop = asyncio.Event()
     t0, c0 = time.perf_counter(), time.process_time()
     task = asyncio.create_task(w.run(stop))
@@ -119,6 +125,20 @@ async def _ceiling_rate(url: str, n: int) -> tuple[float, float]:
         return n / (time.perf_counter() - t0), (time.process_time() - c0) * 1e6 / n
 
 
+def _pin(sink_pid: int | None, srv: EmbeddedRedis) -> None:
+    """Client (worker or ceiling loop) on CPU 0; the sink and Redis on CPU 1. Unpinned,
+    the worker's round shares two cores with a sink *and* a Redis while the ceiling's
+    shares them with the sink only, and its CPU per delivery swung +-15 % from round to
+    round; pinned, both sides run on a core of their own against the same neighbours."""
+    cpu0, cpu1 = common.pinning()
+    if cpu0 is None or cpu1 is None or sink_pid is None:
+        return
+    os.sched_setaffinity(0, {cpu0})
+    os.sched_setaffinity(sink_pid, {cpu1})
+    if srv.pid is not None:
+        os.sched_setaffinity(srv.pid, {cpu1})
+
+
 def run(n: int = 5_000, rounds: int = 3) -> dict[str, Any]:
     """Run the benchmark once; print and return the rates."""
     port = free_port()
@@ -128,6 +148,7 @@ def run(n: int = 5_000, rounds: int = 3) -> dict[str, Any]:
         _wait_port(port)
         url = f"http://127.0.0.1:{port}/lead"
         with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(tmp, persistent=False) as srv:
+            _pin(sink.pid, srv)
 
             async def main() -> dict[str, Any]:
                 store = Store(connect(srv.url, max_connections=128))
@@ -136,6 +157,7 @@ def run(n: int = 5_000, rounds: int = 3) -> dict[str, Any]:
                                             accept=[ResponseRule(path="status",
                                                                  equals="accepted")]))
                 per_round = []
+                tune_gc()  # as the worker process does after start-up (both sides run here)
                 for r in range(rounds):
                     await _sell(store, b, n, first=r * n)
                     worker, worker_us = await _worker_rate(store, b, n)

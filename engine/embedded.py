@@ -96,6 +96,11 @@ class EmbeddedRedis:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs (benchmarks pin it to a CPU)."""
+        return self._proc.pid if self._proc is not None else None
+
     def _args(self, binary: str) -> list[str]:
         args = [
             binary,

@@ -71,6 +71,22 @@ def test_form_and_get_and_default_fields() -> None:
     Webhook(SECRET).verify("k=1&e=ada%40example.com", req.headers, json_parse=False)
 
 
+def test_stored_lead_bytes_are_the_json_body_or_decoded_for_other_shapes() -> None:
+    """The worker hands over the lead as stored with the sale: sent as is for a plain JSON
+    POST (the same bytes the mapping would encode), decoded for templates, form and GET."""
+    ts = int(datetime.now(UTC).timestamp())
+    stored = msgspec.json.encode(LEAD)
+    plain = RequestBuilder("b1", Delivery(url="http://b/x", secret=SECRET))
+    req = plain.build(stored, lead_id="L1", timestamp=ts)
+    assert req.body == stored == plain.build(LEAD, lead_id="L1", timestamp=ts).body
+    Webhook(SECRET).verify(req.body, req.headers)
+    form = RequestBuilder("b1", Delivery(url="http://b/x", format="form", secret=SECRET))
+    assert dict(parse_qsl(form.build(stored, lead_id="L1", timestamp=ts).body.decode())) == LEAD
+    tpl = RequestBuilder("b1", Delivery(url="http://b/x", template={"e": "{email}"}))
+    assert msgspec.json.decode(tpl.build(stored, lead_id="L1", timestamp=ts).body) == {
+        "e": "ada@example.com"}
+
+
 def _mapper(**kw: object) -> ResponseMapper:
     return ResponseMapper(Delivery(url="http://b", **kw), buyer_price=25_000_000)  # type: ignore[arg-type]
 

@@ -85,7 +85,7 @@ async def attempt(
     session: aiohttp.ClientSession,
     endpoint: Endpoint,
     *,
-    lead: Mapping[str, str],
+    lead: Mapping[str, str] | bytes,
     lead_id: str,
     campaign: str = "",
     price: int = 0,

@@ -30,7 +30,7 @@ STATE_TTL_S = 14 * 86_400  # as long as the sale record (decide.lua)
 LOG_MAX = 100  # entries kept per lead
 
 
-class Decision(msgspec.Struct, omit_defaults=True):
+class Decision(msgspec.Struct, omit_defaults=True, frozen=True):
     o: str  # ACCEPTED | DUPLICATED | REJECTED | FAILED | SYNC
     r: str = ""  # reason
     p: int | None = None  # real-time price (micros) of an accepted lead
@@ -82,17 +82,22 @@ def notify(observer: Observer | None, event: DeliveryEvent) -> None:
         log.exception("delivery observer failed")
 
 
+class _LogEntry(msgspec.Struct, omit_defaults=True):
+    buyer: str
+    attempt: int
+    ts: int
+    result: str
+    status: int
+    ms: int
+    reason: str = ""
+    excerpt: str = ""
+
+
 def log_entry(
     *, buyer: str, attempt: int, ts: int, result: str, status: int = 0, ms: int = 0,
     reason: str = "", excerpt: str = "",
 ) -> bytes:
-    entry: dict[str, Any] = {"buyer": buyer, "attempt": attempt, "ts": ts, "result": result,
-                             "status": status, "ms": ms}
-    if reason:
-        entry["reason"] = reason
-    if excerpt:
-        entry["excerpt"] = excerpt
-    return _enc.encode(entry)
+    return _enc.encode(_LogEntry(buyer, attempt, ts, result, status, ms, reason, excerpt))
 
 
 def write_log(pipe: Any, tenant: str, lead_id: str, entry: bytes) -> None:

@@ -42,10 +42,12 @@ def _decode_secret(secret: str) -> bytes:
 class Signer:
     """Signs delivery requests with one buyer's secret (an empty secret signs nothing)."""
 
-    __slots__ = ("_key",)
+    __slots__ = ("_key", "_mac")
 
     def __init__(self, secret: str) -> None:
         self._key = _decode_secret(secret) if secret else b""
+        # keyed once; each signature copies it (saves re-deriving the padded keys)
+        self._mac = hmac.new(self._key, digestmod=hashlib.sha256) if self._key else None
 
     def __repr__(self) -> str:  # never show the key
         return f"Signer(signed={bool(self._key)})"
@@ -56,7 +58,10 @@ class Signer:
 
     def signature(self, msg_id: str, timestamp: int, content: bytes) -> str:
         """``v1,<base64>`` of ``{msg_id}.{timestamp}.{content}``."""
-        mac = hmac.new(self._key, f"{msg_id}.{timestamp}.".encode(), hashlib.sha256)
+        if self._mac is None:
+            raise SigningError("no webhook secret to sign with")
+        mac = self._mac.copy()
+        mac.update(b"%s.%d." % (msg_id.encode(), timestamp))
         mac.update(content)
         return "v1," + base64.b64encode(mac.digest()).decode("ascii")
 

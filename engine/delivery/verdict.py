@@ -86,14 +86,20 @@ def _text(value: Any) -> str:
 
 
 class _Body:
-    """A response body with its JSON parsed lazily, once."""
+    """A response body with its text decoded and its JSON parsed lazily, once each."""
 
-    __slots__ = ("_doc", "raw", "text")
+    __slots__ = ("_doc", "_text", "raw")
 
     def __init__(self, raw: bytes) -> None:
         self.raw = raw
-        self.text = raw.decode("utf-8", "replace")
+        self._text: str | None = None
         self._doc: Any = _MISSING
+
+    @property
+    def text(self) -> str:
+        if self._text is None:
+            self._text = self.raw.decode("utf-8", "replace")
+        return self._text
 
     def doc(self) -> Any:
         if self._doc is _MISSING:
@@ -105,7 +111,7 @@ class _Body:
 
 
 class _Rule:
-    __slots__ = ("contains", "equals", "parts", "path", "regex", "status")
+    __slots__ = ("contains", "description", "equals", "parts", "path", "regex", "status")
 
     def __init__(self, rule: ResponseRule) -> None:
         self.status = frozenset(rule.status)
@@ -121,6 +127,7 @@ class _Rule:
             raise RuleError("a response rule needs status, path, contains or regex")
         if self.equals is not None and not self.path:
             raise RuleError("'equals' needs a 'path'")
+        self.description = self._describe()
 
     def matches(self, status: int, body: _Body) -> bool:
         if self.status and status not in self.status:
@@ -137,6 +144,9 @@ class _Rule:
         return True
 
     def describe(self) -> str:
+        return self.description
+
+    def _describe(self) -> str:
         bits = []
         if self.status:
             bits.append(f"status in {sorted(self.status)}")
@@ -170,12 +180,12 @@ class ResponseMapper:
         body = _Body(raw)
         for rule in self._duplicate:
             if rule.matches(status, body):
-                return Verdict(Outcome.DUPLICATED, f"duplicate: {rule.describe()}")
+                return Verdict(Outcome.DUPLICATED, "duplicate: " + rule.description)
         if self._accept:
             accepted = next((r for r in self._accept if r.matches(status, body)), None)
             if accepted is None:
                 return Verdict(Outcome.REJECTED, f"rejected: HTTP {status}, no accept rule matched")
-            reason = f"accepted: {accepted.describe()}"
+            reason = "accepted: " + accepted.description
         elif 200 <= status < 300:
             reason = f"accepted: HTTP {status}"
         else:

@@ -47,6 +47,7 @@ from engine.delivery.breaker import Breaker, Breakers, State
 from engine.delivery.client import Endpoint
 from engine.delivery.record import Decision, DeliveryEvent, Observer
 from engine.delivery.retry import retry_delay_ms
+from engine.delivery.verdict import Outcome
 from engine.store import Store, now_ms
 
 log = logging.getLogger("leadflow.delivery")
@@ -80,7 +81,7 @@ class WorkerOptions:
 class Job(NamedTuple):
     tenant: str
     entry_id: str
-    fields: dict[str, str]
+    raw: dict[bytes, bytes]  # the stream entry's fields, as read
     lead_id: str
     buyer: str
     campaign: str
@@ -89,8 +90,20 @@ class Job(NamedTuple):
     ts: int
     attempt: int  # attempts already made
 
+    @property
+    def fields(self) -> dict[str, str]:
+        """The entry's fields decoded (retries and dead letters copy them)."""
+        return {k.decode(): v.decode() for k, v in self.raw.items()}
 
-_lead_dec = msgspec.json.Decoder(dict[str, str])
+
+_RESULT = {o: o.lower() for o in Outcome}  # the delivery log's "result" of a verdict
+
+
+class _Sale(msgspec.Struct):
+    s: str = ""  # "sold" | "refunded" (decide.lua / refund.lua sale record)
+
+
+_sale_dec = msgspec.json.Decoder(_Sale)
 
 
 class _Send(NamedTuple):
@@ -99,52 +112,63 @@ class _Send(NamedTuple):
     job: Job
     ep: Endpoint
     breaker: Breaker
-    lead: dict[str, str]
+    lead: bytes  # the stored JSON object of the lead's fields
     expires: int
     out: _Batch
-    done: asyncio.Future[None]
 
 
 class _Batch:
-    """What a batch of jobs writes: pipeline ops per tenant, then money effects."""
+    """What a batch of jobs writes: pipeline ops per tenant, then money effects.
 
-    __slots__ = ("common", "money", "ops")
+    Its requests are counted rather than each given a future: the lanes count them down
+    and wake the batch once, when the last one is in (``sent``); a batch that stopped
+    waiting (``dropped``) has its queued requests skipped."""
+
+    __slots__ = ("common", "dropped", "left", "money", "ops", "sent")
 
     def __init__(self) -> None:
         self.ops: dict[str, list[Callable[[Any], None]]] = {}  # rare: retries, dead letters
         self.common: dict[str, dict[str, list[Any]]] = {}  # decisions, logs, acks (Lua)
         self.money: list[tuple[Job, Decision]] = []
+        self.left = 0
+        self.sent: asyncio.Future[None] | None = None
+        self.dropped = False
+
+    def one_sent(self) -> None:
+        self.left -= 1
+        if self.left == 0 and self.sent is not None and not self.sent.done():
+            self.sent.set_result(None)
+
+    async def wait_sent(self) -> None:
+        if self.left > 0:
+            self.sent = asyncio.get_running_loop().create_future()
+            await self.sent
 
     def add(self, tenant: str, op: Callable[[Any], None]) -> None:
         self.ops.setdefault(tenant, []).append(op)
 
-    def _c(self, tenant: str) -> dict[str, list[Any]]:
-        c = self.common.get(tenant)
+    def record(self, job: Job, decision: str, entry: bytes, *, ack: bool) -> None:
+        """A job's decision (JSON) and log entry, and its ack unless a money effect must
+        land first (delivery_finish.lua writes them)."""
+        c = self.common.get(job.tenant)
         if c is None:
-            c = self.common[tenant] = {"d": [], "l": [], "a": []}
-        return c
-
-    def decide(self, job: Job, dec: Decision) -> None:
-        self._c(job.tenant)["d"].append(
-            [job.lead_id, job.buyer, record.encode_decision(dec).decode()])
-
-    def log(self, job: Job, entry: bytes) -> None:
-        self._c(job.tenant)["l"].append([job.lead_id, entry.decode()])
-
-    def ack(self, job: Job) -> None:
-        self._c(job.tenant)["a"].append(job.entry_id)
+            c = self.common[job.tenant] = {"d": [], "l": [], "a": []}
+        c["d"].append([job.lead_id, job.buyer, decision])
+        c["l"].append([job.lead_id, entry.decode()])
+        if ack:
+            c["a"].append(job.entry_id)
 
 
 def _job(tenant: str, entry_id: bytes | str, raw: dict[bytes, bytes] | None) -> Job | None:
     eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
     if not raw:
         return None
-    f = {k.decode(): v.decode() for k, v in raw.items()}
+    get = raw.get  # decode only what every job needs: most never retry
     try:
-        return Job(tenant, eid, f, f["lead_id"], f["buyer"], f.get("campaign", ""),
-                   f.get("account", ""), int(f.get("price") or 0), int(f.get("ts") or 0),
-                   int(f.get("attempt") or 0))
-    except (KeyError, ValueError):
+        return Job(tenant, eid, raw, raw[b"lead_id"].decode(), raw[b"buyer"].decode(),
+                   get(b"campaign", b"").decode(), get(b"account", b"").decode(),
+                   int(get(b"price") or 0), int(get(b"ts") or 0), int(get(b"attempt") or 0))
+    except (KeyError, ValueError):  # ValueError: also bad UTF-8
         return None
 
 
@@ -217,35 +241,34 @@ class DeliveryWorker:
         assert self._session is not None, "call start() first"
         return self._session
 
-    def _enqueue(self, send: _Send) -> asyncio.Future[None]:
+    def _enqueue(self, send: _Send) -> None:
         """Queue one request of an endpoint; at most ``limit_per_host`` lanes per endpoint
         send its queue, each holding one connection slot, so a request's timeout starts only
-        once it has a slot. The future is done when the job's outcome is in its batch."""
+        once it has a slot. Its batch counts it as sent once its outcome is in the batch."""
         key = (send.job.tenant, send.job.buyer)
         q = self._waiting.get(key)
         if q is None:
             q = self._waiting[key] = collections.deque()
+        send.out.left += 1
         q.append(send)
         if self._lanes.get(key, 0) < self.opts.limit_per_host:
             self._lanes[key] = self._lanes.get(key, 0) + 1
             task = asyncio.get_running_loop().create_task(self._lane(key, q))
             self._lane_tasks.add(task)
             task.add_done_callback(self._lane_tasks.discard)
-        return send.done
 
     async def _lane(self, key: tuple[str, str], q: collections.deque[_Send]) -> None:
         try:
             while q:
                 send = q.popleft()
                 try:
-                    if not send.done.done():  # its batch may have been cancelled
+                    if not send.out.dropped:
                         await self._send(send)
                 except Exception:
                     log.exception("delivery of %s to %s (tenant %s) failed; left pending",
                                   send.job.lead_id, send.job.buyer, send.job.tenant)
                 finally:
-                    if not send.done.done():
-                        send.done.set_result(None)
+                    send.out.one_sent()
         finally:
             self._lanes[key] -= 1
 
@@ -337,18 +360,15 @@ class DeliveryWorker:
         out = _Batch()
         for j in jobs:
             self._inflight_ids.add(j.entry_id)
-        waits: list[asyncio.Future[None]] = []
         try:
             for j in jobs:
                 send = self._prepare(j, *pre[j.entry_id], out)
                 if send is not None:
-                    waits.append(self._enqueue(send))
-            if waits:
-                await asyncio.gather(*waits)
+                    self._enqueue(send)
+            await out.wait_sent()
             await self._commit(out)
         finally:
-            for w in waits:
-                w.cancel()  # a no-op once done; else its lane skips the job
+            out.dropped = True  # if cancelled: its lanes skip what is still queued
             for j in jobs:
                 self._inflight_ids.discard(j.entry_id)
 
@@ -394,15 +414,6 @@ class DeliveryWorker:
                 async with self._rsem:
                     await pipe.execute()
 
-    async def handle(
-        self, job: Job, sale_raw: bytes | None, state_raw: bytes | None, out: _Batch
-    ) -> None:
-        """Deliver one job into ``out`` (never raises; on an internal error the entry stays
-        pending and a later XAUTOCLAIM retries it)."""
-        send = self._prepare(job, sale_raw, state_raw, out)
-        if send is not None:
-            await self._enqueue(send)
-
     def _prepare(
         self, job: Job, sale_raw: bytes | None, state_raw: bytes | None, out: _Batch
     ) -> _Send | None:
@@ -429,7 +440,7 @@ class DeliveryWorker:
         if sale_raw is None:
             self._give_up(out, job, "unknown sale (expired or never recorded)", refund=False)
             return None
-        if msgspec.json.decode(sale_raw).get("s") == "refunded":
+        if _sale_dec.decode(sale_raw).s == "refunded":
             self._finish(out, job, Decision(record.REJECTED, "sale refunded before delivery"),
                          result="skipped")
             return None
@@ -457,9 +468,7 @@ class DeliveryWorker:
             else:
                 self._defer(out, job, wait_until, "breaker open")
             return None
-        lead = _lead_dec.decode(job.fields.get("lead", "{}"))
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        return _Send(job, ep, br, lead, expires, out, done)
+        return _Send(job, ep, br, job.raw.get(b"lead", b"{}"), expires, out)
 
     async def _send(self, send: _Send) -> None:
         """One request (in a lane: it holds a connection slot) and its outcome."""
@@ -468,18 +477,19 @@ class DeliveryWorker:
         att = await client.attempt(self.session, ep, lead=send.lead, lead_id=job.lead_id,
                                    campaign=job.campaign, price=job.price,
                                    excerpt_chars=self.opts.excerpt_chars)
-        now = self.clock()
         n = job.attempt + 1
-        record.notify(self.observer, DeliveryEvent(job.tenant, job.buyer, job.lead_id,
-                                                   att.kind, att.latency_ms, att.status, n))
-        if att.verdict is not None:
-            if br.state is not State.CLOSED or br.failures:
+        if self.observer is not None:
+            record.notify(self.observer, DeliveryEvent(
+                job.tenant, job.buyer, job.lead_id, att.kind, att.latency_ms, att.status, n))
+        v = att.verdict
+        if v is not None:
+            if br.failures or br.state is not State.CLOSED:
                 await self.breakers.success(job.tenant, job.buyer, br)
-            v = att.verdict
             self._finish(out, job, Decision(v.outcome.value, v.reason, v.price),
-                         result=v.outcome.lower(), attempt=n, status=att.status,
+                         result=_RESULT[v.outcome], attempt=n, status=att.status,
                          ms=att.latency_ms, excerpt=att.excerpt)
             return
+        now = self.clock()
         await self.breakers.failure(job.tenant, job.buyer, br, now)
         due = now + retry_delay_ms(n, d.retry_base_ms, d.retry_max_ms, att.retry_after_ms)
         if n >= d.max_attempts or due >= expires:
@@ -528,15 +538,12 @@ class DeliveryWorker:
                                  result=result or dec.o.lower(), status=status, ms=ms,
                                  reason=dec.r, excerpt=excerpt)
 
-        out.decide(job, dec)
-        out.log(job, entry)
+        out.record(job, _decision_json(dec), entry, ack=not money)
         if dead:
             out.add(job.tenant, lambda pipe: self._dead_letter(
                 pipe, job, dec.r, attempts=n, status=status, now=now))
         if money:
             out.money.append((job, dec))
-        else:
-            out.ack(job)
 
     def _give_up(
         self, out: _Batch, job: Job, reason: str, *, refund: bool = True,
@@ -609,6 +616,12 @@ class DeliveryWorker:
                     task.add_done_callback(functools.partial(done, len(jobs)))
         finally:
             await self.close()
+
+
+@functools.lru_cache(maxsize=1024)
+def _decision_json(dec: Decision) -> str:
+    """A decision as stored; most deliveries of a buyer share one (same verdict, reason)."""
+    return record.encode_decision(dec).decode()
 
 
 def _eid(entry_id: bytes | str) -> str:
