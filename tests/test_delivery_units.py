@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hmac
 import random
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -32,6 +34,17 @@ def test_signature_verifies_with_standardwebhooks() -> None:
     assert Webhook(SECRET).verify(body, headers) == {"a": "1"}
     with pytest.raises(WebhookVerificationError):
         Webhook(SECRET).verify(b'{"a":"2"}', headers)
+
+
+@pytest.mark.parametrize("key_len", [1, 24, 32, 64, 65, 200])
+def test_signature_is_hmac_sha256_for_any_key_length(key_len: int) -> None:
+    """Signer keeps the padded-key SHA-256 states (RFC 2104) instead of calling hmac: the
+    result must be hmac's, including keys longer than the 64-byte block (hashed first)."""
+    key = bytes(range(256))[:key_len]
+    secret = "whsec_" + base64.b64encode(key).decode()
+    body = b'{"lead_id":"L1"}'
+    want = base64.b64encode(hmac.digest(key, b"msg_L1_b1.1700000000." + body, "sha256"))
+    assert Signer(secret).signature("msg_L1_b1", 1_700_000_000, body) == "v1," + want.decode()
 
 
 def test_bad_and_empty_secrets() -> None:

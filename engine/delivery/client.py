@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import NamedTuple
 
 import aiohttp
+import msgspec
 
 from billing import money
 from engine.config import Buyer, Delivery
@@ -40,7 +40,7 @@ class Endpoint:
         return f"Endpoint({self.tenant!r}, {self.buyer!r})"
 
 
-class Attempt(NamedTuple):
+class Attempt(msgspec.Struct, frozen=True, gc=False):
     """The result of one request. ``verdict`` None: retryable (see ``error``/``status``)."""
 
     msg_id: str
@@ -93,9 +93,8 @@ async def attempt(
     excerpt_chars: int = 256,
 ) -> Attempt:
     """One signed request to the buyer and its classification."""
-    now = time.time()
     req = endpoint.builder.build(lead, lead_id=lead_id, campaign=campaign, price=price,
-                                 timestamp=int(now))
+                                 timestamp=int(time.time()))
     timeout = (endpoint.timeout if timeout_ms is None
                else aiohttp.ClientTimeout(total=max(timeout_ms, 1) / 1_000))
     t0 = time.perf_counter()
@@ -106,18 +105,18 @@ async def attempt(
         ) as resp:
             raw = await _read_bounded(resp, MAX_BODY_BYTES)
             status = resp.status
-            retry_after = resp.headers.get("Retry-After")
+            retry_after = resp.headers.get("Retry-After") if status >= 429 else None
     except TimeoutError:
         return Attempt(req.msg_id, 0, _ms(t0), None, "timeout")
     except (aiohttp.ClientError, OSError, ValueError) as exc:
         return Attempt(req.msg_id, 0, _ms(t0), None, f"network: {type(exc).__name__}")
-    latency = _ms(t0)
+    latency = int((time.perf_counter() - t0) * 1_000)
     excerpt = raw[: excerpt_chars * 4].decode("utf-8", "replace")[:excerpt_chars]
     if is_retryable(status):
         wait = parse_retry_after(retry_after, int(time.time() * 1_000))
         return Attempt(req.msg_id, status, latency, None, f"http {status}", wait, excerpt)
     return Attempt(req.msg_id, status, latency, endpoint.mapper.classify(status, raw),
-                   excerpt=excerpt)
+                   "", None, excerpt)
 
 
 def _ms(t0: float) -> int:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import NamedTuple
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import msgspec
@@ -37,7 +36,7 @@ _lead_dec = msgspec.json.Decoder(dict[str, str])
 _CONTENT_TYPE = {"json": "application/json", "form": "application/x-www-form-urlencoded"}
 
 
-class Request(NamedTuple):
+class Request(msgspec.Struct, frozen=True, gc=False):
     method: str
     url: str
     headers: dict[str, str]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import msgspec
 
@@ -54,7 +54,7 @@ def decode_decision(raw: bytes | str | None) -> Decision | None:
         return None
 
 
-class DeliveryEvent(NamedTuple):
+class DeliveryEvent(msgspec.Struct, frozen=True, gc=False):
     """What an observer (metrics) is told after each attempt or decision.
 
     ``kind``: accepted | duplicated | rejected | timeout | error (an attempt), dead_letter

@@ -20,7 +20,7 @@ from __future__ import annotations
 import decimal
 import enum
 import re
-from typing import Any, NamedTuple
+from typing import Any
 
 import msgspec
 
@@ -39,7 +39,7 @@ class Outcome(enum.StrEnum):
     REJECTED = "REJECTED"
 
 
-class Verdict(NamedTuple):
+class Verdict(msgspec.Struct, frozen=True, gc=False):
     outcome: Outcome
     reason: str
     price: int | None = None  # real-time price (micros) of an accepted lead, when read
@@ -182,10 +182,12 @@ class ResponseMapper:
             if rule.matches(status, body):
                 return Verdict(Outcome.DUPLICATED, "duplicate: " + rule.description)
         if self._accept:
-            accepted = next((r for r in self._accept if r.matches(status, body)), None)
-            if accepted is None:
+            for rule in self._accept:
+                if rule.matches(status, body):
+                    reason = "accepted: " + rule.description
+                    break
+            else:
                 return Verdict(Outcome.REJECTED, f"rejected: HTTP {status}, no accept rule matched")
-            reason = "accepted: " + accepted.description
         elif 200 <= status < 300:
             reason = f"accepted: HTTP {status}"
         else:

@@ -33,7 +33,7 @@ import functools
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import aiohttp
 import msgspec
@@ -78,7 +78,7 @@ class WorkerOptions:
     redis_concurrency: int = 32  # Redis calls in flight; keep below the client's pool size
 
 
-class Job(NamedTuple):
+class Job(msgspec.Struct, frozen=True, gc=False):
     tenant: str
     entry_id: str
     raw: dict[bytes, bytes]  # the stream entry's fields, as read
@@ -106,12 +106,23 @@ class _Sale(msgspec.Struct):
 _sale_dec = msgspec.json.Decoder(_Sale)
 
 
-class _Send(NamedTuple):
+class _Target:
+    """One buyer endpoint in this process: its request builder and rules, its breaker, and
+    the queue of requests waiting for one of its lanes (see ``DeliveryWorker._enqueue``)."""
+
+    __slots__ = ("breaker", "ep", "queue", "running")
+
+    def __init__(self, ep: Endpoint, breaker: Breaker) -> None:
+        self.ep, self.breaker = ep, breaker
+        self.queue: collections.deque[_Send] = collections.deque()
+        self.running = 0  # lanes sending the queue
+
+
+class _Send(msgspec.Struct, frozen=True, gc=False):
     """A job ready for its request, waiting for a connection slot of its endpoint."""
 
     job: Job
-    ep: Endpoint
-    breaker: Breaker
+    target: _Target
     lead: bytes  # the stored JSON object of the lead's fields
     expires: int
     out: _Batch
@@ -197,10 +208,7 @@ class DeliveryWorker:
         self._buyers: dict[tuple[str, str], Buyer] = {
             (b.tenant, b.id): b for b in cfg.buyers if b.tenant in self.tenants
         }
-        self._endpoints: dict[tuple[str, str], Endpoint] = {}
-        # per endpoint: jobs waiting for a connection slot, and the lanes sending them
-        self._waiting: dict[tuple[str, str], collections.deque[_Send]] = {}
-        self._lanes: dict[tuple[str, str], int] = {}
+        self._targets: dict[tuple[str, str], _Target] = {}
         self._lane_tasks: set[asyncio.Task[None]] = set()
         self._streams = {keys.deliveries(t): t for t in self.tenants}
         self._requeue = self.redis.register_script(_REQUEUE)
@@ -245,19 +253,17 @@ class DeliveryWorker:
         """Queue one request of an endpoint; at most ``limit_per_host`` lanes per endpoint
         send its queue, each holding one connection slot, so a request's timeout starts only
         once it has a slot. Its batch counts it as sent once its outcome is in the batch."""
-        key = (send.job.tenant, send.job.buyer)
-        q = self._waiting.get(key)
-        if q is None:
-            q = self._waiting[key] = collections.deque()
+        target = send.target
         send.out.left += 1
-        q.append(send)
-        if self._lanes.get(key, 0) < self.opts.limit_per_host:
-            self._lanes[key] = self._lanes.get(key, 0) + 1
-            task = asyncio.get_running_loop().create_task(self._lane(key, q))
+        target.queue.append(send)
+        if target.running < self.opts.limit_per_host:
+            target.running += 1
+            task = asyncio.get_running_loop().create_task(self._lane(target))
             self._lane_tasks.add(task)
             task.add_done_callback(self._lane_tasks.discard)
 
-    async def _lane(self, key: tuple[str, str], q: collections.deque[_Send]) -> None:
+    async def _lane(self, target: _Target) -> None:
+        q = target.queue
         try:
             while q:
                 send = q.popleft()
@@ -270,17 +276,25 @@ class DeliveryWorker:
                 finally:
                     send.out.one_sent()
         finally:
-            self._lanes[key] -= 1
+            target.running -= 1
 
     def endpoint(self, tenant: str, buyer: str) -> Endpoint | Buyer | None:
         """The buyer's Endpoint; the Buyer when it has no webhook; None when unknown."""
+        target = self._target(tenant, buyer)
+        return target.ep if isinstance(target, _Target) else target
+
+    def _target(self, tenant: str, buyer: str) -> _Target | Buyer | None:
+        target = self._targets.get((tenant, buyer))
+        if target is not None:
+            return target
         b = self._buyers.get((tenant, buyer))
         if b is None or b.delivery is None:
             return b
-        ep = self._endpoints.get((tenant, buyer))
-        if ep is None:
-            ep = self._endpoints[(tenant, buyer)] = Endpoint(b)
-        return ep
+        d = b.delivery
+        br = self.breakers.get(tenant, buyer, failures=d.breaker_failures,
+                               cooldown_s=d.breaker_cooldown_s)
+        target = self._targets[(tenant, buyer)] = _Target(Endpoint(b), br)
+        return target
 
     # -- reading -------------------------------------------------------------------------
 
@@ -444,7 +458,7 @@ class DeliveryWorker:
             self._finish(out, job, Decision(record.REJECTED, "sale refunded before delivery"),
                          result="skipped")
             return None
-        target = self.endpoint(job.tenant, job.buyer)
+        target = self._target(job.tenant, job.buyer)
         if target is None:
             self._give_up(out, job, "buyer not configured")
             return None
@@ -453,41 +467,39 @@ class DeliveryWorker:
             return None
         return self._deliver(out, job, target, now)
 
-    def _deliver(self, out: _Batch, job: Job, ep: Endpoint, now: int) -> _Send | None:
-        d = ep.delivery
-        expires = job.ts + d.max_age_s * 1_000
+    def _deliver(self, out: _Batch, job: Job, target: _Target, now: int) -> _Send | None:
+        expires = job.ts + target.ep.delivery.max_age_s * 1_000
         if now >= expires:
             self._give_up(out, job, f"expired after {job.attempt} attempts")
             return None
-        br = self.breakers.get(job.tenant, job.buyer, failures=d.breaker_failures,
-                               cooldown_s=d.breaker_cooldown_s)
-        wait_until = br.allow(now)
+        wait_until = target.breaker.allow(now)
         if wait_until:
             if wait_until >= expires:
                 self._give_up(out, job, f"breaker open; expired after {job.attempt} attempts")
             else:
                 self._defer(out, job, wait_until, "breaker open")
             return None
-        return _Send(job, ep, br, job.raw.get(b"lead", b"{}"), expires, out)
+        return _Send(job, target, job.raw.get(b"lead", b"{}"), expires, out)
 
     async def _send(self, send: _Send) -> None:
         """One request (in a lane: it holds a connection slot) and its outcome."""
-        job, ep, br, out, expires = send.job, send.ep, send.breaker, send.out, send.expires
+        job, target, lead, expires, out = send.job, send.target, send.lead, send.expires, send.out
+        ep, br = target.ep, target.breaker
         d = ep.delivery
-        att = await client.attempt(self.session, ep, lead=send.lead, lead_id=job.lead_id,
-                                   campaign=job.campaign, price=job.price,
+        att = await client.attempt(self._session or self.session, ep, lead=lead,
+                                   lead_id=job.lead_id, campaign=job.campaign, price=job.price,
                                    excerpt_chars=self.opts.excerpt_chars)
         n = job.attempt + 1
-        if self.observer is not None:
-            record.notify(self.observer, DeliveryEvent(
-                job.tenant, job.buyer, job.lead_id, att.kind, att.latency_ms, att.status, n))
         v = att.verdict
+        if self.observer is not None:
+            kind = _RESULT[v.outcome] if v is not None else att.kind
+            record.notify(self.observer, DeliveryEvent(
+                job.tenant, job.buyer, job.lead_id, kind, att.latency_ms, att.status, n))
         if v is not None:
             if br.failures or br.state is not State.CLOSED:
                 await self.breakers.success(job.tenant, job.buyer, br)
-            self._finish(out, job, Decision(v.outcome.value, v.reason, v.price),
-                         result=_RESULT[v.outcome], attempt=n, status=att.status,
-                         ms=att.latency_ms, excerpt=att.excerpt)
+            self._finish(out, job, Decision(v.outcome, v.reason, v.price), _RESULT[v.outcome],
+                         n, att.status, att.latency_ms, att.excerpt)
             return
         now = self.clock()
         await self.breakers.failure(job.tenant, job.buyer, br, now)
@@ -525,9 +537,9 @@ class DeliveryWorker:
         out.add(job.tenant, op)
 
     def _finish(
-        self, out: _Batch, job: Job, dec: Decision, *, result: str = "",
+        self, out: _Batch, job: Job, dec: Decision, result: str = "",
         attempt: int | None = None, status: int = 0, ms: int = 0, excerpt: str = "",
-        dead: bool = False,
+        *, dead: bool = False,
     ) -> None:
         """Record the decision and log, then the money effect, then ack (see module docs)."""
         money = dec.o in record.REFUNDED_OUTCOMES or (
