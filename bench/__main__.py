@@ -32,8 +32,15 @@ def _delivery_main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m bench delivery",
                                 description="deliveries/s of one worker vs a bare aiohttp loop")
     p.add_argument("n", nargs="?", type=int, default=5_000)
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds (median reported)")
+    p.add_argument("--instructions", action="store_true",
+                   help="also count instructions per delivery under callgrind (valgrind)")
     args = p.parse_args(argv)
-    delivery.run(args.n)
+    delivery.run(args.n, args.rounds)
+    if args.instructions:
+        from bench import instructions
+
+        instructions.run()
     return 0
 
 

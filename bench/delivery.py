@@ -45,6 +45,14 @@ SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 LEAD = {"first_name": "Ada", "last_name": "Lovelace", "email": "ada@example.com",
         "phone": "5555550100", "state": "CA", "zip": "94105"}
 CONCURRENCY = 64  # connections per host, the same for both runs
+OPTIONS = WorkerOptions(count=128, max_inflight=512, block_ms=20, limit_per_host=CONCURRENCY)
+
+
+def bench_buyer(url: str) -> Buyer:
+    """The one buyer every job goes to: signed JSON webhook, a JSON-path accept rule."""
+    return Buyer(id="b1", tenant=T, campaign="c1", client="c-b1", price="1.00",
+                 delivery=Delivery(url=url, secret=SECRET,
+                                   accept=[ResponseRule(path="status", equals="accepted")]))
 
 
 def _sink(port: int) -> None:
@@ -89,9 +97,8 @@ async def _sell(store: Store, b: Buyer, n: int, *, first: int = 0) -> None:
 async def _worker_rate(store: Store, b: Buyer, n: int) -> tuple[float, float]:
     # as `leadflow worker deliver` runs it: with the metrics observer
     w = DeliveryWorker(Config(buyers=[b]), store, tenants=[T], consumer="bench",
-                       options=WorkerOptions(count=128, max_inflight=512, block_ms=20,
-                                             limit_per_host=CONCURRENCY),
-                       observer=delivery_observer)
+                       options=OPTIONS, observer=delivery_observer)
+    await w.start()  # session and consumer group: set-up, not deliveries
     stop = asyncio.Event()
     t0, c0 = time.perf_counter(), time.process_time()
     task = asyncio.create_task(w.run(stop))
@@ -152,10 +159,7 @@ def run(n: int = 5_000, rounds: int = 3) -> dict[str, Any]:
 
             async def main() -> dict[str, Any]:
                 store = Store(connect(srv.url, max_connections=128))
-                b = Buyer(id="b1", tenant=T, campaign="c1", client="c-b1", price="1.00",
-                          delivery=Delivery(url=url, secret=SECRET,
-                                            accept=[ResponseRule(path="status",
-                                                                 equals="accepted")]))
+                b = bench_buyer(url)
                 per_round = []
                 tune_gc()  # as the worker process does after start-up (both sides run here)
                 for r in range(rounds):
