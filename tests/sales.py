@@ -17,14 +17,17 @@ OPENING = 100_000_000  # $100.00
 FEE = 500_000  # $0.50 outbound fee
 
 
-def buyer(bid: str, url: str, *, price: str = "25.00", **delivery: Any) -> Buyer:
-    return Buyer(id=bid, tenant=T, campaign="cmp", client=f"c-{bid}", price=price,
+def buyer(bid: str, url: str, *, price: str = "25.00", tenant: str = T,
+          **delivery: Any) -> Buyer:
+    return Buyer(id=bid, tenant=tenant, campaign="cmp", client=f"c-{bid}", price=price,
                  delivery=Delivery(url=url, **delivery))
 
 
 async def accounts(store: Store, *buyers: Buyer) -> None:
-    for account in [WALLET, *(b.client for b in buyers)]:
-        await store.sync_account(T, account, opening=OPENING, floor=-20_000_000, alert=0,
+    """The buyers' client accounts and the platform wallet of each of their tenants."""
+    owned = {(b.tenant, WALLET) for b in buyers} | {(b.tenant, b.client) for b in buyers}
+    for tenant, account in sorted(owned or {(T, WALLET)}):
+        await store.sync_account(tenant, account, opening=OPENING, floor=-20_000_000, alert=0,
                                  recharge_threshold=0, auto_recharge=False, min_balance=None,
                                  mode="manual")
 
@@ -40,7 +43,7 @@ async def sell(store: Store, b: Buyer, lead_id: str, lead: dict[str, str] | None
         "cs": [{"b": b.id, "a": b.client, "p": money.parse(b.price), "fo": FEE,
                 "bd": [f"fp-{lead_id}"], "cap": [-1] * 7}],
     }]}
-    raw = await scripts().decide(store.redis, [keys.tenant_prefix(T)],
+    raw = await scripts().decide(store.redis, [keys.tenant_prefix(b.tenant)],
                                  [msgspec.json.encode(batch)])
     result = msgspec.json.decode(raw)["r"][0]
     assert result["s"] == "ACCEPTED", result

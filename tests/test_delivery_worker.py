@@ -115,6 +115,29 @@ async def test_accepted_keeps_the_sale(store: Store, buyers: Buyers) -> None:
     assert [(e.kind, e.status) for e in events] == [("accepted", 200)]
 
 
+async def test_one_batch_over_two_tenants_keeps_each_jobs_own_precheck(
+    store: Store, buyers: Buyers
+) -> None:
+    """Jobs of two tenants read in one batch: each is checked against its own tenant's sale
+    (one precheck call per tenant, results back in job order). beta's sale was refunded
+    before delivery, so only acme's lead reaches the buyer."""
+    a = buyer("b1", buyers.url + "/accept", **FAST)
+    b = buyer("b2", buyers.url + "/accept", tenant="beta", **FAST)
+    await accounts(store, a, b)
+    await sell(store, b, "L2")
+    await sell(store, a, "L1")
+    assert (await store.refund_sale("beta", "L2", "b2", "returned")).ok
+    w = DeliveryWorker(Config(buyers=[a, b]), store, tenants=[T, "beta"], consumer="w1")
+    try:
+        assert await w.process_once() == 2
+    finally:
+        await w.close()
+    assert [r.msg_id for r in buyers.at("/accept")] == ["msg_L1_b1"]
+    assert await settled(store, "L1", a) == "ACCEPTED"
+    skipped = await read_decision(store, "beta", "L2", "b2")
+    assert skipped is not None and skipped.r == "sale refunded before delivery"
+
+
 @pytest.mark.parametrize(("path", "outcome"), [("/reject", "REJECTED"),
                                                ("/duplicate", "DUPLICATED")])
 async def test_rejected_and_duplicate_are_refunded(

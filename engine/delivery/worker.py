@@ -215,7 +215,8 @@ class DeliveryWorker:
         self._finish_lua = self.redis.register_script(_FINISH)
         self._precheck = self.redis.register_script(_PRECHECK)
         self._session: aiohttp.ClientSession | None = None
-        self._inflight_ids: set[str] = set()
+        # (tenant, entry id): stream entry ids are unique per stream only
+        self._inflight_ids: set[tuple[str, str]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._rsem = asyncio.Semaphore(self.opts.redis_concurrency)
         self._room = asyncio.Event()
@@ -322,7 +323,7 @@ class DeliveryWorker:
         for stream, tenant in self._streams.items():
             res: Any = await self.redis.xautoclaim(stream, self.opts.group, self.consumer,
                                               self.opts.claim_idle_ms, "0-0", count=count)
-            entries = [e for e in res[1] if _eid(e[0]) not in self._inflight_ids]
+            entries = [e for e in res[1] if (tenant, _eid(e[0])) not in self._inflight_ids]
             jobs.extend(await self._parse(tenant, entries))
         return jobs
 
@@ -363,20 +364,12 @@ class DeliveryWorker:
         effects, and one MULTI acking the jobs that had one."""
         if not jobs:
             return
-        pre: dict[str, tuple[bytes | None, bytes | None]] = {}
-        for tenant in {j.tenant for j in jobs}:
-            mine = [j for j in jobs if j.tenant == tenant]
-            async with self._rsem:
-                raw = await self._precheck(keys=[keys.tenant_prefix(tenant)], args=[
-                    msgspec.json.encode([[j.lead_id, j.buyer] for j in mine])])
-            for i, j in enumerate(mine):
-                pre[j.entry_id] = (raw[2 * i] or None, raw[2 * i + 1] or None)
+        pre = await self._prechecked(jobs)
         out = _Batch()
-        for j in jobs:
-            self._inflight_ids.add(j.entry_id)
+        self._inflight_ids.update((j.tenant, j.entry_id) for j in jobs)
         try:
-            for j in jobs:
-                send = self._prepare(j, *pre[j.entry_id], out)
+            for j, sale, state in zip(jobs, pre[0::2], pre[1::2], strict=True):
+                send = self._prepare(j, sale or None, state or None, out)
                 if send is not None:
                     self._enqueue(send)
             await out.wait_sent()
@@ -384,7 +377,25 @@ class DeliveryWorker:
         finally:
             out.dropped = True  # if cancelled: its lanes skip what is still queued
             for j in jobs:
-                self._inflight_ids.discard(j.entry_id)
+                self._inflight_ids.discard((j.tenant, j.entry_id))
+
+    async def _prechecked(self, jobs: Sequence[Job]) -> list[Any]:
+        """Each job's sale record and recorded decision (``b""`` when absent), flat and in
+        job order: one delivery_precheck.lua call per tenant (a batch rarely has two)."""
+        tenants = {j.tenant for j in jobs}
+        if len(tenants) > 1:  # one call per tenant, then back into job order (by position:
+            out: list[Any] = [b""] * (2 * len(jobs))  # entry ids repeat across streams)
+            for t in tenants:
+                at = [i for i, j in enumerate(jobs) if j.tenant == t]
+                flat = await self._prechecked([jobs[i] for i in at])
+                for n, i in enumerate(at):
+                    out[2 * i: 2 * i + 2] = flat[2 * n: 2 * n + 2]
+            return out
+        async with self._rsem:
+            raw: list[Any] = await self._precheck(
+                keys=[keys.tenant_prefix(jobs[0].tenant)],
+                args=[msgspec.json.encode([[j.lead_id, j.buyer] for j in jobs])])
+        return raw
 
     async def _commit(self, out: _Batch) -> None:
         for tenant in out.ops.keys() | out.common.keys():
