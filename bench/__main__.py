@@ -98,6 +98,12 @@ def rows(results: dict[str, Any]) -> list[list[str]]:
                         f"{_n(r['worker_per_s'])} deliveries/s ({r['n']:,} jobs)",
                         f"{_n(r['ceiling_per_s'])} req/s (bare aiohttp loop, same sink)",
                         f"{r['ratio']:.2f}", "≥ 0.7", _met(r["ratio"] >= 0.7)])
+            if r.get("instructions_ratio") is not None:
+                out.append(["delivery, CPU instructions per delivery (callgrind)",
+                            f"{_n(r['worker_instructions'])} (worker)",
+                            f"{_n(r['ceiling_instructions'])} (bare aiohttp loop)",
+                            f"{r['instructions_ratio']:.2f}", "— (explains the rate)",
+                            _met(None)])
         elif name == "recharge":
             out.append([f"recharge, crossing → credited ({r['crossings']}x)",
                         f"p50 {r['p50_s'] * 1000:.0f} ms, p99 {r['p99_s'] * 1000:.0f} ms",
@@ -144,8 +150,16 @@ def _stage(i: int, total: int, name: str, fn: Callable[[], dict[str, Any]]) -> d
     return result
 
 
+def _delivery_all() -> dict[str, Any]:
+    """The timed rounds (5, median), plus instructions per delivery when valgrind exists."""
+    from bench import delivery, instructions
+
+    result = delivery.run(rounds=5)
+    return {**result, **(instructions.run() or {})}
+
+
 def run_all(*, quick: bool = False, only: Sequence[str] = NAMES) -> dict[str, Any]:
-    from bench import delivery, ingest, lua, memory, recharge
+    from bench import ingest, lua, memory, recharge
 
     started = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     t0 = time.monotonic()
@@ -154,7 +168,7 @@ def run_all(*, quick: bool = False, only: Sequence[str] = NAMES) -> dict[str, An
         ("ingest", ingest.run),
         ("lua", lambda: lua.run(engine_batch_rate=results.get("ingest", {})
                                 .get("batch_leads_per_s"))),
-        ("delivery", delivery.run),
+        ("delivery", _delivery_all),
         ("recharge", recharge.run),
         ("memory", lambda: memory.run(leads=200_000 if quick else 1_000_000)),
     ]
