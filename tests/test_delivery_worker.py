@@ -127,6 +127,11 @@ async def test_one_batch_over_two_tenants_keeps_each_jobs_own_precheck(
     await sell(store, b, "L2")
     await sell(store, a, "L1")
     assert (await store.refund_sale("beta", "L2", "b2", "returned")).ok
+    for tenant in (T, "beta"):  # the same entry id in both streams, as XADD may well give
+        stream = keys.deliveries(tenant)
+        [(_, fields)] = await store.redis.xrange(stream)
+        await store.redis.delete(stream)
+        await store.redis.xadd(stream, fields, id="1700000000000-0")
     w = DeliveryWorker(Config(buyers=[a, b]), store, tenants=[T, "beta"], consumer="w1")
     try:
         assert await w.process_once() == 2
@@ -136,6 +141,32 @@ async def test_one_batch_over_two_tenants_keeps_each_jobs_own_precheck(
     assert await settled(store, "L1", a) == "ACCEPTED"
     skipped = await read_decision(store, "beta", "L2", "b2")
     assert skipped is not None and skipped.r == "sale refunded before delivery"
+
+
+async def test_malformed_entries_are_dropped_and_bad_bytes_never_fail_a_batch(
+    store: Store, buyers: Buyers
+) -> None:
+    """An entry whose lead is not a JSON object of strings is dropped as malformed (its
+    bytes would be the buyer's body). Stray non-UTF-8 bytes elsewhere must not fail the
+    batch's commit: L2 has no sale, so it is dead-lettered, which copies its fields (the
+    bad bytes become U+FFFD), in the same MULTI as L1's decision and ack."""
+    b = buyer("b1", buyers.url + "/accept", **FAST)
+    await accounts(store, b)
+    await sell(store, b, "L1")
+    stream = keys.deliveries(T)
+    [(_, fields)] = await store.redis.xrange(stream)
+    await store.redis.xadd(stream, {**fields, b"lead": b"[1, 2]", b"lead_id": b"Lbad"})
+    await store.redis.xadd(stream, {**fields, b"lead": b'{"a":"\xff"}', b"lead_id": b"Lutf"})
+    await store.redis.xadd(stream, {**fields, b"fee": b"\xfe\xff", b"lead_id": b"L2"})
+    w = worker(store, b)
+    try:
+        await until(w, lambda: stream_empty(store.redis))
+    finally:
+        await w.close()
+    assert [r.msg_id for r in buyers.at("/accept")] == ["msg_L1_b1"]
+    assert await settled(store, "L1", b) == "ACCEPTED"
+    [(_, dead)] = await store.redis.xrange(keys.dead_letter(T, "deliveries"))
+    assert dead[b"lead_id"] == b"L2" and dead[b"fee"] == "\ufffd\ufffd".encode()
 
 
 @pytest.mark.parametrize(("path", "outcome"), [("/reject", "REJECTED"),

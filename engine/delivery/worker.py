@@ -92,8 +92,10 @@ class Job(msgspec.Struct, frozen=True, gc=False):
 
     @property
     def fields(self) -> dict[str, str]:
-        """The entry's fields decoded (retries and dead letters copy them)."""
-        return {k.decode(): v.decode() for k, v in self.raw.items()}
+        """The entry's fields decoded (retries and dead letters copy them). Never raises:
+        a byte that is not UTF-8 becomes U+FFFD instead of failing the batch's commit."""
+        return {k.decode(errors="replace"): v.decode(errors="replace")
+                for k, v in self.raw.items()}
 
 
 _RESULT = {o: o.lower() for o in Outcome}  # the delivery log's "result" of a verdict
@@ -104,6 +106,7 @@ class _Sale(msgspec.Struct):
 
 
 _sale_dec = msgspec.json.Decoder(_Sale)
+_lead_check = msgspec.json.Decoder(dict[str, str])
 
 
 class _Target:
@@ -176,10 +179,13 @@ def _job(tenant: str, entry_id: bytes | str, raw: dict[bytes, bytes] | None) -> 
         return None
     get = raw.get  # decode only what every job needs: most never retry
     try:
+        # the lead goes to the buyer as these very bytes (engine.delivery.payload), so it
+        # must be what the engine writes: a JSON object of strings
+        _lead_check.decode(get(b"lead", b"{}"))
         return Job(tenant, eid, raw, raw[b"lead_id"].decode(), raw[b"buyer"].decode(),
                    get(b"campaign", b"").decode(), get(b"account", b"").decode(),
                    int(get(b"price") or 0), int(get(b"ts") or 0), int(get(b"attempt") or 0))
-    except (KeyError, ValueError):  # ValueError: also bad UTF-8
+    except (KeyError, ValueError):  # ValueError: also bad UTF-8 and msgspec.DecodeError
         return None
 
 
