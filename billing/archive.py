@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import csv
 import io
+import logging
 import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
@@ -32,6 +33,8 @@ from billing import money
 from billing.errors import InvalidRequest
 from engine import keys
 from engine.store import UNAVAILABLE, Store
+
+log = logging.getLogger("leadflow.archive")
 
 GROUP = "archive"
 # API transaction types -> ledger kinds
@@ -394,14 +397,19 @@ async def reconcile(store: Store, archive: Archive, tenant: str, account: str) -
 
 async def run_archive_worker(store: Store, archive: Archive, tenants: list[str], *,
                              consumer: str, stop: asyncio.Event, idle_s: float = 0.5) -> None:
-    """Archive every tenant's ledger until ``stop`` is set."""
+    """Archive every tenant's ledger until ``stop`` is set. One tenant's failure (its
+    Redis node down, a bad entry) is logged and skipped for this pass; the other tenants'
+    ledgers keep being archived (and trimmed) meanwhile."""
     while not stop.is_set():
         n = 0
         for tenant in tenants:
             try:
                 n += await archive.archive_once(store.redis, tenant, consumer=consumer)
-            except UNAVAILABLE:
-                break
+            except UNAVAILABLE as exc:
+                log.warning("ledger archive: tenant %s unavailable (%s); retrying",
+                            tenant, type(exc).__name__)
+            except Exception:  # one tenant must not stop the others
+                log.exception("ledger archive: tenant %s failed; retrying", tenant)
         if n == 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), idle_s)

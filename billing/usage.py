@@ -124,8 +124,11 @@ async def record_batch(ctx: BillingContext, tenant: str, items: list[Usage]) -> 
     if not items or len(items) > MAX_BATCH:
         raise InvalidRequest(f"a batch holds 1 to {MAX_BATCH} usage events",
                              code="invalid_batch")
-    if len({u.event_id for u in items}) != len(items):
-        raise InvalidRequest("event_id: duplicated inside the batch", code="invalid_batch")
+    # idempotency is per (account, event_id) (op id usage:<account>:<event>), so the same
+    # event id on two accounts is two events; on one account twice it is a mistake
+    if len({(u.account, u.event_id) for u in items}) != len(items):
+        raise InvalidRequest("event_id: duplicated for one account inside the batch",
+                             code="invalid_batch")
     priced = []
     for i, u in enumerate(items):
         try:

@@ -87,11 +87,18 @@ class _Checker:
 
     def tenants(self) -> None:
         self.ids(self.cfg.tenants, "tenants", scope_tenant=False)
+        token_owner: dict[str, str] = {}
         for i, t in enumerate(self.cfg.tenants):
             p = f"tenants[{i}]"
             zone(t.timezone, self.src, f"{p}.timezone")
-            if not resolve_secret(t.api_token):
+            token = resolve_secret(t.api_token)
+            if not token:
                 raise self.fail(f"{p}.api_token", "empty (is its environment variable set?)")
+            # a token names its tenant: a shared one would let one tenant act as the other
+            if token in token_owner:
+                raise self.fail(f"{p}.api_token",
+                                f"the same token as tenant {token_owner[token]!r}")
+            token_owner[token] = t.id
             for fee in ("inbound_lead", "outbound_delivery"):
                 if self.money(getattr(t.fees, fee), f"{p}.fees.{fee}") < 0:
                     raise self.fail(f"{p}.fees.{fee}", "a fee must not be negative")

@@ -98,6 +98,10 @@ async def test_usage_batch(ctx: BillingContext) -> None:
     assert "items[3]" in str(err.value)
     with pytest.raises(InvalidRequest):
         await usage.record_batch(ctx, T, [items[0], items[0]])
+    # event ids are per account (the idempotency scope): one id on two accounts is two events
+    same_id = [usage.Usage(account="c1", meter="sms", quantity=1, event_id="e1"),
+               usage.Usage(account="c2", meter="sms", quantity=1, event_id="e1")]
+    assert [r.ok for r in await usage.record_batch(ctx, T, same_id)] == [True, True]
 
 
 # -- archive -----------------------------------------------------------------------------
@@ -246,8 +250,11 @@ async def test_archive_worker_loop(ctx: BillingContext, tmp_path: Path) -> None:
     try:
         await _some_history(ctx)
         stop = asyncio.Event()
-        task = asyncio.create_task(run_archive_worker(ctx.store, arc, [T], consumer="w",
-                                                      stop=stop, idle_s=0.01))
+        # a broken tenant listed first (its ledger key is not a stream: WRONGTYPE on every
+        # pass) must not keep the other tenant's ledger from being archived
+        await ctx.store.redis.set(keys.ledger("broken"), "not a stream")
+        task = asyncio.create_task(run_archive_worker(ctx.store, arc, ["broken", T],
+                                                      consumer="w", stop=stop, idle_s=0.01))
         async def archived_all() -> None:
             while (await arc.account_sum(T, "c1"))[1] < 6:  # noqa: ASYNC110 - polls SQL
                 await asyncio.sleep(0.01)

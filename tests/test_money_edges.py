@@ -58,6 +58,12 @@ def test_negative_fee_is_refused():
                                            'outbound_delivery = "-0.10"'))
 
 
+def test_two_tenants_cannot_share_an_api_token():
+    """The bearer token names the tenant: a shared one would let t1 act as t2."""
+    with pytest.raises(ConfigError, match=r"tenants\[1\]\.api_token.*same token as tenant 't1'"):
+        make_config(base=BASE_TOML.replace('api_token = "tok-t2"', 'api_token = "tok-t1"'))
+
+
 async def test_credit_idempotency_is_per_account(redis, redis_server):
     cfg = make_config(campaign(), buyer("b1"))
     async with running(cfg, redis_server.url) as eng:
