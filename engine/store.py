@@ -97,6 +97,12 @@ def connect(url: str, *, max_connections: int = 64) -> aioredis.Redis:
     )
 
 
+def is_cluster(client: object) -> bool:
+    """A Redis Cluster client (typed as Redis by :func:`connect`): commands over several
+    tenants' keys must then be split per tenant, one slot each."""
+    return isinstance(client, RedisCluster)
+
+
 UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 
 

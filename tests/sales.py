@@ -49,9 +49,9 @@ async def sell(store: Store, b: Buyer, lead_id: str, lead: dict[str, str] | None
     assert result["s"] == "ACCEPTED", result
 
 
-async def balance(store: Store, account: str) -> int:
-    state = await store.account(T, account)
+async def balance(store: Store, account: str, *, tenant: str = T) -> int:
+    state = await store.account(tenant, account)
     assert state is not None
-    total, _ = await store.ledger_sum(T, account)
+    total, _ = await store.ledger_sum(tenant, account)
     assert total == state.balance, "the ledger must sum to the balance"
     return state.balance

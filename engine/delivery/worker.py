@@ -48,7 +48,7 @@ from engine.delivery.client import Endpoint
 from engine.delivery.record import Decision, DeliveryEvent, Observer
 from engine.delivery.retry import retry_delay_ms
 from engine.delivery.verdict import Outcome
-from engine.store import Store, now_ms
+from engine.store import Store, is_cluster, now_ms
 
 log = logging.getLogger("leadflow.delivery")
 
@@ -217,6 +217,13 @@ class DeliveryWorker:
         self._targets: dict[tuple[str, str], _Target] = {}
         self._lane_tasks: set[asyncio.Task[None]] = set()
         self._streams = {keys.deliveries(t): t for t in self.tenants}
+        # streams read by one XREADGROUP: all of them on one Redis; one per call on a
+        # cluster, where each tenant's keys live in their own slot (a multi-key read across
+        # slots is refused), each group read by its own loop in run()
+        self._groups: list[dict[str, str]] = (
+            [{s: t} for s, t in self._streams.items()] if is_cluster(self.redis)
+            else [dict(self._streams)])
+        self._inflight = 0  # jobs read and not yet finished (run)
         self._requeue = self.redis.register_script(_REQUEUE)
         self._finish_lua = self.redis.register_script(_FINISH)
         self._precheck = self.redis.register_script(_PRECHECK)
@@ -227,8 +234,6 @@ class DeliveryWorker:
         self._rsem = asyncio.Semaphore(self.opts.redis_concurrency)
         self._room = asyncio.Event()
         self._room.set()
-        self._last_claim = 0
-        self._last_requeue = 0
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -305,28 +310,32 @@ class DeliveryWorker:
 
     # -- reading -------------------------------------------------------------------------
 
-    async def requeue_due(self) -> int:
-        """Move due retries of every tenant back onto its stream."""
+    async def requeue_due(self, group: dict[str, str] | None = None) -> int:
+        """Move due retries of every tenant (of ``group``) back onto its stream."""
         moved, now = 0, self.clock()
-        for t in self.tenants:
+        for t in (group or self._streams).values():
             moved += int(await self._requeue(
                 keys=[keys.retries(t), keys.deliveries(t)], args=[now, self.opts.requeue_batch]))
         return moved
 
-    async def _read(self, count: int, block_ms: int | None) -> list[Job]:
-        streams: dict[Any, Any] = dict.fromkeys(self._streams, ">")
-        rows: Any = await self.redis.xreadgroup(self.opts.group, self.consumer, streams,
-                                                count=count, block=block_ms)
+    async def _read(
+        self, count: int, block_ms: int | None, group: dict[str, str] | None = None
+    ) -> list[Job]:
+        """New entries of ``group``'s streams (default: every group, one after another)."""
         jobs: list[Job] = []
-        for stream, entries in rows or []:
-            tenant = self._streams[stream.decode() if isinstance(stream, bytes) else stream]
-            jobs.extend(await self._parse(tenant, entries))
+        for g in [group] if group is not None else self._groups:
+            streams: dict[Any, Any] = dict.fromkeys(g, ">")
+            rows: Any = await self.redis.xreadgroup(self.opts.group, self.consumer, streams,
+                                                    count=count, block=block_ms)
+            for stream, entries in rows or []:
+                tenant = g[stream.decode() if isinstance(stream, bytes) else stream]
+                jobs.extend(await self._parse(tenant, entries))
         return jobs
 
-    async def _claim(self, count: int) -> list[Job]:
+    async def _claim(self, count: int, group: dict[str, str] | None = None) -> list[Job]:
         """Entries idle longer than claim_idle_ms (their worker died) become ours."""
         jobs: list[Job] = []
-        for stream, tenant in self._streams.items():
+        for stream, tenant in (group or self._streams).items():
             res: Any = await self.redis.xautoclaim(stream, self.opts.group, self.consumer,
                                               self.opts.claim_idle_ms, "0-0", count=count)
             entries = [e for e in res[1] if (tenant, _eid(e[0])) not in self._inflight_ids]
@@ -438,10 +447,11 @@ class DeliveryWorker:
             return job
 
         done = [j for j in await asyncio.gather(*(money(j, d) for j, d in out.money)) if j]
-        if done:
+        for tenant in {j.tenant for j in done}:  # one MULTI per tenant: one slot each
             async with self.redis.pipeline(transaction=True) as pipe:
                 for j in done:
-                    self._ack_in(pipe, j)
+                    if j.tenant == tenant:
+                        self._ack_in(pipe, j)
                 async with self._rsem:
                     await pipe.execute()
 
@@ -606,45 +616,47 @@ class DeliveryWorker:
     # -- the long-running loop -----------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Read and deliver until ``stop`` is set, then finish the jobs in flight."""
+        """Read and deliver until ``stop`` is set, then finish the jobs in flight. One read
+        loop per stream group (one in all on a single Redis), sharing ``max_inflight``."""
         await self.start()
-        inflight = 0
-
-        def done(n: int, task: asyncio.Task[None]) -> None:
-            nonlocal inflight
-            self._tasks.discard(task)
-            inflight -= n
-            if inflight < self.opts.max_inflight:
-                self._room.set()
-
         try:
-            while not stop.is_set():
-                if inflight >= self.opts.max_inflight:
-                    self._room.clear()
-                    await _wait_any(self._room, stop)
-                    continue
-                room = min(self.opts.count, self.opts.max_inflight - inflight)
-                jobs: list[Job] = []
-                try:
-                    if self.clock() - self._last_requeue >= self.opts.requeue_every_ms:
-                        self._last_requeue = self.clock()
-                        await self.requeue_due()
-                    if self.clock() - self._last_claim >= self.opts.claim_every_ms:
-                        self._last_claim = self.clock()
-                        jobs = await self._claim(room)
-                    if not jobs:
-                        jobs = await self._read(room, self.opts.block_ms)
-                except (OSError, aioredis.ConnectionError, aioredis.TimeoutError) as exc:
-                    log.warning("delivery worker: redis unavailable (%s); retrying", exc)
-                    await _wait_any(stop, within_s=1.0)
-                    continue
-                if jobs:
-                    inflight += len(jobs)
-                    task = asyncio.create_task(self.handle_batch(jobs))
-                    self._tasks.add(task)
-                    task.add_done_callback(functools.partial(done, len(jobs)))
+            await asyncio.gather(*(self._read_loop(g, stop) for g in self._groups))
         finally:
             await self.close()
+
+    def _batch_done(self, n: int, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._inflight -= n
+        if self._inflight < self.opts.max_inflight:
+            self._room.set()
+
+    async def _read_loop(self, group: dict[str, str], stop: asyncio.Event) -> None:
+        last_requeue = last_claim = 0
+        while not stop.is_set():
+            if self._inflight >= self.opts.max_inflight:
+                self._room.clear()
+                await _wait_any(self._room, stop)
+                continue
+            room = min(self.opts.count, self.opts.max_inflight - self._inflight)
+            jobs: list[Job] = []
+            try:
+                if self.clock() - last_requeue >= self.opts.requeue_every_ms:
+                    last_requeue = self.clock()
+                    await self.requeue_due(group)
+                if self.clock() - last_claim >= self.opts.claim_every_ms:
+                    last_claim = self.clock()
+                    jobs = await self._claim(room, group)
+                if not jobs:
+                    jobs = await self._read(room, self.opts.block_ms, group)
+            except (OSError, aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+                log.warning("delivery worker: redis unavailable (%s); retrying", exc)
+                await _wait_any(stop, within_s=1.0)
+                continue
+            if jobs:
+                self._inflight += len(jobs)
+                task = asyncio.create_task(self.handle_batch(jobs))
+                self._tasks.add(task)
+                task.add_done_callback(functools.partial(self._batch_done, len(jobs)))
 
 
 @functools.lru_cache(maxsize=1024)
