@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+from collections.abc import Awaitable
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -42,7 +43,7 @@ from billing.stripe_gateway import StripeGateway
 from engine import keys
 from engine.config import AutoRecharge, Config
 from engine.errors import StoreUnavailable
-from engine.store import UNAVAILABLE, Store, now_ms
+from engine.store import UNAVAILABLE, Store, is_cluster, now_ms
 
 log = logging.getLogger("leadflow.billing.recharge")
 
@@ -304,7 +305,7 @@ async def process_once(
     """One pass over every tenant: take over stale entries, then read new ones.
 
     Returns how many entries were handled. Blocks only with a single tenant; the worker
-    (run_recharge_worker) instead waits on every tenant's stream at once, one task each.
+    (run_recharge_worker) instead waits on every tenant's stream at once.
     """
     ctx = ctx or BillingContext(cfg, store, gateway, hook=hook)
     block = block_ms if len(cfg.tenants) == 1 else None
@@ -315,22 +316,78 @@ async def process_once(
     return handled
 
 
+async def _guarded(what: str, stop: asyncio.Event, step: Awaitable[Any]) -> None:
+    """One pass of a loop; a failed pass is logged and retried a second later (its
+    entries stay pending, so nothing is lost)."""
+    try:
+        await step
+    except (StoreUnavailable, PaymentTransient, *UNAVAILABLE) as exc:
+        log.warning("recharge worker (%s): %s; retrying", what, type(exc).__name__)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
+    except Exception:  # the worker outlives one bad pass
+        log.exception("recharge worker (%s): pass failed", what)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
+
+
 async def _tenant_loop(ctx: BillingContext, tenant: str, consumer: str,
                        stop: asyncio.Event) -> None:
-    """Blocking reads on one tenant's events: a crossing is picked up at once, not at the
-    next poll (the recharge latency benchmark measures exactly this)."""
+    """Blocking reads on one tenant's events (Redis Cluster: each tenant's stream is in
+    its own slot): a crossing is picked up at once, not at the next poll."""
     while not stop.is_set():
-        try:
-            await _process_tenant(ctx, tenant, consumer=consumer, count=50, block_ms=1_000,
-                                  claim_idle_ms=60_000)
-        except (StoreUnavailable, PaymentTransient, *UNAVAILABLE) as exc:
-            log.warning("recharge worker: %s; retrying", type(exc).__name__)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 1.0)
-        except Exception:  # the worker outlives one bad pass; its entries stay pending
-            log.exception("recharge worker pass failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 1.0)
+        await _guarded(tenant, stop, _process_tenant(
+            ctx, tenant, consumer=consumer, count=50, block_ms=1_000, claim_idle_ms=60_000))
+
+
+_Entry = tuple[str, dict[bytes, bytes]]
+
+
+async def _shared_loop(ctx: BillingContext, tenants: list[str], consumer: str,
+                       stop: asyncio.Event, *, claim_every_s: float = 5.0) -> None:
+    """One Redis: one blocking XREADGROUP over every tenant's events stream (one
+    connection, however many tenants), each entry handed to its tenant's queue; one task
+    per tenant handles its queue, so a slow payment of one tenant delays no other."""
+    r = ctx.store.redis
+    queues: dict[str, asyncio.Queue[_Entry | None]] = {t: asyncio.Queue() for t in tenants}
+    drains = [asyncio.create_task(_drain(ctx, t, q, stop)) for t, q in queues.items()]
+    streams = {keys.events(t): t for t in tenants}
+    last_claim = -claim_every_s
+
+    async def read() -> None:
+        nonlocal last_claim
+        loop = asyncio.get_running_loop()
+        if loop.time() - last_claim >= claim_every_s:  # stale entries of dead workers
+            last_claim = loop.time()
+            for t in tenants:
+                await _ensure_group(ctx, t)
+                res: Any = await r.xautoclaim(keys.events(t), GROUP, consumer, 60_000,
+                                              start_id="0-0", count=50)
+                _enqueue(queues[t], res[1])
+        fresh: Any = await r.xreadgroup(GROUP, consumer, dict.fromkeys(streams, ">"),
+                                        count=50, block=1_000)
+        for stream, entries in fresh or []:
+            _enqueue(queues[streams[stream.decode()]], entries)
+
+    try:
+        while not stop.is_set():
+            await _guarded("read", stop, read())
+    finally:
+        for q in queues.values():
+            q.put_nowait(None)  # drains finish what they hold, then stop
+        await asyncio.gather(*drains)
+
+
+def _enqueue(q: asyncio.Queue[_Entry | None], entries: Any) -> None:
+    for raw_id, fields in entries:
+        if fields is not None:  # None: deleted while pending
+            q.put_nowait((raw_id.decode(), fields))
+
+
+async def _drain(ctx: BillingContext, tenant: str, q: asyncio.Queue[_Entry | None],
+                 stop: asyncio.Event) -> None:
+    while (item := await q.get()) is not None:
+        await _guarded(tenant, stop, _handle(ctx, tenant, *item))
 
 
 async def _schedule_loop(ctx: BillingContext, stop: asyncio.Event, every_s: float) -> None:
@@ -345,14 +402,16 @@ async def _schedule_loop(ctx: BillingContext, stop: asyncio.Event, every_s: floa
 
 async def run_recharge_worker(cfg: Config, store: Store, gateway: StripeGateway, *,
                               consumer: str, stop: asyncio.Event,
-                              schedule_every_s: float = 60.0) -> None:
-    """Consume recharge events until ``stop`` is set (one blocking reader per tenant);
-    run schedule mode every minute."""
-    ctx = BillingContext(cfg, store, gateway)
-    await asyncio.gather(
-        _schedule_loop(ctx, stop, schedule_every_s),
-        *(_tenant_loop(ctx, t.id, consumer, stop) for t in cfg.tenants),
-    )
+                              schedule_every_s: float = 60.0, hook: Hook | None = None) -> None:
+    """Consume recharge events until ``stop`` is set and run schedule mode every minute.
+    Events are read by one blocking reader for every tenant on a single Redis, by one per
+    tenant on a Redis Cluster (a read over several slots is refused there)."""
+    ctx = BillingContext(cfg, store, gateway, hook=hook)
+    tenants = [t.id for t in cfg.tenants]
+    readers = ([_tenant_loop(ctx, t, consumer, stop) for t in tenants]
+               if is_cluster(store.redis) or not tenants
+               else [_shared_loop(ctx, tenants, consumer, stop)])
+    await asyncio.gather(_schedule_loop(ctx, stop, schedule_every_s), *readers)
 
 
 __all__ = ["CENT", "configure", "process_once", "recharge", "run_recharge_worker",

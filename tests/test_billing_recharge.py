@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 
@@ -273,6 +274,48 @@ async def test_run_recharge_worker_loop(
     stop.set()
     await asyncio.wait_for(task, 5)
     assert await _balance(ctx) == 115 * D
+
+
+async def test_worker_reads_every_tenant_and_a_slow_one_delays_no_other(
+        redis: aioredis.Redis, gateway: StripeGateway, localstripe: LocalStripe) -> None:
+    """On one Redis the worker reads every tenant's events with one blocking read, and
+    handles each tenant in its own task: acme's payment is held at its Stripe call while
+    beta's crossing is charged and credited."""
+    import asyncio
+
+    base = make_config(auto=AUTO)
+    beta = msgspec.structs.replace(base.tenants[0], id="beta", api_token="tok-beta")
+    cfg = msgspec.structs.replace(base, tenants=[*base.tenants, beta], clients=[
+        *base.clients, msgspec.structs.replace(base.clients[0], tenant="beta")])
+    release = asyncio.Event()
+
+    async def hold_acme(step: str, a: Attempt) -> None:
+        if a.tenant == T and step == "before_charge":
+            await release.wait()
+
+    ctx = await new_ctx(redis, gateway, cfg, hook=hold_acme)
+    for tenant in (T, "beta"):
+        await ctx.methods.attach(tenant, "c1", localstripe.card())
+    stop = asyncio.Event()
+    task = asyncio.create_task(recharge.run_recharge_worker(
+        cfg, ctx.store, gateway, consumer="loop", stop=stop, hook=hold_acme))
+    for tenant in (T, "beta"):
+        await ctx.store.adjust(tenant, "c1", 30 * D, "adjustment", op_id="seed")
+        await ctx.store.adjust(tenant, "c1", -15 * D, "usage", op_id="use")
+
+    async def succeeded(tenant: str) -> None:
+        while not [f for _, f in await redis.xrange(keys.events(tenant))  # noqa: ASYNC110
+                   if f[b"type"] == b"recharge_succeeded"]:
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(succeeded("beta"), 20)
+    assert (await ctx.store.account(T, "c1")).balance == 15 * D  # type: ignore[union-attr]
+    release.set()
+    await asyncio.wait_for(succeeded(T), 20)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    for tenant in (T, "beta"):
+        assert (await ctx.store.account(tenant, "c1")).balance == 115 * D  # type: ignore[union-attr]
 
 
 def test_gateway_reads_key_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
