@@ -364,8 +364,14 @@ async def _shared_loop(ctx: BillingContext, tenants: list[str], consumer: str,
                 res: Any = await r.xautoclaim(keys.events(t), GROUP, consumer, 60_000,
                                               start_id="0-0", count=50)
                 _enqueue(queues[t], res[1])
-        fresh: Any = await r.xreadgroup(GROUP, consumer, dict.fromkeys(streams, ">"),
-                                        count=50, block=1_000)
+        try:
+            fresh: Any = await r.xreadgroup(GROUP, consumer, dict.fromkeys(streams, ">"),
+                                            count=50, block=1_000)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            last_claim = -claim_every_s  # a stream or group was deleted: re-create now
+            return
         for stream, entries in fresh or []:
             _enqueue(queues[streams[stream.decode()]], entries)
 

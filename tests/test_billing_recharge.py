@@ -299,6 +299,15 @@ async def test_worker_reads_every_tenant_and_a_slow_one_delays_no_other(
     stop = asyncio.Event()
     task = asyncio.create_task(recharge.run_recharge_worker(
         cfg, ctx.store, gateway, consumer="loop", stop=stop, hook=hold_acme))
+
+    async def grouped() -> None:
+        while not await redis.exists(keys.events("beta")):  # noqa: ASYNC110 - polls redis
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(grouped(), 10)
+    # beta's stream (and its consumer group) vanish under the running reader: the next
+    # crossing re-creates the stream without a group, and the reader re-creates the group
+    await redis.delete(keys.events("beta"))
     for tenant in (T, "beta"):
         await ctx.store.adjust(tenant, "c1", 30 * D, "adjustment", op_id="seed")
         await ctx.store.adjust(tenant, "c1", -15 * D, "usage", op_id="use")
