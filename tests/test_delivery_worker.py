@@ -143,6 +143,41 @@ async def test_one_batch_over_two_tenants_keeps_each_jobs_own_precheck(
     assert skipped is not None and skipped.r == "sale refunded before delivery"
 
 
+async def test_claim_skips_only_this_workers_in_flight_job_not_its_id_twin(
+    store: Store, buyers: Buyers
+) -> None:
+    """A worker never re-claims a job it is still sending, and tells that job apart from
+    another tenant's entry with the same id, left pending by a dead worker."""
+    held = buyer("b1", buyers.url + "/slow", **{**FAST, "timeout_ms": 10_000})
+    other = buyer("b2", buyers.url + "/accept", tenant="beta", **FAST)
+    await accounts(store, held, other)
+    await sell(store, held, "L1")
+    await sell(store, other, "L2")
+    for tenant in (T, "beta"):  # the same entry id in both streams
+        stream = keys.deliveries(tenant)
+        [(_, fields)] = await store.redis.xrange(stream)
+        await store.redis.delete(stream)
+        await store.redis.xadd(stream, fields, id="1700000000000-0")
+        await store.redis.xgroup_create(stream, "delivery", id="0")
+    # beta's entry: read by a worker that then died
+    await store.redis.xreadgroup("delivery", "dead", {keys.deliveries("beta"): ">"})
+    w = DeliveryWorker(Config(buyers=[held, other]), store, tenants=[T, "beta"],
+                       consumer="w1", options=WorkerOptions(claim_idle_ms=0))
+    try:
+        await w.start()
+        sending = asyncio.create_task(w.handle_batch(await w._read(10, None)))
+        deadline = time.monotonic() + 10
+        while not buyers.at("/slow"):  # acme's job is in flight in w1
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.005)
+        claimed = await w._claim(10)
+        assert [(j.tenant, j.entry_id) for j in claimed] == [("beta", "1700000000000-0")]
+        buyers.release.set()
+        await sending
+    finally:
+        await w.close()
+
+
 async def test_malformed_entries_are_dropped_and_bad_bytes_never_fail_a_batch(
     store: Store, buyers: Buyers
 ) -> None:
