@@ -1,8 +1,10 @@
 """``leadflow worker deliver``: delivery jobs from Redis Streams to buyers' webhooks.
 
 Reading: every worker process joins the consumer group ``delivery`` of each tenant's
-``keys.deliveries`` stream and reads with ``XREADGROUP COUNT n BLOCK ms``; several workers
-share the work. An entry stays pending until its outcome is recorded; ``XAUTOCLAIM`` hands
+``keys.deliveries`` stream and reads with ``XREADGROUP COUNT n BLOCK ms`` (one read over
+every tenant on one Redis; one read loop per tenant on a cluster, where each tenant is its
+own slot); several workers share the work. An entry stays pending until its outcome is
+recorded; ``XAUTOCLAIM`` hands
 entries idle longer than ``claim_idle_ms`` (a crashed worker's) to a live worker, which
 sends them again with the same ``webhook-id``.
 
