@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -279,22 +279,36 @@ async def _handle(ctx: BillingContext, tenant: str, entry_id: str,
 async def _process_tenant(ctx: BillingContext, tenant: str, *, consumer: str, count: int,
                           block_ms: int | None, claim_idle_ms: int) -> int:
     """Take over stale entries of one tenant, then read (and maybe wait for) new ones."""
-    r = ctx.store.redis
-    stream = keys.events(tenant)
-    await _ensure_group(ctx, tenant)
-    res: Any = await r.xautoclaim(stream, GROUP, consumer, claim_idle_ms, start_id="0-0",
-                                  count=count)
-    batches = [res[1]]  # [next id, entries(, deleted ids)]
-    fresh: Any = await r.xreadgroup(GROUP, consumer, {stream: ">"}, count=count, block=block_ms)
+    batches = [await _claimed(ctx, tenant, consumer, claim_idle_ms, count)]
+    fresh: Any = await ctx.store.redis.xreadgroup(GROUP, consumer, {keys.events(tenant): ">"},
+                                                  count=count, block=block_ms)
     batches += [entries for _, entries in fresh or []]
     handled = 0
     for entries in batches:
-        for raw_id, fields in entries:
-            if fields is None:  # deleted while pending
-                continue
-            await _handle(ctx, tenant, raw_id.decode(), fields)
+        for entry_id, fields in _live(entries):
+            await _handle(ctx, tenant, entry_id, fields)
             handled += 1
     return handled
+
+
+async def _claimed(ctx: BillingContext, tenant: str, consumer: str, idle_ms: int,
+                   count: int) -> Any:
+    """Entries of the tenant's events stream idle longer than ``idle_ms`` (a dead
+    worker's), now ours; the consumer group is created first if missing."""
+    await _ensure_group(ctx, tenant)
+    res: Any = await ctx.store.redis.xautoclaim(keys.events(tenant), GROUP, consumer, idle_ms,
+                                                start_id="0-0", count=count)
+    return res[1]  # [next id, entries(, deleted ids)]
+
+
+_Entry = tuple[str, dict[bytes, bytes]]  # (entry id, fields)
+
+
+def _live(entries: Any) -> Iterator[_Entry]:
+    """(entry id, fields) of stream entries, leaving out those deleted while pending."""
+    for raw_id, fields in entries:
+        if fields is not None:
+            yield raw_id.decode(), fields
 
 
 async def process_once(
@@ -340,9 +354,6 @@ async def _tenant_loop(ctx: BillingContext, tenant: str, consumer: str,
             ctx, tenant, consumer=consumer, count=50, block_ms=1_000, claim_idle_ms=60_000))
 
 
-_Entry = tuple[str, dict[bytes, bytes]]
-
-
 async def _shared_loop(ctx: BillingContext, tenants: list[str], consumer: str,
                        stop: asyncio.Event, *, claim_every_s: float = 5.0) -> None:
     """One Redis: one blocking XREADGROUP over every tenant's events stream (one
@@ -360,10 +371,7 @@ async def _shared_loop(ctx: BillingContext, tenants: list[str], consumer: str,
         if loop.time() - last_claim >= claim_every_s:  # stale entries of dead workers
             last_claim = loop.time()
             for t in tenants:
-                await _ensure_group(ctx, t)
-                res: Any = await r.xautoclaim(keys.events(t), GROUP, consumer, 60_000,
-                                              start_id="0-0", count=50)
-                _enqueue(queues[t], res[1])
+                _enqueue(queues[t], await _claimed(ctx, t, consumer, 60_000, 50))
         try:
             fresh: Any = await r.xreadgroup(GROUP, consumer, dict.fromkeys(streams, ">"),
                                             count=50, block=1_000)
@@ -385,9 +393,8 @@ async def _shared_loop(ctx: BillingContext, tenants: list[str], consumer: str,
 
 
 def _enqueue(q: asyncio.Queue[_Entry | None], entries: Any) -> None:
-    for raw_id, fields in entries:
-        if fields is not None:  # None: deleted while pending
-            q.put_nowait((raw_id.decode(), fields))
+    for entry in _live(entries):
+        q.put_nowait(entry)
 
 
 async def _drain(ctx: BillingContext, tenant: str, q: asyncio.Queue[_Entry | None],

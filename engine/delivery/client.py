@@ -110,7 +110,7 @@ async def attempt(
         return Attempt(req.msg_id, 0, _ms(t0), None, "timeout")
     except (aiohttp.ClientError, OSError, ValueError) as exc:
         return Attempt(req.msg_id, 0, _ms(t0), None, f"network: {type(exc).__name__}")
-    latency = int((time.perf_counter() - t0) * 1_000)
+    latency = _ms(t0)
     excerpt = raw[: excerpt_chars * 4].decode("utf-8", "replace")[:excerpt_chars]
     if is_retryable(status):
         wait = parse_retry_after(retry_after, int(time.time() * 1_000))

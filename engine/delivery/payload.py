@@ -32,7 +32,8 @@ from engine.delivery.signing import Signer, webhook_id
 
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{(\w+)\}")
 _json = msgspec.json.Encoder()
-_lead_dec = msgspec.json.Decoder(dict[str, str])
+# a lead as the engine stores it with the sale (and the worker checks it is): an object of strings
+stored_lead = msgspec.json.Decoder(dict[str, str])
 _CONTENT_TYPE = {"json": "application/json", "form": "application/x-www-form-urlencoded"}
 
 
@@ -101,7 +102,7 @@ class RequestBuilder:
         if isinstance(lead, bytes):
             if not d.template and d.format == "json" and d.method != "GET":
                 return self._signed(d.url, lead, lead, lead_id, timestamp)
-            lead = _lead_dec.decode(lead)
+            lead = stored_lead.decode(lead)
         fields = self.fields(lead, lead_id=lead_id, campaign=campaign, price=price)
         url = d.url
         if d.method == "GET":

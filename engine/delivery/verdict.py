@@ -143,9 +143,6 @@ class _Rule:
             return value not in (_MISSING, None, False, "")
         return True
 
-    def describe(self) -> str:
-        return self.description
-
     def _describe(self) -> str:
         bits = []
         if self.status:

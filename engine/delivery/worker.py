@@ -44,12 +44,11 @@ from redis.exceptions import ResponseError
 
 from engine import keys, scripts
 from engine.config import Buyer, Config
-from engine.delivery import client, record
+from engine.delivery import client, payload, record
 from engine.delivery.breaker import Breaker, Breakers, State
 from engine.delivery.client import Endpoint
 from engine.delivery.record import Decision, DeliveryEvent, Observer
 from engine.delivery.retry import retry_delay_ms
-from engine.delivery.verdict import Outcome
 from engine.store import Store, is_cluster, now_ms
 
 log = logging.getLogger("leadflow.delivery")
@@ -100,15 +99,11 @@ class Job(msgspec.Struct, frozen=True, gc=False):
                 for k, v in self.raw.items()}
 
 
-_RESULT = {o: o.lower() for o in Outcome}  # the delivery log's "result" of a verdict
-
-
 class _Sale(msgspec.Struct):
     s: str = ""  # "sold" | "refunded" (decide.lua / refund.lua sale record)
 
 
 _sale_dec = msgspec.json.Decoder(_Sale)
-_lead_check = msgspec.json.Decoder(dict[str, str])
 
 
 class _Target:
@@ -183,7 +178,7 @@ def _job(tenant: str, entry_id: bytes | str, raw: dict[bytes, bytes] | None) -> 
     try:
         # the lead goes to the buyer as these very bytes (engine.delivery.payload), so it
         # must be what the engine writes: a JSON object of strings
-        _lead_check.decode(get(b"lead", b"{}"))
+        payload.stored_lead.decode(get(b"lead", b"{}"))
         return Job(tenant, eid, raw, raw[b"lead_id"].decode(), raw[b"buyer"].decode(),
                    get(b"campaign", b"").decode(), get(b"account", b"").decode(),
                    int(get(b"price") or 0), int(get(b"ts") or 0), int(get(b"attempt") or 0))
@@ -515,19 +510,18 @@ class DeliveryWorker:
         job, target, lead, expires, out = send.job, send.target, send.lead, send.expires, send.out
         ep, br = target.ep, target.breaker
         d = ep.delivery
-        att = await client.attempt(self._session or self.session, ep, lead=lead,
+        att = await client.attempt(self.session, ep, lead=lead,
                                    lead_id=job.lead_id, campaign=job.campaign, price=job.price,
                                    excerpt_chars=self.opts.excerpt_chars)
         n = job.attempt + 1
-        v = att.verdict
+        v, kind = att.verdict, att.kind
         if self.observer is not None:
-            kind = _RESULT[v.outcome] if v is not None else att.kind
             record.notify(self.observer, DeliveryEvent(
                 job.tenant, job.buyer, job.lead_id, kind, att.latency_ms, att.status, n))
         if v is not None:
             if br.failures or br.state is not State.CLOSED:
                 await self.breakers.success(job.tenant, job.buyer, br)
-            self._finish(out, job, Decision(v.outcome, v.reason, v.price), _RESULT[v.outcome],
+            self._finish(out, job, Decision(v.outcome, v.reason, v.price), kind,
                          n, att.status, att.latency_ms, att.excerpt)
             return
         now = self.clock()
