@@ -18,12 +18,14 @@ skews one round rather than one side of the comparison.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import socket
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
@@ -94,19 +96,28 @@ async def _sell(store: Store, b: Buyer, n: int, *, first: int = 0) -> None:
         await scripts().decide(store.redis, [keys.tenant_prefix(T)], [msgspec.json.encode(batch)])
 
 
+def bench_worker(store: Store, b: Buyer) -> DeliveryWorker:
+    """The worker as `leadflow worker deliver` runs it: with the metrics observer."""
+    return DeliveryWorker(Config(buyers=[b]), store, tenants=[T], consumer="bench",
+                          options=OPTIONS, observer=delivery_observer)
+
+
+async def until_delivered(store: Store, poll_s: float) -> None:
+    """Until the jobs stream is empty (the worker deletes each entry once it is done)."""
+    stream = keys.deliveries(T)
+    while True:
+        await asyncio.sleep(poll_s)
+        if await store.redis.xlen(stream) == 0:
+            break
+
+
 async def _worker_rate(store: Store, b: Buyer, n: int) -> tuple[float, float]:
-    # as `leadflow worker deliver` runs it: with the metrics observer
-    w = DeliveryWorker(Config(buyers=[b]), store, tenants=[T], consumer="bench",
-                       options=OPTIONS, observer=delivery_observer)
+    w = bench_worker(store, b)
     await w.start()  # session and consumer group: set-up, not deliveries
     stop = asyncio.Event()
     t0, c0 = time.perf_counter(), time.process_time()
     task = asyncio.create_task(w.run(stop))
-    stream = keys.deliveries(T)
-    while True:
-        await asyncio.sleep(0.02)
-        if await store.redis.xlen(stream) == 0:
-            break
+    await until_delivered(store, 0.02)
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     stop.set()
     await task
@@ -155,39 +166,46 @@ def run(n: int = 5_000, rounds: int = 3) -> dict[str, Any]:
         os.sched_setaffinity(0, mine)
 
 
-def _run(n: int, rounds: int) -> dict[str, Any]:
+@contextlib.contextmanager
+def sink_and_redis() -> Iterator[tuple[str, EmbeddedRedis, int | None]]:
+    """The sink (its own process) and a throwaway redis-server: (sink URL, server, the
+    sink's pid); both stopped at the end."""
     port = free_port()
     sink = multiprocessing.get_context("spawn").Process(target=_sink, args=(port,), daemon=True)
     sink.start()
     try:
         _wait_port(port)
-        url = f"http://127.0.0.1:{port}/lead"
         with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(tmp, persistent=False) as srv:
-            _pin(sink.pid, srv)
-
-            async def main() -> dict[str, Any]:
-                store = Store(connect(srv.url, max_connections=128))
-                b = bench_buyer(url)
-                per_round = []
-                tune_gc()  # as the worker process does after start-up (both sides run here)
-                for r in range(rounds):
-                    await _sell(store, b, n, first=r * n)
-                    worker, worker_us = await _worker_rate(store, b, n)
-                    ceiling, ceiling_us = await _ceiling_rate(url, n)
-                    per_round.append((worker / ceiling, worker, ceiling, worker_us, ceiling_us))
-                    print(f"round {r + 1}: worker {worker:6.0f}/s ({worker_us:3.0f} us CPU each)"
-                          f"  ceiling {ceiling:6.0f}/s ({ceiling_us:3.0f} us CPU each)"
-                          f"  ratio {worker / ceiling:.2f}")
-                await store.redis.aclose()
-                ratio, worker, ceiling, worker_us, ceiling_us = sorted(per_round)[rounds // 2]
-                return {"n": n, "rounds": rounds, "worker_per_s": worker,
-                        "ceiling_per_s": ceiling, "ratio": ratio, "worker_cpu_us": worker_us,
-                        "ceiling_cpu_us": ceiling_us}
-
-            result = uvloop.run(main())
+            yield f"http://127.0.0.1:{port}/lead", srv, sink.pid
     finally:
         sink.terminate()
         sink.join()
+
+
+def _run(n: int, rounds: int) -> dict[str, Any]:
+    with sink_and_redis() as (url, srv, sink_pid):
+        _pin(sink_pid, srv)
+
+        async def main() -> dict[str, Any]:
+            store = Store(connect(srv.url, max_connections=128))
+            b = bench_buyer(url)
+            per_round = []
+            tune_gc()  # as the worker process does after start-up (both sides run here)
+            for r in range(rounds):
+                await _sell(store, b, n, first=r * n)
+                worker, worker_us = await _worker_rate(store, b, n)
+                ceiling, ceiling_us = await _ceiling_rate(url, n)
+                per_round.append((worker / ceiling, worker, ceiling, worker_us, ceiling_us))
+                print(f"round {r + 1}: worker {worker:6.0f}/s ({worker_us:3.0f} us CPU each)"
+                      f"  ceiling {ceiling:6.0f}/s ({ceiling_us:3.0f} us CPU each)"
+                      f"  ratio {worker / ceiling:.2f}")
+            await store.redis.aclose()
+            ratio, worker, ceiling, worker_us, ceiling_us = sorted(per_round)[rounds // 2]
+            return {"n": n, "rounds": rounds, "worker_per_s": worker,
+                    "ceiling_per_s": ceiling, "ratio": ratio, "worker_cpu_us": worker_us,
+                    "ceiling_cpu_us": ceiling_us}
+
+        result = uvloop.run(main())
     print(f"deliveries: {result['n']} per round, median of {result['rounds']} rounds:")
     print(f"worker : {result['worker_per_s']:8.0f} deliveries/s")
     print(f"ceiling: {result['ceiling_per_s']:8.0f} requests/s (bare aiohttp loop)")

@@ -13,7 +13,6 @@ not a substitute: the issue's target stays the timed one.
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
 import shutil
 import subprocess
 import sys
@@ -23,13 +22,8 @@ from pathlib import Path
 import uvloop
 
 from bench import delivery as bd
-from engine import keys
-from engine.config import Config
-from engine.delivery.worker import DeliveryWorker
-from engine.embedded import EmbeddedRedis, free_port
 from engine.service import tune_gc
 from engine.store import Store, connect
-from engine.telemetry import delivery_observer
 
 
 async def _child(mode: str, redis_url: str, url: str, n: int) -> None:
@@ -40,16 +34,12 @@ async def _child(mode: str, redis_url: str, url: str, n: int) -> None:
             await bd._ceiling_rate(url, n)
         return
     store = Store(connect(redis_url, max_connections=128))
-    w = DeliveryWorker(Config(buyers=[bd.bench_buyer(url)]), store, tenants=[bd.T],
-                       consumer="bench", options=bd.OPTIONS, observer=delivery_observer)
+    w = bd.bench_worker(store, bd.bench_buyer(url))
     await w.start()
     tune_gc()
     stop = asyncio.Event()
     task = asyncio.create_task(w.run(stop))
-    while True:  # as bench.delivery: done when the stream is empty
-        await asyncio.sleep(0.05)
-        if await store.redis.xlen(keys.deliveries(bd.T)) == 0:
-            break
+    await bd.until_delivered(store, 0.05)
     stop.set()
     await task
     await store.redis.aclose()
@@ -72,30 +62,20 @@ def run(n: int = 2_000) -> dict[str, float] | None:
     if shutil.which("valgrind") is None:
         print("instructions: valgrind not found (apt-get install valgrind); skipped")
         return None
-    port = free_port()
-    sink = multiprocessing.get_context("spawn").Process(target=bd._sink, args=(port,),
-                                                          daemon=True)
-    sink.start()
-    try:
-        bd._wait_port(port)
-        url = f"http://127.0.0.1:{port}/lead"
-        with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(tmp, persistent=False) as srv:
+    with tempfile.TemporaryDirectory() as tmp, bd.sink_and_redis() as (url, srv, _):
 
-            async def sell(count: int, first: int) -> None:
-                store = Store(connect(srv.url))
-                await bd._sell(store, bd.bench_buyer(url), count, first=first)
-                await store.redis.aclose()
+        async def sell(count: int, first: int) -> None:
+            store = Store(connect(srv.url))
+            await bd._sell(store, bd.bench_buyer(url), count, first=first)
+            await store.redis.aclose()
 
-            per: dict[str, float] = {}
-            uvloop.run(sell(1, 10**7))  # the consumer group and scripts exist in both runs
-            for mode in ("worker", "ceiling"):
-                base = _instructions(mode, srv.url, url, 0, tmp)
-                if mode == "worker":
-                    uvloop.run(sell(n, 0))
-                per[mode] = (_instructions(mode, srv.url, url, n, tmp) - base) / n
-    finally:
-        sink.terminate()
-        sink.join()
+        per: dict[str, float] = {}
+        uvloop.run(sell(1, 10**7))  # the consumer group and scripts exist in both runs
+        for mode in ("worker", "ceiling"):
+            base = _instructions(mode, srv.url, url, 0, tmp)
+            if mode == "worker":
+                uvloop.run(sell(n, 0))
+            per[mode] = (_instructions(mode, srv.url, url, n, tmp) - base) / n
     ratio = per["ceiling"] / per["worker"]
     print(f"instructions per delivery (callgrind, {n} deliveries): worker "
           f"{per['worker']:,.0f}, bare aiohttp loop {per['ceiling']:,.0f}, "
