@@ -12,7 +12,6 @@ not a substitute: the issue's target stays the timed one.
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import subprocess
 import sys
@@ -34,14 +33,10 @@ async def _child(mode: str, redis_url: str, url: str, n: int) -> None:
             await bd._ceiling_rate(url, n)
         return
     store = Store(connect(redis_url, max_connections=128))
-    w = bd.bench_worker(store, bd.bench_buyer(url))
+    w = bd.BenchWorker(store, bd.bench_buyer(url), n)
     await w.start()
     tune_gc()
-    stop = asyncio.Event()
-    task = asyncio.create_task(w.run(stop))
-    await bd.until_delivered(store, 0.05)
-    stop.set()
-    await task
+    await bd.drain(w)
     await store.redis.aclose()
 
 
