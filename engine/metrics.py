@@ -25,12 +25,14 @@ to pick the registry to expose (multiprocess mode aware).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import heapq
 import logging
+import math
 import os
 import platform
 import time
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping, Sequence
 from importlib import metadata
 from threading import Lock, Thread
 from typing import Any, Generic, TypeVar
@@ -416,9 +418,42 @@ class Metrics:
         self.http_requests(route, str(code)).inc()
         self.http_request_duration(route).observe(seconds)
 
-    def delivery(self, outcome: str, seconds: float) -> None:
-        self.deliveries(outcome).inc()
-        self.delivery_duration.observe(seconds)
+    def delivery(self, outcomes: Mapping[str, int], seconds: Sequence[float]) -> None:
+        """Delivery events counted by outcome, and the durations of those that made a
+        request (deferred and dead_letter events made none)."""
+        for outcome, n in outcomes.items():
+            self.deliveries(outcome).inc(n)
+        observe_all(self.delivery_duration, seconds)
+
+
+def observe_all(hist: Histogram, amounts: Sequence[float]) -> None:
+    """``hist.observe(a)`` for every ``a`` of ``amounts``, as one update of the sum and one
+    per bucket hit.
+
+    prometheus-client has no bulk observation, and ``observe`` takes a lock per value; the
+    delivery worker reports a whole batch of attempts at once. This relies on the
+    Histogram's ``_upper_bounds``/``_buckets``/``_sum`` (unchanged since prometheus-client
+    0.4, the same in multiprocess mode); without them it falls back to ``observe``.
+    tests/test_metrics.py checks the exposition against plain ``observe``."""
+    if not amounts:
+        return
+    bounds = getattr(hist, "_upper_bounds", None)
+    buckets = getattr(hist, "_buckets", None)
+    total = getattr(hist, "_sum", None)
+    if bounds is None or buckets is None or total is None:
+        for a in amounts:
+            hist.observe(a)
+        return
+    ordered = sorted(amounts)
+    total.inc(math.fsum(ordered))
+    done = 0
+    for i, bound in enumerate(bounds):  # the last bound is +Inf
+        upto = bisect.bisect_right(ordered, bound)  # amounts <= bound, as observe() counts
+        if upto > done:
+            buckets[i].inc(upto - done)
+            done = upto
+        if done == len(ordered):
+            break
 
 
 # -- account balances, read at scrape time -------------------------------------------------

@@ -7,8 +7,10 @@ metric updates, so ingest, batching, Store and the workers stay free of metric o
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import operator
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -16,12 +18,13 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from engine import keys
-from engine.delivery.record import DeliveryEvent
+from engine.delivery.record import NO_REQUEST, DeliveryEvent
 from engine.metrics import METRICS
 
 log = logging.getLogger("leadflow.telemetry")
 
 _UNKNOWN = "unknown"
+_kind = operator.attrgetter("kind")
 # streams with consumer groups whose lag/pending SREs watch: (logical name, key builder)
 _STREAMS = (("deliveries", keys.deliveries), ("events", keys.events), ("ledger", keys.ledger))
 
@@ -62,8 +65,11 @@ def money_observer(kind: str, delta: int) -> None:
         METRICS.money_debited(kind).inc(-delta)
 
 
-def delivery_observer(event: DeliveryEvent) -> None:
-    METRICS.delivery(event.kind, event.latency_ms / 1000)
+def delivery_observer(events: Sequence[DeliveryEvent]) -> None:
+    """A batch of delivery events: a few metric updates per batch, not three locked
+    increments per attempt."""
+    METRICS.delivery(collections.Counter(map(_kind, events)),
+                     [e.latency_ms / 1000 for e in events if e.kind not in NO_REQUEST])
 
 
 async def monitor(client: aioredis.Redis, tenants: Sequence[str], stop: asyncio.Event,

@@ -60,7 +60,7 @@ def worker(store: Store, *buyers_: Buyer, consumer: str = "w1", clock: Clock | N
     cfg = Config(buyers=list(buyers_))
     return DeliveryWorker(cfg, store, tenants=[T], consumer=consumer,
                           options=WorkerOptions(**opts), clock=clock,
-                          observer=events.append if events is not None else None)
+                          observer=events.extend if events is not None else None)
 
 
 async def until(

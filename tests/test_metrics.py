@@ -19,7 +19,8 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine import keys
+from engine import keys, telemetry
+from engine.delivery.record import DeliveryEvent
 from engine.embedded import EmbeddedRedis
 from engine.metrics import (
     CREDIT_KINDS,
@@ -28,6 +29,7 @@ from engine.metrics import (
     Children,
     Metrics,
     metrics_asgi_app,
+    observe_all,
     redis_balance_source,
     registry_for_process,
     render,
@@ -74,7 +76,7 @@ def full_registry() -> tuple[CollectorRegistry, Metrics]:
     m = Metrics(registry, version="1.2.3", revision="deadbeef")
     touch_all(m)
     m.http_request("/v1/leads/{campaign}", 200, 0.002)
-    m.delivery("timeout", 5.0)
+    m.delivery({"timeout": 1}, [5.0])
     registry.register(
         BalanceCollector(
             lambda: [("t1", "wallet", 12_000_000, -20_000_000), ("t1", "c1", 0, 0)],
@@ -202,6 +204,43 @@ def test_children_cache_returns_same_child_and_caps_cardinality() -> None:
     assert len(m.money_credited) == len(CREDIT_KINDS) + 1
 
 
+@pytest.mark.parametrize("amounts", [
+    [], [0.004] * 7, [0.0, 0.01, 0.0100001, 0.5, 0.5, 30.0, 31.0, 0.002], [31.0, 45.5]])
+def test_observe_all_exposes_what_repeated_observe_does(amounts: list[float]) -> None:
+    bulk, one = CollectorRegistry(), CollectorRegistry()
+    hb = Histogram("h", "h", buckets=(0.01, 0.5, 30.0), registry=bulk)
+    ho = Histogram("h", "h", buckets=(0.01, 0.5, 30.0), registry=one)
+    observe_all(hb, amounts)
+    observe_all(hb, [])
+    for a in amounts:
+        ho.observe(a)
+    got, want = families(bulk)["h"].samples, families(one)["h"].samples
+    assert [(s.name, s.labels) for s in got] == [(s.name, s.labels) for s in want]
+    assert [s.value for s in got] == pytest.approx([s.value for s in want])  # sum: fsum
+
+
+def test_delivery_observer_groups_a_batch_by_outcome_and_latency(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    m = Metrics(CollectorRegistry())
+    monkeypatch.setattr(telemetry, "METRICS", m)
+    ev = [DeliveryEvent("t", "b", f"L{i}", kind, ms, 200, 1) for i, (kind, ms) in enumerate(
+        [("accepted", 3), ("accepted", 3), ("rejected", 40), ("deferred", 0),
+         ("dead_letter", 0), ("timeout", 5000)])]
+    telemetry.delivery_observer(ev)
+    fams = families(m.registry)
+    counts = {s.labels["outcome"]: s.value for s in fams["leadflow_deliveries"].samples
+              if s.name.endswith("_total")}
+    assert {k: v for k, v in counts.items() if v} == {
+        "accepted": 2, "rejected": 1, "deferred": 1, "dead_letter": 1, "timeout": 1}
+    hist = {s.name + s.labels.get("le", ""): s.value
+            for s in fams["leadflow_delivery_duration_seconds"].samples}
+    # deferred and dead_letter made no request: no duration observed for them
+    assert hist["leadflow_delivery_duration_seconds_count"] == 4
+    assert hist["leadflow_delivery_duration_seconds_bucket0.01"] == 2
+    assert hist["leadflow_delivery_duration_seconds_sum"] == pytest.approx(5.046)
+
+
 def test_balance_collector_top_n_by_headroom() -> None:
     rows = [("t1", f"a{i}", i * 1_000_000, 0) for i in range(50)]
     registry = CollectorRegistry()
@@ -313,6 +352,7 @@ _WORKER = textwrap.dedent(
     METRICS.leads_received("c1", "s1", "accepted").inc(int(sys.argv[1]))
     METRICS.decision_duration.observe(0.001)
     METRICS.redis_up.set(int(sys.argv[2]))
+    METRICS.delivery({"accepted": int(sys.argv[1])}, [0.004] * int(sys.argv[1]))  # mmap values
     """
 )
 _SCRAPER = textwrap.dedent(
@@ -349,6 +389,11 @@ def test_multiprocess_mode_merges_processes(tmp_path: Path) -> None:
         s for s in fams["leadflow_decision_duration_seconds"].samples if s.name.endswith("_count")
     ]
     assert [s.value for s in count] == [2]
+    hist = {s.name + s.labels.get("le", ""): s.value
+            for s in fams["leadflow_delivery_duration_seconds"].samples}
+    assert hist["leadflow_delivery_duration_seconds_count"] == 5
+    assert hist["leadflow_delivery_duration_seconds_bucket0.01"] == 5
+    assert hist["leadflow_delivery_duration_seconds_sum"] == pytest.approx(0.02)
     # livemin: both writers are (as far as the directory knows) alive, one saw Redis down
     assert [s.value for s in fams["leadflow_redis_up"].samples] == [0]
 

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -55,7 +55,7 @@ def decode_decision(raw: bytes | str | None) -> Decision | None:
 
 
 class DeliveryEvent(msgspec.Struct, frozen=True, gc=False):
-    """What an observer (metrics) is told after each attempt or decision.
+    """What an observer (metrics) is told of each attempt or decision.
 
     ``kind``: accepted | duplicated | rejected | timeout | error (an attempt), dead_letter
     (given up), deferred (breaker open / sync claim); ``latency_ms`` is 0 without a request.
@@ -70,14 +70,19 @@ class DeliveryEvent(msgspec.Struct, frozen=True, gc=False):
     attempt: int
 
 
-Observer = Callable[[DeliveryEvent], None]
+DEFERRED, DEAD_LETTER = "deferred", "dead_letter"
+NO_REQUEST = frozenset({DEFERRED, DEAD_LETTER})  # event kinds without an HTTP request
+
+Observer = Callable[[Sequence[DeliveryEvent]], None]
+"""Told events in bulk: the delivery worker reports each batch's events once, when the
+batch's requests are done (metrics then cost a few updates per batch, not per attempt)."""
 
 
-def notify(observer: Observer | None, event: DeliveryEvent) -> None:
-    if observer is None:
+def notify(observer: Observer | None, events: Sequence[DeliveryEvent]) -> None:
+    if observer is None or not events:
         return
     try:
-        observer(event)
+        observer(events)
     except Exception:  # an observer must never break a delivery
         log.exception("delivery observer failed")
 

@@ -70,8 +70,8 @@ async def deliver_sync(
     att = await client.attempt(session, endpoint, lead=lead, lead_id=lead_id,
                                campaign=campaign, price=price,
                                timeout_ms=min(endpoint.delivery.timeout_ms, left))
-    record.notify(observer, DeliveryEvent(tenant, buyer, lead_id, att.kind, att.latency_ms,
-                                          att.status, 1))
+    record.notify(observer, [DeliveryEvent(tenant, buyer, lead_id, att.kind, att.latency_ms,
+                                           att.status, 1)])
     now = now_ms()
     async with store.redis.pipeline(transaction=True) as pipe:
         if att.verdict is None:

@@ -135,12 +135,13 @@ class _Batch:
     and wake the batch once, when the last one is in (``sent``); a batch that stopped
     waiting (``dropped``) has its queued requests skipped."""
 
-    __slots__ = ("common", "dropped", "left", "money", "ops", "sent")
+    __slots__ = ("common", "dropped", "events", "left", "money", "ops", "sent")
 
     def __init__(self) -> None:
         self.ops: dict[str, list[Callable[[Any], None]]] = {}  # rare: retries, dead letters
         self.common: dict[str, dict[str, list[Any]]] = {}  # decisions, logs, acks (Lua)
         self.money: list[tuple[Job, Decision]] = []
+        self.events: list[DeliveryEvent] = []  # for the observer, told once per batch
         self.left = 0
         self.sent: asyncio.Future[None] | None = None
         self.dropped = False
@@ -385,6 +386,7 @@ class DeliveryWorker:
                 if send is not None:
                     self._enqueue(send)
             await out.wait_sent()
+            record.notify(self.observer, out.events)
             await self._commit(out)
         finally:
             out.dropped = True  # if cancelled: its lanes skip what is still queued
@@ -515,9 +517,8 @@ class DeliveryWorker:
                                    excerpt_chars=self.opts.excerpt_chars)
         n = job.attempt + 1
         v, kind = att.verdict, att.kind
-        if self.observer is not None:
-            record.notify(self.observer, DeliveryEvent(
-                job.tenant, job.buyer, job.lead_id, kind, att.latency_ms, att.status, n))
+        out.events.append(DeliveryEvent(
+            job.tenant, job.buyer, job.lead_id, kind, att.latency_ms, att.status, n))
         if v is not None:
             if br.failures or br.state is not State.CLOSED:
                 await self.breakers.success(job.tenant, job.buyer, br)
@@ -548,8 +549,8 @@ class DeliveryWorker:
         self._ack_in(pipe, job)
 
     def _defer(self, out: _Batch, job: Job, until: int, why: str) -> None:
-        record.notify(self.observer, DeliveryEvent(job.tenant, job.buyer, job.lead_id,
-                                                   "deferred", 0, 0, job.attempt))
+        out.events.append(DeliveryEvent(job.tenant, job.buyer, job.lead_id, record.DEFERRED,
+                                        0, 0, job.attempt))
         entry = record.log_entry(buyer=job.buyer, attempt=job.attempt, ts=self.clock(),
                                  result="deferred", reason=f"{why}; retry at {until}")
 
@@ -585,8 +586,8 @@ class DeliveryWorker:
         attempt: int | None = None, status: int = 0, ms: int = 0, excerpt: str = "",
     ) -> None:
         n = job.attempt if attempt is None else attempt
-        record.notify(self.observer, DeliveryEvent(job.tenant, job.buyer, job.lead_id,
-                                                   "dead_letter", 0, status, n))
+        out.events.append(DeliveryEvent(job.tenant, job.buyer, job.lead_id, record.DEAD_LETTER,
+                                        0, status, n))
         log.warning("delivery of %s to %s (tenant %s) dead-lettered: %s", job.lead_id,
                     job.buyer, job.tenant, reason)
         dec = Decision(record.FAILED if refund else "UNKNOWN", reason)
