@@ -120,5 +120,6 @@ class RequestBuilder:
     def _signed(self, url: str, body: bytes, signed: bytes, lead_id: str,
                 timestamp: int) -> Request:
         msg_id = webhook_id(lead_id, self.buyer)
-        headers = {**self._base_headers, **self._signer.headers(msg_id, timestamp, signed)}
+        headers = self._base_headers.copy()
+        self._signer.add_headers(headers, msg_id, timestamp, signed)
         return Request(self.delivery.method, url, headers, body, msg_id)

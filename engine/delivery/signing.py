@@ -66,20 +66,28 @@ class Signer:
     def enabled(self) -> bool:
         return bool(self._key)
 
-    def signature(self, msg_id: str, timestamp: int, content: bytes) -> str:
+    def signature(self, msg_id: str, timestamp: int | str, content: bytes) -> str:
         """``v1,<base64>`` of ``{msg_id}.{timestamp}.{content}``."""
         if self._inner is None or self._outer is None:
             raise SigningError("no webhook secret to sign with")
         inner = self._inner.copy()
-        inner.update(b"%s.%d." % (msg_id.encode(), timestamp))
+        inner.update(f"{msg_id}.{timestamp}.".encode())
         inner.update(content)
         outer = self._outer.copy()
         outer.update(inner.digest())
-        return "v1," + base64.b64encode(outer.digest()).decode("ascii")
+        return "v1," + binascii.b2a_base64(outer.digest(), newline=False).decode("ascii")
 
     def headers(self, msg_id: str, timestamp: int, content: bytes) -> dict[str, str]:
         """The ``webhook-*`` headers of one attempt (``timestamp`` in epoch seconds)."""
-        out = {"webhook-id": msg_id, "webhook-timestamp": str(timestamp)}
-        if self._key:
-            out["webhook-signature"] = self.signature(msg_id, timestamp, content)
+        out: dict[str, str] = {}
+        self.add_headers(out, msg_id, timestamp, content)
         return out
+
+    def add_headers(self, out: dict[str, str], msg_id: str, timestamp: int,
+                    content: bytes) -> None:
+        """Set the ``webhook-*`` headers of one attempt in ``out``."""
+        ts = str(timestamp)
+        out["webhook-id"] = msg_id
+        out["webhook-timestamp"] = ts
+        if self._inner is not None:
+            out["webhook-signature"] = self.signature(msg_id, ts, content)

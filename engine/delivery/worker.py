@@ -33,7 +33,7 @@ import collections
 import contextlib
 import functools
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,9 +135,10 @@ class _Batch:
     and wake the batch once, when the last one is in (``sent``); a batch that stopped
     waiting (``dropped``) has its queued requests skipped."""
 
-    __slots__ = ("common", "dropped", "events", "left", "money", "ops", "sent")
+    __slots__ = ("common", "dropped", "events", "jobs", "left", "money", "ops", "sent")
 
-    def __init__(self) -> None:
+    def __init__(self, jobs: Sequence[Job] = ()) -> None:
+        self.jobs = jobs
         self.ops: dict[str, list[Callable[[Any], None]]] = {}  # rare: retries, dead letters
         self.common: dict[str, dict[str, list[Any]]] = {}  # decisions, logs, acks (Lua)
         self.money: list[tuple[Job, Decision]] = []
@@ -164,9 +165,8 @@ class _Batch:
         land first (delivery_finish.lua writes them)."""
         c = self.common.get(job.tenant)
         if c is None:
-            c = self.common[job.tenant] = {"d": [], "l": [], "a": []}
-        c["d"].append([job.lead_id, job.buyer, decision])
-        c["l"].append([job.lead_id, entry.decode()])
+            c = self.common[job.tenant] = {"j": [], "a": []}
+        c["j"].append((job.lead_id, job.buyer, decision, entry.decode()))
         if ack:
             c["a"].append(job.entry_id)
 
@@ -226,8 +226,7 @@ class DeliveryWorker:
         self._finish_lua = self.redis.register_script(_FINISH)
         self._precheck = self.redis.register_script(_PRECHECK)
         self._session: aiohttp.ClientSession | None = None
-        # (tenant, entry id): stream entry ids are unique per stream only
-        self._inflight_ids: set[tuple[str, str]] = set()
+        self._batches: set[_Batch] = set()  # in flight (their jobs are not claimed again)
         self._tasks: set[asyncio.Task[None]] = set()
         self._rsem = asyncio.Semaphore(self.opts.redis_concurrency)
         self._room = asyncio.Event()
@@ -273,16 +272,26 @@ class DeliveryWorker:
             task.add_done_callback(self._lane_tasks.discard)
 
     async def _lane(self, target: _Target) -> None:
-        q = target.queue
+        """Send ``target``'s queue, one request at a time. The request is awaited right here
+        and its outcome handled synchronously (``_outcome``): one coroutine frame less on
+        every resumption of every request."""
+        q, ep, session = target.queue, target.ep, self.session
+        excerpt_chars = self.opts.excerpt_chars
         try:
             while q:
                 send = q.popleft()
+                job = send.job
                 try:
                     if not send.out.dropped:
-                        await self._send(send)
+                        att = await client.attempt(
+                            session, ep, lead=send.lead, lead_id=job.lead_id,
+                            campaign=job.campaign, price=job.price, excerpt_chars=excerpt_chars)
+                        breaker_write = self._outcome(send, att)
+                        if breaker_write is not None:
+                            await breaker_write
                 except Exception:
                     log.exception("delivery of %s to %s (tenant %s) failed; left pending",
-                                  send.job.lead_id, send.job.buyer, send.job.tenant)
+                                  job.lead_id, job.buyer, job.tenant)
                 finally:
                     send.out.one_sent()
         finally:
@@ -336,7 +345,8 @@ class DeliveryWorker:
         for stream, tenant in (group or self._streams).items():
             res: Any = await self.redis.xautoclaim(stream, self.opts.group, self.consumer,
                                               self.opts.claim_idle_ms, "0-0", count=count)
-            entries = [e for e in res[1] if (tenant, _eid(e[0])) not in self._inflight_ids]
+            mine = self._inflight_ids(tenant) if res[1] else set()
+            entries = [e for e in res[1] if _eid(e[0]) not in mine]
             jobs.extend(await self._parse(tenant, entries))
         return jobs
 
@@ -378,11 +388,17 @@ class DeliveryWorker:
         if not jobs:
             return
         pre = await self._prechecked(jobs)
-        out = _Batch()
-        self._inflight_ids.update((j.tenant, j.entry_id) for j in jobs)
+        out = _Batch(jobs)
+        self._batches.add(out)
         try:
+            now = self.clock()
             for j, sale, state in zip(jobs, pre[0::2], pre[1::2], strict=True):
-                send = self._prepare(j, sale or None, state or None, out)
+                try:
+                    send = self._handle(j, sale or None, state or None, out, now)
+                except Exception:
+                    log.exception("delivery of %s to %s (tenant %s) failed; left pending",
+                                  j.lead_id, j.buyer, j.tenant)
+                    continue
                 if send is not None:
                     self._enqueue(send)
             await out.wait_sent()
@@ -390,8 +406,12 @@ class DeliveryWorker:
             await self._commit(out)
         finally:
             out.dropped = True  # if cancelled: its lanes skip what is still queued
-            for j in jobs:
-                self._inflight_ids.discard((j.tenant, j.entry_id))
+            self._batches.discard(out)
+
+    def _inflight_ids(self, tenant: str) -> set[str]:
+        """Entry ids of ``tenant``'s jobs in flight here (entry ids are unique per stream
+        only, so per tenant). Built when a claim finds entries: every few seconds."""
+        return {j.entry_id for b in self._batches for j in b.jobs if j.tenant == tenant}
 
     async def _prechecked(self, jobs: Sequence[Job]) -> list[Any]:
         """Each job's sale record and recorded decision (``b""`` when absent), flat and in
@@ -454,21 +474,10 @@ class DeliveryWorker:
                 async with self._rsem:
                     await pipe.execute()
 
-    def _prepare(
-        self, job: Job, sale_raw: bytes | None, state_raw: bytes | None, out: _Batch
+    def _handle(
+        self, job: Job, sale_raw: bytes | None, state_raw: bytes | None, out: _Batch, now: int
     ) -> _Send | None:
         """Everything of a job up to its request; the request to send, if any."""
-        try:
-            return self._handle(job, sale_raw, state_raw, out)
-        except Exception:
-            log.exception("delivery of %s to %s (tenant %s) failed; left pending",
-                          job.lead_id, job.buyer, job.tenant)
-            return None
-
-    def _handle(
-        self, job: Job, sale_raw: bytes | None, state_raw: bytes | None, out: _Batch
-    ) -> _Send | None:
-        now = self.clock()
         prior = record.decode_decision(state_raw)
         if prior is not None:
             if prior.o == record.SYNC and prior.u > now:
@@ -507,28 +516,28 @@ class DeliveryWorker:
             return None
         return _Send(job, target, job.raw.get(b"lead", b"{}"), expires, out)
 
-    async def _send(self, send: _Send) -> None:
-        """One request (in a lane: it holds a connection slot) and its outcome."""
-        job, target, lead, expires, out = send.job, send.target, send.lead, send.expires, send.out
-        ep, br = target.ep, target.breaker
-        d = ep.delivery
-        att = await client.attempt(self.session, ep, lead=lead,
-                                   lead_id=job.lead_id, campaign=job.campaign, price=job.price,
-                                   excerpt_chars=self.opts.excerpt_chars)
+    def _outcome(self, send: _Send, att: client.Attempt) -> Awaitable[Any] | None:
+        """Record one attempt's outcome in its batch; returns the breaker's Redis write to
+        await, when the attempt changed the breaker."""
+        job, out, br = send.job, send.out, send.target.breaker
         n = job.attempt + 1
         v, kind = att.verdict, att.kind
         out.events.append(DeliveryEvent(
             job.tenant, job.buyer, job.lead_id, kind, att.latency_ms, att.status, n))
         if v is not None:
-            if br.failures or br.state is not State.CLOSED:
-                await self.breakers.success(job.tenant, job.buyer, br)
             self._finish(out, job, Decision(v.outcome, v.reason, v.price), kind,
                          n, att.status, att.latency_ms, att.excerpt)
-            return
+            if br.failures or br.state is not State.CLOSED:
+                return self.breakers.success(job.tenant, job.buyer, br)
+            return None
         now = self.clock()
-        await self.breakers.failure(job.tenant, job.buyer, br, now)
+        self._retry_or_give_up(send, att, n, now)
+        return self.breakers.failure(job.tenant, job.buyer, br, now)
+
+    def _retry_or_give_up(self, send: _Send, att: client.Attempt, n: int, now: int) -> None:
+        job, out, d = send.job, send.out, send.target.ep.delivery
         due = now + retry_delay_ms(n, d.retry_base_ms, d.retry_max_ms, att.retry_after_ms)
-        if n >= d.max_attempts or due >= expires:
+        if n >= d.max_attempts or due >= send.expires:
             self._give_up(out, job, f"gave up after {n} attempts: {att.error}", attempt=n,
                           status=att.status, ms=att.latency_ms, excerpt=att.excerpt)
             return

@@ -3,20 +3,18 @@
 --
 -- KEYS[1]  tenant key prefix
 -- ARGV[1]  JSON {"g": consumer group, "ttl": seconds, "lmax": log entries kept per lead,
---                "d": [[lead, buyer, decision JSON]], "l": [[lead, log entry JSON]],
+--                "j": [[lead, buyer, decision JSON, log entry JSON]],
 --                "a": [stream entry ids to XACK + XDEL]}
 --
 -- Returns how many entries were acknowledged.
 
 local p, b = KEYS[1], cjson.decode(ARGV[1])
-for _, d in ipairs(b.d) do
-  local k = K.dstate(p, d[1])
-  redis.call('HSET', k, d[2], d[3])
+for _, j in ipairs(b.j) do
+  local k = K.dstate(p, j[1])
+  redis.call('HSET', k, j[2], j[3])
   redis.call('EXPIRE', k, b.ttl)
-end
-for _, l in ipairs(b.l) do
-  local k = K.dlog(p, l[1])
-  if redis.call('RPUSH', k, l[2]) > b.lmax then redis.call('LTRIM', k, -b.lmax, -1) end
+  k = K.dlog(p, j[1])
+  if redis.call('RPUSH', k, j[4]) > b.lmax then redis.call('LTRIM', k, -b.lmax, -1) end
   redis.call('EXPIRE', k, b.ttl)
 end
 if #b.a > 0 then
