@@ -111,7 +111,8 @@ class _Body:
 
 
 class _Rule:
-    __slots__ = ("contains", "description", "equals", "parts", "path", "regex", "status")
+    __slots__ = ("accepted", "contains", "description", "duplicate", "equals", "parts", "path",
+                 "regex", "status")
 
     def __init__(self, rule: ResponseRule) -> None:
         self.status = frozenset(rule.status)
@@ -128,6 +129,9 @@ class _Rule:
         if self.equals is not None and not self.path:
             raise RuleError("'equals' needs a 'path'")
         self.description = self._describe()
+        # the verdicts this rule gives, built once (most responses of a buyer match one rule)
+        self.accepted = Verdict(Outcome.ACCEPTED, "accepted: " + self.description)
+        self.duplicate = Verdict(Outcome.DUPLICATED, "duplicate: " + self.description)
 
     def matches(self, status: int, body: _Body) -> bool:
         if self.status and status not in self.status:
@@ -139,6 +143,8 @@ class _Rule:
         if self.path:
             value = json_path(body.doc(), self.parts)
             if self.equals is not None:
+                if isinstance(value, str):
+                    return value.casefold() == self.equals
                 return value is not _MISSING and _text(value).casefold() == self.equals
             return value not in (_MISSING, None, False, "")
         return True
@@ -177,19 +183,21 @@ class ResponseMapper:
         body = _Body(raw)
         for rule in self._duplicate:
             if rule.matches(status, body):
-                return Verdict(Outcome.DUPLICATED, "duplicate: " + rule.description)
+                return rule.duplicate
         if self._accept:
             for rule in self._accept:
                 if rule.matches(status, body):
-                    reason = "accepted: " + rule.description
+                    accepted = rule.accepted
                     break
             else:
                 return Verdict(Outcome.REJECTED, f"rejected: HTTP {status}, no accept rule matched")
         elif 200 <= status < 300:
-            reason = f"accepted: HTTP {status}"
+            accepted = Verdict(Outcome.ACCEPTED, f"accepted: HTTP {status}")
         else:
             return Verdict(Outcome.REJECTED, f"rejected: HTTP {status}")
-        return Verdict(Outcome.ACCEPTED, reason, self._price(body))
+        if self._price_parts is None:
+            return accepted
+        return Verdict(Outcome.ACCEPTED, accepted.reason, self._price(body))
 
     def _price(self, body: _Body) -> int | None:
         if self._price_parts is None:
