@@ -111,7 +111,8 @@ async def attempt(
     except (aiohttp.ClientError, OSError, ValueError) as exc:
         return Attempt(req.msg_id, 0, _ms(t0), None, f"network: {type(exc).__name__}")
     latency = _ms(t0)
-    excerpt = raw[: excerpt_chars * 4].decode("utf-8", "replace")[:excerpt_chars]
+    excerpt = (raw.decode("utf-8", "replace") if len(raw) <= excerpt_chars  # most bodies
+               else raw[: excerpt_chars * 4].decode("utf-8", "replace")[:excerpt_chars])
     if is_retryable(status):
         wait = parse_retry_after(retry_after, int(time.time() * 1_000))
         return Attempt(req.msg_id, status, latency, None, f"http {status}", wait, excerpt)
