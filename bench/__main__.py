@@ -31,8 +31,8 @@ def _delivery_main(argv: Sequence[str]) -> int:
 
     p = argparse.ArgumentParser(prog="python -m bench delivery",
                                 description="deliveries/s of one worker vs a bare aiohttp loop")
-    p.add_argument("n", nargs="?", type=int, default=5_000)
-    p.add_argument("--rounds", type=int, default=3, help="timed rounds (median reported)")
+    p.add_argument("n", nargs="?", type=int, default=10_000)
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds (median reported)")
     p.add_argument("--instructions", action="store_true",
                    help="also count instructions per delivery under callgrind (valgrind)")
     args = p.parse_args(argv)
@@ -151,10 +151,10 @@ def _stage(i: int, total: int, name: str, fn: Callable[[], dict[str, Any]]) -> d
 
 
 def _delivery_all() -> dict[str, Any]:
-    """The timed rounds (5, median), plus instructions per delivery when valgrind exists."""
+    """The timed rounds (7, median), plus instructions per delivery when valgrind exists."""
     from bench import delivery, instructions
 
-    result = delivery.run(rounds=5)
+    result = delivery.run(rounds=7)
     return {**result, **(instructions.run() or {})}
 
 

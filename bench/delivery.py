@@ -10,7 +10,7 @@ separate process, sells N leads through decide.lua (one buyer, one job each), th
    same connection limit, nothing else.
 
 Prints both rates and worker/ceiling (target >= 0.7), plus the client process's CPU time
-per delivery / per request. The two runs alternate ``rounds`` times (3 by default; each
+per delivery / per request. The two runs alternate ``rounds`` times (5 by default; each
 worker round delivers N fresh sales) and the median of the per-round ratios is reported,
 so a neighbour's load that comes and goes (2-core machines shared with other benchmarks)
 skews one round rather than one side of the comparison.
@@ -174,7 +174,7 @@ def _pin(sink_pid: int | None, srv: EmbeddedRedis) -> None:
         os.sched_setaffinity(srv.pid, {cpu1})
 
 
-def run(n: int = 5_000, rounds: int = 3) -> dict[str, Any]:
+def run(n: int = 10_000, rounds: int = 5) -> dict[str, Any]:
     """Run the benchmark once; print and return the rates."""
     mine = os.sched_getaffinity(0)
     try:
@@ -231,5 +231,5 @@ def _run(n: int, rounds: int) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    run(int(sys.argv[1]) if len(sys.argv) > 1 else 5_000,
-        int(sys.argv[2]) if len(sys.argv) > 2 else 3)
+    run(int(sys.argv[1]) if len(sys.argv) > 1 else 10_000,
+        int(sys.argv[2]) if len(sys.argv) > 2 else 5)
