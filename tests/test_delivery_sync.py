@@ -217,7 +217,12 @@ async def test_worker_running_alongside_never_sends_a_claimed_job(
             for i in range(10):
                 _, r = await eng.lead(email=f"w{i}@example.com")
                 assert (r["status"], r["code"]) == ("ACCEPTED", 0)
-            await asyncio.sleep(0.2)
+            # until the worker has been through every job (it acks and deletes each one it
+            # finds decided or refunded), so the counts below include whatever it sent
+            deadline = time.monotonic() + 10
+            while await eng.redis.xlen(keys.deliveries("t1")):
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
         finally:
             stop.set()
             await task
