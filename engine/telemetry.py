@@ -19,7 +19,7 @@ from redis.exceptions import ResponseError
 
 from engine import keys
 from engine.delivery.record import NO_REQUEST, DeliveryEvent
-from engine.metrics import METRICS
+from engine.metrics import METRICS, count, observe
 
 log = logging.getLogger("leadflow.telemetry")
 
@@ -38,24 +38,24 @@ def lead_observer(
 ) -> None:
     """One decided lead: status count, decision latency, sales. (The money a decision moved
     is counted once per Lua call, see script_observer's caller.)"""
-    METRICS.leads_received(campaign or _UNKNOWN, supplier or _UNKNOWN, status.lower()).inc()
+    count(METRICS.leads_received(campaign or _UNKNOWN, supplier or _UNKNOWN, status.lower()))
     if status == "ERROR":
         return
-    METRICS.decision_duration.observe(seconds)
+    observe(METRICS.decision_duration, seconds)
     for buyer, _ in sold:
-        METRICS.leads_sold(campaign, buyer).inc()
+        count(METRICS.leads_sold(campaign, buyer))
 
 
 def script_observer(script: str, seconds: float, events: Iterable[Any]) -> None:
     """One Lua call: its latency and the events it emitted (``[type, count, ...]``)."""
-    METRICS.redis_script_duration(script).observe(seconds)
+    observe(METRICS.redis_script_duration(script), seconds)
     flat = list(events) if not isinstance(events, dict) else []
-    for etype, count in zip(flat[::2], flat[1::2], strict=False):
+    for etype, n in zip(flat[::2], flat[1::2], strict=False):
         name = str(etype)
         if name.startswith("paused:"):
-            METRICS.buyers_paused(name.removeprefix("paused:")).inc(int(count))
+            METRICS.buyers_paused(name.removeprefix("paused:")).inc(int(n))
         else:
-            METRICS.events_emitted(name).inc(int(count))
+            METRICS.events_emitted(name).inc(int(n))
 
 
 def money_observer(kind: str, delta: int) -> None:

@@ -28,7 +28,9 @@ from engine.metrics import (
     BalanceCollector,
     Children,
     Metrics,
+    count,
     metrics_asgi_app,
+    observe,
     observe_all,
     redis_balance_source,
     registry_for_process,
@@ -214,9 +216,35 @@ def test_observe_all_exposes_what_repeated_observe_does(amounts: list[float]) ->
     observe_all(hb, [])
     for a in amounts:
         ho.observe(a)
-    got, want = families(bulk)["h"].samples, families(one)["h"].samples
-    assert [(s.name, s.labels) for s in got] == [(s.name, s.labels) for s in want]
-    assert [s.value for s in got] == pytest.approx([s.value for s in want])  # sum: fsum
+    each = CollectorRegistry()
+    he = Histogram("h", "h", buckets=(0.01, 0.5, 30.0), registry=each)
+    for a in amounts:
+        observe(he, a)
+    want = families(one)["h"].samples
+    for reg in (bulk, each):
+        got = families(reg)["h"].samples
+        assert [(s.name, s.labels) for s in got] == [(s.name, s.labels) for s in want]
+        assert [s.value for s in got] == pytest.approx([s.value for s in want])  # sum: fsum
+
+
+def test_observe_and_count_on_a_labelled_parent_raise_as_prometheus_does() -> None:
+    h = Histogram("h", "h", ["route"], registry=CollectorRegistry())
+    c = Counter("c", "c", ["route"], registry=CollectorRegistry())
+    with pytest.raises(ValueError):
+        observe(h, 0.1)
+    with pytest.raises(ValueError):
+        count(c)
+
+
+def test_count_is_counter_inc() -> None:
+    reg = CollectorRegistry()
+    c = Counter("c", "c", ["route"], registry=reg)
+    count(c.labels("a"))
+    count(c.labels("a"), 2.5)
+    with pytest.raises(ValueError):
+        count(c.labels("a"), -1)
+    assert [(s.labels, s.value) for s in families(reg)["c"].samples
+            if s.name == "c_total"] == [({"route": "a"}, 3.5)]
 
 
 def test_delivery_observer_groups_a_batch_by_outcome_and_latency(
