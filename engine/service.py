@@ -17,6 +17,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import uvicorn
 
 from billing.api import routes as billing_routes
@@ -27,6 +28,7 @@ from engine import telemetry
 from engine.accounts_api import tenant_route
 from engine.app import App
 from engine.config import WALLET, Config
+from engine.delivery import client
 from engine.embedded import EmbeddedRedis
 from engine.errors import ConfigError
 from engine.http import Handler, Request, Response
@@ -90,6 +92,7 @@ class Service:
         self.app: App | None = None
         self.billing: BillingContext | None = None
         self.sync: SyncRouter | None = None
+        self.http: aiohttp.ClientSession | None = None
         self._server: _Server | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._server_task: asyncio.Task[Any] | None = None
@@ -112,9 +115,11 @@ class Service:
         await self.store.load_scripts()
         await sync_accounts(self.cfg, self.store)
         s = self.cfg.settings
-        # one client session per process for sync-mode deliveries, closed at stop
-        self.sync = SyncRouter(self.store, observer=telemetry.delivery_observer)
-        await self.sync.start()
+        # the process's one HTTP client session (connection pool and limits), shared by
+        # sync-mode deliveries and an in-process delivery worker; closed at stop
+        self.http = client.new_session()
+        self.sync = SyncRouter(self.store, session=self.http,
+                               observer=telemetry.delivery_observer)
         self.app = App(
             Runtime(self.cfg),
             self.store,
@@ -225,6 +230,9 @@ class Service:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.sync is not None:  # after the last request: no sync delivery in flight
             await self.sync.close()
+        if self.http is not None:  # after the workers: no delivery in flight
+            await self.http.close()
+            self.http = None
         if self._balances is not None:
             collector, client = self._balances
             self._balances = None

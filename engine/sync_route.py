@@ -93,14 +93,18 @@ class _Waterfall:
 
 
 class SyncRouter:
-    """Sync-mode routing of one engine process: one long-lived client session (opened by
-    :meth:`start` at service start, closed by :meth:`close` at stop) and the buyers'
-    endpoints, rebuilt when the config changes."""
+    """Sync-mode routing of one engine process: the buyers' endpoints (rebuilt when the
+    config changes) and the process's one client session, which the service owns (it
+    opens it at start and closes it at stop) and shares with the delivery worker."""
 
-    def __init__(self, store: Store, *, observer: Observer | None = None) -> None:
+    def __init__(
+        self, store: Store, *, session: aiohttp.ClientSession | None = None,
+        observer: Observer | None = None,
+    ) -> None:
         self.store = store
         self.observer = observer
-        self._session: aiohttp.ClientSession | None = None
+        self._session = session
+        self._own_session = False  # True once start() opened one itself (tests)
         self._claim = store.redis.register_script(_CLAIM)
         self._final = store.redis.register_script(_FINAL)
         self._cfg: Config | None = None
@@ -110,11 +114,12 @@ class SyncRouter:
     async def start(self) -> None:
         if self._session is None:
             self._session = client.new_session()
+            self._own_session = True
 
     async def close(self) -> None:
-        if self._session is not None:
+        if self._session is not None and self._own_session:
             await self._session.close()
-            self._session = None
+        self._session, self._own_session = None, False
 
     def endpoint(self, cfg: Config, tenant: str, buyer: str) -> Endpoint | None:
         """The buyer's webhook endpoint, or None when it has none (sold = delivered)."""

@@ -37,7 +37,7 @@ async def deliver(svc: Service, stop: asyncio.Event) -> None:
     assert svc.store is not None
     await run_delivery_worker(svc.cfg, svc.store, tenants=_tenants(svc),
                               consumer=svc.consumer + "-deliver", stop=stop,
-                              observer=delivery_observer)
+                              observer=delivery_observer, session=svc.http)
 
 
 async def recharge(svc: Service, stop: asyncio.Event) -> None:

@@ -138,3 +138,35 @@ async def test_readyz_reports_a_dead_worker(redis, redis_server, cfg):
             assert r.status == 503 and body["checks"]["failed_workers"] == ["broken"]
     finally:
         await svc.stop()
+
+
+async def test_one_http_client_session_per_process(redis, redis_server, cfg, monkeypatch):
+    """Sync-mode deliveries and the in-process delivery worker share the service's one
+    aiohttp session (one connection pool with its limits); stop closes it once."""
+    from engine.delivery import worker as delivery_worker
+    from engine.service import Service
+    from engine.workers import deliver
+
+    seen: list[object] = []
+    real = delivery_worker.DeliveryWorker.start
+
+    async def spy(self: delivery_worker.DeliveryWorker) -> None:
+        await real(self)
+        seen.append(self.session)
+
+    svc = Service(cfg, redis_url=redis_server.url, host="127.0.0.1", port=0, workers=[deliver])
+    monkeypatch.setattr(delivery_worker.DeliveryWorker, "start", spy)
+    try:
+        await svc.start()
+        session = svc.http
+        assert session is not None and svc.sync is not None
+        await svc.sync.start()  # as a sync lead would: must not open a second session
+        assert svc.sync._session is session
+        for _ in range(200):  # the worker task starts on the loop's next turns
+            if seen:
+                break
+            await asyncio.sleep(0.005)
+        assert seen == [session]
+    finally:
+        await svc.stop()
+    assert session.closed and svc.http is None

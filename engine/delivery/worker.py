@@ -200,6 +200,7 @@ class DeliveryWorker:
         options: WorkerOptions | None = None,
         observer: Observer | None = None,
         clock: Callable[[], int] | None = None,
+        session: aiohttp.ClientSession | None = None,
     ) -> None:
         self.store = store
         self.redis: aioredis.Redis = store.redis
@@ -225,7 +226,10 @@ class DeliveryWorker:
         self._requeue = self.redis.register_script(_REQUEUE)
         self._finish_lua = self.redis.register_script(_FINISH)
         self._precheck = self.redis.register_script(_PRECHECK)
-        self._session: aiohttp.ClientSession | None = None
+        # the process's client session when the service shares its own (one per process);
+        # otherwise start() opens one and close() closes it
+        self._session: aiohttp.ClientSession | None = session
+        self._own_session = False
         self._batches: set[_Batch] = set()  # in flight (their jobs are not claimed again)
         self._tasks: set[asyncio.Task[None]] = set()
         self._rsem = asyncio.Semaphore(self.opts.redis_concurrency)
@@ -241,6 +245,7 @@ class DeliveryWorker:
         if self._session is None:
             self._session = client.new_session(
                 limit=self.opts.connector_limit, limit_per_host=self.opts.limit_per_host)
+            self._own_session = True
 
     async def close(self) -> None:
         if self._tasks:
@@ -249,9 +254,9 @@ class DeliveryWorker:
             task.cancel()
         if self._lane_tasks:
             await asyncio.gather(*self._lane_tasks, return_exceptions=True)
-        if self._session is not None:
+        if self._session is not None and self._own_session:
             await self._session.close()
-            self._session = None
+        self._session, self._own_session = None, False
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -693,8 +698,10 @@ async def run_delivery_worker(
     stop: asyncio.Event,
     options: WorkerOptions | None = None,
     observer: Observer | None = None,
+    session: aiohttp.ClientSession | None = None,
 ) -> None:
-    """The ``leadflow worker deliver`` entry point: one worker until ``stop`` is set."""
+    """The ``leadflow worker deliver`` entry point: one worker until ``stop`` is set.
+    ``session``: the process's client session (the service's), else the worker opens one."""
     worker = DeliveryWorker(cfg, store, tenants=tenants, consumer=consumer, options=options,
-                            observer=observer)
+                            observer=observer, session=session)
     await worker.run(stop)
