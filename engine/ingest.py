@@ -51,10 +51,11 @@ class Codes:
     """Numeric ``code`` of every response (README: "Response codes")."""
 
     ACCEPTED = 0
-    ACCEPTED_PENDING = 1  # sync mode: sold, the buyer's verdict did not come in time
+    ACCEPTED_PENDING = 1  # sync mode: a waterfall still running (or cut off by a crash)
     DUPLICATED = 100  # 101: duplicate for every matching buyer (buyer-scope dedupe)
     # REJECTED: 200 no buyer matched, 201 all at caps, 202 paused/unfunded, 203 tenant wallet
     ALL_REJECTED = 204  # sync mode: every buyer the lead was sent to rejected it
+    NO_VERDICT = 205  # sync mode: the deadline passed before a buyer accepted
     MALFORMED = 1000
     MISSING_CREDENTIALS = 1001
     TOO_MANY_FIELDS = 1003

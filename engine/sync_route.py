@@ -15,14 +15,16 @@ test on the async path, which never runs any of this). For one lead, within
    no campaign-dedupe check (try 1 marked the fingerprints with this lead id) and the
    candidates minus every buyer already tried (round-robin positions remapped). The lead
    id is the same in every try; sale records are per (lead, buyer).
-3. **Verdict**: ACCEPTED ends the waterfall (code 0, with a real-time price if any);
+3. **Verdict**: ACCEPTED ends the waterfall (code 0, with a real-time price if any).
    REJECTED or DUPLICATED was already refunded by :func:`deliver_sync` (price and outbound
-   fee back, cap slot freed), so try n + 1 follows. No verdict (timeout, 5xx, 429, network
-   error, deadline passed): the sale stands, the stream worker delivers it with its normal
-   retries, and the seller gets ACCEPTED with code 1 (verdict pending).
-4. **No buyer left** after at least one rejection: REJECTED code 204. Buyers pay nothing;
-   the inbound fee stays charged, as for any valid lead no buyer took; the campaign-dedupe
-   fingerprints of the lead are forgotten (only sold leads count as duplicates).
+   fee back, cap slot freed), and so was a try without a verdict (timeout, 5xx, 429,
+   network error): it is recorded FAILED, so the stream worker never sends it again. Then
+   try n + 1 follows, while the deadline has not passed.
+4. **No buyer accepted**: REJECTED code 204 when no buyer is left to try, 205 when the
+   deadline passed first. Buyers pay nothing; the inbound fee stays charged, as for any
+   valid lead no buyer took; the campaign-dedupe fingerprints of the lead are forgotten
+   (only sold leads count as duplicates). The seller gets ACCEPTED only when a buyer
+   accepted.
 5. **Final record** (one Lua call): the final result overwrites the lead's idempotency
    record ``keys.idem(k)``, so a replay returns it; the derived keys are deleted and the
    claims of buyers never sold are released.
@@ -64,8 +66,9 @@ from engine.ingest import Codes
 from engine.routing import CampaignPlan
 from engine.store import Store, now_ms
 
-ACCEPTED_PENDING = Codes.ACCEPTED_PENDING  # 1: sold, no verdict within the deadline
+ACCEPTED_PENDING = Codes.ACCEPTED_PENDING  # 1: the waterfall is still running (stored only)
 ALL_REJECTED = Codes.ALL_REJECTED  # 204: every buyer the lead was sent to rejected it
+NO_VERDICT = Codes.NO_VERDICT  # 205: the deadline passed before a buyer accepted
 PENDING_MESSAGE = "lead accepted; buyer verdict pending (delivery continues asynchronously)"
 _REPLAY_POLL_S = 0.02
 
@@ -177,7 +180,7 @@ class SyncRouter:
                 with contextlib.suppress(Exception):
                     await self._finish(prefix, lead, "", release, w.derived, [])
             raise
-        forget = list(lead["d"]) if final.c == ALL_REJECTED else []
+        forget = list(lead["d"]) if final.c in (ALL_REJECTED, NO_VERDICT) else []
         record = _enc.encode(_plain(final)).decode() if w.marked else ""
         release = [b for b in mine if b not in w.tried]
         if record or release or w.derived or forget:
@@ -209,11 +212,12 @@ class SyncRouter:
             v = await deliver_sync(self.store, self._session, ep, lead_id=lead_id,
                                    lead=payload, price=price, deadline_ms=deadline,
                                    campaign=plan.id, observer=self.observer, claimed=True)
-            if v is None:  # undecided: the sale stands, the worker delivers it
-                return _pending(lead_id, buyer, price, 0)
-            if v.outcome is Outcome.ACCEPTED:
+            if v is not None and v.outcome is Outcome.ACCEPTED:
                 return _accepted(lead_id, buyer, price if v.price is None else v.price)
-            # rejected or duplicate, already refunded by deliver_sync: the next buyer
+            # rejected, duplicate or no verdict: refunded by deliver_sync; the next buyer,
+            # while there is time
+            if v is None and now_ms() >= deadline:
+                return _no_verdict(lead_id, len(w.tried))
             nxt = _next_try(lead, set(w.tried), len(w.tried) + 1)
             if not nxt["cs"]:
                 return _all_rejected(lead_id, len(w.tried))
@@ -257,6 +261,11 @@ class SyncRouter:
 def _all_rejected(lead_id: str, tried: int) -> Decision:
     return Decision(id=lead_id, s="REJECTED", c=ALL_REJECTED,
                     m=f"every buyer rejected the lead ({tried} tried)")
+
+
+def _no_verdict(lead_id: str, tried: int) -> Decision:
+    return Decision(id=lead_id, s="REJECTED", c=NO_VERDICT,
+                    m=f"no buyer accepted the lead before the deadline ({tried} tried)")
 
 
 def _accepted(lead_id: str, buyer: str, price: int) -> Decision:

@@ -134,31 +134,60 @@ async def test_every_buyer_rejects(redis, redis_server, buyers: Buyers) -> None:
         await ledgers_sum(eng)
 
 
-async def test_deadline_passes_sale_stands_worker_delivers(
+async def test_deadline_passes_no_sale_and_the_worker_never_sends_it(
     redis, redis_server, buyers: Buyers
 ) -> None:
+    """No verdict before the deadline is no sale: the seller gets REJECTED 205, the buyer
+    is refunded, and the stream worker, finding the try decided FAILED, does not send it."""
     cfg = sync_config(buyers, "/slow", "/accept", deadline_ms=300)
     async with running(cfg, redis_server.url) as eng:
         started = time.monotonic()
         _, r = await eng.lead(email="cy@example.com")
         assert time.monotonic() - started < 2.0
-        assert (r["status"], r["code"], r["payout"]) == ("ACCEPTED", 1, "3.00"), r
-        assert "pending" in r["message"]
+        assert (r["status"], r["code"], r.get("payout")) == ("REJECTED", 205, None), r
+        assert "deadline" in r["message"]
         lead_id = r["lead_id"]
-        assert await eng.balance("c1") == OPENING - PRICE  # the sale to b1 stands
-        assert buyers.at("/accept") == []  # the next buyer is not tried
+        assert await eng.balance("c1") == OPENING  # b1's sale refunded
+        assert buyers.at("/accept") == []  # no time was left for the next buyer
         log = await read_log(eng.store, "t1", lead_id)
-        assert [(e["buyer"], e["result"]) for e in log] == [("b1", "retry")]
+        assert [(e["buyer"], e["result"]) for e in log] == [("b1", "failed")]
+        d = await read_decision(eng.store, "t1", lead_id, "b1")
+        assert d is not None and d.o == "FAILED" and "timeout" in d.r
         _, again = await eng.lead(email="cy@example.com")
         assert again == r
-        # the worker delivers it with its normal policy and the same webhook-id
         buyers.release.set()
         await drain_worker(eng, offset_ms=5_000)
-        d = await read_decision(eng.store, "t1", lead_id, "b1")
-        assert d is not None and d.o == "ACCEPTED"
-        reqs = buyers.at("/slow")
-        assert len(reqs) == 2 and reqs[0].msg_id == reqs[1].msg_id == f"msg_{lead_id}_b1"
-        assert await eng.balance("c1") == OPENING - PRICE
+        assert len(buyers.at("/slow")) == 1  # the one sync try; the worker sent nothing
+        assert await eng.balance("c1") == OPENING
+        assert await eng.balance("wallet") == WALLET0 - FEE_IN  # inbound fee only
+        await ledgers_sum(eng)
+        # not sold, so not a duplicate: the same person can be offered again
+        _, r2 = await eng.lead(email="cy@example.com", lp_subid1="again")
+        assert r2["lead_id"] != lead_id and r2["status"] != "DUPLICATED", r2
+
+
+async def test_a_buyer_without_a_verdict_is_skipped_while_time_is_left(
+    redis, redis_server, buyers: Buyers
+) -> None:
+    """b1 times out on its own timeout, well before the campaign deadline: refunded, and
+    b2 is tried and accepts."""
+    extra = ('mode = "sync"\nsync_deadline_ms = 3000\n'
+             'dedupe = { fields = ["email"], days = 7 }')
+    cfg = make_config(campaign(extra=extra),
+                      buyer("b1", client="c1", priority=1,
+                            extra=hook(buyers, "/slow", timeout_ms=200)),
+                      buyer("b2", client="c2", priority=2, extra=hook(buyers, "/accept")))
+    async with running(cfg, redis_server.url) as eng:
+        _, r = await eng.lead(email="dot@example.com")
+        assert (r["status"], r["code"], r["payout"]) == ("ACCEPTED", 0, "3.00"), r
+        lead_id = r["lead_id"]
+        assert await eng.balance("c1") == OPENING and await eng.balance("c2") == OPENING - PRICE
+        b1 = await read_decision(eng.store, "t1", lead_id, "b1")
+        assert b1 is not None and b1.o == "FAILED"
+        buyers.release.set()
+        await drain_worker(eng, offset_ms=5_000)
+        assert len(buyers.at("/slow")) == 1 and len(buyers.at("/accept")) == 1
+        assert await eng.balance("wallet") == WALLET0 - FEE_IN - FEE_OUT
         await ledgers_sum(eng)
 
 

@@ -392,20 +392,21 @@ async def test_sync_mode_single_attempt(store: Store, buyers: Buyers) -> None:
         assert v is not None and v.outcome is Outcome.REJECTED
         # money freed before the next buyer is tried (the S1 and S3 fees stay)
         await assert_refunded(store, no, wallet=OPENING - 2 * FEE)
-        assert await sync(slow, "S3", now_ms() + 100) is None  # undecided: left to the worker
+        assert await sync(slow, "S3", now_ms() + 100) is None  # no verdict in time: no sale
+        await assert_refunded(store, slow, wallet=OPENING - FEE)
         again = await sync(ok, "S1", now_ms() + 2_000)  # a replay returns the decision
         assert again is not None and again.outcome is Outcome.ACCEPTED
     assert len(buyers.at("/accept")) == 1
-    # the worker acks decided jobs without sending again, and delivers the undecided one
+    # the worker acks every decided job (FAILED included) without sending it again
     buyers.release.set()
     w = worker(store, ok, no, slow)
     try:
         await until(w, lambda: stream_empty(store.redis))
     finally:
         await w.close()
-    assert len(buyers.at("/accept")) == 1 and len(buyers.at("/reject")) == 1
-    assert await settled(store, "S3", slow) == "ACCEPTED"
-    await assert_refunded(store, no, wallet=OPENING - 2 * FEE)
+    assert [len(buyers.at(p)) for p in ("/accept", "/reject", "/slow")] == [1, 1, 1]
+    assert await settled(store, "S3", slow) == "FAILED"
+    await assert_refunded(store, no, wallet=OPENING - FEE)
 
 
 async def test_run_loop_delivers_and_stops(store: Store, buyers: Buyers) -> None:

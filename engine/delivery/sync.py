@@ -48,7 +48,9 @@ async def deliver_sync(
     claimed: bool = False,
 ) -> Verdict | None:
     """One attempt to deliver the sale (lead_id, endpoint.buyer) before ``deadline_ms``
-    (epoch ms). The buyer's verdict, or None when undecided (left to the stream worker).
+    (epoch ms). The buyer's verdict, or None when it gave none in time (timeout, 5xx, 429,
+    network error, or no time left to send): that is no sale, so the attempt is recorded
+    ``FAILED`` and refunded here, and the stream worker will not send the job again.
 
     ``claimed``: the caller already holds the SYNC claim of this (lead, buyer) (written
     before the sale, as :mod:`engine.sync_route` does, so the stream worker can never see
@@ -65,33 +67,41 @@ async def deliver_sync(
         await store.redis.expire(state_key, record.STATE_TTL_S)
     left = deadline_ms - now_ms()
     if left <= 0:
-        await store.redis.hdel(state_key, buyer)
+        await _no_verdict(store, tenant, lead_id, buyer, "deadline passed before sending")
         return None
     att = await client.attempt(session, endpoint, lead=lead, lead_id=lead_id,
                                campaign=campaign, price=price,
                                timeout_ms=min(endpoint.delivery.timeout_ms, left))
     record.notify(observer, [DeliveryEvent(tenant, buyer, lead_id, att.kind, att.latency_ms,
                                            att.status, 1)])
-    now = now_ms()
-    async with store.redis.pipeline(transaction=True) as pipe:
-        if att.verdict is None:
-            pipe.hdel(state_key, buyer)
-            entry = record.log_entry(buyer=buyer, attempt=1, ts=now, result="retry",
-                                     status=att.status, ms=att.latency_ms,
-                                     reason=f"sync: {att.error}; left to the worker",
-                                     excerpt=att.excerpt)
-        else:
-            v = att.verdict
-            record.write_decision(pipe, tenant, lead_id, buyer,
-                                  Decision(v.outcome.value, v.reason, v.price))
-            entry = record.log_entry(buyer=buyer, attempt=1, ts=now, result=v.outcome.lower(),
-                                     status=att.status, ms=att.latency_ms,
-                                     reason=f"sync: {v.reason}", excerpt=att.excerpt)
-        record.write_log(pipe, tenant, lead_id, entry)
-        await pipe.execute()
     if att.verdict is None:
+        await _no_verdict(store, tenant, lead_id, buyer, f"no verdict in time ({att.error})",
+                          status=att.status, ms=att.latency_ms, excerpt=att.excerpt)
         return None
     v = att.verdict
-    await record.apply_money(store, tenant, lead_id, buyer,
-                             Decision(v.outcome.value, v.reason, v.price), sale_price=price)
+    dec = Decision(v.outcome.value, v.reason, v.price)
+    await _record(store, tenant, lead_id, buyer, dec, record.log_entry(
+        buyer=buyer, attempt=1, ts=now_ms(), result=v.outcome.lower(), status=att.status,
+        ms=att.latency_ms, reason=f"sync: {v.reason}", excerpt=att.excerpt))
+    await record.apply_money(store, tenant, lead_id, buyer, dec, sale_price=price)
     return v
+
+
+async def _no_verdict(store: Store, tenant: str, lead_id: str, buyer: str, why: str, *,
+                      status: int = 0, ms: int = 0, excerpt: str = "") -> None:
+    """A sync try without the buyer's verdict is not a sale: FAILED, refunded (price,
+    outbound fee, cap slot), and, being decided, never sent again by the stream worker."""
+    dec = Decision(record.FAILED, f"sync: {why}")
+    await _record(store, tenant, lead_id, buyer, dec, record.log_entry(
+        buyer=buyer, attempt=1, ts=now_ms(), result="failed", status=status, ms=ms,
+        reason=dec.r, excerpt=excerpt))
+    await record.apply_money(store, tenant, lead_id, buyer, dec, sale_price=0)
+
+
+async def _record(store: Store, tenant: str, lead_id: str, buyer: str, dec: Decision,
+                  entry: bytes) -> None:
+    """The decision (replacing the SYNC claim) and its log entry, in one MULTI."""
+    async with store.redis.pipeline(transaction=True) as pipe:
+        record.write_decision(pipe, tenant, lead_id, buyer, dec)
+        record.write_log(pipe, tenant, lead_id, entry)
+        await pipe.execute()
