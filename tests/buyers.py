@@ -72,6 +72,9 @@ def _app(state: Buyers) -> web.Application:
         match path:
             case "/accept":
                 return web.json_response({"status": "accepted", "id": "b-1"})
+            case "/accept_long":  # a body longer than the delivery log's excerpt
+                return web.Response(body=b'{"status":"accepted","note":"' + b"x" * 500 + b'"}',
+                                    content_type="application/json")
             case "/reject":
                 return web.json_response({"status": "rejected", "reason": "no coverage"})
             case "/duplicate":

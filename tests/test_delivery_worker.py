@@ -222,6 +222,14 @@ async def test_rejected_and_duplicate_are_refunded(
     assert not await store.redis.exists(keys.dup(T, "fp-L1"))  # fingerprint forgotten
     ledger = await store.ledger_page(T, b.client)
     assert ledger[0][1]["kind"] == "refund" and ledger[0][1]["delta"] == str(PRICE)
+    # the reason is recorded: in the decision, the refund's ledger entry and the log
+    d = await read_decision(store, T, "L1", b.id)
+    want = ("rejected: HTTP 200, no accept rule matched" if outcome == "REJECTED"
+            else "duplicate: status in [409]")
+    assert d is not None and d.r == want
+    assert ledger[0][1]["reason"] == want
+    log = await read_log(store, T, "L1")
+    assert [(e["result"], e["reason"]) for e in log] == [(outcome.lower(), want)]
     assert await stream_empty(store.redis)
     # a replayed job (e.g. re-claimed) refunds nothing twice
     assert (await store.refund_sale(T, "L1", b.id, "again")).replay
@@ -428,3 +436,66 @@ async def test_run_loop_delivers_and_stops(store: Store, buyers: Buyers) -> None
 
 async def _is(value: Awaitable[str], expected: str) -> bool:
     return await value == expected
+
+
+async def test_log_entry_has_latency_and_a_truncated_excerpt(store: Store, buyers: Buyers) -> None:
+    b = buyer("b1", buyers.url + "/accept_long", **FAST)
+    await accounts(store, b)
+    await sell(store, b, "L1")
+    w = worker(store, b, excerpt_chars=40)
+    try:
+        await w.process_once()
+    finally:
+        await w.close()
+    (entry,) = await read_log(store, T, "L1")
+    assert entry["result"] == "accepted" and entry["status"] == 200
+    assert isinstance(entry["ms"], int) and 0 <= entry["ms"] < 300
+    assert entry["excerpt"] == '{"status":"accepted","note":"' + "x" * 11  # 40 characters
+    assert SECRET not in str(entry)
+
+
+async def test_a_job_older_than_max_age_is_dead_lettered_and_refunded(
+    store: Store, buyers: Buyers
+) -> None:
+    b = buyer("b1", buyers.url + "/accept", **{**FAST, "max_age_s": 60})
+    await accounts(store, b)
+    await sell(store, b, "L1")
+    clock = Clock()
+    clock.offset = 61_000  # the sale is now older than max_age_s: never sent
+    w = worker(store, b, clock=clock)
+    try:
+        await w.process_once()
+    finally:
+        await w.close()
+    assert buyers.at("/accept") == []
+    assert await settled(store, "L1", b) == "FAILED"
+    await assert_refunded(store, b)
+    dead = await store.redis.xrange(keys.dead_letter(T, "deliveries"))
+    assert len(dead) == 1 and b"expired" in dead[0][1][b"reason"]
+    events = await store.redis.xrange(keys.events(T))
+    assert [f[b"type"] for _, f in events].count(b"delivery_failed") == 1
+    assert await stream_empty(store.redis)
+
+
+async def test_two_workers_share_one_stream_each_job_delivered_once(
+    store: Store, buyers: Buyers
+) -> None:
+    b = buyer("b1", buyers.url + "/accept", price="1.00", **FAST)
+    await accounts(store, b)
+    for i in range(60):
+        await sell(store, b, f"T{i}")
+    one = worker(store, b, consumer="one", block_ms=20, count=8, max_inflight=16)
+    two = worker(store, b, consumer="two", block_ms=20, count=8, max_inflight=16)
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(w.run(stop)) for w in (one, two)]
+    try:
+        deadline = time.monotonic() + 10
+        while not await stream_empty(store.redis):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+    ids = [r.msg_id for r in buyers.at("/accept")]
+    assert sorted(ids) == sorted(f"msg_T{i}_b1" for i in range(60))  # each once
+    assert await balance(store, b.client) == OPENING - 60 * 1_000_000
