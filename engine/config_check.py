@@ -217,6 +217,9 @@ class _Checker:
             _ = parts.port
         except ValueError as exc:
             raise self.fail(f"{p}.url", f"invalid port: {exc}") from exc
+        if not d.secret:  # every webhook is signed (Standard Webhooks): no secret, no hook
+            raise self.fail(f"{p}.secret", "required: every webhook request is signed "
+                            "(whsec_<base64> or env:NAME)")
         if d.secret:
             secret = resolve_secret(d.secret)
             if not secret:

@@ -165,16 +165,19 @@ def test_breaker_state_machine() -> None:
 
 # -- delivery settings are checked when the config is loaded ---------------------------
 
-_GOOD = 'url = "https://buyer.example/leads"'
+_URL = 'url = "https://buyer.example/leads"'
+_GOOD = _URL + f', secret = "{SECRET}"'
 
 
 @pytest.mark.parametrize(("delivery", "path", "reason"), [
     ('url = "ftp://buyer.example/x"', "buyers[0].delivery.url", "http(s) URL"),
     ('url = "https:///no-host"', "buyers[0].delivery.url", "with a host"),
     ('url = "http://buyer.example:99999/"', "buyers[0].delivery.url", "port"),
-    (_GOOD + ', secret = "not-a-secret"', "buyers[0].delivery.secret", "whsec_"),
-    (_GOOD + ', secret = "whsec_***"', "buyers[0].delivery.secret", "base64"),
-    (_GOOD + ', secret = "env:LEADFLOW_TEST_UNSET_SECRET"', "buyers[0].delivery.secret",
+    (_URL, "buyers[0].delivery.secret", "required"),
+    (_URL + ', secret = ""', "buyers[0].delivery.secret", "required"),
+    (_URL + ', secret = "not-a-secret"', "buyers[0].delivery.secret", "whsec_"),
+    (_URL + ', secret = "whsec_***"', "buyers[0].delivery.secret", "base64"),
+    (_URL + ', secret = "env:LEADFLOW_TEST_UNSET_SECRET"', "buyers[0].delivery.secret",
      "environment variable"),
     (_GOOD + ', headers = { Authorization = "env:LEADFLOW_TEST_UNSET_TOKEN" }',
      "buyers[0].delivery.headers.Authorization", "environment variable"),
