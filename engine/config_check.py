@@ -36,6 +36,7 @@ MIN_RECHARGE_THRESHOLD = 20_000_000  # auto-recharge threshold: at least $20.00
 MIN_RECHARGE_AMOUNT = 100_000_000  # auto-recharge amount: at least $100.00
 MAX_CARD_FEE_BP = 1_500  # pass-through card fee: up to 15%
 MAX_SYNC_DEADLINE_MS = 60_000  # a seller waits at most a minute for a sync-mode answer
+MAX_TIMEOUT_MS = 30_000  # a buyer webhook request: half the worker's 60 s claim-idle time
 
 
 class _Checker:
@@ -238,6 +239,9 @@ class _Checker:
                       "retry_max_ms", "breaker_failures", "breaker_cooldown_s"):
             if getattr(d, field) < 1:
                 raise self.fail(f"{p}.{field}", "must be positive")
+        if d.timeout_ms > MAX_TIMEOUT_MS:  # a request must end well before another worker
+            # may claim its job (WorkerOptions.claim_idle_ms, 60 s), or it is sent twice
+            raise self.fail(f"{p}.timeout_ms", f"at most {MAX_TIMEOUT_MS} ms")
         if d.retry_max_ms < d.retry_base_ms:
             raise self.fail(f"{p}.retry_max_ms", "must not be below retry_base_ms")
         if d.max_price is not None and self.money(d.max_price, f"{p}.max_price") < 0:

@@ -191,6 +191,7 @@ _GOOD = _URL + f', secret = "{SECRET}"'
     (_GOOD + ', max_price = "1.5.0"', "buyers[0].delivery.max_price", ""),
     (_GOOD + ', max_price = "-1.00"', "buyers[0].delivery.max_price", "negative"),
     (_GOOD + ", timeout_ms = 0", "buyers[0].delivery.timeout_ms", "positive"),
+    (_GOOD + ", timeout_ms = 30001", "buyers[0].delivery.timeout_ms", "at most 30000"),
     (_GOOD + ", max_attempts = 0", "buyers[0].delivery.max_attempts", "positive"),
     (_GOOD + ", breaker_cooldown_s = -1", "buyers[0].delivery.breaker_cooldown_s", "positive"),
     (_GOOD + ", retry_base_ms = 500, retry_max_ms = 100", "buyers[0].delivery.retry_max_ms",
