@@ -499,3 +499,41 @@ async def test_two_workers_share_one_stream_each_job_delivered_once(
     ids = [r.msg_id for r in buyers.at("/accept")]
     assert sorted(ids) == sorted(f"msg_T{i}_b1" for i in range(60))  # each once
     assert await balance(store, b.client) == OPENING - 60 * 1_000_000
+
+
+async def test_a_job_waiting_on_a_slow_buyer_is_not_claimed_by_another_worker(
+    store: Store, buyers: Buyers
+) -> None:
+    """The running worker keeps refreshing the idle time of what it has in flight, so a
+    request outliving ``claim_idle_ms`` is not taken over (and sent again) elsewhere."""
+    b = buyer("b1", buyers.url + "/hold", **{**FAST, "timeout_ms": 10_000})
+    await accounts(store, b)
+    await sell(store, b, "K1")
+    claim_idle_ms = 200
+    busy = worker(store, b, consumer="busy", claim_idle_ms=claim_idle_ms, block_ms=20)
+    other = worker(store, b, consumer="other", claim_idle_ms=claim_idle_ms)
+    stop = asyncio.Event()
+    task = asyncio.create_task(busy.run(stop))
+    try:
+        deadline = time.monotonic() + 10
+        while not buyers.at("/hold"):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.005)
+        held_since = time.monotonic()
+        while time.monotonic() - held_since < 3 * claim_idle_ms / 1000:  # well past it
+            rows = await store.redis.xpending_range(keys.deliveries(T), "delivery",
+                                                    "-", "+", 10)
+            assert len(rows) == 1 and rows[0]["consumer"] == b"busy"
+            assert rows[0]["time_since_delivered"] < claim_idle_ms
+            assert await other._claim(10) == []
+            await asyncio.sleep(0.02)
+        buyers.release.set()
+        while not await stream_empty(store.redis):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+    finally:
+        stop.set()
+        await task
+        await other.close()
+    assert len(buyers.at("/hold")) == 1
+    assert await settled(store, "K1", b) == "ACCEPTED"

@@ -392,6 +392,8 @@ class DeliveryWorker:
         effects, and one MULTI acking the jobs that had one."""
         if not jobs:
             return
+        if self._session is None:  # lanes need it; run() and process_once() start first
+            await self.start()
         pre = await self._prechecked(jobs)
         out = _Batch(jobs)
         self._batches.add(out)
@@ -631,9 +633,34 @@ class DeliveryWorker:
         loop per stream group (one in all on a single Redis), sharing ``max_inflight``."""
         await self.start()
         try:
-            await asyncio.gather(*(self._read_loop(g, stop) for g in self._groups))
+            await asyncio.gather(*(self._read_loop(g, stop) for g in self._groups),
+                                 self._keepalive(stop))
         finally:
             await self.close()
+
+    async def _keepalive(self, stop: asyncio.Event) -> None:
+        """Every quarter of ``claim_idle_ms``, reset the idle time of the entries in flight
+        here (XCLAIM JUSTID to ourselves), so no other worker claims a job this one is
+        still on: a job may wait in its endpoint's queue and then for a slow buyer for
+        longer than the claim time, and would otherwise be sent twice."""
+        every_s = max(self.opts.claim_idle_ms / 4_000, 0.01)
+        while not stop.is_set():
+            await _wait_any(stop, within_s=every_s)
+            try:
+                await self.touch()
+            except (OSError, aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+                log.warning("delivery worker: could not refresh in-flight jobs (%s)", exc)
+
+    async def touch(self) -> int:
+        """Reset the idle time of every entry in flight here; returns how many."""
+        ids: dict[str, list[Any]] = {}
+        for b in self._batches:
+            for j in b.jobs:
+                ids.setdefault(j.tenant, []).append(j.entry_id)
+        for tenant, entry_ids in ids.items():  # one call per tenant: one slot each
+            await self.redis.xclaim(keys.deliveries(tenant), self.opts.group, self.consumer,
+                                    0, entry_ids, justid=True)
+        return sum(len(v) for v in ids.values())
 
     def _batch_done(self, n: int, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
