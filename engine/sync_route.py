@@ -19,7 +19,7 @@ test on the async path, which never runs any of this). For one lead, within
    REJECTED or DUPLICATED was already refunded by :func:`deliver_sync` (price and outbound
    fee back, cap slot freed), and so was a try without a verdict (timeout, 5xx, 429,
    network error): it is recorded FAILED, so the stream worker never sends it again. Then
-   try n + 1 follows, while the deadline has not passed.
+   try n + 1 follows, while at least ``MIN_TRY_MS`` (250 ms) are left before the deadline.
 4. **No buyer accepted**: REJECTED code 204 when no buyer is left to try, 205 when the
    deadline passed first. Buyers pay nothing; the inbound fee stays charged, as for any
    valid lead no buyer took; the campaign-dedupe fingerprints of the lead are forgotten
@@ -71,6 +71,9 @@ ALL_REJECTED = Codes.ALL_REJECTED  # 204: every buyer the lead was sent to rejec
 NO_VERDICT = Codes.NO_VERDICT  # 205: the deadline passed before a buyer accepted
 PENDING_MESSAGE = "lead accepted; buyer verdict pending (delivery continues asynchronously)"
 _REPLAY_POLL_S = 0.02
+# the least time left before the deadline for which a next try is sold and sent: less
+# would send the lead to a buyer with no chance to answer (and refund it at once)
+MIN_TRY_MS = 250
 
 # engine/lua/sync_claim.lua and sync_final.lua (their headers name KEYS and ARGV)
 _CLAIM = scripts.housekeeping("sync_claim")
@@ -215,12 +218,12 @@ class SyncRouter:
             if v is not None and v.outcome is Outcome.ACCEPTED:
                 return _accepted(lead_id, buyer, price if v.price is None else v.price)
             # rejected, duplicate or no verdict: refunded by deliver_sync; the next buyer,
-            # while there is time
-            if v is None and now_ms() >= deadline:
-                return _no_verdict(lead_id, len(w.tried))
+            # while there is time for a try (else it would be sold only to be refunded)
             nxt = _next_try(lead, set(w.tried), len(w.tried) + 1)
             if not nxt["cs"]:
                 return _all_rejected(lead_id, len(w.tried))
+            if deadline - now_ms() < MIN_TRY_MS:
+                return _no_verdict(lead_id, len(w.tried))
             w.derived.append(nxt["k"])
             d = await batcher.decide(_enc.encode(nxt), lead["x"].encode())
 

@@ -166,6 +166,19 @@ async def test_deadline_passes_no_sale_and_the_worker_never_sends_it(
         assert r2["lead_id"] != lead_id and r2["status"] != "DUPLICATED", r2
 
 
+async def test_no_next_try_without_time_for_it(redis, redis_server, buyers: Buyers) -> None:
+    """b1 rejects with less than MIN_TRY_MS left: b2 is neither sold nor sent the lead."""
+    cfg = sync_config(buyers, "/reject", "/accept", deadline_ms=200)
+    async with running(cfg, redis_server.url) as eng:
+        _, r = await eng.lead(email="ed@example.com")
+        assert (r["status"], r["code"]) == ("REJECTED", 205), r
+        assert len(buyers.at("/reject")) == 1 and buyers.at("/accept") == []
+        assert await eng.balance("c1") == OPENING and await eng.balance("c2") == OPENING
+        ledger = await eng.store.ledger_page("t1", "c2")
+        assert [f["kind"] for _, f in ledger] == ["opening"]  # b2 never sold: no churn
+        await ledgers_sum(eng)
+
+
 async def test_a_buyer_without_a_verdict_is_skipped_while_time_is_left(
     redis, redis_server, buyers: Buyers
 ) -> None:
