@@ -29,6 +29,7 @@ from engine.accounts_api import tenant_route
 from engine.app import App
 from engine.config import WALLET, Config
 from engine.delivery import client
+from engine.delivery.worker import WorkerOptions
 from engine.embedded import EmbeddedRedis
 from engine.errors import ConfigError
 from engine.http import Handler, Request, Response
@@ -117,7 +118,9 @@ class Service:
         s = self.cfg.settings
         # the process's one HTTP client session (connection pool and limits), shared by
         # sync-mode deliveries and an in-process delivery worker; closed at stop
-        self.http = client.new_session()
+        lanes = WorkerOptions()  # the worker's connections; sync tries get a reserve
+        self.http = client.new_session(limit=lanes.connector_limit + client.SYNC_RESERVE,
+                                       limit_per_host=lanes.limit_per_host + client.SYNC_RESERVE)
         self.sync = SyncRouter(self.store, session=self.http,
                                observer=telemetry.delivery_observer)
         self.app = App(

@@ -167,6 +167,9 @@ async def test_one_http_client_session_per_process(redis, redis_server, cfg, mon
                 break
             await asyncio.sleep(0.005)
         assert seen == [session]
+        # the worker's lanes (64 per endpoint) leave sync tries a reserve of connections
+        assert session.connector is not None
+        assert (session.connector.limit, session.connector.limit_per_host) == (544, 96)
     finally:
         await svc.stop()
     assert session.closed and svc.http is None

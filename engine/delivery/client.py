@@ -59,6 +59,12 @@ class Attempt(msgspec.Struct, frozen=True, gc=False):
         return "timeout" if self.error == "timeout" else "error"
 
 
+# Connections (per host and in all) a process's shared session keeps beyond what its
+# delivery worker's lanes can take, so that sync-mode tries never wait behind a backlog of
+# worker deliveries to the same buyer (aiohttp's timeout counts the wait for a connection).
+SYNC_RESERVE = 32
+
+
 def new_session(*, limit: int = 512, limit_per_host: int = 64) -> aiohttp.ClientSession:
     """The one long-lived client session of a process."""
     connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit_per_host,
