@@ -33,8 +33,12 @@ While the waterfall runs, the idempotency record holds a *pending* result (ACCEP
 with a ``sy`` field = the claim's end). A replay that finds it waits (polling) until the
 final result is written or the claim ends, then returns what is stored. An engine that
 dies mid-waterfall thus leaves "ACCEPTED, verdict pending": the sale standing then is
-delivered by the worker (its claim expires at the deadline + 2 s). Known gap: if it died
-between a refund and the next try's sale, no sale stands although the record says pending.
+delivered by the worker (its claim expires at the deadline + 2 s). Known gaps: if it died
+between a refund and the next try's sale, no sale stands although the record says pending;
+the pending record names the buyer of the first try, so after a crash later in the
+waterfall a replay can name a buyer that was refunded while another holds the sale; and a
+try's decision is written without checking that its SYNC claim is still the one in place
+(only a Redis stall of more than the 2 s grace lets the worker take the job over first).
 """
 
 from __future__ import annotations

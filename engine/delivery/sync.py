@@ -10,9 +10,9 @@ sale it just made, with the absolute deadline of the ingest response. The attemp
 3. a verdict is recorded exactly as the worker records it (decision, log, refund on
    DUPLICATED/REJECTED, reprice on an accepted real-time price) and returned; the caller
    may then try the next buyer, whose money has been freed.
-4. no verdict (timeout, network error, 5xx, 429, deadline passed): the claim is released
-   and ``None`` is returned: the sale stands and the stream worker delivers the job
-   asynchronously with its normal retry policy (same ``webhook-id``).
+4. no verdict (timeout, network error, 5xx, 429, deadline passed): no sale. The try is
+   recorded ``FAILED`` in place of the claim and refunded like a rejection, and ``None``
+   is returned; the stream worker, finding the job decided, acks it without sending.
 
 Breakers are not consulted here: the router already skips buyers whose breaker is open
 (``breaker.is_open`` / ``open_buyers``).
