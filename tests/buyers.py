@@ -86,6 +86,9 @@ def _app(state: Buyers) -> web.Application:
             case "/slow":
                 await state.release.wait()
                 return web.json_response({"status": "accepted"})
+            case "/hold_reject":  # waits for release, then rejects
+                await state.release.wait()
+                return web.json_response({"status": "rejected"})
             case "/hold":  # the first request waits for release, later ones answer at once
                 if n == 1:
                     await state.release.wait()

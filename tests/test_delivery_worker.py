@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 
 from engine import keys
 from engine.config import Buyer, Config, ResponseRule
+from engine.delivery import record
 from engine.delivery.breaker import is_open, open_buyers
 from engine.delivery.client import Endpoint
 from engine.delivery.record import DeliveryEvent, read_decision, read_log
@@ -537,3 +538,33 @@ async def test_a_job_waiting_on_a_slow_buyer_is_not_claimed_by_another_worker(
         await other.close()
     assert len(buyers.at("/hold")) == 1
     assert await settled(store, "K1", b) == "ACCEPTED"
+
+
+async def test_a_decision_recorded_meanwhile_by_another_worker_stands(
+    store: Store, buyers: Buyers
+) -> None:
+    """Two workers on one job (the first stalled past the claim time): the decision
+    recorded first stands with its money effect; the later one neither overwrites it nor
+    refunds the sale the other one's buyer accepted."""
+    b = buyer("b1", buyers.url + "/hold_reject", **{**FAST, "timeout_ms": 10_000})
+    await accounts(store, b)
+    await sell(store, b, "R1")
+    w = worker(store, b)
+    task = asyncio.create_task(w.process_once())
+    try:
+        deadline = time.monotonic() + 10
+        while not buyers.at("/hold_reject"):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.005)
+        # meanwhile another worker delivered the same job and its buyer accepted it
+        accepted = record.Decision(record.ACCEPTED, "accepted: by the other worker")
+        await store.redis.hset(keys.dstate(T, "R1"), b.id, record.encode_decision(accepted))
+        buyers.release.set()
+        assert await task == 1
+    finally:
+        await w.close()
+    assert await settled(store, "R1", b) == "ACCEPTED"
+    assert await balance(store, b.client) == OPENING - PRICE  # not refunded
+    log = await read_log(store, T, "R1")
+    assert [e["result"] for e in log] == ["rejected"]  # this attempt is still logged
+    assert await stream_empty(store.redis)

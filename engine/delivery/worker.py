@@ -165,8 +165,9 @@ class _Batch:
         land first (delivery_finish.lua writes them)."""
         c = self.common.get(job.tenant)
         if c is None:
-            c = self.common[job.tenant] = {"j": [], "a": []}
+            c = self.common[job.tenant] = {"j": [], "a": [], "jobs": []}
         c["j"].append((job.lead_id, job.buyer, decision, entry.decode()))
+        c["jobs"].append(job)  # not sent: maps delivery_finish.lua's row numbers back
         if ack:
             c["a"].append(job.entry_id)
 
@@ -439,25 +440,33 @@ class DeliveryWorker:
         return raw
 
     async def _commit(self, out: _Batch) -> None:
+        kept: set[tuple[str, str, str]] = set()  # (tenant, lead, buyer) decided elsewhere
         for tenant in out.ops.keys() | out.common.keys():
+            common = out.common.get(tenant)
             if tenant not in out.ops:  # the common case: one Lua call, atomic by itself
-                arg = {"g": self.opts.group, "ttl": record.STATE_TTL_S,
-                       "lmax": record.LOG_MAX, **out.common[tenant]}
                 async with self._rsem:
-                    await self._finish_lua(keys=[keys.tenant_prefix(tenant)],
-                                           args=[msgspec.json.encode(arg)])
-                continue
-            async with self.redis.pipeline(transaction=True) as pipe:
-                for op in out.ops.get(tenant, []):
-                    op(pipe)
-                common = out.common.get(tenant)
-                if common:
-                    arg = {"g": self.opts.group, "ttl": record.STATE_TTL_S,
-                           "lmax": record.LOG_MAX, **common}
-                    await self._finish_lua(keys=[keys.tenant_prefix(tenant)],
-                                           args=[msgspec.json.encode(arg)], client=pipe)
-                async with self._rsem:
-                    await pipe.execute()
+                    rows = await self._finish_rows(tenant, common, self.redis)
+            else:
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    if common:  # first: its result is the first of the MULTI's
+                        await self._finish_rows(tenant, common, pipe)
+                    for op in out.ops.get(tenant, []):
+                        op(pipe)
+                    async with self._rsem:
+                        results = await pipe.execute()
+                rows = results[0] if common else []
+            for i in rows or []:
+                job = common["jobs"][int(i) - 1] if common else None
+                if job is not None:
+                    kept.add((tenant, job.lead_id, job.buyer))
+                    log.warning("delivery of %s to %s (tenant %s) was decided by another "
+                                "worker first; its decision and money effect stand",
+                                job.lead_id, job.buyer, tenant)
+        if kept:  # their money effect is the other decision's, already applied: only ack
+            theirs = [j for j, _ in out.money if (j.tenant, j.lead_id, j.buyer) in kept]
+            out.money = [(j, d) for j, d in out.money
+                         if (j.tenant, j.lead_id, j.buyer) not in kept]
+            await self._ack_all(theirs)
         if not out.money:
             return
 
@@ -473,9 +482,23 @@ class DeliveryWorker:
             return job
 
         done = [j for j in await asyncio.gather(*(money(j, d) for j, d in out.money)) if j]
-        for tenant in {j.tenant for j in done}:  # one MULTI per tenant: one slot each
+        await self._ack_all(done)
+
+    async def _finish_rows(self, tenant: str, common: dict[str, list[Any]] | None,
+                           client: Any) -> Any:
+        """delivery_finish.lua for a tenant's rows (on ``client``: Redis or a pipeline).
+        Returns the row numbers whose delivery another worker had decided already."""
+        if not common:
+            return []
+        arg = {"g": self.opts.group, "ttl": record.STATE_TTL_S, "lmax": record.LOG_MAX,
+               "j": common["j"], "a": common["a"]}
+        return await self._finish_lua(keys=[keys.tenant_prefix(tenant)],
+                                      args=[msgspec.json.encode(arg)], client=client)
+
+    async def _ack_all(self, jobs: Sequence[Job]) -> None:
+        for tenant in {j.tenant for j in jobs}:  # one MULTI per tenant: one slot each
             async with self.redis.pipeline(transaction=True) as pipe:
-                for j in done:
+                for j in jobs:
                     if j.tenant == tenant:
                         self._ack_in(pipe, j)
                 async with self._rsem:

@@ -6,13 +6,25 @@
 --                "j": [[lead, buyer, decision JSON, log entry JSON]],
 --                "a": [stream entry ids to XACK + XDEL]}
 --
--- Returns how many entries were acknowledged.
+-- A decision already recorded for (lead, buyer) by someone else (another worker that
+-- took the same entry over, or a sync try) is never overwritten, except a SYNC claim: the
+-- first decision stands, with its money effect, and the caller skips its own.
+--
+-- Returns the row numbers (1-based, in "j") whose decision was kept that way.
 
 local p, b = KEYS[1], cjson.decode(ARGV[1])
-for _, j in ipairs(b.j) do
+local kept = {}
+for i, j in ipairs(b.j) do
   local k = K.dstate(p, j[1])
-  redis.call('HSET', k, j[2], j[3])
-  redis.call('EXPIRE', k, b.ttl)
+  local cur = redis.call('HGET', k, j[2])
+  local ok, d = false, nil
+  if cur then ok, d = pcall(cjson.decode, cur) end
+  if ok and type(d) == 'table' and d.o ~= 'SYNC' then
+    kept[#kept + 1] = i
+  else
+    redis.call('HSET', k, j[2], j[3])
+    redis.call('EXPIRE', k, b.ttl)
+  end
   k = K.dlog(p, j[1])
   if redis.call('RPUSH', k, j[4]) > b.lmax then redis.call('LTRIM', k, -b.lmax, -1) end
   redis.call('EXPIRE', k, b.ttl)
@@ -21,4 +33,4 @@ if #b.a > 0 then
   redis.call('XACK', K.deliveries(p), b.g, unpack(b.a))
   redis.call('XDEL', K.deliveries(p), unpack(b.a))
 end
-return #b.a
+return kept
