@@ -23,7 +23,10 @@ Giving up: after ``max_attempts`` attempts, or when the next try would be later 
 Outcome: the decision is written to ``keys.dstate`` (+ the delivery log), then the money
 effect (refund for DUPLICATED/REJECTED/FAILED, reprice for an accepted real-time price),
 then ``XACK`` + ``XDEL``. A job found already decided replays only the idempotent money
-effect and acks.
+effect and acks. The first decision stands: one recorded meanwhile by another worker (that
+took the entry over) is never overwritten, and this job's money effect is then skipped.
+While running, the worker refreshes the idle time of its in-flight entries (XCLAIM JUSTID
+every quarter of ``claim_idle_ms``), so only a stalled worker's entries are taken over.
 """
 
 from __future__ import annotations
