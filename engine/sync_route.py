@@ -36,9 +36,9 @@ dies mid-waterfall thus leaves "ACCEPTED, verdict pending": the sale standing th
 delivered by the worker (its claim expires at the deadline + 2 s). Known gaps: if it died
 between a refund and the next try's sale, no sale stands although the record says pending;
 the pending record names the buyer of the first try, so after a crash later in the
-waterfall a replay can name a buyer that was refunded while another holds the sale; and a
-try's decision is written without checking that its SYNC claim is still the one in place
-(only a Redis stall of more than the 2 s grace lets the worker take the job over first).
+waterfall a replay can name a buyer that was refunded while another holds the sale. (A try
+that outlives its claim, which takes a Redis stall longer than the 2 s grace, finds the
+worker's decision recorded first and keeps it: delivery_finish.lua never overwrites one.)
 """
 
 from __future__ import annotations

@@ -568,3 +568,27 @@ async def test_a_decision_recorded_meanwhile_by_another_worker_stands(
     log = await read_log(store, T, "R1")
     assert [e["result"] for e in log] == ["rejected"]  # this attempt is still logged
     assert await stream_empty(store.redis)
+
+
+async def test_a_sync_try_keeps_a_decision_recorded_first(store: Store, buyers: Buyers) -> None:
+    """A sync try that outlived its claim (the worker took the job over and its buyer
+    accepted) neither overwrites that decision nor refunds the sale: it returns it."""
+    b = buyer("b1", buyers.url + "/hold_reject", **{**FAST, "timeout_ms": 10_000})
+    await accounts(store, b)
+    await sell(store, b, "Y1")
+    async with aiohttp.ClientSession() as session:
+        task = asyncio.create_task(deliver_sync(
+            store, session, Endpoint(b), lead_id="Y1", lead={"first_name": "Ada"},
+            price=PRICE, deadline_ms=now_ms() + 10_000))
+        deadline = time.monotonic() + 10
+        while not buyers.at("/hold_reject"):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.005)
+        accepted = record.Decision(record.ACCEPTED, "accepted: by the worker")
+        await store.redis.hset(keys.dstate(T, "Y1"), b.id, record.encode_decision(accepted))
+        buyers.release.set()
+        v = await task
+    assert v is not None and v.outcome is Outcome.ACCEPTED and v.reason == accepted.r
+    assert await settled(store, "Y1", b) == "ACCEPTED"
+    assert await balance(store, b.client) == OPENING - PRICE  # not refunded
+    assert [e["result"] for e in await read_log(store, T, "Y1")] == ["rejected"]

@@ -23,8 +23,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import aiohttp
+import msgspec
 
-from engine import keys
+from engine import keys, scripts
 from engine.delivery import client, record
 from engine.delivery.client import Endpoint
 from engine.delivery.record import Decision, DeliveryEvent, Observer
@@ -32,6 +33,7 @@ from engine.delivery.verdict import Outcome, Verdict
 from engine.store import Store, now_ms
 
 CLAIM_GRACE_MS = 2_000  # the claim outlives the deadline by this much
+_FINISH = scripts.housekeeping("delivery_finish")  # records a decision as the worker does
 
 
 async def deliver_sync(
@@ -61,9 +63,8 @@ async def deliver_sync(
         claim = Decision(record.SYNC, "sync attempt", u=deadline_ms + CLAIM_GRACE_MS)
         if not await store.redis.hsetnx(state_key, buyer, record.encode_decision(claim)):
             prior = record.decode_decision(await store.redis.hget(state_key, buyer))
-            if prior is None or prior.o not in Outcome.__members__:
-                return None  # another sync attempt holds it, or it failed for good
-            return Verdict(Outcome(prior.o), prior.r, prior.p)
+            # None: another sync attempt holds it, or it failed for good
+            return None if prior is None else _verdict(prior)
         await store.redis.expire(state_key, record.STATE_TTL_S)
     left = deadline_ms - now_ms()
     if left <= 0:
@@ -75,33 +76,52 @@ async def deliver_sync(
     record.notify(observer, [DeliveryEvent(tenant, buyer, lead_id, att.kind, att.latency_ms,
                                            att.status, 1)])
     if att.verdict is None:
-        await _no_verdict(store, tenant, lead_id, buyer, f"no verdict in time ({att.error})",
-                          status=att.status, ms=att.latency_ms, excerpt=att.excerpt)
-        return None
+        return await _no_verdict(store, tenant, lead_id, buyer,
+                                 f"no verdict in time ({att.error})", status=att.status,
+                                 ms=att.latency_ms, excerpt=att.excerpt)
     v = att.verdict
     dec = Decision(v.outcome.value, v.reason, v.price)
-    await _record(store, tenant, lead_id, buyer, dec, record.log_entry(
+    stands = await _record(store, tenant, lead_id, buyer, dec, record.log_entry(
         buyer=buyer, attempt=1, ts=now_ms(), result=v.outcome.lower(), status=att.status,
         ms=att.latency_ms, reason=f"sync: {v.reason}", excerpt=att.excerpt))
+    if stands is not dec:
+        return _verdict(stands)
     await record.apply_money(store, tenant, lead_id, buyer, dec, sale_price=price)
     return v
 
 
 async def _no_verdict(store: Store, tenant: str, lead_id: str, buyer: str, why: str, *,
-                      status: int = 0, ms: int = 0, excerpt: str = "") -> None:
+                      status: int = 0, ms: int = 0, excerpt: str = "") -> Verdict | None:
     """A sync try without the buyer's verdict is not a sale: FAILED, refunded (price,
-    outbound fee, cap slot), and, being decided, never sent again by the stream worker."""
+    outbound fee, cap slot), and, being decided, never sent again by the stream worker.
+    Returns None, or the verdict of a decision recorded first by someone else."""
     dec = Decision(record.FAILED, f"sync: {why}")
-    await _record(store, tenant, lead_id, buyer, dec, record.log_entry(
+    stands = await _record(store, tenant, lead_id, buyer, dec, record.log_entry(
         buyer=buyer, attempt=1, ts=now_ms(), result="failed", status=status, ms=ms,
         reason=dec.r, excerpt=excerpt))
+    if stands is not dec:
+        return _verdict(stands)
     await record.apply_money(store, tenant, lead_id, buyer, dec, sale_price=0)
+    return None
 
 
 async def _record(store: Store, tenant: str, lead_id: str, buyer: str, dec: Decision,
-                  entry: bytes) -> None:
-    """The decision (replacing the SYNC claim) and its log entry, in one MULTI."""
-    async with store.redis.pipeline(transaction=True) as pipe:
-        record.write_decision(pipe, tenant, lead_id, buyer, dec)
-        record.write_log(pipe, tenant, lead_id, entry)
-        await pipe.execute()
+                  entry: bytes) -> Decision:
+    """The decision (replacing this try's SYNC claim) and its log entry, through
+    delivery_finish.lua as the worker records them: a decision someone else recorded first
+    (the stream worker, if this try outlived its claim) is kept. Returns the decision that
+    stands: ``dec``, or that other one, whose money effect is already applied."""
+    row = [lead_id, buyer, record.encode_decision(dec).decode(), entry.decode()]
+    arg = {"g": "", "ttl": record.STATE_TTL_S, "lmax": record.LOG_MAX, "j": [row], "a": []}
+    kept = await store.redis.register_script(_FINISH)(
+        keys=[keys.tenant_prefix(tenant)], args=[msgspec.json.encode(arg)])
+    if not kept:
+        return dec
+    return await record.read_decision(store, tenant, lead_id, buyer) or dec
+
+
+def _verdict(d: Decision) -> Verdict | None:
+    """The verdict of a recorded decision (None for FAILED: no verdict, no sale)."""
+    if d.o not in Outcome.__members__:
+        return None
+    return Verdict(Outcome(d.o), d.r, d.p)
