@@ -592,3 +592,33 @@ async def test_a_sync_try_keeps_a_decision_recorded_first(store: Store, buyers: 
     assert await settled(store, "Y1", b) == "ACCEPTED"
     assert await balance(store, b.client) == OPENING - PRICE  # not refunded
     assert [e["result"] for e in await read_log(store, T, "Y1")] == ["rejected"]
+
+
+async def test_put_form_template_headers_and_get_reach_a_real_buyer(
+    store: Store, buyers: Buyers
+) -> None:
+    """The settings only unit-tested by building the request, sent for real: a PUT of a
+    form-encoded template with a custom header, and a GET with the fields as its query.
+    The buyer verifies both signatures (body for PUT, query string for GET)."""
+    put = buyer("b1", buyers.url + "/accept", method="PUT", format="form",
+                template={"fname": "{first_name}", "src": "leadflow", "id": "{lead_id}"},
+                headers={"X-Api-Key": "k-123"}, **FAST)
+    get = buyer("b2", buyers.url + "/accept?aff=7", method="GET", **FAST)
+    await accounts(store, put, get)
+    await sell(store, put, "P1")
+    await sell(store, get, "G1")
+    w = worker(store, put, get)
+    try:
+        await until(w, lambda: stream_empty(store.redis))
+    finally:
+        await w.close()
+    sent = {r.method: r for r in buyers.at("/accept")}
+    assert sent.keys() == {"PUT", "GET"} and all(r.verified for r in sent.values())
+    p = sent["PUT"]
+    assert p.headers["content-type"] == "application/x-www-form-urlencoded"
+    assert p.headers["x-api-key"] == "k-123"
+    assert p.body == b"fname=Ada&src=leadflow&id=P1"
+    g = sent["GET"]
+    assert g.body == b"" and g.query.startswith("aff=7&") and "first_name=Ada" in g.query
+    assert await settled(store, "P1", put) == "ACCEPTED"
+    assert await settled(store, "G1", get) == "ACCEPTED"

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import msgspec
+from yarl import URL
 
 from billing import money
 from engine.config import Delivery, resolve_secret
@@ -39,7 +40,7 @@ _CONTENT_TYPE = {"json": "application/json", "form": "application/x-www-form-url
 
 class Request(msgspec.Struct, frozen=True, gc=False):
     method: str
-    url: str
+    url: str | URL  # a URL (already normalized by yarl) when the query is signed (GET)
     headers: dict[str, str]
     body: bytes
     msg_id: str
@@ -104,20 +105,23 @@ class RequestBuilder:
                 return self._signed(d.url, lead, lead, lead_id, timestamp)
             lead = stored_lead.decode(lead)
         fields = self.fields(lead, lead_id=lead_id, campaign=campaign, price=price)
-        url = d.url
+        url: str | URL = d.url
         if d.method == "GET":
             query = urlencode(fields)
             if self._parts.query:
                 query = f"{self._parts.query}&{query}" if query else self._parts.query
             p = self._parts
-            url = urlunsplit((p.scheme, p.netloc, p.path, query, p.fragment))
-            body, signed = b"", query.encode()
+            # yarl normalizes a query once (e.g. "%40" back to "@") and sends what it made of
+            # it; signing that very text, and handing aiohttp the URL object, makes the
+            # query the buyer receives the one that was signed
+            url = URL(urlunsplit((p.scheme, p.netloc, p.path, query, p.fragment)))
+            body, signed = b"", url.raw_query_string.encode()
         else:
             body = _json.encode(fields) if d.format == "json" else urlencode(fields).encode()
             signed = body
         return self._signed(url, body, signed, lead_id, timestamp)
 
-    def _signed(self, url: str, body: bytes, signed: bytes, lead_id: str,
+    def _signed(self, url: str | URL, body: bytes, signed: bytes, lead_id: str,
                 timestamp: int) -> Request:
         msg_id = webhook_id(lead_id, self.buyer)
         headers = self._base_headers.copy()
