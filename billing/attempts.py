@@ -124,6 +124,7 @@ class Charger:
         ok = await self.redis.set(keys.attempt(a.tenant, a.id), _enc.encode(a),
                                   nx=True, ex=ATTEMPT_TTL_S)
         if ok:
+            await self.redis.zadd(keys.open_attempts(a.tenant), {a.id: a.updated_ms})
             await self._audit(a, "created")
             return a, True
         prior = await self.load(a.tenant, a.id)
@@ -131,8 +132,27 @@ class Charger:
         return prior, False
 
     async def save(self, a: Attempt) -> None:
+        """Store the attempt, and keep the index of attempts not final yet (the recharge
+        worker resumes the ones left behind: see :meth:`stale`)."""
         a.updated_ms = now_ms()
-        await self.redis.set(keys.attempt(a.tenant, a.id), _enc.encode(a), ex=ATTEMPT_TTL_S)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(keys.attempt(a.tenant, a.id), _enc.encode(a), ex=ATTEMPT_TTL_S)
+            if a.state in FINAL:
+                pipe.zrem(keys.open_attempts(a.tenant), a.id)
+            else:
+                pipe.zadd(keys.open_attempts(a.tenant), {a.id: a.updated_ms})
+            await pipe.execute()
+
+    async def stale(self, tenant: str, *, idle_ms: int, now: int | None = None) -> list[str]:
+        """Ids of the attempts not final and not updated for ``idle_ms``: left behind by a
+        crash, a Stripe outage, or a payment still processing at Stripe."""
+        upto = (now or now_ms()) - idle_ms
+        ids = await self.redis.zrangebyscore(keys.open_attempts(tenant), 0, upto)
+        return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+
+    async def forget(self, tenant: str, attempt_id: str) -> None:
+        """Drop an attempt from the open index (final, or expired)."""
+        await self.redis.zrem(keys.open_attempts(tenant), attempt_id)
 
     async def _audit(self, a: Attempt, step: str) -> None:
         card = a.cards[a.index] if a.index < len(a.cards) else None

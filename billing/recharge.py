@@ -29,7 +29,7 @@ import msgspec
 from redis.exceptions import ResponseError
 
 from billing import money
-from billing.attempts import Attempt, CardTry, Hook
+from billing.attempts import FINAL, Attempt, CardTry, Hook
 from billing.context import BillingContext
 from billing.errors import (
     BillingError,
@@ -49,6 +49,7 @@ log = logging.getLogger("leadflow.billing.recharge")
 
 GROUP = "recharge"
 MAX_DELIVERIES = 5
+STALE_MS = 5 * 60_000  # an unfinished charge attempt this long untouched is resumed
 MIN_THRESHOLD = 20 * money.MICROS
 MIN_AMOUNT = 100 * money.MICROS
 _DAY_MS = 86_400_000
@@ -403,11 +404,46 @@ async def _drain(ctx: BillingContext, tenant: str, q: asyncio.Queue[_Entry | Non
         await _guarded(tenant, stop, _handle(ctx, tenant, *item))
 
 
+async def resume_stale(ctx: BillingContext, *, idle_ms: int = STALE_MS,
+                       now: int | None = None) -> list[Attempt]:
+    """Drive charge attempts left unfinished (not updated for ``idle_ms``) to an end: a
+    worker killed mid-charge, an event dead-lettered after repeated Stripe outages, a
+    payment still ``processing`` at Stripe when its event was handled, a funding request
+    whose client never came back. Each is resumed under its account's lock: its
+    PaymentIntent is looked up (never charged again when one exists) and a succeeded
+    charge is credited once (the credit is idempotent on the PaymentIntent id)."""
+    now = now or now_ms()
+    done: list[Attempt] = []
+    for tenant in ctx.config.tenants:
+        for attempt_id in await ctx.charger.stale(tenant.id, idle_ms=idle_ms, now=now):
+            a = await ctx.charger.load(tenant.id, attempt_id)
+            if a is None or a.state in FINAL:  # expired, or finished meanwhile
+                await ctx.charger.forget(tenant.id, attempt_id)
+                if a is None:
+                    continue
+            try:
+                async with ctx.charger.lock(a.tenant, a.account):
+                    a = await ctx.charger.run(a)
+            except (Busy, PaymentTransient) as exc:  # someone is on it, or Stripe still down
+                log.info("charge attempt %s not resumed yet: %s", attempt_id,
+                         type(exc).__name__)
+                continue
+            except BillingError as exc:  # e.g. the credit refused: money taken, needs a human
+                log.warning("charge attempt %s of %s/%s cannot finish: %s", attempt_id,
+                            a.tenant, a.account, exc)
+                continue
+            if a.purpose == "recharge" and a.state in FINAL:
+                await _finish(ctx, a, now)
+            done.append(a)
+    return done
+
+
 async def _schedule_loop(ctx: BillingContext, stop: asyncio.Event, every_s: float) -> None:
     while not stop.is_set():
         try:
             await run_scheduled(ctx)
-        except Exception:  # a failed schedule pass is retried next period
+            await resume_stale(ctx)
+        except Exception:  # a failed pass is retried next period
             log.exception("scheduled recharge pass failed")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), every_s)
@@ -427,5 +463,5 @@ async def run_recharge_worker(cfg: Config, store: Store, gateway: StripeGateway,
     await asyncio.gather(_schedule_loop(ctx, stop, schedule_every_s), *readers)
 
 
-__all__ = ["CENT", "configure", "process_once", "recharge", "run_recharge_worker",
-           "run_scheduled", "settings", "validate"]
+__all__ = ["CENT", "configure", "process_once", "recharge", "resume_stale",
+           "run_recharge_worker", "run_scheduled", "settings", "validate"]

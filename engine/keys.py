@@ -38,6 +38,7 @@ _FIXED: dict[str, str] = {
     "cursors": "cursors",  # HASH: campaign id -> round-robin counter
     "accounts": "accounts",  # SET: account ids (reconcile walks it, never SCAN)
     "charge_audit": "charge_audit",  # STREAM: every charge attempt transition (audit)
+    "open_attempts": "attempts:open",  # ZSET: charge attempts not final yet, by last update ms
 
 
     "retries": "deliveries:retry",  # ZSET: delivery jobs waiting for a retry, score = due ms
@@ -115,6 +116,10 @@ def dstate(tenant: str, lead_id: str) -> str:
 
 def breaker(tenant: str, buyer_id: str) -> str:
     return tenant_prefix(tenant) + _SUFFIX["breaker"].format(buyer_id)
+
+
+def open_attempts(tenant: str) -> str:
+    return tenant_prefix(tenant) + _FIXED["open_attempts"]
 
 
 def ledger(tenant: str) -> str:

@@ -9,7 +9,7 @@ import redis.asyncio as aioredis
 from billing import money, recharge
 from billing.attempts import Attempt, Charger
 from billing.context import BillingContext
-from billing.errors import InvalidRequest
+from billing.errors import InvalidRequest, PaymentTransient
 from billing.stripe_gateway import StripeGateway
 from engine import keys
 from engine.config import AutoRecharge
@@ -115,6 +115,35 @@ async def test_worker_killed_mid_charge_resumes_same_attempt(
     assert [p.status for p in localstripe.intents(customer=cus)] == ["succeeded"]
     assert len(await _events(redis, "recharge_succeeded")) == 1
     assert (await redis.xpending(keys.events(T), recharge.GROUP))["pending"] == 0
+
+
+async def test_an_attempt_left_behind_is_resumed_and_credited_once(
+        redis: aioredis.Redis, gateway: StripeGateway, localstripe: LocalStripe) -> None:
+    """Stripe charged, then the credit failed at every delivery of the event until it was
+    dead-lettered: the money is taken and nothing would credit it. The worker's periodic
+    pass finds the attempt unfinished and credits it, once, without charging again."""
+    outage = True
+
+    async def flaky_credit(name: str, a: Attempt) -> None:
+        if outage and name == "before_credit":
+            raise PaymentTransient("store hiccup")
+
+    ctx = await _ctx(redis, gateway, hook=flaky_credit)
+    await ctx.methods.attach(T, "c1", localstripe.card())
+    await _drop_below_threshold(ctx)
+    for _ in range(recharge.MAX_DELIVERIES + 1):
+        await _process(ctx, idle=0)
+    assert len(await redis.xrange(keys.dead_letter(T, "events"))) == 1
+    assert await _balance(ctx) == 15 * D  # charged at Stripe, not credited
+    assert await recharge.resume_stale(ctx, idle_ms=60_000) == []  # not stale yet
+    outage = False
+    (done,) = await recharge.resume_stale(ctx, idle_ms=0)
+    assert done.state == "credited" and await _balance(ctx) == 115 * D
+    cus = await ctx.methods.customer(T, "c1")
+    assert [p.status for p in localstripe.intents(customer=cus)] == ["succeeded"]
+    assert len(await _events(redis, "recharge_succeeded")) == 1
+    assert await recharge.resume_stale(ctx, idle_ms=0) == []  # nothing left open
+    assert await redis.zcard(keys.open_attempts(T)) == 0
 
 
 async def test_declined_primary_uses_activated_backup(
