@@ -73,7 +73,7 @@ def _decode(req: Request, decoder: msgspec.json.Decoder[Any]) -> Any:
         return decoder.decode(req.body)
     except msgspec.ValidationError as exc:
         raise InvalidRequest(f"invalid body: {exc}", code="invalid_body") from None
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):
         raise InvalidRequest("the body is not valid JSON", code="invalid_body") from None
 
 

@@ -16,7 +16,9 @@ MICROS = 1_000_000
 # Cap every amount (and every balance) well below that.
 MAX_ABS_MICROS = 10**15  # $1,000,000,000.00
 
-_DECIMAL = re.compile(r"^(-)?(\d{1,10})(?:\.(\d{1,6}))?$")
+# ASCII digits only (``\d`` would take other scripts' digits), and the whole string: no
+# surrounding white space, no trailing newline
+_DECIMAL = re.compile(r"(-)?([0-9]{1,10})(?:\.([0-9]{1,6}))?")
 
 
 def parse(text: str, *, field: str = "amount") -> int:
@@ -27,7 +29,7 @@ def parse(text: str, *, field: str = "amount") -> int:
     """
     if not isinstance(text, str):
         raise MoneyError(f'{field}: expected a decimal string such as "25.00"')
-    m = _DECIMAL.match(text.strip())
+    m = _DECIMAL.fullmatch(text)
     if m is None:
         raise MoneyError(f"{field}: {text!r} is not a decimal amount (at most 6 decimals)")
     sign, whole, frac = m.groups()
@@ -47,7 +49,7 @@ def format(micros: int) -> str:
 
 def parse_percent(text: str, *, field: str = "percent") -> int:
     """Parse ``"3"`` or ``"2.5"`` (percent) into basis points (``300``, ``250``)."""
-    m = re.match(r"^(\d{1,3})(?:\.(\d{1,2}))?$", text.strip()) if isinstance(text, str) else None
+    m = re.fullmatch(r"([0-9]{1,3})(?:\.([0-9]{1,2}))?", text) if isinstance(text, str) else None
     if m is None:
         raise MoneyError(f'{field}: {text!r} is not a percentage such as "3" or "2.5"')
     whole, frac = m.groups()

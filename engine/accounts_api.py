@@ -112,13 +112,18 @@ class AccountsApi:
             return http.error_response(404, "unknown_account", "no such account")
         q = req.query
         try:
-            limit = min(int(q.get("limit", "100")), MAX_PAGE)
+            limit = int(q.get("limit", "100"))
         except ValueError:
-            return http.error_response(400, "invalid_limit", "limit must be an integer")
+            limit = 0
+        if not 1 <= limit <= MAX_PAGE:
+            return http.error_response(400, "invalid_limit",
+                                       f"limit must be an integer from 1 to {MAX_PAGE}")
         before = q.get("before", "+")
         if before != "+" and not _is_stream_id(before):
             return http.error_response(400, "invalid_cursor", "before must be an entry id")
-        rows = await self.store.ledger_page(tenant, account, before=before, limit=max(limit, 1))
+        if before.strip("0-") == "":  # "0", "0-0": nothing comes before it
+            return http.json_response({"entries": [], "next_before": None})
+        rows = await self.store.ledger_page(tenant, account, before=before, limit=limit)
         entries = [_entry_view(i, f) for i, f in rows]
         nxt = rows[-1][0] if len(rows) == limit else None
         return http.json_response({"entries": entries, "next_before": nxt})
@@ -129,7 +134,7 @@ class AccountsApi:
         try:
             body = _credit.decode(req.body)
             amount = money.parse(body.amount)
-        except (msgspec.DecodeError, MoneyError) as exc:
+        except (msgspec.DecodeError, MoneyError, UnicodeDecodeError) as exc:
             return http.error_response(400, "invalid_body", str(exc))
         if amount <= 0:
             return http.error_response(400, "invalid_amount", "amount must be positive")
@@ -174,7 +179,7 @@ async def _return_lead(store: Store, req: Request, tenant: str) -> Response:
     lead_id = req.params["id"]
     try:
         body = _return.decode(req.body)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         return http.error_response(400, "invalid_body", str(exc))
     if body.reason not in RETURN_REASONS:
         return http.error_response(422, "reason_not_accepted",
@@ -205,12 +210,12 @@ def _lead_time_ms(lead_id: str) -> int | None:
 _LEAD_KINDS = frozenset({"lead", "fee", "refund", "fee_refund", "reprice", "return"})
 
 
-_STREAM_ID = re.compile(r"^[0-9]{1,19}(-[0-9]{1,19})?$")
+_STREAM_ID = re.compile(r"[0-9]{1,19}(-[0-9]{1,19})?")
 
 
 def _is_stream_id(text: str) -> bool:
     """A Redis stream id (``ms`` or ``ms-seq``) small enough for Redis to parse."""
-    return bool(_STREAM_ID.match(text)) and int(text.partition("-")[0]) < 2**63
+    return bool(_STREAM_ID.fullmatch(text)) and int(text.partition("-")[0]) < 2**63
 
 
 def _entry_view(entry_id: str, f: dict[str, str]) -> dict[str, object]:

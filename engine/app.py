@@ -29,6 +29,11 @@ if TYPE_CHECKING:
 _lead_enc = msgspec.json.Encoder()
 _FORM = "application/x-www-form-urlencoded"
 _JSON_TYPES = ("application/json", "", "text/plain")
+# what a batch may be labelled: the NDJSON types, the JSON/text ones, and what curl and
+# most HTTP clients put on a raw body by default (octet-stream, form); the body is read as
+# NDJSON whatever the label, so a form body only yields ERROR lines. Anything else: 415.
+_NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/json", "",
+                 "text/plain", "application/octet-stream", _FORM)
 MAX_BATCH_LINES = 10_000
 
 HttpObserver = Callable[[str, int, float], None]  # route, status, seconds
@@ -121,6 +126,9 @@ class App:
         try:
             body = await http.read_body(receive, route.body_limit)
         except http.BodyTooLarge:
+            if route.handler == self._batch:  # the ingest endpoints answer in their own shape
+                return route.name, _lead_response(
+                    413, error(Codes.TOO_LARGE, f"body over {route.body_limit} bytes"))
             return route.name, http.error_response(413, "too_large", "request body too large")
         try:
             return route.name, await route.handler(Request(scope, body, params))
@@ -160,12 +168,17 @@ class App:
                               "Idempotency-Key: a lead is never charged twice")
 
     async def _batch(self, req: Request) -> Response:
-        """NDJSON in, NDJSON out: one result per line, in order, each lead on its own."""
+        """NDJSON in, NDJSON out: one result per non-blank line, in order, each lead on its
+        own. Lines end at "\n" only (a "\r" before it is dropped): U+2028 and the other
+        separators str.splitlines() knows are legal inside JSON strings."""
+        if req.content_type not in _NDJSON_TYPES:
+            return _lead_response(415, error(
+                Codes.UNSUPPORTED_MEDIA, "send application/x-ndjson (one JSON lead per line)"))
         try:
-            lines = req.body.decode("utf-8").splitlines()
+            lines = [line.removesuffix("\r") for line in req.body.decode("utf-8").split("\n")]
         except UnicodeDecodeError:
             return _lead_response(400, error(Codes.MALFORMED, "the body is not UTF-8 NDJSON"))
-        if len(lines) > MAX_BATCH_LINES:
+        if len(lines) > MAX_BATCH_LINES + 1 or (len(lines) == MAX_BATCH_LINES + 1 and lines[-1]):
             return _lead_response(413, error(Codes.TOO_LARGE, f"at most {MAX_BATCH_LINES} lines"))
         key = req.header(b"idempotency-key")
         results = await asyncio.gather(
@@ -180,6 +193,8 @@ class App:
 
     async def _batch_line(self, line: str, key: str | None) -> tuple[int, LeadResponse]:
         raw = line.encode()
+        if len(raw) > self.max_body:  # the single-lead limit applies to each line
+            return 413, error(Codes.TOO_LARGE, f"line over {self.max_body} bytes")
         try:
             data = msgspec.json.decode(raw)
         except (msgspec.DecodeError, UnicodeDecodeError):

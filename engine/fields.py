@@ -114,7 +114,7 @@ _BOOLS = {
 
 # Control characters (C0 without tab, DEL, C1) are never legitimate in a lead's text and
 # break CSV exports and webhook templates downstream.
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")  # all but tab
 _WHITESPACE = re.compile(r"\s")
 # Decimal() alone also takes "1_000", "NaN", "Infinity" and non-ASCII digits: gate it.
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
@@ -174,7 +174,7 @@ Normalizer = Callable[[str, datetime.date], str]
 
 def _text(text: str, today: datetime.date) -> str:
     # max_length was already checked by validate(), which does it for every type
-    if _CONTROL.search(text):
+    if CONTROL_CHARS.search(text):
         raise _Invalid("invalid_text", "must not contain control characters")
     return text
 
@@ -310,7 +310,7 @@ def _ip(text: str, today: datetime.date) -> str:
 def _url(text: str, today: datetime.date) -> str:
     # length (2048) was checked by validate(). urlsplit silently drops tabs and newlines
     # and tolerates spaces, so refuse them first.
-    if _WHITESPACE.search(text) or _CONTROL.search(text):
+    if _WHITESPACE.search(text) or CONTROL_CHARS.search(text):
         raise _Invalid("invalid_url", "must not contain whitespace")
     try:
         parts = urlsplit(text)

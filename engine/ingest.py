@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import msgspec
 
 from engine.batcher import Batcher, Decision
-from engine.fields import FieldError
+from engine.fields import CONTROL_CHARS, FieldError
 from engine.routing import CampaignPlan
 from engine.runtime import Runtime, SupplierPlan
 from engine.schedule import WindowClock, Windows
@@ -203,7 +203,8 @@ class Ingest:
                 campaign=plan.id,
                 supplier=supplier.id,
             )
-        test = supplier.test_mode or data.get("lp_action") == "test"
+        action = data.get("lp_action")  # checked above: absent, "" or test in any case
+        test = supplier.test_mode or (isinstance(action, str) and action.lower() == "test")
         lead_id = new_lead_id()
         lead, payload = self._lua_lead(
             plan, values, data, lead_id, test, windows, local, raw, supplier, idempotency_key
@@ -273,6 +274,8 @@ def _digest(scope: str, data: bytes) -> str:
 
 
 def _subid_errors(data: Mapping[str, Any]) -> list[FieldError]:
+    """Subids (text up to 75 characters, no control characters: they go to buyers) and
+    ``lp_action`` (absent, or ``test``: a mistyped test flag must not become a sale)."""
     out = []
     for name in ("lp_subid1", "lp_subid2"):
         value = data.get(name)
@@ -287,6 +290,12 @@ def _subid_errors(data: Mapping[str, Any]) -> list[FieldError]:
                     message=f"{name} must be text of at most {MAX_SUBID} characters",
                 )
             )
+        elif CONTROL_CHARS.search(text):
+            out.append(FieldError(name, "invalid_text", "must not contain control characters"))
+    action = data.get("lp_action")
+    if action is not None and not (isinstance(action, str) and action.lower() in ("", "test")):
+        out.append(FieldError("lp_action", "invalid_value",
+                              'lp_action must be "test" or absent'))
     return out
 
 

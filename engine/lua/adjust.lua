@@ -11,7 +11,10 @@
 -- ARGV[8]  extra ledger fields, JSON array [k1, v1, k2, v2, ...] (strings)
 --
 -- Returns JSON: {"ok":true,"balance":"<micros>","entry":"<ledger id>","replay":false}
---           or  {"ok":false,"error":"unknown_account"|"below_floor"|"closed"}
+--           or  {"ok":false,"error":"unknown_account"|"below_floor"|"closed"|"balance_limit"}
+--
+-- A balance never leaves +-1e15 micros (billing.money.MAX_ABS_MICROS): Lua numbers are
+-- doubles, exact for integers only below 2^53, and HINCRBY fails past 2^63.
 
 local p = KEYS[1]
 local id, delta, kind, opid = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
@@ -28,6 +31,7 @@ end
 
 local a = acct(p, id)
 if not a then return cjson.encode({ok = false, error = 'unknown_account'}) end
+if math.abs(a.bal + delta) > 1e15 then return cjson.encode({ok = false, error = 'balance_limit'}) end
 if delta < 0 and enforce and a.mode ~= 'none' then
   if a.closed then return cjson.encode({ok = false, error = 'closed'}) end
   if a.bal + delta < a.floor then return cjson.encode({ok = false, error = 'below_floor'}) end
