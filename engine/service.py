@@ -137,7 +137,8 @@ class Service:
             batch_observer=_decide_observer,
             sync=self.sync,
         )
-        self.billing = BillingContext(self.cfg, self.store, gateway_from_env())
+        self.billing = BillingContext(self.cfg, self.store, gateway_from_env(),
+                                      archive=await self._open_archive())
         self._mount_billing()
         self.app.ready = True
         tenants = [t.id for t in self.cfg.tenants]
@@ -148,6 +149,20 @@ class Service:
         if serve:
             await self._serve()
             tune_gc()
+
+    async def _open_archive(self) -> Any:
+        """The SQL ledger archive the ledger worker fills (``sql_url``, else the SQLite file
+        in the state directory), for the transactions API: its own connection, read-only
+        use. None, with a warning, when it cannot be opened (the API then answers 503)."""
+        from billing.archive import Archive
+
+        try:
+            return await Archive.open(self.cfg.settings.sql_url,
+                                      path=str(self.state_dir / "ledger.sqlite3"))
+        except Exception as exc:  # noqa: BLE001 - the engine runs without the archive API
+            log.warning("ledger archive not available to the API",
+                        extra={"reason": type(exc).__name__})
+            return None
 
     async def _worker(self, factory: WorkerFactory) -> None:
         """Run one in-process worker; a worker that dies says so in the log."""
@@ -236,6 +251,9 @@ class Service:
         if self.http is not None:  # after the workers: no delivery in flight
             await self.http.close()
             self.http = None
+        if self.billing is not None and self.billing.archive is not None:
+            await self.billing.archive.close()
+            self.billing.archive = None
         if self._balances is not None:
             collector, client = self._balances
             self._balances = None

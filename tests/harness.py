@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -166,10 +167,11 @@ class Engine:
 
 @asynccontextmanager
 async def running(cfg: Config, redis_url: str) -> AsyncIterator[Engine]:
-    svc = Service(cfg, redis_url=redis_url, host="127.0.0.1", port=0)
-    await svc.start()
-    try:
-        async with aiohttp.ClientSession() as http:
-            yield Engine(svc, http)
-    finally:
-        await svc.stop()
+    with tempfile.TemporaryDirectory(prefix="leadflow-test-") as state_dir:
+        svc = Service(cfg, redis_url=redis_url, host="127.0.0.1", port=0, state_dir=state_dir)
+        await svc.start()
+        try:
+            async with aiohttp.ClientSession() as http:
+                yield Engine(svc, http)
+        finally:
+            await svc.stop()

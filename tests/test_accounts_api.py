@@ -118,13 +118,14 @@ async def test_returns_within_five_days_for_approved_reasons(redis, redis_server
         await eng.assert_reconciled()
 
 
-async def test_readyz_reports_a_dead_worker(redis, redis_server, cfg):
+async def test_readyz_reports_a_dead_worker(redis, redis_server, cfg, tmp_path):
     async def broken(svc, stop):
         raise RuntimeError("worker bug")
 
     from engine.service import Service
 
-    svc = Service(cfg, redis_url=redis_server.url, host="127.0.0.1", port=0, workers=[broken])
+    svc = Service(cfg, redis_url=redis_server.url, host="127.0.0.1", port=0, workers=[broken],
+                  state_dir=str(tmp_path))
     await svc.start()
     try:
         import aiohttp
@@ -140,7 +141,8 @@ async def test_readyz_reports_a_dead_worker(redis, redis_server, cfg):
         await svc.stop()
 
 
-async def test_one_http_client_session_per_process(redis, redis_server, cfg, monkeypatch):
+async def test_one_http_client_session_per_process(redis, redis_server, cfg, monkeypatch,
+                                                   tmp_path):
     """Sync-mode deliveries and the in-process delivery worker share the service's one
     aiohttp session (one connection pool with its limits); stop closes it once."""
     from engine.delivery import worker as delivery_worker
@@ -154,7 +156,8 @@ async def test_one_http_client_session_per_process(redis, redis_server, cfg, mon
         await real(self)
         seen.append(self.session)
 
-    svc = Service(cfg, redis_url=redis_server.url, host="127.0.0.1", port=0, workers=[deliver])
+    svc = Service(cfg, redis_url=redis_server.url, host="127.0.0.1", port=0, workers=[deliver],
+                  state_dir=str(tmp_path))
     monkeypatch.setattr(delivery_worker.DeliveryWorker, "start", spy)
     try:
         await svc.start()
@@ -173,3 +176,36 @@ async def test_one_http_client_session_per_process(redis, redis_server, cfg, mon
     finally:
         await svc.stop()
     assert session.closed and svc.http is None
+
+
+async def test_archived_history_is_served_by_the_transactions_api(redis, redis_server, cfg,
+                                                                   tmp_path):
+    """With the ledger worker archiving (as in `leadflow run`), entries leave the Redis
+    ledger for SQL; the transactions API reads them there (it used to answer 503)."""
+    import aiohttp
+
+    from engine.service import Service
+    from engine.workers import ledger
+
+    svc = Service(cfg, redis_url=redis_server.url, host="127.0.0.1", port=0, workers=[ledger],
+                  state_dir=str(tmp_path))
+    await svc.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            auth = {"Authorization": "Bearer tok-t1"}
+            body = {"lp_campaign_id": "camp", "lp_supplier_id": "s1", "lp_key": "key-s1",
+                    "email": "arch@example.com"}
+            async with http.post(svc.url + "/v1/leads", json=body) as r:
+                lead_id = (await r.json())["lead_id"]
+            url = svc.url + "/v1/accounts/c1/transactions"
+            for _ in range(500):  # the worker archives within its idle period
+                async with http.get(url, headers=auth) as r:
+                    page = await r.json()
+                assert r.status == 200, page
+                if any(lead_id in (e.get("ref"), e.get("lead_id")) for e in page["data"]):
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError(f"lead {lead_id} never reached the archive: {page}")
+    finally:
+        await svc.stop()
