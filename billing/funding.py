@@ -167,6 +167,11 @@ async def refund_balance(
 
 
 _PROCESS = "balance_refund"
+# A balance refund's booking is remembered (op id) as long as Stripe lists the refund, since
+# a later refund-balance call re-reads every refund Stripe made to book the ones a crashed
+# run missed: with the default 40 days, a call after that booked them all a second time.
+# (A few per closed account: cheap to keep.)
+REFUND_OP_TTL_S = 10 * 365 * 86_400
 
 
 async def _book_refund(ctx: BillingContext, tenant: str, account: str, pi: str,
@@ -174,7 +179,7 @@ async def _book_refund(ctx: BillingContext, tenant: str, account: str, pi: str,
     """The ledger entry of one Stripe refund, idempotent on the refund id."""
     res = await ctx.store.adjust(
         tenant, account, -cents * CENT, "refund", op_id=f"refund:{refund_id}",
-        enforce_floor=False,
+        ttl_s=REFUND_OP_TTL_S, enforce_floor=False,
         extra={"payment_intent": pi, "stripe_refund": refund_id, "process": _PROCESS,
                "user": user},
     )
@@ -195,7 +200,7 @@ async def _recover_refunds(ctx: BillingContext, tenant: str, account: str, custo
                 continue
             res = await ctx.store.adjust(
                 tenant, account, -cents * CENT, "refund", op_id=f"refund:{refund_id}",
-                enforce_floor=False,
+                ttl_s=REFUND_OP_TTL_S, enforce_floor=False,
                 extra={"payment_intent": ch.payment_intent, "stripe_refund": refund_id,
                        "process": _PROCESS, "user": user, "recovered": "1"},
             )

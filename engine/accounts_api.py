@@ -138,15 +138,18 @@ class AccountsApi:
             return http.error_response(400, "invalid_body", str(exc))
         if amount <= 0:
             return http.error_response(400, "invalid_amount", "amount must be positive")
+        key = req.header(b"idempotency-key")
+        if not key or len(key) > 255:  # a retry must never credit twice
+            return http.error_response(400, "missing_idempotency_key",
+                                       "an Idempotency-Key header (1-255 characters) is required")
         if await self._account(tenant, account) is None:
             return http.error_response(404, "unknown_account", "no such account")
-        key = req.header(b"idempotency-key")
         res = await self.store.adjust(
             tenant,
             account,
             amount,
             "funding",
-            op_id=f"credit:{account}:{key}" if key else "",
+            op_id=f"credit:{account}:{key}",
             extra={"process": "manual", "note": body.note[:200], "reference": body.reference[:100]},
         )
         if not res.ok:

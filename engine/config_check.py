@@ -83,6 +83,8 @@ class _Checker:
             raise self.fail(f"{path}.auto_recharge.threshold", "at least $20.00")
         if ar.enabled and amount < MIN_RECHARGE_AMOUNT:
             raise self.fail(f"{path}.auto_recharge.amount", "at least $100.00")
+        if amount % 10_000:  # a card is charged in whole cents: credit what is charged
+            raise self.fail(f"{path}.auto_recharge.amount", "whole cents (e.g. 100.00)")
         if ar.every_days is not None and ar.every_days < 1:
             raise self.fail(f"{path}.auto_recharge.every_days", "at least 1 day")
 

@@ -51,7 +51,8 @@ async def test_ledger_is_paged_newest_first(redis, redis_server, cfg):
 async def test_bad_credit_is_refused_and_changes_nothing(redis, redis_server, cfg, body):
     async with running(cfg, redis_server.url) as eng:
         before = await redis.dbsize(), await eng.balance("c1")
-        status, resp = await eng.api("POST", "/v1/accounts/c1/credits", json=body)
+        status, resp = await eng.api("POST", "/v1/accounts/c1/credits", json=body,
+                                     headers={"Idempotency-Key": "bad-1"})
         assert status == 400 and resp["error"]["code"] and resp["error"]["message"]
         assert (await redis.dbsize(), await eng.balance("c1")) == before
 
@@ -62,7 +63,14 @@ async def test_credit_is_idempotent_with_key(redis, redis_server, cfg):
         s1, a = await eng.api("POST", "/v1/accounts/c1/credits", json={"amount": "40.00"}, headers=h)
         s2, b = await eng.api("POST", "/v1/accounts/c1/credits", json={"amount": "40.00"}, headers=h)
         assert (s1, s2) == (201, 200) and a["balance"] == b["balance"] == "140.00" and b["replay"]
-        assert (await eng.api("POST", "/v1/accounts/nope/credits", json={"amount": "1.00"}))[0] == 404
+        assert (await eng.api("POST", "/v1/accounts/nope/credits", json={"amount": "1.00"},
+                              headers=h))[0] == 404
+        # no key: refused, nothing credited (a blind retry would credit twice)
+        for headers in ({}, {"Idempotency-Key": "k" * 256}):
+            status, resp = await eng.api("POST", "/v1/accounts/c1/credits",
+                                         json={"amount": "1.00"}, headers=headers)
+            assert status == 400 and resp["error"]["code"] == "missing_idempotency_key"
+        assert await eng.balance("c1") == 140_000_000
 
 
 async def test_unknown_routes(redis, redis_server, cfg):

@@ -145,6 +145,13 @@ async def test_refund_balance_closes_at_zero(ctx: BillingContext, localstripe: L
     assert len(entries) == len(refunds) + 1  # + the sub-cent remainder write-off
     refunded = {e["payment_intent"] for e in refunds}
     assert refunded <= {a1.pi, a2.pi}
+    # each booking is remembered as long as Stripe lists the refund, so a refund-balance
+    # call months later (which re-reads them to recover a crashed run) books none twice
+    for e in refunds:
+        ttl = await ctx.store.redis.ttl(keys.op(T, f"refund:{e['stripe_refund']}"))
+        assert ttl > 365 * 86_400
+    assert await funding.refund_balance(ctx, T, "c1") == []
+    assert (await ctx.store.account(T, "c1")).balance == 0  # type: ignore[union-attr]
     # a closed account takes no new funding
     with pytest.raises(Exception) as err:
         await funding.fund(ctx, T, "c1", 100 * D, "f3")

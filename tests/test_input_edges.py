@@ -40,7 +40,8 @@ async def test_ledger_paging_and_bodies_that_used_to_answer_500(redis, redis_ser
             assert (status, body) == (200, {"entries": [], "next_before": None})
         bad = b'{"amount":"1.00","note":"\xff"}'
         status, body = await eng.api("POST", "/v1/accounts/c1/credits", data=bad,
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json",
+                                              "Idempotency-Key": "utf-1"})
         assert status == 400 and body["error"]["code"] == "invalid_body"
         status, body = await eng.api("POST", "/v1/leads/000000000000000000000000/returns",
                                      data=b'{"buyer":"\xff","reason":"wrong_number"}',

@@ -58,6 +58,17 @@ def test_negative_fee_is_refused():
                                            'outbound_delivery = "-0.10"'))
 
 
+def test_a_recharge_amount_is_whole_cents():
+    """A card is charged in cents: a config amount with sub-cent digits would credit more
+    than it charged (the API path already refused it)."""
+    ar = 'auto_recharge = { enabled = true, threshold = "20.00", amount = "100.009999" }'
+    toml = BASE_TOML.replace('id = "c1"\nopening_balance = "100.00"',
+                             f'id = "c1"\nopening_balance = "100.00"\n{ar}')
+    assert toml != BASE_TOML
+    with pytest.raises(ConfigError, match=r"auto_recharge\.amount.*whole cents"):
+        make_config(base=toml)
+
+
 def test_two_tenants_cannot_share_an_api_token():
     """The bearer token names the tenant: a shared one would let t1 act as t2."""
     with pytest.raises(ConfigError, match=r"tenants\[1\]\.api_token.*same token as tenant 't1'"):

@@ -66,8 +66,10 @@ async def _run(url: str, steps) -> None:
                     n += 1  # distinct payloads: no 60-second replay
                     await eng.lead(email=f"u{n}@example.com")
             elif step[0] == "credit":
+                n += 1
                 await eng.api("POST", f"/v1/accounts/{step[1]}/credits",
-                              json={"amount": f"{step[2]}.00"})
+                              json={"amount": f"{step[2]}.00"},
+                              headers={"Idempotency-Key": f"credit-{n}"})
             elif step[0] == "pause":
                 await eng.api("POST", f"/v1/buyers/{step[1]}/{'pause' if step[2] else 'resume'}")
             else:

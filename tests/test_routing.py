@@ -112,7 +112,8 @@ async def test_floor_refuses_debit_pauses_buyer_and_alerts_once(redis, redis_ser
         assert types.count("balance_alert") == 1 and types.count("buyer_paused") == 1
         state = await eng.store.account("t1", "c1")
         assert state is not None and state.paused == "floor"
-        status, body = await eng.api("POST", "/v1/accounts/c1/credits", json={"amount": "50.00"})
+        status, body = await eng.api("POST", "/v1/accounts/c1/credits", json={"amount": "50.00"},
+                                     headers={"Idempotency-Key": "top-up-1"})
         assert status == 201 and body["balance"] == "30.00"
         assert (await eng.store.account("t1", "c1")).paused == ""
         _, r = await eng.lead(email="again@example.com")
