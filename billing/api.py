@@ -154,6 +154,7 @@ class _BillingApi:
         tenant, account = self._account_of(req)
         body: AttachBody = _decode(req, _attach)
         m = await self.ctx.methods.attach(tenant, account, body.payment_method)
+        await recharge.recharge_if_below(self.ctx, tenant, account, why="card_added")
         return json_response(msgspec.structs.asdict(m), 201)
 
     def method_action(self, action: str) -> Handler:
@@ -163,7 +164,10 @@ class _BillingApi:
             m = self.ctx.methods
             fn = {"activate": m.activate, "deactivate": m.deactivate,
                   "primary": m.set_primary, "detach": m.detach}[action]
-            return json_response({"data": _methods_json(await fn(tenant, account, pm))})
+            methods = await fn(tenant, account, pm)
+            if action in ("activate", "primary"):  # a card that may pay now
+                await recharge.recharge_if_below(self.ctx, tenant, account, why="card_added")
+            return json_response({"data": _methods_json(methods)})
 
         handler.__name__ = f"payment_method_{action}"
         return handler

@@ -94,7 +94,25 @@ async def configure(ctx: BillingContext, tenant: str, account: str,
     armed, rthr = threshold_flags(ar)
     await ctx.store.set_account_flag(tenant, account, "rthr", str(rthr))
     await ctx.store.set_account_flag(tenant, account, "ar", "1" if armed else "0")
+    await recharge_if_below(ctx, tenant, account, why="auto_recharge_enabled")
     return ar
+
+
+async def recharge_if_below(ctx: BillingContext, tenant: str, account: str, *,
+                            why: str) -> bool:
+    """Ask for a recharge now when threshold auto-recharge is on and the balance is already
+    below the threshold. decide.lua emits ``recharge_needed`` only when a debit *crosses*
+    the threshold, so an account turned on while below it, or whose last recharge failed
+    (declined card, daily cap) and then got a new card, would otherwise run down to its
+    floor with no recharge. Called when auto-recharge is configured and when a card is
+    added or activated; the worker's usual checks (balance, daily caps) apply."""
+    ar = await settings(ctx, tenant, account)
+    armed, threshold = threshold_flags(ar)
+    state = await ctx.store.account(tenant, account)
+    if not armed or state is None or state.closed or state.balance >= threshold:
+        return False
+    await _emit(ctx, tenant, "recharge_needed", account, threshold=threshold, reason=why)
+    return True
 
 
 def threshold_flags(ar: AutoRecharge) -> tuple[bool, int]:
@@ -463,5 +481,5 @@ async def run_recharge_worker(cfg: Config, store: Store, gateway: StripeGateway,
     await asyncio.gather(_schedule_loop(ctx, stop, schedule_every_s), *readers)
 
 
-__all__ = ["CENT", "configure", "process_once", "recharge", "resume_stale",
+__all__ = ["CENT", "configure", "process_once", "recharge", "recharge_if_below", "resume_stale",
            "run_recharge_worker", "run_scheduled", "settings", "validate"]

@@ -174,6 +174,37 @@ async def test_all_cards_declined_reports_failure(
     assert (await redis.xpending(keys.events(T), recharge.GROUP))["pending"] == 0
 
 
+async def test_a_new_card_after_a_failed_recharge_recharges_now(
+        redis: aioredis.Redis, gateway: StripeGateway, localstripe: LocalStripe) -> None:
+    """Below the threshold with the recharge failed, no debit crosses it again: the card
+    the customer adds (or turning auto-recharge on while below) asks for one at once."""
+    ctx = await _ctx(redis, gateway)
+    await ctx.methods.attach(T, "c1", localstripe.card(DECLINES))
+    await _drop_below_threshold(ctx)
+    await _process(ctx)
+    assert await _balance(ctx) == 15 * D and len(await _events(redis, "recharge_failed")) == 1
+    good = await ctx.methods.attach(T, "c1", localstripe.card())
+    await ctx.methods.set_primary(T, "c1", good.id)
+    assert await recharge.recharge_if_below(ctx, T, "c1", why="card_added")
+    await _process(ctx)
+    assert await _balance(ctx) == 115 * D
+    assert len(await _events(redis, "recharge_succeeded")) == 1
+    # above the threshold now: nothing more is asked for
+    assert not await recharge.recharge_if_below(ctx, T, "c1", why="card_added")
+
+
+async def test_turning_auto_recharge_on_below_the_threshold_recharges(
+        redis: aioredis.Redis, gateway: StripeGateway, localstripe: LocalStripe) -> None:
+    ctx = await _ctx(redis, gateway, auto=AutoRecharge(enabled=False))
+    await ctx.methods.attach(T, "c1", localstripe.card())
+    await _drop_below_threshold(ctx)  # $15: below $20, but auto-recharge is off
+    assert await _events(redis, "recharge_needed") == []
+    await recharge.configure(ctx, T, "c1", AUTO)
+    assert len(await _events(redis, "recharge_needed")) == 1
+    await _process(ctx)
+    assert await _balance(ctx) == 115 * D
+
+
 async def test_authentication_required_needs_the_customer(
         redis: aioredis.Redis, gateway: StripeGateway, localstripe: LocalStripe) -> None:
     ctx = await _ctx(redis, gateway)
