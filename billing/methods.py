@@ -47,10 +47,11 @@ def _check_pm(pm: str) -> None:
 
 
 def _normalize(methods: list[Method]) -> list[Method]:
+    """[0] is the primary. A card becomes active only by the customer's act: attached as the
+    account's first card, activated, or made primary; a backup promoted because the primary
+    was detached keeps its flag, so a card never activated is never charged (seed 004)."""
     for i, m in enumerate(methods):
         m.primary = i == 0
-        if m.primary:
-            m.active = True
     return methods
 
 
@@ -111,7 +112,10 @@ class Methods:
                      exp_month=card.exp_month, exp_year=card.exp_year)
 
         def add(ms: list[Method]) -> list[Method]:
-            return [*(m for m in ms if m.id != new.id), new]
+            rest = [m for m in ms if m.id != new.id]
+            if not rest:  # the account's only card: its primary, in use at once
+                new.active = True
+            return [*rest, new]
 
         methods = await self._update(tenant, account, add)
         return next(m for m in methods if m.id == new.id)

@@ -131,6 +131,22 @@ async def test_methods_primary_and_detach(ctx: BillingContext, localstripe: Loca
     assert raw is not None and b"4242424242424242" not in raw
 
 
+async def test_a_backup_never_activated_is_not_charged_when_the_primary_goes(
+        ctx: BillingContext, localstripe: LocalStripe) -> None:
+    """Seed 004: backups serve only once activated. Promoted by the primary's removal, a
+    backup that was never activated is the primary but still not charged."""
+    a = await ctx.methods.attach(T, "c1", localstripe.card())
+    b = await ctx.methods.attach(T, "c1", localstripe.card())
+    assert [(m.id, m.active) for m in await ctx.methods.all(T, "c1")] == [
+        (a.id, True), (b.id, False)]
+    ms = await ctx.methods.detach(T, "c1", a.id)
+    assert [(m.id, m.primary, m.active) for m in ms] == [(b.id, True, False)]
+    with pytest.raises(NoPaymentMethod):
+        await ctx.methods.require(T, "c1")
+    ms = await ctx.methods.activate(T, "c1", b.id)  # the customer's act
+    assert (await ctx.methods.require(T, "c1"))[1][0].id == b.id
+
+
 async def test_refund_balance_closes_at_zero(ctx: BillingContext, localstripe: LocalStripe) -> None:
     await ctx.methods.attach(T, "c1", localstripe.card())
     a1 = await funding.fund(ctx, T, "c1", 100 * D, "f1")
