@@ -32,6 +32,7 @@ from engine.delivery.verdict import ResponseMapper
 from engine.errors import ConfigError
 
 MIN_ALERT = 1_000_000  # balance alerts: at least $1.00
+MIN_FLOOR = -20_000_000  # a balance accrues at most -$20.00 (seed 000)
 MIN_RECHARGE_THRESHOLD = 20_000_000  # auto-recharge threshold: at least $20.00
 MIN_RECHARGE_AMOUNT = 100_000_000  # auto-recharge amount: at least $100.00
 MAX_CARD_FEE_BP = 1_500  # pass-through card fee: up to 15%
@@ -68,8 +69,11 @@ class _Checker:
 
     def account(self, acct: Account, path: str) -> None:
         self.money(acct.opening_balance, f"{path}.opening_balance")
-        if self.money(acct.floor, f"{path}.floor") > 0:
+        floor = self.money(acct.floor, f"{path}.floor")
+        if floor > 0:
             raise self.fail(f"{path}.floor", "the floor must be zero or negative")
+        if floor < MIN_FLOOR:  # seed 000: "max negative accrual is -$20.00"
+            raise self.fail(f"{path}.floor", "at most $20.00 below zero (-20.00)")
         alert = self.money(acct.alert, f"{path}.alert")
         if 0 < alert < MIN_ALERT or alert < 0:
             raise self.fail(f"{path}.alert", "balance alerts start at $1.00 (or 0 to disable)")

@@ -58,6 +58,16 @@ def test_negative_fee_is_refused():
                                            'outbound_delivery = "-0.10"'))
 
 
+def test_the_floor_is_at_most_20_dollars_below_zero():
+    """Seed 000: "Max negative accrual is -$20.00"."""
+    toml = BASE_TOML.replace('id = "c1"\nopening_balance = "100.00"',
+                             'id = "c1"\nopening_balance = "100.00"\nfloor = "-20.01"')
+    assert toml != BASE_TOML
+    with pytest.raises(ConfigError, match=r"floor.*-20\.00"):
+        make_config(base=toml)
+    make_config(base=toml.replace('"-20.01"', '"-20.00"'))
+
+
 def test_a_recharge_amount_is_whole_cents():
     """A card is charged in cents: a config amount with sub-cent digits would credit more
     than it charged (the API path already refused it)."""
