@@ -229,6 +229,8 @@ def _decode_lead(content_type: str, body: bytes) -> tuple[object, tuple[int, Lea
     if content_type == _FORM:
         try:
             return http.parse_form(body), None
+        except http.TooManyFields:
+            return None, (400, error(Codes.TOO_MANY_FIELDS, "too many form fields"))
         except ValueError:
             return None, (400, error(Codes.MALFORMED, "form body is not valid UTF-8 form data"))
     if content_type not in _JSON_TYPES:

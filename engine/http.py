@@ -162,7 +162,17 @@ class Router:
         return None, {}, path_exists
 
 
+class TooManyFields(ValueError):
+    """A form body with more fields than any campaign takes."""
+
+
+MAX_FORM_FIELDS = 1000
+
+
 def parse_form(body: bytes) -> dict[str, str]:
-    """``application/x-www-form-urlencoded`` -> dict; strict UTF-8 (ValueError otherwise)."""
+    """``application/x-www-form-urlencoded`` -> dict; strict UTF-8 (ValueError otherwise),
+    at most ``MAX_FORM_FIELDS`` fields (:class:`TooManyFields`)."""
     text = body.decode("utf-8")  # UnicodeDecodeError is a ValueError
-    return dict(parse_qsl(text, keep_blank_values=True, errors="strict", max_num_fields=1000))
+    if text.count("&") >= MAX_FORM_FIELDS:  # as parse_qsl counts fields (1 + separators)
+        raise TooManyFields(f"more than {MAX_FORM_FIELDS} form fields")
+    return dict(parse_qsl(text, keep_blank_values=True, errors="strict"))

@@ -93,3 +93,11 @@ async def test_lp_action_is_test_or_absent_and_subids_have_no_controls(
         status, body = await eng.lead(email="act@example.com", lp_action="TEST")
         assert status == 200 and body["test"] is True
         assert await eng.balance("c1") == 100_000_000  # a test lead moves no money
+
+
+async def test_a_form_with_too_many_fields_is_1003(redis, redis_server, cfg):
+    async with running(cfg, redis_server.url) as eng:
+        body = "&".join(f"f{i}=x" for i in range(1001)).encode()
+        status, resp = await eng.post(raw=body, headers={
+            "Content-Type": "application/x-www-form-urlencoded"})
+        assert status == 400 and resp["code"] == 1003
