@@ -200,11 +200,13 @@ class _Checker:
                     raise self.fail(f"{p}.filters[{j}].field", f"unknown field {flt.field!r}")
             for name in ("spend_day", "spend_month"):
                 value = getattr(b.caps, name)
-                if value is not None:
-                    self.money(value, f"{p}.caps.{name}")
-            for day in b.caps.weekday:
+                if value is not None and self.money(value, f"{p}.caps.{name}") < 0:
+                    raise self.fail(f"{p}.caps.{name}", "must not be negative")  # = no cap
+            for day, cap in b.caps.weekday.items():
                 if day not in WEEKDAYS:
                     raise self.fail(f"{p}.caps.weekday.{day}", "use mon, tue, ... sun")
+                if cap < 0:  # decide.lua reads a negative limit as "no cap"
+                    raise self.fail(f"{p}.caps.weekday.{day}", "must not be negative")
             for name in ("hour", "day", "week", "month", "total"):
                 value = getattr(b.caps, name)
                 if value is not None and value < 0:

@@ -87,6 +87,9 @@ async def test_test_mode_moves_no_money(redis, redis_server, cfg):
         assert await redis.xlen(keys.deliveries("t1")) == 0
         _, real = await eng.lead(email=EMAIL)
         assert real["status"] == "ACCEPTED" and not real["test"]  # test leads are not dupes
+        # ... but a test lead gets the full decision: a duplicate of a sold lead is one
+        _, again = await eng.lead(email=EMAIL, lp_action="test", lp_subid1="t2")
+        assert (again["status"], again["code"], again["test"]) == ("DUPLICATED", 100, True)
 
 
 async def test_no_buyer_matched_is_rejected_with_reason(redis, redis_server):

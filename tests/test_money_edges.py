@@ -58,6 +58,13 @@ def test_negative_fee_is_refused():
                                            'outbound_delivery = "-0.10"'))
 
 
+@pytest.mark.parametrize("caps", ['weekday = { sat = -5 }', 'spend_day = "-1.00"',
+                                  'spend_month = "-0.01"'])
+def test_negative_caps_are_refused_not_read_as_no_cap(caps: str) -> None:
+    with pytest.raises(ConfigError, match="must not be negative"):
+        make_config(campaign(), buyer("b1", extra=f"caps = {{ {caps} }}"))
+
+
 def test_the_floor_is_at_most_20_dollars_below_zero():
     """Seed 000: "Max negative accrual is -$20.00"."""
     toml = BASE_TOML.replace('id = "c1"\nopening_balance = "100.00"',

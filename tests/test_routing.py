@@ -144,8 +144,10 @@ async def test_buyer_scope_dedupe(redis, redis_server):
     async with running(cfg, redis_server.url) as eng:
         _, a = await eng.lead(email="a@example.com", phone="2125550123")
         assert a["status"] == "ACCEPTED"
+        wallet = await eng.balance("wallet")
         _, b = await eng.lead(email="b@example.com", phone="212-555-0123")
         assert b["status"] == "DUPLICATED" and b["code"] == 101
+        assert await eng.balance("wallet") == wallet  # no inbound fee for a duplicate
         _, c = await eng.lead(email="c@example.com", phone="2125550199")
         assert c["status"] == "ACCEPTED"  # b2 only: b1 is at its total cap
 

@@ -125,7 +125,8 @@ end
 
 local function decide(L)
   local test = L.t == 1
-  if not test and any_exists(L.d) then
+  -- test leads get the full decision, duplicates included (they only never mark one)
+  if any_exists(L.d) then
     return {s = 'DUPLICATED', c = 100, m = 'duplicate of a lead sold in this campaign'}
   end
   if not test and L.fi > 0 and (not wallet or not can_debit(wallet, L.fi)) then
@@ -162,6 +163,10 @@ local function decide(L)
       sold[#sold + 1] = {c.b, fmt(c.p)}
     end
   end
+  local tried = why.cap + why.paused + why.funds + why.dup + why.wallet
+  if #sold == 0 and tried > 0 and why.dup == tried then
+    fees, fee_in = 0, 0  -- a duplicate for every buyer: no inbound fee (only valid, new leads)
+  end
   if fees > 0 then
     apply(p, wallet, -fees, 'fee', L.id, now,
           {'inbound', fmt(fee_in), 'outbound', fmt(fees - fee_in), 'campaign', L.c})
@@ -174,7 +179,6 @@ local function decide(L)
     end
     return {s = 'ACCEPTED', c = 0, m = '', sold = sold}
   end
-  local tried = why.cap + why.paused + why.funds + why.dup + why.wallet
   if tried == 0 then return {s = 'REJECTED', c = 200, m = 'no buyer matched the lead'} end
   if why.dup == tried then
     return {s = 'DUPLICATED', c = 101, m = 'every matching buyer already bought this lead'}
