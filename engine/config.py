@@ -204,7 +204,7 @@ class Client(Account, kw_only=True):
 
 
 class Fees(_Shape, kw_only=True):
-    inbound_lead: str = "0.00"  # per accepted inbound lead, charged to the tenant wallet
+    inbound_lead: str = "0.00"  # per valid, new, live lead decided (sold or not): tenant wallet
     outbound_delivery: str = "0.00"  # per sold delivery
     card_fee_percent: str = "0"  # passed to buyers on card funding, 0 to 15
 
