@@ -12,8 +12,9 @@ test on the async path, which never runs any of this). For one lead, within
    caps, floor, ledger entries and delivery job), then :func:`deliver_sync` sends it once.
    Try 1 is the lead as ingest built it; try n > 1 uses a derived idempotency key
    (``k:lead_id:n``), ``fi = 0`` (the inbound fee is charged once per lead, by try 1),
-   no campaign-dedupe check (try 1 marked the fingerprints with this lead id) and the
-   candidates minus every buyer already tried (round-robin positions remapped). The lead
+   the campaign-dedupe check again (the previous try's refund forgot the fingerprints it
+   had marked: only a duplicate sold meanwhile stops it) and the candidates minus every
+   buyer already tried (round-robin positions remapped). The lead
    id is the same in every try; sale records are per (lead, buyer).
 3. **Verdict**: ACCEPTED ends the waterfall (code 0, with a real-time price if any).
    REJECTED or DUPLICATED was already refunded by :func:`deliver_sync` (price and outbound
@@ -290,10 +291,12 @@ def _plain(d: Decision) -> Decision:
 
 
 def _next_try(lead: dict[str, Any], tried: set[str], n: int) -> dict[str, Any]:
-    """Try n of a lead: the candidates not tried yet, no second inbound fee, no campaign
-    dedupe (this lead's own fingerprints), a derived idempotency key."""
+    """Try n of a lead: the candidates not tried yet, no second inbound fee, a derived
+    idempotency key. The campaign fingerprints are checked and marked again: the refund
+    of the previous try forgot them (no sale of the lead stood), so only a real duplicate
+    sold meanwhile stops the waterfall, and a sale now marks them for this lead."""
     cs = lead["cs"]
     keep = [i for i, c in enumerate(cs) if c["b"] not in tried]
     pos = {old + 1: new + 1 for new, old in enumerate(keep)}
-    return {**lead, "k": f"{lead['k']}:{lead['id']}:{n}", "fi": 0, "d": [],
+    return {**lead, "k": f"{lead['k']}:{lead['id']}:{n}", "fi": 0,
             "cs": [cs[i] for i in keep], "q": [pos.get(x, 0) for x in lead["q"]]}

@@ -223,3 +223,24 @@ async def test_open_breaker_skips_buyer_until_it_closes(redis, redis_server):
             await asyncio.sleep(0.01)
         assert (await _sold_to(eng, 1, "f"))[-1] == "b1"
         await eng.assert_reconciled()
+
+
+async def test_a_refunded_lead_no_longer_counts_as_a_duplicate(redis, redis_server):
+    """Only sold leads count: once every sale of a lead is refunded (rejected by the buyer,
+    returned), the same person may be offered again; while one sale stands it may not."""
+    dedupe = 'dedupe = { fields = ["email"], match = "all", days = 7 }'
+    cfg = make_config(campaign(distribution="send_to_all", extra=dedupe),
+                      buyer("b1"), buyer("b2", client="c2"))
+    async with running(cfg, redis_server.url) as eng:
+        _, a = await eng.lead(email="again@example.com")
+        assert a["status"] == "ACCEPTED"
+        assert await redis.xlen(keys.deliveries("t1")) == 2  # sold to b1 and b2
+        assert (await eng.store.refund_sale("t1", a["lead_id"], "b1", "rejected")).ok
+        _, dup = await eng.lead(email="again@example.com", lp_subid1="2")
+        assert (dup["status"], dup["code"]) == ("DUPLICATED", 100)  # b2's sale stands
+        assert (await eng.store.refund_sale("t1", a["lead_id"], "b2", "rejected")).ok
+        _, b = await eng.lead(email="again@example.com", lp_subid1="3")
+        assert b["status"] == "ACCEPTED" and b["lead_id"] != a["lead_id"]
+        _, dup = await eng.lead(email="again@example.com", lp_subid1="4")
+        assert dup["status"] == "DUPLICATED"  # the new sale marks it again
+        await eng.assert_reconciled()

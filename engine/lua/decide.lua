@@ -118,7 +118,7 @@ local function sell(L, c, s, a)
   count_sale(s, L.win, c.p)
   mark_sold(c.bd, ref, L.dt)
   redis.call('HSET', K.lead(p, ref), c.b, cjson.encode({a = c.a, p = fmt(c.p), f = fmt(c.fo),
-             w = L.win, s = 'sold', bd = c.bd}))
+             w = L.win, s = 'sold', bd = c.bd, cd = L.d}))
   redis.call('XADD', K.deliveries(p), '*', 'lead_id', ref, 'buyer', c.b, 'campaign', L.c,
              'account', c.a, 'price', fmt(c.p), 'fee', fmt(c.fo), 'lead', L.x, 'ts', now)
 end

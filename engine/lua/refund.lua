@@ -1,7 +1,8 @@
 -- refund.lua: undo or re-price one sale (a lead sold to one buyer), idempotently.
 -- Used by the delivery worker (buyer rejected / said duplicate, or a real-time price) and
 -- by returns. A refund credits the buyer's price and the outbound fee back, frees the cap
--- slot (when still in the same windows) and forgets the sale's dedupe fingerprints.
+-- slot (when still in the same windows) and forgets the sale's dedupe fingerprints (the
+-- lead's campaign-scope ones too when no other sale of the lead stands).
 --
 -- KEYS[1]  tenant key prefix
 -- ARGV[1]  lead id
@@ -76,12 +77,22 @@ end
 redis.call('HINCRBY', bk, 'tn', -1)
 spend(-price)
 
--- only sold leads count as duplicates: forget fingerprints this sale set
-for _, fp in ipairs(sale.bd or {}) do
-  local dk = K.dup(p, fp)
-  if redis.call('GET', dk) == lead_id then redis.call('DEL', dk) end
+-- only sold leads count as duplicates: forget the fingerprints this sale set (buyer scope),
+-- and the lead's campaign-scope ones once no sale of it stands (send_to_all: others may)
+local function forget(fps)
+  for _, fp in ipairs(fps or {}) do
+    local dk = K.dup(p, fp)
+    if redis.call('GET', dk) == lead_id then redis.call('DEL', dk) end
+  end
 end
+forget(sale.bd)
 
 sale.s = 'refunded'
 redis.call('HSET', lk, b, cjson.encode(sale))
+local standing = false
+for _, v in ipairs(redis.call('HVALS', lk)) do
+  local ok, other = pcall(cjson.decode, v)
+  if ok and type(other) == 'table' and other.s == 'sold' then standing = true; break end
+end
+if not standing then forget(sale.cd) end
 return cjson.encode({ok = true, state = 'refunded', price = sale.p, replay = false})
