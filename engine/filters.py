@@ -9,8 +9,8 @@ Semantics (every filter must pass):
 op          an *allow* filter passes when the lead's value ...
 ==========  =======================================================================
 ``in``      equals one of ``values``, case-insensitively
-``regex``   contains a match of ``pattern`` (``re.search``; case-sensitive unless the
-            pattern says ``(?i)``)
+``regex``   contains a match of ``pattern`` (RE2 syntax, linear time; case-sensitive
+            unless the pattern says ``(?i)``)
 ``range``   is a decimal number with ``min <= value <= max`` (either bound optional);
             a non-numeric value fails
 ``states``  upper-cased, is one of ``values`` (2-letter codes, checked at load)
@@ -33,6 +33,7 @@ from typing import NamedTuple
 from engine.config import Filter
 from engine.errors import ConfigError
 from engine.fields import STATES, parse_decimal
+from engine.regex import RegexError, compile_re2
 
 __all__ = ["BuyerFilter"]
 
@@ -118,10 +119,10 @@ def _in(spec: Filter, source: str, path: str) -> tuple[Test, str]:
 def _regex(spec: Filter, source: str, path: str) -> tuple[Test, str]:
     if not spec.pattern:
         raise ConfigError(source, f"{path}.pattern", "a regex filter needs a pattern")
-    try:
-        search = re.compile(spec.pattern).search
-    except re.error as exc:
-        raise ConfigError(source, f"{path}.pattern", f"invalid regex: {exc}") from exc
+    try:  # RE2: the value comes from the seller (engine.regex)
+        search = compile_re2(spec.pattern).search
+    except RegexError as exc:
+        raise ConfigError(source, f"{path}.pattern", str(exc)) from exc
 
     def test(value: str) -> bool:
         return search(value) is not None

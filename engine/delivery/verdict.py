@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import decimal
 import enum
-import re
 from typing import Any
 
 import msgspec
@@ -28,6 +27,7 @@ from billing import money
 from billing.errors import MoneyError
 from engine.config import Delivery, ResponseRule
 from engine.delivery import DeliveryError
+from engine.regex import RegexError, compile_re2
 
 _json = msgspec.json.Decoder(float_hook=decimal.Decimal)
 _MISSING = object()
@@ -120,10 +120,10 @@ class _Rule:
         self.parts = _path_parts(rule.path) if rule.path else ()
         self.equals = rule.equals.casefold() if rule.equals is not None else None
         self.contains = rule.contains
-        try:
-            self.regex = re.compile(rule.regex) if rule.regex else None
-        except re.error as exc:
-            raise RuleError(f"invalid regex {rule.regex!r}: {exc}") from exc
+        try:  # RE2: matched against what the buyer's server sends (engine.regex)
+            self.regex = compile_re2(rule.regex) if rule.regex else None
+        except RegexError as exc:
+            raise RuleError(f"{rule.regex!r}: {exc}") from exc
         if not (self.status or self.path or self.contains or self.regex):
             raise RuleError("a response rule needs status, path, contains or regex")
         if self.equals is not None and not self.path:
