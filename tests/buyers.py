@@ -47,8 +47,17 @@ class Buyers:
     seen: Counter[tuple[str, str]] = field(default_factory=Counter)
     flaky_fail: str = "500"  # /flaky: "500" fails, "" accepts (breaker tests flip it)
 
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)  # set on every request
+
     def at(self, path: str) -> list[Received]:
         return [r for r in self.received if r.path == path]
+
+    async def reached(self, path: str, within: float = 10.0) -> None:
+        """Until a request to ``path`` has arrived (woken by each arrival, no polling)."""
+        async with asyncio.timeout(within):
+            while not self.at(path):
+                self.arrived.clear()
+                await self.arrived.wait()
 
 
 def _app(state: Buyers) -> web.Application:
@@ -64,6 +73,7 @@ def _app(state: Buyers) -> web.Application:
         path = request.path
         state.received.append(
             Received(path, request.method, headers, body, request.query_string, verified))
+        state.arrived.set()
         if not verified:
             return web.json_response({"status": "bad signature"}, status=401)
         key = (path, headers.get("webhook-id", ""))

@@ -210,10 +210,7 @@ async def test_replay_during_the_waterfall_waits_for_the_final_result(
     cfg = sync_config(buyers, "/slow", "/accept")
     async with running(cfg, redis_server.url) as eng:
         first = asyncio.create_task(eng.lead(email="dee@example.com"))
-        deadline = time.monotonic() + 5
-        while not buyers.at("/slow"):
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.005)
+        await buyers.reached("/slow")
         replay = asyncio.create_task(eng.lead(email="dee@example.com"))
         await asyncio.sleep(0.1)
         assert not replay.done()  # waiting for the waterfall, not answering "pending"

@@ -167,10 +167,7 @@ async def test_claim_skips_only_this_workers_in_flight_job_not_its_id_twin(
     try:
         await w.start()
         sending = asyncio.create_task(w.handle_batch(await w._read(10, None)))
-        deadline = time.monotonic() + 10
-        while not buyers.at("/slow"):  # acme's job is in flight in w1
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.005)
+        await buyers.reached("/slow")  # acme's job is in flight in w1
         claimed = await w._claim(10)
         assert [(j.tenant, j.entry_id) for j in claimed] == [("beta", "1700000000000-0")]
         buyers.release.set()
@@ -361,10 +358,7 @@ async def test_killed_worker_job_is_reclaimed_and_charged_once(
     await sell(store, b, "L1")
     first = worker(store, b, consumer="w1")
     task = asyncio.create_task(first.process_once())
-    deadline = time.monotonic() + 10
-    while not buyers.at("/hold"):  # the request reached the buyer ...
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.005)
+    await buyers.reached("/hold")  # the request reached the buyer ...
     task.cancel()  # ... and the worker dies before recording the outcome
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -516,10 +510,7 @@ async def test_a_job_waiting_on_a_slow_buyer_is_not_claimed_by_another_worker(
     stop = asyncio.Event()
     task = asyncio.create_task(busy.run(stop))
     try:
-        deadline = time.monotonic() + 10
-        while not buyers.at("/hold"):
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.005)
+        await buyers.reached("/hold")
         held_since = time.monotonic()
         while time.monotonic() - held_since < 3 * claim_idle_ms / 1000:  # well past it
             rows = await store.redis.xpending_range(keys.deliveries(T), "delivery",
@@ -529,6 +520,7 @@ async def test_a_job_waiting_on_a_slow_buyer_is_not_claimed_by_another_worker(
             assert await other._claim(10) == []
             await asyncio.sleep(0.02)
         buyers.release.set()
+        deadline = time.monotonic() + 10
         while not await stream_empty(store.redis):
             assert time.monotonic() < deadline
             await asyncio.sleep(0.01)
@@ -552,10 +544,7 @@ async def test_a_decision_recorded_meanwhile_by_another_worker_stands(
     w = worker(store, b)
     task = asyncio.create_task(w.process_once())
     try:
-        deadline = time.monotonic() + 10
-        while not buyers.at("/hold_reject"):
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.005)
+        await buyers.reached("/hold_reject")
         # meanwhile another worker delivered the same job and its buyer accepted it
         accepted = record.Decision(record.ACCEPTED, "accepted: by the other worker")
         await store.redis.hset(keys.dstate(T, "R1"), b.id, record.encode_decision(accepted))
@@ -580,10 +569,7 @@ async def test_a_sync_try_keeps_a_decision_recorded_first(store: Store, buyers: 
         task = asyncio.create_task(deliver_sync(
             store, session, Endpoint(b), lead_id="Y1", lead={"first_name": "Ada"},
             price=PRICE, deadline_ms=now_ms() + 10_000))
-        deadline = time.monotonic() + 10
-        while not buyers.at("/hold_reject"):
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.005)
+        await buyers.reached("/hold_reject")
         accepted = record.Decision(record.ACCEPTED, "accepted: by the worker")
         await store.redis.hset(keys.dstate(T, "Y1"), b.id, record.encode_decision(accepted))
         buyers.release.set()
