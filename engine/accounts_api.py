@@ -188,7 +188,7 @@ async def _return_lead(store: Store, req: Request, tenant: str) -> Response:
         return http.error_response(422, "reason_not_accepted",
                                    f"returns are accepted for: {', '.join(sorted(RETURN_REASONS))}")
     sold_ms = _lead_time_ms(lead_id)
-    if sold_ms is None:
+    if sold_ms is None or not await store.redis.hexists(keys.lead(tenant, lead_id), body.buyer):
         return http.error_response(404, "unknown_sale", "no such sale")
     if now_ms() - sold_ms > RETURN_WINDOW_MS:
         return http.error_response(409, "return_window_closed",

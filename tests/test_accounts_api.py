@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from engine import keys
 from tests.harness import buyer, campaign, make_config, running
 
 
@@ -116,6 +117,11 @@ async def test_returns_within_five_days_for_approved_reasons(redis, redis_server
         status, again = await eng.api("POST", path, json={"buyer": "b1", "reason": "wrong_number"})
         assert status == 200 and again["replay"] and await eng.balance("c1") == 100_000_000
         old = "000000000001" + lead["lead_id"][12:]  # decided in 1970: window closed
+        status, body = await eng.api("POST", f"/v1/leads/{old}/returns",
+                                     json={"buyer": "b1", "reason": "wrong_number"})
+        assert status == 404 and body["error"]["code"] == "unknown_sale"  # never sold
+        sale = await redis.hget(keys.lead("t1", lead["lead_id"]), "b1")
+        await redis.hset(keys.lead("t1", old), "b1", sale)  # a real sale, that old
         status, body = await eng.api("POST", f"/v1/leads/{old}/returns",
                                      json={"buyer": "b1", "reason": "wrong_number"})
         assert status == 409 and body["error"]["code"] == "return_window_closed"
