@@ -53,6 +53,24 @@ async def test_round_robin_skips_capped_buyer(redis, redis_server):
         assert await _sold_to(eng, 4) == ["b1", "b2", "b2", "b2"]
 
 
+async def test_round_robin_starves_no_buyer_with_a_narrow_filter(redis, redis_server):
+    """b2 and b3 take CA leads only; CA and TX leads alternate. The turn moves one position
+    per sale from where the lead started, so b2 and b3 share the CA leads (it used to jump
+    past the buyer who took each TX lead, back to b2: b3 never got one)."""
+    ca = 'filters = [{ field = "state", op = "states", values = ["CA"] }]'
+    cfg = make_config(campaign(distribution="round_robin"), buyer("b1"),
+                      buyer("b2", client="c2", extra=ca), buyer("b3", extra=ca))
+    async with running(cfg, redis_server.url) as eng:
+        for i in range(12):
+            _, r = await eng.lead(email=f"rr{i}@example.com", state="CA" if i % 2 else "TX")
+            assert r["status"] == "ACCEPTED", r
+        jobs = await eng.redis.xrange(keys.deliveries("t1"))
+        sold = [f[b"buyer"].decode() for _, f in jobs]
+        ca_buyers = Counter(sold[1::2])  # the CA leads
+        assert set(sold[0::2]) == {"b1"}  # TX: only b1 may take them
+        assert ca_buyers["b2"] >= 2 and ca_buyers["b3"] >= 2, sold
+
+
 async def test_weighted_round_robin(redis, redis_server):
     cfg = make_config(campaign(distribution="weighted_round_robin"), buyer("b1", weight=3),
                       buyer("b2", client="c2", weight=1))

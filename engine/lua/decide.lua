@@ -94,21 +94,25 @@ local function mark_sold(fps, lead_id, ttl)
   for i = 1, #fps do redis.call('SET', K.dup(p, fps[i]), lead_id, 'EX', ttl) end
 end
 
--- the order in which candidates are tried; round robin starts at the campaign cursor
+-- the order in which candidates are tried, and the rotation position it starts at: round
+-- robin starts at the campaign cursor. A sale moves the cursor one position past where
+-- this lead *started*, not past the buyer who took it: jumping past the taker would skip
+-- the turns of the buyers in between who could not take this lead, and a buyer with a
+-- narrow filter could then starve (A, B, C with B and C on CA leads only, CA and TX leads
+-- alternating: C never got one).
 local function order(L)
   if L.rr ~= 1 or #L.q == 0 then
     local o = {}
-    for i = 1, #L.cs do o[i] = {i, 0} end
-    return o
+    for i = 1, #L.cs do o[i] = i end
+    return o, 0
   end
   local start = tonumber(redis.call('HGET', K.cursors(p), L.c) or '0') % #L.q
   local o, seen = {}, {}
   for off = 0, #L.q - 1 do
-    local pos = (start + off) % #L.q
-    local ci = L.q[pos + 1]
-    if ci > 0 and not seen[ci] then seen[ci] = true; o[#o + 1] = {ci, pos} end
+    local ci = L.q[(start + off) % #L.q + 1]
+    if ci > 0 and not seen[ci] then seen[ci] = true; o[#o + 1] = ci end
   end
-  return o
+  return o, start
 end
 
 local function sell(L, c, s, a)
@@ -136,9 +140,10 @@ local function decide(L)
   -- the platform fees of this lead, debited from the wallet as ONE balance change at the end
   local fee_in = test and 0 or L.fi
   local fees = fee_in
-  for _, o in ipairs(order(L)) do
+  local tries, start = order(L)
+  for _, ci in ipairs(tries) do
     if #sold >= L.n then break end
-    local c = L.cs[o[1]]
+    local c = L.cs[ci]
     local s, a = buyer(c.b), acct(p, c.a)
     if s.paused ~= '' or s.open or not a then
       why.paused = why.paused + 1
@@ -158,7 +163,7 @@ local function decide(L)
       if not test then
         sell(L, c, s, a)
         fees = fees + c.fo
-        if L.rr == 1 then redis.call('HSET', K.cursors(p), L.c, o[2] + 1) end
+        if L.rr == 1 then redis.call('HSET', K.cursors(p), L.c, start + 1) end
       end
       sold[#sold + 1] = {c.b, fmt(c.p)}
     end
