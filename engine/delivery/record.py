@@ -98,6 +98,14 @@ class _LogEntry(msgspec.Struct, omit_defaults=True):
     excerpt: str = ""
 
 
+def finish_arg(rows: Sequence[Sequence[str]], acks: Sequence[str] = (),
+               group: str = "") -> bytes:
+    """delivery_finish.lua's ARGV[1]: ``rows`` of (lead, buyer, decision JSON, log entry
+    JSON) and the stream entry ids to ack (with the consumer ``group``)."""
+    return _enc.encode({"g": group, "ttl": STATE_TTL_S, "lmax": LOG_MAX, "j": rows,
+                        "a": acks})
+
+
 def log_entry(
     *, buyer: str, attempt: int, ts: int, result: str, status: int = 0, ms: int = 0,
     reason: str = "", excerpt: str = "",

@@ -23,7 +23,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import aiohttp
-import msgspec
 
 from engine import keys, scripts
 from engine.delivery import client, record
@@ -111,10 +110,9 @@ async def _record(store: Store, tenant: str, lead_id: str, buyer: str, dec: Deci
     delivery_finish.lua as the worker records them: a decision someone else recorded first
     (the stream worker, if this try outlived its claim) is kept. Returns the decision that
     stands: ``dec``, or that other one, whose money effect is already applied."""
-    row = [lead_id, buyer, record.encode_decision(dec).decode(), entry.decode()]
-    arg = {"g": "", "ttl": record.STATE_TTL_S, "lmax": record.LOG_MAX, "j": [row], "a": []}
+    row = (lead_id, buyer, record.encode_decision(dec).decode(), entry.decode())
     kept = await store.redis.register_script(_FINISH)(
-        keys=[keys.tenant_prefix(tenant)], args=[msgspec.json.encode(arg)])
+        keys=[keys.tenant_prefix(tenant)], args=[record.finish_arg([row])])
     if not kept:
         return dec
     return await record.read_decision(store, tenant, lead_id, buyer) or dec

@@ -354,7 +354,7 @@ class DeliveryWorker:
         for stream, tenant in (group or self._streams).items():
             res: Any = await self.redis.xautoclaim(stream, self.opts.group, self.consumer,
                                               self.opts.claim_idle_ms, "0-0", count=count)
-            mine = self._inflight_ids(tenant) if res[1] else set()
+            mine = set(self._inflight_entries().get(tenant, ())) if res[1] else set()
             entries = [e for e in res[1] if _eid(e[0]) not in mine]
             jobs.extend(await self._parse(tenant, entries))
         return jobs
@@ -419,10 +419,15 @@ class DeliveryWorker:
             out.dropped = True  # if cancelled: its lanes skip what is still queued
             self._batches.discard(out)
 
-    def _inflight_ids(self, tenant: str) -> set[str]:
-        """Entry ids of ``tenant``'s jobs in flight here (entry ids are unique per stream
-        only, so per tenant). Built when a claim finds entries: every few seconds."""
-        return {j.entry_id for b in self._batches for j in b.jobs if j.tenant == tenant}
+    def _inflight_entries(self) -> dict[str, list[Any]]:
+        """Entry ids (str) of the jobs in flight here, per tenant (entry ids are unique per
+        stream only). Built when a claim finds entries and for the keepalive: every few
+        seconds. (``Any``: redis-py's xclaim wants a list of its wider id type.)"""
+        ids: dict[str, list[Any]] = {}
+        for b in self._batches:
+            for j in b.jobs:
+                ids.setdefault(j.tenant, []).append(j.entry_id)
+        return ids
 
     async def _prechecked(self, jobs: Sequence[Job]) -> list[Any]:
         """Each job's sale record and recorded decision (``b""`` when absent), flat and in
@@ -458,13 +463,13 @@ class DeliveryWorker:
                     async with self._rsem:
                         results = await pipe.execute()
                 rows = results[0] if common else []
-            for i in rows or []:
-                job = common["jobs"][int(i) - 1] if common else None
-                if job is not None:
-                    kept.add((tenant, job.lead_id, job.buyer))
-                    log.warning("delivery of %s to %s (tenant %s) was decided by another "
-                                "worker first; its decision and money effect stand",
-                                job.lead_id, job.buyer, tenant)
+            jobs = common["jobs"] if common else []  # the rows delivery_finish.lua names
+            for i in rows:
+                job = jobs[int(i) - 1]
+                kept.add((tenant, job.lead_id, job.buyer))
+                log.warning("delivery of %s to %s (tenant %s) was decided by another "
+                            "worker first; its decision and money effect stand",
+                            job.lead_id, job.buyer, tenant)
         if kept:  # their money effect is the other decision's, already applied: only ack
             theirs = [j for j, _ in out.money if (j.tenant, j.lead_id, j.buyer) in kept]
             out.money = [(j, d) for j, d in out.money
@@ -493,10 +498,9 @@ class DeliveryWorker:
         Returns the row numbers whose delivery another worker had decided already."""
         if not common:
             return []
-        arg = {"g": self.opts.group, "ttl": record.STATE_TTL_S, "lmax": record.LOG_MAX,
-               "j": common["j"], "a": common["a"]}
-        return await self._finish_lua(keys=[keys.tenant_prefix(tenant)],
-                                      args=[msgspec.json.encode(arg)], client=client)
+        return await self._finish_lua(
+            keys=[keys.tenant_prefix(tenant)],
+            args=[record.finish_arg(common["j"], common["a"], self.opts.group)], client=client)
 
     async def _ack_all(self, jobs: Sequence[Job]) -> None:
         for tenant in {j.tenant for j in jobs}:  # one MULTI per tenant: one slot each
@@ -679,10 +683,7 @@ class DeliveryWorker:
 
     async def touch(self) -> int:
         """Reset the idle time of every entry in flight here; returns how many."""
-        ids: dict[str, list[Any]] = {}
-        for b in self._batches:
-            for j in b.jobs:
-                ids.setdefault(j.tenant, []).append(j.entry_id)
+        ids = self._inflight_entries()
         for tenant, entry_ids in ids.items():  # one call per tenant: one slot each
             await self.redis.xclaim(keys.deliveries(tenant), self.opts.group, self.consumer,
                                     0, entry_ids, justid=True)
