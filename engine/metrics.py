@@ -429,7 +429,7 @@ class Metrics:
 def count(counter: Counter, amount: float = 1) -> None:
     """``counter.inc(amount)`` for a counter without labels or a bound child, without the
     observability checks prometheus-client repeats on every call (hot path: a few counters
-    per lead). Same private-attribute caveat and fallback as :func:`observe_all`."""
+    per lead). Private like :func:`_parts`, with the same fallback."""
     if amount < 0:
         raise ValueError("counters can only be incremented by non-negative amounts")
     try:
@@ -440,15 +440,26 @@ def count(counter: Counter, amount: float = 1) -> None:
     value.inc(amount)
 
 
+def _parts(hist: Histogram) -> tuple[Any, Any, Any] | None:
+    """(upper bounds, bucket values, sum value) of a histogram without labels or a bound
+    child: private to prometheus-client (unchanged since 0.4, the same in multiprocess
+    mode); None for a labelled parent or a client without them (callers then use the
+    public ``observe``). tests/test_metrics.py checks the exposition against ``observe``."""
+    try:
+        return hist._upper_bounds, hist._buckets, hist._sum
+    except AttributeError:
+        return None
+
+
 def observe(hist: Histogram, amount: float) -> None:
     """``hist.observe(amount)``, with a bisect where prometheus-client walks the bucket list
     in Python: the hot path observes two histograms per lead, and that walk was most of the
-    metrics' cost per lead. Same private attributes and fallback as :func:`observe_all`."""
-    try:
-        bounds, buckets, total = hist._upper_bounds, hist._buckets, hist._sum
-    except AttributeError:  # a labelled parent (raises like observe) or another client
+    metrics' cost per lead."""
+    parts = _parts(hist)
+    if parts is None:  # a labelled parent (raises like observe) or another client
         hist.observe(amount)
         return
+    bounds, buckets, total = parts
     total.inc(amount)
     buckets[bisect.bisect_left(bounds, amount)].inc(1)  # the first bound >= amount
 
@@ -458,19 +469,15 @@ def observe_all(hist: Histogram, amounts: Sequence[float]) -> None:
     per bucket hit.
 
     prometheus-client has no bulk observation, and ``observe`` takes a lock per value; the
-    delivery worker reports a whole batch of attempts at once. This relies on the
-    Histogram's ``_upper_bounds``/``_buckets``/``_sum`` (unchanged since prometheus-client
-    0.4, the same in multiprocess mode); without them it falls back to ``observe``.
-    tests/test_metrics.py checks the exposition against plain ``observe``."""
+    delivery worker reports a whole batch of attempts at once."""
     if not amounts:
         return
-    bounds = getattr(hist, "_upper_bounds", None)
-    buckets = getattr(hist, "_buckets", None)
-    total = getattr(hist, "_sum", None)
-    if bounds is None or buckets is None or total is None:
+    parts = _parts(hist)
+    if parts is None:
         for a in amounts:
             hist.observe(a)
         return
+    bounds, buckets, total = parts
     ordered = sorted(amounts)
     total.inc(math.fsum(ordered))
     done = 0
