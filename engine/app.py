@@ -76,8 +76,10 @@ class App:
         )
         self.router = http.Router()
         # POST /v1/leads is served before routing (see __call__); listed so GET gets a 405
-        self.router.add("POST", "/v1/leads", self._lead_routed, body_limit=max_body)
-        self.router.add("POST", "/v1/leads/batch", self._batch, body_limit=max_batch_body)
+        self.router.add("POST", "/v1/leads", self._lead_routed, body_limit=max_body,
+                        too_large=_lead_too_large)
+        self.router.add("POST", "/v1/leads/batch", self._batch, body_limit=max_batch_body,
+                        too_large=_lead_too_large)
         self.router.add("GET", "/healthz", self._healthz)
         self.router.add("GET", "/readyz", self._readyz)
         self.router.add("GET", "/metrics", self._metrics)
@@ -126,10 +128,7 @@ class App:
         try:
             body = await http.read_body(receive, route.body_limit)
         except http.BodyTooLarge:
-            if route.handler == self._batch:  # the ingest endpoints answer in their own shape
-                return route.name, _lead_response(
-                    413, error(Codes.TOO_LARGE, f"body over {route.body_limit} bytes"))
-            return route.name, http.error_response(413, "too_large", "request body too large")
+            return route.name, route.too_large(route.body_limit)
         try:
             return route.name, await route.handler(Request(scope, body, params))
         except StoreUnavailable:
@@ -141,7 +140,7 @@ class App:
         try:
             body = await http.read_body(receive, self.max_body)
         except http.BodyTooLarge:
-            return _lead_response(413, error(Codes.TOO_LARGE, f"body over {self.max_body} bytes"))
+            return _lead_too_large(self.max_body)
         ctype, key = b"", None
         for name, value in scope["headers"]:  # two headers matter: skip building a dict
             if name == b"content-type":
@@ -245,6 +244,10 @@ def _decode_lead(content_type: str, body: bytes) -> tuple[object, tuple[int, Lea
         return msgspec.json.decode(body), None
     except (msgspec.DecodeError, UnicodeDecodeError):  # invalid UTF-8 inside a string
         return None, (400, error(Codes.MALFORMED, "the body is not valid UTF-8 JSON"))
+
+
+def _lead_too_large(limit: int) -> Response:
+    return _lead_response(413, error(Codes.TOO_LARGE, f"body over {limit} bytes"))
 
 
 def _lead_response(status: int, resp: LeadResponse) -> Response:

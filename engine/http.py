@@ -123,12 +123,19 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 class Route:
-    __slots__ = ("body_limit", "handler", "method", "name", "pattern")
+    __slots__ = ("body_limit", "handler", "method", "name", "pattern", "too_large")
 
-    def __init__(self, method: str, path: str, handler: Handler, body_limit: int) -> None:
+    def __init__(self, method: str, path: str, handler: Handler, body_limit: int,
+                 too_large: Callable[[int], Response] | None = None) -> None:
         self.method, self.handler, self.body_limit = method, handler, body_limit
+        # the 413 of a body over body_limit; ingest endpoints answer in their own shape
+        self.too_large = too_large or _too_large
         self.name = path  # the template: a bounded label for metrics
         self.pattern = re.compile("^" + _PARAM.sub(r"(?P<\1>[^/]+)", path) + "$")
+
+
+def _too_large(limit: int) -> Response:
+    return error_response(413, "too_large", "request body too large")
 
 
 class Router:
@@ -139,8 +146,9 @@ class Router:
         self._templated: list[Route] = []
         self._paths: set[str] = set()
 
-    def add(self, method: str, path: str, handler: Handler, *, body_limit: int = 64 * 1024) -> None:
-        route = Route(method, path, handler, body_limit)
+    def add(self, method: str, path: str, handler: Handler, *, body_limit: int = 64 * 1024,
+            too_large: Callable[[int], Response] | None = None) -> None:
+        route = Route(method, path, handler, body_limit, too_large)
         self._paths.add(path)
         if "{" in path:
             self._templated.append(route)
