@@ -111,6 +111,16 @@ class PaymentTransient(PaymentError):
     status = 503
 
 
+class PaymentBusy(PaymentTransient):
+    """Stripe is still working on a request with the same idempotency key (HTTP 409), or
+    refused the key (``IdempotencyError``). Another worker is charging this very card try:
+    not a decline. The attempt stays as it is (its card ``charging``) and is looked up,
+    never charged blindly, when retried later."""
+
+    code = "busy"
+    status = 409
+
+
 class PaymentsFailed(PaymentError):
     """Every eligible card failed; ``attempt`` is the recorded attempt id."""
 

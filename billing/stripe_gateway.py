@@ -8,8 +8,10 @@ a worker thread (``asyncio.to_thread``); its own network retries are off
 
 Errors are mapped onto :mod:`billing.errors`: issuer declines -> :class:`CardDeclined`,
 3-D Secure -> :class:`AuthenticationRequired` (needs the customer, never retried),
-connection trouble / 429 / 5xx -> :class:`PaymentTransient` (outcome unknown), anything
-else (bad key, bad request) -> :class:`PaymentError`.
+connection trouble / 429 / 5xx -> :class:`PaymentTransient` (outcome unknown), an
+idempotency conflict (409 "key in use", ``IdempotencyError``) -> :class:`PaymentBusy` (a
+PaymentTransient: try again later, never a decline), anything else (bad key, bad request)
+-> :class:`PaymentError`.
 
 The secret key comes from ``LEADFLOW_STRIPE_SECRET_KEY`` and is never logged or repr'd.
 """
@@ -27,6 +29,7 @@ import stripe
 from billing.errors import (
     AuthenticationRequired,
     CardDeclined,
+    PaymentBusy,
     PaymentError,
     PaymentTransient,
     UnknownPaymentMethod,
@@ -126,6 +129,10 @@ def _map(exc: stripe.StripeError) -> PaymentError:
     if isinstance(exc, stripe.APIConnectionError | stripe.RateLimitError):
         return PaymentTransient(f"stripe unreachable: {type(exc).__name__}")
     status = exc.http_status or 0
+    if isinstance(exc, stripe.IdempotencyError) or status == 409:
+        # "idempotency key in use": the same card try is in flight elsewhere. Read as a
+        # decline, the attempt would move on and charge the backup card too.
+        return PaymentBusy(f"stripe: the request is in progress elsewhere ({status}): {msg}")
     if status >= 500:
         return PaymentTransient(f"stripe error {status}")
     if status == 404:
