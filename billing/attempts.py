@@ -22,13 +22,14 @@ skipped. Every transition is appended to the ``charge_audit`` stream.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Literal
 
 import msgspec
 import redis.asyncio as aioredis
-from redis.exceptions import LockError
+from redis.exceptions import LockError, RedisError
 
 from billing import money
 from billing.errors import (
@@ -174,9 +175,11 @@ class Charger:
 
     # -- running ---------------------------------------------------------------------------
 
-    async def run(self, a: Attempt) -> Attempt:
-        """Drive an attempt to a final state (or raise PaymentTransient, state kept)."""
+    async def run(self, a: Attempt, *, lock: AccountLock) -> Attempt:
+        """Drive an attempt to a final state under the account's ``lock`` (or raise
+        PaymentTransient, or Busy when the lock was lost; the state is kept either way)."""
         while a.state not in FINAL:
+            await lock.check()  # renewed at each step; a holder that lost it writes nothing
             if a.state == "succeeded":
                 await self._credit(a)
                 continue
@@ -208,7 +211,7 @@ class Charger:
                 a.index += 1
                 await self.save(a)
                 continue
-            await self._charge(a, card)
+            await self._charge(a, card, lock)
         return a
 
     async def _reserve_try(self, a: Attempt, card: CardTry) -> bool:
@@ -223,9 +226,10 @@ class Charger:
             await self.redis.pexpire(key, _30D_MS)
         return True
 
-    async def _charge(self, a: Attempt, card: CardTry) -> None:
-        await self._step("before_charge", a)
+    async def _charge(self, a: Attempt, card: CardTry, lock: AccountLock) -> None:
         try:
+            await self._step("before_charge", a)
+            await lock.check()  # the last moment to learn the lock is lost: before Stripe
             intent = await self.gateway.charge(
                 customer=a.customer, payment_method=card.pm, amount_cents=a.gross_cents,
                 idempotency_key=idempotency_key(a),
@@ -242,7 +246,9 @@ class Charger:
                                     exc.payment_intent)
             return
         except PaymentTransient:
-            raise  # state stays "charging": the next run looks the intent up first
+            # unknown outcome, or the same card try in flight elsewhere (PaymentBusy): the
+            # card stays "charging" and the next run looks the intent up first
+            raise
         except PaymentError as exc:
             await self._card_failed(a, card, "error", exc.code, "")
             return
@@ -298,22 +304,66 @@ class Charger:
 
 
 class AccountLock:
-    """At most one charge or refund per account in flight (SET NX PX, token checked)."""
+    """At most one charge or refund per account in flight (SET NX PX, token checked).
 
-    def __init__(self, redis: aioredis.Redis, tenant: str, account: str) -> None:
-        self._lock = redis.lock(keys.rlock(tenant, account), timeout=LOCK_TTL_S,
-                                blocking=False)
+    The TTL only frees the lock of a holder that died: while held, a task renews it every
+    third of the TTL, so a slow run (many cards, many refunds, a slow Stripe) keeps it. A
+    holder can still lose it (its process paused past the TTL, the key lost in a Redis
+    failover); :meth:`check`, called before each step that moves money, renews it or
+    raises Busy, so such a holder stops instead of charging next to the worker that took
+    over (the attempt is left as recorded, and resumed by whoever holds the lock).
+    """
+
+    def __init__(self, redis: aioredis.Redis, tenant: str, account: str, *,
+                 ttl_s: float = LOCK_TTL_S, renew_every_s: float | None = None) -> None:
+        # thread_local=False: the renewing task and the holder share one token
+        self._lock = redis.lock(keys.rlock(tenant, account), timeout=ttl_s, blocking=False,
+                                thread_local=False)
+        self._every = renew_every_s if renew_every_s is not None else ttl_s / 3
+        self._renewer: asyncio.Task[None] | None = None
         self.account = account
+        self.lost = False
+        self.renewed = asyncio.Event()  # set at each renewal (tests wait on it)
 
     async def __aenter__(self) -> AccountLock:
         if not await self._lock.acquire():
             raise Busy(f"a charge or refund of {self.account} is already in progress")
+        self._renewer = asyncio.create_task(self._keep())
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        # expired and maybe taken over: the attempt record protects the money
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+        # lost (expired, taken over): nothing to release; the attempt record is the truth
         with contextlib.suppress(LockError):
             await self._lock.release()
+
+    async def _keep(self) -> None:
+        while not self.lost:
+            await asyncio.sleep(self._every)
+            try:
+                await self._renew()
+            except (RedisError, OSError):  # unknown: retried next tick; check() raises it
+                continue
+
+    async def _renew(self) -> bool:
+        """Reset the TTL if the lock is still ours (token checked in Redis)."""
+        if not self.lost:
+            try:
+                await self._lock.reacquire()
+            except LockError:
+                self.lost = True
+            else:
+                self.renewed.set()
+        return not self.lost
+
+    async def check(self) -> None:
+        """Renew the lock now, or raise Busy when it is no longer ours."""
+        if not await self._renew():
+            raise Busy(f"the lock of {self.account} was lost (held past its TTL, or taken "
+                       "over): stopped; the attempt is resumed by the lock's holder")
 
 
 async def require_account(store: Store, tenant: str, account: str) -> None:

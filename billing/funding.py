@@ -94,7 +94,7 @@ async def fund(
     if prior is not None and (prior.amount != amount or prior.account != account):
         raise InvalidRequest("idempotency key already used for a different funding",
                              code="idempotency_conflict")
-    async with ctx.charger.lock(tenant, account):
+    async with ctx.charger.lock(tenant, account) as lock:
         if prior is None:
             await open_account(ctx.store, tenant, account)
             customer, cards = await ctx.methods.require(tenant, account)
@@ -104,7 +104,7 @@ async def fund(
                 cards=[CardTry(pm=c.id) for c in cards],
                 extra={"process": "manual_funding", "user": user},
             ))
-        done = await ctx.charger.run(prior)
+        done = await ctx.charger.run(prior, lock=lock)
     if done.state != "credited":
         codes = ", ".join(f"{c.pm}: {c.code or c.state}" for c in done.cards)
         raise PaymentsFailed(f"funding failed: {done.error or done.state} ({codes})",

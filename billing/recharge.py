@@ -171,14 +171,14 @@ async def recharge(ctx: BillingContext, tenant: str, account: str, *, attempt_id
     """
     now = now or now_ms()
     ar = await settings(ctx, tenant, account)
-    async with ctx.charger.lock(tenant, account):
+    async with ctx.charger.lock(tenant, account) as lock:
         a = await ctx.charger.load(tenant, attempt_id)
         if a is None:
             a = await _start(ctx, tenant, account, ar=ar, attempt_id=attempt_id, reason=reason,
                              now=now)
             if a is None:
                 return None
-        a = await ctx.charger.run(a)
+        a = await ctx.charger.run(a, lock=lock)
         if a.state in ("credited", "failed", "needs_customer"):
             await _finish(ctx, a, now)
         return a
@@ -440,8 +440,8 @@ async def resume_stale(ctx: BillingContext, *, idle_ms: int = STALE_MS,
                 if a is None:
                     continue
             try:
-                async with ctx.charger.lock(a.tenant, a.account):
-                    a = await ctx.charger.run(a)
+                async with ctx.charger.lock(a.tenant, a.account) as lock:
+                    a = await ctx.charger.run(a, lock=lock)
             except (Busy, PaymentTransient) as exc:  # someone is on it, or Stripe still down
                 log.info("charge attempt %s not resumed yet: %s", attempt_id,
                          type(exc).__name__)
