@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,8 @@ from engine.store import Store
 if TYPE_CHECKING:
     from billing.archive import Archive
 
+RefundHook = Callable[[str, str], Awaitable[None]]  # (step, account)
+
 
 @dataclass
 class BillingContext:
@@ -23,6 +26,7 @@ class BillingContext:
     gateway: StripeGateway
     archive: Archive | None = None
     hook: Hook | None = None  # test seam, see billing.attempts.Charger
+    refund_hook: RefundHook | None = None  # test seam of funding.refund_balance's steps
     methods: Methods = field(init=False)
     charger: Charger = field(init=False)
 

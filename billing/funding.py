@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 
 from billing import money
-from billing.attempts import Attempt, CardTry, require_account
+from billing.attempts import AccountLock, Attempt, CardTry, require_account
 from billing.context import BillingContext
 from billing.errors import (
     AccountClosed,
@@ -26,6 +26,7 @@ from billing.errors import (
     InvalidRequest,
     PaymentsFailed,
 )
+from engine import keys, scripts
 from engine.store import Store
 
 MIN_FUNDING = 100 * money.MICROS
@@ -119,51 +120,90 @@ async def refund_balance(
     """Refund the unused balance to the cards it came from and close the account.
 
     Returns the ledger entry ids written. Refused (nothing moved) when the balance is
-    negative or larger than what the account's charges can still refund.
+    negative or larger than what the account's charges can still refund. The check and
+    the close are one step in Redis (balance_close.lua): a credit landing before it is
+    counted (and refused when the charges cannot cover it), one landing after it is a
+    credit to the closed account, not part of this refund. Manual credits take no lock.
     """
     ctx.settings(tenant, account)
-    async with ctx.charger.lock(tenant, account):
-        state = await ctx.store.account(tenant, account)
+    async with ctx.charger.lock(tenant, account) as lock:
+        state = await ctx.store.account(tenant, account)  # refusals before any Stripe call
         if state is None:
             raise InvalidRequest(f"unknown account {account}", code="unknown_account")
         if state.balance < 0:
             raise InvalidRequest("the balance is negative: nothing to refund",
                                  code="negative_balance")
         customer = await ctx.methods.customer(tenant, account)
-        if customer and await _recover_refunds(ctx, tenant, account, customer, user):
-            state = await ctx.store.account(tenant, account)  # a crashed run's refunds, booked
-            assert state is not None
+        if customer:
+            await _recover_refunds(ctx, tenant, account, customer, user)
         plan = await _refundable(ctx, customer) if customer else []
-        if sum(c for _, c in plan) * CENT < state.balance - state.balance % CENT:
-            raise InvalidRequest(
-                f"the balance ${money.format(state.balance)} is more than the card charges "
-                "can refund; contact support", code="refund_exceeds_charges")
-        # close first: no new debit can slip in while money flows back
-        await ctx.store.set_account_flag(tenant, account, "closed", "1")
-        state = await ctx.store.account(tenant, account)
-        assert state is not None
-        left_cents = state.balance // CENT
-        entries: list[str] = []
-        for n, (pi, cents) in enumerate(plan):
-            if left_cents <= 0:
-                break
-            take = min(cents, left_cents)
-            refund_id = await ctx.gateway.refund(
-                payment_intent=pi, amount_cents=take,
-                idempotency_key=f"{tenant}:refund:{account}:{pi}:{state.balance}:{n}",
-                metadata={"tenant": tenant, "account": account, "process": _PROCESS},
-            )
-            entries.append(await _book_refund(ctx, tenant, account, pi, refund_id, take, user))
-            left_cents -= take
-        rest = (await ctx.store.account(tenant, account))
-        if rest is not None and 0 < rest.balance < CENT:  # a sub-cent usage remainder
-            res = await ctx.store.adjust(
-                tenant, account, -rest.balance, "adjustment", enforce_floor=False,
-                op_id=f"refund-rest:{account}:{rest.balance}",
-                extra={"process": "balance_refund", "reason": "sub-cent remainder",
-                       "user": user})
-            entries.append(res.entry)
+        await _step(ctx, "before_close", account)
+        # closed first: no new debit can slip in while money flows back
+        balance = await _close(ctx, tenant, account, sum(c for _, c in plan) * CENT)
+        entries = await _refund_charges(ctx, lock, tenant, account, plan, balance, user)
+        if balance % CENT:  # a sub-cent usage remainder: written off, the account ends at 0
+            entries.append(await _write_off(ctx, tenant, account, balance % CENT, user))
         return entries
+
+
+async def _step(ctx: BillingContext, name: str, account: str) -> None:
+    if ctx.refund_hook is not None:
+        await ctx.refund_hook(name, account)
+
+
+_CLOSE = scripts.housekeeping("balance_close")
+_CLOSE_REFUSED = {
+    "unknown_account": "unknown account {account}",
+    "negative_balance": "the balance is negative: nothing to refund",
+    "refund_exceeds_charges": "the balance ${balance} is more than the card charges can "
+                              "refund; contact support",
+}
+
+
+async def _close(ctx: BillingContext, tenant: str, account: str, covered: int) -> int:
+    """Close the account if ``covered`` micros of card charges cover its balance, in one
+    Lua step; returns the balance at the close (what the refund returns)."""
+    script = ctx.store.redis.register_script(_CLOSE)
+    raw = await script(keys=[keys.tenant_prefix(tenant)], args=[account, covered, CENT])
+    status, balance = (x.decode() if isinstance(x, bytes) else str(x) for x in raw)
+    if status != "ok":
+        text = _CLOSE_REFUSED[status].format(account=account,
+                                              balance=money.format(int(balance)))
+        raise InvalidRequest(text, code=status)
+    return int(balance)
+
+
+async def _refund_charges(ctx: BillingContext, lock: AccountLock, tenant: str, account: str,
+                          plan: list[tuple[str, int]], balance: int, user: str) -> list[str]:
+    """Stripe refunds of the whole cents of ``balance`` over ``plan`` (newest charge
+    first), each booked with its ledger entry."""
+    left_cents = balance // CENT
+    entries: list[str] = []
+    for n, (pi, cents) in enumerate(plan):
+        if left_cents <= 0:
+            break
+        take = min(cents, left_cents)
+        await _step(ctx, "before_refund", account)
+        await lock.check()  # a holder that lost the lock refunds nothing more
+        refund_id = await ctx.gateway.refund(
+            payment_intent=pi, amount_cents=take,
+            idempotency_key=f"{tenant}:refund:{account}:{pi}:{balance}:{n}",
+            metadata={"tenant": tenant, "account": account, "process": _PROCESS},
+        )
+        entries.append(await _book_refund(ctx, tenant, account, pi, refund_id, take, user))
+        left_cents -= take
+    return entries
+
+
+async def _write_off(ctx: BillingContext, tenant: str, account: str, rest: int,
+                     user: str) -> str:
+    """The sub-cent rest of the refunded balance (cards refund whole cents). Exactly the
+    rest at the close: a credit landing later stays on the closed account."""
+    res = await ctx.store.adjust(
+        tenant, account, -rest, "adjustment", enforce_floor=False,
+        op_id=f"refund-rest:{account}:{rest}",
+        extra={"process": "balance_refund", "reason": "sub-cent remainder", "user": user})
+    return res.entry
 
 
 _PROCESS = "balance_refund"

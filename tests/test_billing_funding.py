@@ -201,3 +201,54 @@ async def test_refund_balance_after_a_crash_between_refund_and_ledger(
     ledger = [e for e in await _ledger(ctx) if e["kind"] == "refund"]
     assert sorted(int(e["delta"]) for e in ledger) == [-60 * D, -40 * D]
     assert any(e.get("recovered") == "1" for e in ledger)
+
+
+async def _manual_credit(ctx: BillingContext, amount: int, key: str) -> None:
+    """What POST /v1/accounts/{id}/credits does (engine/accounts_api.py): no account lock."""
+    res = await ctx.store.adjust(T, "c1", amount, "funding", op_id=f"credit:c1:{key}",
+                                 extra={"process": "manual", "note": "", "reference": ""})
+    assert res.ok
+
+
+async def test_a_credit_landing_before_the_close_is_checked_with_it(
+        ctx: BillingContext, localstripe: LocalStripe) -> None:
+    """A manual credit lands after refund-balance read the card charges and before it
+    closes: the check and the close are one step, so the $50 is counted, cannot be
+    refunded by card, and the refund is refused with nothing moved (it was refunded $100
+    of $150 and closed with $50 left)."""
+    await ctx.methods.attach(T, "c1", localstripe.card())
+    a = await funding.fund(ctx, T, "c1", 100 * D, "f1")
+
+    async def credit_lands(step: str, account: str) -> None:
+        if step == "before_close":
+            await _manual_credit(ctx, 50 * D, "wire-1")
+
+    ctx.refund_hook = credit_lands
+    with pytest.raises(InvalidRequest) as err:
+        await funding.refund_balance(ctx, T, "c1")
+    assert err.value.code == "refund_exceeds_charges"
+    state = await ctx.store.account(T, "c1")
+    assert state is not None and state.balance == 150 * D and not state.closed
+    assert await ctx.gateway.list_refunds(a.pi) == []
+
+
+async def test_a_credit_landing_after_the_close_is_not_written_off(
+        ctx: BillingContext, localstripe: LocalStripe) -> None:
+    """The refund returns the balance the close saw ($50.005: $50.00 by card, $0.005
+    written off). A $0.004 credit landing while the refund runs stays on the closed
+    account, in the ledger as what it is (it was written off as a usage remainder)."""
+    await ctx.methods.attach(T, "c1", localstripe.card())
+    a = await funding.fund(ctx, T, "c1", 100 * D, "f1")
+    await ctx.store.adjust(T, "c1", -49_995_000, "usage", op_id="usage:x")
+
+    async def credit_lands(step: str, account: str) -> None:
+        if step == "before_refund":
+            await _manual_credit(ctx, 4_000, "cheque-1")
+
+    ctx.refund_hook = credit_lands
+    await funding.refund_balance(ctx, T, "c1")
+    state = await ctx.store.account(T, "c1")
+    assert state is not None and state.closed and state.balance == 4_000
+    assert [cents for _, cents, _ in await ctx.gateway.list_refunds(a.pi)] == [5_000]
+    [off] = [e for e in await _ledger(ctx) if e["kind"] == "adjustment"]
+    assert off["delta"] == "-5000" and off["reason"] == "sub-cent remainder"

@@ -144,3 +144,28 @@ async def test_a_worker_that_lost_the_lock_stops_before_charging(
     assert done.state == "credited"
     assert [p.status for p in localstripe.intents(customer=cus)] == ["succeeded"]
     assert (await b_ctx.store.account(T, "c1")).balance == 100 * D  # type: ignore[union-attr]
+
+
+async def test_a_refund_whose_lock_was_lost_stops_and_is_finished_by_a_rerun(
+        redis: aioredis.Redis, gateway: StripeGateway, localstripe: LocalStripe) -> None:
+    """refund-balance's lock expired just before its Stripe refund and another worker took
+    the account: it refunds nothing (Busy); a later run refunds the balance once."""
+    ctx = await new_ctx(redis, gateway)
+    await ctx.methods.attach(T, "c1", localstripe.card())
+    a = await funding.fund(ctx, T, "c1", 100 * D, "f1")
+    taken: list[AccountLock] = []
+
+    async def expire_and_take_over(step: str, account: str) -> None:
+        if step == "before_refund" and not taken:
+            await redis.delete(keys.rlock(T, "c1"))
+            taken.append(await AccountLock(redis, T, "c1").__aenter__())
+
+    ctx.refund_hook = expire_and_take_over
+    with pytest.raises(Busy):
+        await funding.refund_balance(ctx, T, "c1")
+    assert await gateway.list_refunds(a.pi) == []
+    await taken[0].__aexit__(None, None, None)
+    await funding.refund_balance(ctx, T, "c1")
+    assert [cents for _, cents, _ in await gateway.list_refunds(a.pi)] == [10_000]
+    state = await ctx.store.account(T, "c1")
+    assert state is not None and state.closed and state.balance == 0
