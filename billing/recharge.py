@@ -172,7 +172,8 @@ async def recharge(ctx: BillingContext, tenant: str, account: str, *, attempt_id
     now = now or now_ms()
     ar = await settings(ctx, tenant, account)
     async with ctx.charger.lock(tenant, account) as lock:
-        a = await ctx.charger.load(tenant, attempt_id)
+        a = (await ctx.charger.load(tenant, attempt_id)
+             or await _unfinished(ctx, tenant, account))
         if a is None:
             a = await _start(ctx, tenant, account, ar=ar, attempt_id=attempt_id, reason=reason,
                              now=now)
@@ -182,6 +183,19 @@ async def recharge(ctx: BillingContext, tenant: str, account: str, *, attempt_id
         if a.state in ("credited", "failed", "needs_customer"):
             await _finish(ctx, a, now)
         return a
+
+
+async def _unfinished(ctx: BillingContext, tenant: str, account: str) -> Attempt | None:
+    """The account's last recharge attempt if it is not final: one open recharge per
+    account. Its worker died before Stripe answered, or Stripe was busy or down; a new
+    event (a manual credit re-armed the threshold and usage crossed it again) resumes it
+    rather than start a second attempt, whose own idempotency key would charge again
+    once the first is resumed."""
+    last = await ctx.store.redis.hget(keys.rstate(tenant, account), "attempt")
+    if not last:
+        return None
+    a = await ctx.charger.load(tenant, last.decode() if isinstance(last, bytes) else last)
+    return a if a is not None and a.state not in FINAL else None
 
 
 async def _start(ctx: BillingContext, tenant: str, account: str, *, ar: AutoRecharge,

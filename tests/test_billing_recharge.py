@@ -398,3 +398,32 @@ def test_gateway_reads_key_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(ENV_KEY, "sk_test_secret_value")
     gw = StripeGateway(api_base="http://127.0.0.1:1")
     assert "sk_test_secret_value" not in repr(gw)
+
+
+async def test_a_new_crossing_resumes_the_unfinished_recharge_instead_of_a_second_one(
+        redis: aioredis.Redis, gateway: StripeGateway, localstripe: LocalStripe) -> None:
+    """A recharge's worker dies before Stripe answers; a manual credit then lifts the
+    balance over the threshold and usage crosses it again. The second crossing's event must
+    not start a second attempt (its own idempotency key: a second charge once the first
+    attempt is resumed): it resumes the open one. One charge, one credit."""
+    async def die(name: str, a: Attempt) -> None:
+        if name == "before_charge":
+            raise Killed(name)
+
+    dying = await _ctx(redis, gateway, hook=die)
+    await dying.methods.attach(T, "c1", localstripe.card())
+    await _drop_below_threshold(dying)  # $15: the first crossing
+    with pytest.raises(Killed):
+        await _process(dying, consumer="w1")
+    await dying.store.adjust(T, "c1", 50 * D, "funding", op_id="credit:c1:wire-1",
+                             extra={"process": "manual"})  # $65: the threshold re-arms
+    await dying.store.adjust(T, "c1", -50 * D, "usage", op_id="use-2")  # $15: crossed again
+    assert len(await _events(redis, "recharge_needed")) == 2
+    fresh = await _ctx(redis, gateway)
+    await _process(fresh, consumer="w2")  # the new crossing (w1's entry is not idle yet)
+    await _process(fresh, consumer="w2", idle=0)  # then w1's, taken over
+    assert await _balance(fresh) == 115 * D
+    cus = await fresh.methods.customer(T, "c1")
+    assert [p.status for p in localstripe.intents(customer=cus)] == ["succeeded"]
+    assert len(await _events(redis, "recharge_succeeded")) == 1
+    assert (await redis.xpending(keys.events(T), recharge.GROUP))["pending"] == 0
