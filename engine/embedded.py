@@ -85,7 +85,10 @@ class EmbeddedRedis:
         persistent: bool = True,
         extra_args: list[str] | None = None,
     ) -> None:
-        self.state_dir = Path(state_dir)
+        # absolute: redis-server changes into --dir before it opens --logfile, so a relative
+        # state dir (the default ".leadflow") would be looked up twice, the second time
+        # inside itself, and the server would exit at start
+        self.state_dir = Path(state_dir).resolve()
         self.extra_args = extra_args or []
         self.port = port or free_port()
         self.appendfsync = appendfsync

@@ -133,8 +133,9 @@ async def wait_for(fn: Callable[[], Awaitable[Any]], *, within: float, what: str
 
 
 @contextlib.asynccontextmanager
-async def leadflow_run(tmp_path: Path, redis_url: str, toml: str,
+async def leadflow_run(tmp_path: Path, redis_url: str | None, toml: str,
                        env: dict[str, str]) -> AsyncIterator[Proc]:
+    """``leadflow run`` in ``tmp_path``; with no ``redis_url``, on its embedded Redis."""
     config = tmp_path / "leadflow.toml"
     config.write_text(toml)
     port = free_port()
@@ -142,7 +143,8 @@ async def leadflow_run(tmp_path: Path, redis_url: str, toml: str,
     with stderr_path.open("wb") as err:
         process = subprocess.Popen(  # noqa: ASYNC220 - returns at once
             [sys.executable, "-m", "engine.cli", "run", "--config", str(config),
-             "--redis-url", redis_url, "--host", "127.0.0.1", "--port", str(port)],
+             *(["--redis-url", redis_url] if redis_url else []),
+             "--host", "127.0.0.1", "--port", str(port)],
             cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
             env={**os.environ, "PYTHONPATH": str(ROOT), **env},
         )
@@ -207,6 +209,25 @@ def assert_no_leak(text: str, s: Secrets, pii: list[str]) -> None:
     assert raw_secret not in text, "webhook secret (base64 part) in the engine's output"
     for value in pii:
         assert value not in text, f"PII {value!r} in the engine's output"
+
+
+# -- the embedded default ---------------------------------------------------------------------
+
+
+async def test_run_on_the_embedded_redis_with_a_relative_state_dir(tmp_path: Path) -> None:
+    """The README's ``leadflow run``: no Redis URL, the default relative state dir. (It
+    exited at start once: redis-server opened its relative log file from inside --dir.)"""
+    s = Secrets()
+    toml = config_toml(Path(".leadflow"), s)
+    async with leadflow_run(tmp_path, None, toml, {}) as proc:
+        async with aiohttp.ClientSession() as http:
+            status, body = await post(http, proc.url, lead(s, 1))
+        assert (status, body["status"]) == (200, "ACCEPTED"), body
+        proc.process.send_signal(signal.SIGTERM)
+        assert await exited(proc.process, within=30) == 0, proc.stderr()
+    state = tmp_path / ".leadflow" / "redis"
+    assert (state / "redis.log").is_file()
+    assert any(state.glob("appendonlydir/*.aof")), "AOF on, under the state dir"
 
 
 # -- SIGTERM --------------------------------------------------------------------------------
