@@ -67,13 +67,16 @@ class _Checker:
                 raise self.fail(f"{section}[{i}].id", f"duplicate id {ident!r}")
             seen.add(key)
 
-    def account(self, acct: Account, path: str) -> None:
-        self.money(acct.opening_balance, f"{path}.opening_balance")
+    def account(self, acct: Account, path: str, billing: str = "manual") -> None:
+        opening = self.money(acct.opening_balance, f"{path}.opening_balance")
         floor = self.money(acct.floor, f"{path}.floor")
         if floor > 0:
             raise self.fail(f"{path}.floor", "the floor must be zero or negative")
         if floor < MIN_FLOOR:  # seed 000: "max negative accrual is -$20.00"
             raise self.fail(f"{path}.floor", "at most $20.00 below zero (-20.00)")
+        if billing != "none" and opening < floor:  # it would start below it: reconcile fails
+            raise self.fail(f"{path}.opening_balance",
+                            f"{money.format(opening)} is below the floor {money.format(floor)}")
         alert = self.money(acct.alert, f"{path}.alert")
         if 0 < alert < MIN_ALERT or alert < 0:
             raise self.fail(f"{path}.alert", "balance alerts start at $1.00 (or 0 to disable)")
@@ -131,7 +134,7 @@ class _Checker:
             self.tenant_of(p, c.tenant)
             if c.id == WALLET:
                 raise self.fail(f"{p}.id", f"{WALLET!r} is reserved for the tenant wallet")
-            self.account(c, p)
+            self.account(c, p, c.billing)
 
     def suppliers(self) -> None:
         self.ids(self.cfg.suppliers, "suppliers", scope_tenant=False)
