@@ -483,11 +483,14 @@ async def _schedule_loop(ctx: BillingContext, stop: asyncio.Event, every_s: floa
 
 async def run_recharge_worker(cfg: Config, store: Store, gateway: StripeGateway, *,
                               consumer: str, stop: asyncio.Event,
-                              schedule_every_s: float = 60.0, hook: Hook | None = None) -> None:
+                              schedule_every_s: float = 60.0, hook: Hook | None = None,
+                              ctx: BillingContext | None = None) -> None:
     """Consume recharge events until ``stop`` is set and run schedule mode every minute.
     Events are read by one blocking reader for every tenant on a single Redis, by one per
-    tenant on a Redis Cluster (a read over several slots is refused there)."""
-    ctx = BillingContext(cfg, store, gateway, hook=hook)
+    tenant on a Redis Cluster (a read over several slots is refused there). ``ctx``: the
+    service's billing context, whose config a reload swaps (so an event read just before
+    a reload is handled on the new settings); else one of its own."""
+    ctx = ctx or BillingContext(cfg, store, gateway, hook=hook)
     tenants = [t.id for t in cfg.tenants]
     readers = ([_tenant_loop(ctx, t, consumer, stop) for t in tenants]
                if is_cluster(store.redis) or not tenants

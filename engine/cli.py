@@ -6,6 +6,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -148,15 +149,37 @@ async def _open_archive(cfg: config_mod.Config) -> Any:
     return await Archive.open(cfg.settings.sql_url, path=str(sqlite))
 
 
-def _signal_reload(cfg: config_mod.Config, state_dir: str | None) -> int:
-    pid_file = Path(state_dir or cfg.settings.state_dir) / "leadflow.pid"
-    try:
-        pid = int(pid_file.read_text())
-        os.kill(pid, signal.SIGHUP)
-    except (OSError, ValueError) as exc:
-        print(f"config ok, but no running engine to reload ({pid_file}: {exc})", file=sys.stderr)
+def _signal_reload(cfg: config_mod.Config, state_dir: str | None, *,
+                   within_s: float = 30.0) -> int:
+    """SIGHUP to the engine running on the config's state dir, once the file checked out,
+    then wait for the engine's own verdict (its record, engine.pidfile). The engine reloads
+    the file it was started with, so another file is refused rather than silently ignored."""
+    from engine.pidfile import read_running
+
+    where = Path(state_dir or cfg.settings.state_dir)
+    engine = read_running(where)
+    if engine is None:
+        print(f"config ok, but no engine runs on state dir {where}", file=sys.stderr)
         return 1
-    print(f"config ok; reload signalled to pid {pid}")
+    if engine.config != str(Path(cfg.source).resolve()):
+        print(f"config ok, but the engine (pid {engine.pid}) reloads {engine.config}, not this "
+              "file: edit that one, or restart the engine with --config", file=sys.stderr)
+        return 1
+    os.kill(engine.pid, signal.SIGHUP)
+    deadline = time.monotonic() + within_s
+    while (now := read_running(where)) is not None and now.reloads <= engine.reloads:
+        if time.monotonic() > deadline:
+            print(f"reload signalled to pid {engine.pid}; no answer within {within_s:.0f}s",
+                  file=sys.stderr)
+            return 1
+        time.sleep(0.05)  # poll interval
+    if now is None:
+        print(f"the engine (pid {engine.pid}) stopped", file=sys.stderr)
+        return 1
+    if now.reload_error:
+        print(f"reload refused by the engine: {now.reload_error}", file=sys.stderr)
+        return 1
+    print(f"config reloaded by the engine (pid {engine.pid})")
     return 0
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import uvicorn
 
 from billing.api import routes as billing_routes
@@ -27,15 +28,17 @@ from engine import config as config_mod
 from engine import telemetry
 from engine.accounts_api import tenant_route
 from engine.app import App
-from engine.config import WALLET, Config
+from engine.config import WALLET, Config, Settings
 from engine.delivery import client
 from engine.delivery.worker import WorkerOptions
 from engine.embedded import EmbeddedRedis
 from engine.errors import ConfigError
 from engine.http import Handler, Request, Response
+from engine.pidfile import EngineState, PidFile
 from engine.runtime import Runtime, sync_accounts
 from engine.store import Store, connect
 from engine.sync_route import SyncRouter
+from engine.workers import Crew
 
 log = logging.getLogger("leadflow")
 
@@ -71,6 +74,18 @@ def redis_url_from(cfg: Config, override: str | None) -> str | None:
     return override or os.environ.get("LEADFLOW_REDIS_URL") or cfg.settings.redis_url
 
 
+async def _monitor(svc: Service, stop: asyncio.Event) -> None:
+    """Redis liveness and stream lag gauges of the config's tenants (engine.telemetry)."""
+    assert svc.store is not None
+    await telemetry.monitor(svc.store.redis, [t.id for t in svc.cfg.tenants], stop)
+
+
+def _changed_settings(old: Settings, new: Settings) -> list[str]:
+    """Names of the ``[settings]`` that differ: the server, Redis and batching are set up
+    once, at start."""
+    return [f for f in Settings.__struct_fields__ if getattr(old, f) != getattr(new, f)]
+
+
 class Service:
     def __init__(
         self,
@@ -98,6 +113,9 @@ class Service:
         self._tasks: list[asyncio.Task[Any]] = []
         self._server_task: asyncio.Task[Any] | None = None
         self._balances: tuple[Any, Any] | None = None  # (collector, its sync Redis client)
+        self.crew: Crew | None = None  # the in-process workers (and the stream monitor)
+        self.pidfile: PidFile | None = None  # leadflow run only (run_until_signal)
+        self._reloading = asyncio.Lock()
         self.stop_event = asyncio.Event()
         self.consumer = f"{socket.gethostname()}-{os.getpid()}"  # stream consumer name
 
@@ -141,11 +159,8 @@ class Service:
                                       archive=await self._open_archive())
         self._mount_billing()
         self.app.ready = True
-        tenants = [t.id for t in self.cfg.tenants]
-        self._tasks.append(asyncio.create_task(
-            telemetry.monitor(self.store.redis, tenants, self.stop_event)))
-        for factory in self.worker_factories:
-            self._tasks.append(asyncio.create_task(self._worker(factory)))
+        self.crew = Crew(self, [_monitor, *self.worker_factories], self._worker_failed)
+        self.crew.start()
         if serve:
             await self._serve()
             tune_gc()
@@ -164,18 +179,9 @@ class Service:
                         extra={"reason": type(exc).__name__})
             return None
 
-    async def _worker(self, factory: WorkerFactory) -> None:
-        """Run one in-process worker; a worker that dies says so in the log."""
-        name = getattr(factory, "__name__", "worker")
-        try:
-            await factory(self, self.stop_event)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("worker stopped by an error", extra={"worker": name})
-            if self.app is not None:  # /readyz says so until the process is restarted
-                self.app.failed_workers.append(name)
-            raise
+    def _worker_failed(self, name: str) -> None:
+        if self.app is not None:  # /readyz says so until the process is restarted
+            self.app.failed_workers.append(name)
 
     def _mount_billing(self) -> None:
         """Billing's endpoints, behind the same per-tenant bearer token as the accounts API."""
@@ -224,15 +230,24 @@ class Service:
         return f"http://{self.host}:{self.port}"
 
     async def reload(self, path: str | None = None) -> None:
-        """Swap in a new config: accounts synced first, then one reference swap."""
-        cfg = config_mod.load(path or self.cfg.source)
-        assert self.store is not None and self.app is not None
-        await sync_accounts(cfg, self.store)
-        self.app.runtime = Runtime(cfg)
-        if self.billing is not None:
-            self.billing.config = cfg
-        self.cfg = cfg
-        log.info("config reloaded", extra={"source": cfg.source})
+        """Swap in a new config: accounts synced first, then one reference swap, then the
+        workers restarted on it. One reload at a time, in the order they were asked for:
+        two quick SIGHUPs used to race, and the older file could win."""
+        async with self._reloading:
+            cfg = config_mod.load(path or self.cfg.source)
+            assert self.store is not None and self.app is not None
+            await sync_accounts(cfg, self.store)
+            self.app.runtime = Runtime(cfg)
+            if self.billing is not None:
+                self.billing.config = cfg
+            old, self.cfg = self.cfg, cfg
+            if self.crew is not None:
+                self.crew.restart()
+            log.info("config reloaded", extra={"source": cfg.source})
+            changed = _changed_settings(old.settings, cfg.settings)
+            if changed:
+                log.warning("settings take effect at the next restart",
+                            extra={"settings": changed})
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -245,6 +260,8 @@ class Service:
         if self.app is not None:
             await self.app.drain()
         self.stop_event.set()
+        if self.crew is not None:
+            await self.crew.stop()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.sync is not None:  # after the last request: no sync delivery in flight
             await self.sync.close()
@@ -266,20 +283,26 @@ class Service:
             await asyncio.to_thread(self.embedded.stop)
 
     async def run_until_signal(self) -> None:
-        """``leadflow run``: serve until SIGTERM/SIGINT; SIGHUP reloads the config."""
-        loop = asyncio.get_running_loop()
-        done = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, done.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._safe_reload()))
-        await self.start()
-        self.export_balances()
-        self._write_pid()
-        log.info("leadflow serving", extra={"url": self.url})
-        await done.wait()
-        log.info("draining")
-        await self.stop()
-        log.info("stopped")
+        """``leadflow run``: serve until SIGTERM/SIGINT; SIGHUP reloads the config. The
+        engine's record (engine.pidfile) is held from before Redis starts until exit."""
+        done, started = asyncio.Event(), asyncio.Event()
+        self.handle_signals(done, started)
+        self.pidfile = PidFile(self.state_dir)
+        self.pidfile.acquire(EngineState(pid=os.getpid(), config=_abspath(self.cfg.source)))
+        try:
+            await self.start()
+            self.export_balances()
+            self.pidfile.write(EngineState(
+                pid=os.getpid(), config=_abspath(self.cfg.source),
+                redis_url=self.embedded.url if self.embedded is not None else None))
+            started.set()
+            log.info("leadflow serving", extra={"url": self.url})
+            await done.wait()
+            log.info("draining")
+            await self.stop()
+            log.info("stopped")
+        finally:
+            self.pidfile.release()
 
     def export_balances(self) -> None:
         """Account balances for Prometheus, read at scrape time only (docs/metrics.md).
@@ -304,12 +327,37 @@ class Service:
         self.app.registry.register(collector)
         self._balances = (collector, client)
 
-    async def _safe_reload(self) -> None:
+    def handle_signals(self, done: asyncio.Event, started: asyncio.Event) -> None:
+        """SIGTERM and SIGINT set ``done``; SIGHUP reloads the config, once ``started`` is
+        set (a SIGHUP during start-up is not lost, and does not end the process)."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, done.set)
+
+        def on_sighup() -> None:
+            task = loop.create_task(self._safe_reload(started))
+            self._tasks.append(task)  # kept (and awaited at stop)
+
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
+
+    async def _safe_reload(self, started: asyncio.Event) -> None:
+        """A SIGHUP's reload; its outcome goes to the log and the engine's record, where
+        ``leadflow config load`` reads it."""
+        await started.wait()
+        error = ""
         try:
             await self.reload()
         except ConfigError as exc:
+            error = str(exc)
             log.error("config reload refused: %s", exc)
+        except Exception as exc:  # e.g. Redis down mid-sync: keep serving
+            error = f"reload failed: {type(exc).__name__}"
+            log.exception("config reload failed; the previous config stays in force")
+        if self.pidfile is not None and self.pidfile.state is not None:
+            state = self.pidfile.state
+            self.pidfile.write(msgspec.structs.replace(
+                state, reloads=state.reloads + 1, reload_error=error))
 
-    def _write_pid(self) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        (self.state_dir / "leadflow.pid").write_text(str(os.getpid()))
+
+def _abspath(source: str) -> str:
+    return str(Path(source).resolve()) if source else ""

@@ -3,6 +3,11 @@
 Each worker is a Redis Streams consumer group member, so any number of them may run in
 separate processes (``leadflow worker KIND``) next to the engine; ``leadflow run`` also
 starts one of each in-process so a single command gives a working system.
+
+A worker reads the service's config once, when it starts (its buyers' endpoints, its
+tenants' streams). A config reload therefore restarts the workers (:class:`Crew`): each
+one's stop event is set, so it finishes what it holds and exits, while its successor,
+started at once with the same consumer name, reads the new config.
 """
 
 from __future__ import annotations
@@ -10,8 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 from engine.config import Config
@@ -23,6 +27,52 @@ if TYPE_CHECKING:
 log = logging.getLogger("leadflow.workers")
 
 WorkerFn = Callable[["Service", asyncio.Event], Coroutine[Any, Any, None]]
+
+
+class Crew:
+    """A service's workers, each with its own stop event; see the module docs."""
+
+    def __init__(self, svc: Service, factories: Sequence[WorkerFn],
+                 on_failure: Callable[[str], None]) -> None:
+        self._svc, self._factories, self._on_failure = svc, list(factories), on_failure
+        self._current: list[asyncio.Event] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.failed = asyncio.Event()  # a worker died of an error
+
+    def start(self) -> None:
+        self._current = [self._spawn(f) for f in self._factories]
+
+    def restart(self) -> None:
+        """Stop the running workers (they finish what they hold) and start new ones."""
+        for stop in self._current:
+            stop.set()
+        self.start()
+
+    async def stop(self) -> None:
+        for stop in self._current:
+            stop.set()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _spawn(self, factory: WorkerFn) -> asyncio.Event:
+        stop = asyncio.Event()
+        task = asyncio.get_running_loop().create_task(self._run(factory, stop))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return stop
+
+    async def _run(self, factory: WorkerFn, stop: asyncio.Event) -> None:
+        """Run one worker; a worker that dies says so in the log and in ``failed``."""
+        name = getattr(factory, "__name__", "worker")
+        try:
+            await factory(self._svc, stop)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("worker stopped by an error", extra={"worker": name})
+            self._on_failure(name)
+            self.failed.set()
+            raise
 
 
 def _tenants(svc: Service) -> list[str]:
@@ -37,7 +87,8 @@ async def deliver(svc: Service, stop: asyncio.Event) -> None:
     assert svc.store is not None
     await run_delivery_worker(svc.cfg, svc.store, tenants=_tenants(svc),
                               consumer=svc.consumer + "-deliver", stop=stop,
-                              observer=delivery_observer, session=svc.http)
+                              observer=delivery_observer, session=svc.http,
+                              config=lambda: svc.cfg)
 
 
 async def recharge(svc: Service, stop: asyncio.Event) -> None:
@@ -50,7 +101,7 @@ async def recharge(svc: Service, stop: asyncio.Event) -> None:
         return
     assert svc.store is not None
     await run_recharge_worker(svc.cfg, svc.store, StripeGateway(),
-                              consumer=svc.consumer + "-recharge", stop=stop)
+                              consumer=svc.consumer + "-recharge", stop=stop, ctx=svc.billing)
 
 
 async def ledger(svc: Service, stop: asyncio.Event) -> None:
@@ -89,18 +140,21 @@ async def run_worker(
     from engine.metrics import start_worker_metrics_server
     from engine.service import Service
 
-    svc = Service(cfg, redis_url=redis_url, port=0)
+    svc = Service(cfg, redis_url=redis_url, port=0, workers=[fn])
     if consumer:
         svc.consumer = consumer
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop, started = asyncio.Event(), asyncio.Event()
+    svc.handle_signals(stop, started)  # SIGHUP: the worker restarts on the reloaded config
     if metrics_port is not None:
         start_worker_metrics_server(metrics_port)
     await svc.start(serve=False)  # a worker serves no API, only its /metrics port
+    assert svc.crew is not None
+    started.set()
     try:
-        await fn(svc, stop)
+        waits = [asyncio.ensure_future(e.wait()) for e in (stop, svc.crew.failed)]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for w in waits:
+            w.cancel()
     finally:
         await svc.stop()
-    return 0
+    return 1 if svc.crew.failed.is_set() else 0

@@ -343,6 +343,13 @@ async def _archive_rows(state_dir: Path) -> list[tuple[str, str]]:
         return [(str(r), str(k)) for r, k in db.execute("SELECT ref, kind FROM ledger_entries")]
 
 
+async def _cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    return await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "engine.cli", *args], cwd=cwd,
+        capture_output=True, timeout=60, check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
 # -- SIGHUP -----------------------------------------------------------------------------------
 
 
@@ -378,11 +385,7 @@ async def test_sighup_reloads_prices_and_refuses_a_bad_file(
             # `leadflow config load` validates first: a bad file is never signalled
             good = proc.config.read_text()
             proc.config.write_text(good.replace('price = "2.50"', 'price = "cheap"'))
-            load = await asyncio.to_thread(
-                subprocess.run, [sys.executable, "-m", "engine.cli", "config", "load",
-                                 str(proc.config)],
-                cwd=tmp_path, capture_output=True, timeout=60, check=False,
-                env={**os.environ, "PYTHONPATH": str(ROOT)})
+            load = await _cli(tmp_path, "config", "load", str(proc.config))
             assert load.returncode == 2, load.stderr.decode()
             # a raw SIGHUP with the bad file in place: refused, the old config stays
             proc.process.send_signal(signal.SIGHUP)
@@ -390,20 +393,27 @@ async def test_sighup_reloads_prices_and_refuses_a_bad_file(
                            what="config reload refused")
             assert await charged_for_one_lead(3) == 2_500_000
 
-            # and `leadflow config load` signals the engine through its pid file
+            # `leadflow config load` of another file: the engine reloads only its own file,
+            # so that is refused rather than signalled and silently ignored
+            other = tmp_path / "other.toml"
+            other.write_text(good.replace('price = "2.50"', 'price = "9.00"'))
+            load = await _cli(tmp_path, "config", "load", str(other))
+            assert load.returncode == 1 and "reloads" in load.stderr.decode(), load
+            # and `leadflow config load` of its file signals the engine through its record,
+            # and answers once the engine has reloaded it
             proc.config.write_text(good.replace('price = "2.50"', 'price = "4.00"'))
-            load = await asyncio.to_thread(
-                subprocess.run, [sys.executable, "-m", "engine.cli", "config", "load",
-                                 str(proc.config)],
-                cwd=tmp_path, capture_output=True, timeout=60, check=False,
-                env={**os.environ, "PYTHONPATH": str(ROOT)})
+            load = await _cli(tmp_path, "config", "load", str(proc.config))
             assert load.returncode == 0, load.stderr.decode()
-            await wait_for(lambda: _at_least(logged("config reloaded"), 2), within=20,
-                           what="second config reloaded")
+            assert "config reloaded by the engine" in load.stdout.decode()
             assert await charged_for_one_lead(4) == 4_000_000
 
         proc.process.send_signal(signal.SIGTERM)
         assert await exited(proc.process, within=60) == 0, proc.stderr()
+
+    # the record goes with the engine: nothing left to signal
+    assert not (state / "leadflow.pid").exists()
+    load = await _cli(tmp_path, "config", "load", str(proc.config))
+    assert load.returncode == 1 and "no engine runs" in load.stderr.decode(), load
 
     # `leadflow reconcile` on what the run left (archive included) finds nothing wrong
     rec = await asyncio.to_thread(
@@ -416,7 +426,3 @@ async def test_sighup_reloads_prices_and_refuses_a_bad_file(
     assert "2 accounts checked, 0 problems" in out, out
     log_lines(proc.stderr())
     assert_no_leak(proc.stderr(), s, [])
-
-
-async def _at_least(count: Callable[[], Awaitable[int]], n: int) -> bool:
-    return await count() >= n

@@ -205,6 +205,7 @@ class DeliveryWorker:
         observer: Observer | None = None,
         clock: Callable[[], int] | None = None,
         session: aiohttp.ClientSession | None = None,
+        config: Callable[[], Config] | None = None,
     ) -> None:
         self.store = store
         self.redis: aioredis.Redis = store.redis
@@ -214,10 +215,13 @@ class DeliveryWorker:
         self.observer = observer
         self.clock = clock or now_ms
         self.breakers = Breakers(self.redis)
-        self._buyers: dict[tuple[str, str], Buyer] = {
-            (b.tenant, b.id): b for b in cfg.buyers if b.tenant in self.tenants
-        }
+        # the config in force (a reload swaps it): each batch resolves its buyers against
+        # the latest one, also a batch read just before the reload
+        self._config = config or (lambda: cfg)
+        self._cfg = cfg
+        self._buyers: dict[tuple[str, str], Buyer] = {}
         self._targets: dict[tuple[str, str], _Target] = {}
+        self._use(cfg)
         self._lane_tasks: set[asyncio.Task[None]] = set()
         self._streams = {keys.deliveries(t): t for t in self.tenants}
         # streams read by one XREADGROUP: all of them on one Redis; one per call on a
@@ -305,6 +309,12 @@ class DeliveryWorker:
                     send.out.one_sent()
         finally:
             target.running -= 1
+
+    def _use(self, cfg: Config) -> None:
+        """Buyers and endpoints of ``cfg`` (lanes already sending finish on the old ones)."""
+        self._cfg = cfg
+        self._buyers = {(b.tenant, b.id): b for b in cfg.buyers if b.tenant in self.tenants}
+        self._targets = {}
 
     def endpoint(self, tenant: str, buyer: str) -> Endpoint | Buyer | None:
         """The buyer's Endpoint; the Buyer when it has no webhook; None when unknown."""
@@ -399,6 +409,8 @@ class DeliveryWorker:
         if self._session is None:  # lanes need it; run() and process_once() start first
             await self.start()
         pre = await self._prechecked(jobs)
+        if (cfg := self._config()) is not self._cfg:
+            self._use(cfg)
         out = _Batch(jobs)
         self._batches.add(out)
         try:
@@ -676,10 +688,19 @@ class DeliveryWorker:
         every_s = max(self.opts.claim_idle_ms / 4_000, 0.01)
         while not stop.is_set():
             await _wait_any(stop, within_s=every_s)
-            try:
-                await self.touch()
-            except (OSError, aioredis.ConnectionError, aioredis.TimeoutError) as exc:
-                log.warning("delivery worker: could not refresh in-flight jobs (%s)", exc)
+            await self._touch_logged()
+        # stopping (SIGTERM, or a config reload's successor already reading): the batches
+        # in hand may still wait on slow buyers; their entries stay ours until they finish
+        while self._tasks:
+            await asyncio.wait(self._tasks, timeout=every_s)
+            if self._tasks:
+                await self._touch_logged()
+
+    async def _touch_logged(self) -> None:
+        try:
+            await self.touch()
+        except (OSError, aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+            log.warning("delivery worker: could not refresh in-flight jobs (%s)", exc)
 
     async def touch(self) -> int:
         """Reset the idle time of every entry in flight here; returns how many."""
@@ -753,9 +774,11 @@ async def run_delivery_worker(
     options: WorkerOptions | None = None,
     observer: Observer | None = None,
     session: aiohttp.ClientSession | None = None,
+    config: Callable[[], Config] | None = None,
 ) -> None:
     """The ``leadflow worker deliver`` entry point: one worker until ``stop`` is set.
-    ``session``: the process's client session (the service's), else the worker opens one."""
+    ``session``: the process's client session (the service's), else the worker opens one;
+    ``config``: the config in force, when a reload may swap it (else ``cfg``)."""
     worker = DeliveryWorker(cfg, store, tenants=tenants, consumer=consumer, options=options,
-                            observer=observer, session=session)
+                            observer=observer, session=session, config=config)
     await worker.run(stop)

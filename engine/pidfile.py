@@ -1,0 +1,114 @@
+"""The running engine's record in its state directory (``leadflow.pid``).
+
+``leadflow run`` writes it at start and holds an exclusive ``flock`` on it until it exits,
+then deletes it. The lock, not the pid, says whether an engine runs: a file left by a
+killed engine is not locked, so ``leadflow config load`` never signals a process that merely
+reuses its pid, and a second engine on the same state directory (the same embedded Redis
+data) is refused at start.
+
+The record is JSON (:class:`EngineState`): the pid, the config file the engine reloads on
+SIGHUP, the embedded Redis URL (only that one: a given URL may carry a password and stays
+out of files), and the outcome of the last reload, which ``leadflow config load`` waits for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from pathlib import Path
+from typing import IO
+
+import msgspec
+
+from engine.errors import LeadflowError
+
+FILE = "leadflow.pid"
+
+
+class EngineState(msgspec.Struct, kw_only=True):
+    pid: int
+    config: str  # absolute path of the file SIGHUP reloads
+    redis_url: str | None = None  # the embedded server's; None for a given Redis
+    reloads: int = 0  # reloads attempted (done or refused)
+    reload_error: str = ""  # why the last one was refused; "" when it took effect
+
+
+class EngineRunning(LeadflowError):
+    """Another engine holds this state directory."""
+
+
+class PidFile:
+    """The record of this process's engine; see the module docs."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / FILE
+        self._fh: IO[bytes] | None = None
+        self.state: EngineState | None = None
+
+    def acquire(self, state: EngineState) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = self.path.open("a+b")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            other = read_running(self.path.parent)
+            pid = other.pid if other is not None else "?"
+            raise EngineRunning(
+                f"another leadflow engine (pid {pid}) runs on state dir {self.path.parent}"
+            ) from None
+        self._fh = fh
+        self.write(state)
+
+    def write(self, state: EngineState) -> None:
+        if self._fh is None:
+            return
+        self.state = state
+        self._fh.seek(0)
+        self._fh.truncate()
+        self._fh.write(msgspec.json.encode(state))
+        self._fh.flush()
+
+    def release(self) -> None:
+        if self._fh is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()  # while still locked: no one reads a half-gone record
+        self._fh.close()
+        self._fh = None
+
+
+def read_running(state_dir: Path) -> EngineState | None:
+    """The record of the engine running on ``state_dir``; None when none runs there."""
+    try:
+        fh = (state_dir / FILE).open("rb")
+    except FileNotFoundError:
+        return None
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:  # an engine holds it: it runs
+            state = _read(fh)
+            return state if _alive(state.pid) else None
+        return None  # left by an engine that is gone
+
+
+def _read(fh: IO[bytes]) -> EngineState:
+    # the engine rewrites the record in place (truncate, write): a read may fall between
+    # the two, for microseconds; read again then
+    for _ in range(1_000):
+        fh.seek(0)
+        with contextlib.suppress(msgspec.DecodeError):
+            return msgspec.json.decode(fh.read(), type=EngineState)
+    raise LeadflowError(f"unreadable engine record {fh.name!r}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
