@@ -286,6 +286,11 @@ def loads(raw: bytes | str, *, source: str = "<config>") -> Config:
         raise ConfigError(source, where.rstrip("`").lstrip("."), reason) from exc
     except msgspec.DecodeError as exc:
         raise ConfigError(source, "", f"not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:  # TOML is UTF-8; the decoder lets this one through
+        raise ConfigError(source, "", f"not valid UTF-8: {exc.reason} at byte {exc.start}"
+                          ) from exc
+    except RecursionError as exc:  # the TOML parser recurses once per nested array/table
+        raise ConfigError(source, "", "not valid TOML: nested too deeply") from exc
     cfg.source = source
     from engine.config_check import check
 

@@ -222,7 +222,11 @@ class _Checker:
         path) instead of every delivery in the worker."""
         d = b.delivery
         assert d is not None
-        parts = urlsplit(d.url)
+        try:
+            parts = urlsplit(d.url)
+        except ValueError as exc:  # e.g. "Invalid IPv6 URL" for http://[::1
+            raise self.fail(f"{p}.url", f"{d.url!r} is not an http(s) URL with a host: {exc}"
+                            ) from exc
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise self.fail(f"{p}.url", f"{d.url!r} is not an http(s) URL with a host")
         try:

@@ -3,8 +3,13 @@ inside it and the reason (exit 2 from `leadflow config check`), never another ex
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
+from engine import config as config_mod
 from engine.errors import ConfigError
 from tests.harness import BASE_TOML, buyer, campaign, make_config
 
@@ -45,3 +50,54 @@ def test_an_opening_balance_at_the_floor_or_of_a_none_account_is_accepted() -> N
 
 def test_the_harness_config_passes() -> None:
     make_config(campaign(), buyer("b1"))
+
+
+# -- nothing but ConfigError -----------------------------------------------------------------
+
+SECRET = "whsec_dGVzdHRlc3R0ZXN0dGVzdA=="
+
+
+def _webhook(**kw: str) -> str:
+    fields = {"url": '"http://127.0.0.1:9/"', "secret": f'"{SECRET}"', **kw}
+    return "delivery = { " + ", ".join(f"{k} = {v}" for k, v in fields.items()) + " }"
+
+
+def test_a_bad_ipv6_webhook_url_is_a_config_error() -> None:
+    with pytest.raises(ConfigError) as info:
+        make_config(campaign(), buyer("b1", extra=_webhook(url='"http://[::1/leads"')))
+    assert info.value.path == "buyers[0].delivery.url"
+    assert "not an http(s) URL" in info.value.reason
+
+
+def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    f = tmp_path / "bad.toml"
+    f.write_bytes(b"\xff" + BASE_TOML.encode())
+    with pytest.raises(ConfigError) as info:
+        config_mod.load(f)
+    assert (info.value.source, info.value.path) == (str(f), "")
+    assert "not valid UTF-8" in info.value.reason and "byte 0" in info.value.reason
+
+
+def test_deeply_nested_toml_is_a_config_error() -> None:
+    with pytest.raises(ConfigError) as info:
+        config_mod.loads(b"a = " + b"[" * 5000 + b"]" * 5000, source="deep.toml")
+    assert (info.value.source, info.value.path) == ("deep.toml", "")
+    assert "nested too deeply" in info.value.reason
+
+
+def test_config_check_exits_2_with_file_path_and_reason(tmp_path: Path) -> None:
+    """The command an operator runs: exit 2 and one line, no traceback (exit 1)."""
+    cases = {
+        "ipv6.toml": ((BASE_TOML + campaign() + buyer(
+            "b1", extra=_webhook(url='"http://[::1"'))).encode(), "buyers[0].delivery.url"),
+        "latin1.toml": (b"\xff" + BASE_TOML.encode(), "not valid UTF-8"),
+        "deep.toml": (b"a = " + b"[" * 5000 + b"]" * 5000, "nested too deeply"),
+    }
+    for name, (raw, expected) in cases.items():
+        f = tmp_path / name
+        f.write_bytes(raw)
+        r = subprocess.run([sys.executable, "-m", "engine.cli", "config", "check", str(f)],
+                           capture_output=True, text=True, timeout=60, check=False)
+        assert r.returncode == 2, (name, r.stderr)
+        assert f"{f}: " in r.stderr and expected in r.stderr, (name, r.stderr)
+        assert "Traceback" not in r.stderr
