@@ -118,6 +118,12 @@ class _Checker:
                 raise self.fail(f"{p}.fees.card_fee_percent", str(exc)) from exc
             if bp > MAX_CARD_FEE_BP:
                 raise self.fail(f"{p}.fees.card_fee_percent", "at most 15%")
+            if t.wallet.min_balance is not None:
+                # seed 001: a minimum balance pauses a *buyer's* campaigns; the tenant's own
+                # wallet (seed 000) routes down to its floor, with alerts and auto-recharge
+                raise self.fail(f"{p}.wallet.min_balance",
+                                "a minimum balance is for clients only: the platform wallet "
+                                "pays fees down to its floor (use alert or auto_recharge)")
             self.account(t.wallet, f"{p}.wallet")
             for meter, price in t.meters.items():
                 if self.money(price, f"{p}.meters.{meter}") <= 0:

@@ -101,3 +101,15 @@ def test_config_check_exits_2_with_file_path_and_reason(tmp_path: Path) -> None:
         assert r.returncode == 2, (name, r.stderr)
         assert f"{f}: " in r.stderr and expected in r.stderr, (name, r.stderr)
         assert "Traceback" not in r.stderr
+
+
+# -- the platform wallet has no minimum balance ----------------------------------------------
+
+def test_a_tenant_wallet_has_no_minimum_balance() -> None:
+    """Seed 001: a minimum balance is what a tenant asks of its buyers ("below the minimum
+    balance, that user's campaigns will automatically be paused"); the tenant's own wallet
+    (seed 000) has alerts, auto-recharge and the -$20.00 accrual, no minimum. On a wallet it
+    paused the wallet and every lead was REJECTED 203 "at its floor" while far above it."""
+    toml = BASE_TOML.replace('opening_balance = "1000.00"',
+                             'opening_balance = "1000.00"\nmin_balance = "50.00"')
+    _refused(toml, "tenants[0].wallet.min_balance", "clients only")
