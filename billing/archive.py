@@ -18,6 +18,7 @@ import contextlib
 import csv
 import io
 import logging
+import re
 import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
@@ -161,6 +162,21 @@ def _split_id(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+_CURSOR = re.compile(r"[0-9]{1,19}(-[0-9]{1,19})?")
+_INT64 = 2**63  # SQL integers (SQLite, PostgreSQL BIGINT) are signed 64-bit
+
+
+def parse_cursor(cursor: str) -> tuple[int, int]:
+    """A ``next_cursor`` (a ledger entry id ``ms-seq``, or ``ms``) as its two parts.
+    Anything else, or a part SQL cannot hold (2^63 and up), is ``invalid_query``."""
+    if _CURSOR.fullmatch(cursor):  # ASCII digits only: int() would also take other digits
+        ms, seq = _split_id(cursor)
+        if ms < _INT64 and seq < _INT64:
+            return ms, seq
+    raise InvalidRequest("cursor: not a cursor of this API (use a next_cursor)",
+                         code="invalid_query")
+
+
 def _next_id(entry_id: str) -> str:
     ms, seq = _split_id(entry_id)
     return f"{ms}-{seq + 1}"
@@ -297,11 +313,7 @@ class Archive:
                                      for c in ("process", "usr", "ref")).join("()"))
             params.extend([pattern] * 3)
         if cursor:
-            try:
-                ms, seq = _split_id(cursor)
-            except ValueError:
-                raise InvalidRequest("cursor: not a cursor of this API",
-                                     code="invalid_query") from None
+            ms, seq = parse_cursor(cursor)
             where.append(f"(id_ms < {p} OR (id_ms = {p} AND id_seq < {p}))")
             params += [ms, ms, seq]
         # placeholders only: every value is a bound parameter

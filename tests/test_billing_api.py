@@ -225,6 +225,11 @@ BAD: list[tuple[str, str, Any, dict[str, str], int, str]] = [
     ("GET", "/v1/accounts/c1/transactions?limit=-1", None, {}, 400, "invalid_query"),
     ("GET", "/v1/accounts/c1/transactions?format=xml", None, {}, 400, "invalid_query"),
     ("GET", "/v1/accounts/c1/transactions?cursor=abc", None, {}, 400, "invalid_query"),
+    ("GET", "/v1/accounts/c1/transactions?cursor=99999999999999999999-0", None, {}, 400,
+     "invalid_query"),
+    ("GET", "/v1/accounts/c1/transactions?cursor=1-99999999999999999999", None, {}, 400,
+     "invalid_query"),
+    ("GET", "/v1/accounts/c1/transactions?cursor=%EF%BC%91-0", None, {}, 400, "invalid_query"),
     ("GET", "/v1/accounts/c1/transactions?sort=asc", None, {}, 400, "invalid_query"),
     ("GET", "/v1/accounts/nope/overview", None, {}, 404, "unknown_account"),
 ]

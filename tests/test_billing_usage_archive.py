@@ -233,6 +233,25 @@ async def test_transactions_query_and_csv(ctx: BillingContext, archive: Archive)
     assert "'=HYPERLINK()" in c2  # formula neutralised
 
 
+@pytest.mark.parametrize("cursor", [
+    "99999999999999999999-0", "1-99999999999999999999",  # more digits than an int64
+    "9223372036854775808-0", "1-9223372036854775808",  # 2^63: SQL cannot bind it
+    "\uff11-0", "1-\u0661", "-5", "1-", "1--2", " 1-0", "1-0 ", "abc",  # not an entry id
+])
+async def test_transactions_refuse_a_cursor_sql_cannot_hold(
+        ctx: BillingContext, archive: Archive, cursor: str) -> None:
+    """A cursor is a ``next_cursor`` (an entry id): anything else, or a part of 2^63 and up,
+    is invalid_query (a 20-digit part raised OverflowError from SQLite: a 500)."""
+    await _some_history(ctx)
+    await archive.archive_once(ctx.store.redis, T, consumer="a1")
+    with pytest.raises(InvalidRequest) as err:
+        await archive.transactions(T, "c1", cursor=cursor)
+    assert err.value.code == "invalid_query"
+    # the largest ids SQL holds are cursors: everything archived comes before them
+    for edge in ("9223372036854775807-9223372036854775807", "9223372036854775807"):
+        assert len((await archive.transactions(T, "c1", cursor=edge)).items) == 6
+
+
 async def test_reconcile_detects_drift(ctx: BillingContext, archive: Archive) -> None:
     await _some_history(ctx)
     await archive.archive_once(ctx.store.redis, T, consumer="a1")
