@@ -98,7 +98,7 @@ def _handle(fn: Handler) -> Handler:
 
 def _time(value: str, field: str) -> int:
     """Epoch milliseconds from ``1700000000000`` or ISO 8601 (``2026-01-31``, UTC if naive)."""
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # str.isdigit() also takes "²", int() does not
         if len(value) > 15:  # past the year 33658: not a time, and SQL would overflow
             raise InvalidRequest(f"{field}: out of range", code="invalid_query")
         return int(value)
@@ -230,7 +230,7 @@ class _BillingApi:
         if fmt != "json":
             raise InvalidRequest("format: json or csv", code="invalid_query")
         limit_raw = qs.get("limit", "100")
-        if not limit_raw.isdigit():
+        if not (limit_raw.isascii() and limit_raw.isdigit()):
             raise InvalidRequest("limit: 1 to 1000", code="invalid_query")
         page = await self.ctx.archive.transactions(tenant, account, limit=int(limit_raw),
                                               cursor=qs.get("cursor") or None, **filters)

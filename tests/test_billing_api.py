@@ -230,6 +230,9 @@ BAD: list[tuple[str, str, Any, dict[str, str], int, str]] = [
     ("GET", "/v1/accounts/c1/transactions?cursor=1-99999999999999999999", None, {}, 400,
      "invalid_query"),
     ("GET", "/v1/accounts/c1/transactions?cursor=%EF%BC%91-0", None, {}, 400, "invalid_query"),
+    ("GET", "/v1/accounts/c1/transactions?limit=%C2%B2", None, {}, 400, "invalid_query"),
+    ("GET", "/v1/accounts/c1/transactions?from=%C2%B2", None, {}, 400, "invalid_query"),
+    ("GET", "/v1/accounts/c1/transactions?to=1%C2%B2", None, {}, 400, "invalid_query"),
     ("GET", "/v1/accounts/c1/transactions?sort=asc", None, {}, 400, "invalid_query"),
     ("GET", "/v1/accounts/nope/overview", None, {}, 404, "unknown_account"),
 ]
