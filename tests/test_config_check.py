@@ -113,3 +113,25 @@ def test_a_tenant_wallet_has_no_minimum_balance() -> None:
     toml = BASE_TOML.replace('opening_balance = "1000.00"',
                              'opening_balance = "1000.00"\nmin_balance = "50.00"')
     _refused(toml, "tenants[0].wallet.min_balance", "clients only")
+
+
+# -- weights: the rotation goes with every lead ----------------------------------------------
+
+@pytest.mark.parametrize("weight", [0, 101, 2_000_000, 9_223_372_036_854_775_807])
+def test_a_weight_is_1_to_100(weight: int) -> None:
+    with pytest.raises(ConfigError) as info:
+        make_config(campaign(distribution="weighted_round_robin"), buyer("b1", weight=weight))
+    assert info.value.path == "buyers[0].weight" and "1 to 100" in info.value.reason
+
+
+def test_the_weights_of_a_wrr_campaign_add_up_to_at_most_1000() -> None:
+    """Smooth WRR is unrolled to one entry per unit of weight, and every lead sends that
+    rotation to decide.lua: a weight of 2,000,000 took seconds to load and ~1 s per lead."""
+    ok = [buyer(f"b{i}", weight=100) for i in range(10)]
+    make_config(campaign(distribution="weighted_round_robin"), *ok)  # exactly 1000
+    with pytest.raises(ConfigError) as info:
+        make_config(campaign(distribution="weighted_round_robin"), *ok, buyer("b10"))
+    assert info.value.path == "buyers[10].weight"
+    assert "add up to 1001" in info.value.reason and "at most 1000" in info.value.reason
+    # other methods never unroll weights (waterfall only breaks ties with them)
+    make_config(campaign(), *ok, buyer("b10"))
