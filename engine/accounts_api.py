@@ -19,7 +19,7 @@ from engine.runtime import Runtime, token_digest
 from engine.store import AccountState, Store, now_ms
 
 TenantHandler = Callable[[Request, str], Awaitable[Response]]
-MAX_PAGE = 500
+MAX_PAGE = 1_000  # ledger page size, as GET /transactions: above it is 400 invalid_limit
 
 
 RETURN_WINDOW_MS = 5 * 86_400_000  # returns within 5 days of the sale (shared/seeds)

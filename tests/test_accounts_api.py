@@ -45,6 +45,21 @@ async def test_ledger_is_paged_newest_first(redis, redis_server, cfg):
         assert (await eng.api("GET", "/v1/accounts/c1/ledger?before=junk"))[0] == 400
 
 
+async def test_ledger_limit_is_1_to_1000_as_documented(redis, redis_server, cfg):
+    """README: `limit` 1-1000 (as /transactions); the code refused anything above 500."""
+    async with running(cfg, redis_server.url) as eng:
+        for i in range(3):
+            await eng.lead(email=f"m{i}@example.com")
+        for limit in ("1000", "501", "1"):
+            status, page = await eng.api("GET", f"/v1/accounts/c1/ledger?limit={limit}")
+            assert status == 200, page
+            assert len(page["entries"]) == min(int(limit), 4)
+        for limit in ("1001", "0", "-1", "x"):  # refused, never clamped
+            status, body = await eng.api("GET", f"/v1/accounts/c1/ledger?limit={limit}")
+            assert status == 400 and body["error"]["code"] == "invalid_limit", body
+            assert "1 to 1000" in body["error"]["message"]
+
+
 @pytest.mark.parametrize("body", [
     {"amount": 10}, {"amount": "1e3"}, {"amount": "-5.00"}, {"amount": "0"},
     {"amount": "10.0000001"}, {"amount": "10.00", "surprise": 1}, "not an object",
