@@ -43,6 +43,8 @@ MAX_TIMEOUT_MS = 30_000  # a buyer webhook request: half the worker's 60 s claim
 # entries, plus the Lua loop): weights 1 to 100, at most 1000 entries per campaign.
 MAX_WEIGHT = 100
 MAX_ROTATION = 1_000
+_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_HEADER_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class _Checker:
@@ -268,9 +270,16 @@ class _Checker:
             except SigningError as exc:
                 raise self.fail(f"{p}.secret", str(exc)) from exc
         for name, value in d.headers.items():
+            if not _HEADER_NAME.match(name):  # RFC 9110 token; a space or ':' is sent as is
+                raise self.fail(f"{p}.headers", f"{name!r} is not a valid header name "
+                                "(letters, digits and !#$%&'*+-.^_`|~)")
             if value.startswith("env:") and not resolve_secret(value):
                 raise self.fail(f"{p}.headers.{name}",
                                 "empty (is its environment variable set?)")
+            if _HEADER_CTL.search(resolve_secret(value)):  # aiohttp refuses it at send time
+                # the value is not echoed: it may be a secret
+                raise self.fail(f"{p}.headers.{name}", "a header value must not contain "
+                                "control characters (CR, LF, NUL, ...; a tab is allowed)")
         for field in ("timeout_ms", "max_attempts", "max_age_s", "retry_base_ms",
                       "retry_max_ms", "breaker_failures", "breaker_cooldown_s"):
             if getattr(d, field) < 1:

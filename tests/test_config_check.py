@@ -135,3 +135,38 @@ def test_the_weights_of_a_wrr_campaign_add_up_to_at_most_1000() -> None:
     assert "add up to 1001" in info.value.reason and "at most 1000" in info.value.reason
     # other methods never unroll weights (waterfall only breaks ties with them)
     make_config(campaign(), *ok, buyer("b10"))
+
+
+# -- webhook headers: what aiohttp (or the buyer's server) would refuse at every delivery ---
+
+@pytest.mark.parametrize("name", ["bad header", "x:y", "", "é", "a\nb", "a(b)"])
+def test_a_header_name_is_an_http_token(name: str) -> None:
+    toml_name = name.replace("\n", "\\n")
+    with pytest.raises(ConfigError) as info:
+        make_config(campaign(), buyer("b1", extra=_webhook(headers=f'{{ "{toml_name}" = "1" }}')))
+    assert info.value.path == "buyers[0].delivery.headers"
+    assert "not a valid header name" in info.value.reason
+
+
+@pytest.mark.parametrize("value", ["a\\nb", "a\\rb", "a\\r\\nX-Evil: 1", "a\\u0000b", "\\u007f"])
+def test_a_header_value_has_no_cr_lf_or_control_characters(value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        make_config(campaign(), buyer("b1", extra=_webhook(headers=f'{{ X-Api-Key = "{value}" }}')))
+    assert info.value.path == "buyers[0].delivery.headers.X-Api-Key"
+    assert "control characters" in info.value.reason
+    assert "X-Evil" not in str(info.value)  # a value may be a secret: never echoed
+
+
+def test_a_header_value_from_the_environment_is_checked_too(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LF_TEST_HEADER", "token\r\nX-Evil: 1")
+    with pytest.raises(ConfigError) as info:
+        make_config(campaign(), buyer("b1", extra=_webhook(
+            headers='{ Authorization = "env:LF_TEST_HEADER" }')))
+    assert info.value.path == "buyers[0].delivery.headers.Authorization"
+    assert "X-Evil" not in str(info.value)
+
+
+def test_valid_headers_are_accepted() -> None:
+    make_config(campaign(), buyer("b1", extra=_webhook(
+        headers='{ "X-Api-Key" = "k e y\\twith tab", "x_custom.v2" = "café", "#!~" = "" }')))
