@@ -12,12 +12,13 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
-from billing import money
-from billing.errors import MoneyError
+from billing import money, recharge
+from billing.errors import BillingError, MoneyError
 from engine.config import (
     WALLET,
     WEEKDAYS,
     Account,
+    AutoRecharge,
     Buyer,
     Config,
     ResponseRule,
@@ -33,8 +34,6 @@ from engine.errors import ConfigError
 
 MIN_ALERT = 1_000_000  # balance alerts: at least $1.00
 MIN_FLOOR = -20_000_000  # a balance accrues at most -$20.00 (seed 000)
-MIN_RECHARGE_THRESHOLD = 20_000_000  # auto-recharge threshold: at least $20.00
-MIN_RECHARGE_AMOUNT = 100_000_000  # auto-recharge amount: at least $100.00
 MAX_CARD_FEE_BP = 1_500  # pass-through card fee: up to 15%
 MAX_SYNC_DEADLINE_MS = 60_000  # a seller waits at most a minute for a sync-mode answer
 MAX_TIMEOUT_MS = 30_000  # a buyer webhook request: half the worker's 60 s claim-idle time
@@ -89,18 +88,22 @@ class _Checker:
             raise self.fail(f"{path}.alert", "balance alerts start at $1.00 (or 0 to disable)")
         if acct.min_balance is not None and self.money(acct.min_balance, f"{path}.min_balance") < 0:
             raise self.fail(f"{path}.min_balance", "must not be negative")
-        ar = acct.auto_recharge
-        thr = self.money(ar.threshold, f"{path}.auto_recharge.threshold")
-        amount = self.money(ar.amount, f"{path}.auto_recharge.amount")
-        self.money(ar.max_amount_per_day, f"{path}.auto_recharge.max_amount_per_day")
-        if ar.enabled and ar.every_days is None and thr < MIN_RECHARGE_THRESHOLD:
-            raise self.fail(f"{path}.auto_recharge.threshold", "at least $20.00")
-        if ar.enabled and amount < MIN_RECHARGE_AMOUNT:
-            raise self.fail(f"{path}.auto_recharge.amount", "at least $100.00")
-        if amount % 10_000:  # a card is charged in whole cents: credit what is charged
-            raise self.fail(f"{path}.auto_recharge.amount", "whole cents (e.g. 100.00)")
-        if ar.every_days is not None and ar.every_days < 1:
-            raise self.fail(f"{path}.auto_recharge.every_days", "at least 1 day")
+        self.auto_recharge(acct.auto_recharge, f"{path}.auto_recharge")
+
+    def auto_recharge(self, ar: AutoRecharge, path: str) -> None:
+        """The billing API's rule (PUT /auto-recharge), so a config never holds settings the
+        API would refuse: seed 000's minimums ($20.00 threshold, $100.00 amount, whole
+        cents), every_days 1 to 366, max_per_day 1 to 100, max_amount_per_day at least one
+        amount. Enabled or not, as the API checks them."""
+        for name in ("threshold", "amount", "max_amount_per_day"):  # each with its own path
+            self.money(getattr(ar, name), f"{path}.{name}")
+        try:
+            recharge.validate(ar)
+        except BillingError as exc:  # "max_per_day: 1 to 100"
+            name, sep, reason = str(exc).partition(": ")
+            if sep and name in AutoRecharge.__struct_fields__:
+                raise self.fail(f"{path}.{name}", reason) from exc
+            raise self.fail(path, str(exc)) from exc
 
     def tenants(self) -> None:
         self.ids(self.cfg.tenants, "tenants", scope_tenant=False)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from engine import config as config_mod
@@ -170,3 +171,58 @@ def test_a_header_value_from_the_environment_is_checked_too(
 def test_valid_headers_are_accepted() -> None:
     make_config(campaign(), buyer("b1", extra=_webhook(
         headers='{ "X-Api-Key" = "k e y\\twith tab", "x_custom.v2" = "café", "#!~" = "" }')))
+
+
+# -- auto-recharge: the billing API's rule (billing.recharge.validate) -----------------------
+
+@pytest.mark.parametrize(("setting", "path", "reason"), [
+    ("max_per_day = 0", "max_per_day", "1 to 100"),
+    ("max_per_day = 101", "max_per_day", "1 to 100"),
+    ('max_amount_per_day = "99.00"', "max_amount_per_day", "at least one recharge amount"),
+    ("every_days = 9223372036854775807", "every_days", "1 to 366"),
+    ('amount = "2000000.00"', "amount", "the maximum is"),
+])
+def test_auto_recharge_is_checked_by_the_billing_api_rule(setting: str, path: str,
+                                                          reason: str) -> None:
+    """PUT /auto-recharge refuses these (billing.recharge.validate); the config took them,
+    and a max_per_day of 0 then refused every recharge as over the daily cap."""
+    toml = BASE_TOML.replace('id = "c1"\nopening_balance = "100.00"',
+                             'id = "c1"\nopening_balance = "100.00"\n'
+                             f"auto_recharge = {{ enabled = true, {setting} }}")
+    _refused(toml, f"clients[0].auto_recharge.{path}", reason)
+    wallet = BASE_TOML.replace('opening_balance = "1000.00"',
+                               'opening_balance = "1000.00"\n'
+                               f"auto_recharge = {{ enabled = true, {setting} }}")
+    _refused(wallet, f"tenants[0].wallet.auto_recharge.{path}", reason)
+
+
+def test_auto_recharge_config_and_api_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one rule: whatever the API's validate refuses, config check refuses (and the
+    other way round), for the same settings."""
+    from billing.errors import BillingError
+    from billing.recharge import validate
+    from engine.config import AutoRecharge
+
+    cases = [AutoRecharge(enabled=True), AutoRecharge(enabled=True, threshold="19.99"),
+             AutoRecharge(enabled=True, amount="99.99"), AutoRecharge(amount="100.001"),
+             AutoRecharge(enabled=True, every_days=0), AutoRecharge(enabled=False, max_per_day=0),
+             AutoRecharge(enabled=True, max_amount_per_day="100.00"),
+             AutoRecharge(enabled=True, every_days=30, threshold="0.00")]
+    for ar in cases:
+        try:
+            validate(ar)
+            api_ok = True
+        except BillingError:
+            api_ok = False
+        inline = ", ".join(f"{k} = {v!r}".replace("'", '"') if isinstance(v, str)
+                           else f"{k} = {str(v).lower()}"
+                           for k, v in msgspec.structs.asdict(ar).items() if v is not None)
+        toml = BASE_TOML.replace('id = "c1"\nopening_balance = "100.00"',
+                                 'id = "c1"\nopening_balance = "100.00"\n'
+                                 f"auto_recharge = {{ {inline} }}")
+        try:
+            make_config(base=toml)
+            config_ok = True
+        except ConfigError:
+            config_ok = False
+        assert config_ok == api_ok, ar
