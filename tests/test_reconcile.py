@@ -5,10 +5,16 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
 
+import redis.asyncio as aioredis
+
+from billing import money
 from billing.archive import Archive
 from engine import keys
 from engine.reconcile import reconcile
+from engine.store import Store
 from tests.harness import BASE_TOML, buyer, campaign, make_config, running
 
 
@@ -50,3 +56,90 @@ async def test_reconcile_command_exit_codes(redis, redis_server, tmp_path):
     await redis.hincrby(keys.acct("t1", "wallet"), "bal", -1)
     bad = await asyncio.to_thread(_run, cmd)
     assert bad.returncode == 1 and "FAIL t1/wallet" in bad.stdout
+
+
+class Interleaved(aioredis.Redis):
+    """A real client after each of whose commands ``between`` runs (on other clients): the
+    engine acting between any two reads of a reconcile."""
+
+    between: Callable[[], Awaitable[None]] | None = None
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        reply = await super().execute_command(*args, **options)
+        hook, self.between = self.between, None  # not between its own commands
+        if hook is not None:
+            try:
+                await hook()
+            finally:
+                self.between = hook
+        return reply
+
+
+async def _reconcile_between(cfg, url, between, archive=None):
+    client = Interleaved.from_url(url)
+    client.between = between
+    try:
+        return await reconcile(cfg, Store(client), archive, page=2)
+    finally:
+        await client.aclose()
+
+
+async def test_reconcile_while_leads_are_sold(redis, redis_server):
+    """A sale between any two reads of the reconcile is no problem (the balance was read
+    apart from the ledger: 4 of 8 runs under traffic failed)."""
+    cfg = make_config(campaign(), buyer("b1", price="1.00"))
+    async with running(cfg, redis_server.url) as eng:
+        for i in range(5):
+            await eng.lead(email=f"a{i}@example.com")
+        sold = []
+
+        async def sale():
+            if len(sold) == 60:  # enough (a reconcile chasing new entries would not end)
+                return
+            status, body = await eng.lead(email=f"live{len(sold)}@example.com")
+            assert status == 200 and body["status"] == "ACCEPTED", body
+            sold.append(body["lead_id"])
+
+        checks, findings = await _reconcile_between(cfg, redis_server.url, sale)
+        assert findings == []
+        assert len(sold) > 10
+        assert {(c.tenant, c.account) for c in checks} == {
+            ("t1", "wallet"), ("t1", "c1"), ("t1", "c2"), ("t2", "wallet"), ("t2", "other")}
+        await eng.assert_reconciled()
+
+
+async def test_reconcile_while_leads_are_sold_and_archived(redis, redis_server, tmp_path):
+    """The same with the ledger worker committing to SQL and trimming the streams between
+    any two reads (also between two pages of one stream)."""
+    cfg = make_config(campaign(), buyer("b1", price="1.00"))
+    archive = await Archive.open(None, path=str(tmp_path / "ledger.sqlite3"))
+    try:
+        async with running(cfg, redis_server.url) as eng:
+            for i in range(5):
+                await eng.lead(email=f"a{i}@example.com")
+            await archive.archive_once(redis, "t1", consumer="test")
+            for i in range(6):  # a tail not archived yet, longer than a page
+                await eng.lead(email=f"b{i}@example.com")
+            n = 0
+
+            async def sale_and_archive():
+                nonlocal n
+                if n == 60:
+                    return
+                n += 1
+                status, body = await eng.lead(email=f"live{n}@example.com")
+                assert status == 200 and body["status"] == "ACCEPTED", body
+                await archive.archive_once(redis, "t1", consumer="test")
+
+            _, findings = await _reconcile_between(cfg, redis_server.url, sale_and_archive,
+                                                   archive)
+            assert findings == []
+            assert n > 10
+            assert await redis.xlen(keys.acct_ledger("t1", "c1")) == 0  # all in SQL
+            bal = await redis.hincrby(keys.acct("t1", "c1"), "bal", 1)  # still caught
+            _, findings = await reconcile(cfg, eng.store, archive)
+            assert [(f.account, f.problem) for f in findings] == [
+                ("c1", f"ledger sums to {money.format(bal - 1)} but the balance is "
+                       f"{money.format(bal)}")]
+    finally:
+        await archive.close()
