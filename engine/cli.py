@@ -210,6 +210,9 @@ async def _reconcile_at(cfg: config_mod.Config, url: str) -> int:
             await archive.close()
     for f in findings:
         print(f"FAIL {f.tenant}/{f.account}: {f.problem}")
+    others = sorted({c.tenant for c in checks if not c.configured})
+    if others:
+        print(f"reconcile: tenants not in the config, checked too: {', '.join(others)}")
     print(f"reconcile: {len(checks)} accounts checked, {len(findings)} problems")
     return 1 if findings else 0
 

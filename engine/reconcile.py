@@ -1,5 +1,11 @@
 """``leadflow reconcile``: every account's ledger sums to its balance, no balance is below
-its floor (accounts in billing mode "none" have no floor).
+its floor (accounts in billing mode "none" have no floor), and every account the config
+names is in Redis.
+
+Which accounts: the platform wallet and the clients of every tenant of the config (one
+missing from Redis is a problem), every account in a tenant's account set, and the
+accounts of tenants that are no longer in the config but still have an account set in
+Redis (found with a SCAN for ``keys.accounts("*")``; their money is still there).
 
 Safe on a live engine: an account's balance is read in one step with its ledger stream's
 last id (a read-only Lua script), and the ledger is summed up to that id only, so a sale
@@ -19,7 +25,7 @@ import msgspec
 
 from billing import money
 from engine import keys
-from engine.config import Config
+from engine.config import WALLET, Config, valid_id
 from engine.store import Store
 
 if TYPE_CHECKING:
@@ -56,6 +62,7 @@ class AccountCheck(msgspec.Struct, frozen=True):
     account: str
     balance: int
     ledger_sum: int
+    configured: bool = True  # False: a tenant no longer in the config
 
 
 def _text(v: Any) -> str:
@@ -98,24 +105,49 @@ async def _ledger_sum(store: Store, archive: Archive | None, tenant: str, accoun
     return total
 
 
+async def _tenants_in_redis(store: Store) -> set[str]:
+    """Tenants with an account set in Redis (every node of a cluster)."""
+    pattern = keys.accounts("*")
+    head, _, tail = pattern.partition("*")
+    found: set[str] = set()
+    async for raw in store.redis.scan_iter(match=pattern, count=1_000):
+        key = _text(raw)
+        tenant = key[len(head):len(key) - len(tail)]
+        # the pattern's * also matches keys of another kind with ":accounts" in an id
+        if valid_id(tenant) and keys.accounts(tenant) == key:
+            found.add(tenant)
+    return found
+
+
 async def reconcile(
     cfg: Config, store: Store, archive: Archive | None = None, *, page: int = PAGE
 ) -> tuple[list[AccountCheck], list[Finding]]:
     snapshot = store.redis.register_script(_SNAPSHOT)
     checks: list[AccountCheck] = []
     findings: list[Finding] = []
-    for tenant in (t.id for t in cfg.tenants):
-        for account in await store.account_ids(tenant):
+    configured = {t.id: {WALLET} for t in cfg.tenants}  # tenant -> its accounts
+    for c in cfg.clients:
+        configured[c.tenant].add(c.id)
+    others = sorted(await _tenants_in_redis(store) - configured.keys())
+    for tenant in [*configured, *others]:
+        expected = configured.get(tenant, set())
+        listed = set(await store.account_ids(tenant))
+        for account in sorted(expected | listed):
             raw: Any = await snapshot(keys=[keys.acct(tenant, account),
                                             keys.acct_ledger(tenant, account)])
             if raw[0] is None:
-                findings.append(Finding(tenant, account, "listed but missing"))
+                findings.append(Finding(tenant, account, (
+                    "in the config but not in Redis" if account not in listed
+                    else "in the tenant's account set but its account hash is missing")))
                 continue
+            if account not in listed:
+                findings.append(Finding(tenant, account, "missing from the tenant's account set"))
             balance = int(raw[0])
             floor = int(raw[1]) if raw[1] else DEFAULT_FLOOR
             mode = _text(raw[2]) if raw[2] else "manual"
             total = await _ledger_sum(store, archive, tenant, account, _text(raw[3]), page)
-            checks.append(AccountCheck(tenant, account, balance, total))
+            checks.append(AccountCheck(tenant, account, balance, total,
+                                       configured=tenant in configured))
             if total != balance:
                 findings.append(Finding(tenant, account, (
                     f"ledger sums to {money.format(total)} but the balance is "

@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 
 from billing import money
 from billing.archive import Archive
+from engine import config as config_mod
 from engine import keys
 from engine.reconcile import reconcile
 from engine.store import Store
@@ -143,3 +144,99 @@ async def test_reconcile_while_leads_are_sold_and_archived(redis, redis_server, 
                        f"{money.format(bal)}")]
     finally:
         await archive.close()
+
+
+async def test_every_configured_account_must_be_in_redis(redis):
+    """A Redis without the config's accounts is no pass: each one (clients and every
+    tenant's wallet) is a problem."""
+    cfg = make_config()
+    checks, findings = await reconcile(cfg, Store(redis))
+    assert checks == []
+    assert [(f.tenant, f.account, f.problem) for f in findings] == [
+        ("t1", "c1", "in the config but not in Redis"),
+        ("t1", "c2", "in the config but not in Redis"),
+        ("t1", "wallet", "in the config but not in Redis"),
+        ("t2", "other", "in the config but not in Redis"),
+        ("t2", "wallet", "in the config but not in Redis"),
+    ]
+
+
+async def test_account_set_and_hashes_disagree(redis, redis_server):
+    cfg = make_config()
+    async with running(cfg, redis_server.url):
+        pass
+    await redis.delete(keys.acct("t1", "c2"))
+    await redis.srem(keys.accounts("t2"), "other")
+    _, findings = await reconcile(cfg, Store(redis))
+    assert [(f.tenant, f.account, f.problem) for f in findings] == [
+        ("t1", "c2", "in the tenant's account set but its account hash is missing"),
+        ("t2", "other", "missing from the tenant's account set"),
+    ]
+
+
+T1_ONLY = """
+[[tenants]]
+id = "t1"
+api_token = "tok-t1"
+
+[[clients]]
+tenant = "t1"
+id = "c1"
+"""
+
+
+async def test_tenants_removed_from_the_config_are_checked(redis, redis_server):
+    """A tenant no longer in the config still has its money in Redis: its accounts are
+    found (SCAN for account sets) and checked; so is a client removed from the config."""
+    async with running(make_config(), redis_server.url):
+        pass
+    # an id of another key kind that the SCAN pattern matches too: not a tenant
+    await redis.set(keys.idem("t1", "x}:accounts"), "{}")
+    cfg = config_mod.loads(T1_ONLY, source="<test>")
+    checks, findings = await reconcile(cfg, Store(redis))
+    assert findings == []
+    assert sorted((c.tenant, c.account, c.configured) for c in checks) == [
+        ("t1", "c1", True), ("t1", "c2", True), ("t1", "wallet", True),
+        ("t2", "other", False), ("t2", "wallet", False)]
+    await redis.hincrby(keys.acct("t2", "other"), "bal", -400_000_000)  # no ledger entry
+    await redis.hincrby(keys.acct("t1", "c2"), "bal", 1)
+    _, findings = await reconcile(cfg, Store(redis))
+    assert [(f.tenant, f.account) for f in findings] == [
+        ("t1", "c2"), ("t2", "other"), ("t2", "other")]  # ledger, and below its floor
+    assert "below its floor" in findings[2].problem
+
+
+async def test_below_floor_clients_and_wallets(redis, redis_server):
+    """Below the floor is a problem for a client and for a wallet; not for a client in
+    billing mode "none" (it has no floor)."""
+    cfg = make_config('[[clients]]\ntenant = "t1"\nid = "free"\nbilling = "none"\n')
+    async with running(cfg, redis_server.url) as eng:
+        for tenant, account, debit in [("t1", "c1", 120_000_001), ("t1", "wallet", 1_020_000_001),
+                                       ("t2", "wallet", 20_000_001), ("t1", "free", 50_000_000)]:
+            res = await eng.store.adjust(tenant, account, -debit, "adjustment",
+                                         enforce_floor=False)
+            assert res.ok, res
+        _, findings = await reconcile(cfg, eng.store)
+    assert [(f.tenant, f.account, f.problem) for f in findings] == [
+        ("t1", "c1", "balance -20.000001 is below its floor -20.00"),
+        ("t1", "wallet", "balance -20.000001 is below its floor -20.00"),
+        ("t2", "wallet", "balance -20.000001 is below its floor -20.00"),
+    ]
+
+
+def _cli(path, url: str) -> subprocess.CompletedProcess[str]:
+    return _run([sys.executable, "-m", "engine.cli", "reconcile", "--config", str(path),
+                 "--redis-url", url])
+
+
+def _config_file(tmp_path, settings: str = "", name: str = "cfg.toml"):
+    path = tmp_path / name
+    path.write_text(BASE_TOML + f'\n[settings]\nstate_dir = "{tmp_path}"\n{settings}')
+    return path
+
+
+async def test_reconcile_command_on_an_empty_redis(redis, redis_server, tmp_path):
+    r = await asyncio.to_thread(_cli, _config_file(tmp_path), redis_server.url)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "FAIL t1/wallet: in the config but not in Redis" in r.stdout
+    assert r.stdout.endswith("reconcile: 0 accounts checked, 5 problems\n")
