@@ -151,9 +151,10 @@ class AccountsApi:
             "funding",
             op_id=f"credit:{account}:{key}",
             extra={"process": "manual", "note": body.note[:200], "reference": body.reference[:100]},
+            refuse_closed=True,  # checked in the script that credits: a racing close wins
         )
         if not res.ok:
-            return http.error_response(409, res.error, "credit refused")
+            return _credit_refused(account, res.error)
         return http.json_response(
             {"balance": money.format(int(res.balance)), "entry": res.entry, "replay": res.replay},
             200 if res.replay else 201,
@@ -174,6 +175,19 @@ class AccountsApi:
 
     async def return_lead(self, req: Request, tenant: str) -> Response:
         return await _return_lead(self.store, req, tenant)
+
+
+def _credit_refused(account: str, error: str) -> Response:
+    """A credit the script refused (nothing moved), in the codes of the billing API."""
+    if error == "closed":  # as POST /funds
+        return http.error_response(409, "account_closed",
+                                   f"account {account} is closed (its balance was refunded)")
+    if error == "unknown_account":
+        return http.error_response(404, "unknown_account", "no such account")
+    if error == "balance_limit":
+        return http.error_response(409, error, "credit refused: the balance would pass "
+                                   "+-$1,000,000,000")
+    return http.error_response(409, error, "credit refused")
 
 
 async def _return_lead(store: Store, req: Request, tenant: str) -> Response:

@@ -138,8 +138,10 @@ class Store:
         ttl_s: int = OP_TTL_S,
         enforce_floor: bool = True,
         extra: dict[str, str] | None = None,
+        refuse_closed: bool = False,
     ) -> AdjustResult:
-        """One idempotent balance change with its ledger entry (see lua/adjust.lua)."""
+        """One idempotent balance change with its ledger entry (see lua/adjust.lua).
+        ``refuse_closed``: a closed account is refused (``closed``) even for a credit."""
         flat = [x for kv in (extra or {}).items() for x in kv]
         raw = await self._run(
             self.lua.adjust,
@@ -153,6 +155,7 @@ class Store:
                 now_ms(),
                 "1" if enforce_floor else "0",
                 _enc.encode(flat),
+                "1" if refuse_closed else "0",
             ],
         )
         res = _adjust_dec.decode(raw)

@@ -238,3 +238,80 @@ async def test_archived_history_is_served_by_the_transactions_api(redis, redis_s
                 raise AssertionError(f"lead {lead_id} never reached the archive: {page}")
     finally:
         await svc.stop()
+
+
+ZERO_CLIENT = """
+[[clients]]
+tenant = "t1"
+id = "zero"
+opening_balance = "0.00"
+"""
+
+
+async def _closed_zero(eng) -> None:
+    """refund-balance on an account at $0.00 and no card: nothing to refund, it closes."""
+    status, body = await eng.api("POST", "/v1/accounts/zero/refund-balance")
+    assert status == 200 and body["closed"], body
+
+
+async def _money_state(eng, redis, account: str) -> tuple[object, ...]:
+    state = await eng.store.account("t1", account)
+    assert state is not None
+    return (state.balance, state.closed, await redis.xlen(keys.acct_ledger("t1", account)),
+            await redis.xlen(keys.ledger("t1")), await redis.xlen(keys.events("t1")))
+
+
+async def test_credit_to_a_closed_account_is_refused_as_funds_is(redis, redis_server):
+    """refund-balance refunded the account and closed it: a manual credit is refused with
+    /funds' code (409 account_closed), nothing moved. It was 201 and the balance went up on
+    the still-closed account. Also on the EVAL path after a SCRIPT FLUSH (adjust.lua)."""
+    cfg = make_config(campaign(), buyer("b1", price="10.00"), ZERO_CLIENT)
+    async with running(cfg, redis_server.url) as eng:
+        await _closed_zero(eng)
+        before = await _money_state(eng, redis, "zero")
+        for flush in (False, True):
+            if flush:
+                await redis.script_flush()  # NOSCRIPT: the script is sent again
+            status, body = await eng.api("POST", "/v1/accounts/zero/credits",
+                                         json={"amount": "50.00"},
+                                         headers={"Idempotency-Key": f"k-closed-{flush}"})
+            assert status == 409 and body["error"]["code"] == "account_closed", body
+            assert await _money_state(eng, redis, "zero") == before
+        status, body = await eng.api("POST", "/v1/accounts/zero/funds",
+                                     json={"amount": "100.00"},
+                                     headers={"Idempotency-Key": "f-closed"})
+        assert status == 409 and body["error"]["code"] == "account_closed"  # the same code
+        _, view = await eng.api("GET", "/v1/accounts/zero")
+        assert view["status"] == "closed" and view["balance"] == "0.00"
+        # an open account is still credited, on the reloaded script too
+        await redis.script_flush()
+        status, body = await eng.api("POST", "/v1/accounts/c1/credits",
+                                     json={"amount": "5.00"}, headers={"Idempotency-Key": "o"})
+        assert status == 201 and body["balance"] == "105.00"
+        await eng.assert_reconciled()
+
+
+async def test_a_close_racing_a_credit_wins(redis, redis_server, monkeypatch):
+    """The account closes after the credit handler looked it up and before the credit's
+    script runs: the script itself refuses the closed account, so the credit cannot slip
+    through onto it."""
+    cfg = make_config(campaign(), buyer("b1", price="10.00"), ZERO_CLIENT)
+    async with running(cfg, redis_server.url) as eng:
+        real = eng.store.adjust
+        closes: list[str] = []
+
+        async def close_first(tenant, account, *args, **kw):
+            if account == "zero" and not closes:  # the refund's close lands just now
+                closes.append(account)
+                await _closed_zero(eng)
+            return await real(tenant, account, *args, **kw)
+
+        monkeypatch.setattr(eng.store, "adjust", close_first)
+        status, body = await eng.api("POST", "/v1/accounts/zero/credits",
+                                     json={"amount": "50.00"}, headers={"Idempotency-Key": "r"})
+        assert closes == ["zero"]
+        assert status == 409 and body["error"]["code"] == "account_closed", body
+        state = await eng.store.account("t1", "zero")
+        assert state is not None and state.closed and state.balance == 0
+        assert await redis.xlen(keys.acct_ledger("t1", "zero")) == 0  # no credit entry
+        await eng.assert_reconciled()

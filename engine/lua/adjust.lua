@@ -9,6 +9,9 @@
 -- ARGV[6]  now, epoch milliseconds
 -- ARGV[7]  "1" = refuse a debit that would cross the floor (or hit a closed/paused account)
 -- ARGV[8]  extra ledger fields, JSON array [k1, v1, k2, v2, ...] (strings)
+-- ARGV[9]  optional; "1" = refuse a closed account whatever the direction (a manual credit:
+--          an account closed by refund-balance stays closed; checked here, in the same step
+--          as the credit, so a close racing it cannot let it through)
 --
 -- Returns JSON: {"ok":true,"balance":"<micros>","entry":"<ledger id>","replay":false}
 --           or  {"ok":false,"error":"unknown_account"|"below_floor"|"closed"|"balance_limit"}
@@ -31,6 +34,7 @@ end
 
 local a = acct(p, id)
 if not a then return cjson.encode({ok = false, error = 'unknown_account'}) end
+if a.closed and ARGV[9] == '1' then return cjson.encode({ok = false, error = 'closed'}) end
 if math.abs(a.bal + delta) > 1e15 then return cjson.encode({ok = false, error = 'balance_limit'}) end
 if delta < 0 and enforce and a.mode ~= 'none' then
   if a.closed then return cjson.encode({ok = false, error = 'closed'}) end
