@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -10,6 +11,7 @@ import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import uvloop
 
@@ -57,7 +59,13 @@ def _parser() -> argparse.ArgumentParser:
     load.add_argument("path")
     load.add_argument("--state-dir", default=None, help="where the running engine's pid file is")
 
-    rec = sub.add_parser("reconcile", help="check that every ledger sums to its balance")
+    rec = sub.add_parser(
+        "reconcile", help="check that every ledger sums to its balance",
+        description="Check every account: its ledger sums to its balance, the balance is not "
+                    "below its floor, every account of the config is in Redis.",
+        epilog="exit status: 0 every check passed, 1 problems found (one FAIL line each), "
+               "2 could not check (Redis or the SQL archive unreachable, config or usage "
+               "error)")
     _config_arg(rec)
 
     worker = sub.add_parser("worker", help="run one worker process")
@@ -184,16 +192,50 @@ def _signal_reload(cfg: config_mod.Config, state_dir: str | None, *,
 
 
 async def _reconcile(cfg: config_mod.Config, redis_url: str | None) -> int:
+    """Exit 0: every check passed; 1: problems found; 2: no verdict, because what is
+    checked could not be read (config and usage errors exit 2 as well)."""
     from engine.service import redis_url_from
 
     url = redis_url_from(cfg, redis_url)
-    if url is None:
-        from engine.embedded import EmbeddedRedis
+    try:
+        if url is None:
+            from engine.embedded import EmbeddedRedis
 
-        # the embedded default keeps its data (AOF) under the state dir: open it
-        with EmbeddedRedis(Path(cfg.settings.state_dir) / "redis") as server:
-            return await _reconcile_at(cfg, server.url)
-    return await _reconcile_at(cfg, url)
+            # the embedded default keeps its data (AOF) under the state dir: open it
+            with EmbeddedRedis(Path(cfg.settings.state_dir) / "redis") as server:
+                return await _reconcile_at(cfg, server.url)
+        return await _reconcile_at(cfg, url)
+    except Exception as exc:  # noqa: BLE001 - never exit 1 ("problems found") without a verdict
+        print(f"reconcile: could not check: {_unchecked(exc, url, cfg.settings.sql_url)}",
+              file=sys.stderr)
+        return 2
+
+
+def _unchecked(exc: Exception, *urls: str | None) -> str:
+    """One line naming what failed, without the URLs' passwords."""
+    from engine.errors import EmbeddedRedisError
+
+    module = type(exc).__module__
+    if module.startswith("redis"):
+        what = "Redis"
+    elif module.startswith(("sqlite3", "psycopg")):
+        what = "SQL archive"
+    elif isinstance(exc, EmbeddedRedisError):
+        what = "embedded Redis"
+    else:
+        what = "unexpected error"
+        logging.getLogger("leadflow").error("reconcile failed", exc_info=exc)
+    text = " ".join(f"{what}: {type(exc).__name__}: {exc}".split())
+    for url in urls:
+        if url:
+            text = text.replace(url, "<url>")
+            try:
+                password = urlsplit(url).password
+            except ValueError:
+                password = None
+            for secret in {password, unquote(password or "")} - {None, ""}:
+                text = text.replace(str(secret), "***")
+    return text
 
 
 async def _reconcile_at(cfg: config_mod.Config, url: str) -> int:
@@ -201,8 +243,9 @@ async def _reconcile_at(cfg: config_mod.Config, url: str) -> int:
     from engine.store import Store, connect
 
     store = Store(connect(url))
-    archive = await _open_archive(cfg)
+    archive = None
     try:
+        archive = await _open_archive(cfg)
         checks, findings = await reconcile(cfg, store, archive)
     finally:
         await store.redis.aclose()

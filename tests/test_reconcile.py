@@ -14,6 +14,7 @@ from billing import money
 from billing.archive import Archive
 from engine import config as config_mod
 from engine import keys
+from engine.embedded import free_port
 from engine.reconcile import reconcile
 from engine.store import Store
 from tests.harness import BASE_TOML, buyer, campaign, make_config, running
@@ -240,3 +241,35 @@ async def test_reconcile_command_on_an_empty_redis(redis, redis_server, tmp_path
     assert r.returncode == 1, r.stdout + r.stderr
     assert "FAIL t1/wallet: in the config but not in Redis" in r.stdout
     assert r.stdout.endswith("reconcile: 0 accounts checked, 5 problems\n")
+
+
+def _no_verdict(r: subprocess.CompletedProcess[str], what: str, secret: str) -> None:
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stdout == ""
+    assert r.stderr.startswith(f"reconcile: could not check: {what}: ")
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert secret not in r.stderr
+
+
+async def test_reconcile_command_without_a_verdict_exits_2(redis, redis_server, tmp_path):
+    """Exit 1 means problems found; could not check is 2 (as config errors), one line,
+    no traceback, no password."""
+    path = _config_file(tmp_path)
+    async with running(make_config(), redis_server.url):
+        pass
+    closed = free_port()
+    r = await asyncio.to_thread(_cli, path, f"redis://admin:pw-s3cret@127.0.0.1:{closed}/0")
+    _no_verdict(r, "Redis", "pw-s3cret")
+    await redis.execute_command("ACL", "SETUSER", "rc", "on", ">pw-r1ght", "~*", "+@all")
+    try:
+        wrong = redis_server.url.replace("redis://", "redis://rc:pw-wr0ng@")
+        r = await asyncio.to_thread(_cli, path, wrong)
+        _no_verdict(r, "Redis", "pw-wr0ng")
+    finally:
+        await redis.execute_command("ACL", "DELUSER", "rc")
+    sql = _config_file(tmp_path, f'sql_url = "postgresql://u:pg-s3cret@127.0.0.1:{closed}/x"\n',
+                       name="sql.toml")
+    r = await asyncio.to_thread(_cli, sql, redis_server.url)
+    _no_verdict(r, "SQL archive", "pg-s3cret")
+    r = await asyncio.to_thread(_cli, path, redis_server.url)  # the same, reachable: a pass
+    assert r.returncode == 0, r.stdout + r.stderr
