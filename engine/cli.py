@@ -199,16 +199,32 @@ async def _reconcile(cfg: config_mod.Config, redis_url: str | None) -> int:
     url = redis_url_from(cfg, redis_url)
     try:
         if url is None:
-            from engine.embedded import EmbeddedRedis
-
-            # the embedded default keeps its data (AOF) under the state dir: open it
-            with EmbeddedRedis(Path(cfg.settings.state_dir) / "redis") as server:
-                return await _reconcile_at(cfg, server.url)
+            return await _reconcile_embedded(cfg)
         return await _reconcile_at(cfg, url)
     except Exception as exc:  # noqa: BLE001 - never exit 1 ("problems found") without a verdict
         print(f"reconcile: could not check: {_unchecked(exc, url, cfg.settings.sql_url)}",
               file=sys.stderr)
         return 2
+
+
+async def _reconcile_embedded(cfg: config_mod.Config) -> int:
+    """No Redis URL: the embedded default's data under the state dir. While an engine runs
+    there, the redis-server it started is read (a second server on the same AOF files would
+    read a stale copy of them); otherwise one is started on the data and stopped after."""
+    from engine.embedded import EmbeddedRedis
+    from engine.pidfile import read_running
+
+    state_dir = Path(cfg.settings.state_dir)
+    engine = read_running(state_dir)
+    if engine is not None:
+        if engine.redis_url is None:
+            print(f"reconcile: could not check: the engine (pid {engine.pid}) running on "
+                  f"state dir {state_dir} has no embedded Redis (it is starting, or was given "
+                  "a Redis URL): pass --redis-url", file=sys.stderr)
+            return 2
+        return await _reconcile_at(cfg, engine.redis_url)
+    with EmbeddedRedis(state_dir / "redis") as server:
+        return await _reconcile_at(cfg, server.url)
 
 
 def _unchecked(exc: Exception, *urls: str | None) -> str:

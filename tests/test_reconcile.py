@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
@@ -15,6 +16,7 @@ from billing.archive import Archive
 from engine import config as config_mod
 from engine import keys
 from engine.embedded import free_port
+from engine.pidfile import EngineState, PidFile
 from engine.reconcile import reconcile
 from engine.store import Store
 from tests.harness import BASE_TOML, buyer, campaign, make_config, running
@@ -273,3 +275,28 @@ async def test_reconcile_command_without_a_verdict_exits_2(redis, redis_server, 
     _no_verdict(r, "SQL archive", "pg-s3cret")
     r = await asyncio.to_thread(_cli, path, redis_server.url)  # the same, reachable: a pass
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _cli_no_url(path) -> subprocess.CompletedProcess[str]:
+    return _run([sys.executable, "-m", "engine.cli", "reconcile", "--config", str(path)])
+
+
+async def test_reconcile_command_reads_the_running_engines_embedded_redis(
+        redis, redis_server, tmp_path):
+    """With no Redis URL and an engine running on the state dir, its own redis-server is
+    read: a second one started on the same AOF files read a stale copy."""
+    path = _config_file(tmp_path)
+    async with running(make_config(), redis_server.url):
+        pass
+    record = PidFile(tmp_path)  # this process plays the engine holding the state dir
+    record.acquire(EngineState(pid=os.getpid(), config=str(path), redis_url=redis_server.url))
+    try:
+        r = await asyncio.to_thread(_cli_no_url, path)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "reconcile: 5 accounts checked, 0 problems" in r.stdout
+        assert not (tmp_path / "redis").exists()  # no second redis-server was started
+        record.write(EngineState(pid=os.getpid(), config=str(path)))  # a given Redis
+        r = await asyncio.to_thread(_cli_no_url, path)
+        assert r.returncode == 2 and "pass --redis-url" in r.stderr, r.stdout + r.stderr
+    finally:
+        record.release()
