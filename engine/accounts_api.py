@@ -155,6 +155,10 @@ class AccountsApi:
         )
         if not res.ok:
             return _credit_refused(account, res.error)
+        if res.replay and res.delta and int(res.delta) != amount:  # as POST /funds
+            return http.error_response(
+                400, "idempotency_conflict",
+                f"Idempotency-Key already used for a credit of {money.format(int(res.delta))}")
         return http.json_response(
             {"balance": money.format(int(res.balance)), "entry": res.entry, "replay": res.replay},
             200 if res.replay else 201,

@@ -35,6 +35,7 @@ class AdjustResult(msgspec.Struct, frozen=True):
     replay: bool = False
     error: str = ""
     events: list[str | int] | dict[str, int] = []
+    delta: str = ""  # the op's delta (a replay: the first call's; "" if stored before it was)
 
 
 class SaleResult(msgspec.Struct, frozen=True):

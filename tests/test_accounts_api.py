@@ -89,6 +89,32 @@ async def test_credit_is_idempotent_with_key(redis, redis_server, cfg):
         assert await eng.balance("c1") == 140_000_000
 
 
+async def test_credit_key_reused_with_another_amount_is_a_conflict(redis, redis_server, cfg):
+    """The same Idempotency-Key with another amount (99.00 after 10.00) is refused as /funds
+    refuses it (400 idempotency_conflict), nothing moved; it silently returned the first
+    result. The same key with the same amount is still a replay."""
+    async with running(cfg, redis_server.url) as eng:
+        h = {"Idempotency-Key": "same"}
+        status, first = await eng.api("POST", "/v1/accounts/c1/credits",
+                                      json={"amount": "10.00"}, headers=h)
+        assert status == 201 and first["balance"] == "110.00"
+        before = await _money_state(eng, redis, "c1")
+        for amount in ("99.00", "10.000001", "9.99"):
+            status, body = await eng.api("POST", "/v1/accounts/c1/credits",
+                                         json={"amount": amount}, headers=h)
+            assert status == 400 and body["error"]["code"] == "idempotency_conflict", body
+            assert "10.00" in body["error"]["message"]
+            assert await _money_state(eng, redis, "c1") == before
+        status, again = await eng.api("POST", "/v1/accounts/c1/credits",
+                                      json={"amount": "10.0"}, headers=h)  # same amount
+        assert status == 200 and again["replay"] and again["entry"] == first["entry"]
+        # the key is per account: c2 may use it for its own credit
+        status, _ = await eng.api("POST", "/v1/accounts/c2/credits",
+                                  json={"amount": "99.00"}, headers=h)
+        assert status == 201 and await eng.balance("c2") == 199_000_000
+        assert await eng.balance("c1") == 110_000_000
+
+
 async def test_unknown_routes(redis, redis_server, cfg):
     async with running(cfg, redis_server.url) as eng:
         assert (await eng.api("GET", "/v1/nothing"))[0] == 404

@@ -13,7 +13,9 @@
 --          an account closed by refund-balance stays closed; checked here, in the same step
 --          as the credit, so a close racing it cannot let it through)
 --
--- Returns JSON: {"ok":true,"balance":"<micros>","entry":"<ledger id>","replay":false}
+-- Returns JSON: {"ok":true,"balance":"<micros>","entry":"<ledger id>","replay":false,
+--                "delta":"<micros>"}   (the op's delta, so a caller can tell a replay of
+--                                       the same key with another amount)
 --           or  {"ok":false,"error":"unknown_account"|"below_floor"|"closed"|"balance_limit"}
 --
 -- A balance never leaves +-1e15 micros (billing.money.MAX_ABS_MICROS): Lua numbers are
@@ -43,7 +45,7 @@ end
 
 local entry = apply(p, a, delta, kind, opid, now, cjson.decode(ARGV[8]))
 local result = cjson.encode({ok = true, balance = fmt(a.bal), entry = entry, replay = false,
-                             events = emitted_list()})
+                             delta = fmt(delta), events = emitted_list()})
 if opid ~= '' then
   redis.call('SET', K.op(p, opid), result, 'EX', tonumber(ARGV[5]))
 end
