@@ -63,8 +63,11 @@ class Runtime:
 
 async def sync_accounts(cfg: Config, store: Store) -> int:
     """Create missing accounts (with their opening balance) and update settings of the
-    others. Auto-recharge set through the API outlives reloads and restarts (it is stored
-    beside the account and wins over the file). Returns how many were created."""
+    others, each applied to its account's state in the same step (sync_account.lua: pause
+    or resume for the floor and the minimum balance, ``balance_alert`` / ``recharge_needed``
+    when a threshold now lies above the balance). Auto-recharge set through the API outlives
+    reloads and restarts (it is stored beside the account and wins over the file). Returns
+    how many were created."""
     from billing.recharge import effective, threshold_flags
 
     created = 0

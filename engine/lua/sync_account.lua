@@ -1,4 +1,5 @@
--- sync_account.lua: create an account from config, or update its settings on reload.
+-- sync_account.lua: create an account from config, or update its settings on reload, and
+-- apply the settings to the account's state at once.
 -- The balance of an existing account is never touched here; a new account's opening
 -- balance is written as an "opening" ledger entry so the ledger always sums to it.
 --
@@ -14,8 +15,20 @@
 -- ARGV[9]  now, epoch milliseconds
 --
 -- Returns 1 when the account was created, 0 when updated.
+--
+-- New settings against the unchanged balance, as apply() does for a new balance (events
+-- carry ref "config"; nothing for a closed account, nor for billing "none"):
+-- * balance_alert / recharge_needed when the (armed) threshold now lies above the balance
+--   and the old one did not: once per crossing, like a debit's crossing. A new account
+--   starts where its opening balance puts it and crosses nothing.
+-- * an active account below its floor pauses ("floor"); below its minimum without
+--   auto-recharge, it pauses ("min_balance"), a new account too.
+-- * an account paused for "min_balance" resumes once the minimum no longer holds (removed,
+--   lowered to its balance, auto-recharge on) and its balance is at least 0, as a credit
+--   resumes it. A "floor" pause still waits for a credit (a reload adds no money), any
+--   other pause reason is never lifted here; billing "none" is never paused.
 
-local p, id = KEYS[1], ARGV[1]
+local p, id, now = KEYS[1], ARGV[1], ARGV[9]
 local k = K.acct(p, id)
 local created = 0
 if redis.call('EXISTS', k) == 0 then
@@ -23,10 +36,43 @@ if redis.call('EXISTS', k) == 0 then
   redis.call('SADD', K.accounts(p), id)
   created = 1
 end
+
+local function billed(a) return a.mode ~= 'none' end
+local function below_alert(a) return billed(a) and a.alert > 0 and a.bal < a.alert end
+local function below_recharge(a)
+  return billed(a) and a.ar and a.rthr > 0 and a.bal < a.rthr
+end
+
+local a = acct(p, id)  -- with the settings in force until now
+local alerted, asked = true, true  -- a new account: no crossing
+if created == 0 then alerted, asked = below_alert(a), below_recharge(a) end
 redis.call('HSET', k, 'floor', ARGV[3], 'alert', ARGV[4], 'rthr', ARGV[5], 'ar', ARGV[6],
            'minb', ARGV[7], 'mode', ARGV[8])
+a.floor, a.alert, a.rthr = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+a.ar, a.minb, a.mode = ARGV[6] == '1', tonumber(ARGV[7]), ARGV[8]
 if created == 1 and tonumber(ARGV[2]) ~= 0 then
-  local a = acct(p, id)
-  apply(p, a, tonumber(ARGV[2]), 'opening', 'opening:' .. id, ARGV[9], {})
+  apply(p, a, tonumber(ARGV[2]), 'opening', 'opening:' .. id, now, {})
+end
+
+if not a.closed then
+  local why = {'ref', 'config'}
+  if below_alert(a) and not alerted then
+    emit(p, 'balance_alert', a, now, {'threshold', fmt(a.alert), 'ref', 'config'})
+  end
+  if below_recharge(a) and not asked then
+    emit(p, 'recharge_needed', a, now, {'threshold', fmt(a.rthr), 'ref', 'config'})
+  end
+  local short = billed(a) and a.minb ~= nil and not a.ar and a.bal < a.minb
+  if a.paused == '' then
+    if billed(a) and a.bal < a.floor then
+      pause(p, a, 'floor', now, why)
+    elseif short then
+      pause(p, a, 'min_balance', now, why)
+    end
+  elseif a.paused == 'floor' or a.paused == 'min_balance' then
+    if not billed(a) or (a.paused == 'min_balance' and not short and a.bal >= 0) then
+      resume(p, a, now)
+    end
+  end
 end
 return created
