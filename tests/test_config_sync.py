@@ -10,9 +10,17 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from billing import recharge
+from billing.stripe_gateway import StripeGateway
 from engine import keys
+from engine.config import AutoRecharge
+from engine.runtime import sync_accounts
 from engine.store import AccountState, Store
+from tests.billing_fixtures import T as billing_T
+from tests.billing_fixtures import make_config as billing_config
+from tests.billing_fixtures import new_ctx
 from tests.harness import BASE_TOML, buyer, campaign, make_config, running
+from tests.stripe_fixture import LocalStripe
 
 T = "acme"
 M = 1_000_000  # $1.00
@@ -233,3 +241,32 @@ async def test_a_reload_pauses_and_resumes_buyers(redis: aioredis.Redis, redis_s
         assert events == [("buyer_paused", "min_balance"), ("buyer_resumed", ""),
                           ("balance_alert", "")]  # that last lead: 20.00 -> 10.00
         await eng.assert_reconciled()
+
+
+async def test_the_recharge_worker_acts_on_a_reload_that_turns_auto_recharge_on(
+        redis: aioredis.Redis, gateway: StripeGateway, localstripe: LocalStripe) -> None:
+    """The review's repro: auto-recharge enabled by a reload while the balance is already
+    below its threshold; no recharge_needed came, so none was ever charged."""
+    ctx = await new_ctx(redis, gateway, billing_config(auto=AutoRecharge()))
+    await ctx.methods.attach(billing_T, "c1", localstripe.card())
+    await ctx.store.adjust(billing_T, "c1", 5 * M, "adjustment")  # $5.00, auto-recharge off
+    on = billing_config(auto=AutoRecharge(enabled=True, threshold="20.00", amount="100.00"))
+    await sync_accounts(on, ctx.store)  # what Service.reload runs, then it swaps the config
+    ctx.config = on
+    assert await recharge.process_once(on, ctx.store, gateway, consumer="w1", ctx=ctx) >= 1
+    state = await ctx.store.account(billing_T, "c1")
+    assert state is not None and state.balance == 105 * M
+    events = [(f[b"account"].decode(), f[b"type"].decode(), f.get(b"reason", b"").decode())
+              for _, f in await redis.xrange(keys.events(billing_T))]
+    c1 = [t for a, t, _ in events if a == "c1"]
+    assert c1.count("recharge_needed") == 1 and c1.count("recharge_succeeded") == 1
+    # c2 and c3 (0.00, no card) were asked for too, and say why nothing was charged
+    for other in ("c2", "c3"):
+        assert [(t, r) for a, t, r in events if a == other] == [
+            ("recharge_needed", ""), ("recharge_failed", "no_payment_method")]
+    await sync_accounts(on, ctx.store)  # a restart: c1 is above it now, c2/c3 still below
+    await recharge.process_once(on, ctx.store, gateway, consumer="w1", ctx=ctx)
+    needed = [f for _, f in await redis.xrange(keys.events(billing_T))
+              if f[b"type"] == b"recharge_needed"]
+    assert len(needed) == 3  # no new crossing, no new ask
+    assert (await ctx.store.account(billing_T, "c1")).balance == 105 * M  # type: ignore[union-attr]
