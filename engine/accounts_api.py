@@ -7,18 +7,23 @@ read or written is under that tenant's prefix.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import msgspec
 
 from billing import money
 from billing.errors import MoneyError
-from engine import http, keys
+from engine import http, keys, telemetry
+from engine.errors import StoreUnavailable
 from engine.http import Request, Response
 from engine.runtime import Runtime, token_digest
-from engine.store import AccountState, Store, now_ms
+from engine.scripts import Script
+from engine.store import UNAVAILABLE, AccountState, Store, now_ms
 
 TenantHandler = Callable[[Request, str], Awaitable[Response]]
+ScriptObserver = Callable[[str, float, Any], None]  # (script, seconds, [event, count, ...])
 MAX_PAGE = 1_000  # ledger page size, as GET /transactions: above it is 400 invalid_limit
 
 
@@ -32,6 +37,15 @@ class ReturnBody(msgspec.Struct, forbid_unknown_fields=True):
     buyer: str
     reason: str
     note: str = ""
+
+
+class PauseResult(msgspec.Struct):
+    changed: bool
+    events: list[str | int] | dict[str, int] = []
+
+
+_pause_result = msgspec.json.Decoder(PauseResult)
+_BUYER_PAUSE = Script("buyer_pause")  # the flag and its event in one step
 
 
 class CreditBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -81,8 +95,9 @@ def account_view(a: AccountState) -> dict[str, object]:
 
 
 class AccountsApi:
-    def __init__(self, runtime: Callable[[], Runtime], store: Store) -> None:
-        self.runtime, self.store = runtime, store
+    def __init__(self, runtime: Callable[[], Runtime], store: Store,
+                 observer: ScriptObserver = telemetry.script_observer) -> None:
+        self.runtime, self.store, self.observer = runtime, store, observer
 
     def mount(self, router: http.Router) -> None:
         def add(method: str, path: str, handler: TenantHandler) -> None:
@@ -165,10 +180,21 @@ class AccountsApi:
         )
 
     async def _set_buyer_pause(self, req: Request, tenant: str, paused: bool) -> Response:
+        """The manual pause flag of one buyer, with its event (buyer_paused, reason
+        ``manual``, once per pause; buyer_resumed once per resume) and metric."""
         buyer = req.params["id"]
-        if (tenant, buyer) not in self.runtime().buyer_client:
+        rt = self.runtime()
+        client = rt.buyer_client.get((tenant, buyer))
+        if client is None:
             return http.error_response(404, "unknown_buyer", "no such buyer")
-        await self.store.redis.hset(keys.buyer(tenant, buyer), "paused", "manual" if paused else "")
+        started = time.perf_counter()
+        try:
+            raw = await _BUYER_PAUSE(self.store.redis, [keys.tenant_prefix(tenant)],
+                                     [buyer, client, "1" if paused else "0", now_ms()])
+        except UNAVAILABLE as exc:
+            raise StoreUnavailable(f"redis unavailable: {type(exc).__name__}") from exc
+        res = _pause_result.decode(raw)
+        self.observer("buyer_pause", time.perf_counter() - started, res.events)
         return http.json_response({"id": buyer, "status": "paused" if paused else "active"})
 
     async def pause(self, req: Request, tenant: str) -> Response:

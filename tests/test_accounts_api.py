@@ -341,3 +341,51 @@ async def test_a_close_racing_a_credit_wins(redis, redis_server, monkeypatch):
         assert state is not None and state.closed and state.balance == 0
         assert await redis.xlen(keys.acct_ledger("t1", "zero")) == 0  # no credit entry
         await eng.assert_reconciled()
+
+
+async def _metric(eng, line_start: str) -> float:
+    async with eng.http.get(eng.url + "/metrics") as r:
+        text = await r.text()
+    [line] = [ln for ln in text.splitlines() if ln.startswith(line_start + " ")]
+    return float(line.split()[-1])
+
+
+PAUSED_MANUAL = 'leadflow_buyers_paused_total{reason="manual"}'
+PAUSED_EVENTS = 'leadflow_events_emitted_total{type="buyer_paused"}'
+RESUMED_EVENTS = 'leadflow_events_emitted_total{type="buyer_resumed"}'
+
+
+async def test_manual_pause_emits_buyer_paused_once_and_counts_it(redis, redis_server, cfg):
+    """A manual pause emits one buyer_paused (as decide.lua's: account, balance, buyer,
+    reason "manual") and counts leadflow_buyers_paused_total{reason="manual"}; pausing a
+    paused buyer (even many requests at once) emits and counts nothing more. A resume
+    emits one buyer_resumed. The pause emitted nothing and counted nothing."""
+    async with running(cfg, redis_server.url) as eng:
+        counts = [await _metric(eng, m) for m in (PAUSED_MANUAL, PAUSED_EVENTS, RESUMED_EVENTS)]
+        results = await asyncio.gather(*(eng.api("POST", "/v1/buyers/b1/pause")
+                                         for _ in range(8)))
+        assert {(s, b["status"]) for s, b in results} == {(200, "paused")}
+        events = await eng.events()
+        assert [{k: v for k, v in e.items() if k != "ts"} for e in events] == [
+            {"type": "buyer_paused", "account": "c1", "balance": "100000000", "buyer": "b1",
+             "reason": "manual"}]
+        assert await _metric(eng, PAUSED_MANUAL) == counts[0] + 1
+        assert await _metric(eng, PAUSED_EVENTS) == counts[1] + 1
+        _, lead = await eng.lead(email="p@example.com")
+        assert lead["status"] == "REJECTED" and lead["code"] == 202  # paused: no sale
+        await redis.script_flush()  # NOSCRIPT: the script is sent again
+        for _ in range(2):
+            status, body = await eng.api("POST", "/v1/buyers/b1/resume")
+            assert status == 200 and body["status"] == "active"
+        events = await eng.events()
+        assert [e["type"] for e in events] == ["buyer_paused", "buyer_resumed"]
+        assert events[1]["buyer"] == "b1" and events[1]["reason"] == "manual"
+        assert await _metric(eng, RESUMED_EVENTS) == counts[2] + 1
+        assert await _metric(eng, PAUSED_MANUAL) == counts[0] + 1
+        _, lead = await eng.lead(email="q@example.com")
+        assert lead["status"] == "ACCEPTED"
+        # paused again: a new pause, a new event
+        assert (await eng.api("POST", "/v1/buyers/b1/pause"))[0] == 200
+        assert [e["type"] for e in await eng.events()][-1] == "buyer_paused"
+        assert await _metric(eng, PAUSED_MANUAL) == counts[0] + 2
+

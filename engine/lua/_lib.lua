@@ -38,14 +38,21 @@ local function emit(p, etype, a, now, extra)
   EMITTED[etype] = (EMITTED[etype] or 0) + 1
 end
 
-local function pause(p, a, reason, now, extra)
-  if a.paused ~= '' then return end
-  a.paused = reason
-  redis.call('HSET', a.k, 'paused', reason)
+-- The buyer_paused event (account, balance, ts, the caller's extra fields such as buyer
+-- and ref, then reason) and its count for leadflow_buyers_paused_total{reason}: an
+-- account paused here, or one buyer paused by hand (buyer_pause.lua).
+local function paused_event(p, a, reason, now, extra)
   local e = extra or {}
   e[#e + 1] = 'reason'; e[#e + 1] = reason
   emit(p, 'buyer_paused', a, now, e)
   EMITTED['paused:' .. reason] = (EMITTED['paused:' .. reason] or 0) + 1
+end
+
+local function pause(p, a, reason, now, extra)
+  if a.paused ~= '' then return end
+  a.paused = reason
+  redis.call('HSET', a.k, 'paused', reason)
+  paused_event(p, a, reason, now, extra)
 end
 
 local function resume(p, a, now)
