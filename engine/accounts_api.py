@@ -187,6 +187,12 @@ class AccountsApi:
         client = rt.buyer_client.get((tenant, buyer))
         if client is None:
             return http.error_response(404, "unknown_buyer", "no such buyer")
+        if not paused and _paused_by_config(rt, tenant, buyer):
+            # routing skips it before any flag is read: "active" here would be a lie
+            return http.error_response(
+                409, "paused_by_config",
+                f'buyer {buyer} is paused by the config (status = "paused"): set status = '
+                '"active" and reload the config; nothing changed')
         started = time.perf_counter()
         try:
             raw = await _BUYER_PAUSE(self.store.redis, [keys.tenant_prefix(tenant)],
@@ -205,6 +211,11 @@ class AccountsApi:
 
     async def return_lead(self, req: Request, tenant: str) -> Response:
         return await _return_lead(self.store, req, tenant)
+
+
+def _paused_by_config(rt: Runtime, tenant: str, buyer: str) -> bool:
+    return any(b.tenant == tenant and b.id == buyer and b.status == "paused"
+               for b in rt.cfg.buyers)
 
 
 def _credit_refused(account: str, error: str) -> Response:

@@ -389,3 +389,24 @@ async def test_manual_pause_emits_buyer_paused_once_and_counts_it(redis, redis_s
         assert [e["type"] for e in await eng.events()][-1] == "buyer_paused"
         assert await _metric(eng, PAUSED_MANUAL) == counts[0] + 2
 
+
+async def test_resume_of_a_buyer_the_config_pauses_is_refused(redis, redis_server):
+    """The config says status = "paused": routing skips the buyer before any flag is read,
+    so /resume answered "active" while the next lead was REJECTED "no buyer matched". It is
+    now 409 paused_by_config and changes nothing; a manual pause still works on top."""
+    cfg = make_config(campaign(), buyer("b1", price="10.00", extra='status = "paused"'))
+    async with running(cfg, redis_server.url) as eng:
+        dbsize = await redis.dbsize()
+        status, body = await eng.api("POST", "/v1/buyers/b1/resume")
+        assert status == 409 and body["error"]["code"] == "paused_by_config", body
+        assert 'status = "active"' in body["error"]["message"]
+        assert await redis.dbsize() == dbsize and await eng.events() == []
+        _, lead = await eng.lead(email="c@example.com")
+        assert lead["status"] == "REJECTED"
+        # a manual pause is its own hold: it outlives the config's status
+        assert (await eng.api("POST", "/v1/buyers/b1/pause"))[0] == 200
+        assert await redis.hget(keys.buyer("t1", "b1"), "paused") == b"manual"
+        status, body = await eng.api("POST", "/v1/buyers/b1/resume")
+        assert status == 409 and body["error"]["code"] == "paused_by_config"
+        assert await redis.hget(keys.buyer("t1", "b1"), "paused") == b"manual"
+        assert [e["type"] for e in await eng.events()] == ["buyer_paused"]
