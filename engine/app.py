@@ -21,7 +21,7 @@ from engine.http import Receive, Request, Response, Scope, Send
 from engine.ingest import Codes, Ingest, LeadObserver, LeadResponse, error
 from engine.metrics import registry_for_process, render
 from engine.runtime import Runtime
-from engine.store import Store
+from engine.store import UNAVAILABLE, Store
 
 if TYPE_CHECKING:
     from engine.sync_route import SyncRouter
@@ -131,7 +131,7 @@ class App:
             return route.name, route.too_large(route.body_limit)
         try:
             return route.name, await route.handler(Request(scope, body, params))
-        except StoreUnavailable:
+        except (StoreUnavailable, *UNAVAILABLE):  # also reads made with redis-py directly
             return route.name, http.error_response(503, "unavailable", "storage unavailable")
 
     # ---- leads --------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -410,3 +411,28 @@ async def test_resume_of_a_buyer_the_config_pauses_is_refused(redis, redis_serve
         assert status == 409 and body["error"]["code"] == "paused_by_config"
         assert await redis.hget(keys.buyer("t1", "b1"), "paused") == b"manual"
         assert [e["type"] for e in await eng.events()] == ["buyer_paused"]
+
+
+async def test_tenant_api_answers_503_when_redis_is_down(redis, redis_server, cfg, tmp_path):
+    """Reads made with redis-py directly (account, ledger, payment methods, returns) used to
+    answer a plain 500 when Redis was down; every tenant endpoint answers the documented
+    503, as the lead endpoints do."""
+    from engine.embedded import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path / "r", persistent=False).start()
+    async with running(cfg, server.url) as eng:
+        server.stop()
+        lead_id = f"{int(time.time() * 1000):012x}" + "0" * 14  # a lead id of now
+        calls = [
+            ("GET", "/v1/accounts/c1", {}),
+            ("GET", "/v1/accounts/c1/ledger", {}),
+            ("GET", "/v1/accounts/c1/payment-methods", {}),
+            ("POST", "/v1/accounts/c1/credits",
+             {"json": {"amount": "5.00"}, "headers": {"Idempotency-Key": "k1"}}),
+            ("POST", f"/v1/leads/{lead_id}/returns",
+             {"json": {"buyer": "b1", "reason": "wrong_number"}}),
+        ]
+        for method, path, kw in calls:
+            status, body = await eng.api(method, path, **kw)
+            assert (status, body.get("error", {}).get("code", body.get("code"))) == (
+                503, "unavailable"), (path, body)
