@@ -42,7 +42,8 @@ def _text(raw: bytes | str) -> str:
 
 def _check_pm(pm: str) -> None:
     if not isinstance(pm, str) or not pm.startswith("pm_") or not 3 < len(pm) <= 255:
-        raise InvalidRequest(f"payment method: {pm!r} is not a Stripe PaymentMethod id (pm_...)",
+        # the value is never echoed: a client may send a card number here by mistake
+        raise InvalidRequest("payment method: not a Stripe PaymentMethod id (pm_...)",
                              code="invalid_payment_method")
 
 

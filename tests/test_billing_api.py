@@ -248,6 +248,7 @@ async def test_bad_input_clear_error_nothing_moved(
     st, out = await api.call(method, path, None if raw else body, headers=headers, raw=raw)
     assert (st, out["error"]["code"]) == (status, code), out
     assert out["error"]["message"]
+    assert "4242424242424242" not in out["error"]["message"]  # card data is never echoed
     assert await _snapshot(api.ctx) == before
 
 
