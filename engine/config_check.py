@@ -42,6 +42,10 @@ MAX_TIMEOUT_MS = 30_000  # a buyer webhook request: half the worker's 60 s claim
 # entries, plus the Lua loop): weights 1 to 100, at most 1000 entries per campaign.
 MAX_WEIGHT = 100
 MAX_ROTATION = 1_000
+# Lifetimes decide.lua gives keys with SET ... EX after the debit: one Redis refuses would
+# fail the script half-way (the lead charged, answered 500, no idempotency record).
+MAX_DEDUPE_DAYS = 3_650
+MAX_TTL_S = {"idempotency_ttl_s": 30 * 86_400, "replay_window_s": 86_400}
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _HEADER_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
@@ -194,8 +198,8 @@ class _Checker:
                 for j, name in enumerate(c.dedupe.fields):
                     if name not in names:
                         raise self.fail(f"{p}.dedupe.fields[{j}]", f"unknown field {name!r}")
-                if c.dedupe.days < 1:
-                    raise self.fail(f"{p}.dedupe.days", "at least 1 day")
+                if not 1 <= c.dedupe.days <= MAX_DEDUPE_DAYS:
+                    raise self.fail(f"{p}.dedupe.days", f"1 to {MAX_DEDUPE_DAYS} days")
 
     def buyers(self) -> None:
         self.ids(self.cfg.buyers, "buyers", scope_tenant=True)
@@ -329,6 +333,9 @@ def check(cfg: Config) -> None:
                  "max_body_bytes", "max_batch_body_bytes"):
         if getattr(cfg.settings, name) < 1:
             raise c.fail(f"settings.{name}", "at least 1")
+    for name, most in MAX_TTL_S.items():
+        if getattr(cfg.settings, name) > most:
+            raise c.fail(f"settings.{name}", f"1 to {most} seconds")
     # compiling the routing plans checks what only compilation can: regexes, ranges,
     # schedules, field rules (each raises ConfigError with its path)
     from engine.runtime import Runtime

@@ -226,3 +226,29 @@ def test_auto_recharge_config_and_api_agree(monkeypatch: pytest.MonkeyPatch) -> 
         except ConfigError:
             config_ok = False
         assert config_ok == api_ok, ar
+
+
+# -- lifetimes that become a Redis EX inside decide.lua ----------------------------------------
+
+def test_the_dedupe_look_back_is_at_most_3650_days() -> None:
+    """decide.lua stores the fingerprints with EX days x 86400 after debiting the buyer:
+    10**12 days made that SET fail, so the lead was charged, queued for delivery and
+    answered 500 with no idempotency record (a retry charged again)."""
+    dedupe = 'dedupe = {{ fields = ["email"], days = {} }}'
+    make_config(campaign(extra=dedupe.format(3650)), buyer("b1"))
+    with pytest.raises(ConfigError) as info:
+        make_config(campaign(extra=dedupe.format(1_000_000_000_000)), buyer("b1"))
+    assert info.value.path == "campaigns[1].dedupe.days"
+    assert "1 to 3650" in info.value.reason
+
+
+@pytest.mark.parametrize(("setting", "most"), [
+    ("idempotency_ttl_s", 2_592_000), ("replay_window_s", 86_400)])
+def test_idempotency_lifetimes_are_bounded(setting: str, most: int) -> None:
+    """The decision's idempotency record is SET with this EX at the end of decide.lua,
+    after the debit: at 2**63-1 the lead was charged and answered 500."""
+    make_config(base=BASE_TOML + f"\n[settings]\n{setting} = {most}\n")
+    for value in (most + 1, 9_223_372_036_854_775_807):
+        with pytest.raises(ConfigError) as info:
+            make_config(base=BASE_TOML + f"\n[settings]\n{setting} = {value}\n")
+        assert info.value.path == f"settings.{setting}" and f"1 to {most}" in info.value.reason
