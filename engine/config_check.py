@@ -46,6 +46,7 @@ MAX_ROTATION = 1_000
 # fail the script half-way (the lead charged, answered 500, no idempotency record).
 MAX_DEDUPE_DAYS = 3_650
 MAX_TTL_S = {"idempotency_ttl_s": 30 * 86_400, "replay_window_s": 86_400}
+MAX_COOLDOWN_S = 86_400  # a buyer's open circuit breaker (a key with PX), at most a day
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _HEADER_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
@@ -294,6 +295,8 @@ class _Checker:
         if d.timeout_ms > MAX_TIMEOUT_MS:  # a request must end well before another worker
             # may claim its job (WorkerOptions.claim_idle_ms, 60 s), or it is sent twice
             raise self.fail(f"{p}.timeout_ms", f"at most {MAX_TIMEOUT_MS} ms")
+        if d.breaker_cooldown_s > MAX_COOLDOWN_S:  # the open breaker's key: PX cooldown
+            raise self.fail(f"{p}.breaker_cooldown_s", f"at most {MAX_COOLDOWN_S} s (a day)")
         if d.retry_max_ms < d.retry_base_ms:
             raise self.fail(f"{p}.retry_max_ms", "must not be below retry_base_ms")
         if d.max_price is not None and self.money(d.max_price, f"{p}.max_price") < 0:

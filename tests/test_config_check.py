@@ -252,3 +252,13 @@ def test_idempotency_lifetimes_are_bounded(setting: str, most: int) -> None:
         with pytest.raises(ConfigError) as info:
             make_config(base=BASE_TOML + f"\n[settings]\n{setting} = {value}\n")
         assert info.value.path == f"settings.{setting}" and f"1 to {most}" in info.value.reason
+
+
+def test_the_breaker_cooldown_is_at_most_a_day() -> None:
+    """The open breaker is a Redis key with PX cooldown x 1000: Redis refuses 2**62 s."""
+    make_config(campaign(), buyer("b1", extra=_webhook(breaker_cooldown_s="86400")))
+    with pytest.raises(ConfigError) as info:
+        make_config(campaign(), buyer("b1", extra=_webhook(
+            breaker_cooldown_s=str(2**62))))
+    assert info.value.path == "buyers[0].delivery.breaker_cooldown_s"
+    assert "at most 86400" in info.value.reason
