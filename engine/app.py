@@ -7,6 +7,7 @@ middleware; every other endpoint goes through :class:`engine.http.Router`.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -182,8 +183,8 @@ class App:
         key = req.header(b"idempotency-key")
         results = await asyncio.gather(
             *(
-                self._batch_line(line, f"{key}:{n}" if key else None)
-                for n, line in enumerate(lines)
+                self._batch_line(line, key)
+                for line in lines
                 if line.strip()
             )
         )
@@ -198,6 +199,8 @@ class App:
             data = msgspec.json.decode(raw)
         except (msgspec.DecodeError, UnicodeDecodeError):
             return 400, error(Codes.MALFORMED, "this line is not a JSON object")
+        if key:  # one batch key names each of its leads by content, never by position
+            key = f"{key}\x00{hashlib.blake2b(raw, digest_size=16).hexdigest()}"
         return await self._decide(data, raw, key)
 
     # ---- health -------------------------------------------------------------------------

@@ -237,15 +237,14 @@ class Ingest:
         for sub in ("lp_subid1", "lp_subid2"):
             if data.get(sub):
                 payload[sub] = str(data[sub])
-        if idempotency_key:
-            ikey = "h:" + _digest(supplier.id, idempotency_key.encode())
-            ttl = self.idempotency_ttl_s
-        else:
-            ikey, ttl = "p:" + _digest(supplier.id, raw), self.replay_window_s
+        pkey = "p:" + _digest(supplier.id, raw)
+        keys_: dict[str, Any] = {"k": pkey, "kt": self.replay_window_s}
+        if idempotency_key:  # both rules: the same key, or the same payload in the window
+            keys_ = {"k": "h:" + _digest(supplier.id, idempotency_key.encode()),
+                     "kt": self.idempotency_ttl_s, "k2": pkey, "k2t": self.replay_window_s}
         head = _enc.encode({
             "id": lead_id,
-            "k": ikey,
-            "kt": ttl,
+            **keys_,
             "t": 1 if test else 0,
             "c": plan.id,
             "fi": plan.fee_in,

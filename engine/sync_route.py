@@ -169,8 +169,8 @@ class SyncRouter:
         mine: list[str] = []
         if hooked:
             claim = encode_decision(Claim(SYNC, "sync waterfall", u=hold))
-            got = await self._claim(keys=[prefix],
-                                    args=[lead_id, lead["k"], claim, STATE_TTL_S, *hooked])
+            got = await self._claim(keys=[prefix], args=[
+                lead_id, lead["k"], claim, STATE_TTL_S, lead.get("k2", ""), *hooked])
             mine = [b.decode() if isinstance(b, bytes) else str(b) for b in got]
         d = await batcher.decide(encoded, payload)
         if d.rp:
@@ -178,7 +178,7 @@ class SyncRouter:
             # we claimed: releasing our claims could let the stream worker send that lead as
             # well. They are left to expire (``hold``): on buyers the twin never sells to
             # there is no job to hold back, and the twin's deliver_sync settles the others.
-            return await self._replayed(tenant, lead["k"], d)
+            return await self._replayed(tenant, lead, d)
         w = _Waterfall()
         try:
             final = await self._waterfall(w, batcher, cfg, plan, lead, d, deadline, hold)
@@ -238,15 +238,14 @@ class SyncRouter:
                "rel": release, "del": derived, "fp": forget}
         await self._final(keys=[prefix], args=[_enc.encode(arg)])
 
-    async def _replayed(self, tenant: str, key: str, d: Decision) -> Decision:
+    async def _replayed(self, tenant: str, lead: dict[str, Any], d: Decision) -> Decision:
         """A replay: the stored result, once the waterfall that writes it has finished.
 
         It is running while the record is marked pending (``sy`` in the future) or, before
         the mark is written, while the lead still has live SYNC claims (released in the same
         Lua call that writes the final record)."""
-        k = keys.idem(tenant, key)
         while True:
-            raw = await self.store.redis.get(k)
+            raw = await self._record(tenant, lead)
             if raw is None:
                 return d
             stored = _stored.decode(raw)
@@ -256,6 +255,19 @@ class SyncRouter:
                 return Decision(id=stored.id, s=stored.s, c=stored.c, m=stored.m,
                                 sold=stored.sold, t=stored.t, rp=True)
             await asyncio.sleep(_REPLAY_POLL_S)
+
+    async def _record(self, tenant: str, lead: dict[str, Any]) -> bytes | None:
+        """The lead's idempotency record, by its key or else its payload's (decide.lua: a
+        value that is not a JSON object points to the key holding the record)."""
+        for key in (lead["k"], lead.get("k2")):
+            if not key:
+                continue
+            raw: Any = await self.store.redis.get(keys.idem(tenant, key))
+            if raw is not None and not raw.startswith(b"{"):
+                raw = await self.store.redis.get(keys.idem(tenant, raw.decode()))
+            if raw is not None:
+                return bytes(raw)
+        return None
 
     async def _claimed(self, tenant: str, lead_id: str) -> bool:
         now = now_ms()
@@ -298,5 +310,8 @@ def _next_try(lead: dict[str, Any], tried: set[str], n: int) -> dict[str, Any]:
     cs = lead["cs"]
     keep = [i for i, c in enumerate(cs) if c["b"] not in tried]
     pos = {old + 1: new + 1 for new, old in enumerate(keep)}
-    return {**lead, "k": f"{lead['k']}:{lead['id']}:{n}", "fi": 0,
-            "cs": [cs[i] for i in keep], "q": [pos.get(x, 0) for x in lead["q"]]}
+    nxt = {**lead, "k": f"{lead['k']}:{lead['id']}:{n}", "fi": 0,
+           "cs": [cs[i] for i in keep], "q": [pos.get(x, 0) for x in lead["q"]]}
+    nxt.pop("k2", None)  # the payload's pointer leads to try 1's key, which holds the result
+    nxt.pop("k2t", None)
+    return nxt

@@ -235,6 +235,10 @@ async def test_idempotency_key_replay_and_round_robin_exclusion(
         assert tried == {"b1", "b2", "b3"}  # each buyer once: the tried ones are excluded
         _, again = await eng.post({**body, "email": "other@example.com"}, headers=hdr)
         assert again == r and len(buyers.received) == 3
+        # the same payload without the key, within the replay window: the final result too
+        # (its record points to the key's, which the waterfall wrote last)
+        _, third = await eng.post({**body, "email": "eve@example.com"})
+        assert third == r and len(buyers.received) == 3
         assert await eng.balance("c1") == OPENING - PRICE  # b3 (client c1) pays; b1 refunded
         assert await eng.balance("c2") == OPENING
         assert await eng.balance("wallet") == WALLET0 - FEE_IN - FEE_OUT

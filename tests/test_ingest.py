@@ -76,6 +76,45 @@ async def test_idempotency_key_header(redis, redis_server, cfg):
         assert await eng.balance("c1") == 75_000_000
 
 
+async def test_payload_replay_and_idempotency_key_hold_together(redis, redis_server, cfg):
+    """A key switched the 60 s payload rule off: the same lead posted with a key and then
+    without it (or with another key) was sold and charged twice."""
+    async with running(cfg, redis_server.url) as eng:
+        body = {"lp_campaign_id": "camp", "lp_supplier_id": "s1", "lp_key": "key-s1"}
+        _, a = await eng.post({**body, "email": EMAIL}, headers={"Idempotency-Key": "k-1"})
+        _, b = await eng.post({**body, "email": EMAIL})
+        _, c = await eng.post({**body, "email": EMAIL}, headers={"Idempotency-Key": "k-2"})
+        assert a == b == c and a["status"] == "ACCEPTED"
+        # and the other way round: first without a key, then with one
+        _, d = await eng.post({**body, "email": "second@example.com"})
+        _, e = await eng.post({**body, "email": "second@example.com"},
+                              headers={"Idempotency-Key": "k-3"})
+        assert d == e and d["status"] == "ACCEPTED" and d["lead_id"] != a["lead_id"]
+        assert await eng.balance("c1") == 50_000_000  # two leads, charged once each
+
+
+async def test_batch_lines_are_remembered_by_content_not_position(redis, redis_server, cfg):
+    """With an Idempotency-Key, batch line n used the key 'KEY:n': the same lead twice in a
+    batch was sold twice, a retry of only the failed lines replayed other leads' results,
+    and a single post with the key 'KEY:0' got line 0's result without being decided."""
+    async with running(cfg, redis_server.url) as eng:
+        creds = {"lp_campaign_id": "camp", "lp_supplier_id": "s1", "lp_key": "key-s1"}
+        line_a = msgspec.json.encode({**creds, "email": "a@example.com"})
+        line_b = msgspec.json.encode({**creds, "email": "b@example.com"})
+        hdr = {"Idempotency-Key": "batch-1", "Content-Type": "application/x-ndjson"}
+        _, first = await eng.post(raw=line_a + b"\n" + line_a + b"\n", headers=hdr,
+                                  path="/v1/leads/batch")
+        assert first[0] == first[1] and first[0]["status"] == "ACCEPTED"
+        _, retry = await eng.post(raw=line_b + b"\n" + line_a + b"\n", headers=hdr,
+                                  path="/v1/leads/batch")
+        assert retry[1] == first[0] and retry[0]["lead_id"] != first[0]["lead_id"]
+        _, single = await eng.post({**creds, "email": "c@example.com"},
+                                   headers={"Idempotency-Key": "batch-1:0"})
+        assert single["status"] == "ACCEPTED"
+        assert single["lead_id"] not in {first[0]["lead_id"], retry[0]["lead_id"]}
+        assert await eng.balance("c1") == 25_000_000  # a, b and c: three sales
+
+
 async def test_test_mode_moves_no_money(redis, redis_server, cfg):
     async with running(cfg, redis_server.url) as eng:
         _, a = await eng.lead(supplier="stest", key="key-test", email=EMAIL)

@@ -5,6 +5,10 @@
 --   { "now": <epoch ms>, "w": "<tenant wallet account id>",
 --     "leads": [ {
 --       "id": lead id, "k": idempotency key, "kt": its TTL in seconds, "t": 1 = test lead,
+--       "k2", "k2t": optional second key and its TTL (seconds): the payload's, when "k" is
+--            the seller's Idempotency-Key (both rules hold: same key, or same payload
+--            within the replay window); it stores a pointer to "k", not a copy, so the
+--            sync waterfall's later writes to "k" are what a replay through "k2" finds,
 --       "c": campaign id, "fi": inbound fee (micros), "n": sell limit (buyers),
 --       "rr": 1 = rotate candidates with the campaign cursor using "q" (round robin),
 --       "q": [candidate index (1-based) or 0, ...] the campaign's rotation sequence,
@@ -26,7 +30,8 @@
 -- is missing, or its delivery circuit breaker is open (K.breaker exists; one EXISTS per
 -- buyer per call, written by the delivery worker).
 -- The result is also stored under the idempotency key, so a replay returns it verbatim
--- and changes nothing.
+-- and changes nothing. A stored value that is not a JSON object is a pointer: the key
+-- the record is stored under.
 
 local p = KEYS[1]
 local batch = cjson.decode(ARGV[1])
@@ -195,11 +200,18 @@ local function decide(L)
     why.cap, why.paused, why.funds)}
 end
 
+-- the stored record under key k, a pointer followed (nil when absent or expired)
+local function record(k)
+  local v = redis.call('GET', K.idem(p, k))
+  if v and string.sub(v, 1, 1) ~= '{' then v = redis.call('GET', K.idem(p, v)) end
+  return v
+end
+
 local out = {}
 for i, L in ipairs(batch.leads) do
   L.x = L.x or ARGV[i + 1]
   local ik = K.idem(p, L.k)
-  local prior = redis.call('GET', ik)
+  local prior = record(L.k) or (L.k2 and record(L.k2))
   if prior then
     local r = cjson.decode(prior)
     r.rp = true
@@ -209,6 +221,7 @@ for i, L in ipairs(batch.leads) do
     r.id, r.t = L.id, L.t
     if not r.sold then r.sold = {} end
     redis.call('SET', ik, cjson.encode(r), 'EX', L.kt)
+    if L.k2 then redis.call('SET', K.idem(p, L.k2), L.k, 'EX', L.k2t) end
     out[i] = r
   end
 end
