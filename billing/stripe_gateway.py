@@ -19,6 +19,7 @@ The secret key comes from ``LEADFLOW_STRIPE_SECRET_KEY`` and is never logged or 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -40,6 +41,18 @@ ENV_API_BASE = "LEADFLOW_STRIPE_API_BASE"
 _T = TypeVar("_T")
 _PAGE = 100
 
+
+
+MAX_STRIPE_KEY = 255  # Stripe refuses a longer Idempotency-Key (400)
+
+
+def stripe_key(key: str) -> str:
+    """``key`` as Stripe takes it: a key over 255 characters (ours embed the tenant, the
+    account and the client's own key) becomes its head and a digest of the whole, the same
+    on every retry."""
+    if len(key) <= MAX_STRIPE_KEY:
+        return key
+    return key[:180] + ":" + hashlib.sha256(key.encode()).hexdigest()
 
 class Card(msgspec.Struct, frozen=True):
     """What we keep of a card: never its number."""
@@ -181,7 +194,7 @@ class StripeGateway:
             self._client.v1.customers.create,
             params={"metadata": {"tenant": tenant, "account": account},
                     "description": f"leadflow {tenant}/{account}"},
-            options={"idempotency_key": idempotency_key},
+            options={"idempotency_key": stripe_key(idempotency_key)},
         )
         return str(cus.id)
 
@@ -226,7 +239,7 @@ class StripeGateway:
         }
         pi = await self._call(
             self._client.v1.payment_intents.create,
-            params=params, options={"idempotency_key": idempotency_key},
+            params=params, options={"idempotency_key": stripe_key(idempotency_key)},
         )
         intent = _intent(pi)
         if intent.status == "requires_action":
@@ -302,7 +315,7 @@ class StripeGateway:
             self._client.v1.refunds.create,
             params={"payment_intent": payment_intent, "amount": amount_cents,
                     "metadata": metadata},
-            options={"idempotency_key": idempotency_key},
+            options={"idempotency_key": stripe_key(idempotency_key)},
         )
         return str(ref.id)
 

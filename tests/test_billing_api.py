@@ -258,3 +258,16 @@ async def test_unauthenticated_and_wrong_content_type(api: Api) -> None:
     st, out = await api.call("POST", "/v1/usage", raw=b"account=c1",
                              headers={"Content-Type": "application/x-www-form-urlencoded"})
     assert st == 400 and out["error"]["code"] == "unsupported_media_type"
+
+
+def test_stripe_idempotency_keys_fit_stripes_limit() -> None:
+    """Our keys embed the tenant, the account and the client's own key (up to 255 chars):
+    Stripe refuses a key over 255 characters, so a long one is shortened the same way on
+    every retry, and two long keys that differ only at the end stay distinct."""
+    from billing.stripe_gateway import MAX_STRIPE_KEY, stripe_key
+
+    long_a = "t1:fund:c1:" + "k" * 255 + ":a:0"
+    long_b = "t1:fund:c1:" + "k" * 255 + ":b:0"
+    assert len(stripe_key(long_a)) <= MAX_STRIPE_KEY
+    assert stripe_key(long_a) == stripe_key(long_a) != stripe_key(long_b)
+    assert stripe_key("t1:fund:c1:short:0") == "t1:fund:c1:short:0"
