@@ -20,6 +20,7 @@ from redis.exceptions import ResponseError
 from engine import keys
 from engine.delivery.record import NO_REQUEST, DeliveryEvent
 from engine.metrics import METRICS, count, observe
+from engine.store import UNAVAILABLE
 
 log = logging.getLogger("leadflow.telemetry")
 
@@ -80,7 +81,7 @@ async def monitor(client: aioredis.Redis, tenants: Sequence[str], stop: asyncio.
             await client.ping()
             METRICS.redis_up.set(1)
             await _stream_gauges(client, tenants)
-        except (OSError, ConnectionError, TimeoutError) as exc:
+        except (*UNAVAILABLE, TimeoutError) as exc:  # redis-py's errors are not OSError's
             METRICS.redis_up.set(0)
             log.warning("redis unreachable", extra={"reason": type(exc).__name__})
         except Exception as exc:  # noqa: BLE001 - metrics must never take the engine down
