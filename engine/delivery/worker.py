@@ -700,7 +700,8 @@ class DeliveryWorker:
         try:
             await self.touch()
         except (OSError, aioredis.ConnectionError, aioredis.TimeoutError) as exc:
-            log.warning("delivery worker: could not refresh in-flight jobs (%s)", exc)
+            log.warning("delivery worker: could not refresh in-flight jobs (%s)",
+                        type(exc).__name__)
 
     async def touch(self) -> int:
         """Reset the idle time of every entry in flight here; returns how many."""
@@ -735,7 +736,8 @@ class DeliveryWorker:
                 if not jobs:
                     jobs = await self._read(room, self.opts.block_ms, group)
             except (OSError, aioredis.ConnectionError, aioredis.TimeoutError) as exc:
-                log.warning("delivery worker: redis unavailable (%s); retrying", exc)
+                log.warning("delivery worker: redis unavailable (%s); retrying",
+                            type(exc).__name__)
                 await _wait_any(stop, within_s=1.0)
                 continue
             if jobs:
