@@ -36,7 +36,7 @@ _FIXED: dict[str, str] = {
     "events": "events",  # STREAM: balance_alert, recharge_needed, buyer_paused, ...
     "deliveries": "deliveries",  # STREAM: one delivery job per sold buyer
     "cursors": "cursors",  # HASH: campaign id -> round-robin counter
-    "accounts": "accounts",  # SET: account ids (reconcile walks it, never SCAN)
+    "accounts": "accounts",  # SET: account ids (reconcile walks it; SCAN finds only these sets)
     "charge_audit": "charge_audit",  # STREAM: every charge attempt transition (audit)
     "open_attempts": "attempts:open",  # ZSET: charge attempts not final yet, by last update ms
 
