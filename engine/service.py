@@ -130,7 +130,8 @@ class Service:
             await asyncio.to_thread(self.embedded.start)
             url = self.embedded.url
             log.info("embedded redis-server started", extra={"port": self.embedded.port})
-        self.store = Store(connect(url), observer=telemetry.money_observer)
+        self.store = Store(connect(url), observer=telemetry.money_observer,
+                           events_observer=telemetry.events_observer)
         await self.store.load_scripts()
         await sync_accounts(self.cfg, self.store)
         s = self.cfg.settings

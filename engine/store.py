@@ -114,10 +114,12 @@ class Store:
     def __init__(
         self, client: aioredis.Redis, lua: Scripts | None = None,
         observer: MoneyObserver | None = None,
+        events_observer: Callable[[Any], None] | None = None,
     ) -> None:
         self.redis = client
         self.lua = lua or scripts()
         self.observer = observer
+        self.events_observer = events_observer  # adjust.lua's emitted events, for metrics
 
     async def _run(self, script: Any, tenant: str, args: list[Any]) -> Any:
         try:
@@ -160,8 +162,11 @@ class Store:
             ],
         )
         res = _adjust_dec.decode(raw)
-        if self.observer is not None and res.ok and not res.replay:
-            self.observer(kind, delta)
+        if res.ok and not res.replay:
+            if self.observer is not None:
+                self.observer(kind, delta)
+            if self.events_observer is not None and res.events:
+                self.events_observer(res.events)
         return res
 
     async def refund_sale(

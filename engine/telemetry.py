@@ -50,6 +50,12 @@ def lead_observer(
 def script_observer(script: str, seconds: float, events: Iterable[Any]) -> None:
     """One Lua call: its latency and the events it emitted (``[type, count, ...]``)."""
     observe(METRICS.redis_script_duration(script), seconds)
+    events_observer(events)
+
+
+def events_observer(events: Iterable[Any]) -> None:
+    """Events a Lua script emitted (``[type, count, ...]``): counted by type; pauses by
+    reason."""
     flat = list(events) if not isinstance(events, dict) else []
     for etype, n in zip(flat[::2], flat[1::2], strict=False):
         name = str(etype)

@@ -436,3 +436,21 @@ async def test_tenant_api_answers_503_when_redis_is_down(redis, redis_server, cf
             status, body = await eng.api(method, path, **kw)
             assert (status, body.get("error", {}).get("code", body.get("code"))) == (
                 503, "unavailable"), (path, body)
+
+
+async def test_events_of_balance_changes_outside_decide_are_counted(redis, redis_server, cfg):
+    """adjust.lua's events (a usage debit crossing the alert, a credit resuming an account)
+    reached the events stream but not leadflow_events_emitted_total: only decide.lua's were
+    counted."""
+    from engine.metrics import METRICS
+
+    def alerts() -> float:
+        return METRICS.events_emitted("balance_alert")._value.get()  # type: ignore[no-any-return]
+
+    async with running(cfg, redis_server.url) as eng:
+        before = alerts()
+        res = await eng.store.adjust("t1", "c1", -90_000_000, "usage", op_id="u-1")
+        assert res.ok and "balance_alert" in res.events, res
+        assert alerts() == before + 1
+        await eng.store.adjust("t1", "c1", -90_000_000, "usage", op_id="u-1")  # a replay
+        assert alerts() == before + 1
