@@ -205,7 +205,9 @@ class Store:
         min_balance: int | None,
         mode: str,
     ) -> bool:
-        created = await self._run(
+        """Create the account or update its settings, applying them to its state (see
+        lua/sync_account.lua); its events go to ``events_observer``. True when created."""
+        raw = await self._run(
             self.lua.sync_account,
             tenant,
             [
@@ -220,6 +222,9 @@ class Store:
                 now_ms(),
             ],
         )
+        created, events = raw
+        if self.events_observer is not None and events:
+            self.events_observer([e.decode() if isinstance(e, bytes) else e for e in events])
         return bool(created)
 
     async def stream_range(

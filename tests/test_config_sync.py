@@ -270,3 +270,27 @@ async def test_the_recharge_worker_acts_on_a_reload_that_turns_auto_recharge_on(
     assert len(needed) == 3  # no new crossing, no new ask
     state = await ctx.store.account(billing_T, "c1")
     assert state is not None and state.balance == 105 * M
+
+
+async def test_events_of_a_reload_are_counted_in_the_metrics(
+        redis: aioredis.Redis, redis_server: Any, tmp_path: Path) -> None:
+    """leadflow_events_emitted_total / leadflow_buyers_paused_total count sync_account.lua's
+    events as they count decide.lua's and adjust.lua's."""
+    from engine.metrics import METRICS
+
+    def count(metric: Any) -> float:
+        return metric._value.get()  # type: ignore[no-any-return]
+
+    c1 = 'id = "c1"\nopening_balance = "100.00"'
+    f = tmp_path / "leadflow.toml"
+    async with running(make_config(campaign(), buyer("b1")), redis_server.url) as eng:
+        paused, alerts = (count(METRICS.buyers_paused("min_balance")),
+                          count(METRICS.events_emitted("balance_alert")))
+        f.write_text(BASE_TOML.replace(c1, c1 + '\nmin_balance = "150.00"\nalert = "120.00"')
+                     + campaign() + buyer("b1"))
+        await eng.svc.reload(str(f))
+        assert (await eng.store.account("t1", "c1")).paused == "min_balance"  # type: ignore[union-attr]
+        assert count(METRICS.buyers_paused("min_balance")) == paused + 1
+        assert count(METRICS.events_emitted("balance_alert")) == alerts + 1
+        await eng.svc.reload(str(f))  # nothing new: nothing counted
+        assert count(METRICS.buyers_paused("min_balance")) == paused + 1

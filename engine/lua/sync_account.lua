@@ -14,7 +14,7 @@
 -- ARGV[8]  billing mode: none | manual | realtime
 -- ARGV[9]  now, epoch milliseconds
 --
--- Returns 1 when the account was created, 0 when updated.
+-- Returns {1 when the account was created else 0, the events emitted [type, count, ...]}.
 --
 -- New settings against the unchanged balance, as apply() does for a new balance (events
 -- carry ref "config"; nothing for a closed account, nor for billing "none"):
@@ -75,4 +75,4 @@ if not a.closed then
     end
   end
 end
-return created
+return {created, emitted_list()}
