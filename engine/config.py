@@ -36,8 +36,17 @@ _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 WALLET = "wallet"  # reserved account id of a tenant's platform wallet
 
 
+# fields whose values are secrets or may carry them (a URL's user info or query): a repr
+# (a log line's %r, a debugger, a failed assertion) shows them as '***'
+_SECRET_FIELDS = frozenset({"api_token", "key", "secret", "headers", "url", "redis_url",
+                            "sql_url"})
+
+
 class _Shape(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, kw_only=True):
-    pass
+    def __repr__(self) -> str:
+        parts = (f"{f}={'***' if f in _SECRET_FIELDS else repr(getattr(self, f))}"
+                 for f in self.__struct_fields__)
+        return f"{type(self).__name__}({', '.join(parts)})"
 
 
 class Field(_Shape, kw_only=True):

@@ -256,10 +256,10 @@ class _Checker:
         try:
             parts = urlsplit(d.url)
         except ValueError as exc:  # e.g. "Invalid IPv6 URL" for http://[::1
-            raise self.fail(f"{p}.url", f"{d.url!r} is not an http(s) URL with a host: {exc}"
-                            ) from exc
+            # the URL is never echoed: its user info or query may hold the buyer's secret
+            raise self.fail(f"{p}.url", f"not an http(s) URL with a host: {exc}") from exc
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise self.fail(f"{p}.url", f"{d.url!r} is not an http(s) URL with a host")
+            raise self.fail(f"{p}.url", "not an http(s) URL with a host")
         try:
             _ = parts.port
         except ValueError as exc:

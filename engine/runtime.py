@@ -8,7 +8,7 @@ Lua against Redis state, which a reload never rewrites (only account settings).
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from billing import money
 from engine.config import WALLET, Account, Client, Config, Tenant, resolve_secret
@@ -20,7 +20,7 @@ from engine.store import Store
 class SupplierPlan:
     id: str
     tenant: str
-    key: bytes
+    key: bytes = field(repr=False)  # the supplier's lp_key: never in a repr
     payout: str  # decimal string, echoed to the seller on ACCEPTED
     test_mode: bool
     campaigns: frozenset[str]  # empty = every campaign of the tenant

@@ -39,3 +39,31 @@ def test_exceptions_keep_class_and_location_not_message() -> None:
     assert out["error"] == "ValueError"
     assert out["trace"][-1].startswith("tests/test_logs.py:")
     assert "4242" not in line and "jane" not in line
+
+
+def test_reprs_and_config_errors_show_no_secret() -> None:
+    """A %r in a log line, a debugger or a failed assertion showed every secret of the
+    config (tokens, lp_keys, webhook secrets and headers, URLs with credentials); a config
+    error echoed a webhook URL with its user info and query."""
+    import pytest
+
+    from engine import config as config_mod
+    from engine.errors import ConfigError
+    from engine.runtime import Runtime
+    from tests.harness import BASE_TOML, buyer, campaign
+
+    hook = ('delivery = { url = "https://u:URLPW@buyer.example/l?api_key=URLQ", '
+            'secret = "whsec_c2VjcmV0c2VjcmV0c2VjcmV0", '
+            'headers = { Authorization = "Bearer HDRSECRET" } }')
+    toml = (BASE_TOML.replace("tok-t1", "TOKSECRET").replace("key-s1", "LPKSECRET")
+            + "[settings]\nredis_url = 'redis://:RPW@h:6379'\nsql_url = 'postgresql://u:SPW@h/db'\n"
+            + campaign() + buyer("b1", extra=hook))
+    secrets = ["TOKSECRET", "LPKSECRET", "URLPW", "URLQ", "c2VjcmV0", "HDRSECRET", "RPW", "SPW"]
+    cfg = config_mod.loads(toml, source="<test>")
+    shown = repr(cfg) + repr(list(Runtime(cfg).suppliers.values()))
+    for s in secrets:
+        assert s not in shown, s
+    bad = toml.replace("https://u:URLPW", "htps://u:URLPW")
+    with pytest.raises(ConfigError) as err:
+        config_mod.loads(bad, source="<test>")
+    assert "URLPW" not in str(err.value) and "URLQ" not in str(err.value)
