@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
@@ -43,12 +44,17 @@ def prometheus_binary() -> str | None:
 def poll(fn: Callable[[], T | None], *, timeout: float, interval: float = 0.1, what: str = "") -> T:
     """Call ``fn`` until it returns something not None, or fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
+    last_error = ""
     while True:
         try:
             value = fn()
         except (OSError, ValueError, KeyError) as exc:  # not up yet / not scraped yet
-            last_error, value = exc, None
+            if isinstance(exc, urllib.error.HTTPError):
+                # it holds the response's socket open (e.g. /-/ready's 503 while starting):
+                # left to the collector, it was a ResourceWarning in whichever later test ran
+                # gc.collect(), which warnings-as-errors turned into a failure there
+                exc.close()
+            last_error, value = repr(exc), None
         if value is not None:
             return value
         if time.monotonic() > deadline:
