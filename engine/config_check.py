@@ -339,6 +339,10 @@ def check(cfg: Config) -> None:
     for name, most in MAX_TTL_S.items():
         if getattr(cfg.settings, name) > most:
             raise c.fail(f"settings.{name}", f"1 to {most} seconds")
+    if cfg.settings.idempotency_ttl_s < cfg.settings.replay_window_s:
+        # a keyed lead's payload record points to its key's record: the pointer must not
+        # outlive what it points to
+        raise c.fail("settings.idempotency_ttl_s", "at least settings.replay_window_s")
     # compiling the routing plans checks what only compilation can: regexes, ranges,
     # schedules, field rules (each raises ConfigError with its path)
     from engine.runtime import Runtime

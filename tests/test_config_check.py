@@ -254,6 +254,16 @@ def test_idempotency_lifetimes_are_bounded(setting: str, most: int) -> None:
         assert info.value.path == f"settings.{setting}" and f"1 to {most}" in info.value.reason
 
 
+def test_the_idempotency_key_outlives_the_payload_window() -> None:
+    """A keyed lead's payload record points to its key's record: a pointer outliving what
+    it points to let a sync lead go unclaimed (and be delivered twice)."""
+    with pytest.raises(ConfigError) as info:
+        make_config(base=BASE_TOML + "\n[settings]\nidempotency_ttl_s = 30\n"
+                    "replay_window_s = 600\n")
+    assert info.value.path == "settings.idempotency_ttl_s"
+    assert "replay_window_s" in info.value.reason
+
+
 def test_the_breaker_cooldown_is_at_most_a_day() -> None:
     """The open breaker is a Redis key with PX cooldown x 1000: Redis refuses 2**62 s."""
     make_config(campaign(), buyer("b1", extra=_webhook(breaker_cooldown_s="86400")))

@@ -91,6 +91,13 @@ async def test_payload_replay_and_idempotency_key_hold_together(redis, redis_ser
                               headers={"Idempotency-Key": "k-3"})
         assert d == e and d["status"] == "ACCEPTED" and d["lead_id"] != a["lead_id"]
         assert await eng.balance("c1") == 50_000_000  # two leads, charged once each
+        # k-3 met the lead through its payload: it names that lead for its own 24 h, also
+        # once the payload's 60 s record is gone (as if expired)
+        for k in await eng.redis.keys("*idem:p:*"):
+            await eng.redis.delete(k)
+        _, f = await eng.post({**body, "email": "second@example.com"},
+                              headers={"Idempotency-Key": "k-3"})
+        assert f == d and await eng.balance("c1") == 50_000_000
 
 
 async def test_batch_lines_are_remembered_by_content_not_position(redis, redis_server, cfg):

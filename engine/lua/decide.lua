@@ -201,17 +201,32 @@ local function decide(L)
 end
 
 -- the stored record under key k, a pointer followed (nil when absent or expired)
+-- the stored record under key k, a pointer followed (nil when absent or expired), and
+-- the key it was found under
 local function record(k)
   local v = redis.call('GET', K.idem(p, k))
-  if v and string.sub(v, 1, 1) ~= '{' then v = redis.call('GET', K.idem(p, v)) end
-  return v
+  if v and string.sub(v, 1, 1) ~= '{' then
+    k = v
+    v = redis.call('GET', K.idem(p, k))
+  end
+  return v, k
 end
 
 local out = {}
 for i, L in ipairs(batch.leads) do
   L.x = L.x or ARGV[i + 1]
   local ik = K.idem(p, L.k)
-  local prior = record(L.k) or (L.k2 and record(L.k2))
+  local prior, at = record(L.k)
+  if not prior and L.k2 then
+    prior, at = record(L.k2)
+    -- a key seen for the first time on a payload replay: it must name the same lead for
+    -- its own TTL, past the payload window. A final record is copied; a pending one (a
+    -- sync waterfall still writing it) is pointed to
+    if prior then
+      local pending = string.find(prior, '"sy":', 1, true) ~= nil
+      redis.call('SET', ik, pending and at or prior, 'EX', L.kt)
+    end
+  end
   if prior then
     local r = cjson.decode(prior)
     r.rp = true
