@@ -116,6 +116,7 @@ class Service:
         self.crew: Crew | None = None  # the in-process workers (and the stream monitor)
         self.pidfile: PidFile | None = None  # leadflow run only (run_until_signal)
         self._reloading = asyncio.Lock()
+        self._reload_tasks: set[asyncio.Task[None]] = set()
         self.stop_event = asyncio.Event()
         self.consumer = f"{socket.gethostname()}-{os.getpid()}"  # stream consumer name
 
@@ -244,6 +245,7 @@ class Service:
             old, self.cfg = self.cfg, cfg
             if self.crew is not None:
                 self.crew.restart()
+                self.app.failed_workers.clear()  # restarted: /readyz judges the new ones
             log.info("config reloaded", extra={"source": cfg.source})
             changed = _changed_settings(old.settings, cfg.settings)
             if changed:
@@ -261,6 +263,8 @@ class Service:
         if self.app is not None:
             await self.app.drain()
         self.stop_event.set()
+        if self._reload_tasks:  # a reload finishing now must not restart the workers
+            await asyncio.gather(*self._reload_tasks, return_exceptions=True)
         if self.crew is not None:
             await self.crew.stop()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -337,7 +341,8 @@ class Service:
 
         def on_sighup() -> None:
             task = loop.create_task(self._safe_reload(started))
-            self._tasks.append(task)  # kept (and awaited at stop)
+            self._reload_tasks.add(task)  # kept until done (and awaited at stop)
+            task.add_done_callback(self._reload_tasks.discard)
 
         loop.add_signal_handler(signal.SIGHUP, on_sighup)
 

@@ -37,10 +37,12 @@ class Crew:
         self._svc, self._factories, self._on_failure = svc, list(factories), on_failure
         self._current: list[asyncio.Event] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False  # stopped for good: a reload finishing late starts nothing
         self.failed = asyncio.Event()  # a worker died of an error
 
     def start(self) -> None:
-        self._current = [self._spawn(f) for f in self._factories]
+        if not self._closed:
+            self._current = [self._spawn(f) for f in self._factories]
 
     def restart(self) -> None:
         """Stop the running workers (they finish what they hold) and start new ones."""
@@ -49,6 +51,7 @@ class Crew:
         self.start()
 
     async def stop(self) -> None:
+        self._closed = True
         for stop in self._current:
             stop.set()
         if self._tasks:
@@ -68,11 +71,10 @@ class Crew:
             await factory(self._svc, stop)
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception:  # logged and reported here; the task ends quietly
             log.exception("worker stopped by an error", extra={"worker": name})
             self._on_failure(name)
             self.failed.set()
-            raise
 
 
 def _tenants(svc: Service) -> list[str]:

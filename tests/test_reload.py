@@ -134,3 +134,37 @@ async def test_worker_process_reloads_on_sighup(redis, redis_server, buyers: Buy
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
+
+
+async def test_crew_stopped_starts_nothing_and_a_dead_worker_is_reported_once() -> None:
+    """A reload finishing while the service stops must not start workers again (they ran
+    on after the store and Redis were closed), and a worker that dies is logged and
+    reported once, its task ending quietly (its exception was never retrieved)."""
+    import gc
+
+    from engine.workers import Crew
+
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, ctx: unhandled.append(ctx))
+    runs: list[str] = []
+
+    async def ok(svc: object, stop: asyncio.Event) -> None:
+        runs.append("ok")
+        await stop.wait()
+
+    async def bad(svc: object, stop: asyncio.Event) -> None:
+        runs.append("bad")
+        raise RuntimeError("worker died")
+
+    failed: list[str] = []
+    crew = Crew(None, [ok, bad], failed.append)  # type: ignore[arg-type]
+    crew.start()
+    await crew.failed.wait()
+    await crew.stop()
+    crew.restart()  # what a reload finishing after stop() does
+    await asyncio.sleep(0)  # one loop turn: a task started now would have run
+    assert sorted(runs) == ["bad", "ok"] and failed == ["bad"]
+    gc.collect()
+    assert unhandled == []
+    loop.set_exception_handler(None)
