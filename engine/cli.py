@@ -159,35 +159,51 @@ async def _open_archive(cfg: config_mod.Config) -> Any:
 
 def _signal_reload(cfg: config_mod.Config, state_dir: str | None, *,
                    within_s: float = 30.0) -> int:
-    """SIGHUP to the engine running on the config's state dir, once the file checked out,
-    then wait for the engine's own verdict (its record, engine.pidfile). The engine reloads
+    """SIGHUP to every engine running on the config's state dir, once the file checked out,
+    then wait for each engine's own verdict (its record, engine.pidfile). An engine reloads
     the file it was started with, so another file is refused rather than silently ignored."""
     from engine.pidfile import read_running
 
     where = Path(state_dir or cfg.settings.state_dir)
-    engine = read_running(where)
-    if engine is None:
+    engines = read_running(where)
+    if not engines:
         print(f"config ok, but no engine runs on state dir {where}", file=sys.stderr)
         return 1
-    if engine.config != str(Path(cfg.source).resolve()):
-        print(f"config ok, but the engine (pid {engine.pid}) reloads {engine.config}, not this "
-              "file: edit that one, or restart the engine with --config", file=sys.stderr)
+    mine = str(Path(cfg.source).resolve())
+    for e in engines:
+        if e.config != mine:
+            print(f"config ok, but the engine (pid {e.pid}) reloads {e.config}, not this "
+                  "file: edit that one, or restart the engine with --config", file=sys.stderr)
+            return 1
+    return max(_reload_one(where, e.pid, e.reloads, within_s) for e in engines)
+
+
+def _reload_one(where: Path, pid: int, reloads: int, within_s: float) -> int:
+    from engine.pidfile import EngineState, read_running
+
+    def now() -> EngineState | None:
+        return next((e for e in read_running(where) if e.pid == pid), None)
+
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as exc:  # gone meanwhile, or another user's process
+        print(f"could not signal the engine (pid {pid}): {exc.strerror}", file=sys.stderr)
         return 1
-    os.kill(engine.pid, signal.SIGHUP)
     deadline = time.monotonic() + within_s
-    while (now := read_running(where)) is not None and now.reloads <= engine.reloads:
+    while (state := now()) is not None and state.reloads <= reloads:
         if time.monotonic() > deadline:
-            print(f"reload signalled to pid {engine.pid}; no answer within {within_s:.0f}s",
+            print(f"reload signalled to pid {pid}; no answer within {within_s:.0f}s",
                   file=sys.stderr)
             return 1
         time.sleep(0.05)  # poll interval
-    if now is None:
-        print(f"the engine (pid {engine.pid}) stopped", file=sys.stderr)
+    if state is None:
+        print(f"the engine (pid {pid}) stopped", file=sys.stderr)
         return 1
-    if now.reload_error:
-        print(f"reload refused by the engine: {now.reload_error}", file=sys.stderr)
+    if state.reload_error:
+        print(f"reload refused by the engine (pid {pid}): {state.reload_error}",
+              file=sys.stderr)
         return 1
-    print(f"config reloaded by the engine (pid {engine.pid})")
+    print(f"config reloaded by the engine (pid {pid})")
     return 0
 
 
@@ -215,14 +231,15 @@ async def _reconcile_embedded(cfg: config_mod.Config) -> int:
     from engine.pidfile import read_running
 
     state_dir = Path(cfg.settings.state_dir)
-    engine = read_running(state_dir)
-    if engine is not None:
-        if engine.redis_url is None:
-            print(f"reconcile: could not check: the engine (pid {engine.pid}) running on "
-                  f"state dir {state_dir} has no embedded Redis (it is starting, or was given "
-                  "a Redis URL): pass --redis-url", file=sys.stderr)
-            return 2
-        return await _reconcile_at(cfg, engine.redis_url)
+    engines = read_running(state_dir)
+    embedded = next((e.redis_url for e in engines if e.redis_url), None)
+    if embedded is not None:
+        return await _reconcile_at(cfg, embedded)
+    if engines:
+        print(f"reconcile: could not check: the engine (pid {engines[0].pid}) running on "
+              f"state dir {state_dir} has no embedded Redis (it is starting, or was given "
+              "a Redis URL): pass --redis-url", file=sys.stderr)
+        return 2
     with EmbeddedRedis(state_dir / "redis") as server:
         return await _reconcile_at(cfg, server.url)
 

@@ -9,6 +9,7 @@ of ``leadflow run`` keeps balances and ledgers.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import socket
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 from engine.errors import EmbeddedRedisError
 
@@ -94,6 +96,7 @@ class EmbeddedRedis:
         self.appendfsync = appendfsync
         self.persistent = persistent
         self._proc: subprocess.Popen[bytes] | None = None
+        self._lock: IO[bytes] | None = None  # flock on the data dir while the server runs
 
     @property
     def url(self) -> str:
@@ -130,6 +133,7 @@ class EmbeddedRedis:
 
     def start(self) -> EmbeddedRedis:
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_dir()
         binary = find_redis_server()
         self._proc = subprocess.Popen(
             self._args(binary), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -138,12 +142,31 @@ class EmbeddedRedis:
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 self._proc = None
+                self._unlock_dir()
                 raise EmbeddedRedisError(f"redis-server exited at start: {self._log_tail()}")
             if self._ping():
                 return self
             time.sleep(0.02)
         self.stop()
         raise EmbeddedRedisError(f"redis-server did not answer on port {self.port}")
+
+    def _lock_dir(self) -> None:
+        """One redis-server per data dir: a second one (another engine, a reconcile, a
+        worker started without a Redis URL) would append to the same AOF files."""
+        fh = (self.state_dir / "embedded.lock").open("a+b")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            raise EmbeddedRedisError(
+                f"another process runs the embedded redis-server of {self.state_dir}"
+            ) from None
+        self._lock = fh
+
+    def _unlock_dir(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.close()  # closing the file releases the flock
 
     def _log_tail(self) -> str:
         try:
@@ -162,9 +185,9 @@ class EmbeddedRedis:
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        stop_process(proc)  # SIGTERM: redis fsyncs the AOF and exits cleanly
+        if proc is not None and proc.poll() is None:
+            stop_process(proc)  # SIGTERM: redis fsyncs the AOF and exits cleanly
+        self._unlock_dir()
 
     def __enter__(self) -> EmbeddedRedis:
         return self.start()

@@ -1,14 +1,16 @@
-"""The running engine's record in its state directory (``leadflow.pid``).
+"""Running engines' records in their state directory (``leadflow-<pid>.pid``).
 
-``leadflow run`` writes it at start and holds an exclusive ``flock`` on it until it exits,
-then deletes it. The lock, not the pid, says whether an engine runs: a file left by a
-killed engine is not locked, so ``leadflow config load`` never signals a process that merely
-reuses its pid, and a second engine on the same state directory (the same embedded Redis
-data) is refused at start.
+``leadflow run`` writes its record at start and holds an exclusive ``flock`` on it until it
+exits, then deletes it. The lock, not the pid, says whether an engine runs: a file left by
+a killed engine is not locked, so ``leadflow config load`` never signals a process that
+merely reuses its pid (readers delete such files). Several engines may share a state
+directory when they share an external Redis (stateless ingest processes, README
+"Scale-out"); each has its own record, and ``config load`` reloads them all. The embedded
+Redis's data is guarded separately (:func:`engine.embedded.EmbeddedRedis` locks it).
 
-The record is JSON (:class:`EngineState`): the pid, the config file the engine reloads on
+A record is JSON (:class:`EngineState`): the pid, the config file the engine reloads on
 SIGHUP, the embedded Redis URL (only that one: a given URL may carry a password and stays
-out of files), and the outcome of the last reload, which ``leadflow config load`` waits for.
+out of files), and the outcome of the last reload, which ``config load`` waits for.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import msgspec
 
 from engine.errors import LeadflowError
 
-FILE = "leadflow.pid"
+PATTERN = "leadflow-*.pid"
 
 
 class EngineState(msgspec.Struct, kw_only=True):
@@ -34,30 +36,23 @@ class EngineState(msgspec.Struct, kw_only=True):
     reload_error: str = ""  # why the last one was refused; "" when it took effect
 
 
-class EngineRunning(LeadflowError):
-    """Another engine holds this state directory."""
-
-
 class PidFile:
     """The record of this process's engine; see the module docs."""
 
     def __init__(self, state_dir: Path) -> None:
-        self.path = state_dir / FILE
+        self.path = state_dir / f"leadflow-{os.getpid()}.pid"
         self._fh: IO[bytes] | None = None
         self.state: EngineState | None = None
 
     def acquire(self, state: EngineState) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = self.path.open("a+b")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        while True:  # a stale file of a dead engine with this pid is reused, unless a
+            fh = self.path.open("a+b")  # reader deleted it meanwhile: then open anew
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            with contextlib.suppress(FileNotFoundError):
+                if os.fstat(fh.fileno()).st_ino == os.stat(self.path).st_ino:
+                    break
             fh.close()
-            other = read_running(self.path.parent)
-            pid = other.pid if other is not None else "?"
-            raise EngineRunning(
-                f"another leadflow engine (pid {pid}) runs on state dir {self.path.parent}"
-            ) from None
         self._fh = fh
         self.write(state)
 
@@ -79,19 +74,32 @@ class PidFile:
         self._fh = None
 
 
-def read_running(state_dir: Path) -> EngineState | None:
-    """The record of the engine running on ``state_dir``; None when none runs there."""
+def read_running(state_dir: Path) -> list[EngineState]:
+    """The records of the engines running on ``state_dir``, by pid."""
+    found = [s for path in sorted(state_dir.glob(PATTERN)) if (s := _read_one(path))]
+    return sorted(found, key=lambda s: s.pid)
+
+
+def _read_one(path: Path) -> EngineState | None:
     try:
-        fh = (state_dir / FILE).open("rb")
+        fh = path.open("rb")
     except FileNotFoundError:
         return None
     with fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:  # an engine holds it: it runs
+        except BlockingIOError:  # its engine holds it: it runs
             state = _read(fh)
             return state if _alive(state.pid) else None
-        return None  # left by an engine that is gone
+        # left by an engine that is gone: delete it, unless an engine (reusing the pid)
+        # has just opened it, which the exclusive lock below tells
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        return None
 
 
 def _read(fh: IO[bytes]) -> EngineState:

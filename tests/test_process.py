@@ -411,7 +411,7 @@ async def test_sighup_reloads_prices_and_refuses_a_bad_file(
         assert await exited(proc.process, within=60) == 0, proc.stderr()
 
     # the record goes with the engine: nothing left to signal
-    assert not (state / "leadflow.pid").exists()
+    assert not list(state.glob("leadflow-*.pid"))
     load = await _cli(tmp_path, "config", "load", str(proc.config))
     assert load.returncode == 1 and "no engine runs" in load.stderr.decode(), load
 
