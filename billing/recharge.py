@@ -172,17 +172,27 @@ async def recharge(ctx: BillingContext, tenant: str, account: str, *, attempt_id
     now = now or now_ms()
     ar = await settings(ctx, tenant, account)
     async with ctx.charger.lock(tenant, account) as lock:
-        a = (await ctx.charger.load(tenant, attempt_id)
-             or await _unfinished(ctx, tenant, account))
-        if a is None:
+        a = await ctx.charger.load(tenant, attempt_id)
+        resumed = None if a is not None else await _unfinished(ctx, tenant, account)
+        if resumed is not None:
+            a = await _run(ctx, resumed, lock, now)
+            if a.state == "credited" or a.state not in FINAL:
+                return a
+            # the earlier attempt failed on its cards: this event (a card added since,
+            # say) gets its own attempt; _start's balance check keeps it to one credit
+        if a is None or resumed is not None:
             a = await _start(ctx, tenant, account, ar=ar, attempt_id=attempt_id, reason=reason,
                              now=now)
             if a is None:
                 return None
-        a = await ctx.charger.run(a, lock=lock)
-        if a.state in ("credited", "failed", "needs_customer"):
-            await _finish(ctx, a, now)
-        return a
+        return await _run(ctx, a, lock, now)
+
+
+async def _run(ctx: BillingContext, a: Attempt, lock: Any, now: int) -> Attempt:
+    a = await ctx.charger.run(a, lock=lock)
+    if a.state in ("credited", "failed", "needs_customer"):
+        await _finish(ctx, a, now)
+    return a
 
 
 async def _unfinished(ctx: BillingContext, tenant: str, account: str) -> Attempt | None:

@@ -193,6 +193,30 @@ async def test_a_new_card_after_a_failed_recharge_recharges_now(
     assert not await recharge.recharge_if_below(ctx, T, "c1", why="card_added")
 
 
+async def test_a_card_added_while_an_attempt_is_unfinished_still_recharges(
+        redis: aioredis.Redis, gateway: StripeGateway, localstripe: LocalStripe) -> None:
+    """The worker died before Stripe answered an attempt on a declining card; the card the
+    customer adds then resumes that attempt (one open recharge per account), which fails
+    on its old card list. The new card's event used to end there, the balance left below
+    the threshold with a good card on file; it now gets its own attempt."""
+    async def die(name: str, a: Attempt) -> None:
+        if name == "before_charge":
+            raise Killed(name)
+
+    dying = await _ctx(redis, gateway, hook=die)
+    await dying.methods.attach(T, "c1", localstripe.card(DECLINES))
+    await _drop_below_threshold(dying)
+    with pytest.raises(Killed):
+        await _process(dying, consumer="w1")
+    ctx = await _ctx(redis, gateway)
+    good = await ctx.methods.attach(T, "c1", localstripe.card())
+    await ctx.methods.set_primary(T, "c1", good.id)
+    a = await recharge.recharge(ctx, T, "c1", attempt_id="rc:card-added", reason="card_added")
+    assert a is not None and a.id == "rc:card-added" and a.state == "credited"
+    assert await _balance(ctx) == 115 * D
+    assert len(await _events(redis, "recharge_succeeded")) == 1
+
+
 async def test_turning_auto_recharge_on_below_the_threshold_recharges(
         redis: aioredis.Redis, gateway: StripeGateway, localstripe: LocalStripe) -> None:
     ctx = await _ctx(redis, gateway, auto=AutoRecharge(enabled=False))
