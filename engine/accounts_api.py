@@ -201,7 +201,16 @@ class AccountsApi:
             raise StoreUnavailable(f"redis unavailable: {type(exc).__name__}") from exc
         res = _pause_result.decode(raw)
         self.observer("buyer_pause", time.perf_counter() - started, res.events)
-        return http.json_response({"id": buyer, "status": "paused" if paused else "active"})
+        # the buyer's own flag, and the account that pays for its leads: a buyer resumed
+        # while its account is paused (at its floor, under its minimum) or closed still
+        # gets no lead, and "active" alone would say it does
+        acct = await self.store.account(tenant, client)
+        account = {"id": client, "status": "missing" if acct is None else
+                   "closed" if acct.closed else "paused" if acct.paused else "active"}
+        if acct is not None and acct.paused and not acct.closed:
+            account["paused_reason"] = acct.paused
+        return http.json_response({"id": buyer, "status": "paused" if paused else "active",
+                                   "account": account})
 
     async def pause(self, req: Request, tenant: str) -> Response:
         return await self._set_buyer_pause(req, tenant, True)

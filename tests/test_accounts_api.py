@@ -391,6 +391,18 @@ async def test_manual_pause_emits_buyer_paused_once_and_counts_it(redis, redis_s
         assert await _metric(eng, PAUSED_MANUAL) == counts[0] + 2
 
 
+async def test_resume_says_when_the_buyers_account_is_paused(redis, redis_server, cfg):
+    """/resume answered "active" for a buyer whose client account is paused at its floor
+    (it gets no lead until funded): the answer now names the account's state too."""
+    async with running(cfg, redis_server.url) as eng:
+        status, body = await eng.api("POST", "/v1/buyers/b1/resume")
+        assert status == 200 and body["account"] == {"id": "c1", "status": "active"}
+        await redis.hset(keys.acct("t1", "c1"), "paused", "floor")  # as decide.lua pauses
+        status, body = await eng.api("POST", "/v1/buyers/b1/resume")
+        assert status == 200 and body["status"] == "active"
+        assert body["account"] == {"id": "c1", "status": "paused", "paused_reason": "floor"}
+
+
 async def test_resume_of_a_buyer_the_config_pauses_is_refused(redis, redis_server):
     """The config says status = "paused": routing skips the buyer before any flag is read,
     so /resume answered "active" while the next lead was REJECTED "no buyer matched". It is
