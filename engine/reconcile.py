@@ -26,13 +26,12 @@ import msgspec
 from billing import money
 from engine import keys
 from engine.config import WALLET, Config, valid_id
-from engine.store import Store
+from engine.store import DEFAULT_FLOOR, Store
 
 if TYPE_CHECKING:
     from billing.archive import Archive
 
 PAGE = 1_000  # stream entries per XREVRANGE
-DEFAULT_FLOOR = -20_000_000  # what _lib.lua assumes for an account hash without a floor
 _SQL_MAX_SEQ = 2**63 - 1  # largest stream id sequence SQL's BIGINT holds
 
 # One account in one step: its balance fields and the last id ever written to its ledger

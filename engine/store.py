@@ -104,6 +104,7 @@ def is_cluster(client: object) -> bool:
     return isinstance(client, RedisCluster)
 
 
+DEFAULT_FLOOR = -20_000_000  # what _lib.lua assumes for an account hash without a floor
 UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
@@ -245,7 +246,7 @@ class Store:
         return AccountState(
             id=account,
             balance=int(s[0]),
-            floor=int(s[1] or 0),
+            floor=int(s[1]) if s[1] else DEFAULT_FLOOR,
             alert=int(s[2] or 0),
             recharge_threshold=int(s[3] or 0),
             auto_recharge=s[4] == "1",
