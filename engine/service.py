@@ -32,9 +32,9 @@ from engine.config import WALLET, Config, Settings
 from engine.delivery import client
 from engine.delivery.worker import WorkerOptions
 from engine.embedded import EmbeddedRedis
-from engine.errors import ConfigError
+from engine.errors import ConfigError, EmbeddedRedisError
 from engine.http import Handler, Request, Response
-from engine.pidfile import EngineState, PidFile
+from engine.pidfile import EngineState, PidFile, read_running
 from engine.runtime import Runtime, sync_accounts
 from engine.store import Store, connect
 from engine.sync_route import SyncRouter
@@ -128,7 +128,10 @@ class Service:
             self.embedded = EmbeddedRedis(
                 self.state_dir / "redis", appendfsync=self.cfg.settings.appendfsync
             )
-            await asyncio.to_thread(self.embedded.start)
+            try:
+                await asyncio.to_thread(self.embedded.start)
+            except EmbeddedRedisError as exc:
+                raise EmbeddedRedisError(_embedded_taken(exc, self.state_dir)) from None
             url = self.embedded.url
             log.info("embedded redis-server started", extra={"port": self.embedded.port})
         self.store = Store(connect(url), observer=telemetry.money_observer,
@@ -363,6 +366,15 @@ class Service:
             state = self.pidfile.state
             self.pidfile.write(msgspec.structs.replace(
                 state, reloads=state.reloads + 1, reload_error=error))
+
+
+def _embedded_taken(exc: EmbeddedRedisError, state_dir: Path) -> str:
+    """The refusal of a second embedded redis-server, with the way to join the first."""
+    running = [e for e in read_running(state_dir) if e.redis_url]
+    if not running:
+        return str(exc)
+    return (f"{exc}: the engine (pid {running[0].pid}) runs it; join it with --redis-url "
+            f"{running[0].redis_url}")
 
 
 def _abspath(source: str) -> str:

@@ -223,6 +223,11 @@ async def test_run_on_the_embedded_redis_with_a_relative_state_dir(tmp_path: Pat
         async with aiohttp.ClientSession() as http:
             status, body = await post(http, proc.url, lead(s, 1))
         assert (status, body["status"]) == (200, "ACCEPTED"), body
+        # a worker started there without a Redis URL would append to the same AOF: it is
+        # refused, and told the URL of the engine's server
+        worker = await _cli(tmp_path, "worker", "deliver", "--config", str(proc.config))
+        assert worker.returncode == 1, worker
+        assert "--redis-url redis://127.0.0.1:" in worker.stderr.decode(), worker
         proc.process.send_signal(signal.SIGTERM)
         assert await exited(proc.process, within=30) == 0, proc.stderr()
     state = tmp_path / ".leadflow" / "redis"
