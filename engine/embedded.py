@@ -135,8 +135,12 @@ class EmbeddedRedis:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._lock_dir()
         binary = find_redis_server()
+        # its own session: a Ctrl-C (SIGINT to the terminal's process group) or a service
+        # manager signalling the group must reach the engine only, which drains and then
+        # stops this server, not the server under the draining engine
         self._proc = subprocess.Popen(
-            self._args(binary), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            self._args(binary), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         deadline = time.monotonic() + _START_TIMEOUT_S
         while time.monotonic() < deadline:

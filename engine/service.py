@@ -32,7 +32,7 @@ from engine.config import WALLET, Config, Settings
 from engine.delivery import client
 from engine.delivery.worker import WorkerOptions
 from engine.embedded import EmbeddedRedis
-from engine.errors import ConfigError, EmbeddedRedisError
+from engine.errors import ConfigError, EmbeddedRedisError, LeadflowError
 from engine.http import Handler, Request, Response
 from engine.pidfile import EngineState, PidFile, read_running
 from engine.runtime import Runtime, sync_accounts
@@ -114,6 +114,7 @@ class Service:
         self._server_task: asyncio.Task[Any] | None = None
         self._balances: tuple[Any, Any] | None = None  # (collector, its sync Redis client)
         self.crew: Crew | None = None  # the in-process workers (and the stream monitor)
+        self._sock: socket.socket | None = None  # the listening socket, bound at start
         self.pidfile: PidFile | None = None  # leadflow run only (run_until_signal)
         self._reloading = asyncio.Lock()
         self._reload_tasks: set[asyncio.Task[None]] = set()
@@ -121,6 +122,9 @@ class Service:
         self.consumer = f"{socket.gethostname()}-{os.getpid()}"  # stream consumer name
 
     async def start(self, *, serve: bool = True) -> None:
+        if serve:  # first: a port in use fails here, before Redis or any worker starts
+            self._sock = _listen(self.host, self.port)
+            self.port = self._sock.getsockname()[1]
         # before any worker runs: the ledger worker's SQLite archive lives here
         self.state_dir.mkdir(parents=True, exist_ok=True)
         url = self.redis_url
@@ -218,17 +222,14 @@ class Service:
             timeout_graceful_shutdown=30,
             proxy_headers=False,  # no X-Forwarded-* rewriting on the hot path
         )
+        assert self._sock is not None
         self._server = _Server(config)
-        self._server_task = asyncio.create_task(self._server.serve())
+        self._server_task = asyncio.create_task(self._server.serve(sockets=[self._sock]))
         self._tasks.append(self._server_task)
         while not self._server.started:
             if self._server_task.done():
-                await self._server_task  # raises the bind error
-                raise RuntimeError("HTTP server stopped at start")
+                raise LeadflowError(f"HTTP server stopped at start on {self.url}")
             await asyncio.sleep(0.01)
-        if self.port == 0:
-            sock = self._server.servers[0].sockets[0]
-            self.port = sock.getsockname()[1]
 
     @property
     def url(self) -> str:
@@ -263,6 +264,9 @@ class Service:
         server_task = self._server_task
         if server_task is not None:
             await server_task
+        if self._sock is not None:  # uvicorn closes it when it served; else it is ours
+            self._sock.close()
+            self._sock = None
         if self.app is not None:
             await self.app.drain()
         self.stop_event.set()
@@ -298,8 +302,13 @@ class Service:
         self.pidfile = PidFile(self.state_dir)
         self.pidfile.acquire(EngineState(pid=os.getpid(), config=_abspath(self.cfg.source)))
         try:
-            await self.start()
-            self.export_balances()
+            try:
+                await self.start()
+                self.export_balances()
+            except BaseException:  # what did start (Redis, workers, the socket) stops
+                started.set()  # a SIGHUP's reload waiting for the start gives up
+                await self.stop()
+                raise
             self.pidfile.write(EngineState(
                 pid=os.getpid(), config=_abspath(self.cfg.source),
                 redis_url=self.embedded.url if self.embedded is not None else None))
@@ -353,6 +362,8 @@ class Service:
         """A SIGHUP's reload; its outcome goes to the log and the engine's record, where
         ``leadflow config load`` reads it."""
         await started.wait()
+        if self.app is None or self.stop_event.is_set():  # the start failed, or stopping
+            return
         error = ""
         try:
             await self.reload()
@@ -366,6 +377,23 @@ class Service:
             state = self.pidfile.state
             self.pidfile.write(msgspec.structs.replace(
                 state, reloads=state.reloads + 1, reload_error=error))
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The API's listening socket, bound here rather than by uvicorn, whose bind error
+    exits the process from inside a task (SystemExit) and could leave it hanging."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except (OSError, OverflowError) as exc:
+        raise LeadflowError(f"cannot listen on {host}:{port}: {exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except (OSError, OverflowError) as exc:
+        sock.close()
+        raise LeadflowError(f"cannot listen on {host}:{port}: {exc}") from None
+    return sock
 
 
 def _embedded_taken(exc: EmbeddedRedisError, state_dir: Path) -> str:

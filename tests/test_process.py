@@ -134,7 +134,8 @@ async def wait_for(fn: Callable[[], Awaitable[Any]], *, within: float, what: str
 
 @contextlib.asynccontextmanager
 async def leadflow_run(tmp_path: Path, redis_url: str | None, toml: str,
-                       env: dict[str, str]) -> AsyncIterator[Proc]:
+                       env: dict[str, str], *, new_session: bool = False
+                       ) -> AsyncIterator[Proc]:
     """``leadflow run`` in ``tmp_path``; with no ``redis_url``, on its embedded Redis."""
     config = tmp_path / "leadflow.toml"
     config.write_text(toml)
@@ -146,7 +147,7 @@ async def leadflow_run(tmp_path: Path, redis_url: str | None, toml: str,
              *(["--redis-url", redis_url] if redis_url else []),
              "--host", "127.0.0.1", "--port", str(port)],
             cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-            env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+            env={**os.environ, "PYTHONPATH": str(ROOT), **env}, start_new_session=new_session,
         )
     proc = Proc(process, f"http://127.0.0.1:{port}", config, stderr_path)
     try:
@@ -233,6 +234,41 @@ async def test_run_on_the_embedded_redis_with_a_relative_state_dir(tmp_path: Pat
     state = tmp_path / ".leadflow" / "redis"
     assert (state / "redis.log").is_file()
     assert any(state.glob("appendonlydir/*.aof")), "AOF on, under the state dir"
+
+
+async def test_ctrl_c_drains_before_the_embedded_redis_stops(tmp_path: Path) -> None:
+    """Ctrl-C signals the terminal's whole process group: the embedded redis-server was in
+    the engine's group and stopped at once, under the draining engine. It runs in its own
+    session now, and the engine stops it after the drain (SIGTERM, not SIGINT)."""
+    s = Secrets()
+    async with leadflow_run(tmp_path, None, config_toml(Path("state"), s), {},
+                            new_session=True) as proc:
+        async with aiohttp.ClientSession() as http:
+            status, body = await post(http, proc.url, lead(s, 1))
+        assert (status, body["status"]) == (200, "ACCEPTED"), body
+        os.killpg(proc.process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        assert await exited(proc.process, within=30) == 0, proc.stderr()
+    assert "redis unavailable" not in proc.stderr()
+    log = (tmp_path / "state" / "redis" / "redis.log").read_text()
+    assert "Received SIGTERM" in log and "Received SIGINT" not in log, log[-500:]
+
+
+async def test_a_port_in_use_fails_before_anything_starts(tmp_path: Path) -> None:
+    """The port was bound by uvicorn after Redis and the workers had started: the engine
+    exited (or hung, ignoring SIGTERM) and left its embedded redis-server running."""
+    import socket as socket_mod
+
+    s = Secrets()
+    (tmp_path / "leadflow.toml").write_text(config_toml(Path("state"), s))
+    with socket_mod.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = await _cli(tmp_path, "run", "--config", "leadflow.toml", "--host", "127.0.0.1",
+                         "--port", str(port))
+    assert run.returncode == 1 and "cannot listen on 127.0.0.1" in run.stderr.decode(), run
+    assert not (tmp_path / "state" / "redis").exists()  # no redis-server was started
+    assert not list((tmp_path / "state").glob("leadflow-*.pid"))
 
 
 # -- SIGTERM --------------------------------------------------------------------------------
