@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from billing import funding, money, recharge, usage
+from billing import archive, funding, money, recharge, usage
 from billing.context import BillingContext
 from billing.errors import (
     BillingError,
@@ -30,6 +30,7 @@ from engine.errors import StoreUnavailable
 from engine.http import Request, Response, error_response, json_response
 
 Handler = Callable[[Request], Awaitable[Response]]
+OVERVIEW_ENTRIES = 10  # payments, and ledger entries, an overview shows (newest first)
 
 
 class FundBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -237,15 +238,18 @@ class _BillingApi:
         return json_response({"data": page.items, "next_cursor": page.next_cursor})
 
     async def overview(self, req: Request) -> Response:
-        """GET /v1/accounts/{id}/overview: balance, cards, auto recharge, last entries."""
+        """GET /v1/accounts/{id}/overview: balance, cards, auto recharge, the newest payments
+        and ledger entries (the Redis ledger and the SQL archive together, as
+        ``archive.recent`` reads them; entries in the shape of GET /transactions)."""
         tenant, account = self._account_of(req)
         state = await self.ctx.store.account(tenant, account)
         if state is None:
             raise InvalidRequest(f"account {account} is not provisioned",
                                  code="unknown_account")
-        recent = await self.ctx.store.ledger_page(tenant, account, limit=20)
-        payments = [dict(f, id=i) for i, f in recent
-                    if f.get("kind") in ("funding", "recharge", "refund")]
+        store, arc = self.ctx.store, self.ctx.archive
+        payments = await archive.recent(store, arc, tenant, account, limit=OVERVIEW_ENTRIES,
+                                        kinds=archive.PAYMENTS)
+        last = await archive.recent(store, arc, tenant, account, limit=OVERVIEW_ENTRIES)
         return json_response({
             "account": account,
             "balance": money.format(state.balance),
@@ -256,7 +260,7 @@ class _BillingApi:
                                                                             account)),
             "payment_methods": _methods_json(await self.ctx.methods.all(tenant, account)),
             "payment_history": payments,
-            "last_transactions": [dict(f, id=i) for i, f in recent[:10]],
+            "last_transactions": last,
         })
 
     def routes(self) -> list[tuple[str, str, Handler]]:

@@ -49,6 +49,9 @@ TYPES: dict[str, tuple[str, ...]] = {
     "return": ("return",),
     "adjustment": ("adjustment", "opening"),
 }
+PAYMENTS = ("funding", "recharge", "refund")  # ledger kinds of an account's payments
+RECENT_PAGE = 1_000  # stream entries per XREVRANGE of recent()
+RECENT_SCAN = 10_000  # stream entries recent() reads at most
 _BASE = ("account", "delta", "balance", "kind", "ref", "ts")
 _COLS = ("tenant", "entry_id", "id_ms", "id_seq", "account", "kind", "delta", "balance", "ref",
          "ts", "process", "usr", "extra")
@@ -182,13 +185,32 @@ def _next_id(entry_id: str) -> str:
     return f"{ms}-{seq + 1}"
 
 
+def _extra(f: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in f.items() if k not in _BASE and k not in ("process", "user")}
+
+
 def _row(tenant: str, entry_id: str, f: dict[str, str]) -> Row:
     ms, seq = _split_id(entry_id)
-    extra = {k: v for k, v in f.items() if k not in _BASE and k not in ("process", "user")}
     return (tenant, entry_id, ms, seq, f.get("account", ""), f.get("kind", ""),
             int(f.get("delta", 0)), int(f.get("balance", 0)), f.get("ref", ""),
             int(f.get("ts", ms)), f.get("process", ""), f.get("user", ""),
-            _json.encode(extra).decode())
+            _json.encode(_extra(f)).decode())
+
+
+def _transaction(entry_id: str, account: str, kind: str, delta: int, balance: int, ref: str,
+                 ts: int, process: str, user: str, extra: dict[str, str]) -> Transaction:
+    return Transaction(id=entry_id, account=account, type=_type_of(kind),
+                       amount=money.format(delta), balance=money.format(balance), ref=ref,
+                       ts=ts, process=process, user=user, extra={"kind": kind, **extra})
+
+
+def entry_transaction(entry_id: str, f: dict[str, str]) -> Transaction:
+    """A ledger stream entry (decoded) as the transactions API shows an archived one."""
+    ms, _ = _split_id(entry_id)
+    return _transaction(entry_id, f.get("account", ""), f.get("kind", ""),
+                        int(f.get("delta", 0)), int(f.get("balance", 0)), f.get("ref", ""),
+                        int(f.get("ts", ms)), f.get("process", ""), f.get("user", ""),
+                        _extra(f))
 
 
 def _type_of(kind: str) -> str:
@@ -286,9 +308,10 @@ class Archive:
     async def transactions(
         self, tenant: str, account: str, *, from_ms: int | None = None,
         to_ms: int | None = None, type: str | None = None, q: str | None = None,
-        limit: int = 100, cursor: str | None = None,
+        limit: int = 100, cursor: str | None = None, kinds: Sequence[str] | None = None,
     ) -> Page:
-        """Newest first. ``cursor`` is the ``next_cursor`` of the previous page."""
+        """Newest first. ``cursor`` is the ``next_cursor`` of the previous page (an entry
+        id: the page holds the entries older than it); ``kinds``: only these ledger kinds."""
         if not 1 <= limit <= 1_000:
             raise InvalidRequest("limit: 1 to 1000", code="invalid_query")
         p = self._db.ph
@@ -303,8 +326,10 @@ class Archive:
         if type:
             if type not in TYPES:
                 raise InvalidRequest(f"type: one of {', '.join(TYPES)}", code="invalid_query")
-            kinds = TYPES[type]
-            where.append(f"kind IN ({', '.join([p] * len(kinds))})")
+            where.append(f"kind IN ({', '.join([p] * len(TYPES[type]))})")
+            params.extend(TYPES[type])
+        if kinds is not None:
+            where.append(f"kind IN ({', '.join([p] * len(kinds))})" if kinds else "1 = 0")
             params.extend(kinds)
         if q:
             pattern = "%" + q.lower().replace("\\", "\\\\").replace("%", "\\%").replace(
@@ -321,12 +346,8 @@ class Archive:
                f"FROM ledger_entries WHERE {' AND '.join(where)} "
                f"ORDER BY id_ms DESC, id_seq DESC LIMIT {p}")
         rows = await self._db.fetch(sql, [*params, limit + 1])
-        items = [
-            Transaction(id=r[0], account=r[1], type=_type_of(r[2]), amount=money.format(r[3]),
-                        balance=money.format(r[4]), ref=r[5], ts=int(r[6]), process=r[7],
-                        user=r[8], extra={"kind": r[2], **_extra_dec.decode(r[9])})
-            for r in rows[:limit]
-        ]
+        items = [_transaction(r[0], r[1], r[2], int(r[3]), int(r[4]), r[5], int(r[6]), r[7],
+                              r[8], _extra_dec.decode(r[9])) for r in rows[:limit]]
         return Page(items=items, next_cursor=items[-1].id if len(rows) > limit else None)
 
     async def export_csv(self, tenant: str, account: str, **filters: Any) -> str:
@@ -379,6 +400,45 @@ class Archive:
 def _csv_safe(text: str) -> str:
     """Neutralise spreadsheet formulas in user-controlled cells."""
     return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+async def recent(store: Store, archive: Archive | None, tenant: str, account: str, *,
+                 limit: int, kinds: Sequence[str] | None = None, scan: int = RECENT_SCAN,
+                 page: int = RECENT_PAGE) -> list[Transaction]:
+    """The account's ``limit`` newest ledger entries (only ``kinds``, if given), newest
+    first: from its Redis stream, and from the SQL archive for what the ledger worker
+    archived and then trimmed from the stream (on a running engine, almost everything).
+
+    As ``leadflow reconcile`` sums a ledger (engine.reconcile): the stream is read newest
+    first, in pages, until enough entries are found or it ends. Trimming only ever removes a
+    stream's oldest entries, and only after the worker's SQL commit, so every entry older
+    than the oldest one read is in SQL: the rest comes from SQL, older than that one. No
+    entry is shown twice (one archived but not trimmed yet is read from the stream only)
+    and none is missed, whatever the worker does meanwhile. At most ``scan`` stream entries
+    are read (a stream the worker lags far behind on, or one never archived): the older
+    entries then come from SQL alone, which leaves out those not archived yet.
+    """
+    key = keys.acct_ledger(tenant, account)
+    found: list[Transaction] = []
+    oldest: str | None = None  # the oldest stream entry read
+    read, end = 0, "+"
+    while len(found) < limit and read < scan:
+        count = min(page if kinds is not None else limit - len(found), scan - read)
+        rows: Any = await store.redis.xrevrange(key, end, "-", count=count)
+        for raw_id, raw in rows:
+            oldest = raw_id.decode()
+            fields = _decode(raw)
+            if kinds is None or fields.get("kind") in kinds:
+                found.append(entry_transaction(oldest, fields))
+        read += len(rows)
+        if len(rows) < count:  # the stream's end: everything older is archived
+            break
+        end = f"({oldest}"
+    if len(found) >= limit or archive is None:
+        return found[:limit]
+    older = await archive.transactions(tenant, account, limit=limit - len(found),
+                                       cursor=oldest, kinds=kinds)
+    return found + older.items
 
 
 class Reconciliation(msgspec.Struct, frozen=True):

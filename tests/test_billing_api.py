@@ -133,7 +133,7 @@ async def test_full_flow(api: Api, localstripe: LocalStripe) -> None:
     st, body = await api.call("GET", "/v1/accounts/c1/overview")
     assert st == 200 and body["balance"] == "99.45"
     assert body["auto_recharge"]["amount"] == "500.00"
-    assert [p["kind"] for p in body["payment_history"]] == ["funding"]
+    assert [p["type"] for p in body["payment_history"]] == ["funding"]
     assert api.ctx.archive is not None
     await api.ctx.archive.archive_once(api.ctx.store.redis, T, consumer="t")
     st, body = await api.call("GET", "/v1/accounts/c1/transactions?type=usage&limit=1")
