@@ -46,6 +46,7 @@ MAX_ROTATION = 1_000
 # fail the script half-way (the lead charged, answered 500, no idempotency record).
 MAX_DEDUPE_DAYS = 3_650
 MAX_TTL_S = {"idempotency_ttl_s": 30 * 86_400, "replay_window_s": 86_400}
+MAX_PORT = 65_535  # a TCP port; 0 binds any free one (the URL is logged at start)
 MAX_COOLDOWN_S = 86_400  # a buyer's open circuit breaker (a key with PX), at most a day
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _HEADER_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
@@ -336,6 +337,8 @@ def check(cfg: Config) -> None:
                  "max_body_bytes", "max_batch_body_bytes"):
         if getattr(cfg.settings, name) < 1:
             raise c.fail(f"settings.{name}", "at least 1")
+    if not 0 <= cfg.settings.port <= MAX_PORT:  # uvloop binds 99999 as 99999 % 65536
+        raise c.fail("settings.port", f"0 to {MAX_PORT} (0: any free port)")
     for name, most in MAX_TTL_S.items():
         if getattr(cfg.settings, name) > most:
             raise c.fail(f"settings.{name}", f"1 to {most} seconds")

@@ -272,3 +272,30 @@ def test_the_breaker_cooldown_is_at_most_a_day() -> None:
             breaker_cooldown_s=str(2**62))))
     assert info.value.path == "buyers[0].delivery.breaker_cooldown_s"
     assert "at most 86400" in info.value.reason
+
+
+@pytest.mark.parametrize("port", [-1, 65_536, 99_999])
+def test_the_port_is_0_to_65535(port: int) -> None:
+    """A port past 65535 was accepted, and uvloop bound 99999 as 34463 (99999 % 65536)
+    while the log said :99999."""
+    _refused(BASE_TOML + f"\n[settings]\nport = {port}\n", "settings.port", "0 to 65535")
+
+
+async def test_port_0_in_the_config_serves_on_a_free_port(redis, redis_server, tmp_path: Path
+                                                          ) -> None:
+    """settings.port = 0 (what config check allows besides 1-65535) binds a free port, and
+    the service knows which one (it logs its URL)."""
+    import aiohttp
+
+    from engine.service import Service
+
+    make_config(base=BASE_TOML + "\n[settings]\nport = 65535\n")
+    cfg = make_config(base=BASE_TOML + "\n[settings]\nport = 0\n")
+    svc = Service(cfg, redis_url=redis_server.url, state_dir=str(tmp_path))
+    await svc.start()
+    try:
+        assert svc.port != 0
+        async with aiohttp.ClientSession() as http, http.get(svc.url + "/healthz") as r:
+            assert r.status == 200
+    finally:
+        await svc.stop()
