@@ -3,6 +3,7 @@
 Posts generated leads (mostly valid, some invalid, some duplicates and replays) to
 ``POST /v1/leads``, shows a progress bar, prints what happened and the money that moved,
 then runs the reconcile check; a failed reconcile makes the command exit non-zero.
+``--leads`` is at least 1: anything less is refused before the engine starts.
 
 With the buyer sink (the default; ``--no-sink`` turns it off) every buyer's webhook points
 at a local aiohttp server on a loopback port, signed with a throwaway secret, and the
@@ -33,6 +34,7 @@ from tqdm import tqdm
 from billing import money
 from engine import keys
 from engine.config import Config, Delivery, ResponseRule, resolve_secret
+from engine.errors import LeadflowError
 from engine.reconcile import reconcile
 from engine.service import Service, WorkerFactory
 
@@ -193,6 +195,8 @@ async def _delivered(svc: Service, *, within_s: float = 60.0) -> bool:
 async def run_demo(
     cfg: Config, *, leads: int, seed: int | None, redis_url: str | None, sink: bool = True
 ) -> int:
+    if leads < 1:  # nothing to show: 0 used to exit 1 after "0 problems", -5 exited 0
+        raise LeadflowError(f"--leads must be at least 1 (got {leads})")
     seed = seed if seed is not None else random.SystemRandom().randrange(1, 2**31)
     state_dir = tempfile.mkdtemp(prefix="leadflow-demo-")
     buyers = BuyerSink() if sink else None

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from engine import config as config_mod
 from engine.demo import run_demo
-from tests.conftest import EXAMPLE_CONFIG
+from engine.errors import LeadflowError
+from tests.conftest import EXAMPLE_CONFIG, ROOT
 
 
 async def test_demo_delivers_to_the_local_sink_and_reconciles(
@@ -19,3 +23,24 @@ async def test_demo_delivers_to_the_local_sink_and_reconciles(
     assert "deliveries (local buyer sink):" in out and "accepted" in out
     assert "reconcile: " in out and " 0 problems" in out
     assert "still pending" not in out
+
+
+@pytest.mark.parametrize("leads", [0, -5])
+async def test_demo_needs_at_least_one_lead(leads: int, capsys) -> None:
+    """--leads 0 ran the demo, printed "0 problems" and exited 1 (every one of its 0 leads
+    was an ERROR); --leads -5 ran it and exited 0. Both are refused before anything
+    starts, with a message naming the option."""
+    cfg = config_mod.load(EXAMPLE_CONFIG)
+    with pytest.raises(LeadflowError, match=r"--leads must be at least 1"):
+        await run_demo(cfg, leads=leads, seed=1, redis_url=None)
+    assert "leadflow demo:" not in capsys.readouterr().out  # no engine, no Redis started
+
+
+def test_demo_command_refuses_zero_leads() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "demo", "--leads", "0", "--config",
+         str(EXAMPLE_CONFIG)], cwd=ROOT, capture_output=True, text=True, timeout=60,
+        check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip() == "error: --leads must be at least 1 (got 0)"
+    assert proc.stdout == ""
