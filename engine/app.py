@@ -170,14 +170,13 @@ class App:
     async def _batch(self, req: Request) -> Response:
         """NDJSON in, NDJSON out: one result per non-blank line, in order, each lead on its
         own. Lines end at "\n" only (a "\r" before it is dropped): U+2028 and the other
-        separators str.splitlines() knows are legal inside JSON strings."""
+        separators str.splitlines() knows are legal inside JSON strings. The body is split
+        as bytes and each line decoded on its own, so a line that is not UTF-8 is one ERROR
+        line (it used to refuse the whole batch). No line, no result: an empty body."""
         if req.content_type not in _NDJSON_TYPES:
             return _lead_response(415, error(
                 Codes.UNSUPPORTED_MEDIA, "send application/x-ndjson (one JSON lead per line)"))
-        try:
-            lines = [line.removesuffix("\r") for line in req.body.decode("utf-8").split("\n")]
-        except UnicodeDecodeError:
-            return _lead_response(400, error(Codes.MALFORMED, "the body is not UTF-8 NDJSON"))
+        lines = [line.removesuffix(b"\r") for line in req.body.split(b"\n")]
         if len(lines) > MAX_BATCH_LINES + 1 or (len(lines) == MAX_BATCH_LINES + 1 and lines[-1]):
             return _lead_response(413, error(Codes.TOO_LARGE, f"at most {MAX_BATCH_LINES} lines"))
         key = req.header(b"idempotency-key")
@@ -185,20 +184,21 @@ class App:
             *(
                 self._batch_line(line, key)
                 for line in lines
-                if line.strip()
+                if line.strip()  # blank: ASCII whitespace only (space, tab, ...)
             )
         )
+        if not results:
+            return Response(b"", 200, b"application/x-ndjson")
         out = b"\n".join(_lead_enc.encode(r) for _, r in results) + b"\n"
         return Response(out, 200, b"application/x-ndjson")
 
-    async def _batch_line(self, line: str, key: str | None) -> tuple[int, LeadResponse]:
-        raw = line.encode()
+    async def _batch_line(self, raw: bytes, key: str | None) -> tuple[int, LeadResponse]:
         if len(raw) > self.max_body:  # the single-lead limit applies to each line
             return 413, error(Codes.TOO_LARGE, f"line over {self.max_body} bytes")
         try:
-            data = msgspec.json.decode(raw)
+            data = msgspec.json.decode(raw)  # strict UTF-8, in strings too
         except (msgspec.DecodeError, UnicodeDecodeError):
-            return 400, error(Codes.MALFORMED, "this line is not a JSON object")
+            return 400, error(Codes.MALFORMED, "this line is not a UTF-8 JSON object")
         if key:  # one batch key names each of its leads by content, never by position
             key = f"{key}\x00{hashlib.blake2b(raw, digest_size=16).hexdigest()}"
         return await self._decide(data, raw, key)

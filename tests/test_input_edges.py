@@ -101,3 +101,34 @@ async def test_a_form_with_too_many_fields_is_1003(redis, redis_server, cfg):
         status, resp = await eng.post(raw=body, headers={
             "Content-Type": "application/x-www-form-urlencoded"})
         assert status == 400 and resp["code"] == 1003
+
+
+async def test_a_batch_line_that_is_not_utf8_is_one_error_line(redis, redis_server, cfg):
+    """One line with invalid UTF-8 refused the whole batch (400/1000): the lines around it
+    were not decided although "a bad line is an ERROR line, the others go on"."""
+    async with running(cfg, redis_server.url) as eng:
+        a = msgspec.json.encode({**LEAD, "email": "before@example.com"})
+        bad = b'{"lp_campaign_id":"camp","lp_supplier_id":"s1","lp_key":"key-s1",' \
+              b'"email":"x\xff@example.com"}'
+        b = msgspec.json.encode({**LEAD, "email": "after@example.com"})
+        status, lines = await eng.post(raw=b"\n".join([a, bad, b"\xc3(", b]),
+                                       path="/v1/leads/batch",
+                                       headers={"Content-Type": "application/x-ndjson"})
+        assert status == 200
+        assert [(x["status"], x["code"]) for x in lines] == [
+            ("ACCEPTED", 0), ("ERROR", 1000), ("ERROR", 1000), ("ACCEPTED", 0)]
+        assert "UTF-8" in lines[1]["message"]
+        assert await eng.balance("c1") == 80_000_000  # two leads sold at 10.00
+        await eng.assert_reconciled()
+
+
+@pytest.mark.parametrize("body", [b"", b"\n", b"\r\n \n\t\n"])
+async def test_an_empty_batch_answers_an_empty_body(redis, redis_server, cfg, body):
+    """No line, no result line: 200 with an empty body (it was a lone "\\n", which an NDJSON
+    reader takes for one empty line)."""
+    async with running(cfg, redis_server.url) as eng, eng.http.post(
+            eng.url + "/v1/leads/batch", data=body,
+            headers={"Content-Type": "application/x-ndjson"}) as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"] == "application/x-ndjson"
+        assert await r.read() == b""
