@@ -14,7 +14,8 @@ from typing import Any
 import msgspec
 
 from billing import money
-from billing.errors import MoneyError
+from billing.api import _decode as decode_json_body
+from billing.errors import BillingError, MoneyError
 from engine import http, keys, telemetry
 from engine.errors import StoreUnavailable
 from engine.http import Request, Response
@@ -146,10 +147,13 @@ class AccountsApi:
     async def credit(self, req: Request, tenant: str) -> Response:
         """A manual credit: the tenant received a payment outside leadflow ("manual" billing)."""
         account = req.params["id"]
+        try:  # the billing endpoints' decoding: JSON only (400 unsupported_media_type)
+            body: CreditBody = decode_json_body(req, _credit)
+        except BillingError as exc:
+            return http.error_response(exc.status, exc.code, str(exc))
         try:
-            body = _credit.decode(req.body)
             amount = money.parse(body.amount)
-        except (msgspec.DecodeError, MoneyError, UnicodeDecodeError) as exc:
+        except MoneyError as exc:
             return http.error_response(400, "invalid_body", str(exc))
         if amount <= 0:
             return http.error_response(400, "invalid_amount", "amount must be positive")

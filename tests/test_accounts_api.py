@@ -116,6 +116,26 @@ async def test_credit_key_reused_with_another_amount_is_a_conflict(redis, redis_
         assert await eng.balance("c1") == 110_000_000
 
 
+async def test_a_credit_body_must_be_json_as_on_the_billing_endpoints(redis, redis_server, cfg):
+    """/credits read any body as JSON whatever its Content-Type (text/xml got 201); the
+    billing endpoints (/funds, /auto-recharge, /usage) refuse anything but JSON with 400
+    unsupported_media_type, and so does /credits now (the same helper), nothing moved."""
+    async with running(cfg, redis_server.url) as eng:
+        before = await _money_state(eng, redis, "c1")
+        body = b'{"amount": "5.00"}'
+        for ctype in ("text/xml", "application/x-www-form-urlencoded", "text/plain"):
+            for path in ("/v1/accounts/c1/credits", "/v1/accounts/c1/funds"):
+                status, resp = await eng.api("POST", path, data=body, headers={
+                    "Content-Type": ctype, "Idempotency-Key": f"ct-{ctype}"})
+                assert (status, resp["error"]["code"]) == (400, "unsupported_media_type"), (
+                    path, ctype, resp)
+        assert await _money_state(eng, redis, "c1") == before
+        status, resp = await eng.api("POST", "/v1/accounts/c1/credits", data=body, headers={
+            "Content-Type": "application/json; charset=utf-8", "Idempotency-Key": "ct-ok"})
+        assert status == 201 and resp["balance"] == "105.00"
+        await eng.assert_reconciled()
+
+
 async def test_unknown_routes(redis, redis_server, cfg):
     async with running(cfg, redis_server.url) as eng:
         assert (await eng.api("GET", "/v1/nothing"))[0] == 404
