@@ -104,6 +104,8 @@ def new_lead_id() -> str:
 
 
 def _text(value: object) -> str | None:
+    """A string, or a JSON integer as its decimal digits (ids and subids); None for
+    anything else (a float, a boolean, null, a list, an object)."""
     if isinstance(value, str):
         return value
     if isinstance(value, int) and not isinstance(value, bool):
@@ -150,14 +152,16 @@ class Ingest:
         if len(data) > MAX_FIELDS:
             return _refused(400, Codes.TOO_MANY_FIELDS, f"at most {MAX_FIELDS} fields")
         rt = self._runtime()
-        camp_id, sup_id, key = (
-            _text(data.get(k)) for k in ("lp_campaign_id", "lp_supplier_id", "lp_key")
-        )
-        if not camp_id or not sup_id or key is None:
+        # Lead Prosper's supplier specs type the two ids Numeric and the key Text: an id
+        # may come as a JSON integer (13424 reaches campaign "13424"), the key only as text
+        camp_id, sup_id = _text(data.get("lp_campaign_id")), _text(data.get("lp_supplier_id"))
+        key = data.get("lp_key")
+        if not camp_id or not sup_id or not isinstance(key, str):
             return _refused(
                 400,
                 Codes.MISSING_CREDENTIALS,
-                "lp_campaign_id, lp_supplier_id and lp_key are required",
+                "lp_campaign_id and lp_supplier_id (text or an integer) and lp_key (text) "
+                "are required",
             )
         plan = rt.campaigns.get(camp_id)
         supplier = rt.suppliers.get(sup_id)

@@ -213,3 +213,43 @@ async def test_redis_unreachable_is_503_and_nothing_charged(redis, redis_server,
         server.stop()
         status, body = await eng.lead(email=EMAIL)
         assert status == 503 and body["code"] == 1040 and body["status"] == "ERROR"
+
+
+NUMERIC_IDS = """
+[[suppliers]]
+tenant = "t1"
+id = "27633"
+key = "12345"
+"""
+
+
+async def test_lp_ids_may_be_integers_the_key_only_text(redis, redis_server):
+    """Lead Prosper's supplier specs type lp_campaign_id and lp_supplier_id Numeric (its
+    sellers post {"lp_campaign_id": 13424}) and lp_key Text. An integer id reaches the
+    config id of the same digits; the key must be a JSON string: a number (which used to
+    be turned into text and accepted) is 400 / 1001, as a float or boolean id is."""
+    cfg = make_config(campaign(id="13424"), buyer("b1", campaign="13424"), NUMERIC_IDS)
+    async with running(cfg, redis_server.url) as eng:
+        before = await redis.dbsize()
+        refused = [
+            {"lp_campaign_id": 13424, "lp_supplier_id": 27633, "lp_key": 12345},
+            {"lp_campaign_id": 13424.0, "lp_supplier_id": 27633, "lp_key": "12345"},
+            {"lp_campaign_id": 13424, "lp_supplier_id": True, "lp_key": "12345"},
+            {"lp_campaign_id": 13424, "lp_supplier_id": 27633, "lp_key": None},
+        ]
+        for creds in refused:
+            status, body = await eng.post({**creds, "email": "n@example.com"})
+            assert (status, body["code"]) == (400, 1001), (creds, body)
+            assert "lp_key (text)" in body["message"]
+        assert await redis.dbsize() == before
+        status, body = await eng.post({"lp_campaign_id": 13424, "lp_supplier_id": 27633,
+                                       "lp_key": "12345", "email": "n@example.com"})
+        assert (status, body["status"]) == (200, "ACCEPTED"), body
+        status, body = await eng.post({"lp_campaign_id": "13424", "lp_supplier_id": "27633",
+                                       "lp_key": "12345", "email": "m@example.com"})
+        assert (status, body["status"]) == (200, "ACCEPTED"), body
+        # an integer that names no campaign is the usual 404, the id as posted
+        status, body = await eng.post({"lp_campaign_id": 1, "lp_supplier_id": 27633,
+                                       "lp_key": "12345", "email": "o@example.com"})
+        assert (status, body["code"], body["message"]) == (404, 1010, "unknown campaign '1'")
+        await eng.assert_reconciled()
