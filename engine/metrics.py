@@ -14,7 +14,7 @@ Hot path: labelled metrics are wrapped in :class:`Children`, a dict cache of bou
 ``.labels()`` children, so recording is a tuple-keyed dict lookup plus ``inc()``::
 
     from engine.metrics import METRICS as M, observe
-    M.leads_received("c1", "s1", "sold").inc()
+    M.leads_received("c1", "s1", "accepted").inc()
     observe(M.decision_duration, elapsed_s)  # = M.decision_duration.observe, cheaper
 
 Serving: :func:`render` for our own ASGI app (or :func:`metrics_asgi_app`),
@@ -66,7 +66,9 @@ OTHER = "__other__"  # label value that replaces label sets beyond a Children li
 # lead statuses are the API's, lower-cased; money kinds are the ledger's `kind` values
 LEAD_STATUSES = ("accepted", "duplicated", "rejected", "error")
 DEBIT_KINDS = ("lead", "fee", "usage", "reprice", "refund", "adjustment")
-CREDIT_KINDS = ("funding", "recharge", "refund", "fee_refund", "return", "opening", "adjustment")
+CREDIT_KINDS = (
+    "funding", "recharge", "refund", "fee_refund", "return", "reprice", "opening", "adjustment",
+)  # fmt: skip
 EVENT_TYPES = (
     "balance_alert",
     "recharge_needed",
@@ -74,6 +76,7 @@ EVENT_TYPES = (
     "recharge_failed",
     "buyer_paused",
     "buyer_resumed",
+    "delivery_failed",
 )
 PAUSE_REASONS = ("floor", "min_balance", "manual")
 RECHARGE_OUTCOMES = ("succeeded", "failed", "declined", "authentication_required", "skipped")
@@ -383,8 +386,8 @@ class Metrics:
         )
 
     def _http_metrics(self) -> None:
-        # (route, code): route is the route *template* ("/v1/leads/{campaign}"), or
-        # "unmatched" for 404s; code is the status as a string.
+        # (route, code): route is the route *template* ("/v1/leads", "/v1/accounts/{id}"),
+        # or "unmatched" for 404s and 405s; code is the status as a string.
         self.http_requests = self._children(
             self._counter(
                 "http_requests_total",
@@ -492,9 +495,17 @@ def observe_all(hist: Histogram, amounts: Sequence[float]) -> None:
 
 # -- account balances, read at scrape time -------------------------------------------------
 
-BalanceRow = tuple[str, str, int, int]
-"""``(tenant, account, balance_micros, floor_micros)``."""
+BalanceRow = tuple[str, str, int, int | None]
+"""``(tenant, account, balance_micros, floor_micros)``; the floor is None for an account
+without one (billing ``none``: never refused, never paused)."""
 BalanceSource = Callable[[], Iterable[BalanceRow]]
+
+
+def _headroom(row: BalanceRow) -> tuple[bool, int]:
+    """Sort key of the top-N selection: accounts with a floor first, by headroom (``balance
+    - floor``), then accounts without one, by balance."""
+    _, _, bal, flo = row
+    return (flo is None, bal if flo is None else bal - flo)
 
 
 class BalanceCollector:
@@ -502,9 +513,11 @@ class BalanceCollector:
 
     ``source`` is called once per scrape (never on the write path) and returns rows
     ``(tenant, account, balance_micros, floor_micros)`` for a bounded, configured set of
-    accounts. If it returns more than ``max_accounts`` rows, only the ``max_accounts`` with
-    the least headroom (``balance - floor``) are exported: those are the ones an alert
-    cares about. ``enabled=False`` exports nothing (opt-out).
+    accounts; ``floor_micros`` is None for an account without a floor (billing ``none``),
+    which is exported with its balance and no floor series, so no floor alert can match it.
+    If the source returns more than ``max_accounts`` rows, only the ``max_accounts`` with
+    the least headroom (``balance - floor``) are exported, accounts without a floor last:
+    those are the ones an alert cares about. ``enabled=False`` exports nothing (opt-out).
 
     Exports ``leadflow_account_balance_micros{tenant,account}``,
     ``leadflow_account_floor_micros{tenant,account}``, and, for the collector itself,
@@ -513,7 +526,8 @@ class BalanceCollector:
     ``leadflow_account_balance_source_duration_seconds``.
 
     ``source`` runs in the scraping thread: with :func:`metrics_asgi_app` that is a worker
-    thread (``asyncio.to_thread``), so a synchronous Redis client is fine there.
+    thread (``asyncio.to_thread``), so a synchronous Redis client is fine there, as long as
+    it gives up quickly (:func:`sync_redis_client`): the scrape waits for it.
     """
 
     BALANCE = f"{NAMESPACE}_account_balance_micros"
@@ -561,38 +575,88 @@ class BalanceCollector:
         elapsed = time.perf_counter() - start
         returned = len(rows)
         if returned > self.max_accounts:
-            rows = heapq.nsmallest(self.max_accounts, rows, key=lambda row: row[2] - row[3])
+            rows = heapq.nsmallest(self.max_accounts, rows, key=_headroom)
         up.add_metric([], 1)
         count.add_metric([], returned)
         duration.add_metric([], elapsed)
         for tenant, account, bal, flo in rows:
             balance.add_metric([tenant, account], bal)
-            floor.add_metric([tenant, account], flo)
+            if flo is not None:
+                floor.add_metric([tenant, account], flo)
         return (balance, floor, up, count, duration)
+
+
+BALANCE_TIMEOUT_S = 1.0
+
+
+def sync_redis_client(url: str, *, timeout_s: float = BALANCE_TIMEOUT_S) -> Any:
+    """A synchronous client for the balance export, from the engine's Redis URL.
+
+    The URL is read as :func:`engine.store.connect` reads it: ``redis+cluster://host:port``
+    is a Redis Cluster (:class:`redis.RedisCluster`, any node), anything else goes to
+    :meth:`redis.Redis.from_url`, which keeps the ACL username, the password, the database
+    and TLS (``rediss://`` and its ``ssl_*`` query parameters). A scrape waits for this
+    client, so it gives up quickly: ``timeout_s`` to connect and to read a reply, and no
+    retries (redis-py's default retries with back-off made a scrape take seconds when
+    Redis refused connections, and without a socket timeout a stopped Redis held the scrape
+    for as long as Prometheus waited).
+
+    A cluster client reads the cluster's slot map when built, so this raises (a
+    :class:`redis.exceptions.RedisError`) when no node answers at that moment.
+    """
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    from engine.store import CLUSTER_SCHEME
+
+    if url.startswith(CLUSTER_SCHEME):
+        return redis.RedisCluster.from_url(
+            "redis://" + url.removeprefix(CLUSTER_SCHEME),
+            socket_connect_timeout=timeout_s,
+            socket_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+        )
+    return redis.Redis.from_url(
+        url,
+        socket_connect_timeout=timeout_s,
+        socket_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=0,
+    )
 
 
 def redis_balance_source(
     client: Any, accounts: Iterable[tuple[str, str]] | Callable[[], Iterable[tuple[str, str]]]
 ) -> BalanceSource:
-    """A :data:`BalanceSource` reading ``bal``/``floor`` of account hashes with a sync client.
+    """A :data:`BalanceSource` reading the ``keys.acct()`` hashes with a sync client.
 
-    ``client`` is a synchronous ``redis.Redis``; ``accounts`` a fixed list of
-    ``(tenant, account)`` or a callable returning one (e.g. from the loaded config). One
-    pipelined ``HMGET`` per account, one round trip in all. Accounts whose hash does not
-    exist are skipped.
+    ``client`` is a synchronous ``redis.Redis`` or ``redis.RedisCluster`` (build it with
+    :func:`sync_redis_client`); ``accounts`` a fixed list of ``(tenant, account)`` or a
+    callable returning one (e.g. from the loaded config). One ``HMGET bal floor mode`` per
+    account in a non-transactional pipeline: one round trip on one Redis; on a cluster,
+    each key's command goes to its own node (one round trip per node). Accounts whose hash
+    does not exist are skipped. A missing floor is ``DEFAULT_FLOOR``, as in the scripts;
+    billing ``none`` accounts have no floor (None).
     """
     from engine import keys
+    from engine.store import DEFAULT_FLOOR
 
     def source() -> list[BalanceRow]:
         wanted = list(accounts() if callable(accounts) else accounts)
+        if not wanted:
+            return []
         pipe = client.pipeline(transaction=False)
         for tenant, account in wanted:
-            pipe.hmget(keys.acct(tenant, account), "bal", "floor")
+            pipe.hmget(keys.acct(tenant, account), "bal", "floor", "mode")
         rows: list[BalanceRow] = []
-        for (tenant, account), (bal, flo) in zip(wanted, pipe.execute(), strict=True):
+        for (tenant, account), (bal, flo, mode) in zip(wanted, pipe.execute(), strict=True):
             if bal is None:
                 continue
-            rows.append((tenant, account, int(bal), int(flo) if flo is not None else 0))
+            floor: int | None = int(flo) if flo else DEFAULT_FLOOR
+            if mode in (b"none", "none"):  # (a client may decode replies)
+                floor = None
+            rows.append((tenant, account, int(bal), floor))
         return rows
 
     return source

@@ -37,6 +37,7 @@ from engine.metrics import (
     render,
     start_worker_metrics_server,
 )
+from engine.store import DEFAULT_FLOOR
 
 ROOT = Path(__file__).resolve().parent.parent
 PROM_DIR = ROOT / "config" / "prometheus"
@@ -306,16 +307,23 @@ def test_balance_collector_reads_only_at_scrape_time_and_survives_errors() -> No
 def test_redis_balance_source_reads_account_hashes(redis_server: EmbeddedRedis) -> None:
     client = syncredis.Redis.from_url(redis_server.url)
     try:
-        client.delete(keys.acct("t1", "wallet"), keys.acct("t1", "c1"))  # an earlier test's
-        client.hset(keys.acct("t1", "wallet"), mapping={"bal": 5_000_000, "floor": -20_000_000})
+        names = [keys.acct("t1", a) for a in ("wallet", "c1", "c2", "qw")]
+        client.delete(*names)  # an earlier test's
+        client.hset(keys.acct("t1", "wallet"), mapping={"bal": 5_000_000, "floor": 0})
         client.hset(keys.acct("t1", "c1"), mapping={"bal": -1_500_000})
-        source = redis_balance_source(client, [("t1", "wallet"), ("t1", "c1"), ("t1", "gone")])
+        client.hset(keys.acct("t1", "c2"), mapping={"bal": 1, "floor": -1, "mode": "realtime"})
+        client.hset(keys.acct("t1", "qw"), mapping={"bal": -9, "floor": -20, "mode": "none"})
+        wanted = [("t1", "wallet"), ("t1", "c1"), ("t1", "gone"), ("t1", "c2"), ("t1", "qw")]
+        source = redis_balance_source(client, wanted)
         assert source() == [
-            ("t1", "wallet", 5_000_000, -20_000_000),
-            ("t1", "c1", -1_500_000, 0),
+            ("t1", "wallet", 5_000_000, 0),
+            ("t1", "c1", -1_500_000, DEFAULT_FLOOR),  # no floor field: the scripts' default
+            ("t1", "c2", 1, -1),
+            ("t1", "qw", -9, None),  # billing "none": no floor at all
         ]
+        assert redis_balance_source(client, [])() == []
     finally:
-        client.delete(keys.acct("t1", "wallet"), keys.acct("t1", "c1"))
+        client.delete(*names)
         client.close()
 
 
