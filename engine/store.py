@@ -7,6 +7,7 @@ and its events.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any, cast
@@ -22,6 +23,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from engine import keys
 from engine.errors import StoreUnavailable
 from engine.scripts import Scripts, scripts
+
+log = logging.getLogger("leadflow.store")
 
 WALLET = "wallet"
 USAGE_TTL_S = 32 * 86_400  # usage event ids are remembered at least 32 days
@@ -181,17 +184,49 @@ class Store:
         res = _sale_dec.decode(raw)
         if self.observer is not None and res.ok and not res.replay:
             self.observer(kind, int(res.price))
+            sale, wallet = await self._sale_record(tenant, lead_id, buyer)
+            fee = int(sale.get("f") or 0) if sale and wallet else 0
+            if fee:  # the fee_refund ledger entry of the tenant's wallet
+                self.observer("fee_refund", fee)
         return res
+
+    async def _sale_record(self, tenant: str, lead_id: str, buyer: str) -> tuple[Any, bool]:
+        """For the money observer only (refund.lua returns the sale's price, neither the
+        outbound fee it credits back nor a reprice's old price): the sale record (decoded;
+        None if absent) and whether the tenant's wallet exists (refund.lua credits the fee
+        back only then). ``(None, False)`` when Redis cannot be read: the money moved
+        anyway, only its count is lost."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hget(keys.lead(tenant, lead_id), buyer)
+        pipe.exists(keys.acct(tenant, WALLET))
+        try:
+            raw, wallet = await pipe.execute()
+        except UNAVAILABLE as exc:
+            log.warning("sale %s/%s of tenant %s not counted in metrics: %s", lead_id, buyer,
+                        tenant, type(exc).__name__)
+            return None, False
+        return (msgspec.json.decode(raw) if raw else None), bool(wallet)
 
     async def reprice_sale(
         self, tenant: str, lead_id: str, buyer: str, price: int, reason: str = "realtime price"
     ) -> SaleResult:
+        before = 0
+        if self.observer is not None:  # refund.lua returns the new price, not the delta
+            sale, _ = await self._sale_record(tenant, lead_id, buyer)
+            before = int(sale.get("p") or 0) if sale else 0
         raw = await self._run(
             self.lua.refund,
             tenant,
             [lead_id, buyer, "reprice", price, reason, now_ms(), "reprice", WALLET],
         )
-        return _sale_dec.decode(raw)
+        res = _sale_dec.decode(raw)
+        # a sale is repriced once (later calls are replays); only a reprice changes its
+        # price, so the price read before is the one this reprice moved from
+        if self.observer is not None and res.ok and not res.replay and before:
+            delta = before - int(res.price)
+            if delta:
+                self.observer("reprice", delta)
+        return res
 
     async def sync_account(
         self,
@@ -224,6 +259,8 @@ class Store:
             ],
         )
         created, events = raw
+        if self.observer is not None and created and opening:
+            self.observer("opening", opening)  # the opening ledger entry (once: created)
         if self.events_observer is not None and events:
             self.events_observer([e.decode() if isinstance(e, bytes) else e for e in events])
         return bool(created)

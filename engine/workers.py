@@ -147,8 +147,13 @@ async def run_worker(
         svc.consumer = consumer
     stop, started = asyncio.Event(), asyncio.Event()
     svc.handle_signals(stop, started)  # SIGHUP: the worker restarts on the reloaded config
-    if metrics_port is not None:
-        start_worker_metrics_server(metrics_port)
+    if metrics_port is not None:  # on the configured host, as the engine's API is
+        host = cfg.settings.host
+        server, _ = start_worker_metrics_server(metrics_port, addr=host)
+        port = server.server_port  # the one bound: --metrics-port 0 picks a free one
+        where = f"[{host}]" if ":" in host else host
+        log.info("worker metrics serving", extra={
+            "worker": kind, "port": port, "url": f"http://{where}:{port}/metrics"})
     await svc.start(serve=False)  # a worker serves no API, only its /metrics port
     assert svc.crew is not None
     started.set()

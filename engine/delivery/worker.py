@@ -138,7 +138,8 @@ class _Batch:
     and wake the batch once, when the last one is in (``sent``); a batch that stopped
     waiting (``dropped``) has its queued requests skipped."""
 
-    __slots__ = ("common", "dropped", "events", "jobs", "left", "money", "ops", "sent")
+    __slots__ = ("common", "dropped", "events", "failed", "jobs", "left", "money", "ops",
+                 "sent")
 
     def __init__(self, jobs: Sequence[Job] = ()) -> None:
         self.jobs = jobs
@@ -146,6 +147,7 @@ class _Batch:
         self.common: dict[str, dict[str, list[Any]]] = {}  # decisions, logs, acks (Lua)
         self.money: list[tuple[Job, Decision]] = []
         self.events: list[DeliveryEvent] = []  # for the observer, told once per batch
+        self.failed: dict[str, int] = {}  # delivery_failed events in a tenant's ops
         self.left = 0
         self.sent: asyncio.Future[None] | None = None
         self.dropped = False
@@ -474,6 +476,7 @@ class DeliveryWorker:
                         op(pipe)
                     async with self._rsem:
                         results = await pipe.execute()
+                self._count_failed(out.failed.get(tenant, 0))
                 rows = results[0] if common else []
             jobs = common["jobs"] if common else []  # the rows delivery_finish.lua names
             for i in rows:
@@ -636,6 +639,7 @@ class DeliveryWorker:
         if dead:
             out.add(job.tenant, lambda pipe: self._dead_letter(
                 pipe, job, dec.r, attempts=n, status=status, now=now))
+            out.failed[job.tenant] = out.failed.get(job.tenant, 0) + 1
         if money:
             out.money.append((job, dec))
 
@@ -662,6 +666,13 @@ class DeliveryWorker:
                   {"type": "delivery_failed", "account": job.account, "lead_id": job.lead_id,
                    "buyer": job.buyer, "campaign": job.campaign, "reason": reason,
                    "attempts": attempts, "ts": now}, maxlen=1_000_000, approximate=True)
+
+    def _count_failed(self, n: int) -> None:
+        """``n`` delivery_failed events were just appended (by _dead_letter, in a MULTI
+        that ran): counted like the scripts' events (leadflow_events_emitted_total), once
+        each, after the write; a MULTI that failed wrote and counts none."""
+        if n and self.store.events_observer is not None:
+            self.store.events_observer(["delivery_failed", n])
 
     def _ack_in(self, pipe: Any, job: Job) -> None:
         stream = keys.deliveries(job.tenant)
