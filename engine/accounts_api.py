@@ -17,6 +17,7 @@ from billing import money
 from billing.api import _decode as decode_json_body
 from billing.errors import BillingError, MoneyError
 from engine import http, keys, telemetry
+from engine.config import WALLET
 from engine.errors import StoreUnavailable
 from engine.http import Request, Response
 from engine.runtime import Runtime, token_digest
@@ -157,6 +158,14 @@ class AccountsApi:
             return http.error_response(400, "invalid_body", str(exc))
         if amount <= 0:
             return http.error_response(400, "invalid_amount", "amount must be positive")
+        if account == WALLET:
+            # the platform-fee wallet is what the tenant owes the platform: its own token
+            # crediting it would be free money against the fees. It is funded by card
+            # (POST /v1/accounts/wallet/funds) or by the platform's operator
+            return http.error_response(
+                403, "wallet_not_creditable",
+                "the platform wallet takes no manual credit from the tenant: fund it by card "
+                "(POST /v1/accounts/wallet/funds)")
         key = req.header(b"idempotency-key")
         if not key or len(key) > 255:  # a retry must never credit twice
             return http.error_response(400, "missing_idempotency_key",

@@ -486,3 +486,17 @@ async def test_events_of_balance_changes_outside_decide_are_counted(redis, redis
         assert alerts() == before + 1
         await eng.store.adjust("t1", "c1", -90_000_000, "usage", op_id="u-1")  # a replay
         assert alerts() == before + 1
+
+
+async def test_the_tenant_cannot_credit_its_own_platform_wallet(redis, redis_server, cfg):
+    """The wallet is what the tenant owes the platform in fees: a manual credit with the
+    tenant's own token was free money against them."""
+    async with running(cfg, redis_server.url) as eng:
+        before = await eng.balance("wallet")
+        status, body = await eng.api("POST", "/v1/accounts/wallet/credits",
+                                     json={"amount": "500.00"},
+                                     headers={"Idempotency-Key": "free-money"})
+        assert status == 403 and body["error"]["code"] == "wallet_not_creditable", body
+        assert await eng.balance("wallet") == before
+        assert (await eng.api("POST", "/v1/accounts/c1/credits", json={"amount": "5.00"},
+                              headers={"Idempotency-Key": "c1-wire"}))[0] == 201
