@@ -327,14 +327,12 @@ class Service:
         Registered on the app's registry until :meth:`stop` (which unregisters it, so a
         process may start a Service again, as the tests do).
         """
-        import redis as sync_redis
-
-        from engine.metrics import BalanceCollector, redis_balance_source
+        from engine.metrics import BalanceCollector, redis_balance_source, sync_redis_client
 
         assert self.app is not None and self.store is not None
-        kw = self.store.redis.connection_pool.connection_kwargs
-        client = sync_redis.Redis(host=kw.get("host", "127.0.0.1"), port=kw.get("port", 6379),
-                                  db=kw.get("db", 0), password=kw.get("password"))
+        url = self.redis_url or (self.embedded.url if self.embedded is not None else None)
+        assert url is not None  # start() ran: a given URL, or the embedded server's
+        client = sync_redis_client(url)
 
         def accounts() -> list[tuple[str, str]]:
             cfg = self.cfg
