@@ -43,6 +43,7 @@ from billing.stripe_gateway import StripeGateway
 from engine import keys
 from engine.config import AutoRecharge, Config
 from engine.errors import StoreUnavailable
+from engine.metrics import METRICS, observe
 from engine.store import UNAVAILABLE, Store, is_cluster, now_ms
 
 log = logging.getLogger("leadflow.billing.recharge")
@@ -145,6 +146,9 @@ async def _emit(ctx: BillingContext, tenant: str, etype: str, account: str,
         keys.events(tenant), entry,
         maxlen=1_000_000, approximate=True,
     )
+    METRICS.events_emitted(etype).inc()
+    if etype == "recharge_failed" and fields.get("reason") in _SKIPPED:
+        METRICS.recharge_attempts("skipped").inc()
 
 
 async def _finish(ctx: BillingContext, a: Attempt, now: int) -> None:
@@ -160,6 +164,26 @@ async def _finish(ctx: BillingContext, a: Attempt, now: int) -> None:
                     reason=a.error or a.state, amount=a.amount)
     a.notified = True
     await ctx.charger.save(a)
+    _observe(a, now_ms())
+
+
+# recharge_failed reasons that are no attempt at a card (a cap, nothing to charge)
+_SKIPPED = frozenset({"daily_cap", "no_payment_method"})
+
+
+def _observe(a: Attempt, now: int) -> None:
+    """An attempt's outcome, once (``_finish`` runs it after ``notified``): succeeded with
+    its latency from the attempt's creation (the worker reading the crossing's event),
+    declined (every card declined), authentication_required, or failed."""
+    if a.state == "credited":
+        METRICS.recharge_attempts("succeeded").inc()
+        observe(METRICS.recharge_latency, max(now - a.created_ms, 0) / 1_000)
+    elif a.state == "needs_customer":
+        METRICS.recharge_attempts("authentication_required").inc()
+    elif a.cards and all(c.state == "declined" for c in a.cards):
+        METRICS.recharge_attempts("declined").inc()
+    else:
+        METRICS.recharge_attempts("failed").inc()
 
 
 async def recharge(ctx: BillingContext, tenant: str, account: str, *, attempt_id: str,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 import pytest
 import redis.asyncio as aioredis
@@ -451,3 +453,35 @@ async def test_a_new_crossing_resumes_the_unfinished_recharge_instead_of_a_secon
     assert [p.status for p in localstripe.intents(customer=cus)] == ["succeeded"]
     assert len(await _events(redis, "recharge_succeeded")) == 1
     assert (await redis.xpending(keys.events(T), recharge.GROUP))["pending"] == 0
+
+
+async def test_recharge_outcomes_are_counted(
+        redis: aioredis.Redis, gateway: StripeGateway, localstripe: LocalStripe) -> None:
+    """leadflow_recharge_attempts_total and leadflow_recharge_latency_seconds were never
+    recorded (the recharge alerts could not fire), nor the recharge events."""
+    from engine.metrics import METRICS
+
+    def value(metric: Any) -> float:
+        return float(metric._value.get())
+
+    def latency_count() -> float:
+        return sum(s.value for m in METRICS.recharge_latency.collect() for s in m.samples
+                   if s.name.endswith("_count"))
+
+    ok, declined = METRICS.recharge_attempts("succeeded"), METRICS.recharge_attempts("declined")
+    events = METRICS.events_emitted("recharge_succeeded")
+    before = (value(ok), value(declined), value(events), latency_count())
+    ctx = await _ctx(redis, gateway)
+    await ctx.methods.attach(T, "c1", localstripe.card(DECLINES))
+    await _drop_below_threshold(ctx)
+    await _process(ctx)
+    assert value(declined) == before[1] + 1 and value(ok) == before[0]
+    good = await ctx.methods.attach(T, "c1", localstripe.card())
+    await ctx.methods.set_primary(T, "c1", good.id)
+    assert await recharge.recharge_if_below(ctx, T, "c1", why="card_added")
+    await _process(ctx)
+    assert await _balance(ctx) == 115 * D
+    assert (value(ok), value(events), latency_count()) == (
+        before[0] + 1, before[2] + 1, before[3] + 1)
+    await _process(ctx)  # nothing new: nothing counted twice
+    assert (value(ok), value(declined)) == (before[0] + 1, before[1] + 1)
