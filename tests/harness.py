@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -166,9 +167,13 @@ class Engine:
 
 
 @asynccontextmanager
-async def running(cfg: Config, redis_url: str) -> AsyncIterator[Engine]:
-    with tempfile.TemporaryDirectory(prefix="leadflow-test-") as state_dir:
-        svc = Service(cfg, redis_url=redis_url, host="127.0.0.1", port=0, state_dir=state_dir)
+async def running(cfg: Config, redis_url: str, *, workers: list[Any] | None = None,
+                  state_dir: str | os.PathLike[str] | None = None) -> AsyncIterator[Engine]:
+    """The engine serving on a free port (in-process ``workers``, none by default), its
+    state in ``state_dir`` or a temporary directory."""
+    with tempfile.TemporaryDirectory(prefix="leadflow-test-") as tmp:
+        svc = Service(cfg, redis_url=redis_url, host="127.0.0.1", port=0,
+                      state_dir=str(state_dir or tmp), workers=workers)
         await svc.start()
         try:
             async with aiohttp.ClientSession() as http:

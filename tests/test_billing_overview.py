@@ -21,9 +21,8 @@ from billing import archive as archive_mod
 from billing.archive import Archive
 from engine import keys
 from engine.embedded import EmbeddedRedis
-from engine.service import Service
 from engine.workers import WorkerFn, ledger
-from tests.harness import Engine, buyer, campaign, make_config
+from tests.harness import Engine, buyer, campaign, make_config, running
 
 ACCOUNT_LEDGER = keys.acct_ledger("t1", "c1")
 
@@ -33,19 +32,9 @@ def cfg():
     return make_config(campaign(), buyer("b1", price="10.00"))
 
 
-@contextlib.asynccontextmanager
-async def engine(cfg, url: str, state_dir: Path, workers: list[WorkerFn]
-                 ) -> AsyncIterator[Engine]:
-    import aiohttp
-
-    svc = Service(cfg, redis_url=url, host="127.0.0.1", port=0, workers=workers,
-                  state_dir=str(state_dir))
-    await svc.start()
-    try:
-        async with aiohttp.ClientSession() as http:
-            yield Engine(svc, http)
-    finally:
-        await svc.stop()
+def engine(cfg: Any, url: str, state_dir: Path, workers: list[WorkerFn]
+           ) -> contextlib.AbstractAsyncContextManager[Engine]:
+    return running(cfg, url, workers=workers, state_dir=state_dir)
 
 
 async def credit(eng: Engine, key: str, amount: str = "5.00") -> str:
