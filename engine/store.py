@@ -47,6 +47,7 @@ class SaleResult(msgspec.Struct, frozen=True):
     price: str = "0"
     replay: bool = False
     error: str = ""
+    events: list[str | int] | dict[str, int] = []  # emitted by this call (refund.lua)
 
 
 class AccountState(msgspec.Struct, frozen=True):
@@ -182,6 +183,7 @@ class Store:
             [lead_id, buyer, "refund", 0, reason, now_ms(), kind, WALLET],
         )
         res = _sale_dec.decode(raw)
+        self._events(res)
         if self.observer is not None and res.ok and not res.replay:
             self.observer(kind, int(res.price))
             sale, wallet = await self._sale_record(tenant, lead_id, buyer)
@@ -189,6 +191,10 @@ class Store:
             if fee:  # the fee_refund ledger entry of the tenant's wallet
                 self.observer("fee_refund", fee)
         return res
+
+    def _events(self, res: SaleResult) -> None:
+        if self.events_observer is not None and res.ok and not res.replay and res.events:
+            self.events_observer(res.events)
 
     async def _sale_record(self, tenant: str, lead_id: str, buyer: str) -> tuple[Any, bool]:
         """For the money observer only (refund.lua returns the sale's price, neither the
@@ -220,6 +226,7 @@ class Store:
             [lead_id, buyer, "reprice", price, reason, now_ms(), "reprice", WALLET],
         )
         res = _sale_dec.decode(raw)
+        self._events(res)
         # a sale is repriced once (later calls are replays); only a reprice changes its
         # price, so the price read before is the one this reprice moved from
         if self.observer is not None and res.ok and not res.replay and before:

@@ -500,3 +500,26 @@ async def test_the_tenant_cannot_credit_its_own_platform_wallet(redis, redis_ser
         assert await eng.balance("wallet") == before
         assert (await eng.api("POST", "/v1/accounts/c1/credits", json={"amount": "5.00"},
                               headers={"Idempotency-Key": "c1-wire"}))[0] == 201
+
+
+async def test_events_of_refunds_are_counted(redis, redis_server, cfg):
+    """A refund that lifts an account's pause emits buyer_resumed from refund.lua; it
+    reached the events stream but not leadflow_events_emitted_total."""
+    from engine.metrics import METRICS
+
+    def resumed() -> float:
+        return METRICS.events_emitted("buyer_resumed")._value.get()  # type: ignore[no-any-return]
+
+    async with running(cfg, redis_server.url) as eng:
+        _, lead = await eng.lead(email="refund-events@example.com")
+        assert lead["status"] == "ACCEPTED", lead
+        [sold] = [b for b in ("b1", "b2") if await redis.hexists(
+            keys.lead("t1", lead["lead_id"]), b)]
+        client = {"b1": "c1", "b2": "c2"}[sold]
+        await redis.hset(keys.acct("t1", client), "paused", "floor")  # as decide.lua pauses
+        before = resumed()
+        res = await eng.store.refund_sale("t1", lead["lead_id"], sold, "rejected")
+        assert res.ok and "buyer_resumed" in res.events, res
+        assert resumed() == before + 1
+        await eng.store.refund_sale("t1", lead["lead_id"], sold, "rejected")  # a replay
+        assert resumed() == before + 1

@@ -14,7 +14,8 @@
 -- ARGV[7]  ledger kind for refunds: "refund" (delivery rejected) or "return" (buyer return)
 -- ARGV[8]  tenant wallet account id
 --
--- Returns JSON {"ok":true,"state":"refunded"|"sold","price":"<micros>","replay":bool}
+-- Returns JSON {"ok":true,"state":"refunded"|"sold","price":"<micros>","replay":bool,
+-- "events":[type, count, ...] emitted by this call (for metrics; absent on a replay)}
 --           or {"ok":false,"error":"unknown_sale"}
 
 local p, lead_id, b, action = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
@@ -56,7 +57,8 @@ if action == 'reprice' then
   end
   sale.p, sale.rp = fmt(new), true
   redis.call('HSET', lk, b, cjson.encode(sale))
-  return cjson.encode({ok = true, state = 'sold', price = sale.p, replay = false})
+  return cjson.encode({ok = true, state = 'sold', price = sale.p, replay = false,
+                       events = emitted_list()})
 end
 
 apply(p, a, price, kind, lead_id, now, extra)
@@ -95,4 +97,5 @@ for _, v in ipairs(redis.call('HVALS', lk)) do
   if ok and type(other) == 'table' and other.s == 'sold' then standing = true; break end
 end
 if not standing then forget(sale.cd) end
-return cjson.encode({ok = true, state = 'refunded', price = sale.p, replay = false})
+return cjson.encode({ok = true, state = 'refunded', price = sale.p, replay = false,
+                     events = emitted_list()})
