@@ -242,13 +242,10 @@ class Ingest:
             if data.get(sub):
                 payload[sub] = str(data[sub])
         pkey = "p:" + _digest(supplier.id, raw)
-        keys_: dict[str, Any] = {"k": pkey, "kt": self.replay_window_s}
-        if idempotency_key:  # both rules: the same key, or the same payload in the window
-            keys_ = {"k": "h:" + _digest(supplier.id, idempotency_key.encode()),
-                     "kt": self.idempotency_ttl_s, "k2": pkey, "k2t": self.replay_window_s}
-        head = _enc.encode({
+        lead: dict[str, Any] = {
             "id": lead_id,
-            **keys_,
+            "k": pkey,
+            "kt": self.replay_window_s,
             "t": 1 if test else 0,
             "c": plan.id,
             "fi": plan.fee_in,
@@ -258,7 +255,11 @@ class Ingest:
             "d": plan.campaign_prints(values),
             "dt": plan.dedupe_ttl_s,
             "win": _window_ids(windows),
-        })
+        }
+        if idempotency_key:  # both rules: the same key, or the same payload in the window
+            lead["k"] = "h:" + _digest(supplier.id, idempotency_key.encode())
+            lead["kt"], lead["k2"], lead["k2t"] = self.idempotency_ttl_s, pkey, self.replay_window_s
+        head = _enc.encode(lead)
         cands = plan.candidates_json(order, values, windows.weekday)
         return head[:-1] + b',"cs":[' + cands + b"]}", _enc.encode(payload)
 

@@ -200,7 +200,6 @@ local function decide(L)
     why.cap, why.paused, why.funds)}
 end
 
--- the stored record under key k, a pointer followed (nil when absent or expired)
 -- the stored record under key k, a pointer followed (nil when absent or expired), and
 -- the key it was found under
 local function record(k)
