@@ -170,8 +170,7 @@ class Store:
         if res.ok and not res.replay:
             if self.observer is not None:
                 self.observer(kind, delta)
-            if self.events_observer is not None and res.events:
-                self.events_observer(res.events)
+            self._count_events(res.events)
         return res
 
     async def refund_sale(
@@ -183,18 +182,20 @@ class Store:
             [lead_id, buyer, "refund", 0, reason, now_ms(), kind, WALLET],
         )
         res = _sale_dec.decode(raw)
-        self._events(res)
-        if self.observer is not None and res.ok and not res.replay:
-            self.observer(kind, int(res.price))
-            sale, wallet = await self._sale_record(tenant, lead_id, buyer)
-            fee = int(sale.get("f") or 0) if sale and wallet else 0
-            if fee:  # the fee_refund ledger entry of the tenant's wallet
-                self.observer("fee_refund", fee)
+        if res.ok and not res.replay:
+            self._count_events(res.events)
+            if self.observer is not None:
+                self.observer(kind, int(res.price))
+                sale, wallet = await self._sale_record(tenant, lead_id, buyer)
+                fee = int(sale.get("f") or 0) if sale and wallet else 0
+                if fee:  # the fee_refund ledger entry of the tenant's wallet
+                    self.observer("fee_refund", fee)
         return res
 
-    def _events(self, res: SaleResult) -> None:
-        if self.events_observer is not None and res.ok and not res.replay and res.events:
-            self.events_observer(res.events)
+    def _count_events(self, events: Any) -> None:
+        """Events a script emitted (``[type, count, ...]``), to ``events_observer``."""
+        if self.events_observer is not None and events:
+            self.events_observer(events)
 
     async def _sale_record(self, tenant: str, lead_id: str, buyer: str) -> tuple[Any, bool]:
         """For the money observer only (refund.lua returns the sale's price, neither the
@@ -226,7 +227,8 @@ class Store:
             [lead_id, buyer, "reprice", price, reason, now_ms(), "reprice", WALLET],
         )
         res = _sale_dec.decode(raw)
-        self._events(res)
+        if res.ok and not res.replay:
+            self._count_events(res.events)
         # a sale is repriced once (later calls are replays); only a reprice changes its
         # price, so the price read before is the one this reprice moved from
         if self.observer is not None and res.ok and not res.replay and before:
@@ -268,8 +270,7 @@ class Store:
         created, events = raw
         if self.observer is not None and created and opening:
             self.observer("opening", opening)  # the opening ledger entry (once: created)
-        if self.events_observer is not None and events:
-            self.events_observer([e.decode() if isinstance(e, bytes) else e for e in events])
+        self._count_events([e.decode() if isinstance(e, bytes) else e for e in events])
         return bool(created)
 
     async def stream_range(
