@@ -162,14 +162,14 @@ def _signal_reload(cfg: config_mod.Config, state_dir: str | None, *,
     """SIGHUP to every engine running on the config's state dir, once the file checked out,
     then wait for each engine's own verdict (its record, engine.pidfile). An engine reloads
     the file it was started with, so another file is refused rather than silently ignored."""
-    from engine.pidfile import read_running
+    from engine.pidfile import config_path, read_running
 
     where = Path(state_dir or cfg.settings.state_dir)
     engines = read_running(where)
     if not engines:
         print(f"config ok, but no engine runs on state dir {where}", file=sys.stderr)
         return 1
-    mine = str(Path(cfg.source).resolve())
+    mine = config_path(cfg.source)
     for e in engines:
         if e.config != mine:
             print(f"config ok, but the engine (pid {e.pid}) reloads {e.config}, not this "

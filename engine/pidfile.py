@@ -36,6 +36,11 @@ class EngineState(msgspec.Struct, kw_only=True):
     reload_error: str = ""  # why the last one was refused; "" when it took effect
 
 
+def config_path(source: str) -> str:
+    """A config file as records name it (``EngineState.config``): its absolute path."""
+    return str(Path(source).resolve()) if source else ""
+
+
 class PidFile:
     """The record of this process's engine; see the module docs."""
 

@@ -34,7 +34,7 @@ from engine.delivery.worker import WorkerOptions
 from engine.embedded import EmbeddedRedis
 from engine.errors import ConfigError, EmbeddedRedisError, LeadflowError
 from engine.http import Handler, Request, Response
-from engine.pidfile import EngineState, PidFile, read_running
+from engine.pidfile import EngineState, PidFile, config_path, read_running
 from engine.runtime import Runtime, sync_accounts
 from engine.store import Store, connect
 from engine.sync_route import SyncRouter
@@ -300,7 +300,8 @@ class Service:
         done, started = asyncio.Event(), asyncio.Event()
         self.handle_signals(done, started)
         self.pidfile = PidFile(self.state_dir)
-        self.pidfile.acquire(EngineState(pid=os.getpid(), config=_abspath(self.cfg.source)))
+        record = EngineState(pid=os.getpid(), config=config_path(self.cfg.source))
+        self.pidfile.acquire(record)
         try:
             try:
                 await self.start()
@@ -309,9 +310,8 @@ class Service:
                 started.set()  # a SIGHUP's reload waiting for the start gives up
                 await self.stop()
                 raise
-            self.pidfile.write(EngineState(
-                pid=os.getpid(), config=_abspath(self.cfg.source),
-                redis_url=self.embedded.url if self.embedded is not None else None))
+            if self.embedded is not None:  # where reconcile and workers find its Redis
+                self.pidfile.write(msgspec.structs.replace(record, redis_url=self.embedded.url))
             started.set()
             log.info("leadflow serving", extra={"url": self.url})
             await done.wait()
@@ -401,7 +401,3 @@ def _embedded_taken(exc: EmbeddedRedisError, state_dir: Path) -> str:
         return str(exc)
     return (f"{exc}: the engine (pid {running[0].pid}) runs it; join it with --redis-url "
             f"{running[0].redis_url}")
-
-
-def _abspath(source: str) -> str:
-    return str(Path(source).resolve()) if source else ""
