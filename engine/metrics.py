@@ -610,20 +610,12 @@ def sync_redis_client(url: str, *, timeout_s: float = BALANCE_TIMEOUT_S) -> Any:
 
     from engine.store import CLUSTER_SCHEME
 
+    quick: dict[str, Any] = {"socket_connect_timeout": timeout_s,
+                             "socket_timeout": timeout_s, "retry": Retry(NoBackoff(), 0)}
     if url.startswith(CLUSTER_SCHEME):
-        return redis.RedisCluster.from_url(
-            "redis://" + url.removeprefix(CLUSTER_SCHEME),
-            socket_connect_timeout=timeout_s,
-            socket_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-        )
-    return redis.Redis.from_url(
-        url,
-        socket_connect_timeout=timeout_s,
-        socket_timeout=timeout_s,
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=0,
-    )
+        return redis.RedisCluster.from_url("redis://" + url.removeprefix(CLUSTER_SCHEME),
+                                           **quick)
+    return redis.Redis.from_url(url, health_check_interval=0, **quick)
 
 
 def redis_balance_source(
