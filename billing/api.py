@@ -65,7 +65,7 @@ def _user(req: Request) -> str:
     return user if isinstance(user, str) else "api"
 
 
-def _decode(req: Request, decoder: msgspec.json.Decoder[Any]) -> Any:
+def decode_body(req: Request, decoder: msgspec.json.Decoder[Any]) -> Any:
     if req.content_type not in ("application/json", ""):
         raise InvalidRequest("the body must be application/json", code="unsupported_media_type")
     if not req.body:
@@ -133,7 +133,7 @@ class _BillingApi:
     async def fund(self, req: Request) -> Response:
         """POST /v1/accounts/{id}/funds {"amount": "100.00"} + Idempotency-Key."""
         tenant, account = self._account_of(req)
-        body: FundBody = _decode(req, _fund)
+        body: FundBody = decode_body(req, _fund)
         key = req.header(b"idempotency-key") or body.idempotency_key
         if not key:
             raise InvalidRequest("an Idempotency-Key header (or idempotency_key) is required",
@@ -153,7 +153,7 @@ class _BillingApi:
     async def attach(self, req: Request) -> Response:
         """POST /v1/accounts/{id}/payment-methods {"payment_method": "pm_..."}."""
         tenant, account = self._account_of(req)
-        body: AttachBody = _decode(req, _attach)
+        body: AttachBody = decode_body(req, _attach)
         m = await self.ctx.methods.attach(tenant, account, body.payment_method)
         await recharge.recharge_if_below(self.ctx, tenant, account, why="card_added")
         return json_response(msgspec.structs.asdict(m), 201)
@@ -184,14 +184,14 @@ class _BillingApi:
     async def auto_recharge(self, req: Request) -> Response:
         """PUT /v1/accounts/{id}/auto-recharge (AutoRecharge fields)."""
         tenant, account = self._account_of(req)
-        ar: AutoRecharge = _decode(req, _auto)
+        ar: AutoRecharge = decode_body(req, _auto)
         saved = await recharge.configure(self.ctx, tenant, account, ar)
         return json_response(msgspec.structs.asdict(saved))
 
     async def record_usage(self, req: Request) -> Response:
         """POST /v1/usage {account, meter, quantity, event_id}."""
         tenant = _tenant(req)
-        u: usage.Usage = _decode(req, _usage)
+        u: usage.Usage = decode_body(req, _usage)
         if not u.user:
             u.user = _user(req)
         res = await usage.record_usage(self.ctx, tenant, u.account, u.meter, u.quantity,
@@ -201,7 +201,7 @@ class _BillingApi:
     async def record_batch(self, req: Request) -> Response:
         """POST /v1/usage/batch {"items": [...]}: all validated first, then each debited."""
         tenant = _tenant(req)
-        body: BatchBody = _decode(req, _batch)
+        body: BatchBody = decode_body(req, _batch)
         for u in body.items:
             u.user = u.user or _user(req)
         out = await usage.record_batch(self.ctx, tenant, body.items)

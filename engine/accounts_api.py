@@ -14,15 +14,14 @@ from typing import Any
 import msgspec
 
 from billing import money
-from billing.api import _decode as decode_json_body
+from billing.api import decode_body
 from billing.errors import BillingError, MoneyError
 from engine import http, keys, telemetry
 from engine.config import WALLET
-from engine.errors import StoreUnavailable
 from engine.http import Request, Response
 from engine.runtime import Runtime, token_digest
 from engine.scripts import Script
-from engine.store import UNAVAILABLE, AccountState, Store, now_ms
+from engine.store import AccountState, Store, now_ms
 
 TenantHandler = Callable[[Request, str], Awaitable[Response]]
 ScriptObserver = Callable[[str, float, Any], None]  # (script, seconds, [event, count, ...])
@@ -80,12 +79,16 @@ def tenant_route(runtime: Callable[[], Runtime], handler: TenantHandler) -> http
     return wrapped
 
 
+def account_status(a: AccountState) -> str:
+    return "closed" if a.closed else ("paused" if a.paused else "active")
+
+
 def account_view(a: AccountState) -> dict[str, object]:
     return {
         "id": a.id,
         "balance": money.format(a.balance),
         "floor": money.format(a.floor),
-        "status": "closed" if a.closed else ("paused" if a.paused else "active"),
+        "status": account_status(a),
         "paused_reason": a.paused or None,
         "billing": a.mode,
         "thresholds": {
@@ -149,7 +152,7 @@ class AccountsApi:
         """A manual credit: the tenant received a payment outside leadflow ("manual" billing)."""
         account = req.params["id"]
         try:  # the billing endpoints' decoding: JSON only (400 unsupported_media_type)
-            body: CreditBody = decode_json_body(req, _credit)
+            body: CreditBody = decode_body(req, _credit)
         except BillingError as exc:
             return http.error_response(exc.status, exc.code, str(exc))
         try:
@@ -207,20 +210,16 @@ class AccountsApi:
                 f'buyer {buyer} is paused by the config (status = "paused"): set status = '
                 '"active" and reload the config; nothing changed')
         started = time.perf_counter()
-        try:
-            raw = await _BUYER_PAUSE(self.store.redis, [keys.tenant_prefix(tenant)],
-                                     [buyer, client, "1" if paused else "0", now_ms()])
-        except UNAVAILABLE as exc:
-            raise StoreUnavailable(f"redis unavailable: {type(exc).__name__}") from exc
+        raw = await _BUYER_PAUSE(self.store.redis, [keys.tenant_prefix(tenant)],
+                                 [buyer, client, "1" if paused else "0", now_ms()])
         res = _pause_result.decode(raw)
         self.observer("buyer_pause", time.perf_counter() - started, res.events)
         # the buyer's own flag, and the account that pays for its leads: a buyer resumed
         # while its account is paused (at its floor, under its minimum) or closed still
         # gets no lead, and "active" alone would say it does
         acct = await self.store.account(tenant, client)
-        account = {"id": client, "status": "missing" if acct is None else
-                   "closed" if acct.closed else "paused" if acct.paused else "active"}
-        if acct is not None and acct.paused and not acct.closed:
+        account = {"id": client, "status": "missing" if acct is None else account_status(acct)}
+        if acct is not None and account["status"] == "paused":
             account["paused_reason"] = acct.paused
         return http.json_response({"id": buyer, "status": "paused" if paused else "active",
                                    "account": account})
