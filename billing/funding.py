@@ -128,11 +128,9 @@ async def refund_balance(
     ctx.settings(tenant, account)
     async with ctx.charger.lock(tenant, account) as lock:
         state = await ctx.store.account(tenant, account)  # refusals before any Stripe call
-        if state is None:
-            raise InvalidRequest(f"unknown account {account}", code="unknown_account")
-        if state.balance < 0:
-            raise InvalidRequest("the balance is negative: nothing to refund",
-                                 code="negative_balance")
+        if state is None or state.balance < 0:
+            raise _close_refused("unknown_account" if state is None else "negative_balance",
+                                 account)
         customer = await ctx.methods.customer(tenant, account)
         if customer:
             await _recover_refunds(ctx, tenant, account, customer, user)
@@ -167,10 +165,14 @@ async def _close(ctx: BillingContext, tenant: str, account: str, covered: int) -
     raw = await script(keys=[keys.tenant_prefix(tenant)], args=[account, covered, CENT])
     status, balance = (x.decode() if isinstance(x, bytes) else str(x) for x in raw)
     if status != "ok":
-        text = _CLOSE_REFUSED[status].format(account=account,
-                                              balance=money.format(int(balance)))
-        raise InvalidRequest(text, code=status)
+        raise _close_refused(status, account, int(balance))
     return int(balance)
+
+
+def _close_refused(code: str, account: str, balance: int = 0) -> InvalidRequest:
+    """A refund-balance refused (nothing moved), before Stripe or by balance_close.lua."""
+    text = _CLOSE_REFUSED[code].format(account=account, balance=money.format(balance))
+    return InvalidRequest(text, code=code)
 
 
 async def _refund_charges(ctx: BillingContext, lock: AccountLock, tenant: str, account: str,
