@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
 from pathlib import Path
 from typing import IO
 
@@ -51,8 +52,10 @@ class PidFile:
 
     def acquire(self, state: EngineState) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        while True:  # a stale file of a dead engine with this pid is reused, unless a
-            fh = self.path.open("a+b")  # reader deleted it meanwhile: then open anew
+        # a stale file of a dead engine with this pid is reused, unless a reader deleted
+        # it meanwhile: then open anew
+        while True:
+            fh = os.fdopen(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644), "r+b")
             fcntl.flock(fh, fcntl.LOCK_EX)
             with contextlib.suppress(FileNotFoundError):
                 if os.fstat(fh.fileno()).st_ino == os.stat(self.path).st_ino:
@@ -65,10 +68,11 @@ class PidFile:
         if self._fh is None:
             return
         self.state = state
-        self._fh.seek(0)
-        self._fh.truncate()
-        self._fh.write(msgspec.json.encode(state))
-        self._fh.flush()
+        # one write over the old record, never a truncate: a reader never finds the file
+        # empty or half-written; a shorter record is padded with spaces (JSON whitespace)
+        data = msgspec.json.encode(state)
+        size = os.fstat(self._fh.fileno()).st_size
+        os.pwrite(self._fh.fileno(), data.ljust(size), 0)
 
     def release(self) -> None:
         if self._fh is None:
@@ -107,14 +111,17 @@ def _read_one(path: Path) -> EngineState | None:
         return None
 
 
-def _read(fh: IO[bytes]) -> EngineState:
-    # the engine rewrites the record in place (truncate, write): a read may fall between
-    # the two, for microseconds; read again then
-    for _ in range(1_000):
+def _read(fh: IO[bytes], within_s: float = 2.0) -> EngineState:
+    # a record is written in one write, but an engine that has just taken the lock may not
+    # have written it yet (the file is empty): read again, for a while
+    deadline = time.monotonic() + within_s
+    while True:
         fh.seek(0)
         with contextlib.suppress(msgspec.DecodeError):
             return msgspec.json.decode(fh.read(), type=EngineState)
-    raise LeadflowError(f"unreadable engine record {fh.name!r}")
+        if time.monotonic() > deadline:
+            raise LeadflowError(f"unreadable engine record {fh.name!r}")
+        time.sleep(0.005)  # the engine writes its record right after taking the lock
 
 
 def _alive(pid: int) -> bool:
