@@ -4,6 +4,8 @@
 -- Units: every amount and balance is integer micros ($1.00 = 1000000). Lua numbers are
 -- doubles, exact for integers below 2^53; billing.money caps amounts at 1e15, far below.
 -- Balances themselves only ever change through HINCRBY, which is exact int64 arithmetic.
+-- A script may defer those writes (defer_balances): apply() then moves the cached balance
+-- and flush_balances() writes each account's net change once, in the same script.
 -- Time: `now` is Unix epoch milliseconds, passed in by the caller (scripts stay pure).
 --
 -- Account hash fields: bal, floor, alert, rthr (auto-recharge threshold, 0 = none),
@@ -13,6 +15,7 @@
 local function fmt(n) return string.format('%d', n) end
 
 local EMITTED = {}   -- event type -> count, returned to the caller for metrics
+local DEFERRED = nil -- accounts with an unwritten balance change (defer_balances)
 local ACCTS = {}     -- account id -> cached settings + balance, for this call only
 
 local function acct(p, id)
@@ -84,7 +87,13 @@ end
 -- once a credit lifts the balance back over the threshold.
 local function apply(p, a, delta, kind, ref, now, extra)
   local b0 = a.bal
-  a.bal = redis.call('HINCRBY', a.k, 'bal', fmt(delta))
+  if DEFERRED then
+    if not a.pending then a.pending = 0; DEFERRED[#DEFERRED + 1] = a end
+    a.pending = a.pending + delta
+    a.bal = b0 + delta
+  else
+    a.bal = redis.call('HINCRBY', a.k, 'bal', fmt(delta))
+  end
   local b1 = a.bal
   local id = write_ledger(p, a, delta, kind, ref, now, extra or {})
   if a.mode == 'none' then return id end
@@ -102,6 +111,21 @@ local function apply(p, a, delta, kind, ref, now, extra)
     if b1 >= math.max(a.minb or 0, 0) then resume(p, a, now) end
   end
   return id
+end
+
+-- decide.lua debits the tenant wallet once per lead and a buyer's account once per sale:
+-- written as they happen, a 16-lead call wrote the wallet's balance 16 times. Deferred,
+-- each account is written once per call. The caller must run flush_balances() before it
+-- returns, also when its work fails half-way (see decide.lua), so that the balances
+-- always match the ledger entries already written.
+local function defer_balances() DEFERRED = {} end
+
+local function flush_balances()
+  for _, a in ipairs(DEFERRED or {}) do
+    if a.pending ~= 0 then redis.call('HINCRBY', a.k, 'bal', fmt(a.pending)) end
+    a.pending = nil
+  end
+  DEFERRED = {}
 end
 
 local function emitted_list()

@@ -29,14 +29,20 @@
 -- A candidate is skipped (counted as "paused") when its buyer hash says paused, its account
 -- is missing, or its delivery circuit breaker is open (K.breaker exists; one EXISTS per
 -- buyer per call, written by the delivery worker).
+-- Balances and cap counters are written once per call, at its end (finish()), also when
+-- a lead fails half-way, so every ledger entry written has its balance change.
 -- The result is also stored under the idempotency key, so a replay returns it verbatim
 -- and changes nothing. A stored value that is not a JSON object is a pointer: the key
 -- the record is stored under.
 
 local p = KEYS[1]
 local batch = cjson.decode(ARGV[1])
-local now, wallet_id = batch.now, batch.w
+-- as text once: every stream entry carries it, and Lua formats a number passed to
+-- redis.call with a float printf each time
+local now, wallet_id = fmt(batch.now), batch.w
+defer_balances()  -- written by finish(): the wallet once per call, not once per lead
 local wallet = acct(p, wallet_id)
+local LEAD_TTL = fmt(14 * 86400)  -- the sale records of a lead (refunds, returns)
 
 local BUYERS = {}
 local DEBITED = {lead = 0, fee = 0}  -- money moved by this call, returned for metrics
@@ -83,9 +89,21 @@ local function count_sale(s, win, price)
   bump('wid', 'wn', win[3], 1); bump('mid', 'mn', win[4], 1)
   bump('sdid', 'sdv', win[2], price); bump('smid', 'smv', win[4], price)
   s.tn = s.tn + 1
-  redis.call('HSET', s.k, 'hid', s.hid, 'hn', s.hn, 'did', s.did, 'dn', s.dn, 'wid', s.wid,
-             'wn', s.wn, 'mid', s.mid, 'mn', s.mn, 'tn', s.tn, 'sdid', s.sdid,
-             'sdv', fmt(s.sdv), 'smid', s.smid, 'smv', fmt(s.smv))
+  s.dirty = true  -- written once per call by finish()
+end
+
+-- the cap counters of every buyer that sold in this call, and every deferred balance
+local function finish()
+  for _, s in pairs(BUYERS) do
+    if s.dirty then
+      redis.call('HSET', s.k, 'hid', s.hid, 'hn', fmt(s.hn), 'did', s.did, 'dn', fmt(s.dn),
+                 'wid', s.wid, 'wn', fmt(s.wn), 'mid', s.mid, 'mn', fmt(s.mn),
+                 'tn', fmt(s.tn), 'sdid', s.sdid, 'sdv', fmt(s.sdv), 'smid', s.smid,
+                 'smv', fmt(s.smv))
+      s.dirty = nil
+    end
+  end
+  flush_balances()
 end
 
 local function any_exists(fps)
@@ -185,7 +203,7 @@ local function decide(L)
   if #sold > 0 then
     if not test then
       mark_sold(L.d, L.id, L.dt)
-      redis.call('EXPIRE', K.lead(p, L.id), 14 * 86400)
+      redis.call('EXPIRE', K.lead(p, L.id), LEAD_TTL)
     end
     return {s = 'ACCEPTED', c = 0, m = '', sold = sold}
   end
@@ -212,31 +230,40 @@ local function record(k)
 end
 
 local out = {}
-for i, L in ipairs(batch.leads) do
-  L.x = L.x or ARGV[i + 1]
-  local ik = K.idem(p, L.k)
-  local prior, at = record(L.k)
-  if not prior and L.k2 then
-    prior, at = record(L.k2)
-    -- a key seen for the first time on a payload replay: it must name the same lead for
-    -- its own TTL, past the payload window. A final record is copied; a pending one (a
-    -- sync waterfall still writing it) is pointed to
+local function decide_all()
+  for i, L in ipairs(batch.leads) do
+    L.x = L.x or ARGV[i + 1]
+    local ik = K.idem(p, L.k)
+    local prior, at = record(L.k)
+    if not prior and L.k2 then
+      prior, at = record(L.k2)
+      -- a key seen for the first time on a payload replay: it must name the same lead for
+      -- its own TTL, past the payload window. A final record is copied; a pending one (a
+      -- sync waterfall still writing it) is pointed to
+      if prior then
+        local pending = string.find(prior, '"sy":', 1, true) ~= nil
+        redis.call('SET', ik, pending and at or prior, 'EX', L.kt)
+      end
+    end
     if prior then
-      local pending = string.find(prior, '"sy":', 1, true) ~= nil
-      redis.call('SET', ik, pending and at or prior, 'EX', L.kt)
+      local r = cjson.decode(prior)
+      r.rp = true
+      out[i] = r
+    else
+      local r = decide(L)
+      r.id, r.t = L.id, L.t
+      if not r.sold then r.sold = {} end
+      redis.call('SET', ik, cjson.encode(r), 'EX', L.kt)
+      if L.k2 then redis.call('SET', K.idem(p, L.k2), L.k, 'EX', L.k2t) end
+      out[i] = r
     end
   end
-  if prior then
-    local r = cjson.decode(prior)
-    r.rp = true
-    out[i] = r
-  else
-    local r = decide(L)
-    r.id, r.t = L.id, L.t
-    if not r.sold then r.sold = {} end
-    redis.call('SET', ik, cjson.encode(r), 'EX', L.kt)
-    if L.k2 then redis.call('SET', K.idem(p, L.k2), L.k, 'EX', L.k2t) end
-    out[i] = r
-  end
 end
+
+-- the deferred writes happen even when a lead fails half-way (a Lua or Redis error):
+-- the leads decided before it keep their ledger entries, so their balances must be
+-- written too (scripts are not rolled back); then the error reaches the caller
+local ok, err = pcall(decide_all)
+finish()
+if not ok then error(err) end
 return cjson.encode({r = out, e = emitted_list(), m = {fmt(DEBITED.lead), fmt(DEBITED.fee)}})
