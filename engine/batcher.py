@@ -86,7 +86,12 @@ class Batcher:
     def _kick(self) -> None:
         self._scheduled = False
         while self._pending and self._inflight < self.max_inflight:
-            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+            # the pending leads are shared out over the free call slots: one call taking
+            # them all would leave the engine idle while Redis decides them, and Redis idle
+            # while the engine answers them and reads the next ones (half the rate)
+            size = -(-len(self._pending) // (self.max_inflight - self._inflight))
+            size = min(size, self.max_batch)
+            batch, self._pending = self._pending[:size], self._pending[size:]
             self._inflight += 1
             asyncio.get_running_loop().create_task(self._flush(batch))
 

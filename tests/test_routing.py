@@ -293,3 +293,33 @@ async def test_decide_error_half_way_keeps_balances_and_ledgers_equal(redis, red
         assert await eng.balance("c1") == before - 2_000_000
         assert await redis.hget(keys.buyer("t1", "b1"), "dn") == b"2"
         await eng.assert_reconciled()
+
+
+async def test_batcher_shares_pending_leads_over_free_call_slots(redis, redis_server):
+    """Leads waiting together go out as one Lua call per free slot (two of five with the
+    default two calls in flight), not as one call with all of them: one call would leave
+    the engine idle while Redis decides, then Redis idle while the engine answers."""
+    import asyncio
+
+    import msgspec
+
+    cfg = make_config(campaign(), buyer("b1"))
+    async with running(cfg, redis_server.url) as eng:
+        batcher = eng.svc.app.batcher("t1")
+        assert batcher.max_inflight == 2
+
+        def lead(n):
+            return msgspec.json.encode({
+                "id": f"S{n}", "k": f"sk{n}", "kt": 60, "t": 0, "c": "camp", "fi": 0, "n": 1,
+                "rr": 0, "q": [], "d": [], "dt": 60, "win": ["h", "d", "w", "m"],
+                "cs": [{"b": "b1", "a": "c1", "p": 1, "fo": 0, "bd": [],
+                        "cap": [-1] * 7}]})
+
+        async def evalsha_calls() -> int:
+            return (await redis.info("commandstats"))["cmdstat_evalsha"]["calls"]
+
+        before = await evalsha_calls()
+        decisions = await asyncio.gather(*(batcher.decide(lead(n), b"{}") for n in range(5)))
+        assert [d.s for d in decisions] == ["ACCEPTED"] * 5
+        assert [d.id for d in decisions] == [f"S{n}" for n in range(5)]
+        assert await evalsha_calls() - before == 2
