@@ -181,7 +181,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--engine-batch-rate", type=float, default=None,
                    help="the engine's batch-endpoint leads/s, for the ratio")
+    p.add_argument("--instructions", action="store_true",
+                   help="count instructions per lead under callgrind instead (valgrind)")
+    p.add_argument("--calls", type=int, default=150, help="calls counted with --instructions")
     args = p.parse_args(argv)
+    if args.instructions:
+        from bench import lua_instructions
+
+        result = lua_instructions.run(args.calls)
+        if result is not None:
+            print(msgspec.json.encode(result).decode(), flush=True)
+        return 0 if result is not None else 2
     report(run(leads_per_call=args.leads_per_call, duration=args.duration,
                engine_batch_rate=args.engine_batch_rate))
     return 0

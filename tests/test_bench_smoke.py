@@ -27,3 +27,16 @@ def test_ingest_benchmark_json_line(capsys: pytest.CaptureFixture[str]) -> None:
     machine = line["machine"]
     assert machine["nproc"] >= 1 and machine["python"] and "cpu" in machine
     assert line["errors"] == 0
+
+
+def test_lua_instructions_count() -> None:
+    """``python -m bench lua --instructions`` with two counted calls (valgrind starts the
+    redis-server slowly: a few seconds)."""
+    import shutil
+
+    from bench import lua_instructions
+
+    if not shutil.which("valgrind"):
+        pytest.skip("valgrind not installed (Debian: apt-get install valgrind)")
+    result = lua_instructions.run(2, quiet=True)
+    assert result is not None and result["lua_instructions_per_lead"] > 0
