@@ -93,6 +93,11 @@ def rows(results: dict[str, Any]) -> list[list[str]]:
                         "validation, routing)",
                         f"{r['ratio']:.2f}" if r.get("ratio") is not None else "—", "—",
                         _met(None)])
+            if r.get("lua_instructions_per_lead") is not None:
+                out.append(["decide.lua, CPU instructions per lead (callgrind, "
+                            f"{r['lua_instruction_calls']} calls of 16)",
+                            f"{_n(r['lua_instructions_per_lead'])}", "—", "—",
+                            "— (explains the rate)", _met(None)])
         elif name == "delivery":
             out.append(["delivery, one worker",
                         f"{_n(r['worker_per_s'])} deliveries/s ({r['n']:,} jobs)",
@@ -158,6 +163,14 @@ def _delivery_all() -> dict[str, Any]:
     return {**result, **(instructions.run() or {})}
 
 
+def _lua_all(engine_batch_rate: float | None) -> dict[str, Any]:
+    """The timed ceiling, plus instructions per lead when valgrind exists."""
+    from bench import lua, lua_instructions
+
+    result = lua.run(engine_batch_rate=engine_batch_rate)
+    return {**result, **(lua_instructions.run() or {})}
+
+
 def run_all(*, quick: bool = False, only: Sequence[str] = NAMES) -> dict[str, Any]:
     from bench import ingest, lua, memory, recharge
 
@@ -166,8 +179,7 @@ def run_all(*, quick: bool = False, only: Sequence[str] = NAMES) -> dict[str, An
     results: dict[str, Any] = {}
     stages: list[tuple[str, Callable[[], dict[str, Any]]]] = [
         ("ingest", ingest.run),
-        ("lua", lambda: lua.run(engine_batch_rate=results.get("ingest", {})
-                                .get("batch_leads_per_s"))),
+        ("lua", lambda: _lua_all(results.get("ingest", {}).get("batch_leads_per_s"))),
         ("delivery", _delivery_all),
         ("recharge", recharge.run),
         ("memory", lambda: memory.run(leads=200_000 if quick else 1_000_000)),
