@@ -15,7 +15,7 @@
 local function fmt(n) return string.format('%d', n) end
 
 local EMITTED = {}   -- event type -> count, returned to the caller for metrics
-local DEFERRED = nil -- accounts with an unwritten balance change (defer_balances)
+local DEFERRED = false -- balance writes wait for flush_balances() (defer_balances)
 local ACCTS = {}     -- account id -> cached settings + balance, for this call only
 
 local function acct(p, id)
@@ -88,8 +88,7 @@ end
 local function apply(p, a, delta, kind, ref, now, extra)
   local b0 = a.bal
   if DEFERRED then
-    if not a.pending then a.pending = 0; DEFERRED[#DEFERRED + 1] = a end
-    a.pending = a.pending + delta
+    a.pending = (a.pending or 0) + delta  -- the net change flush_balances() writes
     a.bal = b0 + delta
   else
     a.bal = redis.call('HINCRBY', a.k, 'bal', fmt(delta))
@@ -118,14 +117,13 @@ end
 -- each account is written once per call. The caller must run flush_balances() before it
 -- returns, also when its work fails half-way (see decide.lua), so that the balances
 -- always match the ledger entries already written.
-local function defer_balances() DEFERRED = {} end
+local function defer_balances() DEFERRED = true end
 
 local function flush_balances()
-  for _, a in ipairs(DEFERRED or {}) do
-    if a.pending ~= 0 then redis.call('HINCRBY', a.k, 'bal', fmt(a.pending)) end
+  for _, a in pairs(ACCTS) do
+    if a.pending and a.pending ~= 0 then redis.call('HINCRBY', a.k, 'bal', fmt(a.pending)) end
     a.pending = nil
   end
-  DEFERRED = {}
 end
 
 local function emitted_list()

@@ -265,5 +265,5 @@ end
 -- written too (scripts are not rolled back); then the error reaches the caller
 local ok, err = pcall(decide_all)
 finish()
-if not ok then error(err) end
+if not ok then error(err, 0) end  -- as raised: no second position prefix
 return cjson.encode({r = out, e = emitted_list(), m = {fmt(DEBITED.lead), fmt(DEBITED.fee)}})
