@@ -16,10 +16,8 @@ from __future__ import annotations
 import asyncio
 import random
 import shutil
-import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,18 +27,12 @@ import redis
 from bench import common
 from bench.lua import RAND, randomized, representative_leads
 from engine import keys
-from engine.embedded import find_redis_server
+from engine.embedded import EmbeddedRedis
 from engine.scripts import scripts
 from engine.store import WALLET, now_ms
 
 LEADS_PER_CALL = 16
 SEED = 5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _calls(cfg: Any, n: int) -> tuple[str, list[list[str]]]:
@@ -80,30 +72,22 @@ def run(calls: int = 150, *, quiet: bool = False) -> dict[str, Any] | None:
     cfg = common.load_config()
     tenant, work = _calls(cfg, calls + 20)
     prefix = keys.tenant_prefix(tenant)
-    port = _free_port()
     with tempfile.TemporaryDirectory(prefix="leadflow-bench-cg-") as tmp:
         dump = Path(tmp) / "callgrind.out"
-        proc = subprocess.Popen(
-            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={dump}",
-             find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--dir", tmp,
-             "--save", "", "--appendonly", "yes", "--appendfsync", "everysec"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        r = redis.Redis(port=port)
-        try:
-            _wait(r, proc)
-            asyncio.run(common._fund(cfg, f"redis://127.0.0.1:{port}/0"))
-            sha = r.script_load(scripts().decide.source)
-            _send(r, sha, prefix, work[:20])  # warm: every account and buyer hash exists
-            subprocess.run(["callgrind_control", "-z", str(proc.pid)], capture_output=True,
-                           check=True)
-            _send(r, sha, prefix, work[20:])
-            subprocess.run(["callgrind_control", "-d", str(proc.pid)], capture_output=True,
-                           check=True)
-            sold = r.xlen(keys.deliveries(tenant))
-        finally:
-            r.shutdown(nosave=True)
-            r.close()
-            proc.wait(timeout=60)
+        server = EmbeddedRedis(Path(tmp) / "redis", launcher=[
+            "valgrind", "--tool=callgrind", f"--callgrind-out-file={dump}"])
+        with server:
+            r = redis.Redis(port=server.port)
+            try:
+                asyncio.run(common._fund(cfg, server.url))
+                sha = r.script_load(scripts().decide.source)
+                _send(r, sha, prefix, work[:20])  # warm: every account and buyer hash exists
+                _callgrind(server, "-z")  # counters zeroed ...
+                _send(r, sha, prefix, work[20:])
+                _callgrind(server, "-d")  # ... and dumped: these calls alone
+                sold = r.xlen(keys.deliveries(tenant))
+            finally:
+                r.close()
         total = _total(dump)
     per_lead = total / (calls * LEADS_PER_CALL)
     say(f"lua: {per_lead:,.0f} instructions per lead under callgrind "
@@ -111,16 +95,9 @@ def run(calls: int = 150, *, quiet: bool = False) -> dict[str, Any] | None:
     return {"lua_instructions_per_lead": round(per_lead), "lua_instruction_calls": calls}
 
 
-def _wait(r: redis.Redis, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 120  # valgrind starts slowly
-    while True:
-        try:
-            r.ping()
-            return
-        except redis.ConnectionError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("redis-server under valgrind did not start") from None
-            time.sleep(0.1)
+def _callgrind(server: EmbeddedRedis, flag: str) -> None:
+    subprocess.run(["callgrind_control", flag, str(server.pid)], capture_output=True,
+                   check=True)
 
 
 def _send(r: redis.Redis, sha: str, prefix: str, calls: list[list[str]]) -> None:

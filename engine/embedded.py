@@ -86,12 +86,14 @@ class EmbeddedRedis:
         appendfsync: str = "everysec",
         persistent: bool = True,
         extra_args: list[str] | None = None,
+        launcher: list[str] | None = None,
     ) -> None:
         # absolute: redis-server changes into --dir before it opens --logfile, so a relative
         # state dir (the default ".leadflow") would be looked up twice, the second time
         # inside itself, and the server would exit at start
         self.state_dir = Path(state_dir).resolve()
         self.extra_args = extra_args or []
+        self.launcher = launcher or []  # a command the server runs under (bench: valgrind)
         self.port = port or free_port()
         self.appendfsync = appendfsync
         self.persistent = persistent
@@ -129,7 +131,7 @@ class EmbeddedRedis:
             args += ["--appendonly", "yes", "--appendfsync", self.appendfsync]
         else:
             args += ["--appendonly", "no"]
-        return args + self.extra_args
+        return [*self.launcher, *args, *self.extra_args]
 
     def start(self) -> EmbeddedRedis:
         self.state_dir.mkdir(parents=True, exist_ok=True)
