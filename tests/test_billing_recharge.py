@@ -94,6 +94,15 @@ async def test_duplicated_event_charges_once(
     assert len(await _events(redis, "recharge_succeeded")) == 1
 
 
+async def _charged_once(ctx: Any, redis: aioredis.Redis, localstripe: LocalStripe) -> None:
+    """One $100 recharge credited, one PaymentIntent, one success event, nothing pending."""
+    assert await _balance(ctx) == 115 * D
+    cus = await ctx.methods.customer(T, "c1")
+    assert [p.status for p in localstripe.intents(customer=cus)] == ["succeeded"]
+    assert len(await _events(redis, "recharge_succeeded")) == 1
+    assert (await redis.xpending(keys.events(T), recharge.GROUP))["pending"] == 0
+
+
 @pytest.mark.parametrize("step", ["before_charge", "after_charge", "before_credit"])
 async def test_worker_killed_mid_charge_resumes_same_attempt(
         redis: aioredis.Redis, gateway: StripeGateway, localstripe: LocalStripe,
@@ -112,11 +121,7 @@ async def test_worker_killed_mid_charge_resumes_same_attempt(
     # a fresh worker (another consumer) takes the pending entry over and finishes it
     fresh = await _ctx(redis, gateway)
     await _process(fresh, consumer="w2", idle=0)
-    assert await _balance(fresh) == 115 * D
-    cus = await fresh.methods.customer(T, "c1")
-    assert [p.status for p in localstripe.intents(customer=cus)] == ["succeeded"]
-    assert len(await _events(redis, "recharge_succeeded")) == 1
-    assert (await redis.xpending(keys.events(T), recharge.GROUP))["pending"] == 0
+    await _charged_once(fresh, redis, localstripe)
 
 
 async def test_an_attempt_left_behind_is_resumed_and_credited_once(
@@ -448,11 +453,7 @@ async def test_a_new_crossing_resumes_the_unfinished_recharge_instead_of_a_secon
     fresh = await _ctx(redis, gateway)
     await _process(fresh, consumer="w2")  # the new crossing (w1's entry is not idle yet)
     await _process(fresh, consumer="w2", idle=0)  # then w1's, taken over
-    assert await _balance(fresh) == 115 * D
-    cus = await fresh.methods.customer(T, "c1")
-    assert [p.status for p in localstripe.intents(customer=cus)] == ["succeeded"]
-    assert len(await _events(redis, "recharge_succeeded")) == 1
-    assert (await redis.xpending(keys.events(T), recharge.GROUP))["pending"] == 0
+    await _charged_once(fresh, redis, localstripe)
 
 
 async def test_recharge_outcomes_are_counted(
