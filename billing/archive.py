@@ -3,12 +3,13 @@
 The worker reads the tenant ledger stream through the consumer group ``archive``, inserts
 the entries in one SQL transaction (``ON CONFLICT DO NOTHING`` on ``(tenant, entry_id)``:
 a batch replayed after a crash inserts nothing twice), commits, acknowledges, and only
-then trims the tenant stream and the touched account streams with ``XTRIM MINID`` up to
-the oldest entry not yet committed (pending in the group, or not yet delivered).
+then trims the tenant stream with ``XTRIM MINID`` up to the oldest entry not yet committed
+(pending in the group, or not yet delivered). An account's history is its entries in SQL
+plus those still in the tenant stream (:func:`history`).
 
 SQLite (stdlib ``sqlite3`` in a worker thread) is the default; a ``postgresql://`` URL
 uses PostgreSQL through psycopg 3. :func:`reconcile` checks that the Redis balance equals
-the SQL sum plus the entries still in the account stream and not yet in SQL.
+the SQL sum plus the account's entries still in the tenant stream and not yet in SQL.
 """
 
 from __future__ import annotations
@@ -224,6 +225,18 @@ def _decode(fields: dict[bytes, bytes]) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in fields.items()}
 
 
+def _stream_fields(r: Row) -> dict[str, str]:
+    """An archived row as its ledger stream entry's fields (the inverse of :func:`_row`)."""
+    f = {"account": r[1], "delta": str(r[3]), "balance": str(r[4]), "kind": r[2],
+         "ref": r[5], "ts": str(r[6])}
+    if r[7]:
+        f["process"] = r[7]
+    if r[8]:
+        f["user"] = r[8]
+    f.update(_extra_dec.decode(r[9]))
+    return f
+
+
 class Archive:
     """SQL side of the ledger. Open with :meth:`open`; close when done."""
 
@@ -273,15 +286,15 @@ class Archive:
         for _, batch in fresh or []:
             entries += [(i.decode(), _decode(f)) for i, f in batch]
         if not entries:
-            await self._trim(redis, tenant, set())
+            await self._trim(redis, tenant)
             return 0
         await self._db.insert(self._insert_sql, [_row(tenant, i, f) for i, f in entries])
         # committed: only now may Redis forget them
         await redis.xack(stream, GROUP, *[i for i, _ in entries])
-        await self._trim(redis, tenant, {f.get("account", "") for _, f in entries})
+        await self._trim(redis, tenant)
         return len(entries)
 
-    async def _trim(self, redis: aioredis.Redis, tenant: str, accounts: set[str]) -> None:
+    async def _trim(self, redis: aioredis.Redis, tenant: str) -> None:
         stream = keys.ledger(tenant)
         groups = await redis.xinfo_groups(stream)
         group = next((g for g in groups if g["name"] in (GROUP, GROUP.encode())), None)
@@ -298,10 +311,6 @@ class Archive:
                 return
             safe = _next_id(last)
         await redis.xtrim(stream, minid=safe, approximate=False)
-        for account in accounts:
-            if account:
-                await redis.xtrim(keys.acct_ledger(tenant, account), minid=safe,
-                                  approximate=False)
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -314,6 +323,30 @@ class Archive:
         id: the page holds the entries older than it); ``kinds``: only these ledger kinds."""
         if not 1 <= limit <= 1_000:
             raise InvalidRequest("limit: 1 to 1000", code="invalid_query")
+        if type and type not in TYPES:
+            raise InvalidRequest(f"type: one of {', '.join(TYPES)}", code="invalid_query")
+        rows = await self._select(tenant, account, limit + 1, from_ms=from_ms, to_ms=to_ms,
+                                  kinds=TYPES[type] if type else None, q=q, cursor=cursor,
+                                  only=kinds)
+        items = [_transaction(r[0], r[1], r[2], int(r[3]), int(r[4]), r[5], int(r[6]), r[7],
+                              r[8], _extra_dec.decode(r[9])) for r in rows[:limit]]
+        return Page(items=items, next_cursor=items[-1].id if len(rows) > limit else None)
+
+    async def entries(self, tenant: str, account: str, *, limit: int,
+                      cursor: str | None = None, kinds: Sequence[str] | None = None,
+                      ) -> list[tuple[str, dict[str, str]]]:
+        """The account's archived entries older than ``cursor`` (an entry id; None: the
+        newest), newest first, as the ledger stream held them: (id, fields)."""
+        rows = await self._select(tenant, account, limit, cursor=cursor, only=kinds)
+        return [(r[0], _stream_fields(r)) for r in rows]
+
+    async def _select(
+        self, tenant: str, account: str, limit: int, *, from_ms: int | None = None,
+        to_ms: int | None = None, kinds: Sequence[str] | None = None, q: str | None = None,
+        cursor: str | None = None, only: Sequence[str] | None = None,
+    ) -> list[Row]:
+        """Rows of one account, newest first; ``kinds`` and ``only`` both filter by ledger
+        kind (a transaction type's kinds, and the caller's own list)."""
         p = self._db.ph
         where = [f"tenant = {p}", f"account = {p}"]
         params: list[Any] = [tenant, account]
@@ -323,14 +356,11 @@ class Archive:
         if to_ms is not None:
             where.append(f"ts < {p}")
             params.append(to_ms)
-        if type:
-            if type not in TYPES:
-                raise InvalidRequest(f"type: one of {', '.join(TYPES)}", code="invalid_query")
-            where.append(f"kind IN ({', '.join([p] * len(TYPES[type]))})")
-            params.extend(TYPES[type])
-        if kinds is not None:
-            where.append(f"kind IN ({', '.join([p] * len(kinds))})" if kinds else "1 = 0")
-            params.extend(kinds)
+        for allowed in (kinds, only):
+            if allowed is not None:
+                where.append(f"kind IN ({', '.join([p] * len(allowed))})" if allowed
+                             else "1 = 0")
+                params.extend(allowed)
         if q:
             pattern = "%" + q.lower().replace("\\", "\\\\").replace("%", "\\%").replace(
                 "_", "\\_") + "%"
@@ -345,10 +375,7 @@ class Archive:
         sql = ("SELECT entry_id, account, kind, delta, balance, ref, ts, process, usr, extra "  # noqa: S608
                f"FROM ledger_entries WHERE {' AND '.join(where)} "
                f"ORDER BY id_ms DESC, id_seq DESC LIMIT {p}")
-        rows = await self._db.fetch(sql, [*params, limit + 1])
-        items = [_transaction(r[0], r[1], r[2], int(r[3]), int(r[4]), r[5], int(r[6]), r[7],
-                              r[8], _extra_dec.decode(r[9])) for r in rows[:limit]]
-        return Page(items=items, next_cursor=items[-1].id if len(rows) > limit else None)
+        return await self._db.fetch(sql, [*params, limit])
 
     async def export_csv(self, tenant: str, account: str, **filters: Any) -> str:
         """Every matching transaction as CSV (paged internally)."""
@@ -402,12 +429,14 @@ def _csv_safe(text: str) -> str:
     return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
-async def recent(store: Store, archive: Archive | None, tenant: str, account: str, *,
-                 limit: int, kinds: Sequence[str] | None = None, scan: int = RECENT_SCAN,
-                 page: int = RECENT_PAGE) -> list[Transaction]:
-    """The account's ``limit`` newest ledger entries (only ``kinds``, if given), newest
-    first: from its Redis stream, and from the SQL archive for what the ledger worker
-    archived and then trimmed from the stream (on a running engine, almost everything).
+async def history(store: Store, archive: Archive | None, tenant: str, account: str, *,
+                  limit: int, before: str = "+", kinds: Sequence[str] | None = None,
+                  scan: int = RECENT_SCAN, page: int = RECENT_PAGE,
+                  ) -> list[tuple[str, dict[str, str]]]:
+    """The account's ``limit`` newest ledger entries older than ``before`` (an entry id,
+    exclusive; "+": the newest), only ``kinds`` if given, newest first, as (id, fields):
+    from the tenant's Redis ledger stream, and from the SQL archive for what the ledger
+    worker archived and then trimmed from the stream (on a running engine, almost all).
 
     As ``leadflow reconcile`` sums a ledger (engine.reconcile): the stream is read newest
     first, in pages, until enough entries are found or it ends. Trimming only ever removes a
@@ -415,30 +444,29 @@ async def recent(store: Store, archive: Archive | None, tenant: str, account: st
     than the oldest one read is in SQL: the rest comes from SQL, older than that one. No
     entry is shown twice (one archived but not trimmed yet is read from the stream only)
     and none is missed, whatever the worker does meanwhile. At most ``scan`` stream entries
-    are read (a stream the worker lags far behind on, or one never archived): the older
-    entries then come from SQL alone, which leaves out those not archived yet.
+    (of every account) are read, for a stream the worker lags far behind on or one never
+    archived: the older entries then come from SQL alone, which leaves out those not
+    archived yet. Without an archive, the whole stream is read.
     """
-    key = keys.acct_ledger(tenant, account)
-    found: list[Transaction] = []
-    oldest: str | None = None  # the oldest stream entry read
-    read, end = 0, "+"
-    while len(found) < limit and read < scan:
-        count = min(page if kinds is not None else limit - len(found), scan - read)
-        rows: Any = await store.redis.xrevrange(key, end, "-", count=count)
-        for raw_id, raw in rows:
-            oldest = raw_id.decode()
-            fields = _decode(raw)
-            if kinds is None or fields.get("kind") in kinds:
-                found.append(entry_transaction(oldest, fields))
-        read += len(rows)
-        if len(rows) < count:  # the stream's end: everything older is archived
-            break
-        end = f"({oldest}"
-    if len(found) >= limit or archive is None:
-        return found[:limit]
-    older = await archive.transactions(tenant, account, limit=limit - len(found),
-                                       cursor=oldest, kinds=kinds)
-    return found + older.items
+    # without an archive the stream is the whole ledger: it is read to its end
+    tail = await store.ledger_tail(tenant, account, before=before, limit=limit,
+                                   scan=scan if archive is not None else None, kinds=kinds,
+                                   page=page)
+    if len(tail.entries) >= limit or archive is None:
+        return tail.entries
+    cursor = tail.oldest or (None if before == "+" else before)
+    older = await archive.entries(tenant, account, limit=limit - len(tail.entries),
+                                  cursor=cursor, kinds=kinds)
+    return tail.entries + older
+
+
+async def recent(store: Store, archive: Archive | None, tenant: str, account: str, *,
+                 limit: int, kinds: Sequence[str] | None = None, scan: int = RECENT_SCAN,
+                 page: int = RECENT_PAGE) -> list[Transaction]:
+    """:func:`history`'s newest entries in the shape of the transactions API."""
+    entries = await history(store, archive, tenant, account, limit=limit, kinds=kinds,
+                            scan=scan, page=page)
+    return [entry_transaction(i, f) for i, f in entries]
 
 
 class Reconciliation(msgspec.Struct, frozen=True):
@@ -453,14 +481,15 @@ class Reconciliation(msgspec.Struct, frozen=True):
 
 
 async def reconcile(store: Store, archive: Archive, tenant: str, account: str) -> Reconciliation:
-    """Redis balance == SQL sum + account stream entries not yet in SQL (one snapshot)."""
+    """Redis balance == SQL sum + the account's entries in the tenant stream not yet in
+    SQL (one snapshot: the whole stream, which the ledger worker keeps short)."""
     async with store.redis.pipeline(transaction=True) as pipe:
         pipe.hget(keys.acct(tenant, account), "bal")
-        pipe.xrange(keys.acct_ledger(tenant, account), "-", "+")
-        pipe.xrevrange(keys.ledger(tenant), "+", "-", count=1)
-        bal, rows, last = await pipe.execute()
-    upto = last[0][0].decode() if last else None
-    stream = {i.decode(): int(f[b"delta"]) for i, f in rows}
+        pipe.xrange(keys.ledger(tenant), "-", "+")
+        bal, rows = await pipe.execute()
+    upto = rows[-1][0].decode() if rows else None
+    want = account.encode()
+    stream = {i.decode(): int(f[b"delta"]) for i, f in rows if f.get(b"account") == want}
     done = await archive.archived(tenant, stream)
     sql_sum, _ = await archive.account_sum(tenant, account, upto=upto)
     return Reconciliation(account=account, redis_balance=int(bal or 0), sql_sum=sql_sum,

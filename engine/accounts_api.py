@@ -15,6 +15,7 @@ import msgspec
 
 from billing import money
 from billing.api import decode_body
+from billing.archive import Archive, history
 from billing.errors import BillingError, MoneyError
 from engine import http, keys, telemetry
 from engine.config import WALLET
@@ -101,8 +102,10 @@ def account_view(a: AccountState) -> dict[str, object]:
 
 class AccountsApi:
     def __init__(self, runtime: Callable[[], Runtime], store: Store,
+                 archive: Callable[[], Archive | None] = lambda: None,
                  observer: ScriptObserver = telemetry.script_observer) -> None:
         self.runtime, self.store, self.observer = runtime, store, observer
+        self.archive = archive  # the SQL ledger archive, once the service has opened it
 
     def mount(self, router: http.Router) -> None:
         def add(method: str, path: str, handler: TenantHandler) -> None:
@@ -143,7 +146,8 @@ class AccountsApi:
             return http.error_response(400, "invalid_cursor", "before must be an entry id")
         if before.strip("0-") == "":  # "0", "0-0": nothing comes before it
             return http.json_response({"entries": [], "next_before": None})
-        rows = await self.store.ledger_page(tenant, account, before=before, limit=limit)
+        rows = await history(self.store, self.archive(), tenant, account, limit=limit,
+                             before=before)
         entries = [_entry_view(i, f) for i, f in rows]
         nxt = rows[-1][0] if len(rows) == limit else None
         return http.json_response({"entries": entries, "next_before": nxt})

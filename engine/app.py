@@ -67,6 +67,9 @@ class App:
         self.ready = False
         self.draining = False
         self.failed_workers: list[str] = []  # in-process workers that died
+        # the SQL ledger archive (billing.archive.Archive), set by the service once open:
+        # GET /ledger pages on into it past the entries still in Redis
+        self.archive: Any = None
         self.ingest = Ingest(
             lambda: self.runtime,
             self.batcher,
@@ -84,7 +87,7 @@ class App:
         self.router.add("GET", "/healthz", self._healthz)
         self.router.add("GET", "/readyz", self._readyz)
         self.router.add("GET", "/metrics", self._metrics)
-        AccountsApi(lambda: self.runtime, store).mount(self.router)
+        AccountsApi(lambda: self.runtime, store, lambda: self.archive).mount(self.router)
 
     def batcher(self, tenant: str) -> Batcher:
         b = self.batchers.get(tenant)

@@ -14,7 +14,6 @@ ROOT = "lf"
 # suffix templates under the tenant prefix; "{}" is the id of the account/buyer/...
 _SUFFIX: dict[str, str] = {
     "acct": "acct:{}",  # HASH: bal, floor, alert, rthr, minb, mode, ar, paused, closed
-    "acct_ledger": "acct:{}:ledger",  # STREAM: one entry per balance change of that account
     "buyer": "buyer:{}",  # HASH: paused + cap counters (window id / count pairs)
     "idem": "idem:{}",  # STRING: first decision of a lead, by idempotency key
     "dup": "dup:{}",  # STRING: last sale of a dedupe fingerprint (TTL = look-back)
@@ -52,10 +51,6 @@ def tenant_prefix(tenant: str) -> str:
 
 def acct(tenant: str, account: str) -> str:
     return tenant_prefix(tenant) + _SUFFIX["acct"].format(account)
-
-
-def acct_ledger(tenant: str, account: str) -> str:
-    return tenant_prefix(tenant) + _SUFFIX["acct_ledger"].format(account)
 
 
 def buyer(tenant: str, buyer_id: str) -> str:

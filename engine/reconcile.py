@@ -7,14 +7,16 @@ missing from Redis is a problem), every account in a tenant's account set, and t
 accounts of tenants that are no longer in the config but still have an account set in
 Redis (found with a SCAN for ``keys.accounts("*")``; their money is still there).
 
-Safe on a live engine: an account's balance is read in one step with its ledger stream's
-last id (a read-only Lua script), and the ledger is summed up to that id only, so a sale
-made meanwhile is in neither. With the SQL archive (the ledger worker's), the entries
-already trimmed from the account stream are summed in SQL: the stream is read newest first,
-in pages, down to its oldest entry. Trimming only ever removes a stream's oldest entries,
-so what is read is one unbroken run of entries, and every entry older than the oldest one
-read was trimmed, which the worker does only after its SQL commit: one SQL sum of the
-entries older than that one completes the ledger, none counted twice.
+Every balance change of a tenant is an entry of its one ledger stream. Safe on a live
+engine: a tenant's balances are read in one step with the stream's last id (a read-only
+Lua script), and the ledgers are summed up to that id only, so a sale made meanwhile is in
+neither. The stream is read once per tenant, newest first, in pages, down to its oldest
+entry, summing each account's deltas. With the SQL archive (the ledger worker's), the
+entries already trimmed from the stream are summed in SQL: trimming only ever removes a
+stream's oldest entries, so what is read is one unbroken run of entries, and every entry
+older than the oldest one read was trimmed, which the worker does only after its SQL
+commit: one SQL sum per account of the entries older than that one completes its ledger,
+none counted twice.
 """
 
 from __future__ import annotations
@@ -34,19 +36,20 @@ if TYPE_CHECKING:
 PAGE = 1_000  # stream entries per XREVRANGE
 _SQL_MAX_SEQ = 2**63 - 1  # largest stream id sequence SQL's BIGINT holds
 
-# One account in one step: its balance fields and the last id ever written to its ledger
-# stream ("0-0" when it has none). last-generated-id, not the last entry: the archive may
-# have trimmed the stream empty.
+# A tenant in one step: the last id ever written to its ledger stream ("0-0" when it has
+# none; last-generated-id, not the last entry: the archive may have trimmed the stream
+# empty), then the balance fields of each account hash of KEYS[2..].
 _SNAPSHOT = """
-local v = redis.call('HMGET', KEYS[1], 'bal', 'floor', 'mode')
 local last = '0-0'
-if redis.call('EXISTS', KEYS[2]) == 1 then
-  local info = redis.call('XINFO', 'STREAM', KEYS[2])
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local info = redis.call('XINFO', 'STREAM', KEYS[1])
   for i = 1, #info, 2 do
     if info[i] == 'last-generated-id' then last = info[i + 1] end
   end
 end
-return {v[1], v[2], v[3], last}
+local out = {last}
+for i = 2, #KEYS do out[i] = redis.call('HMGET', KEYS[i], 'bal', 'floor', 'mode') end
+return out
 """
 
 
@@ -76,32 +79,43 @@ def _before(entry_id: str) -> str:
     return f"{int(ms) - 1}-{_SQL_MAX_SEQ}"
 
 
-async def _tail(store: Store, key: str, upto: str, page: int) -> tuple[int, str | None]:
-    """Sum of the stream's entries up to ``upto``, read newest first; and the oldest id
-    read (None when none was)."""
-    total, oldest, end = 0, None, upto
+async def _tail(store: Store, tenant: str, upto: str, page: int
+                ) -> tuple[dict[str, int], str | None]:
+    """Each account's sum of the tenant stream's entries up to ``upto``, read newest
+    first; and the oldest id read (None when none was)."""
+    sums: dict[str, int] = {}
+    oldest, end = None, upto
     while True:
-        rows: Any = await store.redis.xrevrange(key, end, "-", count=page)
+        rows: Any = await store.redis.xrevrange(keys.ledger(tenant), end, "-", count=page)
         for entry_id, fields in rows:
-            total += int(fields[b"delta"])
+            account = _text(fields[b"account"])
+            sums[account] = sums.get(account, 0) + int(fields[b"delta"])
             oldest = _text(entry_id)
         if len(rows) < page or oldest is None:
-            return total, oldest
+            return sums, oldest
         end = "(" + oldest
 
 
-async def _ledger_sum(store: Store, archive: Archive | None, tenant: str, account: str,
-                      last_id: str, page: int) -> int:
-    """The account's ledger up to ``last_id``: its stream, plus what was archived to SQL
-    and trimmed from it (see the module docs)."""
-    if last_id == "0-0":  # no ledger stream: never an entry
-        return 0
-    total, oldest = await _tail(store, keys.acct_ledger(tenant, account), last_id, page)
-    if archive is not None:
-        archived, _ = await archive.account_sum(
-            tenant, account, upto=_before(oldest) if oldest is not None else last_id)
-        total += archived
-    return total
+class _Ledgers:
+    """A tenant's ledger sums up to its snapshot's last id (see the module docs)."""
+
+    def __init__(self, store: Store, archive: Archive | None, tenant: str) -> None:
+        self.store, self.archive, self.tenant = store, archive, tenant
+        self.sums: dict[str, int] = {}
+        self.upto: str | None = None  # SQL sums entries up to this id; None: no entry ever
+
+    async def read(self, last_id: str, page: int) -> None:
+        if last_id == "0-0":  # no ledger stream: never an entry
+            return
+        self.sums, oldest = await _tail(self.store, self.tenant, last_id, page)
+        self.upto = _before(oldest) if oldest is not None else last_id
+
+    async def total(self, account: str) -> int:
+        total = self.sums.get(account, 0)
+        if self.archive is not None and self.upto is not None:
+            archived, _ = await self.archive.account_sum(self.tenant, account, upto=self.upto)
+            total += archived
+        return total
 
 
 async def _tenants_in_redis(store: Store) -> set[str]:
@@ -131,20 +145,23 @@ async def reconcile(
     for tenant in [*configured, *others]:
         expected = configured.get(tenant, set())
         listed = set(await store.account_ids(tenant))
-        for account in sorted(expected | listed):
-            raw: Any = await snapshot(keys=[keys.acct(tenant, account),
-                                            keys.acct_ledger(tenant, account)])
-            if raw[0] is None:
+        accounts = sorted(expected | listed)
+        raw: Any = await snapshot(keys=[keys.ledger(tenant),
+                                        *(keys.acct(tenant, a) for a in accounts)])
+        ledgers = _Ledgers(store, archive, tenant)
+        await ledgers.read(_text(raw[0]), page)
+        for account, fields in zip(accounts, raw[1:], strict=True):
+            if fields[0] is None:
                 findings.append(Finding(tenant, account, (
                     "in the config but not in Redis" if account not in listed
                     else "in the tenant's account set but its account hash is missing")))
                 continue
             if account not in listed:
                 findings.append(Finding(tenant, account, "missing from the tenant's account set"))
-            balance = int(raw[0])
-            floor = int(raw[1]) if raw[1] else DEFAULT_FLOOR
-            mode = _text(raw[2]) if raw[2] else "manual"
-            total = await _ledger_sum(store, archive, tenant, account, _text(raw[3]), page)
+            balance = int(fields[0])
+            floor = int(fields[1]) if fields[1] else DEFAULT_FLOOR
+            mode = _text(fields[2]) if fields[2] else "manual"
+            total = await ledgers.total(account)
             checks.append(AccountCheck(tenant, account, balance, total,
                                        configured=tenant in configured))
             if total != balance:

@@ -166,6 +166,7 @@ class Service:
         )
         self.billing = BillingContext(self.cfg, self.store, gateway_from_env(),
                                       archive=await self._open_archive())
+        self.app.archive = self.billing.archive
         self._mount_billing()
         self.app.ready = True
         self.crew = Crew(self, [_monitor, *self.worker_factories], self._worker_failed)
@@ -281,6 +282,8 @@ class Service:
             await self.http.close()
             self.http = None
         if self.billing is not None and self.billing.archive is not None:
+            if self.app is not None:
+                self.app.archive = None
             await self.billing.archive.close()
             self.billing.archive = None
         if self._balances is not None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from typing import Any, cast
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, cast
 
 import msgspec
 import redis.asyncio as aioredis
@@ -29,6 +29,7 @@ log = logging.getLogger("leadflow.store")
 WALLET = "wallet"
 USAGE_TTL_S = 32 * 86_400  # usage event ids are remembered at least 32 days
 OP_TTL_S = 40 * 86_400
+LEDGER_PAGE = 1_000  # ledger stream entries per XREVRANGE
 
 
 class AdjustResult(msgspec.Struct, frozen=True):
@@ -309,28 +310,62 @@ class Store:
         """Set ``paused`` or ``closed`` on an account (used for manual pause and closing)."""
         await self.redis.hset(keys.acct(tenant, account), field, value)
 
+    async def ledger_tail(
+        self, tenant: str, account: str, *, before: str = "+", limit: int | None = None,
+        scan: int | None = None, kinds: Sequence[str] | None = None, page: int = LEDGER_PAGE,
+    ) -> LedgerTail:
+        """The account's entries still in the tenant's ledger stream (the ones the ledger
+        worker has not archived and trimmed yet), newest first, older than ``before``
+        (an entry id, exclusive; "+" for the newest): at most ``limit`` of them, only
+        ``kinds`` if given, reading at most ``scan`` stream entries of any account.
+
+        Every balance change is written to the tenant's one stream, so an account's entries
+        are picked out of it: only each entry's account field is decoded until it matches.
+        The tail also tells where the read stopped (see :class:`LedgerTail`), which is where
+        the SQL archive takes over (billing.archive.history)."""
+        want, want_kinds = account.encode(), None if kinds is None else {
+            k.encode() for k in kinds}
+        found: list[tuple[str, dict[str, str]]] = []
+        oldest, read, end = None, 0, before if before == "+" else f"({before}"
+        while (limit is None or len(found) < limit) and (scan is None or read < scan):
+            count = page if scan is None else min(page, scan - read)
+            rows: Any = await self.redis.xrevrange(keys.ledger(tenant), end, "-", count=count)
+            for raw_id, f in rows:
+                oldest = raw_id.decode()
+                if f.get(b"account") == want and (
+                        want_kinds is None or f.get(b"kind") in want_kinds):
+                    found.append((oldest, {k.decode(): v.decode() for k, v in f.items()}))
+                    if limit is not None and len(found) == limit:
+                        return LedgerTail(found, oldest, complete=False)
+            read += len(rows)
+            if len(rows) < count:
+                return LedgerTail(found, oldest, complete=True)
+            end = f"({oldest}"
+        return LedgerTail(found, oldest, complete=False)
+
     async def ledger_page(
         self, tenant: str, account: str, *, before: str = "+", limit: int = 100
     ) -> list[tuple[str, dict[str, str]]]:
-        """Newest first; pass the last id seen as ``before`` (exclusive) for the next page."""
-        start = before if before == "+" else f"({before}"
-        rows: Any = await self.redis.xrevrange(
-            keys.acct_ledger(tenant, account), start, "-", count=limit
-        )
-        return _decode_entries(rows)
+        """The account's unarchived entries, newest first; pass the last id seen as
+        ``before`` (exclusive) for the next page."""
+        return (await self.ledger_tail(tenant, account, before=before, limit=limit)).entries
 
     async def ledger_sum(self, tenant: str, account: str) -> tuple[int, int]:
-        """(sum of deltas, entries) of the account's ledger stream, read in pages."""
-        total, n, start = 0, 0, "-"
-        key = keys.acct_ledger(tenant, account)
-        while True:
-            rows = await self.stream_range(key, start, "+", count=1000)
-            if not rows:
-                return total, n
-            for _, fields in rows:
-                total += int(fields["delta"])
-                n += 1
-            start = "(" + rows[-1][0]
+        """(sum of deltas, entries) of the account's unarchived ledger entries (the whole
+        ledger when nothing was archived; ``leadflow reconcile`` adds the archive's part)."""
+        entries = (await self.ledger_tail(tenant, account)).entries
+        return sum(int(f["delta"]) for _, f in entries), len(entries)
+
+
+class LedgerTail(NamedTuple):
+    """An account's entries read from its tenant's ledger stream, newest first; ``oldest``:
+    the oldest stream entry read, of any account (None: none was); ``complete``: the read
+    reached the stream's oldest entry, so every older entry of the account was archived
+    and trimmed (the ledger worker trims only after its SQL commit)."""
+
+    entries: list[tuple[str, dict[str, str]]]
+    oldest: str | None
+    complete: bool
 
 
 def _decode_entries(rows: Any) -> list[tuple[str, dict[str, str]]]:

@@ -24,7 +24,7 @@ from engine.embedded import EmbeddedRedis
 from engine.workers import WorkerFn, ledger
 from tests.harness import Engine, buyer, campaign, make_config, running
 
-ACCOUNT_LEDGER = keys.acct_ledger("t1", "c1")
+LEDGER = keys.ledger("t1")  # the tenant stream: c1's entries and the others'
 
 
 @pytest.fixture
@@ -87,13 +87,13 @@ async def test_overview_shows_history_the_running_ledger_worker_archived(
     """As in `leadflow run`: the ledger worker runs and empties the account's Redis
     ledger. Manual credits that GET /transactions lists were missing from the overview's
     payment history (always []), and so was every entry from its last transactions."""
-    async with stream_trims(redis, ACCOUNT_LEDGER) as trims, \
+    async with stream_trims(redis, LEDGER) as trims, \
             engine(cfg, redis_server.url, tmp_path, [ledger]) as eng:
         credits = [await credit(eng, f"ov-{i}", f"{i + 1}.00") for i in range(3)]
         for i in range(2):
             status, body = await eng.lead(email=f"ov{i}@example.com")
             assert status == 200 and body["status"] == "ACCEPTED", body
-        await until_trimmed_empty(redis, ACCOUNT_LEDGER, trims)
+        await until_trimmed_empty(redis, LEDGER, trims)
         body = await overview(eng)
         assert [p["id"] for p in body["payment_history"]] == credits[::-1]
         assert [(p["type"], p["amount"], p["process"]) for p in body["payment_history"]] == [
@@ -117,7 +117,7 @@ async def test_overview_joins_stream_and_archive_without_gaps_or_doubles(
         try:
             a = [await credit(eng, "a1"), await credit(eng, "a2")]
             assert await worker.archive_once(redis, "t1", consumer="w1") > 0
-            assert await redis.xlen(ACCOUNT_LEDGER) == 0  # opening, a1, a2: SQL only
+            assert await redis.xlen(LEDGER) == 0  # opening, a1, a2: SQL only
             b = await credit(eng, "b1")
             status, lead = await eng.lead(email="mid@example.com")
             assert status == 200 and lead["status"] == "ACCEPTED", lead
@@ -127,7 +127,7 @@ async def test_overview_joins_stream_and_archive_without_gaps_or_doubles(
             c = [await credit(eng, "c1"), await credit(eng, "c2")]
             assert await worker.archive_once(redis, "t1", consumer="w1") > 0
             d = await credit(eng, "d1")  # not read by any worker yet
-            in_stream = [i.decode() for i, _ in await redis.xrevrange(ACCOUNT_LEDGER)]
+            in_stream = [i for i, _ in await eng.store.ledger_page("t1", "c1")]
             assert in_stream[0] == d and in_stream[1:3] == c[::-1] and b in in_stream
             assert len(in_stream) == 5  # d1, c2, c1, the sale, b1
             archived = await worker.transactions("t1", "c1", limit=10)
@@ -147,8 +147,37 @@ async def test_overview_joins_stream_and_archive_without_gaps_or_doubles(
             # everything archived: the archive alone now says what the overview said
             await worker.archive_once(redis, "t1", consumer="w1", claim_idle_ms=0)
             assert await worker.archive_once(redis, "t1", consumer="w1") == 0
-            assert await redis.xlen(ACCOUNT_LEDGER) == 0
+            assert await redis.xlen(LEDGER) == 0
             assert await transactions(eng) == body["last_transactions"]
             assert (await overview(eng))["payment_history"] == body["payment_history"]
+        finally:
+            await worker.close()
+
+
+async def test_ledger_pages_on_from_redis_into_the_archive(
+        redis, redis_server: EmbeddedRedis, cfg, tmp_path: Path) -> None:
+    """GET /v1/accounts/{id}/ledger used to list only the entries still in Redis: once the
+    ledger worker had archived them it was empty. It now pages on into the SQL archive,
+    each entry once, in the order /transactions lists them."""
+    async with engine(cfg, redis_server.url, tmp_path, []) as eng:
+        worker = await Archive.open(path=str(tmp_path / "ledger.sqlite3"))
+        try:
+            archived = [await credit(eng, f"old-{i}") for i in range(3)]
+            status, body = await eng.lead(email="sold@example.com")  # wallet entries too
+            assert status == 200 and body["status"] == "ACCEPTED", body
+            assert await worker.archive_once(redis, "t1", consumer="w1") > 0
+            assert await redis.xlen(LEDGER) == 0  # all in SQL now
+            fresh = [await credit(eng, f"new-{i}") for i in range(2)]
+            seen, query = [], ""
+            while query is not None:
+                status, page = await eng.api("GET", f"/v1/accounts/c1/ledger?limit=2{query}")
+                assert status == 200, page
+                seen += [e["id"] for e in page["entries"]]
+                nxt = page["next_before"]
+                query = None if nxt is None else f"&before={nxt}"
+            assert seen[:2] == fresh[::-1] and seen[3:6] == archived[::-1]
+            assert len(seen) == len(set(seen)) == 7  # 2 new, the sale, 3 old, the opening
+            await worker.archive_once(redis, "t1", consumer="w1")
+            assert seen == [t["id"] for t in await transactions(eng)]
         finally:
             await worker.close()

@@ -13,7 +13,6 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from engine import keys
 from tests.conftest import SEED
 from tests.harness import buyer, campaign, make_config, running
 
@@ -44,10 +43,10 @@ async def _check(eng) -> None:
     await eng.assert_reconciled()
     events = await eng.events()
     for account in ("c1", "c2", "wallet"):
-        rows = await eng.redis.xrange(keys.acct_ledger("t1", account))
+        rows = reversed(await eng.store.ledger_page("t1", account, limit=10**9))
         crossings = 0
         for _, f in rows:
-            after, delta = int(f[b"balance"]), int(f[b"delta"])
+            after, delta = int(f["balance"]), int(f["delta"])
             if delta < 0 and after - delta >= ALERT > after:
                 crossings += 1
         alerts = sum(1 for e in events if e["type"] == "balance_alert" and e["account"] == account)
