@@ -69,25 +69,28 @@ local function in_window(s, idf, nf, win)
   return 0
 end
 
+local function over(limit, used) return limit >= 0 and used >= limit end
+local function over_spend(limit, used, price) return limit >= 0 and used + price > limit end
+
 local function over_cap(s, cap, win, price)
-  local function over(limit, used) return limit >= 0 and used >= limit end
-  local function over_spend(limit, used) return limit >= 0 and used + price > limit end
   return over(cap[1], in_window(s, 'hid', 'hn', win[1]))
       or over(cap[2], in_window(s, 'did', 'dn', win[2]))
       or over(cap[3], in_window(s, 'wid', 'wn', win[3]))
       or over(cap[4], in_window(s, 'mid', 'mn', win[4]))
       or over(cap[5], s.tn)
-      or over_spend(cap[6], in_window(s, 'sdid', 'sdv', win[2]))
-      or over_spend(cap[7], in_window(s, 'smid', 'smv', win[4]))
+      or over_spend(cap[6], in_window(s, 'sdid', 'sdv', win[2]), price)
+      or over_spend(cap[7], in_window(s, 'smid', 'smv', win[4]), price)
+end
+
+-- a window's counter moved by `by`: restarted when the stored window id is another one
+local function bump(s, idf, nf, w, by)
+  if s[idf] ~= w then s[idf] = w; s[nf] = by else s[nf] = s[nf] + by end
 end
 
 local function count_sale(s, win, price)
-  local function bump(idf, nf, w, by)
-    if s[idf] ~= w then s[idf] = w; s[nf] = by else s[nf] = s[nf] + by end
-  end
-  bump('hid', 'hn', win[1], 1); bump('did', 'dn', win[2], 1)
-  bump('wid', 'wn', win[3], 1); bump('mid', 'mn', win[4], 1)
-  bump('sdid', 'sdv', win[2], price); bump('smid', 'smv', win[4], price)
+  bump(s, 'hid', 'hn', win[1], 1); bump(s, 'did', 'dn', win[2], 1)
+  bump(s, 'wid', 'wn', win[3], 1); bump(s, 'mid', 'mn', win[4], 1)
+  bump(s, 'sdid', 'sdv', win[2], price); bump(s, 'smid', 'smv', win[4], price)
   s.tn = s.tn + 1
   s.dirty = true  -- written once per call by finish()
 end
