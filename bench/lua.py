@@ -44,14 +44,17 @@ PIPELINE, CLIENTS = 16, 8
 NOTE = "excludes HTTP, JSON decoding, validation and routing (Redis + decide.lua only)"
 
 
-def representative_leads(cfg: Any, n: int, *, seed: int = SEED) -> tuple[str, list[dict[str, Any]]]:
-    """(tenant, ``n`` Lua lead dicts) of valid generated leads of the first tenant, built by
-    the engine's own code path (schema validation, routing plan, ``Ingest._lua_lead``)."""
+def representative_leads(cfg: Any, n: int, *, seed: int = SEED
+                         ) -> tuple[str, list[dict[str, Any]], dict[str, Any]]:
+    """(tenant, ``n`` Lua lead dicts, the candidate table their ``cs`` keys refer to) of
+    valid generated leads of the first tenant, built by the engine's own code path (schema
+    validation, routing plan, ``Ingest._lua_lead``)."""
     rt = Runtime(cfg)
     ingest = Ingest(lambda: rt, lambda _t: None)  # type: ignore[arg-type,return-value]
     clock = ingest._clock
     tenant = cfg.tenants[0].id
     out: list[dict[str, Any]] = []
+    table: dict[str, Any] = {}
     for data in common.lead_dicts(cfg, max(200, n * 20), seed=seed):
         plan = rt.campaigns[data["lp_campaign_id"]]
         supplier = rt.suppliers[data["lp_supplier_id"]]
@@ -62,13 +65,14 @@ def representative_leads(cfg: Any, n: int, *, seed: int = SEED) -> tuple[str, li
         if errors:
             continue
         raw = msgspec.json.encode(data)
-        lead, payload = ingest._lua_lead(plan, values, data, new_lead_id(), False, windows,
-                                         local, raw, supplier, None)
+        lead = ingest._lua_lead(plan, values, data, new_lead_id(), False, windows,
+                                local, raw, supplier, None)
         # decide.lua's lead JSON with its delivery payload inline (redis-benchmark sends
         # one static ARGV; the engine sends the payload as its own ARGV)
-        out.append({**msgspec.json.decode(lead), "x": payload.decode()})
+        out.append({**msgspec.json.decode(lead.json), "x": lead.payload.decode()})
+        table.update({k.decode(): msgspec.json.decode(v) for k, v in lead.candidates})
         if len(out) == n:
-            return tenant, out
+            return tenant, out, table
     raise RuntimeError(f"only {len(out)} valid leads generated")
 
 
@@ -78,7 +82,8 @@ def randomized(lead: dict[str, Any]) -> dict[str, Any]:
     lead["id"] = f"{lead['id'][:8]}{RAND}{RAND}"
     lead["k"] = f"p:{RAND}{RAND}"
     lead["d"] = [f"{fp[:8]}{RAND}{RAND}" for fp in lead["d"]]
-    lead["cs"] = [{**c, "bd": [f"{fp[:8]}{RAND}{RAND}" for fp in c["bd"]]} for c in lead["cs"]]
+    if "bd" in lead:  # buyer-scope dedupe: each candidate's fingerprints
+        lead["bd"] = [[f"{fp[:8]}{RAND}{RAND}" for fp in bd] for bd in lead["bd"]]
     return lead
 
 
@@ -112,8 +117,9 @@ def run(*, leads_per_call: int = 16, duration: float = 10.0,
         raise FileNotFoundError("redis-benchmark not on PATH (Debian: apt-get install redis-tools)")
     cfg = common.load_config()
     _, load_cpu = common.pinning()
-    tenant, leads = representative_leads(cfg, leads_per_call)
-    batch = {"now": now_ms(), "w": WALLET, "leads": [randomized(lead) for lead in leads]}
+    tenant, leads, table = representative_leads(cfg, leads_per_call)
+    batch = {"now": now_ms(), "w": WALLET, "c": table,
+             "leads": [randomized(lead) for lead in leads]}
     arg = msgspec.json.encode(batch).decode()
     prefix = keys.tenant_prefix(tenant)
     with common.funded_redis(cfg) as srv:

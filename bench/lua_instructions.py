@@ -37,9 +37,10 @@ SEED = 5
 
 def _calls(cfg: Any, n: int) -> tuple[str, list[list[str]]]:
     """(tenant, ``n`` ARGV lists): the batch JSON with fresh ids, then the payloads."""
-    tenant, leads = representative_leads(cfg, LEADS_PER_CALL)
+    tenant, leads, table = representative_leads(cfg, LEADS_PER_CALL)
     payloads = [lead.pop("x") for lead in leads]
-    batch = {"now": now_ms(), "w": WALLET, "leads": [randomized(lead) for lead in leads]}
+    batch = {"now": now_ms(), "w": WALLET, "c": table,
+             "leads": [randomized(lead) for lead in leads]}
     parts = msgspec.json.encode(batch).decode().split(RAND)
     rng = random.Random(SEED)
     out = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -44,10 +44,20 @@ class _Reply(msgspec.Struct, frozen=True):
 
 _reply = msgspec.json.Decoder(_Reply)
 _WALLET = WALLET.encode()
-_Item = tuple[bytes, bytes, "asyncio.Future[Decision]"]  # (lead JSON, payload, waiter)
+# (lead JSON, payload, candidate table pairs, waiter)
+_Item = tuple[bytes, bytes, Sequence[tuple[bytes, bytes]], "asyncio.Future[Decision]"]
 
 # (seconds, [event type, count, ...], [lead debits, fee debits]) -> None, for metrics
 Observer = Callable[[float, Any, list[str]], None]
+
+
+def encode_call(batch: Sequence[_Item], now: int) -> bytes:
+    """decide.lua's ARGV[1] for these leads: the leads joined as they are, and the
+    candidate table of them all (each buyer's object once)."""
+    table = {key: obj for _, _, cands, _ in batch for key, obj in cands}
+    return b'{"now":%d,"w":"%s","c":{%s},"leads":[%s]}' % (
+        now, _WALLET, b",".join([b'"%s":%s' % kv for kv in table.items()]),
+        b",".join([lead for lead, _, _, _ in batch]))
 
 
 class Batcher:
@@ -72,11 +82,13 @@ class Batcher:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    async def decide(self, lead: bytes, payload: bytes) -> Decision:
-        """Decide one lead: decide.lua's per-lead JSON object (already encoded) and the
-        lead's delivery payload, which travels as its own ARGV (see decide.lua)."""
+    async def decide(self, lead: bytes, payload: bytes,
+                     candidates: Sequence[tuple[bytes, bytes]] = ()) -> Decision:
+        """Decide one lead: decide.lua's per-lead JSON object (already encoded), the
+        lead's delivery payload, which travels as its own ARGV, and the (key, object)
+        pairs of the candidate table its ``cs`` keys refer to (see decide.lua)."""
         fut: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
-        self._pending.append((lead, payload, fut))
+        self._pending.append((lead, payload, candidates, fut))
         self._idle.clear()
         if not self._scheduled:
             self._scheduled = True
@@ -98,15 +110,13 @@ class Batcher:
     async def _flush(self, batch: list[_Item]) -> None:
         started = time.perf_counter()
         try:
-            head = b'{"now":%d,"w":"%s","leads":[%s]}' % (
-                now_ms(), _WALLET, b",".join([lead for lead, _, _ in batch])
-            )
             raw = await self.store.lua.decide(
-                self.store.redis, [self.prefix], [head, *[x for _, x, _ in batch]]
+                self.store.redis, [self.prefix],
+                [encode_call(batch, now_ms()), *[x for _, x, _, _ in batch]]
             )
             reply = _reply.decode(raw)
             results = reply.r if isinstance(reply.r, list) else []
-            for (_, _, fut), decision in zip(batch, results, strict=True):
+            for (_, _, _, fut), decision in zip(batch, results, strict=True):
                 if not fut.done():
                     fut.set_result(decision)
             if self.observer is not None:
@@ -124,7 +134,7 @@ class Batcher:
 
     @staticmethod
     def _fail(batch: list[_Item], exc: Exception) -> None:
-        for _, _, fut in batch:
+        for *_, fut in batch:
             if not fut.done():
                 fut.set_exception(exc)
 

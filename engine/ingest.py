@@ -37,6 +37,15 @@ LeadObserver = Callable[[str, str, str, float, list[list[str]]], None]
 _enc = msgspec.json.Encoder()
 
 
+class LuaLead(NamedTuple):
+    """One lead for the batcher: decide.lua's lead object, its delivery payload, and the
+    (key, object) pairs of the call's candidate table its ``cs`` refers to."""
+
+    json: bytes
+    payload: bytes
+    candidates: list[tuple[bytes, bytes]]
+
+
 class LeadResponse(msgspec.Struct):
     status: str  # ACCEPTED | DUPLICATED | REJECTED | ERROR
     code: int
@@ -210,14 +219,14 @@ class Ingest:
         action = data.get("lp_action")  # checked above: absent, "" or test in any case
         test = supplier.test_mode or (isinstance(action, str) and action.lower() == "test")
         lead_id = new_lead_id()
-        lead, payload = self._lua_lead(
+        lead = self._lua_lead(
             plan, values, data, lead_id, test, windows, local, raw, supplier, idempotency_key
         )
         if plan.sync and self.sync is not None:  # waits for the buyers' verdicts
             decision = await self.sync.decide(
-                self._batcher(plan.tenant), self._runtime().cfg, plan, lead, payload)
+                self._batcher(plan.tenant), self._runtime().cfg, plan, lead.json, lead.payload)
         else:
-            decision = await self._batcher(plan.tenant).decide(lead, payload)
+            decision = await self._batcher(plan.tenant).decide(*lead)
         return _Outcome(200, _response(decision, supplier), plan.id, supplier.id, decision, plan)
 
     def _lua_lead(
@@ -232,10 +241,11 @@ class Ingest:
         raw: bytes,
         supplier: SupplierPlan,
         idempotency_key: str | None,
-    ) -> tuple[bytes, bytes]:
-        """The lead as decide.lua's JSON, already encoded, and its delivery payload: per-buyer
-        parts that only change with the weekday are pre-encoded on the plan, so a lead costs
-        two small encodes."""
+    ) -> LuaLead:
+        """The lead as decide.lua's JSON, already encoded, its delivery payload and its
+        candidates for the call's table: per-buyer parts that only change with the weekday
+        are pre-encoded on the plan, so a lead costs two small encodes. A sync campaign's
+        candidates are inline: its waterfall edits them (engine.sync_route)."""
         order = plan.ordered(plan.eligible(values, local), self._rng)
         payload = {**values, "lead_id": lead_id, "campaign_id": plan.id}
         for sub in ("lp_subid1", "lp_subid2"):
@@ -259,9 +269,15 @@ class Ingest:
         if idempotency_key:  # both rules: the same key, or the same payload in the window
             lead["k"] = "h:" + _digest(supplier.id, idempotency_key.encode())
             lead["kt"], lead["k2"], lead["k2t"] = self.idempotency_ttl_s, pkey, self.replay_window_s
+        table: list[tuple[bytes, bytes]] = []
+        if plan.sync:
+            cs = plan.candidates_json(order, values, windows.weekday)
+        else:
+            cs, bd, table = plan.candidate_refs(order, values, windows.weekday)
+            if bd is not None:
+                lead["bd"] = bd
         head = _enc.encode(lead)
-        cands = plan.candidates_json(order, values, windows.weekday)
-        return head[:-1] + b',"cs":[' + cands + b"]}", _enc.encode(payload)
+        return LuaLead(head[:-1] + b',"cs":[' + cs + b"]}", _enc.encode(payload), table)
 
 
 @functools.lru_cache(maxsize=64)

@@ -9,6 +9,7 @@ decide.lua, atomically, so two engine processes can never oversell a buyer.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from engine.schedule import CompiledSchedule, daily_cap
 _NONE = -1  # "no cap" in the arrays decide.lua receives
 _enc = msgspec.json.Encoder()
 _ROTATING = {"round_robin", "weighted_round_robin"}
+_PLAN_TOKENS = itertools.count()
 
 
 def fingerprint(scope: str, parts: Sequence[str]) -> str:
@@ -65,18 +67,24 @@ class BuyerPlan:
     caps: Caps
     static_caps: tuple[int, int, int, int, int, int]  # hour, week, month, total, spend d/m
 
-    json_heads: tuple[bytes, ...] = ()  # per weekday: the candidate JSON up to "bd"
+    # per weekday: decide.lua's candidate object (its per-lead "bd" left out), and the key
+    # it goes under in a call's candidate table: unique to this plan (a reload makes new
+    # ones), so leads routed before and after a reload can share a call
+    cand_json: tuple[bytes, ...] = ()
+    cand_keys: tuple[bytes, ...] = ()
 
     def cap_array(self, weekday: int) -> list[int]:
         h, w, m, t, sd, sm = self.static_caps
         return [h, _cap(daily_cap(self.caps, weekday)), w, m, t, sd, sm]
 
     def __post_init__(self) -> None:
-        self.json_heads = tuple(
+        self.cand_json = tuple(
             _enc.encode({"b": self.id, "a": self.account, "p": self.price, "fo": self.fee_out,
-                         "cap": self.cap_array(day)})[:-1] + b',"bd":'
+                         "cap": self.cap_array(day)})
             for day in range(7)
         )
+        token = next(_PLAN_TOKENS)
+        self.cand_keys = tuple(b"%x.%d" % (token, day) for day in range(7))
 
 
 def smooth_wrr(weights: Sequence[int]) -> list[int]:
@@ -176,14 +184,25 @@ class CampaignPlan:
         return _dedupe_prints(self.dedupe, "b:" + buyer.id, lead)
 
     def candidates_json(self, order: list[int], lead: Mapping[str, str], weekday: int) -> bytes:
-        """decide.lua's ``cs`` array items for these buyers, from pre-encoded parts."""
+        """decide.lua's ``cs`` array items for these buyers, each object inline (the sync
+        waterfall edits them): from pre-encoded parts."""
         buyers = self.buyers
-        if not self.buyer_scope:
-            return b",".join([buyers[i].json_heads[weekday] + b"[]}" for i in order])
         return b",".join([
-            buyers[i].json_heads[weekday] + _enc.encode(self.buyer_prints(buyers[i], lead)) + b"}"
+            buyers[i].cand_json[weekday][:-1] + b',"bd":'
+            + _enc.encode(self.buyer_prints(buyers[i], lead)) + b"}"
             for i in order
         ])
+
+    def candidate_refs(self, order: list[int], lead: Mapping[str, str], weekday: int
+                       ) -> tuple[bytes, list[list[str]] | None, list[tuple[bytes, bytes]]]:
+        """decide.lua's ``cs`` array items as keys into the call's candidate table, the
+        lead's ``bd`` (each candidate's buyer-scope fingerprints; None without buyer-scope
+        dedupe), and the (key, object) pairs of that table: a call of 16 leads decodes each
+        buyer's candidate object once, not 16 times."""
+        buyers = [self.buyers[i] for i in order]
+        refs = b",".join([b'"%s"' % b.cand_keys[weekday] for b in buyers])
+        bd = [self.buyer_prints(b, lead) for b in buyers] if self.buyer_scope else None
+        return refs, bd, [(b.cand_keys[weekday], b.cand_json[weekday]) for b in buyers]
 
     def rotation(self, order: list[int]) -> list[int]:
         """The campaign's rotation sequence as 1-based candidate positions (0 = not eligible)."""

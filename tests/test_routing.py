@@ -323,3 +323,51 @@ async def test_batcher_shares_pending_leads_over_free_call_slots(redis, redis_se
         assert [d.s for d in decisions] == ["ACCEPTED"] * 5
         assert [d.id for d in decisions] == [f"S{n}" for n in range(5)]
         assert await evalsha_calls() - before == 2
+
+
+async def test_a_calls_candidate_table_is_shared_but_each_lead_keeps_its_own_parts(
+        redis, redis_server):
+    """The engine sends each buyer's candidate object once per call, in a table, and each
+    lead refers to it by key with its own buyer-scope fingerprints beside it. Two plans of
+    one buyer (a reload between two leads of a call: other price) are two keys; one lead's
+    fingerprints never become another's (the table's objects are shared)."""
+    import msgspec
+
+    from engine.batcher import encode_call
+    from engine.scripts import scripts
+
+    cfg = make_config(campaign(), buyer("b1"))
+    async with running(cfg, redis_server.url) as eng:
+        def cand(price):
+            return msgspec.json.encode({"b": "b1", "a": "c1", "p": price, "fo": 0,
+                                        "cap": [-1] * 7})
+
+        table = [(b"old.0", cand(1_000_000)), (b"new.0", cand(2_000_000))]
+
+        def lead(n, key, bd=None):
+            obj = {"id": f"T{n}", "k": f"tk{n}", "kt": 60, "t": 0, "c": "camp", "fi": 0,
+                   "n": 1, "rr": 0, "q": [], "d": [], "dt": 60, "win": ["h", "d", "w", "m"],
+                   "cs": [key]}
+            if bd is not None:
+                obj["bd"] = [bd]
+            return (msgspec.json.encode(obj), b"{}", table, None)
+
+        calls = [lead(1, "old.0", ["fpA"]), lead(2, "new.0", ["fpA"]), lead(3, "old.0"),
+                 lead(4, "new.0", ["fpD"])]
+        before = await eng.balance("c1")
+        raw = await scripts().decide(redis, [keys.tenant_prefix("t1")],
+                                     [encode_call(calls, 1), *[b"{}"] * 4])
+        results = msgspec.json.decode(raw)["r"]
+        assert [(r["s"], r["c"]) for r in results] == [
+            ("ACCEPTED", 0), ("DUPLICATED", 101), ("ACCEPTED", 0), ("ACCEPTED", 0)]
+        assert [r["sold"] for r in results if r["s"] == "ACCEPTED"] == [
+            [["b1", "1000000"]], [["b1", "1000000"]], [["b1", "2000000"]]]
+        assert await eng.balance("c1") == before - 4_000_000
+
+        async def record(n):
+            return msgspec.json.decode(await redis.hget(keys.lead("t1", f"T{n}"), "b1"))
+
+        assert (await record(1))["bd"] == ["fpA"]
+        assert (await record(3))["bd"] in ({}, [])  # none of its own, none leaked in
+        assert (await record(4))["bd"] == ["fpD"]
+        await eng.assert_reconciled()

@@ -19,11 +19,11 @@ import msgspec
 import pytest
 
 from bench import common
+from engine.batcher import encode_call
 from engine.demo import make_lead
-from engine.ingest import Ingest, LeadResponse, new_lead_id
+from engine.ingest import Ingest, LeadResponse, LuaLead, new_lead_id
 from engine.routing import CampaignPlan
 from engine.runtime import Runtime, SupplierPlan
-from engine.store import WALLET
 
 
 class Case:
@@ -50,8 +50,8 @@ class Case:
                 return
         raise RuntimeError("no valid solar lead generated")
 
-    def lua_lead(self) -> Any:
-        """What the engine hands the batcher: a dict, or the lead's JSON already encoded."""
+    def lua_lead(self) -> LuaLead:
+        """What the engine hands the batcher (engine.ingest.LuaLead)."""
         return self.ingest._lua_lead(self.plan, self.values, self.data, new_lead_id(), False,
                                      self.windows, self.local, self.raw, self.supplier, None)
 
@@ -80,25 +80,17 @@ def test_routing_eligible_ordered(benchmark: Any, case: Case) -> None:
     assert len(benchmark(run)) >= 2
 
 
-def _as_dict(lead: Any) -> dict[str, Any]:
-    return msgspec.json.decode(lead) if isinstance(lead, bytes | str) else lead  # type: ignore[no-any-return]
-
-
 def test_lua_lead_dict(benchmark: Any, case: Case) -> None:
-    lead = _as_dict(benchmark(case.lua_lead))
+    lead = msgspec.json.decode(benchmark(case.lua_lead).json)
     assert lead["c"] == "solar" and lead["cs"]
 
 
 def test_encode_lua_batch_of_64(benchmark: Any, case: Case) -> None:
-    enc = msgspec.json.Encoder()
     leads = [case.lua_lead() for _ in range(64)]
-    wallet = WALLET.encode()
+    items = [(lead.json, lead.payload, lead.candidates, None) for lead in leads]
 
-    def run() -> bytes:
-        now = time.time_ns() // 1_000_000
-        if isinstance(leads[0], bytes):  # pre-encoded leads: joined as the batcher joins them
-            return b'{"now":%d,"w":"%s","leads":[%s]}' % (now, wallet, b",".join(leads))
-        return enc.encode({"now": now, "w": WALLET, "leads": leads})
+    def run() -> bytes:  # as the batcher encodes a call
+        return encode_call(items, time.time_ns() // 1_000_000)  # type: ignore[arg-type]
 
     out = benchmark(run)
     assert len(msgspec.json.decode(out)["leads"]) == 64

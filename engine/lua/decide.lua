@@ -3,6 +3,7 @@
 -- KEYS[1]  tenant key prefix ("lf:{tenant}:"); every key touched derives from it (one slot)
 -- ARGV[1]  JSON batch (below); ARGV[1 + i]: lead i's "x" payload when not inline
 --   { "now": <epoch ms>, "w": "<tenant wallet account id>",
+--     "c": { "<key>": candidate, ... } the call's candidate table (below; may be left out),
 --     "leads": [ {
 --       "id": lead id, "k": idempotency key, "kt": its TTL in seconds, "t": 1 = test lead,
 --       "k2", "k2t": optional second key and its TTL (seconds): the payload's, when "k" is
@@ -17,10 +18,15 @@
 --       "x": the normalized lead as a JSON string (the delivery job payload); may be left
 --            out and passed as ARGV[1 + i] instead (the engine does: no JSON-in-JSON to
 --            escape in Python nor to scan in cjson),
---       "cs": [ { "b": buyer id, "a": client account id, "p": price (micros),
---                 "fo": outbound fee (micros), "bd": [buyer-scope fingerprints],
---                 "cap": [hour, day, week, month, total, spend day, spend month] (-1 none) } ]
+--       "cs": [candidate, or the key of one in "c", ...] in the order they are tried, where a
+--             candidate is { "b": buyer id, "a": client account id, "p": price (micros),
+--                 "fo": outbound fee (micros), "bd": [buyer-scope fingerprints] (inline only),
+--                 "cap": [hour, day, week, month, total, spend day, spend month] (-1 none) },
+--       "bd": [[buyer-scope fingerprints], ...] per "cs" item given by key (optional)
 --     } ] }
+--   The engine sends each buyer's candidate once per call, in "c", and keys in "cs": 16
+--   leads then decode a buyer's object once, not 16 times. Table objects are shared by
+--   the call's leads: a lead's own parts (its "bd") are never written into them.
 --
 -- Returns JSON {"r": [result per lead, in order], "e": [event type, count, ...],
 -- "m": [lead debits, fee debits] (micros, as strings)} where a
@@ -37,6 +43,8 @@
 
 local p = KEYS[1]
 local batch = cjson.decode(ARGV[1])
+local CANDS = batch.c or {}
+local NONE = {}  -- no fingerprints
 -- as text once: every stream entry carries it, and Lua formats a number passed to
 -- redis.call with a float printf each time
 local now, wallet_id = fmt(batch.now), batch.w
@@ -141,14 +149,14 @@ local function order(L)
   return o, start
 end
 
-local function sell(L, c, s, a)
+local function sell(L, c, bd, s, a)
   local ref = L.id
   apply(p, a, -c.p, 'lead', ref, now, {'buyer', c.b, 'campaign', L.c})
   DEBITED.lead = DEBITED.lead + c.p
   count_sale(s, L.win, c.p)
-  mark_sold(c.bd, ref, L.dt)
+  mark_sold(bd, ref, L.dt)
   redis.call('HSET', K.lead(p, ref), c.b, cjson.encode({a = c.a, p = fmt(c.p), f = fmt(c.fo),
-             w = L.win, s = 'sold', bd = c.bd, cd = L.d}))
+             w = L.win, s = 'sold', bd = bd, cd = L.d}))
   redis.call('XADD', K.deliveries(p), '*', 'lead_id', ref, 'buyer', c.b, 'campaign', L.c,
              'account', c.a, 'price', fmt(c.p), 'fee', fmt(c.fo), 'lead', L.x, 'ts', now)
 end
@@ -169,11 +177,16 @@ local function decide(L)
   local tries, start = order(L)
   for _, ci in ipairs(tries) do
     if #sold >= L.n then break end
-    local c = L.cs[ci]
+    local c, bd = L.cs[ci], nil
+    if type(c) == 'string' then  -- a key of the call's table; its fingerprints: the lead's
+      c, bd = CANDS[c], L.bd and L.bd[ci] or NONE
+    else
+      bd = c.bd
+    end
     local s, a = buyer(c.b), acct(p, c.a)
     if s.paused ~= '' or s.open or not a then
       why.paused = why.paused + 1
-    elseif #c.bd > 0 and any_exists(c.bd) then
+    elseif #bd > 0 and any_exists(bd) then
       why.dup = why.dup + 1
     elseif over_cap(s, c.cap, L.win, c.p) then
       why.cap = why.cap + 1
@@ -187,7 +200,7 @@ local function decide(L)
       break
     else
       if not test then
-        sell(L, c, s, a)
+        sell(L, c, bd, s, a)
         fees = fees + c.fo
         if L.rr == 1 then redis.call('HSET', K.cursors(p), L.c, start + 1) end
       end
