@@ -165,10 +165,8 @@ class App:
     async def _decide(self, data: object, raw: bytes, key: str | None) -> tuple[int, LeadResponse]:
         try:
             return await self.ingest.handle(data, raw, key)
-        except StoreUnavailable:
-            return 503, error(Codes.UNAVAILABLE,
-                              "storage unavailable; retry with the same payload or "
-                              "Idempotency-Key: a lead is never charged twice")
+        except StoreUnavailable as exc:
+            return _unavailable(exc)
 
     async def _batch(self, req: Request) -> Response:
         """NDJSON in, NDJSON out: one result per non-blank line, in order, each lead on its
@@ -183,19 +181,23 @@ class App:
         if len(lines) > MAX_BATCH_LINES + 1 or (len(lines) == MAX_BATCH_LINES + 1 and lines[-1]):
             return _lead_response(413, error(Codes.TOO_LARGE, f"at most {MAX_BATCH_LINES} lines"))
         key = req.header(b"idempotency-key")
-        results = await asyncio.gather(
-            *(
-                self._batch_line(line, key)
-                for line in lines
-                if line.strip()  # blank: ASCII whitespace only (space, tab, ...)
-            )
-        )
-        if not results:
+        results: list[tuple[int, LeadResponse] | None] = []
+        leads: list[tuple[object, bytes, str | None]] = []
+        for line in lines:
+            if line.strip():  # blank: ASCII whitespace only (space, tab, ...)
+                refused = self._batch_line(line, key, leads)
+                results.append(refused)
+        decided = iter(await self.ingest.handle_many(leads))
+        out = [r if r is not None else _unavailable(next(decided)) for r in results]
+        if not out:
             return Response(b"", 200, b"application/x-ndjson")
-        out = b"\n".join(_lead_enc.encode(r) for _, r in results) + b"\n"
-        return Response(out, 200, b"application/x-ndjson")
+        body = b"\n".join(_lead_enc.encode(r) for _, r in out) + b"\n"
+        return Response(body, 200, b"application/x-ndjson")
 
-    async def _batch_line(self, raw: bytes, key: str | None) -> tuple[int, LeadResponse]:
+    def _batch_line(self, raw: bytes, key: str | None,
+                    leads: list[tuple[object, bytes, str | None]]
+                    ) -> tuple[int, LeadResponse] | None:
+        """A line's refusal, or None with the lead added to ``leads``."""
         if len(raw) > self.max_body:  # the single-lead limit applies to each line
             return 413, error(Codes.TOO_LARGE, f"line over {self.max_body} bytes")
         try:
@@ -204,7 +206,8 @@ class App:
             return 400, error(Codes.MALFORMED, "this line is not a UTF-8 JSON object")
         if key:  # one batch key names each of its leads by content, never by position
             key = f"{key}\x00{hashlib.blake2b(raw, digest_size=16).hexdigest()}"
-        return await self._decide(data, raw, key)
+        leads.append((data, raw, key))
+        return None
 
     # ---- health -------------------------------------------------------------------------
 
@@ -250,6 +253,18 @@ def _decode_lead(content_type: str, body: bytes) -> tuple[object, tuple[int, Lea
         return msgspec.json.decode(body), None
     except (msgspec.DecodeError, UnicodeDecodeError):  # invalid UTF-8 inside a string
         return None, (400, error(Codes.MALFORMED, "the body is not valid UTF-8 JSON"))
+
+
+def _unavailable(result: tuple[int, LeadResponse] | Exception) -> tuple[int, LeadResponse]:
+    """A decision, or the 503 of one that failed because Redis is unreachable (any other
+    failure is raised: a bug must not pass for an outage)."""
+    if not isinstance(result, Exception):
+        return result
+    if isinstance(result, StoreUnavailable):
+        return 503, error(Codes.UNAVAILABLE,
+                          "storage unavailable; retry with the same payload or "
+                          "Idempotency-Key: a lead is never charged twice")
+    raise result
 
 
 def _lead_too_large(limit: int) -> Response:

@@ -87,13 +87,20 @@ class Batcher:
         """Decide one lead: decide.lua's per-lead JSON object (already encoded), the
         lead's delivery payload, which travels as its own ARGV, and the (key, object)
         pairs of the candidate table its ``cs`` keys refer to (see decide.lua)."""
-        fut: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
+        return await self.submit(lead, payload, candidates)
+
+    def submit(self, lead: bytes, payload: bytes,
+               candidates: Sequence[tuple[bytes, bytes]] = ()) -> asyncio.Future[Decision]:
+        """:meth:`decide` without the coroutine: the future of the lead's decision (the
+        batch endpoint awaits many together)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Decision] = loop.create_future()
         self._pending.append((lead, payload, candidates, fut))
         self._idle.clear()
         if not self._scheduled:
             self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._kick)
-        return await fut
+            loop.call_soon(self._kick)
+        return fut
 
     def _kick(self) -> None:
         self._scheduled = False

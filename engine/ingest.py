@@ -8,6 +8,7 @@ Response codes are documented in the README ("Response codes").
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import hmac
@@ -15,7 +16,7 @@ import itertools
 import random
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
@@ -90,6 +91,22 @@ class _Outcome(NamedTuple):
     plan: CampaignPlan | None = None
 
 
+class _Pending(NamedTuple):
+    """A valid lead, routed, waiting for its decision."""
+
+    plan: CampaignPlan
+    supplier: SupplierPlan
+    lead: LuaLead
+
+    def outcome(self, decision: Decision) -> _Outcome:
+        return _Outcome(200, _response(decision, self.supplier), self.plan.id,
+                        self.supplier.id, decision, self.plan)
+
+
+def _stamp(done: list[float], i: int, _fut: object) -> None:
+    done[i] = time.perf_counter()
+
+
 def _refused(
     status: int,
     code: int,
@@ -144,10 +161,45 @@ class Ingest:
         self, data: object, raw: bytes, idempotency_key: str | None = None
     ) -> tuple[int, LeadResponse]:
         started = time.perf_counter()
-        out = await self._handle(data, raw, idempotency_key)
+        step = self._prepare(data, raw, idempotency_key)
+        out = step if isinstance(step, _Outcome) else step.outcome(await self._decision(step))
         if self._observer is not None:
             self._observe(out, time.perf_counter() - started)
         return out.http_status, out.response
+
+    async def handle_many(
+        self, leads: Sequence[tuple[object, bytes, str | None]]
+    ) -> list[tuple[int, LeadResponse] | Exception]:
+        """Each lead decided on its own, as :meth:`handle` decides it, in order; a lead
+        whose decision failed (StoreUnavailable, ...) has the exception in its place. The
+        batch endpoint's path: every lead is validated and routed first, then all their
+        decisions are awaited together, on the batcher's futures, not on a task per lead."""
+        started = time.perf_counter()
+        steps = [self._prepare(*lead) for lead in leads]
+        done = [started] * len(steps)  # when each decision arrived, for its latency
+        waits: list[asyncio.Future[Decision]] = []
+        for i, step in enumerate(steps):
+            if isinstance(step, _Pending):
+                fut = asyncio.ensure_future(self._decision(step))
+                fut.add_done_callback(functools.partial(_stamp, done, i))
+                waits.append(fut)
+        decided = iter(await asyncio.gather(*waits, return_exceptions=True))
+        out: list[tuple[int, LeadResponse] | Exception] = []
+        for step, finished in zip(steps, done, strict=True):
+            if isinstance(step, _Outcome):
+                outcome = step
+            else:
+                decision = next(decided)
+                if isinstance(decision, Exception):
+                    out.append(decision)
+                    continue
+                if isinstance(decision, BaseException):  # CancelledError: not ours to keep
+                    raise decision
+                outcome = step.outcome(decision)
+            if self._observer is not None:
+                self._observe(outcome, finished - started)
+            out.append((outcome.http_status, outcome.response))
+        return out
 
     def _observe(self, out: _Outcome, seconds: float) -> None:
         assert self._observer is not None
@@ -155,7 +207,17 @@ class Ingest:
         sold = d.buyers if d is not None and not d.rp and d.t != 1 else []
         self._observer(out.campaign, out.supplier, out.response.status, seconds, sold)
 
-    async def _handle(self, data: object, raw: bytes, idempotency_key: str | None) -> _Outcome:
+    def _decision(self, step: _Pending) -> Awaitable[Decision]:
+        """The lead's decision: the batcher's future, or the sync waterfall."""
+        plan, lead = step.plan, step.lead
+        batcher = self._batcher(plan.tenant)
+        if plan.sync and self.sync is not None:  # waits for the buyers' verdicts
+            return self.sync.decide(batcher, self._runtime().cfg, plan, lead.json, lead.payload)
+        return batcher.submit(*lead)
+
+    def _prepare(self, data: object, raw: bytes, idempotency_key: str | None
+                 ) -> _Outcome | _Pending:
+        """Everything before the decision: a refusal, or the lead ready for decide.lua."""
         if not isinstance(data, dict):
             return _refused(400, Codes.MALFORMED, "the body must be a JSON object or form fields")
         if len(data) > MAX_FIELDS:
@@ -188,21 +250,21 @@ class Ingest:
                 campaign=plan.id,
                 supplier=sup_id,
             )
-        return await self._route(data, raw, idempotency_key, plan, supplier)
+        return self._route(data, raw, idempotency_key, plan, supplier)
 
     @staticmethod
     def _authentic(supplier: SupplierPlan | None, key: str) -> bool:
         expected = supplier.key if supplier is not None else _DUMMY_KEY
         return hmac.compare_digest(key.encode(), expected)  # constant time
 
-    async def _route(
+    def _route(
         self,
         data: dict[str, Any],
         raw: bytes,
         idempotency_key: str | None,
         plan: CampaignPlan,
         supplier: SupplierPlan,
-    ) -> _Outcome:
+    ) -> _Outcome | _Pending:
         windows, local = self._clock.get(plan.tz, time.time())
         values, errors = plan.schema.validate(data, today=local.date())
         errors += _subid_errors(data)
@@ -222,12 +284,7 @@ class Ingest:
         lead = self._lua_lead(
             plan, values, data, lead_id, test, windows, local, raw, supplier, idempotency_key
         )
-        if plan.sync and self.sync is not None:  # waits for the buyers' verdicts
-            decision = await self.sync.decide(
-                self._batcher(plan.tenant), self._runtime().cfg, plan, lead.json, lead.payload)
-        else:
-            decision = await self._batcher(plan.tenant).decide(*lead)
-        return _Outcome(200, _response(decision, supplier), plan.id, supplier.id, decision, plan)
+        return _Pending(plan, supplier, lead)
 
     def _lua_lead(
         self,

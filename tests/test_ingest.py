@@ -215,6 +215,26 @@ async def test_redis_unreachable_is_503_and_nothing_charged(redis, redis_server,
         assert status == 503 and body["code"] == 1040 and body["status"] == "ERROR"
 
 
+async def test_batch_with_redis_unreachable_answers_each_line(redis, redis_server, cfg,
+                                                              tmp_path):
+    """A batch whose leads cannot be decided (Redis down) still answers one line per
+    lead, in order: each valid lead its 503 ERROR (1040, retry), an invalid one its own
+    refusal. The leads are decided together, so one failure must not lose the others."""
+    server = EmbeddedRedis(tmp_path / "r", persistent=False).start()
+    async with running(cfg, server.url) as eng:
+        server.stop()
+        lines = [
+            b'{"lp_campaign_id":"camp","lp_supplier_id":"s1","lp_key":"key-s1","email":"a@example.com"}',
+            b'{"lp_campaign_id":"camp","lp_supplier_id":"s1","lp_key":"key-s1","email":"nope"}',
+            b'{"lp_campaign_id":"camp","lp_supplier_id":"s1","lp_key":"key-s1","email":"b@example.com"}',
+        ]
+        status, results = await eng.post(raw=b"\n".join(lines), path="/v1/leads/batch",
+                                          headers={"Content-Type": "application/x-ndjson"})
+        assert status == 200
+        assert [(r["status"], r["code"]) for r in results] == [
+            ("ERROR", 1040), ("ERROR", 1020), ("ERROR", 1040)]
+
+
 NUMERIC_IDS = """
 [[suppliers]]
 tenant = "t1"
