@@ -260,10 +260,10 @@ async def _return_lead(store: Store, req: Request, tenant: str) -> Response:
     """A buyer returns a bad lead: refunded (kind ``return``) within 5 days, for an approved
     reason only; idempotent (a second return of the same sale changes nothing)."""
     lead_id = req.params["id"]
-    try:
-        body = _return.decode(req.body)
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        return http.error_response(400, "invalid_body", str(exc))
+    try:  # the billing endpoints' decoding: JSON only (415 unsupported_media_type)
+        body: ReturnBody = decode_body(req, _return)
+    except BillingError as exc:
+        return http.error_response(exc.status, exc.code, str(exc))
     if body.reason not in RETURN_REASONS:
         return http.error_response(422, "reason_not_accepted",
                                    f"returns are accepted for: {', '.join(sorted(RETURN_REASONS))}")

@@ -194,6 +194,28 @@ async def test_returns_within_five_days_for_approved_reasons(redis, redis_server
         await eng.assert_reconciled()
 
 
+async def test_a_return_must_be_json_as_every_billing_body(redis, redis_server, cfg):
+    """POST /returns took any Content-Type (a form post was read as JSON) while /credits
+    and the billing endpoints answer 400 unsupported_media_type: now it does too, and
+    moves nothing."""
+    async with running(cfg, redis_server.url) as eng:
+        _, lead = await eng.lead(email="form@example.com")
+        path = f"/v1/leads/{lead['lead_id']}/returns"
+        body = b'{"buyer": "b1", "reason": "wrong_number"}'
+        before = await eng.balance("c1")
+        for ctype in ("application/x-www-form-urlencoded", "text/plain"):
+            status, err = await eng.api("POST", path, data=body,
+                                        headers={"Content-Type": ctype})
+            assert status == 400 and err["error"]["code"] == "unsupported_media_type", err
+        status, err = await eng.api("POST", path, data=b"{nope",
+                                    headers={"Content-Type": "application/json"})
+        assert status == 400 and err["error"]["code"] == "invalid_body", err
+        assert await eng.balance("c1") == before
+        status, ok = await eng.api("POST", path, data=body,
+                                   headers={"Content-Type": "application/json"})
+        assert status == 200 and ok["state"] == "refunded", ok
+
+
 async def test_readyz_reports_a_dead_worker(redis, redis_server, cfg, tmp_path):
     async def broken(svc, stop):
         raise RuntimeError("worker bug")
