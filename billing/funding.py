@@ -149,7 +149,7 @@ async def _step(ctx: BillingContext, name: str, account: str) -> None:
         await ctx.refund_hook(name, account)
 
 
-_CLOSE = scripts.housekeeping("balance_close")
+_CLOSE = scripts.housekeeping_script("balance_close")
 _CLOSE_REFUSED = {
     "unknown_account": "unknown account {account}",
     "negative_balance": "the balance is negative: nothing to refund",
@@ -161,8 +161,7 @@ _CLOSE_REFUSED = {
 async def _close(ctx: BillingContext, tenant: str, account: str, covered: int) -> int:
     """Close the account if ``covered`` micros of card charges cover its balance, in one
     Lua step; returns the balance at the close (what the refund returns)."""
-    script = ctx.store.redis.register_script(_CLOSE)
-    raw = await script(keys=[keys.tenant_prefix(tenant)], args=[account, covered, CENT])
+    raw = await _CLOSE(ctx.store.redis, [keys.tenant_prefix(tenant)], [account, covered, CENT])
     status, balance = (x.decode() if isinstance(x, bytes) else str(x) for x in raw)
     if status != "ok":
         raise _close_refused(status, account, int(balance))

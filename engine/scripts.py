@@ -28,9 +28,11 @@ class Script:
 
     __slots__ = ("name", "sha", "source")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, source: str | None = None) -> None:
         self.name = name
-        self.source = keys.lua_preamble() + _read(_LIB) + "\n" + _read(name + ".lua")
+        if source is None:  # a money script: the key helpers, _lib.lua, the script
+            source = keys.lua_preamble() + _read(_LIB) + "\n" + _read(name + ".lua")
+        self.source = source
         self.sha = hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest()
 
     async def __call__(self, client: aioredis.Redis, keys_: list[str], args: list[Any]) -> Any:
@@ -67,6 +69,12 @@ def housekeeping(name: str) -> str:
     the key helpers and the .lua file, for redis-py's ``register_script``, which also
     handles NOSCRIPT inside pipelines."""
     return keys.lua_preamble() + _read(name + ".lua")
+
+
+def housekeeping_script(name: str) -> Script:
+    """A housekeeping script as a :class:`Script`: built and hashed once, for a caller that
+    runs it outside a pipeline (``register_script`` hashed the source on every call)."""
+    return Script(name, housekeeping(name))
 
 
 _scripts: Scripts | None = None
