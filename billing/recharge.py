@@ -93,8 +93,9 @@ async def configure(ctx: BillingContext, tenant: str, account: str,
         raise InvalidRequest(f"unknown account {account}", code="unknown_account")
     await ctx.store.redis.set(keys.autorecharge(tenant, account), _ar_enc.encode(ar))
     armed, rthr = threshold_flags(ar)
-    await ctx.store.set_account_flag(tenant, account, "rthr", str(rthr))
-    await ctx.store.set_account_flag(tenant, account, "ar", "1" if armed else "0")
+    # with the flags, in one step: a min_balance pause lifted when turned on (the rule
+    # pauses below the minimum only without auto-recharge), made when turned off below it
+    await ctx.store.arm_recharge(tenant, account, rthr, armed)
     await recharge_if_below(ctx, tenant, account, why="auto_recharge_enabled")
     return ar
 

@@ -22,7 +22,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from engine import keys
 from engine.errors import StoreUnavailable
-from engine.scripts import Scripts, scripts
+from engine.scripts import Script, Scripts, scripts
 
 log = logging.getLogger("leadflow.store")
 
@@ -64,6 +64,13 @@ class AccountState(msgspec.Struct, frozen=True):
     closed: bool
 
 
+class _Armed(msgspec.Struct, frozen=True):
+    ok: bool
+    events: list[str | int] | dict[str, int] = []
+
+
+_ARM_RECHARGE = Script("arm_recharge")
+_arm_dec = msgspec.json.Decoder(_Armed)
 _adjust_dec = msgspec.json.Decoder(AdjustResult)
 _sale_dec = msgspec.json.Decoder(SaleResult)
 _enc = msgspec.json.Encoder()
@@ -192,6 +199,17 @@ class Store:
                 if fee:  # the fee_refund ledger entry of the tenant's wallet
                     self.observer("fee_refund", fee)
         return res
+
+    async def arm_recharge(self, tenant: str, account: str, threshold: int, armed: bool
+                           ) -> bool:
+        """Set the account's auto-recharge flags and apply its minimum-balance rule in one
+        step (lua/arm_recharge.lua: a min_balance pause lifted or made); False: no such
+        account."""
+        raw = await self._run(_ARM_RECHARGE, tenant,
+                              [account, threshold, "1" if armed else "0", now_ms()])
+        res = _arm_dec.decode(raw)
+        self._count_events(res.events)
+        return res.ok
 
     def _count_events(self, events: Any) -> None:
         """Events a script emitted (``[type, count, ...]``), to ``events_observer``."""

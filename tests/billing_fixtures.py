@@ -17,7 +17,8 @@ from engine.store import Store
 T = "acme"
 
 
-def make_config(*, fee: str = "3", auto: AutoRecharge | None = None) -> Config:
+def make_config(*, fee: str = "3", auto: AutoRecharge | None = None,
+                min_balance: str | None = None) -> Config:
     ar = auto or AutoRecharge()
     return Config(
         tenants=[Tenant(id=T, api_token="tok", timezone="UTC",
@@ -25,7 +26,7 @@ def make_config(*, fee: str = "3", auto: AutoRecharge | None = None) -> Config:
                         wallet=Account(opening_balance="0.00"),
                         meters={"sms": "0.05", "email_test": "1.25", "transcribe": "0.012"})],
         clients=[Client(id=f"c{i}", tenant=T, billing="realtime", opening_balance="0.00",
-                        auto_recharge=ar) for i in range(1, 4)],
+                        auto_recharge=ar, min_balance=min_balance) for i in range(1, 4)],
     )
 
 

@@ -236,6 +236,34 @@ async def test_turning_auto_recharge_on_below_the_threshold_recharges(
     assert await _balance(ctx) == 115 * D
 
 
+async def test_auto_recharge_turned_on_lifts_a_min_balance_pause_and_off_makes_one(
+        redis: aioredis.Redis, gateway: StripeGateway, localstripe: LocalStripe) -> None:
+    """Seeds: below its minimum balance *without* auto-recharge a buyer is paused. Turning
+    auto-recharge on through the API left the pause until a recharge credited the account;
+    it is lifted at once now (buyer_resumed). Turning it off below the minimum pauses the
+    account at once (buyer_paused), where it used to keep buying until the next crossing."""
+    cfg = make_config(auto=AutoRecharge(enabled=False), min_balance="50.00")
+    ctx = await new_ctx(redis, gateway, cfg)
+    await ctx.methods.attach(T, "c1", localstripe.card())
+    await ctx.store.adjust(T, "c1", 60 * D, "adjustment", op_id="seed")
+    await ctx.store.adjust(T, "c1", -15 * D, "usage", op_id="use")  # $45: below $50
+    state = await ctx.store.account(T, "c1")
+    assert state is not None and state.paused == "min_balance"
+    seen = len(await _events(redis))
+    await recharge.configure(ctx, T, "c1", AUTO)
+    state = await ctx.store.account(T, "c1")
+    assert state is not None and state.paused == "" and state.auto_recharge
+    assert [(e["type"], e["account"]) for e in (await _events(redis))[seen:]] == [
+        ("buyer_resumed", "c1")]  # $45 is above the $20 threshold: no recharge_needed
+    seen += 1
+    await recharge.configure(ctx, T, "c1", AutoRecharge(enabled=False))
+    state = await ctx.store.account(T, "c1")
+    assert state is not None and state.paused == "min_balance" and not state.auto_recharge
+    assert [(e["type"], e["account"], e["reason"]) for e in (await _events(redis))[seen:]] == [
+        ("buyer_paused", "c1", "min_balance")]
+    assert await _balance(ctx) == 45 * D  # moves no money
+
+
 async def test_authentication_required_needs_the_customer(
         redis: aioredis.Redis, gateway: StripeGateway, localstripe: LocalStripe) -> None:
     ctx = await _ctx(redis, gateway)
