@@ -84,6 +84,12 @@ def rows(results: dict[str, Any]) -> list[list[str]]:
                         f"{_n(r['batch_leads_per_s'])} leads/s",
                         f"{_n(r['leads_per_s'])} leads/s (single endpoint)",
                         f"{r['batch_ratio']:.2f}", "≥ 3", _met(r["batch_ratio"] >= 3.0)])
+            if r.get("engine_instructions_per_lead") is not None:
+                out.append(["engine, CPU instructions per lead (callgrind, in-process ASGI, "
+                            "no HTTP server)",
+                            f"{_n(r['engine_instructions_per_lead'])} posted alone, "
+                            f"{_n(r['engine_instructions_per_batch_lead'])} per batch line",
+                            "—", "—", "— (explains the rate)", _met(None)])
         elif name == "lua":
             engine = r.get("engine_batch_leads_per_s")
             out.append([f"decide.lua via redis-benchmark ({r['leads_per_call']}/call, "
@@ -163,6 +169,14 @@ def _delivery_all() -> dict[str, Any]:
     return {**result, **(instructions.run() or {})}
 
 
+def _ingest_all() -> dict[str, Any]:
+    """The timed run, plus the engine's instructions per lead when valgrind exists."""
+    from bench import ingest, ingest_instructions
+
+    result = ingest.run()
+    return {**result, **(ingest_instructions.run() or {})}
+
+
 def _lua_all(engine_batch_rate: float | None) -> dict[str, Any]:
     """The timed ceiling, plus instructions per lead when valgrind exists."""
     from bench import lua, lua_instructions
@@ -178,7 +192,7 @@ def run_all(*, quick: bool = False, only: Sequence[str] = NAMES) -> dict[str, An
     t0 = time.monotonic()
     results: dict[str, Any] = {}
     stages: list[tuple[str, Callable[[], dict[str, Any]]]] = [
-        ("ingest", ingest.run),
+        ("ingest", _ingest_all),
         ("lua", lambda: _lua_all(results.get("ingest", {}).get("batch_leads_per_s"))),
         ("delivery", _delivery_all),
         ("recharge", recharge.run),

@@ -138,5 +138,14 @@ def batch_bodies(cfg: Config, batches: int, size: int, *, seed: int, start: int 
     return out
 
 
+def callgrind_total(path: Path, text: str | None = None) -> int:
+    """The instruction total of one callgrind output file (its ``summary:`` or
+    ``totals:`` line); ``text``: the file's content, when the caller has read it."""
+    for line in (path.read_text(errors="replace") if text is None else text).splitlines():
+        if line.startswith(("summary:", "totals:")):
+            return int(line.split()[1])
+    raise RuntimeError(f"no instruction total in {path}")
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)

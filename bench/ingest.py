@@ -142,7 +142,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--batch-concurrency", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--instructions", action="store_true",
+                   help="count the engine's instructions per lead under callgrind instead "
+                        "(valgrind; in-process, no HTTP server)")
+    p.add_argument("--requests", type=int, default=2_000,
+                   help="single posts counted with --instructions")
+    p.add_argument("--batches", type=int, default=20,
+                   help="batches of 100 counted with --instructions")
     args = p.parse_args(argv)
+    if args.instructions:
+        from bench import ingest_instructions
+
+        result = ingest_instructions.run(args.requests, args.batches)
+        if result is None:
+            return 1
+        print(msgspec.json.encode(result).decode(), flush=True)
+        return 0
     report(run(duration=args.duration, concurrency=args.concurrency,
                batch_concurrency=args.batch_concurrency, batch_size=args.batch_size))
     return 0

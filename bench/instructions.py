@@ -20,6 +20,7 @@ from pathlib import Path
 
 import uvloop
 
+from bench import common
 from bench import delivery as bd
 from engine.service import tune_gc
 from engine.store import Store, connect
@@ -46,10 +47,7 @@ def _instructions(mode: str, redis_url: str, url: str, n: int, out_dir: str) -> 
                     sys.executable, "-m", "bench.instructions", "--child", mode, redis_url,
                     url, str(n)], check=True, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
-    for line in out.read_text().splitlines():
-        if line.startswith(("summary:", "totals:")):
-            return int(line.split()[1])
-    raise RuntimeError(f"no instruction total in {out}")
+    return common.callgrind_total(out)
 
 
 def run(n: int = 2_000) -> dict[str, float] | None:

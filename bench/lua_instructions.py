@@ -58,9 +58,7 @@ def _total(dump_prefix: Path) -> int:
         text = path.read_text(errors="replace")
         if "Trigger: Program termination" in text:
             continue
-        for line in text.splitlines():
-            if line.startswith(("summary:", "totals:")):
-                return int(line.split()[1])
+        return common.callgrind_total(path, text)
     raise RuntimeError("no callgrind dump found")
 
 

@@ -40,3 +40,22 @@ def test_lua_instructions_count() -> None:
         pytest.skip("valgrind not installed (Debian: apt-get install valgrind)")
     result = lua_instructions.run(2, quiet=True)
     assert result is not None and result["lua_instructions_per_lead"] > 0
+
+
+def test_engine_instructions_driver(tmp_path) -> None:
+    """``python -m bench ingest --instructions`` counts what its child does under callgrind:
+    that child (the service in-process, single posts and a batch through the ASGI app) is
+    run here without valgrind, with a few leads, so it cannot rot (valgrind takes ~15 s to
+    start Python: the count itself is left to the benchmark)."""
+    import pickle
+
+    from bench import common, ingest_instructions
+
+    cfg = common.load_config()
+    work = {"single": common.single_bodies(cfg, 5, seed=1),
+            "batch": common.batch_bodies(cfg, 1, 3, seed=2, start=1_000)}
+    with common.funded_redis(cfg) as srv:
+        for mode, bodies in work.items():
+            path = tmp_path / f"{mode}.pickle"
+            path.write_bytes(pickle.dumps(bodies))
+            ingest_instructions.child(mode, srv.url, str(path), len(bodies))

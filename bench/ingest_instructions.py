@@ -1,0 +1,133 @@
+"""CPU instructions per lead of the engine process, under callgrind.
+
+``python -m bench ingest --instructions [--requests 2000] [--batches 20]``: the engine's
+ASGI app (``engine.service.Service`` with no workers, as ``leadflow run`` builds it) is
+driven in-process, without an HTTP server: 64 concurrent ``POST /v1/leads`` of the ingest
+benchmark's leads, then 8 concurrent ``POST /v1/leads/batch`` of 100. Each side runs in a
+child process under ``valgrind --tool=callgrind`` once with N requests and once with none;
+the difference divided by the leads is what one lead costs the engine's Python: decoding,
+validation, routing, the batcher, the Redis client, metrics, the response (Redis is another
+process, not counted). Wall-clock rates on this VM move by 20-40 % within the hour; these
+counts repeat to about 0.5 %, so engine-side changes are checked with them, as decide.lua's
+are with ``bench lua --instructions``. HTTP parsing and sockets are left out: the null
+endpoint's share, the same for every change to the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench import common
+
+SINGLE_CONCURRENCY, BATCH_CONCURRENCY, BATCH_SIZE = 64, 8, 100
+_MODES = {  # mode -> (path, content type, concurrency)
+    "single": ("/v1/leads", b"application/json", SINGLE_CONCURRENCY),
+    "batch": ("/v1/leads/batch", b"application/x-ndjson", BATCH_CONCURRENCY),
+}
+
+
+async def drive(app: Any, mode: str, bodies: list[bytes]) -> None:
+    """POST every body to the ASGI app, ``concurrency`` at a time; every answer must be a
+    decision or a field error (the generator makes some invalid leads on purpose)."""
+    path, ctype, concurrency = _MODES[mode]
+    scope = {"type": "http", "method": "POST", "path": path, "query_string": b"",
+             "headers": [(b"content-type", ctype)]}
+    todo = iter(bodies)
+
+    async def client() -> None:
+        for body in todo:
+            status = await _post(app, scope, body)
+            if status not in (200, 422):
+                raise RuntimeError(f"unexpected HTTP status {status}")
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+
+
+async def _post(app: Any, scope: dict[str, Any], body: bytes) -> int:
+    """One request through the ASGI app; its status."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(dict(scope), receive, send)
+    return int(sent[0]["status"])
+
+
+def child(mode: str, redis_url: str, bodies_file: str, n: int) -> None:
+    """What runs under callgrind: start the service, post the first ``n`` bodies, stop."""
+    import uvloop
+
+    bodies = pickle.loads(Path(bodies_file).read_bytes())[:n]
+    uvloop.run(_serve_and_drive(mode, redis_url, bodies))
+
+
+async def _serve_and_drive(mode: str, redis_url: str, bodies: list[bytes]) -> None:
+    from engine.service import Service, tune_gc
+
+    cfg = common.load_config()
+    with tempfile.TemporaryDirectory(prefix="leadflow-bench-ii-") as state_dir:
+        svc = Service(cfg, redis_url=redis_url, host="127.0.0.1", port=0,
+                      state_dir=state_dir, workers=[])
+        await svc.start(serve=False)
+        tune_gc()  # as `leadflow run` does once serving
+        try:
+            assert svc.app is not None
+            await drive(svc.app, mode, bodies)
+        finally:
+            await svc.stop()
+
+
+def _count(mode: str, redis_url: str, bodies_file: Path, n: int, out_dir: Path) -> int:
+    out = out_dir / f"callgrind.{mode}.{n}"
+    subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+                    sys.executable, "-m", "bench.ingest_instructions", "--child", mode,
+                    redis_url, str(bodies_file), str(n)],
+                   check=True, cwd=common.ROOT, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    return common.callgrind_total(out)
+
+
+def run(requests: int = 2_000, batches: int = 20, *, quiet: bool = False
+        ) -> dict[str, Any] | None:
+    """Instructions per lead (single posts, batch lines), or None when valgrind is missing."""
+    say = (lambda _m: None) if quiet else common.log
+    if not shutil.which("valgrind"):
+        say("ingest --instructions: valgrind not found (Debian: apt-get install valgrind)")
+        return None
+    cfg = common.load_config()
+    work = {"single": (common.single_bodies(cfg, requests, seed=11), requests),
+            "batch": (common.batch_bodies(cfg, batches, BATCH_SIZE, seed=22,
+                                          start=10_000_000), batches * BATCH_SIZE)}
+    per: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="leadflow-bench-ii-") as tmp, \
+            common.funded_redis(cfg) as srv:
+        for mode, (bodies, leads) in work.items():
+            path = Path(tmp) / f"{mode}.pickle"
+            path.write_bytes(pickle.dumps(bodies))
+            base = _count(mode, srv.url, path, 0, Path(tmp))
+            per[mode] = (_count(mode, srv.url, path, len(bodies), Path(tmp)) - base) / leads
+    say(f"ingest: engine {per['single']:,.0f} instructions per lead posted alone, "
+        f"{per['batch']:,.0f} per batch line (callgrind, in-process ASGI, {requests:,} "
+        f"requests, {batches} batches of {BATCH_SIZE})")
+    return {"engine_instructions_per_lead": round(per["single"]),
+            "engine_instructions_per_batch_lead": round(per["batch"]),
+            "engine_instruction_requests": requests, "engine_instruction_batches": batches}
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--child"]:
+        mode, redis_url, bodies_file, count = sys.argv[2:6]
+        child(mode, redis_url, bodies_file, int(count))
+    else:
+        run()
