@@ -70,7 +70,7 @@ def representative_leads(cfg: Any, n: int, *, seed: int = SEED
         # decide.lua's lead JSON with its delivery payload inline (redis-benchmark sends
         # one static ARGV; the engine sends the payload as its own ARGV)
         out.append({**msgspec.json.decode(lead.json), "x": lead.payload.decode()})
-        table.update({k.decode(): msgspec.json.decode(v) for k, v in lead.candidates})
+        table.update(msgspec.json.decode(b"{" + b",".join(lead.candidates) + b"}"))
         if len(out) == n:
             return tenant, out, table
     raise RuntimeError(f"only {len(out)} valid leads generated")

@@ -44,8 +44,8 @@ class _Reply(msgspec.Struct, frozen=True):
 
 _reply = msgspec.json.Decoder(_Reply)
 _WALLET = WALLET.encode()
-# (lead JSON, payload, candidate table pairs, waiter)
-_Item = tuple[bytes, bytes, Sequence[tuple[bytes, bytes]], "asyncio.Future[Decision]"]
+# (lead JSON, payload, candidate table entries, waiter)
+_Item = tuple[bytes, bytes, Sequence[bytes], "asyncio.Future[Decision]"]
 
 # (seconds, [event type, count, ...], [lead debits, fee debits]) -> None, for metrics
 Observer = Callable[[float, Any, list[str]], None]
@@ -54,10 +54,9 @@ Observer = Callable[[float, Any, list[str]], None]
 def encode_call(batch: Sequence[_Item], now: int) -> bytes:
     """decide.lua's ARGV[1] for these leads: the leads joined as they are, and the
     candidate table of them all (each buyer's object once)."""
-    table = {key: obj for _, _, cands, _ in batch for key, obj in cands}
+    table = dict.fromkeys([entry for _, _, cands, _ in batch for entry in cands])
     return b'{"now":%d,"w":"%s","c":{%s},"leads":[%s]}' % (
-        now, _WALLET, b",".join([b'"%s":%s' % kv for kv in table.items()]),
-        b",".join([lead for lead, _, _, _ in batch]))
+        now, _WALLET, b",".join(table), b",".join([lead for lead, _, _, _ in batch]))
 
 
 class Batcher:
@@ -83,14 +82,14 @@ class Batcher:
         self._idle.set()
 
     async def decide(self, lead: bytes, payload: bytes,
-                     candidates: Sequence[tuple[bytes, bytes]] = ()) -> Decision:
+                     candidates: Sequence[bytes] = ()) -> Decision:
         """Decide one lead: decide.lua's per-lead JSON object (already encoded), the
-        lead's delivery payload, which travels as its own ARGV, and the (key, object)
-        pairs of the candidate table its ``cs`` keys refer to (see decide.lua)."""
+        lead's delivery payload, which travels as its own ARGV, and the entries of the
+        candidate table its ``cs`` keys refer to (``"key":{...}``, see decide.lua)."""
         return await self.submit(lead, payload, candidates)
 
     def submit(self, lead: bytes, payload: bytes,
-               candidates: Sequence[tuple[bytes, bytes]] = ()) -> asyncio.Future[Decision]:
+               candidates: Sequence[bytes] = ()) -> asyncio.Future[Decision]:
         """:meth:`decide` without the coroutine: the future of the lead's decision (the
         batch endpoint awaits many together)."""
         loop = asyncio.get_running_loop()

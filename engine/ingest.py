@@ -40,11 +40,11 @@ _enc = msgspec.json.Encoder()
 
 class LuaLead(NamedTuple):
     """One lead for the batcher: decide.lua's lead object, its delivery payload, and the
-    (key, object) pairs of the call's candidate table its ``cs`` refers to."""
+    entries of the call's candidate table its ``cs`` refers to (``"key":{...}``)."""
 
     json: bytes
     payload: bytes
-    candidates: list[tuple[bytes, bytes]]
+    candidates: list[bytes]
 
 
 class LeadResponse(msgspec.Struct):
@@ -326,7 +326,7 @@ class Ingest:
         if idempotency_key:  # both rules: the same key, or the same payload in the window
             lead["k"] = "h:" + _digest(supplier.id, idempotency_key.encode())
             lead["kt"], lead["k2"], lead["k2t"] = self.idempotency_ttl_s, pkey, self.replay_window_s
-        table: list[tuple[bytes, bytes]] = []
+        table: list[bytes] = []
         if plan.sync:
             cs = plan.candidates_json(order, values, windows.weekday)
         else:

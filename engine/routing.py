@@ -67,11 +67,13 @@ class BuyerPlan:
     caps: Caps
     static_caps: tuple[int, int, int, int, int, int]  # hour, week, month, total, spend d/m
 
-    # per weekday: decide.lua's candidate object (its per-lead "bd" left out), and the key
-    # it goes under in a call's candidate table: unique to this plan (a reload makes new
-    # ones), so leads routed before and after a reload can share a call
+    # per weekday: decide.lua's candidate object (its per-lead "bd" left out); the key it
+    # goes under in a call's candidate table, unique to this plan (a reload makes new ones,
+    # so leads routed before and after a reload can share a call), as a lead's "cs" item
+    # ("key") and as the table's entry ("key":{...}), all encoded once
     cand_json: tuple[bytes, ...] = ()
-    cand_keys: tuple[bytes, ...] = ()
+    cand_refs: tuple[bytes, ...] = ()
+    cand_entries: tuple[bytes, ...] = ()
 
     def cap_array(self, weekday: int) -> list[int]:
         h, w, m, t, sd, sm = self.static_caps
@@ -84,7 +86,9 @@ class BuyerPlan:
             for day in range(7)
         )
         token = next(_PLAN_TOKENS)
-        self.cand_keys = tuple(b"%x.%d" % (token, day) for day in range(7))
+        self.cand_refs = tuple(b'"%x.%d"' % (token, day) for day in range(7))
+        self.cand_entries = tuple(ref + b":" + obj
+                                  for ref, obj in zip(self.cand_refs, self.cand_json, strict=True))
 
 
 def smooth_wrr(weights: Sequence[int]) -> list[int]:
@@ -194,15 +198,15 @@ class CampaignPlan:
         ])
 
     def candidate_refs(self, order: list[int], lead: Mapping[str, str], weekday: int
-                       ) -> tuple[bytes, list[list[str]] | None, list[tuple[bytes, bytes]]]:
+                       ) -> tuple[bytes, list[list[str]] | None, list[bytes]]:
         """decide.lua's ``cs`` array items as keys into the call's candidate table, the
         lead's ``bd`` (each candidate's buyer-scope fingerprints; None without buyer-scope
-        dedupe), and the (key, object) pairs of that table: a call of 16 leads decodes each
-        buyer's candidate object once, not 16 times."""
+        dedupe), and the entries of that table (``"key":{...}``): a call of 16 leads
+        decodes each buyer's candidate object once, not 16 times."""
         buyers = [self.buyers[i] for i in order]
-        refs = b",".join([b'"%s"' % b.cand_keys[weekday] for b in buyers])
+        refs = b",".join([b.cand_refs[weekday] for b in buyers])
         bd = [self.buyer_prints(b, lead) for b in buyers] if self.buyer_scope else None
-        return refs, bd, [(b.cand_keys[weekday], b.cand_json[weekday]) for b in buyers]
+        return refs, bd, [b.cand_entries[weekday] for b in buyers]
 
     def rotation(self, order: list[int]) -> list[int]:
         """The campaign's rotation sequence as 1-based candidate positions (0 = not eligible)."""

@@ -342,7 +342,7 @@ async def test_a_calls_candidate_table_is_shared_but_each_lead_keeps_its_own_par
             return msgspec.json.encode({"b": "b1", "a": "c1", "p": price, "fo": 0,
                                         "cap": [-1] * 7})
 
-        table = [(b"old.0", cand(1_000_000)), (b"new.0", cand(2_000_000))]
+        table = [b'"old.0":' + cand(1_000_000), b'"new.0":' + cand(2_000_000)]
 
         def lead(n, key, bd=None):
             obj = {"id": f"T{n}", "k": f"tk{n}", "kt": 60, "t": 0, "c": "camp", "fi": 0,
