@@ -147,16 +147,22 @@ async def test_no_buyer_matched_is_rejected_with_reason(redis, redis_server):
         assert ok["status"] == "ACCEPTED"
 
 
+def _line(**fields: str) -> bytes:
+    """One NDJSON line: a lead of supplier s1 to campaign camp."""
+    return msgspec.json.encode(
+        {"lp_campaign_id": "camp", "lp_supplier_id": "s1", "lp_key": "key-s1", **fields})
+
+
+async def _post_batch(eng, lines: list[bytes]):
+    return await eng.post(raw=b"\n".join(lines), path="/v1/leads/batch",
+                          headers={"Content-Type": "application/x-ndjson"})
+
+
 async def test_batch_ndjson_in_order(redis, redis_server, cfg):
     async with running(cfg, redis_server.url) as eng:
-        lines = [
-            b'{"lp_campaign_id":"camp","lp_supplier_id":"s1","lp_key":"key-s1","email":"a@example.com"}',
-            b'{"broken json',
-            b'{"lp_campaign_id":"camp","lp_supplier_id":"s1","lp_key":"key-s1","email":"nope"}',
-            b'{"lp_campaign_id":"camp","lp_supplier_id":"s1","lp_key":"key-s1","email":"a@example.com","phone":"2125550123"}',
-        ]
-        status, results = await eng.post(raw=b"\n".join(lines), path="/v1/leads/batch",
-                                          headers={"Content-Type": "application/x-ndjson"})
+        status, results = await _post_batch(eng, [
+            _line(email="a@example.com"), b'{"broken json', _line(email="nope"),
+            _line(email="a@example.com", phone="2125550123")])
         assert status == 200
         assert [r["status"] for r in results] == ["ACCEPTED", "ERROR", "ERROR", "DUPLICATED"]
         assert results[1]["code"] == 1000 and results[2]["code"] == 1020
@@ -223,13 +229,8 @@ async def test_batch_with_redis_unreachable_answers_each_line(redis, redis_serve
     server = EmbeddedRedis(tmp_path / "r", persistent=False).start()
     async with running(cfg, server.url) as eng:
         server.stop()
-        lines = [
-            b'{"lp_campaign_id":"camp","lp_supplier_id":"s1","lp_key":"key-s1","email":"a@example.com"}',
-            b'{"lp_campaign_id":"camp","lp_supplier_id":"s1","lp_key":"key-s1","email":"nope"}',
-            b'{"lp_campaign_id":"camp","lp_supplier_id":"s1","lp_key":"key-s1","email":"b@example.com"}',
-        ]
-        status, results = await eng.post(raw=b"\n".join(lines), path="/v1/leads/batch",
-                                          headers={"Content-Type": "application/x-ndjson"})
+        status, results = await _post_batch(eng, [
+            _line(email="a@example.com"), _line(email="nope"), _line(email="b@example.com")])
         assert status == 200
         assert [(r["status"], r["code"]) for r in results] == [
             ("ERROR", 1040), ("ERROR", 1020), ("ERROR", 1040)]
