@@ -25,7 +25,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from importlib import resources
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import msgspec
 import redis.asyncio as aioredis
@@ -429,10 +429,17 @@ def _csv_safe(text: str) -> str:
     return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
+class History(NamedTuple):
+    """A page of an account's ledger, newest first, and the cursor of the next page (None:
+    no more): its last entry's id, or, without an archive, where the stream scan stopped."""
+
+    entries: list[tuple[str, dict[str, str]]]
+    next_before: str | None
+
+
 async def history(store: Store, archive: Archive | None, tenant: str, account: str, *,
                   limit: int, before: str = "+", kinds: Sequence[str] | None = None,
-                  scan: int = RECENT_SCAN, page: int = RECENT_PAGE,
-                  ) -> list[tuple[str, dict[str, str]]]:
+                  scan: int = RECENT_SCAN, page: int = RECENT_PAGE) -> History:
     """The account's ``limit`` newest ledger entries older than ``before`` (an entry id,
     exclusive; "+": the newest), only ``kinds`` if given, newest first, as (id, fields):
     from the tenant's Redis ledger stream, and from the SQL archive for what the ledger
@@ -446,27 +453,29 @@ async def history(store: Store, archive: Archive | None, tenant: str, account: s
     and none is missed, whatever the worker does meanwhile. At most ``scan`` stream entries
     (of every account) are read, for a stream the worker lags far behind on or one never
     archived: the older entries then come from SQL alone, which leaves out those not
-    archived yet. Without an archive, the whole stream is read.
+    archived yet. Without an archive (none could be opened), the stream is the whole ledger:
+    a page that read ``scan`` entries ends there, and its cursor goes on from that point.
     """
-    # without an archive the stream is the whole ledger: it is read to its end
-    tail = await store.ledger_tail(tenant, account, before=before, limit=limit,
-                                   scan=scan if archive is not None else None, kinds=kinds,
-                                   page=page)
-    if len(tail.entries) >= limit or archive is None:
-        return tail.entries
-    cursor = tail.oldest or (None if before == "+" else before)
-    older = await archive.entries(tenant, account, limit=limit - len(tail.entries),
-                                  cursor=cursor, kinds=kinds)
-    return tail.entries + older
+    tail = await store.ledger_tail(tenant, account, before=before, limit=limit, scan=scan,
+                                   kinds=kinds, page=page)
+    found = tail.entries
+    if len(found) < limit and archive is not None:
+        cursor = tail.oldest or (None if before == "+" else before)
+        found = found + await archive.entries(tenant, account, limit=limit - len(found),
+                                              cursor=cursor, kinds=kinds)
+    if len(found) >= limit:
+        return History(found, found[-1][0])
+    more = archive is None and not tail.complete and tail.oldest is not None
+    return History(found, tail.oldest if more else None)
 
 
 async def recent(store: Store, archive: Archive | None, tenant: str, account: str, *,
                  limit: int, kinds: Sequence[str] | None = None, scan: int = RECENT_SCAN,
                  page: int = RECENT_PAGE) -> list[Transaction]:
     """:func:`history`'s newest entries in the shape of the transactions API."""
-    entries = await history(store, archive, tenant, account, limit=limit, kinds=kinds,
-                            scan=scan, page=page)
-    return [entry_transaction(i, f) for i, f in entries]
+    page_ = await history(store, archive, tenant, account, limit=limit, kinds=kinds,
+                          scan=scan, page=page)
+    return [entry_transaction(i, f) for i, f in page_.entries]
 
 
 class Reconciliation(msgspec.Struct, frozen=True):

@@ -1,5 +1,5 @@
 -- leadflow ledger archive: one row per ledger stream entry (SQLite and PostgreSQL).
--- entry_id is the Redis stream id "<ms>-<seq>", the same in the tenant and account streams;
+-- entry_id is the Redis stream id "<ms>-<seq>" of the tenant's ledger stream;
 -- (tenant, entry_id) is the idempotency key of the archive worker (ON CONFLICT DO NOTHING).
 -- Money columns are integer micros ($1.00 = 1000000).
 CREATE TABLE IF NOT EXISTS ledger_entries (

@@ -6,7 +6,6 @@ read or written is under that tenant's prefix.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -15,8 +14,8 @@ import msgspec
 
 from billing import money
 from billing.api import decode_body
-from billing.archive import Archive, history
-from billing.errors import BillingError, MoneyError
+from billing.archive import Archive, history, parse_cursor
+from billing.errors import BillingError, InvalidRequest, MoneyError
 from engine import http, keys, telemetry
 from engine.config import WALLET
 from engine.http import Request, Response
@@ -146,11 +145,10 @@ class AccountsApi:
             return http.error_response(400, "invalid_cursor", "before must be an entry id")
         if before.strip("0-") == "":  # "0", "0-0": nothing comes before it
             return http.json_response({"entries": [], "next_before": None})
-        rows = await history(self.store, self.archive(), tenant, account, limit=limit,
+        page = await history(self.store, self.archive(), tenant, account, limit=limit,
                              before=before)
-        entries = [_entry_view(i, f) for i, f in rows]
-        nxt = rows[-1][0] if len(rows) == limit else None
-        return http.json_response({"entries": entries, "next_before": nxt})
+        entries = [_entry_view(i, f) for i, f in page.entries]
+        return http.json_response({"entries": entries, "next_before": page.next_before})
 
     async def credit(self, req: Request, tenant: str) -> Response:
         """A manual credit: the tenant received a payment outside leadflow ("manual" billing)."""
@@ -260,7 +258,7 @@ async def _return_lead(store: Store, req: Request, tenant: str) -> Response:
     """A buyer returns a bad lead: refunded (kind ``return``) within 5 days, for an approved
     reason only; idempotent (a second return of the same sale changes nothing)."""
     lead_id = req.params["id"]
-    try:  # the billing endpoints' decoding: JSON only (415 unsupported_media_type)
+    try:  # the billing endpoints' decoding: JSON only (400 unsupported_media_type)
         body: ReturnBody = decode_body(req, _return)
     except BillingError as exc:
         return http.error_response(exc.status, exc.code, str(exc))
@@ -293,12 +291,14 @@ def _lead_time_ms(lead_id: str) -> int | None:
 _LEAD_KINDS = frozenset({"lead", "fee", "refund", "fee_refund", "reprice", "return"})
 
 
-_STREAM_ID = re.compile(r"[0-9]{1,19}(-[0-9]{1,19})?")
-
-
 def _is_stream_id(text: str) -> bool:
-    """A Redis stream id (``ms`` or ``ms-seq``) small enough for Redis to parse."""
-    return bool(_STREAM_ID.fullmatch(text)) and int(text.partition("-")[0]) < 2**63
+    """A stream id (``ms`` or ``ms-seq``) that Redis and the SQL archive both hold: the
+    archive's cursor rule (each part below 2^63), as the page may go on into SQL."""
+    try:
+        parse_cursor(text)
+    except InvalidRequest:
+        return False
+    return True
 
 
 def _entry_view(entry_id: str, f: dict[str, str]) -> dict[str, object]:

@@ -175,8 +175,11 @@ class Ingest:
         batch endpoint's path: every lead is validated and routed first, then all their
         decisions are awaited together, on the batcher's futures, not on a task per lead."""
         started = time.perf_counter()
-        steps = [self._prepare(*lead) for lead in leads]
-        done = [started] * len(steps)  # when each decision arrived, for its latency
+        steps: list[_Outcome | _Pending] = []
+        done: list[float] = []  # when each lead was refused or its decision arrived
+        for lead in leads:
+            steps.append(self._prepare(*lead))
+            done.append(time.perf_counter())
         waits: list[asyncio.Future[Decision]] = []
         for i, step in enumerate(steps):
             if isinstance(step, _Pending):

@@ -44,6 +44,10 @@ async def test_ledger_is_paged_newest_first(redis, redis_server, cfg):
             seen += [e["id"] for e in page["entries"]]
         assert len(seen) == 6 and seen == sorted(seen, reverse=True)  # 5 leads + opening
         assert (await eng.api("GET", "/v1/accounts/c1/ledger?before=junk"))[0] == 400
+        # a cursor Redis takes but SQL cannot hold (seq 2^63): 400, it used to be a 500
+        # once the page went on into the archive
+        status, body = await eng.api("GET", "/v1/accounts/c1/ledger?before=1-9999999999999999999")
+        assert status == 400 and body["error"]["code"] == "invalid_cursor", body
 
 
 async def test_ledger_limit_is_1_to_1000_as_documented(redis, redis_server, cfg):

@@ -288,3 +288,29 @@ async def test_archive_worker_loop(ctx: BillingContext, tmp_path: Path) -> None:
 
 async def test_redis_unused(redis: aioredis.Redis) -> None:
     assert await redis.ping()
+
+
+async def test_history_without_an_archive_reads_a_bounded_part_of_the_stream_per_page(
+        ctx: BillingContext) -> None:
+    """An account's history is picked out of its tenant's stream. Without an SQL archive
+    (none could be opened) a page used to read the whole stream, however long; it now reads
+    at most ``scan`` entries and its cursor goes on from where it stopped, so paging still
+    sees every entry once."""
+    from billing.archive import history
+
+    mine = []
+    for i in range(4):
+        mine.append((await ctx.store.adjust(T, "c1", D, "adjustment", op_id=f"m{i}")).entry)
+        for j in range(3):  # another account's entries in between
+            await ctx.store.adjust(T, "c2", D, "adjustment", op_id=f"o{i}.{j}")
+    seen: list[str] = []
+    before, pages = "+", 0
+    while True:
+        page = await history(ctx.store, None, T, "c1", limit=10, before=before, scan=3,
+                             page=2)
+        seen += [i for i, _ in page.entries]
+        pages += 1
+        if page.next_before is None:
+            break
+        before = page.next_before
+    assert seen == mine[::-1] and pages > 4  # each page read at most 3 entries
