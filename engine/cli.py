@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -68,6 +68,26 @@ def _parser() -> argparse.ArgumentParser:
                "error)")
     _config_arg(rec)
 
+    wallet = sub.add_parser(
+        "wallet", help="the platform operator's side of a tenant's platform-fee wallet")
+    wallet_sub = wallet.add_subparsers(dest="action", required=True)
+    credit = wallet_sub.add_parser(
+        "credit", help="credit a tenant's platform wallet (a payment the platform received)",
+        description="Credit a tenant's platform-fee wallet with a payment the platform "
+                    "received outside leadflow (a wire, a check): one ledger entry (kind "
+                    "funding, process operator), idempotent on --ref.",
+        epilog="exit status: 0 credited (or already credited with this --ref), 1 refused, "
+               "nothing moved (unknown tenant, an amount that is not positive, closed "
+               "wallet, balance limit, --ref used for another amount), 2 could not run "
+               "(Redis unreachable, config or usage error)")
+    credit.add_argument("tenant")
+    credit.add_argument("amount", help='decimal dollars, e.g. "250.00"')
+    credit.add_argument("--ref", required=True,
+                        help="the payment's reference (1-100 characters): a second credit "
+                             "with it moves nothing")
+    credit.add_argument("--note", default="", help="free text for the ledger entry")
+    _config_arg(credit)
+
     worker = sub.add_parser("worker", help="run one worker process")
     worker.add_argument("kind", choices=["deliver", "recharge", "ledger"])
     _config_arg(worker)
@@ -123,6 +143,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                              sink=args.sink))
     if args.command == "reconcile":
         return _run(_reconcile(cfg, args.redis_url))
+    if args.command == "wallet":
+        return _run(_wallet_credit(cfg, args))
     from engine.workers import run_worker
 
     return _run(
@@ -210,38 +232,59 @@ def _reload_one(where: Path, pid: int, reloads: int, within_s: float) -> int:
 async def _reconcile(cfg: config_mod.Config, redis_url: str | None) -> int:
     """Exit 0: every check passed; 1: problems found; 2: no verdict, because what is
     checked could not be read (config and usage errors exit 2 as well)."""
+    return await _at_redis(cfg, redis_url, "reconcile: could not check",
+                           lambda url: _reconcile_at(cfg, url))
+
+
+async def _wallet_credit(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    from engine.wallet import credit_wallet
+
+    async def at(url: str) -> int:
+        from engine.store import Store, connect
+
+        store = Store(connect(url))
+        try:
+            outcome = await credit_wallet(cfg, store, args.tenant, args.amount, ref=args.ref,
+                                          note=args.note)
+        finally:
+            await store.redis.aclose()
+        print(outcome.message, file=sys.stdout if outcome.ok else sys.stderr)
+        return 0 if outcome.ok else 1
+
+    return await _at_redis(cfg, args.redis_url, "wallet credit: could not run", at)
+
+
+async def _at_redis(cfg: config_mod.Config, redis_url: str | None, failed: str,
+                    fn: Callable[[str], Awaitable[int]]) -> int:
+    """``fn`` on the Redis of the config: the URL given, or, with none, the embedded
+    default's data under the state dir. While an engine runs there, the redis-server it
+    started is used (a second server on the same AOF files would read a stale copy of
+    them); otherwise one is started on the data and stopped after. Anything that keeps
+    ``fn`` from running or finishing is one line on stderr (URLs and passwords left out)
+    and exit status 2."""
+    from engine.embedded import EmbeddedRedis
+    from engine.pidfile import read_running
     from engine.service import redis_url_from
 
     url = redis_url_from(cfg, redis_url)
     try:
-        if url is None:
-            return await _reconcile_embedded(cfg)
-        return await _reconcile_at(cfg, url)
-    except Exception as exc:  # noqa: BLE001 - never exit 1 ("problems found") without a verdict
-        print(f"reconcile: could not check: {_unchecked(exc, url, cfg.settings.sql_url)}",
-              file=sys.stderr)
+        if url is not None:
+            return await fn(url)
+        state_dir = Path(cfg.settings.state_dir)
+        engines = read_running(state_dir)
+        embedded = next((e.redis_url for e in engines if e.redis_url), None)
+        if embedded is not None:
+            return await fn(embedded)
+        if engines:
+            print(f"{failed}: the engine (pid {engines[0].pid}) running on state dir "
+                  f"{state_dir} has no embedded Redis (it is starting, or was given a Redis "
+                  "URL): pass --redis-url", file=sys.stderr)
+            return 2
+        with EmbeddedRedis(state_dir / "redis") as server:
+            return await fn(server.url)
+    except Exception as exc:  # noqa: BLE001 - never exit 1 (a verdict) without one
+        print(f"{failed}: {_unchecked(exc, url, cfg.settings.sql_url)}", file=sys.stderr)
         return 2
-
-
-async def _reconcile_embedded(cfg: config_mod.Config) -> int:
-    """No Redis URL: the embedded default's data under the state dir. While an engine runs
-    there, the redis-server it started is read (a second server on the same AOF files would
-    read a stale copy of them); otherwise one is started on the data and stopped after."""
-    from engine.embedded import EmbeddedRedis
-    from engine.pidfile import read_running
-
-    state_dir = Path(cfg.settings.state_dir)
-    engines = read_running(state_dir)
-    embedded = next((e.redis_url for e in engines if e.redis_url), None)
-    if embedded is not None:
-        return await _reconcile_at(cfg, embedded)
-    if engines:
-        print(f"reconcile: could not check: the engine (pid {engines[0].pid}) running on "
-              f"state dir {state_dir} has no embedded Redis (it is starting, or was given "
-              "a Redis URL): pass --redis-url", file=sys.stderr)
-        return 2
-    with EmbeddedRedis(state_dir / "redis") as server:
-        return await _reconcile_at(cfg, server.url)
 
 
 def _unchecked(exc: Exception, *urls: str | None) -> str:
@@ -257,7 +300,7 @@ def _unchecked(exc: Exception, *urls: str | None) -> str:
         what = "embedded Redis"
     else:
         what = "unexpected error"
-        logging.getLogger("leadflow").error("reconcile failed", exc_info=exc)
+        logging.getLogger("leadflow").error("command failed", exc_info=exc)
     text = " ".join(f"{what}: {type(exc).__name__}: {exc}".split())
     for url in urls:
         if url:
