@@ -145,9 +145,12 @@ def breakers(tenant: str) -> str:
     return tenant_prefix(tenant) + _FIXED["breakers"]
 
 
+_DEAD = ":dead"
+
+
 def dead_letter(tenant: str, stream: str) -> str:
     """Dead-letter stream of a worker stream (``deliveries``, ``events``, ...)."""
-    return tenant_prefix(tenant) + _FIXED[stream] + ":dead"
+    return tenant_prefix(tenant) + _FIXED[stream] + _DEAD
 
 
 def lua_preamble() -> str:
@@ -159,4 +162,6 @@ def lua_preamble() -> str:
         lines.append(f"K.{name} = function(p, id) return {body} end")
     for name, suffix in _FIXED.items():
         lines.append(f"K.{name} = function(p) return p .. {suffix!r} end")
+    # the dead-letter stream of a stream key (K.dead(K.deliveries(p))), as dead_letter()
+    lines.append(f"K.dead = function(k) return k .. {_DEAD!r} end")
     return "\n".join(lines).replace("'", '"') + "\n"

@@ -99,6 +99,9 @@ def _app(state: Buyers) -> web.Application:
             case "/hold_reject":  # waits for release, then rejects
                 await state.release.wait()
                 return web.json_response({"status": "rejected"})
+            case "/hold_fail":  # waits for release, then fails (500)
+                await state.release.wait()
+                return web.json_response({"error": "boom"}, status=500)
             case "/hold":  # the first request waits for release, later ones answer at once
                 if n == 1:
                     await state.release.wait()

@@ -559,6 +559,35 @@ async def test_a_decision_recorded_meanwhile_by_another_worker_stands(
     assert await stream_empty(store.redis)
 
 
+async def test_a_job_given_up_on_writes_no_dead_letter_when_another_worker_decided_it(
+    store: Store, buyers: Buyers
+) -> None:
+    """The same race, when this worker's last attempt fails and it gives the job up: the
+    other worker's decision stands, so the delivery did not fail. The dead letter and the
+    delivery_failed event used to be written anyway (an alert for a lead the buyer took)."""
+    b = buyer("b1", buyers.url + "/hold_fail",
+              **{**FAST, "timeout_ms": 10_000, "max_attempts": 1})
+    await accounts(store, b)
+    await sell(store, b, "F1")
+    w = worker(store, b)
+    task = asyncio.create_task(w.process_once())
+    try:
+        await buyers.reached("/hold_fail")
+        accepted = record.Decision(record.ACCEPTED, "accepted: by the other worker")
+        await store.redis.hset(keys.dstate(T, "F1"), b.id, record.encode_decision(accepted))
+        buyers.release.set()
+        assert await task == 1
+    finally:
+        await w.close()
+    assert await settled(store, "F1", b) == "ACCEPTED"
+    assert await balance(store, b.client) == OPENING - PRICE  # not refunded
+    events = [f for _, f in await store.redis.xrange(keys.events(T))]
+    assert not [e for e in events if e[b"type"] == b"delivery_failed"]
+    assert await store.redis.xlen(keys.dead_letter(T, "deliveries")) == 0
+    assert [e["result"] for e in await read_log(store, T, "F1")] == ["failed"]
+    assert await stream_empty(store.redis)
+
+
 async def test_a_sync_try_keeps_a_decision_recorded_first(store: Store, buyers: Buyers) -> None:
     """A sync try that outlived its claim (the worker took the job over and its buyer
     accepted) neither overwrites that decision nor refunds the sale: it returns it."""

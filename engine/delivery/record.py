@@ -98,10 +98,11 @@ class _LogEntry(msgspec.Struct, omit_defaults=True):
     excerpt: str = ""
 
 
-def finish_arg(rows: Sequence[Sequence[str]], acks: Sequence[str] = (),
+def finish_arg(rows: Sequence[Sequence[Any]], acks: Sequence[str] = (),
                group: str = "") -> bytes:
     """delivery_finish.lua's ARGV[1]: ``rows`` of (lead, buyer, decision JSON, log entry
-    JSON) and the stream entry ids to ack (with the consumer ``group``)."""
+    JSON), a dead letter's also its entry's and its event's fields (flat lists of strings),
+    and the stream entry ids to ack (with the consumer ``group``)."""
     return _enc.encode({"g": group, "ttl": STATE_TTL_S, "lmax": LOG_MAX, "j": rows,
                         "a": acks})
 

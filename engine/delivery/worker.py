@@ -24,7 +24,9 @@ Outcome: the decision is written to ``keys.dstate`` (+ the delivery log), then t
 effect (refund for DUPLICATED/REJECTED/FAILED, reprice for an accepted real-time price),
 then ``XACK`` + ``XDEL``. A job found already decided replays only the idempotent money
 effect and acks. The first decision stands: one recorded meanwhile by another worker (that
-took the entry over) is never overwritten, and this job's money effect is then skipped.
+took the entry over) is never overwritten, and this job's money effect is then skipped,
+as are its dead letter and ``delivery_failed`` event when it was being given up on (they
+are written in the same step as the decision, delivery_finish.lua).
 While running, the worker refreshes the idle time of its in-flight entries (XCLAIM JUSTID
 every quarter of ``claim_idle_ms``), so only a stalled worker's entries are taken over.
 """
@@ -138,8 +140,7 @@ class _Batch:
     and wake the batch once, when the last one is in (``sent``); a batch that stopped
     waiting (``dropped``) has its queued requests skipped."""
 
-    __slots__ = ("common", "dropped", "events", "failed", "jobs", "left", "money", "ops",
-                 "sent")
+    __slots__ = ("common", "dropped", "events", "jobs", "left", "money", "ops", "sent")
 
     def __init__(self, jobs: Sequence[Job] = ()) -> None:
         self.jobs = jobs
@@ -147,7 +148,6 @@ class _Batch:
         self.common: dict[str, dict[str, list[Any]]] = {}  # decisions, logs, acks (Lua)
         self.money: list[tuple[Job, Decision]] = []
         self.events: list[DeliveryEvent] = []  # for the observer, told once per batch
-        self.failed: dict[str, int] = {}  # delivery_failed events in a tenant's ops
         self.left = 0
         self.sent: asyncio.Future[None] | None = None
         self.dropped = False
@@ -165,16 +165,32 @@ class _Batch:
     def add(self, tenant: str, op: Callable[[Any], None]) -> None:
         self.ops.setdefault(tenant, []).append(op)
 
-    def record(self, job: Job, decision: str, entry: bytes, *, ack: bool) -> None:
-        """A job's decision (JSON) and log entry, and its ack unless a money effect must
-        land first (delivery_finish.lua writes them)."""
+    def record(self, job: Job, decision: str, entry: bytes, *, ack: bool,
+               dead: tuple[list[str], list[str]] | None = None) -> None:
+        """A job's decision (JSON) and log entry, its dead letter and delivery_failed event
+        when given up on, and its ack unless a money effect must land first
+        (delivery_finish.lua writes them: a dead letter only with its decision)."""
         c = self.common.get(job.tenant)
         if c is None:
-            c = self.common[job.tenant] = {"j": [], "a": [], "jobs": []}
-        c["j"].append((job.lead_id, job.buyer, decision, entry.decode()))
+            c = self.common[job.tenant] = {"j": [], "a": [], "jobs": [], "dead": []}
+        c["j"].append((job.lead_id, job.buyer, decision, entry.decode(), *(dead or ())))
         c["jobs"].append(job)  # not sent: maps delivery_finish.lua's row numbers back
+        if dead is not None:
+            c["dead"].append(len(c["j"]))  # its row number, as the script counts them
         if ack:
             c["a"].append(job.entry_id)
+
+
+def _dead_letter(job: Job, reason: str, *, attempts: int, status: int, now: int
+                 ) -> tuple[list[str], list[str]]:
+    """A given-up job's dead-letter entry (the job's own fields and why) and its
+    delivery_failed event, as flat field lists for delivery_finish.lua."""
+    entry = {**job.fields, "attempts": str(attempts), "reason": reason,
+             "last_status": str(status), "failed_ts": str(now), "entry": job.entry_id}
+    event = {"type": "delivery_failed", "account": job.account, "lead_id": job.lead_id,
+             "buyer": job.buyer, "campaign": job.campaign, "reason": reason,
+             "attempts": str(attempts), "ts": str(now)}
+    return ([x for kv in entry.items() for x in kv], [x for kv in event.items() for x in kv])
 
 
 def _job(tenant: str, entry_id: bytes | str, raw: dict[bytes, bytes] | None) -> Job | None:
@@ -476,9 +492,10 @@ class DeliveryWorker:
                         op(pipe)
                     async with self._rsem:
                         results = await pipe.execute()
-                self._count_failed(out.failed.get(tenant, 0))
                 rows = results[0] if common else []
             jobs = common["jobs"] if common else []  # the rows delivery_finish.lua names
+            if common:  # the dead letters written: those whose decision was not kept
+                self._count_failed(len(set(common["dead"]) - {int(i) for i in rows}))
             for i in rows:
                 job = jobs[int(i) - 1]
                 kept.add((tenant, job.lead_id, job.buyer))
@@ -635,11 +652,9 @@ class DeliveryWorker:
                                  result=result or dec.o.lower(), status=status, ms=ms,
                                  reason=dec.r, excerpt=excerpt)
 
-        out.record(job, _decision_json(dec), entry, ack=not money)
-        if dead:
-            out.add(job.tenant, lambda pipe: self._dead_letter(
-                pipe, job, dec.r, attempts=n, status=status, now=now))
-            out.failed[job.tenant] = out.failed.get(job.tenant, 0) + 1
+        out.record(job, _decision_json(dec), entry, ack=not money,
+                   dead=_dead_letter(job, dec.r, attempts=n, status=status, now=now)
+                   if dead else None)
         if money:
             out.money.append((job, dec))
 
@@ -656,21 +671,11 @@ class DeliveryWorker:
         self._finish(out, job, dec, result="failed", attempt=n, status=status, ms=ms,
                      excerpt=excerpt, dead=True)
 
-    def _dead_letter(
-        self, pipe: Any, job: Job, reason: str, *, attempts: int, status: int, now: int
-    ) -> None:
-        pipe.xadd(keys.dead_letter(job.tenant, "deliveries"),
-                  {**job.fields, "attempts": attempts, "reason": reason,
-                   "last_status": status, "failed_ts": now, "entry": job.entry_id})
-        pipe.xadd(keys.events(job.tenant),
-                  {"type": "delivery_failed", "account": job.account, "lead_id": job.lead_id,
-                   "buyer": job.buyer, "campaign": job.campaign, "reason": reason,
-                   "attempts": attempts, "ts": now}, maxlen=1_000_000, approximate=True)
-
     def _count_failed(self, n: int) -> None:
-        """``n`` delivery_failed events were just appended (by _dead_letter, in a MULTI
-        that ran): counted like the scripts' events (leadflow_events_emitted_total), once
-        each, after the write; a MULTI that failed wrote and counts none."""
+        """``n`` delivery_failed events were just appended (by delivery_finish.lua, with
+        their decisions): counted like the scripts' events
+        (leadflow_events_emitted_total), once each, after the write; a call that failed
+        wrote and counts none."""
         if n and self.store.events_observer is not None:
             self.store.events_observer(["delivery_failed", n])
 

@@ -3,12 +3,16 @@
 --
 -- KEYS[1]  tenant key prefix
 -- ARGV[1]  JSON {"g": consumer group, "ttl": seconds, "lmax": log entries kept per lead,
---                "j": [[lead, buyer, decision JSON, log entry JSON]],
+--                "j": [[lead, buyer, decision JSON, log entry JSON
+--                       (, dead-letter entry fields, delivery_failed event fields)]],
 --                "a": [stream entry ids to XACK + XDEL]}
 --
 -- A decision already recorded for (lead, buyer) by someone else (another worker that
 -- took the same entry over, or a sync try) is never overwritten, except a SYNC claim: the
--- first decision stands, with its money effect, and the caller skips its own.
+-- first decision stands, with its money effect, and the caller skips its own. A row the
+-- worker gave up on carries its dead-letter entry and delivery_failed event ([k, v, ...],
+-- strings): they are written with its decision, so a row whose decision is kept writes
+-- neither (the delivery did not fail: someone else decided it).
 --
 -- Returns the row numbers (1-based, in "j") whose decision was kept that way.
 
@@ -24,6 +28,10 @@ for i, j in ipairs(b.j) do
   else
     redis.call('HSET', k, j[2], j[3])
     redis.call('EXPIRE', k, b.ttl)
+    if j[5] then
+      redis.call('XADD', K.dead(K.deliveries(p)), '*', unpack(j[5]))
+      redis.call('XADD', K.events(p), 'MAXLEN', '~', '1000000', '*', unpack(j[6]))
+    end
   end
   k = K.dlog(p, j[1])
   if redis.call('RPUSH', k, j[4]) > b.lmax then redis.call('LTRIM', k, -b.lmax, -1) end
