@@ -56,12 +56,16 @@ class App:
         lead_observer: LeadObserver | None = None,
         batch_observer: Any = None,
         sync: SyncRouter | None = None,
+        before_scrape: Callable[[], None] | None = None,
     ) -> None:
         self.runtime, self.store = runtime, store
         self.max_body, self.max_batch_body = max_body, max_batch_body
         self.batch_max, self.batch_observer = batch_max, batch_observer
         self.batch_inflight = batch_inflight
         self.http_observer = http_observer
+        # folds what the observers tallied into the metrics (engine.telemetry.fold), on
+        # the loop, before /metrics renders them in a thread
+        self.before_scrape = before_scrape
         self.batchers: dict[str, Batcher] = {}
         self.registry = registry_for_process()
         self.ready = False
@@ -215,6 +219,8 @@ class App:
         return http.json_response({"status": "alive"})
 
     async def _metrics(self, req: Request) -> Response:
+        if self.before_scrape is not None:
+            self.before_scrape()
         body, ctype = await asyncio.to_thread(render, self.registry, req.header(b"accept"))
         return Response(body, 200, ctype.encode())
 

@@ -161,6 +161,7 @@ class Service:
             idempotency_ttl_s=s.idempotency_ttl_s,
             http_observer=telemetry.http_observer,
             lead_observer=telemetry.lead_observer,
+            before_scrape=telemetry.fold,
             batch_observer=_decide_observer,
             sync=self.sync,
         )
