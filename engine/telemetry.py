@@ -47,7 +47,7 @@ class _Tally:
         self.n = 0  # observations since the last fold
 
 
-FOLD_EVERY = 4_096  # observations: bounds the tally's memory when nobody scrapes
+FOLD_EVERY = 4_096  # requests + leads: bounds the tally's memory when nobody scrapes
 _tally = _Tally()
 
 
@@ -75,12 +75,15 @@ def lead_observer(
     for buyer, _ in sold:
         sale = (campaign, buyer)
         t.sold[sale] = t.sold.get(sale, 0) + 1
+    t.n += 1  # a batch request brings up to 10,000 leads: they count, not the request
+    if t.n >= FOLD_EVERY:
+        fold()
 
 
 def fold() -> None:
     """Everything tallied so far into the Prometheus metrics. On the event loop thread,
     which is the only one that tallies: the /metrics endpoint folds before it renders, and
-    the observers fold every FOLD_EVERY requests."""
+    the observers fold every FOLD_EVERY observations (requests and leads alike)."""
     global _tally  # swapped whole: nothing tallied meanwhile is lost
     t, _tally = _tally, _Tally()
     for (route, code), n in t.http.items():
