@@ -532,26 +532,35 @@ async def test_a_job_waiting_on_a_slow_buyer_is_not_claimed_by_another_worker(
     assert await settled(store, "K1", b) == "ACCEPTED"
 
 
+async def _decided_meanwhile(store: Store, buyers: Buyers, path: str, lead_id: str,
+                             **opts: Any) -> Any:
+    """One worker sends ``lead_id`` to a buyer that holds its answer (``path``); meanwhile
+    another worker delivered the same job and its buyer accepted it (that decision is
+    recorded); then the held answer comes. Returns the buyer."""
+    b = buyer("b1", buyers.url + path, **{**FAST, "timeout_ms": 10_000, **opts})
+    await accounts(store, b)
+    await sell(store, b, lead_id)
+    w = worker(store, b)
+    task = asyncio.create_task(w.process_once())
+    try:
+        await buyers.reached(path)
+        accepted = record.Decision(record.ACCEPTED, "accepted: by the other worker")
+        await store.redis.hset(keys.dstate(T, lead_id), b.id,
+                               record.encode_decision(accepted))
+        buyers.release.set()
+        assert await task == 1
+    finally:
+        await w.close()
+    return b
+
+
 async def test_a_decision_recorded_meanwhile_by_another_worker_stands(
     store: Store, buyers: Buyers
 ) -> None:
     """Two workers on one job (the first stalled past the claim time): the decision
     recorded first stands with its money effect; the later one neither overwrites it nor
     refunds the sale the other one's buyer accepted."""
-    b = buyer("b1", buyers.url + "/hold_reject", **{**FAST, "timeout_ms": 10_000})
-    await accounts(store, b)
-    await sell(store, b, "R1")
-    w = worker(store, b)
-    task = asyncio.create_task(w.process_once())
-    try:
-        await buyers.reached("/hold_reject")
-        # meanwhile another worker delivered the same job and its buyer accepted it
-        accepted = record.Decision(record.ACCEPTED, "accepted: by the other worker")
-        await store.redis.hset(keys.dstate(T, "R1"), b.id, record.encode_decision(accepted))
-        buyers.release.set()
-        assert await task == 1
-    finally:
-        await w.close()
+    b = await _decided_meanwhile(store, buyers, "/hold_reject", "R1")
     assert await settled(store, "R1", b) == "ACCEPTED"
     assert await balance(store, b.client) == OPENING - PRICE  # not refunded
     log = await read_log(store, T, "R1")
@@ -565,20 +574,7 @@ async def test_a_job_given_up_on_writes_no_dead_letter_when_another_worker_decid
     """The same race, when this worker's last attempt fails and it gives the job up: the
     other worker's decision stands, so the delivery did not fail. The dead letter and the
     delivery_failed event used to be written anyway (an alert for a lead the buyer took)."""
-    b = buyer("b1", buyers.url + "/hold_fail",
-              **{**FAST, "timeout_ms": 10_000, "max_attempts": 1})
-    await accounts(store, b)
-    await sell(store, b, "F1")
-    w = worker(store, b)
-    task = asyncio.create_task(w.process_once())
-    try:
-        await buyers.reached("/hold_fail")
-        accepted = record.Decision(record.ACCEPTED, "accepted: by the other worker")
-        await store.redis.hset(keys.dstate(T, "F1"), b.id, record.encode_decision(accepted))
-        buyers.release.set()
-        assert await task == 1
-    finally:
-        await w.close()
+    b = await _decided_meanwhile(store, buyers, "/hold_fail", "F1", max_attempts=1)
     assert await settled(store, "F1", b) == "ACCEPTED"
     assert await balance(store, b.client) == OPENING - PRICE  # not refunded
     events = [f for _, f in await store.redis.xrange(keys.events(T))]
