@@ -84,16 +84,13 @@ async def _tail(store: Store, tenant: str, upto: str, page: int
     """Each account's sum of the tenant stream's entries up to ``upto``, read newest
     first; and the oldest id read (None when none was)."""
     sums: dict[str, int] = {}
-    oldest, end = None, upto
-    while True:
-        rows: Any = await store.redis.xrevrange(keys.ledger(tenant), end, "-", count=page)
+    oldest = None
+    async for rows in store.ledger_pages(tenant, upto, page=page):
         for entry_id, fields in rows:
             account = _text(fields[b"account"])
             sums[account] = sums.get(account, 0) + int(fields[b"delta"])
             oldest = _text(entry_id)
-        if len(rows) < page or oldest is None:
-            return sums, oldest
-        end = "(" + oldest
+    return sums, oldest
 
 
 class _Ledgers:

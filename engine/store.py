@@ -7,9 +7,10 @@ and its events.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any, NamedTuple, cast
 
 import msgspec
@@ -344,22 +345,37 @@ class Store:
         want, want_kinds = account.encode(), None if kinds is None else {
             k.encode() for k in kinds}
         found: list[tuple[str, dict[str, str]]] = []
-        oldest, read, end = None, 0, before if before == "+" else f"({before}"
-        while (limit is None or len(found) < limit) and (scan is None or read < scan):
+        oldest, read = None, 0
+        start = before if before == "+" else f"({before}"
+        async with contextlib.aclosing(self.ledger_pages(tenant, start, page=page,
+                                                         scan=scan)) as pages:
+            async for rows in pages:
+                read += len(rows)
+                for raw_id, f in rows:
+                    oldest = raw_id.decode()
+                    if f.get(b"account") == want and (
+                            want_kinds is None or f.get(b"kind") in want_kinds):
+                        found.append((oldest, {k.decode(): v.decode() for k, v in f.items()}))
+                        if limit is not None and len(found) == limit:
+                            return LedgerTail(found, oldest, complete=False)
+        # the pages ended: at the stream's oldest entry, or at the scan cap
+        return LedgerTail(found, oldest, complete=scan is None or read < scan)
+
+    async def ledger_pages(self, tenant: str, end: str = "+", *, page: int = LEDGER_PAGE,
+                           scan: int | None = None) -> AsyncGenerator[Any, None]:
+        """The tenant's ledger stream newest first, from ``end`` (an XREVRANGE end: "+", an
+        entry id, or "(id" to leave that one out), a page of raw entries at a time, at most
+        ``scan`` entries in all; it ends after the stream's oldest entry (a short page)."""
+        read = 0
+        while scan is None or read < scan:
             count = page if scan is None else min(page, scan - read)
             rows: Any = await self.redis.xrevrange(keys.ledger(tenant), end, "-", count=count)
-            for raw_id, f in rows:
-                oldest = raw_id.decode()
-                if f.get(b"account") == want and (
-                        want_kinds is None or f.get(b"kind") in want_kinds):
-                    found.append((oldest, {k.decode(): v.decode() for k, v in f.items()}))
-                    if limit is not None and len(found) == limit:
-                        return LedgerTail(found, oldest, complete=False)
+            if rows:
+                yield rows
             read += len(rows)
             if len(rows) < count:
-                return LedgerTail(found, oldest, complete=True)
-            end = f"({oldest}"
-        return LedgerTail(found, oldest, complete=False)
+                return
+            end = "(" + rows[-1][0].decode()
 
     async def ledger_page(
         self, tenant: str, account: str, *, before: str = "+", limit: int = 100
