@@ -198,20 +198,16 @@ def _row(tenant: str, entry_id: str, f: dict[str, str]) -> Row:
             _json.encode(_extra(f)).decode())
 
 
-def _transaction(entry_id: str, account: str, kind: str, delta: int, balance: int, ref: str,
-                 ts: int, process: str, user: str, extra: dict[str, str]) -> Transaction:
-    return Transaction(id=entry_id, account=account, type=_type_of(kind),
-                       amount=money.format(delta), balance=money.format(balance), ref=ref,
-                       ts=ts, process=process, user=user, extra={"kind": kind, **extra})
-
-
 def entry_transaction(entry_id: str, f: dict[str, str]) -> Transaction:
-    """A ledger stream entry (decoded) as the transactions API shows an archived one."""
+    """A ledger entry's fields (a stream entry decoded, or an archived row as
+    :func:`_stream_fields` gives it) in the shape of the transactions API."""
     ms, _ = _split_id(entry_id)
-    return _transaction(entry_id, f.get("account", ""), f.get("kind", ""),
-                        int(f.get("delta", 0)), int(f.get("balance", 0)), f.get("ref", ""),
-                        int(f.get("ts", ms)), f.get("process", ""), f.get("user", ""),
-                        _extra(f))
+    kind = f.get("kind", "")
+    return Transaction(id=entry_id, account=f.get("account", ""), type=_type_of(kind),
+                       amount=money.format(int(f.get("delta", 0))),
+                       balance=money.format(int(f.get("balance", 0))), ref=f.get("ref", ""),
+                       ts=int(f.get("ts", ms)), process=f.get("process", ""),
+                       user=f.get("user", ""), extra={"kind": kind, **_extra(f)})
 
 
 def _type_of(kind: str) -> str:
@@ -328,8 +324,7 @@ class Archive:
         rows = await self._select(tenant, account, limit + 1, from_ms=from_ms, to_ms=to_ms,
                                   kinds=TYPES[type] if type else None, q=q, cursor=cursor,
                                   only=kinds)
-        items = [_transaction(r[0], r[1], r[2], int(r[3]), int(r[4]), r[5], int(r[6]), r[7],
-                              r[8], _extra_dec.decode(r[9])) for r in rows[:limit]]
+        items = [entry_transaction(r[0], _stream_fields(r)) for r in rows[:limit]]
         return Page(items=items, next_cursor=items[-1].id if len(rows) > limit else None)
 
     async def entries(self, tenant: str, account: str, *, limit: int,
