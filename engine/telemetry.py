@@ -58,9 +58,7 @@ def http_observer(route: str, status: int, seconds: float) -> None:
     if durations is None:
         durations = t.http_seconds[route] = []
     durations.append(seconds)
-    t.n += 1
-    if t.n >= FOLD_EVERY:
-        fold()
+    _counted(t)
 
 
 def lead_observer(
@@ -75,7 +73,12 @@ def lead_observer(
     for buyer, _ in sold:
         sale = (campaign, buyer)
         t.sold[sale] = t.sold.get(sale, 0) + 1
-    t.n += 1  # a batch request brings up to 10,000 leads: they count, not the request
+    _counted(t)  # a batch request brings up to 10,000 leads: each counts, not the request
+
+
+def _counted(t: _Tally) -> None:
+    """One more observation in ``t``: folded once there are FOLD_EVERY of them."""
+    t.n += 1
     if t.n >= FOLD_EVERY:
         fold()
 
