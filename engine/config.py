@@ -344,6 +344,14 @@ def _sqlite_url_at(url: str, base: Path) -> str:
 
 
 def loads(raw: bytes | str, *, source: str = "<config>") -> Config:
+    if isinstance(raw, bytes):
+        # decoded here, not by the TOML parser: msgspec 0.23 reports invalid UTF-8 as a
+        # DecodeError of its own, older versions let the UnicodeDecodeError through
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(source, "", f"not valid UTF-8: {exc.reason} at byte {exc.start}"
+                              ) from exc
     try:
         cfg = msgspec.toml.decode(raw, type=Config)
     except msgspec.ValidationError as exc:
@@ -353,9 +361,6 @@ def loads(raw: bytes | str, *, source: str = "<config>") -> Config:
         raise ConfigError(source, where.rstrip("`").lstrip("."), reason) from exc
     except msgspec.DecodeError as exc:
         raise ConfigError(source, "", f"not valid TOML: {exc}") from exc
-    except UnicodeDecodeError as exc:  # TOML is UTF-8; the decoder lets this one through
-        raise ConfigError(source, "", f"not valid UTF-8: {exc.reason} at byte {exc.start}"
-                          ) from exc
     except RecursionError as exc:  # the TOML parser recurses once per nested array/table
         raise ConfigError(source, "", "not valid TOML: nested too deeply") from exc
     cfg.source = source
