@@ -61,6 +61,24 @@ def _met(ok: bool | None) -> str:
     return "—" if ok is None else ("yes" if ok else "**no**")
 
 
+def target_bound(results: dict[str, Any]) -> dict[str, Any] | None:
+    """What the two ingest targets ask of Redis, against what decide.lua alone did in the
+    same run. ``ratio`` >= 0.5 and batch >= 3x single together need the batch endpoint at
+    1.5x the null endpoint's rate, and every one of its leads is decided by decide.lua; so
+    they are within reach only if decide.lua alone (Redis with a core to itself, no HTTP,
+    no Python) decides at least that many. ``headroom`` < 1: they are not, whatever the
+    engine's Python costs. None unless both stages ran."""
+    ingest, lua = results.get("ingest"), results.get("lua")
+    if not ingest or not lua or "error" in ingest or "error" in lua:
+        return None
+    targets = ingest["targets"]
+    single = targets["ratio"] * ingest["ceiling_per_s"]
+    batch = targets["batch_ratio"] * single
+    return {"single_needed_per_s": round(single, 1), "batch_needed_per_s": round(batch, 1),
+            "lua_per_s": lua["leads_per_s"],
+            "headroom": round(lua["leads_per_s"] / batch, 3) if batch else 0.0}
+
+
 def rows(results: dict[str, Any]) -> list[list[str]]:
     """benchmark | figure | ceiling | ratio | target | met?"""
     out: list[list[str]] = []
@@ -99,6 +117,15 @@ def rows(results: dict[str, Any]) -> list[list[str]]:
                         "validation, routing)",
                         f"{r['ratio']:.2f}" if r.get("ratio") is not None else "—", "—",
                         _met(None)])
+            bound = target_bound(results)
+            if bound is not None:
+                out.append(["ingest targets against decide.lua alone (both targets: batch ≥ "
+                            "1.5x the null endpoint)",
+                            f"{_n(bound['single_needed_per_s'])} leads/s single and "
+                            f"{_n(bound['batch_needed_per_s'])} batch needed",
+                            f"{_n(bound['lua_per_s'])} leads/s (decide.lua alone)",
+                            f"{bound['headroom']:.2f}", "≥ 1 for the targets to be reachable",
+                            _met(bound["headroom"] >= 1)])
             if r.get("lua_instructions_per_lead") is not None:
                 out.append(["decide.lua, CPU instructions per lead (callgrind, "
                             f"{r['lua_instruction_calls']} calls of 16)",
@@ -207,7 +234,7 @@ def run_all(*, quick: bool = False, only: Sequence[str] = NAMES) -> dict[str, An
             reporters[name](results[name])
     machine = common.machine()
     doc = {"started": started, "elapsed_s": round(time.monotonic() - t0, 1), "quick": quick,
-           "machine": machine, "results": results,
+           "machine": machine, "results": results, "target_bound": target_bound(results),
            "table": [dict(zip(["benchmark", "figure", "ceiling", "ratio", "target", "met"],
                               row, strict=True)) for row in rows(results)]}
     common.RESULTS.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ adds a full round trip of queueing on top of a busy one.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,7 +25,7 @@ class Decision(msgspec.Struct, frozen=True):
     """decide.lua's result for one lead."""
 
     id: str
-    s: str  # ACCEPTED | DUPLICATED | REJECTED
+    s: str  # ACCEPTED | DUPLICATED | REJECTED | ERROR (1050: not decided, nothing charged)
     c: int
     m: str = ""
     sold: list[list[str]] | dict[str, Any] = []  # cjson encodes an empty list as {}
@@ -40,8 +41,10 @@ class _Reply(msgspec.Struct, frozen=True):
     r: list[Decision] | dict[str, Any]
     e: list[str | int] | dict[str, Any] = []
     m: list[str] = []  # micros debited by the call: [lead prices, platform fees]
+    x: list[list[str]] | dict[str, Any] = []  # leads taken back: [lead id, error text]
 
 
+log = logging.getLogger("leadflow.batcher")
 _reply = msgspec.json.Decoder(_Reply)
 _WALLET = WALLET.encode()
 # (lead JSON, payload, candidate table entries, waiter)
@@ -125,6 +128,8 @@ class Batcher:
             for (_, _, _, fut), decision in zip(batch, results, strict=True):
                 if not fut.done():
                     fut.set_result(decision)
+            if reply.x:
+                _log_failed(self.tenant, reply.x)
             if self.observer is not None:
                 self.observer(time.perf_counter() - started, reply.e, reply.m)
         except UNAVAILABLE as exc:
@@ -147,3 +152,12 @@ class Batcher:
     async def drain(self) -> None:
         """Wait until every submitted lead has its decision (graceful shutdown)."""
         await self._idle.wait()
+
+
+def _log_failed(tenant: str, failed: list[list[str]] | dict[str, Any]) -> None:
+    """The leads decide.lua took back (ERROR 1050): a fault of the server or of its data,
+    never of the seller's input, so each is logged with the script's error text (which
+    names commands and keys, never a lead's fields or a secret)."""
+    for lead_id, why in failed if isinstance(failed, list) else []:
+        log.error("lead %s of tenant %s not decided, nothing charged: %s", lead_id, tenant,
+                  why)

@@ -76,6 +76,7 @@ class Codes:
     TOO_LARGE = 1030
     UNSUPPORTED_MEDIA = 1031
     UNAVAILABLE = 1040
+    NOT_DECIDED = 1050  # decide.lua failed on this lead and took its writes back
 
 
 def error(code: int, message: str, errors: list[FieldError] | None = None) -> LeadResponse:
@@ -99,7 +100,8 @@ class _Pending(NamedTuple):
     lead: LuaLead
 
     def outcome(self, decision: Decision) -> _Outcome:
-        return _Outcome(200, _response(decision, self.supplier), self.plan.id,
+        status = 500 if decision.s == "ERROR" else 200
+        return _Outcome(status, _response(decision, self.supplier), self.plan.id,
                         self.supplier.id, decision, self.plan)
 
 
@@ -383,6 +385,8 @@ _MESSAGES = {"ACCEPTED": "lead accepted"}
 
 
 def _response(d: Decision, supplier: SupplierPlan) -> LeadResponse:
+    if d.s == "ERROR":  # nothing stored under the lead id: a retry gets a new one
+        return error(d.c, d.m)
     return LeadResponse(
         status=d.s,
         code=d.c,

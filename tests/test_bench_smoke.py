@@ -59,3 +59,29 @@ def test_engine_instructions_driver(tmp_path) -> None:
             path = tmp_path / f"{mode}.pickle"
             path.write_bytes(pickle.dumps(bodies))
             ingest_instructions.child(mode, srv.url, str(path), len(bodies))
+
+
+def test_target_bound_reads_both_targets_against_decide_lua() -> None:
+    """``bench all``'s bound row: ratio 0.5 of a 40k ceiling and batch 3x that single rate
+    need 60k batch leads/s; a decide.lua that does 15k alone leaves a headroom of 0.25."""
+    from bench.__main__ import rows, target_bound
+
+    ingest = {"ceiling_per_s": 40_000.0, "targets": {"ratio": 0.5, "p99_ms": 10.0,
+                                                     "batch_ratio": 3.0}}
+    lua = {"leads_per_s": 15_000.0, "leads_per_call": 16, "pipeline": 16, "clients": 8}
+    bound = target_bound({"ingest": ingest, "lua": lua})
+    assert bound == {"single_needed_per_s": 20_000.0, "batch_needed_per_s": 60_000.0,
+                     "lua_per_s": 15_000.0, "headroom": 0.25}
+    assert target_bound({"lua": lua}) is None
+    assert target_bound({"ingest": {"error": "x"}, "lua": lua}) is None
+    [row] = [r for r in rows({"lua": lua}) + rows({"lua": lua, "ingest": ingest_row(ingest)})
+             if r[0].startswith("ingest targets")]
+    assert (row[3], row[5]) == ("0.25", "**no**")
+
+
+def ingest_row(ingest: dict) -> dict:
+    """An ingest result with every figure rows() prints."""
+    figures = {"leads_per_s": 6_000.0, "ratio": 0.15, "p50_ms": 9.0, "p99_ms": 19.0,
+               "ceiling_p99_ms": 3.0, "batch_size": 100, "batch_concurrency": 8,
+               "batch_leads_per_s": 12_000.0, "batch_ratio": 2.0}
+    return {**ingest, **figures}

@@ -264,37 +264,6 @@ async def test_a_refunded_lead_no_longer_counts_as_a_duplicate(redis, redis_serv
         await eng.assert_reconciled()
 
 
-async def test_decide_error_half_way_keeps_balances_and_ledgers_equal(redis, redis_server):
-    """decide.lua writes balances and cap counters once per call, at its end. A lead that
-    fails half-way (here a WRONGTYPE on its sale record) must not leave the leads decided
-    before it with ledger entries but no balance change: scripts are not rolled back."""
-    import msgspec
-    import pytest
-    from redis.exceptions import ResponseError
-
-    from engine.scripts import scripts
-    from engine.store import WALLET
-
-    cfg = make_config(campaign(), buyer("b1", extra="caps = { day = 5 }"))
-    async with running(cfg, redis_server.url) as eng:
-        def lead(n):
-            return {"id": f"L{n}", "k": f"k{n}", "kt": 60, "t": 0, "c": "camp", "fi": 0, "n": 1,
-                    "rr": 0, "q": [], "d": [], "dt": 60, "win": ["h", "d", "w", "m"], "x": "{}",
-                    "cs": [{"b": "b1", "a": "c1", "p": 1_000_000, "fo": 0, "bd": [],
-                            "cap": [-1, 5, -1, -1, -1, -1, -1]}]}
-
-        before = await eng.balance("c1")
-        await redis.set(keys.lead("t1", "L2"), "not a hash")  # L2's HSET will fail
-        with pytest.raises(ResponseError, match="WRONGTYPE"):
-            await scripts().decide(redis, [keys.tenant_prefix("t1")], [msgspec.json.encode(
-                {"now": 1, "w": WALLET, "leads": [lead(1), lead(2), lead(3)]})])
-        # L1 was sold and L2 debited before its failure: both balance changes are written,
-        # each with its ledger entry; L3 never ran
-        assert await eng.balance("c1") == before - 2_000_000
-        assert await redis.hget(keys.buyer("t1", "b1"), "dn") == b"2"
-        await eng.assert_reconciled()
-
-
 async def test_batcher_shares_pending_leads_over_free_call_slots(redis, redis_server):
     """Leads waiting together go out as one Lua call per free slot (two of five with the
     default two calls in flight), not as one call with all of them: one call would leave

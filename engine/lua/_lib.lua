@@ -18,6 +18,90 @@ local EMITTED = {}   -- event type -> count, returned to the caller for metrics
 local DEFERRED = false -- balance writes wait for flush_balances() (defer_balances)
 local ACCTS = {}     -- account id -> cached settings + balance, for this call only
 
+-- The undo journal of one unit of work (decide.lua: one lead). Redis never rolls a script
+-- back, so a lead that fails half-way (a Redis error on one of its writes, a Lua error)
+-- would keep its debit and ledger entry without its delivery job or idempotency record,
+-- and the seller's retry would charge again. While JOURNAL is a table, every write below
+-- notes how to take it back, and undo() takes the unit's writes back, newest first.
+-- The journal is flat, so a write costs no table: each op pushes its values, then its name
+-- (undo() reads it backwards). Ops: 'x' stream, id: XDEL (and DEL of a stream left empty
+-- with no consumer group, as one the XADD created); 'k' key: DEL (a key the unit created);
+-- 'hd' key, field: HDEL (a field it created); 'h' key, field, old: the old value back
+-- (HDEL when there was none); 'c' table, key, n: a count taken back; 'f' v1..vn, table,
+-- names: a Lua table's fields back. JOURNAL is one table for the whole call, NJ the
+-- current unit's length in it (entries past NJ are stale and ignored).
+local JOURNAL, NJ = nil, 0
+
+local function note1(op, x)
+  if JOURNAL then JOURNAL[NJ + 1], JOURNAL[NJ + 2] = x, op; NJ = NJ + 2 end
+end
+
+local function note2(op, x, y)
+  if JOURNAL then JOURNAL[NJ + 1], JOURNAL[NJ + 2], JOURNAL[NJ + 3] = x, y, op; NJ = NJ + 3 end
+end
+
+local function note3(op, x, y, z)
+  if not JOURNAL then return end
+  local n = NJ
+  JOURNAL[n + 1], JOURNAL[n + 2], JOURNAL[n + 3], JOURNAL[n + 4] = x, y, z, op
+  NJ = n + 4
+end
+
+local ACCT_STATE = {'bal', 'pending', 'paused'}  -- what a script changes in an account
+
+-- an account's ACCT_STATE fields as they are now, restored by undo() (an 'f' op, written
+-- out: a loop over the names cost twice as much on every lead)
+local function keep_acct(a)
+  if not JOURNAL then return end
+  local J, n = JOURNAL, NJ
+  J[n + 1], J[n + 2], J[n + 3], J[n + 4], J[n + 5], J[n + 6] =
+    a.bal, a.pending, a.paused, a, ACCT_STATE, 'f'
+  NJ = n + 6
+end
+
+local function count(t, key, n)
+  t[key] = (t[key] or 0) + n
+  note3('c', t, key, n)
+end
+
+-- take the current unit's writes back, newest first
+local function undo()
+  local J, i = JOURNAL, NJ
+  while i > 0 do
+    local what = J[i]
+    if what == 'x' then
+      local stream = J[i - 2]
+      redis.call('XDEL', stream, J[i - 1])
+      -- the XADD may have created the stream: an empty one nobody reads (no consumer
+      -- group) is the same as none
+      if redis.call('XLEN', stream) == 0 and #redis.call('XINFO', 'GROUPS', stream) == 0 then
+        redis.call('DEL', stream)
+      end
+      i = i - 3
+    elseif what == 'k' then
+      redis.call('DEL', J[i - 1])
+      i = i - 2
+    elseif what == 'hd' then
+      redis.call('HDEL', J[i - 2], J[i - 1])
+      i = i - 3
+    elseif what == 'h' then
+      if J[i - 1] then redis.call('HSET', J[i - 3], J[i - 2], J[i - 1])
+      else redis.call('HDEL', J[i - 3], J[i - 2]) end
+      i = i - 4
+    elseif what == 'c' then
+      local t, key = J[i - 3], J[i - 2]
+      t[key] = t[key] - J[i - 1]
+      i = i - 4
+    else  -- 'f'
+      local t, names = J[i - 2], J[i - 1]
+      local base = i - 3 - #names
+      for f = 1, #names do t[names[f]] = J[base + f] end
+      i = base
+    end
+  end
+  NJ = 0
+end
+
 local function acct(p, id)
   local a = ACCTS[id]
   if a then return a end
@@ -37,8 +121,8 @@ local function emit(p, etype, a, now, extra)
   local args = {'XADD', K.events(p), 'MAXLEN', '~', '1000000', '*',
                 'type', etype, 'account', a.id, 'balance', fmt(a.bal), 'ts', now}
   for i = 1, #extra do args[#args + 1] = extra[i] end
-  redis.call(unpack(args))
-  EMITTED[etype] = (EMITTED[etype] or 0) + 1
+  note2('x', args[2], redis.call(unpack(args)))
+  count(EMITTED, etype, 1)
 end
 
 -- The buyer_paused event (account, balance, ts, the caller's extra fields such as buyer
@@ -48,19 +132,25 @@ local function paused_event(p, a, reason, now, extra)
   local e = extra or {}
   e[#e + 1] = 'reason'; e[#e + 1] = reason
   emit(p, 'buyer_paused', a, now, e)
-  EMITTED['paused:' .. reason] = (EMITTED['paused:' .. reason] or 0) + 1
+  count(EMITTED, 'paused:' .. reason, 1)
+end
+
+-- an account's paused field set to `reason` ('' resumes), in Redis and in its cached copy
+local function set_paused(a, reason)
+  keep_acct(a)
+  note3('h', a.k, 'paused', a.paused)
+  a.paused = reason
+  redis.call('HSET', a.k, 'paused', reason)
 end
 
 local function pause(p, a, reason, now, extra)
   if a.paused ~= '' then return end
-  a.paused = reason
-  redis.call('HSET', a.k, 'paused', reason)
+  set_paused(a, reason)
   paused_event(p, a, reason, now, extra)
 end
 
 local function resume(p, a, now)
-  a.paused = ''
-  redis.call('HSET', a.k, 'paused', '')
+  set_paused(a, '')
   emit(p, 'buyer_resumed', a, now, {})
 end
 
@@ -79,7 +169,9 @@ local function write_ledger(p, a, delta, kind, ref, now, extra)
   -- the tenant's one ledger stream (archived to SQL by the ledger worker); an account's
   -- history is its entries there plus the archive's rows (engine.store.ledger_tail,
   -- billing.archive.history): a second, per-account stream cost 12 % of decide.lua
-  return redis.call('XADD', K.ledger(p), '*', unpack(f))
+  local id = redis.call('XADD', K.ledger(p), '*', unpack(f))
+  note2('x', K.ledger(p), id)
+  return id
 end
 
 -- Move a balance by `delta` micros (negative = debit), write its ledger entry and flag
@@ -87,11 +179,13 @@ end
 -- once a credit lifts the balance back over the threshold.
 local function apply(p, a, delta, kind, ref, now, extra)
   local b0 = a.bal
+  keep_acct(a)
   if DEFERRED then
     a.pending = (a.pending or 0) + delta  -- the net change flush_balances() writes
     a.bal = b0 + delta
   else
     a.bal = redis.call('HINCRBY', a.k, 'bal', fmt(delta))
+    note3('h', a.k, 'bal', fmt(b0))
   end
   local b1 = a.bal
   local id = write_ledger(p, a, delta, kind, ref, now, extra or {})
@@ -128,6 +222,8 @@ end
 
 local function emitted_list()
   local out = {}
-  for k, v in pairs(EMITTED) do out[#out + 1] = k; out[#out + 1] = v end
+  for k, v in pairs(EMITTED) do
+    if v ~= 0 then out[#out + 1] = k; out[#out + 1] = v end  -- 0: taken back by undo()
+  end
   return out
 end

@@ -29,14 +29,15 @@
 --   the call's leads: a lead's own parts (its "bd") are never written into them.
 --
 -- Returns JSON {"r": [result per lead, in order], "e": [event type, count, ...],
--- "m": [lead debits, fee debits] (micros, as strings)} where a
--- result is {"id", "s": ACCEPTED|DUPLICATED|REJECTED, "c": code, "m": reason,
+-- "m": [lead debits, fee debits] (micros, as strings), "x": [[lead id, error], ...]} where
+-- a result is {"id", "s": ACCEPTED|DUPLICATED|REJECTED|ERROR, "c": code, "m": reason,
 --            "sold": [[buyer, price micros], ...], "t": test, "rp": true on replay}.
 -- A candidate is skipped (counted as "paused") when its buyer hash says paused, its account
 -- is missing, or its delivery circuit breaker is open (K.breaker exists; one EXISTS per
 -- buyer per call, written by the delivery worker).
--- Balances and cap counters are written once per call, at its end (finish()), also when
--- a lead fails half-way, so every ledger entry written has its balance change.
+-- Balances and cap counters are written once per call, at its end (finish()). A lead
+-- that fails half-way is taken back whole (see decide_all) and answers
+-- {"s": "ERROR", "c": 1050}; "x" lists such leads as [[lead id, error text], ...].
 -- The result is also stored under the idempotency key, so a replay returns it verbatim
 -- and changes nothing. A stored value that is not a JSON object is a pointer: the key
 -- the record is stored under.
@@ -95,7 +96,23 @@ local function bump(s, idf, nf, w, by)
   if s[idf] ~= w then s[idf] = w; s[nf] = by else s[nf] = s[nf] + by end
 end
 
+-- what a sale changes in a buyer's cached state (taken back by undo() on a failure)
+local COUNTERS = {'hid', 'hn', 'did', 'dn', 'wid', 'wn', 'mid', 'mn', 'tn', 'sdid', 'sdv',
+                  'smid', 'smv', 'dirty'}
+
+-- a buyer's COUNTERS as they are now, restored by undo() (an 'f' op, written out)
+local function keep_counters(s)
+  local J, n = JOURNAL, NJ
+  J[n + 1], J[n + 2], J[n + 3], J[n + 4], J[n + 5], J[n + 6], J[n + 7], J[n + 8] =
+    s.hid, s.hn, s.did, s.dn, s.wid, s.wn, s.mid, s.mn
+  J[n + 9], J[n + 10], J[n + 11], J[n + 12], J[n + 13], J[n + 14] =
+    s.tn, s.sdid, s.sdv, s.smid, s.smv, s.dirty
+  J[n + 15], J[n + 16], J[n + 17] = s, COUNTERS, 'f'
+  NJ = n + 17
+end
+
 local function count_sale(s, win, price)
+  keep_counters(s)
   bump(s, 'hid', 'hn', win[1], 1); bump(s, 'did', 'dn', win[2], 1)
   bump(s, 'wid', 'wn', win[3], 1); bump(s, 'mid', 'mn', win[4], 1)
   bump(s, 'sdid', 'sdv', win[2], price); bump(s, 'smid', 'smv', win[4], price)
@@ -125,28 +142,34 @@ local function any_exists(fps)
 end
 
 local function mark_sold(fps, lead_id, ttl)
-  for i = 1, #fps do redis.call('SET', K.dup(p, fps[i]), lead_id, 'EX', ttl) end
+  for i = 1, #fps do
+    local k = K.dup(p, fps[i])
+    redis.call('SET', k, lead_id, 'EX', ttl)
+    note1('k', k)  -- checked absent before (any_exists): this lead created it
+  end
 end
 
--- the order in which candidates are tried, and the rotation position it starts at: round
+-- the order in which candidates are tried, the rotation position it starts at and the
+-- cursor as stored (for undo): round
 -- robin starts at the campaign cursor. A sale moves the cursor one position past where
 -- this lead *started*, not past the buyer who took it: jumping past the taker would skip
 -- the turns of the buyers in between who could not take this lead, and a buyer with a
 -- narrow filter could then starve (A, B, C with B and C on CA leads only, CA and TX leads
 -- alternating: C never got one).
 local function order(L)
+  local stored = L.rr == 1 and redis.call('HGET', K.cursors(p), L.c)
   if L.rr ~= 1 or #L.q == 0 then
     local o = {}
     for i = 1, #L.cs do o[i] = i end
-    return o, 0
+    return o, 0, stored
   end
-  local start = tonumber(redis.call('HGET', K.cursors(p), L.c) or '0') % #L.q
+  local start = tonumber(stored or '0') % #L.q
   local o, seen = {}, {}
   for off = 0, #L.q - 1 do
     local ci = L.q[(start + off) % #L.q + 1]
     if ci > 0 and not seen[ci] then seen[ci] = true; o[#o + 1] = ci end
   end
-  return o, start
+  return o, start, stored
 end
 
 local function sell(L, c, bd, s, a)
@@ -155,10 +178,15 @@ local function sell(L, c, bd, s, a)
   DEBITED.lead = DEBITED.lead + c.p
   count_sale(s, L.win, c.p)
   mark_sold(bd, ref, L.dt)
-  redis.call('HSET', K.lead(p, ref), c.b, cjson.encode({a = c.a, p = fmt(c.p), f = fmt(c.fo),
+  -- a new field: a lead is sold to a buyer once (the sync waterfall's later tries go to
+  -- buyers it has not tried)
+  local lk = K.lead(p, ref)
+  redis.call('HSET', lk, c.b, cjson.encode({a = c.a, p = fmt(c.p), f = fmt(c.fo),
              w = L.win, s = 'sold', bd = bd, cd = L.d}))
-  redis.call('XADD', K.deliveries(p), '*', 'lead_id', ref, 'buyer', c.b, 'campaign', L.c,
-             'account', c.a, 'price', fmt(c.p), 'fee', fmt(c.fo), 'lead', L.x, 'ts', now)
+  note2('hd', lk, c.b)
+  local dk = K.deliveries(p)
+  note2('x', dk, redis.call('XADD', dk, '*', 'lead_id', ref, 'buyer', c.b, 'campaign', L.c,
+        'account', c.a, 'price', fmt(c.p), 'fee', fmt(c.fo), 'lead', L.x, 'ts', now))
 end
 
 local function decide(L)
@@ -174,7 +202,7 @@ local function decide(L)
   -- the platform fees of this lead, debited from the wallet as ONE balance change at the end
   local fee_in = test and 0 or L.fi
   local fees = fee_in
-  local tries, start = order(L)
+  local tries, start, cursor = order(L)
   for _, ci in ipairs(tries) do
     if #sold >= L.n then break end
     local c, bd = L.cs[ci], nil
@@ -202,7 +230,11 @@ local function decide(L)
       if not test then
         sell(L, c, bd, s, a)
         fees = fees + c.fo
-        if L.rr == 1 then redis.call('HSET', K.cursors(p), L.c, start + 1) end
+        if L.rr == 1 then
+          local ck = K.cursors(p)
+          redis.call('HSET', ck, L.c, start + 1)
+          note3('h', ck, L.c, cursor)
+        end
       end
       sold[#sold + 1] = {c.b, fmt(c.p)}
     end
@@ -245,41 +277,72 @@ local function record(k)
   return v, k
 end
 
-local out = {}
-local function decide_all()
-  for i, L in ipairs(batch.leads) do
-    L.x = L.x or ARGV[i + 1]
-    local ik = K.idem(p, L.k)
-    local prior, at = record(L.k)
-    if not prior and L.k2 then
-      prior, at = record(L.k2)
-      -- a key seen for the first time on a payload replay: it must name the same lead for
-      -- its own TTL, past the payload window. A final record is copied; a pending one (a
-      -- sync waterfall still writing it) is pointed to
-      if prior then
-        local pending = string.find(prior, '"sy":', 1, true) ~= nil
-        redis.call('SET', ik, pending and at or prior, 'EX', L.kt)
-      end
-    end
+-- one lead: its stored result on a replay, else its decision, stored under its keys
+local function one(i, L)
+  L.x = L.x or ARGV[i + 1]
+  local ik = K.idem(p, L.k)
+  local prior, at = record(L.k)
+  if not prior and L.k2 then
+    prior, at = record(L.k2)
+    -- a key seen for the first time on a payload replay: it must name the same lead for
+    -- its own TTL, past the payload window. A final record is copied; a pending one (a
+    -- sync waterfall still writing it) is pointed to
     if prior then
-      local r = cjson.decode(prior)
-      r.rp = true
-      out[i] = r
-    else
-      local r = decide(L)
-      r.id, r.t = L.id, L.t
-      if not r.sold then r.sold = {} end
-      redis.call('SET', ik, cjson.encode(r), 'EX', L.kt)
-      if L.k2 then redis.call('SET', K.idem(p, L.k2), L.k, 'EX', L.k2t) end
-      out[i] = r
+      local pending = string.find(prior, '"sy":', 1, true) ~= nil
+      redis.call('SET', ik, pending and at or prior, 'EX', L.kt)
+      note1('k', ik)
     end
   end
+  if prior then
+    local r = cjson.decode(prior)
+    r.rp = true
+    return r
+  end
+  local r = decide(L)
+  r.id, r.t = L.id, L.t
+  if not r.sold then r.sold = {} end
+  if L.k2 then  -- absent before (record): this lead creates it
+    local k2 = K.idem(p, L.k2)
+    redis.call('SET', k2, L.k, 'EX', L.k2t)
+    note1('k', k2)
+  end
+  -- the lead's last write: nothing can fail after it, so it needs no undo
+  redis.call('SET', ik, cjson.encode(r), 'EX', L.kt)
+  return r
 end
 
--- the deferred writes happen even when a lead fails half-way (a Lua or Redis error):
--- the leads decided before it keep their ledger entries, so their balances must be
--- written too (scripts are not rolled back); then the error reaches the caller
+-- Each lead is all or nothing. One that fails half-way (a Redis error on one of its
+-- writes, a Lua error) has every write it made taken back (the journal, _lib.lua) and
+-- answers ERROR 1050 with no idempotency record, so a retry decides it afresh and is
+-- charged once; the leads after it are decided as usual. Its error text goes back in
+-- "x" for the engine's log.
+local out, failed = {}, {}
+local function decide_all()
+  JOURNAL = {}
+  for i, L in ipairs(batch.leads) do
+    NJ = 0
+    local lead_debits, fee_debits = DEBITED.lead, DEBITED.fee
+    local ok, r = pcall(one, i, L)
+    if not ok then
+      undo()
+      DEBITED.lead, DEBITED.fee = lead_debits, fee_debits
+      local id = type(L) == 'table' and type(L.id) == 'string' and L.id or ''
+      failed[#failed + 1] = {id, type(r) == 'table' and tostring(r.err) or tostring(r)}
+      r = {id = id, s = 'ERROR', c = 1050, sold = {},
+           m = 'the lead could not be decided; nothing was charged',
+           t = type(L) == 'table' and L.t == 1 and 1 or 0}
+    end
+    out[i] = r
+  end
+  JOURNAL = nil
+end
+
+-- the deferred writes happen even when the call fails (an error outside any one lead:
+-- undo() itself): the leads decided before it keep their ledger entries, so their
+-- balances must be written too; then the error reaches the caller
 local ok, err = pcall(decide_all)
+JOURNAL = nil
 finish()
 if not ok then error(err, 0) end  -- as raised: no second position prefix
-return cjson.encode({r = out, e = emitted_list(), m = {fmt(DEBITED.lead), fmt(DEBITED.fee)}})
+return cjson.encode({r = out, e = emitted_list(), m = {fmt(DEBITED.lead), fmt(DEBITED.fee)},
+                     x = failed})

@@ -1,0 +1,151 @@
+"""decide.lua takes a lead back whole when it fails half-way.
+
+Redis never rolls a script back: a lead whose write fails after its debit (a WRONGTYPE on
+a key, a TTL Redis refuses, a Lua error) used to keep its debit and ledger entry without
+its delivery job or idempotency record, and a retry charged the buyer again. Each lead's
+writes are now journaled and undone when it fails (engine/lua/_lib.lua); the lead answers
+ERROR 1050 and the call goes on with the next one.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import msgspec
+import pytest
+import redis.asyncio as aioredis
+
+from engine import keys
+from engine.scripts import scripts
+from engine.store import WALLET
+from tests.harness import buyer, campaign, make_config, running
+
+_WIN = ["h", "d", "w", "m"]
+
+
+def _cand(b: str, account: str, price: int, fee: int = 0) -> dict[str, Any]:
+    return {"b": b, "a": account, "p": price, "fo": fee, "bd": [], "cap": [-1, 5, -1, -1, -1, -1, -1]}
+
+
+def _lead(n: int, *cands: dict[str, Any], **over: Any) -> dict[str, Any]:
+    lead = {"id": f"L{n}", "k": f"k{n}", "kt": 60, "t": 0, "c": "camp", "fi": 0, "n": 1,
+            "rr": 0, "q": [], "d": [], "dt": 60, "win": _WIN, "x": "{}",
+            "cs": list(cands) or [_cand("b1", "c1", 1_000_000)]}
+    return {**lead, **over}
+
+
+async def _decide(redis: aioredis.Redis, *leads: dict[str, Any]) -> dict[str, Any]:
+    raw = await scripts().decide(redis, [keys.tenant_prefix("t1")], [msgspec.json.encode(
+        {"now": 1, "w": WALLET, "leads": list(leads)})])
+    return msgspec.json.decode(raw)  # type: ignore[no-any-return]
+
+
+async def _keyspace(redis: aioredis.Redis) -> dict[bytes, Any]:
+    """Every key of our own test server with its value, for before/after comparisons."""
+    out: dict[bytes, Any] = {}
+    async for key in redis.scan_iter(count=1000):
+        kind = (await redis.type(key)).decode()
+        if kind == "string":
+            out[key] = await redis.get(key)
+        elif kind == "hash":
+            out[key] = await redis.hgetall(key)
+        elif kind == "stream":
+            out[key] = await redis.xrange(key)
+        elif kind == "set":
+            out[key] = await redis.smembers(key)
+        elif kind == "zset":
+            out[key] = await redis.zrange(key, 0, -1, withscores=True)
+        else:
+            out[key] = await redis.lrange(key, 0, -1)
+    return out
+
+
+async def test_a_lead_failing_half_way_is_taken_back_and_the_call_goes_on(redis, redis_server):
+    """L2's sale record is a string (WRONGTYPE on its HSET, after its debit and ledger
+    entry): L2 answers ERROR 1050 with nothing of it left, L1 and L3 are sold. Once the key
+    is repaired, the same lead is decided afresh and charged once."""
+    cfg = make_config(campaign(), buyer("b1", extra="caps = { day = 5 }"))
+    async with running(cfg, redis_server.url) as eng:
+        before = await eng.balance("c1")
+        await redis.set(keys.lead("t1", "L2"), "not a hash")
+        reply = await _decide(redis, _lead(1), _lead(2), _lead(3))
+
+        assert [(r["id"], r["s"], r["c"]) for r in reply["r"]] == [
+            ("L1", "ACCEPTED", 0), ("L2", "ERROR", 1050), ("L3", "ACCEPTED", 0)]
+        assert reply["r"][1]["sold"] in ([], {})
+        [(lead_id, why)] = reply["x"]
+        assert lead_id == "L2" and "WRONGTYPE" in why
+        assert await eng.balance("c1") == before - 2_000_000
+        assert await redis.hget(keys.buyer("t1", "b1"), "dn") == b"2"
+        ledger = await redis.xrange(keys.ledger("t1"))
+        assert [f[b"ref"] for _, f in ledger if f[b"kind"] == b"lead"] == [b"L1", b"L3"]
+        jobs = await redis.xrange(keys.deliveries("t1"))
+        assert [f[b"lead_id"] for _, f in jobs] == [b"L1", b"L3"]
+        assert await redis.exists(keys.idem("t1", "k2")) == 0  # a retry decides it afresh
+        assert reply["m"] == ["2000000", "0"]
+        await eng.assert_reconciled()
+
+        await redis.delete(keys.lead("t1", "L2"))
+        again = await _decide(redis, _lead(2))
+        assert (again["r"][0]["s"], again["r"][0].get("rp", False)) == ("ACCEPTED", False)
+        assert await eng.balance("c1") == before - 3_000_000  # L2 charged once
+        await eng.assert_reconciled()
+
+
+async def test_a_lead_failing_at_its_last_write_leaves_the_keyspace_as_it_was(
+        redis, redis_server):
+    """The latest point a lead can fail: its campaign dedupe marks (a TTL of 0, which SET
+    refuses), after everything else it writes. On its way it paused a buyer without funds
+    (buyer_paused), sold to the next one round robin (debit, ledger entry, balance_alert,
+    cap counters, sale record, delivery job, cursor) and debited the wallet's fees. Every
+    key of the server compares equal before and after; nothing is emitted or debited."""
+    cfg = make_config(campaign(distribution="round_robin"),
+                      buyer("b0", client="c2", price="500.00"), buyer("b1", price="90.00"))
+    async with running(cfg, redis_server.url) as eng:
+        failing = _lead(1, _cand("b0", "c2", 500_000_000), _cand("b1", "c1", 90_000_000, 200_000),
+                        rr=1, q=[1, 2], fi=100_000, d=["fp-last"], dt=0)
+        state = await _keyspace(redis)
+        reply = await _decide(redis, failing)
+
+        assert (reply["r"][0]["s"], reply["r"][0]["c"]) == ("ERROR", 1050)
+        assert "invalid expire time" in reply["x"][0][1]
+        assert reply["e"] in ([], {}) and reply["m"] == ["0", "0"]
+        assert await _keyspace(redis) == state
+
+        # the same lead with a valid TTL does every one of those writes
+        ok = await _decide(redis, {**failing, "dt": 60})
+        assert ok["r"][0]["s"] == "ACCEPTED" and ok["r"][0]["sold"] == [["b1", "90000000"]]
+        events = [e["type"] for e in await eng.events()]
+        assert "buyer_paused" in events and "balance_alert" in events
+        assert await redis.hget(keys.cursors("t1"), "camp") == b"1"
+        assert await eng.balance("c1") == 10_000_000
+        await eng.assert_reconciled()
+
+
+async def test_a_lead_the_script_cannot_decide_answers_500_and_its_retry_is_charged_once(
+        redis, redis_server, caplog: pytest.LogCaptureFixture):
+    """Through HTTP: the tenant's delivery stream is not a stream (XADD fails after the
+    debit). The seller gets 500 ERROR 1050, nothing is charged, the log says why; once
+    repaired, the seller's retry of the same payload is sold, once."""
+    cfg = make_config(campaign(), buyer("b1"))
+    async with running(cfg, redis_server.url) as eng:
+        before, ledger = await eng.balance("c1"), await redis.xlen(keys.ledger("t1"))
+        await redis.set(keys.deliveries("t1"), "not a stream")
+        with caplog.at_level(logging.ERROR, logger="leadflow.batcher"):
+            status, body = await eng.lead(email="half@example.com")
+        assert status == 500
+        assert (body["status"], body["code"], body["lead_id"]) == ("ERROR", 1050, None)
+        assert "nothing was charged" in body["message"]
+        assert "WRONGTYPE" not in body["message"]  # internals stay in the log
+        assert await eng.balance("c1") == before
+        assert await redis.xlen(keys.ledger("t1")) == ledger
+        assert any("not decided, nothing charged" in r.getMessage() and "WRONGTYPE" in
+                   r.getMessage() for r in caplog.records)
+
+        await redis.delete(keys.deliveries("t1"))
+        status, body = await eng.lead(email="half@example.com")
+        assert (status, body["status"]) == (200, "ACCEPTED")
+        assert await eng.balance("c1") == before - 10_000_000
+        assert await redis.xlen(keys.deliveries("t1")) == 1
+        await eng.assert_reconciled()
