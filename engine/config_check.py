@@ -43,7 +43,7 @@ MAX_TIMEOUT_MS = 30_000  # a buyer webhook request: half the worker's 60 s claim
 MAX_WEIGHT = 100
 MAX_ROTATION = 1_000
 # Lifetimes decide.lua gives keys with SET ... EX after the debit: one Redis refuses would
-# fail the script half-way (the lead charged, answered 500, no idempotency record).
+# fail every lead of the campaign (each taken back whole and answered ERROR 1050).
 MAX_DEDUPE_DAYS = 3_650
 MAX_TTL_S = {"idempotency_ttl_s": 30 * 86_400, "replay_window_s": 86_400}
 MAX_PORT = 65_535  # a TCP port; 0 binds any free one (the URL is logged at start)
