@@ -143,6 +143,10 @@ class AccountsApi:
         before = q.get("before", "+")
         if before != "+" and not _is_stream_id(before):
             return http.error_response(400, "invalid_cursor", "before must be an entry id")
+        if before != "+" and "-" not in before:
+            # a bare "ms": entries before that millisecond, in both halves of the page (Redis
+            # reads "(ms" as the end of that millisecond, the archive as its start)
+            before += "-0"
         if before.strip("0-") == "":  # "0", "0-0": nothing comes before it
             return http.json_response({"entries": [], "next_before": None})
         page = await history(self.store, self.archive(), tenant, account, limit=limit,

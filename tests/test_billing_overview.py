@@ -177,6 +177,13 @@ async def test_ledger_pages_on_from_redis_into_the_archive(
                 query = None if nxt is None else f"&before={nxt}"
             assert seen[:2] == fresh[::-1] and seen[3:6] == archived[::-1]
             assert len(seen) == len(set(seen)) == 7  # 2 new, the sale, 3 old, the opening
+            # a hand-made cursor of a bare millisecond: the entries before it, the same in
+            # Redis (fresh) and in the archive (archived); Redis used to include that ms
+            for entry in (fresh[1], archived[1]):
+                ms = int(entry.split("-")[0])
+                _, page = await eng.api("GET", f"/v1/accounts/c1/ledger?limit=1000&before={ms}")
+                assert [e["id"] for e in page["entries"]] == [
+                    i for i in seen if int(i.split("-")[0]) < ms]
             await worker.archive_once(redis, "t1", consumer="w1")
             assert seen == [t["id"] for t in await transactions(eng)]
         finally:
