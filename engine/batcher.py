@@ -31,6 +31,7 @@ class Decision(msgspec.Struct, frozen=True):
     sold: list[list[str]] | dict[str, Any] = []  # cjson encodes an empty list as {}
     t: int = 0
     rp: bool = False
+    b: str = ""  # ERROR: the candidate buyer decide.lua was on when the lead failed
 
     @property
     def buyers(self) -> list[list[str]]:

@@ -386,7 +386,7 @@ _MESSAGES = {"ACCEPTED": "lead accepted"}
 
 def _response(d: Decision, supplier: SupplierPlan) -> LeadResponse:
     if d.s == "ERROR":  # nothing stored under the lead id: a retry gets a new one
-        return error(d.c, d.m)
+        return LeadResponse(status="ERROR", code=d.c, message=d.m, test=d.t == 1)
     return LeadResponse(
         status=d.s,
         code=d.c,

@@ -15,7 +15,8 @@ test on the async path, which never runs any of this). For one lead, within
    the campaign-dedupe check again (the previous try's refund forgot the fingerprints it
    had marked: only a duplicate sold meanwhile stops it) and the candidates minus every
    buyer already tried (round-robin positions remapped). The lead
-   id is the same in every try; sale records are per (lead, buyer).
+   id is the same in every try; sale records are per (lead, buyer). A try n > 1 that
+   fails inside decide.lua (ERROR 1050, taken back whole) skips the buyer it was on.
 3. **Verdict**: ACCEPTED ends the waterfall (code 0, with a real-time price if any).
    REJECTED or DUPLICATED was already refunded by :func:`deliver_sync` (price and outbound
    fee back, cap slot freed), and so was a try without a verdict (timeout, 5xx, 429,
@@ -100,6 +101,7 @@ _enc = msgspec.json.Encoder()
 class _Waterfall:
     tried: list[str] = field(default_factory=list)  # buyers sold to, in order
     derived: list[str] = field(default_factory=list)  # idempotency keys of tries 2..n
+    skipped: set[str] = field(default_factory=set)  # buyers whose try failed (ERROR 1050)
     marked: bool = False  # the pending record was written
 
 
@@ -204,6 +206,13 @@ class SyncRouter:
         tenant, lead_id = plan.tenant, str(lead["id"])
         payload = _lead_dec.decode(lead["x"])
         while True:
+            if d.s == "ERROR" and w.tried and d.b:
+                # try n failed inside decide.lua and was taken back whole (the batcher
+                # logged why): the buyer it was on is skipped, as a paused one would be
+                d, final = await self._skip(w, batcher, lead, d.b, deadline)
+                if final:
+                    return d
+                continue
             if d.s != "ACCEPTED" or not d.buyers:
                 return d if not w.tried else _all_rejected(lead_id, len(w.tried))
             buyer, price_s = d.buyers[0]
@@ -231,6 +240,20 @@ class SyncRouter:
                 return _no_verdict(lead_id, len(w.tried))
             w.derived.append(nxt["k"])
             d = await batcher.decide(_enc.encode(nxt), lead["x"].encode())
+
+    async def _skip(self, w: _Waterfall, batcher: Batcher, lead: dict[str, Any],
+                    buyer: str, deadline: int) -> tuple[Decision, bool]:
+        """The next try without ``buyer`` (nor the buyers tried), under a key of its own,
+        or (True) the final answer when no candidate or no time for a try is left."""
+        w.skipped.add(buyer)
+        lead_id = str(lead["id"])
+        nxt = _next_try(lead, set(w.tried) | w.skipped, len(w.tried) + len(w.skipped) + 1)
+        if not nxt["cs"]:
+            return _all_rejected(lead_id, len(w.tried)), True
+        if deadline - now_ms() < MIN_TRY_MS:
+            return _no_verdict(lead_id, len(w.tried)), True
+        w.derived.append(nxt["k"])
+        return await batcher.decide(_enc.encode(nxt), lead["x"].encode()), False
 
     async def _finish(self, prefix: str, lead: dict[str, Any], record: str, release: list[str],
                       derived: list[str], forget: list[str]) -> None:

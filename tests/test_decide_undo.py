@@ -41,6 +41,11 @@ async def _decide(redis: aioredis.Redis, *leads: dict[str, Any]) -> dict[str, An
     return msgspec.json.decode(raw)  # type: ignore[no-any-return]
 
 
+async def _calls(redis: aioredis.Redis, command: str) -> int:
+    stats = (await redis.info("commandstats")).get(f"cmdstat_{command}")
+    return int(stats["calls"]) if stats else 0
+
+
 async def _keyspace(redis: aioredis.Redis) -> dict[bytes, Any]:
     """Every key of our own test server with its value, for before/after comparisons."""
     out: dict[bytes, Any] = {}
@@ -113,8 +118,12 @@ async def test_a_lead_failing_at_its_last_write_leaves_the_keyspace_as_it_was(
         assert reply["e"] in ([], {}) and reply["m"] == ["0", "0"]
         assert await _keyspace(redis) == state
 
-        # the same lead with a valid TTL does every one of those writes
+        # the same lead with a valid TTL does every one of those writes; the events stream
+        # is trimmed once, after the leads (a lead's XADD does not: undo could not bring
+        # the trimmed entries back)
+        trims = await _calls(redis, "xtrim")
         ok = await _decide(redis, {**failing, "dt": 60})
+        assert await _calls(redis, "xtrim") == trims + 1
         assert ok["r"][0]["s"] == "ACCEPTED" and ok["r"][0]["sold"] == [["b1", "90000000"]]
         events = [e["type"] for e in await eng.events()]
         assert "buyer_paused" in events and "balance_alert" in events
@@ -149,3 +158,64 @@ async def test_a_lead_the_script_cannot_decide_answers_500_and_its_retry_is_char
         assert await eng.balance("c1") == before - 10_000_000
         assert await redis.xlen(keys.deliveries("t1")) == 1
         await eng.assert_reconciled()
+
+        # a test lead that fails says it was one
+        await redis.delete(keys.buyer("t1", "b1"))
+        await redis.set(keys.buyer("t1", "b1"), "not a hash")
+        status, body = await eng.lead(email="test@example.com", lp_action="test")
+        assert (status, body["code"], body["test"]) == (500, 1050, True)
+
+
+async def test_bad_data_fails_its_lead_not_the_balances_of_the_call(redis, redis_server):
+    """What finish() writes after every lead has committed is checked inside the leads: an
+    account whose stored balance is not an integer (HINCRBY would refuse it in finish())
+    and a lead without its four window ids (the cap counters' HSET would) each fail their
+    own lead. Before, the call failed in finish(): the ledger entries and records of the
+    call's other leads stayed and their balances were never written (a free sale)."""
+    cfg = make_config(campaign(), buyer("b1"), buyer("b2", client="c2"))
+    async with running(cfg, redis_server.url) as eng:
+        await redis.hset(keys.acct("t1", "c2"), "bal", "100000000.0")
+        reply = await _decide(redis, _lead(1), _lead(2, _cand("b2", "c2", 1_000_000)),
+                              _lead(3, win=["h", "d", "w"]), _lead(4))
+        assert [r["s"] for r in reply["r"]] == ["ACCEPTED", "ERROR", "ERROR", "ACCEPTED"]
+        assert "not an integer" in reply["x"][0][1] and "window" in reply["x"][1][1]
+        assert await eng.balance("c1") == 100_000_000 - 2_000_000
+        total, _ = await eng.store.ledger_sum("t1", "c1")
+        assert total == await eng.balance("c1")
+        assert await redis.hget(keys.acct("t1", "c2"), "bal") == b"100000000.0"
+
+
+async def test_a_failing_try_leaves_an_earlier_sale_records_lifetime_alone(redis, redis_server):
+    """A sync try n finds the lead's sale record with try 1's field. A failure at the try's
+    idempotency record (a TTL Redis refuses) takes its field back and leaves the record's
+    lifetime as it was: the EXPIRE is the lead's last write."""
+    cfg = make_config(campaign(), buyer("b1"))
+    async with running(cfg, redis_server.url) as eng:
+        record = keys.lead("t1", "L1")
+        await redis.hset(record, "b0", "{}")
+        await redis.expire(record, 100)
+        reply = await _decide(redis, _lead(1, kt=0))
+        assert reply["r"][0]["s"] == "ERROR" and "invalid expire time" in reply["x"][0][1]
+        assert await redis.hgetall(record) == {b"b0": b"{}"}
+        assert 0 < await redis.ttl(record) <= 100
+        assert await eng.balance("c1") == 100_000_000
+
+
+async def test_a_lead_refused_its_first_write_fails_alone(redis, redis_server):
+    """Out of memory, Redis refuses a script's first write. A lead whose first write is
+    a pause (a buyer without funds) answers ERROR like any other; it used to note its
+    undo first, whose own write was refused too, and the whole call failed."""
+    cfg = make_config(campaign(), buyer("b1", client="c2", price="500.00"), buyer("b2"))
+    async with running(cfg, redis_server.url) as eng:
+        cands = (_cand("b1", "c2", 500_000_000), _cand("b2", "c1", 1_000_000))
+        await redis.config_set("maxmemory", "1")  # our own server: set back below
+        try:
+            reply = await _decide(redis, _lead(1, *cands), _lead(2))
+        finally:
+            await redis.config_set("maxmemory", "0")
+        assert [r["s"] for r in reply["r"]] == ["ERROR", "ERROR"]
+        assert all("OOM" in why for _, why in reply["x"])
+        assert (await eng.store.account("t1", "c2")).paused == ""
+        again = await _decide(redis, _lead(1, *cands))
+        assert again["r"][0]["sold"] == [["b2", "1000000"]]
+        assert (await eng.store.account("t1", "c2")).paused == "floor"

@@ -300,3 +300,39 @@ async def test_concurrent_twins_get_the_final_result(redis, redis_server, buyers
         assert await eng.balance("c2") == OPENING - 5 * PRICE
         assert await eng.balance("c1") == OPENING
         await ledgers_sum(eng)
+
+
+async def test_a_try_that_fails_inside_decide_lua_skips_that_buyer(redis, redis_server,
+                                                                   buyers: Buyers) -> None:
+    """Try 2 fails in decide.lua (b2's buyer hash is not a hash): it is taken back whole,
+    b2 is skipped as a paused buyer would be, and try 3 sells to b3. Before, the lead was
+    answered REJECTED 204 ("every buyer rejected it") and b3 never saw it."""
+    cfg = sync_config(buyers, "/reject", "/accept", "/accept")
+    async with running(cfg, redis_server.url) as eng:
+        await redis.delete(keys.buyer("t1", "b2"))
+        await redis.set(keys.buyer("t1", "b2"), "not a hash")
+        status, r = await eng.lead(email="skip@example.com")
+        assert (status, r["status"], r["code"]) == (200, "ACCEPTED", 0), r
+        lead_id = r["lead_id"]
+        assert [x.msg_id for x in buyers.at("/reject")] == [f"msg_{lead_id}_b1"]
+        assert [x.msg_id for x in buyers.at("/accept")] == [f"msg_{lead_id}_b3"]
+        assert await eng.balance("c1") == OPENING - PRICE  # b1 refunded, b3 (c1) pays
+        assert await eng.balance("c2") == OPENING  # b2's try left nothing
+        assert await eng.balance("wallet") == WALLET0 - FEE_IN - FEE_OUT
+        status, again = await eng.lead(email="skip@example.com")
+        assert (status, again) == (200, r)  # the final record replays
+        await ledgers_sum(eng)
+
+
+async def test_a_failing_last_buyer_ends_the_waterfall_as_all_rejected(
+        redis, redis_server, buyers: Buyers) -> None:
+    """No buyer left after the skipped one: every buyer the lead was sent to rejected it."""
+    cfg = sync_config(buyers, "/reject", "/accept")
+    async with running(cfg, redis_server.url) as eng:
+        await redis.delete(keys.buyer("t1", "b2"))
+        await redis.set(keys.buyer("t1", "b2"), "not a hash")
+        status, r = await eng.lead(email="last@example.com")
+        assert (status, r["status"], r["code"]) == (200, "REJECTED", 204), r
+        assert buyers.at("/accept") == []
+        assert await eng.balance("c1") == OPENING and await eng.balance("c2") == OPENING
+        await ledgers_sum(eng)

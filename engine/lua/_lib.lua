@@ -108,6 +108,9 @@ local function acct(p, id)
   local k = K.acct(p, id)
   local v = redis.call('HMGET', k, 'bal', 'floor', 'alert', 'rthr', 'ar', 'minb', 'mode', 'paused', 'closed')
   if not v[1] then return nil end
+  -- refused here, where the unit that reads it can still be taken back: HINCRBY would
+  -- refuse it only when the balance is written, after the unit's ledger entries
+  if not string.find(v[1], '^%-?%d+$') then error('account ' .. id .. ': balance is not an integer') end
   a = {
     id = id, k = k, bal = tonumber(v[1]), floor = tonumber(v[2]) or -20000000,
     alert = tonumber(v[3]) or 0, rthr = tonumber(v[4]) or 0, ar = (v[5] == '1'),
@@ -117,9 +120,19 @@ local function acct(p, id)
   return a
 end
 
+local EVENTS_MAXLEN = '1000000'  -- the events stream keeps about this many entries
+
+-- While a unit is journaled its XADD does not trim (undo() could not bring trimmed
+-- entries back): decide.lua trims once, after its leads (trim_events).
 local function emit(p, etype, a, now, extra)
-  local args = {'XADD', K.events(p), 'MAXLEN', '~', '1000000', '*',
-                'type', etype, 'account', a.id, 'balance', fmt(a.bal), 'ts', now}
+  local args
+  if JOURNAL then
+    args = {'XADD', K.events(p), '*'}
+  else
+    args = {'XADD', K.events(p), 'MAXLEN', '~', EVENTS_MAXLEN, '*'}
+  end
+  local head = {'type', etype, 'account', a.id, 'balance', fmt(a.bal), 'ts', now}
+  for i = 1, #head do args[#args + 1] = head[i] end
   for i = 1, #extra do args[#args + 1] = extra[i] end
   note2('x', args[2], redis.call(unpack(args)))
   count(EMITTED, etype, 1)
@@ -137,10 +150,14 @@ end
 
 -- an account's paused field set to `reason` ('' resumes), in Redis and in its cached copy
 local function set_paused(a, reason)
+  redis.call('HSET', a.k, 'paused', reason)  -- first: a refused write leaves nothing to undo
   keep_acct(a)
   note3('h', a.k, 'paused', a.paused)
   a.paused = reason
-  redis.call('HSET', a.k, 'paused', reason)
+end
+
+local function trim_events(p)
+  redis.call('XTRIM', K.events(p), 'MAXLEN', '~', EVENTS_MAXLEN)
 end
 
 local function pause(p, a, reason, now, extra)
@@ -213,11 +230,18 @@ end
 -- always match the ledger entries already written.
 local function defer_balances() DEFERRED = true end
 
+-- Each account's write on its own: one that fails (which acct() makes unreachable) must
+-- not cost the others theirs. Returns the first error, for the caller to raise.
 local function flush_balances()
+  local first
   for _, a in pairs(ACCTS) do
-    if a.pending and a.pending ~= 0 then redis.call('HINCRBY', a.k, 'bal', fmt(a.pending)) end
+    if a.pending and a.pending ~= 0 then
+      local ok, err = pcall(redis.call, 'HINCRBY', a.k, 'bal', fmt(a.pending))
+      first = first or (not ok and err) or nil
+    end
     a.pending = nil
   end
+  return first
 end
 
 local function emitted_list()

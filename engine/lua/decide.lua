@@ -37,7 +37,8 @@
 -- buyer per call, written by the delivery worker).
 -- Balances and cap counters are written once per call, at its end (finish()). A lead
 -- that fails half-way is taken back whole (see decide_all) and answers
--- {"s": "ERROR", "c": 1050}; "x" lists such leads as [[lead id, error text], ...].
+-- {"s": "ERROR", "c": 1050, "b": the candidate buyer it was on, if any}; "x" lists such
+-- leads as [[lead id, error text], ...].
 -- The result is also stored under the idempotency key, so a replay returns it verbatim
 -- and changes nothing. A stored value that is not a JSON object is a pointer: the key
 -- the record is stored under.
@@ -54,6 +55,7 @@ local wallet = acct(p, wallet_id)
 local LEAD_TTL = fmt(14 * 86400)  -- the sale records of a lead (refunds, returns)
 
 local BUYERS = {}
+local AT = nil  -- the candidate buyer the current lead is on (an ERROR result names it)
 local DEBITED = {lead = 0, fee = 0}  -- money moved by this call, returned for metrics
 local BUYER_FIELDS = {'paused', 'hid', 'hn', 'did', 'dn', 'wid', 'wn', 'mid', 'mn', 'tn',
                       'sdid', 'sdv', 'smid', 'smv'}
@@ -112,6 +114,9 @@ local function keep_counters(s)
 end
 
 local function count_sale(s, win, price)
+  -- finish() writes these window ids after every lead has committed: a missing one must
+  -- fail this lead (taken back), not finish()
+  if not (win[1] and win[2] and win[3] and win[4]) then error('lead window ids missing') end
   keep_counters(s)
   bump(s, 'hid', 'hn', win[1], 1); bump(s, 'did', 'dn', win[2], 1)
   bump(s, 'wid', 'wn', win[3], 1); bump(s, 'mid', 'mn', win[4], 1)
@@ -120,18 +125,25 @@ local function count_sale(s, win, price)
   s.dirty = true  -- written once per call by finish()
 end
 
--- the cap counters of every buyer that sold in this call, and every deferred balance
+-- The cap counters of every buyer that sold in this call, every deferred balance, and the
+-- events stream's trimming. It runs after every lead has committed, so it must not fail
+-- half-way: what it writes was checked inside the leads (acct(), count_sale), and each
+-- write is made on its own; the first error is returned for the caller to raise.
 local function finish()
+  local first
   for _, s in pairs(BUYERS) do
     if s.dirty then
-      redis.call('HSET', s.k, 'hid', s.hid, 'hn', fmt(s.hn), 'did', s.did, 'dn', fmt(s.dn),
-                 'wid', s.wid, 'wn', fmt(s.wn), 'mid', s.mid, 'mn', fmt(s.mn),
-                 'tn', fmt(s.tn), 'sdid', s.sdid, 'sdv', fmt(s.sdv), 'smid', s.smid,
-                 'smv', fmt(s.smv))
+      local ok, err = pcall(redis.call, 'HSET', s.k, 'hid', s.hid, 'hn', fmt(s.hn),
+                 'did', s.did, 'dn', fmt(s.dn), 'wid', s.wid, 'wn', fmt(s.wn),
+                 'mid', s.mid, 'mn', fmt(s.mn), 'tn', fmt(s.tn), 'sdid', s.sdid,
+                 'sdv', fmt(s.sdv), 'smid', s.smid, 'smv', fmt(s.smv))
+      first = first or (not ok and err) or nil
       s.dirty = nil
     end
   end
-  flush_balances()
+  first = flush_balances() or first
+  if next(EMITTED) then trim_events(p) end
+  return first
 end
 
 local function any_exists(fps)
@@ -211,6 +223,7 @@ local function decide(L)
     else
       bd = c.bd
     end
+    AT = c.b  -- the buyer a failure from here on is reported with (sync_route skips it)
     local s, a = buyer(c.b), acct(p, c.a)
     if s.paused ~= '' or s.open or not a then
       why.paused = why.paused + 1
@@ -249,10 +262,7 @@ local function decide(L)
     DEBITED.fee = DEBITED.fee + fees
   end
   if #sold > 0 then
-    if not test then
-      mark_sold(L.d, L.id, L.dt)
-      redis.call('EXPIRE', K.lead(p, L.id), LEAD_TTL)
-    end
+    if not test then mark_sold(L.d, L.id, L.dt) end
     return {s = 'ACCEPTED', c = 0, m = '', sold = sold}
   end
   if tried == 0 then return {s = 'REJECTED', c = 200, m = 'no buyer matched the lead'} end
@@ -306,8 +316,10 @@ local function one(i, L)
     redis.call('SET', k2, L.k, 'EX', L.k2t)
     note1('k', k2)
   end
-  -- the lead's last write: nothing can fail after it, so it needs no undo
+  -- the lead's last writes: nothing can fail after the record, so neither needs an undo
+  -- (the sale record's lifetime is set last: a sync try n found it with try 1's field)
   redis.call('SET', ik, cjson.encode(r), 'EX', L.kt)
+  if r.s == 'ACCEPTED' and L.t ~= 1 then redis.call('EXPIRE', K.lead(p, L.id), LEAD_TTL) end
   return r
 end
 
@@ -320,7 +332,7 @@ local out, failed = {}, {}
 local function decide_all()
   JOURNAL = {}
   for i, L in ipairs(batch.leads) do
-    NJ = 0
+    NJ, AT = 0, nil
     local lead_debits, fee_debits = DEBITED.lead, DEBITED.fee
     local ok, r = pcall(one, i, L)
     if not ok then
@@ -328,7 +340,7 @@ local function decide_all()
       DEBITED.lead, DEBITED.fee = lead_debits, fee_debits
       local id = type(L) == 'table' and type(L.id) == 'string' and L.id or ''
       failed[#failed + 1] = {id, type(r) == 'table' and tostring(r.err) or tostring(r)}
-      r = {id = id, s = 'ERROR', c = 1050, sold = {},
+      r = {id = id, s = 'ERROR', c = 1050, sold = {}, b = AT,
            m = 'the lead could not be decided; nothing was charged',
            t = type(L) == 'table' and L.t == 1 and 1 or 0}
     end
@@ -342,7 +354,8 @@ end
 -- balances must be written too; then the error reaches the caller
 local ok, err = pcall(decide_all)
 JOURNAL = nil
-finish()
+local unfinished = finish()
 if not ok then error(err, 0) end  -- as raised: no second position prefix
+if unfinished then error(unfinished, 0) end
 return cjson.encode({r = out, e = emitted_list(), m = {fmt(DEBITED.lead), fmt(DEBITED.fee)},
                      x = failed})
