@@ -27,8 +27,10 @@ local ACCTS = {}     -- account id -> cached settings + balance, for this call o
 -- (undo() reads it backwards). Ops: 'x' stream, id: XDEL (and DEL of a stream left empty
 -- with no consumer group, as one the XADD created); 'k' key: DEL (a key the unit created);
 -- 'hd' key, field: HDEL (a field it created); 'h' key, field, old: the old value back
--- (HDEL when there was none); 'c' table, key, n: a count taken back; 'f' v1..vn, table,
--- names: a Lua table's fields back. JOURNAL is one table for the whole call, NJ the
+-- (HDEL when there was none); 'n' key, field, delta: a HINCRBY taken back; 'r' key,
+-- value, pttl: a deleted key set again (its lifetime left, ms; -1 none); 'sr' set, member:
+-- SREM; 'c' table, key, n: a count taken back; 'f' v1..vn, table, names: a Lua table's
+-- fields back. JOURNAL is one table for the whole call, NJ the
 -- current unit's length in it (entries past NJ are stale and ignored).
 local JOURNAL, NJ = nil, 0
 
@@ -88,6 +90,16 @@ local function undo()
       if J[i - 1] then redis.call('HSET', J[i - 3], J[i - 2], J[i - 1])
       else redis.call('HDEL', J[i - 3], J[i - 2]) end
       i = i - 4
+    elseif what == 'n' then
+      redis.call('HINCRBY', J[i - 3], J[i - 2], fmt(-J[i - 1]))
+      i = i - 4
+    elseif what == 'r' then
+      if J[i - 1] > 0 then redis.call('SET', J[i - 3], J[i - 2], 'PX', J[i - 1])
+      else redis.call('SET', J[i - 3], J[i - 2]) end
+      i = i - 4
+    elseif what == 'sr' then
+      redis.call('SREM', J[i - 2], J[i - 1])
+      i = i - 3
     elseif what == 'c' then
       local t, key = J[i - 3], J[i - 2]
       t[key] = t[key] - J[i - 1]
@@ -242,6 +254,19 @@ local function flush_balances()
     a.pending = nil
   end
   return first
+end
+
+-- A money script's body, all or nothing: its writes through the helpers above (and the
+-- ones it notes itself) are journaled and taken back if it fails; then the error reaches
+-- the caller. decide.lua journals per lead instead, as a call holds many.
+local function atomically(p, body)
+  JOURNAL, NJ = {}, 0
+  local ok, res = pcall(body)
+  if not ok then undo() end
+  JOURNAL = nil
+  if not ok then error(res, 0) end  -- as raised: no second position prefix
+  if next(EMITTED) then trim_events(p) end
+  return res
 end
 
 local function emitted_list()

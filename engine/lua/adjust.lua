@@ -18,6 +18,9 @@
 --                                       the same key with another amount)
 --           or  {"ok":false,"error":"unknown_account"|"below_floor"|"closed"|"balance_limit"}
 --
+-- All or nothing (atomically, _lib.lua): a failure after the balance change (the op id's
+-- SET) takes it back, so a retry under the same op id cannot move money twice.
+--
 -- A balance never leaves +-1e15 micros (billing.money.MAX_ABS_MICROS): Lua numbers are
 -- doubles, exact for integers only below 2^53, and HINCRBY fails past 2^63.
 
@@ -34,19 +37,21 @@ if opid ~= '' then
   end
 end
 
-local a = acct(p, id)
-if not a then return cjson.encode({ok = false, error = 'unknown_account'}) end
-if a.closed and ARGV[9] == '1' then return cjson.encode({ok = false, error = 'closed'}) end
-if math.abs(a.bal + delta) > 1e15 then return cjson.encode({ok = false, error = 'balance_limit'}) end
-if delta < 0 and enforce and a.mode ~= 'none' then
-  if a.closed then return cjson.encode({ok = false, error = 'closed'}) end
-  if a.bal + delta < a.floor then return cjson.encode({ok = false, error = 'below_floor'}) end
-end
+return atomically(p, function()
+  local a = acct(p, id)
+  if not a then return cjson.encode({ok = false, error = 'unknown_account'}) end
+  if a.closed and ARGV[9] == '1' then return cjson.encode({ok = false, error = 'closed'}) end
+  if math.abs(a.bal + delta) > 1e15 then return cjson.encode({ok = false, error = 'balance_limit'}) end
+  if delta < 0 and enforce and a.mode ~= 'none' then
+    if a.closed then return cjson.encode({ok = false, error = 'closed'}) end
+    if a.bal + delta < a.floor then return cjson.encode({ok = false, error = 'below_floor'}) end
+  end
 
-local entry = apply(p, a, delta, kind, opid, now, cjson.decode(ARGV[8]))
-local result = cjson.encode({ok = true, balance = fmt(a.bal), entry = entry, replay = false,
-                             delta = fmt(delta), events = emitted_list()})
-if opid ~= '' then
-  redis.call('SET', K.op(p, opid), result, 'EX', tonumber(ARGV[5]))
-end
-return result
+  local entry = apply(p, a, delta, kind, opid, now, cjson.decode(ARGV[8]))
+  local result = cjson.encode({ok = true, balance = fmt(a.bal), entry = entry, replay = false,
+                               delta = fmt(delta), events = emitted_list()})
+  if opid ~= '' then
+    redis.call('SET', K.op(p, opid), result, 'EX', tonumber(ARGV[5]))
+  end
+  return result
+end)

@@ -15,18 +15,25 @@
 -- ARGV[3]  "1" = threshold auto-recharge on, "0" = off
 -- ARGV[4]  now, epoch milliseconds
 --
+-- All or nothing (atomically, _lib.lua): the flags and the pause or resume they imply.
+--
 -- Returns JSON {"ok": bool, "events": [type, count, ...]}; ok false: no such account.
 
 local p, now = KEYS[1], ARGV[4]
-local a = acct(p, ARGV[1])
-if not a then return cjson.encode({ok = false, events = {}}) end
-redis.call('HSET', a.k, 'rthr', ARGV[2], 'ar', ARGV[3])
-a.ar = ARGV[3] == '1'
-if a.minb and a.mode ~= 'none' and not a.closed then
-  if a.ar and a.paused == 'min_balance' and a.bal >= 0 then
-    resume(p, a, now)
-  elseif not a.ar and a.paused == '' and a.bal < a.minb then
-    pause(p, a, 'min_balance', now, {'ref', 'auto_recharge'})
+return atomically(p, function()
+  local a = acct(p, ARGV[1])
+  if not a then return cjson.encode({ok = false, events = {}}) end
+  local old = redis.call('HMGET', a.k, 'rthr', 'ar')
+  redis.call('HSET', a.k, 'rthr', ARGV[2], 'ar', ARGV[3])
+  note3('h', a.k, 'rthr', old[1])
+  note3('h', a.k, 'ar', old[2])
+  a.ar = ARGV[3] == '1'
+  if a.minb and a.mode ~= 'none' and not a.closed then
+    if a.ar and a.paused == 'min_balance' and a.bal >= 0 then
+      resume(p, a, now)
+    elseif not a.ar and a.paused == '' and a.bal < a.minb then
+      pause(p, a, 'min_balance', now, {'ref', 'auto_recharge'})
+    end
   end
-end
-return cjson.encode({ok = true, events = emitted_list()})
+  return cjson.encode({ok = true, events = emitted_list()})
+end)

@@ -8,22 +8,29 @@
 -- ARGV[3]  "1" = pause, "0" = resume
 -- ARGV[4]  now, epoch milliseconds
 --
+-- All or nothing (atomically, _lib.lua): the flag and its event.
+--
 -- Returns JSON {"changed": bool, "events": [type, count, ...]}: pausing a buyer already
 -- paused by hand, or resuming one that is not, changes nothing and emits nothing.
 
 local p, b, now = KEYS[1], ARGV[1], ARGV[4]
 local k = K.buyer(p, b)
-local was = redis.call('HGET', k, 'paused') or ''
+local stored = redis.call('HGET', k, 'paused')
+local was = stored or ''
 local pausing = ARGV[3] == '1'
 if (was ~= '') == pausing then
   return cjson.encode({changed = false, events = {}})
 end
-local a = acct(p, ARGV[2]) or {id = ARGV[2], bal = 0}
-if pausing then
-  redis.call('HSET', k, 'paused', 'manual')
-  paused_event(p, a, 'manual', now, {'buyer', b})
-else
-  redis.call('HSET', k, 'paused', '')
-  emit(p, 'buyer_resumed', a, now, {'buyer', b, 'reason', was})
-end
-return cjson.encode({changed = true, events = emitted_list()})
+return atomically(p, function()
+  local a = acct(p, ARGV[2]) or {id = ARGV[2], bal = 0}
+  if pausing then
+    redis.call('HSET', k, 'paused', 'manual')
+    note3('h', k, 'paused', stored)
+    paused_event(p, a, 'manual', now, {'buyer', b})
+  else
+    redis.call('HSET', k, 'paused', '')
+    note3('h', k, 'paused', stored)
+    emit(p, 'buyer_resumed', a, now, {'buyer', b, 'reason', was})
+  end
+  return cjson.encode({changed = true, events = emitted_list()})
+end)

@@ -14,6 +14,9 @@
 -- ARGV[7]  ledger kind for refunds: "refund" (delivery rejected) or "return" (buyer return)
 -- ARGV[8]  tenant wallet account id
 --
+-- All or nothing (atomically, _lib.lua): a refund that fails half-way (a key of the wrong
+-- type) leaves nothing, so the caller's retry cannot credit twice.
+--
 -- Returns JSON {"ok":true,"state":"refunded"|"sold","price":"<micros>","replay":bool,
 -- "events":[type, count, ...] emitted by this call (for metrics; absent on a replay)}
 --           or {"ok":false,"error":"unknown_sale"}
@@ -30,72 +33,81 @@ if sale.s == 'refunded' then
   return cjson.encode({ok = true, state = 'refunded', price = sale.p, replay = true})
 end
 
-local a = acct(p, sale.a)
-local extra = {'buyer', b, 'reason', reason}
+return atomically(p, function()
+  local a = acct(p, sale.a)
+  local extra = {'buyer', b, 'reason', reason}
 
--- spend counters follow the sale's price while the sale's day/month are the current ones
-local function spend(delta)
+  -- spend counters follow the sale's price while the sale's day/month are the current ones
+  local function spend(delta)
+    local bk = K.buyer(p, b)
+    local v = redis.call('HMGET', bk, 'sdid', 'smid')
+    if v[1] == sale.w[2] then redis.call('HINCRBY', bk, 'sdv', fmt(delta)); note3('n', bk, 'sdv', delta) end
+    if v[2] == sale.w[4] then redis.call('HINCRBY', bk, 'smv', fmt(delta)); note3('n', bk, 'smv', delta) end
+  end
+
+  if action == 'reprice' then
+    local new = tonumber(ARGV[4])
+    if new == price or sale.rp then
+      return cjson.encode({ok = true, state = 'sold', price = sale.p, replay = sale.rp == true})
+    end
+    -- a higher real-time price is a further debit: it may not take the balance below the
+    -- floor (the sale then stands at its routed price)
+    if new > price and a.mode ~= 'none' and a.bal - (new - price) < a.floor then
+      new = price
+    end
+    if new ~= price then
+      apply(p, a, price - new, 'reprice', lead_id, now, extra)
+      spend(new - price)
+    end
+    sale.p, sale.rp = fmt(new), true
+    redis.call('HSET', lk, b, cjson.encode(sale))
+    note3('h', lk, b, raw)
+    return cjson.encode({ok = true, state = 'sold', price = sale.p, replay = false,
+                         events = emitted_list()})
+  end
+
+  apply(p, a, price, kind, lead_id, now, extra)
+  local fee = tonumber(sale.f)
+  if fee > 0 then
+    local wallet = acct(p, ARGV[8])
+    if wallet then apply(p, wallet, fee, 'fee_refund', lead_id, now, extra) end
+  end
+
+  -- free the cap slot when the sale's windows are still the current ones
   local bk = K.buyer(p, b)
-  local v = redis.call('HMGET', bk, 'sdid', 'smid')
-  if v[1] == sale.w[2] then redis.call('HINCRBY', bk, 'sdv', fmt(delta)) end
-  if v[2] == sale.w[4] then redis.call('HINCRBY', bk, 'smv', fmt(delta)) end
-end
+  local v = redis.call('HMGET', bk, 'hid', 'did', 'wid', 'mid')
+  local w = sale.w
+  local pairs_ = {{v[1], w[1], 'hn'}, {v[2], w[2], 'dn'}, {v[3], w[3], 'wn'}, {v[4], w[4], 'mn'}}
+  for _, t in ipairs(pairs_) do
+    if t[1] == t[2] then redis.call('HINCRBY', bk, t[3], -1); note3('n', bk, t[3], -1) end
+  end
+  redis.call('HINCRBY', bk, 'tn', -1)
+  note3('n', bk, 'tn', -1)
+  spend(-price)
 
-if action == 'reprice' then
-  local new = tonumber(ARGV[4])
-  if new == price or sale.rp then
-    return cjson.encode({ok = true, state = 'sold', price = sale.p, replay = sale.rp == true})
+  -- only sold leads count as duplicates: forget the fingerprints this sale set (buyer scope),
+  -- and the lead's campaign-scope ones once no sale of it stands (send_to_all: others may)
+  local function forget(fps)
+    for _, fp in ipairs(fps or {}) do
+      local dk = K.dup(p, fp)
+      if redis.call('GET', dk) == lead_id then
+        local ttl = redis.call('PTTL', dk)
+        redis.call('DEL', dk)
+        note3('r', dk, lead_id, ttl)
+      end
+    end
   end
-  -- a higher real-time price is a further debit: it may not take the balance below the
-  -- floor (the sale then stands at its routed price)
-  if new > price and a.mode ~= 'none' and a.bal - (new - price) < a.floor then
-    new = price
-  end
-  if new ~= price then
-    apply(p, a, price - new, 'reprice', lead_id, now, extra)
-    spend(new - price)
-  end
-  sale.p, sale.rp = fmt(new), true
+  forget(sale.bd)
+
+  sale.s = 'refunded'
   redis.call('HSET', lk, b, cjson.encode(sale))
-  return cjson.encode({ok = true, state = 'sold', price = sale.p, replay = false,
-                       events = emitted_list()})
-end
-
-apply(p, a, price, kind, lead_id, now, extra)
-local fee = tonumber(sale.f)
-if fee > 0 then
-  local wallet = acct(p, ARGV[8])
-  if wallet then apply(p, wallet, fee, 'fee_refund', lead_id, now, extra) end
-end
-
--- free the cap slot when the sale's windows are still the current ones
-local bk = K.buyer(p, b)
-local v = redis.call('HMGET', bk, 'hid', 'did', 'wid', 'mid')
-local w = sale.w
-local pairs_ = {{v[1], w[1], 'hn'}, {v[2], w[2], 'dn'}, {v[3], w[3], 'wn'}, {v[4], w[4], 'mn'}}
-for _, t in ipairs(pairs_) do
-  if t[1] == t[2] then redis.call('HINCRBY', bk, t[3], -1) end
-end
-redis.call('HINCRBY', bk, 'tn', -1)
-spend(-price)
-
--- only sold leads count as duplicates: forget the fingerprints this sale set (buyer scope),
--- and the lead's campaign-scope ones once no sale of it stands (send_to_all: others may)
-local function forget(fps)
-  for _, fp in ipairs(fps or {}) do
-    local dk = K.dup(p, fp)
-    if redis.call('GET', dk) == lead_id then redis.call('DEL', dk) end
+  note3('h', lk, b, raw)
+  local standing = false
+  for _, v in ipairs(redis.call('HVALS', lk)) do
+    local ok, other = pcall(cjson.decode, v)
+    if ok and type(other) == 'table' and other.s == 'sold' then standing = true; break end
   end
-end
-forget(sale.bd)
-
-sale.s = 'refunded'
-redis.call('HSET', lk, b, cjson.encode(sale))
-local standing = false
-for _, v in ipairs(redis.call('HVALS', lk)) do
-  local ok, other = pcall(cjson.decode, v)
-  if ok and type(other) == 'table' and other.s == 'sold' then standing = true; break end
-end
-if not standing then forget(sale.cd) end
-return cjson.encode({ok = true, state = 'refunded', price = sale.p, replay = false,
-                     events = emitted_list()})
+  if not standing then forget(sale.cd) end
+  return cjson.encode({ok = true, state = 'refunded', price = sale.p, replay = false,
+                       events = emitted_list()})
+end)

@@ -14,6 +14,9 @@
 -- ARGV[8]  billing mode: none | manual | realtime
 -- ARGV[9]  now, epoch milliseconds
 --
+-- All or nothing (atomically, _lib.lua): a new account whose opening entry could not be
+-- written is not left behind without it (a later sync would never write it).
+--
 -- Returns {1 when the account was created else 0, the events emitted [type, count, ...]}.
 --
 -- New settings against the unchanged balance, as apply() does for a new balance (events
@@ -30,49 +33,55 @@
 
 local p, id, now = KEYS[1], ARGV[1], ARGV[9]
 local k = K.acct(p, id)
-local created = 0
-if redis.call('EXISTS', k) == 0 then
-  redis.call('HSET', k, 'bal', '0', 'paused', '', 'closed', '0')
-  redis.call('SADD', K.accounts(p), id)
-  created = 1
-end
-
-local function billed(a) return a.mode ~= 'none' end
-local function below_alert(a) return billed(a) and a.alert > 0 and a.bal < a.alert end
-local function below_recharge(a)
-  return billed(a) and a.ar and a.rthr > 0 and a.bal < a.rthr
-end
-
-local a = acct(p, id)  -- with the settings in force until now
-local alerted, asked = true, true  -- a new account: no crossing
-if created == 0 then alerted, asked = below_alert(a), below_recharge(a) end
-redis.call('HSET', k, 'floor', ARGV[3], 'alert', ARGV[4], 'rthr', ARGV[5], 'ar', ARGV[6],
-           'minb', ARGV[7], 'mode', ARGV[8])
-a.floor, a.alert, a.rthr = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-a.ar, a.minb, a.mode = ARGV[6] == '1', tonumber(ARGV[7]), ARGV[8]
-if created == 1 and tonumber(ARGV[2]) ~= 0 then
-  apply(p, a, tonumber(ARGV[2]), 'opening', 'opening:' .. id, now, {})
-end
-
-if not a.closed then
-  local why = {'ref', 'config'}
-  if below_alert(a) and not alerted then
-    emit(p, 'balance_alert', a, now, {'threshold', fmt(a.alert), 'ref', 'config'})
+return atomically(p, function()
+  local created = 0
+  local SETTINGS = {'floor', 'alert', 'rthr', 'ar', 'minb', 'mode'}
+  if redis.call('EXISTS', k) == 0 then
+    redis.call('HSET', k, 'bal', '0', 'paused', '', 'closed', '0')
+    note1('k', k)
+    if redis.call('SADD', K.accounts(p), id) == 1 then note2('sr', K.accounts(p), id) end
+    created = 1
   end
-  if below_recharge(a) and not asked then
-    emit(p, 'recharge_needed', a, now, {'threshold', fmt(a.rthr), 'ref', 'config'})
+
+  local function billed(a) return a.mode ~= 'none' end
+  local function below_alert(a) return billed(a) and a.alert > 0 and a.bal < a.alert end
+  local function below_recharge(a)
+    return billed(a) and a.ar and a.rthr > 0 and a.bal < a.rthr
   end
-  local short = billed(a) and a.minb ~= nil and not a.ar and a.bal < a.minb
-  if a.paused == '' then
-    if billed(a) and a.bal < a.floor then
-      pause(p, a, 'floor', now, why)
-    elseif short then
-      pause(p, a, 'min_balance', now, why)
+
+  local a = acct(p, id)  -- with the settings in force until now
+  local alerted, asked = true, true  -- a new account: no crossing
+  if created == 0 then alerted, asked = below_alert(a), below_recharge(a) end
+  local old = redis.call('HMGET', k, unpack(SETTINGS))
+  redis.call('HSET', k, 'floor', ARGV[3], 'alert', ARGV[4], 'rthr', ARGV[5], 'ar', ARGV[6],
+             'minb', ARGV[7], 'mode', ARGV[8])
+  for i = 1, #SETTINGS do note3('h', k, SETTINGS[i], old[i]) end
+  a.floor, a.alert, a.rthr = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+  a.ar, a.minb, a.mode = ARGV[6] == '1', tonumber(ARGV[7]), ARGV[8]
+  if created == 1 and tonumber(ARGV[2]) ~= 0 then
+    apply(p, a, tonumber(ARGV[2]), 'opening', 'opening:' .. id, now, {})
+  end
+
+  if not a.closed then
+    local why = {'ref', 'config'}
+    if below_alert(a) and not alerted then
+      emit(p, 'balance_alert', a, now, {'threshold', fmt(a.alert), 'ref', 'config'})
     end
-  elseif a.paused == 'floor' or a.paused == 'min_balance' then
-    if not billed(a) or (a.paused == 'min_balance' and not short and a.bal >= 0) then
-      resume(p, a, now)
+    if below_recharge(a) and not asked then
+      emit(p, 'recharge_needed', a, now, {'threshold', fmt(a.rthr), 'ref', 'config'})
+    end
+    local short = billed(a) and a.minb ~= nil and not a.ar and a.bal < a.minb
+    if a.paused == '' then
+      if billed(a) and a.bal < a.floor then
+        pause(p, a, 'floor', now, why)
+      elseif short then
+        pause(p, a, 'min_balance', now, why)
+      end
+    elseif a.paused == 'floor' or a.paused == 'min_balance' then
+      if not billed(a) or (a.paused == 'min_balance' and not short and a.bal >= 0) then
+        resume(p, a, now)
+      end
     end
   end
-end
-return {created, emitted_list()}
+  return {created, emitted_list()}
+end)

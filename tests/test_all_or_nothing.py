@@ -1,10 +1,12 @@
-"""decide.lua takes a lead back whole when it fails half-way.
+"""Every money script is all or nothing: decide.lua per lead, the others per call.
 
-Redis never rolls a script back: a lead whose write fails after its debit (a WRONGTYPE on
+Redis never rolls a script back: a lead whose write failed after its debit (a WRONGTYPE on
 a key, a TTL Redis refuses, a Lua error) used to keep its debit and ledger entry without
-its delivery job or idempotency record, and a retry charged the buyer again. Each lead's
-writes are now journaled and undone when it fails (engine/lua/_lib.lua); the lead answers
-ERROR 1050 and the call goes on with the next one.
+its delivery job or idempotency record, and a retry charged the buyer again; a refund that
+failed after its credit left the sale "sold", and the retry credited again. Each script's
+writes are now journaled and undone when it fails (engine/lua/_lib.lua): a decide.lua lead
+answers ERROR 1050 and the call goes on with the next one; any other script fails whole,
+with nothing of it left.
 """
 
 from __future__ import annotations
@@ -219,3 +221,132 @@ async def test_a_lead_refused_its_first_write_fails_alone(redis, redis_server):
         again = await _decide(redis, _lead(1, *cands))
         assert again["r"][0]["sold"] == [["b2", "1000000"]]
         assert (await eng.store.account("t1", "c2")).paused == "floor"
+
+
+# -- the other money scripts: each call all or nothing (atomically, _lib.lua) ----------------
+
+
+async def test_a_refund_failing_half_way_credits_nothing_and_its_retry_credits_once(
+        redis, redis_server):
+    """refund.lua credits the buyer and the wallet's fee first and marks the sale refunded
+    last; the buyer hash in between is not a hash (WRONGTYPE). The call fails with nothing
+    of it left: the sale is still sold, no credit, no ledger entry, its dedupe marks kept.
+    Before, the credits stayed and the worker's retry credited a second time."""
+    from redis.exceptions import ResponseError
+
+    dedupe = 'dedupe = { fields = ["email"], match = "all", days = 7 }'
+    cfg = make_config(campaign(extra=dedupe), buyer("b1"))
+    async with running(cfg, redis_server.url) as eng:
+        _, sold = await eng.lead(email="refund@example.com")
+        lead_id = sold["lead_id"]
+        await redis.xadd(keys.events("t1"), {"type": "other"})  # the stream exists already
+        state = await _keyspace(redis)
+        hash_ = await redis.hgetall(keys.buyer("t1", "b1"))
+        await redis.delete(keys.buyer("t1", "b1"))
+        await redis.set(keys.buyer("t1", "b1"), "not a hash")
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
+            await eng.store.refund_sale("t1", lead_id, "b1", "rejected")
+        await redis.delete(keys.buyer("t1", "b1"))
+        await redis.hset(keys.buyer("t1", "b1"), mapping=hash_)
+        assert await _keyspace(redis) == state
+
+        res = await eng.store.refund_sale("t1", lead_id, "b1", "rejected")
+        assert res.ok and not res.replay and res.state == "refunded"
+        assert (await eng.store.refund_sale("t1", lead_id, "b1", "rejected")).replay
+        assert await eng.balance("c1") == 100_000_000  # refunded once
+        await eng.assert_reconciled()
+
+
+async def test_an_adjustment_failing_after_its_balance_change_leaves_nothing(redis, redis_server):
+    """adjust.lua: the op id's record is the last write; a lifetime Redis refuses (0) fails
+    it after the credit, its ledger entry and a buyer_resumed event: all taken back."""
+    from redis.exceptions import ResponseError
+
+    cfg = make_config(campaign(), buyer("b1"))
+    async with running(cfg, redis_server.url) as eng:
+        await redis.hset(keys.acct("t1", "c1"), "paused", "floor")  # a credit resumes it
+        state = await _keyspace(redis)
+        with pytest.raises(ResponseError, match="invalid expire time"):
+            await eng.store.adjust("t1", "c1", 5_000_000, "funding", op_id="wire-1", ttl_s=0)
+        assert await _keyspace(redis) == state
+        res = await eng.store.adjust("t1", "c1", 5_000_000, "funding", op_id="wire-1")
+        assert res.ok and not res.replay
+        assert await eng.balance("c1") == 105_000_000
+        assert (await eng.store.account("t1", "c1")).paused == ""
+        await eng.assert_reconciled()
+
+
+async def test_a_new_account_whose_opening_entry_fails_is_not_left_without_it(
+        redis, redis_server):
+    """sync_account.lua creates an account, then writes its opening ledger entry: with the
+    tenant's ledger not a stream, the account must not stay behind at balance 0 (a later
+    sync finds it existing and never writes the opening balance)."""
+    from redis.exceptions import ResponseError
+
+    cfg = make_config(campaign(), buyer("b1"))
+    async with running(cfg, redis_server.url) as eng:
+        kwargs = {"opening": 7_000_000, "floor": -20_000_000, "alert": 0,
+                  "recharge_threshold": 0, "auto_recharge": False, "min_balance": None,
+                  "mode": "manual"}
+        ledger = await redis.xrange(keys.ledger("t1"))
+        await redis.rename(keys.ledger("t1"), "saved-ledger")
+        await redis.set(keys.ledger("t1"), "not a stream")
+        state = await _keyspace(redis)
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
+            await eng.store.sync_account("t1", "c9", **kwargs)
+        assert await _keyspace(redis) == state
+        await redis.delete(keys.ledger("t1"))
+        await redis.rename("saved-ledger", keys.ledger("t1"))
+        assert await eng.store.sync_account("t1", "c9", **kwargs)  # created now
+        assert await eng.balance("c9") == 7_000_000
+        assert len(await redis.xrange(keys.ledger("t1"))) == len(ledger) + 1
+
+
+async def test_a_refund_failing_at_its_end_sets_the_dedupe_marks_it_forgot_again(
+        redis, redis_server):
+    """The latest point a refund can fail: forgetting the lead's campaign fingerprints,
+    after its credits, cap counters, the sale's own fingerprints (deleted) and the sale
+    record's new state. The sale record is doctored so that its buyer-scope list names the
+    real dedupe mark and its campaign list holds something that is not a fingerprint: the
+    mark comes back with its value and lifetime, and everything else as it was."""
+    import msgspec
+    from redis.exceptions import ResponseError
+
+    dedupe = 'dedupe = { fields = ["email"], match = "all", days = 7 }'
+    cfg = make_config(campaign(extra=dedupe), buyer("b1"))
+    async with running(cfg, redis_server.url) as eng:
+        _, sold = await eng.lead(email="late@example.com")
+        record = keys.lead("t1", sold["lead_id"])
+        sale = msgspec.json.decode(await redis.hget(record, "b1"))
+        [mark] = [k for k in await redis.keys(keys.dup("t1", "*"))]
+        sale["bd"], sale["cd"] = sale["cd"], [["not a fingerprint"]]
+        await redis.hset(record, "b1", msgspec.json.encode(sale))
+        state, ttl = await _keyspace(redis), await redis.ttl(mark)
+        with pytest.raises(ResponseError, match="concatenate"):
+            await eng.store.refund_sale("t1", sold["lead_id"], "b1", "rejected")
+        assert await _keyspace(redis) == state
+        assert ttl - 2 <= await redis.ttl(mark) <= ttl
+        await eng.assert_reconciled()
+
+
+async def test_a_flag_whose_event_cannot_be_written_is_not_set(redis, redis_server):
+    """buyer_pause.lua and arm_recharge.lua set a flag, then write the event it implies
+    (buyer_paused): with the events stream not a stream, the flag is not left set without
+    its event, in either script."""
+    from redis.exceptions import ResponseError
+
+    from engine.accounts_api import _BUYER_PAUSE
+    from engine.store import _ARM_RECHARGE
+
+    cfg = make_config(campaign(), buyer("b1"))
+    async with running(cfg, redis_server.url):
+        prefix = keys.tenant_prefix("t1")
+        await redis.hset(keys.acct("t1", "c1"), mapping={"minb": "500000000", "ar": "1"})
+        await redis.delete(keys.events("t1"))
+        await redis.set(keys.events("t1"), "not a stream")
+        state = await _keyspace(redis)
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
+            await _BUYER_PAUSE(redis, [prefix], ["b1", "c1", "1", "1"])
+        with pytest.raises(ResponseError, match="WRONGTYPE"):  # off below the minimum: pause
+            await _ARM_RECHARGE(redis, [prefix], ["c1", "0", "0", "1"])
+        assert await _keyspace(redis) == state
