@@ -18,10 +18,11 @@ local EMITTED = {}   -- event type -> count, returned to the caller for metrics
 local DEFERRED = false -- balance writes wait for flush_balances() (defer_balances)
 local ACCTS = {}     -- account id -> cached settings + balance, for this call only
 
--- The undo journal of one unit of work (decide.lua: one lead). Redis never rolls a script
--- back, so a lead that fails half-way (a Redis error on one of its writes, a Lua error)
--- would keep its debit and ledger entry without its delivery job or idempotency record,
--- and the seller's retry would charge again. While JOURNAL is a table, every write below
+-- The undo journal of one unit of work (a lead of decide.lua; the whole call of the other
+-- money scripts, see atomically). Redis never rolls a script back, so a unit that fails
+-- half-way (a Redis error on one of its writes, a Lua error) would keep, say, a debit and
+-- its ledger entry without the lead's delivery job or idempotency record, and the seller's
+-- retry would charge again. While JOURNAL is a table, every write below
 -- notes how to take it back, and undo() takes the unit's writes back, newest first.
 -- The journal is flat, so a write costs no table: each op pushes its values, then its name
 -- (undo() reads it backwards). Ops: 'x' stream, id: XDEL (and DEL of a stream left empty
@@ -135,7 +136,7 @@ end
 local EVENTS_MAXLEN = '1000000'  -- the events stream keeps about this many entries
 
 -- While a unit is journaled its XADD does not trim (undo() could not bring trimmed
--- entries back): decide.lua trims once, after its leads (trim_events).
+-- entries back): the script trims once, when its units are done (trim_events).
 local function emit(p, etype, a, now, extra)
   local args
   if JOURNAL then

@@ -346,14 +346,13 @@ local function decide_all()
     end
     out[i] = r
   end
-  JOURNAL = nil
 end
 
 -- the deferred writes happen even when the call fails (an error outside any one lead:
 -- undo() itself): the leads decided before it keep their ledger entries, so their
 -- balances must be written too; then the error reaches the caller
 local ok, err = pcall(decide_all)
-JOURNAL = nil
+JOURNAL = nil  -- finish() writes nothing it would have to take back
 local unfinished = finish()
 if not ok then error(err, 0) end  -- as raised: no second position prefix
 if unfinished then error(unfinished, 0) end
