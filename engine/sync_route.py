@@ -100,7 +100,9 @@ _enc = msgspec.json.Encoder()
 @dataclass(slots=True)
 class _Waterfall:
     tried: list[str] = field(default_factory=list)  # buyers sold to, in order
-    derived: list[str] = field(default_factory=list)  # idempotency keys of tries 2..n
+    # idempotency keys of tries 2..n, in order: try n's is derived[n - 2], so every try,
+    # skipped ones included, numbers its key len(derived) + 2 (never one a try used)
+    derived: list[str] = field(default_factory=list)
     skipped: set[str] = field(default_factory=set)  # buyers whose try failed (ERROR 1050)
     marked: bool = False  # the pending record was written
 
@@ -233,7 +235,7 @@ class SyncRouter:
                 return _accepted(lead_id, buyer, price if v.price is None else v.price)
             # rejected, duplicate or no verdict: refunded by deliver_sync; the next buyer,
             # while there is time for a try (else it would be sold only to be refunded)
-            nxt = _next_try(lead, set(w.tried), len(w.tried) + 1)
+            nxt = _next_try(lead, set(w.tried) | w.skipped, len(w.derived) + 2)
             if not nxt["cs"]:
                 return _all_rejected(lead_id, len(w.tried))
             if deadline - now_ms() < MIN_TRY_MS:
@@ -247,7 +249,7 @@ class SyncRouter:
         or (True) the final answer when no candidate or no time for a try is left."""
         w.skipped.add(buyer)
         lead_id = str(lead["id"])
-        nxt = _next_try(lead, set(w.tried) | w.skipped, len(w.tried) + len(w.skipped) + 1)
+        nxt = _next_try(lead, set(w.tried) | w.skipped, len(w.derived) + 2)
         if not nxt["cs"]:
             return _all_rejected(lead_id, len(w.tried)), True
         if deadline - now_ms() < MIN_TRY_MS:

@@ -350,3 +350,40 @@ async def test_a_flag_whose_event_cannot_be_written_is_not_set(redis, redis_serv
         with pytest.raises(ResponseError, match="WRONGTYPE"):  # off below the minimum: pause
             await _ARM_RECHARGE(redis, [prefix], ["c1", "0", "0", "1"])
         assert await _keyspace(redis) == state
+
+
+async def test_a_balance_hincrby_would_refuse_fails_its_lead_not_finish(redis, redis_server):
+    """acct() reads a stored balance as HINCRBY does: a leading zero (or "-0", or one past
+    the money cap) fails the lead that reads it, before its ledger entry. A looser check
+    let the lead commit, then finish()'s HINCRBY refused the balance: a sale never paid."""
+    cfg = make_config(campaign(), buyer("b1"))
+    async with running(cfg, redis_server.url):
+        for bad in ("0100000000", "-0", "10000000000000000"):
+            await redis.hset(keys.acct("t1", "c1"), "bal", bad)
+            ledger = await redis.xlen(keys.ledger("t1"))
+            reply = await _decide(redis, _lead(1))
+            assert reply["r"][0]["s"] == "ERROR", bad
+            assert await redis.xlen(keys.ledger("t1")) == ledger
+            assert await redis.get(keys.idem("t1", "k1")) is None
+            assert await redis.hget(keys.acct("t1", "c1"), "bal") == bad.encode()
+
+
+async def test_a_refund_undo_leaves_no_counter_it_created(redis, redis_server):
+    """refund.lua takes a sale's slot off the buyer's total (HINCRBY tn -1), which creates
+    the field, or the hash, when there was none; its undo removes what it created instead
+    of leaving {tn: 0} behind."""
+    import msgspec
+    from redis.exceptions import ResponseError
+
+    cfg = make_config(campaign(), buyer("b1"))
+    async with running(cfg, redis_server.url) as eng:
+        _, sold = await eng.lead(email="tn@example.com")
+        record = keys.lead("t1", sold["lead_id"])
+        sale = msgspec.json.decode(await redis.hget(record, "b1"))
+        sale["cd"] = [["not a fingerprint"]]  # fails the refund at its very end
+        await redis.hset(record, "b1", msgspec.json.encode(sale))
+        await redis.delete(keys.buyer("t1", "b1"))
+        state = await _keyspace(redis)
+        with pytest.raises(ResponseError, match="concatenate"):
+            await eng.store.refund_sale("t1", sold["lead_id"], "b1", "rejected")
+        assert await _keyspace(redis) == state

@@ -336,3 +336,22 @@ async def test_a_failing_last_buyer_ends_the_waterfall_as_all_rejected(
         assert buyers.at("/accept") == []
         assert await eng.balance("c1") == OPENING and await eng.balance("c2") == OPENING
         await ledgers_sum(eng)
+
+
+async def test_the_try_after_a_skipped_one_has_a_key_of_its_own(redis, redis_server,
+                                                               buyers: Buyers) -> None:
+    """b1 rejects; b2's try fails in decide.lua and is skipped; b3 gives no verdict (500)
+    and is refunded; b4 rejects. Every try has its own derived key: the try after b3's used
+    to be numbered like the skipped one's, so decide.lua replayed b3's sale and the lead
+    went to b3 a second time, for nothing. b2 is not tried after a later rejection either."""
+    cfg = sync_config(buyers, "/reject", "/accept", "/flaky", "/reject")
+    async with running(cfg, redis_server.url) as eng:
+        await redis.delete(keys.buyer("t1", "b2"))
+        await redis.set(keys.buyer("t1", "b2"), "not a hash")
+        status, r = await eng.lead(email="keys@example.com")
+        assert (status, r["status"], r["code"]) == (200, "REJECTED", 204), r
+        sent = [x.path for x in buyers.received]
+        assert sent == ["/reject", "/flaky", "/reject"], sent
+        assert "3 tried" in r["message"]
+        assert await eng.balance("c1") == OPENING and await eng.balance("c2") == OPENING
+        await ledgers_sum(eng)

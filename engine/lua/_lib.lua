@@ -95,8 +95,11 @@ local function undo()
       redis.call('HINCRBY', J[i - 3], J[i - 2], fmt(-J[i - 1]))
       i = i - 4
     elseif what == 'r' then
-      if J[i - 1] > 0 then redis.call('SET', J[i - 3], J[i - 2], 'PX', J[i - 1])
-      else redis.call('SET', J[i - 3], J[i - 2]) end
+      local ttl = J[i - 1]
+      if ttl == -1 then redis.call('SET', J[i - 3], J[i - 2])
+      elseif ttl > 0 then redis.call('SET', J[i - 3], J[i - 2], 'PX', ttl) end
+      -- 0: its lifetime ran out while the script ran (GET reads the script's start
+      -- time, PTTL the clock): gone, as it would be now
       i = i - 4
     elseif what == 'sr' then
       redis.call('SREM', J[i - 2], J[i - 1])
@@ -122,8 +125,13 @@ local function acct(p, id)
   local v = redis.call('HMGET', k, 'bal', 'floor', 'alert', 'rthr', 'ar', 'minb', 'mode', 'paused', 'closed')
   if not v[1] then return nil end
   -- refused here, where the unit that reads it can still be taken back: HINCRBY would
-  -- refuse it only when the balance is written, after the unit's ledger entries
-  if not string.find(v[1], '^%-?%d+$') then error('account ' .. id .. ': balance is not an integer') end
+  -- refuse it only when the balance is written, after the unit's ledger entries. As
+  -- HINCRBY reads it (no leading zero, no '-0') and within the money cap, so that
+  -- fmt(tonumber(bal)) gives it back exactly
+  local n = tonumber(v[1])
+  if not n or fmt(n) ~= v[1] or math.abs(n) > 1e15 then
+    error('account ' .. id .. ': balance is not an integer')
+  end
   a = {
     id = id, k = k, bal = tonumber(v[1]), floor = tonumber(v[2]) or -20000000,
     alert = tonumber(v[3]) or 0, rthr = tonumber(v[4]) or 0, ar = (v[5] == '1'),

@@ -252,6 +252,7 @@ local function decide(L)
       sold[#sold + 1] = {c.b, fmt(c.p)}
     end
   end
+  AT = nil  -- what fails from here on (fees, marks, the record) is not one buyer's
   local tried = why.cap + why.paused + why.funds + why.dup + why.wallet
   if #sold == 0 and tried > 0 and why.dup == tried then
     fees, fee_in = 0, 0  -- a duplicate for every buyer: no inbound fee (only valid, new leads)

@@ -81,8 +81,9 @@ return atomically(p, function()
   for _, t in ipairs(pairs_) do
     if t[1] == t[2] then redis.call('HINCRBY', bk, t[3], -1); note3('n', bk, t[3], -1) end
   end
+  local tn = redis.call('HGET', bk, 'tn')  -- 'n' would leave a field (or hash) it created
   redis.call('HINCRBY', bk, 'tn', -1)
-  note3('n', bk, 'tn', -1)
+  note3('h', bk, 'tn', tn)
   spend(-price)
 
   -- only sold leads count as duplicates: forget the fingerprints this sale set (buyer scope),
