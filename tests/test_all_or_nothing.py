@@ -358,7 +358,7 @@ async def test_a_balance_hincrby_would_refuse_fails_its_lead_not_finish(redis, r
     let the lead commit, then finish()'s HINCRBY refused the balance: a sale never paid."""
     cfg = make_config(campaign(), buyer("b1"))
     async with running(cfg, redis_server.url):
-        for bad in ("0100000000", "-0", "10000000000000000"):
+        for bad in ("0100000000", "-0", "9007199254740992"):  # 2^53: doubles stop
             await redis.hset(keys.acct("t1", "c1"), "bal", bad)
             ledger = await redis.xlen(keys.ledger("t1"))
             reply = await _decide(redis, _lead(1))
@@ -387,3 +387,16 @@ async def test_a_refund_undo_leaves_no_counter_it_created(redis, redis_server):
         with pytest.raises(ResponseError, match="concatenate"):
             await eng.store.refund_sale("t1", sold["lead_id"], "b1", "rejected")
         assert await _keyspace(redis) == state
+
+
+async def test_a_balance_past_the_money_cap_still_routes(redis, redis_server):
+    """Refunds credit without the adjustment's cap (1e15 micros), so a balance can pass
+    it: the account must go on working (acct() refused it, and with it every lead, pause,
+    refund and sync of that account; the wallet's, every lead of the tenant)."""
+    cfg = make_config(campaign(), buyer("b1"))
+    async with running(cfg, redis_server.url) as eng:
+        for account in ("c1", "wallet"):
+            await redis.hset(keys.acct("t1", account), "bal", "1000000010000000")
+        reply = await _decide(redis, _lead(1))
+        assert reply["r"][0]["s"] == "ACCEPTED"
+        assert await eng.balance("c1") == 1_000_000_009_000_000

@@ -126,10 +126,11 @@ local function acct(p, id)
   if not v[1] then return nil end
   -- refused here, where the unit that reads it can still be taken back: HINCRBY would
   -- refuse it only when the balance is written, after the unit's ledger entries. As
-  -- HINCRBY reads it (no leading zero, no '-0') and within the money cap, so that
-  -- fmt(tonumber(bal)) gives it back exactly
+  -- HINCRBY reads it (no leading zero, no '-0'), and below 2^53, where Lua's doubles stop
+  -- being exact integers. Not the money cap (1e15): refunds may credit past it, and an
+  -- account refused here could not even be paused or synced
   local n = tonumber(v[1])
-  if not n or fmt(n) ~= v[1] or math.abs(n) > 1e15 then
+  if not n or fmt(n) ~= v[1] or math.abs(n) >= 9007199254740992 then
     error('account ' .. id .. ': balance is not an integer')
   end
   a = {

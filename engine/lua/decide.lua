@@ -217,6 +217,7 @@ local function decide(L)
   local tries, start, cursor = order(L)
   for _, ci in ipairs(tries) do
     if #sold >= L.n then break end
+    AT = nil  -- until this candidate's buyer is known
     local c, bd = L.cs[ci], nil
     if type(c) == 'string' then  -- a key of the call's table; its fingerprints: the lead's
       c, bd = CANDS[c], L.bd and L.bd[ci] or NONE
