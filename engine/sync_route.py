@@ -211,7 +211,8 @@ class SyncRouter:
             if d.s == "ERROR" and w.tried and d.b:
                 # try n failed inside decide.lua and was taken back whole (the batcher
                 # logged why): the buyer it was on is skipped, as a paused one would be
-                d, final = await self._skip(w, batcher, lead, d.b, deadline)
+                w.skipped.add(d.b)
+                d, final = await _next(w, batcher, lead, deadline)
                 if final:
                     return d
                 continue
@@ -233,29 +234,10 @@ class SyncRouter:
                                    campaign=plan.id, observer=self.observer, claimed=True)
             if v is not None and v.outcome is Outcome.ACCEPTED:
                 return _accepted(lead_id, buyer, price if v.price is None else v.price)
-            # rejected, duplicate or no verdict: refunded by deliver_sync; the next buyer,
-            # while there is time for a try (else it would be sold only to be refunded)
-            nxt = _next_try(lead, set(w.tried) | w.skipped, len(w.derived) + 2)
-            if not nxt["cs"]:
-                return _all_rejected(lead_id, len(w.tried))
-            if deadline - now_ms() < MIN_TRY_MS:
-                return _no_verdict(lead_id, len(w.tried))
-            w.derived.append(nxt["k"])
-            d = await batcher.decide(_enc.encode(nxt), lead["x"].encode())
-
-    async def _skip(self, w: _Waterfall, batcher: Batcher, lead: dict[str, Any],
-                    buyer: str, deadline: int) -> tuple[Decision, bool]:
-        """The next try without ``buyer`` (nor the buyers tried), under a key of its own,
-        or (True) the final answer when no candidate or no time for a try is left."""
-        w.skipped.add(buyer)
-        lead_id = str(lead["id"])
-        nxt = _next_try(lead, set(w.tried) | w.skipped, len(w.derived) + 2)
-        if not nxt["cs"]:
-            return _all_rejected(lead_id, len(w.tried)), True
-        if deadline - now_ms() < MIN_TRY_MS:
-            return _no_verdict(lead_id, len(w.tried)), True
-        w.derived.append(nxt["k"])
-        return await batcher.decide(_enc.encode(nxt), lead["x"].encode()), False
+            # rejected, duplicate or no verdict: refunded by deliver_sync; the next buyer
+            d, final = await _next(w, batcher, lead, deadline)
+            if final:
+                return d
 
     async def _finish(self, prefix: str, lead: dict[str, Any], record: str, release: list[str],
                       derived: list[str], forget: list[str]) -> None:
@@ -325,6 +307,21 @@ def _pending(lead_id: str, buyer: str, price: int, until: int) -> _Stored:
 def _plain(d: Decision) -> Decision:
     """The final record: decide.lua's shape, without a pending marker."""
     return Decision(id=d.id, s=d.s, c=d.c, m=d.m, sold=d.buyers, t=d.t)
+
+
+async def _next(w: _Waterfall, batcher: Batcher, lead: dict[str, Any], deadline: int
+                ) -> tuple[Decision, bool]:
+    """The next try's decision (without the buyers tried or skipped, under a key of its
+    own), or (True) the final answer when no candidate is left, or no time for a try
+    (a lead sold then would only be refunded)."""
+    lead_id = str(lead["id"])
+    nxt = _next_try(lead, set(w.tried) | w.skipped, len(w.derived) + 2)
+    if not nxt["cs"]:
+        return _all_rejected(lead_id, len(w.tried)), True
+    if deadline - now_ms() < MIN_TRY_MS:
+        return _no_verdict(lead_id, len(w.tried)), True
+    w.derived.append(nxt["k"])
+    return await batcher.decide(_enc.encode(nxt), lead["x"].encode()), False
 
 
 def _next_try(lead: dict[str, Any], tried: set[str], n: int) -> dict[str, Any]:

@@ -208,8 +208,9 @@ local function write_ledger(p, a, delta, kind, ref, now, extra)
   -- the tenant's one ledger stream (archived to SQL by the ledger worker); an account's
   -- history is its entries there plus the archive's rows (engine.store.ledger_tail,
   -- billing.archive.history): a second, per-account stream cost 12 % of decide.lua
-  local id = redis.call('XADD', K.ledger(p), '*', unpack(f))
-  note2('x', K.ledger(p), id)
+  local stream = K.ledger(p)
+  local id = redis.call('XADD', stream, '*', unpack(f))
+  note2('x', stream, id)
   return id
 end
 
