@@ -5,7 +5,8 @@ redis-server on a free port, temp dirs, every process stopped at the end, also o
 and reports ratios against a ceiling measured in the same run. ``all`` runs them in that
 order (lua gets the engine's batch rate from ingest), shows one progress line per stage on
 stderr and writes ``bench/results/latest.json`` and ``bench/results/latest.md``.
-``--quick`` posts 200k instead of 1M leads in the memory benchmark.
+``--quick`` posts 200k instead of 1M leads in the memory benchmark. ``protocol`` (what the
+HTTP server's limits cost a request, in instructions) runs on its own only.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import msgspec
 from bench import common
 
 NAMES = ("ingest", "lua", "delivery", "recharge", "memory")
+EXTRAS = ("protocol",)  # run on their own only: python -m bench protocol
 
 
 def _delivery_main(argv: Sequence[str]) -> int:
@@ -249,7 +251,7 @@ def run_all(*, quick: bool = False, only: Sequence[str] = NAMES) -> dict[str, An
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in ("all", *NAMES):
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in ("all", *NAMES, *EXTRAS):
         print(__doc__)
         return 0 if argv[:1] in ([], ["-h"], ["--help"]) else 2
     if argv[0] != "all":

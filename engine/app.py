@@ -118,10 +118,13 @@ class App:
                 await http.lifespan(receive, send)
             return
         started = time.perf_counter()
-        if scope["path"] == "/v1/leads" and scope["method"] == "POST":
-            route, resp = "/v1/leads", await self._lead(scope, receive)
-        else:
-            route, resp = await self._routed(scope, receive)
+        try:
+            if scope["path"] == "/v1/leads" and scope["method"] == "POST":
+                route, resp = "/v1/leads", await self._lead(scope, receive)
+            else:
+                route, resp = await self._routed(scope, receive)
+        except http.ClientGone:  # no body, no decision, nobody to answer
+            return
         await resp.send(send)
         if self.http_observer is not None:
             self.http_observer(route, resp.status, time.perf_counter() - started)

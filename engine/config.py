@@ -252,6 +252,13 @@ class Settings(_Shape, kw_only=True):
     idempotency_ttl_s: int = 86_400
     replay_window_s: int = 60
     sql_url: str | None = None  # a relative SQLite file: to the config file's directory
+    # the HTTP server's limits (engine.http_server; README, "Connection limits")
+    header_timeout_s: float = 10.0  # request line and headers, from connect or first byte
+    body_timeout_s: float = 30.0  # the whole body, from the end of the headers
+    keepalive_timeout_s: float = 5.0  # an idle kept-alive connection is closed after this
+    max_connections: int = 1024  # open connections; past it: 503 (uvicorn limit_concurrency)
+    max_header_bytes: int = 32 * 1024  # request line and headers together
+    max_headers: int = 100
 
 
 class Config(_Shape, kw_only=True):

@@ -45,6 +45,7 @@ MAX_ROTATION = 1_000
 # Lifetimes decide.lua gives keys with SET ... EX after the debit: one Redis refuses would
 # fail every lead of the campaign (each taken back whole and answered ERROR 1050).
 MAX_DEDUPE_DAYS = 3_650
+MAX_HTTP_TIMEOUT_S = 3600  # the HTTP server's timeouts (engine.http_server)
 MAX_TTL_S = {"idempotency_ttl_s": 30 * 86_400, "replay_window_s": 86_400}
 MAX_PORT = 65_535  # a TCP port; 0 binds any free one (the URL is logged at start)
 MAX_COOLDOWN_S = 86_400  # a buyer's open circuit breaker (a key with PX), at most a day
@@ -334,7 +335,8 @@ def check(cfg: Config) -> None:
     c.suppliers()
     c.buyers()
     for name in ("batch_max", "batch_inflight", "replay_window_s", "idempotency_ttl_s",
-                 "max_body_bytes", "max_batch_body_bytes"):
+                 "max_body_bytes", "max_batch_body_bytes", "max_connections",
+                 "max_header_bytes", "max_headers"):
         if getattr(cfg.settings, name) < 1:
             raise c.fail(f"settings.{name}", "at least 1")
     if not 0 <= cfg.settings.port <= MAX_PORT:  # uvloop binds 99999 as 99999 % 65536
@@ -342,6 +344,10 @@ def check(cfg: Config) -> None:
     for name, most in MAX_TTL_S.items():
         if getattr(cfg.settings, name) > most:
             raise c.fail(f"settings.{name}", f"1 to {most} seconds")
+    for name in ("header_timeout_s", "body_timeout_s", "keepalive_timeout_s"):
+        if not 0 < getattr(cfg.settings, name) <= MAX_HTTP_TIMEOUT_S:
+            raise c.fail(f"settings.{name}",
+                         f"more than 0 and at most {MAX_HTTP_TIMEOUT_S} seconds")
     if cfg.settings.idempotency_ttl_s < cfg.settings.replay_window_s:
         # a keyed lead's payload record points to its key's record: the pointer must not
         # outlive what it points to

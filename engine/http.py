@@ -27,6 +27,11 @@ class BodyTooLarge(Exception):
     pass
 
 
+class ClientGone(Exception):
+    """The client went away (or was cut off by a timeout) before its body arrived whole:
+    nothing is decided on a partial body, and nothing is answered."""
+
+
 class Request:
     __slots__ = ("body", "headers", "method", "params", "path", "query_string", "scope")
 
@@ -102,13 +107,14 @@ async def lifespan(receive: Receive, send: Send) -> None:
 
 
 async def read_body(receive: Receive, limit: int) -> bytes:
-    """The whole request body, or BodyTooLarge as soon as it passes ``limit`` bytes."""
+    """The whole request body; BodyTooLarge as soon as it passes ``limit`` bytes,
+    ClientGone if the client disconnects first."""
     chunks: list[bytes] = []
     size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            break
+            raise ClientGone
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:

@@ -7,13 +7,12 @@ finish, then workers stop. SIGHUP reloads the config file.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import os
 import signal
 import socket
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -34,24 +33,16 @@ from engine.delivery.worker import WorkerOptions
 from engine.embedded import EmbeddedRedis
 from engine.errors import ConfigError, EmbeddedRedisError, LeadflowError
 from engine.http import Handler, Request, Response
+from engine.http_server import Limits, Server, protocol_for
 from engine.pidfile import EngineState, PidFile, config_path, read_running
 from engine.runtime import Runtime, sync_accounts
-from engine.store import Store, connect
+from engine.store import Store, connect, pool_size
 from engine.sync_route import SyncRouter
 from engine.workers import Crew
 
 log = logging.getLogger("leadflow")
 
 WorkerFactory = Callable[["Service", asyncio.Event], Coroutine[Any, Any, None]]
-
-
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: the service owns SIGTERM/SIGHUP so it can
-    drain Redis batches after the last request, before the process exits."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 def _decide_observer(seconds: float, events: Any, debited: list[str]) -> None:
@@ -109,7 +100,7 @@ class Service:
         self.billing: BillingContext | None = None
         self.sync: SyncRouter | None = None
         self.http: aiohttp.ClientSession | None = None
-        self._server: _Server | None = None
+        self._server: Server | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._server_task: asyncio.Task[Any] | None = None
         self._balances: tuple[Any, Any] | None = None  # (collector, its sync Redis client)
@@ -138,7 +129,8 @@ class Service:
                 raise EmbeddedRedisError(_embedded_taken(exc, self.state_dir)) from None
             url = self.embedded.url
             log.info("embedded redis-server started", extra={"port": self.embedded.port})
-        self.store = Store(connect(url), observer=telemetry.money_observer,
+        pool = pool_size(self.cfg.settings.max_connections)
+        self.store = Store(connect(url, max_connections=pool), observer=telemetry.money_observer,
                            events_observer=telemetry.events_observer)
         await self.store.load_scripts()
         await sync_accounts(self.cfg, self.store)
@@ -210,11 +202,17 @@ class Service:
 
     async def _serve(self) -> None:
         assert self.app is not None
+        s = self.cfg.settings
+        limits = Limits(header_timeout_s=s.header_timeout_s, body_timeout_s=s.body_timeout_s,
+                        max_header_bytes=s.max_header_bytes, max_headers=s.max_headers)
         config = uvicorn.Config(
             self.app,
             host=self.host,
             port=self.port,
-            http="httptools",
+            http=protocol_for(limits),
+            ws="none",
+            timeout_keep_alive=s.keepalive_timeout_s,  # type: ignore[arg-type]
+            limit_concurrency=s.max_connections,
             lifespan="off",
             access_log=False,
             log_level="warning",
@@ -225,7 +223,7 @@ class Service:
             proxy_headers=False,  # no X-Forwarded-* rewriting on the hot path
         )
         assert self._sock is not None
-        self._server = _Server(config)
+        self._server = Server(config)
         self._server_task = asyncio.create_task(self._server.serve(sockets=[self._sock]))
         self._tasks.append(self._server_task)
         while not self._server.started:

@@ -84,12 +84,20 @@ def now_ms() -> int:
 CLUSTER_SCHEME = "redis+cluster://"
 
 
-def connect(url: str, *, max_connections: int = 64) -> aioredis.Redis:
+def connect(url: str, *, max_connections: int = 64, pool_timeout_s: float = 5.0
+            ) -> aioredis.Redis:
     """A client with blind retries turned off: a timed-out script may have run, and only
     the idempotency keys (not the transport) may decide to run it again.
 
+    A command finding every one of the ``max_connections`` connections busy waits up to
+    ``pool_timeout_s`` for one (a blocking pool): a burst over many tenants, each its own
+    Lua call, queues instead of failing as if Redis were down. The service sizes the pool
+    from its own concurrency limits (:func:`pool_size`), so the wait is rare.
+
     ``redis+cluster://host:port`` connects to a Redis Cluster through any of its nodes;
-    every script touches one tenant's keys, which share a hash tag, so one slot.
+    every script touches one tenant's keys, which share a hash tag, so one slot. (redis-py's
+    cluster client has no blocking pool: ``max_connections`` is per node, and sized so that
+    the engine's own limits never reach it.)
     """
     if url.startswith(CLUSTER_SCHEME):
         cluster = RedisCluster.from_url(
@@ -101,14 +109,28 @@ def connect(url: str, *, max_connections: int = 64) -> aioredis.Redis:
         )
         # the cluster client speaks the same command API; Store only uses that API
         return cast(aioredis.Redis, cluster)
-    return aioredis.Redis.from_url(
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
+        timeout=pool_timeout_s,
         retry=Retry(NoBackoff(), 0),
         socket_connect_timeout=2.0,
         socket_timeout=5.0,
         health_check_interval=0,
     )
+    return aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
+
+
+# connections beyond the HTTP server's own limit: the in-process workers' Redis calls
+# (the delivery worker keeps at most 32 in flight), the monitor, the billing API's reads
+WORKERS_RESERVE = 64
+
+
+def pool_size(max_http_connections: int) -> int:
+    """The engine's Redis pool: one connection per HTTP connection it may serve at once
+    (each request waits on at most one Redis call at a time; the batcher shares a Lua call
+    among many), plus the workers' reserve."""
+    return max_http_connections + WORKERS_RESERVE
 
 
 def is_cluster(client: object) -> bool:
