@@ -28,6 +28,7 @@ from billing.errors import (
 from engine.config import AutoRecharge
 from engine.errors import StoreUnavailable
 from engine.http import Request, Response, error_response, json_response
+from engine.untrusted import JSON_ERRORS, json_problem
 
 Handler = Callable[[Request], Awaitable[Response]]
 OVERVIEW_ENTRIES = 10  # payments, and ledger entries, an overview shows (newest first)
@@ -74,8 +75,9 @@ def decode_body(req: Request, decoder: msgspec.json.Decoder[Any]) -> Any:
         return decoder.decode(req.body)
     except msgspec.ValidationError as exc:
         raise InvalidRequest(f"invalid body: {exc}", code="invalid_body") from None
-    except (msgspec.DecodeError, UnicodeDecodeError):
-        raise InvalidRequest("the body is not valid JSON", code="invalid_body") from None
+    except JSON_ERRORS as exc:  # a Struct that skips unknown fields recurses into them
+        raise InvalidRequest(json_problem(exc, "the body is not valid JSON"),
+                             code="invalid_body") from None
 
 
 def _handle(fn: Handler) -> Handler:

@@ -1,0 +1,134 @@
+"""Hostile input over real HTTP (issue #14, "No 5xx a client did not earn"): JSON nested past
+the decoder's recursion limit, and numbers written in digits of other scripts. Each is a
+documented 4xx (or one ERROR line of a batch) and changes nothing; what is around it is
+decided as usual."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pytest
+
+from tests.harness import BASE_TOML, Engine, buyer, campaign, make_config, running
+
+LEAD = {"lp_campaign_id": "camp", "lp_supplier_id": "s1", "lp_key": "key-s1"}
+OPENING = 100_000_000
+PRICE = 10_000_000
+# t1 with a metered service: 0.25 a unit
+METERED = BASE_TOML.replace('opening_balance = "1000.00"\n',
+                            'opening_balance = "1000.00"\n[tenants.meters]\nsms = "0.25"\n', 1)
+
+
+def deep_array(n: int) -> bytes:
+    return b"[" * n + b"]" * n
+
+
+def deep_object(n: int) -> bytes:
+    return b'{"a":' * n + b"1" + b"}" * n
+
+
+def deep_mixed(n: int) -> bytes:
+    """A lead whose credentials are fine, with arrays and objects nested in a field."""
+    head = msgspec.json.encode(LEAD)[:-1] + b',"email":'
+    return head + b'[{"x":' * n + b"0" + b"}]" * n + b"}"
+
+
+DEEP = [deep_array(1_000), deep_object(1_000), deep_array(10_000), deep_mixed(1_000)]
+
+
+@pytest.fixture
+def cfg() -> Any:
+    return make_config(campaign(), buyer("b1", price="10.00"), base=METERED)
+
+
+async def raw_post(eng: Engine, path: str, body: bytes, ctype: str | None,
+                   **headers: str) -> tuple[int, Any]:
+    """POST ``body`` as is; ``ctype`` None sends no Content-Type at all. Any answer is
+    returned as (status, JSON or the raw bytes): a 500's text is not JSON."""
+    h = dict(headers)
+    skip = []
+    if ctype is None:
+        skip = ["Content-Type"]
+    else:
+        h["Content-Type"] = ctype
+    async with eng.http.post(eng.url + path, data=body, headers=h,
+                             skip_auto_headers=skip) as r:
+        raw = await r.read()
+        if "ndjson" in r.headers.get("content-type", ""):
+            return r.status, [msgspec.json.decode(x) for x in raw.splitlines() if x]
+        try:
+            return r.status, msgspec.json.decode(raw)
+        except msgspec.DecodeError:
+            return r.status, raw
+
+
+async def raw_api(eng: Engine, method: str, path: str, body: bytes | None = None,
+                  **headers: str) -> tuple[int, Any]:
+    h = {"Authorization": "Bearer tok-t1", "Content-Type": "application/json", **headers}
+    async with eng.http.request(method, eng.url + path, data=body, headers=h) as r:
+        raw = await r.read()
+        try:
+            return r.status, msgspec.json.decode(raw)
+        except msgspec.DecodeError:
+            return r.status, raw
+
+
+@pytest.mark.parametrize("ctype", ["application/json", "text/plain", None])
+async def test_deep_json_lead_is_error_1000_not_500(redis, redis_server, cfg, ctype) -> None:
+    async with running(cfg, redis_server.url) as eng:
+        before = await redis.dbsize()
+        for body in DEEP:
+            status, resp = await raw_post(eng, "/v1/leads", body, ctype)
+            assert status == 400, (status, resp)
+            assert (resp["status"], resp["code"]) == ("ERROR", 1000), resp
+            assert "nested too deeply" in resp["message"], resp
+        assert await redis.dbsize() == before
+        assert await eng.balance("c1") == OPENING
+        status, resp = await eng.lead(email="after@example.com")  # the engine goes on
+        assert (status, resp["status"]) == (200, "ACCEPTED"), resp
+
+
+async def test_a_deep_batch_line_is_one_error_line(redis, redis_server, cfg) -> None:
+    """One such line made the whole batch a 500: the valid lines are decided, each deep
+    line is an ERROR 1000 line."""
+    async with running(cfg, redis_server.url) as eng:
+        a = msgspec.json.encode({**LEAD, "email": "a@example.com"})
+        b = msgspec.json.encode({**LEAD, "email": "b@example.com"})
+        body = b"\n".join([a, deep_array(2_000), b, deep_object(2_000), deep_mixed(1_000)])
+        sold = []
+        for ctype in ("application/x-ndjson", None):
+            status, lines = await raw_post(eng, "/v1/leads/batch", body, ctype)
+            assert status == 200, (status, lines)
+            assert [(x["status"], x["code"]) for x in lines] == [
+                ("ACCEPTED", 0), ("ERROR", 1000), ("ACCEPTED", 0), ("ERROR", 1000),
+                ("ERROR", 1000)], lines
+            assert all("nested too deeply" in x["message"] for x in lines[1::2]), lines
+            sold.append([lines[0]["lead_id"], lines[2]["lead_id"]])
+        assert sold[0] == sold[1]  # the second batch (no Content-Type) replays the two leads
+        assert await eng.balance("c1") == OPENING - 2 * PRICE
+        await eng.assert_reconciled()
+
+
+TENANT_BODIES = [
+    ("POST", "/v1/accounts/c1/credits", {"Idempotency-Key": "deep-credit"}),
+    ("POST", "/v1/leads/000000000000000000000000/returns", {}),
+    ("POST", "/v1/accounts/c1/funds", {"Idempotency-Key": "deep-fund"}),
+    ("POST", "/v1/accounts/c1/payment-methods", {}),
+    ("PUT", "/v1/accounts/c1/auto-recharge", {}),
+    ("POST", "/v1/usage", {}),
+    ("POST", "/v1/usage/batch", {}),
+]
+
+
+async def test_deep_json_on_the_tenant_api_is_invalid_body(redis, redis_server, cfg) -> None:
+    async with running(cfg, redis_server.url) as eng:
+        before = await redis.dbsize()
+        for method, path, headers in TENANT_BODIES:
+            for body in (deep_array(5_000), deep_object(5_000),
+                         b'{"amount":' + deep_array(5_000) + b"}",
+                         b'{"items":' + deep_array(5_000) + b"}"):
+                status, resp = await raw_api(eng, method, path, body, **headers)
+                assert status == 400 and resp["error"]["code"] == "invalid_body", (
+                    path, status, resp)
+        assert await redis.dbsize() == before
