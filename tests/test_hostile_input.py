@@ -6,6 +6,7 @@ decided as usual."""
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 import msgspec
 import pytest
@@ -18,6 +19,10 @@ PRICE = 10_000_000
 # t1 with a metered service: 0.25 a unit
 METERED = BASE_TOML.replace('opening_balance = "1000.00"\n',
                             'opening_balance = "1000.00"\n[tenants.meters]\nsms = "0.25"\n', 1)
+UNICODE_ELEVENS = ["\U0001d7d9\U0001d7d9",  # MATHEMATICAL DOUBLE-STRUCK DIGIT ONE, twice
+                   "\uff11\uff11",  # full-width
+                   "\u0661\u0661",  # Arabic-Indic
+                   "1\u0661", "\u0661.5", "\u00b2"]  # mixed; a superscript (isdigit, not int)
 
 
 def deep_array(n: int) -> bytes:
@@ -132,3 +137,77 @@ async def test_deep_json_on_the_tenant_api_is_invalid_body(redis, redis_server, 
                 assert status == 400 and resp["error"]["code"] == "invalid_body", (
                     path, status, resp)
         assert await redis.dbsize() == before
+
+
+@pytest.mark.parametrize("quantity", [*UNICODE_ELEVENS, "11\n", " 11", "+11", "1_1"])
+async def test_usage_quantity_is_ascii_digits(redis, redis_server, cfg, quantity) -> None:
+    """"\uff11\uff11" (full-width) was billed as 11 (2.75 on a 0.25 meter) and the ledger kept the text."""
+    async with running(cfg, redis_server.url) as eng:
+        before, balance = await redis.dbsize(), await eng.balance("c1")
+        one = {"account": "c1", "meter": "sms", "quantity": quantity, "event_id": "u1"}
+        status, resp = await eng.api("POST", "/v1/usage", json=one)
+        assert status == 400 and resp["error"]["code"] == "invalid_quantity", resp
+        ok = {**one, "quantity": "11", "event_id": "u0"}
+        status, resp = await eng.api("POST", "/v1/usage/batch", json={"items": [ok, one]})
+        assert status == 400 and resp["error"]["code"] == "invalid_quantity", resp
+        assert resp["error"]["message"].startswith("items[1]: "), resp
+        assert await redis.dbsize() == before and await eng.balance("c1") == balance
+        status, resp = await eng.api("POST", "/v1/usage", json=ok)  # ASCII: billed
+        assert (status, resp["cost"]) == (201, "2.75"), resp
+        assert await eng.balance("c1") == balance - 2_750_000
+
+
+@pytest.mark.parametrize("limit", ["\uff11\uff10", "\u0661", "\U0001d7d9", "+5", " 5", "5 ",
+                                   "1_0", "\u00b2", "0" * 5_000 + "1"],
+                         ids=lambda v: ascii(v[:24]))
+async def test_ledger_limit_is_ascii_digits(redis, redis_server, cfg, limit) -> None:
+    async with running(cfg, redis_server.url) as eng:
+        status, body = await eng.api("GET", f"/v1/accounts/c1/ledger?limit={quote(limit)}")
+        assert status == 400 and body["error"]["code"] == "invalid_limit", (limit, body)
+        status, body = await eng.api("GET", "/v1/accounts/c1/ledger?limit=007")
+        assert status == 200 and len(body["entries"]) == 1
+
+
+@pytest.mark.parametrize("query", [
+    "limit=" + "9" * 5_000,  # int() of over 4300 digits raises ValueError: it was a 500
+    "limit=\uff11\uff10", "limit=\u00b2", "limit=%2B5",
+    "from=\uff11\uff17\uff10\uff10\uff10\uff10\uff10\uff10\uff10\uff10\uff10\uff10\uff10",
+    "from=\u0662\u0660\u0662\u0666-01-01", "to=2026-01-0\u0661", "cursor=\u0661-0",
+    "to=" + "9" * 5_000], ids=lambda q: ascii(q[:24]))
+async def test_transactions_query_numbers_are_ascii_digits(redis, redis_server, cfg,
+                                                          query) -> None:
+    async with running(cfg, redis_server.url) as eng:
+        name, _, value = query.partition("=")
+        status, body = await eng.api(
+            "GET", f"/v1/accounts/c1/transactions?{name}={quote(value, safe='%')}")
+        assert status == 400 and body["error"]["code"] == "invalid_query", (query, body)
+
+
+NUMBERS_CAMPAIGN = """
+[[campaigns]]
+tenant = "t1"
+id = "camp"
+fields = [
+  { name = "email", type = "email", required = true },
+  { name = "bill", type = "number", min = 1 },
+  { name = "zip", type = "zip" },
+  { name = "phone", type = "phone" },
+  { name = "dob", type = "dob" },
+]
+"""
+
+
+async def test_a_number_field_takes_ascii_digits_only(redis, redis_server) -> None:
+    cfg = make_config(NUMBERS_CAMPAIGN, buyer("b1"), base=METERED)
+    async with running(cfg, redis_server.url) as eng:
+        before = await redis.dbsize()
+        for field, value in [("bill", "\u0661\u0665\u0660\u0660"), ("bill", "1\uff15"),
+                             ("bill", "\U0001d7d9.5"), ("zip", "\u0661\u0662\u0663\u0664\u0665"),
+                             ("phone", "\uff12\uff11\uff12" + "5550123"),
+                             ("dob", "\u0661\u0669\u0669\u0660-01-01")]:
+            status, resp = await eng.lead(email="n@example.com", **{field: value})
+            assert status == 422 and resp["code"] == 1020, (field, value, resp)
+            assert resp["errors"][0]["field"] == field, resp
+        assert await redis.dbsize() == before
+        status, resp = await eng.lead(email="n@example.com", bill="1500")
+        assert (status, resp["status"]) == (200, "ACCEPTED"), resp
