@@ -5,12 +5,15 @@ decided as usual."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
 
 import msgspec
 import pytest
 
+from engine.delivery.record import read_decision
+from tests.buyers import SECRET, Buyers, buyer_servers
 from tests.harness import BASE_TOML, Engine, buyer, campaign, make_config, running
 
 LEAD = {"lp_campaign_id": "camp", "lp_supplier_id": "s1", "lp_key": "key-s1"}
@@ -211,3 +214,51 @@ async def test_a_number_field_takes_ascii_digits_only(redis, redis_server) -> No
         assert await redis.dbsize() == before
         status, resp = await eng.lead(email="n@example.com", bill="1500")
         assert (status, resp["status"]) == (200, "ACCEPTED"), resp
+
+
+# --- what buyers answer (their responses are outside input too) ---------------------------
+
+RULES = 'accept = [{ path = "status", equals = "accepted" }]'
+
+
+@pytest.fixture
+async def buyers() -> AsyncIterator[Buyers]:
+    async with buyer_servers() as b:
+        yield b
+
+
+def sync_config(buyers: Buyers, first: str, rules: str = RULES) -> Any:
+    extra = 'mode = "sync"\nsync_deadline_ms = 5000'
+    hooks = [f'delivery = {{ url = "{buyers.url}{path}", secret = "{SECRET}", {r} }}'
+             for path, r in ((first, rules), ("/accept", RULES))]
+    return make_config(campaign(extra=extra),
+                       buyer("b1", client="c1", priority=1, extra=hooks[0]),
+                       buyer("b2", client="c2", priority=2, extra=hooks[1]))
+
+
+@pytest.mark.parametrize(("first", "rules", "b1"), [
+    ("/deep", RULES, "REJECTED"),  # its JSON nested too deeply: no rule's path matches
+    ("/busy_odd", RULES, "FAILED"),  # 429, Retry-After "²": no verdict (int("²") raised)
+    ("/listed", 'accept = [{ path = "data.\\u00b2", equals = "accepted" }]', "REJECTED"),
+    ("/listed", 'accept = [{ path = "data.--0", equals = "accepted" }]', "REJECTED"),
+])
+async def test_a_buyers_odd_answer_is_its_verdict_not_a_500(
+        redis, redis_server, buyers, first, rules, b1) -> None:
+    async with running(sync_config(buyers, first, rules), redis_server.url) as eng:
+        lead = msgspec.json.encode({**LEAD, "email": "sync@example.com"})
+        status, resp = await raw_post(eng, "/v1/leads", lead, "application/json")
+        assert status == 200, (status, resp)  # it was a 500 (RecursionError, ValueError)
+        assert (resp["status"], resp["code"]) == ("ACCEPTED", 0), resp
+        decision = await read_decision(eng.store, "t1", resp["lead_id"], "b1")
+        assert decision is not None and decision.o == b1, decision
+        assert await eng.balance("c1") == OPENING
+        assert await eng.balance("c2") == OPENING - PRICE
+        await eng.assert_reconciled()
+
+
+async def test_a_list_index_in_a_rule_still_works(redis, redis_server, buyers) -> None:
+    rules = 'accept = [{ path = "data.0", equals = "accepted" }]'
+    async with running(sync_config(buyers, "/listed", rules), redis_server.url) as eng:
+        status, resp = await eng.lead(email="list@example.com")
+        assert (status, resp["status"]) == (200, "ACCEPTED"), resp
+        assert await eng.balance("c1") == OPENING - PRICE
