@@ -26,7 +26,7 @@ from engine.store import USAGE_TTL_S
 from engine.untrusted import ascii_micros
 
 MAX_BATCH = 1_000
-_EVENT_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+_EVENT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")  # fullmatch: "$" took "e1\n"
 
 
 class Usage(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -80,7 +80,7 @@ def price(ctx: BillingContext, tenant: str, meter: str, quantity: int | str) -> 
 
 
 def _check(ctx: BillingContext, tenant: str, u: Usage) -> tuple[int, int]:
-    if not isinstance(u.event_id, str) or not _EVENT_ID.match(u.event_id):
+    if not isinstance(u.event_id, str) or not _EVENT_ID.fullmatch(u.event_id):
         raise InvalidRequest("event_id: 1-128 characters of A-Z a-z 0-9 _ . : -",
                              code="invalid_event_id")
     ctx.settings(tenant, u.account)

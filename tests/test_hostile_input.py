@@ -160,6 +160,20 @@ async def test_usage_quantity_is_ascii_digits(redis, redis_server, cfg, quantity
         assert await eng.balance("c1") == balance - 2_750_000
 
 
+async def test_ids_are_their_characters_and_no_newline(redis, redis_server, cfg) -> None:
+    """A usage event id and a funding idempotency key are 1-128 of A-Z a-z 0-9 _ . : -; the
+    pattern's "$" also matched before a final newline: "e1\\n" was billed as an event."""
+    async with running(cfg, redis_server.url) as eng:
+        before, balance = await redis.dbsize(), await eng.balance("c1")
+        one = {"account": "c1", "meter": "sms", "quantity": 1, "event_id": "e1\n"}
+        status, resp = await eng.api("POST", "/v1/usage", json=one)
+        assert status == 400 and resp["error"]["code"] == "invalid_event_id", resp
+        status, resp = await eng.api("POST", "/v1/accounts/c1/funds",
+                                     json={"amount": "100.00", "idempotency_key": "k1\n"})
+        assert status == 400 and resp["error"]["code"] == "invalid_idempotency_key", resp
+        assert await redis.dbsize() == before and await eng.balance("c1") == balance
+
+
 @pytest.mark.parametrize("limit", ["\uff11\uff10", "\u0661", "\U0001d7d9", "+5", " 5", "5 ",
                                    "1_0", "\u00b2", "0" * 5_000 + "1"],
                          ids=lambda v: ascii(v[:24]))
