@@ -13,6 +13,7 @@ import msgspec
 import pytest
 
 from engine.delivery.record import read_decision
+from engine.delivery.worker import DeliveryWorker
 from tests.buyers import SECRET, Buyers, buyer_servers
 from tests.harness import BASE_TOML, Engine, buyer, campaign, make_config, running
 
@@ -276,3 +277,23 @@ async def test_a_list_index_in_a_rule_still_works(redis, redis_server, buyers) -
         status, resp = await eng.lead(email="list@example.com")
         assert (status, resp["status"]) == (200, "ACCEPTED"), resp
         assert await eng.balance("c1") == OPENING - PRICE
+
+
+async def test_the_delivery_worker_rejects_a_too_deep_answer(redis, redis_server, buyers) -> None:
+    """Async delivery: the RecursionError escaped the worker's verdict, the job stayed
+    pending (to fail the same way on every claim) and the buyer kept the charge."""
+    hooked = f'delivery = {{ url = "{buyers.url}/deep", secret = "{SECRET}", {RULES} }}'
+    async with running(make_config(campaign(), buyer("b1", extra=hooked)),
+                       redis_server.url) as eng:
+        status, resp = await eng.lead(email="worker@example.com")
+        assert (status, resp["status"]) == (200, "ACCEPTED"), resp
+        assert await eng.balance("c1") == OPENING - PRICE
+        w = DeliveryWorker(eng.svc.cfg, eng.store, tenants=["t1"], consumer="w")
+        try:
+            assert await w.process_once(block_ms=None) == 1
+        finally:
+            await w.close()
+        decision = await read_decision(eng.store, "t1", resp["lead_id"], "b1")
+        assert decision is not None and decision.o == "REJECTED", decision
+        assert await eng.balance("c1") == OPENING  # the rejected sale is refunded
+        await eng.assert_reconciled()
