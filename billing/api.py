@@ -28,6 +28,7 @@ from billing.errors import (
 from engine.config import AutoRecharge
 from engine.errors import StoreUnavailable
 from engine.http import Request, Response, error_response, json_response
+from engine.untrusted import JSON_ERRORS, ascii_int, json_problem
 
 Handler = Callable[[Request], Awaitable[Response]]
 OVERVIEW_ENTRIES = 10  # payments, and ledger entries, an overview shows (newest first)
@@ -74,8 +75,9 @@ def decode_body(req: Request, decoder: msgspec.json.Decoder[Any]) -> Any:
         return decoder.decode(req.body)
     except msgspec.ValidationError as exc:
         raise InvalidRequest(f"invalid body: {exc}", code="invalid_body") from None
-    except (msgspec.DecodeError, UnicodeDecodeError):
-        raise InvalidRequest("the body is not valid JSON", code="invalid_body") from None
+    except JSON_ERRORS as exc:  # a Struct that skips unknown fields recurses into them
+        raise InvalidRequest(json_problem(exc, "the body is not valid JSON"),
+                             code="invalid_body") from None
 
 
 def _handle(fn: Handler) -> Handler:
@@ -99,10 +101,14 @@ def _handle(fn: Handler) -> Handler:
 
 def _time(value: str, field: str) -> int:
     """Epoch milliseconds from ``1700000000000`` or ISO 8601 (``2026-01-31``, UTC if naive)."""
-    if value.isascii() and value.isdigit():  # str.isdigit() also takes "²", int() does not
-        if len(value) > 15:  # past the year 33658: not a time, and SQL would overflow
+    if not value.isascii():  # "\uff12\uff10\uff12\uff16-01-31": other scripts' digits are no time
+        raise InvalidRequest(f"{field}: epoch milliseconds or an ISO 8601 date/time, in "
+                             "ASCII digits", code="invalid_query")
+    if value.isdigit():  # ASCII, so 0-9 only (str.isdigit() alone also takes "²")
+        ms = ascii_int(value, max_digits=15)
+        if ms is None:  # past the year 33658: not a time, and SQL would overflow
             raise InvalidRequest(f"{field}: out of range", code="invalid_query")
-        return int(value)
+        return ms
     try:
         when = dt.datetime.fromisoformat(value)
     except ValueError:
@@ -230,11 +236,12 @@ class _BillingApi:
                  f'attachment; filename="{account}-transactions.csv"'.encode())])
         if fmt != "json":
             raise InvalidRequest("format: json or csv", code="invalid_query")
-        limit_raw = qs.get("limit", "100")
-        if not (limit_raw.isascii() and limit_raw.isdigit()):
+        # ASCII digits, and few: int() of 4,301 digits and more raised ValueError (a 500)
+        limit = ascii_int(qs.get("limit", "100"), max_digits=18)
+        if limit is None:
             raise InvalidRequest("limit: 1 to 1000", code="invalid_query")
-        page = await self.ctx.archive.transactions(tenant, account, limit=int(limit_raw),
-                                              cursor=qs.get("cursor") or None, **filters)
+        page = await self.ctx.archive.transactions(tenant, account, limit=limit,
+                                                   cursor=qs.get("cursor") or None, **filters)
         return json_response({"data": page.items, "next_cursor": page.next_cursor})
 
     async def overview(self, req: Request) -> Response:

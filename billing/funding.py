@@ -33,11 +33,11 @@ MIN_FUNDING = 100 * money.MICROS
 MAX_FUNDING = 1_000_000 * money.MICROS
 MAX_FEE_BP = 1_500  # 15%
 CENT = 10_000  # micros
-_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,128}")  # fullmatch: "$" took "k\n"
 
 
 def check_idempotency_key(key: str) -> None:
-    if not isinstance(key, str) or not _KEY.match(key):
+    if not isinstance(key, str) or not _KEY.fullmatch(key):
         raise InvalidRequest("idempotency key: 1-128 characters of A-Z a-z 0-9 _ . : -",
                              code="invalid_idempotency_key")
 

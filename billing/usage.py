@@ -23,10 +23,10 @@ from billing.errors import (
     UnknownAccount,
 )
 from engine.store import USAGE_TTL_S
+from engine.untrusted import ascii_micros
 
 MAX_BATCH = 1_000
-_EVENT_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
-_QTY = re.compile(r"^\d{1,9}(?:\.\d{1,6})?$")
+_EVENT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")  # fullmatch: "$" took "e1\n"
 
 
 class Usage(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -55,11 +55,12 @@ def _quantity_micros(q: int | str) -> int:
         if not 0 < q <= 1_000_000_000:
             raise InvalidRequest("quantity: 1 to 1000000000", code="invalid_quantity")
         return q * 1_000_000
-    if not isinstance(q, str) or not _QTY.match(q):
-        raise InvalidRequest(f"quantity: {q!r} is not a positive decimal",
-                             code="invalid_quantity")
-    whole, _, frac = q.partition(".")
-    micros = int(whole) * 1_000_000 + int(frac.ljust(6, "0") or 0)
+    # ASCII digits only: full-width or Arabic-Indic "11" was billed as 11, and "11\n"
+    # passed the pattern's "$"
+    micros = ascii_micros(q, max_whole_digits=9) if isinstance(q, str) else None
+    if micros is None:
+        raise InvalidRequest(f"quantity: {q!r} is not a positive decimal of ASCII digits "
+                             "(at most 6 decimals)", code="invalid_quantity")
     if micros <= 0:
         raise InvalidRequest("quantity: must be more than zero", code="invalid_quantity")
     return micros
@@ -79,7 +80,7 @@ def price(ctx: BillingContext, tenant: str, meter: str, quantity: int | str) -> 
 
 
 def _check(ctx: BillingContext, tenant: str, u: Usage) -> tuple[int, int]:
-    if not isinstance(u.event_id, str) or not _EVENT_ID.match(u.event_id):
+    if not isinstance(u.event_id, str) or not _EVENT_ID.fullmatch(u.event_id):
         raise InvalidRequest("event_id: 1-128 characters of A-Z a-z 0-9 _ . : -",
                              code="invalid_event_id")
     ctx.settings(tenant, u.account)

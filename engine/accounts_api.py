@@ -22,6 +22,7 @@ from engine.http import Request, Response
 from engine.runtime import Runtime, token_digest
 from engine.scripts import Script
 from engine.store import AccountState, Store, now_ms
+from engine.untrusted import ascii_int
 
 TenantHandler = Callable[[Request, str], Awaitable[Response]]
 ScriptObserver = Callable[[str, float, Any], None]  # (script, seconds, [event, count, ...])
@@ -133,11 +134,9 @@ class AccountsApi:
         if await self._account(tenant, account) is None:
             return http.error_response(404, "unknown_account", "no such account")
         q = req.query
-        try:
-            limit = int(q.get("limit", "100"))
-        except ValueError:
-            limit = 0
-        if not 1 <= limit <= MAX_PAGE:
+        # ASCII digits only: int() took " 5", "+5", "1_0" and the digits of every script
+        limit = ascii_int(q.get("limit", "100"), max_digits=18)
+        if limit is None or not 1 <= limit <= MAX_PAGE:
             return http.error_response(400, "invalid_limit",
                                        f"limit must be an integer from 1 to {MAX_PAGE}")
         before = q.get("before", "+")
@@ -285,11 +284,7 @@ async def _return_lead(store: Store, req: Request, tenant: str) -> Response:
 
 def _lead_time_ms(lead_id: str) -> int | None:
     """Lead ids start with 12 hex digits of the epoch ms they were decided at."""
-    head = lead_id[:12]
-    try:
-        return int(head, 16) if len(lead_id) >= 12 else None
-    except ValueError:
-        return None
+    return ascii_int(lead_id[:12], max_digits=12, base=16) if len(lead_id) >= 12 else None
 
 
 _LEAD_KINDS = frozenset({"lead", "fee", "refund", "fee_refund", "reprice", "return"})

@@ -23,6 +23,7 @@ from engine.ingest import Codes, Ingest, LeadObserver, LeadResponse, error
 from engine.metrics import registry_for_process, render
 from engine.runtime import Runtime
 from engine.store import UNAVAILABLE, Store
+from engine.untrusted import JSON_ERRORS, json_problem
 
 if TYPE_CHECKING:
     from engine.sync_route import SyncRouter
@@ -209,8 +210,9 @@ class App:
             return 413, error(Codes.TOO_LARGE, f"line over {self.max_body} bytes")
         try:
             data = msgspec.json.decode(raw)  # strict UTF-8, in strings too
-        except (msgspec.DecodeError, UnicodeDecodeError):
-            return 400, error(Codes.MALFORMED, "this line is not a UTF-8 JSON object")
+        except JSON_ERRORS as exc:  # RecursionError too: that line only, not a 500
+            return 400, error(Codes.MALFORMED,
+                              json_problem(exc, "this line is not a UTF-8 JSON object"))
         if key:  # one batch key names each of its leads by content, never by position
             key = f"{key}\x00{hashlib.blake2b(raw, digest_size=16).hexdigest()}"
         leads.append((data, raw, key))
@@ -260,8 +262,9 @@ def _decode_lead(content_type: str, body: bytes) -> tuple[object, tuple[int, Lea
         )
     try:
         return msgspec.json.decode(body), None
-    except (msgspec.DecodeError, UnicodeDecodeError):  # invalid UTF-8 inside a string
-        return None, (400, error(Codes.MALFORMED, "the body is not valid UTF-8 JSON"))
+    except JSON_ERRORS as exc:  # invalid UTF-8 inside a string; nested too deeply
+        return None, (400, error(Codes.MALFORMED,
+                                 json_problem(exc, "the body is not valid UTF-8 JSON")))
 
 
 def _unavailable(result: tuple[int, LeadResponse] | Exception) -> tuple[int, LeadResponse]:

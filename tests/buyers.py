@@ -121,6 +121,14 @@ def _app(state: Buyers) -> web.Application:
                 return web.json_response({"status": "accepted"})
             case "/text":
                 return web.Response(text="<html>not json</html>", status=200)
+            case "/deep":  # JSON nested past the decoder's recursion limit
+                return web.Response(body=b'{"status":' + b"[" * 3_000 + b"]" * 3_000 + b"}",
+                                    content_type="application/json")
+            case "/busy_odd":  # 429 with a Retry-After str.isdigit() takes and int() does not
+                return web.json_response({"error": "slow down"}, status=429,
+                                         headers={"Retry-After": "\u00b2"})
+            case "/listed":  # a verdict inside a list (a rule's path indexes it)
+                return web.json_response({"data": ["accepted"]})
         return web.json_response({"status": "unknown route"}, status=404)
 
     app = web.Application()

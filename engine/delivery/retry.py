@@ -10,6 +10,8 @@ from __future__ import annotations
 import random
 from email.utils import parsedate_to_datetime
 
+from engine.untrusted import ascii_int
+
 _rng = random.SystemRandom()
 
 
@@ -24,8 +26,9 @@ def parse_retry_after(value: str | None, now_ms: int) -> int | None:
     if not value:
         return None
     text = value.strip()
-    if text.isdigit():
-        return int(text) * 1_000
+    seconds = ascii_int(text, max_digits=12)  # str.isdigit() took "²", which int() refused
+    if seconds is not None:
+        return seconds * 1_000
     try:
         when = parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError):

@@ -28,6 +28,7 @@ from billing.errors import MoneyError
 from engine.config import Delivery, ResponseRule
 from engine.delivery import DeliveryError
 from engine.regex import RegexError, compile_re2
+from engine.untrusted import JSON_ERRORS, ascii_int
 
 _json = msgspec.json.Decoder(float_hook=decimal.Decimal)
 _MISSING = object()
@@ -67,14 +68,21 @@ def json_path(doc: Any, parts: tuple[str, ...]) -> Any:
             if part not in cur:
                 return _MISSING
             cur = cur[part]
-        elif isinstance(cur, list) and part.lstrip("-").isdigit():
-            i = int(part)
-            if not -len(cur) <= i < len(cur):
+        elif isinstance(cur, list):
+            i = _index(part)
+            if i is None or not -len(cur) <= i < len(cur):
                 return _MISSING
             cur = cur[i]
         else:
             return _MISSING
     return cur
+
+
+def _index(part: str) -> int | None:
+    """A list index of a path (``0``, ``-1``: ASCII digits, one optional minus), else None
+    (``"²"`` passed ``str.isdigit()`` and ``"--1"`` its ``lstrip("-")``, and int() raised)."""
+    i = ascii_int(part.removeprefix("-"), max_digits=18)
+    return None if i is None else (-i if part.startswith("-") else i)
 
 
 def _text(value: Any) -> str:
@@ -105,7 +113,7 @@ class _Body:
         if self._doc is _MISSING:
             try:
                 self._doc = _json.decode(self.raw)
-            except (msgspec.DecodeError, ValueError):
+            except (*JSON_ERRORS, ValueError):  # nested too deeply too: not JSON to us
                 self._doc = None
         return self._doc
 
