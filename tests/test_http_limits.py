@@ -10,8 +10,10 @@ import contextlib
 import aiohttp
 import msgspec
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from engine import config as config_mod
+from engine.store import connect
 from tests.harness import BASE_TOML, buyer, campaign, make_config, running
 
 LIMITS = """
@@ -224,3 +226,24 @@ async def test_a_burst_over_64_tenants_queues_for_redis_instead_of_503(redis_ser
                 assert statuses.count(503) == 0
                 assert set(statuses) == {200}
         await eng.assert_reconciled()
+
+
+async def test_the_redis_pool_queues_when_every_connection_is_busy(redis_server):
+    """Past max_connections a command waits for a released connection (QueueingPool),
+    and gives up with a connection error only after its wait."""
+    client = connect(redis_server.url, max_connections=2, pool_timeout_s=5.0)
+    try:
+        assert await asyncio.gather(*(client.ping() for _ in range(50))) == [True] * 50
+        assert len(client.connection_pool._in_use_connections) == 0
+        assert len(client.connection_pool._available_connections) <= 2
+    finally:
+        await client.aclose()
+    client = connect(redis_server.url, max_connections=1, pool_timeout_s=0.2)
+    try:
+        held = await client.connection_pool.get_connection()
+        with pytest.raises(RedisConnectionError, match="no Redis connection free"):
+            await client.ping()
+        await client.connection_pool.release(held)
+        assert await client.ping() is True
+    finally:
+        await client.aclose()
