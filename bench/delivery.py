@@ -38,6 +38,7 @@ from engine import keys
 from engine.config import WALLET, Buyer, Config, Delivery, ResponseRule
 from engine.delivery.worker import DeliveryWorker, WorkerOptions
 from engine.embedded import EmbeddedRedis, free_port
+from engine.lua_protocol import Call, Candidate, LeadCall
 from engine.scripts import scripts
 from engine.service import tune_gc
 from engine.store import Store, connect, now_ms
@@ -87,13 +88,15 @@ async def _sell(store: Store, b: Buyer, n: int, *, first: int = 0) -> None:
                                  recharge_threshold=0, auto_recharge=False, min_balance=None,
                                  mode="manual")
     x = msgspec.json.encode(LEAD).decode()
+    cand = Candidate(buyer=b.id, account=b.client, price=1_000_000, fee_out=0,
+                     caps=(-1,) * 7, dedupe=[])
     for start in range(first, first + n, 64):
-        leads = [{"id": f"L{i}", "k": f"k{i}", "kt": 3600, "t": 0, "c": b.campaign, "fi": 0,
-                  "n": 1, "rr": 0, "q": [], "d": [], "dt": 60, "win": ["h", "d", "w", "m"],
-                  "x": x, "cs": [{"b": b.id, "a": b.client, "p": 1_000_000, "fo": 0,
-                                  "bd": [], "cap": [-1] * 7}]}
+        leads = [LeadCall(id=f"L{i}", key=f"k{i}", key_ttl=3600, test=0, campaign=b.campaign,
+                          fee_in=0, sell_limit=1, round_robin=0, rotation=[], dedupe=[],
+                          dedupe_ttl=60, windows=["h", "d", "w", "m"], payload=x,
+                          candidates=[cand])
                  for i in range(start, min(first + n, start + 64))]
-        batch = {"now": now_ms(), "w": WALLET, "leads": leads}
+        batch = Call(now=now_ms(), wallet=WALLET, leads=leads)
         await scripts().decide(store.redis, [keys.tenant_prefix(T)], [msgspec.json.encode(batch)])
 
 

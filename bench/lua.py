@@ -34,6 +34,7 @@ import redis
 from bench import common
 from engine import keys
 from engine.ingest import Ingest, new_lead_id
+from engine.lua_protocol import Call, Candidate, LeadCall, decode_lead, decode_reply
 from engine.runtime import Runtime
 from engine.scripts import scripts
 from engine.store import WALLET, now_ms
@@ -45,16 +46,16 @@ NOTE = "excludes HTTP, JSON decoding, validation and routing (Redis + decide.lua
 
 
 def representative_leads(cfg: Any, n: int, *, seed: int = SEED
-                         ) -> tuple[str, list[dict[str, Any]], dict[str, Any]]:
-    """(tenant, ``n`` Lua lead dicts, the candidate table their ``cs`` keys refer to) of
+                         ) -> tuple[str, list[LeadCall], dict[str, Candidate]]:
+    """(tenant, ``n`` Lua leads, the candidate table their candidates' keys refer to) of
     valid generated leads of the first tenant, built by the engine's own code path (schema
     validation, routing plan, ``Ingest._lua_lead``)."""
     rt = Runtime(cfg)
     ingest = Ingest(lambda: rt, lambda _t: None)  # type: ignore[arg-type,return-value]
     clock = ingest._clock
     tenant = cfg.tenants[0].id
-    out: list[dict[str, Any]] = []
-    table: dict[str, Any] = {}
+    out: list[LeadCall] = []
+    table: dict[str, Candidate] = {}
     for data in common.lead_dicts(cfg, max(200, n * 20), seed=seed):
         plan = rt.campaigns[data["lp_campaign_id"]]
         supplier = rt.suppliers[data["lp_supplier_id"]]
@@ -69,22 +70,25 @@ def representative_leads(cfg: Any, n: int, *, seed: int = SEED
                                 local, raw, supplier, None)
         # decide.lua's lead JSON with its delivery payload inline (redis-benchmark sends
         # one static ARGV; the engine sends the payload as its own ARGV)
-        out.append({**msgspec.json.decode(lead.json), "x": lead.payload.decode()})
-        table.update(msgspec.json.decode(b"{" + b",".join(lead.candidates) + b"}"))
+        out.append(msgspec.structs.replace(decode_lead(lead.json),
+                                           payload=lead.payload.decode()))
+        table.update(_table.decode(b"{" + b",".join(lead.candidates) + b"}"))
         if len(out) == n:
             return tenant, out, table
     raise RuntimeError(f"only {len(out)} valid leads generated")
 
 
-def randomized(lead: dict[str, Any]) -> dict[str, Any]:
+_table = msgspec.json.Decoder(dict[str, Candidate])
+
+
+def randomized(lead: LeadCall) -> LeadCall:
     """The lead with ``__rand_int__`` in its id, idempotency key and fingerprints."""
-    lead = dict(lead)
-    lead["id"] = f"{lead['id'][:8]}{RAND}{RAND}"
-    lead["k"] = f"p:{RAND}{RAND}"
-    lead["d"] = [f"{fp[:8]}{RAND}{RAND}" for fp in lead["d"]]
-    if "bd" in lead:  # buyer-scope dedupe: each candidate's fingerprints
-        lead["bd"] = [[f"{fp[:8]}{RAND}{RAND}" for fp in bd] for bd in lead["bd"]]
-    return lead
+    bd = lead.buyer_dedupe  # buyer-scope dedupe: each candidate's fingerprints
+    return msgspec.structs.replace(
+        lead, id=f"{lead.id[:8]}{RAND}{RAND}", key=f"p:{RAND}{RAND}",
+        dedupe=[f"{fp[:8]}{RAND}{RAND}" for fp in lead.dedupe],
+        buyer_dedupe=None if bd is None else [[f"{fp[:8]}{RAND}{RAND}" for fp in fps]
+                                              for fps in bd])
 
 
 def _counts(r: redis.Redis) -> tuple[int, int]:
@@ -118,8 +122,8 @@ def run(*, leads_per_call: int = 16, duration: float = 10.0,
     cfg = common.load_config()
     _, load_cpu = common.pinning()
     tenant, leads, table = representative_leads(cfg, leads_per_call)
-    batch = {"now": now_ms(), "w": WALLET, "c": table,
-             "leads": [randomized(lead) for lead in leads]}
+    batch = Call(now=now_ms(), wallet=WALLET, table=table,
+                 leads=[randomized(lead) for lead in leads])
     arg = msgspec.json.encode(batch).decode()
     prefix = keys.tenant_prefix(tenant)
     with common.funded_redis(cfg) as srv:
@@ -129,8 +133,9 @@ def run(*, leads_per_call: int = 16, duration: float = 10.0,
             sha = r.script_load(source)
             assert sha == scripts().decide.sha
             # one call by hand first: the batch must decode and decide without an error
-            reply = msgspec.json.decode(r.evalsha(sha, 1, prefix, arg.replace(RAND, "0" * 12)))
-            statuses = [x["s"] for x in reply["r"]]
+            reply = decode_reply(r.evalsha(sha, 1, prefix, arg.replace(RAND, "0" * 12)))
+            statuses = [d.status for d in reply.decisions] if isinstance(
+                reply.decisions, list) else []
             say(f"lua: {leads_per_call} leads per call, first decision {statuses}")
             r.flushall()
             asyncio.run(common._fund(cfg, srv.url))  # back to the funded, empty state

@@ -28,6 +28,7 @@ from bench import common
 from bench.lua import RAND, randomized, representative_leads
 from engine import keys
 from engine.embedded import EmbeddedRedis
+from engine.lua_protocol import Call, decode_reply
 from engine.scripts import scripts
 from engine.store import WALLET, now_ms
 
@@ -38,9 +39,10 @@ SEED = 5
 def _calls(cfg: Any, n: int) -> tuple[str, list[list[str]]]:
     """(tenant, ``n`` ARGV lists): the batch JSON with fresh ids, then the payloads."""
     tenant, leads, table = representative_leads(cfg, LEADS_PER_CALL)
-    payloads = [lead.pop("x") for lead in leads]
-    batch = {"now": now_ms(), "w": WALLET, "c": table,
-             "leads": [randomized(lead) for lead in leads]}
+    payloads = [lead.payload or "" for lead in leads]
+    batch = Call(now=now_ms(), wallet=WALLET, table=table,  # each payload its own ARGV
+                 leads=[randomized(msgspec.structs.replace(lead, payload=None))
+                        for lead in leads])
     parts = msgspec.json.encode(batch).decode().split(RAND)
     rng = random.Random(SEED)
     out = []
@@ -105,6 +107,7 @@ def _send(r: redis.Redis, sha: str, prefix: str, calls: list[list[str]]) -> None
         for argv in calls[i:i + 10]:
             pipe.evalsha(sha, 1, prefix, *argv)
         for raw in pipe.execute():
-            for lead in msgspec.json.decode(raw)["r"]:
-                if lead["s"] not in ("ACCEPTED", "REJECTED", "DUPLICATED"):
-                    raise RuntimeError(f"unexpected decision {lead}")
+            decisions = decode_reply(raw).decisions
+            for d in decisions if isinstance(decisions, list) else []:
+                if d.status not in ("ACCEPTED", "REJECTED", "DUPLICATED"):
+                    raise RuntimeError(f"unexpected decision {d}")

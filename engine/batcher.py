@@ -14,41 +14,14 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import msgspec
-
-from engine import keys
+from engine import keys, lua_protocol
 from engine.errors import StoreUnavailable
+from engine.lua_protocol import Decision, decode_reply
 from engine.store import UNAVAILABLE, WALLET, Store, now_ms
 
-
-class Decision(msgspec.Struct, frozen=True):
-    """decide.lua's result for one lead."""
-
-    id: str
-    s: str  # ACCEPTED | DUPLICATED | REJECTED | ERROR (1050: not decided, nothing charged)
-    c: int
-    m: str = ""
-    sold: list[list[str]] | dict[str, Any] = []  # cjson encodes an empty list as {}
-    t: int = 0
-    rp: bool = False
-    b: str = ""  # ERROR: the candidate buyer decide.lua was on when the lead failed
-
-    @property
-    def buyers(self) -> list[list[str]]:
-        return self.sold if isinstance(self.sold, list) else []
-
-
-class _Reply(msgspec.Struct, frozen=True):
-    r: list[Decision] | dict[str, Any]
-    e: list[str | int] | dict[str, Any] = []
-    m: list[str] = []  # micros debited by the call: [lead prices, platform fees]
-    x: list[list[str]] | dict[str, Any] = []  # leads taken back: [lead id, error text]
-
-
 log = logging.getLogger("leadflow.batcher")
-_reply = msgspec.json.Decoder(_Reply)
-_WALLET = WALLET.encode()
-# (lead JSON, payload, candidate table entries, waiter)
+# (lead JSON, payload, candidate table entries, waiter): engine.lua_protocol's encoded
+# LeadCall and table entries
 _Item = tuple[bytes, bytes, Sequence[bytes], "asyncio.Future[Decision]"]
 
 # (seconds, [event type, count, ...], [lead debits, fee debits]) -> None, for metrics
@@ -58,9 +31,9 @@ Observer = Callable[[float, Any, list[str]], None]
 def encode_call(batch: Sequence[_Item], now: int) -> bytes:
     """decide.lua's ARGV[1] for these leads: the leads joined as they are, and the
     candidate table of them all (each buyer's object once)."""
-    table = dict.fromkeys([entry for _, _, cands, _ in batch for entry in cands])
-    return b'{"now":%d,"w":"%s","c":{%s},"leads":[%s]}' % (
-        now, _WALLET, b",".join(table), b",".join([lead for lead, _, _, _ in batch]))
+    return lua_protocol.encode_call(
+        now, WALLET, [entry for _, _, cands, _ in batch for entry in cands],
+        [lead for lead, _, _, _ in batch])
 
 
 class Batcher:
@@ -87,9 +60,10 @@ class Batcher:
 
     async def decide(self, lead: bytes, payload: bytes,
                      candidates: Sequence[bytes] = ()) -> Decision:
-        """Decide one lead: decide.lua's per-lead JSON object (already encoded), the
-        lead's delivery payload, which travels as its own ARGV, and the entries of the
-        candidate table its ``cs`` keys refer to (``"key":{...}``, see decide.lua)."""
+        """Decide one lead: decide.lua's per-lead JSON object (an encoded
+        :class:`~engine.lua_protocol.LeadCall`), the lead's delivery payload, which travels
+        as its own ARGV, and the entries of the candidate table its candidates' keys refer
+        to (``"key":{...}``, :func:`~engine.lua_protocol.table_entry`)."""
         return await self.submit(lead, payload, candidates)
 
     def submit(self, lead: bytes, payload: bytes,
@@ -124,15 +98,15 @@ class Batcher:
                 self.store.redis, [self.prefix],
                 [encode_call(batch, now_ms()), *[x for _, x, _, _ in batch]]
             )
-            reply = _reply.decode(raw)
-            results = reply.r if isinstance(reply.r, list) else []
+            reply = decode_reply(raw)
+            results = reply.decisions if isinstance(reply.decisions, list) else []
             for (_, _, _, fut), decision in zip(batch, results, strict=True):
                 if not fut.done():
                     fut.set_result(decision)
-            if reply.x:
-                _log_failed(self.tenant, reply.x)
+            if reply.failed:
+                _log_failed(self.tenant, reply.failed)
             if self.observer is not None:
-                self.observer(time.perf_counter() - started, reply.e, reply.m)
+                self.observer(time.perf_counter() - started, reply.events, reply.debited)
         except UNAVAILABLE as exc:
             self._fail(batch, StoreUnavailable(f"redis unavailable: {type(exc).__name__}"))
         except Exception as exc:  # noqa: BLE001 - every waiter must be woken with the error

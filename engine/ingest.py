@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
 
-from engine.batcher import Batcher, Decision
+from engine.batcher import Batcher
 from engine.fields import CONTROL_CHARS, FieldError
+from engine.lua_protocol import Candidate, Decision, LeadCall, encode_lead
 from engine.routing import CampaignPlan
 from engine.runtime import Runtime, SupplierPlan
 from engine.schedule import WindowClock, Windows
@@ -39,8 +40,9 @@ _enc = msgspec.json.Encoder()
 
 
 class LuaLead(NamedTuple):
-    """One lead for the batcher: decide.lua's lead object, its delivery payload, and the
-    entries of the call's candidate table its ``cs`` refers to (``"key":{...}``)."""
+    """One lead for the batcher: decide.lua's lead object (an encoded
+    :class:`~engine.lua_protocol.LeadCall`), its delivery payload, and the entries of the
+    call's candidate table its candidates refer to (``"key":{...}``)."""
 
     json: bytes
     payload: bytes
@@ -100,7 +102,7 @@ class _Pending(NamedTuple):
     lead: LuaLead
 
     def outcome(self, decision: Decision) -> _Outcome:
-        status = 500 if decision.s == "ERROR" else 200
+        status = 500 if decision.status == "ERROR" else 200
         return _Outcome(status, _response(decision, self.supplier), self.plan.id,
                         self.supplier.id, decision, self.plan)
 
@@ -209,7 +211,7 @@ class Ingest:
     def _observe(self, out: _Outcome, seconds: float) -> None:
         assert self._observer is not None
         d = out.decision
-        sold = d.buyers if d is not None and not d.rp and d.t != 1 else []
+        sold = d.buyers if d is not None and not d.replay and d.test != 1 else []
         self._observer(out.campaign, out.supplier, out.response.status, seconds, sold)
 
     def _decision(self, step: _Pending) -> Awaitable[Decision]:
@@ -304,42 +306,48 @@ class Ingest:
         supplier: SupplierPlan,
         idempotency_key: str | None,
     ) -> LuaLead:
-        """The lead as decide.lua's JSON, already encoded, its delivery payload and its
-        candidates for the call's table: per-buyer parts that only change with the weekday
-        are pre-encoded on the plan, so a lead costs two small encodes. A sync campaign's
-        candidates are inline: its waterfall edits them (engine.sync_route)."""
+        """The lead as decide.lua's JSON (a :class:`LeadCall`), already encoded, its
+        delivery payload and its candidates for the call's table: per-buyer parts that only
+        change with the weekday are pre-encoded on the plan, so a lead costs two small
+        encodes. A sync campaign's candidates are inline: its waterfall edits them
+        (engine.sync_route)."""
         order = plan.ordered(plan.eligible(values, local), self._rng)
         payload = {**values, "lead_id": lead_id, "campaign_id": plan.id}
         for sub in ("lp_subid1", "lp_subid2"):
             if data.get(sub):
                 payload[sub] = str(data[sub])
-        pkey = "p:" + _digest(supplier.id, raw)
-        lead: dict[str, Any] = {
-            "id": lead_id,
-            "k": pkey,
-            "kt": self.replay_window_s,
-            "t": 1 if test else 0,
-            "c": plan.id,
-            "fi": plan.fee_in,
-            "n": plan.sell_limit,
-            "rr": 1 if plan.rotating else 0,
-            "q": plan.rotation(order) if plan.rotating else [],
-            "d": plan.campaign_prints(values),
-            "dt": plan.dedupe_ttl_s,
-            "win": _window_ids(windows),
-        }
-        if idempotency_key:  # both rules: the same key, or the same payload in the window
-            lead["k"] = "h:" + _digest(supplier.id, idempotency_key.encode())
-            lead["kt"], lead["k2"], lead["k2t"] = self.idempotency_ttl_s, pkey, self.replay_window_s
         table: list[bytes] = []
+        bd: list[list[str]] | None = None
+        cs: list[Candidate | str]
         if plan.sync:
-            cs = plan.candidates_json(order, values, windows.weekday)
+            cs = plan.inline_candidates(order, values, windows.weekday)
         else:
             cs, bd, table = plan.candidate_refs(order, values, windows.weekday)
-            if bd is not None:
-                lead["bd"] = bd
-        head = _enc.encode(lead)
-        return LuaLead(head[:-1] + b',"cs":[' + cs + b"]}", _enc.encode(payload), table)
+        pkey = "p:" + _digest(supplier.id, raw)
+        # at most 15 keywords: more and CPython calls through a dict (**kwargs), which
+        # costs a msgspec Struct about 0.5 us; the optional fields are set after
+        lead = LeadCall(
+            id=lead_id,
+            key=pkey,
+            key_ttl=self.replay_window_s,
+            test=1 if test else 0,
+            campaign=plan.id,
+            fee_in=plan.fee_in,
+            sell_limit=plan.sell_limit,
+            round_robin=1 if plan.rotating else 0,
+            rotation=plan.rotation(order) if plan.rotating else [],
+            dedupe=plan.campaign_prints(values),
+            dedupe_ttl=plan.dedupe_ttl_s,
+            windows=_window_ids(windows),
+            candidates=cs,
+        )
+        if idempotency_key:  # both rules: the same key, or the same payload in the window
+            lead.key = "h:" + _digest(supplier.id, idempotency_key.encode())
+            lead.key_ttl, lead.key2, lead.key2_ttl = (
+                self.idempotency_ttl_s, pkey, self.replay_window_s)
+        if bd is not None:
+            lead.buyer_dedupe = bd
+        return LuaLead(encode_lead(lead), _enc.encode(payload), table)
 
 
 @functools.lru_cache(maxsize=64)
@@ -385,13 +393,13 @@ _MESSAGES = {"ACCEPTED": "lead accepted"}
 
 
 def _response(d: Decision, supplier: SupplierPlan) -> LeadResponse:
-    if d.s == "ERROR":  # nothing stored under the lead id: a retry gets a new one
-        return LeadResponse(status="ERROR", code=d.c, message=d.m, test=d.t == 1)
+    if d.status == "ERROR":  # nothing stored under the lead id: a retry gets a new one
+        return LeadResponse(status="ERROR", code=d.code, message=d.message, test=d.test == 1)
     return LeadResponse(
-        status=d.s,
-        code=d.c,
-        message=d.m or _MESSAGES.get(d.s, ""),
+        status=d.status,
+        code=d.code,
+        message=d.message or _MESSAGES.get(d.status, ""),
         lead_id=d.id,
-        payout=supplier.payout if d.s == "ACCEPTED" else None,
-        test=d.t == 1,
+        payout=supplier.payout if d.status == "ACCEPTED" else None,
+        test=d.test == 1,
     )

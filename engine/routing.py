@@ -22,10 +22,9 @@ from billing import money
 from engine.config import Buyer, Campaign, Caps, Config, Dedupe, Tenant
 from engine.fields import CampaignSchema
 from engine.filters import BuyerFilter
+from engine.lua_protocol import NO_CAP, Candidate, CapLimits, table_entry
 from engine.schedule import CompiledSchedule, daily_cap
 
-_NONE = -1  # "no cap" in the arrays decide.lua receives
-_enc = msgspec.json.Encoder()
 _ROTATING = {"round_robin", "weighted_round_robin"}
 _PLAN_TOKENS = itertools.count()
 
@@ -46,11 +45,11 @@ def _dedupe_prints(dedupe: Dedupe | None, scope: str, lead: Mapping[str, str]) -
 
 
 def _cap(value: int | None) -> int:
-    return _NONE if value is None else value
+    return NO_CAP if value is None else value
 
 
 def _spend_cap(value: str | None) -> int:
-    return _NONE if value is None else money.parse(value)
+    return NO_CAP if value is None else money.parse(value)
 
 
 @dataclass(slots=True)
@@ -67,28 +66,28 @@ class BuyerPlan:
     caps: Caps
     static_caps: tuple[int, int, int, int, int, int]  # hour, week, month, total, spend d/m
 
-    # per weekday: decide.lua's candidate object (its per-lead "bd" left out); the key it
-    # goes under in a call's candidate table, unique to this plan (a reload makes new ones,
-    # so leads routed before and after a reload can share a call), as a lead's "cs" item
-    # ("key") and as the table's entry ("key":{...}), all encoded once
-    cand_json: tuple[bytes, ...] = ()
-    cand_refs: tuple[bytes, ...] = ()
+    # per weekday: decide.lua's candidate (its per-lead dedupe left out); the key it goes
+    # under in a call's candidate table, unique to this plan (a reload makes new ones, so
+    # leads routed before and after a reload can share a call), as a lead's candidates
+    # item; and the table's entry ("key":{...}), encoded once
+    candidates: tuple[Candidate, ...] = ()
+    cand_keys: tuple[str, ...] = ()
     cand_entries: tuple[bytes, ...] = ()
 
-    def cap_array(self, weekday: int) -> list[int]:
+    def cap_array(self, weekday: int) -> CapLimits:
         h, w, m, t, sd, sm = self.static_caps
-        return [h, _cap(daily_cap(self.caps, weekday)), w, m, t, sd, sm]
+        return (h, _cap(daily_cap(self.caps, weekday)), w, m, t, sd, sm)
 
     def __post_init__(self) -> None:
-        self.cand_json = tuple(
-            _enc.encode({"b": self.id, "a": self.account, "p": self.price, "fo": self.fee_out,
-                         "cap": self.cap_array(day)})
+        self.candidates = tuple(
+            Candidate(buyer=self.id, account=self.account, price=self.price,
+                      fee_out=self.fee_out, caps=self.cap_array(day))
             for day in range(7)
         )
         token = next(_PLAN_TOKENS)
-        self.cand_refs = tuple(b'"%x.%d"' % (token, day) for day in range(7))
-        self.cand_entries = tuple(ref + b":" + obj
-                                  for ref, obj in zip(self.cand_refs, self.cand_json, strict=True))
+        self.cand_keys = tuple(f"{token:x}.{day}" for day in range(7))
+        self.cand_entries = tuple(table_entry(key, cand) for key, cand
+                                  in zip(self.cand_keys, self.candidates, strict=True))
 
 
 def smooth_wrr(weights: Sequence[int]) -> list[int]:
@@ -187,24 +186,23 @@ class CampaignPlan:
             return []
         return _dedupe_prints(self.dedupe, "b:" + buyer.id, lead)
 
-    def candidates_json(self, order: list[int], lead: Mapping[str, str], weekday: int) -> bytes:
-        """decide.lua's ``cs`` array items for these buyers, each object inline (the sync
-        waterfall edits them): from pre-encoded parts."""
+    def inline_candidates(self, order: list[int], lead: Mapping[str, str], weekday: int
+                          ) -> list[Candidate | str]:
+        """A lead's candidates for these buyers, each inline with its buyer-scope
+        fingerprints (a sync campaign's: its waterfall edits them)."""
         buyers = self.buyers
-        return b",".join([
-            buyers[i].cand_json[weekday][:-1] + b',"bd":'
-            + _enc.encode(self.buyer_prints(buyers[i], lead)) + b"}"
-            for i in order
-        ])
+        return [msgspec.structs.replace(buyers[i].candidates[weekday],
+                                        dedupe=self.buyer_prints(buyers[i], lead))
+                for i in order]
 
     def candidate_refs(self, order: list[int], lead: Mapping[str, str], weekday: int
-                       ) -> tuple[bytes, list[list[str]] | None, list[bytes]]:
-        """decide.lua's ``cs`` array items as keys into the call's candidate table, the
-        lead's ``bd`` (each candidate's buyer-scope fingerprints; None without buyer-scope
-        dedupe), and the entries of that table (``"key":{...}``): a call of 16 leads
-        decodes each buyer's candidate object once, not 16 times."""
+                       ) -> tuple[list[Candidate | str], list[list[str]] | None, list[bytes]]:
+        """A lead's candidates for these buyers as keys into the call's candidate table,
+        its buyer-scope fingerprints per candidate (None without buyer-scope dedupe), and
+        the entries of that table (``"key":{...}``): a call of 16 leads decodes each
+        buyer's candidate object once, not 16 times."""
         buyers = [self.buyers[i] for i in order]
-        refs = b",".join([b.cand_refs[weekday] for b in buyers])
+        refs: list[Candidate | str] = [b.cand_keys[weekday] for b in buyers]
         bd = [self.buyer_prints(b, lead) for b in buyers] if self.buyer_scope else None
         return refs, bd, [b.cand_entries[weekday] for b in buyers]
 

@@ -54,7 +54,7 @@ import aiohttp
 import msgspec
 
 from engine import keys, scripts
-from engine.batcher import Batcher, Decision
+from engine.batcher import Batcher
 from engine.config import Buyer, Config
 from engine.delivery import client
 from engine.delivery.client import Endpoint
@@ -63,12 +63,21 @@ from engine.delivery.record import (
     SYNC,
     Observer,
     decode_decision,
-    encode_decision,
 )
 from engine.delivery.record import Decision as Claim
+from engine.delivery.record import encode_decision as encode_claim
 from engine.delivery.sync import CLAIM_GRACE_MS, deliver_sync
 from engine.delivery.verdict import Outcome
 from engine.ingest import Codes
+from engine.lua_protocol import (
+    Decision,
+    LeadCall,
+    StoredDecision,
+    decode_lead,
+    decode_stored,
+    encode_decision,
+    encode_lead,
+)
 from engine.routing import CampaignPlan
 from engine.store import Store, now_ms
 
@@ -86,14 +95,7 @@ _CLAIM = scripts.housekeeping("sync_claim")
 _FINAL = scripts.housekeeping("sync_final")
 
 
-class _Stored(Decision, frozen=True):
-    """An idempotency record as stored, with the pending marker of a running waterfall."""
-
-    sy: int = 0  # epoch ms the waterfall's claims end; 0 = final
-
-
-_stored = msgspec.json.Decoder(_Stored)
-_lead_dec = msgspec.json.Decoder(dict[str, str])
+_payload_dec = msgspec.json.Decoder(dict[str, str])
 _enc = msgspec.json.Encoder()
 
 
@@ -156,28 +158,29 @@ class SyncRouter:
     ) -> Decision:
         """The final decision of one lead of a sync campaign (see the module docs).
 
-        ``encoded`` is decide.lua's lead JSON as the async path sends it; the waterfall
-        derives its later tries from the decoded form (not the hot path)."""
+        ``encoded`` is decide.lua's lead JSON (a :class:`LeadCall`, candidates inline) as
+        the async path sends it; the waterfall derives its later tries from the decoded
+        form (not the hot path)."""
         if self._session is None:
             await self.start()
-        lead: dict[str, Any] = msgspec.json.decode(encoded)
-        lead["x"] = payload.decode()
-        if lead["t"] == 1:  # test leads: a decision, no sale, no delivery
+        lead = decode_lead(encoded)
+        if lead.test == 1:  # test leads: a decision, no sale, no delivery
             return await batcher.decide(encoded, payload)
         assert self._session is not None
-        tenant, lead_id = plan.tenant, str(lead["id"])
+        tenant, lead_id = plan.tenant, lead.id
         prefix = keys.tenant_prefix(tenant)
         deadline = now_ms() + plan.campaign.sync_deadline_ms
         hold = deadline + CLAIM_GRACE_MS
-        hooked = [c["b"] for c in lead["cs"] if self.endpoint(cfg, tenant, c["b"]) is not None]
+        hooked = [c.buyer for c in lead.inline()
+                  if self.endpoint(cfg, tenant, c.buyer) is not None]
         mine: list[str] = []
         if hooked:
-            claim = encode_decision(Claim(SYNC, "sync waterfall", u=hold))
+            claim = encode_claim(Claim(SYNC, "sync waterfall", u=hold))
             got = await self._claim(keys=[prefix], args=[
-                lead_id, lead["k"], claim, STATE_TTL_S, lead.get("k2", ""), *hooked])
+                lead_id, lead.key, claim, STATE_TTL_S, lead.key2 or "", *hooked])
             mine = [b.decode() if isinstance(b, bytes) else str(b) for b in got]
         d = await batcher.decide(encoded, payload)
-        if d.rp:
+        if d.replay:
             # A concurrent twin decided first, and its waterfall may be delivering to a buyer
             # we claimed: releasing our claims could let the stream worker send that lead as
             # well. They are left to expire (``hold``): on buyers the twin never sells to
@@ -185,15 +188,16 @@ class SyncRouter:
             return await self._replayed(tenant, lead, d)
         w = _Waterfall()
         try:
-            final = await self._waterfall(w, batcher, cfg, plan, lead, d, deadline, hold)
+            final = await self._waterfall(w, batcher, cfg, plan, lead, payload, d, deadline,
+                                          hold)
         except BaseException:  # e.g. Redis gone: free the buyers never sold, then fail
             release = [b for b in mine if b not in w.tried]
             if release:
                 with contextlib.suppress(Exception):
                     await self._finish(prefix, lead, "", release, w.derived, [])
             raise
-        forget = list(lead["d"]) if final.c in (ALL_REJECTED, NO_VERDICT) else []
-        record = _enc.encode(_plain(final)).decode() if w.marked else ""
+        forget = list(lead.dedupe) if final.code in (ALL_REJECTED, NO_VERDICT) else []
+        record = encode_decision(_plain(final)).decode() if w.marked else ""
         release = [b for b in mine if b not in w.tried]
         if record or release or w.derived or forget:
             await self._finish(prefix, lead, record, release, w.derived, forget)
@@ -201,22 +205,22 @@ class SyncRouter:
 
     async def _waterfall(
         self, w: _Waterfall, batcher: Batcher, cfg: Config, plan: CampaignPlan,
-        lead: dict[str, Any], d: Decision, deadline: int, hold: int,
+        lead: LeadCall, payload: bytes, d: Decision, deadline: int, hold: int,
     ) -> Decision:
         """Steps 2-4: deliver each sale, sell to the next buyer on a rejection."""
         assert self._session is not None
-        tenant, lead_id = plan.tenant, str(lead["id"])
-        payload = _lead_dec.decode(lead["x"])
+        tenant, lead_id = plan.tenant, lead.id
+        values = _payload_dec.decode(payload)
         while True:
-            if d.s == "ERROR" and w.tried and d.b:
+            if d.status == "ERROR" and w.tried and d.buyer:
                 # try n failed inside decide.lua and was taken back whole (the batcher
                 # logged why): the buyer it was on is skipped, as a paused one would be
-                w.skipped.add(d.b)
-                d, final = await _next(w, batcher, lead, deadline)
+                w.skipped.add(d.buyer)
+                d, final = await _next(w, batcher, lead, payload, deadline)
                 if final:
                     return d
                 continue
-            if d.s != "ACCEPTED" or not d.buyers:
+            if d.status != "ACCEPTED" or not d.buyers:
                 return d if not w.tried else _all_rejected(lead_id, len(w.tried))
             buyer, price_s = d.buyers[0]
             price = int(price_s)
@@ -227,25 +231,25 @@ class SyncRouter:
             if not w.marked:  # from now on a replay waits for the final result
                 w.marked = True
                 await self.store.redis.set(
-                    keys.idem(tenant, lead["k"]),
-                    _enc.encode(_pending(lead_id, buyer, price, hold)), ex=lead["kt"])
+                    keys.idem(tenant, lead.key),
+                    encode_decision(_pending(lead_id, buyer, price, hold)), ex=lead.key_ttl)
             v = await deliver_sync(self.store, self._session, ep, lead_id=lead_id,
-                                   lead=payload, price=price, deadline_ms=deadline,
+                                   lead=values, price=price, deadline_ms=deadline,
                                    campaign=plan.id, observer=self.observer, claimed=True)
             if v is not None and v.outcome is Outcome.ACCEPTED:
                 return _accepted(lead_id, buyer, price if v.price is None else v.price)
             # rejected, duplicate or no verdict: refunded by deliver_sync; the next buyer
-            d, final = await _next(w, batcher, lead, deadline)
+            d, final = await _next(w, batcher, lead, payload, deadline)
             if final:
                 return d
 
-    async def _finish(self, prefix: str, lead: dict[str, Any], record: str, release: list[str],
+    async def _finish(self, prefix: str, lead: LeadCall, record: str, release: list[str],
                       derived: list[str], forget: list[str]) -> None:
-        arg = {"k": lead["k"], "r": record, "kt": lead["kt"], "lead": lead["id"],
+        arg = {"k": lead.key, "r": record, "kt": lead.key_ttl, "lead": lead.id,
                "rel": release, "del": derived, "fp": forget}
         await self._final(keys=[prefix], args=[_enc.encode(arg)])
 
-    async def _replayed(self, tenant: str, lead: dict[str, Any], d: Decision) -> Decision:
+    async def _replayed(self, tenant: str, lead: LeadCall, d: Decision) -> Decision:
         """A replay: the stored result, once the waterfall that writes it has finished.
 
         It is running while the record is marked pending (``sy`` in the future) or, before
@@ -255,18 +259,20 @@ class SyncRouter:
             raw = await self._record(tenant, lead)
             if raw is None:
                 return d
-            stored = _stored.decode(raw)
+            stored = decode_stored(raw)
             now = now_ms()
-            running = now < stored.sy if stored.sy else await self._claimed(tenant, stored.id)
+            running = (now < stored.claims_until if stored.claims_until
+                       else await self._claimed(tenant, stored.id))
             if not running:
-                return Decision(id=stored.id, s=stored.s, c=stored.c, m=stored.m,
-                                sold=stored.sold, t=stored.t, rp=True)
+                return Decision(id=stored.id, status=stored.status, code=stored.code,
+                                message=stored.message, sold=stored.sold, test=stored.test,
+                                replay=True)
             await asyncio.sleep(_REPLAY_POLL_S)
 
-    async def _record(self, tenant: str, lead: dict[str, Any]) -> bytes | None:
+    async def _record(self, tenant: str, lead: LeadCall) -> bytes | None:
         """The lead's idempotency record, by its key or else its payload's (decide.lua: a
         value that is not a JSON object points to the key holding the record)."""
-        for key in (lead["k"], lead.get("k2")):
+        for key in (lead.key, lead.key2):
             if not key:
                 continue
             raw: Any = await self.store.redis.get(keys.idem(tenant, key))
@@ -286,54 +292,55 @@ class SyncRouter:
 
 
 def _all_rejected(lead_id: str, tried: int) -> Decision:
-    return Decision(id=lead_id, s="REJECTED", c=ALL_REJECTED,
-                    m=f"every buyer rejected the lead ({tried} tried)")
+    return Decision(id=lead_id, status="REJECTED", code=ALL_REJECTED,
+                    message=f"every buyer rejected the lead ({tried} tried)")
 
 
 def _no_verdict(lead_id: str, tried: int) -> Decision:
-    return Decision(id=lead_id, s="REJECTED", c=NO_VERDICT,
-                    m=f"no buyer accepted the lead before the deadline ({tried} tried)")
+    return Decision(id=lead_id, status="REJECTED", code=NO_VERDICT,
+                    message=f"no buyer accepted the lead before the deadline ({tried} tried)")
 
 
 def _accepted(lead_id: str, buyer: str, price: int) -> Decision:
-    return Decision(id=lead_id, s="ACCEPTED", c=0, sold=[[buyer, str(price)]])
+    return Decision(id=lead_id, status="ACCEPTED", code=0, sold=[[buyer, str(price)]])
 
 
-def _pending(lead_id: str, buyer: str, price: int, until: int) -> _Stored:
-    return _Stored(id=lead_id, s="ACCEPTED", c=ACCEPTED_PENDING, m=PENDING_MESSAGE,
-                   sold=[[buyer, str(price)]], sy=until)
+def _pending(lead_id: str, buyer: str, price: int, until: int) -> StoredDecision:
+    return StoredDecision(id=lead_id, status="ACCEPTED", code=ACCEPTED_PENDING,
+                          message=PENDING_MESSAGE, sold=[[buyer, str(price)]],
+                          claims_until=until)
 
 
 def _plain(d: Decision) -> Decision:
     """The final record: decide.lua's shape, without a pending marker."""
-    return Decision(id=d.id, s=d.s, c=d.c, m=d.m, sold=d.buyers, t=d.t)
+    return Decision(id=d.id, status=d.status, code=d.code, message=d.message, sold=d.buyers,
+                    test=d.test)
 
 
-async def _next(w: _Waterfall, batcher: Batcher, lead: dict[str, Any], deadline: int
-                ) -> tuple[Decision, bool]:
+async def _next(w: _Waterfall, batcher: Batcher, lead: LeadCall, payload: bytes,
+                deadline: int) -> tuple[Decision, bool]:
     """The next try's decision (without the buyers tried or skipped, under a key of its
     own), or (True) the final answer when no candidate is left, or no time for a try
     (a lead sold then would only be refunded)."""
-    lead_id = str(lead["id"])
     nxt = _next_try(lead, set(w.tried) | w.skipped, len(w.derived) + 2)
-    if not nxt["cs"]:
-        return _all_rejected(lead_id, len(w.tried)), True
+    if not nxt.candidates:
+        return _all_rejected(lead.id, len(w.tried)), True
     if deadline - now_ms() < MIN_TRY_MS:
-        return _no_verdict(lead_id, len(w.tried)), True
-    w.derived.append(nxt["k"])
-    return await batcher.decide(_enc.encode(nxt), lead["x"].encode()), False
+        return _no_verdict(lead.id, len(w.tried)), True
+    w.derived.append(nxt.key)
+    return await batcher.decide(encode_lead(nxt), payload), False
 
 
-def _next_try(lead: dict[str, Any], tried: set[str], n: int) -> dict[str, Any]:
+def _next_try(lead: LeadCall, tried: set[str], n: int) -> LeadCall:
     """Try n of a lead: the candidates not tried yet, no second inbound fee, a derived
     idempotency key. The campaign fingerprints are checked and marked again: the refund
     of the previous try forgot them (no sale of the lead stood), so only a real duplicate
     sold meanwhile stops the waterfall, and a sale now marks them for this lead."""
-    cs = lead["cs"]
-    keep = [i for i, c in enumerate(cs) if c["b"] not in tried]
+    cs = lead.inline()
+    keep = [i for i, c in enumerate(cs) if c.buyer not in tried]
     pos = {old + 1: new + 1 for new, old in enumerate(keep)}
-    nxt = {**lead, "k": f"{lead['k']}:{lead['id']}:{n}", "fi": 0,
-           "cs": [cs[i] for i in keep], "q": [pos.get(x, 0) for x in lead["q"]]}
-    nxt.pop("k2", None)  # the payload's pointer leads to try 1's key, which holds the result
-    nxt.pop("k2t", None)
-    return nxt
+    return msgspec.structs.replace(
+        lead, key=f"{lead.key}:{lead.id}:{n}", fee_in=0,
+        candidates=[cs[i] for i in keep], rotation=[pos.get(x, 0) for x in lead.rotation],
+        # the payload's pointer leads to try 1's key, which holds the result
+        key2=None, key2_ttl=None)

@@ -9,6 +9,7 @@ import msgspec
 from billing import money
 from engine import keys
 from engine.config import WALLET, Buyer, Delivery
+from engine.lua_protocol import Call, Candidate, LeadCall, decode_reply
 from engine.scripts import scripts
 from engine.store import Store, now_ms
 
@@ -36,17 +37,17 @@ async def sell(store: Store, b: Buyer, lead_id: str, lead: dict[str, str] | None
     """One lead, one candidate: the sale record and the delivery job, as in production."""
     lead = lead if lead is not None else {"first_name": "Ada", "email": "ada@example.com",
                                           "state": "CA"}
-    batch = {"now": now_ms(), "w": WALLET, "leads": [{
-        "id": lead_id, "k": f"k-{lead_id}", "kt": 3600, "t": 0, "c": b.campaign, "fi": 0,
-        "n": 1, "rr": 0, "q": [], "d": [], "dt": 86_400,
-        "win": ["h1", "d1", "w1", "m1"], "x": msgspec.json.encode(lead).decode(),
-        "cs": [{"b": b.id, "a": b.client, "p": money.parse(b.price), "fo": FEE,
-                "bd": [f"fp-{lead_id}"], "cap": [-1] * 7}],
-    }]}
+    batch = Call(now=now_ms(), wallet=WALLET, leads=[LeadCall(
+        id=lead_id, key=f"k-{lead_id}", key_ttl=3600, test=0, campaign=b.campaign, fee_in=0,
+        sell_limit=1, round_robin=0, rotation=[], dedupe=[], dedupe_ttl=86_400,
+        windows=["h1", "d1", "w1", "m1"], payload=msgspec.json.encode(lead).decode(),
+        candidates=[Candidate(buyer=b.id, account=b.client, price=money.parse(b.price),
+                              fee_out=FEE, caps=(-1,) * 7, dedupe=[f"fp-{lead_id}"])],
+    )])
     raw = await scripts().decide(store.redis, [keys.tenant_prefix(b.tenant)],
                                  [msgspec.json.encode(batch)])
-    result = msgspec.json.decode(raw)["r"][0]
-    assert result["s"] == "ACCEPTED", result
+    decisions = decode_reply(raw).decisions
+    assert isinstance(decisions, list) and decisions[0].status == "ACCEPTED", decisions
 
 
 async def balance(store: Store, account: str, *, tenant: str = T) -> int:

@@ -22,6 +22,7 @@ from bench import common
 from engine.batcher import encode_call
 from engine.demo import make_lead
 from engine.ingest import Ingest, LeadResponse, LuaLead, new_lead_id
+from engine.lua_protocol import Call, decode_lead
 from engine.routing import CampaignPlan
 from engine.runtime import Runtime, SupplierPlan
 
@@ -81,8 +82,8 @@ def test_routing_eligible_ordered(benchmark: Any, case: Case) -> None:
 
 
 def test_lua_lead_dict(benchmark: Any, case: Case) -> None:
-    lead = msgspec.json.decode(benchmark(case.lua_lead).json)
-    assert lead["c"] == "solar" and lead["cs"]
+    lead = decode_lead(benchmark(case.lua_lead).json)
+    assert lead.campaign == "solar" and lead.candidates
 
 
 def test_encode_lua_batch_of_64(benchmark: Any, case: Case) -> None:
@@ -93,7 +94,8 @@ def test_encode_lua_batch_of_64(benchmark: Any, case: Case) -> None:
         return encode_call(items, time.time_ns() // 1_000_000)  # type: ignore[arg-type]
 
     out = benchmark(run)
-    assert len(msgspec.json.decode(out)["leads"]) == 64
+    leads = msgspec.json.decode(out, type=Call).leads
+    assert isinstance(leads, list) and len(leads) == 64
 
 
 def test_encode_response(benchmark: Any) -> None:

@@ -1,37 +1,16 @@
 -- decide.lua: decide, meter and record a micro-batch of leads of one tenant, atomically.
 --
 -- KEYS[1]  tenant key prefix ("lf:{tenant}:"); every key touched derives from it (one slot)
--- ARGV[1]  JSON batch (below); ARGV[1 + i]: lead i's "x" payload when not inline
---   { "now": <epoch ms>, "w": "<tenant wallet account id>",
---     "c": { "<key>": candidate, ... } the call's candidate table (below; may be left out),
---     "leads": [ {
---       "id": lead id, "k": idempotency key, "kt": its TTL in seconds, "t": 1 = test lead,
---       "k2", "k2t": optional second key and its TTL (seconds): the payload's, when "k" is
---            the seller's Idempotency-Key (both rules hold: same key, or same payload
---            within the replay window); it stores a pointer to "k", not a copy, so the
---            sync waterfall's later writes to "k" are what a replay through "k2" finds,
---       "c": campaign id, "fi": inbound fee (micros), "n": sell limit (buyers),
---       "rr": 1 = rotate candidates with the campaign cursor using "q" (round robin),
---       "q": [candidate index (1-based) or 0, ...] the campaign's rotation sequence,
---       "d": [campaign-scope dedupe fingerprints], "dt": dedupe look-back in seconds,
---       "win": [hour id, day id, week id, month id] as strings, campaign time zone,
---       "x": the normalized lead as a JSON string (the delivery job payload); may be left
---            out and passed as ARGV[1 + i] instead (the engine does: no JSON-in-JSON to
---            escape in Python nor to scan in cjson),
---       "cs": [candidate, or the key of one in "c", ...] in the order they are tried, where a
---             candidate is { "b": buyer id, "a": client account id, "p": price (micros),
---                 "fo": outbound fee (micros), "bd": [buyer-scope fingerprints] (inline only),
---                 "cap": [hour, day, week, month, total, spend day, spend month] (-1 none) },
---       "bd": [[buyer-scope fingerprints], ...] per "cs" item given by key (optional)
---     } ] }
---   The engine sends each buyer's candidate once per call, in "c", and keys in "cs": 16
---   leads then decode a buyer's object once, not 16 times. Table objects are shared by
---   the call's leads: a lead's own parts (its "bd") are never written into them.
+-- ARGV[1]  JSON call: {"now", "w", "c": candidate table, "leads": [lead, ...]}
+-- ARGV[1 + i]  lead i's delivery payload ("x") when the lead does not carry it inline
+-- Returns JSON {"r": [decision per lead, in order], "e": events, "m": debits, "x": failures}
 --
--- Returns JSON {"r": [result per lead, in order], "e": [event type, count, ...],
--- "m": [lead debits, fee debits] (micros, as strings), "x": [[lead id, error], ...]} where
--- a result is {"id", "s": ACCEPTED|DUPLICATED|REJECTED|ERROR, "c": code, "m": reason,
---            "sold": [[buyer, price micros], ...], "t": test, "rp": true on replay}.
+-- The spec of every field, both ways, is engine/lua_protocol.py (msgspec Structs: Call,
+-- LeadCall, Candidate, Reply, Decision, StoredDecision): a new field is added there and
+-- read here. A lead's "cs" items are candidate objects (inline, with their own "bd") or
+-- keys of the call's table "c" (their "bd" in the lead's "bd"): table objects are shared
+-- by the call's leads, so a lead's own parts are never written into them.
+--
 -- A candidate is skipped (counted as "paused") when its buyer hash says paused, its account
 -- is missing, or its delivery circuit breaker is open (K.breaker exists; one EXISTS per
 -- buyer per call, written by the delivery worker).
