@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from engine import config as config_mod
+from engine import configfile
 from engine.config import WALLET, Config, resolve_secret
 from engine.demo import make_leads
 from engine.embedded import EmbeddedRedis
@@ -73,7 +73,7 @@ def machine_line(m: dict[str, Any] | None = None) -> str:
 
 
 def load_config(path: str | os.PathLike[str] = EXAMPLE_CONFIG) -> Config:
-    return config_mod.load(str(path))
+    return configfile.load(str(path))
 
 
 async def _fund(cfg: Config, url: str) -> None:

@@ -24,6 +24,7 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from engine import configfile
 from engine.embedded import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,10 +106,9 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 async def _serve(config: str, redis_url: str, port: int, host: str) -> None:
-    from engine import config as config_mod
     from engine.service import Service
 
-    cfg = config_mod.load(config)
+    cfg = configfile.load(config)
     with tempfile.TemporaryDirectory(prefix="leadflow-bench-engine-") as state_dir:
         svc = Service(cfg, redis_url=redis_url, host=host, port=port, state_dir=state_dir,
                       workers=[])

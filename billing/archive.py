@@ -138,7 +138,7 @@ class _Postgres:
 
     @classmethod
     async def connect(cls, url: str) -> _Postgres:
-        import psycopg
+        import psycopg  # noqa: PLC0415 - PostgreSQL's driver, loaded only for a postgresql:// archive
 
         return cls(await psycopg.AsyncConnection.connect(url))
 

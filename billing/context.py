@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from billing.archive import Archive
 
 RefundHook = Callable[[str, str], Awaitable[None]]  # (step, account)
+# a recharge's outcome and, when it succeeded, its latency in seconds (engine.telemetry)
+RechargeObserver = Callable[[str, float | None], None]
 
 
 @dataclass
@@ -27,6 +29,9 @@ class BillingContext:
     archive: Archive | None = None
     hook: Hook | None = None  # test seam, see billing.attempts.Charger
     refund_hook: RefundHook | None = None  # test seam of funding.refund_balance's steps
+    # a recharge's outcome (succeeded, declined, authentication_required, failed, skipped)
+    # and, when it succeeded, its latency in seconds: the service wires it to the metrics
+    observer: RechargeObserver | None = None
     methods: Methods = field(init=False)
     charger: Charger = field(init=False)
 

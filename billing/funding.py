@@ -26,13 +26,10 @@ from billing.errors import (
     InvalidRequest,
     PaymentsFailed,
 )
+from billing.policy import CENT, MAX_FEE_BP, MIN_FUNDING, check_card_amount
 from engine import keys, scripts
 from engine.store import Store
 
-MIN_FUNDING = 100 * money.MICROS
-MAX_FUNDING = 1_000_000 * money.MICROS
-MAX_FEE_BP = 1_500  # 15%
-CENT = 10_000  # micros
 _KEY = re.compile(r"[A-Za-z0-9_.:-]{1,128}")  # fullmatch: "$" took "k\n"
 
 
@@ -40,19 +37,6 @@ def check_idempotency_key(key: str) -> None:
     if not isinstance(key, str) or not _KEY.fullmatch(key):
         raise InvalidRequest("idempotency key: 1-128 characters of A-Z a-z 0-9 _ . : -",
                              code="invalid_idempotency_key")
-
-
-def check_card_amount(amount: int, *, minimum: int, field: str = "amount") -> None:
-    """A card amount: whole cents, at least ``minimum``, at most MAX_FUNDING."""
-    if amount < minimum:
-        raise InvalidRequest(f"{field}: the minimum is ${money.format(minimum)}",
-                             code="amount_too_small")
-    if amount > MAX_FUNDING:
-        raise InvalidRequest(f"{field}: the maximum is ${money.format(MAX_FUNDING)}",
-                             code="amount_too_large")
-    if amount % CENT:
-        raise InvalidRequest(f"{field}: cards are charged in whole cents",
-                             code="invalid_amount")
 
 
 def fee_basis_points(ctx: BillingContext, tenant: str) -> int:

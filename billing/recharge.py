@@ -30,7 +30,7 @@ from redis.exceptions import ResponseError
 
 from billing import money
 from billing.attempts import FINAL, Attempt, CardTry, Hook
-from billing.context import BillingContext
+from billing.context import BillingContext, RechargeObserver
 from billing.errors import (
     BillingError,
     Busy,
@@ -38,12 +38,12 @@ from billing.errors import (
     NoPaymentMethod,
     PaymentTransient,
 )
-from billing.funding import CENT, card_fee, check_card_amount, fee_basis_points
+from billing.funding import card_fee, fee_basis_points
+from billing.policy import CENT, effective, threshold_flags, validate
 from billing.stripe_gateway import StripeGateway
 from engine import keys
 from engine.config import AutoRecharge, Config
 from engine.errors import StoreUnavailable
-from engine.metrics import METRICS, observe
 from engine.store import UNAVAILABLE, Store, is_cluster, now_ms
 
 log = logging.getLogger("leadflow.billing.recharge")
@@ -51,31 +51,11 @@ log = logging.getLogger("leadflow.billing.recharge")
 GROUP = "recharge"
 MAX_DELIVERIES = 5
 STALE_MS = 5 * 60_000  # an unfinished charge attempt this long untouched is resumed
-MIN_THRESHOLD = 20 * money.MICROS
-MIN_AMOUNT = 100 * money.MICROS
 _DAY_MS = 86_400_000
 _ar_enc = msgspec.json.Encoder()
-_ar_dec = msgspec.json.Decoder(AutoRecharge)
 
 
 # -- settings ------------------------------------------------------------------------------
-
-def validate(ar: AutoRecharge) -> None:
-    """Seed 000: threshold at least $20.00, amount at least $100.00; sane caps."""
-    threshold = money.parse(ar.threshold, field="threshold")
-    amount = money.parse(ar.amount, field="amount")
-    cap = money.parse(ar.max_amount_per_day, field="max_amount_per_day")
-    if threshold < MIN_THRESHOLD:
-        raise InvalidRequest("threshold: the minimum is $20.00", code="threshold_too_small")
-    check_card_amount(amount, minimum=MIN_AMOUNT)
-    if ar.every_days is not None and not 1 <= ar.every_days <= 366:
-        raise InvalidRequest("every_days: 1 to 366", code="invalid_schedule")
-    if not 1 <= ar.max_per_day <= 100:
-        raise InvalidRequest("max_per_day: 1 to 100", code="invalid_cap")
-    if cap < amount:
-        raise InvalidRequest("max_amount_per_day: at least one recharge amount",
-                             code="invalid_cap")
-
 
 async def settings(ctx: BillingContext, tenant: str, account: str) -> AutoRecharge:
     """The account's auto-recharge settings: the API's override, else the config's."""
@@ -117,20 +97,6 @@ async def recharge_if_below(ctx: BillingContext, tenant: str, account: str, *,
     return True
 
 
-def threshold_flags(ar: AutoRecharge) -> tuple[bool, int]:
-    """(armed, threshold micros) for the Lua machinery: only threshold mode emits
-    ``recharge_needed``; schedule mode recharges on its own clock."""
-    armed = ar.enabled and ar.every_days is None
-    return armed, money.parse(ar.threshold) if armed else 0
-
-
-async def effective(store: Store, tenant: str, account: str, base: AutoRecharge
-                    ) -> AutoRecharge:
-    """The settings in force: the API's override (PUT /auto-recharge) over the config's."""
-    raw = await store.redis.get(keys.autorecharge(tenant, account))
-    return _ar_dec.decode(raw) if raw else base
-
-
 # -- one recharge --------------------------------------------------------------------------
 
 def _day(ctx: BillingContext, tenant: str, ms: int) -> str:
@@ -147,9 +113,11 @@ async def _emit(ctx: BillingContext, tenant: str, etype: str, account: str,
         keys.events(tenant), entry,
         maxlen=1_000_000, approximate=True,
     )
-    METRICS.events_emitted(etype).inc()
-    if etype == "recharge_failed" and fields.get("reason") in _SKIPPED:
-        METRICS.recharge_attempts("skipped").inc()
+    if ctx.store.events_observer is not None:
+        ctx.store.events_observer([etype, 1])
+    if ctx.observer is not None and etype == "recharge_failed" and fields.get(
+            "reason") in _SKIPPED:
+        ctx.observer("skipped", None)
 
 
 async def _finish(ctx: BillingContext, a: Attempt, now: int) -> None:
@@ -165,26 +133,26 @@ async def _finish(ctx: BillingContext, a: Attempt, now: int) -> None:
                     reason=a.error or a.state, amount=a.amount)
     a.notified = True
     await ctx.charger.save(a)
-    _observe(a, now_ms())
+    if ctx.observer is not None:
+        _observe(ctx.observer, a, now_ms())
 
 
 # recharge_failed reasons that are no attempt at a card (a cap, nothing to charge)
 _SKIPPED = frozenset({"daily_cap", "no_payment_method"})
 
 
-def _observe(a: Attempt, now: int) -> None:
+def _observe(observer: RechargeObserver, a: Attempt, now: int) -> None:
     """An attempt's outcome, once (``_finish`` runs it after ``notified``): succeeded with
     its latency from the attempt's creation (the worker reading the crossing's event),
     declined (every card declined), authentication_required, or failed."""
     if a.state == "credited":
-        METRICS.recharge_attempts("succeeded").inc()
-        observe(METRICS.recharge_latency, max(now - a.created_ms, 0) / 1_000)
+        observer("succeeded", max(now - a.created_ms, 0) / 1_000)
     elif a.state == "needs_customer":
-        METRICS.recharge_attempts("authentication_required").inc()
+        observer("authentication_required", None)
     elif a.cards and all(c.state == "declined" for c in a.cards):
-        METRICS.recharge_attempts("declined").inc()
+        observer("declined", None)
     else:
-        METRICS.recharge_attempts("failed").inc()
+        observer("failed", None)
 
 
 async def recharge(ctx: BillingContext, tenant: str, account: str, *, attempt_id: str,

@@ -17,9 +17,10 @@ import msgspec
 from engine import http
 from engine.accounts_api import AccountsApi
 from engine.batcher import Batcher
+from engine.codes import Codes, LeadResponse, error
 from engine.errors import StoreUnavailable
 from engine.http import Receive, Request, Response, Scope, Send
-from engine.ingest import Codes, Ingest, LeadObserver, LeadResponse, error
+from engine.ingest import Ingest, LeadObserver
 from engine.metrics import registry_for_process, render
 from engine.runtime import Runtime
 from engine.store import UNAVAILABLE, Store

@@ -15,9 +15,19 @@ from urllib.parse import unquote, urlsplit
 
 import uvloop
 
+from billing.archive import Archive
 from engine import config as config_mod
-from engine.errors import ConfigError, LeadflowError
+from engine import configfile
+from engine.demo import run_demo
+from engine.embedded import EmbeddedRedis
+from engine.errors import ConfigError, EmbeddedRedisError, LeadflowError
 from engine.logs import setup_logging
+from engine.pidfile import EngineState, config_path, read_running
+from engine.reconcile import reconcile
+from engine.service import Service, redis_url_from, run_worker
+from engine.store import Store, connect
+from engine.wallet import credit_wallet
+from engine.workers import in_process_workers
 
 DEFAULT_CONFIG = "config/example.toml"
 
@@ -115,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "config":
-        cfg = config_mod.load(args.path)
+        cfg = configfile.load(args.path)
         if args.action == "check":
             print(
                 f"{args.path}: ok ({len(cfg.tenants)} tenants, {len(cfg.campaigns)} campaigns, "
@@ -123,10 +133,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             )
             return 0
         return _signal_reload(cfg, args.state_dir)
-    cfg = config_mod.load(args.config)
+    cfg = configfile.load(args.config)
     if args.command == "run":
-        from engine.service import Service
-
         svc = Service(
             cfg,
             redis_url=args.redis_url,
@@ -137,16 +145,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         _run(_serve(svc))
         return 0
     if args.command == "demo":
-        from engine.demo import run_demo
-
         return _run(run_demo(cfg, leads=args.leads, seed=args.seed, redis_url=args.redis_url,
                              sink=args.sink))
     if args.command == "reconcile":
         return _run(_reconcile(cfg, args.redis_url))
     if args.command == "wallet":
         return _run(_wallet_credit(cfg, args))
-    from engine.workers import run_worker
-
     return _run(
         run_worker(
             args.kind,
@@ -159,8 +163,6 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _default_workers() -> list[Any]:
-    from engine.workers import in_process_workers
-
     return in_process_workers()
 
 
@@ -171,8 +173,6 @@ async def _serve(svc: Any) -> int:
 
 async def _open_archive(cfg: config_mod.Config) -> Any:
     """The ledger worker's SQL archive, when there is one (``sql_url`` or the SQLite file)."""
-    from billing.archive import Archive
-
     sqlite = Path(cfg.settings.state_dir) / "ledger.sqlite3"
     if cfg.settings.sql_url is None and not sqlite.exists():
         return None
@@ -184,8 +184,6 @@ def _signal_reload(cfg: config_mod.Config, state_dir: str | None, *,
     """SIGHUP to every engine running on the config's state dir, once the file checked out,
     then wait for each engine's own verdict (its record, engine.pidfile). An engine reloads
     the file it was started with, so another file is refused rather than silently ignored."""
-    from engine.pidfile import config_path, read_running
-
     where = Path(state_dir or cfg.settings.state_dir)
     engines = read_running(where)
     if not engines:
@@ -201,8 +199,6 @@ def _signal_reload(cfg: config_mod.Config, state_dir: str | None, *,
 
 
 def _reload_one(where: Path, pid: int, reloads: int, within_s: float) -> int:
-    from engine.pidfile import EngineState, read_running
-
     def now() -> EngineState | None:
         return next((e for e in read_running(where) if e.pid == pid), None)
 
@@ -237,11 +233,7 @@ async def _reconcile(cfg: config_mod.Config, redis_url: str | None) -> int:
 
 
 async def _wallet_credit(cfg: config_mod.Config, args: argparse.Namespace) -> int:
-    from engine.wallet import credit_wallet
-
     async def at(url: str) -> int:
-        from engine.store import Store, connect
-
         store = Store(connect(url))
         try:
             outcome = await credit_wallet(cfg, store, args.tenant, args.amount, ref=args.ref,
@@ -262,10 +254,6 @@ async def _at_redis(cfg: config_mod.Config, redis_url: str | None, failed: str,
     them); otherwise one is started on the data and stopped after. Anything that keeps
     ``fn`` from running or finishing is one line on stderr (URLs and passwords left out)
     and exit status 2."""
-    from engine.embedded import EmbeddedRedis
-    from engine.pidfile import read_running
-    from engine.service import redis_url_from
-
     url = redis_url_from(cfg, redis_url)
     try:
         if url is not None:
@@ -289,8 +277,6 @@ async def _at_redis(cfg: config_mod.Config, redis_url: str | None, failed: str,
 
 def _unchecked(exc: Exception, *urls: str | None) -> str:
     """One line naming what failed, without the URLs' passwords."""
-    from engine.errors import EmbeddedRedisError
-
     module = type(exc).__module__
     if module.startswith("redis"):
         what = "Redis"
@@ -315,9 +301,6 @@ def _unchecked(exc: Exception, *urls: str | None) -> str:
 
 
 async def _reconcile_at(cfg: config_mod.Config, url: str) -> int:
-    from engine.reconcile import reconcile
-    from engine.store import Store, connect
-
     store = Store(connect(url))
     archive = None
     try:

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
-from billing import money, recharge
+from billing import money, policy
 from billing.errors import BillingError, MoneyError
 from engine.config import (
     WALLET,
@@ -31,6 +31,7 @@ from engine.delivery.payload import RequestBuilder
 from engine.delivery.signing import Signer, SigningError
 from engine.delivery.verdict import ResponseMapper
 from engine.errors import ConfigError
+from engine.runtime import Runtime
 
 MIN_ALERT = 1_000_000  # balance alerts: at least $1.00
 MIN_FLOOR = -20_000_000  # a balance accrues at most -$20.00 (seed 000)
@@ -105,7 +106,7 @@ class _Checker:
         for name in ("threshold", "amount", "max_amount_per_day"):  # each with its own path
             self.money(getattr(ar, name), f"{path}.{name}")
         try:
-            recharge.validate(ar)
+            policy.validate(ar)
         except BillingError as exc:  # "max_per_day: 1 to 100"
             name, sep, reason = str(exc).partition(": ")
             if sep and name in AutoRecharge.__struct_fields__:
@@ -354,6 +355,4 @@ def check(cfg: Config) -> None:
         raise c.fail("settings.idempotency_ttl_s", "at least settings.replay_window_s")
     # compiling the routing plans checks what only compilation can: regexes, ranges,
     # schedules, field rules (each raises ConfigError with its path)
-    from engine.runtime import Runtime
-
     Runtime(cfg)

@@ -36,7 +36,8 @@ from engine import keys
 from engine.config import Config, Delivery, ResponseRule, resolve_secret
 from engine.errors import LeadflowError
 from engine.reconcile import reconcile
-from engine.service import Service, WorkerFactory
+from engine.service import Service
+from engine.workers import WorkerFn, deliver
 
 _FIRST = ["Ana", "Ben", "Chloe", "Dev", "Elif", "Femi", "Gus", "Hana", "Ivan", "Jo"]
 _LAST = ["Ng", "Okafor", "Smith", "Garcia", "Kim", "Rossi", "Haddad", "Weber"]
@@ -200,10 +201,8 @@ async def run_demo(
     seed = seed if seed is not None else random.SystemRandom().randrange(1, 2**31)
     state_dir = tempfile.mkdtemp(prefix="leadflow-demo-")
     buyers = BuyerSink() if sink else None
-    workers: list[WorkerFactory] = []
+    workers: list[WorkerFn] = []
     if buyers is not None:
-        from engine.workers import deliver
-
         await buyers.start()
         cfg = buyers.route(cfg)
         workers.append(deliver)

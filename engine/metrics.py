@@ -38,6 +38,7 @@ from threading import Lock, Thread
 from typing import Any, Generic, TypeVar
 from wsgiref.simple_server import WSGIServer
 
+import redis
 from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
@@ -50,6 +51,11 @@ from prometheus_client import (
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encoder, generate_latest
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from engine import keys
+from engine.store import CLUSTER_SCHEME, DEFAULT_FLOOR
 
 log = logging.getLogger(__name__)
 
@@ -604,12 +610,6 @@ def sync_redis_client(url: str, *, timeout_s: float = BALANCE_TIMEOUT_S) -> Any:
     A cluster client reads the cluster's slot map when built, so this raises (a
     :class:`redis.exceptions.RedisError`) when no node answers at that moment.
     """
-    import redis
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-
-    from engine.store import CLUSTER_SCHEME
-
     quick: dict[str, Any] = {"socket_connect_timeout": timeout_s,
                              "socket_timeout": timeout_s, "retry": Retry(NoBackoff(), 0)}
     if url.startswith(CLUSTER_SCHEME):
@@ -631,9 +631,6 @@ def redis_balance_source(
     does not exist are skipped. A missing floor is ``DEFAULT_FLOOR``, as in the scripts;
     billing ``none`` accounts have no floor (None).
     """
-    from engine import keys
-    from engine.store import DEFAULT_FLOOR
-
     def source() -> list[BalanceRow]:
         wanted = list(accounts() if callable(accounts) else accounts)
         if not wanted:

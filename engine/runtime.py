@@ -11,6 +11,7 @@ import hashlib
 from dataclasses import dataclass, field
 
 from billing import money
+from billing.policy import effective, threshold_flags
 from engine.config import WALLET, Account, Client, Config, Tenant, resolve_secret
 from engine.routing import CampaignPlan
 from engine.store import Store
@@ -68,8 +69,6 @@ async def sync_accounts(cfg: Config, store: Store) -> int:
     when a threshold now lies above the balance). Auto-recharge set through the API outlives
     reloads and restarts (it is stored beside the account and wins over the file). Returns
     how many were created."""
-    from billing.recharge import effective, threshold_flags
-
     created = 0
     for t in cfg.tenants:
         accounts: list[tuple[str, Account, str]] = [(WALLET, t.wallet, "manual")]

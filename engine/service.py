@@ -12,7 +12,6 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +20,10 @@ import msgspec
 import uvicorn
 
 from billing.api import routes as billing_routes
+from billing.archive import Archive
 from billing.context import BillingContext
 from billing.stripe_gateway import gateway_from_env
-from engine import config as config_mod
-from engine import telemetry
+from engine import configfile, telemetry
 from engine.accounts_api import tenant_route
 from engine.app import App
 from engine.config import WALLET, Config, Settings
@@ -34,15 +33,20 @@ from engine.embedded import EmbeddedRedis
 from engine.errors import ConfigError, EmbeddedRedisError, LeadflowError
 from engine.http import Handler, Request, Response
 from engine.http_server import Limits, Server, protocol_for
+from engine.metrics import (
+    BalanceCollector,
+    redis_balance_source,
+    start_worker_metrics_server,
+    sync_redis_client,
+)
 from engine.pidfile import EngineState, PidFile, config_path, read_running
 from engine.runtime import Runtime, sync_accounts
 from engine.store import Store, connect, pool_size
 from engine.sync_route import SyncRouter
-from engine.workers import Crew
+from engine.workers import REGISTRY, Crew, WorkerContext, WorkerFn
 
 log = logging.getLogger("leadflow")
 
-WorkerFactory = Callable[["Service", asyncio.Event], Coroutine[Any, Any, None]]
 
 
 def _decide_observer(seconds: float, events: Any, debited: list[str]) -> None:
@@ -65,10 +69,9 @@ def redis_url_from(cfg: Config, override: str | None) -> str | None:
     return override or os.environ.get("LEADFLOW_REDIS_URL") or cfg.settings.redis_url
 
 
-async def _monitor(svc: Service, stop: asyncio.Event) -> None:
+async def _monitor(ctx: WorkerContext, stop: asyncio.Event) -> None:
     """Redis liveness and stream lag gauges of the config's tenants (engine.telemetry)."""
-    assert svc.store is not None
-    await telemetry.monitor(svc.store.redis, [t.id for t in svc.cfg.tenants], stop)
+    await telemetry.monitor(ctx.store.redis, ctx.tenants(), stop)
 
 
 def _changed_settings(old: Settings, new: Settings) -> list[str]:
@@ -86,7 +89,7 @@ class Service:
         host: str | None = None,
         port: int | None = None,
         state_dir: str | None = None,
-        workers: list[WorkerFactory] | None = None,
+        workers: list[WorkerFn] | None = None,
     ) -> None:
         self.cfg = cfg
         self.redis_url = redis_url_from(cfg, redis_url)
@@ -158,11 +161,15 @@ class Service:
             sync=self.sync,
         )
         self.billing = BillingContext(self.cfg, self.store, gateway_from_env(),
-                                      archive=await self._open_archive())
+                                      archive=await self._open_archive(),
+                                      observer=telemetry.recharge_observer)
         self.app.archive = self.billing.archive
         self._mount_billing()
         self.app.ready = True
-        self.crew = Crew(self, [_monitor, *self.worker_factories], self._worker_failed)
+        context = WorkerContext(config=lambda: self.cfg, store=self.store,
+                                consumer=self.consumer, state_dir=self.state_dir,
+                                http=self.http, billing=self.billing)
+        self.crew = Crew(context, [_monitor, *self.worker_factories], self._worker_failed)
         self.crew.start()
         if serve:
             await self._serve()
@@ -172,8 +179,6 @@ class Service:
         """The SQL ledger archive the ledger worker fills (``sql_url``, else the SQLite file
         in the state directory), for the transactions API: its own connection, read-only
         use. None, with a warning, when it cannot be opened (the API then answers 503)."""
-        from billing.archive import Archive
-
         try:
             return await Archive.open(self.cfg.settings.sql_url,
                                       path=str(self.state_dir / "ledger.sqlite3"))
@@ -240,7 +245,7 @@ class Service:
         workers restarted on it. One reload at a time, in the order they were asked for:
         two quick SIGHUPs used to race, and the older file could win."""
         async with self._reloading:
-            cfg = config_mod.load(path or self.cfg.source)
+            cfg = configfile.load(path or self.cfg.source)
             assert self.store is not None and self.app is not None
             await sync_accounts(cfg, self.store)
             self.app.runtime = Runtime(cfg)
@@ -329,8 +334,6 @@ class Service:
         Registered on the app's registry until :meth:`stop` (which unregisters it, so a
         process may start a Service again, as the tests do).
         """
-        from engine.metrics import BalanceCollector, redis_balance_source, sync_redis_client
-
         assert self.app is not None and self.store is not None
         url = self.redis_url or (self.embedded.url if self.embedded is not None else None)
         assert url is not None  # start() ran: a given URL, or the embedded server's
@@ -403,3 +406,40 @@ def _embedded_taken(exc: EmbeddedRedisError, state_dir: Path) -> str:
         return str(exc)
     return (f"{exc}: the engine (pid {running[0].pid}) runs it; join it with --redis-url "
             f"{running[0].redis_url}")
+
+
+async def run_worker(
+    kind: str,
+    cfg: Config,
+    *,
+    redis_url: str | None,
+    consumer: str | None,
+    metrics_port: int | None,
+) -> int:
+    """``leadflow worker KIND``: one worker in a process of its own, until SIGTERM."""
+    fn = REGISTRY.get(kind)
+    if fn is None:
+        raise LeadflowError(f"worker {kind!r} is not available in this build")
+    svc = Service(cfg, redis_url=redis_url, port=0, workers=[fn])
+    if consumer:
+        svc.consumer = consumer
+    stop, started = asyncio.Event(), asyncio.Event()
+    svc.handle_signals(stop, started)  # SIGHUP: the worker restarts on the reloaded config
+    if metrics_port is not None:  # on the configured host, as the engine's API is
+        host = cfg.settings.host
+        server, _ = start_worker_metrics_server(metrics_port, addr=host)
+        port = server.server_port  # the one bound: --metrics-port 0 picks a free one
+        where = f"[{host}]" if ":" in host else host
+        log.info("worker metrics serving", extra={
+            "worker": kind, "port": port, "url": f"http://{where}:{port}/metrics"})
+    await svc.start(serve=False)  # a worker serves no API, only its /metrics port
+    assert svc.crew is not None
+    started.set()
+    try:
+        waits = [asyncio.ensure_future(e.wait()) for e in (stop, svc.crew.failed)]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for w in waits:
+            w.cancel()
+    finally:
+        await svc.stop()
+    return 1 if svc.crew.failed.is_set() else 0

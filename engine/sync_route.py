@@ -55,6 +55,7 @@ import msgspec
 
 from engine import keys, scripts
 from engine.batcher import Batcher
+from engine.codes import Codes
 from engine.config import Buyer, Config
 from engine.delivery import client
 from engine.delivery.client import Endpoint
@@ -68,7 +69,6 @@ from engine.delivery.record import Decision as Claim
 from engine.delivery.record import encode_decision as encode_claim
 from engine.delivery.sync import CLAIM_GRACE_MS, deliver_sync
 from engine.delivery.verdict import Outcome
-from engine.ingest import Codes
 from engine.lua_protocol import (
     Decision,
     LeadCall,

@@ -119,6 +119,13 @@ def events_observer(events: Iterable[Any]) -> None:
             METRICS.events_emitted(name).inc(int(n))
 
 
+def recharge_observer(outcome: str, seconds: float | None) -> None:
+    """A recharge attempt's outcome (billing.recharge), with its latency when it succeeded."""
+    METRICS.recharge_attempts(outcome).inc()
+    if seconds is not None:
+        observe(METRICS.recharge_latency, seconds)
+
+
 def money_observer(kind: str, delta: int) -> None:
     if delta > 0:
         METRICS.money_credited(kind).inc(delta)

@@ -11,6 +11,7 @@ from billing import money
 from billing.attempts import Hook
 from billing.context import BillingContext
 from billing.stripe_gateway import StripeGateway
+from engine import telemetry
 from engine.config import Account, AutoRecharge, Client, Config, Fees, Tenant
 from engine.store import Store
 
@@ -49,7 +50,10 @@ async def sync_accounts(ctx: BillingContext) -> None:
 
 async def new_ctx(redis: aioredis.Redis, gateway: StripeGateway, cfg: Config | None = None,
                   hook: Hook | None = None) -> BillingContext:
-    ctx = BillingContext(cfg or make_config(), Store(redis), gateway, hook=hook)
+    # wired to the metrics as the service wires it
+    store = Store(redis, events_observer=telemetry.events_observer)
+    ctx = BillingContext(cfg or make_config(), store, gateway, hook=hook,
+                         observer=telemetry.recharge_observer)
     await sync_accounts(ctx)
     return ctx
 

@@ -10,8 +10,7 @@ from typing import Any
 
 import aiohttp
 
-from engine import config as config_mod
-from engine import keys
+from engine import configfile, keys
 from engine.config import Config
 from engine.service import Service
 
@@ -108,7 +107,7 @@ def buyer(id: str, *, campaign: str = "camp", client: str = "c1", price: str = "
 
 
 def make_config(*parts: str, base: str = BASE_TOML) -> Config:
-    return config_mod.loads(base + "\n".join(parts), source="<test>")
+    return configfile.loads(base + "\n".join(parts), source="<test>")
 
 
 class Engine:

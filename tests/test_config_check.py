@@ -10,7 +10,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from engine import config as config_mod
+from engine import configfile
 from engine.errors import ConfigError
 from tests.harness import BASE_TOML, buyer, campaign, make_config
 
@@ -74,14 +74,14 @@ def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
     f = tmp_path / "bad.toml"
     f.write_bytes(b"\xff" + BASE_TOML.encode())
     with pytest.raises(ConfigError) as info:
-        config_mod.load(f)
+        configfile.load(f)
     assert (info.value.source, info.value.path) == (str(f), "")
     assert "not valid UTF-8" in info.value.reason and "byte 0" in info.value.reason
 
 
 def test_deeply_nested_toml_is_a_config_error() -> None:
     with pytest.raises(ConfigError) as info:
-        config_mod.loads(b"a = " + b"[" * 5000 + b"]" * 5000, source="deep.toml")
+        configfile.loads(b"a = " + b"[" * 5000 + b"]" * 5000, source="deep.toml")
     assert (info.value.source, info.value.path) == ("deep.toml", "")
     assert "nested too deeply" in info.value.reason
 
@@ -173,7 +173,7 @@ def test_valid_headers_are_accepted() -> None:
         headers='{ "X-Api-Key" = "k e y\\twith tab", "x_custom.v2" = "café", "#!~" = "" }')))
 
 
-# -- auto-recharge: the billing API's rule (billing.recharge.validate) -----------------------
+# -- auto-recharge: the billing API's rule (billing.policy.validate) -----------------------
 
 @pytest.mark.parametrize(("setting", "path", "reason"), [
     ("max_per_day = 0", "max_per_day", "1 to 100"),
@@ -184,7 +184,7 @@ def test_valid_headers_are_accepted() -> None:
 ])
 def test_auto_recharge_is_checked_by_the_billing_api_rule(setting: str, path: str,
                                                           reason: str) -> None:
-    """PUT /auto-recharge refuses these (billing.recharge.validate); the config took them,
+    """PUT /auto-recharge refuses these (billing.policy.validate); the config took them,
     and a max_per_day of 0 then refused every recharge as over the daily cap."""
     toml = BASE_TOML.replace('id = "c1"\nopening_balance = "100.00"',
                              'id = "c1"\nopening_balance = "100.00"\n'
@@ -200,7 +200,7 @@ def test_auto_recharge_config_and_api_agree(monkeypatch: pytest.MonkeyPatch) -> 
     """The one rule: whatever the API's validate refuses, config check refuses (and the
     other way round), for the same settings."""
     from billing.errors import BillingError
-    from billing.recharge import validate
+    from billing.policy import validate
     from engine.config import AutoRecharge
 
     cases = [AutoRecharge(enabled=True), AutoRecharge(enabled=True, threshold="19.99"),

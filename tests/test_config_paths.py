@@ -20,7 +20,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from engine import config as config_mod
+from engine import configfile
 from engine.embedded import free_port
 from engine.errors import ConfigError
 from tests.conftest import EXAMPLE_CONFIG
@@ -70,7 +70,7 @@ def test_relative_paths_are_the_config_files_not_the_working_directorys(
             rel = Path("../" * len(cwd.relative_to(tmp_path).parts)) / path.relative_to(
                 tmp_path)
             for given in (path, rel):
-                s = config_mod.load(given).settings
+                s = configfile.load(given).settings
                 # what the state dir names from here
                 seen.append((path.name, cwd / s.state_dir, s.sql_url))
     assert len(set(seen)) == 5, "both working directories, both spellings: the same paths"
@@ -83,7 +83,7 @@ def test_relative_paths_are_the_config_files_not_the_working_directorys(
     assert got["absolute.toml"] == (tmp_path / "abs", f"sqlite:///{tmp_path}/x.db")
     assert got["pg.toml"][1] == "postgresql://u@db/ledger"
     # the README's `leadflow run` from the repo root: the example's state is config/.leadflow
-    assert Path(config_mod.load(EXAMPLE_CONFIG).settings.state_dir) == (
+    assert Path(configfile.load(EXAMPLE_CONFIG).settings.state_dir) == (
         EXAMPLE_CONFIG.parent / ".leadflow")
 
 
@@ -98,7 +98,7 @@ def test_state_left_where_the_old_rule_put_it_is_not_silently_abandoned(
     (srv / ".leadflow" / "redis" / "appendonlydir").mkdir(parents=True)
     monkeypatch.chdir(srv)
     with pytest.raises(ConfigError) as err:
-        config_mod.load(conf)
+        configfile.load(conf)
     assert err.value.path == "settings.state_dir"
     assert str(tmp_path / "etc" / ".leadflow") in err.value.reason
     assert str(srv / ".leadflow") in err.value.reason
@@ -106,13 +106,13 @@ def test_state_left_where_the_old_rule_put_it_is_not_silently_abandoned(
     # an absolute state_dir is unambiguous
     absolute = write(tmp_path / "etc" / "abs.toml", SETTINGS_ONLY.format(
         settings=f'state_dir = "{srv / ".leadflow"}"'))
-    assert config_mod.load(absolute).settings.state_dir == str(srv / ".leadflow")
+    assert configfile.load(absolute).settings.state_dir == str(srv / ".leadflow")
     # moved next to the config file: found there
     (srv / ".leadflow").rename(tmp_path / "etc" / ".leadflow")
-    assert config_mod.load(conf).settings.state_dir == str(tmp_path / "etc" / ".leadflow")
+    assert configfile.load(conf).settings.state_dir == str(tmp_path / "etc" / ".leadflow")
     # state in both places: the config file's is the one
     (srv / ".leadflow" / "redis" / "appendonlydir").mkdir(parents=True)
-    assert config_mod.load(conf).settings.state_dir == str(tmp_path / "etc" / ".leadflow")
+    assert configfile.load(conf).settings.state_dir == str(tmp_path / "etc" / ".leadflow")
 
 
 async def test_commands_run_elsewhere_find_the_engine_of_the_config_file(

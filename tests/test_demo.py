@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from engine import config as config_mod
+from engine import configfile
 from engine.demo import run_demo
 from engine.errors import LeadflowError
 from tests.conftest import EXAMPLE_CONFIG, ROOT
@@ -16,7 +16,7 @@ from tests.conftest import EXAMPLE_CONFIG, ROOT
 async def test_demo_delivers_to_the_local_sink_and_reconciles(
     redis, redis_server, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cfg = config_mod.load(EXAMPLE_CONFIG)
+    cfg = configfile.load(EXAMPLE_CONFIG)
     assert await run_demo(cfg, leads=120, seed=3, redis_url=redis_server.url) == 0
     out = capsys.readouterr().out
     assert "buyer webhooks: local sink at http://127.0.0.1:" in out
@@ -30,7 +30,7 @@ async def test_demo_needs_at_least_one_lead(leads: int, capsys) -> None:
     """--leads 0 ran the demo, printed "0 problems" and exited 1 (every one of its 0 leads
     was an ERROR); --leads -5 ran it and exited 0. Both are refused before anything
     starts, with a message naming the option."""
-    cfg = config_mod.load(EXAMPLE_CONFIG)
+    cfg = configfile.load(EXAMPLE_CONFIG)
     with pytest.raises(LeadflowError, match=r"--leads must be at least 1"):
         await run_demo(cfg, leads=leads, seed=1, redis_url=None)
     assert "leadflow demo:" not in capsys.readouterr().out  # no engine, no Redis started

@@ -12,7 +12,7 @@ import msgspec
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from engine import config as config_mod
+from engine import configfile
 from engine.store import connect
 from tests.harness import BASE_TOML, buyer, campaign, make_config, running
 
@@ -208,7 +208,7 @@ price = "1.00"
 async def test_a_burst_over_64_tenants_queues_for_redis_instead_of_503(redis_server):
     """Each tenant is its own Lua call (its keys share one slot): 64 tenants with 2 calls in
     flight each are 128 calls at once, past a 64-connection pool. They must queue."""
-    cfg = config_mod.loads(_tenants_config(64), source="<test>")
+    cfg = configfile.loads(_tenants_config(64), source="<test>")
     async with running(cfg, redis_server.url) as eng:
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as http:

@@ -8,6 +8,7 @@ import sys
 
 import msgspec
 
+from engine import configfile
 from engine.logs import JsonFormatter
 
 
@@ -47,7 +48,6 @@ def test_reprs_and_config_errors_show_no_secret() -> None:
     error echoed a webhook URL with its user info and query."""
     import pytest
 
-    from engine import config as config_mod
     from engine.errors import ConfigError
     from engine.runtime import Runtime
     from tests.harness import BASE_TOML, buyer, campaign
@@ -59,11 +59,11 @@ def test_reprs_and_config_errors_show_no_secret() -> None:
             + "[settings]\nredis_url = 'redis://:RPW@h:6379'\nsql_url = 'postgresql://u:SPW@h/db'\n"
             + campaign() + buyer("b1", extra=hook))
     secrets = ["TOKSECRET", "LPKSECRET", "URLPW", "URLQ", "c2VjcmV0", "HDRSECRET", "RPW", "SPW"]
-    cfg = config_mod.loads(toml, source="<test>")
+    cfg = configfile.loads(toml, source="<test>")
     shown = repr(cfg) + repr(list(Runtime(cfg).suppliers.values()))
     for s in secrets:
         assert s not in shown, s
     bad = toml.replace("https://u:URLPW", "htps://u:URLPW")
     with pytest.raises(ConfigError) as err:
-        config_mod.loads(bad, source="<test>")
+        configfile.loads(bad, source="<test>")
     assert "URLPW" not in str(err.value) and "URLQ" not in str(err.value)

@@ -28,8 +28,7 @@ import msgspec
 
 from billing import money
 from billing.archive import Archive
-from engine import config as config_mod
-from engine import keys
+from engine import configfile, keys
 from engine.embedded import EmbeddedRedis, free_port
 from engine.reconcile import reconcile
 from engine.store import Store
@@ -342,7 +341,7 @@ async def test_sigterm_drains_in_flight_leads_and_logs_stay_clean(
     assert accepted, "no lead was sold"
 
     # every sale the engine charged was answered (nothing decided after its client was gone)
-    cfg = config_mod.load(str(proc.config))
+    cfg = configfile.load(str(proc.config))
     rows = await redis.xrange(keys.ledger("t1"))
     archive = await _archive_rows(tmp_path / "state")
     assert archive, "the in-process ledger worker archived nothing"

@@ -13,8 +13,7 @@ import redis.asyncio as aioredis
 
 from billing import money
 from billing.archive import Archive
-from engine import config as config_mod
-from engine import keys
+from engine import configfile, keys
 from engine.embedded import free_port
 from engine.pidfile import EngineState, PidFile
 from engine.reconcile import reconcile
@@ -195,7 +194,7 @@ async def test_tenants_removed_from_the_config_are_checked(redis, redis_server):
         pass
     # an id of another key kind that the SCAN pattern matches too: not a tenant
     await redis.set(keys.idem("t1", "x}:accounts"), "{}")
-    cfg = config_mod.loads(T1_ONLY, source="<test>")
+    cfg = configfile.loads(T1_ONLY, source="<test>")
     checks, findings = await reconcile(cfg, Store(redis))
     assert findings == []
     assert sorted((c.tenant, c.account, c.configured) for c in checks) == [

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import config as config_mod
+from engine import configfile
 from engine.service import Service
 from engine.workers import deliver
 from tests.buyers import SECRET, Buyers, buyer_servers
@@ -61,7 +61,7 @@ async def test_reload_restarts_the_in_process_delivery_worker(redis, redis_serve
     configured" and refunded, and b1's leads went on to the URL the operator removed)."""
     path = tmp_path / "leadflow.toml"
     path.write_text(_toml(buyers, 1))
-    svc = Service(config_mod.load(path), redis_url=redis_server.url, host="127.0.0.1",
+    svc = Service(configfile.load(path), redis_url=redis_server.url, host="127.0.0.1",
                   port=0, state_dir=str(tmp_path / "state"), workers=[deliver])
     await svc.start()
     try:
@@ -93,7 +93,7 @@ async def test_reloads_apply_in_the_order_asked(redis, redis_server, tmp_path: P
     v1, v2 = tmp_path / "v1.toml", tmp_path / "v2.toml"
     v1.write_text(BASE_TOML + many + campaign() + buyer("b1", price="1.00"))
     v2.write_text(BASE_TOML + campaign() + buyer("b1", price="7.00"))
-    async with running(config_mod.load(v1), redis_server.url) as eng:
+    async with running(configfile.load(v1), redis_server.url) as eng:
         await asyncio.gather(eng.svc.reload(str(v1)), eng.svc.reload(str(v2)))
         assert eng.svc.cfg.source == str(v2)
         c1 = await eng.balance("c1")
@@ -108,7 +108,7 @@ async def test_worker_process_reloads_on_sighup(redis, redis_server, buyers: Buy
     path = tmp_path / "leadflow.toml"
     path.write_text(_toml(buyers, 1))
     stderr = tmp_path / "worker.log"
-    async with running(config_mod.load(path), redis_server.url) as eng:
+    async with running(configfile.load(path), redis_server.url) as eng:
         with stderr.open("wb") as err:
             proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once
                 [sys.executable, "-m", "engine.cli", "worker", "deliver", "--config",

@@ -20,8 +20,9 @@ import pytest
 
 from bench import common
 from engine.batcher import encode_call
+from engine.codes import LeadResponse
 from engine.demo import make_lead
-from engine.ingest import Ingest, LeadResponse, LuaLead, new_lead_id
+from engine.ingest import Ingest, LuaLead, new_lead_id
 from engine.lua_protocol import Call, decode_lead
 from engine.routing import CampaignPlan
 from engine.runtime import Runtime, SupplierPlan
