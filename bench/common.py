@@ -18,7 +18,8 @@ from typing import Any
 import msgspec
 
 from engine import configfile
-from engine.config import WALLET, Config, resolve_secret
+from engine.config import Config, resolve_secret
+from engine.constants import WALLET
 from engine.demo import make_leads
 from engine.embedded import EmbeddedRedis
 

@@ -35,7 +35,8 @@ from aiohttp import web
 
 from bench import common
 from engine import keys
-from engine.config import WALLET, Buyer, Config, Delivery, ResponseRule
+from engine.config import Buyer, Config, Delivery, ResponseRule
+from engine.constants import WALLET
 from engine.delivery.worker import DeliveryWorker, WorkerOptions
 from engine.embedded import EmbeddedRedis, free_port
 from engine.lua_protocol import Call, Candidate, LeadCall

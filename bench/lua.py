@@ -33,11 +33,12 @@ import redis
 
 from bench import common
 from engine import keys
+from engine.constants import WALLET
 from engine.ingest import Ingest, new_lead_id
 from engine.lua_protocol import Call, Candidate, LeadCall, decode_lead, decode_reply
 from engine.runtime import Runtime
 from engine.scripts import scripts
-from engine.store import WALLET, now_ms
+from engine.store import now_ms
 
 RAND = "__rand_int__"
 SEED = 44

@@ -27,10 +27,11 @@ import redis
 from bench import common
 from bench.lua import RAND, randomized, representative_leads
 from engine import keys
+from engine.constants import WALLET
 from engine.embedded import EmbeddedRedis
 from engine.lua_protocol import Call, decode_reply
 from engine.scripts import scripts
-from engine.store import WALLET, now_ms
+from engine.store import now_ms
 
 LEADS_PER_CALL = 16
 SEED = 5

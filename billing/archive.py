@@ -34,6 +34,7 @@ from redis.exceptions import ResponseError
 from billing import money
 from billing.errors import InvalidRequest
 from engine import keys
+from engine.constants import archive_path
 from engine.store import UNAVAILABLE, Store
 
 log = logging.getLogger("leadflow.archive")
@@ -245,16 +246,16 @@ class Archive:
         )
 
     @classmethod
-    async def open(cls, url: str | None = None, *, path: str = ".leadflow/ledger.sqlite3"
-                   ) -> Archive:
-        """``postgresql://...`` -> PostgreSQL; ``sqlite:///file`` or None -> SQLite file."""
+    async def open(cls, url: str | None = None, *, path: str | None = None) -> Archive:
+        """``postgresql://...`` -> PostgreSQL; ``sqlite:///file`` or None -> SQLite file
+        (``path``, else the default state directory's archive)."""
         backend: _Backend
         if url and url.startswith(("postgres://", "postgresql://")):
             backend = await _Postgres.connect(url)
         else:
             if url:
                 path = url.removeprefix("sqlite:///").removeprefix("sqlite://")
-            backend = await asyncio.to_thread(_Sqlite, path)
+            backend = await asyncio.to_thread(_Sqlite, path or str(archive_path(".leadflow")))
         archive = cls(backend)
         schema = resources.files("billing").joinpath("schema.sql").read_text(encoding="utf-8")
         await backend.script(schema)

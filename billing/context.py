@@ -10,7 +10,8 @@ from billing.attempts import Charger, Hook
 from billing.errors import UnknownAccount
 from billing.methods import Methods
 from billing.stripe_gateway import StripeGateway
-from engine.config import WALLET, Account, Config, Tenant
+from engine.config import Account, Config, Tenant
+from engine.constants import WALLET
 from engine.store import Store
 
 if TYPE_CHECKING:

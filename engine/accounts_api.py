@@ -17,7 +17,7 @@ from billing.api import decode_body
 from billing.archive import Archive, history, parse_cursor
 from billing.errors import BillingError, InvalidRequest, MoneyError
 from engine import http, keys, telemetry
-from engine.config import WALLET
+from engine.constants import WALLET
 from engine.http import Request, Response
 from engine.runtime import Runtime, token_digest
 from engine.scripts import Script

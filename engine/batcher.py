@@ -15,9 +15,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from engine import keys, lua_protocol
+from engine.constants import WALLET
 from engine.errors import StoreUnavailable
 from engine.lua_protocol import Decision, decode_reply
-from engine.store import UNAVAILABLE, WALLET, Store, now_ms
+from engine.store import UNAVAILABLE, Store, now_ms
 
 log = logging.getLogger("leadflow.batcher")
 # (lead JSON, payload, candidate table entries, waiter): engine.lua_protocol's encoded

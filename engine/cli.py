@@ -18,6 +18,7 @@ import uvloop
 from billing.archive import Archive
 from engine import config as config_mod
 from engine import configfile
+from engine.constants import archive_path
 from engine.demo import run_demo
 from engine.embedded import EmbeddedRedis
 from engine.errors import ConfigError, EmbeddedRedisError, LeadflowError
@@ -173,7 +174,7 @@ async def _serve(svc: Any) -> int:
 
 async def _open_archive(cfg: config_mod.Config) -> Any:
     """The ledger worker's SQL archive, when there is one (``sql_url`` or the SQLite file)."""
-    sqlite = Path(cfg.settings.state_dir) / "ledger.sqlite3"
+    sqlite = archive_path(cfg.settings.state_dir)
     if cfg.settings.sql_url is None and not sqlite.exists():
         return None
     return await Archive.open(cfg.settings.sql_url, path=str(sqlite))

@@ -17,6 +17,7 @@ import msgspec
 
 from billing import money
 from billing.errors import MoneyError
+from engine.constants import DEFAULT_FLOOR
 from engine.errors import ConfigError
 
 Id = str
@@ -30,7 +31,6 @@ BillingMode = Literal["none", "manual", "realtime"]
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-WALLET = "wallet"  # reserved account id of a tenant's platform wallet
 
 
 # fields whose values are secrets or may carry them (a URL's user info or query): a repr
@@ -196,7 +196,7 @@ class Account(_Shape, kw_only=True):
     """Settings shared by client accounts and the tenant wallet."""
 
     opening_balance: str = "0.00"
-    floor: str = "-20.00"
+    floor: str = money.format(DEFAULT_FLOOR)
     alert: str = "20.00"  # balance_alert below this, at least $1.00
     min_balance: str | None = None
     auto_recharge: AutoRecharge = msgspec.field(default_factory=AutoRecharge)

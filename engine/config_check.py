@@ -15,7 +15,6 @@ from urllib.parse import urlsplit
 from billing import money, policy
 from billing.errors import BillingError, MoneyError
 from engine.config import (
-    WALLET,
     WEEKDAYS,
     Account,
     AutoRecharge,
@@ -26,6 +25,7 @@ from engine.config import (
     valid_id,
     zone,
 )
+from engine.constants import DEFAULT_FLOOR, WALLET
 from engine.delivery import DeliveryError
 from engine.delivery.payload import RequestBuilder
 from engine.delivery.signing import Signer, SigningError
@@ -34,7 +34,6 @@ from engine.errors import ConfigError
 from engine.runtime import Runtime
 
 MIN_ALERT = 1_000_000  # balance alerts: at least $1.00
-MIN_FLOOR = -20_000_000  # a balance accrues at most -$20.00 (seed 000)
 MAX_CARD_FEE_BP = 1_500  # pass-through card fee: up to 15%
 MAX_SYNC_DEADLINE_MS = 60_000  # a seller waits at most a minute for a sync-mode answer
 MAX_TIMEOUT_MS = 30_000  # a buyer webhook request: half the worker's 60 s claim-idle time
@@ -86,7 +85,7 @@ class _Checker:
         floor = self.money(acct.floor, f"{path}.floor")
         if floor > 0:
             raise self.fail(f"{path}.floor", "the floor must be zero or negative")
-        if floor < MIN_FLOOR:  # seed 000: "max negative accrual is -$20.00"
+        if floor < DEFAULT_FLOOR:  # seed 000: "max negative accrual is -$20.00"
             raise self.fail(f"{path}.floor", "at most $20.00 below zero (-20.00)")
         if billing != "none" and opening < floor:  # it would start below it: reconcile fails
             raise self.fail(f"{path}.opening_balance",

@@ -13,6 +13,7 @@ import msgspec
 
 from engine.config import Config
 from engine.config_check import check
+from engine.constants import archive_path
 from engine.errors import ConfigError
 
 
@@ -67,7 +68,7 @@ def _holds_state(state_dir: Path) -> bool:
     """An engine's data is there: the embedded Redis's AOF (or RDB), or the SQLite archive."""
     redis = state_dir / "redis"
     return any(p.exists() for p in (redis / "appendonlydir", redis / "appendonly.aof",
-                                    redis / "dump.rdb", state_dir / "ledger.sqlite3"))
+                                    redis / "dump.rdb", archive_path(state_dir)))
 
 
 def _sqlite_url_at(url: str, base: Path) -> str:

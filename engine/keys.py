@@ -9,6 +9,8 @@ is written exactly once.
 
 from __future__ import annotations
 
+from engine.constants import DEFAULT_FLOOR
+
 ROOT = "lf"
 
 # suffix templates under the tenant prefix; "{}" is the id of the account/buyer/...
@@ -155,7 +157,7 @@ def dead_letter(tenant: str, stream: str) -> str:
 
 def lua_preamble() -> str:
     """Lua helpers ``K.<name>(prefix[, id])`` generated from the tables above."""
-    lines = ["local K = {}"]
+    lines = ["local K = {}", f"local DEFAULT_FLOOR = {DEFAULT_FLOOR}"]
     for name, template in _SUFFIX.items():
         head, _, tail = template.partition("{}")
         body = f"p .. {head!r} .. id" + (f" .. {tail!r}" if tail else "")

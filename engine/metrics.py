@@ -55,7 +55,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from engine import keys
-from engine.store import CLUSTER_SCHEME, DEFAULT_FLOOR
+from engine.constants import DEFAULT_FLOOR
+from engine.store import CLUSTER_SCHEME
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,9 @@ import msgspec
 
 from billing import money
 from engine import keys
-from engine.config import WALLET, Config, valid_id
-from engine.store import DEFAULT_FLOOR, Store
+from engine.config import Config, valid_id
+from engine.constants import DEFAULT_FLOOR, WALLET
+from engine.store import Store
 
 if TYPE_CHECKING:
     from billing.archive import Archive

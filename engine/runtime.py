@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 from billing import money
 from billing.policy import effective, threshold_flags
-from engine.config import WALLET, Account, Client, Config, Tenant, resolve_secret
+from engine.config import Account, Client, Config, Tenant, resolve_secret
+from engine.constants import WALLET
 from engine.routing import CampaignPlan
 from engine.store import Store
 

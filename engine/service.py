@@ -26,7 +26,8 @@ from billing.stripe_gateway import gateway_from_env
 from engine import configfile, telemetry
 from engine.accounts_api import tenant_route
 from engine.app import App
-from engine.config import WALLET, Config, Settings
+from engine.config import Config, Settings
+from engine.constants import WALLET, archive_path
 from engine.delivery import client
 from engine.delivery.worker import WorkerOptions
 from engine.embedded import EmbeddedRedis
@@ -181,7 +182,7 @@ class Service:
         use. None, with a warning, when it cannot be opened (the API then answers 503)."""
         try:
             return await Archive.open(self.cfg.settings.sql_url,
-                                      path=str(self.state_dir / "ledger.sqlite3"))
+                                      path=str(archive_path(self.state_dir)))
         except Exception as exc:  # noqa: BLE001 - the engine runs without the archive API
             log.warning("ledger archive not available to the API",
                         extra={"reason": type(exc).__name__})

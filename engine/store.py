@@ -25,12 +25,12 @@ from redis.exceptions import MaxConnectionsError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from engine import keys
+from engine.constants import DEFAULT_FLOOR, WALLET
 from engine.errors import StoreUnavailable
 from engine.scripts import Script, Scripts, scripts
 
 log = logging.getLogger("leadflow.store")
 
-WALLET = "wallet"
 USAGE_TTL_S = 32 * 86_400  # usage event ids are remembered at least 32 days
 OP_TTL_S = 40 * 86_400
 LEDGER_PAGE = 1_000  # ledger stream entries per XREVRANGE
@@ -188,7 +188,6 @@ def is_cluster(client: object) -> bool:
     return isinstance(client, RedisCluster)
 
 
-DEFAULT_FLOOR = -20_000_000  # what _lib.lua assumes for an account hash without a floor
 UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 
 

@@ -14,7 +14,8 @@ from typing import NamedTuple
 
 from billing import money
 from billing.errors import MoneyError
-from engine.config import WALLET, Config
+from engine.config import Config
+from engine.constants import WALLET
 from engine.store import Store
 
 MAX_REF = 100

@@ -27,6 +27,7 @@ from billing.context import BillingContext
 from billing.recharge import run_recharge_worker
 from billing.stripe_gateway import ENV_KEY, StripeGateway
 from engine.config import Config
+from engine.constants import archive_path
 from engine.delivery.worker import run_delivery_worker
 from engine.store import Store
 from engine.telemetry import delivery_observer
@@ -122,7 +123,7 @@ async def recharge(ctx: WorkerContext, stop: asyncio.Event) -> None:
 async def ledger(ctx: WorkerContext, stop: asyncio.Event) -> None:
     """Copies ledger entries into SQL (SQLite by default), trims Redis after the commit."""
     archive = await Archive.open(ctx.config().settings.sql_url,
-                                 path=str(ctx.state_dir / "ledger.sqlite3"))
+                                 path=str(archive_path(ctx.state_dir)))
     try:
         await run_archive_worker(ctx.store, archive, ctx.tenants(),
                                  consumer=ctx.consumer + "-ledger", stop=stop)

@@ -8,7 +8,8 @@ import msgspec
 
 from billing import money
 from engine import keys
-from engine.config import WALLET, Buyer, Delivery
+from engine.config import Buyer, Delivery
+from engine.constants import WALLET
 from engine.lua_protocol import Call, Candidate, LeadCall, decode_reply
 from engine.scripts import scripts
 from engine.store import Store, now_ms

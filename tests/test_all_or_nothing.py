@@ -19,8 +19,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from engine import keys
+from engine.constants import WALLET
 from engine.scripts import scripts
-from engine.store import WALLET
 from tests.harness import buyer, campaign, make_config, running
 
 _WIN = ["h", "d", "w", "m"]

@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 
 from engine import keys
 from engine.batcher import Batcher
+from engine.constants import WALLET
 from engine.lua_protocol import (
     Call,
     Candidate,
@@ -26,7 +27,7 @@ from engine.lua_protocol import (
     encode_lead,
     table_entry,
 )
-from engine.store import WALLET, Store
+from engine.store import Store
 
 _CAPS = (-1, 5, -1, -1, -1, -1, -1)
 

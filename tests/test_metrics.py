@@ -20,6 +20,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine import keys, telemetry
+from engine.constants import DEFAULT_FLOOR
 from engine.delivery.record import DeliveryEvent
 from engine.embedded import EmbeddedRedis
 from engine.metrics import (
@@ -37,7 +38,6 @@ from engine.metrics import (
     render,
     start_worker_metrics_server,
 )
-from engine.store import DEFAULT_FLOOR
 
 ROOT = Path(__file__).resolve().parent.parent
 PROM_DIR = ROOT / "config" / "prometheus"

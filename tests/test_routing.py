@@ -182,8 +182,8 @@ async def test_windows_reset_counts(redis, redis_server):
     """Day/week/month caps count within their window only (driven through decide.lua)."""
     import msgspec
 
+    from engine.constants import WALLET
     from engine.scripts import scripts
-    from engine.store import WALLET
 
     cfg = make_config(campaign(), buyer("b1", extra="caps = { day = 1, week = 2, month = 3 }"))
     async with running(cfg, redis_server.url):

@@ -11,7 +11,7 @@ import asyncio
 import subprocess
 import sys
 
-from engine.config import WALLET
+from engine.constants import WALLET
 from engine.wallet import credit_wallet
 from tests.harness import BASE_TOML, buyer, campaign, make_config, running
 

@@ -134,7 +134,7 @@ local function acct(p, id)
     error('account ' .. id .. ': balance is not an integer')
   end
   a = {
-    id = id, k = k, bal = tonumber(v[1]), floor = tonumber(v[2]) or -20000000,
+    id = id, k = k, bal = tonumber(v[1]), floor = tonumber(v[2]) or DEFAULT_FLOOR,
     alert = tonumber(v[3]) or 0, rthr = tonumber(v[4]) or 0, ar = (v[5] == '1'),
     minb = tonumber(v[6] or ''), mode = v[7] or 'manual', paused = v[8] or '', closed = (v[9] == '1'),
   }
