@@ -1,7 +1,11 @@
-"""The one exception base class of the billing package."""
+"""Billing's errors, under leadflow's one exception root (:class:`LeadflowError`)."""
+
+from __future__ import annotations
+
+from engine.errors import LeadflowError
 
 
-class BillingError(Exception):
+class BillingError(LeadflowError):
     """Base class of every error raised by ``billing``.
 
     ``code`` is a stable machine-readable identifier documented in the README.

@@ -1,8 +1,9 @@
-"""The one exception base class of the engine package."""
+"""leadflow's one exception root, and the engine's own errors."""
 
 
 class LeadflowError(Exception):
-    """Base class of every error raised by ``engine``."""
+    """Base class of every error leadflow raises (billing's derive from it too:
+    :class:`billing.errors.BillingError`)."""
 
 
 class ConfigError(LeadflowError):
