@@ -26,7 +26,7 @@ from billing.errors import (
     InvalidRequest,
     PaymentsFailed,
 )
-from engine import keys, scripts
+from engine import keys
 from engine.store import Store
 
 MIN_FUNDING = 100 * money.MICROS
@@ -149,7 +149,6 @@ async def _step(ctx: BillingContext, name: str, account: str) -> None:
         await ctx.refund_hook(name, account)
 
 
-_CLOSE = scripts.housekeeping_script("balance_close")
 _CLOSE_REFUSED = {
     "unknown_account": "unknown account {account}",
     "negative_balance": "the balance is negative: nothing to refund",
@@ -161,7 +160,8 @@ _CLOSE_REFUSED = {
 async def _close(ctx: BillingContext, tenant: str, account: str, covered: int) -> int:
     """Close the account if ``covered`` micros of card charges cover its balance, in one
     Lua step; returns the balance at the close (what the refund returns)."""
-    raw = await _CLOSE(ctx.store.redis, [keys.tenant_prefix(tenant)], [account, covered, CENT])
+    raw = await ctx.store.lua.balance_close(ctx.store.redis, [keys.tenant_prefix(tenant)],
+                                            [account, covered, CENT])
     status, balance = (x.decode() if isinstance(x, bytes) else str(x) for x in raw)
     if status != "ok":
         raise _close_refused(status, account, int(balance))

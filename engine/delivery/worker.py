@@ -47,7 +47,7 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from engine import keys, scripts
+from engine import keys
 from engine.config import Buyer, Config
 from engine.delivery import client, payload, record
 from engine.delivery.breaker import Breaker, Breakers, State
@@ -59,11 +59,6 @@ from engine.store import Store, is_cluster, now_ms
 log = logging.getLogger("leadflow.delivery")
 
 GROUP = "delivery"
-
-# bookkeeping scripts (engine/lua/delivery_*.lua: each header names its KEYS and ARGV)
-_REQUEUE = scripts.housekeeping("delivery_requeue")
-_FINISH = scripts.housekeeping("delivery_finish")
-_PRECHECK = scripts.housekeeping("delivery_precheck")
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,9 +244,8 @@ class DeliveryWorker:
             [{s: t} for s, t in self._streams.items()] if is_cluster(self.redis)
             else [dict(self._streams)])
         self._inflight = 0  # jobs read and not yet finished (run)
-        self._requeue = self.redis.register_script(_REQUEUE)
-        self._finish_lua = self.redis.register_script(_FINISH)
-        self._precheck = self.redis.register_script(_PRECHECK)
+        # bookkeeping scripts (engine/lua/delivery_*.lua), from the store's registry
+        self._lua = store.lua
         # the process's client session when the service shares its own (one per process);
         # otherwise start() opens one and close() closes it
         self._session: aiohttp.ClientSession | None = session
@@ -358,8 +352,8 @@ class DeliveryWorker:
         """Move due retries of every tenant (of ``group``) back onto its stream."""
         moved, now = 0, self.clock()
         for t in (group or self._streams).values():
-            moved += int(await self._requeue(
-                keys=[keys.retries(t), keys.deliveries(t)], args=[now, self.opts.requeue_batch]))
+            moved += int(await self._lua.delivery_requeue(
+                self.redis, [keys.retries(t), keys.deliveries(t)], [now, self.opts.requeue_batch]))
         return moved
 
     async def _read(
@@ -472,9 +466,9 @@ class DeliveryWorker:
                     out[2 * i: 2 * i + 2] = flat[2 * n: 2 * n + 2]
             return out
         async with self._rsem:
-            raw: list[Any] = await self._precheck(
-                keys=[keys.tenant_prefix(jobs[0].tenant)],
-                args=[msgspec.json.encode([[j.lead_id, j.buyer] for j in jobs])])
+            raw: list[Any] = await self._lua.delivery_precheck(
+                self.redis, [keys.tenant_prefix(jobs[0].tenant)],
+                [msgspec.json.encode([[j.lead_id, j.buyer] for j in jobs])])
         return raw
 
     async def _commit(self, out: _Batch) -> None:
@@ -483,15 +477,15 @@ class DeliveryWorker:
             common = out.common.get(tenant)
             if tenant not in out.ops:  # the common case: one Lua call, atomic by itself
                 async with self._rsem:
-                    rows = await self._finish_rows(tenant, common, self.redis)
+                    rows = await self._finish_rows(tenant, common) if common else []
             else:
-                async with self.redis.pipeline(transaction=True) as pipe:
+                async with self.redis.pipeline(transaction=True) as pipe, self._rsem:
                     if common:  # first: its result is the first of the MULTI's
-                        await self._finish_rows(tenant, common, pipe)
+                        await self._lua.delivery_finish.queue(
+                            pipe, [keys.tenant_prefix(tenant)], [self._finish_arg(common)])
                     for op in out.ops.get(tenant, []):
                         op(pipe)
-                    async with self._rsem:
-                        results = await pipe.execute()
+                    results = await pipe.execute()
                 rows = results[0] if common else []
             jobs = common["jobs"] if common else []  # the rows delivery_finish.lua names
             if common:  # the dead letters written: those whose decision was not kept
@@ -524,15 +518,14 @@ class DeliveryWorker:
         done = [j for j in await asyncio.gather(*(money(j, d) for j, d in out.money)) if j]
         await self._ack_all(done)
 
-    async def _finish_rows(self, tenant: str, common: dict[str, list[Any]] | None,
-                           client: Any) -> Any:
-        """delivery_finish.lua for a tenant's rows (on ``client``: Redis or a pipeline).
-        Returns the row numbers whose delivery another worker had decided already."""
-        if not common:
-            return []
-        return await self._finish_lua(
-            keys=[keys.tenant_prefix(tenant)],
-            args=[record.finish_arg(common["j"], common["a"], self.opts.group)], client=client)
+    async def _finish_rows(self, tenant: str, common: dict[str, list[Any]]) -> Any:
+        """delivery_finish.lua for a tenant's rows. Returns the row numbers whose delivery
+        another worker had decided already."""
+        return await self._lua.delivery_finish(self.redis, [keys.tenant_prefix(tenant)],
+                                               [self._finish_arg(common)])
+
+    def _finish_arg(self, common: dict[str, list[Any]]) -> bytes:
+        return record.finish_arg(common["j"], common["a"], self.opts.group)
 
     async def _ack_all(self, jobs: Sequence[Job]) -> None:
         for tenant in {j.tenant for j in jobs}:  # one MULTI per tenant: one slot each
