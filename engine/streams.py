@@ -74,7 +74,8 @@ class StreamConsumer:
     module docs. ``split``: one reader per stream (default: on a Redis Cluster only);
     ``clock``: milliseconds for ``claim_every_ms`` (any origin); ``held``: the entry ids
     this process still works on, per tenant, left out of claims (asked only when a claim
-    returned entries); ``dead_letter``: a tenant's dead-letter stream key."""
+    returned entries); ``dead_letter``: a tenant's dead-letter stream key, and
+    ``max_deliveries`` the deliveries after which :meth:`give_up` sends an entry there."""
 
     def __init__(
         self,
@@ -90,7 +91,7 @@ class StreamConsumer:
         split: bool | None = None,
         held: Callable[[], Mapping[str, Collection[str]]] | None = None,
         dead_letter: Callable[[str], str] | None = None,
-        max_deliveries: int = 0,
+        max_deliveries: int | None = None,
         clock: Callable[[], int] = _monotonic_ms,
     ) -> None:
         self.redis = redis
@@ -102,11 +103,11 @@ class StreamConsumer:
         self.dead_letter_key = dead_letter
         self.max_deliveries = max_deliveries
         self.clock = clock
-        if split is None:
-            split = is_cluster(redis)
-        self.readers: list[Reader] = (
-            [(s,) for s in self.streams] if split else [tuple(self.streams)] if self.streams
-            else [])
+        self.readers: list[Reader] = []  # streams read by one XREADGROUP each
+        if split or (split is None and is_cluster(redis)):
+            self.readers = [(s,) for s in self.streams]
+        elif self.streams:
+            self.readers = [tuple(self.streams)]
 
     # -- the group -----------------------------------------------------------------------
 
@@ -210,6 +211,8 @@ class StreamConsumer:
                       error: str) -> bool:
         """After a failure left the entry pending: dead-letter it once it was delivered
         ``max_deliveries`` times (True); else leave it for a later claim (False)."""
+        if self.max_deliveries is None:
+            raise ValueError(f"consumer group {self.group}: no max_deliveries")
         if await self.deliveries(stream, entry_id) < self.max_deliveries:
             return False
         await self.dead_letter(tenant, stream, entry_id, fields, error)
@@ -260,16 +263,21 @@ class StreamConsumer:
                 if not await guarded(reader, state) and idle_s and not stop.is_set():
                     await _wait(stop, idle_s)
 
-        if not in_turn:
+        async def rounds() -> None:
+            states = [(r, _State()) for r in self.readers]
+            while not stop.is_set():
+                taken = 0
+                for reader, state in states:
+                    taken += await guarded(reader, state)
+                if not taken and idle_s and not stop.is_set():
+                    await _wait(stop, idle_s)
+
+        if not self.readers:  # no stream: nothing to read until stopped
+            await stop.wait()
+        elif in_turn:
+            await rounds()
+        else:
             await asyncio.gather(*(loop(r) for r in self.readers))
-            return
-        states = [(r, _State()) for r in self.readers]
-        while not stop.is_set():
-            taken = 0
-            for reader, state in states:
-                taken += await guarded(reader, state)
-            if not taken and idle_s and not stop.is_set():
-                await _wait(stop, idle_s)
 
     async def _pass(self, reader: Reader, state: _State, handle: Handler,
                     room: Callable[[], Awaitable[int]] | None,

@@ -234,3 +234,18 @@ async def test_run_stops_when_room_says_so(redis: aioredis.Redis) -> None:
 
     await asyncio.wait_for(c.run(stop, handle, room=room), 5)
     assert await redis.xinfo_groups(S1) == []  # not even a claim was made
+
+
+async def test_run_without_streams_waits_for_stop(redis: aioredis.Redis) -> None:
+    c = StreamConsumer(redis, G, "c", {})
+    assert c.readers == []
+    stop = asyncio.Event()
+
+    async def handle(reader: Reader, batches: list[Batch]) -> int:
+        raise AssertionError("no stream, nothing read")
+
+    task = asyncio.create_task(c.run(stop, handle, in_turn=True))
+    await asyncio.sleep(0)
+    assert not task.done()
+    stop.set()
+    await asyncio.wait_for(task, 5)
