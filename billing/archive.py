@@ -1,10 +1,11 @@
 """The ledger archive: Redis ledger streams copied into SQL, then trimmed.
 
-The worker reads the tenant ledger stream through the consumer group ``archive``, inserts
-the entries in one SQL transaction (``ON CONFLICT DO NOTHING`` on ``(tenant, entry_id)``:
-a batch replayed after a crash inserts nothing twice), commits, acknowledges, and only
-then trims the tenant stream with ``XTRIM MINID`` up to the oldest entry not yet committed
-(pending in the group, or not yet delivered). An account's history is its entries in SQL
+The worker reads the tenant ledger stream through the consumer group ``archive``
+(:class:`engine.streams.StreamConsumer`), inserts the entries in one SQL transaction (``ON
+CONFLICT DO NOTHING`` on ``(tenant, entry_id)``: a batch replayed after a crash inserts
+nothing twice), commits, acknowledges, and only then trims the tenant stream with ``XTRIM
+MINID`` up to the oldest entry not yet committed (pending in the group, or not yet
+delivered). An account's history is its entries in SQL
 plus those still in the tenant stream (:func:`history`).
 
 SQLite (stdlib ``sqlite3`` in a worker thread) is the default; a ``postgresql://`` URL
@@ -15,7 +16,6 @@ the SQL sum plus the account's entries still in the tenant stream and not yet in
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import csv
 import io
 import logging
@@ -29,13 +29,13 @@ from typing import Any, NamedTuple, Protocol
 
 import msgspec
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
 
 from billing import money
 from billing.errors import InvalidRequest
 from engine import keys
 from engine.constants import archive_path
 from engine.store import UNAVAILABLE, Store
+from engine.streams import Batch, Reader, StreamConsumer
 
 log = logging.getLogger("leadflow.archive")
 
@@ -269,26 +269,20 @@ class Archive:
     async def archive_once(self, redis: aioredis.Redis, tenant: str, *, consumer: str,
                            count: int = 1_000, claim_idle_ms: int = 60_000) -> int:
         """Copy one batch to SQL, ack it, then trim; returns the number of entries."""
-        stream = keys.ledger(tenant)
-        try:
-            await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-        res: Any = await redis.xautoclaim(stream, GROUP, consumer, claim_idle_ms,
-                                     start_id="0-0", count=count)
-        claimed = res[1]  # [next id, entries(, deleted ids)]
-        fresh: Any = await redis.xreadgroup(GROUP, consumer, {stream: ">"}, count=count)
-        entries = [(i.decode(), _decode(f)) for i, f in claimed if f]
-        for _, batch in fresh or []:
-            entries += [(i.decode(), _decode(f)) for i, f in batch]
+        ledger = _ledgers(redis, [tenant], consumer, count=count, claim_idle_ms=claim_idle_ms)
+        return await self._archive(ledger, tenant, await ledger.poll(count))
+
+    async def _archive(self, ledger: StreamConsumer, tenant: str, batches: list[Batch]) -> int:
+        """The entries read or claimed from the tenant's ledger into SQL, acked, then the
+        stream trimmed; returns the number of entries."""
+        entries = [(i, _decode(f)) for b in batches for i, f in b.entries]
         if not entries:
-            await self._trim(redis, tenant)
+            await self._trim(ledger.redis, tenant)
             return 0
         await self._db.insert(self._insert_sql, [_row(tenant, i, f) for i, f in entries])
         # committed: only now may Redis forget them
-        await redis.xack(stream, GROUP, *[i for i, _ in entries])
-        await self._trim(redis, tenant)
+        await ledger.ack(keys.ledger(tenant), *[i for i, _ in entries])
+        await self._trim(ledger.redis, tenant)
         return len(entries)
 
     async def _trim(self, redis: aioredis.Redis, tenant: str) -> None:
@@ -501,21 +495,34 @@ async def reconcile(store: Store, archive: Archive, tenant: str, account: str) -
                           unarchived_sum=sum(d for i, d in stream.items() if i not in done))
 
 
+def _ledgers(redis: aioredis.Redis, tenants: list[str], consumer: str, *,
+             count: int = 1_000, claim_idle_ms: int = 60_000) -> StreamConsumer:
+    """This consumer of the tenants' ledger streams (group ``archive``): each tenant read on
+    its own (one tenant's failure, a bad entry or its node down, holds no other back),
+    without waiting, claiming a dead worker's entries on every pass."""
+    return StreamConsumer(redis, GROUP, consumer, {keys.ledger(t): t for t in tenants},
+                          count=count, block_ms=None, claim_idle_ms=claim_idle_ms,
+                          claim_every_ms=0, split=True)
+
+
 async def run_archive_worker(store: Store, archive: Archive, tenants: list[str], *,
                              consumer: str, stop: asyncio.Event, idle_s: float = 0.5) -> None:
-    """Archive every tenant's ledger until ``stop`` is set. One tenant's failure (its
-    Redis node down, a bad entry) is logged and skipped for this pass; the other tenants'
-    ledgers keep being archived (and trimmed) meanwhile."""
-    while not stop.is_set():
-        n = 0
-        for tenant in tenants:
-            try:
-                n += await archive.archive_once(store.redis, tenant, consumer=consumer)
-            except UNAVAILABLE as exc:
-                log.warning("ledger archive: tenant %s unavailable (%s); retrying",
-                            tenant, type(exc).__name__)
-            except Exception:  # one tenant must not stop the others
-                log.exception("ledger archive: tenant %s failed; retrying", tenant)
-        if n == 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), idle_s)
+    """Archive every tenant's ledger until ``stop`` is set: passes over the tenants one
+    after another, waiting ``idle_s`` after a pass that found nothing. One tenant's failure
+    (its Redis node down, a bad entry) is logged and skipped for this pass; the other
+    tenants' ledgers keep being archived (and trimmed) meanwhile."""
+    ledger = _ledgers(store.redis, tenants, consumer)
+
+    async def handle(reader: Reader, batches: list[Batch]) -> int:
+        return await archive._archive(ledger, ledger.streams[reader[0]], batches)
+
+    def failed(reader: Reader, exc: Exception) -> None:
+        tenant = ledger.streams[reader[0]]
+        if isinstance(exc, UNAVAILABLE):
+            log.warning("ledger archive: tenant %s unavailable (%s); retrying",
+                        tenant, type(exc).__name__)
+        else:  # one tenant must not stop the others
+            log.error("ledger archive: tenant %s failed; retrying", tenant, exc_info=exc)
+
+    await ledger.run(stop, handle, survive=(Exception,), on_error=failed, retry_s=0,
+                     idle_s=idle_s, in_turn=True)

@@ -27,7 +27,7 @@ from billing.errors import (
     PaymentsFailed,
 )
 from billing.policy import CENT, MAX_FEE_BP, MIN_FUNDING, check_card_amount
-from engine import keys, scripts
+from engine import keys
 from engine.store import Store
 
 _KEY = re.compile(r"[A-Za-z0-9_.:-]{1,128}")  # fullmatch: "$" took "k\n"
@@ -133,7 +133,6 @@ async def _step(ctx: BillingContext, name: str, account: str) -> None:
         await ctx.refund_hook(name, account)
 
 
-_CLOSE = scripts.housekeeping_script("balance_close")
 _CLOSE_REFUSED = {
     "unknown_account": "unknown account {account}",
     "negative_balance": "the balance is negative: nothing to refund",
@@ -145,7 +144,8 @@ _CLOSE_REFUSED = {
 async def _close(ctx: BillingContext, tenant: str, account: str, covered: int) -> int:
     """Close the account if ``covered`` micros of card charges cover its balance, in one
     Lua step; returns the balance at the close (what the refund returns)."""
-    raw = await _CLOSE(ctx.store.redis, [keys.tenant_prefix(tenant)], [account, covered, CENT])
+    raw = await ctx.store.lua.balance_close(ctx.store.redis, [keys.tenant_prefix(tenant)],
+                                            [account, covered, CENT])
     status, balance = (x.decode() if isinstance(x, bytes) else str(x) for x in raw)
     if status != "ok":
         raise _close_refused(status, account, int(balance))

@@ -1,11 +1,12 @@
 """Auto recharge: threshold mode from ``recharge_needed`` events, and schedule mode.
 
 The worker reads the tenant events stream through the consumer group ``recharge``
-(XREADGROUP; several workers may run; XAUTOCLAIM takes over entries a dead worker left
-pending). Events other than ``recharge_needed`` are acknowledged and ignored. An entry is
-acknowledged only once its recharge ended (credited, failed, refused by a cap, skipped);
-one that keeps failing for transient reasons goes, after :data:`MAX_DELIVERIES`, to the
-dead-letter stream ``keys.dead_letter(tenant, "events")`` with the error -- never dropped.
+(:class:`engine.streams.StreamConsumer`: XREADGROUP; several workers may run; XAUTOCLAIM
+takes over entries a dead worker left pending). Events other than ``recharge_needed`` are
+acknowledged and ignored. An entry is acknowledged only once its recharge ended (credited,
+failed, refused by a cap, skipped); one that keeps failing for transient reasons goes,
+after :data:`MAX_DELIVERIES`, to the dead-letter stream ``keys.dead_letter(tenant,
+"events")`` with the error -- never dropped.
 
 One recharge per account at a time (``keys.rlock``). The attempt id derives from the
 event's stream id (``rc:<entry id>``), so a redelivered event resumes the same attempt; a
@@ -21,12 +22,11 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import msgspec
-from redis.exceptions import ResponseError
 
 from billing import money
 from billing.attempts import FINAL, Attempt, CardTry, Hook
@@ -45,6 +45,7 @@ from engine import keys
 from engine.config import AutoRecharge, Config
 from engine.errors import StoreUnavailable
 from engine.store import UNAVAILABLE, Store, is_cluster, now_ms
+from engine.streams import Batch, Reader, StreamConsumer
 
 log = logging.getLogger("leadflow.billing.recharge")
 
@@ -268,83 +269,55 @@ async def run_scheduled(ctx: BillingContext, *, now: int | None = None) -> list[
 
 # -- the events consumer -------------------------------------------------------------------
 
-async def _ensure_group(ctx: BillingContext, tenant: str) -> None:
-    try:
-        await ctx.store.redis.xgroup_create(keys.events(tenant), GROUP, id="0", mkstream=True)
-    except ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
+def _events(ctx: BillingContext, tenants: list[str], consumer: str, *,
+            claim_idle_ms: int = 60_000, claim_every_ms: int = 5_000) -> StreamConsumer:
+    """This consumer of the tenants' events streams (group ``recharge``): 50 entries a read,
+    waiting up to a second for one; entries idle a minute (a dead worker's) claimed; one
+    that failed :data:`MAX_DELIVERIES` times dead-lettered to the tenant's
+    ``keys.dead_letter(tenant, "events")``."""
+    return StreamConsumer(
+        ctx.store.redis, GROUP, consumer, {keys.events(t): t for t in tenants}, count=50,
+        block_ms=1_000, claim_idle_ms=claim_idle_ms, claim_every_ms=claim_every_ms,
+        dead_letter=_dead_letter_key, max_deliveries=MAX_DELIVERIES)
 
 
-async def _dead_letter(ctx: BillingContext, tenant: str, entry_id: str,
-                       fields: dict[bytes, bytes], error: str) -> None:
-    stream = keys.events(tenant)
-    r = ctx.store.redis
-    dead: dict[Any, Any] = {**fields, b"source_id": entry_id, b"error": error[:500],
-                            b"ts": now_ms()}
-    await r.xadd(keys.dead_letter(tenant, "events"), dead)
-    await r.xack(stream, GROUP, entry_id)
-    log.error("recharge event %s dead-lettered: %s", entry_id, error)
+def _dead_letter_key(tenant: str) -> str:
+    return keys.dead_letter(tenant, "events")
 
 
-async def _deliveries(ctx: BillingContext, tenant: str, entry_id: str) -> int:
-    rows = await ctx.store.redis.xpending_range(keys.events(tenant), GROUP, entry_id, entry_id, 1)
-    return int(rows[0]["times_delivered"]) if rows else 1
-
-
-async def _handle(ctx: BillingContext, tenant: str, entry_id: str,
+async def _handle(ctx: BillingContext, events: StreamConsumer, tenant: str, entry_id: str,
                   fields: dict[bytes, bytes]) -> None:
     stream = keys.events(tenant)
     if fields.get(b"type") != b"recharge_needed":
-        await ctx.store.redis.xack(stream, GROUP, entry_id)
+        await events.ack(stream, entry_id)
         return
     account = fields.get(b"account", b"").decode()
     try:
         await recharge(ctx, tenant, account, attempt_id=f"rc:{entry_id}", reason="threshold")
     except (Busy, PaymentTransient, StoreUnavailable) as exc:
-        # left pending: XAUTOCLAIM hands it to a worker again, up to MAX_DELIVERIES times
-        if await _deliveries(ctx, tenant, entry_id) >= MAX_DELIVERIES:
-            await _dead_letter(ctx, tenant, entry_id, fields, f"{type(exc).__name__}: {exc}")
+        # left pending: a claim hands it to a worker again, up to MAX_DELIVERIES times
+        error = f"{type(exc).__name__}: {exc}"
+        if await events.give_up(tenant, stream, entry_id, fields, error):
+            log.error("recharge event %s dead-lettered: %s", entry_id, error)
         return
     except BillingError as exc:  # permanent: unknown account, bad config, ...
-        await _dead_letter(ctx, tenant, entry_id, fields, f"{exc.code}: {exc}")
+        error = f"{exc.code}: {exc}"
+        await events.dead_letter(tenant, stream, entry_id, fields, error)
+        log.error("recharge event %s dead-lettered: %s", entry_id, error)
         return
-    await ctx.store.redis.xack(stream, GROUP, entry_id)
+    await events.ack(stream, entry_id)
 
 
 async def _process_tenant(ctx: BillingContext, tenant: str, *, consumer: str, count: int,
                           block_ms: int | None, claim_idle_ms: int) -> int:
     """Take over stale entries of one tenant, then read (and maybe wait for) new ones."""
-    batches = [await _claimed(ctx, tenant, consumer, claim_idle_ms, count)]
-    fresh: Any = await ctx.store.redis.xreadgroup(GROUP, consumer, {keys.events(tenant): ">"},
-                                                  count=count, block=block_ms)
-    batches += [entries for _, entries in fresh or []]
+    events = _events(ctx, [tenant], consumer, claim_idle_ms=claim_idle_ms)
     handled = 0
-    for entries in batches:
-        for entry_id, fields in _live(entries):
-            await _handle(ctx, tenant, entry_id, fields)
+    for batch in await events.poll(count, block_ms):
+        for entry_id, fields in batch.entries:
+            await _handle(ctx, events, tenant, entry_id, fields)
             handled += 1
     return handled
-
-
-async def _claimed(ctx: BillingContext, tenant: str, consumer: str, idle_ms: int,
-                   count: int) -> Any:
-    """Entries of the tenant's events stream idle longer than ``idle_ms`` (a dead
-    worker's), now ours; the consumer group is created first if missing."""
-    await _ensure_group(ctx, tenant)
-    res: Any = await ctx.store.redis.xautoclaim(keys.events(tenant), GROUP, consumer, idle_ms,
-                                                start_id="0-0", count=count)
-    return res[1]  # [next id, entries(, deleted ids)]
-
-
-_Entry = tuple[str, dict[bytes, bytes]]  # (entry id, fields)
-
-
-def _live(entries: Any) -> Iterator[_Entry]:
-    """(entry id, fields) of stream entries, leaving out those deleted while pending."""
-    for raw_id, fields in entries:
-        if fields is not None:
-            yield raw_id.decode(), fields
 
 
 async def process_once(
@@ -366,77 +339,65 @@ async def process_once(
     return handled
 
 
-async def _guarded(what: str, stop: asyncio.Event, step: Awaitable[Any]) -> None:
-    """One pass of a loop; a failed pass is logged and retried a second later (its
+def _failed(what: str, exc: Exception) -> None:
+    """A failed pass or entry: logged; the caller tries again a second later (its
     entries stay pending, so nothing is lost)."""
+    if isinstance(exc, (StoreUnavailable, PaymentTransient, *UNAVAILABLE)):
+        log.warning("recharge worker (%s): %s; retrying", what, type(exc).__name__)
+    else:  # the worker outlives one bad pass
+        log.error("recharge worker (%s): pass failed", what, exc_info=exc)
+
+
+async def _guarded(what: str, stop: asyncio.Event, step: Awaitable[Any]) -> None:
+    """One entry's handling; a failure is logged and the next one waits a second."""
     try:
         await step
-    except (StoreUnavailable, PaymentTransient, *UNAVAILABLE) as exc:
-        log.warning("recharge worker (%s): %s; retrying", what, type(exc).__name__)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), 1.0)
-    except Exception:  # the worker outlives one bad pass
-        log.exception("recharge worker (%s): pass failed", what)
+    except Exception as exc:  # noqa: BLE001 - logged by _failed; the worker goes on
+        _failed(what, exc)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 1.0)
 
 
-async def _tenant_loop(ctx: BillingContext, tenant: str, consumer: str,
-                       stop: asyncio.Event) -> None:
-    """Blocking reads on one tenant's events (Redis Cluster: each tenant's stream is in
-    its own slot): a crossing is picked up at once, not at the next poll."""
-    while not stop.is_set():
-        await _guarded(tenant, stop, _process_tenant(
-            ctx, tenant, consumer=consumer, count=50, block_ms=1_000, claim_idle_ms=60_000))
+async def _consume(ctx: BillingContext, events: StreamConsumer, stop: asyncio.Event) -> None:
+    """Read the events until ``stop`` is set. One Redis: one blocking XREADGROUP over every
+    tenant's stream (one connection, however many tenants), each entry handed to its
+    tenant's queue, and one task per tenant handles its queue, so a slow payment of one
+    tenant delays no other. A Redis Cluster: one reader per tenant (a read over several
+    slots is refused), which handles what it read before it reads again and claims on
+    every pass."""
+    per_tenant = is_cluster(events.redis)
+    queues: dict[str, asyncio.Queue[tuple[str, dict[bytes, bytes]] | None]] = (
+        {} if per_tenant else {t: asyncio.Queue() for t in events.streams.values()})
+    drains = [asyncio.create_task(_drain(ctx, events, t, q, stop)) for t, q in queues.items()]
 
+    async def handle(reader: Reader, batches: list[Batch]) -> int:
+        taken = 0
+        for batch in batches:
+            q = queues.get(batch.tenant)
+            for entry in batch.entries:
+                if q is not None:
+                    q.put_nowait(entry)
+                else:
+                    await _guarded(batch.tenant, stop, _handle(ctx, events, batch.tenant, *entry))
+            taken += len(batch.entries)
+        return taken
 
-async def _shared_loop(ctx: BillingContext, tenants: list[str], consumer: str,
-                       stop: asyncio.Event, *, claim_every_s: float = 5.0) -> None:
-    """One Redis: one blocking XREADGROUP over every tenant's events stream (one
-    connection, however many tenants), each entry handed to its tenant's queue; one task
-    per tenant handles its queue, so a slow payment of one tenant delays no other."""
-    r = ctx.store.redis
-    queues: dict[str, asyncio.Queue[_Entry | None]] = {t: asyncio.Queue() for t in tenants}
-    drains = [asyncio.create_task(_drain(ctx, t, q, stop)) for t, q in queues.items()]
-    streams = {keys.events(t): t for t in tenants}
-    last_claim = -claim_every_s
-
-    async def read() -> None:
-        nonlocal last_claim
-        loop = asyncio.get_running_loop()
-        if loop.time() - last_claim >= claim_every_s:  # stale entries of dead workers
-            last_claim = loop.time()
-            for t in tenants:
-                _enqueue(queues[t], await _claimed(ctx, t, consumer, 60_000, 50))
-        try:
-            fresh: Any = await r.xreadgroup(GROUP, consumer, dict.fromkeys(streams, ">"),
-                                            count=50, block=1_000)
-        except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            last_claim = -claim_every_s  # a stream or group was deleted: re-create now
-            return
-        for stream, entries in fresh or []:
-            _enqueue(queues[streams[stream.decode()]], entries)
+    def failed(reader: Reader, exc: Exception) -> None:
+        _failed(events.streams[reader[0]] if per_tenant else "read", exc)
 
     try:
-        while not stop.is_set():
-            await _guarded("read", stop, read())
+        await events.run(stop, handle, survive=(Exception,), on_error=failed)
     finally:
         for q in queues.values():
             q.put_nowait(None)  # drains finish what they hold, then stop
         await asyncio.gather(*drains)
 
 
-def _enqueue(q: asyncio.Queue[_Entry | None], entries: Any) -> None:
-    for entry in _live(entries):
-        q.put_nowait(entry)
-
-
-async def _drain(ctx: BillingContext, tenant: str, q: asyncio.Queue[_Entry | None],
+async def _drain(ctx: BillingContext, events: StreamConsumer, tenant: str,
+                 q: asyncio.Queue[tuple[str, dict[bytes, bytes]] | None],
                  stop: asyncio.Event) -> None:
     while (item := await q.get()) is not None:
-        await _guarded(tenant, stop, _handle(ctx, tenant, *item))
+        await _guarded(tenant, stop, _handle(ctx, events, tenant, *item))
 
 
 async def resume_stale(ctx: BillingContext, *, idle_ms: int = STALE_MS,
@@ -495,10 +456,11 @@ async def run_recharge_worker(cfg: Config, store: Store, gateway: StripeGateway,
     a reload is handled on the new settings); else one of its own."""
     ctx = ctx or BillingContext(cfg, store, gateway, hook=hook)
     tenants = [t.id for t in cfg.tenants]
-    readers = ([_tenant_loop(ctx, t, consumer, stop) for t in tenants]
-               if is_cluster(store.redis) or not tenants
-               else [_shared_loop(ctx, tenants, consumer, stop)])
-    await asyncio.gather(_schedule_loop(ctx, stop, schedule_every_s), *readers)
+    # a cluster's per-tenant readers claim on every pass (their reads wait on the handling)
+    events = _events(ctx, tenants, consumer,
+                     claim_every_ms=0 if is_cluster(store.redis) else 5_000)
+    await asyncio.gather(_schedule_loop(ctx, stop, schedule_every_s),
+                         _consume(ctx, events, stop))
 
 
 __all__ = ["CENT", "configure", "process_once", "recharge", "recharge_if_below", "resume_stale",

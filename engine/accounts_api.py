@@ -20,7 +20,7 @@ from engine import http, keys, telemetry
 from engine.constants import WALLET
 from engine.http import Request, Response
 from engine.runtime import Runtime, token_digest
-from engine.scripts import Script
+from engine.scripts import scripts
 from engine.store import AccountState, Store, now_ms
 from engine.untrusted import ascii_int
 
@@ -47,7 +47,8 @@ class PauseResult(msgspec.Struct):
 
 
 _pause_result = msgspec.json.Decoder(PauseResult)
-_BUYER_PAUSE = Script("buyer_pause")  # the flag and its event in one step
+# the flag and its event in one step; the registry's script (tests run it directly)
+_BUYER_PAUSE = scripts().buyer_pause
 
 
 class CreditBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -215,8 +216,8 @@ class AccountsApi:
                 f'buyer {buyer} is paused by the config (status = "paused"): set status = '
                 '"active" and reload the config; nothing changed')
         started = time.perf_counter()
-        raw = await _BUYER_PAUSE(self.store.redis, [keys.tenant_prefix(tenant)],
-                                 [buyer, client, "1" if paused else "0", now_ms()])
+        raw = await self.store.lua.buyer_pause(self.store.redis, [keys.tenant_prefix(tenant)],
+                                              [buyer, client, "1" if paused else "0", now_ms()])
         res = _pause_result.decode(raw)
         self.observer("buyer_pause", time.perf_counter() - started, res.events)
         # the buyer's own flag, and the account that pays for its leads: a buyer resumed

@@ -37,22 +37,6 @@ if TYPE_CHECKING:
 PAGE = 1_000  # stream entries per XREVRANGE
 _SQL_MAX_SEQ = 2**63 - 1  # largest stream id sequence SQL's BIGINT holds
 
-# A tenant in one step: the last id ever written to its ledger stream ("0-0" when it has
-# none; last-generated-id, not the last entry: the archive may have trimmed the stream
-# empty), then the balance fields of each account hash of KEYS[2..].
-_SNAPSHOT = """
-local last = '0-0'
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  local info = redis.call('XINFO', 'STREAM', KEYS[1])
-  for i = 1, #info, 2 do
-    if info[i] == 'last-generated-id' then last = info[i + 1] end
-  end
-end
-local out = {last}
-for i = 2, #KEYS do out[i] = redis.call('HMGET', KEYS[i], 'bal', 'floor', 'mode') end
-return out
-"""
-
 
 class Finding(msgspec.Struct, frozen=True):
     tenant: str
@@ -133,7 +117,6 @@ async def _tenants_in_redis(store: Store) -> set[str]:
 async def reconcile(
     cfg: Config, store: Store, archive: Archive | None = None, *, page: int = PAGE
 ) -> tuple[list[AccountCheck], list[Finding]]:
-    snapshot = store.redis.register_script(_SNAPSHOT)
     checks: list[AccountCheck] = []
     findings: list[Finding] = []
     configured = {t.id: {WALLET} for t in cfg.tenants}  # tenant -> its accounts
@@ -144,8 +127,9 @@ async def reconcile(
         expected = configured.get(tenant, set())
         listed = set(await store.account_ids(tenant))
         accounts = sorted(expected | listed)
-        raw: Any = await snapshot(keys=[keys.ledger(tenant),
-                                        *(keys.acct(tenant, a) for a in accounts)])
+        # in one step: the ledger's last id and the balances (reconcile_snapshot.lua)
+        raw: Any = await store.lua.reconcile_snapshot(
+            store.redis, [keys.ledger(tenant), *(keys.acct(tenant, a) for a in accounts)], [])
         ledgers = _Ledgers(store, archive, tenant)
         await ledgers.read(_text(raw[0]), page)
         for account, fields in zip(accounts, raw[1:], strict=True):

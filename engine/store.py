@@ -27,7 +27,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from engine import keys
 from engine.constants import DEFAULT_FLOOR, WALLET
 from engine.errors import StoreUnavailable
-from engine.scripts import Script, Scripts, scripts
+from engine.scripts import Scripts, scripts
 
 log = logging.getLogger("leadflow.store")
 
@@ -73,7 +73,7 @@ class _Armed(msgspec.Struct, frozen=True):
     events: list[str | int] | dict[str, int] = []
 
 
-_ARM_RECHARGE = Script("arm_recharge")
+_ARM_RECHARGE = scripts().arm_recharge  # the registry's (tests run it directly)
 _arm_dec = msgspec.json.Decoder(_Armed)
 _adjust_dec = msgspec.json.Decoder(AdjustResult)
 _sale_dec = msgspec.json.Decoder(SaleResult)
@@ -276,7 +276,7 @@ class Store:
         """Set the account's auto-recharge flags and apply its minimum-balance rule in one
         step (lua/arm_recharge.lua: a min_balance pause lifted or made); False: no such
         account."""
-        raw = await self._run(_ARM_RECHARGE, tenant,
+        raw = await self._run(self.lua.arm_recharge, tenant,
                               [account, threshold, "1" if armed else "0", now_ms()])
         res = _arm_dec.decode(raw)
         self._count_events(res.events)

@@ -53,7 +53,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from engine import keys, scripts
+from engine import keys
 from engine.batcher import Batcher
 from engine.codes import Codes
 from engine.config import Buyer, Config
@@ -90,11 +90,6 @@ _REPLAY_POLL_S = 0.02
 # would send the lead to a buyer with no chance to answer (and refund it at once)
 MIN_TRY_MS = 250
 
-# engine/lua/sync_claim.lua and sync_final.lua (their headers name KEYS and ARGV)
-_CLAIM = scripts.housekeeping("sync_claim")
-_FINAL = scripts.housekeeping("sync_final")
-
-
 _payload_dec = msgspec.json.Decoder(dict[str, str])
 _enc = msgspec.json.Encoder()
 
@@ -122,8 +117,6 @@ class SyncRouter:
         self.observer = observer
         self._session = session
         self._own_session = False  # True once start() opened one itself (tests)
-        self._claim = store.redis.register_script(_CLAIM)
-        self._final = store.redis.register_script(_FINAL)
         self._cfg: Config | None = None
         self._buyers: dict[tuple[str, str], Buyer] = {}
         self._endpoints: dict[tuple[str, str], Endpoint] = {}
@@ -176,7 +169,7 @@ class SyncRouter:
         mine: list[str] = []
         if hooked:
             claim = encode_claim(Claim(SYNC, "sync waterfall", u=hold))
-            got = await self._claim(keys=[prefix], args=[
+            got = await self.store.lua.sync_claim(self.store.redis, [prefix], [
                 lead_id, lead.key, claim, STATE_TTL_S, lead.key2 or "", *hooked])
             mine = [b.decode() if isinstance(b, bytes) else str(b) for b in got]
         d = await batcher.decide(encoded, payload)
@@ -247,7 +240,7 @@ class SyncRouter:
                       derived: list[str], forget: list[str]) -> None:
         arg = {"k": lead.key, "r": record, "kt": lead.key_ttl, "lead": lead.id,
                "rel": release, "del": derived, "fp": forget}
-        await self._final(keys=[prefix], args=[_enc.encode(arg)])
+        await self.store.lua.sync_final(self.store.redis, [prefix], [_enc.encode(arg)])
 
     async def _replayed(self, tenant: str, lead: LeadCall, d: Decision) -> Decision:
         """A replay: the stored result, once the waterfall that writes it has finished.

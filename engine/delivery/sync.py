@@ -24,7 +24,7 @@ from collections.abc import Mapping
 
 import aiohttp
 
-from engine import keys, scripts
+from engine import keys
 from engine.delivery import client, record
 from engine.delivery.client import Endpoint
 from engine.delivery.record import Decision, DeliveryEvent, Observer
@@ -32,8 +32,6 @@ from engine.delivery.verdict import Outcome, Verdict
 from engine.store import Store, now_ms
 
 CLAIM_GRACE_MS = 2_000  # the claim outlives the deadline by this much
-# records a decision as the worker does
-_FINISH = scripts.housekeeping_script("delivery_finish")
 
 
 async def deliver_sync(
@@ -112,7 +110,8 @@ async def _record(store: Store, tenant: str, lead_id: str, buyer: str, dec: Deci
     (the stream worker, if this try outlived its claim) is kept. Returns the decision that
     stands: ``dec``, or that other one, whose money effect is already applied."""
     row = (lead_id, buyer, record.encode_decision(dec).decode(), entry.decode())
-    kept = await _FINISH(store.redis, [keys.tenant_prefix(tenant)], [record.finish_arg([row])])
+    kept = await store.lua.delivery_finish(store.redis, [keys.tenant_prefix(tenant)],
+                                           [record.finish_arg([row])])
     if not kept:
         return dec
     return await record.read_decision(store, tenant, lead_id, buyer) or dec

@@ -1,12 +1,12 @@
 """``leadflow worker deliver``: delivery jobs from Redis Streams to buyers' webhooks.
 
-Reading: every worker process joins the consumer group ``delivery`` of each tenant's
-``keys.deliveries`` stream and reads with ``XREADGROUP COUNT n BLOCK ms`` (one read over
-every tenant on one Redis; one read loop per tenant on a cluster, where each tenant is its
-own slot); several workers share the work. An entry stays pending until its outcome is
-recorded; ``XAUTOCLAIM`` hands
-entries idle longer than ``claim_idle_ms`` (a crashed worker's) to a live worker, which
-sends them again with the same ``webhook-id``.
+Reading (:class:`engine.streams.StreamConsumer`): every worker process joins the consumer
+group ``delivery`` of each tenant's ``keys.deliveries`` stream and reads with ``XREADGROUP
+COUNT n BLOCK ms`` (one read over every tenant on one Redis; one read loop per tenant on a
+cluster, where each tenant is its own slot); several workers share the work. An entry
+stays pending until its outcome is recorded; ``XAUTOCLAIM`` hands entries idle longer than
+``claim_idle_ms`` (a crashed worker's) to a live worker, which sends them again with the
+same ``webhook-id``.
 
 Retries never block a worker: a retryable failure (timeout, network error, 5xx, 429)
 moves the job, with its attempt count, into the per-tenant ZSET ``keys.retries`` (score =
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -45,25 +44,20 @@ from typing import Any
 import aiohttp
 import msgspec
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
 
-from engine import keys, scripts
+from engine import keys
 from engine.config import Buyer, Config
 from engine.delivery import client, payload, record
 from engine.delivery.breaker import Breaker, Breakers, State
 from engine.delivery.client import Endpoint
 from engine.delivery.record import Decision, DeliveryEvent, Observer
 from engine.delivery.retry import retry_delay_ms
-from engine.store import Store, is_cluster, now_ms
+from engine.store import Store, now_ms
+from engine.streams import Batch, Reader, StreamConsumer
 
 log = logging.getLogger("leadflow.delivery")
 
 GROUP = "delivery"
-
-# bookkeeping scripts (engine/lua/delivery_*.lua: each header names its KEYS and ARGV)
-_REQUEUE = scripts.housekeeping("delivery_requeue")
-_FINISH = scripts.housekeeping("delivery_finish")
-_PRECHECK = scripts.housekeeping("delivery_precheck")
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,16 +187,14 @@ def _dead_letter(job: Job, reason: str, *, attempts: int, status: int, now: int
     return ([x for kv in entry.items() for x in kv], [x for kv in event.items() for x in kv])
 
 
-def _job(tenant: str, entry_id: bytes | str, raw: dict[bytes, bytes] | None) -> Job | None:
-    eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    if not raw:
-        return None
+def _job(tenant: str, entry_id: str, raw: dict[bytes, bytes]) -> Job | None:
+    """The job of a stream entry; None when malformed."""
     get = raw.get  # decode only what every job needs: most never retry
     try:
         # the lead goes to the buyer as these very bytes (engine.delivery.payload), so it
         # must be what the engine writes: a JSON object of strings
         payload.stored_lead.decode(get(b"lead", b"{}"))
-        return Job(tenant, eid, raw, raw[b"lead_id"].decode(), raw[b"buyer"].decode(),
+        return Job(tenant, entry_id, raw, raw[b"lead_id"].decode(), raw[b"buyer"].decode(),
                    get(b"campaign", b"").decode(), get(b"account", b"").decode(),
                    int(get(b"price") or 0), int(get(b"ts") or 0), int(get(b"attempt") or 0))
     except (KeyError, ValueError):  # ValueError: also bad UTF-8 and msgspec.DecodeError
@@ -241,17 +233,19 @@ class DeliveryWorker:
         self._targets: dict[tuple[str, str], _Target] = {}
         self._use(cfg)
         self._lane_tasks: set[asyncio.Task[None]] = set()
-        self._streams = {keys.deliveries(t): t for t in self.tenants}
-        # streams read by one XREADGROUP: all of them on one Redis; one per call on a
-        # cluster, where each tenant's keys live in their own slot (a multi-key read across
-        # slots is refused), each group read by its own loop in run()
-        self._groups: list[dict[str, str]] = (
-            [{s: t} for s, t in self._streams.items()] if is_cluster(self.redis)
-            else [dict(self._streams)])
+        # the tenants' delivery streams, read by one XREADGROUP on one Redis, one per call
+        # on a cluster (each tenant's keys are their own slot), each reader by its own loop
+        # in run(); claims leave out the entries of the batches in flight here
+        self.stream = StreamConsumer(
+            self.redis, self.opts.group, consumer,
+            {keys.deliveries(t): t for t in self.tenants}, count=self.opts.count,
+            block_ms=self.opts.block_ms, claim_idle_ms=self.opts.claim_idle_ms,
+            claim_every_ms=self.opts.claim_every_ms, held=self._inflight_entries,
+            clock=self.clock)
+        self._requeued: dict[Reader, int] = {}  # when each reader last moved due retries
         self._inflight = 0  # jobs read and not yet finished (run)
-        self._requeue = self.redis.register_script(_REQUEUE)
-        self._finish_lua = self.redis.register_script(_FINISH)
-        self._precheck = self.redis.register_script(_PRECHECK)
+        # bookkeeping scripts (engine/lua/delivery_*.lua), from the store's registry
+        self._lua = store.lua
         # the process's client session when the service shares its own (one per process);
         # otherwise start() opens one and close() closes it
         self._session: aiohttp.ClientSession | None = session
@@ -265,9 +259,7 @@ class DeliveryWorker:
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        for stream in self._streams:
-            with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
-                await self.redis.xgroup_create(stream, self.opts.group, id="0", mkstream=True)
+        await self.stream.ensure()
         if self._session is None:
             self._session = client.new_session(
                 limit=self.opts.connector_limit, limit_per_host=self.opts.limit_per_host)
@@ -354,55 +346,37 @@ class DeliveryWorker:
 
     # -- reading -------------------------------------------------------------------------
 
-    async def requeue_due(self, group: dict[str, str] | None = None) -> int:
-        """Move due retries of every tenant (of ``group``) back onto its stream."""
+    async def requeue_due(self, tenants: Iterable[str] | None = None) -> int:
+        """Move due retries of every tenant (of ``tenants``) back onto its stream."""
         moved, now = 0, self.clock()
-        for t in (group or self._streams).values():
-            moved += int(await self._requeue(
-                keys=[keys.retries(t), keys.deliveries(t)], args=[now, self.opts.requeue_batch]))
+        for t in self.tenants if tenants is None else tenants:
+            moved += int(await self._lua.delivery_requeue(
+                self.redis, [keys.retries(t), keys.deliveries(t)], [now, self.opts.requeue_batch]))
         return moved
 
-    async def _read(
-        self, count: int, block_ms: int | None, group: dict[str, str] | None = None
-    ) -> list[Job]:
-        """New entries of ``group``'s streams (default: every group, one after another)."""
-        jobs: list[Job] = []
-        for g in [group] if group is not None else self._groups:
-            streams: dict[Any, Any] = dict.fromkeys(g, ">")
-            rows: Any = await self.redis.xreadgroup(self.opts.group, self.consumer, streams,
-                                                    count=count, block=block_ms)
-            for stream, entries in rows or []:
-                tenant = g[stream.decode() if isinstance(stream, bytes) else stream]
-                jobs.extend(await self._parse(tenant, entries))
-        return jobs
+    async def _read(self, count: int, block_ms: int | None, reader: Reader | None = None
+                    ) -> list[Job]:
+        """New entries of ``reader``'s streams (default: every reader, one after another)."""
+        return await self._jobs(await self.stream.read(count, block_ms, reader))
 
-    async def _claim(self, count: int, group: dict[str, str] | None = None) -> list[Job]:
+    async def _claim(self, count: int, reader: Reader | None = None) -> list[Job]:
         """Entries idle longer than claim_idle_ms (their worker died) become ours."""
-        jobs: list[Job] = []
-        for stream, tenant in (group or self._streams).items():
-            res: Any = await self.redis.xautoclaim(stream, self.opts.group, self.consumer,
-                                              self.opts.claim_idle_ms, "0-0", count=count)
-            mine = set(self._inflight_entries().get(tenant, ())) if res[1] else set()
-            entries = [e for e in res[1] if _eid(e[0]) not in mine]
-            jobs.extend(await self._parse(tenant, entries))
-        return jobs
+        return await self._jobs(await self.stream.claim(count, reader))
 
-    async def _parse(self, tenant: str, entries: Iterable[Any]) -> list[Job]:
-        jobs, bad = [], []
-        for entry_id, raw in entries:
-            job = _job(tenant, entry_id, raw)
-            if job is None:  # deleted while pending (Redis 6.2 claims those) or malformed
-                bad.append(_eid(entry_id))
-            else:
-                jobs.append(job)
-        if bad:
-            stream = keys.deliveries(tenant)
-            log.warning("tenant %s: dropping %d empty/malformed delivery entries", tenant,
-                        len(bad))
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.xack(stream, self.opts.group, *bad)
-                pipe.xdel(stream, *bad)
-                await pipe.execute()
+    async def _jobs(self, batches: Iterable[Batch]) -> list[Job]:
+        jobs: list[Job] = []
+        for b in batches:
+            bad = list(b.gone)  # deleted while pending (Redis 6.2 claims those)
+            for entry_id, raw in b.entries:
+                job = _job(b.tenant, entry_id, raw)
+                if job is None:  # malformed
+                    bad.append(entry_id)
+                else:
+                    jobs.append(job)
+            if bad:
+                log.warning("tenant %s: dropping %d empty/malformed delivery entries",
+                            b.tenant, len(bad))
+                await self.stream.ack(b.stream, *bad, delete=True)
         return jobs
 
     # -- processing ----------------------------------------------------------------------
@@ -472,9 +446,9 @@ class DeliveryWorker:
                     out[2 * i: 2 * i + 2] = flat[2 * n: 2 * n + 2]
             return out
         async with self._rsem:
-            raw: list[Any] = await self._precheck(
-                keys=[keys.tenant_prefix(jobs[0].tenant)],
-                args=[msgspec.json.encode([[j.lead_id, j.buyer] for j in jobs])])
+            raw: list[Any] = await self._lua.delivery_precheck(
+                self.redis, [keys.tenant_prefix(jobs[0].tenant)],
+                [msgspec.json.encode([[j.lead_id, j.buyer] for j in jobs])])
         return raw
 
     async def _commit(self, out: _Batch) -> None:
@@ -483,15 +457,15 @@ class DeliveryWorker:
             common = out.common.get(tenant)
             if tenant not in out.ops:  # the common case: one Lua call, atomic by itself
                 async with self._rsem:
-                    rows = await self._finish_rows(tenant, common, self.redis)
+                    rows = await self._finish_rows(tenant, common) if common else []
             else:
-                async with self.redis.pipeline(transaction=True) as pipe:
+                async with self.redis.pipeline(transaction=True) as pipe, self._rsem:
                     if common:  # first: its result is the first of the MULTI's
-                        await self._finish_rows(tenant, common, pipe)
+                        await self._lua.delivery_finish.queue(
+                            pipe, [keys.tenant_prefix(tenant)], [self._finish_arg(common)])
                     for op in out.ops.get(tenant, []):
                         op(pipe)
-                    async with self._rsem:
-                        results = await pipe.execute()
+                    results = await pipe.execute()
                 rows = results[0] if common else []
             jobs = common["jobs"] if common else []  # the rows delivery_finish.lua names
             if common:  # the dead letters written: those whose decision was not kept
@@ -524,15 +498,14 @@ class DeliveryWorker:
         done = [j for j in await asyncio.gather(*(money(j, d) for j, d in out.money)) if j]
         await self._ack_all(done)
 
-    async def _finish_rows(self, tenant: str, common: dict[str, list[Any]] | None,
-                           client: Any) -> Any:
-        """delivery_finish.lua for a tenant's rows (on ``client``: Redis or a pipeline).
-        Returns the row numbers whose delivery another worker had decided already."""
-        if not common:
-            return []
-        return await self._finish_lua(
-            keys=[keys.tenant_prefix(tenant)],
-            args=[record.finish_arg(common["j"], common["a"], self.opts.group)], client=client)
+    async def _finish_rows(self, tenant: str, common: dict[str, list[Any]]) -> Any:
+        """delivery_finish.lua for a tenant's rows. Returns the row numbers whose delivery
+        another worker had decided already."""
+        return await self._lua.delivery_finish(self.redis, [keys.tenant_prefix(tenant)],
+                                               [self._finish_arg(common)])
+
+    def _finish_arg(self, common: dict[str, list[Any]]) -> bytes:
+        return record.finish_arg(common["j"], common["a"], self.opts.group)
 
     async def _ack_all(self, jobs: Sequence[Job]) -> None:
         for tenant in {j.tenant for j in jobs}:  # one MULTI per tenant: one slot each
@@ -680,19 +653,21 @@ class DeliveryWorker:
             self.store.events_observer(["delivery_failed", n])
 
     def _ack_in(self, pipe: Any, job: Job) -> None:
-        stream = keys.deliveries(job.tenant)
-        pipe.xack(stream, self.opts.group, job.entry_id)
-        pipe.xdel(stream, job.entry_id)
+        self.stream.ack_in(pipe, keys.deliveries(job.tenant), job.entry_id, delete=True)
 
     # -- the long-running loop -----------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         """Read and deliver until ``stop`` is set, then finish the jobs in flight. One read
-        loop per stream group (one in all on a single Redis), sharing ``max_inflight``."""
+        loop per reader of the stream consumer (one in all on a single Redis), sharing
+        ``max_inflight``; each pass moves due retries first, and a batch read or claimed
+        is delivered by its own task."""
         await self.start()
         try:
-            await asyncio.gather(*(self._read_loop(g, stop) for g in self._groups),
-                                 self._keepalive(stop))
+            await asyncio.gather(
+                self.stream.run(stop, self._take, room=functools.partial(self._room_left, stop),
+                                before=self._requeue_if_due, on_error=_unavailable),
+                self._keepalive(stop))
         finally:
             await self.close()
 
@@ -723,8 +698,7 @@ class DeliveryWorker:
         """Reset the idle time of every entry in flight here; returns how many."""
         ids = self._inflight_entries()
         for tenant, entry_ids in ids.items():  # one call per tenant: one slot each
-            await self.redis.xclaim(keys.deliveries(tenant), self.opts.group, self.consumer,
-                                    0, entry_ids, justid=True)
+            await self.stream.touch(keys.deliveries(tenant), entry_ids)
         return sum(len(v) for v in ids.values())
 
     def _batch_done(self, n: int, task: asyncio.Task[None]) -> None:
@@ -733,34 +707,33 @@ class DeliveryWorker:
         if self._inflight < self.opts.max_inflight:
             self._room.set()
 
-    async def _read_loop(self, group: dict[str, str], stop: asyncio.Event) -> None:
-        last_requeue = last_claim = 0
-        while not stop.is_set():
-            if self._inflight >= self.opts.max_inflight:
-                self._room.clear()
-                await _wait_any(self._room, stop)
-                continue
-            room = min(self.opts.count, self.opts.max_inflight - self._inflight)
-            jobs: list[Job] = []
-            try:
-                if self.clock() - last_requeue >= self.opts.requeue_every_ms:
-                    last_requeue = self.clock()
-                    await self.requeue_due(group)
-                if self.clock() - last_claim >= self.opts.claim_every_ms:
-                    last_claim = self.clock()
-                    jobs = await self._claim(room, group)
-                if not jobs:
-                    jobs = await self._read(room, self.opts.block_ms, group)
-            except (OSError, aioredis.ConnectionError, aioredis.TimeoutError) as exc:
-                log.warning("delivery worker: redis unavailable (%s); retrying",
-                            type(exc).__name__)
-                await _wait_any(stop, within_s=1.0)
-                continue
-            if jobs:
-                self._inflight += len(jobs)
-                task = asyncio.create_task(self.handle_batch(jobs))
-                self._tasks.add(task)
-                task.add_done_callback(functools.partial(self._batch_done, len(jobs)))
+    async def _room_left(self, stop: asyncio.Event) -> int:
+        """Jobs a read may take now (``max_inflight`` shared by the readers): waits while
+        there is no room; 0 once ``stop`` is set."""
+        while self._inflight >= self.opts.max_inflight:
+            if stop.is_set():
+                return 0
+            self._room.clear()
+            await _wait_any(self._room, stop)
+        return 0 if stop.is_set() else min(self.opts.count,
+                                           self.opts.max_inflight - self._inflight)
+
+    async def _requeue_if_due(self, reader: Reader) -> None:
+        """Every ``requeue_every_ms`` at most: due retries of the reader's tenants back
+        onto their streams."""
+        if self.clock() - self._requeued.get(reader, 0) >= self.opts.requeue_every_ms:
+            self._requeued[reader] = self.clock()
+            await self.requeue_due(self.stream.streams[s] for s in reader)
+
+    async def _take(self, reader: Reader, batches: list[Batch]) -> int:
+        """Entries read or claimed: their jobs delivered by a task of their own."""
+        jobs = await self._jobs(batches)
+        if jobs:
+            self._inflight += len(jobs)
+            task = asyncio.create_task(self.handle_batch(jobs))
+            self._tasks.add(task)
+            task.add_done_callback(functools.partial(self._batch_done, len(jobs)))
+        return len(jobs)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -769,8 +742,8 @@ def _decision_json(dec: Decision) -> str:
     return record.encode_decision(dec).decode()
 
 
-def _eid(entry_id: bytes | str) -> str:
-    return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+def _unavailable(reader: Reader, exc: Exception) -> None:
+    log.warning("delivery worker: redis unavailable (%s); retrying", type(exc).__name__)
 
 
 async def _wait_any(*events: asyncio.Event, within_s: float | None = None) -> None:
