@@ -33,6 +33,7 @@ from redis.exceptions import ResponseError
 
 from billing import money
 from billing.errors import InvalidRequest
+from billing.schemas import Transaction
 from engine import keys
 from engine.store import UNAVAILABLE, Store
 
@@ -59,19 +60,6 @@ _COLS = ("tenant", "entry_id", "id_ms", "id_seq", "account", "kind", "delta", "b
 _json = msgspec.json.Encoder()
 _extra_dec = msgspec.json.Decoder(dict[str, str])
 Row = tuple[Any, ...]
-
-
-class Transaction(msgspec.Struct, kw_only=True):
-    id: str
-    account: str
-    type: str
-    amount: str
-    balance: str
-    ref: str
-    ts: int
-    process: str = ""
-    user: str = ""
-    extra: dict[str, str] = {}
 
 
 class Page(msgspec.Struct, kw_only=True):

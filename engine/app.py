@@ -22,6 +22,7 @@ from engine.http import Receive, Request, Response, Scope, Send
 from engine.ingest import Codes, Ingest, LeadObserver, LeadResponse, error
 from engine.metrics import registry_for_process, render
 from engine.runtime import Runtime
+from engine.schemas import Health, Readiness, ReadyChecks
 from engine.store import UNAVAILABLE, Store
 from engine.untrusted import JSON_ERRORS, json_problem
 
@@ -37,6 +38,7 @@ _JSON_TYPES = ("application/json", "", "text/plain")
 _NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/json", "",
                  "text/plain", "application/octet-stream", _FORM)
 MAX_BATCH_LINES = 10_000
+_ALIVE = Health()
 
 HttpObserver = Callable[[str, int, float], None]  # route, status, seconds
 
@@ -221,7 +223,7 @@ class App:
     # ---- health -------------------------------------------------------------------------
 
     async def _healthz(self, req: Request) -> Response:
-        return http.json_response({"status": "alive"})
+        return http.json_response(_ALIVE)
 
     async def _metrics(self, req: Request) -> Response:
         if self.before_scrape is not None:
@@ -230,18 +232,15 @@ class App:
         return Response(body, 200, ctype.encode())
 
     async def _readyz(self, req: Request) -> Response:
-        checks: dict[str, object] = {
-            "config": True, "scripts": self.ready, "redis": False, "draining": self.draining,
-            "failed_workers": self.failed_workers,
-        }
         try:
-            checks["redis"] = bool(await self.store.redis.ping())
+            redis = bool(await self.store.redis.ping())
         except Exception:  # noqa: BLE001 - any failure means not ready
-            checks["redis"] = False
-        ok = bool(checks["redis"] and self.ready and not self.draining and not self.failed_workers)
+            redis = False
+        checks = ReadyChecks(config=True, scripts=self.ready, redis=redis,
+                             draining=self.draining, failed_workers=self.failed_workers)
+        ok = redis and self.ready and not self.draining and not self.failed_workers
         return http.json_response(
-            {"status": "ready" if ok else "not_ready", "checks": checks}, 200 if ok else 503
-        )
+            Readiness("ready" if ok else "not_ready", checks), 200 if ok else 503)
 
 
 def _decode_lead(content_type: str, body: bytes) -> tuple[object, tuple[int, LeadResponse] | None]:

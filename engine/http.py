@@ -14,6 +14,8 @@ from urllib.parse import parse_qsl
 
 import msgspec
 
+from engine.schemas import Error, ErrorDetail
+
 Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -89,9 +91,11 @@ def json_response(data: object, status: int = 200) -> Response:
     return Response(_json.encode(data), status)
 
 
-def error_response(status: int, code: str, message: str, **extra: object) -> Response:
-    """The one error shape of every non-ingest endpoint: ``{"error": {code, message, ...}}``."""
-    return json_response({"error": {"code": code, "message": message, **extra}}, status)
+def error_response(status: int, code: str, message: str, *,
+                   attempt: str | msgspec.UnsetType = msgspec.UNSET) -> Response:
+    """The one error shape of every non-ingest endpoint: ``{"error": {code, message}}``
+    (engine.schemas.Error; billing's payment_failed adds the ``attempt``)."""
+    return json_response(Error(ErrorDetail(code, message, attempt)), status)
 
 
 async def lifespan(receive: Receive, send: Send) -> None:
