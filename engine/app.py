@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from engine import http
+from engine import endpoints, http
 from engine.accounts_api import AccountsApi
 from engine.batcher import Batcher
+from engine.docs import ApiDocs
 from engine.errors import StoreUnavailable
 from engine.http import Receive, Request, Response, Scope, Send
 from engine.ingest import Codes, Ingest, LeadObserver, LeadResponse, error
@@ -85,7 +86,7 @@ class App:
             observer=lead_observer,
             sync=sync,
         )
-        self.router = http.Router()
+        self.router = http.Router(declared=endpoints.BY_KEY)
         # POST /v1/leads is served before routing (see __call__); listed so GET gets a 405
         self.router.add("POST", "/v1/leads", self._lead_routed, body_limit=max_body,
                         too_large=_lead_too_large)
@@ -94,6 +95,10 @@ class App:
         self.router.add("GET", "/healthz", self._healthz)
         self.router.add("GET", "/readyz", self._readyz)
         self.router.add("GET", "/metrics", self._metrics)
+        self.docs = ApiDocs()
+        self.router.add("GET", "/openapi.json", self.docs.openapi)
+        self.router.add("GET", "/docs", self.docs.page)
+        self.router.add("GET", "/docs/static/{file}", self.docs.static)
         AccountsApi(lambda: self.runtime, store, lambda: self.archive).mount(self.router)
 
     def batcher(self, tenant: str) -> Batcher:
@@ -107,6 +112,11 @@ class App:
 
     def add_route(self, method: str, path: str, handler: http.Handler, **kw: Any) -> None:
         self.router.add(method, path, handler, **kw)
+
+    def unmounted(self) -> list[tuple[str, str]]:
+        """Routes of the table (engine.endpoints) the router does not serve yet."""
+        served = set(self.router.routes())
+        return [e.key for e in endpoints.ENDPOINTS if e.key not in served]
 
     async def drain(self) -> None:
         """Let every pending decision finish (SIGTERM): nothing is left half-charged."""

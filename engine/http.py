@@ -8,7 +8,7 @@ enough structure for the other endpoints: path parameters, body limits and JSON 
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Container
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -149,21 +149,31 @@ def _too_large(limit: int) -> Response:
 
 
 class Router:
-    """Exact paths are a dict lookup; templated ones are tried in order."""
+    """Exact paths are a dict lookup; templated ones are tried in order.
 
-    def __init__(self) -> None:
+    With ``declared`` (the route table, engine.endpoints), only declared routes may be
+    added: what the router serves is what the OpenAPI document describes."""
+
+    def __init__(self, declared: Container[tuple[str, str]] | None = None) -> None:
         self._exact: dict[tuple[str, str], Route] = {}
         self._templated: list[Route] = []
         self._paths: set[str] = set()
+        self._declared = declared
 
     def add(self, method: str, path: str, handler: Handler, *, body_limit: int = 64 * 1024,
             too_large: Callable[[int], Response] | None = None) -> None:
+        if self._declared is not None and (method, path) not in self._declared:
+            raise LookupError(f"{method} {path} is not in the route table (engine.endpoints)")
         route = Route(method, path, handler, body_limit, too_large)
         self._paths.add(path)
         if "{" in path:
             self._templated.append(route)
         else:
             self._exact[(method, path)] = route
+
+    def routes(self) -> list[tuple[str, str]]:
+        """(method, path template) of every route, in the order they were added."""
+        return [*self._exact, *((r.method, r.name) for r in self._templated)]
 
     def match(self, method: str, path: str) -> tuple[Route | None, dict[str, str], bool]:
         """(route, params, path_exists): path_exists tells 405 from 404."""

@@ -161,6 +161,9 @@ class Service:
                                       archive=await self._open_archive())
         self.app.archive = self.billing.archive
         self._mount_billing()
+        missing = self.app.unmounted()
+        if missing:  # the OpenAPI document would describe an endpoint nobody serves
+            raise LeadflowError(f"declared but not mounted: {missing}")
         self.app.ready = True
         self.crew = Crew(self, [_monitor, *self.worker_factories], self._worker_failed)
         self.crew.start()
