@@ -143,12 +143,16 @@ class App:
             self.http_observer(route, resp.status, time.perf_counter() - started)
 
     async def _routed(self, scope: Scope, receive: Receive) -> tuple[str, Response]:
-        route, params, path_exists = self.router.match(scope["method"], scope["path"])
+        path, raw_path = scope["path"], scope.get("raw_path")
+        route, params, path_exists = self.router.match(scope["method"], path, raw_path)
         if route is None:
-            status = 405 if path_exists else 404
-            return "unmatched", http.error_response(
-                status, "not_found" if status == 404 else "method_not_allowed", "no such endpoint"
-            )
+            if not path_exists:
+                return "unmatched", http.error_response(404, "not_found", "no such endpoint")
+            resp = http.error_response(405, "method_not_allowed", "no such endpoint")
+            # RFC 9110: a 405 names the methods the path has
+            resp.extra_headers.append(
+                (b"allow", ", ".join(self.router.allowed(path, raw_path)).encode()))
+            return "unmatched", resp
         try:
             body = await http.read_body(receive, route.body_limit)
         except http.BodyTooLarge:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable, Container
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote
 
 import msgspec
 
@@ -152,7 +152,9 @@ class Router:
     """Exact paths are a dict lookup; templated ones are tried in order.
 
     With ``declared`` (the route table, engine.endpoints), only declared routes may be
-    added: what the router serves is what the OpenAPI document describes."""
+    added: what the router serves is what the OpenAPI document describes. Templated paths
+    are matched on the request's raw path, so a parameter holding an encoded ``/`` (``%2F``)
+    stays one parameter; its value is then percent-decoded as the path is."""
 
     def __init__(self, declared: Container[tuple[str, str]] | None = None) -> None:
         self._exact: dict[tuple[str, str], Route] = {}
@@ -175,19 +177,32 @@ class Router:
         """(method, path template) of every route, in the order they were added."""
         return [*self._exact, *((r.method, r.name) for r in self._templated)]
 
-    def match(self, method: str, path: str) -> tuple[Route | None, dict[str, str], bool]:
-        """(route, params, path_exists): path_exists tells 405 from 404."""
+    def match(self, method: str, path: str, raw_path: bytes | None = None
+              ) -> tuple[Route | None, dict[str, str], bool]:
+        """(route, params, path_exists): path_exists tells 405 from 404. ``raw_path``: the
+        path as sent (ASGI ``raw_path``), for templated routes."""
         route = self._exact.get((method, path))
         if route is not None:
             return route, {}, True
         path_exists = any(p == path for (_, p) in self._exact)
+        target = path if raw_path is None else raw_path.decode("latin-1")
         for route in self._templated:
-            m = route.pattern.match(path)
+            m = route.pattern.match(target)
             if m:
                 if route.method == method:
-                    return route, m.groupdict(), True
+                    params = m.groupdict()
+                    if raw_path is not None:
+                        params = {k: unquote(v) for k, v in params.items()}
+                    return route, params, True
                 path_exists = True
         return None, {}, path_exists
+
+    def allowed(self, path: str, raw_path: bytes | None = None) -> list[str]:
+        """The methods of the routes of this path (the ``Allow`` header of a 405)."""
+        target = path if raw_path is None else raw_path.decode("latin-1")
+        methods = {m for (m, p) in self._exact if p == path}
+        methods.update(r.method for r in self._templated if r.pattern.match(target))
+        return sorted(methods)
 
 
 class TooManyFields(ValueError):

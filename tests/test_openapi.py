@@ -106,3 +106,26 @@ async def test_the_api_page_and_its_files_come_from_the_engine(redis, redis_serv
             async with eng.http.get(eng.url + "/docs/static/" + name) as r:
                 assert r.status == 404
                 assert (await r.json())["error"]["code"] == "not_found"
+
+
+async def test_a_405_names_the_methods_of_the_path(redis, redis_server, cfg):
+    """RFC 9110: a 405 carries Allow. It had none."""
+    async with running(cfg, redis_server.url) as eng:
+        async with eng.http.get(eng.url + "/v1/leads") as r:
+            assert r.status == 405 and r.headers["Allow"] == "POST"
+        async with eng.http.request("PATCH", eng.url + "/v1/accounts/c1/payment-methods/pm_1") as r:
+            assert r.status == 405 and r.headers["Allow"] == "DELETE"
+        async with eng.http.request("OPTIONS", eng.url + "/v1/accounts/c1/payment-methods") as r:
+            assert r.status == 405 and r.headers["Allow"] == "GET, POST"
+
+
+async def test_a_path_parameter_may_hold_an_encoded_slash(redis, redis_server, cfg):
+    """An id with a "/" (sent as %2F) is one parameter: it was split into two path
+    segments and reached another route or none (404 not_found, 405)."""
+    async with running(cfg, redis_server.url) as eng:
+        status, body = await eng.api("GET", "/v1/accounts/c1%2Fcredits")
+        assert status == 404 and body["error"]["code"] == "unknown_account", body
+        status, body = await eng.api("POST", "/v1/buyers/x%2Fy/pause")
+        assert status == 404 and body["error"]["code"] == "unknown_buyer", body
+        status, body = await eng.api("GET", "/v1/accounts/c%31")  # %31 is "1"
+        assert status == 200 and body["id"] == "c1"
