@@ -18,6 +18,9 @@ from msgspec import Meta
 from engine.config import AutoRecharge
 from engine.schemas import EntryId, Money, MoneyOut
 
+IDEMPOTENCY_KEY_PATTERN = "^[A-Za-z0-9_.:-]{1,128}$"
+IdempotencyKey = Annotated[str, Meta(extra_json_schema={
+    "pattern": IDEMPOTENCY_KEY_PATTERN, "description": "1-128 of A-Z a-z 0-9 _ . : -"})]
 EventId = Annotated[str, Meta(extra_json_schema={
     "pattern": "^[A-Za-z0-9_.:-]{1,128}$",
     "description": "1-128 of A-Z a-z 0-9 _ . : - (idempotent per account and event id)"})]
@@ -36,7 +39,7 @@ class FundBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     amount plus the pass-through card fee."""
 
     amount: Money
-    idempotency_key: str | None = None  # when no Idempotency-Key header is sent
+    idempotency_key: IdempotencyKey | None = None  # when no Idempotency-Key header is sent
 
 
 class FundResult(msgspec.Struct, kw_only=True):

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from billing.schemas import (
+    IDEMPOTENCY_KEY_PATTERN,
     AttachBody,
     AutoRechargeSettings,
     BalanceRefund,
@@ -36,7 +37,6 @@ from billing.schemas import (
 from engine.config import AutoRecharge
 from engine.ingest import LeadResponse
 from engine.schemas import (
-    ENTRY_ID_PATTERN,
     AccountView,
     BuyerState,
     CreditBody,
@@ -127,7 +127,8 @@ IDEMPOTENCY_LEAD = Param(
     "Idempotency-Key", "header", {"type": "string"},
     "the same key returns the first result (24 h) and charges nothing again")
 _LIMIT = {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}
-_CURSOR = {"type": "string", "pattern": ENTRY_ID_PATTERN}
+# an empty filter is no filter: /transactions reads "from=" as no "from"
+_TX_CURSOR = {"type": "string", "pattern": r"^([0-9]{1,19}(-[0-9]{1,19})?)?$"}
 
 # ---- replies -------------------------------------------------------------------------------
 
@@ -215,7 +216,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             "own; a bad line is an ERROR line (1000, 1030), the others go on. At most "
             "10,000 lines and 8 MiB (else 413 / 1030, nothing decided). With an "
             "`Idempotency-Key`, each line is remembered by the key and its content."),
-        body_schema=_TEXT, body_media=(NDJSON,), params=(IDEMPOTENCY_LEAD,), shape="lead",
+        body_schema=_TEXT, body_media=(NDJSON,), body_required=False,
+        params=(IDEMPOTENCY_LEAD,), shape="lead",
     ),
     # -- health and metrics --------------------------------------------------------------
     Endpoint("GET", "/healthz", "healthz", "Alive", "health", {200: ok(Health)}),
@@ -311,9 +313,9 @@ ENDPOINTS: tuple[Endpoint, ...] = (
                   "account_closed", "no_payment_method", "busy"),
          502: STRIPE_502, 503: STRIPE_503},
         body=FundBody,
-        params=(ACCOUNT_ID, Param("Idempotency-Key", "header", {"type": "string"},
-                                  "required unless the body has `idempotency_key`: 1-128 of "
-                                  "A-Z a-z 0-9 _ . : -")),
+        params=(ACCOUNT_ID, Param("Idempotency-Key", "header",
+                                  {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN},
+                                  "required unless the body has `idempotency_key`")),
         tenant=True, links={201: _ACCOUNT_LINKS},
     ),
     Endpoint("GET", ACCOUNT + "/payment-methods", "listPaymentMethods", "The account's cards",
@@ -399,14 +401,17 @@ ENDPOINTS: tuple[Endpoint, ...] = (
          503: err("the ledger archive is not configured", "unavailable")},
         params=(
             ACCOUNT_ID,
-            Param("from", "query", _TEXT, "epoch ms or ISO 8601 (UTC if naive), inclusive"),
-            Param("to", "query", _TEXT, "epoch ms or ISO 8601 (UTC if naive), exclusive"),
+            Param("from", "query", _TEXT, "epoch ms or ISO 8601 (UTC if naive), inclusive; "
+                                          "empty: no bound"),
+            Param("to", "query", _TEXT, "epoch ms or ISO 8601 (UTC if naive), exclusive; "
+                                        "empty: no bound"),
             Param("type", "query", {"type": "string", "enum": [
                 "lead", "fee", "usage", "funding", "recharge", "refund", "return",
-                "adjustment"]}),
+                "adjustment", ""]}, "a transaction type; empty: every type"),
             Param("q", "query", _TEXT, "case-insensitive substring of process, user or ref"),
             Param("limit", "query", _LIMIT),
-            Param("cursor", "query", _CURSOR, "`next_cursor` of the previous page"),
+            Param("cursor", "query", _TX_CURSOR, "`next_cursor` of the previous page; empty: "
+                                                 "the first page"),
             Param("format", "query", {"type": "string", "enum": ["json", "csv"],
                                       "default": "json"}),
         ),
