@@ -231,20 +231,24 @@ class _BillingApi:
             "to_ms": _time(qs["to"], "to") if qs.get("to") else None,
             "type": qs.get("type") or None, "q": qs.get("q") or None,
         }
+        # ASCII digits, and few: int() of 4,301 digits and more raised ValueError (a 500).
+        # Read whatever the format: a CSV export used to take any limit and cursor unread
+        limit = ascii_int(qs.get("limit", "100"), max_digits=18)
+        if limit is None or not 1 <= limit <= archive.MAX_PAGE:
+            raise InvalidRequest(f"limit: 1 to {archive.MAX_PAGE}", code="invalid_query")
+        cursor = qs.get("cursor") or None
+        if cursor is not None:
+            archive.parse_cursor(cursor)  # invalid_query
         fmt = qs.get("format", "json")
-        if fmt == "csv":
+        if fmt == "csv":  # every matching transaction: limit and cursor page the JSON form
             text = await self.ctx.archive.export_csv(tenant, account, **filters)
             return Response(text.encode(), 200, b"text/csv; charset=utf-8", [
                 (b"content-disposition",
                  f'attachment; filename="{account}-transactions.csv"'.encode())])
         if fmt != "json":
             raise InvalidRequest("format: json or csv", code="invalid_query")
-        # ASCII digits, and few: int() of 4,301 digits and more raised ValueError (a 500)
-        limit = ascii_int(qs.get("limit", "100"), max_digits=18)
-        if limit is None:
-            raise InvalidRequest("limit: 1 to 1000", code="invalid_query")
         page = await self.ctx.archive.transactions(tenant, account, limit=limit,
-                                                   cursor=qs.get("cursor") or None, **filters)
+                                                   cursor=cursor, **filters)
         return json_response(TransactionPage(page.items, page.next_cursor))
 
     async def overview(self, req: Request) -> Response:

@@ -52,6 +52,7 @@ TYPES: dict[str, tuple[str, ...]] = {
     "adjustment": ("adjustment", "opening"),
 }
 PAYMENTS = ("funding", "recharge", "refund")  # ledger kinds of an account's payments
+MAX_PAGE = 1_000  # transactions a page holds at most
 RECENT_PAGE = 1_000  # stream entries per XREVRANGE of recent()
 RECENT_SCAN = 10_000  # stream entries recent() reads at most
 _BASE = ("account", "delta", "balance", "kind", "ref", "ts")
@@ -305,8 +306,8 @@ class Archive:
     ) -> Page:
         """Newest first. ``cursor`` is the ``next_cursor`` of the previous page (an entry
         id: the page holds the entries older than it); ``kinds``: only these ledger kinds."""
-        if not 1 <= limit <= 1_000:
-            raise InvalidRequest("limit: 1 to 1000", code="invalid_query")
+        if not 1 <= limit <= MAX_PAGE:
+            raise InvalidRequest(f"limit: 1 to {MAX_PAGE}", code="invalid_query")
         if type and type not in TYPES:
             raise InvalidRequest(f"type: one of {', '.join(TYPES)}", code="invalid_query")
         rows = await self._select(tenant, account, limit + 1, from_ms=from_ms, to_ms=to_ms,
