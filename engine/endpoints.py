@@ -313,9 +313,10 @@ ENDPOINTS: tuple[Endpoint, ...] = (
                   "account_closed", "no_payment_method", "busy"),
          502: STRIPE_502, 503: STRIPE_503},
         body=FundBody,
-        params=(ACCOUNT_ID, Param("Idempotency-Key", "header",
-                                  {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN},
-                                  "required unless the body has `idempotency_key`")),
+        params=(ACCOUNT_ID, Param(
+            "Idempotency-Key", "header",
+            {"type": "string", "pattern": f"^({IDEMPOTENCY_KEY_PATTERN[1:-1]})?$"},
+            "required unless the body has `idempotency_key` (an empty header is none)")),
         tenant=True, links={201: _ACCOUNT_LINKS},
     ),
     Endpoint("GET", ACCOUNT + "/payment-methods", "listPaymentMethods", "The account's cards",

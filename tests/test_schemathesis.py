@@ -44,7 +44,7 @@ pytestmark = pytest.mark.slow
 
 TENANT, TOKEN = "acme", "acme-demo-token"
 # per operation and phase; LEADFLOW_SCHEMATHESIS_EXAMPLES=500 for a longer hunt
-MAX_EXAMPLES = int(os.environ.get("LEADFLOW_SCHEMATHESIS_EXAMPLES", "60"))
+MAX_EXAMPLES = int(os.environ.get("LEADFLOW_SCHEMATHESIS_EXAMPLES", "100"))
 HOOKS = Path(__file__).with_name("schemathesis_hooks.py")
 
 
