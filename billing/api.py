@@ -25,6 +25,20 @@ from billing.errors import (
     ServiceUnavailable,
     Unauthorized,
 )
+from billing.schemas import (
+    AttachBody,
+    AutoRechargeSettings,
+    BalanceRefund,
+    BatchBody,
+    FundBody,
+    FundResult,
+    Method,
+    MethodList,
+    Overview,
+    TransactionPage,
+    Usage,
+    UsageBatchResult,
+)
 from engine.config import AutoRecharge
 from engine.errors import StoreUnavailable
 from engine.http import Request, Response, error_response, json_response
@@ -34,23 +48,10 @@ Handler = Callable[[Request], Awaitable[Response]]
 OVERVIEW_ENTRIES = 10  # payments, and ledger entries, an overview shows (newest first)
 
 
-class FundBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    amount: str
-    idempotency_key: str | None = None
-
-
-class AttachBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    payment_method: str
-
-
-class BatchBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    items: list[usage.Usage]
-
-
 _fund = msgspec.json.Decoder(FundBody)
 _attach = msgspec.json.Decoder(AttachBody)
 _auto = msgspec.json.Decoder(AutoRecharge)
-_usage = msgspec.json.Decoder(usage.Usage)
+_usage = msgspec.json.Decoder(Usage)
 _batch = msgspec.json.Decoder(BatchBody)
 
 
@@ -87,10 +88,9 @@ def _handle(fn: Handler) -> Handler:
         try:
             return await fn(req)
         except BillingError as exc:
-            extra: dict[str, object] = {}
             if isinstance(exc, PaymentsFailed):
-                extra["attempt"] = exc.attempt
-            return error_response(exc.status, exc.code, str(exc), **extra)
+                return error_response(exc.status, exc.code, str(exc), attempt=exc.attempt)
+            return error_response(exc.status, exc.code, str(exc))
         except StoreUnavailable as exc:
             return error_response(503, "unavailable", str(exc))
 
@@ -119,8 +119,10 @@ def _time(value: str, field: str) -> int:
     return int(when.timestamp() * 1000)
 
 
-def _methods_json(ms: list[Any]) -> list[dict[str, Any]]:
-    return [msgspec.structs.asdict(m) for m in ms]
+def _settings(ar: AutoRecharge) -> AutoRechargeSettings:
+    """Auto-recharge settings with every field written (AutoRecharge, a config shape,
+    leaves its defaults out)."""
+    return AutoRechargeSettings(**msgspec.structs.asdict(ar))
 
 
 class _BillingApi:
@@ -146,23 +148,23 @@ class _BillingApi:
                                  code="invalid_idempotency_key")
         amount = money.parse(body.amount, field="amount")
         a = await funding.fund(self.ctx, tenant, account, amount, key, user=_user(req))
-        return json_response({
-            "attempt": a.id, "state": a.state, "amount": money.format(a.amount),
-            "card_fee": money.format(a.fee), "charged": money.format(a.gross),
-            "payment_intent": a.pi, "balance": money.format(int(a.balance or 0)),
-        }, 201)
+        return json_response(FundResult(
+            attempt=a.id, state=a.state, amount=money.format(a.amount),
+            card_fee=money.format(a.fee), charged=money.format(a.gross),
+            payment_intent=a.pi, balance=money.format(int(a.balance or 0)),
+        ), 201)
 
     async def list_methods(self, req: Request) -> Response:
         tenant, account = self._account_of(req)
-        return json_response({"data": _methods_json(await self.ctx.methods.all(tenant, account))})
+        return json_response(MethodList(await self.ctx.methods.all(tenant, account)))
 
     async def attach(self, req: Request) -> Response:
         """POST /v1/accounts/{id}/payment-methods {"payment_method": "pm_..."}."""
         tenant, account = self._account_of(req)
         body: AttachBody = decode_body(req, _attach)
-        m = await self.ctx.methods.attach(tenant, account, body.payment_method)
+        m: Method = await self.ctx.methods.attach(tenant, account, body.payment_method)
         await recharge.recharge_if_below(self.ctx, tenant, account, why="card_added")
-        return json_response(msgspec.structs.asdict(m), 201)
+        return json_response(m, 201)
 
     def method_action(self, action: str) -> Handler:
         async def handler(req: Request) -> Response:
@@ -174,7 +176,7 @@ class _BillingApi:
             methods = await fn(tenant, account, pm)
             if action in ("activate", "primary"):  # a card that may pay now
                 await recharge.recharge_if_below(self.ctx, tenant, account, why="card_added")
-            return json_response({"data": _methods_json(methods)})
+            return json_response(MethodList(methods))
 
         handler.__name__ = f"payment_method_{action}"
         return handler
@@ -184,25 +186,26 @@ class _BillingApi:
         tenant, account = self._account_of(req)
         before = await self.ctx.store.account(tenant, account)
         entries = await funding.refund_balance(self.ctx, tenant, account, user=_user(req))
-        return json_response({"refunded": money.format(before.balance if before else 0),
-                              "entries": entries, "closed": True})
+        return json_response(BalanceRefund(
+            refunded=money.format(before.balance if before else 0), entries=entries,
+            closed=True))
 
     async def auto_recharge(self, req: Request) -> Response:
         """PUT /v1/accounts/{id}/auto-recharge (AutoRecharge fields)."""
         tenant, account = self._account_of(req)
         ar: AutoRecharge = decode_body(req, _auto)
         saved = await recharge.configure(self.ctx, tenant, account, ar)
-        return json_response(msgspec.structs.asdict(saved))
+        return json_response(_settings(saved))
 
     async def record_usage(self, req: Request) -> Response:
         """POST /v1/usage {account, meter, quantity, event_id}."""
         tenant = _tenant(req)
-        u: usage.Usage = decode_body(req, _usage)
+        u: Usage = decode_body(req, _usage)
         if not u.user:
             u.user = _user(req)
         res = await usage.record_usage(self.ctx, tenant, u.account, u.meter, u.quantity,
                                        u.event_id, user=u.user)
-        return json_response(msgspec.structs.asdict(res), 200 if res.replay else 201)
+        return json_response(res, 200 if res.replay else 201)
 
     async def record_batch(self, req: Request) -> Response:
         """POST /v1/usage/batch {"items": [...]}: all validated first, then each debited."""
@@ -211,7 +214,7 @@ class _BillingApi:
         for u in body.items:
             u.user = u.user or _user(req)
         out = await usage.record_batch(self.ctx, tenant, body.items)
-        return json_response({"data": [msgspec.structs.asdict(r) for r in out]})
+        return json_response(UsageBatchResult(out))
 
     async def transactions(self, req: Request) -> Response:
         """GET /v1/accounts/{id}/transactions?from&to&type&q&limit&cursor&format=csv."""
@@ -228,21 +231,25 @@ class _BillingApi:
             "to_ms": _time(qs["to"], "to") if qs.get("to") else None,
             "type": qs.get("type") or None, "q": qs.get("q") or None,
         }
+        # ASCII digits, and few: int() of 4,301 digits and more raised ValueError (a 500).
+        # Read whatever the format: a CSV export used to take any limit and cursor unread
+        limit = ascii_int(qs.get("limit", "100"), max_digits=18)
+        if limit is None or not 1 <= limit <= archive.MAX_PAGE:
+            raise InvalidRequest(f"limit: 1 to {archive.MAX_PAGE}", code="invalid_query")
+        cursor = qs.get("cursor") or None
+        if cursor is not None:
+            archive.parse_cursor(cursor)  # invalid_query
         fmt = qs.get("format", "json")
-        if fmt == "csv":
+        if fmt == "csv":  # every matching transaction: limit and cursor page the JSON form
             text = await self.ctx.archive.export_csv(tenant, account, **filters)
             return Response(text.encode(), 200, b"text/csv; charset=utf-8", [
                 (b"content-disposition",
                  f'attachment; filename="{account}-transactions.csv"'.encode())])
         if fmt != "json":
             raise InvalidRequest("format: json or csv", code="invalid_query")
-        # ASCII digits, and few: int() of 4,301 digits and more raised ValueError (a 500)
-        limit = ascii_int(qs.get("limit", "100"), max_digits=18)
-        if limit is None:
-            raise InvalidRequest("limit: 1 to 1000", code="invalid_query")
         page = await self.ctx.archive.transactions(tenant, account, limit=limit,
-                                                   cursor=qs.get("cursor") or None, **filters)
-        return json_response({"data": page.items, "next_cursor": page.next_cursor})
+                                                   cursor=cursor, **filters)
+        return json_response(TransactionPage(page.items, page.next_cursor))
 
     async def overview(self, req: Request) -> Response:
         """GET /v1/accounts/{id}/overview: balance, cards, auto recharge, the newest payments
@@ -257,18 +264,17 @@ class _BillingApi:
         payments = await archive.recent(store, arc, tenant, account, limit=OVERVIEW_ENTRIES,
                                         kinds=archive.PAYMENTS)
         last = await archive.recent(store, arc, tenant, account, limit=OVERVIEW_ENTRIES)
-        return json_response({
-            "account": account,
-            "balance": money.format(state.balance),
-            "floor": money.format(state.floor),
-            "alert": money.format(state.alert),
-            "paused": state.paused, "closed": state.closed,
-            "auto_recharge": msgspec.structs.asdict(await recharge.settings(self.ctx, tenant,
-                                                                            account)),
-            "payment_methods": _methods_json(await self.ctx.methods.all(tenant, account)),
-            "payment_history": payments,
-            "last_transactions": last,
-        })
+        return json_response(Overview(
+            account=account,
+            balance=money.format(state.balance),
+            floor=money.format(state.floor),
+            alert=money.format(state.alert),
+            paused=state.paused, closed=state.closed,
+            auto_recharge=_settings(await recharge.settings(self.ctx, tenant, account)),
+            payment_methods=await self.ctx.methods.all(tenant, account),
+            payment_history=payments,
+            last_transactions=last,
+        ))
 
     def routes(self) -> list[tuple[str, str, Handler]]:
         base = "/v1/accounts/{id}"

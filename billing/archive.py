@@ -32,6 +32,7 @@ import redis.asyncio as aioredis
 
 from billing import money
 from billing.errors import InvalidRequest
+from billing.schemas import Transaction
 from engine import keys
 from engine.constants import archive_path
 from engine.store import UNAVAILABLE, Store
@@ -52,6 +53,7 @@ TYPES: dict[str, tuple[str, ...]] = {
     "adjustment": ("adjustment", "opening"),
 }
 PAYMENTS = ("funding", "recharge", "refund")  # ledger kinds of an account's payments
+MAX_PAGE = 1_000  # transactions a page holds at most
 RECENT_PAGE = 1_000  # stream entries per XREVRANGE of recent()
 RECENT_SCAN = 10_000  # stream entries recent() reads at most
 _BASE = ("account", "delta", "balance", "kind", "ref", "ts")
@@ -60,19 +62,6 @@ _COLS = ("tenant", "entry_id", "id_ms", "id_seq", "account", "kind", "delta", "b
 _json = msgspec.json.Encoder()
 _extra_dec = msgspec.json.Decoder(dict[str, str])
 Row = tuple[Any, ...]
-
-
-class Transaction(msgspec.Struct, kw_only=True):
-    id: str
-    account: str
-    type: str
-    amount: str
-    balance: str
-    ref: str
-    ts: int
-    process: str = ""
-    user: str = ""
-    extra: dict[str, str] = {}
 
 
 class Page(msgspec.Struct, kw_only=True):
@@ -312,8 +301,8 @@ class Archive:
     ) -> Page:
         """Newest first. ``cursor`` is the ``next_cursor`` of the previous page (an entry
         id: the page holds the entries older than it); ``kinds``: only these ledger kinds."""
-        if not 1 <= limit <= 1_000:
-            raise InvalidRequest("limit: 1 to 1000", code="invalid_query")
+        if not 1 <= limit <= MAX_PAGE:
+            raise InvalidRequest(f"limit: 1 to {MAX_PAGE}", code="invalid_query")
         if type and type not in TYPES:
             raise InvalidRequest(f"type: one of {', '.join(TYPES)}", code="invalid_query")
         rows = await self._select(tenant, account, limit + 1, from_ms=from_ms, to_ms=to_ms,

@@ -18,19 +18,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
 from billing.errors import InvalidRequest, NoPaymentMethod, UnknownPaymentMethod
+from billing.schemas import Method
 from billing.stripe_gateway import Card, StripeGateway
 from engine import keys
-
-
-class Method(msgspec.Struct, kw_only=True):
-    id: str
-    brand: str = ""
-    last4: str = ""
-    exp_month: int = 0
-    exp_year: int = 0
-    active: bool = False
-    primary: bool = False
-
 
 _enc = msgspec.json.Encoder()
 _dec = msgspec.json.Decoder(list[Method])

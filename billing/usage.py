@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import re
 
-import msgspec
-
 from billing import money
 from billing.context import BillingContext
 from billing.errors import (
@@ -22,29 +20,12 @@ from billing.errors import (
     InvalidRequest,
     UnknownAccount,
 )
+from billing.schemas import Usage, UsageResult
 from engine.store import USAGE_TTL_S
 from engine.untrusted import ascii_micros
 
 MAX_BATCH = 1_000
 _EVENT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")  # fullmatch: "$" took "e1\n"
-
-
-class Usage(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    account: str
-    meter: str
-    quantity: int | str
-    event_id: str
-    user: str = ""
-
-
-class UsageResult(msgspec.Struct, kw_only=True):
-    event_id: str
-    ok: bool
-    cost: str = "0.00"
-    balance: str = ""
-    replay: bool = False
-    error: str = ""
-    message: str = ""
 
 
 def _quantity_micros(q: int | str) -> int:

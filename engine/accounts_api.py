@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -20,6 +20,18 @@ from engine import http, keys, telemetry
 from engine.constants import WALLET
 from engine.http import Request, Response
 from engine.runtime import Runtime, token_digest
+from engine.schemas import (
+    AccountView,
+    BuyerAccount,
+    BuyerState,
+    CreditBody,
+    CreditResult,
+    LedgerEntry,
+    LedgerPage,
+    ReturnBody,
+    ReturnResult,
+    Thresholds,
+)
 from engine.scripts import scripts
 from engine.store import AccountState, Store, now_ms
 from engine.untrusted import ascii_int
@@ -35,12 +47,6 @@ RETURN_REASONS = frozenset({  # the approved reasons our users know
 })
 
 
-class ReturnBody(msgspec.Struct, forbid_unknown_fields=True):
-    buyer: str
-    reason: str
-    note: str = ""
-
-
 class PauseResult(msgspec.Struct):
     changed: bool
     events: list[str | int] | dict[str, int] = []
@@ -49,12 +55,6 @@ class PauseResult(msgspec.Struct):
 _pause_result = msgspec.json.Decoder(PauseResult)
 # the flag and its event in one step; the registry's script (tests run it directly)
 _BUYER_PAUSE = scripts().buyer_pause
-
-
-class CreditBody(msgspec.Struct, forbid_unknown_fields=True):
-    amount: str
-    note: str = ""
-    reference: str = ""  # the payment received elsewhere (check number, wire id)
 
 
 _credit = msgspec.json.Decoder(CreditBody)
@@ -81,24 +81,24 @@ def tenant_route(runtime: Callable[[], Runtime], handler: TenantHandler) -> http
     return wrapped
 
 
-def account_status(a: AccountState) -> str:
+def account_status(a: AccountState) -> Literal["active", "paused", "closed"]:
     return "closed" if a.closed else ("paused" if a.paused else "active")
 
 
-def account_view(a: AccountState) -> dict[str, object]:
-    return {
-        "id": a.id,
-        "balance": money.format(a.balance),
-        "floor": money.format(a.floor),
-        "status": account_status(a),
-        "paused_reason": a.paused or None,
-        "billing": a.mode,
-        "thresholds": {
-            "alert": money.format(a.alert),
-            "auto_recharge": money.format(a.recharge_threshold) if a.auto_recharge else None,
-            "min_balance": None if a.min_balance is None else money.format(a.min_balance),
-        },
-    }
+def account_view(a: AccountState) -> AccountView:
+    return AccountView(
+        id=a.id,
+        balance=money.format(a.balance),
+        floor=money.format(a.floor),
+        status=account_status(a),
+        paused_reason=a.paused or None,
+        billing=a.mode,
+        thresholds=Thresholds(
+            alert=money.format(a.alert),
+            auto_recharge=money.format(a.recharge_threshold) if a.auto_recharge else None,
+            min_balance=None if a.min_balance is None else money.format(a.min_balance),
+        ),
+    )
 
 
 class AccountsApi:
@@ -148,11 +148,11 @@ class AccountsApi:
             # reads "(ms" as the end of that millisecond, the archive as its start)
             before += "-0"
         if before.strip("0-") == "":  # "0", "0-0": nothing comes before it
-            return http.json_response({"entries": [], "next_before": None})
+            return http.json_response(LedgerPage([], None))
         page = await history(self.store, self.archive(), tenant, account, limit=limit,
                              before=before)
         entries = [_entry_view(i, f) for i, f in page.entries]
-        return http.json_response({"entries": entries, "next_before": page.next_before})
+        return http.json_response(LedgerPage(entries, page.next_before))
 
     async def credit(self, req: Request, tenant: str) -> Response:
         """A manual credit: the tenant received a payment outside leadflow ("manual" billing)."""
@@ -197,7 +197,7 @@ class AccountsApi:
                 400, "idempotency_conflict",
                 f"Idempotency-Key already used for a credit of {money.format(int(res.delta))}")
         return http.json_response(
-            {"balance": money.format(int(res.balance)), "entry": res.entry, "replay": res.replay},
+            CreditResult(money.format(int(res.balance)), res.entry, res.replay),
             200 if res.replay else 201,
         )
 
@@ -224,11 +224,10 @@ class AccountsApi:
         # while its account is paused (at its floor, under its minimum) or closed still
         # gets no lead, and "active" alone would say it does
         acct = await self.store.account(tenant, client)
-        account = {"id": client, "status": "missing" if acct is None else account_status(acct)}
-        if acct is not None and account["status"] == "paused":
-            account["paused_reason"] = acct.paused
-        return http.json_response({"id": buyer, "status": "paused" if paused else "active",
-                                   "account": account})
+        account = BuyerAccount(client, "missing" if acct is None else account_status(acct))
+        if acct is not None and account.status == "paused":
+            account.paused_reason = acct.paused
+        return http.json_response(BuyerState(buyer, "paused" if paused else "active", account))
 
     async def pause(self, req: Request, tenant: str) -> Response:
         return await self._set_buyer_pause(req, tenant, True)
@@ -279,8 +278,8 @@ async def _return_lead(store: Store, req: Request, tenant: str) -> Response:
                                   kind="return")
     if not res.ok:
         return http.error_response(404, res.error, "no such sale")
-    return http.json_response({"lead_id": lead_id, "buyer": body.buyer, "state": res.state,
-                               "refunded": money.format(int(res.price)), "replay": res.replay})
+    return http.json_response(ReturnResult(lead_id, body.buyer, res.state,
+                                           money.format(int(res.price)), res.replay))
 
 
 def _lead_time_ms(lead_id: str) -> int | None:
@@ -301,20 +300,18 @@ def _is_stream_id(text: str) -> bool:
     return True
 
 
-def _entry_view(entry_id: str, f: dict[str, str]) -> dict[str, object]:
-    view: dict[str, object] = {
-        "id": entry_id,
-        "account": f.get("account"),
-        "kind": f.get("kind"),
-        "delta": money.format(int(f["delta"])),
-        "balance_after": money.format(int(f["balance"])),
-        "lead_id": f.get("ref") if f.get("kind") in _LEAD_KINDS else None,
-        "ref": f.get("ref"),
-        "time_ms": int(f.get("ts", "0")),
-    }
+def _entry_view(entry_id: str, f: dict[str, str]) -> LedgerEntry:
     extra = {
         k: v for k, v in f.items() if k not in ("account", "kind", "delta", "balance", "ref", "ts")
     }
-    if extra:
-        view["details"] = extra
-    return view
+    return LedgerEntry(
+        id=entry_id,
+        account=f.get("account"),
+        kind=f.get("kind"),
+        delta=money.format(int(f["delta"])),
+        balance_after=money.format(int(f["balance"])),
+        lead_id=f.get("ref") if f.get("kind") in _LEAD_KINDS else None,
+        ref=f.get("ref"),
+        time_ms=int(f.get("ts", "0")),
+        details=extra or msgspec.UNSET,
+    )

@@ -14,15 +14,17 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from engine import http
+from engine import endpoints, http
 from engine.accounts_api import AccountsApi
 from engine.batcher import Batcher
 from engine.codes import Codes, LeadResponse, error
+from engine.docs import ApiDocs
 from engine.errors import StoreUnavailable
 from engine.http import Receive, Request, Response, Scope, Send
 from engine.ingest import Ingest, LeadObserver
 from engine.metrics import registry_for_process, render
 from engine.runtime import Runtime
+from engine.schemas import Health, Readiness, ReadyChecks
 from engine.store import UNAVAILABLE, Store
 from engine.untrusted import JSON_ERRORS, json_problem
 
@@ -38,6 +40,7 @@ _JSON_TYPES = ("application/json", "", "text/plain")
 _NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/json", "",
                  "text/plain", "application/octet-stream", _FORM)
 MAX_BATCH_LINES = 10_000
+_ALIVE = Health()
 
 HttpObserver = Callable[[str, int, float], None]  # route, status, seconds
 
@@ -84,7 +87,7 @@ class App:
             observer=lead_observer,
             sync=sync,
         )
-        self.router = http.Router()
+        self.router = http.Router(declared=endpoints.BY_KEY)
         # POST /v1/leads is served before routing (see __call__); listed so GET gets a 405
         self.router.add("POST", "/v1/leads", self._lead_routed, body_limit=max_body,
                         too_large=_lead_too_large)
@@ -93,6 +96,10 @@ class App:
         self.router.add("GET", "/healthz", self._healthz)
         self.router.add("GET", "/readyz", self._readyz)
         self.router.add("GET", "/metrics", self._metrics)
+        self.docs = ApiDocs()
+        self.router.add("GET", "/openapi.json", self.docs.openapi)
+        self.router.add("GET", "/docs", self.docs.page)
+        self.router.add("GET", "/docs/static/{file}", self.docs.static)
         AccountsApi(lambda: self.runtime, store, lambda: self.archive).mount(self.router)
 
     def batcher(self, tenant: str) -> Batcher:
@@ -106,6 +113,11 @@ class App:
 
     def add_route(self, method: str, path: str, handler: http.Handler, **kw: Any) -> None:
         self.router.add(method, path, handler, **kw)
+
+    def unmounted(self) -> list[tuple[str, str]]:
+        """Routes of the table (engine.endpoints) the router does not serve yet."""
+        served = set(self.router.routes())
+        return [e.key for e in endpoints.ENDPOINTS if e.key not in served]
 
     async def drain(self) -> None:
         """Let every pending decision finish (SIGTERM): nothing is left half-charged."""
@@ -132,12 +144,16 @@ class App:
             self.http_observer(route, resp.status, time.perf_counter() - started)
 
     async def _routed(self, scope: Scope, receive: Receive) -> tuple[str, Response]:
-        route, params, path_exists = self.router.match(scope["method"], scope["path"])
+        path, raw_path = scope["path"], scope.get("raw_path")
+        route, params, path_exists = self.router.match(scope["method"], path, raw_path)
         if route is None:
-            status = 405 if path_exists else 404
-            return "unmatched", http.error_response(
-                status, "not_found" if status == 404 else "method_not_allowed", "no such endpoint"
-            )
+            if not path_exists:
+                return "unmatched", http.error_response(404, "not_found", "no such endpoint")
+            resp = http.error_response(405, "method_not_allowed", "no such endpoint")
+            # RFC 9110: a 405 names the methods the path has
+            resp.extra_headers.append(
+                (b"allow", ", ".join(self.router.allowed(path, raw_path)).encode()))
+            return "unmatched", resp
         try:
             body = await http.read_body(receive, route.body_limit)
         except http.BodyTooLarge:
@@ -222,7 +238,7 @@ class App:
     # ---- health -------------------------------------------------------------------------
 
     async def _healthz(self, req: Request) -> Response:
-        return http.json_response({"status": "alive"})
+        return http.json_response(_ALIVE)
 
     async def _metrics(self, req: Request) -> Response:
         if self.before_scrape is not None:
@@ -231,18 +247,15 @@ class App:
         return Response(body, 200, ctype.encode())
 
     async def _readyz(self, req: Request) -> Response:
-        checks: dict[str, object] = {
-            "config": True, "scripts": self.ready, "redis": False, "draining": self.draining,
-            "failed_workers": self.failed_workers,
-        }
         try:
-            checks["redis"] = bool(await self.store.redis.ping())
+            redis = bool(await self.store.redis.ping())
         except Exception:  # noqa: BLE001 - any failure means not ready
-            checks["redis"] = False
-        ok = bool(checks["redis"] and self.ready and not self.draining and not self.failed_workers)
+            redis = False
+        checks = ReadyChecks(config=True, scripts=self.ready, redis=redis,
+                             draining=self.draining, failed_workers=self.failed_workers)
+        ok = redis and self.ready and not self.draining and not self.failed_workers
         return http.json_response(
-            {"status": "ready" if ok else "not_ready", "checks": checks}, 200 if ok else 503
-        )
+            Readiness("ready" if ok else "not_ready", checks), 200 if ok else 503)
 
 
 def _decode_lead(content_type: str, body: bytes) -> tuple[object, tuple[int, LeadResponse] | None]:

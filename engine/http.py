@@ -8,11 +8,13 @@ enough structure for the other endpoints: path parameters, body limits and JSON 
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Container
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote
 
 import msgspec
+
+from engine.schemas import Error, ErrorDetail
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -89,9 +91,11 @@ def json_response(data: object, status: int = 200) -> Response:
     return Response(_json.encode(data), status)
 
 
-def error_response(status: int, code: str, message: str, **extra: object) -> Response:
-    """The one error shape of every non-ingest endpoint: ``{"error": {code, message, ...}}``."""
-    return json_response({"error": {"code": code, "message": message, **extra}}, status)
+def error_response(status: int, code: str, message: str, *,
+                   attempt: str | msgspec.UnsetType = msgspec.UNSET) -> Response:
+    """The one error shape of every non-ingest endpoint: ``{"error": {code, message}}``
+    (engine.schemas.Error; billing's payment_failed adds the ``attempt``)."""
+    return json_response(Error(ErrorDetail(code, message, attempt)), status)
 
 
 async def lifespan(receive: Receive, send: Send) -> None:
@@ -145,15 +149,23 @@ def _too_large(limit: int) -> Response:
 
 
 class Router:
-    """Exact paths are a dict lookup; templated ones are tried in order."""
+    """Exact paths are a dict lookup; templated ones are tried in order.
 
-    def __init__(self) -> None:
+    With ``declared`` (the route table, engine.endpoints), only declared routes may be
+    added: what the router serves is what the OpenAPI document describes. Templated paths
+    are matched on the request's raw path, so a parameter holding an encoded ``/`` (``%2F``)
+    stays one parameter; its value is then percent-decoded as the path is."""
+
+    def __init__(self, declared: Container[tuple[str, str]] | None = None) -> None:
         self._exact: dict[tuple[str, str], Route] = {}
         self._templated: list[Route] = []
         self._paths: set[str] = set()
+        self._declared = declared
 
     def add(self, method: str, path: str, handler: Handler, *, body_limit: int = 64 * 1024,
             too_large: Callable[[int], Response] | None = None) -> None:
+        if self._declared is not None and (method, path) not in self._declared:
+            raise LookupError(f"{method} {path} is not in the route table (engine.endpoints)")
         route = Route(method, path, handler, body_limit, too_large)
         self._paths.add(path)
         if "{" in path:
@@ -161,19 +173,36 @@ class Router:
         else:
             self._exact[(method, path)] = route
 
-    def match(self, method: str, path: str) -> tuple[Route | None, dict[str, str], bool]:
-        """(route, params, path_exists): path_exists tells 405 from 404."""
+    def routes(self) -> list[tuple[str, str]]:
+        """(method, path template) of every route, in the order they were added."""
+        return [*self._exact, *((r.method, r.name) for r in self._templated)]
+
+    def match(self, method: str, path: str, raw_path: bytes | None = None
+              ) -> tuple[Route | None, dict[str, str], bool]:
+        """(route, params, path_exists): path_exists tells 405 from 404. ``raw_path``: the
+        path as sent (ASGI ``raw_path``), for templated routes."""
         route = self._exact.get((method, path))
         if route is not None:
             return route, {}, True
         path_exists = any(p == path for (_, p) in self._exact)
+        target = path if raw_path is None else raw_path.decode("latin-1")
         for route in self._templated:
-            m = route.pattern.match(path)
+            m = route.pattern.match(target)
             if m:
                 if route.method == method:
-                    return route, m.groupdict(), True
+                    params = m.groupdict()
+                    if raw_path is not None:
+                        params = {k: unquote(v) for k, v in params.items()}
+                    return route, params, True
                 path_exists = True
         return None, {}, path_exists
+
+    def allowed(self, path: str, raw_path: bytes | None = None) -> list[str]:
+        """The methods of the routes of this path (the ``Allow`` header of a 405)."""
+        target = path if raw_path is None else raw_path.decode("latin-1")
+        methods = {m for (m, p) in self._exact if p == path}
+        methods.update(r.method for r in self._templated if r.pattern.match(target))
+        return sorted(methods)
 
 
 class TooManyFields(ValueError):

@@ -33,6 +33,8 @@ import msgspec
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from engine.schemas import Error, ErrorDetail
+
 
 class Limits(msgspec.Struct, frozen=True, kw_only=True):
     header_timeout_s: float = 10.0
@@ -51,7 +53,7 @@ _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
 def refusal(status: int, code: str, message: str) -> bytes:
     """A whole HTTP/1.1 response that closes the connection, in the API's error shape."""
-    body = _enc.encode({"error": {"code": code, "message": message}})
+    body = _enc.encode(Error(ErrorDetail(code, message)))
     return b"".join((
         b"HTTP/1.1 %d %s\r\n" % (status, _REASONS[status]),
         b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body),

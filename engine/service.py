@@ -166,6 +166,9 @@ class Service:
                                       observer=telemetry.recharge_observer)
         self.app.archive = self.billing.archive
         self._mount_billing()
+        missing = self.app.unmounted()
+        if missing:  # the OpenAPI document would describe an endpoint nobody serves
+            raise LeadflowError(f"declared but not mounted: {missing}")
         self.app.ready = True
         context = WorkerContext(config=lambda: self.cfg, store=self.store,
                                 consumer=self.consumer, state_dir=self.state_dir,

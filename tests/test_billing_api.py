@@ -234,6 +234,13 @@ BAD: list[tuple[str, str, Any, dict[str, str], int, str]] = [
     ("GET", "/v1/accounts/c1/transactions?from=%C2%B2", None, {}, 400, "invalid_query"),
     ("GET", "/v1/accounts/c1/transactions?to=1%C2%B2", None, {}, 400, "invalid_query"),
     ("GET", "/v1/accounts/c1/transactions?sort=asc", None, {}, 400, "invalid_query"),
+    # a CSV export reads limit and cursor as the JSON form does (schemathesis: it took any)
+    ("GET", "/v1/accounts/c1/transactions?format=csv&limit=%1F", None, {}, 400,
+     "invalid_query"),
+    ("GET", "/v1/accounts/c1/transactions?format=csv&limit=0", None, {}, 400,
+     "invalid_query"),
+    ("GET", "/v1/accounts/c1/transactions?format=csv&cursor=f%C2%86", None, {}, 400,
+     "invalid_query"),
     ("GET", "/v1/accounts/nope/overview", None, {}, 404, "unknown_account"),
 ]
 
