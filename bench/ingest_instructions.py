@@ -82,7 +82,6 @@ async def _serve_and_drive(mode: str, redis_url: str, bodies: list[bytes]) -> No
         await svc.start(serve=False)
         tune_gc()  # as `leadflow run` does once serving
         try:
-            assert svc.app is not None
             await drive(svc.app, mode, bodies)
         finally:
             await svc.stop()

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from billing.archive import Archive
 from engine import endpoints, http
 from engine.accounts_api import AccountsApi
 from engine.batcher import Batcher
@@ -62,6 +63,7 @@ class App:
         batch_observer: Any = None,
         sync: SyncRouter | None = None,
         before_scrape: Callable[[], None] | None = None,
+        archive: Archive | None = None,
     ) -> None:
         self.runtime, self.store = runtime, store
         self.max_body, self.max_batch_body = max_body, max_batch_body
@@ -76,9 +78,9 @@ class App:
         self.ready = False
         self.draining = False
         self.failed_workers: list[str] = []  # in-process workers that died
-        # the SQL ledger archive (billing.archive.Archive), set by the service once open:
-        # GET /ledger pages on into it past the entries still in Redis
-        self.archive: Any = None
+        # the SQL ledger archive, opened by the service before the app is built (None:
+        # not available): GET /ledger pages on into it past the entries still in Redis
+        self.archive = archive
         self.ingest = Ingest(
             lambda: self.runtime,
             self.batcher,

@@ -115,7 +115,6 @@ async def _post_all(url: str, cfg: Config, leads: list[dict[str, Any]]) -> Count
 
 
 async def _balances(svc: Service) -> dict[tuple[str, str], int]:
-    assert svc.store is not None
     out = {}
     for t in svc.cfg.tenants:
         for account in await svc.store.account_ids(t.id):
@@ -126,7 +125,6 @@ async def _balances(svc: Service) -> dict[tuple[str, str], int]:
 
 
 async def _events(svc: Service) -> Counter[str]:
-    assert svc.store is not None
     counts: Counter[str] = Counter()
     for t in svc.cfg.tenants:
         for _, fields in await svc.store.stream_range(keys.events(t.id)):
@@ -179,7 +177,6 @@ class BuyerSink:
 
 async def _delivered(svc: Service, *, within_s: float = 60.0) -> bool:
     """Wait until no delivery job is left on a stream or waiting for a retry."""
-    assert svc.store is not None
     deadline = time.monotonic() + within_s
     while True:
         left = 0
@@ -223,7 +220,6 @@ async def run_demo(
         events = await _events(svc)
         if buyers is not None:
             events.pop("delivery", None)  # delivered jobs leave the stream
-        assert svc.store is not None
         checks, findings = await reconcile(cfg, svc.store)
     finally:
         await svc.stop()

@@ -12,6 +12,8 @@ import logging
 import os
 import signal
 import socket
+from contextlib import AsyncExitStack, ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +83,27 @@ def _changed_settings(old: Settings, new: Settings) -> list[str]:
     return [f for f in Settings.__struct_fields__ if getattr(old, f) != getattr(new, f)]
 
 
+@dataclass(frozen=True)
+class Parts:
+    """What a running service is made of, built by :meth:`Service.start` in this order;
+    each one's teardown is registered as it is made, so :meth:`Service.stop` closes them
+    in reverse: the server (in-flight requests finish), the app's pending Redis batches,
+    the reloads under way, the workers, the sync router, the HTTP session, the archive,
+    the balance export, the Redis client, the embedded redis-server."""
+
+    embedded: EmbeddedRedis | None  # None: Redis was given by URL
+    redis_url: str  # the Redis in use: the given one or the embedded server's
+    store: Store
+    exports: ExitStack  # what export_balances() registered (closed before Redis)
+    archive: Archive | None  # None: it could not be opened (the API answers 503)
+    http: aiohttp.ClientSession
+    sync: SyncRouter
+    billing: BillingContext
+    app: App
+    crew: Crew  # the in-process workers (and the stream monitor)
+    server: Server | None  # None: started with serve=False
+
+
 class Service:
     def __init__(
         self,
@@ -98,57 +121,97 @@ class Service:
         self.port = cfg.settings.port if port is None else port
         self.state_dir = Path(state_dir or cfg.settings.state_dir)
         self.worker_factories = workers or []
-        self.embedded: EmbeddedRedis | None = None
-        self.store: Store | None = None
-        self.app: App | None = None
-        self.billing: BillingContext | None = None
-        self.sync: SyncRouter | None = None
-        self.http: aiohttp.ClientSession | None = None
-        self._server: Server | None = None
-        self._tasks: list[asyncio.Task[Any]] = []
-        self._server_task: asyncio.Task[Any] | None = None
-        self._balances: tuple[Any, Any] | None = None  # (collector, its sync Redis client)
-        self.crew: Crew | None = None  # the in-process workers (and the stream monitor)
-        self._sock: socket.socket | None = None  # the listening socket, bound at start
-        self.pidfile: PidFile | None = None  # leadflow run only (run_until_signal)
+        self._parts: Parts | None = None  # set once start() has built every part
+        self._stack = AsyncExitStack()  # the teardown of what start() opened, closed by stop()
         self._reloading = asyncio.Lock()
         self._reload_tasks: set[asyncio.Task[None]] = set()
         self.stop_event = asyncio.Event()
         self.consumer = f"{socket.gethostname()}-{os.getpid()}"  # stream consumer name
 
+    # ---- the parts, while running -----------------------------------------------------
+
+    def _running(self) -> Parts:
+        if self._parts is None:
+            raise LeadflowError("the service is not running")
+        return self._parts
+
+    @property
+    def embedded(self) -> EmbeddedRedis | None:
+        """The embedded redis-server, None when Redis was given by URL."""
+        return self._running().embedded
+
+    @property
+    def store(self) -> Store:
+        return self._running().store
+
+    @property
+    def app(self) -> App:
+        return self._running().app
+
+    @property
+    def billing(self) -> BillingContext:
+        return self._running().billing
+
+    @property
+    def sync(self) -> SyncRouter:
+        return self._running().sync
+
+    @property
+    def crew(self) -> Crew:
+        return self._running().crew
+
+    @property
+    def http(self) -> aiohttp.ClientSession | None:
+        """The process's one client session while running; None before start and once
+        stopped (it is closed then)."""
+        return self._parts.http if self._parts is not None else None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    # ---- start and stop ---------------------------------------------------------------
+
     async def start(self, *, serve: bool = True) -> None:
+        """Build the parts (:class:`Parts`), each one's teardown registered as it is made:
+        a start that fails half-way leaves what it opened to :meth:`stop`, which closes
+        exactly that, in reverse."""
+        if self._parts is not None:
+            raise LeadflowError("the service is already running")
+        stack = self._stack
+        sock: socket.socket | None = None
         if serve:  # first: a port in use fails here, before Redis or any worker starts
-            self._sock = _listen(self.host, self.port)
-            self.port = self._sock.getsockname()[1]
+            sock = _listen(self.host, self.port)
+            stack.callback(sock.close)  # uvicorn closes it once it served; else it is ours
+            self.port = sock.getsockname()[1]
         # before any worker runs: the ledger worker's SQLite archive lives here
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        url = self.redis_url
-        if url is None:
-            self.embedded = EmbeddedRedis(
-                self.state_dir / "redis", appendfsync=self.cfg.settings.appendfsync
-            )
-            try:
-                await asyncio.to_thread(self.embedded.start)
-            except EmbeddedRedisError as exc:
-                raise EmbeddedRedisError(_embedded_taken(exc, self.state_dir)) from None
-            url = self.embedded.url
-            log.info("embedded redis-server started", extra={"port": self.embedded.port})
-        pool = pool_size(self.cfg.settings.max_connections)
-        self.store = Store(connect(url, max_connections=pool), observer=telemetry.money_observer,
-                           events_observer=telemetry.events_observer)
-        await self.store.load_scripts()
-        await sync_accounts(self.cfg, self.store)
+        embedded, url = await self._redis(stack)
         s = self.cfg.settings
+        store = Store(connect(url, max_connections=pool_size(s.max_connections)),
+                      observer=telemetry.money_observer,
+                      events_observer=telemetry.events_observer)
+        stack.push_async_callback(store.redis.aclose)
+        await store.load_scripts()
+        await sync_accounts(self.cfg, store)
+        exports = ExitStack()
+        stack.callback(exports.close)
+        archive = await self._open_archive()
+        if archive is not None:
+            stack.push_async_callback(archive.close)
         # the process's one HTTP client session (connection pool and limits), shared by
-        # sync-mode deliveries and an in-process delivery worker; closed at stop
+        # sync-mode deliveries and an in-process delivery worker; closed after the workers
         lanes = WorkerOptions()  # the worker's connections; sync tries get a reserve
-        self.http = client.new_session(limit=lanes.connector_limit + client.SYNC_RESERVE,
-                                       limit_per_host=lanes.limit_per_host + client.SYNC_RESERVE)
-        self.sync = SyncRouter(self.store, session=self.http,
-                               observer=telemetry.delivery_observer)
-        self.app = App(
+        http = client.new_session(limit=lanes.connector_limit + client.SYNC_RESERVE,
+                                  limit_per_host=lanes.limit_per_host + client.SYNC_RESERVE)
+        stack.push_async_callback(http.close)
+        sync = SyncRouter(store, session=http, observer=telemetry.delivery_observer)
+        stack.push_async_callback(sync.close)  # after the last request and worker
+        billing = BillingContext(self.cfg, store, gateway_from_env(), archive=archive,
+                                 observer=telemetry.recharge_observer)
+        app = App(
             Runtime(self.cfg),
-            self.store,
+            store,
             max_body=s.max_body_bytes,
             max_batch_body=s.max_batch_body_bytes,
             batch_max=s.batch_max,
@@ -159,27 +222,44 @@ class Service:
             lead_observer=telemetry.lead_observer,
             before_scrape=telemetry.fold,
             batch_observer=_decide_observer,
-            sync=self.sync,
+            sync=sync,
+            archive=archive,
         )
-        self.billing = BillingContext(self.cfg, self.store, gateway_from_env(),
-                                      archive=await self._open_archive(),
-                                      observer=telemetry.recharge_observer)
-        self.app.archive = self.billing.archive
-        self._mount_billing()
-        missing = self.app.unmounted()
+        _mount_billing(app, billing)
+        missing = app.unmounted()
         if missing:  # the OpenAPI document would describe an endpoint nobody serves
             raise LeadflowError(f"declared but not mounted: {missing}")
-        self.app.ready = True
-        context = WorkerContext(config=lambda: self.cfg, store=self.store,
-                                consumer=self.consumer, state_dir=self.state_dir,
-                                http=self.http, billing=self.billing)
-        self.crew = Crew(context, [_monitor, *self.worker_factories], self._worker_failed)
-        self.crew.start()
+        context = WorkerContext(config=lambda: self.cfg, store=store, consumer=self.consumer,
+                                state_dir=self.state_dir, http=http, billing=billing)
+        # a worker that dies says so on /readyz until the process is restarted
+        crew = Crew(context, [_monitor, *self.worker_factories], app.failed_workers.append)
+        crew.start()
+        stack.push_async_callback(crew.stop)
+        stack.push_async_callback(self._end_reloads)  # before the workers stop
+        app.ready = True
+        stack.push_async_callback(app.drain)  # once no request comes: pending batches
+        server = None if sock is None else await self._serve(app, sock, stack)
+        self._parts = Parts(embedded=embedded, redis_url=url, store=store, exports=exports,
+                            archive=archive, http=http, sync=sync, billing=billing, app=app,
+                            crew=crew, server=server)
         if serve:
-            await self._serve()
             tune_gc()
 
-    async def _open_archive(self) -> Any:
+    async def _redis(self, stack: AsyncExitStack) -> tuple[EmbeddedRedis | None, str]:
+        """The Redis to use: the given URL, else an embedded redis-server started here."""
+        if self.redis_url is not None:
+            return None, self.redis_url
+        embedded = EmbeddedRedis(self.state_dir / "redis",
+                                 appendfsync=self.cfg.settings.appendfsync)
+        stack.push_async_callback(asyncio.to_thread, embedded.stop)  # stopped even half-started
+        try:
+            await asyncio.to_thread(embedded.start)
+        except EmbeddedRedisError as exc:
+            raise EmbeddedRedisError(_embedded_taken(exc, self.state_dir)) from None
+        log.info("embedded redis-server started", extra={"port": embedded.port})
+        return embedded, embedded.url
+
+    async def _open_archive(self) -> Archive | None:
         """The SQL ledger archive the ledger worker fills (``sql_url``, else the SQLite file
         in the state directory), for the transactions API: its own connection, read-only
         use. None, with a warning, when it cannot be opened (the API then answers 503)."""
@@ -191,31 +271,14 @@ class Service:
                         extra={"reason": type(exc).__name__})
             return None
 
-    def _worker_failed(self, name: str) -> None:
-        if self.app is not None:  # /readyz says so until the process is restarted
-            self.app.failed_workers.append(name)
-
-    def _mount_billing(self) -> None:
-        """Billing's endpoints, behind the same per-tenant bearer token as the accounts API."""
-        assert self.app is not None and self.billing is not None
-        app = self.app
-
-        def guarded(handler: Handler) -> Handler:
-            async def with_tenant(req: Request, tenant: str) -> Response:
-                return await handler(req)
-
-            return tenant_route(lambda: app.runtime, with_tenant)
-
-        for method, path, handler in billing_routes(self.billing):
-            app.add_route(method, path, guarded(handler))
-
-    async def _serve(self) -> None:
-        assert self.app is not None
+    async def _serve(self, app: App, sock: socket.socket, stack: AsyncExitStack) -> Server:
+        """uvicorn serving ``app`` on ``sock``, started; its stop (it stops accepting, then
+        in-flight requests finish) registered on ``stack``."""
         s = self.cfg.settings
         limits = Limits(header_timeout_s=s.header_timeout_s, body_timeout_s=s.body_timeout_s,
                         max_header_bytes=s.max_header_bytes, max_headers=s.max_headers)
         config = uvicorn.Config(
-            self.app,
+            app,
             host=self.host,
             port=self.port,
             http=protocol_for(limits),
@@ -231,18 +294,37 @@ class Service:
             timeout_graceful_shutdown=30,
             proxy_headers=False,  # no X-Forwarded-* rewriting on the hot path
         )
-        assert self._sock is not None
-        self._server = Server(config)
-        self._server_task = asyncio.create_task(self._server.serve(sockets=[self._sock]))
-        self._tasks.append(self._server_task)
-        while not self._server.started:
-            if self._server_task.done():
+        server = Server(config)
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+
+        async def stop_serving() -> None:
+            server.should_exit = True
+            app.draining = True  # /readyz says so while in-flight requests finish
+            await task
+
+        stack.push_async_callback(stop_serving)
+        while not server.started:
+            if task.done():
                 raise LeadflowError(f"HTTP server stopped at start on {self.url}")
             await asyncio.sleep(0.01)
+        return server
 
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+    async def _end_reloads(self) -> None:
+        """No reload from now on, and the ones under way finished: a reload finishing
+        later must not restart the workers."""
+        self.stop_event.set()
+        if self._reload_tasks:
+            await asyncio.gather(*self._reload_tasks, return_exceptions=True)
+
+    async def stop(self) -> None:
+        """Close what :meth:`start` opened, in reverse (see :class:`Parts`): after a start
+        that failed half-way, exactly what it had opened. Stopping twice is harmless."""
+        stack, self._stack = self._stack, AsyncExitStack()
+        try:
+            await stack.aclose()
+        finally:
+            self._parts = None
+            await self._end_reloads()  # a start that failed before it started the workers
 
     async def reload(self, path: str | None = None) -> None:
         """Swap in a new config: accounts synced first, then one reference swap, then the
@@ -250,69 +332,27 @@ class Service:
         two quick SIGHUPs used to race, and the older file could win."""
         async with self._reloading:
             cfg = configfile.load(path or self.cfg.source)
-            assert self.store is not None and self.app is not None
-            await sync_accounts(cfg, self.store)
-            self.app.runtime = Runtime(cfg)
-            if self.billing is not None:
-                self.billing.config = cfg
+            parts = self._running()
+            await sync_accounts(cfg, parts.store)
+            parts.app.runtime = Runtime(cfg)
+            parts.billing.config = cfg
             old, self.cfg = self.cfg, cfg
-            if self.crew is not None:
-                self.crew.restart()
-                self.app.failed_workers.clear()  # restarted: /readyz judges the new ones
+            parts.crew.restart()
+            parts.app.failed_workers.clear()  # restarted: /readyz judges the new ones
             log.info("config reloaded", extra={"source": cfg.source})
             changed = _changed_settings(old.settings, cfg.settings)
             if changed:
                 log.warning("settings take effect at the next restart",
                             extra={"settings": changed})
 
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        if self.app is not None:
-            self.app.draining = True
-        server_task = self._server_task
-        if server_task is not None:
-            await server_task
-        if self._sock is not None:  # uvicorn closes it when it served; else it is ours
-            self._sock.close()
-            self._sock = None
-        if self.app is not None:
-            await self.app.drain()
-        self.stop_event.set()
-        if self._reload_tasks:  # a reload finishing now must not restart the workers
-            await asyncio.gather(*self._reload_tasks, return_exceptions=True)
-        if self.crew is not None:
-            await self.crew.stop()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self.sync is not None:  # after the last request: no sync delivery in flight
-            await self.sync.close()
-        if self.http is not None:  # after the workers: no delivery in flight
-            await self.http.close()
-            self.http = None
-        if self.billing is not None and self.billing.archive is not None:
-            if self.app is not None:
-                self.app.archive = None
-            await self.billing.archive.close()
-            self.billing.archive = None
-        if self._balances is not None:
-            collector, client = self._balances
-            self._balances = None
-            assert self.app is not None
-            self.app.registry.unregister(collector)
-            client.close()
-        if self.store is not None:
-            await self.store.redis.aclose()
-        if self.embedded is not None:
-            await asyncio.to_thread(self.embedded.stop)
-
     async def run_until_signal(self) -> None:
         """``leadflow run``: serve until SIGTERM/SIGINT; SIGHUP reloads the config. The
         engine's record (engine.pidfile) is held from before Redis starts until exit."""
         done, started = asyncio.Event(), asyncio.Event()
-        self.handle_signals(done, started)
-        self.pidfile = PidFile(self.state_dir)
+        pidfile = PidFile(self.state_dir)
+        self.handle_signals(done, started, pidfile)
         record = EngineState(pid=os.getpid(), config=config_path(self.cfg.source))
-        self.pidfile.acquire(record)
+        pidfile.acquire(record)
         try:
             try:
                 await self.start()
@@ -321,8 +361,9 @@ class Service:
                 started.set()  # a SIGHUP's reload waiting for the start gives up
                 await self.stop()
                 raise
-            if self.embedded is not None:  # where reconcile and workers find its Redis
-                self.pidfile.write(msgspec.structs.replace(record, redis_url=self.embedded.url))
+            embedded = self.embedded
+            if embedded is not None:  # where reconcile and workers find its Redis
+                pidfile.write(msgspec.structs.replace(record, redis_url=embedded.url))
             started.set()
             log.info("leadflow serving", extra={"url": self.url})
             await done.wait()
@@ -330,7 +371,7 @@ class Service:
             await self.stop()
             log.info("stopped")
         finally:
-            self.pidfile.release()
+            pidfile.release()
 
     def export_balances(self) -> None:
         """Account balances for Prometheus, read at scrape time only (docs/metrics.md).
@@ -338,38 +379,39 @@ class Service:
         Registered on the app's registry until :meth:`stop` (which unregisters it, so a
         process may start a Service again, as the tests do).
         """
-        assert self.app is not None and self.store is not None
-        url = self.redis_url or (self.embedded.url if self.embedded is not None else None)
-        assert url is not None  # start() ran: a given URL, or the embedded server's
-        client = sync_redis_client(url)
+        parts = self._running()
+        client = sync_redis_client(parts.redis_url)
+        parts.exports.callback(client.close)
 
         def accounts() -> list[tuple[str, str]]:
             cfg = self.cfg
             return [(t.id, WALLET) for t in cfg.tenants] + [(c.tenant, c.id) for c in cfg.clients]
 
         collector = BalanceCollector(redis_balance_source(client, accounts))
-        self.app.registry.register(collector)
-        self._balances = (collector, client)
+        parts.app.registry.register(collector)
+        parts.exports.callback(parts.app.registry.unregister, collector)
 
-    def handle_signals(self, done: asyncio.Event, started: asyncio.Event) -> None:
+    def handle_signals(self, done: asyncio.Event, started: asyncio.Event,
+                       pidfile: PidFile | None = None) -> None:
         """SIGTERM and SIGINT set ``done``; SIGHUP reloads the config, once ``started`` is
-        set (a SIGHUP during start-up is not lost, and does not end the process)."""
+        set (a SIGHUP during start-up is not lost, and does not end the process). Each
+        reload's outcome goes to ``pidfile``, the engine's record, if given."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, done.set)
 
         def on_sighup() -> None:
-            task = loop.create_task(self._safe_reload(started))
+            task = loop.create_task(self._safe_reload(started, pidfile))
             self._reload_tasks.add(task)  # kept until done (and awaited at stop)
             task.add_done_callback(self._reload_tasks.discard)
 
         loop.add_signal_handler(signal.SIGHUP, on_sighup)
 
-    async def _safe_reload(self, started: asyncio.Event) -> None:
+    async def _safe_reload(self, started: asyncio.Event, pidfile: PidFile | None) -> None:
         """A SIGHUP's reload; its outcome goes to the log and the engine's record, where
         ``leadflow config load`` reads it."""
         await started.wait()
-        if self.app is None or self.stop_event.is_set():  # the start failed, or stopping
+        if self._parts is None or self.stop_event.is_set():  # the start failed, or stopping
             return
         error = ""
         try:
@@ -380,10 +422,23 @@ class Service:
         except Exception as exc:  # e.g. Redis down mid-sync: keep serving
             error = f"reload failed: {type(exc).__name__}"
             log.exception("config reload failed; the previous config stays in force")
-        if self.pidfile is not None and self.pidfile.state is not None:
-            state = self.pidfile.state
-            self.pidfile.write(msgspec.structs.replace(
+        if pidfile is not None and pidfile.state is not None:
+            state = pidfile.state
+            pidfile.write(msgspec.structs.replace(
                 state, reloads=state.reloads + 1, reload_error=error))
+
+
+def _mount_billing(app: App, billing: BillingContext) -> None:
+    """Billing's endpoints, behind the same per-tenant bearer token as the accounts API."""
+
+    def guarded(handler: Handler) -> Handler:
+        async def with_tenant(req: Request, tenant: str) -> Response:
+            return await handler(req)
+
+        return tenant_route(lambda: app.runtime, with_tenant)
+
+    for method, path, handler in billing_routes(billing):
+        app.add_route(method, path, guarded(handler))
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -436,14 +491,19 @@ async def run_worker(
         where = f"[{host}]" if ":" in host else host
         log.info("worker metrics serving", extra={
             "worker": kind, "port": port, "url": f"http://{where}:{port}/metrics"})
-    await svc.start(serve=False)  # a worker serves no API, only its /metrics port
-    assert svc.crew is not None
+    try:
+        await svc.start(serve=False)  # a worker serves no API, only its /metrics port
+    except BaseException:  # what did start (Redis, the worker) stops
+        started.set()  # a SIGHUP's reload waiting for the start gives up
+        await svc.stop()
+        raise
+    failed = svc.crew.failed
     started.set()
     try:
-        waits = [asyncio.ensure_future(e.wait()) for e in (stop, svc.crew.failed)]
+        waits = [asyncio.ensure_future(e.wait()) for e in (stop, failed)]
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         for w in waits:
             w.cancel()
     finally:
         await svc.stop()
-    return 1 if svc.crew.failed.is_set() else 0
+    return 1 if failed.is_set() else 0
