@@ -17,11 +17,11 @@ from typing import Any
 
 import msgspec
 
-from engine import configfile
-from engine.config import Config, resolve_secret
-from engine.constants import WALLET
-from engine.demo import make_leads
-from engine.embedded import EmbeddedRedis
+from engine.core.config import Config, resolve_secret
+from engine.core.constants import WALLET
+from engine.run import configfile
+from engine.run.demo import make_leads
+from engine.store.embedded import EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_CONFIG = ROOT / "config" / "example.toml"
@@ -78,8 +78,8 @@ def load_config(path: str | os.PathLike[str] = EXAMPLE_CONFIG) -> Config:
 
 
 async def _fund(cfg: Config, url: str) -> None:
-    from engine.runtime import sync_accounts
-    from engine.store import Store, connect
+    from engine.routing.runtime import sync_accounts
+    from engine.store.store import Store, connect
 
     store = Store(connect(url))
     try:
@@ -112,7 +112,7 @@ def supplier_keys(cfg: Config) -> dict[str, str]:
 
 
 def lead_dicts(cfg: Config, n: int, *, seed: int, start: int = 0) -> list[dict[str, Any]]:
-    """``n`` realistic leads (engine.demo's generator) with their supplier's ``lp_key``."""
+    """``n`` realistic leads (engine.run.demo's generator) with their supplier's ``lp_key``."""
     keys = supplier_keys(cfg)
     leads = make_leads(random.Random(seed), n, start=start)
     return [{**lead, "lp_key": keys[lead["lp_supplier_id"]]} for lead in leads]

@@ -34,16 +34,16 @@ import uvloop
 from aiohttp import web
 
 from bench import common
-from engine import keys
-from engine.config import Buyer, Config, Delivery, ResponseRule
-from engine.constants import WALLET
+from engine.core import keys
+from engine.core.config import Buyer, Config, Delivery, ResponseRule
+from engine.core.constants import WALLET
 from engine.delivery.worker import DeliveryWorker, WorkerOptions
-from engine.embedded import EmbeddedRedis, free_port
-from engine.lua_protocol import Call, Candidate, LeadCall
-from engine.scripts import scripts
-from engine.service import tune_gc
-from engine.store import Store, connect, now_ms
-from engine.telemetry import delivery_observer
+from engine.obs.telemetry import delivery_observer
+from engine.run.service import tune_gc
+from engine.store.embedded import EmbeddedRedis, free_port
+from engine.store.lua_protocol import Call, Candidate, LeadCall
+from engine.store.scripts import scripts
+from engine.store.store import Store, connect, now_ms
 
 T = "bench"
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"

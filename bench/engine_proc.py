@@ -1,7 +1,7 @@
 """The engine in its own process, for benchmarks.
 
 ``python -m bench.engine_proc --config PATH --redis-url URL --port P`` serves the HTTP API
-(:class:`engine.service.Service` with no in-process workers) until SIGTERM/SIGINT, then drains
+(:class:`engine.run.service.Service` with no in-process workers) until SIGTERM/SIGINT, then drains
 and exits. :func:`serve_engine` starts it (optionally pinned with ``taskset``), waits for
 ``/readyz`` and stops it with SIGTERM; :func:`rss_bytes` reads a process's RSS from /proc.
 """
@@ -24,8 +24,8 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from engine import configfile
-from engine.embedded import free_port
+from engine.run import configfile
+from engine.store.embedded import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 30.0
@@ -106,7 +106,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 async def _serve(config: str, redis_url: str, port: int, host: str) -> None:
-    from engine.service import Service
+    from engine.run.service import Service
 
     cfg = configfile.load(config)
     with tempfile.TemporaryDirectory(prefix="leadflow-bench-engine-") as state_dir:
@@ -133,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     import uvloop
 
-    from engine.logs import setup_logging
+    from engine.obs.logs import setup_logging
 
     setup_logging(logging.WARNING)
     uvloop.run(_serve(args.config, args.redis_url, args.port, args.host))

@@ -6,7 +6,7 @@
    driven with the same lead bodies, the same concurrency and duration;
 2. *single*: the engine (config/example.toml, its own process, no workers) on an embedded
    redis-server with AOF ``everysec``, ``POST /v1/leads``, 64 keep-alive connections, many
-   distinct pre-generated leads (engine.demo's generator: mostly valid, ~8 % invalid, ~7 %
+   distinct pre-generated leads (engine.run.demo's generator: mostly valid, ~8 % invalid, ~7 %
    duplicates, ~3 % test leads; unique emails, so the 60 s replay window never turns them
    into replays);
 3. *batch*: ``POST /v1/leads/batch`` with NDJSON bodies of 100 leads, 8 connections.

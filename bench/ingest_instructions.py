@@ -1,7 +1,7 @@
 """CPU instructions per lead of the engine process, under callgrind.
 
 ``python -m bench ingest --instructions [--requests 2000] [--batches 20]``: the engine's
-ASGI app (``engine.service.Service`` with no workers, as ``leadflow run`` builds it) is
+ASGI app (``engine.run.service.Service`` with no workers, as ``leadflow run`` builds it) is
 driven in-process, without an HTTP server: 64 concurrent ``POST /v1/leads`` of the ingest
 benchmark's leads, then 8 concurrent ``POST /v1/leads/batch`` of 100. Each side runs in a
 child process under ``valgrind --tool=callgrind`` once with N requests and once with none;
@@ -73,7 +73,7 @@ def child(mode: str, redis_url: str, bodies_file: str, n: int) -> None:
 
 
 async def _serve_and_drive(mode: str, redis_url: str, bodies: list[bytes]) -> None:
-    from engine.service import Service, tune_gc
+    from engine.run.service import Service, tune_gc
 
     cfg = common.load_config()
     with tempfile.TemporaryDirectory(prefix="leadflow-bench-ii-") as state_dir:

@@ -22,8 +22,8 @@ import uvloop
 
 from bench import common
 from bench import delivery as bd
-from engine.service import tune_gc
-from engine.store import Store, connect
+from engine.run.service import tune_gc
+from engine.store.store import Store, connect
 
 
 async def _child(mode: str, redis_url: str, url: str, n: int) -> None:

@@ -1,6 +1,6 @@
 """A localstripe server (the stateful Stripe emulator from PyPI) on a free loopback port.
 
-Shared by the tests (tests/stripe_fixture.py) and the recharge benchmark, so there is one
+Shared by the tests (tests/helpers/stripe_fixture.py) and the recharge benchmark, so there is one
 way to start it, wait for it and stop it.
 """
 
@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
-from engine.embedded import free_port, stop_process
+from engine.store.embedded import free_port, stop_process
 
 API_KEY = "sk_test_leadflow"
 # localstripe keeps its state in a pickle under /tmp by default; a throwaway server must not

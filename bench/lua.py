@@ -3,10 +3,10 @@
 ``python -m bench lua [--leads-per-call 16] [--duration 10] [--engine-batch-rate R]``
 
 An embedded redis-server (AOF everysec, like production) gets the example config's accounts
-(engine.runtime.sync_accounts, topped up like the ingest run) and decide.lua
-(``SCRIPT LOAD`` of engine.scripts.scripts().decide.source). A representative ARGV batch of
-``--leads-per-call`` leads is built exactly as the engine builds it (engine.demo's generator,
-the campaign schema, engine.ingest's ``_lua_lead``: routing plan, candidates, fingerprints).
+(engine.routing.runtime.sync_accounts, topped up like the ingest run) and decide.lua
+(``SCRIPT LOAD`` of engine.store.scripts.scripts().decide.source). A representative ARGV batch of
+``--leads-per-call`` leads is built exactly as the engine builds it (engine.run.demo's generator,
+the campaign schema, engine.ingest.ingest's ``_lua_lead``: routing plan, candidates, fingerprints).
 redis-benchmark then calls ``EVALSHA`` with pipelining (``-P 16 -c 8``); every lead id,
 idempotency key and dedupe fingerprint contains ``__rand_int__`` placeholders (``-r``), so
 each call decides fresh leads instead of replaying the first result.
@@ -32,13 +32,13 @@ import msgspec
 import redis
 
 from bench import common
-from engine import keys
-from engine.constants import WALLET
-from engine.ingest import Ingest, new_lead_id
-from engine.lua_protocol import Call, Candidate, LeadCall, decode_lead, decode_reply
-from engine.runtime import Runtime
-from engine.scripts import scripts
-from engine.store import now_ms
+from engine.core import keys
+from engine.core.constants import WALLET
+from engine.ingest.ingest import Ingest, new_lead_id
+from engine.routing.runtime import Runtime
+from engine.store.lua_protocol import Call, Candidate, LeadCall, decode_lead, decode_reply
+from engine.store.scripts import scripts
+from engine.store.store import now_ms
 
 RAND = "__rand_int__"
 SEED = 44

@@ -1,7 +1,7 @@
 """CPU instructions per lead of decide.lua inside redis-server, under callgrind.
 
 ``python -m bench lua --instructions [--calls 150]``: the redis-server the engine would
-start (engine.embedded, AOF ``everysec``) runs under ``valgrind --tool=callgrind``; it gets
+start (engine.store.embedded, AOF ``everysec``) runs under ``valgrind --tool=callgrind``; it gets
 the example config's funded accounts and decide.lua, then ``--calls`` calls of 16 fresh leads
 each (the batch :mod:`bench.lua` builds, with every ``__rand_int__`` replaced by its own
 random number, and each lead's payload as its own ARGV, as the engine sends it). The counters
@@ -26,12 +26,12 @@ import redis
 
 from bench import common
 from bench.lua import RAND, randomized, representative_leads
-from engine import keys
-from engine.constants import WALLET
-from engine.embedded import EmbeddedRedis
-from engine.lua_protocol import Call, decode_reply
-from engine.scripts import scripts
-from engine.store import now_ms
+from engine.core import keys
+from engine.core.constants import WALLET
+from engine.store.embedded import EmbeddedRedis
+from engine.store.lua_protocol import Call, decode_reply
+from engine.store.scripts import scripts
+from engine.store.store import now_ms
 
 LEADS_PER_CALL = 16
 SEED = 5

@@ -3,7 +3,7 @@
 ``python -m bench memory [--leads 1000000]``
 
 The engine (config/example.toml, its own process, no workers) on an embedded redis-server
-(AOF everysec); realistic leads (engine.demo's generator, fresh people in every chunk) are
+(AOF everysec); realistic leads (engine.run.demo's generator, fresh people in every chunk) are
 posted through ``POST /v1/leads/batch`` (100 per request, 8 connections) in chunks of 100k.
 The engine's RSS is read from /proc after each chunk. Flat = the last reading within 10 % of
 the one after the first 100k. Redis's own memory and AOF size per lead are reported too

@@ -23,8 +23,8 @@ from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any, Literal
 
-from engine.embedded import free_port
-from engine.http import lifespan
+from engine.api.toolkit import lifespan
+from engine.store.embedded import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BODY = b'{"ok":true}'
@@ -40,7 +40,7 @@ async def app(
 ) -> None:
     """Null ASGI app: drain the body, answer 200 with a fixed small JSON."""
     if scope["type"] == "lifespan":
-        await lifespan(receive, send)  # the engine's own (engine/http.py)
+        await lifespan(receive, send)  # the engine's own (engine/api/toolkit.py)
         return
     if scope["type"] != "http":
         return
@@ -72,7 +72,7 @@ def _command(
             "--host", "127.0.0.1", "--port", str(port),
             "--http", "httptools", "--loop", "uvloop",
             "--no-access-log", "--log-level", "warning",
-            # the engine's own uvicorn settings (engine/service.py), so the ceiling is the
+            # the engine's own uvicorn settings (engine/run/service.py), so the ceiling is the
             # same stack: no proxy-header middleware, no Date/Server headers
             "--no-proxy-headers", "--no-server-header", "--no-date-header",
             "--workers", str(workers),

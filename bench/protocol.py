@@ -2,7 +2,7 @@
 
 ``python -m bench protocol [--requests 20000]``: one keep-alive connection's worth of
 ``POST /v1/leads`` requests (a lead's headers and a 300-byte JSON body, as a seller sends
-them) is fed to uvicorn's httptools protocol and to leadflow's (:mod:`engine.http_server`,
+them) is fed to uvicorn's httptools protocol and to leadflow's (:mod:`engine.api.server`,
 the header/body timeouts and header bounds), each answered by a trivial ASGI app that reads
 the body and answers 200. Each protocol runs in a child process under ``valgrind
 --tool=callgrind`` once with N requests and once with none; the difference divided by N is
@@ -28,7 +28,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from bench import common
-from engine.http_server import Limits, protocol_for
+from engine.api.server import Limits, protocol_for
 
 BODY = (b'{"lp_campaign_id":"solar","lp_supplier_id":"aff-101","lp_key":"k-aff-101-demo",'
         b'"first_name":"Jane","last_name":"Doe","email":"jane@example.com",'

@@ -36,15 +36,14 @@ import stripe
 
 from bench import common
 from bench.localstripe import API_KEY, serve_localstripe
-from billing import money
 from billing import recharge as rc
 from billing.context import BillingContext
 from billing.stripe_gateway import StripeGateway
-from engine import keys
-from engine.config import AutoRecharge, Config
-from engine.embedded import EmbeddedRedis
-from engine.runtime import sync_accounts
-from engine.store import Store, connect
+from engine.core import keys, money
+from engine.core.config import AutoRecharge, Config
+from engine.routing.runtime import sync_accounts
+from engine.store.embedded import EmbeddedRedis
+from engine.store.store import Store, connect
 
 VISA = "4242424242424242"
 TENANT, ACCOUNT = "acme", "sunpower-direct"

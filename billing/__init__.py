@@ -1,5 +1,5 @@
 """leadflow billing: money, accounts, ledger, payments and recharge."""
 
-from billing.errors import BillingError
+from engine.core.billing_errors import BillingError
 
 __all__ = ["BillingError"]

@@ -1,7 +1,7 @@
 """The ledger archive: Redis ledger streams copied into SQL, then trimmed.
 
 The worker reads the tenant ledger stream through the consumer group ``archive``
-(:class:`engine.streams.StreamConsumer`), inserts the entries in one SQL transaction (``ON
+(:class:`engine.store.streams.StreamConsumer`), inserts the entries in one SQL transaction (``ON
 CONFLICT DO NOTHING`` on ``(tenant, entry_id)``: a batch replayed after a crash inserts
 nothing twice), commits, acknowledges, and only then trims the tenant stream with ``XTRIM
 MINID`` up to the oldest entry not yet committed (pending in the group, or not yet
@@ -30,13 +30,12 @@ from typing import Any, NamedTuple, Protocol
 import msgspec
 import redis.asyncio as aioredis
 
-from billing import money
-from billing.errors import InvalidRequest
 from billing.schemas import Transaction
-from engine import keys
-from engine.constants import archive_path
-from engine.store import UNAVAILABLE, Store
-from engine.streams import Batch, Reader, StreamConsumer
+from engine.core import keys, money
+from engine.core.billing_errors import InvalidRequest
+from engine.core.constants import archive_path
+from engine.store.store import UNAVAILABLE, Store
+from engine.store.streams import Batch, Reader, StreamConsumer
 
 log = logging.getLogger("leadflow.archive")
 
@@ -424,7 +423,7 @@ async def history(store: Store, archive: Archive | None, tenant: str, account: s
     from the tenant's Redis ledger stream, and from the SQL archive for what the ledger
     worker archived and then trimmed from the stream (on a running engine, almost all).
 
-    As ``leadflow reconcile`` sums a ledger (engine.reconcile): the stream is read newest
+    As ``leadflow reconcile`` sums a ledger (engine.run.reconcile): the stream is read newest
     first, in pages, until enough entries are found or it ends. Trimming only ever removes a
     stream's oldest entries, and only after the worker's SQL commit, so every entry older
     than the oldest one read is in SQL: the rest comes from SQL, older than that one. No

@@ -31,8 +31,9 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import LockError, RedisError
 
-from billing import money
-from billing.errors import (
+from billing.stripe_gateway import Intent, StripeGateway
+from engine.core import keys, money
+from engine.core.billing_errors import (
     AuthenticationRequired,
     BillingError,
     Busy,
@@ -41,9 +42,7 @@ from billing.errors import (
     PaymentTransient,
     UnknownAccount,
 )
-from billing.stripe_gateway import Intent, StripeGateway
-from engine import keys
-from engine.store import Store, now_ms
+from engine.store.store import Store, now_ms
 
 ATTEMPT_TTL_S = 40 * 86_400
 MAX_CARD_TRIES_30D = 10  # networks block > 15 retries of one card in 30 days

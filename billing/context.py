@@ -7,18 +7,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from billing.attempts import Charger, Hook
-from billing.errors import UnknownAccount
 from billing.methods import Methods
 from billing.stripe_gateway import StripeGateway
-from engine.config import Account, Config, Tenant
-from engine.constants import WALLET
-from engine.store import Store
+from engine.core.billing_errors import UnknownAccount
+from engine.core.config import Account, Config, Tenant
+from engine.core.constants import WALLET
+from engine.store.store import Store
 
 if TYPE_CHECKING:
     from billing.archive import Archive
 
 RefundHook = Callable[[str, str], Awaitable[None]]  # (step, account)
-# a recharge's outcome and, when it succeeded, its latency in seconds (engine.telemetry)
+# a recharge's outcome and, when it succeeded, its latency in seconds (engine.obs.telemetry)
 RechargeObserver = Callable[[str, float | None], None]
 
 

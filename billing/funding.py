@@ -17,18 +17,17 @@ from __future__ import annotations
 
 import re
 
-from billing import money
 from billing.attempts import AccountLock, Attempt, CardTry, require_account
 from billing.context import BillingContext
-from billing.errors import (
+from billing.policy import CENT, MAX_FEE_BP, MIN_FUNDING, check_card_amount
+from engine.core import keys, money
+from engine.core.billing_errors import (
     AccountClosed,
     BillingError,
     InvalidRequest,
     PaymentsFailed,
 )
-from billing.policy import CENT, MAX_FEE_BP, MIN_FUNDING, check_card_amount
-from engine import keys
-from engine.store import Store
+from engine.store.store import Store
 
 _KEY = re.compile(r"[A-Za-z0-9_.:-]{1,128}")  # fullmatch: "$" took "k\n"
 

@@ -17,10 +17,10 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
-from billing.errors import InvalidRequest, NoPaymentMethod, UnknownPaymentMethod
 from billing.schemas import Method
 from billing.stripe_gateway import Card, StripeGateway
-from engine import keys
+from engine.core import keys
+from engine.core.billing_errors import InvalidRequest, NoPaymentMethod, UnknownPaymentMethod
 
 _enc = msgspec.json.Encoder()
 _dec = msgspec.json.Decoder(list[Method])

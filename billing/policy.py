@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import msgspec
 
-from billing import money
-from billing.errors import InvalidRequest
-from engine import keys
-from engine.config import AutoRecharge
-from engine.store import Store
+from engine.core import keys, money
+from engine.core.billing_errors import InvalidRequest
+from engine.core.config import AutoRecharge
+from engine.store.store import Store
 
 MIN_FUNDING = 100 * money.MICROS
 MAX_FUNDING = 1_000_000 * money.MICROS

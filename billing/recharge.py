@@ -1,7 +1,7 @@
 """Auto recharge: threshold mode from ``recharge_needed`` events, and schedule mode.
 
 The worker reads the tenant events stream through the consumer group ``recharge``
-(:class:`engine.streams.StreamConsumer`: XREADGROUP; several workers may run; XAUTOCLAIM
+(:class:`engine.store.streams.StreamConsumer`: XREADGROUP; several workers may run; XAUTOCLAIM
 takes over entries a dead worker left pending). Events other than ``recharge_needed`` are
 acknowledged and ignored. An entry is acknowledged only once its recharge ended (credited,
 failed, refused by a cap, skipped); one that keeps failing for transient reasons goes,
@@ -28,24 +28,23 @@ from zoneinfo import ZoneInfo
 
 import msgspec
 
-from billing import money
 from billing.attempts import FINAL, Attempt, CardTry, Hook
 from billing.context import BillingContext, RechargeObserver
-from billing.errors import (
+from billing.funding import card_fee, fee_basis_points
+from billing.policy import CENT, effective, threshold_flags, validate
+from billing.stripe_gateway import StripeGateway
+from engine.core import keys, money
+from engine.core.billing_errors import (
     BillingError,
     Busy,
     InvalidRequest,
     NoPaymentMethod,
     PaymentTransient,
 )
-from billing.funding import card_fee, fee_basis_points
-from billing.policy import CENT, effective, threshold_flags, validate
-from billing.stripe_gateway import StripeGateway
-from engine import keys
-from engine.config import AutoRecharge, Config
-from engine.errors import StoreUnavailable
-from engine.store import UNAVAILABLE, Store, is_cluster, now_ms
-from engine.streams import Batch, Reader, StreamConsumer
+from engine.core.config import AutoRecharge, Config
+from engine.core.errors import StoreUnavailable
+from engine.store.store import UNAVAILABLE, Store, is_cluster, now_ms
+from engine.store.streams import Batch, Reader, StreamConsumer
 
 log = logging.getLogger("leadflow.billing.recharge")
 

@@ -1,8 +1,8 @@
 """The wire shapes of the billing endpoints: every request and response body as a msgspec
-Struct, encoded as it is and described by the OpenAPI document (engine.openapi).
+Struct, encoded as it is and described by the OpenAPI document (engine.api.openapi).
 
-Imports nothing of billing's logic: billing.api, billing.usage, billing.methods and
-billing.archive build these; the route table (engine.endpoints) names them. The
+Imports nothing of billing's logic: engine.api.billing, billing.usage, billing.methods and
+billing.archive build these; the route table (engine.api.endpoints) names them. The
 annotations (``Money``, ``EventId``, ...) only describe values in the document
 (``extra_json_schema``): decoding checks the types, and billing's own parsing refuses a bad
 value with its documented code (``invalid_amount``, ``invalid_quantity``, ...).
@@ -15,8 +15,8 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
-from engine.config import AutoRecharge
-from engine.wire import EntryId, Money, MoneyOut
+from engine.core.config import AutoRecharge
+from engine.core.wire import EntryId, Money, MoneyOut
 
 IDEMPOTENCY_KEY_PATTERN = "^[A-Za-z0-9_.:-]{1,128}$"
 IdempotencyKey = Annotated[str, Meta(extra_json_schema={

@@ -6,7 +6,7 @@ PaymentIntents, charges of a customer and refunds. The SDK is synchronous here a
 a worker thread (``asyncio.to_thread``); its own network retries are off
 (``max_network_retries=0``): billing's recorded attempts decide whether to charge again.
 
-Errors are mapped onto :mod:`billing.errors`: issuer declines -> :class:`CardDeclined`,
+Errors are mapped onto :mod:`engine.core.billing_errors`: issuer declines -> :class:`CardDeclined`,
 3-D Secure -> :class:`AuthenticationRequired` (needs the customer, never retried),
 connection trouble / 429 / 5xx -> :class:`PaymentTransient` (outcome unknown), an
 idempotency conflict (409 "key in use", ``IdempotencyError``) -> :class:`PaymentBusy` (a
@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import msgspec
 import stripe
 
-from billing.errors import (
+from engine.core.billing_errors import (
     AuthenticationRequired,
     CardDeclined,
     PaymentBusy,

@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import re
 
-from billing import money
 from billing.context import BillingContext
-from billing.errors import (
+from billing.schemas import Usage, UsageResult
+from engine.core import money
+from engine.core.billing_errors import (
     AccountClosed,
     BillingError,
     InsufficientFunds,
     InvalidRequest,
     UnknownAccount,
 )
-from billing.schemas import Usage, UsageResult
-from engine.store import USAGE_TTL_S
-from engine.untrusted import ascii_micros
+from engine.core.untrusted import ascii_micros
+from engine.store.store import USAGE_TTL_S
 
 MAX_BATCH = 1_000
 _EVENT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")  # fullmatch: "$" took "e1\n"

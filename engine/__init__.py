@@ -1,5 +1,5 @@
 """leadflow engine: ingest, validation, routing and atomic metering on Redis."""
 
-from engine.errors import LeadflowError
+from engine.core.errors import LeadflowError
 
 __all__ = ["LeadflowError"]

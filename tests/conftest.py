@@ -9,16 +9,15 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 
-from engine.embedded import EmbeddedRedis
+from engine.store.embedded import EmbeddedRedis
+from tests.helpers import ROOT
 
-pytest_plugins = ("tests.stripe_fixture", "tests.billing_fixtures")
+pytest_plugins = ("tests.helpers.stripe_fixture", "tests.helpers.billing_fixtures")
 
-ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_CONFIG = ROOT / "config" / "example.toml"
 
 

@@ -4,8 +4,8 @@ test run (``testpaths = tests``, ``--benchmark-skip``). Run them with::
     python -m pytest bench/micro --benchmark-only -p no:cacheprovider
 
 (``--benchmark-only`` overrides the ``--benchmark-skip`` of the repository's addopts.)
-Cases: decode + validate one solar lead (engine.fields.CampaignSchema), the routing decision
-in Python (CampaignPlan.eligible + ordered, and the whole Lua lead dict of engine.ingest),
+Cases: decode + validate one solar lead (engine.routing.fields.CampaignSchema), the routing decision
+in Python (CampaignPlan.eligible + ordered, and the whole Lua lead dict of engine.ingest.ingest),
 msgspec encoding of a Lua batch of 64 leads and of a lead response.
 """
 
@@ -19,13 +19,13 @@ import msgspec
 import pytest
 
 from bench import common
-from engine.batcher import encode_call
-from engine.codes import LeadResponse
-from engine.demo import make_lead
-from engine.ingest import Ingest, LuaLead, new_lead_id
-from engine.lua_protocol import Call, decode_lead
-from engine.routing import CampaignPlan
-from engine.runtime import Runtime, SupplierPlan
+from engine.ingest.batcher import encode_call
+from engine.ingest.codes import LeadResponse
+from engine.ingest.ingest import Ingest, LuaLead, new_lead_id
+from engine.routing.plans import CampaignPlan
+from engine.routing.runtime import Runtime, SupplierPlan
+from engine.run.demo import make_lead
+from engine.store.lua_protocol import Call, decode_lead
 
 
 class Case:
@@ -53,7 +53,7 @@ class Case:
         raise RuntimeError("no valid solar lead generated")
 
     def lua_lead(self) -> LuaLead:
-        """What the engine hands the batcher (engine.ingest.LuaLead)."""
+        """What the engine hands the batcher (engine.ingest.ingest.LuaLead)."""
         return self.ingest._lua_lead(self.plan, self.values, self.data, new_lead_id(), False,
                                      self.windows, self.local, self.raw, self.supplier, None)
 

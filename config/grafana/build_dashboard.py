@@ -2,8 +2,8 @@
 
 Run: ``python config/grafana/build_dashboard.py``.
 
-The JSON is committed; ``tests/test_metrics.py`` checks it is in sync with this script and
-that every query references a metric ``engine.metrics`` exports.
+The JSON is committed; ``tests/integration/test_metrics.py`` checks it is in sync with this
+script and that every query references a metric ``engine.obs.metrics`` exports.
 """
 
 from __future__ import annotations

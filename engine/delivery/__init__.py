@@ -3,7 +3,7 @@ circuit breakers and the stream worker. See docs/delivery.md."""
 
 from __future__ import annotations
 
-from engine.errors import LeadflowError
+from engine.core.errors import LeadflowError
 
 
 class DeliveryError(LeadflowError):

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from engine import keys
-from engine.store import now_ms
+from engine.core import keys
+from engine.store.store import now_ms
 
 _PROBE_WAIT_MS = 1_000  # jobs that find a probe in flight come back after this
 

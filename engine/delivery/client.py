@@ -14,8 +14,8 @@ from collections.abc import Mapping
 import aiohttp
 import msgspec
 
-from billing import money
-from engine.config import Buyer, Delivery
+from engine.core import money
+from engine.core.config import Buyer, Delivery
 from engine.delivery.payload import RequestBuilder
 from engine.delivery.retry import parse_retry_after
 from engine.delivery.verdict import ResponseMapper, Verdict, is_retryable

@@ -27,8 +27,8 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 import msgspec
 from yarl import URL
 
-from billing import money
-from engine.config import Delivery, resolve_secret
+from engine.core import money
+from engine.core.config import Delivery, resolve_secret
 from engine.delivery.signing import Signer, webhook_id
 
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{(\w+)\}")

@@ -18,8 +18,8 @@ from typing import Any
 
 import msgspec
 
-from engine import keys
-from engine.store import Store
+from engine.core import keys
+from engine.store.store import Store
 
 log = logging.getLogger("leadflow.delivery")
 

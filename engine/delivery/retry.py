@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from email.utils import parsedate_to_datetime
 
-from engine.untrusted import ascii_int
+from engine.core.untrusted import ascii_int
 
 _rng = random.SystemRandom()
 

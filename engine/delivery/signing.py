@@ -50,7 +50,7 @@ class Signer:
         # HMAC-SHA256 (RFC 2104) with the two padded-key states hashed once per secret: a
         # signature then copies two SHA-256 states, which is cheaper than copying an
         # OpenSSL HMAC context through hmac.HMAC.copy() (measured: about a third less CPU
-        # per delivery on this path). tests/test_delivery_units.py checks it against
+        # per delivery on this path). tests/unit/delivery/test_delivery_units.py checks it against
         # hmac.digest and the standardwebhooks package.
         self._inner = self._outer = None
         if self._key:

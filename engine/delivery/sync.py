@@ -24,12 +24,12 @@ from collections.abc import Mapping
 
 import aiohttp
 
-from engine import keys
+from engine.core import keys
 from engine.delivery import client, record
 from engine.delivery.client import Endpoint
 from engine.delivery.record import Decision, DeliveryEvent, Observer
 from engine.delivery.verdict import Outcome, Verdict
-from engine.store import Store, now_ms
+from engine.store.store import Store, now_ms
 
 CLAIM_GRACE_MS = 2_000  # the claim outlives the deadline by this much
 
@@ -53,7 +53,7 @@ async def deliver_sync(
     ``FAILED`` and refunded here, and the stream worker will not send the job again.
 
     ``claimed``: the caller already holds the SYNC claim of this (lead, buyer) (written
-    before the sale, as :mod:`engine.sync_route` does, so the stream worker can never see
+    before the sale, as :mod:`engine.ingest.waterfall` does, so the stream worker can never see
     the job unclaimed); step 1 is skipped."""
     tenant, buyer = endpoint.tenant, endpoint.buyer
     state_key = keys.dstate(tenant, lead_id)

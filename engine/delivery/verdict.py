@@ -23,12 +23,12 @@ from typing import Any
 
 import msgspec
 
-from billing import money
-from billing.errors import MoneyError
-from engine.config import Delivery, ResponseRule
+from engine.core import money
+from engine.core.billing_errors import MoneyError
+from engine.core.config import Delivery, ResponseRule
+from engine.core.regex import RegexError, compile_re2
+from engine.core.untrusted import JSON_ERRORS, ascii_int
 from engine.delivery import DeliveryError
-from engine.regex import RegexError, compile_re2
-from engine.untrusted import JSON_ERRORS, ascii_int
 
 _json = msgspec.json.Decoder(float_hook=decimal.Decimal)
 _MISSING = object()
@@ -128,7 +128,7 @@ class _Rule:
         self.parts = _path_parts(rule.path) if rule.path else ()
         self.equals = rule.equals.casefold() if rule.equals is not None else None
         self.contains = rule.contains
-        try:  # RE2: matched against what the buyer's server sends (engine.regex)
+        try:  # RE2: matched against what the buyer's server sends (engine.core.regex)
             self.regex = compile_re2(rule.regex) if rule.regex else None
         except RegexError as exc:
             raise RuleError(f"{rule.regex!r}: {exc}") from exc

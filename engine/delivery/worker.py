@@ -1,6 +1,6 @@
 """``leadflow worker deliver``: delivery jobs from Redis Streams to buyers' webhooks.
 
-Reading (:class:`engine.streams.StreamConsumer`): every worker process joins the consumer
+Reading (:class:`engine.store.streams.StreamConsumer`): every worker process joins the consumer
 group ``delivery`` of each tenant's ``keys.deliveries`` stream and reads with ``XREADGROUP
 COUNT n BLOCK ms`` (one read over every tenant on one Redis; one read loop per tenant on a
 cluster, where each tenant is its own slot); several workers share the work. An entry
@@ -45,15 +45,15 @@ import aiohttp
 import msgspec
 import redis.asyncio as aioredis
 
-from engine import keys
-from engine.config import Buyer, Config
+from engine.core import keys
+from engine.core.config import Buyer, Config
 from engine.delivery import client, payload, record
 from engine.delivery.breaker import Breaker, Breakers, State
 from engine.delivery.client import Endpoint
 from engine.delivery.record import Decision, DeliveryEvent, Observer
 from engine.delivery.retry import retry_delay_ms
-from engine.store import Store, now_ms
-from engine.streams import Batch, Reader, StreamConsumer
+from engine.store.store import Store, now_ms
+from engine.store.streams import Batch, Reader, StreamConsumer
 
 log = logging.getLogger("leadflow.delivery")
 
@@ -244,7 +244,7 @@ class DeliveryWorker:
             clock=self.clock)
         self._requeued: dict[Reader, int] = {}  # when each reader last moved due retries
         self._inflight = 0  # jobs read and not yet finished (run)
-        # bookkeeping scripts (engine/lua/delivery_*.lua), from the store's registry
+        # bookkeeping scripts (engine/store/lua/delivery_*.lua), from the store's registry
         self._lua = store.lua
         # the process's client session when the service shares its own (one per process);
         # otherwise start() opens one and close() closes it

@@ -1,0 +1,166 @@
+"""The wire shapes of the engine's HTTP API (besides lead ingest and billing): every request
+and response body as a msgspec Struct, encoded as it is and described by the OpenAPI
+document (engine.api.openapi) from the same classes.
+
+A Struct here imports nothing of the engine: handlers build them, the route table
+(engine.api.endpoints) names them. Amounts are decimal strings (money is integers inside);
+the ``Money`` annotations only describe them in the document (``extra_json_schema``), they
+add no check to decoding: the handlers' own parsing stays the one refusal, with its codes.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, UnsetType
+
+from engine.core.wire import EntryId, Money, MoneyOut
+
+# ---- errors --------------------------------------------------------------------------------
+
+
+class ErrorDetail(msgspec.Struct):
+    """What went wrong: ``code`` is stable and documented per endpoint, ``message`` is for
+    people."""
+
+    code: str
+    message: str
+    attempt: str | UnsetType = UNSET  # billing's payment_failed: the recorded attempt id
+
+
+class Error(msgspec.Struct):
+    """The one error shape of every endpoint but lead ingest (which answers a LeadResponse)."""
+
+    error: ErrorDetail
+
+
+# ---- health --------------------------------------------------------------------------------
+
+
+class Health(msgspec.Struct):
+    status: Literal["alive"] = "alive"
+
+
+class ReadyChecks(msgspec.Struct):
+    config: bool
+    scripts: bool
+    redis: bool
+    draining: bool
+    failed_workers: list[str]
+
+
+class Readiness(msgspec.Struct):
+    """200 ready, 503 not_ready: Redis reachable, scripts loaded, config loaded, not
+    draining, no in-process worker dead."""
+
+    status: Literal["ready", "not_ready"]
+    checks: ReadyChecks
+
+
+# ---- lead ingest (a description only: the hot path decodes the body itself) ----------------
+
+
+SubId = Annotated[
+    Annotated[str, Meta(extra_json_schema={"maxLength": 75})] | int,
+    Meta(description="text (at most 75 characters, no control characters) or a JSON integer")]
+
+
+class LeadPost(msgspec.Struct):
+    """A lead in the Lead Prosper direct-post shape. Besides these, the campaign's own
+    fields (README "Field types"), validated and normalized per campaign."""
+
+    lp_campaign_id: Annotated[str | int, Meta(description="text, or a JSON integer")]
+    lp_supplier_id: Annotated[str | int, Meta(description="text, or a JSON integer")]
+    lp_key: Annotated[str, Meta(description="the supplier's key (text only)")]
+    lp_action: Annotated[str, Meta(extra_json_schema={
+        "pattern": "^([Tt][Ee][Ss][Tt])?$",
+        "description": "test (in any case): full validation and routing, no money moves; "
+                       "any other value is a field error (422)"})] = ""
+    lp_subid1: SubId = ""
+    lp_subid2: SubId = ""
+
+
+# ---- accounts ------------------------------------------------------------------------------
+
+
+class Thresholds(msgspec.Struct):
+    alert: MoneyOut
+    auto_recharge: MoneyOut | None  # its threshold, or null when off
+    min_balance: MoneyOut | None
+
+
+class AccountView(msgspec.Struct):
+    """A client account, or the tenant's platform ``wallet``."""
+
+    id: str
+    balance: MoneyOut
+    floor: MoneyOut
+    status: Literal["active", "paused", "closed"]
+    paused_reason: str | None  # floor, min_balance, ... (null unless paused)
+    billing: str  # realtime, manual, none
+    thresholds: Thresholds
+
+
+class LedgerEntry(msgspec.Struct):
+    id: EntryId
+    account: str | None
+    kind: str | None
+    delta: MoneyOut
+    balance_after: MoneyOut
+    lead_id: str | None  # the lead of a lead, fee, refund, return, ... entry
+    ref: str | None
+    time_ms: int
+    details: dict[str, str] | UnsetType = UNSET  # the entry's other fields, when it has any
+
+
+class LedgerPage(msgspec.Struct):
+    """Newest first; ``next_before`` pages on (null on the last page)."""
+
+    entries: list[LedgerEntry]
+    next_before: str | None
+
+
+class CreditBody(msgspec.Struct, forbid_unknown_fields=True):
+    """A manual credit: a payment the tenant received outside leadflow."""
+
+    amount: Money
+    note: str = ""
+    reference: str = ""  # the payment received elsewhere (check number, wire id)
+
+
+class CreditResult(msgspec.Struct):
+    balance: MoneyOut
+    entry: str
+    replay: bool
+
+
+class ReturnBody(msgspec.Struct, forbid_unknown_fields=True):
+    """A buyer returns a bad lead, within 5 days of the sale, for an approved reason:
+    disconnected_phone, wrong_number, outside_us_canada, third_party_submission."""
+
+    buyer: str
+    reason: str
+    note: str = ""
+
+
+class ReturnResult(msgspec.Struct):
+    lead_id: str
+    buyer: str
+    state: str  # refunded
+    refunded: MoneyOut  # the price
+    replay: bool
+
+
+class BuyerAccount(msgspec.Struct):
+    """The client account that pays for a buyer's leads."""
+
+    id: str
+    status: Literal["active", "paused", "closed", "missing"]
+    paused_reason: str | UnsetType = UNSET  # only when paused
+
+
+class BuyerState(msgspec.Struct):
+    id: str
+    status: Literal["active", "paused"]
+    account: BuyerAccount

@@ -1,0 +1,169 @@
+"""Every Redis key name leadflow uses, built here and nowhere else.
+
+All keys of one tenant share the hash tag ``{tenant}``, so that every Lua script, which
+only ever touches one tenant, stays in a single Redis Cluster slot. Scripts receive the
+tenant prefix as ``KEYS[1]`` and derive per-account and per-buyer keys from it with the
+Lua helpers that :func:`lua_preamble` generates from the same table below, so the layout
+is written exactly once.
+"""
+
+from __future__ import annotations
+
+from engine.core.constants import DEFAULT_FLOOR
+
+ROOT = "lf"
+
+# suffix templates under the tenant prefix; "{}" is the id of the account/buyer/...
+_SUFFIX: dict[str, str] = {
+    "acct": "acct:{}",  # HASH: bal, floor, alert, rthr, minb, mode, ar, paused, closed
+    "buyer": "buyer:{}",  # HASH: paused + cap counters (window id / count pairs)
+    "idem": "idem:{}",  # STRING: first decision of a lead, by idempotency key
+    "dup": "dup:{}",  # STRING: last sale of a dedupe fingerprint (TTL = look-back)
+    "op": "op:{}",  # STRING: applied balance operation (idempotency of credits/usage)
+    "lead": "lead:{}",  # HASH: sold lead record (buyers, prices), for refunds
+    # billing (see docs/billing.md)
+    "pay": "acct:{}:pay",  # HASH: customer (Stripe id), methods (JSON list, [0] = primary)
+    "autorecharge": "acct:{}:autorecharge",  # STRING: JSON AutoRecharge set through the API
+    "rlock": "acct:{}:rlock",  # STRING: recharge/refund lock of an account (owner, PX TTL)
+    "rstate": "acct:{}:rstate",  # HASH: day, n, amount (daily caps), last_ms, attempt
+    "attempt": "attempt:{}",  # STRING: JSON charge attempt (funding/recharge state machine)
+    "card_tries": "card:{}:tries",  # ZSET: charge attempts on one payment method, by ms
+    "dlog": "dlog:{}",  # LIST: delivery log of a lead (one JSON entry per attempt, TTL)
+    "dstate": "dstate:{}",  # HASH: buyer -> delivery outcome of a lead, or a sync claim (TTL)
+    "breaker": "breaker:{}",  # STRING: present while the buyer's breaker is open (TTL)
+}
+_FIXED: dict[str, str] = {
+    "ledger": "ledger",  # STREAM: every ledger entry of the tenant (archived to SQL)
+    "events": "events",  # STREAM: balance_alert, recharge_needed, buyer_paused, ...
+    "deliveries": "deliveries",  # STREAM: one delivery job per sold buyer
+    "cursors": "cursors",  # HASH: campaign id -> round-robin counter
+    "accounts": "accounts",  # SET: account ids (reconcile walks it; SCAN finds only these sets)
+    "charge_audit": "charge_audit",  # STREAM: every charge attempt transition (audit)
+    "open_attempts": "attempts:open",  # ZSET: charge attempts not final yet, by last update ms
+
+
+    "retries": "deliveries:retry",  # ZSET: delivery jobs waiting for a retry, score = due ms
+    "breakers": "breakers",  # ZSET: buyer id -> ms its open breaker half-opens
+}
+
+
+def tenant_prefix(tenant: str) -> str:
+    return f"{ROOT}:{{{tenant}}}:"
+
+
+def acct(tenant: str, account: str) -> str:
+    return tenant_prefix(tenant) + _SUFFIX["acct"].format(account)
+
+
+def buyer(tenant: str, buyer_id: str) -> str:
+    return tenant_prefix(tenant) + _SUFFIX["buyer"].format(buyer_id)
+
+
+def idem(tenant: str, key: str) -> str:
+    return tenant_prefix(tenant) + _SUFFIX["idem"].format(key)
+
+
+def dup(tenant: str, fingerprint: str) -> str:
+    return tenant_prefix(tenant) + _SUFFIX["dup"].format(fingerprint)
+
+
+def op(tenant: str, op_id: str) -> str:
+    return tenant_prefix(tenant) + _SUFFIX["op"].format(op_id)
+
+
+def lead(tenant: str, lead_id: str) -> str:
+    return tenant_prefix(tenant) + _SUFFIX["lead"].format(lead_id)
+
+
+def pay(tenant: str, account: str) -> str:
+    return tenant_prefix(tenant) + _SUFFIX["pay"].format(account)
+
+
+def autorecharge(tenant: str, account: str) -> str:
+    return tenant_prefix(tenant) + _SUFFIX["autorecharge"].format(account)
+
+
+def rlock(tenant: str, account: str) -> str:
+    return tenant_prefix(tenant) + _SUFFIX["rlock"].format(account)
+
+
+def rstate(tenant: str, account: str) -> str:
+    return tenant_prefix(tenant) + _SUFFIX["rstate"].format(account)
+
+
+def attempt(tenant: str, attempt_id: str) -> str:
+    return tenant_prefix(tenant) + _SUFFIX["attempt"].format(attempt_id)
+
+
+def card_tries(tenant: str, payment_method: str) -> str:
+    return tenant_prefix(tenant) + _SUFFIX["card_tries"].format(payment_method)
+
+
+def charge_audit(tenant: str) -> str:
+    return tenant_prefix(tenant) + _FIXED["charge_audit"]
+
+
+def dlog(tenant: str, lead_id: str) -> str:
+    return tenant_prefix(tenant) + _SUFFIX["dlog"].format(lead_id)
+
+
+def dstate(tenant: str, lead_id: str) -> str:
+    return tenant_prefix(tenant) + _SUFFIX["dstate"].format(lead_id)
+
+
+def breaker(tenant: str, buyer_id: str) -> str:
+    return tenant_prefix(tenant) + _SUFFIX["breaker"].format(buyer_id)
+
+
+def open_attempts(tenant: str) -> str:
+    return tenant_prefix(tenant) + _FIXED["open_attempts"]
+
+
+def ledger(tenant: str) -> str:
+    return tenant_prefix(tenant) + _FIXED["ledger"]
+
+
+def events(tenant: str) -> str:
+    return tenant_prefix(tenant) + _FIXED["events"]
+
+
+def deliveries(tenant: str) -> str:
+    return tenant_prefix(tenant) + _FIXED["deliveries"]
+
+
+def cursors(tenant: str) -> str:
+    return tenant_prefix(tenant) + _FIXED["cursors"]
+
+
+def accounts(tenant: str) -> str:
+    return tenant_prefix(tenant) + _FIXED["accounts"]
+
+
+def retries(tenant: str) -> str:
+    return tenant_prefix(tenant) + _FIXED["retries"]
+
+
+def breakers(tenant: str) -> str:
+    return tenant_prefix(tenant) + _FIXED["breakers"]
+
+
+_DEAD = ":dead"
+
+
+def dead_letter(tenant: str, stream: str) -> str:
+    """Dead-letter stream of a worker stream (``deliveries``, ``events``, ...)."""
+    return tenant_prefix(tenant) + _FIXED[stream] + _DEAD
+
+
+def lua_preamble() -> str:
+    """Lua helpers ``K.<name>(prefix[, id])`` generated from the tables above."""
+    lines = ["local K = {}", f"local DEFAULT_FLOOR = {DEFAULT_FLOOR}"]
+    for name, template in _SUFFIX.items():
+        head, _, tail = template.partition("{}")
+        body = f"p .. {head!r} .. id" + (f" .. {tail!r}" if tail else "")
+        lines.append(f"K.{name} = function(p, id) return {body} end")
+    for name, suffix in _FIXED.items():
+        lines.append(f"K.{name} = function(p) return p .. {suffix!r} end")
+    # the dead-letter stream of a stream key (K.dead(K.deliveries(p))), as dead_letter()
+    lines.append(f"K.dead = function(k) return k .. {_DEAD!r} end")
+    return "\n".join(lines).replace("'", '"') + "\n"

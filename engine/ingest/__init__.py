@@ -1,0 +1,1 @@
+"""Lead intake: ingest, the micro-batcher, the sync waterfall."""

@@ -1,0 +1,1 @@
+"""Metrics, telemetry and logs: the other layers report through observers."""

@@ -1,0 +1,1 @@
+"""Fields, filters, schedules, routing plans and the compiled runtime."""

@@ -1,0 +1,212 @@
+"""Routing plans: a campaign's buyers compiled once, asked per lead for candidates.
+
+Everything that depends only on the lead and the clock (filters, schedules, the order of a
+waterfall or a price auction) is decided here in Python. Everything that depends on shared
+state (pause flags, caps, balances, round-robin cursors, duplicates) is re-checked inside
+decide.lua, atomically, so two engine processes can never oversell a buyer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+import msgspec
+
+from engine.core import money
+from engine.core.config import Buyer, Campaign, Caps, Config, Dedupe, Tenant
+from engine.routing.fields import CampaignSchema
+from engine.routing.filters import BuyerFilter
+from engine.routing.schedule import CompiledSchedule, daily_cap
+from engine.store.lua_protocol import NO_CAP, Candidate, CapLimits, table_entry
+
+_ROTATING = {"round_robin", "weighted_round_robin"}
+_PLAN_TOKENS = itertools.count()
+
+
+def fingerprint(scope: str, parts: Sequence[str]) -> str:
+    """A short stable hash of normalized dedupe values; the values themselves (emails,
+    phones) never become Redis key names."""
+    return hashlib.blake2b("\x1f".join((scope, *parts)).encode(), digest_size=12).hexdigest()
+
+
+def _dedupe_prints(dedupe: Dedupe | None, scope: str, lead: Mapping[str, str]) -> list[str]:
+    if dedupe is None:
+        return []
+    if dedupe.match == "all":
+        values = [lead.get(f, "") for f in dedupe.fields]
+        return [fingerprint(scope, [*dedupe.fields, *values])] if all(values) else []
+    return [fingerprint(scope, [f, lead[f]]) for f in dedupe.fields if lead.get(f)]
+
+
+def _cap(value: int | None) -> int:
+    return NO_CAP if value is None else value
+
+
+def _spend_cap(value: str | None) -> int:
+    return NO_CAP if value is None else money.parse(value)
+
+
+@dataclass(slots=True)
+class BuyerPlan:
+    id: str
+    account: str
+    price: int
+    fee_out: int
+    priority: int
+    weight: int
+    active: bool
+    filter: BuyerFilter
+    schedule: CompiledSchedule
+    caps: Caps
+    static_caps: tuple[int, int, int, int, int, int]  # hour, week, month, total, spend d/m
+
+    # per weekday: decide.lua's candidate (its per-lead dedupe left out); the key it goes
+    # under in a call's candidate table, unique to this plan (a reload makes new ones, so
+    # leads routed before and after a reload can share a call), as a lead's candidates
+    # item; and the table's entry ("key":{...}), encoded once
+    candidates: tuple[Candidate, ...] = ()
+    cand_keys: tuple[str, ...] = ()
+    cand_entries: tuple[bytes, ...] = ()
+
+    def cap_array(self, weekday: int) -> CapLimits:
+        h, w, m, t, sd, sm = self.static_caps
+        return (h, _cap(daily_cap(self.caps, weekday)), w, m, t, sd, sm)
+
+    def __post_init__(self) -> None:
+        self.candidates = tuple(
+            Candidate(buyer=self.id, account=self.account, price=self.price,
+                      fee_out=self.fee_out, caps=self.cap_array(day))
+            for day in range(7)
+        )
+        token = next(_PLAN_TOKENS)
+        self.cand_keys = tuple(f"{token:x}.{day}" for day in range(7))
+        self.cand_entries = tuple(table_entry(key, cand) for key, cand
+                                  in zip(self.cand_keys, self.candidates, strict=True))
+
+
+def smooth_wrr(weights: Sequence[int]) -> list[int]:
+    """nginx's smooth weighted round robin, unrolled to one full cycle of indexes: weights
+    3,1 give 0,0,1,0 rather than 0,0,0,1, so a heavy buyer's leads are spread out."""
+    current = [0] * len(weights)
+    total = sum(weights)
+    seq: list[int] = []
+    for _ in range(total):
+        for i, w in enumerate(weights):
+            current[i] += w
+        best = max(range(len(weights)), key=lambda i: current[i])
+        current[best] -= total
+        seq.append(best)
+    return seq
+
+
+class CampaignPlan:
+    """A campaign, its validation schema and its buyers, compiled for the hot path."""
+
+    def __init__(self, cfg: Config, campaign: Campaign, tenant: Tenant) -> None:
+        self.campaign = campaign
+        self.id, self.tenant = campaign.id, tenant.id
+        self.tz = ZoneInfo(campaign.timezone or tenant.timezone)
+        self.schema = CampaignSchema(
+            campaign.fields,
+            source=cfg.source,
+            path_prefix=f"campaigns[{cfg.campaigns.index(campaign)}].fields",
+        )
+        self.method = campaign.distribution
+        self.sync = campaign.mode == "sync"  # ingest hands these to engine.ingest.waterfall
+        self.rotating = self.method in _ROTATING
+        self.sell_limit = campaign.sell_limit if self.method == "send_to_all" else 1
+        self.fee_in = money.parse(tenant.fees.inbound_lead)
+        fee_out = money.parse(tenant.fees.outbound_delivery)
+        self.dedupe = campaign.dedupe
+        self.dedupe_ttl_s = (campaign.dedupe.days if campaign.dedupe else 1) * 86_400
+        self.buyer_scope = campaign.dedupe is not None and campaign.dedupe.scope == "buyer"
+        buyers = [b for b in cfg.buyers if b.tenant == tenant.id and b.campaign == campaign.id]
+        self.buyers = [self._buyer(cfg, b, fee_out) for b in buyers]
+        weights = [b.weight if self.method == "weighted_round_robin" else 1 for b in self.buyers]
+        self.sequence = smooth_wrr(weights) if self.buyers else []
+
+    def _buyer(self, cfg: Config, b: Buyer, fee_out: int) -> BuyerPlan:
+        path = f"buyers[{cfg.buyers.index(b)}]"
+        c = b.caps
+        return BuyerPlan(
+            id=b.id,
+            account=b.client,
+            price=money.parse(b.price),
+            fee_out=fee_out,
+            priority=b.priority,
+            weight=b.weight,
+            active=b.status == "active",
+            filter=BuyerFilter(b.filters, source=cfg.source, path_prefix=f"{path}.filters"),
+            schedule=CompiledSchedule(b.schedule, source=cfg.source, path=f"{path}.schedule"),
+            caps=c,
+            static_caps=(
+                _cap(c.hour),
+                _cap(c.week),
+                _cap(c.month),
+                _cap(c.total),
+                _spend_cap(c.spend_day),
+                _spend_cap(c.spend_month),
+            ),
+        )
+
+    def eligible(self, lead: Mapping[str, str], local: datetime) -> list[int]:
+        """Indexes of the buyers whose filters and schedule accept this lead now."""
+        return [
+            i
+            for i, b in enumerate(self.buyers)
+            if b.active and b.schedule.is_open(local) and b.filter.matches(lead)
+        ]
+
+    def ordered(self, idx: list[int], rng: random.Random) -> list[int]:
+        """The order candidates are tried in (rotating methods are ordered by decide.lua)."""
+        buyers = self.buyers
+        if self.method == "waterfall":
+            # priority first; ties broken at random, weighted by weight
+            keyed = [
+                (buyers[i].priority, -(rng.random() ** (1 / buyers[i].weight)), i) for i in idx
+            ]
+            return [i for *_, i in sorted(keyed)]
+        if self.method in ("highest_price", "exclusive", "send_to_all"):
+            return sorted(idx, key=lambda i: (-buyers[i].price, buyers[i].priority))
+        return idx
+
+    def campaign_prints(self, lead: Mapping[str, str]) -> list[str]:
+        if self.dedupe is None or self.buyer_scope:
+            return []
+        return _dedupe_prints(self.dedupe, "c:" + self.id, lead)
+
+    def buyer_prints(self, buyer: BuyerPlan, lead: Mapping[str, str]) -> list[str]:
+        if not self.buyer_scope:
+            return []
+        return _dedupe_prints(self.dedupe, "b:" + buyer.id, lead)
+
+    def inline_candidates(self, order: list[int], lead: Mapping[str, str], weekday: int
+                          ) -> list[Candidate | str]:
+        """A lead's candidates for these buyers, each inline with its buyer-scope
+        fingerprints (a sync campaign's: its waterfall edits them)."""
+        buyers = self.buyers
+        return [msgspec.structs.replace(buyers[i].candidates[weekday],
+                                        dedupe=self.buyer_prints(buyers[i], lead))
+                for i in order]
+
+    def candidate_refs(self, order: list[int], lead: Mapping[str, str], weekday: int
+                       ) -> tuple[list[Candidate | str], list[list[str]] | None, list[bytes]]:
+        """A lead's candidates for these buyers as keys into the call's candidate table,
+        its buyer-scope fingerprints per candidate (None without buyer-scope dedupe), and
+        the entries of that table (``"key":{...}``): a call of 16 leads decodes each
+        buyer's candidate object once, not 16 times."""
+        buyers = [self.buyers[i] for i in order]
+        refs: list[Candidate | str] = [b.cand_keys[weekday] for b in buyers]
+        bd = [self.buyer_prints(b, lead) for b in buyers] if self.buyer_scope else None
+        return refs, bd, [b.cand_entries[weekday] for b in buyers]
+
+    def rotation(self, order: list[int]) -> list[int]:
+        """The campaign's rotation sequence as 1-based candidate positions (0 = not eligible)."""
+        pos = {buyer_idx: n + 1 for n, buyer_idx in enumerate(order)}
+        return [pos.get(i, 0) for i in self.sequence]

@@ -1,0 +1,1 @@
+"""Running leadflow: the service, workers, CLI, demo, config loading."""

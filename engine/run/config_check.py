@@ -1,0 +1,358 @@
+"""Cross-reference and rule checks of a decoded :class:`~engine.core.config.Config`.
+
+Every problem raises :class:`~engine.core.errors.ConfigError` with the file, a path such as
+``buyers[2].caps.spend_day`` and the reason, so ``leadflow config check`` points at the line
+to fix. Product minimums come from the help pages our users know (shared/seeds).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import urlsplit
+
+from billing import policy
+from engine.core import money
+from engine.core.billing_errors import BillingError, MoneyError
+from engine.core.config import (
+    WEEKDAYS,
+    Account,
+    AutoRecharge,
+    Buyer,
+    Config,
+    ResponseRule,
+    resolve_secret,
+    valid_id,
+    zone,
+)
+from engine.core.constants import DEFAULT_FLOOR, WALLET
+from engine.core.errors import ConfigError
+from engine.delivery import DeliveryError
+from engine.delivery.payload import RequestBuilder
+from engine.delivery.signing import Signer, SigningError
+from engine.delivery.verdict import ResponseMapper
+from engine.routing.runtime import Runtime
+
+MIN_ALERT = 1_000_000  # balance alerts: at least $1.00
+MAX_CARD_FEE_BP = 1_500  # pass-through card fee: up to 15%
+MAX_SYNC_DEADLINE_MS = 60_000  # a seller waits at most a minute for a sync-mode answer
+MAX_TIMEOUT_MS = 30_000  # a buyer webhook request: half the worker's 60 s claim-idle time
+# Smooth weighted round robin is unrolled to one rotation entry per unit of weight, and
+# every lead of the campaign sends its rotation to decide.lua (about 5 us of Python per 100
+# entries, plus the Lua loop): weights 1 to 100, at most 1000 entries per campaign.
+MAX_WEIGHT = 100
+MAX_ROTATION = 1_000
+# Lifetimes decide.lua gives keys with SET ... EX after the debit: one Redis refuses would
+# fail every lead of the campaign (each taken back whole and answered ERROR 1050).
+MAX_DEDUPE_DAYS = 3_650
+MAX_HTTP_TIMEOUT_S = 3600  # the HTTP server's timeouts (engine.api.server)
+MAX_TTL_S = {"idempotency_ttl_s": 30 * 86_400, "replay_window_s": 86_400}
+MAX_PORT = 65_535  # a TCP port; 0 binds any free one (the URL is logged at start)
+MAX_COOLDOWN_S = 86_400  # a buyer's open circuit breaker (a key with PX), at most a day
+_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_HEADER_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+class _Checker:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg, self.src = cfg, cfg.source
+
+    def fail(self, path: str, reason: str) -> ConfigError:
+        return ConfigError(self.src, path, reason)
+
+    def money(self, value: str, path: str) -> int:
+        try:
+            return money.parse(value, field=path)
+        except MoneyError as exc:
+            raise self.fail(path, str(exc).split(": ", 1)[-1]) from exc
+
+    def ids(self, items: Iterable[Any], section: str, *, scope_tenant: bool) -> None:
+        seen: set[tuple[str, str]] = set()
+        for i, item in enumerate(items):
+            ident, tenant = item.id, getattr(item, "tenant", "")
+            if not valid_id(ident):
+                raise self.fail(
+                    f"{section}[{i}].id",
+                    f"{ident!r} is not a valid id (letters, digits, '_', '-', '.'; at most 64)",
+                )
+            key = (tenant if scope_tenant else "", ident)
+            if key in seen:
+                raise self.fail(f"{section}[{i}].id", f"duplicate id {ident!r}")
+            seen.add(key)
+
+    def account(self, acct: Account, path: str, billing: str = "manual") -> None:
+        opening = self.money(acct.opening_balance, f"{path}.opening_balance")
+        floor = self.money(acct.floor, f"{path}.floor")
+        if floor > 0:
+            raise self.fail(f"{path}.floor", "the floor must be zero or negative")
+        if floor < DEFAULT_FLOOR:  # seed 000: "max negative accrual is -$20.00"
+            raise self.fail(f"{path}.floor", "at most $20.00 below zero (-20.00)")
+        if billing != "none" and opening < floor:  # it would start below it: reconcile fails
+            raise self.fail(f"{path}.opening_balance",
+                            f"{money.format(opening)} is below the floor {money.format(floor)}")
+        alert = self.money(acct.alert, f"{path}.alert")
+        if 0 < alert < MIN_ALERT or alert < 0:
+            raise self.fail(f"{path}.alert", "balance alerts start at $1.00 (or 0 to disable)")
+        if acct.min_balance is not None and self.money(acct.min_balance, f"{path}.min_balance") < 0:
+            raise self.fail(f"{path}.min_balance", "must not be negative")
+        self.auto_recharge(acct.auto_recharge, f"{path}.auto_recharge")
+
+    def auto_recharge(self, ar: AutoRecharge, path: str) -> None:
+        """The billing API's rule (PUT /auto-recharge), so a config never holds settings the
+        API would refuse: seed 000's minimums ($20.00 threshold, $100.00 amount, whole
+        cents), every_days 1 to 366, max_per_day 1 to 100, max_amount_per_day at least one
+        amount. Enabled or not, as the API checks them."""
+        for name in ("threshold", "amount", "max_amount_per_day"):  # each with its own path
+            self.money(getattr(ar, name), f"{path}.{name}")
+        try:
+            policy.validate(ar)
+        except BillingError as exc:  # "max_per_day: 1 to 100"
+            name, sep, reason = str(exc).partition(": ")
+            if sep and name in AutoRecharge.__struct_fields__:
+                raise self.fail(f"{path}.{name}", reason) from exc
+            raise self.fail(path, str(exc)) from exc
+
+    def tenants(self) -> None:
+        self.ids(self.cfg.tenants, "tenants", scope_tenant=False)
+        token_owner: dict[str, str] = {}
+        for i, t in enumerate(self.cfg.tenants):
+            p = f"tenants[{i}]"
+            zone(t.timezone, self.src, f"{p}.timezone")
+            token = resolve_secret(t.api_token)
+            if not token:
+                raise self.fail(f"{p}.api_token", "empty (is its environment variable set?)")
+            # a token names its tenant: a shared one would let one tenant act as the other
+            if token in token_owner:
+                raise self.fail(f"{p}.api_token",
+                                f"the same token as tenant {token_owner[token]!r}")
+            token_owner[token] = t.id
+            for fee in ("inbound_lead", "outbound_delivery"):
+                if self.money(getattr(t.fees, fee), f"{p}.fees.{fee}") < 0:
+                    raise self.fail(f"{p}.fees.{fee}", "a fee must not be negative")
+            try:
+                bp = money.parse_percent(t.fees.card_fee_percent)
+            except MoneyError as exc:
+                raise self.fail(f"{p}.fees.card_fee_percent", str(exc)) from exc
+            if bp > MAX_CARD_FEE_BP:
+                raise self.fail(f"{p}.fees.card_fee_percent", "at most 15%")
+            if t.wallet.min_balance is not None:
+                # seed 001: a minimum balance pauses a *buyer's* campaigns; the tenant's own
+                # wallet (seed 000) routes down to its floor, with alerts and auto-recharge
+                raise self.fail(f"{p}.wallet.min_balance",
+                                "a minimum balance is for clients only: the platform wallet "
+                                "pays fees down to its floor (use alert or auto_recharge)")
+            self.account(t.wallet, f"{p}.wallet")
+            for meter, price in t.meters.items():
+                if self.money(price, f"{p}.meters.{meter}") <= 0:
+                    raise self.fail(f"{p}.meters.{meter}", "unit price must be positive")
+
+    def tenant_of(self, path: str, tenant: str) -> None:
+        if not any(t.id == tenant for t in self.cfg.tenants):
+            raise self.fail(f"{path}.tenant", f"unknown tenant {tenant!r}")
+
+    def clients(self) -> None:
+        self.ids(self.cfg.clients, "clients", scope_tenant=True)
+        for i, c in enumerate(self.cfg.clients):
+            p = f"clients[{i}]"
+            self.tenant_of(p, c.tenant)
+            if c.id == WALLET:
+                raise self.fail(f"{p}.id", f"{WALLET!r} is reserved for the tenant wallet")
+            self.account(c, p, c.billing)
+
+    def suppliers(self) -> None:
+        self.ids(self.cfg.suppliers, "suppliers", scope_tenant=False)
+        campaigns = {(c.tenant, c.id) for c in self.cfg.campaigns}
+        for i, s in enumerate(self.cfg.suppliers):
+            p = f"suppliers[{i}]"
+            self.tenant_of(p, s.tenant)
+            if not resolve_secret(s.key):
+                raise self.fail(f"{p}.key", "empty (is its environment variable set?)")
+            self.money(s.payout, f"{p}.payout")
+            for j, cid in enumerate(s.campaigns):
+                if (s.tenant, cid) not in campaigns:
+                    raise self.fail(f"{p}.campaigns[{j}]", f"unknown campaign {cid!r}")
+
+    def campaigns(self) -> None:
+        self.ids(self.cfg.campaigns, "campaigns", scope_tenant=False)
+        for i, c in enumerate(self.cfg.campaigns):
+            p = f"campaigns[{i}]"
+            self.tenant_of(p, c.tenant)
+            if c.timezone:
+                zone(c.timezone, self.src, f"{p}.timezone")
+            names = [f.name for f in c.fields]
+            for j, f in enumerate(c.fields):
+                if not re.match(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$", f.name) or f.name.startswith(
+                    "lp_"
+                ):
+                    raise self.fail(f"{p}.fields[{j}].name", f"invalid field name {f.name!r}")
+                if names.count(f.name) > 1:
+                    raise self.fail(f"{p}.fields[{j}].name", f"duplicate field {f.name!r}")
+                if f.type == "list" and not f.values:
+                    raise self.fail(f"{p}.fields[{j}].values", "a list field needs values")
+            if c.sell_limit < 1:
+                raise self.fail(f"{p}.sell_limit", "at least 1")
+            if not 1 <= c.sync_deadline_ms <= MAX_SYNC_DEADLINE_MS:
+                raise self.fail(f"{p}.sync_deadline_ms",
+                                f"between 1 and {MAX_SYNC_DEADLINE_MS} milliseconds")
+            if c.mode == "sync" and c.distribution == "send_to_all":
+                raise self.fail(f"{p}.mode", "sync mode sells to one buyer at a time; "
+                                "send_to_all campaigns are async only")
+            if c.dedupe is not None:
+                for j, name in enumerate(c.dedupe.fields):
+                    if name not in names:
+                        raise self.fail(f"{p}.dedupe.fields[{j}]", f"unknown field {name!r}")
+                if not 1 <= c.dedupe.days <= MAX_DEDUPE_DAYS:
+                    raise self.fail(f"{p}.dedupe.days", f"1 to {MAX_DEDUPE_DAYS} days")
+
+    def buyers(self) -> None:
+        self.ids(self.cfg.buyers, "buyers", scope_tenant=True)
+        clients = {(c.tenant, c.id) for c in self.cfg.clients}
+        campaigns = {(c.tenant, c.id): c for c in self.cfg.campaigns}
+        rotation: dict[tuple[str, str], int] = {}  # weighted_round_robin campaign -> sum
+        for i, b in enumerate(self.cfg.buyers):
+            p = f"buyers[{i}]"
+            self.tenant_of(p, b.tenant)
+            if (b.tenant, b.client) not in clients:
+                raise self.fail(f"{p}.client", f"unknown client {b.client!r}")
+            campaign = campaigns.get((b.tenant, b.campaign))
+            if campaign is None:
+                raise self.fail(f"{p}.campaign", f"unknown campaign {b.campaign!r}")
+            if self.money(b.price, f"{p}.price") < 0:
+                raise self.fail(f"{p}.price", "must not be negative")
+            if not 1 <= b.weight <= MAX_WEIGHT:
+                raise self.fail(f"{p}.weight", f"1 to {MAX_WEIGHT}")
+            if campaign.distribution == "weighted_round_robin":
+                key = (b.tenant, b.campaign)
+                rotation[key] = total = rotation.get(key, 0) + b.weight
+                if total > MAX_ROTATION:
+                    raise self.fail(f"{p}.weight", (
+                        f"the weights of campaign {b.campaign!r} add up to {total}; at most "
+                        f"{MAX_ROTATION} in a weighted_round_robin campaign (its rotation has "
+                        "one entry per unit of weight and goes with every lead): use smaller "
+                        "weights in the same proportions"))
+            names = {f.name for f in campaign.fields}
+            for j, flt in enumerate(b.filters):
+                if flt.field not in names:
+                    raise self.fail(f"{p}.filters[{j}].field", f"unknown field {flt.field!r}")
+            for name in ("spend_day", "spend_month"):
+                value = getattr(b.caps, name)
+                if value is not None and self.money(value, f"{p}.caps.{name}") < 0:
+                    raise self.fail(f"{p}.caps.{name}", "must not be negative")  # = no cap
+            for day, cap in b.caps.weekday.items():
+                if day not in WEEKDAYS:
+                    raise self.fail(f"{p}.caps.weekday.{day}", "use mon, tue, ... sun")
+                if cap < 0:  # decide.lua reads a negative limit as "no cap"
+                    raise self.fail(f"{p}.caps.weekday.{day}", "must not be negative")
+            for name in ("hour", "day", "week", "month", "total"):
+                value = getattr(b.caps, name)
+                if value is not None and value < 0:
+                    raise self.fail(f"{p}.caps.{name}", "must not be negative")
+            if b.delivery is not None:
+                self.delivery(b, f"{p}.delivery")
+
+    def delivery(self, b: Buyer, p: str) -> None:
+        """A buyer's webhook settings, checked here so a bad one fails the load (with its
+        path) instead of every delivery in the worker."""
+        d = b.delivery
+        assert d is not None
+        try:
+            parts = urlsplit(d.url)
+        except ValueError as exc:  # e.g. "Invalid IPv6 URL" for http://[::1
+            # the URL is never echoed: its user info or query may hold the buyer's secret
+            raise self.fail(f"{p}.url", f"not an http(s) URL with a host: {exc}") from exc
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise self.fail(f"{p}.url", "not an http(s) URL with a host")
+        try:
+            _ = parts.port
+        except ValueError as exc:
+            raise self.fail(f"{p}.url", f"invalid port: {exc}") from exc
+        if not d.secret:  # every webhook is signed (Standard Webhooks): no secret, no hook
+            raise self.fail(f"{p}.secret", "required: every webhook request is signed "
+                            "(whsec_<base64> or env:NAME)")
+        if d.secret:
+            secret = resolve_secret(d.secret)
+            if not secret:
+                raise self.fail(f"{p}.secret", "empty (is its environment variable set?)")
+            if not secret.startswith("whsec_"):
+                raise self.fail(f"{p}.secret", "expected whsec_<base64> or env:NAME")
+            try:
+                Signer(secret)
+            except SigningError as exc:
+                raise self.fail(f"{p}.secret", str(exc)) from exc
+        for name, value in d.headers.items():
+            if not _HEADER_NAME.match(name):  # RFC 9110 token; a space or ':' is sent as is
+                raise self.fail(f"{p}.headers", f"{name!r} is not a valid header name "
+                                "(letters, digits and !#$%&'*+-.^_`|~)")
+            if value.startswith("env:") and not resolve_secret(value):
+                raise self.fail(f"{p}.headers.{name}",
+                                "empty (is its environment variable set?)")
+            if _HEADER_CTL.search(resolve_secret(value)):  # aiohttp refuses it at send time
+                # the value is not echoed: it may be a secret
+                raise self.fail(f"{p}.headers.{name}", "a header value must not contain "
+                                "control characters (CR, LF, NUL, ...; a tab is allowed)")
+        for field in ("timeout_ms", "max_attempts", "max_age_s", "retry_base_ms",
+                      "retry_max_ms", "breaker_failures", "breaker_cooldown_s"):
+            if getattr(d, field) < 1:
+                raise self.fail(f"{p}.{field}", "must be positive")
+        if d.timeout_ms > MAX_TIMEOUT_MS:  # a request must end well before another worker
+            # may claim its job (WorkerOptions.claim_idle_ms, 60 s), or it is sent twice
+            raise self.fail(f"{p}.timeout_ms", f"at most {MAX_TIMEOUT_MS} ms")
+        if d.breaker_cooldown_s > MAX_COOLDOWN_S:  # the open breaker's key: PX cooldown
+            raise self.fail(f"{p}.breaker_cooldown_s", f"at most {MAX_COOLDOWN_S} s (a day)")
+        if d.retry_max_ms < d.retry_base_ms:
+            raise self.fail(f"{p}.retry_max_ms", "must not be below retry_base_ms")
+        if d.max_price is not None and self.money(d.max_price, f"{p}.max_price") < 0:
+            raise self.fail(f"{p}.max_price", "must not be negative")
+        for kind in ("accept", "duplicate"):
+            for j, rule in enumerate(getattr(d, kind)):
+                self.rule(rule, f"{p}.{kind}[{j}]")
+        try:  # anything else the endpoint cannot be built with (template, rules, price)
+            RequestBuilder(b.id, d)
+            ResponseMapper(d, buyer_price=money.parse(b.price))
+        except DeliveryError as exc:
+            raise self.fail(p, str(exc)) from exc
+
+    def rule(self, rule: ResponseRule, p: str) -> None:
+        if not (rule.status or rule.path or rule.contains is not None or rule.regex):
+            raise self.fail(p, "a response rule needs status, path, contains or regex")
+        if rule.equals is not None and not rule.path:
+            raise self.fail(f"{p}.equals", "'equals' needs a 'path'")
+        for j, status in enumerate(rule.status):
+            if not 100 <= status <= 599:
+                raise self.fail(f"{p}.status[{j}]", f"{status} is not an HTTP status")
+        if rule.regex:
+            try:
+                re.compile(rule.regex)
+            except re.error as exc:
+                raise self.fail(f"{p}.regex", f"invalid regex: {exc}") from exc
+
+
+def check(cfg: Config) -> None:
+    c = _Checker(cfg)
+    c.tenants()
+    c.clients()
+    c.campaigns()
+    c.suppliers()
+    c.buyers()
+    for name in ("batch_max", "batch_inflight", "replay_window_s", "idempotency_ttl_s",
+                 "max_body_bytes", "max_batch_body_bytes", "max_connections",
+                 "max_header_bytes", "max_headers"):
+        if getattr(cfg.settings, name) < 1:
+            raise c.fail(f"settings.{name}", "at least 1")
+    if not 0 <= cfg.settings.port <= MAX_PORT:  # uvloop binds 99999 as 99999 % 65536
+        raise c.fail("settings.port", f"0 to {MAX_PORT} (0: any free port)")
+    for name, most in MAX_TTL_S.items():
+        if getattr(cfg.settings, name) > most:
+            raise c.fail(f"settings.{name}", f"1 to {most} seconds")
+    for name in ("header_timeout_s", "body_timeout_s", "keepalive_timeout_s"):
+        if not 0 < getattr(cfg.settings, name) <= MAX_HTTP_TIMEOUT_S:
+            raise c.fail(f"settings.{name}",
+                         f"more than 0 and at most {MAX_HTTP_TIMEOUT_S} seconds")
+    if cfg.settings.idempotency_ttl_s < cfg.settings.replay_window_s:
+        # a keyed lead's payload record points to its key's record: the pointer must not
+        # outlive what it points to
+        raise c.fail("settings.idempotency_ttl_s", "at least settings.replay_window_s")
+    # compiling the routing plans checks what only compilation can: regexes, ranges,
+    # schedules, field rules (each raises ConfigError with its path)
+    Runtime(cfg)

@@ -1,0 +1,1 @@
+"""Tests that run the engine: real HTTP, processes, workers, the whole path."""

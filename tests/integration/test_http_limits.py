@@ -1,0 +1,249 @@
+"""The HTTP server's limits (engine.api.server), over real sockets: idle and slow clients
+are cut off, oversized headers refused, the connection count bounded, and a burst over many
+tenants queues for Redis connections instead of answering 503."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import aiohttp
+import msgspec
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from engine.run import configfile
+from engine.store.store import connect
+from tests.helpers.harness import BASE_TOML, buyer, campaign, make_config, running
+
+LIMITS = """
+[settings]
+header_timeout_s = 0.5
+body_timeout_s = 0.5
+keepalive_timeout_s = 0.5
+max_connections = 40
+max_header_bytes = 8192
+max_headers = 50
+"""
+FORM = (b"lp_campaign_id=camp&lp_supplier_id=s1&lp_key=key-s1&email=drip%40example.com"
+        b"&phone=4155550100&state=CA")
+WAIT = 10  # seconds a test waits for the server to act before failing (never reached)
+
+
+@pytest.fixture
+def cfg():
+    return make_config(campaign(), buyer("b1", price="10.00"), base=LIMITS + BASE_TOML)
+
+
+async def _open(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = url.removeprefix("http://").split(":")
+    return await asyncio.open_connection(host, int(port))
+
+
+async def _answer(reader: asyncio.StreamReader) -> tuple[int | None, dict[str, object] | None]:
+    """Read until the server closes: (status, JSON body), or (None, None) if it closed
+    without answering."""
+    raw = await asyncio.wait_for(reader.read(), WAIT)
+    if not raw:
+        return None, None
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    return status, msgspec.json.decode(body) if body else None
+
+
+async def _drip(writer: asyncio.StreamWriter, data: bytes) -> None:
+    """A slow client: a byte every 50 ms until the server closes the connection."""
+    for i in range(len(data)):
+        if writer.is_closing():
+            return
+        writer.write(data[i:i + 1])
+        try:
+            await writer.drain()
+        except ConnectionError:
+            return
+        await asyncio.sleep(0.05)
+
+
+async def test_idle_connections_that_never_send_a_request_are_closed(redis_server, cfg):
+    async with running(cfg, redis_server.url) as eng:
+        conns = [await _open(eng.url) for _ in range(30)]
+        answers = await asyncio.gather(*(_answer(r) for r, _ in conns))
+        assert answers == [(None, None)] * 30  # closed, nothing to answer
+        for _, w in conns:
+            w.close()
+        status, _ = await eng.lead(email="after@example.com", phone="4155550101", state="CA")
+        assert status == 200
+
+
+async def test_headers_sent_a_byte_at_a_time_get_408(redis, redis_server, cfg):
+    async with running(cfg, redis_server.url) as eng:
+        before = await redis.dbsize()
+        reader, writer = await _open(eng.url)
+        head = (b"POST /v1/leads HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/x-www-form-urlencoded\r\n"
+                + b"X-Pad: " + b"a" * 200 + b"\r\n\r\n")
+        drip = asyncio.create_task(_drip(writer, head))
+        status, body = await _answer(reader)
+        await drip
+        writer.close()
+        assert status == 408 and body is not None
+        assert body["error"]["code"] == "header_timeout"  # type: ignore[index]
+        assert await redis.dbsize() == before
+
+
+async def test_a_body_sent_a_byte_at_a_time_gets_408_and_nothing_is_decided(redis, redis_server,
+                                                                           cfg):
+    async with running(cfg, redis_server.url) as eng:
+        before = await redis.dbsize()
+        reader, writer = await _open(eng.url)
+        writer.write(b"POST /v1/leads HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/x-www-form-urlencoded\r\n"
+                     b"Content-Length: %d\r\n\r\n" % (len(FORM) + 5))
+        # the whole lead arrives, but never the 5 bytes the header promised
+        drip = asyncio.create_task(_drip(writer, FORM))
+        status, body = await _answer(reader)
+        drip.cancel()
+        writer.close()
+        assert status == 408 and body is not None
+        assert body["error"]["code"] == "body_timeout"  # type: ignore[index]
+        assert await redis.dbsize() == before  # no lead decided on the partial body
+
+
+async def test_a_client_gone_mid_body_has_nothing_decided(redis_server, cfg):
+    async with running(cfg, redis_server.url) as eng:
+        opening = await eng.balance("c1")
+        _, writer = await _open(eng.url)
+        writer.write(b"POST /v1/leads HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/x-www-form-urlencoded\r\n"
+                     b"Content-Length: %d\r\n\r\n" % (len(FORM) + 5) + FORM)
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+        # a lead on another connection, after the first one's end: the only sale
+        status, body = await eng.lead(email="next@example.com", phone="4155550102", state="CA")
+        assert (status, body["status"]) == (200, "ACCEPTED")
+        assert await eng.balance("c1") == opening - 10_000_000
+        await eng.assert_reconciled()
+
+
+async def test_a_kept_alive_connection_idle_past_its_timeout_is_closed(redis_server, cfg):
+    async with running(cfg, redis_server.url) as eng:
+        reader, writer = await _open(eng.url)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        raw = await asyncio.wait_for(reader.read(), WAIT)  # answered, then closed when idle
+        writer.close()
+        assert raw.startswith(b"HTTP/1.1 200")
+
+
+@pytest.mark.parametrize("head", [
+    b"X-Big: " + b"a" * 200_000 + b"\r\n",  # one 200 KB header
+    b"".join(b"X-H%d: v\r\n" % i for i in range(5_000)),  # 5,000 headers
+    b"".join(b"X-H%d: v\r\n" % i for i in range(51)),  # one over max_headers, small
+], ids=["200KB-header", "5000-headers", "51-headers"])
+async def test_oversized_headers_get_431(redis, redis_server, cfg, head):
+    async with running(cfg, redis_server.url) as eng:
+        before = await redis.dbsize()
+        reader, writer = await _open(eng.url)
+        writer.write(b"POST /v1/leads HTTP/1.1\r\nHost: x\r\n" + head +
+                     b"Content-Type: application/x-www-form-urlencoded\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(FORM) + FORM)
+        with contextlib.suppress(ConnectionError):  # closed before it read everything
+            await writer.drain()
+        status, body = await _answer(reader)
+        writer.close()
+        assert status == 431 and body is not None
+        assert body["error"]["code"] in ("headers_too_large", "too_many_headers")  # type: ignore[index]
+        assert await redis.dbsize() == before
+
+
+async def test_headers_within_the_limits_are_served(redis_server, cfg):
+    async with running(cfg, redis_server.url) as eng:
+        headers = {f"X-H{i}": "v" * 100 for i in range(40)}  # ~4.5 KB, 40 headers
+        async with eng.http.get(eng.url + "/healthz", headers=headers) as r:
+            assert r.status == 200
+
+
+async def test_connections_past_max_connections_get_503(redis_server, cfg):
+    async with running(cfg, redis_server.url) as eng:
+        idle = [await _open(eng.url) for _ in range(40)]  # max_connections = 40
+        reader, writer = await _open(eng.url)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+        assert raw.startswith(b"HTTP/1.1 503")
+        for _, w in [*idle, (reader, writer)]:
+            w.close()
+
+
+def _tenants_config(n: int) -> str:
+    parts = ["[settings]\nbatch_inflight = 2\n"]
+    for i in range(n):
+        parts.append(f"""
+[[tenants]]
+id = "t{i}"
+api_token = "tok-{i}"
+[tenants.wallet]
+opening_balance = "1000.00"
+[[clients]]
+tenant = "t{i}"
+id = "c{i}"
+opening_balance = "1000.00"
+[[suppliers]]
+tenant = "t{i}"
+id = "s{i}"
+key = "key-{i}"
+[[campaigns]]
+tenant = "t{i}"
+id = "camp{i}"
+fields = [{{ name = "email", type = "email", required = true }}]
+[[buyers]]
+tenant = "t{i}"
+id = "b{i}"
+campaign = "camp{i}"
+client = "c{i}"
+price = "1.00"
+""")
+    return "".join(parts)
+
+
+async def test_a_burst_over_64_tenants_queues_for_redis_instead_of_503(redis_server):
+    """Each tenant is its own Lua call (its keys share one slot): 64 tenants with 2 calls in
+    flight each are 128 calls at once, past a 64-connection pool. They must queue."""
+    cfg = configfile.loads(_tenants_config(64), source="<test>")
+    async with running(cfg, redis_server.url) as eng:
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector) as http:
+
+            async def post(t: int, n: int) -> int:
+                lead = {"lp_campaign_id": f"camp{t}", "lp_supplier_id": f"s{t}",
+                        "lp_key": f"key-{t}", "email": f"l{n}@t{t}.example.com"}
+                async with http.post(eng.url + "/v1/leads", json=lead) as r:
+                    await r.read()
+                    return r.status
+
+            for round_ in range(3):
+                statuses = await asyncio.gather(
+                    *(post(t, round_ * 10 + n) for n in range(6) for t in range(64)))
+                assert statuses.count(503) == 0
+                assert set(statuses) == {200}
+        await eng.assert_reconciled()
+
+
+async def test_the_redis_pool_queues_when_every_connection_is_busy(redis_server):
+    """Past max_connections a command waits for a released connection (QueueingPool),
+    and gives up with a connection error only after its wait."""
+    client = connect(redis_server.url, max_connections=2, pool_timeout_s=5.0)
+    try:
+        assert await asyncio.gather(*(client.ping() for _ in range(50))) == [True] * 50
+        assert len(client.connection_pool._in_use_connections) == 0
+        assert len(client.connection_pool._available_connections) <= 2
+    finally:
+        await client.aclose()
+    client = connect(redis_server.url, max_connections=1, pool_timeout_s=0.2)
+    try:
+        held = await client.connection_pool.get_connection()
+        with pytest.raises(RedisConnectionError, match="no Redis connection free"):
+            await client.ping()
+        await client.connection_pool.release(held)
+        assert await client.ping() is True
+    finally:
+        await client.aclose()
