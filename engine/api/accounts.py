@@ -34,7 +34,6 @@ from engine.core.constants import WALLET
 from engine.core.untrusted import ascii_int
 from engine.obs import telemetry
 from engine.routing.runtime import Runtime, token_digest
-from engine.store.scripts import scripts
 from engine.store.store import AccountState, Store, now_ms
 
 TenantHandler = Callable[[Request, str], Awaitable[Response]]
@@ -54,10 +53,6 @@ class PauseResult(msgspec.Struct):
 
 
 _pause_result = msgspec.json.Decoder(PauseResult)
-# the flag and its event in one step; the registry's script (tests run it directly)
-_BUYER_PAUSE = scripts().buyer_pause
-
-
 _credit = msgspec.json.Decoder(CreditBody)
 _return = msgspec.json.Decoder(ReturnBody)
 

@@ -135,11 +135,6 @@ class Scripts:
             await script.load(client)
 
 
-def housekeeping(name: str) -> str:
-    """The source of the registered script ``name`` (the tests run it through redis-py)."""
-    return scripts().by_name[name].source
-
-
 _scripts: Scripts | None = None
 
 

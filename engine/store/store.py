@@ -73,7 +73,6 @@ class _Armed(msgspec.Struct, frozen=True):
     events: list[str | int] | dict[str, int] = []
 
 
-_ARM_RECHARGE = scripts().arm_recharge  # the registry's (tests run it directly)
 _arm_dec = msgspec.json.Decoder(_Armed)
 _adjust_dec = msgspec.json.Decoder(AdjustResult)
 _sale_dec = msgspec.json.Decoder(SaleResult)

@@ -335,8 +335,7 @@ async def test_a_flag_whose_event_cannot_be_written_is_not_set(redis, redis_serv
     its event, in either script."""
     from redis.exceptions import ResponseError
 
-    from engine.api.accounts import _BUYER_PAUSE
-    from engine.store.store import _ARM_RECHARGE
+    from engine.store.scripts import scripts
 
     cfg = make_config(campaign(), buyer("b1"))
     async with running(cfg, redis_server.url):
@@ -346,9 +345,9 @@ async def test_a_flag_whose_event_cannot_be_written_is_not_set(redis, redis_serv
         await redis.set(keys.events("t1"), "not a stream")
         state = await _keyspace(redis)
         with pytest.raises(ResponseError, match="WRONGTYPE"):
-            await _BUYER_PAUSE(redis, [prefix], ["b1", "c1", "1", "1"])
+            await scripts().buyer_pause(redis, [prefix], ["b1", "c1", "1", "1"])
         with pytest.raises(ResponseError, match="WRONGTYPE"):  # off below the minimum: pause
-            await _ARM_RECHARGE(redis, [prefix], ["c1", "0", "0", "1"])
+            await scripts().arm_recharge(redis, [prefix], ["c1", "0", "0", "1"])
         assert await _keyspace(redis) == state
 
 

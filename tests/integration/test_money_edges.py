@@ -144,10 +144,11 @@ async def test_every_money_script_survives_script_flush(redis):
 @pytest.mark.parametrize("name", ["delivery_precheck", "delivery_finish", "sync_claim",
                                   "sync_final", "delivery_requeue"])
 async def test_bookkeeping_scripts_load_and_survive_script_flush(redis, name):
-    from engine.store.scripts import housekeeping
+    from engine.store.scripts import scripts
 
-    script = redis.register_script(housekeeping(name))
-    await redis.script_flush()  # redis-py's Script sends the source again on NOSCRIPT
+    script = scripts().by_name[name]
+    await script.load(redis)
+    await redis.script_flush()  # the registry sends the source again on NOSCRIPT
     args = {
         "delivery_precheck": ([keys.tenant_prefix("t1")], [b'[["L1","b1"]]']),
         "delivery_finish": ([keys.tenant_prefix("t1")],
@@ -157,5 +158,5 @@ async def test_bookkeeping_scripts_load_and_survive_script_flush(redis, name):
                        [b'{"k":"k1","r":"","kt":60,"lead":"L1","rel":[],"del":[],"fp":[]}']),
         "delivery_requeue": ([keys.retries("t1"), keys.deliveries("t1")], [0, 10]),
     }[name]
-    result = await script(keys=args[0], args=args[1])
+    result = await script(redis, args[0], args[1])
     assert result is not None
