@@ -151,6 +151,10 @@ class QueueingPool(aioredis.ConnectionPool):
             except TimeoutError:
                 raise RedisConnectionError(
                     f"no Redis connection free within {self.wait_s:g} s") from None
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_next()  # woken, then cancelled: the free connection's turn
+                raise                  # passes on, or a waiter behind would wait it out
             finally:
                 if not waiter.done():
                     waiter.cancel()
@@ -161,12 +165,16 @@ class QueueingPool(aioredis.ConnectionPool):
 
     async def release(self, connection: Any) -> None:
         await super().release(connection)
+        if self._waiters:
+            self._wake_next()
+
+    def _wake_next(self) -> None:
         waiters = self._waiters
         while waiters:
             waiter = waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
-                break
+                return
 
 
 # connections beyond the HTTP server's own limit: the in-process workers' Redis calls

@@ -247,3 +247,23 @@ async def test_the_redis_pool_queues_when_every_connection_is_busy(redis_server)
         assert await client.ping() is True
     finally:
         await client.aclose()
+
+
+async def test_a_waiter_woken_then_cancelled_passes_the_connection_on(redis_server):
+    """A waiter cancelled after a release woke it must not keep the wake-up: the waiter
+    behind it gets the free connection instead of waiting out its whole time-out."""
+    client = connect(redis_server.url, max_connections=1, pool_timeout_s=30.0)
+    pool = client.connection_pool
+    try:
+        held = await pool.get_connection()
+        first = asyncio.create_task(client.ping())
+        second = asyncio.create_task(client.ping())
+        while len(pool._waiters) < 2:  # noqa: ASYNC110 - one loop turn at a time, no delay
+            await asyncio.sleep(0)
+        await pool.release(held)  # wakes the first
+        first.cancel()
+        assert await asyncio.wait_for(second, 10) is True  # not the 30 s time-out
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+    finally:
+        await client.aclose()
