@@ -60,10 +60,10 @@ from engine.delivery.client import Endpoint
 from engine.delivery.record import (
     STATE_TTL_S,
     SYNC,
+    DeliveryDecision,
     Observer,
     decode_decision,
 )
-from engine.delivery.record import Decision as Claim
 from engine.delivery.record import encode_decision as encode_claim
 from engine.delivery.sync import CLAIM_GRACE_MS, deliver_sync
 from engine.delivery.verdict import Outcome
@@ -168,7 +168,7 @@ class SyncRouter:
                   if self.endpoint(cfg, tenant, c.buyer) is not None]
         mine: list[str] = []
         if hooked:
-            claim = encode_claim(Claim(SYNC, "sync waterfall", u=hold))
+            claim = encode_claim(DeliveryDecision(SYNC, "sync waterfall", u=hold))
             got = await self.store.lua.sync_claim(self.store.redis, [prefix], [
                 lead_id, lead.key, claim, STATE_TTL_S, lead.key2 or "", *hooked])
             mine = [b.decode() if isinstance(b, bytes) else str(b) for b in got]

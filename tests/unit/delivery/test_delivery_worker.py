@@ -544,7 +544,7 @@ async def _decided_meanwhile(store: Store, buyers: Buyers, path: str, lead_id: s
     task = asyncio.create_task(w.process_once())
     try:
         await buyers.reached(path)
-        accepted = record.Decision(record.ACCEPTED, "accepted: by the other worker")
+        accepted = record.DeliveryDecision(record.ACCEPTED, "accepted: by the other worker")
         await store.redis.hset(keys.dstate(T, lead_id), b.id,
                                record.encode_decision(accepted))
         buyers.release.set()
@@ -595,7 +595,7 @@ async def test_a_sync_try_keeps_a_decision_recorded_first(store: Store, buyers: 
             store, session, Endpoint(b), lead_id="Y1", lead={"first_name": "Ada"},
             price=PRICE, deadline_ms=now_ms() + 10_000))
         await buyers.reached("/hold_reject")
-        accepted = record.Decision(record.ACCEPTED, "accepted: by the worker")
+        accepted = record.DeliveryDecision(record.ACCEPTED, "accepted: by the worker")
         await store.redis.hset(keys.dstate(T, "Y1"), b.id, record.encode_decision(accepted))
         buyers.release.set()
         v = await task
