@@ -559,7 +559,7 @@ class DeliveryWorker:
             return None
         return _Send(job, target, job.raw.get(b"lead", b"{}"), expires, out)
 
-    def _outcome(self, send: _Send, att: client.Attempt) -> Awaitable[Any] | None:
+    def _outcome(self, send: _Send, att: client.DeliveryAttempt) -> Awaitable[Any] | None:
         """Record one attempt's outcome in its batch; returns the breaker's Redis write to
         await, when the attempt changed the breaker."""
         job, out, br = send.job, send.out, send.target.breaker
@@ -577,7 +577,7 @@ class DeliveryWorker:
         self._retry_or_give_up(send, att, n, now)
         return self.breakers.failure(job.tenant, job.buyer, br, now)
 
-    def _retry_or_give_up(self, send: _Send, att: client.Attempt, n: int, now: int) -> None:
+    def _retry_or_give_up(self, send: _Send, att: client.DeliveryAttempt, n: int, now: int) -> None:
         job, out, d = send.job, send.out, send.target.ep.delivery
         due = now + retry_delay_ms(n, d.retry_base_ms, d.retry_max_ms, att.retry_after_ms)
         if n >= d.max_attempts or due >= send.expires:
