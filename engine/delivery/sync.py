@@ -28,7 +28,7 @@ from engine.core import keys
 from engine.delivery import client, record
 from engine.delivery.client import Endpoint
 from engine.delivery.record import DeliveryDecision, DeliveryEvent, Observer
-from engine.delivery.verdict import Outcome, Verdict
+from engine.delivery.verdict import BuyerVerdict, Verdict
 from engine.store.store import Store, now_ms
 
 CLAIM_GRACE_MS = 2_000  # the claim outlives the deadline by this much
@@ -119,6 +119,6 @@ async def _record(store: Store, tenant: str, lead_id: str, buyer: str, dec: Deli
 
 def _verdict(d: DeliveryDecision) -> Verdict | None:
     """The verdict of a recorded decision (None for FAILED: no verdict, no sale)."""
-    if d.o not in Outcome.__members__:
+    if d.o not in BuyerVerdict.__members__:
         return None
-    return Verdict(Outcome(d.o), d.r, d.p)
+    return Verdict(BuyerVerdict(d.o), d.r, d.p)

@@ -66,7 +66,7 @@ from engine.delivery.record import (
 )
 from engine.delivery.record import encode_decision as encode_claim
 from engine.delivery.sync import CLAIM_GRACE_MS, deliver_sync
-from engine.delivery.verdict import Outcome
+from engine.delivery.verdict import BuyerVerdict
 from engine.ingest.batcher import Batcher
 from engine.ingest.codes import Codes
 from engine.routing.plans import CampaignPlan
@@ -229,7 +229,7 @@ class SyncRouter:
             v = await deliver_sync(self.store, self._session, ep, lead_id=lead_id,
                                    lead=values, price=price, deadline_ms=deadline,
                                    campaign=plan.id, observer=self.observer, claimed=True)
-            if v is not None and v.outcome is Outcome.ACCEPTED:
+            if v is not None and v.outcome is BuyerVerdict.ACCEPTED:
                 return _accepted(lead_id, buyer, price if v.price is None else v.price)
             # rejected, duplicate or no verdict: refunded by deliver_sync; the next buyer
             d, final = await _next(w, batcher, lead, payload, deadline)

@@ -19,7 +19,7 @@ from engine.delivery.breaker import Breaker, State
 from engine.delivery.payload import RequestBuilder
 from engine.delivery.retry import backoff_ms, parse_retry_after, retry_delay_ms
 from engine.delivery.signing import Signer, SigningError, webhook_id
-from engine.delivery.verdict import Outcome, ResponseMapper, RuleError, is_retryable
+from engine.delivery.verdict import BuyerVerdict, ResponseMapper, RuleError, is_retryable
 from tests.helpers.buyers import SECRET
 from tests.helpers.harness import buyer, campaign, make_config
 
@@ -109,19 +109,19 @@ def _mapper(**kw: object) -> ResponseMapper:
 def test_verdict_rules() -> None:
     m = _mapper(accept=[ResponseRule(path="result", equals="success")],
                 duplicate=[ResponseRule(status=[409]), ResponseRule(contains="already")])
-    assert m.classify(200, b'{"result": "SUCCESS"}').outcome is Outcome.ACCEPTED
-    assert m.classify(200, b'{"result": "fail"}').outcome is Outcome.REJECTED
-    assert m.classify(409, b"").outcome is Outcome.DUPLICATED
-    assert m.classify(200, b"lead already exists").outcome is Outcome.DUPLICATED
-    assert m.classify(200, b"garbage{").outcome is Outcome.REJECTED
+    assert m.classify(200, b'{"result": "SUCCESS"}').outcome is BuyerVerdict.ACCEPTED
+    assert m.classify(200, b'{"result": "fail"}').outcome is BuyerVerdict.REJECTED
+    assert m.classify(409, b"").outcome is BuyerVerdict.DUPLICATED
+    assert m.classify(200, b"lead already exists").outcome is BuyerVerdict.DUPLICATED
+    assert m.classify(200, b"garbage{").outcome is BuyerVerdict.REJECTED
     plain = _mapper()
-    assert plain.classify(201, b"").outcome is Outcome.ACCEPTED
-    assert plain.classify(400, b"").outcome is Outcome.REJECTED
+    assert plain.classify(201, b"").outcome is BuyerVerdict.ACCEPTED
+    assert plain.classify(400, b"").outcome is BuyerVerdict.REJECTED
     rx = _mapper(accept=[ResponseRule(regex=r"^OK\b", status=[200])])
-    assert rx.classify(200, b"OK 123").outcome is Outcome.ACCEPTED
-    assert rx.classify(202, b"OK 123").outcome is Outcome.REJECTED
+    assert rx.classify(200, b"OK 123").outcome is BuyerVerdict.ACCEPTED
+    assert rx.classify(202, b"OK 123").outcome is BuyerVerdict.REJECTED
     nested = _mapper(accept=[ResponseRule(path="$.data.items.0.ok", equals="true")])
-    assert nested.classify(200, b'{"data":{"items":[{"ok":true}]}}').outcome is Outcome.ACCEPTED
+    assert nested.classify(200, b'{"data":{"items":[{"ok":true}]}}').outcome is BuyerVerdict.ACCEPTED
     assert all(is_retryable(s) for s in (500, 503, 429)) and not is_retryable(404)
     with pytest.raises(RuleError):
         _mapper(accept=[ResponseRule(regex="(")])
