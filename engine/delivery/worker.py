@@ -48,7 +48,7 @@ import redis.asyncio as aioredis
 from engine.core import keys
 from engine.core.config import Buyer, Config
 from engine.delivery import client, payload, record
-from engine.delivery.breaker import Breaker, Breakers, State
+from engine.delivery.breaker import Breaker, Breakers, BreakerState
 from engine.delivery.client import Endpoint
 from engine.delivery.record import DeliveryDecision, DeliveryEvent, Observer
 from engine.delivery.retry import retry_delay_ms
@@ -570,7 +570,7 @@ class DeliveryWorker:
         if v is not None:
             self._finish(out, job, DeliveryDecision(v.outcome, v.reason, v.price), kind,
                          n, att.status, att.latency_ms, att.excerpt)
-            if br.failures or br.state is not State.CLOSED:
+            if br.failures or br.state is not BreakerState.CLOSED:
                 return self.breakers.success(job.tenant, job.buyer, br)
             return None
         now = self.clock()

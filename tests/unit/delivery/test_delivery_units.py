@@ -15,7 +15,7 @@ from standardwebhooks import Webhook, WebhookVerificationError
 
 from engine.core.config import Delivery, ResponseRule
 from engine.core.errors import ConfigError
-from engine.delivery.breaker import Breaker, State
+from engine.delivery.breaker import Breaker, BreakerState
 from engine.delivery.payload import RequestBuilder
 from engine.delivery.retry import backoff_ms, parse_retry_after, retry_delay_ms
 from engine.delivery.signing import Signer, SigningError, webhook_id
@@ -156,13 +156,13 @@ def test_breaker_state_machine() -> None:
     b = Breaker(failures_to_open=3, cooldown_ms=1_000)
     assert b.allow(0) == 0
     assert not b.failure(1) and not b.failure(2)
-    assert b.failure(3) and b.state is State.OPEN
+    assert b.failure(3) and b.state is BreakerState.OPEN
     assert b.allow(500) == 1_003
-    assert b.allow(1_003) == 0 and b.state is State.HALF_OPEN  # the probe
+    assert b.allow(1_003) == 0 and b.state is BreakerState.HALF_OPEN  # the probe
     assert b.allow(1_004) > 1_004  # only one probe at a time
-    assert b.failure(1_010) and b.state is State.OPEN  # a failed probe re-opens
+    assert b.failure(1_010) and b.state is BreakerState.OPEN  # a failed probe re-opens
     assert b.allow(2_010) == 0
-    assert b.success() and b.state is State.CLOSED and b.allow(2_011) == 0
+    assert b.success() and b.state is BreakerState.CLOSED and b.allow(2_011) == 0
 
 
 # -- delivery settings are checked when the config is loaded ---------------------------
