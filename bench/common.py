@@ -78,13 +78,13 @@ def load_config(path: str | os.PathLike[str] = EXAMPLE_CONFIG) -> Config:
 
 
 async def _fund(cfg: Config, url: str) -> None:
-    from engine.routing.runtime import sync_accounts
+    from engine.run.provision import provision_accounts
     from engine.store.store import Store, connect
 
     store = Store(connect(url))
     try:
         await store.load_scripts()
-        await sync_accounts(cfg, store)
+        await provision_accounts(cfg, store)
         accounts = [(t.id, WALLET) for t in cfg.tenants]
         accounts += [(c.tenant, c.id) for c in cfg.clients if c.billing != "none"]
         for tenant, account in accounts:

@@ -186,7 +186,7 @@ def test_balances_on_a_redis_cluster_each_key_read_from_its_node(tmp_path: Path)
 
 async def _accounts(redis_url: str) -> None:
     """t1: wallet (manual, plenty), c-ok (manual, plenty), c-low (manual, opened below its
-    floor), quotewizard (billing none, far below -20.00). Real accounts: sync_account.lua."""
+    floor), quotewizard (billing none, far below -20.00). Real accounts: account_settings.lua."""
     from engine.store.store import connect
 
     store = Store(connect(redis_url))
@@ -196,9 +196,9 @@ async def _accounts(redis_url: str) -> None:
                                        ("c-low", -25_000_000, "manual"),
                                        ("quotewizard", -48_000_000, "none")):
             await store.redis.delete(keys.acct("t1", account))
-            await store.sync_account("t1", account, opening=opening, floor=-20_000_000,
-                                     alert=0, recharge_threshold=0, auto_recharge=False,
-                                     min_balance=None, mode=mode)
+            await store.apply_account_settings("t1", account, opening=opening,
+                                               floor=-20_000_000, alert=0, recharge_threshold=0,
+                                               auto_recharge=False, min_balance=None, mode=mode)
     finally:
         await store.redis.aclose()
 
