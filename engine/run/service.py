@@ -38,9 +38,9 @@ from engine.ingest.waterfall import SyncRouter
 from engine.obs import telemetry
 from engine.obs.metrics import (
     BalanceCollector,
+    blocking_redis_client,
     redis_balance_source,
     start_worker_metrics_server,
-    sync_redis_client,
 )
 from engine.routing.runtime import Runtime
 from engine.run import configfile
@@ -382,7 +382,7 @@ class Service:
         process may start a Service again, as the tests do).
         """
         parts = self._running()
-        client = sync_redis_client(parts.redis_url)
+        client = blocking_redis_client(parts.redis_url)
         parts.exports.callback(client.close)
 
         def accounts() -> list[tuple[str, str]]:
