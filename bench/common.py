@@ -99,7 +99,7 @@ async def _fund(cfg: Config, url: str) -> None:
 @contextlib.contextmanager
 def funded_redis(cfg: Config, *, persistent: bool = True) -> Iterator[EmbeddedRedis]:
     """A throwaway redis-server (AOF everysec, like production) in a temp dir, with the
-    config's accounts synced and topped up; stopped and removed at the end."""
+    config's accounts provisioned and topped up; stopped and removed at the end."""
     with tempfile.TemporaryDirectory(prefix="leadflow-bench-redis-") as tmp:
         server = EmbeddedRedis(tmp, appendfsync="everysec", persistent=persistent)
         with server:
