@@ -78,13 +78,13 @@ def load_config(path: str | os.PathLike[str] = EXAMPLE_CONFIG) -> Config:
 
 
 async def _fund(cfg: Config, url: str) -> None:
-    from engine.routing.runtime import sync_accounts
+    from engine.run.provision import provision_accounts
     from engine.store.store import Store, connect
 
     store = Store(connect(url))
     try:
         await store.load_scripts()
-        await sync_accounts(cfg, store)
+        await provision_accounts(cfg, store)
         accounts = [(t.id, WALLET) for t in cfg.tenants]
         accounts += [(c.tenant, c.id) for c in cfg.clients if c.billing != "none"]
         for tenant, account in accounts:
@@ -99,7 +99,7 @@ async def _fund(cfg: Config, url: str) -> None:
 @contextlib.contextmanager
 def funded_redis(cfg: Config, *, persistent: bool = True) -> Iterator[EmbeddedRedis]:
     """A throwaway redis-server (AOF everysec, like production) in a temp dir, with the
-    config's accounts synced and topped up; stopped and removed at the end."""
+    config's accounts provisioned and topped up; stopped and removed at the end."""
     with tempfile.TemporaryDirectory(prefix="leadflow-bench-redis-") as tmp:
         server = EmbeddedRedis(tmp, appendfsync="everysec", persistent=persistent)
         with server:

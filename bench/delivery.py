@@ -85,9 +85,9 @@ def _wait_port(port: int, within: float = 10.0) -> None:
 
 async def _sell(store: Store, b: Buyer, n: int, *, first: int = 0) -> None:
     for account in (WALLET, b.client):
-        await store.sync_account(T, account, opening=10**14, floor=0, alert=0,
-                                 recharge_threshold=0, auto_recharge=False, min_balance=None,
-                                 mode="manual")
+        await store.apply_account_settings(T, account, opening=10**14, floor=0, alert=0,
+                                           recharge_threshold=0, auto_recharge=False,
+                                           min_balance=None, mode="manual")
     x = msgspec.json.encode(LEAD).decode()
     cand = Candidate(buyer=b.id, account=b.client, price=1_000_000, fee_out=0,
                      caps=(-1,) * 7, dedupe=[])

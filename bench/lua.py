@@ -3,7 +3,7 @@
 ``python -m bench lua [--leads-per-call 16] [--duration 10] [--engine-batch-rate R]``
 
 An embedded redis-server (AOF everysec, like production) gets the example config's accounts
-(engine.routing.runtime.sync_accounts, topped up like the ingest run) and decide.lua
+(engine.run.provision.provision_accounts, topped up like the ingest run) and decide.lua
 (``SCRIPT LOAD`` of engine.store.scripts.scripts().decide.source). A representative ARGV batch of
 ``--leads-per-call`` leads is built exactly as the engine builds it (engine.run.demo's generator,
 the campaign schema, engine.ingest.ingest's ``_lua_lead``: routing plan, candidates, fingerprints).

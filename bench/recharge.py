@@ -41,7 +41,7 @@ from billing.context import BillingContext
 from billing.stripe_gateway import StripeGateway
 from engine.core import keys, money
 from engine.core.config import AutoRecharge, Config
-from engine.routing.runtime import sync_accounts
+from engine.run.provision import provision_accounts
 from engine.store.embedded import EmbeddedRedis
 from engine.store.store import Store, connect
 
@@ -114,7 +114,7 @@ async def _main(cfg: Config, redis_url: str, stripe_url: str, crossings: int,
     worker: asyncio.Task[None] | None = None
     try:
         await store.load_scripts()
-        await sync_accounts(cfg, store)
+        await provision_accounts(cfg, store)
         ctx = BillingContext(cfg, store, gateway)
         base = ctx.settings(TENANT, ACCOUNT).auto_recharge
         ar = AutoRecharge(enabled=True, threshold=base.threshold, amount=base.amount,

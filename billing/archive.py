@@ -9,7 +9,7 @@ delivered). An account's history is its entries in SQL
 plus those still in the tenant stream (:func:`history`).
 
 SQLite (stdlib ``sqlite3`` in a worker thread) is the default; a ``postgresql://`` URL
-uses PostgreSQL through psycopg 3. :func:`reconcile` checks that the Redis balance equals
+uses PostgreSQL through psycopg 3. :func:`account_totals` checks that the Redis balance equals
 the SQL sum plus the account's entries still in the tenant stream and not yet in SQL.
 """
 
@@ -456,7 +456,7 @@ async def recent(store: Store, archive: Archive | None, tenant: str, account: st
     return [entry_transaction(i, f) for i, f in page_.entries]
 
 
-class Reconciliation(msgspec.Struct, frozen=True):
+class AccountTotals(msgspec.Struct, frozen=True):
     account: str
     redis_balance: int
     sql_sum: int
@@ -467,7 +467,8 @@ class Reconciliation(msgspec.Struct, frozen=True):
         return self.redis_balance == self.sql_sum + self.unarchived_sum
 
 
-async def reconcile(store: Store, archive: Archive, tenant: str, account: str) -> Reconciliation:
+async def account_totals(store: Store, archive: Archive, tenant: str,
+                         account: str) -> AccountTotals:
     """Redis balance == SQL sum + the account's entries in the tenant stream not yet in
     SQL (one snapshot: the whole stream, which the ledger worker keeps short)."""
     async with store.redis.pipeline(transaction=True) as pipe:
@@ -479,8 +480,8 @@ async def reconcile(store: Store, archive: Archive, tenant: str, account: str) -
     stream = {i.decode(): int(f[b"delta"]) for i, f in rows if f.get(b"account") == want}
     done = await archive.archived(tenant, stream)
     sql_sum, _ = await archive.account_sum(tenant, account, upto=upto)
-    return Reconciliation(account=account, redis_balance=int(bal or 0), sql_sum=sql_sum,
-                          unarchived_sum=sum(d for i, d in stream.items() if i not in done))
+    return AccountTotals(account=account, redis_balance=int(bal or 0), sql_sum=sql_sum,
+                         unarchived_sum=sum(d for i, d in stream.items() if i not in done))
 
 
 def _ledgers(redis: aioredis.Redis, tenants: list[str], consumer: str, *,

@@ -63,7 +63,7 @@ class CardTry(msgspec.Struct, kw_only=True):
     code: str = ""
 
 
-class Attempt(msgspec.Struct, kw_only=True):
+class ChargeAttempt(msgspec.Struct, kw_only=True):
     id: str
     tenant: str
     account: str
@@ -92,12 +92,12 @@ class Attempt(msgspec.Struct, kw_only=True):
         return self.gross // 10_000
 
 
-Hook = Callable[[str, Attempt], Awaitable[None]]
+Hook = Callable[[str, ChargeAttempt], Awaitable[None]]
 _enc = msgspec.json.Encoder()
-_dec = msgspec.json.Decoder(Attempt)
+_dec = msgspec.json.Decoder(ChargeAttempt)
 
 
-def idempotency_key(a: Attempt) -> str:
+def idempotency_key(a: ChargeAttempt) -> str:
     return f"{a.tenant}:{a.id}:{a.index}"
 
 
@@ -114,11 +114,11 @@ class Charger:
 
     # -- persistence -----------------------------------------------------------------------
 
-    async def load(self, tenant: str, attempt_id: str) -> Attempt | None:
+    async def load(self, tenant: str, attempt_id: str) -> ChargeAttempt | None:
         raw = await self.redis.get(keys.attempt(tenant, attempt_id))
         return _dec.decode(raw) if raw else None
 
-    async def create(self, a: Attempt) -> tuple[Attempt, bool]:
+    async def create(self, a: ChargeAttempt) -> tuple[ChargeAttempt, bool]:
         """Record a new attempt; (the stored one, created?) -- an existing id wins."""
         a.created_ms = a.updated_ms = now_ms()
         ok = await self.redis.set(keys.attempt(a.tenant, a.id), _enc.encode(a),
@@ -131,7 +131,7 @@ class Charger:
         assert prior is not None
         return prior, False
 
-    async def save(self, a: Attempt) -> None:
+    async def save(self, a: ChargeAttempt) -> None:
         """Store the attempt, and keep the index of attempts not final yet (the recharge
         worker resumes the ones left behind: see :meth:`stale`)."""
         a.updated_ms = now_ms()
@@ -154,7 +154,7 @@ class Charger:
         """Drop an attempt from the open index (final, or expired)."""
         await self.redis.zrem(keys.open_attempts(tenant), attempt_id)
 
-    async def _audit(self, a: Attempt, step: str) -> None:
+    async def _audit(self, a: ChargeAttempt, step: str) -> None:
         card = a.cards[a.index] if a.index < len(a.cards) else None
         await self.redis.xadd(
             keys.charge_audit(a.tenant),
@@ -165,7 +165,7 @@ class Charger:
             maxlen=1_000_000, approximate=True,
         )
 
-    async def _step(self, name: str, a: Attempt) -> None:
+    async def _step(self, name: str, a: ChargeAttempt) -> None:
         if self.hook is not None:
             await self.hook(name, a)
 
@@ -174,7 +174,7 @@ class Charger:
 
     # -- running ---------------------------------------------------------------------------
 
-    async def run(self, a: Attempt, *, lock: AccountLock) -> Attempt:
+    async def run(self, a: ChargeAttempt, *, lock: AccountLock) -> ChargeAttempt:
         """Drive an attempt to a final state under the account's ``lock`` (or raise
         PaymentTransient, or Busy when the lock was lost; the state is kept either way)."""
         while a.state not in FINAL:
@@ -213,7 +213,7 @@ class Charger:
             await self._charge(a, card, lock)
         return a
 
-    async def _reserve_try(self, a: Attempt, card: CardTry) -> bool:
+    async def _reserve_try(self, a: ChargeAttempt, card: CardTry) -> bool:
         key = keys.card_tries(a.tenant, card.pm)
         now = now_ms()
         await self.redis.zremrangebyscore(key, 0, now - _30D_MS)
@@ -225,7 +225,7 @@ class Charger:
             await self.redis.pexpire(key, _30D_MS)
         return True
 
-    async def _charge(self, a: Attempt, card: CardTry, lock: AccountLock) -> None:
+    async def _charge(self, a: ChargeAttempt, card: CardTry, lock: AccountLock) -> None:
         try:
             await self._step("before_charge", a)
             await lock.check()  # the last moment to learn the lock is lost: before Stripe
@@ -254,14 +254,14 @@ class Charger:
         await self._step("after_charge", a)
         await self._outcome(a, card, intent)
 
-    async def _card_failed(self, a: Attempt, card: CardTry, state: CardState, code: str,
+    async def _card_failed(self, a: ChargeAttempt, card: CardTry, state: CardState, code: str,
                            pi: str) -> None:
         card.state, card.code, card.pi = state, code, pi
         await self._audit(a, f"card_{state}")
         a.index += 1
         await self.save(a)
 
-    async def _lookup(self, a: Attempt, card: CardTry) -> Intent | None:
+    async def _lookup(self, a: ChargeAttempt, card: CardTry) -> Intent | None:
         if card.pi:
             return await self.gateway.retrieve_intent(card.pi)
         found = await self.gateway.find_intents(a.customer, "attempt", a.id)
@@ -269,7 +269,7 @@ class Charger:
         mine.sort(key=lambda i: i.status != "succeeded")
         return mine[0] if mine else None
 
-    async def _outcome(self, a: Attempt, card: CardTry, intent: Intent) -> bool:
+    async def _outcome(self, a: ChargeAttempt, card: CardTry, intent: Intent) -> bool:
         """Apply a PaymentIntent's status; True when it is still processing."""
         card.pi = intent.id
         if intent.status == "succeeded":
@@ -288,7 +288,7 @@ class Charger:
                                     intent.id)
         return False
 
-    async def _credit(self, a: Attempt) -> None:
+    async def _credit(self, a: ChargeAttempt) -> None:
         extra = {"gross": money.format(a.gross), "card_fee": money.format(a.fee),
                  "attempt": a.id, "payment_method": a.cards[a.index].pm, **a.extra}
         await self._step("before_credit", a)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 
-from billing.attempts import AccountLock, Attempt, CardTry, require_account
+from billing.attempts import AccountLock, CardTry, ChargeAttempt, require_account
 from billing.context import BillingContext
 from billing.policy import CENT, MAX_FEE_BP, MIN_FUNDING, check_card_amount
 from engine.core import keys, money
@@ -63,7 +63,7 @@ async def open_account(store: Store, tenant: str, account: str) -> None:
 async def fund(
     ctx: BillingContext, tenant: str, account: str, amount: int, idempotency_key: str,
     *, user: str = "",
-) -> Attempt:
+) -> ChargeAttempt:
     """Charge the account's cards for ``amount`` micros (+ fee) and credit ``amount``.
 
     Returns the credited attempt; raises InvalidRequest (nothing moved), NoPaymentMethod,
@@ -82,7 +82,7 @@ async def fund(
         if prior is None:
             await open_account(ctx.store, tenant, account)
             customer, cards = await ctx.methods.require(tenant, account)
-            prior, _ = await ctx.charger.create(Attempt(
+            prior, _ = await ctx.charger.create(ChargeAttempt(
                 id=attempt_id, tenant=tenant, account=account, purpose="funding",
                 amount=amount, fee=fee, customer=customer,
                 cards=[CardTry(pm=c.id) for c in cards],

@@ -28,7 +28,7 @@ from zoneinfo import ZoneInfo
 
 import msgspec
 
-from billing.attempts import FINAL, Attempt, CardTry, Hook
+from billing.attempts import FINAL, CardTry, ChargeAttempt, Hook
 from billing.context import BillingContext, RechargeObserver
 from billing.funding import card_fee, fee_basis_points
 from billing.policy import CENT, effective, threshold_flags, validate
@@ -120,7 +120,7 @@ async def _emit(ctx: BillingContext, tenant: str, etype: str, account: str,
         ctx.observer("skipped", None)
 
 
-async def _finish(ctx: BillingContext, a: Attempt, now: int) -> None:
+async def _finish(ctx: BillingContext, a: ChargeAttempt, now: int) -> None:
     """Publish the outcome once (``notified``) and remember the last success."""
     if a.notified:
         return
@@ -141,7 +141,7 @@ async def _finish(ctx: BillingContext, a: Attempt, now: int) -> None:
 _SKIPPED = frozenset({"daily_cap", "no_payment_method"})
 
 
-def _observe(observer: RechargeObserver, a: Attempt, now: int) -> None:
+def _observe(observer: RechargeObserver, a: ChargeAttempt, now: int) -> None:
     """An attempt's outcome, once (``_finish`` runs it after ``notified``): succeeded with
     its latency from the attempt's creation (the worker reading the crossing's event),
     declined (every card declined), authentication_required, or failed."""
@@ -156,7 +156,7 @@ def _observe(observer: RechargeObserver, a: Attempt, now: int) -> None:
 
 
 async def recharge(ctx: BillingContext, tenant: str, account: str, *, attempt_id: str,
-                   reason: str, now: int | None = None) -> Attempt | None:
+                   reason: str, now: int | None = None) -> ChargeAttempt | None:
     """Run (or resume) one recharge; None when skipped or refused by a cap.
 
     Raises Busy when another charge of the account is in flight, PaymentTransient when
@@ -181,14 +181,14 @@ async def recharge(ctx: BillingContext, tenant: str, account: str, *, attempt_id
         return await _run(ctx, a, lock, now)
 
 
-async def _run(ctx: BillingContext, a: Attempt, lock: Any, now: int) -> Attempt:
+async def _run(ctx: BillingContext, a: ChargeAttempt, lock: Any, now: int) -> ChargeAttempt:
     a = await ctx.charger.run(a, lock=lock)
     if a.state in ("credited", "failed", "needs_customer"):
         await _finish(ctx, a, now)
     return a
 
 
-async def _unfinished(ctx: BillingContext, tenant: str, account: str) -> Attempt | None:
+async def _unfinished(ctx: BillingContext, tenant: str, account: str) -> ChargeAttempt | None:
     """The account's last recharge attempt if it is not final: one open recharge per
     account. Its worker died before Stripe answered, or Stripe was busy or down; a new
     event (a manual credit re-armed the threshold and usage crossed it again) resumes it
@@ -202,7 +202,7 @@ async def _unfinished(ctx: BillingContext, tenant: str, account: str) -> Attempt
 
 
 async def _start(ctx: BillingContext, tenant: str, account: str, *, ar: AutoRecharge,
-                 attempt_id: str, reason: str, now: int) -> Attempt | None:
+                 attempt_id: str, reason: str, now: int) -> ChargeAttempt | None:
     if not ar.enabled:
         return None
     state = await ctx.store.account(tenant, account)
@@ -230,7 +230,7 @@ async def _start(ctx: BillingContext, tenant: str, account: str, *, ar: AutoRech
                     reason="no_payment_method", amount=amount)
         return None
     fee = card_fee(amount, fee_basis_points(ctx, tenant))
-    a, created = await ctx.charger.create(Attempt(
+    a, created = await ctx.charger.create(ChargeAttempt(
         id=attempt_id, tenant=tenant, account=account, purpose="recharge", amount=amount,
         fee=fee, customer=customer, cards=[CardTry(pm=c.id) for c in cards],
         extra={"process": f"auto_recharge:{reason}", "user": "system"},
@@ -241,14 +241,14 @@ async def _start(ctx: BillingContext, tenant: str, account: str, *, ar: AutoRech
     return a
 
 
-async def run_scheduled(ctx: BillingContext, *, now: int | None = None) -> list[Attempt]:
+async def run_scheduled(ctx: BillingContext, *, now: int | None = None) -> list[ChargeAttempt]:
     """Schedule mode: recharge accounts whose last recharge is ``every_days`` old or more.
 
     Run it periodically (the worker does, every minute); at most one attempt per account
     and day (``sched:<account>:<day>``).
     """
     now = now or now_ms()
-    done: list[Attempt] = []
+    done: list[ChargeAttempt] = []
     for tenant in ctx.config.tenants:
         for account in ctx.account_ids(tenant.id):
             ar = await settings(ctx, tenant.id, account)
@@ -400,7 +400,7 @@ async def _drain(ctx: BillingContext, events: StreamConsumer, tenant: str,
 
 
 async def resume_stale(ctx: BillingContext, *, idle_ms: int = STALE_MS,
-                       now: int | None = None) -> list[Attempt]:
+                       now: int | None = None) -> list[ChargeAttempt]:
     """Drive charge attempts left unfinished (not updated for ``idle_ms``) to an end: a
     worker killed mid-charge, an event dead-lettered after repeated Stripe outages, a
     payment still ``processing`` at Stripe when its event was handled, a funding request
@@ -408,7 +408,7 @@ async def resume_stale(ctx: BillingContext, *, idle_ms: int = STALE_MS,
     PaymentIntent is looked up (never charged again when one exists) and a succeeded
     charge is credited once (the credit is idempotent on the PaymentIntent id)."""
     now = now or now_ms()
-    done: list[Attempt] = []
+    done: list[ChargeAttempt] = []
     for tenant in ctx.config.tenants:
         for attempt_id in await ctx.charger.stale(tenant.id, idle_ms=idle_ms, now=now):
             a = await ctx.charger.load(tenant.id, attempt_id)

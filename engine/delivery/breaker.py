@@ -30,7 +30,7 @@ from engine.store.store import now_ms
 _PROBE_WAIT_MS = 1_000  # jobs that find a probe in flight come back after this
 
 
-class State(enum.StrEnum):
+class BreakerState(enum.StrEnum):
     CLOSED = "closed"
     OPEN = "open"
     HALF_OPEN = "half_open"
@@ -40,19 +40,19 @@ class State(enum.StrEnum):
 class Breaker:
     failures_to_open: int
     cooldown_ms: int
-    state: State = State.CLOSED
+    state: BreakerState = BreakerState.CLOSED
     failures: int = 0
     open_until: int = 0
     probing: bool = False
 
     def allow(self, now: int) -> int:
         """0 when a request may go now, else the epoch ms to try again at."""
-        if self.state is State.CLOSED:
+        if self.state is BreakerState.CLOSED:
             return 0
-        if self.state is State.OPEN:
+        if self.state is BreakerState.OPEN:
             if now < self.open_until:
                 return self.open_until
-            self.state = State.HALF_OPEN
+            self.state = BreakerState.HALF_OPEN
         if self.probing:
             return now + min(_PROBE_WAIT_MS, self.cooldown_ms)
         self.probing = True
@@ -60,18 +60,18 @@ class Breaker:
 
     def success(self) -> bool:
         """Record a success; True when this closed an open/half-open breaker."""
-        was_open = self.state is not State.CLOSED
-        self.state, self.failures, self.probing = State.CLOSED, 0, False
+        was_open = self.state is not BreakerState.CLOSED
+        self.state, self.failures, self.probing = BreakerState.CLOSED, 0, False
         return was_open
 
     def failure(self, now: int) -> bool:
         """Record a failure; True when this opened the breaker."""
         self.failures += 1
         self.probing = False
-        if self.state is State.HALF_OPEN or (
-            self.state is State.CLOSED and self.failures >= self.failures_to_open
+        if self.state is BreakerState.HALF_OPEN or (
+            self.state is BreakerState.CLOSED and self.failures >= self.failures_to_open
         ):
-            self.state, self.open_until = State.OPEN, now + self.cooldown_ms
+            self.state, self.open_until = BreakerState.OPEN, now + self.cooldown_ms
             return True
         return False
 

@@ -3,7 +3,7 @@
 :class:`Endpoint` holds everything of one buyer resolved once (request builder with its
 secrets, compiled response rules); :func:`attempt` makes a single request on a shared
 ``aiohttp.ClientSession`` and never raises for buyer-side problems: timeouts, network and
-protocol errors come back as a retryable :class:`Attempt`.
+protocol errors come back as a retryable :class:`DeliveryAttempt`.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class Endpoint:
         return f"Endpoint({self.tenant!r}, {self.buyer!r})"
 
 
-class Attempt(msgspec.Struct, frozen=True, gc=False):
+class DeliveryAttempt(msgspec.Struct, frozen=True, gc=False):
     """The result of one request. ``verdict`` None: retryable (see ``error``/``status``)."""
 
     msg_id: str
@@ -97,7 +97,7 @@ async def attempt(
     price: int = 0,
     timeout_ms: int | None = None,
     excerpt_chars: int = 256,
-) -> Attempt:
+) -> DeliveryAttempt:
     """One signed request to the buyer and its classification."""
     req = endpoint.builder.build(lead, lead_id=lead_id, campaign=campaign, price=price,
                                  timestamp=int(time.time()))
@@ -113,17 +113,17 @@ async def attempt(
             status = resp.status
             retry_after = resp.headers.get("Retry-After") if status >= 429 else None
     except TimeoutError:
-        return Attempt(req.msg_id, 0, _ms(t0), None, "timeout")
+        return DeliveryAttempt(req.msg_id, 0, _ms(t0), None, "timeout")
     except (aiohttp.ClientError, OSError, ValueError) as exc:
-        return Attempt(req.msg_id, 0, _ms(t0), None, f"network: {type(exc).__name__}")
+        return DeliveryAttempt(req.msg_id, 0, _ms(t0), None, f"network: {type(exc).__name__}")
     latency = _ms(t0)
     excerpt = (raw.decode("utf-8", "replace") if len(raw) <= excerpt_chars  # most bodies
                else raw[: excerpt_chars * 4].decode("utf-8", "replace")[:excerpt_chars])
     if is_retryable(status):
         wait = parse_retry_after(retry_after, int(time.time() * 1_000))
-        return Attempt(req.msg_id, status, latency, None, f"http {status}", wait, excerpt)
-    return Attempt(req.msg_id, status, latency, endpoint.mapper.classify(status, raw),
-                   "", None, excerpt)
+        return DeliveryAttempt(req.msg_id, status, latency, None, f"http {status}", wait, excerpt)
+    return DeliveryAttempt(req.msg_id, status, latency, endpoint.mapper.classify(status, raw),
+                           "", None, excerpt)
 
 
 def _ms(t0: float) -> int:

@@ -38,7 +38,7 @@ stored_lead = msgspec.json.Decoder(dict[str, str])
 _CONTENT_TYPE = {"json": "application/json", "form": "application/x-www-form-urlencoded"}
 
 
-class Request(msgspec.Struct, frozen=True, gc=False):
+class WebhookRequest(msgspec.Struct, frozen=True, gc=False):
     method: str
     url: str | URL  # a URL (already normalized by yarl) when the query is signed (GET)
     headers: dict[str, str]
@@ -96,7 +96,7 @@ class RequestBuilder:
         campaign: str = "",
         price: int = 0,
         timestamp: int,
-    ) -> Request:
+    ) -> WebhookRequest:
         """The signed request of one attempt (``timestamp``: epoch seconds of the attempt).
         ``lead``: the field values, or the stored JSON object of them (see the module docs)."""
         d = self.delivery
@@ -122,8 +122,8 @@ class RequestBuilder:
         return self._signed(url, body, signed, lead_id, timestamp)
 
     def _signed(self, url: str | URL, body: bytes, signed: bytes, lead_id: str,
-                timestamp: int) -> Request:
+                timestamp: int) -> WebhookRequest:
         msg_id = webhook_id(lead_id, self.buyer)
         headers = self._base_headers.copy()
         self._signer.add_headers(headers, msg_id, timestamp, signed)
-        return Request(self.delivery.method, url, headers, body, msg_id)
+        return WebhookRequest(self.delivery.method, url, headers, body, msg_id)

@@ -1,6 +1,6 @@
 """Recording a delivery: its decision, its log, its money effect, and observers.
 
-* ``keys.dstate(tenant, lead)``: HASH buyer -> JSON :class:`Decision`, written once a
+* ``keys.dstate(tenant, lead)``: HASH buyer -> JSON :class:`DeliveryDecision`, written once a
   delivery is decided (``ACCEPTED``/``DUPLICATED``/``REJECTED``/``FAILED``) or while a
   sync-mode attempt holds it (``SYNC`` until ``u``). It is written *before* the money
   effect, so a worker that dies between the two replays the (idempotent) refund/reprice
@@ -30,7 +30,7 @@ STATE_TTL_S = 14 * 86_400  # as long as the sale record (decide.lua)
 LOG_MAX = 100  # entries kept per lead
 
 
-class Decision(msgspec.Struct, omit_defaults=True, frozen=True):
+class DeliveryDecision(msgspec.Struct, omit_defaults=True, frozen=True):
     o: str  # ACCEPTED | DUPLICATED | REJECTED | FAILED | SYNC
     r: str = ""  # reason
     p: int | None = None  # real-time price (micros) of an accepted lead
@@ -38,14 +38,14 @@ class Decision(msgspec.Struct, omit_defaults=True, frozen=True):
 
 
 _enc = msgspec.json.Encoder()
-_dec = msgspec.json.Decoder(Decision)
+_dec = msgspec.json.Decoder(DeliveryDecision)
 
 
-def encode_decision(d: Decision) -> bytes:
+def encode_decision(d: DeliveryDecision) -> bytes:
     return _enc.encode(d)
 
 
-def decode_decision(raw: bytes | str | None) -> Decision | None:
+def decode_decision(raw: bytes | str | None) -> DeliveryDecision | None:
     if raw is None:
         return None
     try:
@@ -121,14 +121,14 @@ def write_log(pipe: Any, tenant: str, lead_id: str, entry: bytes) -> None:
     pipe.expire(k, STATE_TTL_S)
 
 
-def write_decision(pipe: Any, tenant: str, lead_id: str, buyer: str, d: Decision) -> None:
+def write_decision(pipe: Any, tenant: str, lead_id: str, buyer: str, d: DeliveryDecision) -> None:
     k = keys.dstate(tenant, lead_id)
     pipe.hset(k, buyer, encode_decision(d))
     pipe.expire(k, STATE_TTL_S)
 
 
 async def apply_money(
-    store: Store, tenant: str, lead_id: str, buyer: str, d: Decision, *, sale_price: int
+    store: Store, tenant: str, lead_id: str, buyer: str, d: DeliveryDecision, *, sale_price: int
 ) -> None:
     """The money effect of a decision; idempotent (refund.lua), so safe to replay."""
     if d.o in REFUNDED_OUTCOMES:
@@ -147,5 +147,6 @@ async def read_log(store: Store, tenant: str, lead_id: str) -> list[dict[str, An
     return [msgspec.json.decode(r) for r in rows]
 
 
-async def read_decision(store: Store, tenant: str, lead_id: str, buyer: str) -> Decision | None:
+async def read_decision(store: Store, tenant: str, lead_id: str,
+                        buyer: str) -> DeliveryDecision | None:
     return decode_decision(await store.redis.hget(keys.dstate(tenant, lead_id), buyer))

@@ -27,8 +27,8 @@ import aiohttp
 from engine.core import keys
 from engine.delivery import client, record
 from engine.delivery.client import Endpoint
-from engine.delivery.record import Decision, DeliveryEvent, Observer
-from engine.delivery.verdict import Outcome, Verdict
+from engine.delivery.record import DeliveryDecision, DeliveryEvent, Observer
+from engine.delivery.verdict import BuyerVerdict, Verdict
 from engine.store.store import Store, now_ms
 
 CLAIM_GRACE_MS = 2_000  # the claim outlives the deadline by this much
@@ -58,7 +58,7 @@ async def deliver_sync(
     tenant, buyer = endpoint.tenant, endpoint.buyer
     state_key = keys.dstate(tenant, lead_id)
     if not claimed:
-        claim = Decision(record.SYNC, "sync attempt", u=deadline_ms + CLAIM_GRACE_MS)
+        claim = DeliveryDecision(record.SYNC, "sync attempt", u=deadline_ms + CLAIM_GRACE_MS)
         if not await store.redis.hsetnx(state_key, buyer, record.encode_decision(claim)):
             prior = record.decode_decision(await store.redis.hget(state_key, buyer))
             # None: another sync attempt holds it, or it failed for good
@@ -78,7 +78,7 @@ async def deliver_sync(
                                  f"no verdict in time ({att.error})", status=att.status,
                                  ms=att.latency_ms, excerpt=att.excerpt)
     v = att.verdict
-    dec = Decision(v.outcome.value, v.reason, v.price)
+    dec = DeliveryDecision(v.outcome.value, v.reason, v.price)
     stands = await _record(store, tenant, lead_id, buyer, dec, record.log_entry(
         buyer=buyer, attempt=1, ts=now_ms(), result=v.outcome.lower(), status=att.status,
         ms=att.latency_ms, reason=f"sync: {v.reason}", excerpt=att.excerpt))
@@ -93,7 +93,7 @@ async def _no_verdict(store: Store, tenant: str, lead_id: str, buyer: str, why: 
     """A sync try without the buyer's verdict is not a sale: FAILED, refunded (price,
     outbound fee, cap slot), and, being decided, never sent again by the stream worker.
     Returns None, or the verdict of a decision recorded first by someone else."""
-    dec = Decision(record.FAILED, f"sync: {why}")
+    dec = DeliveryDecision(record.FAILED, f"sync: {why}")
     stands = await _record(store, tenant, lead_id, buyer, dec, record.log_entry(
         buyer=buyer, attempt=1, ts=now_ms(), result="failed", status=status, ms=ms,
         reason=dec.r, excerpt=excerpt))
@@ -103,8 +103,8 @@ async def _no_verdict(store: Store, tenant: str, lead_id: str, buyer: str, why: 
     return None
 
 
-async def _record(store: Store, tenant: str, lead_id: str, buyer: str, dec: Decision,
-                  entry: bytes) -> Decision:
+async def _record(store: Store, tenant: str, lead_id: str, buyer: str, dec: DeliveryDecision,
+                  entry: bytes) -> DeliveryDecision:
     """The decision (replacing this try's SYNC claim) and its log entry, through
     delivery_finish.lua as the worker records them: a decision someone else recorded first
     (the stream worker, if this try outlived its claim) is kept. Returns the decision that
@@ -117,8 +117,8 @@ async def _record(store: Store, tenant: str, lead_id: str, buyer: str, dec: Deci
     return await record.read_decision(store, tenant, lead_id, buyer) or dec
 
 
-def _verdict(d: Decision) -> Verdict | None:
+def _verdict(d: DeliveryDecision) -> Verdict | None:
     """The verdict of a recorded decision (None for FAILED: no verdict, no sale)."""
-    if d.o not in Outcome.__members__:
+    if d.o not in BuyerVerdict.__members__:
         return None
-    return Verdict(Outcome(d.o), d.r, d.p)
+    return Verdict(BuyerVerdict(d.o), d.r, d.p)

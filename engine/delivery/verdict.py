@@ -34,14 +34,14 @@ _json = msgspec.json.Decoder(float_hook=decimal.Decimal)
 _MISSING = object()
 
 
-class Outcome(enum.StrEnum):
+class BuyerVerdict(enum.StrEnum):
     ACCEPTED = "ACCEPTED"
     DUPLICATED = "DUPLICATED"
     REJECTED = "REJECTED"
 
 
 class Verdict(msgspec.Struct, frozen=True, gc=False):
-    outcome: Outcome
+    outcome: BuyerVerdict
     reason: str
     price: int | None = None  # real-time price (micros) of an accepted lead, when read
 
@@ -138,8 +138,8 @@ class _Rule:
             raise RuleError("'equals' needs a 'path'")
         self.description = self._describe()
         # the verdicts this rule gives, built once (most responses of a buyer match one rule)
-        self.accepted = Verdict(Outcome.ACCEPTED, "accepted: " + self.description)
-        self.duplicate = Verdict(Outcome.DUPLICATED, "duplicate: " + self.description)
+        self.accepted = Verdict(BuyerVerdict.ACCEPTED, "accepted: " + self.description)
+        self.duplicate = Verdict(BuyerVerdict.DUPLICATED, "duplicate: " + self.description)
 
     def matches(self, status: int, body: _Body) -> bool:
         if self.status and status not in self.status:
@@ -198,14 +198,15 @@ class ResponseMapper:
                     accepted = rule.accepted
                     break
             else:
-                return Verdict(Outcome.REJECTED, f"rejected: HTTP {status}, no accept rule matched")
+                return Verdict(BuyerVerdict.REJECTED,
+                               f"rejected: HTTP {status}, no accept rule matched")
         elif 200 <= status < 300:
-            accepted = Verdict(Outcome.ACCEPTED, f"accepted: HTTP {status}")
+            accepted = Verdict(BuyerVerdict.ACCEPTED, f"accepted: HTTP {status}")
         else:
-            return Verdict(Outcome.REJECTED, f"rejected: HTTP {status}")
+            return Verdict(BuyerVerdict.REJECTED, f"rejected: HTTP {status}")
         if self._price_parts is None:
             return accepted
-        return Verdict(Outcome.ACCEPTED, accepted.reason, self._price(body))
+        return Verdict(BuyerVerdict.ACCEPTED, accepted.reason, self._price(body))
 
     def _price(self, body: _Body) -> int | None:
         if self._price_parts is None:

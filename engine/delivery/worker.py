@@ -48,9 +48,9 @@ import redis.asyncio as aioredis
 from engine.core import keys
 from engine.core.config import Buyer, Config
 from engine.delivery import client, payload, record
-from engine.delivery.breaker import Breaker, Breakers, State
+from engine.delivery.breaker import Breaker, Breakers, BreakerState
 from engine.delivery.client import Endpoint
-from engine.delivery.record import Decision, DeliveryEvent, Observer
+from engine.delivery.record import DeliveryDecision, DeliveryEvent, Observer
 from engine.delivery.retry import retry_delay_ms
 from engine.store.store import Store, now_ms
 from engine.store.streams import Batch, Reader, StreamConsumer
@@ -140,7 +140,7 @@ class _Batch:
         self.jobs = jobs
         self.ops: dict[str, list[Callable[[Any], None]]] = {}  # rare: retries, dead letters
         self.common: dict[str, dict[str, list[Any]]] = {}  # decisions, logs, acks (Lua)
-        self.money: list[tuple[Job, Decision]] = []
+        self.money: list[tuple[Job, DeliveryDecision]] = []
         self.events: list[DeliveryEvent] = []  # for the observer, told once per batch
         self.left = 0
         self.sent: asyncio.Future[None] | None = None
@@ -484,7 +484,7 @@ class DeliveryWorker:
         if not out.money:
             return
 
-        async def money(job: Job, dec: Decision) -> Job | None:
+        async def money(job: Job, dec: DeliveryDecision) -> Job | None:
             try:
                 async with self._rsem:
                     await record.apply_money(self.store, job.tenant, job.lead_id, job.buyer,
@@ -532,7 +532,8 @@ class DeliveryWorker:
             self._give_up(out, job, "unknown sale (expired or never recorded)", refund=False)
             return None
         if _sale_dec.decode(sale_raw).s == "refunded":
-            self._finish(out, job, Decision(record.REJECTED, "sale refunded before delivery"),
+            self._finish(out, job,
+                         DeliveryDecision(record.REJECTED, "sale refunded before delivery"),
                          result="skipped")
             return None
         target = self._target(job.tenant, job.buyer)
@@ -540,7 +541,7 @@ class DeliveryWorker:
             self._give_up(out, job, "buyer not configured")
             return None
         if isinstance(target, Buyer):  # no webhook: the lead is delivered by being sold
-            self._finish(out, job, Decision(record.ACCEPTED, "no webhook configured"))
+            self._finish(out, job, DeliveryDecision(record.ACCEPTED, "no webhook configured"))
             return None
         return self._deliver(out, job, target, now)
 
@@ -558,7 +559,7 @@ class DeliveryWorker:
             return None
         return _Send(job, target, job.raw.get(b"lead", b"{}"), expires, out)
 
-    def _outcome(self, send: _Send, att: client.Attempt) -> Awaitable[Any] | None:
+    def _outcome(self, send: _Send, att: client.DeliveryAttempt) -> Awaitable[Any] | None:
         """Record one attempt's outcome in its batch; returns the breaker's Redis write to
         await, when the attempt changed the breaker."""
         job, out, br = send.job, send.out, send.target.breaker
@@ -567,16 +568,16 @@ class DeliveryWorker:
         out.events.append(DeliveryEvent(
             job.tenant, job.buyer, job.lead_id, kind, att.latency_ms, att.status, n))
         if v is not None:
-            self._finish(out, job, Decision(v.outcome, v.reason, v.price), kind,
+            self._finish(out, job, DeliveryDecision(v.outcome, v.reason, v.price), kind,
                          n, att.status, att.latency_ms, att.excerpt)
-            if br.failures or br.state is not State.CLOSED:
+            if br.failures or br.state is not BreakerState.CLOSED:
                 return self.breakers.success(job.tenant, job.buyer, br)
             return None
         now = self.clock()
         self._retry_or_give_up(send, att, n, now)
         return self.breakers.failure(job.tenant, job.buyer, br, now)
 
-    def _retry_or_give_up(self, send: _Send, att: client.Attempt, n: int, now: int) -> None:
+    def _retry_or_give_up(self, send: _Send, att: client.DeliveryAttempt, n: int, now: int) -> None:
         job, out, d = send.job, send.out, send.target.ep.delivery
         due = now + retry_delay_ms(n, d.retry_base_ms, d.retry_max_ms, att.retry_after_ms)
         if n >= d.max_attempts or due >= send.expires:
@@ -612,7 +613,7 @@ class DeliveryWorker:
         out.add(job.tenant, op)
 
     def _finish(
-        self, out: _Batch, job: Job, dec: Decision, result: str = "",
+        self, out: _Batch, job: Job, dec: DeliveryDecision, result: str = "",
         attempt: int | None = None, status: int = 0, ms: int = 0, excerpt: str = "",
         *, dead: bool = False,
     ) -> None:
@@ -640,7 +641,7 @@ class DeliveryWorker:
                                         0, status, n))
         log.warning("delivery of %s to %s (tenant %s) dead-lettered: %s", job.lead_id,
                     job.buyer, job.tenant, reason)
-        dec = Decision(record.FAILED if refund else "UNKNOWN", reason)
+        dec = DeliveryDecision(record.FAILED if refund else "UNKNOWN", reason)
         self._finish(out, job, dec, result="failed", attempt=n, status=status, ms=ms,
                      excerpt=excerpt, dead=True)
 
@@ -737,7 +738,7 @@ class DeliveryWorker:
 
 
 @functools.lru_cache(maxsize=1024)
-def _decision_json(dec: Decision) -> str:
+def _decision_json(dec: DeliveryDecision) -> str:
     """A decision as stored; most deliveries of a buyer share one (same verdict, reason)."""
     return record.encode_decision(dec).decode()
 

@@ -50,7 +50,7 @@ class LuaLead(NamedTuple):
     candidates: list[bytes]
 
 
-class _Outcome(NamedTuple):
+class _Answer(NamedTuple):
     http_status: int
     response: LeadResponse
     campaign: str = ""
@@ -66,10 +66,10 @@ class _Pending(NamedTuple):
     supplier: SupplierPlan
     lead: LuaLead
 
-    def outcome(self, decision: Decision) -> _Outcome:
+    def outcome(self, decision: Decision) -> _Answer:
         status = 500 if decision.status == "ERROR" else 200
-        return _Outcome(status, _response(decision, self.supplier), self.plan.id,
-                        self.supplier.id, decision, self.plan)
+        return _Answer(status, _response(decision, self.supplier), self.plan.id,
+                       self.supplier.id, decision, self.plan)
 
 
 def _stamp(done: list[float], i: int, _fut: object) -> None:
@@ -84,8 +84,8 @@ def _refused(
     *,
     campaign: str = "",
     supplier: str = "",
-) -> _Outcome:
-    return _Outcome(status, error(code, message, errors), campaign, supplier)
+) -> _Answer:
+    return _Answer(status, error(code, message, errors), campaign, supplier)
 
 
 _PROCESS_TAG = secrets.token_hex(4)  # distinguishes engine processes
@@ -131,7 +131,7 @@ class Ingest:
     ) -> tuple[int, LeadResponse]:
         started = time.perf_counter()
         step = self._prepare(data, raw, idempotency_key)
-        out = step if isinstance(step, _Outcome) else step.outcome(await self._decision(step))
+        out = step if isinstance(step, _Answer) else step.outcome(await self._decision(step))
         if self._observer is not None:
             self._observe(out, time.perf_counter() - started)
         return out.http_status, out.response
@@ -144,7 +144,7 @@ class Ingest:
         batch endpoint's path: every lead is validated and routed first, then all their
         decisions are awaited together, on the batcher's futures, not on a task per lead."""
         started = time.perf_counter()
-        steps: list[_Outcome | _Pending] = []
+        steps: list[_Answer | _Pending] = []
         done: list[float] = []  # when each lead was refused or its decision arrived
         for lead in leads:
             steps.append(self._prepare(*lead))
@@ -158,7 +158,7 @@ class Ingest:
         decided = iter(await asyncio.gather(*waits, return_exceptions=True))
         out: list[tuple[int, LeadResponse] | Exception] = []
         for step, finished in zip(steps, done, strict=True):
-            if isinstance(step, _Outcome):
+            if isinstance(step, _Answer):
                 outcome = step
             else:
                 decision = next(decided)
@@ -173,7 +173,7 @@ class Ingest:
             out.append((outcome.http_status, outcome.response))
         return out
 
-    def _observe(self, out: _Outcome, seconds: float) -> None:
+    def _observe(self, out: _Answer, seconds: float) -> None:
         assert self._observer is not None
         d = out.decision
         sold = d.buyers if d is not None and not d.replay and d.test != 1 else []
@@ -188,7 +188,7 @@ class Ingest:
         return batcher.submit(*lead)
 
     def _prepare(self, data: object, raw: bytes, idempotency_key: str | None
-                 ) -> _Outcome | _Pending:
+                 ) -> _Answer | _Pending:
         """Everything before the decision: a refusal, or the lead ready for decide.lua."""
         if not isinstance(data, dict):
             return _refused(400, Codes.MALFORMED, "the body must be a JSON object or form fields")
@@ -236,7 +236,7 @@ class Ingest:
         idempotency_key: str | None,
         plan: CampaignPlan,
         supplier: SupplierPlan,
-    ) -> _Outcome | _Pending:
+    ) -> _Answer | _Pending:
         windows, local = self._clock.get(plan.tz, time.time())
         values, errors = plan.schema.validate(data, today=local.date())
         errors += _subid_errors(data)

@@ -60,13 +60,13 @@ from engine.delivery.client import Endpoint
 from engine.delivery.record import (
     STATE_TTL_S,
     SYNC,
+    DeliveryDecision,
     Observer,
     decode_decision,
 )
-from engine.delivery.record import Decision as Claim
 from engine.delivery.record import encode_decision as encode_claim
 from engine.delivery.sync import CLAIM_GRACE_MS, deliver_sync
-from engine.delivery.verdict import Outcome
+from engine.delivery.verdict import BuyerVerdict
 from engine.ingest.batcher import Batcher
 from engine.ingest.codes import Codes
 from engine.routing.plans import CampaignPlan
@@ -168,7 +168,7 @@ class SyncRouter:
                   if self.endpoint(cfg, tenant, c.buyer) is not None]
         mine: list[str] = []
         if hooked:
-            claim = encode_claim(Claim(SYNC, "sync waterfall", u=hold))
+            claim = encode_claim(DeliveryDecision(SYNC, "sync waterfall", u=hold))
             got = await self.store.lua.sync_claim(self.store.redis, [prefix], [
                 lead_id, lead.key, claim, STATE_TTL_S, lead.key2 or "", *hooked])
             mine = [b.decode() if isinstance(b, bytes) else str(b) for b in got]
@@ -229,7 +229,7 @@ class SyncRouter:
             v = await deliver_sync(self.store, self._session, ep, lead_id=lead_id,
                                    lead=values, price=price, deadline_ms=deadline,
                                    campaign=plan.id, observer=self.observer, claimed=True)
-            if v is not None and v.outcome is Outcome.ACCEPTED:
+            if v is not None and v.outcome is BuyerVerdict.ACCEPTED:
                 return _accepted(lead_id, buyer, price if v.price is None else v.price)
             # rejected, duplicate or no verdict: refunded by deliver_sync; the next buyer
             d, final = await _next(w, batcher, lead, payload, deadline)

@@ -535,7 +535,7 @@ class BalanceCollector:
 
     ``source`` runs in the scraping thread: with :func:`metrics_asgi_app` that is a worker
     thread (``asyncio.to_thread``), so a synchronous Redis client is fine there, as long as
-    it gives up quickly (:func:`sync_redis_client`): the scrape waits for it.
+    it gives up quickly (:func:`blocking_redis_client`): the scrape waits for it.
     """
 
     BALANCE = f"{NAMESPACE}_account_balance_micros"
@@ -597,7 +597,7 @@ class BalanceCollector:
 BALANCE_TIMEOUT_S = 1.0
 
 
-def sync_redis_client(url: str, *, timeout_s: float = BALANCE_TIMEOUT_S) -> Any:
+def blocking_redis_client(url: str, *, timeout_s: float = BALANCE_TIMEOUT_S) -> Any:
     """A synchronous client for the balance export, from the engine's Redis URL.
 
     The URL is read as :func:`engine.store.store.connect` reads it: ``redis+cluster://host:port``
@@ -623,10 +623,10 @@ def sync_redis_client(url: str, *, timeout_s: float = BALANCE_TIMEOUT_S) -> Any:
 def redis_balance_source(
     client: Any, accounts: Iterable[tuple[str, str]] | Callable[[], Iterable[tuple[str, str]]]
 ) -> BalanceSource:
-    """A :data:`BalanceSource` reading the ``keys.acct()`` hashes with a sync client.
+    """A :data:`BalanceSource` reading the ``keys.acct()`` hashes with a blocking client.
 
     ``client`` is a synchronous ``redis.Redis`` or ``redis.RedisCluster`` (build it with
-    :func:`sync_redis_client`); ``accounts`` a fixed list of ``(tenant, account)`` or a
+    :func:`blocking_redis_client`); ``accounts`` a fixed list of ``(tenant, account)`` or a
     callable returning one (e.g. from the loaded config). One ``HMGET bal floor mode`` per
     account in a non-transactional pipeline: one round trip on one Redis; on a cluster,
     each key's command goes to its own node (one round trip per node). Accounts whose hash

@@ -10,12 +10,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from billing.policy import effective, threshold_flags
 from engine.core import money
-from engine.core.config import Account, Client, Config, Tenant, resolve_secret
+from engine.core.config import Client, Config, Tenant, resolve_secret
 from engine.core.constants import WALLET
 from engine.routing.plans import CampaignPlan
-from engine.store.store import Store
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,30 +60,3 @@ class Runtime:
     def account_exists(self, tenant: str, account: str) -> bool:
         return account == WALLET or (tenant, account) in self.clients
 
-
-async def sync_accounts(cfg: Config, store: Store) -> int:
-    """Create missing accounts (with their opening balance) and update settings of the
-    others, each applied to its account's state in the same step (sync_account.lua: pause
-    or resume for the floor and the minimum balance, ``balance_alert`` / ``recharge_needed``
-    when a threshold now lies above the balance). Auto-recharge set through the API outlives
-    reloads and restarts (it is stored beside the account and wins over the file). Returns
-    how many were created."""
-    created = 0
-    for t in cfg.tenants:
-        accounts: list[tuple[str, Account, str]] = [(WALLET, t.wallet, "manual")]
-        accounts += [(c.id, c, c.billing) for c in cfg.clients if c.tenant == t.id]
-        for account_id, a, mode in accounts:
-            armed, threshold = threshold_flags(
-                await effective(store, t.id, account_id, a.auto_recharge))
-            created += await store.sync_account(
-                t.id,
-                account_id,
-                opening=money.parse(a.opening_balance),
-                floor=money.parse(a.floor),
-                alert=money.parse(a.alert),
-                recharge_threshold=threshold,
-                auto_recharge=armed,
-                min_balance=None if a.min_balance is None else money.parse(a.min_balance),
-                mode=mode,
-            )
-    return created

@@ -36,7 +36,7 @@ from engine.core.config import Config, Delivery, ResponseRule, resolve_secret
 from engine.core.errors import LeadflowError
 from engine.run.reconcile import reconcile
 from engine.run.service import Service
-from engine.run.workers import WorkerFn, deliver
+from engine.run.workers import WorkerFn, delivery_worker
 
 _FIRST = ["Ana", "Ben", "Chloe", "Dev", "Elif", "Femi", "Gus", "Hana", "Ivan", "Jo"]
 _LAST = ["Ng", "Okafor", "Smith", "Garcia", "Kim", "Rossi", "Haddad", "Weber"]
@@ -201,7 +201,7 @@ async def run_demo(
     if buyers is not None:
         await buyers.start()
         cfg = buyers.route(cfg)
-        workers.append(deliver)
+        workers.append(delivery_worker)
     svc = Service(cfg, redis_url=redis_url, port=0, state_dir=state_dir, workers=workers)
     print(f"leadflow demo: {leads} leads, seed {seed}, state in {state_dir}")
     drained = True

@@ -38,13 +38,14 @@ from engine.ingest.waterfall import SyncRouter
 from engine.obs import telemetry
 from engine.obs.metrics import (
     BalanceCollector,
+    blocking_redis_client,
     redis_balance_source,
     start_worker_metrics_server,
-    sync_redis_client,
 )
-from engine.routing.runtime import Runtime, sync_accounts
+from engine.routing.runtime import Runtime
 from engine.run import configfile
 from engine.run.pidfile import EngineState, PidFile, config_path, read_running
+from engine.run.provision import provision_accounts
 from engine.run.workers import REGISTRY, Crew, WorkerContext, WorkerFn
 from engine.store.embedded import EmbeddedRedis
 from engine.store.store import Store, connect, pool_size
@@ -194,7 +195,7 @@ class Service:
                       events_observer=telemetry.events_observer)
         stack.push_async_callback(store.redis.aclose)
         await store.load_scripts()
-        await sync_accounts(self.cfg, store)
+        await provision_accounts(self.cfg, store)
         exports = ExitStack()
         stack.callback(exports.close)
         archive = await self._open_archive()
@@ -328,13 +329,13 @@ class Service:
             await self._end_reloads()  # a start that failed before it started the workers
 
     async def reload(self, path: str | None = None) -> None:
-        """Swap in a new config: accounts synced first, then one reference swap, then the
+        """Swap in a new config: accounts provisioned first, then one reference swap, then the
         workers restarted on it. One reload at a time, in the order they were asked for:
         two quick SIGHUPs used to race, and the older file could win."""
         async with self._reloading:
             cfg = configfile.load(path or self.cfg.source)
             parts = self._running()
-            await sync_accounts(cfg, parts.store)
+            await provision_accounts(cfg, parts.store)
             parts.app.runtime = Runtime(cfg)
             parts.billing.config = cfg
             old, self.cfg = self.cfg, cfg
@@ -381,7 +382,7 @@ class Service:
         process may start a Service again, as the tests do).
         """
         parts = self._running()
-        client = sync_redis_client(parts.redis_url)
+        client = blocking_redis_client(parts.redis_url)
         parts.exports.callback(client.close)
 
         def accounts() -> list[tuple[str, str]]:
@@ -420,7 +421,7 @@ class Service:
         except ConfigError as exc:
             error = str(exc)
             log.error("config reload refused: %s", exc)
-        except Exception as exc:  # e.g. Redis down mid-sync: keep serving
+        except Exception as exc:  # e.g. Redis down mid-provisioning: keep serving
             error = f"reload failed: {type(exc).__name__}"
             log.exception("config reload failed; the previous config stays in force")
         if pidfile is not None and pidfile.state is not None:

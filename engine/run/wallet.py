@@ -21,7 +21,7 @@ from engine.store.store import Store
 MAX_REF = 100
 
 
-class Outcome(NamedTuple):
+class CreditOutcome(NamedTuple):
     ok: bool
     message: str
 
@@ -35,18 +35,18 @@ _REFUSED = {
 
 
 async def credit_wallet(cfg: Config, store: Store, tenant: str, amount: str, *, ref: str,
-                        note: str = "") -> Outcome:
+                        note: str = "") -> CreditOutcome:
     """Credit ``amount`` (decimal dollars) to ``tenant``'s wallet once per ``ref``."""
     if tenant not in {t.id for t in cfg.tenants}:
-        return Outcome(False, f"unknown tenant {tenant!r}")
+        return CreditOutcome(False, f"unknown tenant {tenant!r}")
     if not 1 <= len(ref) <= MAX_REF:
-        return Outcome(False, f"--ref: 1 to {MAX_REF} characters")
+        return CreditOutcome(False, f"--ref: 1 to {MAX_REF} characters")
     try:
         micros = money.parse(amount)
     except MoneyError as exc:
-        return Outcome(False, f"amount: {exc}")
+        return CreditOutcome(False, f"amount: {exc}")
     if micros <= 0:
-        return Outcome(False, "amount: must be positive")
+        return CreditOutcome(False, "amount: must be positive")
     res = await store.adjust(
         tenant, WALLET, micros, "funding", op_id=f"operator:{ref}",
         extra={"process": "operator", "user": "operator", "reference": ref,
@@ -54,15 +54,15 @@ async def credit_wallet(cfg: Config, store: Store, tenant: str, amount: str, *, 
         refuse_closed=True,
     )
     if not res.ok:
-        return Outcome(False, f"refused: {_REFUSED.get(res.error, res.error)}")
+        return CreditOutcome(False, f"refused: {_REFUSED.get(res.error, res.error)}")
     if res.replay:
         if res.delta and int(res.delta) != micros:
-            return Outcome(False, f"refused: --ref {ref!r} was used for a credit of "
-                                  f"{_usd(int(res.delta))}")
-        return Outcome(True, f"already credited with --ref {ref!r} (entry {res.entry}); "
-                             f"nothing moved, balance {_usd(int(res.balance))}")
-    return Outcome(True, f"credited {_usd(micros)} to {tenant}'s wallet (entry "
-                         f"{res.entry}): balance {_usd(int(res.balance))}")
+            return CreditOutcome(False, f"refused: --ref {ref!r} was used for a credit of "
+                                        f"{_usd(int(res.delta))}")
+        return CreditOutcome(True, f"already credited with --ref {ref!r} (entry {res.entry}); "
+                                   f"nothing moved, balance {_usd(int(res.balance))}")
+    return CreditOutcome(True, f"credited {_usd(micros)} to {tenant}'s wallet (entry "
+                               f"{res.entry}): balance {_usd(int(res.balance))}")
 
 
 def _usd(micros: int) -> str:

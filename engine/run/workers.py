@@ -91,7 +91,7 @@ class Crew:
 
     async def _run(self, factory: WorkerFn, stop: asyncio.Event) -> None:
         """Run one worker; a worker that dies says so in the log and in ``failed``."""
-        name = getattr(factory, "__name__", "worker")
+        name = _worker_name(factory)
         try:
             await factory(self._ctx, stop)
         except asyncio.CancelledError:
@@ -102,7 +102,7 @@ class Crew:
             self.failed.set()
 
 
-async def deliver(ctx: WorkerContext, stop: asyncio.Event) -> None:
+async def delivery_worker(ctx: WorkerContext, stop: asyncio.Event) -> None:
     """Signed webhooks to buyers (engine/delivery), one consumer of ``deliveries``."""
     cfg = ctx.config()
     await run_delivery_worker(cfg, ctx.store, tenants=ctx.tenants(),
@@ -111,7 +111,7 @@ async def deliver(ctx: WorkerContext, stop: asyncio.Event) -> None:
                               config=ctx.config)
 
 
-async def recharge(ctx: WorkerContext, stop: asyncio.Event) -> None:
+async def recharge_worker(ctx: WorkerContext, stop: asyncio.Event) -> None:
     """Auto-recharge through Stripe (billing/recharge), one consumer of ``events``."""
     if not os.environ.get(ENV_KEY):
         log.warning("recharge worker not started: no Stripe key", extra={"reason": ENV_KEY})
@@ -120,7 +120,7 @@ async def recharge(ctx: WorkerContext, stop: asyncio.Event) -> None:
                               consumer=ctx.consumer + "-recharge", stop=stop, ctx=ctx.billing)
 
 
-async def ledger(ctx: WorkerContext, stop: asyncio.Event) -> None:
+async def ledger_worker(ctx: WorkerContext, stop: asyncio.Event) -> None:
     """Copies ledger entries into SQL (SQLite by default), trims Redis after the commit."""
     archive = await Archive.open(ctx.config().settings.sql_url,
                                  path=str(archive_path(ctx.state_dir)))
@@ -131,7 +131,17 @@ async def ledger(ctx: WorkerContext, stop: asyncio.Event) -> None:
         await archive.close()
 
 
-REGISTRY: dict[str, WorkerFn] = {"deliver": deliver, "recharge": recharge, "ledger": ledger}
+REGISTRY: dict[str, WorkerFn] = {
+    "deliver": delivery_worker, "recharge": recharge_worker, "ledger": ledger_worker}
+
+
+def _worker_name(factory: WorkerFn) -> str:
+    """A worker's name in logs and /readyz: its CLI word (``leadflow worker KIND``) when
+    it has one, else its function's name."""
+    for word, fn in REGISTRY.items():
+        if fn is factory:
+            return word
+    return getattr(factory, "__name__", "worker")
 
 
 def in_process_workers() -> list[WorkerFn]:

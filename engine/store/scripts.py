@@ -37,7 +37,7 @@ _PARTS: dict[str, tuple[str, ...]] = {
     "decide": (_KEYS, _MONEY),
     "adjust": (_KEYS, _MONEY),
     "refund": (_KEYS, _MONEY),
-    "sync_account": (_KEYS, _MONEY),
+    "account_settings": (_KEYS, _MONEY),
     "arm_recharge": (_KEYS, _MONEY),
     "buyer_pause": (_KEYS, _MONEY),
     # bookkeeping: no money moves
@@ -114,7 +114,7 @@ class Scripts:
         self.decide = get("decide")
         self.adjust = get("adjust")
         self.refund = get("refund")
-        self.sync_account = get("sync_account")
+        self.account_settings = get("account_settings")
         self.arm_recharge = get("arm_recharge")
         self.buyer_pause = get("buyer_pause")
         self.balance_close = get("balance_close")

@@ -334,7 +334,7 @@ class Store:
                 self.observer("reprice", delta)
         return res
 
-    async def sync_account(
+    async def apply_account_settings(
         self,
         tenant: str,
         account: str,
@@ -348,9 +348,9 @@ class Store:
         mode: str,
     ) -> bool:
         """Create the account or update its settings, applying them to its state (see
-        lua/sync_account.lua); its events go to ``events_observer``. True when created."""
+        lua/account_settings.lua); its events go to ``events_observer``. True when created."""
         raw = await self._run(
-            self.lua.sync_account,
+            self.lua.account_settings,
             tenant,
             [
                 account,

@@ -31,14 +31,14 @@ def make_config(*, fee: str = "3", auto: AutoRecharge | None = None,
     )
 
 
-async def sync_accounts(ctx: BillingContext) -> None:
+async def provision(ctx: BillingContext) -> None:
     """What the integrator does at start: every configured account into Redis."""
     for tenant in ctx.config.tenants:
         for account in ctx.account_ids(tenant.id):
             s = ctx.settings(tenant.id, account)
             ar = s.auto_recharge
             threshold_mode = ar.enabled and ar.every_days is None
-            await ctx.store.sync_account(
+            await ctx.store.apply_account_settings(
                 tenant.id, account, opening=money.parse(s.opening_balance),
                 floor=money.parse(s.floor), alert=money.parse(s.alert),
                 recharge_threshold=money.parse(ar.threshold) if threshold_mode else 0,
@@ -54,7 +54,7 @@ async def new_ctx(redis: aioredis.Redis, gateway: StripeGateway, cfg: Config | N
     store = Store(redis, events_observer=telemetry.events_observer)
     ctx = BillingContext(cfg or make_config(), store, gateway, hook=hook,
                          observer=telemetry.recharge_observer)
-    await sync_accounts(ctx)
+    await provision(ctx)
     return ctx
 
 

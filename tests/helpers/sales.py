@@ -28,9 +28,9 @@ async def accounts(store: Store, *buyers: Buyer) -> None:
     """The buyers' client accounts and the platform wallet of each of their tenants."""
     owned = {(b.tenant, WALLET) for b in buyers} | {(b.tenant, b.client) for b in buyers}
     for tenant, account in sorted(owned or {(T, WALLET)}):
-        await store.sync_account(tenant, account, opening=OPENING, floor=-20_000_000, alert=0,
-                                 recharge_threshold=0, auto_recharge=False, min_balance=None,
-                                 mode="manual")
+        await store.apply_account_settings(tenant, account, opening=OPENING,
+                                           floor=-20_000_000, alert=0, recharge_threshold=0,
+                                           auto_recharge=False, min_balance=None, mode="manual")
 
 
 async def sell(store: Store, b: Buyer, lead_id: str, lead: dict[str, str] | None = None) -> None:

@@ -247,20 +247,20 @@ async def test_one_http_client_session_per_process(redis, redis_server, cfg, mon
                                                    tmp_path):
     """Sync-mode deliveries and the in-process delivery worker share the service's one
     aiohttp session (one connection pool with its limits); stop closes it once."""
-    from engine.delivery import worker as delivery_worker
+    from engine.delivery import worker as worker_module
     from engine.run.service import Service
-    from engine.run.workers import deliver
+    from engine.run.workers import delivery_worker
 
     seen: list[object] = []
-    real = delivery_worker.DeliveryWorker.start
+    real = worker_module.DeliveryWorker.start
 
-    async def spy(self: delivery_worker.DeliveryWorker) -> None:
+    async def spy(self: worker_module.DeliveryWorker) -> None:
         await real(self)
         seen.append(self.session)
 
-    svc = Service(cfg, redis_url=redis_server.url, host="127.0.0.1", port=0, workers=[deliver],
-                  state_dir=str(tmp_path))
-    monkeypatch.setattr(delivery_worker.DeliveryWorker, "start", spy)
+    svc = Service(cfg, redis_url=redis_server.url, host="127.0.0.1", port=0,
+                  workers=[delivery_worker], state_dir=str(tmp_path))
+    monkeypatch.setattr(worker_module.DeliveryWorker, "start", spy)
     try:
         await svc.start()
         session = svc.http
@@ -287,10 +287,10 @@ async def test_archived_history_is_served_by_the_transactions_api(redis, redis_s
     import aiohttp
 
     from engine.run.service import Service
-    from engine.run.workers import ledger
+    from engine.run.workers import ledger_worker
 
-    svc = Service(cfg, redis_url=redis_server.url, host="127.0.0.1", port=0, workers=[ledger],
-                  state_dir=str(tmp_path))
+    svc = Service(cfg, redis_url=redis_server.url, host="127.0.0.1", port=0,
+                  workers=[ledger_worker], state_dir=str(tmp_path))
     await svc.start()
     try:
         async with aiohttp.ClientSession() as http:

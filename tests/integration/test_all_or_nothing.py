@@ -278,7 +278,7 @@ async def test_an_adjustment_failing_after_its_balance_change_leaves_nothing(red
 
 async def test_a_new_account_whose_opening_entry_fails_is_not_left_without_it(
         redis, redis_server):
-    """sync_account.lua creates an account, then writes its opening ledger entry: with the
+    """account_settings.lua creates an account, then writes its opening ledger entry: with the
     tenant's ledger not a stream, the account must not stay behind at balance 0 (a later
     sync finds it existing and never writes the opening balance)."""
     from redis.exceptions import ResponseError
@@ -293,11 +293,11 @@ async def test_a_new_account_whose_opening_entry_fails_is_not_left_without_it(
         await redis.set(keys.ledger("t1"), "not a stream")
         state = await _keyspace(redis)
         with pytest.raises(ResponseError, match="WRONGTYPE"):
-            await eng.store.sync_account("t1", "c9", **kwargs)
+            await eng.store.apply_account_settings("t1", "c9", **kwargs)
         assert await _keyspace(redis) == state
         await redis.delete(keys.ledger("t1"))
         await redis.rename("saved-ledger", keys.ledger("t1"))
-        assert await eng.store.sync_account("t1", "c9", **kwargs)  # created now
+        assert await eng.store.apply_account_settings("t1", "c9", **kwargs)  # created now
         assert await eng.balance("c9") == 7_000_000
         assert len(await redis.xrange(keys.ledger("t1"))) == len(ledger) + 1
 

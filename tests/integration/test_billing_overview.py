@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from billing import archive as archive_mod
 from billing.archive import Archive
 from engine.core import keys
-from engine.run.workers import WorkerFn, ledger
+from engine.run.workers import WorkerFn, ledger_worker
 from engine.store.embedded import EmbeddedRedis
 from tests.helpers.harness import Engine, buyer, campaign, make_config, running
 
@@ -88,7 +88,7 @@ async def test_overview_shows_history_the_running_ledger_worker_archived(
     ledger. Manual credits that GET /transactions lists were missing from the overview's
     payment history (always []), and so was every entry from its last transactions."""
     async with stream_trims(redis, LEDGER) as trims, \
-            engine(cfg, redis_server.url, tmp_path, [ledger]) as eng:
+            engine(cfg, redis_server.url, tmp_path, [ledger_worker]) as eng:
         credits = [await credit(eng, f"ov-{i}", f"{i + 1}.00") for i in range(3)]
         for i in range(2):
             status, body = await eng.lead(email=f"ov{i}@example.com")

@@ -1,5 +1,5 @@
 """Usage metering, the SQL ledger archive (SQLite always, PostgreSQL when installed),
-transaction queries / CSV and reconcile."""
+transaction queries / CSV and account totals."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from billing import usage
-from billing.archive import Archive, reconcile
+from billing.archive import Archive, account_totals
 from billing.context import BillingContext
 from engine.core import keys, money
 from engine.core.billing_errors import (
@@ -194,7 +194,7 @@ async def test_archive_idempotent_and_trims_after_commit(
     fresh = await r.xreadgroup("archive", "a2", {keys.ledger(T): ">"})
     assert len(fresh[0][1]) == 1  # delivered to a2 which "dies" before committing
     assert await r.xlen(keys.ledger(T)) == 1  # pending entries are never trimmed
-    rec = await reconcile(ctx.store, archive, T, "c1")
+    rec = await account_totals(ctx.store, archive, T, "c1")
     assert rec.ok and rec.unarchived_sum == -50_000
     assert await archive.archive_once(r, T, consumer="a1", claim_idle_ms=0) == 1
     assert await archive.archive_once(r, T, consumer="a1", claim_idle_ms=0) == 0
@@ -206,7 +206,7 @@ async def test_archive_idempotent_and_trims_after_commit(
     assert (await archive.account_sum(T, "c1"))[1] == 8
     await archive._db.fetch(
         f"DELETE FROM ledger_entries WHERE entry_id = {archive._db.ph}", ["1-0"])
-    rec = await reconcile(ctx.store, archive, T, "c1")
+    rec = await account_totals(ctx.store, archive, T, "c1")
     assert rec.ok and rec.unarchived_sum == 0 and rec.redis_balance == 500 * D - 800_000
 
 
@@ -257,12 +257,12 @@ async def test_transactions_refuse_a_cursor_sql_cannot_hold(
         assert len((await archive.transactions(T, "c1", cursor=edge)).items) == 6
 
 
-async def test_reconcile_detects_drift(ctx: BillingContext, archive: Archive) -> None:
+async def test_account_totals_detect_drift(ctx: BillingContext, archive: Archive) -> None:
     await _some_history(ctx)
     await archive.archive_once(ctx.store.redis, T, consumer="a1")
-    assert (await reconcile(ctx.store, archive, T, "c1")).ok
+    assert (await account_totals(ctx.store, archive, T, "c1")).ok
     await ctx.store.redis.hincrby(keys.acct(T, "c1"), "bal", 1)  # corruption
-    assert not (await reconcile(ctx.store, archive, T, "c1")).ok
+    assert not (await account_totals(ctx.store, archive, T, "c1")).ok
 
 
 async def test_archive_worker_loop(ctx: BillingContext, tmp_path: Path) -> None:

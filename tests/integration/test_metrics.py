@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis as syncredis
+import redis as blocking_redis
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
@@ -306,7 +306,7 @@ def test_balance_collector_reads_only_at_scrape_time_and_survives_errors() -> No
 
 
 def test_redis_balance_source_reads_account_hashes(redis_server: EmbeddedRedis) -> None:
-    client = syncredis.Redis.from_url(redis_server.url)
+    client = blocking_redis.Redis.from_url(redis_server.url)
     try:
         names = [keys.acct("t1", a) for a in ("wallet", "c1", "c2", "qw")]
         client.delete(*names)  # an earlier test's
@@ -444,7 +444,7 @@ def _load_dashboard_builder() -> Any:
     return module
 
 
-def test_grafana_dashboard_in_sync_and_uses_exported_metrics() -> None:
+def test_grafana_dashboard_is_up_to_date_and_uses_exported_metrics() -> None:
     builder = _load_dashboard_builder()
     committed = (ROOT / "config" / "grafana" / "leadflow.json").read_text()
     assert committed == builder.render(), "run: python config/grafana/build_dashboard.py"

@@ -1,5 +1,5 @@
-"""The balance export against real redis-servers: the sync client built from the engine's
-Redis URL (engine.obs.metrics.sync_redis_client) and what a scrape exports for it.
+"""The balance export against real redis-servers: the blocking client built from the
+engine's Redis URL (engine.obs.metrics.blocking_redis_client) and what a scrape exports for it.
 
 Each test that changes a server (ACL users, SIGSTOP) starts its own redis-server; the
 cluster test forms a real 3-node cluster (tests/helpers/cluster.py).
@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine.core import keys
-from engine.obs.metrics import BalanceCollector, redis_balance_source, render, sync_redis_client
+from engine.obs.metrics import BalanceCollector, blocking_redis_client, redis_balance_source, render
 from engine.store.embedded import EmbeddedRedis, free_port
 from engine.store.store import Store
 from tests.helpers import ROOT
@@ -81,7 +81,7 @@ def test_a_stopped_redis_fails_the_balance_read_within_the_timeout(
     read gives up after its socket timeout (1 s) and the scrape succeeds with
     source_up 0; the engine's old client had no timeout: a scrape took 59 s."""
     _seed(own_redis.url, ("t1", "wallet", {"bal": 5_000_000, "floor": -20_000_000}))
-    client = sync_redis_client(own_redis.url)
+    client = blocking_redis_client(own_redis.url)
     pid = own_redis.pid
     assert pid is not None
     try:
@@ -106,7 +106,7 @@ def test_a_stopped_redis_fails_the_balance_read_within_the_timeout(
 def test_a_refused_connection_fails_the_scrape_at_once() -> None:
     """No retries with back-off: the engine's old client took about 4 s per scrape when
     Redis refused connections."""
-    client = sync_redis_client(f"redis://127.0.0.1:{free_port()}/0")
+    client = blocking_redis_client(f"redis://127.0.0.1:{free_port()}/0")
     try:
         fams, elapsed = _scrape(client, [WALLET])
         assert _up(fams) == 0
@@ -128,7 +128,7 @@ def test_acl_user_password_and_database_of_the_url_are_kept(own_redis: EmbeddedR
         admin.close()
         db3.close()
     host_port = own_redis.url.removeprefix("redis://").split("/", 1)[0]
-    client = sync_redis_client(f"redis://alice:s3cret@{host_port}/3")
+    client = blocking_redis_client(f"redis://alice:s3cret@{host_port}/3")
     try:
         fams, _ = _scrape(client, [WALLET])
         assert _up(fams) == 1
@@ -141,7 +141,7 @@ def test_acl_user_password_and_database_of_the_url_are_kept(own_redis: EmbeddedR
 def test_tls_settings_of_the_url_are_kept() -> None:
     """rediss:// (TLS) with its ssl_* parameters: the installed redis-server has no TLS, so
     this checks the client's connection settings, which the engine's old client dropped."""
-    client = sync_redis_client(
+    client = blocking_redis_client(
         "rediss://alice:pw@redis.example:6380/2?ssl_cert_reqs=required"
         "&ssl_ca_certs=/etc/ssl/ca.pem")
     try:
@@ -172,7 +172,7 @@ def test_balances_on_a_redis_cluster_each_key_read_from_its_node(tmp_path: Path)
                 seed.hset(keys.acct(t, "wallet"), mapping={"bal": i, "floor": -20_000_000})
         finally:
             seed.close()
-        client = sync_redis_client(url)
+        client = blocking_redis_client(url)
         try:
             fams, _ = _scrape(client, [(t, "wallet") for t in tenants])
         finally:
@@ -186,7 +186,7 @@ def test_balances_on_a_redis_cluster_each_key_read_from_its_node(tmp_path: Path)
 
 async def _accounts(redis_url: str) -> None:
     """t1: wallet (manual, plenty), c-ok (manual, plenty), c-low (manual, opened below its
-    floor), quotewizard (billing none, far below -20.00). Real accounts: sync_account.lua."""
+    floor), quotewizard (billing none, far below -20.00). Real accounts: account_settings.lua."""
     from engine.store.store import connect
 
     store = Store(connect(redis_url))
@@ -196,9 +196,9 @@ async def _accounts(redis_url: str) -> None:
                                        ("c-low", -25_000_000, "manual"),
                                        ("quotewizard", -48_000_000, "none")):
             await store.redis.delete(keys.acct("t1", account))
-            await store.sync_account("t1", account, opening=opening, floor=-20_000_000,
-                                     alert=0, recharge_threshold=0, auto_recharge=False,
-                                     min_balance=None, mode=mode)
+            await store.apply_account_settings("t1", account, opening=opening,
+                                               floor=-20_000_000, alert=0, recharge_threshold=0,
+                                               auto_recharge=False, min_balance=None, mode=mode)
     finally:
         await store.redis.aclose()
 
@@ -208,7 +208,7 @@ ACCOUNTS = [("t1", "wallet"), ("t1", "c-ok"), ("t1", "c-low"), ("t1", "quotewiza
 
 async def test_a_billing_none_account_is_exported_without_a_floor(redis, redis_server) -> None:
     await _accounts(redis_server.url)
-    client = sync_redis_client(redis_server.url)
+    client = blocking_redis_client(redis_server.url)
     try:
         fams, _ = _scrape(client, ACCOUNTS)
         assert _values(fams, "leadflow_account_balance_micros")[("t1", "quotewizard")] == (
@@ -247,7 +247,7 @@ async def test_floor_alerts_on_the_exported_series_skip_billing_none(
     floor and not for the billing "none" account (it fired for good once its balance went
     below -20.00, the floor the export used to give it)."""
     await _accounts(redis_server.url)
-    client = sync_redis_client(redis_server.url)
+    client = blocking_redis_client(redis_server.url)
     try:
         fams, _ = _scrape(client, ACCOUNTS)
     finally:

@@ -1,6 +1,6 @@
 """Service.export_balances end to end (needs engine/run/service.py to build its client with
-engine.obs.metrics.sync_redis_client): the engine's /metrics on an ACL user's Redis URL, and on
-a Redis Cluster."""
+engine.obs.metrics.blocking_redis_client): the engine's /metrics on an ACL user's Redis URL,
+and on a Redis Cluster."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from engine.core import keys
 from engine.core.config import AutoRecharge
 from engine.core.errors import ConfigError
 from engine.ingest.ingest import _digest
-from engine.routing.runtime import sync_accounts
+from engine.run.provision import provision_accounts
 from engine.store.store import Store
 from tests.helpers import sales
 from tests.helpers.harness import BASE_TOML, buyer, campaign, make_config, running
@@ -113,12 +113,12 @@ async def test_bad_ledger_cursor_is_a_400(redis, redis_server, cursor):
 async def test_api_auto_recharge_survives_a_reload(redis):
     store = Store(redis)
     cfg = make_config(campaign(), buyer("b1"))
-    await sync_accounts(cfg, store)
+    await provision_accounts(cfg, store)
     state = await store.account("t1", "c1")
     assert state is not None and not state.auto_recharge
     on = AutoRecharge(enabled=True, threshold="30.00", amount="100.00")
     await redis.set(keys.autorecharge("t1", "c1"), msgspec.json.encode(on))  # as PUT stores it
-    await sync_accounts(cfg, store)  # a reload or a restart
+    await provision_accounts(cfg, store)  # a reload or a restart
     state = await store.account("t1", "c1")
     assert state is not None and state.auto_recharge and state.recharge_threshold == 30_000_000
 
@@ -129,7 +129,7 @@ async def test_every_money_script_survives_script_flush(redis):
     await store.load_scripts()
     b = sales.buyer("b1", "http://127.0.0.1:9/")
     await redis.script_flush()
-    await sales.accounts(store, b)  # sync_account.lua
+    await sales.accounts(store, b)  # account_settings.lua
     await redis.script_flush()
     await sales.sell(store, b, "L1")  # decide.lua
     await redis.script_flush()

@@ -16,7 +16,7 @@ import pytest
 
 from engine.run import configfile
 from engine.run.service import Service
-from engine.run.workers import deliver
+from engine.run.workers import delivery_worker
 from tests.helpers import ROOT
 from tests.helpers.buyers import SECRET, Buyers, buyer_servers
 from tests.helpers.harness import BASE_TOML, Engine, buyer, campaign, running
@@ -61,7 +61,7 @@ async def test_reload_restarts_the_in_process_delivery_worker(redis, redis_serve
     path = tmp_path / "leadflow.toml"
     path.write_text(_toml(buyers, 1))
     svc = Service(configfile.load(path), redis_url=redis_server.url, host="127.0.0.1",
-                  port=0, state_dir=str(tmp_path / "state"), workers=[deliver])
+                  port=0, state_dir=str(tmp_path / "state"), workers=[delivery_worker])
     await svc.start()
     try:
         import aiohttp

@@ -1,5 +1,5 @@
 -- _lib.lua: the balance-change machinery shared by every script that moves money.
--- (Prepended, after the generated key helpers K.*, to decide/adjust/refund/sync_account.)
+-- (Prepended, after the generated key helpers K.*, to decide/adjust/refund/account_settings.)
 --
 -- Units: every amount and balance is integer micros ($1.00 = 1000000). Lua numbers are
 -- doubles, exact for integers below 2^53; billing.money caps amounts at 1e15, far below.
@@ -128,7 +128,7 @@ local function acct(p, id)
   -- refuse it only when the balance is written, after the unit's ledger entries. As
   -- HINCRBY reads it (no leading zero, no '-0'), and below 2^53, where Lua's doubles stop
   -- being exact integers. Not the money cap (1e15): refunds may credit past it, and an
-  -- account refused here could not even be paused or synced
+  -- account refused here could not even be paused or given new settings
   local n = tonumber(v[1])
   if not n or fmt(n) ~= v[1] or math.abs(n) >= 9007199254740992 then
     error('account ' .. id .. ': balance is not an integer')

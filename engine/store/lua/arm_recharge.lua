@@ -3,7 +3,7 @@
 --
 -- decide.lua pauses an account (reason min_balance) when a debit takes it below its
 -- minimum balance *without* auto-recharge, and only on that crossing. So the rule is also
--- applied here, when the flag changes, as a config reload applies it (sync_account.lua):
+-- applied here, when the flag changes, as a config reload applies it (account_settings.lua):
 -- turned on, a min_balance pause no longer applies and is lifted if the balance is at
 -- least 0, as a credit lifts it (buyer_resumed; the recharge the caller asks for next
 -- refills the account); turned off while below the minimum, an active account is paused

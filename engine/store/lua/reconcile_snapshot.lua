@@ -1,4 +1,4 @@
--- reconcile_snapshot.lua: a tenant in one step, for `leadflow reconcile` (engine/reconcile.py):
+-- reconcile_snapshot.lua: a tenant in one step, for `leadflow reconcile` (engine/run/reconcile.py):
 -- its ledger stream's last id and its accounts' balances, read together, so the ledgers
 -- are summed up to that id only and a sale made meanwhile is in neither. Read-only.
 --

@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 import stripe
 
 from billing import funding, recharge
-from billing.attempts import AccountLock, Attempt
+from billing.attempts import AccountLock, ChargeAttempt
 from billing.stripe_gateway import StripeGateway, _map
 from engine.core import keys, money
 from engine.core.billing_errors import Busy, PaymentError, PaymentTransient
@@ -61,7 +61,7 @@ async def test_a_busy_charge_stays_pending_and_never_moves_to_the_backup(
                              {"error": {"code": "idempotency_key_in_use"}}, {})
     busy = True
 
-    async def conflict(step: str, a: Attempt) -> None:
+    async def conflict(step: str, a: ChargeAttempt) -> None:
         if busy and step == "before_charge":
             raise _map(in_use)  # what StripeGateway.charge raises on that answer
 
@@ -125,7 +125,7 @@ async def test_a_worker_that_lost_the_lock_stops_before_charging(
     holder, is charged once."""
     taken: list[AccountLock] = []
 
-    async def expire_and_take_over(step: str, a: Attempt) -> None:
+    async def expire_and_take_over(step: str, a: ChargeAttempt) -> None:
         if step == "before_charge" and not taken:
             await redis.delete(keys.rlock(T, "c1"))
             taken.append(await AccountLock(redis, T, "c1").__aenter__())

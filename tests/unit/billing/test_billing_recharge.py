@@ -9,7 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from billing import recharge
-from billing.attempts import Attempt, Charger
+from billing.attempts import ChargeAttempt, Charger
 from billing.context import BillingContext
 from billing.stripe_gateway import StripeGateway
 from engine.core import keys, money
@@ -107,7 +107,7 @@ async def _charged_once(ctx: Any, redis: aioredis.Redis, localstripe: LocalStrip
 async def test_worker_killed_mid_charge_resumes_same_attempt(
         redis: aioredis.Redis, gateway: StripeGateway, localstripe: LocalStripe,
         step: str) -> None:
-    async def die(name: str, a: Attempt) -> None:
+    async def die(name: str, a: ChargeAttempt) -> None:
         if name == step:
             raise Killed(step)
 
@@ -131,7 +131,7 @@ async def test_an_attempt_left_behind_is_resumed_and_credited_once(
     pass finds the attempt unfinished and credits it, once, without charging again."""
     outage = True
 
-    async def flaky_credit(name: str, a: Attempt) -> None:
+    async def flaky_credit(name: str, a: ChargeAttempt) -> None:
         if outage and name == "before_credit":
             raise PaymentTransient("store hiccup")
 
@@ -206,7 +206,7 @@ async def test_a_card_added_while_an_attempt_is_unfinished_still_recharges(
     customer adds then resumes that attempt (one open recharge per account), which fails
     on its old card list. The new card's event used to end there, the balance left below
     the threshold with a good card on file; it now gets its own attempt."""
-    async def die(name: str, a: Attempt) -> None:
+    async def die(name: str, a: ChargeAttempt) -> None:
         if name == "before_charge":
             raise Killed(name)
 
@@ -408,7 +408,7 @@ async def test_worker_reads_every_tenant_and_a_slow_one_delays_no_other(
         *base.clients, msgspec.structs.replace(base.clients[0], tenant="beta")])
     release = asyncio.Event()
 
-    async def hold_acme(step: str, a: Attempt) -> None:
+    async def hold_acme(step: str, a: ChargeAttempt) -> None:
         if a.tenant == T and step == "before_charge":
             await release.wait()
 
@@ -465,7 +465,7 @@ async def test_a_new_crossing_resumes_the_unfinished_recharge_instead_of_a_secon
     balance over the threshold and usage crosses it again. The second crossing's event must
     not start a second attempt (its own idempotency key: a second charge once the first
     attempt is resumed): it resumes the open one. One charge, one credit."""
-    async def die(name: str, a: Attempt) -> None:
+    async def die(name: str, a: ChargeAttempt) -> None:
         if name == "before_charge":
             raise Killed(name)
 

@@ -15,11 +15,11 @@ from standardwebhooks import Webhook, WebhookVerificationError
 
 from engine.core.config import Delivery, ResponseRule
 from engine.core.errors import ConfigError
-from engine.delivery.breaker import Breaker, State
+from engine.delivery.breaker import Breaker, BreakerState
 from engine.delivery.payload import RequestBuilder
 from engine.delivery.retry import backoff_ms, parse_retry_after, retry_delay_ms
 from engine.delivery.signing import Signer, SigningError, webhook_id
-from engine.delivery.verdict import Outcome, ResponseMapper, RuleError, is_retryable
+from engine.delivery.verdict import BuyerVerdict, ResponseMapper, RuleError, is_retryable
 from tests.helpers.buyers import SECRET
 from tests.helpers.harness import buyer, campaign, make_config
 
@@ -109,19 +109,19 @@ def _mapper(**kw: object) -> ResponseMapper:
 def test_verdict_rules() -> None:
     m = _mapper(accept=[ResponseRule(path="result", equals="success")],
                 duplicate=[ResponseRule(status=[409]), ResponseRule(contains="already")])
-    assert m.classify(200, b'{"result": "SUCCESS"}').outcome is Outcome.ACCEPTED
-    assert m.classify(200, b'{"result": "fail"}').outcome is Outcome.REJECTED
-    assert m.classify(409, b"").outcome is Outcome.DUPLICATED
-    assert m.classify(200, b"lead already exists").outcome is Outcome.DUPLICATED
-    assert m.classify(200, b"garbage{").outcome is Outcome.REJECTED
+    assert m.classify(200, b'{"result": "SUCCESS"}').outcome is BuyerVerdict.ACCEPTED
+    assert m.classify(200, b'{"result": "fail"}').outcome is BuyerVerdict.REJECTED
+    assert m.classify(409, b"").outcome is BuyerVerdict.DUPLICATED
+    assert m.classify(200, b"lead already exists").outcome is BuyerVerdict.DUPLICATED
+    assert m.classify(200, b"garbage{").outcome is BuyerVerdict.REJECTED
     plain = _mapper()
-    assert plain.classify(201, b"").outcome is Outcome.ACCEPTED
-    assert plain.classify(400, b"").outcome is Outcome.REJECTED
+    assert plain.classify(201, b"").outcome is BuyerVerdict.ACCEPTED
+    assert plain.classify(400, b"").outcome is BuyerVerdict.REJECTED
     rx = _mapper(accept=[ResponseRule(regex=r"^OK\b", status=[200])])
-    assert rx.classify(200, b"OK 123").outcome is Outcome.ACCEPTED
-    assert rx.classify(202, b"OK 123").outcome is Outcome.REJECTED
+    assert rx.classify(200, b"OK 123").outcome is BuyerVerdict.ACCEPTED
+    assert rx.classify(202, b"OK 123").outcome is BuyerVerdict.REJECTED
     nested = _mapper(accept=[ResponseRule(path="$.data.items.0.ok", equals="true")])
-    assert nested.classify(200, b'{"data":{"items":[{"ok":true}]}}').outcome is Outcome.ACCEPTED
+    assert nested.classify(200, b'{"data":{"items":[{"ok":true}]}}').outcome is BuyerVerdict.ACCEPTED
     assert all(is_retryable(s) for s in (500, 503, 429)) and not is_retryable(404)
     with pytest.raises(RuleError):
         _mapper(accept=[ResponseRule(regex="(")])
@@ -156,13 +156,13 @@ def test_breaker_state_machine() -> None:
     b = Breaker(failures_to_open=3, cooldown_ms=1_000)
     assert b.allow(0) == 0
     assert not b.failure(1) and not b.failure(2)
-    assert b.failure(3) and b.state is State.OPEN
+    assert b.failure(3) and b.state is BreakerState.OPEN
     assert b.allow(500) == 1_003
-    assert b.allow(1_003) == 0 and b.state is State.HALF_OPEN  # the probe
+    assert b.allow(1_003) == 0 and b.state is BreakerState.HALF_OPEN  # the probe
     assert b.allow(1_004) > 1_004  # only one probe at a time
-    assert b.failure(1_010) and b.state is State.OPEN  # a failed probe re-opens
+    assert b.failure(1_010) and b.state is BreakerState.OPEN  # a failed probe re-opens
     assert b.allow(2_010) == 0
-    assert b.success() and b.state is State.CLOSED and b.allow(2_011) == 0
+    assert b.success() and b.state is BreakerState.CLOSED and b.allow(2_011) == 0
 
 
 # -- delivery settings are checked when the config is loaded ---------------------------

@@ -22,7 +22,7 @@ from engine.delivery.breaker import is_open, open_buyers
 from engine.delivery.client import Endpoint
 from engine.delivery.record import DeliveryEvent, read_decision, read_log
 from engine.delivery.sync import deliver_sync
-from engine.delivery.verdict import Outcome
+from engine.delivery.verdict import BuyerVerdict
 from engine.delivery.worker import DeliveryWorker, WorkerOptions
 from engine.store.store import Store, now_ms
 from tests.helpers.buyers import SECRET, Buyers, buyer_servers
@@ -390,15 +390,15 @@ async def test_sync_mode_single_attempt(store: Store, buyers: Buyers) -> None:
                                       price=PRICE, deadline_ms=deadline)
 
         v = await sync(ok, "S1", now_ms() + 2_000)
-        assert v is not None and v.outcome is Outcome.ACCEPTED
+        assert v is not None and v.outcome is BuyerVerdict.ACCEPTED
         v = await sync(no, "S2", now_ms() + 2_000)
-        assert v is not None and v.outcome is Outcome.REJECTED
+        assert v is not None and v.outcome is BuyerVerdict.REJECTED
         # money freed before the next buyer is tried (the S1 and S3 fees stay)
         await assert_refunded(store, no, wallet=OPENING - 2 * FEE)
         assert await sync(slow, "S3", now_ms() + 100) is None  # no verdict in time: no sale
         await assert_refunded(store, slow, wallet=OPENING - FEE)
         again = await sync(ok, "S1", now_ms() + 2_000)  # a replay returns the decision
-        assert again is not None and again.outcome is Outcome.ACCEPTED
+        assert again is not None and again.outcome is BuyerVerdict.ACCEPTED
     assert len(buyers.at("/accept")) == 1
     # the worker acks every decided job (FAILED included) without sending it again
     buyers.release.set()
@@ -544,7 +544,7 @@ async def _decided_meanwhile(store: Store, buyers: Buyers, path: str, lead_id: s
     task = asyncio.create_task(w.process_once())
     try:
         await buyers.reached(path)
-        accepted = record.Decision(record.ACCEPTED, "accepted: by the other worker")
+        accepted = record.DeliveryDecision(record.ACCEPTED, "accepted: by the other worker")
         await store.redis.hset(keys.dstate(T, lead_id), b.id,
                                record.encode_decision(accepted))
         buyers.release.set()
@@ -595,11 +595,11 @@ async def test_a_sync_try_keeps_a_decision_recorded_first(store: Store, buyers: 
             store, session, Endpoint(b), lead_id="Y1", lead={"first_name": "Ada"},
             price=PRICE, deadline_ms=now_ms() + 10_000))
         await buyers.reached("/hold_reject")
-        accepted = record.Decision(record.ACCEPTED, "accepted: by the worker")
+        accepted = record.DeliveryDecision(record.ACCEPTED, "accepted: by the worker")
         await store.redis.hset(keys.dstate(T, "Y1"), b.id, record.encode_decision(accepted))
         buyers.release.set()
         v = await task
-    assert v is not None and v.outcome is Outcome.ACCEPTED and v.reason == accepted.r
+    assert v is not None and v.outcome is BuyerVerdict.ACCEPTED and v.reason == accepted.r
     assert await settled(store, "Y1", b) == "ACCEPTED"
     assert await balance(store, b.client) == OPENING - PRICE  # not refunded
     assert [e["result"] for e in await read_log(store, T, "Y1")] == ["rejected"]

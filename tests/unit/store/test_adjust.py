@@ -1,4 +1,4 @@
-"""adjust.lua / sync_account.lua / the shared balance machinery, on a real redis-server."""
+"""adjust.lua / account_settings.lua / the shared balance machinery, on a real redis-server."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ async def _account(store: Store, **kw: object) -> None:
         auto_recharge=False, min_balance=None, mode="manual",
     )
     args.update(kw)
-    await store.sync_account(T, "c1", **args)  # type: ignore[arg-type]
+    await store.apply_account_settings(T, "c1", **args)  # type: ignore[arg-type]
 
 
 async def test_opening_balance_is_a_ledger_entry(redis: aioredis.Redis) -> None:

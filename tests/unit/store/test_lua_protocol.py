@@ -127,9 +127,9 @@ async def test_decide_lua_decides_what_the_structs_encode(redis: aioredis.Redis)
     and a test lead; then a replay of each key."""
     store = Store(redis)
     for account in (WALLET, "c1", "c2"):
-        await store.sync_account("t1", account, opening=10_000_000, floor=0, alert=0,
-                                 recharge_threshold=0, auto_recharge=False, min_balance=None,
-                                 mode="manual")
+        await store.apply_account_settings("t1", account, opening=10_000_000, floor=0, alert=0,
+                                           recharge_threshold=0, auto_recharge=False,
+                                           min_balance=None, mode="manual")
     batcher = Batcher(store, "t1")
     b1 = Candidate(buyer="b1", account="c1", price=1_000_000, fee_out=100_000, caps=_CAPS)
     b2 = Candidate(buyer="b2", account="c2", price=2_000_000, fee_out=0, caps=_CAPS,

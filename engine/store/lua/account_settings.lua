@@ -1,4 +1,4 @@
--- sync_account.lua: create an account from config, or update its settings on reload, and
+-- account_settings.lua: create an account from config, or update its settings on reload, and
 -- apply the settings to the account's state at once.
 -- The balance of an existing account is never touched here; a new account's opening
 -- balance is written as an "opening" ledger entry so the ledger always sums to it.
@@ -15,7 +15,7 @@
 -- ARGV[9]  now, epoch milliseconds
 --
 -- All or nothing (atomically, _lib.lua): a new account whose opening entry could not be
--- written is not left behind without it (a later sync would never write it).
+-- written is not left behind without it (a later call would never write it).
 --
 -- Returns {1 when the account was created else 0, the events emitted [type, count, ...]}.
 --

@@ -1,5 +1,5 @@
 """A config reload or restart applies the new account settings to the account's state
-(sync_account.lua): pause and resume for the minimum balance and the floor, and the
+(account_settings.lua): pause and resume for the minimum balance and the floor, and the
 balance_alert / recharge_needed events of a threshold that now lies above the balance,
 each once per crossing, as decide.lua does for a debit."""
 
@@ -14,7 +14,7 @@ from billing import recharge
 from billing.stripe_gateway import StripeGateway
 from engine.core import keys
 from engine.core.config import AutoRecharge
-from engine.routing.runtime import sync_accounts
+from engine.run.provision import provision_accounts
 from engine.store.store import AccountState, Store
 from tests.helpers.billing_fixtures import T as billing_T
 from tests.helpers.billing_fixtures import make_config as billing_config
@@ -26,11 +26,11 @@ T = "acme"
 M = 1_000_000  # $1.00
 
 
-async def _sync(store: Store, account: str = "c1", **kw: Any) -> AccountState:
+async def _apply(store: Store, account: str = "c1", **kw: Any) -> AccountState:
     args: dict[str, Any] = dict(opening=100 * M, floor=-20 * M, alert=0, recharge_threshold=0,
                                 auto_recharge=False, min_balance=None, mode="manual")
     args.update(kw)
-    await store.sync_account(T, account, **args)
+    await store.apply_account_settings(T, account, **args)
     state = await store.account(T, account)
     assert state is not None
     return state
@@ -54,32 +54,32 @@ async def _types(redis: aioredis.Redis) -> list[str]:
 
 async def test_a_minimum_added_above_the_balance_pauses_once(redis: aioredis.Redis) -> None:
     store = Store(redis)
-    await _sync(store, opening=20 * M)
-    state = await _sync(store, opening=20 * M, min_balance=50 * M)  # the reload
+    await _apply(store, opening=20 * M)
+    state = await _apply(store, opening=20 * M, min_balance=50 * M)  # the reload
     assert state.paused == "min_balance" and state.balance == 20 * M
     [e] = await _events(redis)
     assert (e["type"], e["account"], e["reason"], e["ref"], e["balance"]) == (
         "buyer_paused", "c1", "min_balance", "config", str(20 * M))
-    await _sync(store, opening=20 * M, min_balance=50 * M)  # a restart: nothing new
-    await _sync(store, opening=20 * M, min_balance=40 * M)  # still below the lower minimum
+    await _apply(store, opening=20 * M, min_balance=50 * M)  # a restart: nothing new
+    await _apply(store, opening=20 * M, min_balance=40 * M)  # still below the lower minimum
     assert await _types(redis) == ["buyer_paused"]
-    assert (await _sync(store, opening=20 * M, min_balance=40 * M)).paused == "min_balance"
+    assert (await _apply(store, opening=20 * M, min_balance=40 * M)).paused == "min_balance"
 
 
 async def test_a_minimum_removed_or_lowered_resumes(redis: aioredis.Redis) -> None:
     store = Store(redis)
-    await _sync(store, opening=60 * M, min_balance=50 * M)
+    await _apply(store, opening=60 * M, min_balance=50 * M)
     await _spend(store, 20 * M)  # 40 < 50: paused by the crossing (adjust.lua)
     assert (await store.account(T, "c1")).paused == "min_balance"  # type: ignore[union-attr]
-    state = await _sync(store, opening=60 * M)  # the minimum removed
+    state = await _apply(store, opening=60 * M)  # the minimum removed
     assert state.paused == ""
     assert await _types(redis) == ["buyer_paused", "buyer_resumed"]
-    await _sync(store, opening=60 * M)
+    await _apply(store, opening=60 * M)
     assert await _types(redis) == ["buyer_paused", "buyer_resumed"]
     # lowered below the balance instead of removed: the same
-    await _sync(store, opening=60 * M, min_balance=50 * M)
+    await _apply(store, opening=60 * M, min_balance=50 * M)
     assert (await store.account(T, "c1")).paused == "min_balance"  # type: ignore[union-attr]
-    assert (await _sync(store, opening=60 * M, min_balance=30 * M)).paused == ""
+    assert (await _apply(store, opening=60 * M, min_balance=30 * M)).paused == ""
     assert await _types(redis) == ["buyer_paused", "buyer_resumed"] * 2
 
 
@@ -87,10 +87,10 @@ async def test_auto_recharge_turned_on_lifts_a_minimum_pause_and_asks_for_money(
         redis: aioredis.Redis) -> None:
     """With auto-recharge a client below its minimum is recharged, not paused (seed 001)."""
     store = Store(redis)
-    await _sync(store, opening=60 * M, min_balance=50 * M)
+    await _apply(store, opening=60 * M, min_balance=50 * M)
     await _spend(store, 20 * M)
-    state = await _sync(store, opening=60 * M, min_balance=50 * M, auto_recharge=True,
-                        recharge_threshold=50 * M)
+    state = await _apply(store, opening=60 * M, min_balance=50 * M, auto_recharge=True,
+                         recharge_threshold=50 * M)
     assert state.paused == "" and state.auto_recharge
     events = await _events(redis)
     assert [e["type"] for e in events] == ["buyer_paused", "recharge_needed", "buyer_resumed"]
@@ -102,10 +102,10 @@ async def test_auto_recharge_turned_on_lifts_a_minimum_pause_and_asks_for_money(
 async def test_auto_recharge_enabled_below_its_threshold_asks_once_per_crossing(
         redis: aioredis.Redis) -> None:
     store = Store(redis)
-    await _sync(store, opening=25 * M)
+    await _apply(store, opening=25 * M)
 
     async def ar(threshold: int, on: bool = True) -> None:
-        await _sync(store, opening=25 * M, auto_recharge=on, recharge_threshold=threshold)
+        await _apply(store, opening=25 * M, auto_recharge=on, recharge_threshold=threshold)
 
     await ar(50 * M)
     [e] = await _events(redis)
@@ -127,15 +127,15 @@ async def test_auto_recharge_enabled_below_its_threshold_asks_once_per_crossing(
 
 async def test_an_alert_raised_above_the_balance_fires_once(redis: aioredis.Redis) -> None:
     store = Store(redis)
-    await _sync(store, opening=25 * M, alert=20 * M)
-    await _sync(store, opening=25 * M, alert=30 * M)
+    await _apply(store, opening=25 * M, alert=20 * M)
+    await _apply(store, opening=25 * M, alert=30 * M)
     [e] = await _events(redis)
     assert (e["type"], e["threshold"], e["balance"]) == ("balance_alert", str(30 * M), str(25 * M))
-    await _sync(store, opening=25 * M, alert=40 * M)  # already below (and told)
+    await _apply(store, opening=25 * M, alert=40 * M)  # already below (and told)
     await _spend(store, 1 * M)  # no downward crossing either
     assert await _types(redis) == ["balance_alert"]
-    await _sync(store, opening=25 * M, alert=0)  # off
-    await _sync(store, opening=25 * M, alert=30 * M)  # on again, above the balance
+    await _apply(store, opening=25 * M, alert=0)  # off
+    await _apply(store, opening=25 * M, alert=30 * M)  # on again, above the balance
     assert await _types(redis) == ["balance_alert"] * 2
 
 
@@ -144,14 +144,14 @@ async def test_an_alert_raised_above_the_balance_fires_once(redis: aioredis.Redi
 async def test_a_floor_raised_above_the_balance_pauses_until_a_credit(
         redis: aioredis.Redis) -> None:
     store = Store(redis)
-    await _sync(store, opening=0)
+    await _apply(store, opening=0)
     await _spend(store, 20 * M)  # -20.00, at the default floor
-    state = await _sync(store, opening=0, floor=0)
+    state = await _apply(store, opening=0, floor=0)
     assert state.paused == "floor" and state.floor == 0
     [e] = await _events(redis)
     assert (e["type"], e["reason"], e["ref"]) == ("buyer_paused", "floor", "config")
     # the floor lowered back: a floor pause still waits for a credit to 0.00, as ever
-    assert (await _sync(store, opening=0)).paused == "floor"
+    assert (await _apply(store, opening=0)).paused == "floor"
     await store.adjust(T, "c1", 20 * M, "adjustment")
     assert (await store.account(T, "c1")).paused == ""  # type: ignore[union-attr]
     assert await _types(redis) == ["buyer_paused", "buyer_resumed"]
@@ -162,37 +162,37 @@ async def test_a_floor_raised_above_the_balance_pauses_until_a_credit(
 async def test_a_pause_for_another_reason_is_never_lifted(redis: aioredis.Redis) -> None:
     store = Store(redis)
     # by the floor: decide.lua pauses an account that cannot pay a lead, at any balance
-    await _sync(store, "c1", opening=10 * M, min_balance=5 * M)
+    await _apply(store, "c1", opening=10 * M, min_balance=5 * M)
     await store.set_account_flag(T, "c1", "paused", "floor")
     # any other reason (none is set by the engine today; a future or manual one)
-    await _sync(store, "c2", opening=10 * M)
+    await _apply(store, "c2", opening=10 * M)
     await store.set_account_flag(T, "c2", "paused", "manual")
     # by the minimum, still below the new (lower) one
-    await _sync(store, "c3", opening=10 * M, min_balance=50 * M)
+    await _apply(store, "c3", opening=10 * M, min_balance=50 * M)
     for _ in range(2):
-        assert (await _sync(store, "c1", opening=10 * M, alert=5 * M)).paused == "floor"
-        assert (await _sync(store, "c2", opening=10 * M, floor=0)).paused == "manual"
-        assert (await _sync(store, "c3", opening=10 * M, min_balance=20 * M)).paused == (
+        assert (await _apply(store, "c1", opening=10 * M, alert=5 * M)).paused == "floor"
+        assert (await _apply(store, "c2", opening=10 * M, floor=0)).paused == "manual"
+        assert (await _apply(store, "c3", opening=10 * M, min_balance=20 * M)).paused == (
             "min_balance")
     assert await _types(redis) == ["buyer_paused"]  # c3's, when it was created below 50
 
 
 async def test_a_closed_account_is_left_alone(redis: aioredis.Redis) -> None:
     store = Store(redis)
-    await _sync(store, opening=10 * M)
+    await _apply(store, opening=10 * M)
     await store.set_account_flag(T, "c1", "closed", "1")
-    state = await _sync(store, opening=10 * M, min_balance=50 * M, alert=20 * M, floor=0,
-                        auto_recharge=True, recharge_threshold=20 * M)
+    state = await _apply(store, opening=10 * M, min_balance=50 * M, alert=20 * M, floor=0,
+                         auto_recharge=True, recharge_threshold=20 * M)
     assert state.paused == "" and await _types(redis) == []
 
 
 async def test_billing_none_is_never_paused(redis: aioredis.Redis) -> None:
     store = Store(redis)
-    await _sync(store, opening=60 * M, min_balance=50 * M)
+    await _apply(store, opening=60 * M, min_balance=50 * M)
     await _spend(store, 20 * M)
-    state = await _sync(store, opening=60 * M, min_balance=50 * M, mode="none")
+    state = await _apply(store, opening=60 * M, min_balance=50 * M, mode="none")
     assert state.paused == ""  # switched to "none": resumed
-    await _sync(store, opening=60 * M, min_balance=55 * M, floor=0, alert=50 * M, mode="none")
+    await _apply(store, opening=60 * M, min_balance=55 * M, floor=0, alert=50 * M, mode="none")
     assert await _types(redis) == ["buyer_paused", "buyer_resumed"]
 
 
@@ -202,9 +202,9 @@ async def test_a_new_account_below_its_minimum_starts_paused(redis: aioredis.Red
     account below its alert or recharge threshold gets no event: its balance crossed
     nothing (a recharge is asked for when a card is added, billing.recharge_if_below)."""
     store = Store(redis)
-    assert (await _sync(store, "c1", opening=10 * M, min_balance=50 * M)).paused == "min_balance"
-    await _sync(store, "c2", opening=10 * M, alert=20 * M, auto_recharge=True,
-                recharge_threshold=20 * M)
+    assert (await _apply(store, "c1", opening=10 * M, min_balance=50 * M)).paused == "min_balance"
+    await _apply(store, "c2", opening=10 * M, alert=20 * M, auto_recharge=True,
+                 recharge_threshold=20 * M)
     assert [(e["type"], e["account"]) for e in await _events(redis)] == [
         ("buyer_paused", "c1")]
 
@@ -251,7 +251,7 @@ async def test_the_recharge_worker_acts_on_a_reload_that_turns_auto_recharge_on(
     await ctx.methods.attach(billing_T, "c1", localstripe.card())
     await ctx.store.adjust(billing_T, "c1", 5 * M, "adjustment")  # $5.00, auto-recharge off
     on = billing_config(auto=AutoRecharge(enabled=True, threshold="20.00", amount="100.00"))
-    await sync_accounts(on, ctx.store)  # what Service.reload runs, then it swaps the config
+    await provision_accounts(on, ctx.store)  # what Service.reload runs, then it swaps the config
     ctx.config = on
     assert await recharge.process_once(on, ctx.store, gateway, consumer="w1", ctx=ctx) >= 1
     state = await ctx.store.account(billing_T, "c1")
@@ -264,7 +264,7 @@ async def test_the_recharge_worker_acts_on_a_reload_that_turns_auto_recharge_on(
     for other in ("c2", "c3"):
         assert [(t, r) for a, t, r in events if a == other] == [
             ("recharge_needed", ""), ("recharge_failed", "no_payment_method")]
-    await sync_accounts(on, ctx.store)  # a restart: c1 is above it now, c2/c3 still below
+    await provision_accounts(on, ctx.store)  # a restart: c1 is above it now, c2/c3 still below
     await recharge.process_once(on, ctx.store, gateway, consumer="w1", ctx=ctx)
     needed = [e for e in await _events(redis, billing_T) if e["type"] == "recharge_needed"]
     assert len(needed) == 3  # no new crossing, no new ask
@@ -274,7 +274,7 @@ async def test_the_recharge_worker_acts_on_a_reload_that_turns_auto_recharge_on(
 
 async def test_events_of_a_reload_are_counted_in_the_metrics(
         redis: aioredis.Redis, redis_server: Any, tmp_path: Path) -> None:
-    """leadflow_events_emitted_total / leadflow_buyers_paused_total count sync_account.lua's
+    """leadflow_events_emitted_total / leadflow_buyers_paused_total count account_settings.lua's
     events as they count decide.lua's and adjust.lua's."""
     from engine.obs.metrics import METRICS
 
