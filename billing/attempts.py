@@ -50,7 +50,7 @@ _30D_MS = 30 * 86_400_000
 LOCK_TTL_S = 120.0  # one charge per account in flight; a dead holder frees it after this
 
 Purpose = Literal["funding", "recharge"]
-State = Literal["created", "charging", "succeeded", "credited", "failed", "needs_customer"]
+ChargeState = Literal["created", "charging", "succeeded", "credited", "failed", "needs_customer"]
 CardState = Literal["pending", "charging", "succeeded", "declined", "auth_required", "error",
                     "skipped"]
 FINAL: frozenset[str] = frozenset({"credited", "failed", "needs_customer"})
@@ -72,7 +72,7 @@ class ChargeAttempt(msgspec.Struct, kw_only=True):
     fee: int = 0  # micros of pass-through card fee (charged on top, not credited)
     customer: str
     cards: list[CardTry]
-    state: State = "created"
+    state: ChargeState = "created"
     index: int = 0  # the card being tried
     pi: str = ""  # the successful PaymentIntent
     entry: str = ""  # the ledger entry of the credit

@@ -203,7 +203,7 @@ local function decide(L)
     else
       bd = c.bd
     end
-    AT = c.b  -- the buyer a failure from here on is reported with (sync_route skips it)
+    AT = c.b  -- the buyer a failure from here on is reported with (the sync waterfall, engine/ingest/waterfall.py, skips it)
     local s, a = buyer(c.b), acct(p, c.a)
     if s.paused ~= '' or s.open or not a then
       why.paused = why.paused + 1
