@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -214,8 +215,26 @@ class Server(uvicorn.Server):
         yield
 
     async def on_tick(self, counter: int) -> bool:
+        self._sweep()
+        return await super().on_tick(counter)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's, still sweeping: its ticks end as it begins, and it waits for every
+        connection, so a client dripping a body would hold it timeout_graceful_shutdown."""
+
+        async def sweep() -> None:
+            while True:
+                await asyncio.sleep(0.1)
+                self._sweep()
+
+        sweeping = asyncio.create_task(sweep())
+        try:
+            await super().shutdown(sockets)
+        finally:
+            sweeping.cancel()
+
+    def _sweep(self) -> None:
         now = asyncio.get_running_loop().time()
         for conn in list(self.server_state.connections):
             if isinstance(conn, GuardedHttp):
                 conn.expire(now)
-        return await super().on_tick(counter)

@@ -197,6 +197,27 @@ async def test_a_body_answered_unread_and_never_finished_gets_no_second_answer(
         assert rest == b""
 
 
+async def test_a_slow_body_does_not_hold_the_shutdown_past_its_timeout(redis, redis_server,
+                                                                        cfg):
+    """The limits are swept on uvicorn's tick, which stops when the server starts shutting
+    down; uvicorn then waits for every connection (timeout_graceful_shutdown, 30 s): a
+    client dripping a body held stop() 30 s and then had every running request cancelled."""
+    async with running(cfg, redis_server.url) as eng:
+        before = await redis.dbsize()
+        reader, writer = await _open(eng.url)
+        writer.write(b"POST /v1/leads HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/x-www-form-urlencoded\r\n"
+                     b"Content-Length: %d\r\n\r\n" % (len(FORM) + 5) + FORM)
+        await writer.drain()
+        await asyncio.sleep(0.2)  # the request is read: its body phase has begun
+        await asyncio.wait_for(eng.svc.stop(), WAIT)  # 0.5 s body timeout, not 30 s
+        status, body = await _answer(reader)
+        writer.close()
+        assert status == 408 and body is not None
+        assert body["error"]["code"] == "body_timeout"  # type: ignore[index]
+        assert await redis.dbsize() == before
+
+
 async def test_headers_within_the_limits_are_served(redis_server, cfg):
     async with running(cfg, redis_server.url) as eng:
         headers = {f"X-H{i}": "v" * 100 for i in range(40)}  # ~4.5 KB, 40 headers
