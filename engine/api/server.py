@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -76,6 +77,7 @@ class GuardedHttp(HttpToolsProtocol):
         self.deadline = 0.0  # loop time; 0: none
         self.head_bytes = 0  # bytes received while reading a request's line and headers
         self.now = 0.0  # loop time of the read being parsed
+        self.read_len = 0  # bytes of the read being parsed
         self.refused: bytes | None = None
 
     # ---- phases ------------------------------------------------------------------------
@@ -86,6 +88,19 @@ class GuardedHttp(HttpToolsProtocol):
         super().connection_made(transport)
         self.phase = _HEAD
         self.deadline = self.loop.time() + self.limits.header_timeout_s
+
+    def on_message_begin(self) -> None:
+        if self.phase != _HEAD:  # a request begins inside a read (pipelined, or after a
+            # body the application answered without reading): its whole read counts
+            self.phase, self.head_bytes = _HEAD, self.read_len
+            self.deadline = self.now + self.limits.header_timeout_s
+        super().on_message_begin()
+
+    def on_message_complete(self) -> None:
+        # also when the response was sent before the body's end (a 404, 405 or 413 that
+        # did not read it), which uvicorn's callback ignores: the body phase ends here
+        self.phase, self.deadline = _IDLE, 0.0
+        super().on_message_complete()
 
     def on_headers_complete(self) -> None:
         limits = self.limits
@@ -113,6 +128,7 @@ class GuardedHttp(HttpToolsProtocol):
             return
         self._unset_keepalive_if_required()
         self.now = self.loop.time()
+        self.read_len = len(data)
         if phase == _IDLE:  # a request's first bytes
             self.phase, self.head_bytes = _HEAD, 0
             self.deadline = self.now + self.limits.header_timeout_s
@@ -129,10 +145,7 @@ class GuardedHttp(HttpToolsProtocol):
             self.logger.warning("Invalid HTTP request received.")
             self.send_400_response("Invalid HTTP request received.")
             return
-        if self.phase == _BODY:
-            if not self.cycle.more_body:  # the whole request is in: the app has it
-                self.phase, self.deadline = _IDLE, 0.0
-        elif self.phase == _HEAD and self.head_bytes > self.limits.max_header_bytes:
+        if self.phase == _HEAD and self.head_bytes > self.limits.max_header_bytes:
             self._close_with(refusal(
                 431, "headers_too_large",
                 f"request line and headers over {self.limits.max_header_bytes} bytes"))
@@ -150,7 +163,7 @@ class GuardedHttp(HttpToolsProtocol):
         if self.phase == _CLOSING:
             self.transport.close()
         elif self.phase == _BODY:
-            self._close_with(refusal(
+            self._close_with(b"" if self.cycle.response_complete else refusal(  # answered
                 408, "body_timeout",
                 f"the request body did not arrive within {self.limits.body_timeout_s:g} s"))
         elif self.head_bytes:
@@ -202,8 +215,26 @@ class Server(uvicorn.Server):
         yield
 
     async def on_tick(self, counter: int) -> bool:
+        self._sweep()
+        return await super().on_tick(counter)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's, still sweeping: its ticks end as it begins, and it waits for every
+        connection, so a client dripping a body would hold it timeout_graceful_shutdown."""
+
+        async def sweep() -> None:
+            while True:
+                await asyncio.sleep(0.1)
+                self._sweep()
+
+        sweeping = asyncio.create_task(sweep())
+        try:
+            await super().shutdown(sockets)
+        finally:
+            sweeping.cancel()
+
+    def _sweep(self) -> None:
         now = asyncio.get_running_loop().time()
         for conn in list(self.server_state.connections):
             if isinstance(conn, GuardedHttp):
                 conn.expire(now)
-        return await super().on_tick(counter)

@@ -156,6 +156,68 @@ async def test_oversized_headers_get_431(redis, redis_server, cfg, head):
         assert await redis.dbsize() == before
 
 
+async def _answered_unread(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection whose POST to an unknown path was answered (404) before its body came:
+    the application never reads that body."""
+    reader, writer = await _open(url)
+    writer.write(b"POST /nope HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+    assert head.startswith(b"HTTP/1.1 404")
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    await reader.readexactly(length)
+    return reader, writer
+
+
+async def test_a_request_after_a_body_answered_unread_still_has_its_header_bounds(
+        redis_server, cfg):
+    """The body's end was not tracked when the response had gone first (uvicorn ignores
+    it then): the connection stayed in its body phase, and the next request on it had no
+    header size bound (a 200 KB header was served 200) nor header timeout."""
+    async with running(cfg, redis_server.url) as eng:
+        reader, writer = await _answered_unread(eng.url)
+        writer.write(b"xx" + b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: "
+                     + b"a" * 200_000 + b"\r\n\r\n")
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        status, body = await _answer(reader)
+        writer.close()
+        assert status == 431 and body is not None
+        assert body["error"]["code"] == "headers_too_large"  # type: ignore[index]
+
+
+async def test_a_body_answered_unread_and_never_finished_gets_no_second_answer(
+        redis_server, cfg):
+    """Cut off at the body timeout, but the request was answered already: no 408 after
+    the 404 (a second response to one request)."""
+    async with running(cfg, redis_server.url) as eng:
+        reader, writer = await _answered_unread(eng.url)
+        writer.write(b"x")  # one byte of two (it also stops the keep-alive timer)
+        rest = await asyncio.wait_for(reader.read(), WAIT)  # closed at the body timeout
+        writer.close()
+        assert rest == b""
+
+
+async def test_a_slow_body_does_not_hold_the_shutdown_past_its_timeout(redis, redis_server,
+                                                                        cfg):
+    """The limits are swept on uvicorn's tick, which stops when the server starts shutting
+    down; uvicorn then waits for every connection (timeout_graceful_shutdown, 30 s): a
+    client dripping a body held stop() 30 s and then had every running request cancelled."""
+    async with running(cfg, redis_server.url) as eng:
+        before = await redis.dbsize()
+        reader, writer = await _open(eng.url)
+        writer.write(b"POST /v1/leads HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/x-www-form-urlencoded\r\n"
+                     b"Content-Length: %d\r\n\r\n" % (len(FORM) + 5) + FORM)
+        await writer.drain()
+        await asyncio.sleep(0.2)  # the request is read: its body phase has begun
+        await asyncio.wait_for(eng.svc.stop(), WAIT)  # 0.5 s body timeout, not 30 s
+        status, body = await _answer(reader)
+        writer.close()
+        assert status == 408 and body is not None
+        assert body["error"]["code"] == "body_timeout"  # type: ignore[index]
+        assert await redis.dbsize() == before
+
+
 async def test_headers_within_the_limits_are_served(redis_server, cfg):
     async with running(cfg, redis_server.url) as eng:
         headers = {f"X-H{i}": "v" * 100 for i in range(40)}  # ~4.5 KB, 40 headers
