@@ -143,25 +143,33 @@ class QueueingPool(aioredis.ConnectionPool):
             pass
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.wait_s
+        first = False
         while True:
             waiter = loop.create_future()
-            self._waiters.append(waiter)
+            if first:
+                self._waiters.appendleft(waiter)
+            else:
+                self._waiters.append(waiter)
             try:
                 await asyncio.wait_for(waiter, max(deadline - loop.time(), 0.0))
-            except TimeoutError:
-                raise RedisConnectionError(
-                    f"no Redis connection free within {self.wait_s:g} s") from None
-            except asyncio.CancelledError:
+            except (TimeoutError, asyncio.CancelledError) as exc:
                 if waiter.done() and not waiter.cancelled():
-                    self._wake_next()  # woken, then cancelled: the free connection's turn
-                raise                  # passes on, or a waiter behind would wait it out
+                    self._wake_next()  # woken, then timed out or cancelled: the free
+                    # connection's turn passes on, or a waiter behind would wait it out
+                if isinstance(exc, TimeoutError):
+                    raise RedisConnectionError(
+                        f"no Redis connection free within {self.wait_s:g} s") from None
+                raise
             finally:
                 if not waiter.done():
                     waiter.cancel()
             try:
                 return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
             except MaxConnectionsError:
-                continue  # another task took it first: wait again
+                first = True  # a newcomer took it first: wait again, at the head of the line
+            except BaseException:
+                self._wake_next()  # e.g. cancelled waiting for the pool's lock
+                raise
 
     async def release(self, connection: Any) -> None:
         await super().release(connection)
