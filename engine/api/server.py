@@ -79,6 +79,7 @@ class GuardedHttp(HttpToolsProtocol):
         self.now = 0.0  # loop time of the read being parsed
         self.read_len = 0  # bytes of the read being parsed
         self.refused: bytes | None = None
+        self.deferred: bytes | None = None  # a refusal waiting for the answer before it
 
     # ---- phases ------------------------------------------------------------------------
     # Tracked in data_received and on_headers_complete only: one clock read per read from
@@ -114,6 +115,14 @@ class GuardedHttp(HttpToolsProtocol):
         self.phase = _BODY
         self.deadline = self.now + limits.body_timeout_s
         super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.deferred is not None:  # the refusal of a request pipelined behind this one
+            response, self.deferred, self.phase = self.deferred, None, _HEAD
+            if self.transport.is_closing():  # that answer closed the connection
+                return
+            self._close_with(response)
 
     def _refuse(self, status: int, code: str, message: str) -> None:
         self.refused = refusal(status, code, message)
@@ -162,6 +171,9 @@ class GuardedHttp(HttpToolsProtocol):
             return
         if self.phase == _CLOSING:
             self.transport.close()
+        elif self.phase == _BODY and self.pipeline:  # queued behind a request being
+            # answered (uvicorn reads nothing meanwhile): its time starts when it runs
+            self.deadline = now + self.limits.body_timeout_s
         elif self.phase == _BODY:
             self._close_with(b"" if self.cycle.response_complete else refusal(  # answered
                 408, "body_timeout",
@@ -180,6 +192,12 @@ class GuardedHttp(HttpToolsProtocol):
         answer, so the write side is shut first and input read and dropped until the
         client closes, for at most _LINGER_S (a lingering close, as nginx does)."""
         cycle = self.cycle
+        if self.phase == _HEAD and cycle is not None and not cycle.response_complete:
+            # the refused request is pipelined behind one still being answered: that one's
+            # answer goes first, whole, and the refusal after it (on_response_complete)
+            self.deferred, self.phase, self.deadline = response, _CLOSING, 0.0
+            self.flow.pause_reading()
+            return
         if cycle is not None and not cycle.response_complete:
             if cycle.response_started:
                 response = b""

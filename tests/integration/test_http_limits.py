@@ -14,6 +14,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from engine.run import configfile
 from engine.store.store import connect
+from tests.helpers.buyers import SECRET, buyer_servers
 from tests.helpers.harness import BASE_TOML, buyer, campaign, make_config, running
 
 LIMITS = """
@@ -27,6 +28,7 @@ max_headers = 50
 """
 FORM = (b"lp_campaign_id=camp&lp_supplier_id=s1&lp_key=key-s1&email=drip%40example.com"
         b"&phone=4155550100&state=CA")
+RULES = 'accept = [{ path = "status", equals = "accepted" }]'
 WAIT = 10  # seconds a test waits for the server to act before failing (never reached)
 
 
@@ -329,3 +331,33 @@ async def test_a_waiter_woken_then_cancelled_passes_the_connection_on(redis_serv
             await first
     finally:
         await client.aclose()
+
+
+async def test_a_refused_pipelined_request_is_answered_after_the_one_before_it(redis_server):
+    """Request 2, pipelined behind request 1 (a sync lead waiting for its buyer), passes the
+    header limit: request 1 is still decided and answered first, whole, then the 431. The
+    431 used to be written at once, read by the client as request 1's answer, while request
+    1 went on and was charged with its answer dropped."""
+    async with buyer_servers() as buyers:
+        hook = f'delivery = {{ url = "{buyers.url}/slow", secret = "{SECRET}", {RULES} }}'
+        cfg = make_config(campaign(extra='mode = "sync"\nsync_deadline_ms = 5000'),
+                          buyer("b1", price="10.00", extra=hook), base=LIMITS + BASE_TOML)
+        async with running(cfg, redis_server.url) as eng:
+            opening = await eng.balance("c1")
+            reader, writer = await _open(eng.url)
+            writer.write(b"POST /v1/leads HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: application/x-www-form-urlencoded\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(FORM) + FORM)
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000)
+            await writer.drain()
+            await buyers.reached("/slow")  # request 1 is with its buyer
+            writer.write(b"a" * 20_000 + b"\r\n\r\n")  # request 2 passes 8 KiB of headers
+            await writer.drain()
+            buyers.release.set()
+            raw = await asyncio.wait_for(reader.read(), WAIT)
+            writer.close()
+            first, _, rest = raw.partition(b"HTTP/1.1 431")
+            assert first.startswith(b"HTTP/1.1 200") and b'"ACCEPTED"' in first, raw[:300]
+            assert b"headers_too_large" in rest
+            assert await eng.balance("c1") == opening - 10_000_000
+            await eng.assert_reconciled()
