@@ -10,7 +10,7 @@ from email.message import EmailMessage
 
 import pytest
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 
 @dataclass
@@ -39,7 +39,8 @@ class SmtpServer:
     """One aiosmtpd Controller on a fixed loopback port, which can be stopped and started
     again (a server that goes down and comes back)."""
 
-    def __init__(self) -> None:
+    def __init__(self, users: dict[str, str] | None = None) -> None:
+        self.users = users
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -48,13 +49,22 @@ class SmtpServer:
         self._controller: Controller | None = None
 
     def start(self) -> None:
-        self._controller = Controller(self.handler, hostname=self.host, port=self.port)
+        auth: dict[str, object] = {} if self.users is None else {
+            "auth_require_tls": False, "authenticator": self._auth}
+        self._controller = Controller(self.handler, hostname=self.host, port=self.port, **auth)
         self._controller.start()
 
     def stop(self) -> None:
         if self._controller is not None:
             self._controller.stop()
             self._controller = None
+
+    def _auth(self, server: SMTP, session: Session, envelope: Envelope, mechanism: str,
+              data: object) -> AuthResult:
+        users = self.users or {}
+        ok = (isinstance(data, LoginPassword)
+              and users.get(data.login.decode()) == data.password.decode())
+        return AuthResult(success=ok, handled=False)  # aiosmtpd answers 535 itself
 
     @property
     def received(self) -> list[Received]:
@@ -64,6 +74,18 @@ class SmtpServer:
 @pytest.fixture
 def smtp_server() -> Iterator[SmtpServer]:
     server = SmtpServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def smtp_auth_server() -> Iterator[SmtpServer]:
+    """A server that offers AUTH (user "leadflow", password "s3cret-pw") over plain SMTP,
+    loopback only (not requiring it: aiosmtpd warns about AUTH required without TLS)."""
+    server = SmtpServer(users={"leadflow": "s3cret-pw"})
     server.start()
     try:
         yield server

@@ -127,6 +127,17 @@ async def test_the_transport_error_names_the_server_not_the_password(
     assert "hunter2" not in str(info.value)
 
 
+async def test_smtp_auth(smtp_auth_server: SmtpServer) -> None:
+    await transport(smtp_auth_server, username="leadflow", password="s3cret-pw").send(
+        "ops@bright.example", message(), key="k")
+    assert [r.recipients for r in smtp_auth_server.received] == [["ops@bright.example"]]
+    with pytest.raises(TransportError, match="SMTPAuthenticationError") as info:
+        await transport(smtp_auth_server, username="leadflow", password="wrong-pw").send(
+            "ops@bright.example", message(), key="k")
+    assert "wrong-pw" not in str(info.value)
+    assert len(smtp_auth_server.received) == 1
+
+
 def test_backoff_is_full_jitter_and_capped() -> None:
     rng = random.Random(1)
     for attempt, cap in ((1, 1_000), (2, 2_000), (3, 4_000), (10, 60_000), (500, 60_000)):
