@@ -1,0 +1,117 @@
+"""Sending a rendered message: the :class:`Transport` protocol and SMTP through aiosmtplib.
+
+A message is a multipart/alternative e-mail (the text part first, the HTML part second, so a
+client shows the last one it can), built with :class:`email.message.EmailMessage`. Its
+``Message-ID`` is derived from the outbox key, so a message sent again after a crash carries
+the same id and a receiving system may recognise the duplicate.
+
+The password is kept out of ``repr`` and out of every log line and error message.
+"""
+
+from __future__ import annotations
+
+import email.errors
+import logging
+import ssl
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from email.utils import formatdate
+from typing import Literal, Protocol
+
+import aiosmtplib
+
+from engine.notify import NotifyError, TransportError
+from engine.notify.templates import Rendered
+
+log = logging.getLogger(__name__)
+
+Security = Literal["starttls", "tls", "plain"]
+
+
+class Transport(Protocol):
+    """What the outbox sends through (SMTP here; SendGrid later)."""
+
+    async def send(self, recipient: str, message: Rendered, *, key: str) -> None:
+        """Send ``message`` to ``recipient``; ``key`` is the outbox entry (the Message-ID)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpSettings:
+    """Where and how to reach the SMTP server.
+
+    ``security``: ``starttls`` (upgrade a plain connection, required), ``tls`` (TLS from the
+    first byte, usually port 465) or ``plain`` (no TLS: a local relay or tests only).
+    """
+
+    host: str
+    port: int
+    sender: str  # the From address, e.g. "Acme Leads <billing@acme.example>"
+    security: Security = "starttls"
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    timeout_s: float = 30.0
+    tls_context: ssl.SSLContext | None = field(default=None, repr=False, compare=False)
+
+
+def message_id(key: str, sender: str) -> str:
+    """The Message-ID of outbox entry ``key``: ``<notify.KEY@sender's domain>``."""
+    domain = sender.rpartition("@")[2].strip().rstrip(">").strip() or "leadflow.invalid"
+    return f"<notify.{key}@{domain}>"
+
+
+def build_message(sender: str, recipient: str, message: Rendered, *, key: str) -> EmailMessage:
+    """The multipart text+HTML e-mail of ``message``; raises NotifyError for a bad header."""
+    msg = EmailMessage()
+    try:
+        msg["From"] = sender
+        msg["To"] = recipient
+        msg["Subject"] = message.subject
+        msg["Date"] = formatdate(localtime=False, usegmt=True)
+        msg["Message-ID"] = message_id(key, sender)
+    except (ValueError, email.errors.HeaderParseError) as exc:
+        raise NotifyError(f"cannot build the message to {recipient!r}: {exc}") from exc
+    msg.set_content(message.text)
+    msg.add_alternative(message.html, subtype="html")
+    return msg
+
+
+class SmtpTransport:
+    """Sends over SMTP with aiosmtplib, one connection per message."""
+
+    def __init__(self, settings: SmtpSettings) -> None:
+        if settings.security not in ("starttls", "tls", "plain"):
+            raise NotifyError(f"smtp security: {settings.security!r} is not starttls, tls "
+                              "or plain")
+        if (settings.username is None) != (settings.password is None):
+            raise NotifyError("smtp: a username needs a password, and a password a username")
+        if settings.timeout_s <= 0:
+            raise NotifyError("smtp timeout: must be more than 0 seconds")
+        self.settings = settings
+
+    def __repr__(self) -> str:
+        s = self.settings
+        return f"SmtpTransport({s.host}:{s.port}, {s.security})"
+
+    async def send(self, recipient: str, message: Rendered, *, key: str) -> None:
+        s = self.settings
+        msg = build_message(s.sender, recipient, message, key=key)
+        try:
+            await aiosmtplib.send(
+                msg,
+                hostname=s.host,
+                port=s.port,
+                username=s.username,
+                password=s.password,
+                use_tls=s.security == "tls",
+                start_tls=s.security == "starttls",
+                tls_context=s.tls_context,
+                timeout=s.timeout_s,
+            )
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            # aiosmtplib's errors carry the server's reply, never the credentials
+            reason = f"{type(exc).__name__}: {exc}"
+            log.warning("smtp %s:%s: sending %s failed: %s", s.host, s.port,
+                        msg["Message-ID"], reason)
+            raise TransportError(f"smtp {s.host}:{s.port}: {reason}") from exc
+        log.info("smtp %s:%s: sent %s", s.host, s.port, msg["Message-ID"])

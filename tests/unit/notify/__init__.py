@@ -1,0 +1,1 @@
+"""Tests of engine.notify: templates, the SMTP transport and the outbox."""

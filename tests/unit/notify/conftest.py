@@ -1,0 +1,93 @@
+"""A real SMTP server (aiosmtpd) on loopback, collecting what it receives."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+
+@dataclass
+class Received:
+    sender: str
+    recipients: list[str]
+    message: EmailMessage
+
+
+@dataclass
+class Collector:
+    """aiosmtpd handler: keeps every message; DATA is answered after it is kept, so a
+    message is here by the time the client's send() returns."""
+
+    received: list[Received] = field(default_factory=list)
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        content = envelope.original_content or b""
+        msg = message_from_bytes(content, policy=policy.default)
+        self.received.append(Received(str(envelope.mail_from),
+                                      [str(r) for r in envelope.rcpt_tos], msg))  # type: ignore[arg-type]
+        return "250 OK"
+
+
+class SmtpServer:
+    """One aiosmtpd Controller on a fixed loopback port, which can be stopped and started
+    again (a server that goes down and comes back)."""
+
+    def __init__(self, users: dict[str, str] | None = None) -> None:
+        self.users = users
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.host = "127.0.0.1"
+        self.handler = Collector()
+        self._controller: Controller | None = None
+
+    def start(self) -> None:
+        auth: dict[str, object] = {} if self.users is None else {
+            "auth_require_tls": False, "authenticator": self._auth}
+        self._controller = Controller(self.handler, hostname=self.host, port=self.port, **auth)
+        self._controller.start()
+
+    def stop(self) -> None:
+        if self._controller is not None:
+            self._controller.stop()
+            self._controller = None
+
+    def _auth(self, server: SMTP, session: Session, envelope: Envelope, mechanism: str,
+              data: object) -> AuthResult:
+        users = self.users or {}
+        ok = (isinstance(data, LoginPassword)
+              and users.get(data.login.decode()) == data.password.decode())
+        return AuthResult(success=ok, handled=False)  # aiosmtpd answers 535 itself
+
+    @property
+    def received(self) -> list[Received]:
+        return self.handler.received
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[SmtpServer]:
+    server = SmtpServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def smtp_auth_server() -> Iterator[SmtpServer]:
+    """A server that offers AUTH (user "leadflow", password "s3cret-pw") over plain SMTP,
+    loopback only (not requiring it: aiosmtpd warns about AUTH required without TLS)."""
+    server = SmtpServer(users={"leadflow": "s3cret-pw"})
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

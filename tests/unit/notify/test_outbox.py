@@ -1,0 +1,160 @@
+"""engine.notify.transport and engine.notify.outbox against a real aiosmtpd server and the
+tests' real redis-server."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import redis.asyncio as aioredis
+
+from engine.core import keys
+from engine.notify import NotifyError, TransportError
+from engine.notify import templates as t
+from engine.notify.outbox import Outbox, Outcome, backoff_ms, entry_id
+from engine.notify.transport import SmtpSettings, SmtpTransport, build_message
+from tests.unit.notify.conftest import SmtpServer
+
+TENANT = "t1"
+SENDER = "Acme Leads <billing@acme.example>"
+
+
+def transport(server: SmtpServer, **kw: object) -> SmtpTransport:
+    return SmtpTransport(SmtpSettings(host=server.host, port=server.port, sender=SENDER,
+                                      security="plain", timeout_s=5.0, **kw))  # type: ignore[arg-type]
+
+
+def message(kind: str = "recharge_succeeded", **data: object) -> t.Rendered:
+    return t.render(kind, t.sample(kind) | data)
+
+
+async def test_a_message_arrives_with_recipient_subject_and_both_parts(
+        smtp_server: SmtpServer) -> None:
+    rendered = message(client_name="<script>x</script>")
+    await transport(smtp_server).send("ops@bright.example", rendered, key="k1")
+    [got] = smtp_server.received
+    assert got.recipients == ["ops@bright.example"]
+    assert got.sender == "billing@acme.example"
+    msg = got.message
+    assert msg["Subject"] == "Recharge of 103.00 USD succeeded"
+    assert msg["To"] == "ops@bright.example"
+    assert msg["Message-ID"] == "<notify.k1@acme.example>"
+    assert msg.get_content_type() == "multipart/alternative"
+    text = msg.get_body(("plain",))
+    html = msg.get_body(("html",))
+    assert text is not None and html is not None
+    assert "Hello <script>x</script>," in text.get_content()
+    assert "Hello &lt;script&gt;x&lt;/script&gt;," in html.get_content()
+
+
+async def test_outbox_sends_once_per_event_recipient_and_kind(
+        smtp_server: SmtpServer, redis: aioredis.Redis) -> None:
+    box = Outbox(redis, TENANT, transport(smtp_server))
+    rendered = message()
+    first = await box.send("ev-1", "ops@bright.example", "recharge_succeeded", rendered)
+    again = await box.send("ev-1", "ops@bright.example", "recharge_succeeded", rendered)
+    same_addr = await box.send("ev-1", " OPS@Bright.example", "recharge_succeeded", rendered)
+    assert (first.outcome, again.outcome, same_addr.outcome) == (
+        Outcome.SENT, Outcome.ALREADY_SENT, Outcome.ALREADY_SENT)
+    assert len(smtp_server.received) == 1
+    assert smtp_server.received[0].message["Message-ID"] == f"<notify.{first.entry}@acme.example>"
+    # another recipient, kind or event is another message
+    assert (await box.send("ev-1", "cfo@bright.example", "recharge_succeeded",
+                           rendered)).outcome is Outcome.SENT
+    assert (await box.send("ev-1", "ops@bright.example", "funding_received",
+                           rendered)).outcome is Outcome.SENT
+    assert (await box.send("ev-2", "ops@bright.example", "recharge_succeeded",
+                           rendered)).outcome is Outcome.SENT
+    assert len(smtp_server.received) == 4
+    # the record: hash-tagged per tenant, "sent", with a TTL
+    key = keys.notify(TENANT, first.entry)
+    assert key.startswith("lf:{t1}:notify:")
+    assert await redis.get(key) == b"sent"
+    assert await redis.pttl(key) > 0
+
+
+async def test_a_claim_held_by_another_sender_sends_nothing(
+        smtp_server: SmtpServer, redis: aioredis.Redis) -> None:
+    box = Outbox(redis, TENANT, transport(smtp_server))
+    entry = entry_id("ev-1", "ops@bright.example", "balance_alert")
+    await redis.set(keys.notify(TENANT, entry), "someone-else", px=60_000)
+    result = await box.send("ev-1", "ops@bright.example", "balance_alert",
+                            message("balance_alert"))
+    assert result.outcome is Outcome.IN_FLIGHT
+    assert smtp_server.received == []
+    assert await redis.get(keys.notify(TENANT, entry)) == b"someone-else"
+
+
+async def test_server_down_records_a_failure_then_up_again_delivers(
+        smtp_server: SmtpServer, redis: aioredis.Redis) -> None:
+    smtp_server.stop()
+    now = 1_800_000_000_000
+    box = Outbox(redis, TENANT, transport(smtp_server), retry_base_ms=1_000,
+                 retry_max_ms=60_000, rng=random.Random(7), clock_ms=lambda: now)
+    args = ("ev-9", "ops@bright.example", "recharge_declined")
+    rendered = message("recharge_declined")
+    entry = entry_id(*args)
+
+    failed = await box.send(*args, rendered)
+    assert failed.outcome is Outcome.FAILED and failed.attempts == 1
+    assert failed.error is not None and f"smtp 127.0.0.1:{smtp_server.port}" in failed.error
+    assert failed.retry_at_ms is not None and now <= failed.retry_at_ms <= now + 1_000
+    assert await redis.get(keys.notify(TENANT, entry)) is None  # nothing marked sent
+    again = await box.send(*args, rendered)
+    assert again.outcome is Outcome.FAILED and again.attempts == 2
+    assert again.retry_at_ms is not None and now <= again.retry_at_ms <= now + 2_000
+    assert await box.tries(*args) == (2, again.retry_at_ms)
+    tries = await redis.hgetall(keys.notify_tries(TENANT, entry))
+    assert tries[b"attempts"] == b"2" and b"last_error" in tries
+
+    smtp_server.start()
+    delivered = await box.send(*args, rendered)
+    assert delivered.outcome is Outcome.SENT
+    assert [r.recipients for r in smtp_server.received] == [["ops@bright.example"]]
+    assert await redis.get(keys.notify(TENANT, entry)) == b"sent"
+    assert await box.tries(*args) == (0, None)  # the failures are cleared once sent
+    assert (await box.send(*args, rendered)).outcome is Outcome.ALREADY_SENT
+    assert len(smtp_server.received) == 1
+
+
+async def test_the_transport_error_names_the_server_not_the_password(
+        smtp_server: SmtpServer) -> None:
+    smtp_server.stop()
+    tr = transport(smtp_server, username="u", password="hunter2-secret")
+    assert "hunter2" not in repr(tr) and "hunter2" not in repr(tr.settings)
+    with pytest.raises(TransportError) as info:
+        await tr.send("ops@bright.example", message(), key="k")
+    assert "hunter2" not in str(info.value)
+
+
+async def test_smtp_auth(smtp_auth_server: SmtpServer) -> None:
+    await transport(smtp_auth_server, username="leadflow", password="s3cret-pw").send(
+        "ops@bright.example", message(), key="k")
+    assert [r.recipients for r in smtp_auth_server.received] == [["ops@bright.example"]]
+    with pytest.raises(TransportError, match="SMTPAuthenticationError") as info:
+        await transport(smtp_auth_server, username="leadflow", password="wrong-pw").send(
+            "ops@bright.example", message(), key="k")
+    assert "wrong-pw" not in str(info.value)
+    assert len(smtp_auth_server.received) == 1
+
+
+def test_backoff_is_full_jitter_and_capped() -> None:
+    rng = random.Random(1)
+    for attempt, cap in ((1, 1_000), (2, 2_000), (3, 4_000), (10, 60_000), (500, 60_000)):
+        waits = [backoff_ms(attempt, 1_000, 60_000, rng=rng) for _ in range(200)]
+        assert all(0 <= w <= cap for w in waits)
+        assert max(waits) > cap // 2  # spread over the range, not a fixed wait
+    with pytest.raises(NotifyError):
+        backoff_ms(0, 1_000, 60_000)
+
+
+def test_bad_headers_and_settings_are_refused() -> None:
+    with pytest.raises(NotifyError, match="cannot build the message"):
+        build_message(SENDER, "a@b.example\r\nBcc: x@y.example", message(), key="k")
+    with pytest.raises(NotifyError, match="unknown message kind"):
+        entry_id("ev", "a@b.example", "nope")
+    with pytest.raises(NotifyError, match="username needs a password"):
+        SmtpTransport(SmtpSettings(host="h", port=25, sender=SENDER, username="u"))
+    with pytest.raises(NotifyError, match="starttls, tls or plain"):
+        SmtpTransport(SmtpSettings(host="h", port=25, sender=SENDER,
+                                   security="ssl"))  # type: ignore[arg-type]
