@@ -10,15 +10,10 @@ from __future__ import annotations
 import random
 from email.utils import parsedate_to_datetime
 
+from engine.core.backoff import backoff_ms
 from engine.core.untrusted import ascii_int
 
 _rng = random.SystemRandom()
-
-
-def backoff_ms(attempt: int, base_ms: int, max_ms: int, *, rng: random.Random = _rng) -> int:
-    """Full-jitter wait before retry number ``attempt`` (1-based)."""
-    ceiling = min(max_ms, base_ms * (1 << min(max(attempt - 1, 0), 40)))
-    return rng.randint(0, max(ceiling, 0))
 
 
 def parse_retry_after(value: str | None, now_ms: int) -> int | None:

@@ -34,6 +34,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
 from engine.core import keys
+from engine.core.backoff import backoff_ms
 from engine.notify import NotifyError
 from engine.notify.templates import KINDS, Rendered
 from engine.notify.transport import Transport
@@ -49,7 +50,7 @@ def _text(value: bytes | str | None) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
 
 
-class Outcome(enum.Enum):
+class SendOutcome(enum.Enum):
     SENT = "sent"  # sent now
     ALREADY_SENT = "already_sent"  # sent before: nothing done
     IN_FLIGHT = "in_flight"  # another sender holds the claim: nothing done
@@ -58,7 +59,7 @@ class Outcome(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Result:
-    outcome: Outcome
+    outcome: SendOutcome
     entry: str
     attempts: int = 0  # failed attempts so far (FAILED)
     retry_at_ms: int | None = None  # when to try again (FAILED)
@@ -75,15 +76,6 @@ def entry_id(event_id: str, recipient: str, kind: str) -> str:
         raise NotifyError("an outbox entry needs an event id and a recipient")
     raw = "\x00".join((event_id, recipient.strip().lower(), kind)).encode("utf-8")
     return hashlib.sha256(raw).hexdigest()[:32]
-
-
-def backoff_ms(attempt: int, base_ms: int, max_ms: int, *, rng: random.Random = _rng) -> int:
-    """Full-jitter wait after failed attempt ``attempt`` (1-based): uniform in
-    ``[0, min(max_ms, base_ms * 2**(attempt-1))]``."""
-    if attempt < 1:
-        raise NotifyError(f"attempt {attempt}: attempts are counted from 1")
-    cap = min(max_ms, base_ms * 2 ** min(attempt - 1, 62))
-    return rng.randint(0, cap)
 
 
 class Outbox:
@@ -119,14 +111,14 @@ class Outbox:
         token = secrets.token_hex(16)
         if not await self.redis.set(claim_key, token, nx=True, px=self.claim_ms):
             held = await self.redis.get(claim_key)
-            return Result(Outcome.ALREADY_SENT if _text(held) == SENT else Outcome.IN_FLIGHT,
-                          entry)
+            done = _text(held) == SENT
+            return Result(SendOutcome.ALREADY_SENT if done else SendOutcome.IN_FLIGHT, entry)
         try:
             await self.transport.send(recipient, message, key=entry)
         except NotifyError as exc:
             return await self._failed(entry, token, str(exc))
         await self._release(entry, token, sent=True)
-        return Result(Outcome.SENT, entry)
+        return Result(SendOutcome.SENT, entry)
 
     async def tries(self, event_id: str, recipient: str, kind: str) -> tuple[int, int | None]:
         """``(failed attempts, retry_at_ms)`` of an entry (``(0, None)`` when none failed)."""
@@ -144,7 +136,7 @@ class Outbox:
                                                   "retry_at_ms": retry_at})
         await self.redis.pexpire(tries_key, self.keep_ms)
         await self._release(entry, token, sent=False)
-        return Result(Outcome.FAILED, entry, attempts=attempts, retry_at_ms=retry_at,
+        return Result(SendOutcome.FAILED, entry, attempts=attempts, retry_at_ms=retry_at,
                       error=error)
 
     async def _release(self, entry: str, token: str, *, sent: bool) -> None:
