@@ -82,8 +82,9 @@ class GuardedHttp(HttpToolsProtocol):
         self.deferred: bytes | None = None  # a refusal waiting for the answer before it
 
     # ---- phases ------------------------------------------------------------------------
-    # Tracked in data_received and on_headers_complete only: one clock read per read from
-    # the socket, no timer per request (the server's sweep reads the deadlines).
+    # Tracked in the parser's callbacks (a request's begin, headers and end) and in
+    # data_received: one clock read per read from the socket, no timer per request (the
+    # server's sweep reads the deadlines).
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
