@@ -16,6 +16,8 @@ mapped to a message kind of :mod:`engine.notify.templates` and its context
   dead-lettered at once: retrying would fail the same way.
 
 Recipients: a client account's ``contacts``; the tenant's ``operators`` for its wallet.
+The group starts at the end of a stream (:meth:`NotifyWorker.start_group`): events from
+before a tenant's first notify worker are not mailed.
 Only tenants with ``[tenants.notify.smtp]`` are read; the others send no e-mail.
 
 This slice sends ``balance_alert``, and ``account_paused`` / ``account_resumed`` for an
@@ -30,6 +32,8 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
+
+from redis.exceptions import ResponseError
 
 from engine.core import keys, money
 from engine.core.config import Client, Config, Tenant, resolve_secret
@@ -193,10 +197,23 @@ class NotifyWorker:
                 taken += 1
         return taken
 
+    async def start_group(self) -> None:
+        """Create the ``notify`` group where it does not exist yet at the stream's end
+        (``$``), not at its start as the other groups are: a tenant that turns e-mail on
+        is not sent every alert its stream still holds. (A group lost under a running
+        worker is made again from ``0`` by the consumer, which then sends what the outbox
+        has not sent.)"""
+        for stream in self.events.streams:
+            try:
+                await self.events.redis.xgroup_create(stream, GROUP, id="$", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
     async def run(self, stop: asyncio.Event) -> None:
         """Read, send and ack until ``stop`` is set; Redis errors are retried a second
         later (the entries stay pending)."""
-        await self.events.ensure()
+        await self.start_group()
         await self.events.run(stop, self._batches, survive=UNAVAILABLE,
                               on_error=_unavailable)
 

@@ -50,6 +50,12 @@ async def _group(redis: aioredis.Redis) -> dict[str, object]:
     return {}
 
 
+def _started(redis: aioredis.Redis) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return bool(await _group(redis))
+    return check
+
+
 async def _alert_id(redis: aioredis.Redis) -> str:
     rows = await redis.xrange(keys.events("t1"))
     ids = [i.decode() for i, f in rows if f[b"type"] == b"balance_alert"]
@@ -69,6 +75,7 @@ async def test_a_balance_alert_is_one_email_to_the_contact_and_a_replay_sends_no
         redis, redis_server, smtp_server: SmtpServer) -> None:
     cfg = _config(smtp_server)
     async with running(cfg, redis_server.url, workers=[REGISTRY["notify"]]) as eng:
+        await _until(_started(redis))  # the group starts at the stream's end
         status, body = await eng.lead(email="jane@example.com")
         assert status == 200 and body["status"] == "ACCEPTED", body
         assert await eng.balance("c1") == 15_000_000
@@ -97,6 +104,7 @@ async def test_an_smtp_server_down_gets_the_email_once_it_is_back(
 
     smtp_server.stop()
     async with running(cfg, redis_server.url, workers=[quick_notify]) as eng:
+        await _until(_started(redis))  # the group starts at the stream's end
         status, body = await eng.lead(email="jane@example.com")
         assert status == 200 and body["status"] == "ACCEPTED", body
         transport = smtp_transport(cfg.tenant("t1"))

@@ -100,7 +100,7 @@ async def test_a_pass_sends_acks_and_dead_letters_a_malformed_entry(
     transport = smtp_transport(cfg.tenant("t1"))
     assert transport is not None
     worker = NotifyWorker(cfg, Store(redis), {"t1": transport}, consumer="w1", block_ms=None)
-    await worker.events.ensure()
+    await worker.start_group()
     stream = keys.events("t1")
     good = (await redis.xadd(stream, _fields(type="balance_alert", account="c1",
                                               balance="15000000", threshold="20000000"))).decode()
@@ -117,3 +117,17 @@ async def test_a_pass_sends_acks_and_dead_letters_a_malformed_entry(
     dead = await redis.xrange(keys.dead_letter("t1", "events"))
     assert [f[b"source_id"].decode() for _, f in dead] == [bad]
     assert good != bad
+
+
+async def test_events_from_before_the_group_are_not_mailed(
+        redis: aioredis.Redis, smtp_server: SmtpServer) -> None:
+    cfg = _cfg(smtp_server.port)
+    transport = smtp_transport(cfg.tenant("t1"))
+    assert transport is not None
+    await redis.xadd(keys.events("t1"), _fields(type="balance_alert", account="c1",
+                                                 balance="1", threshold="20000000"))
+    worker = NotifyWorker(cfg, Store(redis), {"t1": transport}, consumer="w1", block_ms=None)
+    await worker.start_group()
+    await worker.start_group()  # BUSYGROUP: kept where it is
+    assert await worker.events.poll(10) == []
+    assert smtp_server.received == []
