@@ -211,15 +211,19 @@ class NotifyWorker:
                     raise
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Read, send and ack until ``stop`` is set; Redis errors are retried a second
-        later (the entries stay pending)."""
+        """Read, send and ack until ``stop`` is set; a pass that fails (Redis down) is
+        tried again a second later (its entries stay pending)."""
         await self.start_group()
-        await self.events.run(stop, self._batches, survive=UNAVAILABLE,
-                              on_error=_unavailable)
+        await self.events.run(stop, self._batches, survive=(Exception,), on_error=_failed)
 
 
-def _unavailable(reader: Reader, exc: Exception) -> None:
-    log.warning("notify worker: %s; retrying", type(exc).__name__)
+def _failed(reader: Reader, exc: Exception) -> None:
+    """A failed pass: logged; the consumer tries again a second later, and its entries
+    stay pending (nothing is lost). The worker outlives one bad pass."""
+    if isinstance(exc, UNAVAILABLE):
+        log.warning("notify worker: %s; retrying", type(exc).__name__)
+    else:
+        log.error("notify worker: pass failed", exc_info=exc)
 
 
 async def run_notify_worker(cfg: Config, store: Store, *, consumer: str, stop: asyncio.Event,
