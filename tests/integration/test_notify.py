@@ -8,15 +8,17 @@ of idle entries retries it)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 
+import pytest
 import redis.asyncio as aioredis
 
 from engine.core import keys
 from engine.core.config import Config
 from engine.notify.outbox import Outbox
 from engine.notify.worker import GROUP, run_notify_worker, smtp_transport
-from engine.run.workers import REGISTRY, WorkerContext
+from engine.run.workers import REGISTRY, WorkerContext, in_process_workers
 from tests.helpers.harness import BASE_TOML, buyer, campaign, make_config, running
 from tests.helpers.smtp import SmtpServer
 
@@ -123,3 +125,19 @@ async def test_an_smtp_server_down_gets_the_email_once_it_is_back(
         await _until(lambda: _done(redis))
         assert [r.recipients for r in smtp_server.received] == [[CONTACT]]
         assert await outbox.tries(alert, CONTACT, "balance_alert") == (0, None)
+
+
+async def test_tenants_without_smtp_are_skipped_with_one_log_line(
+        redis, redis_server, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = make_config(campaign(), buyer("b1"))  # no [tenants.notify]
+    assert REGISTRY["notify"] in in_process_workers()  # `leadflow run` starts it
+    caplog.set_level(logging.INFO, logger="leadflow.notify")
+    async with running(cfg, redis_server.url, workers=[REGISTRY["notify"]]) as eng:
+        status, _ = await eng.lead(email="jane@example.com")
+        assert status == 200
+        await asyncio.sleep(0.2)
+        assert not eng.svc.crew.failed.is_set()
+    lines = [r.getMessage() for r in caplog.records if r.name == "leadflow.notify"]
+    assert lines == ["notify worker: no smtp, no e-mail for t1, t2"]
+    # no group made: nothing read (the lead made no event, so no stream either)
+    assert not await redis.exists(keys.events("t1")) or await _group(redis) == {}
