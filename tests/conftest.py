@@ -16,7 +16,8 @@ import redis.asyncio as aioredis
 from engine.store.embedded import EmbeddedRedis
 from tests.helpers import ROOT
 
-pytest_plugins = ("tests.helpers.stripe_fixture", "tests.helpers.billing_fixtures")
+pytest_plugins = ("tests.helpers.stripe_fixture", "tests.helpers.billing_fixtures",
+                  "tests.helpers.smtp")
 
 EXAMPLE_CONFIG = ROOT / "config" / "example.toml"
 

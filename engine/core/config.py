@@ -36,7 +36,7 @@ _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # fields whose values are secrets or may carry them (a URL's user info or query): a repr
 # (a log line's %r, a debugger, a failed assertion) shows them as '***'
 _SECRET_FIELDS = frozenset({"api_token", "key", "secret", "headers", "url", "redis_url",
-                            "sql_url"})
+                            "sql_url", "password"})
 
 
 class _Shape(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, kw_only=True):
@@ -207,12 +207,32 @@ class Client(Account, kw_only=True):
     tenant: Id
     name: str = ""
     billing: BillingMode = "manual"
+    contacts: list[str] = []  # e-mail addresses of the client's notifications (#19)
 
 
 class Fees(_Shape, kw_only=True):
     inbound_lead: str = "0.00"  # per valid, new, live lead decided (sold or not): tenant wallet
     outbound_delivery: str = "0.00"  # per sold delivery
     card_fee_percent: str = "0"  # passed to buyers on card funding, 0 to 15
+
+
+class Smtp(_Shape, kw_only=True):
+    """The SMTP server a tenant's e-mail notifications go through (engine.notify)."""
+
+    host: str
+    port: int = 587
+    security: Literal["starttls", "tls", "plain"] = "starttls"
+    username: str | None = None
+    password: str | None = None  # literal or env:NAME; never logged
+    sender: str  # the From address, e.g. "Acme Leads <billing@acme.example>"
+    timeout_s: float = 30.0
+
+
+class Notify(_Shape, kw_only=True):
+    """A tenant's e-mail notifications: no ``smtp``, no e-mail."""
+
+    smtp: Smtp | None = None
+    operators: list[str] = []  # the tenant's own addresses (wallet, webhooks)
 
 
 class Tenant(_Shape, kw_only=True):
@@ -223,6 +243,7 @@ class Tenant(_Shape, kw_only=True):
     fees: Fees = msgspec.field(default_factory=Fees)
     wallet: Account = msgspec.field(default_factory=Account)
     meters: dict[str, str] = {}  # metered service -> unit price
+    notify: Notify = msgspec.field(default_factory=Notify)
 
 
 class Supplier(_Shape, kw_only=True):

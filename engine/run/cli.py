@@ -26,7 +26,7 @@ from engine.run.pidfile import EngineState, config_path, read_running
 from engine.run.reconcile import reconcile
 from engine.run.service import Service, redis_url_from, run_worker
 from engine.run.wallet import credit_wallet
-from engine.run.workers import in_process_workers
+from engine.run.workers import REGISTRY, in_process_workers
 from engine.store.embedded import EmbeddedRedis
 from engine.store.store import Store, connect
 
@@ -100,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     _config_arg(credit)
 
     worker = sub.add_parser("worker", help="run one worker process")
-    worker.add_argument("kind", choices=["deliver", "recharge", "ledger"])
+    worker.add_argument("kind", choices=list(REGISTRY))
     _config_arg(worker)
     worker.add_argument("--consumer", default=None, help="consumer name (default host-pid)")
     worker.add_argument("--metrics-port", type=int, default=None)

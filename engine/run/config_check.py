@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from email.utils import parseaddr
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -21,6 +22,7 @@ from engine.core.config import (
     AutoRecharge,
     Buyer,
     Config,
+    Notify,
     ResponseRule,
     resolve_secret,
     valid_id,
@@ -52,6 +54,23 @@ MAX_PORT = 65_535  # a TCP port; 0 binds any free one (the URL is logged at star
 MAX_COOLDOWN_S = 86_400  # a buyer's open circuit breaker (a key with PX), at most a day
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _HEADER_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# an e-mail address: local@domain, no spaces, quotes or angle brackets, a dotted domain
+_ADDRESS = re.compile(r"^[^\s@<>\"(),;:\\\[\]]{1,64}@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+\Z")
+MAX_ADDRESS = 254  # RFC 5321's path limit
+MAX_SMTP_TIMEOUT_S = 300
+
+
+def valid_address(value: str) -> bool:
+    """A bare e-mail address (``ops@acme.example``), not a display name."""
+    return len(value) <= MAX_ADDRESS and bool(_ADDRESS.match(value))
+
+
+def valid_sender(value: str) -> bool:
+    """An address, or ``Display Name <address>`` (no line breaks)."""
+    if _HEADER_CTL.search(value):
+        return False
+    name, addr = parseaddr(value)
+    return bool(addr) and valid_address(addr) and (bool(name) or addr == value.strip())
 
 
 class _Checker:
@@ -146,6 +165,33 @@ class _Checker:
             for meter, price in t.meters.items():
                 if self.money(price, f"{p}.meters.{meter}") <= 0:
                     raise self.fail(f"{p}.meters.{meter}", "unit price must be positive")
+            self.notify(t.notify, f"{p}.notify")
+
+    def addresses(self, values: list[str], path: str) -> None:
+        for j, addr in enumerate(values):
+            if not valid_address(addr):
+                raise self.fail(f"{path}[{j}]", f"{addr!r} is not an e-mail address")
+
+    def notify(self, n: Notify, p: str) -> None:
+        self.addresses(n.operators, f"{p}.operators")
+        if n.smtp is None:
+            return
+        s, sp = n.smtp, f"{p}.smtp"
+        if not s.host.strip() or _HEADER_CTL.search(s.host) or " " in s.host:
+            raise self.fail(f"{sp}.host", "a host name or address")
+        if not 1 <= s.port <= MAX_PORT:
+            raise self.fail(f"{sp}.port", f"1 to {MAX_PORT}")
+        if not valid_sender(s.sender):
+            raise self.fail(f"{sp}.sender",
+                            "an e-mail address, or 'Name <address>', on one line")
+        if not 0 < s.timeout_s <= MAX_SMTP_TIMEOUT_S:
+            raise self.fail(f"{sp}.timeout_s",
+                            f"more than 0 and at most {MAX_SMTP_TIMEOUT_S} seconds")
+        if (s.username is None) != (s.password is None):
+            raise self.fail(f"{sp}.password" if s.password is None else f"{sp}.username",
+                            "a username needs a password, and a password a username")
+        if s.password is not None and not resolve_secret(s.password):
+            raise self.fail(f"{sp}.password", "empty (is its environment variable set?)")
 
     def tenant_of(self, path: str, tenant: str) -> None:
         if not any(t.id == tenant for t in self.cfg.tenants):
@@ -159,6 +205,7 @@ class _Checker:
             if c.id == WALLET:
                 raise self.fail(f"{p}.id", f"{WALLET!r} is reserved for the tenant wallet")
             self.account(c, p, c.billing)
+            self.addresses(c.contacts, f"{p}.contacts")
 
     def suppliers(self) -> None:
         self.ids(self.cfg.suppliers, "suppliers", scope_tenant=False)

@@ -29,6 +29,7 @@ from billing.stripe_gateway import ENV_KEY, StripeGateway
 from engine.core.config import Config
 from engine.core.constants import archive_path
 from engine.delivery.worker import run_delivery_worker
+from engine.notify.worker import run_notify_worker
 from engine.obs.telemetry import delivery_observer
 from engine.store.store import Store
 
@@ -131,8 +132,16 @@ async def ledger_worker(ctx: WorkerContext, stop: asyncio.Event) -> None:
         await archive.close()
 
 
+async def notify_worker(ctx: WorkerContext, stop: asyncio.Event) -> None:
+    """E-mail notifications (engine/notify), one consumer of ``events``; tenants without
+    ``[tenants.notify.smtp]`` are skipped (one log line)."""
+    await run_notify_worker(ctx.config(), ctx.store, consumer=ctx.consumer + "-notify",
+                            stop=stop)
+
+
 REGISTRY: dict[str, WorkerFn] = {
-    "deliver": delivery_worker, "recharge": recharge_worker, "ledger": ledger_worker}
+    "deliver": delivery_worker, "recharge": recharge_worker, "ledger": ledger_worker,
+    "notify": notify_worker}
 
 
 def _worker_name(factory: WorkerFn) -> str:

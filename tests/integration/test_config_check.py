@@ -299,3 +299,54 @@ async def test_port_0_in_the_config_serves_on_a_free_port(redis, redis_server, t
             assert r.status == 200
     finally:
         await svc.stop()
+
+
+# -- e-mail notifications (#19) ----------------------------------------------------------------
+
+_NOTIFY = """
+[tenants.notify]
+operators = ["ops@acme.example"]
+[tenants.notify.smtp]
+host = "smtp.acme.example"
+sender = "Acme Leads <billing@acme.example>"
+"""
+
+
+def _with_notify(extra: str = "", contacts: str = '["ap@bright.example"]') -> str:
+    toml = BASE_TOML.replace('[tenants.wallet]\nopening_balance = "1000.00"\n',
+                             '[tenants.wallet]\nopening_balance = "1000.00"\n'
+                             + _NOTIFY + extra)
+    return toml.replace('id = "c1"\nopening_balance = "100.00"',
+                        f'id = "c1"\nopening_balance = "100.00"\ncontacts = {contacts}')
+
+
+def test_a_notify_table_passes_with_its_defaults() -> None:
+    cfg = make_config(base=_with_notify())
+    smtp = cfg.tenants[0].notify.smtp
+    assert smtp is not None and (smtp.port, smtp.security) == (587, "starttls")
+    assert cfg.clients[0].contacts == ["ap@bright.example"]
+    assert cfg.tenants[1].notify.smtp is None  # none: no e-mail
+
+
+@pytest.mark.parametrize(("extra", "contacts", "path", "reason"), [
+    ("", '["not an address"]', "clients[0].contacts[0]", "not an e-mail address"),
+    ("port = 70000\n", '[]', "tenants[0].notify.smtp.port", "1 to 65535"),
+    ('username = "u"\n', '[]', "tenants[0].notify.smtp.password", "needs a password"),
+    ('username = "u"\npassword = "env:LEADFLOW_TEST_UNSET_SMTP_PW"\n', '[]',
+     "tenants[0].notify.smtp.password", "empty"),
+    ("timeout_s = 0\n", '[]', "tenants[0].notify.smtp.timeout_s", "more than 0"),
+])
+def test_bad_notify_settings_are_refused(extra: str, contacts: str, path: str,
+                                         reason: str) -> None:
+    _refused(_with_notify(extra, contacts), path, reason)
+
+
+def test_a_sender_cannot_add_a_header() -> None:
+    toml = _with_notify().replace('sender = "Acme Leads <billing@acme.example>"',
+                                  'sender = "x@acme.example\\nBcc: all@evil.example"')
+    _refused(toml, "tenants[0].notify.smtp.sender", "an e-mail address")
+
+
+def test_an_smtp_password_is_not_in_the_config_repr() -> None:
+    toml = _with_notify('username = "u"\npassword = "hunter2-secret"\n')
+    assert "hunter2-secret" not in repr(make_config(base=toml).tenants[0].notify)

@@ -14,7 +14,7 @@ from engine.notify import NotifyError, TransportError
 from engine.notify import templates as t
 from engine.notify.outbox import Outbox, SendOutcome, entry_id
 from engine.notify.transport import SmtpSettings, SmtpTransport, build_message
-from tests.unit.notify.conftest import SmtpServer
+from tests.helpers.smtp import SmtpServer
 
 TENANT = "t1"
 SENDER = "Acme Leads <billing@acme.example>"

@@ -1,4 +1,5 @@
-"""A real SMTP server (aiosmtpd) on loopback, collecting what it receives."""
+"""A real SMTP server (aiosmtpd) on loopback, collecting what it receives (fixtures
+``smtp_server``, ``smtp_auth_server``: a plugin of tests/conftest.py)."""
 
 from __future__ import annotations
 

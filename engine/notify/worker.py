@@ -1,0 +1,249 @@
+"""The notification worker: a tenant's events, as e-mail (issue #19).
+
+One consumer of the group ``notify`` on each tenant's events stream (``keys.events``),
+through :class:`engine.store.streams.StreamConsumer` like the other workers. Each entry is
+mapped to a message kind of :mod:`engine.notify.templates` and its context
+(:func:`message`), rendered, and sent to each recipient through the tenant's
+:class:`engine.notify.outbox.Outbox`, exactly once per ``(entry id, recipient, kind)``:
+
+- the entry is acked once every recipient is ``SENT`` or ``ALREADY_SENT`` (so a replayed or
+  claimed entry sends nothing twice);
+- a ``FAILED`` send (the SMTP server down or refusing) leaves the entry pending: the
+  consumer's claim of idle entries hands it over again (no sleeping here), and after
+  :data:`MAX_DELIVERIES` deliveries it goes to the tenant's events dead-letter stream;
+- ``IN_FLIGHT`` (another worker holds the recipient's claim) leaves it pending too;
+- an entry that cannot become a message (a malformed field, a template that fails) is
+  dead-lettered at once: retrying would fail the same way.
+
+Recipients: a client account's ``contacts``; the tenant's ``operators`` for its wallet.
+The group starts at the end of a stream (:meth:`NotifyWorker.start_group`): events from
+before a tenant's first notify worker are not mailed.
+Only tenants with ``[tenants.notify.smtp]`` are read; the others send no e-mail.
+
+This slice sends ``balance_alert``, and ``account_paused`` / ``account_resumed`` for an
+account paused or resumed as a whole (``buyer_paused`` / ``buyer_resumed`` without a
+``buyer`` field); every other event is acked without a message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from redis.exceptions import ResponseError
+
+from engine.core import keys, money
+from engine.core.config import Client, Config, Tenant, resolve_secret
+from engine.core.constants import WALLET
+from engine.notify import NotifyError
+from engine.notify.outbox import Outbox, SendOutcome
+from engine.notify.templates import render
+from engine.notify.transport import SmtpSettings, SmtpTransport, Transport
+from engine.store.store import UNAVAILABLE, Store
+from engine.store.streams import Batch, Fields, Reader, StreamConsumer
+
+log = logging.getLogger("leadflow.notify")
+
+GROUP: Final = "notify"
+MAX_DELIVERIES: Final = 20  # with the minute's claim: about 20 minutes of a server down
+CURRENCY: Final = "USD"
+
+_PAUSE_REASONS: Final[dict[str, str]] = {
+    "floor": "the balance reached its floor",
+    "min_balance": "the balance is under the minimum",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """What an event becomes: a kind, its template context and who receives it."""
+
+    kind: str
+    context: dict[str, Any]
+    recipients: tuple[str, ...]
+
+
+def _text(fields: Fields, name: str) -> str:
+    return fields.get(name.encode(), b"").decode("utf-8", "replace")
+
+
+def _micros(fields: Fields, name: str) -> int:
+    raw = _text(fields, name)
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise NotifyError(f"event field {name}: {raw!r} is not an amount in micros") from exc
+
+
+def _client(cfg: Config, tenant: str, account: str) -> Client | None:
+    return next((c for c in cfg.clients if c.tenant == tenant and c.id == account), None)
+
+
+def _minimum(cfg: Config, tenant: Tenant, account: str) -> int:
+    """The balance an account paused for its floor or minimum resumes at (as the Lua does:
+    its minimum, not below 0)."""
+    client = _client(cfg, tenant.id, account)
+    raw = client.min_balance if client is not None else tenant.wallet.min_balance
+    return max(money.parse(raw, field="min_balance") if raw is not None else 0, 0)
+
+
+def message(cfg: Config, tenant_id: str, fields: Fields) -> Message | None:
+    """The message of an events entry, or None when it makes none (another type, an
+    account no longer configured, nobody to tell). Raises NotifyError for a malformed
+    entry."""
+    etype, account = _text(fields, "type"), _text(fields, "account")
+    tenant = cfg.tenant(tenant_id)
+    if account == WALLET:
+        name, recipients = tenant.name or tenant.id, tuple(tenant.notify.operators)
+    else:
+        client = _client(cfg, tenant_id, account)
+        if client is None:
+            return None
+        name, recipients = client.name or client.id, tuple(client.contacts)
+    if not recipients:
+        return None
+    context: dict[str, Any] = {"tenant_name": tenant.name or tenant.id, "client_name": name,
+                               "account_id": account, "currency": CURRENCY}
+    if etype == "balance_alert":
+        context.update(balance=_micros(fields, "balance"),
+                       threshold=_micros(fields, "threshold"))
+        return Message("balance_alert", context, recipients)
+    if fields.get(b"buyer"):  # one buyer paused or resumed by hand: not the account
+        return None
+    if etype == "buyer_paused":
+        reason = _text(fields, "reason")
+        context.update(balance=_micros(fields, "balance"),
+                       reason=_PAUSE_REASONS.get(reason, reason),
+                       minimum=_minimum(cfg, tenant, account))
+        return Message("account_paused", context, recipients)
+    if etype == "buyer_resumed":
+        context.update(balance=_micros(fields, "balance"))
+        return Message("account_resumed", context, recipients)
+    return None
+
+
+def smtp_transport(tenant: Tenant) -> SmtpTransport | None:
+    """The tenant's SMTP transport (its password resolved), or None without ``smtp``."""
+    s = tenant.notify.smtp
+    if s is None:
+        return None
+    password = resolve_secret(s.password) if s.password is not None else None
+    return SmtpTransport(SmtpSettings(host=s.host, port=s.port, sender=s.sender,
+                                      security=s.security, username=s.username,
+                                      password=password, timeout_s=s.timeout_s))
+
+
+def _dead_letter_key(tenant: str) -> str:
+    return keys.dead_letter(tenant, "events")
+
+
+class NotifyWorker:
+    """The tenants' outboxes and this member of the ``notify`` group."""
+
+    def __init__(self, cfg: Config, store: Store, transports: Mapping[str, Transport], *,
+                 consumer: str, claim_idle_ms: int = 60_000, claim_every_ms: int = 5_000,
+                 block_ms: int | None = 1_000, max_deliveries: int = MAX_DELIVERIES) -> None:
+        self.cfg = cfg
+        self.outboxes = {t: Outbox(store.redis, t, tr) for t, tr in transports.items()}
+        self.events = StreamConsumer(
+            store.redis, GROUP, consumer, {keys.events(t): t for t in transports},
+            count=50, block_ms=block_ms, claim_idle_ms=claim_idle_ms,
+            claim_every_ms=claim_every_ms, dead_letter=_dead_letter_key,
+            max_deliveries=max_deliveries)
+
+    async def handle(self, tenant: str, entry_id: str, fields: Fields) -> bool:
+        """Send the entry's message; True when the entry is done (acked or
+        dead-lettered), False when it stays pending for a later claim."""
+        stream = keys.events(tenant)
+        try:
+            msg = message(self.cfg, tenant, fields)
+            rendered = render(msg.kind, msg.context) if msg is not None else None
+        except NotifyError as exc:
+            await self.events.dead_letter(tenant, stream, entry_id, fields, str(exc))
+            log.error("notify: event %s of %s dead-lettered: %s", entry_id, tenant, exc)
+            return True
+        if msg is None or rendered is None:
+            await self.events.ack(stream, entry_id)
+            return True
+        outbox = self.outboxes[tenant]
+        errors: list[str] = []
+        busy = False
+        for recipient in msg.recipients:
+            result = await outbox.send(entry_id, recipient, msg.kind, rendered)
+            if result.outcome is SendOutcome.FAILED:
+                errors.append(result.error or "failed")
+            elif result.outcome is SendOutcome.IN_FLIGHT:
+                busy = True
+        if errors:
+            error = "; ".join(errors)
+            if await self.events.give_up(tenant, stream, entry_id, fields, error):
+                log.error("notify: event %s of %s dead-lettered: %s", entry_id, tenant, error)
+            return False
+        if busy:
+            return False
+        await self.events.ack(stream, entry_id)
+        return True
+
+    async def _batches(self, reader: Reader, batches: list[Batch]) -> int:
+        taken = 0
+        for batch in batches:
+            if batch.gone:  # deleted while pending: nothing left to send
+                await self.events.ack(batch.stream, *batch.gone)
+            for entry_id, fields in batch.entries:
+                await self.handle(batch.tenant, entry_id, fields)
+                taken += 1
+        return taken
+
+    async def start_group(self) -> None:
+        """Create the ``notify`` group where it does not exist yet at the stream's end
+        (``$``), not at its start as the other groups are: a tenant that turns e-mail on
+        is not sent every alert its stream still holds. (A group lost under a running
+        worker is made again from ``0`` by the consumer, which then sends what the outbox
+        has not sent.)"""
+        for stream in self.events.streams:
+            try:
+                await self.events.redis.xgroup_create(stream, GROUP, id="$", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Read, send and ack until ``stop`` is set; a pass that fails (Redis down) is
+        tried again a second later (its entries stay pending)."""
+        await self.start_group()
+        await self.events.run(stop, self._batches, survive=(Exception,), on_error=_failed)
+
+
+def _failed(reader: Reader, exc: Exception) -> None:
+    """A failed pass: logged; the consumer tries again a second later, and its entries
+    stay pending (nothing is lost). The worker outlives one bad pass."""
+    if isinstance(exc, UNAVAILABLE):
+        log.warning("notify worker: %s; retrying", type(exc).__name__)
+    else:
+        log.error("notify worker: pass failed", exc_info=exc)
+
+
+async def run_notify_worker(cfg: Config, store: Store, *, consumer: str, stop: asyncio.Event,
+                            claim_idle_ms: int = 60_000, claim_every_ms: int = 5_000) -> None:
+    """The notification worker of every tenant with ``smtp``; without any, one log line
+    and nothing to do."""
+    transports: dict[str, Transport] = {}
+    for tenant in cfg.tenants:
+        transport = smtp_transport(tenant)
+        if transport is not None:
+            transports[tenant.id] = transport
+    skipped = [t.id for t in cfg.tenants if t.id not in transports]
+    if skipped:
+        log.info("notify worker: no smtp, no e-mail for %s", ", ".join(skipped))
+    if not transports:
+        return
+    worker = NotifyWorker(cfg, store, transports, consumer=consumer,
+                          claim_idle_ms=claim_idle_ms, claim_every_ms=claim_every_ms)
+    await worker.run(stop)
+
+
+__all__ = ["GROUP", "MAX_DELIVERIES", "Message", "NotifyWorker", "message",
+           "run_notify_worker", "smtp_transport"]

@@ -1,0 +1,143 @@
+"""The notification worker (engine/notify/worker.py) in a running engine: a real redis-server,
+a real aiosmtpd SMTP server, a lead whose debit takes a client under its alert threshold.
+
+Exactly one e-mail per (event, recipient, kind): a replayed event sends nothing again, and
+an SMTP server down when the event comes is sent to once it is back (the consumer's claim
+of idle entries retries it)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+import pytest
+import redis.asyncio as aioredis
+
+from engine.core import keys
+from engine.core.config import Config
+from engine.notify.outbox import Outbox
+from engine.notify.worker import GROUP, run_notify_worker, smtp_transport
+from engine.run.workers import REGISTRY, WorkerContext, in_process_workers
+from tests.helpers.harness import BASE_TOML, buyer, campaign, make_config, running
+from tests.helpers.smtp import SmtpServer
+
+CONTACT = "ap@bright.example"
+
+
+def _config(server: SmtpServer) -> Config:
+    toml = BASE_TOML.replace(
+        '[tenants.wallet]\nopening_balance = "1000.00"\n',
+        '[tenants.wallet]\nopening_balance = "1000.00"\n'
+        '[tenants.notify]\noperators = ["ops@acme.example"]\n'
+        f'[tenants.notify.smtp]\nhost = "{server.host}"\nport = {server.port}\n'
+        'security = "plain"\nsender = "Acme Leads <billing@acme.example>"\ntimeout_s = 5\n')
+    toml = toml.replace('id = "c1"\nopening_balance = "100.00"',
+                        f'id = "c1"\nname = "Bright Solar"\nopening_balance = "25.00"\n'
+                        f'contacts = ["{CONTACT}"]')
+    return make_config(campaign(), buyer("b1", price="10.00"), base=toml)
+
+
+async def _until(check: Callable[[], Awaitable[bool]]) -> None:
+    async with asyncio.timeout(15):
+        while not await check():  # noqa: ASYNC110 - polls Redis and the SMTP server
+            await asyncio.sleep(0.05)
+
+
+async def _group(redis: aioredis.Redis) -> dict[str, object]:
+    for g in await redis.xinfo_groups(keys.events("t1")):
+        name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
+        if name == GROUP:
+            return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in g.items()}
+    return {}
+
+
+def _started(redis: aioredis.Redis) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return bool(await _group(redis))
+    return check
+
+
+async def _alert_id(redis: aioredis.Redis) -> str:
+    rows = await redis.xrange(keys.events("t1"))
+    ids = [i.decode() for i, f in rows if f[b"type"] == b"balance_alert"]
+    assert len(ids) == 1, rows
+    return ids[0]
+
+
+async def _done(redis: aioredis.Redis) -> bool:
+    """The notify group read every entry and holds none pending."""
+    last = await redis.xrevrange(keys.events("t1"), count=1)
+    g = await _group(redis)
+    return bool(last and g) and g["pending"] == 0 \
+        and g["last-delivered-id"] == last[0][0].decode()
+
+
+async def test_a_balance_alert_is_one_email_to_the_contact_and_a_replay_sends_none(
+        redis, redis_server, smtp_server: SmtpServer) -> None:
+    cfg = _config(smtp_server)
+    async with running(cfg, redis_server.url, workers=[REGISTRY["notify"]]) as eng:
+        await _until(_started(redis))  # the group starts at the stream's end
+        status, body = await eng.lead(email="jane@example.com")
+        assert status == 200 and body["status"] == "ACCEPTED", body
+        assert await eng.balance("c1") == 15_000_000
+        await _until(lambda: _done(redis))
+        assert len(smtp_server.received) == 1
+        got = smtp_server.received[0]
+        assert got.recipients == [CONTACT]
+        assert got.message["Subject"] == "Your balance is under 20.00 USD"
+        text = got.message.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+        assert "15.00 USD" in text and "Bright Solar" in text and "c1" in text
+
+        # the same entry delivered again: the group re-reads the whole stream
+        await redis.xgroup_setid(keys.events("t1"), GROUP, "0")
+        await _until(lambda: _done(redis))
+        assert len(smtp_server.received) == 1
+
+
+async def test_an_smtp_server_down_gets_the_email_once_it_is_back(
+        redis, redis_server, smtp_server: SmtpServer) -> None:
+    cfg = _config(smtp_server)
+
+    async def quick_notify(ctx: WorkerContext, stop: asyncio.Event) -> None:
+        # claim idle entries after 300 ms instead of a minute
+        await run_notify_worker(ctx.config(), ctx.store, consumer=ctx.consumer + "-notify",
+                                stop=stop, claim_idle_ms=300, claim_every_ms=100)
+
+    smtp_server.stop()
+    async with running(cfg, redis_server.url, workers=[quick_notify]) as eng:
+        await _until(_started(redis))  # the group starts at the stream's end
+        status, body = await eng.lead(email="jane@example.com")
+        assert status == 200 and body["status"] == "ACCEPTED", body
+        transport = smtp_transport(cfg.tenant("t1"))
+        assert transport is not None
+        outbox = Outbox(redis, "t1", transport)
+        alert = await _alert_id(redis)
+
+        async def failed_twice() -> bool:
+            return (await outbox.tries(alert, CONTACT, "balance_alert"))[0] >= 2
+
+        await _until(failed_twice)  # tried, and tried again after a claim
+        assert (await _group(redis))["pending"] == 1
+        assert smtp_server.received == []
+
+        smtp_server.start()
+        await _until(lambda: _done(redis))
+        assert [r.recipients for r in smtp_server.received] == [[CONTACT]]
+        assert await outbox.tries(alert, CONTACT, "balance_alert") == (0, None)
+
+
+async def test_tenants_without_smtp_are_skipped_with_one_log_line(
+        redis, redis_server, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = make_config(campaign(), buyer("b1"))  # no [tenants.notify]
+    assert REGISTRY["notify"] in in_process_workers()  # `leadflow run` starts it
+    caplog.set_level(logging.INFO, logger="leadflow.notify")
+    async with running(cfg, redis_server.url, workers=[REGISTRY["notify"]]) as eng:
+        status, _ = await eng.lead(email="jane@example.com")
+        assert status == 200
+        await asyncio.sleep(0.2)
+        assert not eng.svc.crew.failed.is_set()
+    lines = [r.getMessage() for r in caplog.records if r.name == "leadflow.notify"]
+    assert lines == ["notify worker: no smtp, no e-mail for t1, t2"]
+    # no group made: nothing read (the lead made no event, so no stream either)
+    assert not await redis.exists(keys.events("t1")) or await _group(redis) == {}

@@ -1,0 +1,133 @@
+"""engine.notify.worker: which events become which messages, for whom; and a worker pass
+by hand (StreamConsumer.poll) against the tests' redis-server and a real aiosmtpd server."""
+
+from __future__ import annotations
+
+import pytest
+import redis.asyncio as aioredis
+
+from engine.core import keys
+from engine.core.config import Config
+from engine.core.constants import WALLET
+from engine.notify import NotifyError
+from engine.notify.worker import NotifyWorker, message, smtp_transport
+from engine.run import configfile
+from engine.store.store import Store
+from tests.helpers.smtp import SmtpServer
+
+TOML = """
+[[tenants]]
+id = "t1"
+name = "Acme Leads"
+api_token = "tok-t1"
+[tenants.notify]
+operators = ["ops@acme.example"]
+[tenants.notify.smtp]
+host = "127.0.0.1"
+port = {port}
+security = "plain"
+sender = "billing@acme.example"
+
+[[clients]]
+tenant = "t1"
+id = "c1"
+name = "Bright Solar"
+min_balance = "50.00"
+contacts = ["ap@bright.example", "cfo@bright.example"]
+
+[[clients]]
+tenant = "t1"
+id = "quiet"
+"""
+
+
+def _cfg(port: int = 2525) -> Config:
+    return configfile.loads(TOML.format(port=port), source="<test>")
+
+
+def _fields(**kw: str) -> dict[bytes, bytes]:
+    return {k.encode(): v.encode() for k, v in kw.items()}
+
+
+def test_a_client_balance_alert_goes_to_its_contacts() -> None:
+    msg = message(_cfg(), "t1", _fields(type="balance_alert", account="c1",
+                                        balance="15000000", threshold="20000000", ts="1"))
+    assert msg is not None
+    assert msg.kind == "balance_alert"
+    assert msg.recipients == ("ap@bright.example", "cfo@bright.example")
+    assert msg.context["balance"] == 15_000_000 and msg.context["threshold"] == 20_000_000
+    assert msg.context["client_name"] == "Bright Solar"
+
+
+def test_the_wallet_alert_goes_to_the_operators() -> None:
+    msg = message(_cfg(), "t1", _fields(type="balance_alert", account=WALLET,
+                                        balance="5000000", threshold="20000000"))
+    assert msg is not None and msg.recipients == ("ops@acme.example",)
+    assert msg.context["client_name"] == "Acme Leads"
+
+
+def test_an_account_pause_and_resume_are_messages_a_buyer_pause_is_not() -> None:
+    paused = message(_cfg(), "t1", _fields(type="buyer_paused", account="c1",
+                                           balance="40000000", reason="min_balance"))
+    assert paused is not None and paused.kind == "account_paused"
+    assert paused.context["minimum"] == 50_000_000
+    assert paused.context["reason"] == "the balance is under the minimum"
+    resumed = message(_cfg(), "t1", _fields(type="buyer_resumed", account="c1",
+                                            balance="60000000"))
+    assert resumed is not None and resumed.kind == "account_resumed"
+    assert message(_cfg(), "t1", _fields(type="buyer_paused", account="c1", buyer="b1",
+                                         balance="1", reason="manual")) is None
+
+
+@pytest.mark.parametrize("fields", [
+    {"type": "recharge_needed", "account": "c1", "balance": "1"},  # internal
+    {"type": "balance_alert", "account": "quiet", "balance": "1", "threshold": "2"},  # nobody
+    {"type": "balance_alert", "account": "gone", "balance": "1", "threshold": "2"},  # removed
+])
+def test_events_without_a_message(fields: dict[str, str]) -> None:
+    assert message(_cfg(), "t1", _fields(**fields)) is None
+
+
+def test_a_malformed_amount_is_a_notify_error() -> None:
+    with pytest.raises(NotifyError):
+        message(_cfg(), "t1", _fields(type="balance_alert", account="c1", balance="x",
+                                      threshold="2"))
+
+
+async def test_a_pass_sends_acks_and_dead_letters_a_malformed_entry(
+        redis: aioredis.Redis, smtp_server: SmtpServer) -> None:
+    cfg = _cfg(smtp_server.port)
+    transport = smtp_transport(cfg.tenant("t1"))
+    assert transport is not None
+    worker = NotifyWorker(cfg, Store(redis), {"t1": transport}, consumer="w1", block_ms=None)
+    await worker.start_group()
+    stream = keys.events("t1")
+    good = (await redis.xadd(stream, _fields(type="balance_alert", account="c1",
+                                              balance="15000000", threshold="20000000"))).decode()
+    bad = (await redis.xadd(stream, _fields(type="balance_alert", account="c1",
+                                             balance="oops", threshold="20000000"))).decode()
+    for batch in await worker.events.poll(10):
+        for entry_id, fields in batch.entries:
+            assert await worker.handle(batch.tenant, entry_id, fields)
+    assert sorted(r.recipients[0] for r in smtp_server.received) == [
+        "ap@bright.example", "cfo@bright.example"]
+    assert all(r.message["Subject"] == "Your balance is under 20.00 USD"
+               for r in smtp_server.received)
+    assert (await redis.xpending(stream, "notify"))["pending"] == 0
+    dead = await redis.xrange(keys.dead_letter("t1", "events"))
+    assert [f[b"source_id"].decode() for _, f in dead] == [bad]
+    assert good != bad
+
+
+async def test_events_from_before_the_group_are_not_mailed(
+        redis: aioredis.Redis, smtp_server: SmtpServer) -> None:
+    cfg = _cfg(smtp_server.port)
+    transport = smtp_transport(cfg.tenant("t1"))
+    assert transport is not None
+    await redis.xadd(keys.events("t1"), _fields(type="balance_alert", account="c1",
+                                                 balance="1", threshold="20000000"))
+    worker = NotifyWorker(cfg, Store(redis), {"t1": transport}, consumer="w1", block_ms=None)
+    await worker.start_group()
+    await worker.start_group()  # BUSYGROUP: kept where it is
+    assert await worker.events.poll(10) == []
+    assert smtp_server.received == []
