@@ -109,8 +109,10 @@ class SmtpTransport:
                 timeout=s.timeout_s,
             )
         except (aiosmtplib.SMTPException, OSError) as exc:
-            # aiosmtplib's errors carry the server's reply, never the credentials
-            reason = f"{type(exc).__name__}: {exc}"
+            # the class and the SMTP reply code only: a server's reply text can name the
+            # recipient (personal data stays out of logs and dead letters)
+            code = getattr(exc, "code", None)
+            reason = type(exc).__name__ + (f" {code}" if isinstance(code, int) else "")
             log.warning("smtp %s:%s: sending %s failed: %s", s.host, s.port,
                         msg["Message-ID"], reason)
             raise TransportError(f"smtp {s.host}:{s.port}: {reason}") from exc

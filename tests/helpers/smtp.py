@@ -28,6 +28,14 @@ class Collector:
 
     received: list[Received] = field(default_factory=list)
 
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, rcpt_options: list[str]) -> str:
+        """A mailbox with "refused" in its name does not exist here (550, naming it)."""
+        if "refused" in address:
+            return f"550 5.1.1 <{address}>: no such mailbox"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         content = envelope.original_content or b""
         msg = message_from_bytes(content, policy=policy.default)

@@ -3,6 +3,7 @@ tests' real redis-server."""
 
 from __future__ import annotations
 
+import logging
 import random
 
 import pytest
@@ -158,3 +159,21 @@ def test_bad_headers_and_settings_are_refused() -> None:
     with pytest.raises(NotifyError, match="starttls, tls or plain"):
         SmtpTransport(SmtpSettings(host="h", port=25, sender=SENDER,
                                    security="ssl"))  # type: ignore[arg-type]
+
+
+async def test_a_refused_recipient_is_a_failure_that_never_names_the_address(
+        smtp_server: SmtpServer, redis: aioredis.Redis, caplog: pytest.LogCaptureFixture) -> None:
+    """The server's reply names the mailbox: it stays out of the logs and the recorded
+    error (personal data); the class of the failure is kept."""
+    box = Outbox(redis, TENANT, transport(smtp_server))
+    address = "refused.person@bright.example"
+    with caplog.at_level(logging.DEBUG):
+        failed = await box.send("ev-pii", address, "balance_alert", message("balance_alert"))
+    assert failed.outcome is SendOutcome.FAILED and failed.error is not None
+    assert "SMTPRecipientsRefused" in failed.error and "refused.person" not in failed.error
+    ours = [r.getMessage() for r in caplog.records if not r.name.startswith("mail.")]
+    assert not [m for m in ours if "refused.person" in m]  # (mail.*: the test's server)
+    tries = await redis.hgetall(keys.notify_tries(TENANT, entry_id("ev-pii", address,
+                                                                   "balance_alert")))
+    assert b"refused.person" not in tries[b"last_error"]
+    assert smtp_server.received == []
