@@ -22,19 +22,27 @@ Only tenants with ``[tenants.notify.smtp]`` are read; the others send no e-mail.
 
 This slice sends ``balance_alert``, and ``account_paused`` / ``account_resumed`` for an
 account paused or resumed as a whole (``buyer_paused`` / ``buyer_resumed`` without a
-``buyer`` field); every other event is acked without a message.
+``buyer`` field); a client's ``recharge_succeeded`` (with the card fee of its charge
+attempt, read by the event's ``ref``), and ``recharge_failed`` as ``daily_cap_reached``
+(reason ``daily_cap``), ``recharge_declined`` (every card the attempt tried declined) or
+``recharge_failed`` (the reason in words; one not known is not shown). The card's last 4
+digits and a next attempt are not known here: the default templates leave them out. Every
+other event is acked without a message.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+import msgspec
 from redis.exceptions import ResponseError
 
+from billing.attempts import ChargeAttempt
 from engine.core import keys, money
 from engine.core.config import Client, Config, Tenant, resolve_secret
 from engine.core.constants import WALLET
@@ -55,6 +63,16 @@ _PAUSE_REASONS: Final[dict[str, str]] = {
     "floor": "the balance reached its floor",
     "min_balance": "the balance is under the minimum",
 }
+# a failed recharge's reason (billing/recharge.py) as the client reads it; any other reason
+# (an attempt's state, an error's text) is not shown: it may hold internals
+_RECHARGE_REASONS: Final[dict[str, str]] = {
+    "all_cards_failed": "no card on file could be charged",
+    "authentication_required": "the card's bank asks you to confirm the payment",
+    "no_payment_method": "there is no card on file",
+}
+_RECHARGE_UNKNOWN: Final = "the payment could not be completed"
+_RECHARGE_EVENTS: Final = frozenset({b"recharge_succeeded", b"recharge_failed"})
+_DECLINE_CODE: Final = re.compile(r"[a-z][a-z_]{0,40}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,10 +108,43 @@ def _minimum(cfg: Config, tenant: Tenant, account: str) -> int:
     return max(money.parse(raw, field="min_balance") if raw is not None else 0, 0)
 
 
-def message(cfg: Config, tenant_id: str, fields: Fields) -> Message | None:
+def _declined(attempt: ChargeAttempt | None) -> str | None:
+    """Why the attempt's cards were declined, when every card it tried was; else None."""
+    if attempt is None or not attempt.cards \
+            or any(c.state != "declined" for c in attempt.cards):
+        return None
+    if len(attempt.cards) > 1:
+        return "every card on file was declined"
+    code = attempt.cards[0].code
+    return code.replace("_", " ") if _DECLINE_CODE.fullmatch(code) else "declined by the bank"
+
+
+def _recharge(etype: str, fields: Fields, context: dict[str, Any],
+              attempt: ChargeAttempt | None) -> str:
+    """The kind of a recharge event, its context filled in from the event and, when read,
+    its charge attempt (the fee; whether the cards were declined)."""
+    context.update(amount=_micros(fields, "amount"), balance=_micros(fields, "balance"))
+    if etype == "recharge_succeeded":
+        if attempt is not None:
+            context["fee"] = attempt.fee
+        return "recharge_succeeded"
+    reason = _text(fields, "reason")
+    if reason == "daily_cap":
+        return "daily_cap_reached"
+    declined = _declined(attempt) if reason == "all_cards_failed" else None
+    if declined is not None:
+        context["reason"] = declined
+        return "recharge_declined"
+    context["reason"] = _RECHARGE_REASONS.get(reason, _RECHARGE_UNKNOWN)
+    return "recharge_failed"
+
+
+def message(cfg: Config, tenant_id: str, fields: Fields,
+            attempt: ChargeAttempt | None = None) -> Message | None:
     """The message of an events entry, or None when it makes none (another type, an
-    account no longer configured, nobody to tell). Raises NotifyError for a malformed
-    entry."""
+    account no longer configured, nobody to tell). ``attempt`` is the charge attempt a
+    recharge event refers to (its ``ref``), when it could be read. Raises NotifyError for
+    a malformed entry."""
     etype, account = _text(fields, "type"), _text(fields, "account")
     tenant = cfg.tenant(tenant_id)
     if account == WALLET:
@@ -111,6 +162,10 @@ def message(cfg: Config, tenant_id: str, fields: Fields) -> Message | None:
         context.update(balance=_micros(fields, "balance"),
                        threshold=_micros(fields, "threshold"))
         return Message("balance_alert", context, recipients)
+    if etype in ("recharge_succeeded", "recharge_failed"):
+        if account == WALLET:
+            return None
+        return Message(_recharge(etype, fields, context, attempt), context, recipients)
     if fields.get(b"buyer"):  # one buyer paused or resumed by hand: not the account
         return None
     if etype == "buyer_paused":
@@ -158,8 +213,9 @@ class NotifyWorker:
         """Send the entry's message; True when the entry is done (acked or
         dead-lettered), False when it stays pending for a later claim."""
         stream = keys.events(tenant)
+        attempt = await self._attempt(tenant, fields)
         try:
-            msg = message(self.cfg, tenant, fields)
+            msg = message(self.cfg, tenant, fields, attempt)
             rendered = render(msg.kind, msg.context) if msg is not None else None
         except NotifyError as exc:
             await self.events.dead_letter(tenant, stream, entry_id, fields, str(exc))
@@ -186,6 +242,21 @@ class NotifyWorker:
             return False
         await self.events.ack(stream, entry_id)
         return True
+
+    async def _attempt(self, tenant: str, fields: Fields) -> ChargeAttempt | None:
+        """The charge attempt of a recharge event (its ``ref``), or None: another event, an
+        attempt expired or unreadable (the message then says only what the event does)."""
+        ref = _text(fields, "ref")
+        if fields.get(b"type") not in _RECHARGE_EVENTS or not ref:
+            return None
+        raw = await self.events.redis.get(keys.attempt(tenant, ref))
+        if not raw:
+            return None
+        try:
+            return msgspec.json.decode(raw, type=ChargeAttempt)
+        except msgspec.MsgspecError:
+            log.warning("notify: charge attempt of event of %s unreadable", tenant)
+            return None
 
     async def _batches(self, reader: Reader, batches: list[Batch]) -> int:
         taken = 0

@@ -3,13 +3,16 @@ by hand (StreamConsumer.poll) against the tests' redis-server and a real aiosmtp
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 
+from billing.attempts import CardTry, ChargeAttempt
 from engine.core import keys
 from engine.core.config import Config
 from engine.core.constants import WALLET
 from engine.notify import NotifyError
+from engine.notify.templates import render
 from engine.notify.worker import NotifyWorker, message, smtp_transport
 from engine.run import configfile
 from engine.store.store import Store
@@ -131,3 +134,74 @@ async def test_events_from_before_the_group_are_not_mailed(
     await worker.start_group()  # BUSYGROUP: kept where it is
     assert await worker.events.poll(10) == []
     assert smtp_server.received == []
+
+
+def _attempt(*codes: str, fee: int = 0, declined: bool = True) -> ChargeAttempt:
+    return ChargeAttempt(
+        id="rc:1-0", tenant="t1", account="c1", purpose="recharge", amount=100_000_000,
+        fee=fee, customer="cus_1",
+        cards=[CardTry(pm=f"pm_{i}", state="declined" if declined else "error", code=code)
+               for i, code in enumerate(codes)],
+        state="failed", error="all_cards_failed")
+
+
+def test_a_recharge_success_is_a_message_with_the_attempt_fee() -> None:
+    fields = _fields(type="recharge_succeeded", account="c1", ref="rc:1-0",
+                     amount="100000000", balance="118000000", payment_intent="pi_1")
+    bare = message(_cfg(), "t1", fields)
+    assert bare is not None and bare.kind == "recharge_succeeded"
+    assert bare.recipients == ("ap@bright.example", "cfo@bright.example")
+    text = render(bare.kind, bare.context).text
+    assert "We charged 100.00 USD for Bright Solar" in text and "card ending" not in text
+    assert "Card fee" not in text and "New balance: 118.00 USD" in text
+    full = message(_cfg(), "t1", fields, _attempt(fee=3_000_000))
+    assert full is not None and "Card fee: 3.00 USD." in render(full.kind, full.context).text
+
+
+@pytest.mark.parametrize(("reason", "attempt", "kind", "said"), [
+    ("daily_cap", None, "daily_cap_reached", "reached its daily recharge limit."),
+    ("all_cards_failed", _attempt("insufficient_funds"), "recharge_declined",
+     "The card was declined for a recharge of 100.00 USD (insufficient funds)."),
+    ("all_cards_failed", _attempt("x", "y"), "recharge_declined",
+     "(every card on file was declined)"),
+    ("all_cards_failed", _attempt("Card <9999>"), "recharge_declined", "(declined by the bank)"),
+    ("all_cards_failed", _attempt("processing_error", declined=False), "recharge_failed",
+     "failed: no card on file could be charged."),
+    ("all_cards_failed", None, "recharge_failed", "failed: no card on file could be charged."),
+    ("no_payment_method", None, "recharge_failed", "failed: there is no card on file."),
+    ("authentication_required", None, "recharge_failed", "asks you to confirm the payment"),
+    ("StripeError: secret internals", None, "recharge_failed",
+     "failed: the payment could not be completed."),
+])
+def test_a_recharge_failure_is_a_message_by_its_reason(
+        reason: str, attempt: ChargeAttempt | None, kind: str, said: str) -> None:
+    msg = message(_cfg(), "t1", _fields(type="recharge_failed", account="c1", ref="rc:1-0",
+                                        reason=reason, amount="100000000",
+                                        balance="12000000"), attempt)
+    assert msg is not None and msg.kind == kind
+    rendered = render(msg.kind, msg.context)
+    assert said in " ".join(rendered.text.split()), rendered.text
+    assert "internals" not in rendered.text + rendered.html + rendered.subject
+    assert "card ending" not in rendered.text and "try again" not in rendered.text
+    assert "Balance: 12.00 USD" in rendered.text
+
+
+async def test_a_pass_reads_the_charge_attempt_of_a_recharge_event(
+        redis: aioredis.Redis, smtp_server: SmtpServer) -> None:
+    cfg = _cfg(smtp_server.port)
+    transport = smtp_transport(cfg.tenant("t1"))
+    assert transport is not None
+    worker = NotifyWorker(cfg, Store(redis), {"t1": transport}, consumer="w1", block_ms=None)
+    await worker.start_group()
+    await redis.set(keys.attempt("t1", "rc:1-0"),
+                    msgspec.json.encode(_attempt("card_declined")))
+    await redis.xadd(keys.events("t1"), _fields(
+        type="recharge_failed", account="c1", ref="rc:1-0", reason="all_cards_failed",
+        amount="100000000", balance="12000000"))
+    for batch in await worker.events.poll(10):
+        for entry_id, fields in batch.entries:
+            assert await worker.handle(batch.tenant, entry_id, fields)
+    assert len(smtp_server.received) == 2
+    assert all(r.message["Subject"] == "Recharge of 100.00 USD declined"
+               for r in smtp_server.received)
+    assert (await redis.xpending(keys.events("t1"), "notify"))["pending"] == 0
