@@ -15,6 +15,10 @@ mapped to a message kind of :mod:`engine.notify.templates` and its context
 - an entry that cannot become a message (a malformed field, a template that fails) is
   dead-lettered at once: retrying would fail the same way.
 
+On one Redis a single blocking read serves every tenant, and each tenant's entries are sent
+by that tenant's own task (:meth:`NotifyWorker._consume`): a slow or hanging SMTP server
+holds up only its own tenant's mail.
+
 Recipients: a client account's ``contacts``; the tenant's ``operators`` for its wallet.
 The group starts at the end of a stream (:meth:`NotifyWorker.start_group`): events from
 before a tenant's first notify worker are not mailed.
@@ -33,6 +37,7 @@ other event is acked without a message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from collections.abc import Mapping
@@ -50,7 +55,7 @@ from engine.notify import NotifyError
 from engine.notify.outbox import Outbox, SendOutcome
 from engine.notify.templates import render
 from engine.notify.transport import SmtpSettings, SmtpTransport, Transport
-from engine.store.store import UNAVAILABLE, Store
+from engine.store.store import UNAVAILABLE, Store, is_cluster
 from engine.store.streams import Batch, Fields, Reader, StreamConsumer
 
 log = logging.getLogger("leadflow.notify")
@@ -258,15 +263,53 @@ class NotifyWorker:
             log.warning("notify: charge attempt of event of %s unreadable", tenant)
             return None
 
-    async def _batches(self, reader: Reader, batches: list[Batch]) -> int:
-        taken = 0
-        for batch in batches:
-            if batch.gone:  # deleted while pending: nothing left to send
-                await self.events.ack(batch.stream, *batch.gone)
-            for entry_id, fields in batch.entries:
-                await self.handle(batch.tenant, entry_id, fields)
-                taken += 1
-        return taken
+    async def _guarded(self, tenant: str, stop: asyncio.Event, entry_id: str,
+                       fields: Fields) -> None:
+        """One entry; a failure (Redis down) is logged, the entry stays pending, and the
+        tenant's next entry waits a second."""
+        try:
+            await self.handle(tenant, entry_id, fields)
+        except Exception as exc:  # noqa: BLE001 - logged; the worker goes on
+            _failed_entry(tenant, exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+
+    async def _drain(self, tenant: str, q: asyncio.Queue[tuple[str, Fields] | None],
+                     stop: asyncio.Event) -> None:
+        while (item := await q.get()) is not None:
+            await self._guarded(tenant, stop, *item)
+
+    async def _consume(self, stop: asyncio.Event) -> None:
+        """Read until ``stop`` is set. One Redis: one blocking read over every tenant's
+        stream, each entry handed to its tenant's queue and sent by that tenant's own
+        task, so a slow or hanging SMTP server of one tenant holds up no other's mail. A
+        Redis Cluster: one reader per tenant already (a read over several slots is
+        refused), which sends what it read before it reads again."""
+        per_tenant = is_cluster(self.events.redis)
+        queues: dict[str, asyncio.Queue[tuple[str, Fields] | None]] = (
+            {} if per_tenant else {t: asyncio.Queue() for t in self.events.streams.values()})
+        drains = [asyncio.create_task(self._drain(t, q, stop)) for t, q in queues.items()]
+
+        async def handle(reader: Reader, batches: list[Batch]) -> int:
+            taken = 0
+            for batch in batches:
+                if batch.gone:  # deleted while pending: nothing left to send
+                    await self.events.ack(batch.stream, *batch.gone)
+                q = queues.get(batch.tenant)
+                for entry_id, fields in batch.entries:
+                    if q is not None:
+                        q.put_nowait((entry_id, fields))
+                    else:
+                        await self._guarded(batch.tenant, stop, entry_id, fields)
+                taken += len(batch.entries)
+            return taken
+
+        try:
+            await self.events.run(stop, handle, survive=(Exception,), on_error=_failed)
+        finally:
+            for q in queues.values():
+                q.put_nowait(None)  # each task sends what it holds, then ends
+            await asyncio.gather(*drains)
 
     async def start_group(self) -> None:
         """Create the ``notify`` group where it does not exist yet at the stream's end
@@ -285,7 +328,7 @@ class NotifyWorker:
         """Read, send and ack until ``stop`` is set; a pass that fails (Redis down) is
         tried again a second later (its entries stay pending)."""
         await self.start_group()
-        await self.events.run(stop, self._batches, survive=(Exception,), on_error=_failed)
+        await self._consume(stop)
 
 
 def _failed(reader: Reader, exc: Exception) -> None:
@@ -295,6 +338,14 @@ def _failed(reader: Reader, exc: Exception) -> None:
         log.warning("notify worker: %s; retrying", type(exc).__name__)
     else:
         log.error("notify worker: pass failed", exc_info=exc)
+
+
+def _failed_entry(tenant: str, exc: Exception) -> None:
+    """An entry that failed (not its send: Redis): logged by its class or trace only."""
+    if isinstance(exc, UNAVAILABLE):
+        log.warning("notify worker (%s): %s; retrying", tenant, type(exc).__name__)
+    else:
+        log.error("notify worker (%s): entry failed", tenant, exc_info=exc)
 
 
 async def run_notify_worker(cfg: Config, store: Store, *, consumer: str, stop: asyncio.Event,

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email import message_from_bytes, policy
@@ -27,6 +29,9 @@ class Collector:
     message is here by the time the client's send() returns."""
 
     received: list[Received] = field(default_factory=list)
+    arrived: threading.Event = field(default_factory=threading.Event)  # a message is kept
+    held: threading.Event = field(default_factory=threading.Event)  # a DATA waits (hold)
+    gate: asyncio.Event | None = None  # with a gate, DATA waits until it is set
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
@@ -37,10 +42,14 @@ class Collector:
         return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.gate is not None:
+            self.held.set()
+            await self.gate.wait()
         content = envelope.original_content or b""
         msg = message_from_bytes(content, policy=policy.default)
         self.received.append(Received(str(envelope.mail_from),
                                       [str(r) for r in envelope.rcpt_tos], msg))  # type: ignore[arg-type]
+        self.arrived.set()
         return "250 OK"
 
 
@@ -48,13 +57,14 @@ class SmtpServer:
     """One aiosmtpd Controller on a fixed loopback port, which can be stopped and started
     again (a server that goes down and comes back)."""
 
-    def __init__(self, users: dict[str, str] | None = None) -> None:
+    def __init__(self, users: dict[str, str] | None = None, *, hold: bool = False) -> None:
+        """``hold``: every DATA waits (the server hangs) until :meth:`release`."""
         self.users = users
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.host = "127.0.0.1"
-        self.handler = Collector()
+        self.handler = Collector(gate=asyncio.Event() if hold else None)
         self._controller: Controller | None = None
 
     def start(self) -> None:
@@ -67,6 +77,11 @@ class SmtpServer:
         if self._controller is not None:
             self._controller.stop()
             self._controller = None
+
+    def release(self) -> None:
+        """Let the held DATA commands (and later ones) through, from the server's loop."""
+        if self._controller is not None and self.handler.gate is not None:
+            self._controller.loop.call_soon_threadsafe(self.handler.gate.set)
 
     def _auth(self, server: SMTP, session: Session, envelope: Envelope, mechanism: str,
               data: object) -> AuthResult:

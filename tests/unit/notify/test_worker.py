@@ -3,6 +3,8 @@ by hand (StreamConsumer.poll) against the tests' redis-server and a real aiosmtp
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 import pytest
 import redis.asyncio as aioredis
@@ -205,3 +207,68 @@ async def test_a_pass_reads_the_charge_attempt_of_a_recharge_event(
     assert all(r.message["Subject"] == "Recharge of 100.00 USD declined"
                for r in smtp_server.received)
     assert (await redis.xpending(keys.events("t1"), "notify"))["pending"] == 0
+
+
+TWO_TENANTS = """
+[[tenants]]
+id = "{a}"
+api_token = "tok-{a}"
+[tenants.notify.smtp]
+host = "127.0.0.1"
+port = {pa}
+security = "plain"
+sender = "billing@a.example"
+timeout_s = 60
+
+[[tenants]]
+id = "{b}"
+api_token = "tok-{b}"
+[tenants.notify.smtp]
+host = "127.0.0.1"
+port = {pb}
+security = "plain"
+sender = "billing@b.example"
+timeout_s = 60
+
+[[clients]]
+tenant = "{a}"
+id = "c1"
+contacts = ["ap@a-client.example"]
+
+[[clients]]
+tenant = "{b}"
+id = "c1"
+contacts = ["ap@b-client.example"]
+"""
+
+
+async def test_a_hanging_smtp_server_of_one_tenant_holds_up_no_other_tenants_mail(
+        redis: aioredis.Redis, smtp_server: SmtpServer) -> None:
+    hanging = SmtpServer(hold=True)
+    hanging.start()
+    try:
+        cfg = configfile.loads(TWO_TENANTS.format(a="ta", b="tb", pa=hanging.port,
+                                                  pb=smtp_server.port), source="<test>")
+        transports = {t: tr for t in ("ta", "tb")
+                      if (tr := smtp_transport(cfg.tenant(t))) is not None}
+        worker = NotifyWorker(cfg, Store(redis), transports, consumer="w1", block_ms=100)
+        await worker.start_group()
+        stop = asyncio.Event()
+        task = asyncio.create_task(worker.run(stop))
+        alert = _fields(type="balance_alert", account="c1", balance="1", threshold="20000000")
+        await redis.xadd(keys.events("ta"), alert)
+        assert await asyncio.to_thread(hanging.handler.held.wait, 15)  # ta's send hangs
+        await redis.xadd(keys.events("tb"), alert)
+        assert await asyncio.to_thread(smtp_server.handler.arrived.wait, 15)
+        assert [r.recipients for r in smtp_server.received] == [["ap@b-client.example"]]
+        assert hanging.received == []
+        hanging.release()
+        assert await asyncio.to_thread(hanging.handler.arrived.wait, 15)
+        assert [r.recipients for r in hanging.received] == [["ap@a-client.example"]]
+        stop.set()
+        await task
+        for t in ("ta", "tb"):
+            assert (await redis.xpending(keys.events(t), "notify"))["pending"] == 0
+    finally:
+        hanging.release()
+        hanging.stop()
