@@ -12,6 +12,8 @@ mapped to a message kind of :mod:`engine.notify.templates` and its context
   consumer's claim of idle entries hands it over again (no sleeping here), and after
   :data:`MAX_DELIVERIES` deliveries it goes to the tenant's events dead-letter stream;
 - ``IN_FLIGHT`` (another worker holds the recipient's claim) leaves it pending too;
+- a recipient whose last send failed is not sent to again before the outbox's
+  ``retry_at_ms`` (its backoff): a claim that comes earlier leaves the entry pending;
 - an entry that cannot become a message (a malformed field, a template that fails) is
   dead-lettered at once: retrying would fail the same way.
 
@@ -40,7 +42,8 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -205,9 +208,14 @@ class NotifyWorker:
 
     def __init__(self, cfg: Config, store: Store, transports: Mapping[str, Transport], *,
                  consumer: str, claim_idle_ms: int = 60_000, claim_every_ms: int = 5_000,
-                 block_ms: int | None = 1_000, max_deliveries: int = MAX_DELIVERIES) -> None:
+                 block_ms: int | None = 1_000, max_deliveries: int = MAX_DELIVERIES,
+                 retry_base_ms: int = 30_000, retry_max_ms: int = 3_600_000,
+                 clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000) -> None:
         self.cfg = cfg
-        self.outboxes = {t: Outbox(store.redis, t, tr) for t, tr in transports.items()}
+        self.clock_ms = clock_ms
+        self.outboxes = {t: Outbox(store.redis, t, tr, retry_base_ms=retry_base_ms,
+                                   retry_max_ms=retry_max_ms, clock_ms=clock_ms)
+                         for t, tr in transports.items()}
         self.events = StreamConsumer(
             store.redis, GROUP, consumer, {keys.events(t): t for t in transports},
             count=50, block_ms=block_ms, claim_idle_ms=claim_idle_ms,
@@ -233,6 +241,10 @@ class NotifyWorker:
         errors: list[str] = []
         busy = False
         for recipient in msg.recipients:
+            _, retry_at = await outbox.tries(entry_id, recipient, msg.kind)
+            if retry_at is not None and self.clock_ms() < retry_at:
+                busy = True  # its backoff is not over: a later claim sends it
+                continue
             result = await outbox.send(entry_id, recipient, msg.kind, rendered)
             if result.outcome is SendOutcome.FAILED:
                 errors.append(result.error or "failed")
@@ -349,7 +361,9 @@ def _failed_entry(tenant: str, exc: Exception) -> None:
 
 
 async def run_notify_worker(cfg: Config, store: Store, *, consumer: str, stop: asyncio.Event,
-                            claim_idle_ms: int = 60_000, claim_every_ms: int = 5_000) -> None:
+                            claim_idle_ms: int = 60_000, claim_every_ms: int = 5_000,
+                            retry_base_ms: int = 30_000,
+                            retry_max_ms: int = 3_600_000) -> None:
     """The notification worker of every tenant with ``smtp``; without any, one log line
     and nothing to do."""
     transports: dict[str, Transport] = {}
@@ -363,7 +377,8 @@ async def run_notify_worker(cfg: Config, store: Store, *, consumer: str, stop: a
     if not transports:
         return
     worker = NotifyWorker(cfg, store, transports, consumer=consumer,
-                          claim_idle_ms=claim_idle_ms, claim_every_ms=claim_every_ms)
+                          claim_idle_ms=claim_idle_ms, claim_every_ms=claim_every_ms,
+                          retry_base_ms=retry_base_ms, retry_max_ms=retry_max_ms)
     await worker.run(stop)
 
 

@@ -100,9 +100,10 @@ async def test_an_smtp_server_down_gets_the_email_once_it_is_back(
     cfg = _config(smtp_server)
 
     async def quick_notify(ctx: WorkerContext, stop: asyncio.Event) -> None:
-        # claim idle entries after 300 ms instead of a minute
+        # claim idle entries after 300 ms instead of a minute; retry after at most 200 ms
         await run_notify_worker(ctx.config(), ctx.store, consumer=ctx.consumer + "-notify",
-                                stop=stop, claim_idle_ms=300, claim_every_ms=100)
+                                stop=stop, claim_idle_ms=300, claim_every_ms=100,
+                                retry_base_ms=100, retry_max_ms=200)
 
     smtp_server.stop()
     async with running(cfg, redis_server.url, workers=[quick_notify]) as eng:

@@ -272,3 +272,35 @@ async def test_a_hanging_smtp_server_of_one_tenant_holds_up_no_other_tenants_mai
     finally:
         hanging.release()
         hanging.stop()
+
+
+async def test_a_claim_before_the_retry_time_sends_nothing_and_leaves_the_entry_pending(
+        redis: aioredis.Redis, smtp_server: SmtpServer) -> None:
+    cfg = _cfg(smtp_server.port)
+    transport = smtp_transport(cfg.tenant("t1"))
+    assert transport is not None
+    now = [1_000_000]
+    worker = NotifyWorker(cfg, Store(redis), {"t1": transport}, consumer="w1", block_ms=None,
+                          clock_ms=lambda: now[0])
+    await worker.start_group()
+    stream = keys.events("t1")
+    await redis.xadd(stream, _fields(type="balance_alert", account="c1", balance="1",
+                                     threshold="20000000"))
+    smtp_server.stop()  # down: both recipients fail and get a retry time
+    [batch] = await worker.events.poll(10)
+    [(entry_id, fields)] = batch.entries
+    assert not await worker.handle("t1", entry_id, fields)
+    box = worker.outboxes["t1"]
+    retry_at = [(await box.tries(entry_id, r, "balance_alert"))[1]
+                for r in ("ap@bright.example", "cfo@bright.example")]
+    assert all(r is not None for r in retry_at)
+    smtp_server.start()
+    now[0] = min(r for r in retry_at if r is not None) - 1  # claimed again, too early
+    assert not await worker.handle("t1", entry_id, fields)
+    assert smtp_server.received == []
+    assert (await redis.xpending(stream, "notify"))["pending"] == 1
+    now[0] = max(r for r in retry_at if r is not None)  # both retry times reached
+    assert await worker.handle("t1", entry_id, fields)
+    assert sorted(r.recipients[0] for r in smtp_server.received) == [
+        "ap@bright.example", "cfo@bright.example"]
+    assert (await redis.xpending(stream, "notify"))["pending"] == 0
