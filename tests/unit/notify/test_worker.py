@@ -246,6 +246,8 @@ async def test_a_hanging_smtp_server_of_one_tenant_holds_up_no_other_tenants_mai
         redis: aioredis.Redis, smtp_server: SmtpServer) -> None:
     hanging = SmtpServer(hold=True)
     hanging.start()
+    stop = asyncio.Event()
+    task: asyncio.Task[None] | None = None
     try:
         cfg = configfile.loads(TWO_TENANTS.format(a="ta", b="tb", pa=hanging.port,
                                                   pb=smtp_server.port), source="<test>")
@@ -253,7 +255,6 @@ async def test_a_hanging_smtp_server_of_one_tenant_holds_up_no_other_tenants_mai
                       if (tr := smtp_transport(cfg.tenant(t))) is not None}
         worker = NotifyWorker(cfg, Store(redis), transports, consumer="w1", block_ms=100)
         await worker.start_group()
-        stop = asyncio.Event()
         task = asyncio.create_task(worker.run(stop))
         alert = _fields(type="balance_alert", account="c1", balance="1", threshold="20000000")
         await redis.xadd(keys.events("ta"), alert)
@@ -270,7 +271,10 @@ async def test_a_hanging_smtp_server_of_one_tenant_holds_up_no_other_tenants_mai
         for t in ("ta", "tb"):
             assert (await redis.xpending(keys.events(t), "notify"))["pending"] == 0
     finally:
+        stop.set()
         hanging.release()
+        if task is not None:
+            await task
         hanging.stop()
 
 
