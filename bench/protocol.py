@@ -29,6 +29,7 @@ from uvicorn.server import ServerState
 
 from bench import common
 from engine.api.server import Limits, protocol_for
+from engine.core.config import Settings
 
 BODY = (b'{"lp_campaign_id":"solar","lp_supplier_id":"aff-101","lp_key":"k-aff-101-demo",'
         b'"first_name":"Jane","last_name":"Doe","email":"jane@example.com",'
@@ -82,7 +83,7 @@ async def _feed(kind: str, n: int) -> None:
     config = uvicorn.Config(_app, http="httptools", ws="none", lifespan="off",
                             log_config=None, access_log=False)
     config.load()
-    cls = HttpToolsProtocol if kind == "plain" else protocol_for(Limits())
+    cls = HttpToolsProtocol if kind == "plain" else protocol_for(Limits.of(Settings()))
     state = ServerState()
     proto = cls(config=config, server_state=state, app_state={})
     transport = _Transport()

@@ -35,13 +35,21 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from engine.api.schemas import Error, ErrorDetail
+from engine.core.config import Settings
 
 
 class Limits(msgspec.Struct, frozen=True, kw_only=True):
-    header_timeout_s: float = 10.0
-    body_timeout_s: float = 30.0
-    max_header_bytes: int = 32 * 1024
-    max_headers: int = 100
+    """The protocol's share of ``[settings]`` (their defaults are the config's)."""
+
+    header_timeout_s: float
+    body_timeout_s: float
+    max_header_bytes: int
+    max_headers: int
+
+    @classmethod
+    def of(cls, s: Settings) -> Limits:
+        return cls(header_timeout_s=s.header_timeout_s, body_timeout_s=s.body_timeout_s,
+                   max_header_bytes=s.max_header_bytes, max_headers=s.max_headers)
 
 
 # a connection's phase: what it is waiting for (_CLOSING: answered, reading what the client
@@ -69,7 +77,7 @@ class _Refused(Exception):
 class GuardedHttp(HttpToolsProtocol):
     """uvicorn's httptools protocol with header/body timeouts and header bounds."""
 
-    limits: ClassVar[Limits] = Limits()
+    limits: ClassVar[Limits] = Limits.of(Settings())
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

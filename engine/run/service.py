@@ -277,13 +277,11 @@ class Service:
         """uvicorn serving ``app`` on ``sock``, started; its stop (it stops accepting, then
         in-flight requests finish) registered on ``stack``."""
         s = self.cfg.settings
-        limits = Limits(header_timeout_s=s.header_timeout_s, body_timeout_s=s.body_timeout_s,
-                        max_header_bytes=s.max_header_bytes, max_headers=s.max_headers)
         config = uvicorn.Config(
             app,
             host=self.host,
             port=self.port,
-            http=protocol_for(limits),
+            http=protocol_for(Limits.of(s)),
             ws="none",
             timeout_keep_alive=s.keepalive_timeout_s,  # type: ignore[arg-type]
             limit_concurrency=s.max_connections,
