@@ -97,6 +97,13 @@ _enc = msgspec.json.Encoder()
 _dec = msgspec.json.Decoder(ChargeAttempt)
 
 
+async def load_attempt(redis: aioredis.Redis, tenant: str, attempt_id: str
+                       ) -> ChargeAttempt | None:
+    """A charge attempt as recorded (None: none, or expired); read without a gateway."""
+    raw = await redis.get(keys.attempt(tenant, attempt_id))
+    return _dec.decode(raw) if raw else None
+
+
 def idempotency_key(a: ChargeAttempt) -> str:
     return f"{a.tenant}:{a.id}:{a.index}"
 
@@ -115,8 +122,7 @@ class Charger:
     # -- persistence -----------------------------------------------------------------------
 
     async def load(self, tenant: str, attempt_id: str) -> ChargeAttempt | None:
-        raw = await self.redis.get(keys.attempt(tenant, attempt_id))
-        return _dec.decode(raw) if raw else None
+        return await load_attempt(self.redis, tenant, attempt_id)
 
     async def create(self, a: ChargeAttempt) -> tuple[ChargeAttempt, bool]:
         """Record a new attempt; (the stored one, created?) -- an existing id wins."""

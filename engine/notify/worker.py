@@ -50,7 +50,7 @@ from typing import Any, Final
 import msgspec
 from redis.exceptions import ResponseError
 
-from billing.attempts import ChargeAttempt
+from billing.attempts import ChargeAttempt, load_attempt
 from engine.core import keys, money
 from engine.core.config import Client, Config, Tenant, resolve_secret
 from engine.core.constants import WALLET
@@ -266,11 +266,8 @@ class NotifyWorker:
         ref = _text(fields, "ref")
         if fields.get(b"type") not in _RECHARGE_EVENTS or not ref:
             return None
-        raw = await self.events.redis.get(keys.attempt(tenant, ref))
-        if not raw:
-            return None
         try:
-            return msgspec.json.decode(raw, type=ChargeAttempt)
+            return await load_attempt(self.events.redis, tenant, ref)
         except msgspec.MsgspecError:
             log.warning("notify: charge attempt of event of %s unreadable", tenant)
             return None
