@@ -389,6 +389,17 @@ class Archive:
         rows = await self._db.fetch(sql, params)
         return int(rows[0][0]), int(rows[0][1])
 
+    async def period_sums(self, tenant: str, account: str, from_ms: int, to_ms: int
+                          ) -> list[tuple[str, bool, int, int]]:
+        """The account's archived entries with ``from_ms <= ts < to_ms``, grouped by ledger
+        kind and direction: (kind, credit, entries, sum of deltas) rows."""
+        p = self._db.ph
+        rows = await self._db.fetch(
+            "SELECT kind, delta > 0, COUNT(*), COALESCE(SUM(delta), 0) "  # noqa: S608
+            f"FROM ledger_entries WHERE tenant = {p} AND account = {p} AND ts >= {p} "
+            f"AND ts < {p} GROUP BY kind, delta > 0", [tenant, account, from_ms, to_ms])
+        return [(str(r[0]), bool(r[1]), int(r[2]), int(r[3])) for r in rows]
+
     async def archived(self, tenant: str, ids: Iterable[str]) -> set[str]:
         ids = list(ids)
         found: set[str] = set()
@@ -482,6 +493,63 @@ async def account_totals(store: Store, archive: Archive, tenant: str,
     sql_sum, _ = await archive.account_sum(tenant, account, upto=upto)
     return AccountTotals(account=account, redis_balance=int(bal or 0), sql_sum=sql_sum,
                          unarchived_sum=sum(d for i, d in stream.items() if i not in done))
+
+
+class PeriodTotals(msgspec.Struct, frozen=True):
+    """What an account's ledger says about a period (amounts in micros, all >= 0 but
+    ``spent``, which a period of refunds only could take below 0): the weekly report."""
+
+    balance: int  # the account's balance now
+    leads: int  # sales (ledger kind ``lead``)
+    spent: int  # leads, re-pricing, usage and fees, less the sales refunded
+    funded: int  # funding and recharges
+    returns: int  # leads returned
+    returned: int  # credited for them
+    refunded: int  # unused balance refunded to cards
+
+
+def _totals(balance: int, rows: Iterable[tuple[str, bool, int, int]]) -> PeriodTotals:
+    t = {"leads": 0, "spent": 0, "funded": 0, "returns": 0, "returned": 0, "refunded": 0}
+    for kind, credit, n, total in rows:
+        if kind == "lead":
+            t["leads"] += n
+        if kind in ("lead", "reprice", "usage", "fee", "fee_refund") or (
+                kind == "refund" and credit):  # a sale refunded (delivery rejected)
+            t["spent"] -= total
+        elif kind in ("funding", "recharge"):
+            t["funded"] += total
+        elif kind == "return":
+            t["returns"] += n
+            t["returned"] += total
+        elif kind == "refund":  # the unused balance back to a card
+            t["refunded"] -= total
+    return PeriodTotals(balance=balance, **t)
+
+
+async def period_totals(store: Store, archive: Archive, tenant: str, account: str, *,
+                        from_ms: int, to_ms: int) -> PeriodTotals:
+    """The account's ledger over ``from_ms <= ts < to_ms``: the SQL archive's sums plus
+    the entries still in the tenant stream and not yet in SQL (as :func:`account_totals`
+    reads them: one snapshot of the stream with the balance)."""
+    async with store.redis.pipeline(transaction=True) as pipe:
+        pipe.hget(keys.acct(tenant, account), "bal")
+        pipe.xrange(keys.ledger(tenant), "-", "+")
+        bal, rows = await pipe.execute()
+    want = account.encode()
+    stream = {i.decode(): f for i, f in rows if f.get(b"account") == want
+              and from_ms <= int(f.get(b"ts", b"0")) < to_ms}
+    done = await archive.archived(tenant, stream)
+    grouped: dict[tuple[str, bool], list[int]] = {}
+    for kind, credit, n, total in await archive.period_sums(tenant, account, from_ms, to_ms):
+        grouped[(kind, credit)] = [n, total]
+    for entry_id, f in stream.items():
+        if entry_id in done:
+            continue
+        delta = int(f[b"delta"])
+        cell = grouped.setdefault((f.get(b"kind", b"").decode(), delta > 0), [0, 0])
+        cell[0] += 1
+        cell[1] += delta
+    return _totals(int(bal or 0), ((k, c, n, s) for (k, c), (n, s) in grouped.items()))
 
 
 def _ledgers(redis: aioredis.Redis, tenants: list[str], consumer: str, *,

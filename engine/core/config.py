@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Literal
+from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
@@ -228,11 +228,25 @@ class Smtp(_Shape, kw_only=True):
     timeout_s: float = 30.0
 
 
+Weekday = Literal["monday", "tuesday", "wednesday", "thursday", "friday", "saturday",
+                  "sunday"]
+
+
+class WeeklyReport(_Shape, kw_only=True):
+    """The weekly report e-mail (engine.notify.weekly), sent at ``day`` ``at`` in the
+    tenant's time zone for the seven days before ``day``."""
+
+    enabled: bool = True
+    day: Weekday = "monday"
+    at: Annotated[str, msgspec.Meta(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")] = "09:00"
+
+
 class Notify(_Shape, kw_only=True):
     """A tenant's e-mail notifications: no ``smtp``, no e-mail."""
 
     smtp: Smtp | None = None
     operators: list[str] = []  # the tenant's own addresses (wallet, webhooks)
+    weekly_report: WeeklyReport = msgspec.field(default_factory=WeeklyReport)
 
 
 class Tenant(_Shape, kw_only=True):

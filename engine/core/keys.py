@@ -34,6 +34,7 @@ _SUFFIX: dict[str, str] = {
     # engine.notify's outbox; "{}" is the digest of (event id, recipient, kind)
     "notify": "notify:{}",  # STRING: "sent", or the token of the sender holding the claim (TTL)
     "notify_tries": "notify:{}:tries",  # HASH: attempts, last_error, retry_at_ms (failed sends)
+    "weekly": "weekly:{}",  # STRING: the weekly reports of the week starting {} are all sent
 }
 _FIXED: dict[str, str] = {
     "ledger": "ledger",  # STREAM: every ledger entry of the tenant (archived to SQL)
@@ -124,6 +125,12 @@ def notify(tenant: str, entry: str) -> str:
 
 def notify_tries(tenant: str, entry: str) -> str:
     return tenant_prefix(tenant) + _SUFFIX["notify_tries"].format(entry)
+
+
+def weekly(tenant: str, week_start: str) -> str:
+    """Set once every weekly report of the week starting ``week_start`` (ISO date) is
+    sent or given up (engine.notify.weekly)."""
+    return tenant_prefix(tenant) + _SUFFIX["weekly"].format(week_start)
 
 
 def open_attempts(tenant: str) -> str:

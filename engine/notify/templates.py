@@ -87,8 +87,8 @@ SAMPLES: Final[dict[str, dict[str, Any]]] = {
     "return_decided": {"lead_id": "l-8f3a", "granted": True, "amount": 35_000_000,
                        "explanation": "The phone number was disconnected."},
     "weekly_report": {"week_start": "2026-11-30", "week_end": "2026-12-06", "leads": 412,
-                      "spent": 14_420_000_000, "funded": 15_000_000_000,
-                      "balance": 1_080_000_000},
+                      "spent": 14_420_000_000, "funded": 15_000_000_000, "returns": 3,
+                      "returned": 105_000_000, "refunded": 0, "balance": 1_080_000_000},
 }
 
 

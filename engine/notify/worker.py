@@ -50,6 +50,7 @@ from typing import Any, Final
 import msgspec
 from redis.exceptions import ResponseError
 
+from billing.archive import Archive
 from billing.attempts import ChargeAttempt, load_attempt
 from engine.core import keys, money
 from engine.core.config import Client, Config, Tenant, resolve_secret
@@ -58,6 +59,7 @@ from engine.notify import NotifyError
 from engine.notify.outbox import Outbox, SendOutcome
 from engine.notify.templates import render
 from engine.notify.transport import SmtpSettings, SmtpTransport, Transport
+from engine.notify.weekly import WeeklyReports
 from engine.store.store import UNAVAILABLE, Store, is_cluster
 from engine.store.streams import Batch, Fields, Reader, StreamConsumer
 
@@ -358,11 +360,13 @@ def _failed_entry(tenant: str, exc: Exception) -> None:
 
 
 async def run_notify_worker(cfg: Config, store: Store, *, consumer: str, stop: asyncio.Event,
+                            archive: Archive | None = None,
                             claim_idle_ms: int = 60_000, claim_every_ms: int = 5_000,
                             retry_base_ms: int = 30_000,
                             retry_max_ms: int = 3_600_000) -> None:
-    """The notification worker of every tenant with ``smtp``; without any, one log line
-    and nothing to do."""
+    """The notification worker of every tenant with ``smtp``, and with ``archive`` (the
+    ledger's SQL side) their weekly reports (:mod:`engine.notify.weekly`); without any
+    such tenant, one log line and nothing to do."""
     transports: dict[str, Transport] = {}
     for tenant in cfg.tenants:
         transport = smtp_transport(tenant)
@@ -376,7 +380,11 @@ async def run_notify_worker(cfg: Config, store: Store, *, consumer: str, stop: a
     worker = NotifyWorker(cfg, store, transports, consumer=consumer,
                           claim_idle_ms=claim_idle_ms, claim_every_ms=claim_every_ms,
                           retry_base_ms=retry_base_ms, retry_max_ms=retry_max_ms)
-    await worker.run(stop)
+    if archive is None:
+        await worker.run(stop)
+        return
+    weekly = WeeklyReports(cfg, store, archive, worker.outboxes, clock_ms=worker.clock_ms)
+    await asyncio.gather(worker.run(stop), weekly.run(stop))
 
 
 __all__ = ["GROUP", "MAX_DELIVERIES", "Message", "NotifyWorker", "message",

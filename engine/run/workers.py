@@ -135,8 +135,13 @@ async def ledger_worker(ctx: WorkerContext, stop: asyncio.Event) -> None:
 async def notify_worker(ctx: WorkerContext, stop: asyncio.Event) -> None:
     """E-mail notifications (engine/notify), one consumer of ``events``; tenants without
     ``[tenants.notify.smtp]`` are skipped (one log line)."""
-    await run_notify_worker(ctx.config(), ctx.store, consumer=ctx.consumer + "-notify",
-                            stop=stop)
+    archive = await Archive.open(ctx.config().settings.sql_url,
+                                 path=str(archive_path(ctx.state_dir)))
+    try:
+        await run_notify_worker(ctx.config(), ctx.store, consumer=ctx.consumer + "-notify",
+                                stop=stop, archive=archive)
+    finally:
+        await archive.close()
 
 
 REGISTRY: dict[str, WorkerFn] = {
