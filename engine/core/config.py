@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
@@ -28,7 +28,8 @@ Distribution = Literal[
     "waterfall", "round_robin", "weighted_round_robin", "highest_price", "send_to_all", "exclusive"
 ]
 BillingMode = Literal["none", "manual", "realtime"]
-WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+WEEKDAYS: tuple[str, ...] = get_args(Weekday)  # Monday first, as date.weekday()
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -228,23 +229,29 @@ class Smtp(_Shape, kw_only=True):
     timeout_s: float = 30.0
 
 
-Weekday = Literal["monday", "tuesday", "wednesday", "thursday", "friday", "saturday",
-                  "sunday"]
-
-
 class WeeklyReport(_Shape, kw_only=True):
     """The weekly report e-mail (engine.notify.weekly), sent at ``day`` ``at`` in the
     tenant's time zone for the seven days before ``day``."""
 
     enabled: bool = True
-    day: Weekday = "monday"
+    day: Weekday = "mon"
     at: Annotated[str, msgspec.Meta(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")] = "09:00"
 
 
+class TenantWebhook(_Shape, kw_only=True):
+    """The tenant's own webhook for its events stream (engine.delivery.tenant_hooks)."""
+
+    url: str
+    secret: str = ""  # whsec_<base64>, literal or env:NAME; empty: unsigned
+    events: list[str] = []  # event types sent; empty: every type
+    timeout_ms: int = 5_000
+
+
 class Notify(_Shape, kw_only=True):
-    """A tenant's e-mail notifications: no ``smtp``, no e-mail."""
+    """A tenant's e-mail notifications (no ``smtp``, no e-mail) and its own webhook."""
 
     smtp: Smtp | None = None
+    webhook: TenantWebhook | None = None
     operators: list[str] = []  # the tenant's own addresses (wallet, webhooks)
     weekly_report: WeeklyReport = msgspec.field(default_factory=WeeklyReport)
 

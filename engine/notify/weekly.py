@@ -33,12 +33,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from datetime import time as day_time
-from typing import Any, Final, get_args
+from typing import Any, Final
 from zoneinfo import ZoneInfo
 
 from billing.archive import Archive, period_totals
 from engine.core import keys
-from engine.core.config import Config, Tenant, Weekday
+from engine.core.config import WEEKDAYS, Config, Tenant
 from engine.core.constants import WALLET
 from engine.notify.outbox import Outbox, SendOutcome
 from engine.notify.recipients import audience
@@ -48,7 +48,6 @@ from engine.store.store import UNAVAILABLE, Store
 log = logging.getLogger("leadflow.notify.weekly")
 
 KIND: Final = "weekly_report"
-DAYS: Final[tuple[str, ...]] = get_args(Weekday)  # monday first, as date.weekday()
 LATE_MS: Final = 3 * 86_400_000  # a report not sent within 3 days of its due time is skipped
 MAX_ATTEMPTS: Final = 20  # failed sends of one report before it is given up
 DONE_TTL_S: Final = 14 * 86_400  # how long a week's "all sent" mark is kept
@@ -77,7 +76,7 @@ def last_due(now_ms: int, tz: ZoneInfo, day: str, at: str) -> Week:
     week across a daylight-saving change is 167 or 169 hours long, as its days are."""
     hh, mm = int(at[:2]), int(at[3:])
     local = datetime.fromtimestamp(now_ms / 1000, tz)
-    d = local.date() - timedelta(days=(local.weekday() - DAYS.index(day)) % 7)
+    d = local.date() - timedelta(days=(local.weekday() - WEEKDAYS.index(day)) % 7)
     due = _ms(datetime.combine(d, day_time(hh, mm), tz))
     if due > now_ms:  # today is the day, but not the hour yet: the week before
         d -= timedelta(days=7)
@@ -191,5 +190,5 @@ class WeeklyReports:
                 await asyncio.wait_for(stop.wait(), every_s)
 
 
-__all__ = ["DAYS", "KIND", "LATE_MS", "MAX_ATTEMPTS", "Week", "WeeklyReports", "event_id",
+__all__ = ["KIND", "LATE_MS", "MAX_ATTEMPTS", "Week", "WeeklyReports", "event_id",
            "last_due"]

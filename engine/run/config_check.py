@@ -24,6 +24,7 @@ from engine.core.config import (
     Config,
     Notify,
     ResponseRule,
+    TenantWebhook,
     resolve_secret,
     valid_id,
     zone,
@@ -54,6 +55,7 @@ MAX_PORT = 65_535  # a TCP port; 0 binds any free one (the URL is logged at star
 MAX_COOLDOWN_S = 86_400  # a buyer's open circuit breaker (a key with PX), at most a day
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _HEADER_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_EVENT_TYPE = re.compile(r"[a-z][a-z_]{0,39}")
 # an e-mail address: local@domain, no spaces, quotes or angle brackets, a dotted domain
 _ADDRESS = re.compile(r"^[^\s@<>\"(),;:\\\[\]]{1,64}@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+\Z")
 MAX_ADDRESS = 254  # RFC 5321's path limit
@@ -166,6 +168,7 @@ class _Checker:
                 if self.money(price, f"{p}.meters.{meter}") <= 0:
                     raise self.fail(f"{p}.meters.{meter}", "unit price must be positive")
             self.notify(t.notify, f"{p}.notify")
+            self.tenant_webhook(t.notify.webhook, f"{p}.notify.webhook")
 
     def addresses(self, values: list[str], path: str) -> None:
         for j, addr in enumerate(values):
@@ -298,35 +301,52 @@ class _Checker:
             if b.delivery is not None:
                 self.delivery(b, f"{p}.delivery")
 
+    def webhook_url(self, url: str, p: str) -> None:
+        try:
+            parts = urlsplit(url)
+        except ValueError as exc:  # e.g. "Invalid IPv6 URL" for http://[::1
+            # the URL is never echoed: its user info or query may hold a secret
+            raise self.fail(p, f"not an http(s) URL with a host: {exc}") from exc
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise self.fail(p, "not an http(s) URL with a host")
+        try:
+            _ = parts.port
+        except ValueError as exc:
+            raise self.fail(p, f"invalid port: {exc}") from exc
+
+    def webhook_secret(self, value: str, p: str) -> None:
+        if not value:  # every webhook is signed (Standard Webhooks): no secret, no hook
+            raise self.fail(p, "required: every webhook request is signed "
+                            "(whsec_<base64> or env:NAME)")
+        secret = resolve_secret(value)
+        if not secret:
+            raise self.fail(p, "empty (is its environment variable set?)")
+        if not secret.startswith("whsec_"):
+            raise self.fail(p, "expected whsec_<base64> or env:NAME")
+        try:
+            Signer(secret)
+        except SigningError as exc:
+            raise self.fail(p, str(exc)) from exc
+
+    def tenant_webhook(self, w: TenantWebhook | None, p: str) -> None:
+        """The tenant's own webhook (engine.delivery.tenant_hooks), when it has one."""
+        if w is None:
+            return
+        self.webhook_url(w.url, f"{p}.url")
+        self.webhook_secret(w.secret, f"{p}.secret")
+        for j, etype in enumerate(w.events):
+            if not _EVENT_TYPE.fullmatch(etype):
+                raise self.fail(f"{p}.events[{j}]", f"{etype!r} is not an event type")
+        if not 1 <= w.timeout_ms <= MAX_TIMEOUT_MS:
+            raise self.fail(f"{p}.timeout_ms", f"1 to {MAX_TIMEOUT_MS} ms")
+
     def delivery(self, b: Buyer, p: str) -> None:
         """A buyer's webhook settings, checked here so a bad one fails the load (with its
         path) instead of every delivery in the worker."""
         d = b.delivery
         assert d is not None
-        try:
-            parts = urlsplit(d.url)
-        except ValueError as exc:  # e.g. "Invalid IPv6 URL" for http://[::1
-            # the URL is never echoed: its user info or query may hold the buyer's secret
-            raise self.fail(f"{p}.url", f"not an http(s) URL with a host: {exc}") from exc
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise self.fail(f"{p}.url", "not an http(s) URL with a host")
-        try:
-            _ = parts.port
-        except ValueError as exc:
-            raise self.fail(f"{p}.url", f"invalid port: {exc}") from exc
-        if not d.secret:  # every webhook is signed (Standard Webhooks): no secret, no hook
-            raise self.fail(f"{p}.secret", "required: every webhook request is signed "
-                            "(whsec_<base64> or env:NAME)")
-        if d.secret:
-            secret = resolve_secret(d.secret)
-            if not secret:
-                raise self.fail(f"{p}.secret", "empty (is its environment variable set?)")
-            if not secret.startswith("whsec_"):
-                raise self.fail(f"{p}.secret", "expected whsec_<base64> or env:NAME")
-            try:
-                Signer(secret)
-            except SigningError as exc:
-                raise self.fail(f"{p}.secret", str(exc)) from exc
+        self.webhook_url(d.url, f"{p}.url")
+        self.webhook_secret(d.secret, f"{p}.secret")
         for name, value in d.headers.items():
             if not _HEADER_NAME.match(name):  # RFC 9110 token; a space or ':' is sent as is
                 raise self.fail(f"{p}.headers", f"{name!r} is not a valid header name "

@@ -28,6 +28,7 @@ from billing.recharge import run_recharge_worker
 from billing.stripe_gateway import ENV_KEY, StripeGateway
 from engine.core.config import Config
 from engine.core.constants import archive_path
+from engine.delivery.tenant_hooks import run_tenant_hooks
 from engine.delivery.worker import run_delivery_worker
 from engine.notify.worker import run_notify_worker
 from engine.obs.telemetry import delivery_observer
@@ -144,9 +145,16 @@ async def notify_worker(ctx: WorkerContext, stop: asyncio.Event) -> None:
         await archive.close()
 
 
+async def hooks_worker(ctx: WorkerContext, stop: asyncio.Event) -> None:
+    """The tenants' own webhooks (engine/delivery/tenant_hooks), one consumer of
+    ``events``; tenants without ``[tenants.notify.webhook]`` are not read."""
+    await run_tenant_hooks(ctx.config(), ctx.store, ctx.http, consumer=ctx.consumer + "-hooks",
+                           stop=stop)
+
+
 REGISTRY: dict[str, WorkerFn] = {
     "deliver": delivery_worker, "recharge": recharge_worker, "ledger": ledger_worker,
-    "notify": notify_worker}
+    "notify": notify_worker, "hooks": hooks_worker}
 
 
 def _worker_name(factory: WorkerFn) -> str:

@@ -16,9 +16,9 @@ import pytest
 
 from billing.archive import Archive
 from engine.core import keys
-from engine.core.config import Config
+from engine.core.config import WEEKDAYS, Config
 from engine.notify.outbox import Outbox
-from engine.notify.weekly import DAYS, KIND, MAX_ATTEMPTS, WeeklyReports, event_id, last_due
+from engine.notify.weekly import KIND, MAX_ATTEMPTS, WeeklyReports, event_id, last_due
 from engine.notify.worker import smtp_transport
 from tests.helpers.harness import BASE_TOML, buyer, campaign, make_config, running
 from tests.helpers.smtp import SmtpServer
@@ -32,7 +32,7 @@ def _due_ms() -> tuple[str, int]:
     """A report day two days from today in New York, and its 09:00 there."""
     today = datetime.now(TZ).date()
     day = today + timedelta(days=2)
-    return DAYS[day.weekday()], int(datetime.combine(day, day_time(9), TZ).timestamp() * 1000)
+    return WEEKDAYS[day.weekday()], int(datetime.combine(day, day_time(9), TZ).timestamp() * 1000)
 
 
 def _config(server: SmtpServer, day: str) -> Config:
@@ -58,14 +58,14 @@ def test_last_due_is_the_day_and_hour_in_the_tenants_zone() -> None:
         return int(datetime(*a, tzinfo=TZ).timestamp() * 1000)
 
     # Monday 2026-12-07, 08:59 in New York: not yet; the week before's report
-    week = last_due(ms(2026, 12, 7, 8, 59), TZ, "monday", "09:00")
+    week = last_due(ms(2026, 12, 7, 8, 59), TZ, "mon", "09:00")
     assert (str(week.start), str(week.end)) == ("2026-11-23", "2026-11-29")
-    week = last_due(ms(2026, 12, 7, 9, 0), TZ, "monday", "09:00")
+    week = last_due(ms(2026, 12, 7, 9, 0), TZ, "mon", "09:00")
     assert (str(week.start), str(week.end)) == ("2026-11-30", "2026-12-06")
     assert week.due_ms == ms(2026, 12, 7, 9, 0)
     assert (week.from_ms, week.to_ms) == (ms(2026, 11, 30), ms(2026, 12, 7))
     # the week with the end of daylight saving time (2026-11-01) has 169 hours
-    week = last_due(ms(2026, 11, 2, 10, 0), TZ, "monday", "09:00")
+    week = last_due(ms(2026, 11, 2, 10, 0), TZ, "mon", "09:00")
     assert str(week.start) == "2026-10-26"
     assert week.to_ms - week.from_ms == 169 * 3_600_000
     # 09:00 in New York is 14:00 UTC in winter
