@@ -176,10 +176,12 @@ def message(cfg: Config, tenant_id: str, fields: Fields,
         if account == WALLET:
             return None
         return Message(_recharge(etype, fields, context, attempt), context, recipients)
-    if fields.get(b"buyer"):  # one buyer paused or resumed by hand: not the account
+    reason = _text(fields, "reason")
+    # one buyer paused by hand (reason "manual"), or resumed by hand (the pause's reason):
+    # not the account. An account paused by a sale names its buyer too (reason floor, ...)
+    if fields.get(b"buyer") and (etype == "buyer_resumed" or reason == "manual"):
         return None
     if etype == "buyer_paused":
-        reason = _text(fields, "reason")
         context.update(balance=_micros(fields, "balance"),
                        reason=_PAUSE_REASONS.get(reason, reason),
                        minimum=_minimum(cfg, tenant, account))
@@ -361,17 +363,17 @@ def _failed_entry(tenant: str, exc: Exception) -> None:
 
 async def run_notify_worker(cfg: Config, store: Store, *, consumer: str, stop: asyncio.Event,
                             archive: Archive | None = None,
+                            transports: Mapping[str, Transport] | None = None,
                             claim_idle_ms: int = 60_000, claim_every_ms: int = 5_000,
                             retry_base_ms: int = 30_000,
                             retry_max_ms: int = 3_600_000) -> None:
-    """The notification worker of every tenant with ``smtp``, and with ``archive`` (the
-    ledger's SQL side) their weekly reports (:mod:`engine.notify.weekly`); without any
-    such tenant, one log line and nothing to do."""
-    transports: dict[str, Transport] = {}
-    for tenant in cfg.tenants:
-        transport = smtp_transport(tenant)
-        if transport is not None:
-            transports[tenant.id] = transport
+    """The notification worker of every tenant with ``smtp`` (or of the tenants in
+    ``transports``, each with its own: ``leadflow demo``'s in-memory one), and with
+    ``archive`` (the ledger's SQL side) their weekly reports
+    (:mod:`engine.notify.weekly`); without any such tenant, one log line and nothing to
+    do."""
+    if transports is None:
+        transports = {t.id: tr for t in cfg.tenants if (tr := smtp_transport(t)) is not None}
     skipped = [t.id for t in cfg.tenants if t.id not in transports]
     if skipped:
         log.info("notify worker: no smtp, no e-mail for %s", ", ".join(skipped))

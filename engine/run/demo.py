@@ -34,9 +34,12 @@ from tqdm import tqdm
 from engine.core import keys, money
 from engine.core.config import Config, Delivery, ResponseRule, resolve_secret
 from engine.core.errors import LeadflowError
+from engine.notify.templates import Rendered
+from engine.notify.worker import GROUP as NOTIFY_GROUP
+from engine.notify.worker import run_notify_worker
 from engine.run.reconcile import reconcile
 from engine.run.service import Service
-from engine.run.workers import WorkerFn, delivery_worker
+from engine.run.workers import WorkerContext, WorkerFn, delivery_worker
 
 _FIRST = ["Ana", "Ben", "Chloe", "Dev", "Elif", "Femi", "Gus", "Hana", "Ivan", "Jo"]
 _LAST = ["Ng", "Okafor", "Smith", "Garcia", "Kim", "Rossi", "Haddad", "Weber"]
@@ -174,6 +177,53 @@ class BuyerSink:
         return msgspec.structs.replace(cfg, buyers=buyers)
 
 
+class MailSink:
+    """The demo's e-mail: what the notify worker sends, kept in memory (no SMTP server);
+    a :class:`engine.notify.transport.Transport` for every tenant."""
+
+    channel = "demo"
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str]] = []  # (recipient, subject)
+
+    async def send(self, recipient: str, message: Rendered, *, key: str) -> None:
+        self.sent.append((recipient, message.subject))
+
+    def worker(self) -> WorkerFn:
+        """The notify worker sending into this sink (and the weekly reports, none of which
+        is due in a demo's minute but for a tenant whose report hour it is)."""
+        async def demo_notify(ctx: WorkerContext, stop: asyncio.Event) -> None:
+            cfg = ctx.config()
+            await run_notify_worker(cfg, ctx.store, consumer=ctx.consumer + "-notify",
+                                    stop=stop, transports={t.id: self for t in cfg.tenants})
+        return demo_notify
+
+
+async def _group_at(svc: Service, group: str, *, end: bool, within_s: float = 30.0) -> bool:
+    """Wait until ``group`` exists on every tenant's events stream (``end``: and has read
+    and acked every entry)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        ready = 0
+        for t in svc.cfg.tenants:
+            stream = keys.events(t.id)
+            last = await svc.store.redis.xrevrange(stream, count=1)
+            groups = await svc.store.redis.xinfo_groups(stream) \
+                if await svc.store.redis.exists(stream) else []
+            for g in groups:
+                name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
+                seen = g["last-delivered-id"]
+                seen = seen.decode() if isinstance(seen, bytes) else seen
+                if name == group and (not end or (g["pending"] == 0 and (
+                        not last or seen == last[0][0].decode()))):
+                    ready += 1
+        if ready == len(svc.cfg.tenants):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+
+
 async def _delivered(svc: Service, *, within_s: float = 60.0) -> bool:
     """Wait until no delivery job is left on a stream or waiting for a retry."""
     deadline = time.monotonic() + within_s
@@ -202,6 +252,8 @@ async def run_demo(
         await buyers.start()
         cfg = buyers.route(cfg)
         workers.append(delivery_worker)
+    mail = MailSink()
+    workers.append(mail.worker())
     svc = Service(cfg, redis_url=redis_url, port=0, state_dir=state_dir, workers=workers)
     print(f"leadflow demo: {leads} leads, seed {seed}, state in {state_dir}")
     drained = True
@@ -211,10 +263,12 @@ async def run_demo(
             print(f"embedded redis-server on port {svc.embedded.port if svc.embedded else '?'}")
         if buyers is not None:
             print(f"buyer webhooks: local sink at {buyers.url}")
+        await _group_at(svc, NOTIFY_GROUP, end=False)  # it starts at the stream's end
         before = await _balances(svc)
         counts = await _post_all(svc.url, cfg, make_leads(random.Random(seed), leads))
         if buyers is not None:
             drained = await _delivered(svc)
+        mailed = await _group_at(svc, NOTIFY_GROUP, end=True)
         after = await _balances(svc)
         events = await _events(svc)
         if buyers is not None:
@@ -232,6 +286,7 @@ async def run_demo(
             print(f"  {outcome:<20} {n:>8}")
         if not drained:
             print("  (some deliveries were still pending when the demo stopped)")
+    _print_mail(mail, mailed)
     for f in findings:
         print(f"RECONCILE FAIL {f.tenant}/{f.account}: {f.problem}")
     print(f"reconcile: {len(checks)} accounts, {len(findings)} problems")
@@ -257,3 +312,12 @@ def _print_summary(
     print("\nevents emitted:")
     for etype, n in sorted(events.items()):
         print(f"  {etype:<20} {n:>8}")
+
+
+def _print_mail(mail: MailSink, done: bool) -> None:
+    print(f"\ne-mail the notify worker sent (in memory; {len(mail.sent)} messages):")
+    by_subject = Counter(mail.sent)
+    for (recipient, subject), n in sorted(by_subject.items()):
+        print(f"  {recipient:<28} {n:>3} x {subject}")
+    if not done:
+        print("  (some events were still being mailed when the demo stopped)")

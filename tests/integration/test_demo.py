@@ -23,6 +23,9 @@ async def test_demo_delivers_to_the_local_sink_and_reconciles(
     assert "deliveries (local buyer sink):" in out and "accepted" in out
     assert "reconcile: " in out and " 0 problems" in out
     assert "still pending" not in out
+    # the notify worker mailed into the demo's in-memory sink
+    assert "e-mail the notify worker sent (in memory;" in out
+    assert "still being mailed" not in out
 
 
 @pytest.mark.parametrize("leads", [0, -5])
