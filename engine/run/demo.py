@@ -199,6 +199,10 @@ class MailSink:
         return demo_notify
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 async def _group_at(svc: Service, group: str, *, end: bool, within_s: float = 30.0) -> bool:
     """Wait until ``group`` exists on every tenant's events stream (``end``: and has read
     and acked every entry)."""
@@ -207,15 +211,13 @@ async def _group_at(svc: Service, group: str, *, end: bool, within_s: float = 30
         ready = 0
         for t in svc.cfg.tenants:
             stream = keys.events(t.id)
-            last = await svc.store.redis.xrevrange(stream, count=1)
+            rows: Any = await svc.store.redis.xrevrange(stream, count=1)
+            last = _text(rows[0][0]) if rows else None
             groups = await svc.store.redis.xinfo_groups(stream) \
                 if await svc.store.redis.exists(stream) else []
             for g in groups:
-                name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
-                seen = g["last-delivered-id"]
-                seen = seen.decode() if isinstance(seen, bytes) else seen
-                if name == group and (not end or (g["pending"] == 0 and (
-                        not last or seen == last[0][0].decode()))):
+                if _text(g["name"]) == group and (not end or (
+                        g["pending"] == 0 and last in (None, _text(g["last-delivered-id"])))):
                     ready += 1
         if ready == len(svc.cfg.tenants):
             return True
