@@ -68,7 +68,7 @@ SAMPLES: Final[dict[str, dict[str, Any]]] = {
     "account_paused": {"reason": "the balance is under the minimum", "balance": 3_000_000,
                        "minimum": 50_000_000},
     "account_resumed": {"balance": 150_000_000},
-    "recharge_succeeded": {"amount": 103_000_000, "fee": 3_000_000, "balance": 118_000_000,
+    "recharge_succeeded": {"amount": 100_000_000, "fee": 3_000_000, "balance": 118_000_000,
                            "card_last4": "4242"},
     "recharge_declined": {"amount": 100_000_000, "card_last4": "0002",
                           "reason": "insufficient funds", "balance": 12_000_000},

@@ -135,8 +135,8 @@ def _recharge(etype: str, fields: Fields, context: dict[str, Any],
     its charge attempt (the fee; whether the cards were declined)."""
     context.update(amount=_micros(fields, "amount"), balance=_micros(fields, "balance"))
     if etype == "recharge_succeeded":
-        if attempt is not None:
-            context["fee"] = attempt.fee
+        # the card paid amount + fee; the fee is 0 when the attempt could not be read
+        context["fee"] = attempt.fee if attempt is not None else 0
         return "recharge_succeeded"
     reason = _text(fields, "reason")
     if reason == "daily_cap":

@@ -38,7 +38,7 @@ async def test_a_message_arrives_with_recipient_subject_and_both_parts(
     assert got.recipients == ["ops@bright.example"]
     assert got.sender == "billing@acme.example"
     msg = got.message
-    assert msg["Subject"] == "Recharge of 103.00 USD succeeded"
+    assert msg["Subject"] == "Recharge of 100.00 USD succeeded"
     assert msg["To"] == "ops@bright.example"
     assert msg["Message-ID"] == "<notify.k1@acme.example>"
     assert msg.get_content_type() == "multipart/alternative"

@@ -45,9 +45,10 @@ def test_subject_is_one_line() -> None:
 
 def test_amounts_from_micros() -> None:
     rendered = t.render("recharge_succeeded", t.sample("recharge_succeeded") | {
-        "amount": 103_000_000, "fee": 3_000_000, "balance": -125_000})
-    assert rendered.subject == "Recharge of 103.00 USD succeeded"
-    assert "Card fee: 3.00 USD" in rendered.text
+        "amount": 100_000_000, "fee": 3_000_000, "balance": -125_000})
+    assert rendered.subject == "Recharge of 100.00 USD succeeded"
+    assert "We charged 103.00 USD" in rendered.text  # amount + fee, summed in the template
+    assert "a card fee of 3.00 USD" in rendered.text
     assert "New balance: -0.125 USD" in rendered.text
     assert t.validate("balance_alert", "{{ 103_000_000|money }}", OK_TEXT, OK_HTML).subject \
         == "103.00"

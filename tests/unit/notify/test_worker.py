@@ -166,9 +166,11 @@ def test_a_recharge_success_is_a_message_with_the_attempt_fee() -> None:
     assert bare.recipients == ("ap@bright.example", "cfo@bright.example")
     text = render(bare.kind, bare.context).text
     assert "We charged 100.00 USD for Bright Solar" in text and "card ending" not in text
-    assert "Card fee" not in text and "New balance: 118.00 USD" in text
+    assert "card fee" not in text and "New balance: 118.00 USD" in text
     full = message(_cfg(), "t1", fields, _attempt(fee=3_000_000))
-    assert full is not None and "Card fee: 3.00 USD." in render(full.kind, full.context).text
+    assert full is not None
+    text = render(full.kind, full.context).text
+    assert "We charged 103.00 USD" in text and "and a card fee of 3.00 USD." in text
 
 
 @pytest.mark.parametrize(("reason", "attempt", "kind", "said"), [
