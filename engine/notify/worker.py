@@ -8,9 +8,15 @@ mapped to a message kind of :mod:`engine.notify.templates` and its context
 
 - the entry is acked once every recipient is ``SENT`` or ``ALREADY_SENT`` (so a replayed or
   claimed entry sends nothing twice);
-- a ``FAILED`` send (the SMTP server down or refusing) leaves the entry pending: the
-  consumer's claim of idle entries hands it over again (no sleeping here), and after
-  :data:`MAX_DELIVERIES` deliveries it goes to the tenant's events dead-letter stream;
+- a ``FAILED`` send (the SMTP server or SendGrid down or refusing for now) leaves the
+  entry pending: the consumer's claim of idle entries hands it over again (no sleeping
+  here), and after :data:`MAX_DELIVERIES` deliveries it goes to the tenant's events
+  dead-letter stream;
+- a ``DEAD`` send (refused for good: a mailbox that does not exist, a request SendGrid
+  will never take) is not tried again: the entry goes to the dead-letter stream at once,
+  its error naming the recipient's outbox entry (a digest, no address), and is acked
+  unless another recipient is still to be sent to (then it stays pending for them, and
+  an ``ALREADY_DEAD`` recipient counts as done);
 - ``IN_FLIGHT`` (another worker holds the recipient's claim) leaves it pending too;
 - a recipient whose last send failed is not sent to again before the outbox's
   ``retry_at_ms`` (its backoff): a claim that comes earlier leaves the entry pending;
@@ -24,7 +30,10 @@ holds up only its own tenant's mail.
 Recipients: a client account's ``contacts``; the tenant's ``operators`` for its wallet.
 The group starts at the end of a stream (:meth:`NotifyWorker.start_group`): events from
 before a tenant's first notify worker are not mailed.
-Only tenants with ``[tenants.notify.smtp]`` are read; the others send no e-mail.
+Only tenants with ``[tenants.notify.smtp]`` are read; the others send no e-mail. Each send
+is reported to the worker's observer (:data:`NotifyObserver`; engine.run wires it to the
+metrics): ``sent``, ``failed`` (tried again later) or ``dead_lettered`` (refused for good,
+or the entry's last delivery), with the transport's channel and the message kind.
 
 This slice sends ``balance_alert``, and ``account_paused`` / ``account_resumed`` for an
 account paused or resumed as a whole (``buyer_paused`` / ``buyer_resumed`` without a
@@ -81,6 +90,9 @@ _RECHARGE_REASONS: Final[dict[str, str]] = {
 _RECHARGE_UNKNOWN: Final = "the payment could not be completed"
 _RECHARGE_EVENTS: Final = frozenset({b"recharge_succeeded", b"recharge_failed"})
 _DECLINE_CODE: Final = re.compile(r"[a-z][a-z_]{0,40}")
+
+# (outcome: "sent", "failed" or "dead_lettered"; the transport's channel; the message kind)
+NotifyObserver = Callable[[str, str, str], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,9 +222,11 @@ class NotifyWorker:
                  consumer: str, claim_idle_ms: int = 60_000, claim_every_ms: int = 5_000,
                  block_ms: int | None = 1_000, max_deliveries: int = MAX_DELIVERIES,
                  retry_base_ms: int = 30_000, retry_max_ms: int = 3_600_000,
-                 clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000) -> None:
+                 clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+                 observer: NotifyObserver | None = None) -> None:
         self.cfg = cfg
         self.clock_ms = clock_ms
+        self.observer = observer
         self.outboxes = {t: Outbox(store.redis, t, tr, retry_base_ms=retry_base_ms,
                                    retry_max_ms=retry_max_ms, clock_ms=clock_ms)
                          for t, tr in transports.items()}
@@ -239,6 +253,7 @@ class NotifyWorker:
             return True
         outbox = self.outboxes[tenant]
         errors: list[str] = []
+        dead: list[str] = []
         busy = False
         for recipient in msg.recipients:
             _, retry_at = await outbox.tries(entry_id, recipient, msg.kind)
@@ -246,19 +261,38 @@ class NotifyWorker:
                 busy = True  # its backoff is not over: a later claim sends it
                 continue
             result = await outbox.send(entry_id, recipient, msg.kind, rendered)
-            if result.outcome is SendOutcome.FAILED:
+            if result.outcome is SendOutcome.SENT:
+                self._observe("sent", outbox, msg.kind)
+            elif result.outcome is SendOutcome.FAILED:
                 errors.append(result.error or "failed")
+            elif result.outcome is SendOutcome.DEAD:
+                dead.append(f"{result.entry}: {result.error or 'refused'}")
+                self._observe("dead_lettered", outbox, msg.kind)
             elif result.outcome is SendOutcome.IN_FLIGHT:
                 busy = True
         if errors:
-            error = "; ".join(errors)
-            if await self.events.give_up(tenant, stream, entry_id, fields, error):
+            error = "; ".join(dead + errors)
+            given_up = await self.events.give_up(tenant, stream, entry_id, fields, error)
+            for _ in errors:
+                self._observe("dead_lettered" if given_up else "failed", outbox, msg.kind)
+            if given_up:
                 log.error("notify: event %s of %s dead-lettered: %s", entry_id, tenant, error)
-            return False
-        if busy:
+                return True
+        pending = bool(errors) or busy
+        if dead:  # refused for good: dead-lettered now, acked unless others are pending
+            error = "; ".join(dead)
+            await self.events.dead_letter(tenant, stream, entry_id, fields, error,
+                                          ack=not pending)
+            log.error("notify: event %s of %s dead-lettered: %s", entry_id, tenant, error)
+            return not pending
+        if pending:
             return False
         await self.events.ack(stream, entry_id)
         return True
+
+    def _observe(self, outcome: str, outbox: Outbox, kind: str) -> None:
+        if self.observer is not None:
+            self.observer(outcome, outbox.transport.channel, kind)
 
     async def _attempt(self, tenant: str, fields: Fields) -> ChargeAttempt | None:
         """The charge attempt of a recharge event (its ``ref``), or None: another event, an
@@ -359,10 +393,10 @@ def _failed_entry(tenant: str, exc: Exception) -> None:
 
 async def run_notify_worker(cfg: Config, store: Store, *, consumer: str, stop: asyncio.Event,
                             claim_idle_ms: int = 60_000, claim_every_ms: int = 5_000,
-                            retry_base_ms: int = 30_000,
-                            retry_max_ms: int = 3_600_000) -> None:
+                            retry_base_ms: int = 30_000, retry_max_ms: int = 3_600_000,
+                            observer: NotifyObserver | None = None) -> None:
     """The notification worker of every tenant with ``smtp``; without any, one log line
-    and nothing to do."""
+    and nothing to do. The transports are closed when it ends."""
     transports: dict[str, Transport] = {}
     for tenant in cfg.tenants:
         transport = smtp_transport(tenant)
@@ -373,11 +407,16 @@ async def run_notify_worker(cfg: Config, store: Store, *, consumer: str, stop: a
         log.info("notify worker: no smtp, no e-mail for %s", ", ".join(skipped))
     if not transports:
         return
-    worker = NotifyWorker(cfg, store, transports, consumer=consumer,
-                          claim_idle_ms=claim_idle_ms, claim_every_ms=claim_every_ms,
-                          retry_base_ms=retry_base_ms, retry_max_ms=retry_max_ms)
-    await worker.run(stop)
+    try:
+        worker = NotifyWorker(cfg, store, transports, consumer=consumer,
+                              claim_idle_ms=claim_idle_ms, claim_every_ms=claim_every_ms,
+                              retry_base_ms=retry_base_ms, retry_max_ms=retry_max_ms,
+                              observer=observer)
+        await worker.run(stop)
+    finally:
+        for opened in transports.values():
+            await opened.close()
 
 
-__all__ = ["GROUP", "MAX_DELIVERIES", "Message", "NotifyWorker", "message",
+__all__ = ["GROUP", "MAX_DELIVERIES", "Message", "NotifyObserver", "NotifyWorker", "message",
            "run_notify_worker", "smtp_transport"]
