@@ -30,7 +30,7 @@ from engine.core.config import Config
 from engine.core.constants import archive_path
 from engine.delivery.worker import run_delivery_worker
 from engine.notify.worker import run_notify_worker
-from engine.obs.telemetry import delivery_observer
+from engine.obs.telemetry import delivery_observer, notify_observer
 from engine.store.store import Store
 
 log = logging.getLogger("leadflow.workers")
@@ -134,9 +134,9 @@ async def ledger_worker(ctx: WorkerContext, stop: asyncio.Event) -> None:
 
 async def notify_worker(ctx: WorkerContext, stop: asyncio.Event) -> None:
     """E-mail notifications (engine/notify), one consumer of ``events``; tenants without
-    ``[tenants.notify.smtp]`` are skipped (one log line)."""
+    ``[tenants.notify.smtp]`` or ``[tenants.notify.sendgrid]`` are skipped (one log line)."""
     await run_notify_worker(ctx.config(), ctx.store, consumer=ctx.consumer + "-notify",
-                            stop=stop)
+                            stop=stop, observer=notify_observer)
 
 
 REGISTRY: dict[str, WorkerFn] = {
