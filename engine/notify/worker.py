@@ -30,10 +30,11 @@ holds up only its own tenant's mail.
 Recipients: a client account's ``contacts``; the tenant's ``operators`` for its wallet.
 The group starts at the end of a stream (:meth:`NotifyWorker.start_group`): events from
 before a tenant's first notify worker are not mailed.
-Only tenants with ``[tenants.notify.smtp]`` are read; the others send no e-mail. Each send
-is reported to the worker's observer (:data:`NotifyObserver`; engine.run wires it to the
-metrics): ``sent``, ``failed`` (tried again later) or ``dead_lettered`` (refused for good,
-or the entry's last delivery), with the transport's channel and the message kind.
+Only tenants with a transport are read (:func:`transport_for`: ``[tenants.notify.smtp]`` or
+``[tenants.notify.sendgrid]``); the others send no e-mail. Each send is reported to the
+worker's observer (:data:`NotifyObserver`; engine.run wires it to the metrics): ``sent``,
+``failed`` (tried again later) or ``dead_lettered`` (refused for good, or the entry's last
+delivery), with the transport's channel and the message kind.
 
 This slice sends ``balance_alert``, and ``account_paused`` / ``account_resumed`` for an
 account paused or resumed as a whole (``buyer_paused`` / ``buyer_resumed`` without a
@@ -65,6 +66,7 @@ from engine.core.config import Client, Config, Tenant, resolve_secret
 from engine.core.constants import WALLET
 from engine.notify import NotifyError
 from engine.notify.outbox import Outbox, SendOutcome
+from engine.notify.sendgrid import SendGridSettings, SendGridTransport
 from engine.notify.templates import render
 from engine.notify.transport import SmtpSettings, SmtpTransport, Transport
 from engine.store.store import UNAVAILABLE, Store, is_cluster
@@ -209,6 +211,19 @@ def smtp_transport(tenant: Tenant) -> SmtpTransport | None:
     return SmtpTransport(SmtpSettings(host=s.host, port=s.port, sender=s.sender,
                                       security=s.security, username=s.username,
                                       password=password, timeout_s=s.timeout_s))
+
+
+def transport_for(tenant: Tenant) -> Transport | None:
+    """The tenant's transport: SendGrid's API with ``sendgrid`` (its key resolved), SMTP
+    with ``smtp``, None with neither (no e-mail). Both is a config error (config check)."""
+    g = tenant.notify.sendgrid
+    if g is None:
+        return smtp_transport(tenant)
+    if tenant.notify.smtp is not None:
+        raise NotifyError(f"tenant {tenant.id}: notify has smtp and sendgrid; one of them")
+    return SendGridTransport(SendGridSettings(api_key=resolve_secret(g.api_key),
+                                              sender=g.sender, base_url=g.base_url,
+                                              timeout_s=g.timeout_s))
 
 
 def _dead_letter_key(tenant: str) -> str:
@@ -395,16 +410,16 @@ async def run_notify_worker(cfg: Config, store: Store, *, consumer: str, stop: a
                             claim_idle_ms: int = 60_000, claim_every_ms: int = 5_000,
                             retry_base_ms: int = 30_000, retry_max_ms: int = 3_600_000,
                             observer: NotifyObserver | None = None) -> None:
-    """The notification worker of every tenant with ``smtp``; without any, one log line
-    and nothing to do. The transports are closed when it ends."""
+    """The notification worker of every tenant with a transport (:func:`transport_for`);
+    without any, one log line and nothing to do. The transports are closed when it ends."""
     transports: dict[str, Transport] = {}
     for tenant in cfg.tenants:
-        transport = smtp_transport(tenant)
+        transport = transport_for(tenant)
         if transport is not None:
             transports[tenant.id] = transport
     skipped = [t.id for t in cfg.tenants if t.id not in transports]
     if skipped:
-        log.info("notify worker: no smtp, no e-mail for %s", ", ".join(skipped))
+        log.info("notify worker: no smtp or sendgrid, no e-mail for %s", ", ".join(skipped))
     if not transports:
         return
     try:
@@ -419,4 +434,4 @@ async def run_notify_worker(cfg: Config, store: Store, *, consumer: str, stop: a
 
 
 __all__ = ["GROUP", "MAX_DELIVERIES", "Message", "NotifyObserver", "NotifyWorker", "message",
-           "run_notify_worker", "smtp_transport"]
+           "run_notify_worker", "smtp_transport", "transport_for"]

@@ -15,8 +15,10 @@ from engine.core.config import Config
 from engine.core.constants import WALLET
 from engine.notify import NotifyError
 from engine.notify.outbox import entry_id as outbox_entry
+from engine.notify.sendgrid import SendGridTransport
 from engine.notify.templates import render
-from engine.notify.worker import NotifyWorker, message, smtp_transport
+from engine.notify.transport import SmtpTransport
+from engine.notify.worker import NotifyWorker, message, smtp_transport, transport_for
 from engine.run import configfile
 from engine.store.store import Store
 from tests.helpers.smtp import SmtpServer
@@ -394,3 +396,22 @@ async def test_a_dead_recipient_beside_one_failing_for_now_keeps_the_entry_pendi
     assert (await redis.xpending(stream, "notify"))["pending"] == 0
     assert seen[2:] == [("dead_lettered", "smtp", "balance_alert")]
     assert smtp_server.received == []
+
+
+def test_transport_for_picks_the_tenants_channel(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LEADFLOW_TEST_SENDGRID_KEY", "SG.from-env")
+    toml = TWO_TENANTS.format(a="ta", b="tb", pa=2525, pb=2526).replace(
+        '[tenants.notify.smtp]\nhost = "127.0.0.1"\nport = 2526\nsecurity = "plain"\n'
+        'sender = "billing@b.example"\ntimeout_s = 60\n',
+        '[tenants.notify.sendgrid]\napi_key = "env:LEADFLOW_TEST_SENDGRID_KEY"\n'
+        'sender = "B Leads <billing@b.example>"\nbase_url = "http://127.0.0.1:9"\n'
+        'timeout_s = 7\n')
+    toml += '\n[[tenants]]\nid = "tc"\napi_token = "tok-tc"\n'
+    cfg = configfile.loads(toml, source="<test>")
+    smtp, sendgrid = transport_for(cfg.tenant("ta")), transport_for(cfg.tenant("tb"))
+    assert isinstance(smtp, SmtpTransport) and smtp.channel == "smtp"
+    assert isinstance(sendgrid, SendGridTransport) and sendgrid.channel == "sendgrid"
+    assert sendgrid.settings.api_key == "SG.from-env"  # resolved from the environment
+    assert sendgrid.url == "http://127.0.0.1:9/v3/mail/send"
+    assert sendgrid.settings.timeout_s == 7
+    assert transport_for(cfg.tenant("tc")) is None
