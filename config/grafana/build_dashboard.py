@@ -123,6 +123,15 @@ def dashboard() -> dict[str, Any]:
               x=6, y=56, w=6, h=6, kind="stat"),
         panel(17, "Build", [("leadflow_build_info", "{{version}} {{revision}}")],
               x=12, y=56, w=12, h=6, kind="table"),
+        panel(18, "Notifications by channel (sends per second)", [
+            (f"sum by (channel) (rate(leadflow_notify_sent_total{rate}))", "sent {{channel}}"),
+            (f"sum by (channel) (rate(leadflow_notify_failed_total{rate}))",
+             "failed {{channel}}"),
+            (f"sum by (channel) (rate(leadflow_notify_dead_lettered_total{rate}))",
+             "dead-lettered {{channel}}"),
+        ], unit="reqps", x=0, y=62, w=24,
+              description="E-mail notifications: sent, failed (tried again later) and "
+                          "dead-lettered (refused for good, or the event's last delivery)."),
     ]  # fmt: skip
 
     def var(name: str, query: str) -> dict[str, Any]:

@@ -37,7 +37,7 @@ _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # fields whose values are secrets or may carry them (a URL's user info or query): a repr
 # (a log line's %r, a debugger, a failed assertion) shows them as '***'
 _SECRET_FIELDS = frozenset({"api_token", "key", "secret", "headers", "url", "redis_url",
-                            "sql_url", "password"})
+                            "sql_url", "password", "api_key"})
 
 
 class _Shape(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, kw_only=True):
@@ -242,15 +242,27 @@ class TenantWebhook(_Shape, kw_only=True):
     """The tenant's own webhook for its events stream (engine.delivery.tenant_hooks)."""
 
     url: str
-    secret: str = ""  # whsec_<base64>, literal or env:NAME; empty: unsigned
+    secret: str = ""  # whsec_<base64>, literal or env:NAME; required by the config check
     events: list[str] = []  # event types sent; empty: every type
     timeout_ms: int = 5_000
 
 
+class SendGrid(_Shape, kw_only=True):
+    """SendGrid's v3 Web API (mail send), which a tenant's e-mail notifications go through
+    instead of SMTP (engine.notify.sendgrid)."""
+
+    api_key: str  # literal or env:NAME; never logged
+    sender: str  # the From address, e.g. "Acme Leads <billing@acme.example>"
+    base_url: str = "https://api.sendgrid.com"  # the EU region: https://api.eu.sendgrid.com
+    timeout_s: float = 30.0
+
+
 class Notify(_Shape, kw_only=True):
-    """A tenant's e-mail notifications (no ``smtp``, no e-mail) and its own webhook."""
+    """A tenant's e-mail notifications, through ``smtp`` or ``sendgrid`` (not both; with
+    neither, no e-mail), and its own ``webhook``."""
 
     smtp: Smtp | None = None
+    sendgrid: SendGrid | None = None
     webhook: TenantWebhook | None = None
     operators: list[str] = []  # the tenant's own addresses (wallet, webhooks)
     weekly_report: WeeklyReport = msgspec.field(default_factory=WeeklyReport)

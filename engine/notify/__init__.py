@@ -1,6 +1,7 @@
 """E-mail notifications (issue #19): the message kinds and their templates, rendered in
-Jinja2's sandbox (:mod:`engine.notify.templates`), the SMTP transport
-(:mod:`engine.notify.transport`) and the exactly-once outbox (:mod:`engine.notify.outbox`).
+Jinja2's sandbox (:mod:`engine.notify.templates`), the transports (SMTP:
+:mod:`engine.notify.transport`; SendGrid's v3 API: :mod:`engine.notify.sendgrid`) and the
+exactly-once outbox (:mod:`engine.notify.outbox`).
 
 It sits beside ``engine.routing`` and ``engine.delivery`` and imports only ``engine.core``,
 ``engine.store`` and ``billing``.
@@ -27,4 +28,11 @@ class TemplateError(NotifyError):
 
 
 class TransportError(NotifyError):
-    """The mail server could not be reached, or refused the message."""
+    """The mail server could not be reached, or refused the message (for now: the outbox
+    tries again after its backoff)."""
+
+
+class PermanentTransportError(TransportError):
+    """The mail server or API refused the message for good (a mailbox that does not exist,
+    a request the API will never accept): sending it again would fail the same way, so the
+    outbox marks the entry dead instead of retrying it."""

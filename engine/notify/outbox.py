@@ -11,9 +11,14 @@ An entry is the digest of ``(event id, recipient, kind)``; two keys of the tenan
 - ``notify:<entry>:tries`` (HASH) records failures: ``attempts``, ``last_error`` and
   ``retry_at_ms``, the time of the next attempt, with exponential backoff and full jitter
   (computed here, slept by nobody: a worker schedules it). A failure gives the claim back.
+- A message the transport refused for good (:class:`~engine.notify.PermanentTransportError`)
+  turns the claim into ``dead`` (kept as long as ``sent``; the tries hash keeps its
+  ``last_error``, without a ``retry_at_ms``): it is not sent again, and a retried or replayed
+  event finds it and does nothing (:attr:`SendOutcome.ALREADY_DEAD`).
 
-The claim is given back, or turned into ``sent``, only by the token that holds it (WATCH /
-MULTI on the claim key), so a sender slower than its claim's TTL cannot undo another's.
+The claim is given back, or turned into ``sent`` or ``dead``, only by the token that holds
+it (WATCH / MULTI on the claim key), so a sender slower than its claim's TTL cannot undo
+another's.
 
 What stays at-least-once: the server accepted the message but the sender died before it
 marked the entry sent. The Message-ID (derived from the entry) is then the same both times.
@@ -35,11 +40,12 @@ from redis.exceptions import WatchError
 
 from engine.core import keys
 from engine.core.backoff import backoff_ms
-from engine.notify import NotifyError
+from engine.notify import NotifyError, PermanentTransportError
 from engine.notify.templates import KINDS, Rendered
 from engine.notify.transport import Transport
 
 SENT: Final = "sent"
+DEAD: Final = "dead"
 _LAST_ERROR_MAX: Final = 500
 
 _rng = random.SystemRandom()
@@ -55,15 +61,22 @@ class SendOutcome(enum.Enum):
     ALREADY_SENT = "already_sent"  # sent before: nothing done
     IN_FLIGHT = "in_flight"  # another sender holds the claim: nothing done
     FAILED = "failed"  # the transport failed: recorded for a retry
+    DEAD = "dead"  # the transport refused it for good: recorded, never retried
+    ALREADY_DEAD = "already_dead"  # refused for good before: nothing done
+
+
+# a claim key's final value -> what a later send finds (any other value: a sender's token)
+_HELD: Final[dict[str, SendOutcome]] = {SENT: SendOutcome.ALREADY_SENT,
+                                        DEAD: SendOutcome.ALREADY_DEAD}
 
 
 @dataclass(frozen=True, slots=True)
 class Result:
     outcome: SendOutcome
     entry: str
-    attempts: int = 0  # failed attempts so far (FAILED)
+    attempts: int = 0  # failed attempts so far (FAILED, DEAD)
     retry_at_ms: int | None = None  # when to try again (FAILED)
-    error: str | None = None  # the transport's error (FAILED)
+    error: str | None = None  # the transport's error (FAILED, DEAD)
 
 
 def entry_id(event_id: str, recipient: str, kind: str) -> str:
@@ -104,20 +117,23 @@ class Outbox:
 
     async def send(self, event_id: str, recipient: str, kind: str, message: Rendered) -> Result:
         """Send ``message`` unless this ``(event id, recipient, kind)`` was sent or is being
-        sent. A transport failure is recorded (attempts, next retry) and returned, not
-        raised; Redis errors are raised (nothing was sent)."""
+        sent, or was refused for good. A transport failure is recorded (attempts, next
+        retry; or dead, when permanent) and returned, not raised; Redis errors are raised
+        (nothing was sent)."""
         entry = entry_id(event_id, recipient, kind)
         claim_key = keys.notify(self.tenant, entry)
         token = secrets.token_hex(16)
         if not await self.redis.set(claim_key, token, nx=True, px=self.claim_ms):
-            held = await self.redis.get(claim_key)
-            done = _text(held) == SENT
-            return Result(SendOutcome.ALREADY_SENT if done else SendOutcome.IN_FLIGHT, entry)
+            held = _text(await self.redis.get(claim_key))
+            outcome = _HELD.get(held or "", SendOutcome.IN_FLIGHT)
+            return Result(outcome, entry)
         try:
             await self.transport.send(recipient, message, key=entry)
+        except PermanentTransportError as exc:
+            return await self._dead(entry, token, str(exc))
         except NotifyError as exc:
             return await self._failed(entry, token, str(exc))
-        await self._release(entry, token, sent=True)
+        await self._release(entry, token, final=SENT)
         return Result(SendOutcome.SENT, entry)
 
     async def tries(self, event_id: str, recipient: str, kind: str) -> tuple[int, int | None]:
@@ -135,25 +151,37 @@ class Outbox:
         await self.redis.hset(tries_key, mapping={"last_error": error[:_LAST_ERROR_MAX],
                                                   "retry_at_ms": retry_at})
         await self.redis.pexpire(tries_key, self.keep_ms)
-        await self._release(entry, token, sent=False)
+        await self._release(entry, token, final=None)
         return Result(SendOutcome.FAILED, entry, attempts=attempts, retry_at_ms=retry_at,
                       error=error)
 
-    async def _release(self, entry: str, token: str, *, sent: bool) -> None:
-        """Turn our claim into ``sent``, or give it back; not a claim another token holds."""
+    async def _dead(self, entry: str, token: str, error: str) -> Result:
+        """Refused for good: the failure recorded (no next attempt) and the claim ``dead``."""
+        tries_key = keys.notify_tries(self.tenant, entry)
+        attempts = int(await self.redis.hincrby(tries_key, "attempts", 1))
+        await self.redis.hset(tries_key, "last_error", error[:_LAST_ERROR_MAX])
+        await self.redis.hdel(tries_key, "retry_at_ms")
+        await self.redis.pexpire(tries_key, self.keep_ms)
+        await self._release(entry, token, final=DEAD)
+        return Result(SendOutcome.DEAD, entry, attempts=attempts, error=error)
+
+    async def _release(self, entry: str, token: str, *, final: str | None) -> None:
+        """Turn our claim into ``final`` (``sent``, ``dead``), or give it back (None); not a
+        claim another token holds."""
         claim_key = keys.notify(self.tenant, entry)
         tries_key = keys.notify_tries(self.tenant, entry)
         async with self.redis.pipeline(transaction=True) as pipe:
             try:
                 await pipe.watch(claim_key)
                 held = _text(await pipe.get(claim_key))
-                if sent:
-                    # ours, or expired and not taken since: sent either way
+                if final is not None:
+                    # ours, or expired and not taken since: sent (or dead) either way
                     if held not in (token, None):
                         return
                     pipe.multi()  # type: ignore[no-untyped-call]
-                    pipe.set(claim_key, SENT, px=self.keep_ms)
-                    pipe.delete(tries_key)
+                    pipe.set(claim_key, final, px=self.keep_ms)
+                    if final == SENT:
+                        pipe.delete(tries_key)
                 else:
                     if held != token:
                         return

@@ -5,6 +5,11 @@ client shows the last one it can), built with :class:`email.message.EmailMessage
 ``Message-ID`` is derived from the outbox key, so a message sent again after a crash carries
 the same id and a receiving system may recognise the duplicate.
 
+A transport names its ``channel`` (``smtp``, ``sendgrid``: the metrics' label). A failure
+is a :class:`~engine.notify.TransportError`, tried again after the outbox's backoff, or a
+:class:`~engine.notify.PermanentTransportError` when the server refused the message for
+good (SMTP: a 5xx reply to RCPT or DATA), which the outbox does not retry.
+
 The password is kept out of ``repr`` and out of every log line and error message.
 """
 
@@ -16,23 +21,37 @@ import ssl
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.utils import formatdate
-from typing import Literal, Protocol
+from typing import Final, Literal, Protocol
 
 import aiosmtplib
 
-from engine.notify import NotifyError, TransportError
+from engine.notify import NotifyError, PermanentTransportError, TransportError
 from engine.notify.templates import Rendered
 
 log = logging.getLogger(__name__)
 
 Security = Literal["starttls", "tls", "plain"]
+# the channels a message goes out by (a transport's ``channel``; the metrics pre-create them)
+CHANNELS: Final[tuple[str, ...]] = ("smtp", "sendgrid")
 
 
 class Transport(Protocol):
-    """What the outbox sends through (SMTP here; SendGrid later)."""
+    """What the outbox sends through: SMTP (:class:`SmtpTransport`) or SendGrid's API
+    (:class:`engine.notify.sendgrid.SendGridTransport`)."""
+
+    @property
+    def channel(self) -> str:
+        """The channel's name, one of :data:`CHANNELS` (a label of the notify metrics)."""
+        ...
 
     async def send(self, recipient: str, message: Rendered, *, key: str) -> None:
-        """Send ``message`` to ``recipient``; ``key`` is the outbox entry (the Message-ID)."""
+        """Send ``message`` to ``recipient``; ``key`` is the outbox entry (the Message-ID).
+        Raises TransportError (retried later) or PermanentTransportError (refused for
+        good)."""
+        ...
+
+    async def close(self) -> None:
+        """Release what the transport holds (connections); the worker's last call."""
         ...
 
 
@@ -76,8 +95,28 @@ def build_message(sender: str, recipient: str, message: Rendered, *, key: str) -
     return msg
 
 
+def _smtp_permanent(exc: Exception) -> bool:
+    """A 5xx reply to RCPT (every recipient refused) or to DATA: the server refuses this
+    message for good. Anything else (no connection, a timeout, 4xx, a refused login or
+    sender, which a config fix mends) is tried again."""
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        return bool(exc.recipients) and all(r.code >= 500 for r in exc.recipients)
+    if isinstance(exc, aiosmtplib.SMTPRecipientRefused | aiosmtplib.SMTPDataError):
+        return exc.code >= 500
+    return False
+
+
+def _smtp_code(exc: Exception) -> int | None:
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused) and exc.recipients:
+        return exc.recipients[0].code
+    code = getattr(exc, "code", None)
+    return code if isinstance(code, int) else None
+
+
 class SmtpTransport:
     """Sends over SMTP with aiosmtplib, one connection per message."""
+
+    channel: Final = "smtp"
 
     def __init__(self, settings: SmtpSettings) -> None:
         if settings.security not in ("starttls", "tls", "plain"):
@@ -111,9 +150,14 @@ class SmtpTransport:
         except (aiosmtplib.SMTPException, OSError) as exc:
             # the class and the SMTP reply code only: a server's reply text can name the
             # recipient (personal data stays out of logs and dead letters)
-            code = getattr(exc, "code", None)
-            reason = type(exc).__name__ + (f" {code}" if isinstance(code, int) else "")
-            log.warning("smtp %s:%s: sending %s failed: %s", s.host, s.port,
-                        msg["Message-ID"], reason)
-            raise TransportError(f"smtp {s.host}:{s.port}: {reason}") from exc
+            code = _smtp_code(exc)
+            reason = type(exc).__name__ + (f" {code}" if code is not None else "")
+            permanent = _smtp_permanent(exc)
+            log.warning("smtp %s:%s: sending %s failed%s: %s", s.host, s.port,
+                        msg["Message-ID"], " for good" if permanent else "", reason)
+            error = PermanentTransportError if permanent else TransportError
+            raise error(f"smtp {s.host}:{s.port}: {reason}") from exc
         log.info("smtp %s:%s: sent %s", s.host, s.port, msg["Message-ID"])
+
+    async def close(self) -> None:
+        """Nothing held: one connection per message."""

@@ -97,10 +97,16 @@ class WeeklyReports:
 
     def __init__(self, cfg: Config, store: Store, archive: Archive,
                  outboxes: Mapping[str, Outbox], *,
-                 clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000) -> None:
+                 clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+                 observer: Callable[[str, str, str], None] | None = None) -> None:
         self.cfg, self.store, self.archive = cfg, store, archive
         self.outboxes = outboxes
         self.clock_ms = clock_ms
+        self.observer = observer  # (outcome, channel, kind): the notify worker's metrics
+
+    def _observe(self, outcome: str, outbox: Outbox) -> None:
+        if self.observer is not None:
+            self.observer(outcome, outbox.transport.channel, KIND)
 
     async def run_due(self, tenant_id: str) -> int:
         """One pass for a tenant at the clock's time: send the reports of the week due last
@@ -163,13 +169,20 @@ class WeeklyReports:
             result = await outbox.send(event, recipient, KIND, message)
             if result.outcome is SendOutcome.SENT:
                 sent += 1
+                self._observe("sent", outbox)
             elif result.outcome is SendOutcome.IN_FLIGHT:
                 pending = True  # another worker sends it
+            elif result.outcome is SendOutcome.DEAD:  # refused for good (no such mailbox)
+                self._observe("dead_lettered", outbox)
+                log.error("weekly report %s of %s refused for good: %s", event, tenant.id,
+                          result.error)
             elif result.outcome is SendOutcome.FAILED:
                 if result.attempts >= MAX_ATTEMPTS:
+                    self._observe("dead_lettered", outbox)
                     log.error("weekly report %s of %s given up after %d attempts: %s",
                               event, tenant.id, result.attempts, result.error)
                 else:
+                    self._observe("failed", outbox)
                     pending = True
         return sent, pending
 

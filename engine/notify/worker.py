@@ -8,9 +8,15 @@ mapped to a message kind of :mod:`engine.notify.templates` and its context
 
 - the entry is acked once every recipient is ``SENT`` or ``ALREADY_SENT`` (so a replayed or
   claimed entry sends nothing twice);
-- a ``FAILED`` send (the SMTP server down or refusing) leaves the entry pending: the
-  consumer's claim of idle entries hands it over again (no sleeping here), and after
-  :data:`MAX_DELIVERIES` deliveries it goes to the tenant's events dead-letter stream;
+- a ``FAILED`` send (the SMTP server or SendGrid down or refusing for now) leaves the
+  entry pending: the consumer's claim of idle entries hands it over again (no sleeping
+  here), and after :data:`MAX_DELIVERIES` deliveries it goes to the tenant's events
+  dead-letter stream;
+- a ``DEAD`` send (refused for good: a mailbox that does not exist, a request SendGrid
+  will never take) is not tried again: the entry goes to the dead-letter stream at once,
+  its error naming the recipient's outbox entry (a digest, no address), and is acked
+  unless another recipient is still to be sent to (then it stays pending for them, and
+  an ``ALREADY_DEAD`` recipient counts as done);
 - ``IN_FLIGHT`` (another worker holds the recipient's claim) leaves it pending too;
 - a recipient whose last send failed is not sent to again before the outbox's
   ``retry_at_ms`` (its backoff): a claim that comes earlier leaves the entry pending;
@@ -24,7 +30,11 @@ holds up only its own tenant's mail.
 Recipients: a client account's ``contacts``; the tenant's ``operators`` for its wallet.
 The group starts at the end of a stream (:meth:`NotifyWorker.start_group`): events from
 before a tenant's first notify worker are not mailed.
-Only tenants with ``[tenants.notify.smtp]`` are read; the others send no e-mail.
+Only tenants with a transport are read (:func:`transport_for`: ``[tenants.notify.smtp]`` or
+``[tenants.notify.sendgrid]``); the others send no e-mail. Each send is reported to the
+worker's observer (:data:`NotifyObserver`; engine.run wires it to the metrics): ``sent``,
+``failed`` (tried again later) or ``dead_lettered`` (refused for good, or the entry's last
+delivery), with the transport's channel and the message kind.
 
 This slice sends ``balance_alert``, and ``account_paused`` / ``account_resumed`` for an
 account paused or resumed as a whole (``buyer_paused`` / ``buyer_resumed`` without a
@@ -57,6 +67,7 @@ from engine.core.config import Client, Config, Tenant, resolve_secret
 from engine.core.constants import WALLET
 from engine.notify import NotifyError
 from engine.notify.outbox import Outbox, SendOutcome
+from engine.notify.sendgrid import SendGridSettings, SendGridTransport
 from engine.notify.templates import render
 from engine.notify.transport import SmtpSettings, SmtpTransport, Transport
 from engine.notify.weekly import WeeklyReports
@@ -83,6 +94,9 @@ _RECHARGE_REASONS: Final[dict[str, str]] = {
 _RECHARGE_UNKNOWN: Final = "the payment could not be completed"
 _RECHARGE_EVENTS: Final = frozenset({b"recharge_succeeded", b"recharge_failed"})
 _DECLINE_CODE: Final = re.compile(r"[a-z][a-z_]{0,40}")
+
+# (outcome: "sent", "failed" or "dead_lettered"; the transport's channel; the message kind)
+NotifyObserver = Callable[[str, str, str], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +217,19 @@ def smtp_transport(tenant: Tenant) -> SmtpTransport | None:
                                       password=password, timeout_s=s.timeout_s))
 
 
+def transport_for(tenant: Tenant) -> Transport | None:
+    """The tenant's transport: SendGrid's API with ``sendgrid`` (its key resolved), SMTP
+    with ``smtp``, None with neither (no e-mail). Both is a config error (config check)."""
+    g = tenant.notify.sendgrid
+    if g is None:
+        return smtp_transport(tenant)
+    if tenant.notify.smtp is not None:
+        raise NotifyError(f"tenant {tenant.id}: notify has smtp and sendgrid; one of them")
+    return SendGridTransport(SendGridSettings(api_key=resolve_secret(g.api_key),
+                                              sender=g.sender, base_url=g.base_url,
+                                              timeout_s=g.timeout_s))
+
+
 def _dead_letter_key(tenant: str) -> str:
     return keys.dead_letter(tenant, "events")
 
@@ -214,9 +241,11 @@ class NotifyWorker:
                  consumer: str, claim_idle_ms: int = 60_000, claim_every_ms: int = 5_000,
                  block_ms: int | None = 1_000, max_deliveries: int = MAX_DELIVERIES,
                  retry_base_ms: int = 30_000, retry_max_ms: int = 3_600_000,
-                 clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000) -> None:
+                 clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+                 observer: NotifyObserver | None = None) -> None:
         self.cfg = cfg
         self.clock_ms = clock_ms
+        self.observer = observer
         self.outboxes = {t: Outbox(store.redis, t, tr, retry_base_ms=retry_base_ms,
                                    retry_max_ms=retry_max_ms, clock_ms=clock_ms)
                          for t, tr in transports.items()}
@@ -243,6 +272,7 @@ class NotifyWorker:
             return True
         outbox = self.outboxes[tenant]
         errors: list[str] = []
+        dead: list[str] = []
         busy = False
         for recipient in msg.recipients:
             _, retry_at = await outbox.tries(entry_id, recipient, msg.kind)
@@ -250,19 +280,38 @@ class NotifyWorker:
                 busy = True  # its backoff is not over: a later claim sends it
                 continue
             result = await outbox.send(entry_id, recipient, msg.kind, rendered)
-            if result.outcome is SendOutcome.FAILED:
+            if result.outcome is SendOutcome.SENT:
+                self._observe("sent", outbox, msg.kind)
+            elif result.outcome is SendOutcome.FAILED:
                 errors.append(result.error or "failed")
+            elif result.outcome is SendOutcome.DEAD:
+                dead.append(f"{result.entry}: {result.error or 'refused'}")
+                self._observe("dead_lettered", outbox, msg.kind)
             elif result.outcome is SendOutcome.IN_FLIGHT:
                 busy = True
         if errors:
-            error = "; ".join(errors)
-            if await self.events.give_up(tenant, stream, entry_id, fields, error):
+            error = "; ".join(dead + errors)
+            given_up = await self.events.give_up(tenant, stream, entry_id, fields, error)
+            for _ in errors:
+                self._observe("dead_lettered" if given_up else "failed", outbox, msg.kind)
+            if given_up:
                 log.error("notify: event %s of %s dead-lettered: %s", entry_id, tenant, error)
-            return False
-        if busy:
+                return True
+        pending = bool(errors) or busy
+        if dead:  # refused for good: dead-lettered now, acked unless others are pending
+            error = "; ".join(dead)
+            await self.events.dead_letter(tenant, stream, entry_id, fields, error,
+                                          ack=not pending)
+            log.error("notify: event %s of %s dead-lettered: %s", entry_id, tenant, error)
+            return not pending
+        if pending:
             return False
         await self.events.ack(stream, entry_id)
         return True
+
+    def _observe(self, outcome: str, outbox: Outbox, kind: str) -> None:
+        if self.observer is not None:
+            self.observer(outcome, outbox.transport.channel, kind)
 
     async def _attempt(self, tenant: str, fields: Fields) -> ChargeAttempt | None:
         """The charge attempt of a recharge event (its ``ref``), or None: another event, an
@@ -365,29 +414,37 @@ async def run_notify_worker(cfg: Config, store: Store, *, consumer: str, stop: a
                             archive: Archive | None = None,
                             transports: Mapping[str, Transport] | None = None,
                             claim_idle_ms: int = 60_000, claim_every_ms: int = 5_000,
-                            retry_base_ms: int = 30_000,
-                            retry_max_ms: int = 3_600_000) -> None:
-    """The notification worker of every tenant with ``smtp`` (or of the tenants in
-    ``transports``, each with its own: ``leadflow demo``'s in-memory one), and with
-    ``archive`` (the ledger's SQL side) their weekly reports
+                            retry_base_ms: int = 30_000, retry_max_ms: int = 3_600_000,
+                            observer: NotifyObserver | None = None) -> None:
+    """The notification worker of every tenant with a transport (:func:`transport_for`), or
+    of the tenants in ``transports``, each with its own (``leadflow demo``'s in-memory one),
+    and with ``archive`` (the ledger's SQL side) their weekly reports
     (:mod:`engine.notify.weekly`); without any such tenant, one log line and nothing to
-    do."""
+    do. The transports it opened are closed when it ends."""
+    opened: dict[str, Transport] = {}
     if transports is None:
-        transports = {t.id: tr for t in cfg.tenants if (tr := smtp_transport(t)) is not None}
+        opened = {t.id: tr for t in cfg.tenants if (tr := transport_for(t)) is not None}
+        transports = opened
     skipped = [t.id for t in cfg.tenants if t.id not in transports]
     if skipped:
-        log.info("notify worker: no smtp, no e-mail for %s", ", ".join(skipped))
+        log.info("notify worker: no smtp or sendgrid, no e-mail for %s", ", ".join(skipped))
     if not transports:
         return
-    worker = NotifyWorker(cfg, store, transports, consumer=consumer,
-                          claim_idle_ms=claim_idle_ms, claim_every_ms=claim_every_ms,
-                          retry_base_ms=retry_base_ms, retry_max_ms=retry_max_ms)
-    if archive is None:
-        await worker.run(stop)
-        return
-    weekly = WeeklyReports(cfg, store, archive, worker.outboxes, clock_ms=worker.clock_ms)
-    await asyncio.gather(worker.run(stop), weekly.run(stop))
+    try:
+        worker = NotifyWorker(cfg, store, transports, consumer=consumer,
+                              claim_idle_ms=claim_idle_ms, claim_every_ms=claim_every_ms,
+                              retry_base_ms=retry_base_ms, retry_max_ms=retry_max_ms,
+                              observer=observer)
+        if archive is None:
+            await worker.run(stop)
+            return
+        weekly = WeeklyReports(cfg, store, archive, worker.outboxes, clock_ms=worker.clock_ms,
+                               observer=observer)
+        await asyncio.gather(worker.run(stop), weekly.run(stop))
+    finally:
+        for transport in opened.values():
+            await transport.close()
 
 
-__all__ = ["GROUP", "MAX_DELIVERIES", "Message", "NotifyWorker", "message",
-           "run_notify_worker", "smtp_transport"]
+__all__ = ["GROUP", "MAX_DELIVERIES", "Message", "NotifyObserver", "NotifyWorker", "message",
+           "run_notify_worker", "smtp_transport", "transport_for"]

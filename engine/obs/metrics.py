@@ -56,6 +56,8 @@ from redis.retry import Retry
 
 from engine.core import keys
 from engine.core.constants import DEFAULT_FLOOR
+from engine.notify.templates import KINDS as NOTIFY_KINDS
+from engine.notify.transport import CHANNELS as NOTIFY_CHANNELS
 from engine.store.store import CLUSTER_SCHEME
 
 log = logging.getLogger(__name__)
@@ -90,6 +92,8 @@ RECHARGE_OUTCOMES = ("succeeded", "failed", "declined", "authentication_required
 DELIVERY_OUTCOMES = (
     "accepted", "duplicated", "rejected", "error", "timeout", "dead_letter", "deferred",
 )
+# a notification send's outcome (engine.notify.worker's observer) -> the counter it counts
+NOTIFY_OUTCOMES = ("sent", "failed", "dead_lettered")
 
 # -- buckets (seconds) -------------------------------------------------------------------
 # decision: one Lua script round trip plus Python routing; sub-millisecond to 100 ms.
@@ -208,6 +212,7 @@ class Metrics:
         self._money_metrics()
         self._billing_metrics()
         self._delivery_metrics()
+        self._notify_metrics()
         self._stream_metrics()
         self._http_metrics()
         self._redis_metrics()
@@ -366,6 +371,38 @@ class Metrics:
             DELIVERY_BUCKETS,
         )
 
+    def _notify_metrics(self) -> None:
+        # (channel, kind): the transport's channel ("smtp", "sendgrid") and the message
+        # kind (engine.notify.templates.KINDS), every pair pre-created at 0
+        known = [(c, k) for c in NOTIFY_CHANNELS for k in NOTIFY_KINDS]
+        self.notify_sent = self._children(
+            self._counter(
+                "notify_sent_total",
+                "Notification e-mails the channel accepted, by channel and message kind.",
+                ["channel", "kind"],
+            ),
+            "notify_sent",
+            known,
+        )
+        self.notify_failed = self._children(
+            self._counter(
+                "notify_failed_total",
+                "Notification sends that failed and will be tried again.",
+                ["channel", "kind"],
+            ),
+            "notify_failed",
+            known,
+        )
+        self.notify_dead_lettered = self._children(
+            self._counter(
+                "notify_dead_lettered_total",
+                "Notification sends given up: refused for good, or their event's last try.",
+                ["channel", "kind"],
+            ),
+            "notify_dead_lettered",
+            known,
+        )
+
     def _stream_metrics(self) -> None:
         # (stream, group): logical stream name ("deliveries", "events", "ledger"), summed
         # over tenants; never the full key.
@@ -427,6 +464,12 @@ class Metrics:
     def http_request(self, route: str, code: int, seconds: float) -> None:
         count(self.http_requests(route, str(code)))
         observe(self.http_request_duration(route), seconds)
+
+    def notify(self, outcome: str, channel: str, kind: str) -> None:
+        """One notification send: ``sent``, ``failed`` (tried again) or ``dead_lettered``."""
+        counters = {"sent": self.notify_sent, "failed": self.notify_failed,
+                    "dead_lettered": self.notify_dead_lettered}
+        count(counters[outcome](channel, kind))
 
     def delivery(self, outcomes: Mapping[str, int], seconds: Sequence[float]) -> None:
         """Delivery events counted by outcome, and the durations of those that made a

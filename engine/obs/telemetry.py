@@ -140,6 +140,12 @@ def delivery_observer(events: Sequence[DeliveryEvent]) -> None:
                      [e.latency_ms / 1000 for e in events if e.kind not in NO_REQUEST])
 
 
+def notify_observer(outcome: str, channel: str, kind: str) -> None:
+    """One notification send (engine.notify.worker): ``sent``, ``failed`` (tried again) or
+    ``dead_lettered``, by the transport's channel and the message kind."""
+    METRICS.notify(outcome, channel, kind)
+
+
 async def monitor(client: aioredis.Redis, tenants: Sequence[str], stop: asyncio.Event,
                   *, every_s: float = 5.0) -> None:
     """Redis liveness and consumer-group lag/pending, every few seconds until ``stop``."""

@@ -24,6 +24,7 @@ from engine.core.config import (
     Config,
     Notify,
     ResponseRule,
+    SendGrid,
     TenantWebhook,
     resolve_secret,
     valid_id,
@@ -59,7 +60,7 @@ _EVENT_TYPE = re.compile(r"[a-z][a-z_]{0,39}")
 # an e-mail address: local@domain, no spaces, quotes or angle brackets, a dotted domain
 _ADDRESS = re.compile(r"^[^\s@<>\"(),;:\\\[\]]{1,64}@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+\Z")
 MAX_ADDRESS = 254  # RFC 5321's path limit
-MAX_SMTP_TIMEOUT_S = 300
+MAX_MAIL_TIMEOUT_S = 300  # an SMTP session or a SendGrid request
 
 
 def valid_address(value: str) -> bool:
@@ -177,6 +178,11 @@ class _Checker:
 
     def notify(self, n: Notify, p: str) -> None:
         self.addresses(n.operators, f"{p}.operators")
+        if n.smtp is not None and n.sendgrid is not None:
+            raise self.fail(f"{p}.sendgrid", "e-mail goes through smtp or sendgrid, not both: "
+                            "remove one of the two tables")
+        if n.sendgrid is not None:
+            self.sendgrid(n.sendgrid, f"{p}.sendgrid")
         if n.smtp is None:
             return
         s, sp = n.smtp, f"{p}.smtp"
@@ -187,14 +193,37 @@ class _Checker:
         if not valid_sender(s.sender):
             raise self.fail(f"{sp}.sender",
                             "an e-mail address, or 'Name <address>', on one line")
-        if not 0 < s.timeout_s <= MAX_SMTP_TIMEOUT_S:
+        if not 0 < s.timeout_s <= MAX_MAIL_TIMEOUT_S:
             raise self.fail(f"{sp}.timeout_s",
-                            f"more than 0 and at most {MAX_SMTP_TIMEOUT_S} seconds")
+                            f"more than 0 and at most {MAX_MAIL_TIMEOUT_S} seconds")
         if (s.username is None) != (s.password is None):
             raise self.fail(f"{sp}.password" if s.password is None else f"{sp}.username",
                             "a username needs a password, and a password a username")
         if s.password is not None and not resolve_secret(s.password):
             raise self.fail(f"{sp}.password", "empty (is its environment variable set?)")
+
+    def sendgrid(self, g: SendGrid, p: str) -> None:
+        key = resolve_secret(g.api_key)
+        if not key:
+            raise self.fail(f"{p}.api_key", "empty (is its environment variable set?)")
+        if _HEADER_CTL.search(key) or " " in key:  # the key never shows in the reason
+            raise self.fail(f"{p}.api_key", "not an API key: it holds spaces or control "
+                            "characters")
+        if not valid_sender(g.sender):
+            raise self.fail(f"{p}.sender", "an e-mail address, or 'Name <address>', on one line")
+        try:
+            parts = urlsplit(g.base_url)
+            _ = parts.port
+        except ValueError as exc:
+            raise self.fail(f"{p}.base_url", f"not an http(s) URL with a host: {exc}") from exc
+        if parts.scheme not in ("http", "https") or not parts.hostname \
+                or parts.username is not None or parts.password is not None \
+                or parts.query or parts.fragment or parts.path.strip("/"):
+            raise self.fail(f"{p}.base_url", "an http(s) URL with a host and nothing else, "
+                            "e.g. https://api.sendgrid.com")
+        if not 0 < g.timeout_s <= MAX_MAIL_TIMEOUT_S:
+            raise self.fail(f"{p}.timeout_s",
+                            f"more than 0 and at most {MAX_MAIL_TIMEOUT_S} seconds")
 
     def tenant_of(self, path: str, tenant: str) -> None:
         if not any(t.id == tenant for t in self.cfg.tenants):

@@ -189,6 +189,9 @@ class MailSink:
     async def send(self, recipient: str, message: Rendered, *, key: str) -> None:
         self.sent.append((recipient, message.subject))
 
+    async def close(self) -> None:
+        """Nothing to close: the messages stay for the summary."""
+
     def worker(self) -> WorkerFn:
         """The notify worker sending into this sink (and the weekly reports, none of which
         is due in a demo's minute but for a tenant whose report hour it is)."""

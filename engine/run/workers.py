@@ -31,7 +31,7 @@ from engine.core.constants import archive_path
 from engine.delivery.tenant_hooks import run_tenant_hooks
 from engine.delivery.worker import run_delivery_worker
 from engine.notify.worker import run_notify_worker
-from engine.obs.telemetry import delivery_observer
+from engine.obs.telemetry import delivery_observer, notify_observer
 from engine.store.store import Store
 
 log = logging.getLogger("leadflow.workers")
@@ -135,12 +135,12 @@ async def ledger_worker(ctx: WorkerContext, stop: asyncio.Event) -> None:
 
 async def notify_worker(ctx: WorkerContext, stop: asyncio.Event) -> None:
     """E-mail notifications (engine/notify), one consumer of ``events``; tenants without
-    ``[tenants.notify.smtp]`` are skipped (one log line)."""
+    ``[tenants.notify.smtp]`` or ``[tenants.notify.sendgrid]`` are skipped (one log line)."""
     archive = await Archive.open(ctx.config().settings.sql_url,
                                  path=str(archive_path(ctx.state_dir)))
     try:
         await run_notify_worker(ctx.config(), ctx.store, consumer=ctx.consumer + "-notify",
-                                stop=stop, archive=archive)
+                                stop=stop, archive=archive, observer=notify_observer)
     finally:
         await archive.close()
 

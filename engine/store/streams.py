@@ -195,16 +195,19 @@ class StreamConsumer:
         return int(rows[0]["times_delivered"]) if rows else 1
 
     async def dead_letter(self, tenant: str, stream: str, entry_id: str, fields: Fields,
-                          error: str) -> None:
+                          error: str, *, ack: bool = True) -> None:
         """Copy the entry to the tenant's dead-letter stream (its fields, ``source_id``,
-        ``error``, ``ts``) and ack it, in one MULTI (one tenant: one slot)."""
+        ``error``, ``ts``) and ack it, in one MULTI (one tenant: one slot). ``ack=False``:
+        the copy only, the entry stays pending (part of it failed for good, the rest is
+        still to do)."""
         if self.dead_letter_key is None:
             raise ValueError(f"consumer group {self.group}: no dead-letter stream")
         dead: dict[Any, Any] = {**fields, b"source_id": entry_id, b"error": error[:500],
                                 b"ts": now_ms()}
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xadd(self.dead_letter_key(tenant), dead)
-            pipe.xack(stream, self.group, entry_id)
+            if ack:
+                pipe.xack(stream, self.group, entry_id)
             await pipe.execute()
 
     async def give_up(self, tenant: str, stream: str, entry_id: str, fields: Fields,

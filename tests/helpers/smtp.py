@@ -35,16 +35,22 @@ class Collector:
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
-        """A mailbox with "refused" in its name does not exist here (550, naming it)."""
+        """A mailbox with "refused" in its name does not exist here (550, naming it); one
+        with "busy" in it is busy (450: try again later), every time."""
         if "refused" in address:
             return f"550 5.1.1 <{address}>: no such mailbox"
+        if "busy" in address:
+            return f"450 4.2.1 <{address}>: mailbox busy, try again later"
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        """A message to a mailbox with "spamtrap" in its name is refused after DATA (554)."""
         if self.gate is not None:
             self.held.set()
             await self.gate.wait()
+        if any("spamtrap" in str(r) for r in envelope.rcpt_tos):
+            return "554 5.7.1 message refused"
         content = envelope.original_content or b""
         msg = message_from_bytes(content, policy=policy.default)
         self.received.append(Received(str(envelope.mail_from),

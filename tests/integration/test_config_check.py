@@ -350,3 +350,62 @@ def test_a_sender_cannot_add_a_header() -> None:
 def test_an_smtp_password_is_not_in_the_config_repr() -> None:
     toml = _with_notify('username = "u"\npassword = "hunter2-secret"\n')
     assert "hunter2-secret" not in repr(make_config(base=toml).tenants[0].notify)
+
+
+_SENDGRID = """
+[tenants.notify]
+operators = ["ops@acme.example"]
+[tenants.notify.sendgrid]
+api_key = "env:LEADFLOW_TEST_SENDGRID_KEY"
+sender = "Acme Leads <billing@acme.example>"
+"""
+
+
+def _with_sendgrid(extra: str = "") -> str:
+    return BASE_TOML.replace('[tenants.wallet]\nopening_balance = "1000.00"\n',
+                             '[tenants.wallet]\nopening_balance = "1000.00"\n'
+                             + _SENDGRID + extra)
+
+
+def test_a_sendgrid_table_passes_with_its_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LEADFLOW_TEST_SENDGRID_KEY", "SG.test-key")
+    sendgrid = make_config(base=_with_sendgrid()).tenants[0].notify.sendgrid
+    assert sendgrid is not None
+    assert (sendgrid.base_url, sendgrid.timeout_s) == ("https://api.sendgrid.com", 30.0)
+
+
+@pytest.mark.parametrize(("extra", "path", "reason"), [
+    ('base_url = "ftp://api.sendgrid.com"\n', "base_url", "http(s) URL"),
+    ('base_url = "https://user:pw@api.sendgrid.com"\n', "base_url", "nothing else"),
+    ('base_url = "https://api.sendgrid.com/v3/mail/send"\n', "base_url", "nothing else"),
+    ('base_url = "https://[::1"\n', "base_url", "not an http(s) URL"),
+    ("timeout_s = 301\n", "timeout_s", "at most 300"),
+])
+def test_bad_sendgrid_settings_are_refused(monkeypatch: pytest.MonkeyPatch, extra: str,
+                                           path: str, reason: str) -> None:
+    monkeypatch.setenv("LEADFLOW_TEST_SENDGRID_KEY", "SG.test-key")
+    _refused(_with_sendgrid(extra), f"tenants[0].notify.sendgrid.{path}", reason)
+
+
+def test_a_sendgrid_key_must_be_set_and_is_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LEADFLOW_TEST_SENDGRID_KEY", raising=False)
+    _refused(_with_sendgrid(), "tenants[0].notify.sendgrid.api_key", "empty")
+    monkeypatch.setenv("LEADFLOW_TEST_SENDGRID_KEY", "SG.hunter2 secret")
+    err = _refused(_with_sendgrid(), "tenants[0].notify.sendgrid.api_key", "not an API key")
+    assert "hunter2" not in str(err)
+    toml = _with_sendgrid().replace("env:LEADFLOW_TEST_SENDGRID_KEY", "SG.literal-hunter2")
+    assert "hunter2" not in repr(make_config(base=toml).tenants[0].notify)
+
+
+def test_smtp_and_sendgrid_together_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LEADFLOW_TEST_SENDGRID_KEY", "SG.test-key")
+    toml = _with_sendgrid('[tenants.notify.smtp]\nhost = "smtp.acme.example"\n'
+                          'sender = "billing@acme.example"\n')
+    _refused(toml, "tenants[0].notify.sendgrid", "smtp or sendgrid, not both")
+
+
+def test_a_sendgrid_sender_cannot_add_a_header(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LEADFLOW_TEST_SENDGRID_KEY", "SG.test-key")
+    toml = _with_sendgrid().replace('sender = "Acme Leads <billing@acme.example>"',
+                                    'sender = "x@acme.example\\nBcc: all@evil.example"')
+    _refused(toml, "tenants[0].notify.sendgrid.sender", "an e-mail address")

@@ -1,5 +1,6 @@
 """The notification worker (engine/notify/worker.py) in a running engine: a real redis-server,
-a real aiosmtpd SMTP server, a lead whose debit takes a client under its alert threshold.
+a real aiosmtpd SMTP server (or a local stand-in for SendGrid's API), a lead whose debit
+takes a client under its alert threshold.
 
 Exactly one e-mail per (event, recipient, kind): a replayed event sends nothing again, and
 an SMTP server down when the event comes is sent to once it is back (the consumer's claim
@@ -13,13 +14,16 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client.parser import text_string_to_metric_families
 
 from engine.core import keys
 from engine.core.config import Config
-from engine.notify.outbox import Outbox
+from engine.notify.outbox import Outbox, entry_id
+from engine.notify.sendgrid import ENTRY_ARG
 from engine.notify.worker import GROUP, run_notify_worker, smtp_transport
 from engine.run.workers import REGISTRY, WorkerContext, in_process_workers
 from tests.helpers.harness import BASE_TOML, buyer, campaign, make_config, running
+from tests.helpers.sendgrid import SendGridServer
 from tests.helpers.smtp import SmtpServer
 
 CONTACT = "ap@bright.example"
@@ -30,6 +34,8 @@ def _config(server: SmtpServer) -> Config:
         '[tenants.wallet]\nopening_balance = "1000.00"\n',
         '[tenants.wallet]\nopening_balance = "1000.00"\n'
         '[tenants.notify]\noperators = ["ops@acme.example"]\n'
+        # the weekly report (due on some days of the week) is tested on its own clock
+        '[tenants.notify.weekly_report]\nenabled = false\n'
         f'[tenants.notify.smtp]\nhost = "{server.host}"\nport = {server.port}\n'
         'security = "plain"\nsender = "Acme Leads <billing@acme.example>"\ntimeout_s = 5\n')
     toml = toml.replace('id = "c1"\nopening_balance = "100.00"',
@@ -139,6 +145,68 @@ async def test_tenants_without_smtp_are_skipped_with_one_log_line(
         await asyncio.sleep(0.2)
         assert not eng.svc.crew.failed.is_set()
     lines = [r.getMessage() for r in caplog.records if r.name == "leadflow.notify"]
-    assert lines == ["notify worker: no smtp, no e-mail for t1, t2"]
+    assert lines == ["notify worker: no smtp or sendgrid, no e-mail for t1, t2"]
     # no group made: nothing read (the lead made no event, so no stream either)
     assert not await redis.exists(keys.events("t1")) or await _group(redis) == {}
+
+
+def _sendgrid_config(server: SendGridServer) -> Config:
+    toml = BASE_TOML.replace(
+        '[tenants.wallet]\nopening_balance = "1000.00"\n',
+        '[tenants.wallet]\nopening_balance = "1000.00"\n'
+        '[tenants.notify]\noperators = ["ops@acme.example"]\n'
+        # the weekly report (due on some days of the week) is tested on its own clock
+        '[tenants.notify.weekly_report]\nenabled = false\n'
+        '[tenants.notify.sendgrid]\napi_key = "env:LEADFLOW_TEST_SENDGRID_KEY"\n'
+        f'sender = "Acme Leads <billing@acme.example>"\nbase_url = "{server.url}"\n'
+        'timeout_s = 5\n')
+    toml = toml.replace('id = "c1"\nopening_balance = "100.00"',
+                        f'id = "c1"\nname = "Bright Solar"\nopening_balance = "25.00"\n'
+                        f'contacts = ["{CONTACT}"]')
+    return make_config(campaign(), buyer("b1", price="10.00"), base=toml)
+
+
+async def _sent_metric(eng) -> float:
+    async with eng.http.get(eng.url + "/metrics") as r:
+        assert r.status == 200
+        body = (await r.read()).decode()
+    for fam in text_string_to_metric_families(body):
+        for s in fam.samples:
+            if s.name == "leadflow_notify_sent_total" and s.labels == {
+                    "channel": "sendgrid", "kind": "balance_alert"}:
+                return s.value
+    raise AssertionError("no leadflow_notify_sent_total{channel=sendgrid,kind=balance_alert}")
+
+
+async def test_a_sendgrid_tenant_gets_its_balance_alert_through_the_api_once(
+        redis, redis_server, sendgrid_server: SendGridServer,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("LEADFLOW_TEST_SENDGRID_KEY", "SG.integration-hunter2")
+    cfg = _sendgrid_config(sendgrid_server)
+    caplog.set_level(logging.DEBUG)
+    async with running(cfg, redis_server.url, workers=[REGISTRY["notify"]]) as eng:
+        await _until(_started(redis))  # the group starts at the stream's end
+        before = await _sent_metric(eng)
+        status, body = await eng.lead(email="jane@example.com")
+        assert status == 200 and body["status"] == "ACCEPTED", body
+        await _until(lambda: _done(redis))
+        [req] = sendgrid_server.requests
+        assert (req.method, req.path) == ("POST", "/v3/mail/send")
+        assert req.headers["Authorization"] == "Bearer SG.integration-hunter2"
+        sent = req.json()
+        assert sent["personalizations"] == [{"to": [{"email": CONTACT}]}]
+        assert sent["subject"] == "Your balance is under 20.00 USD"
+        assert "15.00 USD" in sent["content"][0]["value"]
+        alert = await _alert_id(redis)
+        entry = entry_id(alert, CONTACT, "balance_alert")
+        assert sent["custom_args"] == {ENTRY_ARG: entry}
+        assert sent["headers"] == {"Message-ID": f"<notify.{entry}@acme.example>"}
+        assert await _sent_metric(eng) == before + 1  # the service exports it
+
+        # the same entry delivered again: the group re-reads the whole stream
+        await redis.xgroup_setid(keys.events("t1"), GROUP, "0")
+        await _until(lambda: _done(redis))
+        assert len(sendgrid_server.requests) == 1
+        assert await _sent_metric(eng) == before + 1
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert "hunter2" not in logged and CONTACT not in logged

@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 
 from engine.core import keys
 from engine.core.backoff import backoff_ms
-from engine.notify import NotifyError, TransportError
+from engine.notify import NotifyError, PermanentTransportError, TransportError
 from engine.notify import templates as t
 from engine.notify.outbox import Outbox, SendOutcome, entry_id
 from engine.notify.transport import SmtpSettings, SmtpTransport, build_message
@@ -161,19 +161,56 @@ def test_bad_headers_and_settings_are_refused() -> None:
                                    security="ssl"))  # type: ignore[arg-type]
 
 
-async def test_a_refused_recipient_is_a_failure_that_never_names_the_address(
+async def test_a_refused_recipient_is_dead_and_never_named(
         smtp_server: SmtpServer, redis: aioredis.Redis, caplog: pytest.LogCaptureFixture) -> None:
-    """The server's reply names the mailbox: it stays out of the logs and the recorded
-    error (personal data); the class of the failure is kept."""
+    """A 550 to RCPT is a refusal for good: the entry is dead, not tried again. The
+    server's reply names the mailbox: it stays out of the logs and the recorded error
+    (personal data); the class of the failure and its code are kept."""
     box = Outbox(redis, TENANT, transport(smtp_server))
     address = "refused.person@bright.example"
     with caplog.at_level(logging.DEBUG):
         failed = await box.send("ev-pii", address, "balance_alert", message("balance_alert"))
-    assert failed.outcome is SendOutcome.FAILED and failed.error is not None
-    assert "SMTPRecipientsRefused" in failed.error and "refused.person" not in failed.error
+    assert failed.outcome is SendOutcome.DEAD and failed.error is not None
+    assert failed.retry_at_ms is None and failed.attempts == 1
+    assert "SMTPRecipientsRefused 550" in failed.error and "refused.person" not in failed.error
+    entry = entry_id("ev-pii", address, "balance_alert")
+    assert await redis.get(keys.notify(TENANT, entry)) == b"dead"
+    assert await box.tries("ev-pii", address, "balance_alert") == (1, None)
+    again = await box.send("ev-pii", address, "balance_alert", message("balance_alert"))
+    assert again.outcome is SendOutcome.ALREADY_DEAD
+    assert await box.tries("ev-pii", address, "balance_alert") == (1, None)  # not tried
     ours = [r.getMessage() for r in caplog.records if not r.name.startswith("mail.")]
     assert not [m for m in ours if "refused.person" in m]  # (mail.*: the test's server)
     tries = await redis.hgetall(keys.notify_tries(TENANT, entry_id("ev-pii", address,
                                                                    "balance_alert")))
     assert b"refused.person" not in tries[b"last_error"]
     assert smtp_server.received == []
+
+
+@pytest.mark.parametrize(("address", "permanent", "reason"), [
+    ("refused.person@bright.example", True, "SMTPRecipientsRefused 550"),  # RCPT 5xx
+    ("spamtrap@bright.example", True, "SMTPDataError 554"),  # DATA 5xx
+    ("busy.person@bright.example", False, "SMTPRecipientsRefused 450"),  # RCPT 4xx
+])
+async def test_smtp_5xx_to_rcpt_or_data_is_permanent_4xx_is_not(
+        smtp_server: SmtpServer, address: str, permanent: bool, reason: str) -> None:
+    with pytest.raises(TransportError) as info:
+        await transport(smtp_server).send(address, message(), key="k")
+    assert isinstance(info.value, PermanentTransportError) is permanent
+    assert reason in str(info.value) and address.partition("@")[0] not in str(info.value)
+    assert smtp_server.received == []
+
+
+async def test_a_dead_entry_after_failures_keeps_no_retry_time(
+        smtp_server: SmtpServer, redis: aioredis.Redis) -> None:
+    """An entry that failed for now (a retry time) and then for good: no retry time left,
+    so a worker does not wait for it; it is dead."""
+    box = Outbox(redis, TENANT, transport(smtp_server))
+    args = ("ev-7", "refused.person@bright.example", "balance_alert")
+    smtp_server.stop()
+    assert (await box.send(*args, message("balance_alert"))).outcome is SendOutcome.FAILED
+    assert (await box.tries(*args))[1] is not None
+    smtp_server.start()
+    dead = await box.send(*args, message("balance_alert"))
+    assert (dead.outcome, dead.attempts) == (SendOutcome.DEAD, 2)
+    assert await box.tries(*args) == (2, None)

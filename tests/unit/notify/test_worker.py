@@ -14,8 +14,11 @@ from engine.core import keys
 from engine.core.config import Config
 from engine.core.constants import WALLET
 from engine.notify import NotifyError
+from engine.notify.outbox import entry_id as outbox_entry
+from engine.notify.sendgrid import SendGridTransport
 from engine.notify.templates import render
-from engine.notify.worker import NotifyWorker, message, smtp_transport
+from engine.notify.transport import SmtpTransport
+from engine.notify.worker import NotifyWorker, message, smtp_transport, transport_for
 from engine.run import configfile
 from engine.store.store import Store
 from tests.helpers.smtp import SmtpServer
@@ -321,3 +324,107 @@ async def test_a_claim_before_the_retry_time_sends_nothing_and_leaves_the_entry_
     assert sorted(r.recipients[0] for r in smtp_server.received) == [
         "ap@bright.example", "cfo@bright.example"]
     assert (await redis.xpending(stream, "notify"))["pending"] == 0
+
+
+def _contacts_cfg(port: int, *contacts: str) -> Config:
+    toml = TOML.replace('contacts = ["ap@bright.example", "cfo@bright.example"]',
+                        f"contacts = {list(contacts)!r}".replace("'", '"'))
+    return configfile.loads(toml.format(port=port), source="<test>")
+
+
+async def _one_entry(worker: NotifyWorker) -> tuple[str, dict[bytes, bytes]]:
+    [batch] = await worker.events.poll(10)
+    [(entry_id, fields)] = batch.entries
+    return entry_id, fields
+
+
+async def test_a_recipient_refused_for_good_is_dead_lettered_at_once_and_never_again(
+        redis: aioredis.Redis, smtp_server: SmtpServer) -> None:
+    cfg = _contacts_cfg(smtp_server.port, "ap@bright.example", "refused.person@bright.example")
+    transport = smtp_transport(cfg.tenant("t1"))
+    assert transport is not None
+    seen: list[tuple[str, str, str]] = []
+    worker = NotifyWorker(cfg, Store(redis), {"t1": transport}, consumer="w1", block_ms=None,
+                          observer=lambda *a: seen.append(a))
+    await worker.start_group()
+    stream = keys.events("t1")
+    await redis.xadd(stream, _fields(type="balance_alert", account="c1", balance="1",
+                                     threshold="20000000"))
+    entry_id, fields = await _one_entry(worker)
+    assert await worker.handle("t1", entry_id, fields)  # done: one sent, one dead
+    assert [r.recipients for r in smtp_server.received] == [["ap@bright.example"]]
+    assert (await redis.xpending(stream, "notify"))["pending"] == 0
+    [(_, dead)] = await redis.xrange(keys.dead_letter("t1", "events"))
+    assert dead[b"source_id"].decode() == entry_id
+    refused = outbox_entry(entry_id, "refused.person@bright.example", "balance_alert")
+    error = dead[b"error"].decode()
+    assert error.startswith(f"{refused}: smtp 127.0.0.1:")  # the outbox entry, no address
+    assert "SMTPRecipientsRefused 550" in error and "refused.person" not in error
+    assert await worker.outboxes["t1"].tries(entry_id, "refused.person@bright.example",
+                                             "balance_alert") == (1, None)
+    assert seen == [("sent", "smtp", "balance_alert"), ("dead_lettered", "smtp", "balance_alert")]
+    # handled again (a replay): nothing sent, nothing dead-lettered twice, nothing counted
+    assert await worker.handle("t1", entry_id, fields)
+    assert len(smtp_server.received) == 1
+    assert len(await redis.xrange(keys.dead_letter("t1", "events"))) == 1
+    assert len(seen) == 2
+
+
+async def test_a_dead_recipient_beside_one_failing_for_now_keeps_the_entry_pending_for_it(
+        redis: aioredis.Redis, smtp_server: SmtpServer) -> None:
+    """One contact refused for good, one busy (450): the dead one is dead-lettered at once
+    and the entry stays pending for the busy one, which is tried again after its backoff
+    and dead-lettered on the entry's last delivery."""
+    cfg = _contacts_cfg(smtp_server.port, "refused.person@bright.example",
+                        "busy.person@bright.example")
+    transport = smtp_transport(cfg.tenant("t1"))
+    assert transport is not None
+    seen: list[tuple[str, str, str]] = []
+    now = [1_000_000]
+    worker = NotifyWorker(cfg, Store(redis), {"t1": transport}, consumer="w1", block_ms=None,
+                          claim_idle_ms=0, max_deliveries=2, clock_ms=lambda: now[0],
+                          observer=lambda *a: seen.append(a))
+    await worker.start_group()
+    stream = keys.events("t1")
+    await redis.xadd(stream, _fields(type="balance_alert", account="c1", balance="1",
+                                     threshold="20000000"))
+    entry_id, fields = await _one_entry(worker)
+    assert not await worker.handle("t1", entry_id, fields)
+    dead = await redis.xrange(keys.dead_letter("t1", "events"))
+    assert len(dead) == 1 and b"SMTPRecipientsRefused 550" in dead[0][1][b"error"]
+    assert b"450" not in dead[0][1][b"error"]
+    assert (await redis.xpending(stream, "notify"))["pending"] == 1
+    assert seen == [("dead_lettered", "smtp", "balance_alert"),
+                    ("failed", "smtp", "balance_alert")]
+    _, retry_at = await worker.outboxes["t1"].tries(entry_id, "busy.person@bright.example",
+                                                    "balance_alert")
+    assert retry_at is not None
+    now[0] = retry_at
+    [batch] = await worker.events.claim(10)  # delivered a second time: the last
+    assert [e for e, _ in batch.entries] == [entry_id]
+    assert await worker.handle("t1", entry_id, fields)
+    dead = await redis.xrange(keys.dead_letter("t1", "events"))
+    assert len(dead) == 2 and b"SMTPRecipientsRefused 450" in dead[1][1][b"error"]
+    assert b"550" not in dead[1][1][b"error"]  # the dead one is not tried or told again
+    assert (await redis.xpending(stream, "notify"))["pending"] == 0
+    assert seen[2:] == [("dead_lettered", "smtp", "balance_alert")]
+    assert smtp_server.received == []
+
+
+def test_transport_for_picks_the_tenants_channel(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LEADFLOW_TEST_SENDGRID_KEY", "SG.from-env")
+    toml = TWO_TENANTS.format(a="ta", b="tb", pa=2525, pb=2526).replace(
+        '[tenants.notify.smtp]\nhost = "127.0.0.1"\nport = 2526\nsecurity = "plain"\n'
+        'sender = "billing@b.example"\ntimeout_s = 60\n',
+        '[tenants.notify.sendgrid]\napi_key = "env:LEADFLOW_TEST_SENDGRID_KEY"\n'
+        'sender = "B Leads <billing@b.example>"\nbase_url = "http://127.0.0.1:9"\n'
+        'timeout_s = 7\n')
+    toml += '\n[[tenants]]\nid = "tc"\napi_token = "tok-tc"\n'
+    cfg = configfile.loads(toml, source="<test>")
+    smtp, sendgrid = transport_for(cfg.tenant("ta")), transport_for(cfg.tenant("tb"))
+    assert isinstance(smtp, SmtpTransport) and smtp.channel == "smtp"
+    assert isinstance(sendgrid, SendGridTransport) and sendgrid.channel == "sendgrid"
+    assert sendgrid.settings.api_key == "SG.from-env"  # resolved from the environment
+    assert sendgrid.url == "http://127.0.0.1:9/v3/mail/send"
+    assert sendgrid.settings.timeout_s == 7
+    assert transport_for(cfg.tenant("tc")) is None
