@@ -146,6 +146,14 @@ def notify_observer(outcome: str, channel: str, kind: str) -> None:
     METRICS.notify(outcome, channel, kind)
 
 
+def hooks_observer(tenant: str, etype: str, outcome: str) -> None:
+    """One tenant-webhook request (engine.delivery.tenant_hooks), counted as a
+    notification of channel ``webhook`` whose kind is the event type; an event type the
+    tenant did not ask for (``skipped``) is not a send."""
+    if outcome != "skipped":
+        METRICS.notify(outcome, "webhook", etype)
+
+
 async def monitor(client: aioredis.Redis, tenants: Sequence[str], stop: asyncio.Event,
                   *, every_s: float = 5.0) -> None:
     """Redis liveness and consumer-group lag/pending, every few seconds until ``stop``."""

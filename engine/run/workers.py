@@ -31,7 +31,7 @@ from engine.core.constants import archive_path
 from engine.delivery.tenant_hooks import run_tenant_hooks
 from engine.delivery.worker import run_delivery_worker
 from engine.notify.worker import run_notify_worker
-from engine.obs.telemetry import delivery_observer, notify_observer
+from engine.obs.telemetry import delivery_observer, hooks_observer, notify_observer
 from engine.store.store import Store
 
 log = logging.getLogger("leadflow.workers")
@@ -149,7 +149,7 @@ async def hooks_worker(ctx: WorkerContext, stop: asyncio.Event) -> None:
     """The tenants' own webhooks (engine/delivery/tenant_hooks), one consumer of
     ``events``; tenants without ``[tenants.notify.webhook]`` are not read."""
     await run_tenant_hooks(ctx.config(), ctx.store, ctx.http, consumer=ctx.consumer + "-hooks",
-                           stop=stop)
+                           stop=stop, observer=hooks_observer)
 
 
 REGISTRY: dict[str, WorkerFn] = {

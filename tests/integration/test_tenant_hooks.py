@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client.parser import text_string_to_metric_families
 
 from engine.core import keys
 from engine.core.config import Config
@@ -17,7 +18,7 @@ from engine.core.errors import ConfigError
 from engine.delivery.tenant_hooks import GROUP, payload, run_tenant_hooks
 from engine.run.workers import REGISTRY, WorkerContext, in_process_workers
 from tests.helpers.buyers import SECRET, Buyers, buyer_servers
-from tests.helpers.harness import BASE_TOML, buyer, campaign, make_config, running
+from tests.helpers.harness import BASE_TOML, Engine, buyer, campaign, make_config, running
 
 
 @pytest.fixture
@@ -70,15 +71,25 @@ def test_the_payload_is_the_event_with_amounts_as_decimal_strings() -> None:
         "data": {"account": "c1", "balance": "-4.25", "threshold": "20.00", "ref": "config"}}
 
 
+async def _webhook_sent(eng: Engine) -> float:
+    async with eng.http.get(eng.url + "/metrics") as r:
+        body = (await r.read()).decode()
+    return sum(s.value for fam in text_string_to_metric_families(body) for s in fam.samples
+               if s.name == "leadflow_notify_sent_total"
+               and s.labels == {"channel": "webhook", "kind": "balance_alert"})
+
+
 async def test_an_event_reaches_the_tenants_webhook_signed(
         redis, redis_server, receiver: Buyers) -> None:
     cfg = _config(receiver.url + "/accept")
     assert REGISTRY["hooks"] in in_process_workers()  # `leadflow run` starts it
     async with running(cfg, redis_server.url, workers=[REGISTRY["hooks"]]) as eng:
         await _until_group(redis)
+        before = await _webhook_sent(eng)
         status, body = await eng.lead(email="jane@example.com")
         assert status == 200 and body["status"] == "ACCEPTED", body
         await _until_done(redis)
+        assert await _webhook_sent(eng) == before + 1
     got = receiver.at("/accept")
     assert len(got) == 1 and got[0].verified
     alert = [i.decode() for i, f in await redis.xrange(keys.events("t1"))
