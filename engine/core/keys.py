@@ -34,6 +34,8 @@ _SUFFIX: dict[str, str] = {
     # engine.notify's outbox; "{}" is the digest of (event id, recipient, kind)
     "notify": "notify:{}",  # STRING: "sent", or the token of the sender holding the claim (TTL)
     "notify_tries": "notify:{}:tries",  # HASH: attempts, last_error, retry_at_ms (failed sends)
+    # engine.notify.prefs; "{}" is the digest of a lower-cased address (no address in a key)
+    "notify_prefs": "notify_prefs:{}",  # HASH: category -> "1" (on) / "0" (off)
 }
 _FIXED: dict[str, str] = {
     "ledger": "ledger",  # STREAM: every ledger entry of the tenant (archived to SQL)
@@ -47,6 +49,9 @@ _FIXED: dict[str, str] = {
 
     "retries": "deliveries:retry",  # ZSET: delivery jobs waiting for a retry, score = due ms
     "breakers": "breakers",  # ZSET: buyer id -> ms its open breaker half-opens
+    # engine.notify.overrides and engine.notify.prefs
+    "notify_templates": "notify_templates",  # HASH: message kind -> JSON {subject, text, html}
+    "notify_secret": "notify_secret",  # STRING: the unsubscribe links' HMAC key (SET NX once)
 }
 
 
@@ -124,6 +129,18 @@ def notify(tenant: str, entry: str) -> str:
 
 def notify_tries(tenant: str, entry: str) -> str:
     return tenant_prefix(tenant) + _SUFFIX["notify_tries"].format(entry)
+
+
+def notify_prefs(tenant: str, address_id: str) -> str:
+    return tenant_prefix(tenant) + _SUFFIX["notify_prefs"].format(address_id)
+
+
+def notify_templates(tenant: str) -> str:
+    return tenant_prefix(tenant) + _FIXED["notify_templates"]
+
+
+def notify_secret(tenant: str) -> str:
+    return tenant_prefix(tenant) + _FIXED["notify_secret"]
 
 
 def open_attempts(tenant: str) -> str:
