@@ -350,3 +350,22 @@ def test_a_sender_cannot_add_a_header() -> None:
 def test_an_smtp_password_is_not_in_the_config_repr() -> None:
     toml = _with_notify('username = "u"\npassword = "hunter2-secret"\n')
     assert "hunter2-secret" not in repr(make_config(base=toml).tenants[0].notify)
+
+
+@pytest.mark.parametrize("url", ["https://leads.acme.example", "http://127.0.0.1:8080",
+                                 "https://acme.example/leadflow/"])
+def test_a_public_url_is_accepted(url: str) -> None:
+    cfg = make_config(base=BASE_TOML + f'\n[settings]\npublic_url = "{url}"\n')
+    assert cfg.settings.public_url == url
+
+
+@pytest.mark.parametrize("url", ["leads.acme.example", "ftp://acme.example",
+                                 "https://acme.example/?x=1", "https://acme.example/#x",
+                                 "https://u:p@acme.example", "https://acme.example/a b",
+                                 "https://acme.example/<x>", "https://acme.example:99999",
+                                 "https://acme.example/\u00e9", "https://" + "a" * 200])
+def test_a_public_url_goes_into_a_mail_header_as_it_is(url: str) -> None:
+    """The base of unsubscribe links, sent in List-Unsubscribe: printable ASCII, no query
+    (the token's), no user info."""
+    _refused(BASE_TOML + f'\n[settings]\npublic_url = "{url}"\n', "settings.public_url",
+             "http(s) URL")
