@@ -13,8 +13,10 @@ it) that limits its own CPU time (:data:`CPU_S`, ``RLIMIT_CPU``) and address spa
 
 A child costs about 0.1 s (a new interpreter importing Jinja2): templates are checked,
 previewed and test-sent through it, and the notify worker renders a message of an
-overridden kind through it (one child for all the message's recipients). The default
-templates are the engine's own and render in-process (:func:`engine.notify.templates.render`).
+overridden kind through it (one child for all the message's recipients). Templates without
+any ``{{``, ``{%`` or ``{#`` are text alone and render here (nothing in them runs). The
+default templates are the engine's own and render in-process
+(:func:`engine.notify.templates.render`).
 
 The child reads one JSON request on stdin and writes one JSON answer on stdout:
 ``{"op": "validate" | "render", "kind", "templates": {subject, text, html}, "contexts":
@@ -44,6 +46,7 @@ WALL_S: Final = 10.0  # from its start to its answer, on a busy machine too
 MAX_RENDERED_BYTES: Final = 1024 * 1024  # a rendered part (UTF-8)
 MAX_CHILDREN: Final = max(1, (os.cpu_count() or 2) // 2)  # at once, per engine process
 
+_MARKS: Final = ("{{", "{%", "{#")
 _CHILD = ("import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
           "from engine.notify.sandbox import main; main()")
 
@@ -107,10 +110,19 @@ async def render(kind: str, templates: Templates,
     return await _run("render", kind, templates, [dict(c) for c in contexts])
 
 
-async def _run(op: Literal["validate", "render"], kind: str, templates: Templates,
+def _literal(tpl: Templates) -> bool:
+    """No tag, expression or comment anywhere: the templates are their own output, and
+    rendering them runs nothing (Jinja2's default delimiters; no line statements)."""
+    return not any(mark in part for part in (tpl.subject, tpl.text, tpl.html)
+                   for mark in _MARKS)
+
+
+async def _run(op: Literal["validate", "render"], kind: str, tpl: Templates,
                contexts: list[dict[str, Any]]) -> list[Rendered]:
+    if _literal(tpl):  # no child for text alone
+        return _here(op, kind, tpl, contexts)
     request = msgspec.json.encode(_Request(
-        op, kind, _Parts(templates.subject, templates.text, templates.html), contexts))
+        op, kind, _Parts(tpl.subject, tpl.text, tpl.html), contexts))
     async with _turn():
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -147,6 +159,22 @@ def _limit() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_BYTES, MEMORY_BYTES))
 
 
+def _here(op: Literal["validate", "render"], kind: str, tpl: Templates,
+          contexts: Sequence[Mapping[str, Any]]) -> list[Rendered]:
+    """What the child does (raises TemplateError), also the literal-text fast path."""
+    if op == "validate":
+        done = [templates.validate(kind, tpl.subject, tpl.text, tpl.html)]
+    else:
+        done = [templates.render(kind, c, tpl) for c in contexts]
+    for r in done:
+        for part in ("subject", "text", "html"):
+            size = len(getattr(r, part).encode("utf-8", "surrogatepass"))
+            if size > MAX_RENDERED_BYTES:
+                raise TemplateError(kind, part, f"renders {size} bytes, more than "
+                                                f"{MAX_RENDERED_BYTES}")
+    return done
+
+
 def _child(raw: bytes) -> _Answer:
     try:
         req = msgspec.json.decode(raw, type=_Request)
@@ -154,20 +182,11 @@ def _child(raw: bytes) -> _Answer:
         return _Answer(error=_Failure("-", f"bad request: {exc}"))
     tpl = Templates(req.templates.subject, req.templates.text, req.templates.html)
     try:
-        if req.op == "validate":
-            done = [templates.validate(req.kind, tpl.subject, tpl.text, tpl.html)]
-        else:
-            done = [templates.render(req.kind, c, tpl) for c in req.contexts]
+        done = _here(req.op, req.kind, tpl, req.contexts)
     except TemplateError as exc:
         return _Answer(error=_Failure(exc.part, exc.reason))
     except MemoryError:
         return _Answer(error=_Failure("-", f"needs more than {MEMORY_BYTES >> 20} MiB"))
-    for r in done:
-        for part in ("subject", "text", "html"):
-            size = len(getattr(r, part).encode("utf-8", "surrogatepass"))
-            if size > MAX_RENDERED_BYTES:
-                return _Answer(error=_Failure(part, f"renders {size} bytes, more than "
-                                                    f"{MAX_RENDERED_BYTES}"))
     return _Answer(rendered=[_Out(r.subject, r.text, r.html, r.unsubscribe_url)
                              for r in done])
 

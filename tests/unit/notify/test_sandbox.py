@@ -66,3 +66,17 @@ async def test_a_runaway_loop_is_stopped_and_the_loop_stays_free() -> None:
     assert "stopped while rendering" in err.value.reason or "took more than" in err.value.reason
     assert took < sandbox.WALL_S + 2
     assert ticks > 10 * took  # the loop was never held
+
+
+async def test_text_alone_renders_without_a_child(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No {{, {% or {#: nothing runs, so no child is started (schemathesis' and most
+    previews' strings)."""
+    async def no_child(*args: object, **kw: object) -> None:
+        raise AssertionError("a child was started")
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", no_child)
+    plain = t.Templates("Low balance { }", "Your balance is low. {x}", "<p>Low & { }</p>")
+    got = await sandbox.validate("balance_alert", plain)
+    assert got == t.Rendered("Low balance { }", "Your balance is low. {x}", "<p>Low & { }</p>")
+    with pytest.raises(TemplateError):
+        await sandbox.validate("balance_alert", t.Templates("", "x", "y"))  # empty subject
