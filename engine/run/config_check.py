@@ -30,6 +30,7 @@ from engine.core.config import (
 )
 from engine.core.constants import DEFAULT_FLOOR, WALLET
 from engine.core.errors import ConfigError
+from engine.core.untrusted import valid_address
 from engine.delivery import DeliveryError
 from engine.delivery.payload import RequestBuilder
 from engine.delivery.signing import Signer, SigningError
@@ -54,17 +55,9 @@ MAX_PORT = 65_535  # a TCP port; 0 binds any free one (the URL is logged at star
 MAX_COOLDOWN_S = 86_400  # a buyer's open circuit breaker (a key with PX), at most a day
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _HEADER_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-# an e-mail address: local@domain, no spaces, quotes or angle brackets, a dotted domain
-_ADDRESS = re.compile(r"^[^\s@<>\"(),;:\\\[\]]{1,64}@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+\Z")
-MAX_ADDRESS = 254  # RFC 5321's path limit
 MAX_SMTP_TIMEOUT_S = 300
 MAX_PUBLIC_URL = 200  # with a token, an unsubscribe link stays within a mail header line
 _PUBLIC_URL = re.compile(r"^https?://[^\s<>\"\\\x00-\x1f\x7f-\U0010ffff]+\Z")
-
-
-def valid_address(value: str) -> bool:
-    """A bare e-mail address (``ops@acme.example``), not a display name."""
-    return len(value) <= MAX_ADDRESS and bool(_ADDRESS.match(value))
 
 
 def valid_public_url(value: str) -> bool:
