@@ -85,8 +85,9 @@ def _unknown_kind(kind: str) -> Response:
 
 def _invalid(exc: TemplateError, status: int = 400, stored: bool = False) -> Response:
     where = "the stored template " if stored else ""
+    name = exc.kind if exc.part == "-" else f"{exc.kind}.{exc.part}"  # "-": the whole
     return toolkit.error_response(status, "template_invalid",
-                                  f"{where}{exc.kind}.{exc.part}: {exc.reason}")
+                                  f"{where}{name}: {exc.reason}")
 
 
 def _unavailable(exc: NotifyError) -> Response:

@@ -245,7 +245,8 @@ async def test_a_bad_template_is_refused_and_nothing_is_stored(
         assert (got, answer["error"]["code"]) == (status, code), answer
         if code == "template_invalid":
             part = next(p for p in ("subject", "text", "html") if body[p] != GOOD[p])
-            assert part in answer["error"]["message"] or "-:" in answer["error"]["message"]
+            message = answer["error"]["message"]
+            assert message.startswith((f"weekly_report.{part}: ", "weekly_report: ")), message
         assert not await redis.exists(T1)
 
 
