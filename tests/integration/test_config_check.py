@@ -369,3 +369,14 @@ def test_a_public_url_goes_into_a_mail_header_as_it_is(url: str) -> None:
     (the token's), no user info."""
     _refused(BASE_TOML + f'\n[settings]\npublic_url = "{url}"\n', "settings.public_url",
              "http(s) URL")
+
+
+def test_a_reload_applies_the_public_url_at_once() -> None:
+    """It is read from the config in force at each use (the worker, the API): a reload that
+    changes it does not log 'settings take effect at the next restart'."""
+    from engine.core.config import Settings
+    from engine.run.service import _changed_settings
+
+    old, new = Settings(), Settings(public_url="https://leads.acme.example")
+    assert _changed_settings(old, new) == []
+    assert _changed_settings(old, Settings(port=9000)) == ["port"]
