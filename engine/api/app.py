@@ -18,6 +18,7 @@ from billing.archive import Archive
 from engine.api import endpoints, toolkit
 from engine.api.accounts import AccountsApi
 from engine.api.docs import ApiDocs
+from engine.api.notify import NotifyApi
 from engine.api.schemas import Health, Readiness, ReadyChecks
 from engine.api.toolkit import Receive, Request, Response, Scope, Send
 from engine.core.errors import StoreUnavailable
@@ -103,6 +104,7 @@ class App:
         self.router.add("GET", "/docs", self.docs.page)
         self.router.add("GET", "/docs/static/{file}", self.docs.static)
         AccountsApi(lambda: self.runtime, store, lambda: self.archive).mount(self.router)
+        NotifyApi(lambda: self.runtime, store).mount(self.router)
 
     def batcher(self, tenant: str) -> Batcher:
         b = self.batchers.get(tenant)

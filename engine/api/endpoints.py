@@ -42,12 +42,22 @@ from engine.api.schemas import (
     Health,
     LeadPost,
     LedgerPage,
+    Preferences,
+    PreferencesBody,
+    PreviewBody,
     Readiness,
+    RenderedMessage,
     ReturnBody,
     ReturnResult,
+    SampleSent,
+    TemplateBody,
+    TemplateList,
+    TemplateView,
 )
 from engine.core.config import AutoRecharge
 from engine.ingest.codes import LeadResponse
+from engine.notify.prefs import MAX_TOKEN, UNSUBSCRIBE_PATH
+from engine.notify.templates import KINDS
 
 JSON = "application/json"
 FORM = "application/x-www-form-urlencoded"
@@ -193,6 +203,120 @@ def _card(action: str, summary: str, method: str = "POST", **extra: Reply) -> En
     return Endpoint(method, path, f"{action}PaymentMethod", summary, "billing", replies,
                     params=(ACCOUNT_ID, PM_ID), tenant=True)
 
+
+# -- e-mail notifications (#19; docs/notifications.md) --------------------------------------
+
+TEMPLATES = "/v1/notify/templates"
+KIND = Param("kind", "path", {"type": "string", "enum": list(KINDS)},
+             "a message kind", required=True)
+UNKNOWN_KIND = err("no such message kind", "unknown_kind")
+_TOO_LARGE_TEMPLATES = err("a body over 512 KiB (room for three templates of 64 KiB, "
+                           "JSON-escaped)", "too_large")
+_TEMPLATE_400 = ("template_invalid: a template does not render against the kind's sample data "
+                 "(syntax error, unknown variable, not allowed by the sandbox, over 64 KiB, "
+                 "too slow or too large to render); the message names the part and the reason")
+_STORED_409 = err("the tenant's stored template no longer renders against the sample data "
+                  "(PUT a new one, or DELETE it)", "template_invalid")
+_PAGE = {"type": "string"}
+_TOKEN = Param("t", "query", {"type": "string", "minLength": 1, "maxLength": MAX_TOKEN},
+               "the token of the message's link", required=True)
+_INVALID_TOKEN = err("a token that is missing, malformed or not signed by the engine: nothing "
+                     "changed", "invalid_token")
+NOTIFY_ENDPOINTS: tuple[Endpoint, ...] = (
+    Endpoint("GET", TEMPLATES, "listTemplates", "The message kinds, and which the tenant "
+             "overrides", "notifications", {200: ok(TemplateList)}, tenant=True),
+    Endpoint("GET", TEMPLATES + "/{kind}", "getTemplate",
+             "A kind's templates in force, and its default", "notifications",
+             {200: ok(TemplateView), 404: UNKNOWN_KIND}, params=(KIND,), tenant=True),
+    Endpoint(
+        "PUT", TEMPLATES + "/{kind}", "putTemplate", "Override a kind's templates",
+        "notifications",
+        {200: ok(TemplateView, "stored: the tenant's templates are in force"),
+         400: err("refused, nothing stored: " + _TEMPLATE_400, *NOT_JSON, "template_invalid"),
+         404: UNKNOWN_KIND, 413: _TOO_LARGE_TEMPLATES},
+        description=(
+            "Jinja2 templates with the kind's variables (`GET` lists them); amounts are "
+            "integer micros shown with the `money` filter. Each is rendered against the "
+            "kind's sample data in a sandboxed child process before it is stored; an "
+            "optional kind's templates must render with and without `unsubscribe_url` "
+            "(`{% if unsubscribe_url is defined %}`)."),
+        body=TemplateBody, params=(KIND,), tenant=True,
+        links={200: {"preview": Link("previewTemplate", {"kind": "$request.path.kind"})}},
+    ),
+    Endpoint("DELETE", TEMPLATES + "/{kind}", "deleteTemplate",
+             "Back to the default templates (again: no change)", "notifications",
+             {200: ok(TemplateView, "the default is in force"), 404: UNKNOWN_KIND},
+             params=(KIND,), tenant=True),
+    Endpoint(
+        "POST", TEMPLATES + "/{kind}/preview", "previewTemplate",
+        "Render templates with the kind's sample data", "notifications",
+        {200: ok(RenderedMessage, "rendered; nothing sent, nothing stored"),
+         400: err("refused: " + _TEMPLATE_400, *NOT_JSON, "template_invalid"),
+         404: UNKNOWN_KIND, 409: _STORED_409, 413: _TOO_LARGE_TEMPLATES},
+        description="No body: the templates in force. A body's parts replace theirs.",
+        body=PreviewBody, body_required=False, params=(KIND,), tenant=True,
+    ),
+    Endpoint(
+        "POST", TEMPLATES + "/{kind}/test", "testTemplate",
+        "Send the kind, with its sample data, to the tenant's own addresses",
+        "notifications",
+        {200: ok(SampleSent, "sent to each of the tenant's `notify.operators`"),
+         404: UNKNOWN_KIND,
+         409: err("no mail transport (`[tenants.notify.smtp]`), no address of the tenant's "
+                  "own (`notify.operators`), or its stored template no longer renders",
+                  "no_transport", "no_operator_address", "template_invalid"),
+         502: err("the tenant's mail server could not be reached or refused the message "
+                  "(the message says to how many it was sent before)", "send_failed")},
+        description=(
+            "The templates in force, rendered with the sample data, sent at once through "
+            "the tenant's transport; not deduplicated (each call sends again)."),
+        params=(KIND,), tenant=True,
+    ),
+    Endpoint(
+        "GET", "/v1/notify/preferences", "getPreferences",
+        "Which categories an address receives", "notifications",
+        {200: ok(Preferences),
+         400: err("no `address`, or not an e-mail address", "invalid_address")},
+        params=(Param("address", "query", {"type": "string", "format": "email",
+                                           "minLength": 3, "maxLength": 254},
+                      "an e-mail address (compared lower-cased)", required=True),),
+        tenant=True,
+    ),
+    Endpoint(
+        "PUT", "/v1/notify/preferences", "putPreferences",
+        "Turn categories on or off for an address", "notifications",
+        {200: ok(Preferences, "every category of the address, after the change"),
+         400: err("refused, nothing changed", *NOT_JSON, "invalid_address",
+                  "unknown_category")},
+        body=PreferencesBody, tenant=True,
+    ),
+    Endpoint(
+        "GET", UNSUBSCRIBE_PATH, "unsubscribePage",
+        "The page of an e-mail's unsubscribe link (changes nothing)", "notifications",
+        {200: Reply("a page with a button that POSTs the same link", media=("text/html",),
+                    schema=_PAGE),
+         400: _INVALID_TOKEN},
+        description=("No bearer token: the link's. A GET never unsubscribes (mail scanners "
+                     "and previews follow links)."),
+        params=(_TOKEN,),
+    ),
+    Endpoint(
+        "POST", UNSUBSCRIBE_PATH, "unsubscribe",
+        "Unsubscribe: the page's button, or a mail client's one-click POST (RFC 8058)",
+        "notifications",
+        {200: Reply("unsubscribed (again: the same)", media=("text/html",), schema=_PAGE),
+         400: _INVALID_TOKEN,
+         413: err("a body over 4 KiB", "too_large")},
+        description=("Turns the link's category off for its address. The token is the "
+                     "query's `t` (a form's `t` without one); the body "
+                     "(`List-Unsubscribe=One-Click`) is not needed."),
+        body_schema={"type": "object", "properties": {
+            "List-Unsubscribe": {"type": "string"}, "t": {"type": "string"}}},
+        body_media=(FORM,), body_required=False, params=(
+            Param("t", "query", {"type": "string", "maxLength": MAX_TOKEN},
+                  "the token of the message's link (or the form's `t`)"),),
+    ),
+)
 
 ENDPOINTS: tuple[Endpoint, ...] = (
     # -- lead ingest ---------------------------------------------------------------------
@@ -428,7 +552,9 @@ ENDPOINTS: tuple[Endpoint, ...] = (
          400: err("the account is not in Redis", "unknown_account"), 404: NO_ACCOUNT},
         params=(ACCOUNT_ID,), tenant=True,
     ),
+    *NOTIFY_ENDPOINTS,
 )
+
 
 BY_KEY: Mapping[tuple[str, str], Endpoint] = {e.key: e for e in ENDPOINTS}
 BY_ID: Mapping[str, Endpoint] = {e.operation_id: e for e in ENDPOINTS}

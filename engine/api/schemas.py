@@ -164,3 +164,96 @@ class BuyerState(msgspec.Struct):
     id: str
     status: Literal["active", "paused"]
     account: BuyerAccount
+
+
+# ---- notifications (#19) -------------------------------------------------------------------
+
+# the categories of engine.notify.prefs.CATEGORIES, for the document only (a unit test keeps
+# them equal); the handler refuses any other with 400 unknown_category
+NOTIFY_CATEGORIES = ("balance", "account", "recharge", "funding", "caps", "webhooks",
+                     "returns", "reports")
+TemplateText = Annotated[str, Meta(extra_json_schema={
+    "maxLength": 65536, "description": "a Jinja2 template, at most 64 KiB in UTF-8"})]
+SubjectText = Annotated[str, Meta(extra_json_schema={
+    "minLength": 1, "maxLength": 65536,
+    "description": "a Jinja2 template of one line (it must not render empty)"})]
+
+
+class TemplateBody(msgspec.Struct, forbid_unknown_fields=True):
+    """A message kind's three templates, all required; each is rendered against the kind's
+    sample data before it is stored (400 template_invalid otherwise)."""
+
+    subject: SubjectText
+    text: TemplateText
+    html: TemplateText
+
+
+class PreviewBody(msgspec.Struct, forbid_unknown_fields=True):
+    """Candidate templates; a part left out is the kind's template in force."""
+
+    subject: SubjectText | UnsetType = UNSET
+    text: TemplateText | UnsetType = UNSET
+    html: TemplateText | UnsetType = UNSET
+
+
+class TemplateSource(msgspec.Struct):
+    subject: str
+    text: str
+    html: str
+
+
+class TemplateSummary(msgspec.Struct):
+    kind: str
+    category: str
+    optional: bool  # a recipient may unsubscribe from its category
+    overridden: bool  # the tenant's own templates are in force
+
+
+class TemplateList(msgspec.Struct):
+    templates: list[TemplateSummary]
+
+
+class TemplateView(msgspec.Struct):
+    """The templates in force (the tenant's override, or the default) and the default."""
+
+    kind: str
+    category: str
+    optional: bool
+    overridden: bool
+    subject: str
+    text: str
+    html: str
+    default: TemplateSource
+    variables: list[str]  # what the templates may use (the sample data's names)
+
+
+class RenderedMessage(msgspec.Struct):
+    """Templates rendered with the kind's sample data."""
+
+    subject: str
+    text: str
+    html: str
+
+
+class SampleSent(msgspec.Struct):
+    """A test message (the sample data) sent to the tenant's own addresses."""
+
+    sent_to: int
+    recipients: list[str]  # the tenant's own operators
+
+
+Address = Annotated[str, Meta(extra_json_schema={"format": "email", "minLength": 3,
+                                                 "maxLength": 254})]
+
+
+class PreferencesBody(msgspec.Struct, forbid_unknown_fields=True):
+    """Categories to turn on (true) or off (false) for one address; the others stay."""
+
+    address: Address
+    categories: Annotated[dict[str, bool], Meta(extra_json_schema={
+        "propertyNames": {"enum": list(NOTIFY_CATEGORIES)}})]
+
+
+class Preferences(msgspec.Struct):
+    address: str  # trimmed and lower-cased
+    categories: dict[str, bool]  # every category

@@ -310,6 +310,9 @@ class Settings(_Shape, kw_only=True):
     max_connections: int = 1024  # open connections; past it: 503 (uvicorn limit_concurrency)
     max_header_bytes: int = 32 * 1024  # request line and headers together
     max_headers: int = 100
+    # where the engine is reached from outside (e.g. "https://leads.acme.example"): the
+    # base of e-mails' unsubscribe links (engine.notify.prefs); none: no links
+    public_url: str | None = None
 
 
 class Config(_Shape, kw_only=True):

@@ -35,6 +35,8 @@ _SUFFIX: dict[str, str] = {
     "notify": "notify:{}",  # STRING: "sent", or the token of the sender holding the claim (TTL)
     "notify_tries": "notify:{}:tries",  # HASH: attempts, last_error, retry_at_ms (failed sends)
     "weekly": "weekly:{}",  # STRING: the weekly reports of the week starting {} are all sent
+    # engine.notify.prefs; "{}" is the digest of a lower-cased address (no address in a key)
+    "notify_prefs": "notify_prefs:{}",  # HASH: category -> "1" (on) / "0" (off)
 }
 _FIXED: dict[str, str] = {
     "ledger": "ledger",  # STREAM: every ledger entry of the tenant (archived to SQL)
@@ -48,6 +50,9 @@ _FIXED: dict[str, str] = {
 
     "retries": "deliveries:retry",  # ZSET: delivery jobs waiting for a retry, score = due ms
     "breakers": "breakers",  # ZSET: buyer id -> ms its open breaker half-opens
+    # engine.notify.overrides and engine.notify.prefs
+    "notify_templates": "notify_templates",  # HASH: message kind -> JSON {subject, text, html}
+    "notify_secret": "notify_secret",  # STRING: the unsubscribe links' HMAC key (SET NX once)
 }
 
 
@@ -131,6 +136,18 @@ def weekly(tenant: str, week_start: str) -> str:
     """Set once every weekly report of the week starting ``week_start`` (ISO date) is
     sent or given up (engine.notify.weekly)."""
     return tenant_prefix(tenant) + _SUFFIX["weekly"].format(week_start)
+
+
+def notify_prefs(tenant: str, address_id: str) -> str:
+    return tenant_prefix(tenant) + _SUFFIX["notify_prefs"].format(address_id)
+
+
+def notify_templates(tenant: str) -> str:
+    return tenant_prefix(tenant) + _FIXED["notify_templates"]
+
+
+def notify_secret(tenant: str) -> str:
+    return tenant_prefix(tenant) + _FIXED["notify_secret"]
 
 
 def open_attempts(tenant: str) -> str:

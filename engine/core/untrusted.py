@@ -28,6 +28,10 @@ import msgspec
 JSON_ERRORS: Final = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 TOO_DEEP: Final = "JSON nested too deeply (arrays and objects, about 1,000 levels)"
 
+# an e-mail address: local@domain, no spaces, quotes or angle brackets, a dotted domain
+_ADDRESS: Final = re.compile(
+    r"^[^\s@<>\"(),;:\\\[\]]{1,64}@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+\Z")
+MAX_ADDRESS: Final = 254  # RFC 5321's path limit
 _DIGITS: Final = {10: re.compile(r"[0-9]+"), 16: re.compile(r"[0-9a-fA-F]+")}
 _DECIMAL: Final = re.compile(r"([0-9]+)(?:\.([0-9]{1,6}))?")
 MICROS: Final = 1_000_000
@@ -56,3 +60,9 @@ def ascii_micros(text: str, *, max_whole_digits: int) -> int | None:
         return None
     whole, frac = m.groups()
     return int(whole) * MICROS + int((frac or "").ljust(6, "0"))
+
+
+def valid_address(value: str) -> bool:
+    """A bare e-mail address (``ops@acme.example``), not a display name: a config's
+    contacts and operators, an address of the notification preferences API."""
+    return len(value) <= MAX_ADDRESS and bool(_ADDRESS.match(value))

@@ -61,6 +61,10 @@ _COMMON: Final[dict[str, Any]] = {
     "account_id": "c-1042",
     "currency": "USD",
 }
+# the link of the kinds a recipient may unsubscribe from (engine.notify.prefs.OPTIONAL), in
+# their samples; a real message has it only when the engine has a public URL (docs/
+# notifications.md), so validate() renders such a kind with it and without it
+SAMPLE_UNSUBSCRIBE_URL: Final = "https://leads.example.com/v1/notify/unsubscribe?t=sample"
 # what each kind's template may use (and previews show); amounts are integer micros
 SAMPLES: Final[dict[str, dict[str, Any]]] = {
     "balance_alert": {"balance": 19_500_000, "threshold": 20_000_000},
@@ -78,17 +82,21 @@ SAMPLES: Final[dict[str, dict[str, Any]]] = {
     "funding_received": {"amount": 500_000_000, "method": "bank transfer",
                          "balance": 512_000_000},
     "refund_processed": {"amount": 75_000_000, "balance": 25_000_000},
-    "cap_reached": {"buyer_name": "Sunrise Installers", "cap": 50, "window": "day"},
+    "cap_reached": {"buyer_name": "Sunrise Installers", "cap": 50, "window": "day",
+                    "unsubscribe_url": SAMPLE_UNSUBSCRIBE_URL},
     "webhook_failing": {"buyer_name": "Sunrise Installers",
                         "url": "https://hooks.example.com/leads", "failures": 10,
-                        "last_error": "HTTP 503"},
+                        "last_error": "HTTP 503", "unsubscribe_url": SAMPLE_UNSUBSCRIBE_URL},
     "return_requested": {"lead_id": "l-8f3a", "amount": 35_000_000,
-                         "reason": "bad phone number", "decide_days": 7},
+                         "reason": "bad phone number", "decide_days": 7,
+                         "unsubscribe_url": SAMPLE_UNSUBSCRIBE_URL},
     "return_decided": {"lead_id": "l-8f3a", "granted": True, "amount": 35_000_000,
-                       "explanation": "The phone number was disconnected."},
+                       "explanation": "The phone number was disconnected.",
+                       "unsubscribe_url": SAMPLE_UNSUBSCRIBE_URL},
     "weekly_report": {"week_start": "2026-11-30", "week_end": "2026-12-06", "leads": 412,
                       "spent": 14_420_000_000, "funded": 15_000_000_000, "returns": 3,
-                      "returned": 105_000_000, "refunded": 0, "balance": 1_080_000_000},
+                      "returned": 105_000_000, "refunded": 0, "balance": 1_080_000_000,
+                      "unsubscribe_url": SAMPLE_UNSUBSCRIBE_URL},
 }
 
 
@@ -103,11 +111,14 @@ class Templates:
 
 @dataclass(frozen=True, slots=True)
 class Rendered:
-    """A rendered message: a one-line subject, a text body and an HTML body."""
+    """A rendered message: a one-line subject, a text body and an HTML body; and the
+    recipient's unsubscribe link when its context had one (the transport adds the
+    ``List-Unsubscribe`` headers for it)."""
 
     subject: str
     text: str
     html: str
+    unsubscribe_url: str | None = None
 
 
 def _money(value: object) -> str:
@@ -152,10 +163,12 @@ def render(kind: str, context: Mapping[str, Any], templates: Templates | None = 
     tpl = templates if templates is not None else default(kind)
     data = dict(context)
     subject = _render(kind, "subject", tpl.subject, data)
+    link = data.get("unsubscribe_url")
     return Rendered(
         subject=" ".join(subject.split()),  # one line: no value can add a header
         text=_render(kind, "text", tpl.text, data),
         html=_render(kind, "html", tpl.html, data),
+        unsubscribe_url=link if isinstance(link, str) and link else None,
     )
 
 
@@ -164,11 +177,23 @@ def validate(kind: str, subject: str, text: str, html: str) -> Rendered:
 
     Raises :class:`engine.notify.TemplateError` for a template too large, a syntax error, an
     unknown variable, a sandbox violation, or anything else that fails while rendering.
-    Returns the rendered sample (the preview).
+    Returns the rendered sample (the preview). A kind whose sample has an
+    ``unsubscribe_url`` is rendered without it too: a message has none when the engine has
+    no public URL (``{% if unsubscribe_url is defined %}``).
     """
-    rendered = render(kind, sample(kind), Templates(subject=subject, text=text, html=html))
+    candidate = Templates(subject=subject, text=text, html=html)
+    data = sample(kind)
+    rendered = render(kind, data, candidate)
     if not rendered.subject:
         raise TemplateError(kind, "subject", "renders empty")
+    if data.pop("unsubscribe_url", None) is not None:
+        try:
+            bare = render(kind, data, candidate)
+        except TemplateError as exc:
+            raise TemplateError(kind, exc.part, f"{exc.reason} (without unsubscribe_url, "
+                                "which a message may not have)") from exc
+        if not bare.subject:
+            raise TemplateError(kind, "subject", "renders empty without unsubscribe_url")
     return rendered
 
 

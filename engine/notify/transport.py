@@ -1,7 +1,9 @@
 """Sending a rendered message: the :class:`Transport` protocol and SMTP through aiosmtplib.
 
 A message is a multipart/alternative e-mail (the text part first, the HTML part second, so a
-client shows the last one it can), built with :class:`email.message.EmailMessage`. Its
+client shows the last one it can), built with :class:`email.message.EmailMessage`; one with
+an unsubscribe link carries it as ``List-Unsubscribe`` with ``List-Unsubscribe-Post:
+List-Unsubscribe=One-Click`` (RFC 8058: the mail client POSTs to it, one click). Its
 ``Message-ID`` is derived from the outbox key, so a message sent again after a crash carries
 the same id and a receiving system may recognise the duplicate.
 
@@ -16,7 +18,10 @@ The password is kept out of ``repr`` and out of every log line and error message
 from __future__ import annotations
 
 import email.errors
+import email.headerregistry
+import email.policy
 import logging
+import re
 import ssl
 from dataclasses import dataclass, field
 from email.message import EmailMessage
@@ -73,6 +78,22 @@ class SmtpSettings:
     tls_context: ssl.SSLContext | None = field(default=None, repr=False, compare=False)
 
 
+class _Unfolded(email.headerregistry.UnstructuredHeader, email.headerregistry.BaseHeader):
+    """A header written on one line: the default policy folds a line over 78 characters
+    without a space into RFC 2047 encoded words, and a ``List-Unsubscribe`` URL encoded
+    that way is no URL to a mail client (RFC 2369: no whitespace inside the brackets)."""
+
+    def fold(self, *, policy: email.policy.Policy) -> str:
+        return f"{self.name}: {self}{policy.linesep}"
+
+
+_HEADERS = email.headerregistry.HeaderRegistry()
+_HEADERS.map_to_type("list-unsubscribe", _Unfolded)
+_POLICY: Final = email.policy.default.clone(header_factory=_HEADERS)
+# printable ASCII without spaces or angle brackets, within RFC 5322's 998-octet line
+_HEADER_URL: Final = re.compile(r"https?://[!-;=?-~]{1,900}")
+
+
 def message_id(key: str, sender: str) -> str:
     """The Message-ID of outbox entry ``key``: ``<notify.KEY@sender's domain>``."""
     domain = sender.rpartition("@")[2].strip().rstrip(">").strip() or "leadflow.invalid"
@@ -81,13 +102,18 @@ def message_id(key: str, sender: str) -> str:
 
 def build_message(sender: str, recipient: str, message: Rendered, *, key: str) -> EmailMessage:
     """The multipart text+HTML e-mail of ``message``; raises NotifyError for a bad header."""
-    msg = EmailMessage()
+    msg = EmailMessage(policy=_POLICY)
     try:
         msg["From"] = sender
         msg["To"] = recipient
         msg["Subject"] = message.subject
         msg["Date"] = formatdate(localtime=False, usegmt=True)
         msg["Message-ID"] = message_id(key, sender)
+        if message.unsubscribe_url is not None:  # RFC 2369, and RFC 8058's one click
+            if not _HEADER_URL.fullmatch(message.unsubscribe_url):
+                raise ValueError("the unsubscribe URL is not a plain http(s) URL")
+            msg["List-Unsubscribe"] = f"<{message.unsubscribe_url}>"
+            msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
     except (ValueError, email.errors.HeaderParseError) as exc:
         raise NotifyError(f"cannot build the message to {recipient!r}: {exc}") from exc
     msg.set_content(message.text)

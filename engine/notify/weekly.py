@@ -40,9 +40,9 @@ from billing.archive import Archive, period_totals
 from engine.core import keys
 from engine.core.config import WEEKDAYS, Config, Tenant
 from engine.core.constants import WALLET
+from engine.notify.compose import compose
 from engine.notify.outbox import Outbox, SendOutcome
 from engine.notify.recipients import audience
-from engine.notify.templates import render
 from engine.store.store import UNAVAILABLE, Store
 
 log = logging.getLogger("leadflow.notify.weekly")
@@ -163,9 +163,11 @@ class WeeklyReports:
             "leads": totals.leads, "spent": totals.spent, "funded": totals.funded,
             "returns": totals.returns, "returned": totals.returned,
             "refunded": totals.refunded, "balance": totals.balance}
-        message = render(KIND, context)
+        # the tenant's own template, each recipient's preference and unsubscribe link
+        mails = await compose(self.store.redis, tenant.id, KIND, context, due,
+                              public_url=self.cfg.settings.public_url)
         sent = 0
-        for recipient in due:
+        for recipient, message in mails.items():  # the others turned reports off
             result = await outbox.send(event, recipient, KIND, message)
             if result.outcome is SendOutcome.SENT:
                 sent += 1

@@ -28,6 +28,8 @@ by that tenant's own task (:meth:`NotifyWorker._consume`): a slow or hanging SMT
 holds up only its own tenant's mail.
 
 Recipients: a client account's ``contacts``; the tenant's ``operators`` for its wallet.
+What each gets is :func:`engine.notify.compose.compose`'s: the tenant's own template of the
+kind, nothing for a recipient who turned the kind's category off, an unsubscribe link.
 The group starts at the end of a stream (:meth:`NotifyWorker.start_group`): events from
 before a tenant's first notify worker are not mailed.
 Only tenants with a transport are read (:func:`transport_for`: ``[tenants.notify.smtp]`` or
@@ -66,9 +68,9 @@ from engine.core import keys, money
 from engine.core.config import Client, Config, Tenant, resolve_secret
 from engine.core.constants import WALLET
 from engine.notify import NotifyError
+from engine.notify.compose import compose
 from engine.notify.outbox import Outbox, SendOutcome
 from engine.notify.sendgrid import SendGridSettings, SendGridTransport
-from engine.notify.templates import render
 from engine.notify.transport import SmtpSettings, SmtpTransport, Transport
 from engine.notify.weekly import WeeklyReports
 from engine.store.store import UNAVAILABLE, Store, is_cluster
@@ -262,12 +264,15 @@ class NotifyWorker:
         attempt = await self._attempt(tenant, fields)
         try:
             msg = message(self.cfg, tenant, fields, attempt)
-            rendered = render(msg.kind, msg.context) if msg is not None else None
+            # each recipient's message: the tenant's template, its preferences, its link
+            mail = None if msg is None else await compose(
+                self.events.redis, tenant, msg.kind, msg.context, msg.recipients,
+                public_url=self.cfg.settings.public_url)
         except NotifyError as exc:
             await self.events.dead_letter(tenant, stream, entry_id, fields, str(exc))
             log.error("notify: event %s of %s dead-lettered: %s", entry_id, tenant, exc)
             return True
-        if msg is None or rendered is None:
+        if msg is None or mail is None:
             await self.events.ack(stream, entry_id)
             return True
         outbox = self.outboxes[tenant]
@@ -275,6 +280,9 @@ class NotifyWorker:
         dead: list[str] = []
         busy = False
         for recipient in msg.recipients:
+            rendered = mail.get(recipient)
+            if rendered is None:  # the recipient turned this category off: done
+                continue
             _, retry_at = await outbox.tries(entry_id, recipient, msg.kind)
             if retry_at is not None and self.clock_ms() < retry_at:
                 busy = True  # its backoff is not over: a later claim sends it

@@ -32,6 +32,7 @@ from engine.core.config import (
 )
 from engine.core.constants import DEFAULT_FLOOR, WALLET
 from engine.core.errors import ConfigError
+from engine.core.untrusted import valid_address
 from engine.delivery import DeliveryError
 from engine.delivery.payload import RequestBuilder
 from engine.delivery.signing import Signer, SigningError
@@ -57,15 +58,23 @@ MAX_COOLDOWN_S = 86_400  # a buyer's open circuit breaker (a key with PX), at mo
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _HEADER_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _EVENT_TYPE = re.compile(r"[a-z][a-z_]{0,39}")
-# an e-mail address: local@domain, no spaces, quotes or angle brackets, a dotted domain
-_ADDRESS = re.compile(r"^[^\s@<>\"(),;:\\\[\]]{1,64}@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+\Z")
-MAX_ADDRESS = 254  # RFC 5321's path limit
 MAX_MAIL_TIMEOUT_S = 300  # an SMTP session or a SendGrid request
+MAX_PUBLIC_URL = 200  # with a token, an unsubscribe link stays within a mail header line
+_PUBLIC_URL = re.compile(r"^https?://[^\s<>\"\\\x00-\x1f\x7f-\U0010ffff]+\Z")
 
 
-def valid_address(value: str) -> bool:
-    """A bare e-mail address (``ops@acme.example``), not a display name."""
-    return len(value) <= MAX_ADDRESS and bool(_ADDRESS.match(value))
+def valid_public_url(value: str) -> bool:
+    """The base of links in e-mails: ``http(s)://host[:port][/path]``, printable ASCII, no
+    query, fragment or user info (it goes into a mail header as it is)."""
+    if len(value) > MAX_PUBLIC_URL or not _PUBLIC_URL.fullmatch(value):
+        return False
+    parts = urlsplit(value)
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port that is not one
+    except ValueError:
+        return False
+    return bool(parts.hostname) and not parts.query and not parts.fragment \
+        and "@" not in parts.netloc and "?" not in value and "#" not in value
 
 
 def valid_sender(value: str) -> bool:
@@ -445,6 +454,10 @@ def check(cfg: Config) -> None:
         if not 0 < getattr(cfg.settings, name) <= MAX_HTTP_TIMEOUT_S:
             raise c.fail(f"settings.{name}",
                          f"more than 0 and at most {MAX_HTTP_TIMEOUT_S} seconds")
+    if cfg.settings.public_url is not None and not valid_public_url(cfg.settings.public_url):
+        raise c.fail("settings.public_url",
+                     "an http(s) URL without query or fragment (https://leads.acme.example), "
+                     f"at most {MAX_PUBLIC_URL} characters")
     if cfg.settings.idempotency_ttl_s < cfg.settings.replay_window_s:
         # a keyed lead's payload record points to its key's record: the pointer must not
         # outlive what it points to

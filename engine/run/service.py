@@ -79,10 +79,15 @@ async def _monitor(ctx: WorkerContext, stop: asyncio.Event) -> None:
     await telemetry.monitor(ctx.store.redis, ctx.tenants(), stop)
 
 
+# read from the config in force at each use, so a reload changes them at once
+_RELOADED_SETTINGS = frozenset({"public_url"})
+
+
 def _changed_settings(old: Settings, new: Settings) -> list[str]:
     """Names of the ``[settings]`` that differ: the server, Redis and batching are set up
-    once, at start."""
-    return [f for f in Settings.__struct_fields__ if getattr(old, f) != getattr(new, f)]
+    once, at start (not those in ``_RELOADED_SETTINGS``)."""
+    return [f for f in Settings.__struct_fields__
+            if f not in _RELOADED_SETTINGS and getattr(old, f) != getattr(new, f)]
 
 
 @dataclass(frozen=True)

@@ -409,3 +409,33 @@ def test_a_sendgrid_sender_cannot_add_a_header(monkeypatch: pytest.MonkeyPatch) 
     toml = _with_sendgrid().replace('sender = "Acme Leads <billing@acme.example>"',
                                     'sender = "x@acme.example\\nBcc: all@evil.example"')
     _refused(toml, "tenants[0].notify.sendgrid.sender", "an e-mail address")
+
+
+@pytest.mark.parametrize("url", ["https://leads.acme.example", "http://127.0.0.1:8080",
+                                 "https://acme.example/leadflow/"])
+def test_a_public_url_is_accepted(url: str) -> None:
+    cfg = make_config(base=BASE_TOML + f'\n[settings]\npublic_url = "{url}"\n')
+    assert cfg.settings.public_url == url
+
+
+@pytest.mark.parametrize("url", ["leads.acme.example", "ftp://acme.example",
+                                 "https://acme.example/?x=1", "https://acme.example/#x",
+                                 "https://u:p@acme.example", "https://acme.example/a b",
+                                 "https://acme.example/<x>", "https://acme.example:99999",
+                                 "https://acme.example/\u00e9", "https://" + "a" * 200])
+def test_a_public_url_goes_into_a_mail_header_as_it_is(url: str) -> None:
+    """The base of unsubscribe links, sent in List-Unsubscribe: printable ASCII, no query
+    (the token's), no user info."""
+    _refused(BASE_TOML + f'\n[settings]\npublic_url = "{url}"\n', "settings.public_url",
+             "http(s) URL")
+
+
+def test_a_reload_applies_the_public_url_at_once() -> None:
+    """It is read from the config in force at each use (the worker, the API): a reload that
+    changes it does not log 'settings take effect at the next restart'."""
+    from engine.core.config import Settings
+    from engine.run.service import _changed_settings
+
+    old, new = Settings(), Settings(public_url="https://leads.acme.example")
+    assert _changed_settings(old, new) == []
+    assert _changed_settings(old, Settings(port=9000)) == ["port"]

@@ -17,6 +17,7 @@ import pytest
 from billing.archive import Archive
 from engine.core import keys
 from engine.core.config import WEEKDAYS, Config
+from engine.notify import prefs
 from engine.notify.outbox import Outbox
 from engine.notify.weekly import KIND, MAX_ATTEMPTS, WeeklyReports, event_id, last_due
 from engine.notify.worker import smtp_transport
@@ -164,6 +165,8 @@ async def test_a_report_that_fails_is_retried_then_given_up(
             assert MAX_ATTEMPTS > 2
             now[0] = due + 7 * 86_400_000
             nxt = last_due(now[0], TZ, day, "09:00")
+            # the operator turned the reports off: only the client's contact is tried
+            await prefs.set_preferences(redis, "t1", OPERATOR, {"reports": False})
             await worker.run_due("t1")
             assert not await redis.exists(keys.weekly("t1", nxt.start.isoformat()))
             now[0] += 1_000  # the backoff is at most a second
@@ -172,6 +175,7 @@ async def test_a_report_that_fails_is_retried_then_given_up(
             now[0] += 1_000
             await worker.run_due("t1")
             assert (await outbox.tries(event_id(nxt, "c1"), CONTACT, KIND))[0] == 2
+            assert (await outbox.tries(event_id(nxt, "wallet"), OPERATOR, KIND))[0] == 0
             assert len(smtp_server.received) == 2
     finally:
         await archive.close()

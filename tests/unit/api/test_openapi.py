@@ -129,3 +129,32 @@ async def test_a_path_parameter_may_hold_an_encoded_slash(redis, redis_server, c
         assert status == 404 and body["error"]["code"] == "unknown_buyer", body
         status, body = await eng.api("GET", "/v1/accounts/c%31")  # %31 is "1"
         assert status == 200 and body["id"] == "c1"
+
+
+def test_the_notification_endpoints_are_documented_with_their_codes():
+    from engine.api.schemas import NOTIFY_CATEGORIES
+    from engine.notify import prefs, templates
+
+    assert list(NOTIFY_CATEGORIES) == list(prefs.CATEGORIES)
+    doc = openapi.document()
+    put = doc["paths"]["/v1/notify/templates/{kind}"]["put"]
+    assert put["security"] == [{"tenantToken": []}]
+    assert put["parameters"][0]["schema"]["enum"] == list(templates.KINDS)
+
+    def codes(op: dict, status: str) -> list:
+        schema = op["responses"][status]["content"]["application/json"]["schema"]["allOf"]
+        return schema[1]["properties"]["error"]["properties"]["code"]["enum"]
+
+    assert "template_invalid" in codes(put, "400") and codes(put, "404") == ["unknown_kind"]
+    assert codes(put, "413") == ["too_large"] and "512 KiB" in put["responses"]["413"][
+        "description"]
+    test = doc["paths"]["/v1/notify/templates/{kind}/test"]["post"]
+    assert set(codes(test, "409")) == {"no_transport", "no_operator_address",
+                                       "template_invalid"}
+    assert codes(test, "502") == ["send_failed"]
+    prefs_put = doc["paths"]["/v1/notify/preferences"]["put"]
+    assert {"unknown_category", "invalid_address"} <= set(codes(prefs_put, "400"))
+    for method in ("get", "post"):
+        op = doc["paths"]["/v1/notify/unsubscribe"][method]
+        assert op["security"] == [] and codes(op, "400") == ["invalid_token"]
+        assert "text/html" in op["responses"]["200"]["content"]
