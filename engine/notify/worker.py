@@ -243,13 +243,15 @@ class NotifyWorker:
                  consumer: str, claim_idle_ms: int = 60_000, claim_every_ms: int = 5_000,
                  block_ms: int | None = 1_000, max_deliveries: int = MAX_DELIVERIES,
                  retry_base_ms: int = 30_000, retry_max_ms: int = 3_600_000,
+                 claim_ms: int = 120_000,
                  clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
                  observer: NotifyObserver | None = None) -> None:
         self.cfg = cfg
         self.clock_ms = clock_ms
         self.observer = observer
-        self.outboxes = {t: Outbox(store.redis, t, tr, retry_base_ms=retry_base_ms,
-                                   retry_max_ms=retry_max_ms, clock_ms=clock_ms)
+        self.outboxes = {t: Outbox(store.redis, t, tr, claim_ms=claim_ms,
+                                   retry_base_ms=retry_base_ms, retry_max_ms=retry_max_ms,
+                                   clock_ms=clock_ms)
                          for t, tr in transports.items()}
         self.events = StreamConsumer(
             store.redis, GROUP, consumer, {keys.events(t): t for t in transports},
@@ -423,6 +425,7 @@ async def run_notify_worker(cfg: Config, store: Store, *, consumer: str, stop: a
                             transports: Mapping[str, Transport] | None = None,
                             claim_idle_ms: int = 60_000, claim_every_ms: int = 5_000,
                             retry_base_ms: int = 30_000, retry_max_ms: int = 3_600_000,
+                            claim_ms: int = 120_000,
                             observer: NotifyObserver | None = None) -> None:
     """The notification worker of every tenant with a transport (:func:`transport_for`), or
     of the tenants in ``transports``, each with its own (``leadflow demo``'s in-memory one),
@@ -442,7 +445,7 @@ async def run_notify_worker(cfg: Config, store: Store, *, consumer: str, stop: a
         worker = NotifyWorker(cfg, store, transports, consumer=consumer,
                               claim_idle_ms=claim_idle_ms, claim_every_ms=claim_every_ms,
                               retry_base_ms=retry_base_ms, retry_max_ms=retry_max_ms,
-                              observer=observer)
+                              claim_ms=claim_ms, observer=observer)
         if archive is None:
             await worker.run(stop)
             return

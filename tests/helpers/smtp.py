@@ -31,12 +31,16 @@ class Collector:
     received: list[Received] = field(default_factory=list)
     arrived: threading.Event = field(default_factory=threading.Event)  # a message is kept
     held: threading.Event = field(default_factory=threading.Event)  # a DATA waits (hold)
-    gate: asyncio.Event | None = None  # with a gate, DATA waits until it is set
+    gate: asyncio.Event | None = None  # with a gate, DATA (or RCPT) waits until it is set
+    hold_at: str = "DATA"  # the command a gate holds: "DATA" or "RCPT"
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
         """A mailbox with "refused" in its name does not exist here (550, naming it); one
         with "busy" in it is busy (450: try again later), every time."""
+        if self.gate is not None and self.hold_at == "RCPT":
+            self.held.set()
+            await self.gate.wait()
         if "refused" in address:
             return f"550 5.1.1 <{address}>: no such mailbox"
         if "busy" in address:
@@ -46,7 +50,7 @@ class Collector:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         """A message to a mailbox with "spamtrap" in its name is refused after DATA (554)."""
-        if self.gate is not None:
+        if self.gate is not None and self.hold_at == "DATA":
             self.held.set()
             await self.gate.wait()
         if any("spamtrap" in str(r) for r in envelope.rcpt_tos):
@@ -63,14 +67,16 @@ class SmtpServer:
     """One aiosmtpd Controller on a fixed loopback port, which can be stopped and started
     again (a server that goes down and comes back)."""
 
-    def __init__(self, users: dict[str, str] | None = None, *, hold: bool = False) -> None:
-        """``hold``: every DATA waits (the server hangs) until :meth:`release`."""
+    def __init__(self, users: dict[str, str] | None = None, *, hold: bool = False,
+                 hold_at: str = "DATA") -> None:
+        """``hold``: every ``hold_at`` command (DATA, or RCPT: before the message is sent)
+        waits (the server hangs) until :meth:`release`."""
         self.users = users
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.host = "127.0.0.1"
-        self.handler = Collector(gate=asyncio.Event() if hold else None)
+        self.handler = Collector(gate=asyncio.Event() if hold else None, hold_at=hold_at)
         self._controller: Controller | None = None
 
     def start(self) -> None:
