@@ -18,6 +18,7 @@ booked included; ``balance`` after it).
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from billing.attempts import AccountLock, CardTry, ChargeAttempt, require_account
 from billing.context import BillingContext
@@ -218,11 +219,9 @@ async def _write_off(ctx: BillingContext, tenant: str, account: str, rest: int,
 async def _emit(ctx: BillingContext, tenant: str, account: str, event: dict[str, str]) -> None:
     """An event with no balance change to carry it, as recharge outcomes are published."""
     state = await ctx.store.account(tenant, account)
-    await ctx.store.redis.xadd(
-        keys.events(tenant),
-        {**event, "account": account, "balance": state.balance if state else 0,
-         "ts": now_ms()},
-        maxlen=1_000_000, approximate=True)
+    entry: dict[Any, Any] = {**event, "account": account,
+                             "balance": state.balance if state else 0, "ts": now_ms()}
+    await ctx.store.redis.xadd(keys.events(tenant), entry, maxlen=1_000_000, approximate=True)
     if ctx.store.events_observer is not None:
         ctx.store.events_observer([event["type"], 1])
 
