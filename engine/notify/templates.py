@@ -79,11 +79,12 @@ SAMPLES: Final[dict[str, dict[str, Any]]] = {
                          "balance": 512_000_000},
     "refund_processed": {"amount": 75_000_000, "balance": 25_000_000},
     "cap_reached": {"buyer_name": "Sunrise Installers", "cap": 50, "window": "day"},
-    "webhook_failing": {"buyer_name": "Sunrise Installers",
-                        "url": "https://hooks.example.com/leads", "failures": 10,
-                        "last_error": "HTTP 503"},
-    "return_requested": {"lead_id": "l-8f3a", "amount": 35_000_000,
-                         "reason": "bad phone number", "decide_days": 7},
+    # the webhook's host only: its path or query may hold a token
+    "webhook_failing": {"buyer_name": "Sunrise Installers", "host": "hooks.example.com",
+                        "failures": 10, "last_error": "http 503"},
+    # to the tenant's operators; returns are granted when they are made
+    "return_requested": {"lead_id": "l-8f3a", "buyer_name": "Sunrise Installers",
+                         "amount": 35_000_000, "reason": "disconnected phone number"},
     "return_decided": {"lead_id": "l-8f3a", "granted": True, "amount": 35_000_000,
                        "explanation": "The phone number was disconnected."},
     "weekly_report": {"week_start": "2026-11-30", "week_end": "2026-12-06", "leads": 412,
