@@ -267,15 +267,18 @@ def _message(etype: str, account: str, fields: Fields, context: dict[str, Any],
         if account == WALLET:
             return None
         return Message(_recharge(etype, fields, context, attempt), context, recipients)
-    if fields.get(b"buyer"):  # one buyer paused or resumed by hand: not the account
-        return None
     if etype == "buyer_paused":
         reason = _text(fields, "reason")
+        if reason == "manual":  # one buyer paused by hand (buyer_pause.lua): not the account
+            return None
+        # (an account paused at its floor by a lead names the buyer whose sale found it)
         context.update(balance=_micros(fields, "balance"),
                        reason=_PAUSE_REASONS.get(reason, reason),
                        minimum=_minimum(cfg, tenant, account))
         return Message("account_paused", context, recipients)
     if etype == "buyer_resumed":
+        if fields.get(b"buyer"):  # one buyer resumed by hand: not the account
+            return None
         context.update(balance=_micros(fields, "balance"))
         return Message("account_resumed", context, recipients)
     return None

@@ -82,6 +82,18 @@ def test_an_account_pause_and_resume_are_messages_a_buyer_pause_is_not() -> None
     assert resumed is not None and resumed.kind == "account_resumed"
     assert message(_cfg(), "t1", _fields(type="buyer_paused", account="c1", buyer="b1",
                                          balance="1", reason="manual")) is None
+    assert message(_cfg(), "t1", _fields(type="buyer_resumed", account="c1", buyer="b1",
+                                         balance="1", reason="manual")) is None
+
+
+def test_an_account_paused_at_its_floor_by_a_lead_is_a_message() -> None:
+    """decide.lua pauses the whole account at its floor and names the buyer whose sale
+    found it (the event's buyer field): still the account's pause, not one buyer's (it
+    sent nothing while any buyer field meant a buyer paused by hand)."""
+    msg = message(_cfg(), "t1", _fields(type="buyer_paused", account="c1", buyer="b1",
+                                        ref="L9", balance="-15000000", reason="floor"))
+    assert msg is not None and msg.kind == "account_paused"
+    assert msg.context["reason"] == "the balance reached its floor"
 
 
 @pytest.mark.parametrize("fields", [
