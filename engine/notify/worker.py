@@ -29,17 +29,18 @@ Only tenants with ``[tenants.notify.smtp]`` are read; the others send no e-mail.
 
 It sends ``balance_alert``, ``balance_negative``, ``funding_received``,
 ``refund_processed`` and ``cap_reached`` to the account's recipients; ``account_paused`` /
-``account_resumed`` for an account paused or resumed as a whole (``buyer_paused`` /
-``buyer_resumed`` without a ``buyer`` field); a client's ``recharge_succeeded`` (with the
-card fee of its charge attempt, read by the event's ``ref``), and ``recharge_failed`` as
-``daily_cap_reached`` (reason ``daily_cap``), ``recharge_declined`` (every card the attempt
-tried declined) or ``recharge_failed`` (the reason in words; one not known is not shown).
-The card's last 4 digits and a next attempt are not known here: the default templates
-leave them out. ``webhook_failing`` goes to the tenant's operators (whatever account it
-names). A buyer's return (``lead_returned``) is two messages (:func:`messages`):
-``return_requested`` to the tenant's operators and ``return_decided`` (granted: returns
-are decided when they are made) to the client's contacts. Every other event is acked
-without a message. The event types and their fields: docs/events.md.
+``account_resumed`` for an account paused or resumed as a whole (not a ``buyer_paused`` of
+reason ``manual`` nor a ``buyer_resumed`` with a ``buyer``: one buyer by hand); a client's
+``recharge_succeeded`` (with the card fee of its charge attempt, read by the event's
+``ref``), and ``recharge_failed`` as ``daily_cap_reached`` (reason ``daily_cap``),
+``recharge_declined`` (every card the attempt tried declined) or ``recharge_failed`` (the
+reason in words; one not known is not shown). The card's last 4 digits and a next attempt
+are not known here: the default templates leave them out. ``webhook_failing`` goes to the
+tenant's operators (whatever account it names). A buyer's return (``lead_returned``) is
+two messages (:func:`messages`): ``return_requested`` to the tenant's operators and
+``return_decided`` (granted: returns are decided when they are made) to the client's
+contacts. Every other event is acked without a message. The event types and their fields:
+docs/events.md.
 """
 
 from __future__ import annotations
