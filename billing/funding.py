@@ -10,12 +10,15 @@ request resumes it and never charges twice.
 A refund of the unused balance walks the account's latest card charges, refunds them
 through Stripe up to the balance (the pass-through fee is not refunded: Stripe keeps its
 own fee on refunds too), writes one ``refund`` ledger entry per Stripe refund and leaves
-the account closed at zero.
+the account closed at zero. Its last ledger step emits one ``refund_processed`` event
+(``amount``: what the call refunded by card, refunds of a crashed earlier call that it
+booked included; ``balance`` after it).
 """
 
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from billing.attempts import AccountLock, CardTry, ChargeAttempt, require_account
 from billing.context import BillingContext
@@ -27,7 +30,7 @@ from engine.core.billing_errors import (
     InvalidRequest,
     PaymentsFailed,
 )
-from engine.store.store import Store
+from engine.store.store import Store, now_ms
 
 _KEY = re.compile(r"[A-Za-z0-9_.:-]{1,128}")  # fullmatch: "$" took "k\n"
 
@@ -115,15 +118,25 @@ async def refund_balance(
             raise _close_refused("unknown_account" if state is None else "negative_balance",
                                  account)
         customer = await ctx.methods.customer(tenant, account)
+        recovered = 0
         if customer:
-            await _recover_refunds(ctx, tenant, account, customer, user)
+            recovered = await _recover_refunds(ctx, tenant, account, customer, user)
         plan = await _refundable(ctx, customer) if customer else []
         await _step(ctx, "before_close", account)
         # closed first: no new debit can slip in while money flows back
         balance = await _close(ctx, tenant, account, sum(c for _, c in plan) * CENT)
-        entries = await _refund_charges(ctx, lock, tenant, account, plan, balance, user)
-        if balance % CENT:  # a sub-cent usage remainder: written off, the account ends at 0
-            entries.append(await _write_off(ctx, tenant, account, balance % CENT, user))
+        takes = _takes(plan, balance)
+        rest = balance % CENT  # a sub-cent usage remainder: written off, the account ends at 0
+        refunded = recovered + sum(t for _, t in takes) * CENT
+        # the event rides on the call's last ledger step (written with it, or not at all)
+        notice = {"type": "refund_processed", "amount": str(refunded)} if refunded else None
+        entries = await _refund_charges(ctx, lock, tenant, account, takes, balance, user,
+                                        notice=None if rest else notice)
+        if rest:
+            entries.append(await _write_off(ctx, tenant, account, rest, user, notice=notice))
+        elif notice is not None and not takes:
+            # only refunds a crashed call made, booked above: no step left to carry it
+            await _emit(ctx, tenant, account, notice)
         return entries
 
 
@@ -157,16 +170,27 @@ def _close_refused(code: str, account: str, balance: int = 0) -> InvalidRequest:
     return InvalidRequest(text, code=code)
 
 
-async def _refund_charges(ctx: BillingContext, lock: AccountLock, tenant: str, account: str,
-                          plan: list[tuple[str, int]], balance: int, user: str) -> list[str]:
-    """Stripe refunds of the whole cents of ``balance`` over ``plan`` (newest charge
-    first), each booked with its ledger entry."""
+def _takes(plan: list[tuple[str, int]], balance: int) -> list[tuple[str, int]]:
+    """(PaymentIntent, cents) to refund: the whole cents of ``balance`` over ``plan``
+    (newest charge first), each at most the charge's refundable cents."""
     left_cents = balance // CENT
-    entries: list[str] = []
-    for n, (pi, cents) in enumerate(plan):
+    takes: list[tuple[str, int]] = []
+    for pi, cents in plan:
         if left_cents <= 0:
             break
         take = min(cents, left_cents)
+        takes.append((pi, take))
+        left_cents -= take
+    return takes
+
+
+async def _refund_charges(ctx: BillingContext, lock: AccountLock, tenant: str, account: str,
+                          takes: list[tuple[str, int]], balance: int, user: str, *,
+                          notice: dict[str, str] | None = None) -> list[str]:
+    """The Stripe refunds of ``takes``, each booked with its ledger entry; the last
+    booking emits ``notice``."""
+    entries: list[str] = []
+    for n, (pi, take) in enumerate(takes):
         await _step(ctx, "before_refund", account)
         await lock.check()  # a holder that lost the lock refunds nothing more
         refund_id = await ctx.gateway.refund(
@@ -174,20 +198,32 @@ async def _refund_charges(ctx: BillingContext, lock: AccountLock, tenant: str, a
             idempotency_key=f"{tenant}:refund:{account}:{pi}:{balance}:{n}",
             metadata={"tenant": tenant, "account": account, "process": _PROCESS},
         )
-        entries.append(await _book_refund(ctx, tenant, account, pi, refund_id, take, user))
-        left_cents -= take
+        last = n == len(takes) - 1
+        entries.append(await _book_refund(ctx, tenant, account, pi, refund_id, take, user,
+                                          notice=notice if last else None))
     return entries
 
 
 async def _write_off(ctx: BillingContext, tenant: str, account: str, rest: int,
-                     user: str) -> str:
+                     user: str, *, notice: dict[str, str] | None = None) -> str:
     """The sub-cent rest of the refunded balance (cards refund whole cents). Exactly the
     rest at the close: a credit landing later stays on the closed account."""
     res = await ctx.store.adjust(
         tenant, account, -rest, "adjustment", enforce_floor=False,
         op_id=f"refund-rest:{account}:{rest}",
-        extra={"process": "balance_refund", "reason": "sub-cent remainder", "user": user})
+        extra={"process": "balance_refund", "reason": "sub-cent remainder", "user": user},
+        event=notice)
     return res.entry
+
+
+async def _emit(ctx: BillingContext, tenant: str, account: str, event: dict[str, str]) -> None:
+    """An event with no balance change to carry it, as recharge outcomes are published."""
+    state = await ctx.store.account(tenant, account)
+    entry: dict[Any, Any] = {**event, "account": account,
+                             "balance": state.balance if state else 0, "ts": now_ms()}
+    await ctx.store.redis.xadd(keys.events(tenant), entry, maxlen=1_000_000, approximate=True)
+    if ctx.store.events_observer is not None:
+        ctx.store.events_observer([event["type"], 1])
 
 
 _PROCESS = "balance_refund"
@@ -199,13 +235,15 @@ REFUND_OP_TTL_S = 10 * 365 * 86_400
 
 
 async def _book_refund(ctx: BillingContext, tenant: str, account: str, pi: str,
-                       refund_id: str, cents: int, user: str) -> str:
+                       refund_id: str, cents: int, user: str, *,
+                       notice: dict[str, str] | None = None) -> str:
     """The ledger entry of one Stripe refund, idempotent on the refund id."""
     res = await ctx.store.adjust(
         tenant, account, -cents * CENT, "refund", op_id=f"refund:{refund_id}",
         ttl_s=REFUND_OP_TTL_S, enforce_floor=False,
         extra={"payment_intent": pi, "stripe_refund": refund_id, "process": _PROCESS,
                "user": user},
+        event=notice,
     )
     return res.entry
 
@@ -214,7 +252,7 @@ async def _recover_refunds(ctx: BillingContext, tenant: str, account: str, custo
                            user: str) -> int:
     """Book the balance refunds Stripe made but the ledger never saw (a run that died
     between the refund and its entry). Without this, a second run would refund the same
-    balance again from the remaining charges. Returns how many were booked now."""
+    balance again from the remaining charges. Returns the micros booked now."""
     booked = 0
     for ch in await ctx.gateway.list_charges(customer):
         if ch.amount_refunded <= 0 or not ch.payment_intent:
@@ -228,7 +266,7 @@ async def _recover_refunds(ctx: BillingContext, tenant: str, account: str, custo
                 extra={"payment_intent": ch.payment_intent, "stripe_refund": refund_id,
                        "process": _PROCESS, "user": user, "recovered": "1"},
             )
-            booked += 0 if res.replay else 1
+            booked += 0 if res.replay else cents * CENT
     return booked
 
 

@@ -31,6 +31,8 @@ _SUFFIX: dict[str, str] = {
     "dlog": "dlog:{}",  # LIST: delivery log of a lead (one JSON entry per attempt, TTL)
     "dstate": "dstate:{}",  # HASH: buyer -> delivery outcome of a lead, or a sync claim (TTL)
     "breaker": "breaker:{}",  # STRING: present while the buyer's breaker is open (TTL)
+    # STRING (TTL): a webhook_failing event was emitted for the buyer (one per outage)
+    "breaker_told": "breaker:{}:told",
     # engine.notify's outbox; "{}" is the digest of (event id, recipient, kind)
     "notify": "notify:{}",  # STRING: "sent", or the token of the sender holding the claim (TTL)
     "notify_tries": "notify:{}:tries",  # HASH: attempts, last_error, retry_at_ms (failed sends)
@@ -122,6 +124,10 @@ def dstate(tenant: str, lead_id: str) -> str:
 
 def breaker(tenant: str, buyer_id: str) -> str:
     return tenant_prefix(tenant) + _SUFFIX["breaker"].format(buyer_id)
+
+
+def breaker_told(tenant: str, buyer_id: str) -> str:
+    return tenant_prefix(tenant) + _SUFFIX["breaker_told"].format(buyer_id)
 
 
 def notify(tenant: str, entry: str) -> str:

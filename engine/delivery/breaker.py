@@ -15,19 +15,36 @@ Each worker process keeps its own breakers. While a breaker is open the worker w
 
 Both are removed when the breaker closes; the TTL/score ends an open state that no worker
 closes (e.g. the worker stopped).
+
+A breaker that opens from *closed* (a new outage, not a failed probe re-opening it) also
+emits the tenant's ``webhook_failing`` event (:meth:`Breakers.failure` with ``notice``), in
+the same step as the mirror (``breaker_open.lua``): at most one per buyer in
+:data:`WEBHOOK_FAILING_EVERY_MS`, whichever worker process opens its breaker first
+(``keys.breaker_told``). Fields: ``type``, ``account`` (the client paying for the buyer's
+leads), ``buyer``, ``host`` (the webhook's host, and port when one is given: never its
+path or query, which may hold a token), ``failures`` (consecutive failures that opened
+it), ``error`` (the last one: ``timeout``, ``network: <exception class>`` or ``http
+<status>``), ``status`` (0 without an HTTP answer), ``ts``.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, Final
 
+import msgspec
 import redis.asyncio as aioredis
 
 from engine.core import keys
+from engine.store.scripts import Scripts, scripts
 from engine.store.store import now_ms
 
 _PROBE_WAIT_MS = 1_000  # jobs that find a probe in flight come back after this
+# one webhook_failing event per buyer in this time, across worker processes and a webhook
+# that recovers and fails again (each opening would be an e-mail to the tenant)
+WEBHOOK_FAILING_EVERY_MS: Final = 3_600_000
 
 
 class BreakerState(enum.StrEnum):
@@ -79,8 +96,11 @@ class Breaker:
 class Breakers:
     """The breakers of one worker process, keyed by (tenant, buyer)."""
 
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: aioredis.Redis, *, lua: Scripts | None = None,
+                 events_observer: Callable[[Any], None] | None = None) -> None:
         self._redis = redis
+        self._lua = lua or scripts()
+        self._events_observer = events_observer  # told ["webhook_failing", 1] per event
         self._by_buyer: dict[tuple[str, str], Breaker] = {}
 
     def get(self, tenant: str, buyer: str, *, failures: int, cooldown_s: int) -> Breaker:
@@ -97,14 +117,26 @@ class Breakers:
                 pipe.zrem(keys.breakers(tenant), buyer)
                 await pipe.execute()
 
-    async def failure(self, tenant: str, buyer: str, b: Breaker, now: int) -> bool:
+    async def failure(self, tenant: str, buyer: str, b: Breaker, now: int, *,
+                      notice: Mapping[str, str] | None = None) -> bool:
+        """Record a failure; True when this opened the breaker. ``notice``: the
+        ``webhook_failing`` event's ``account``, ``host``, ``error`` and ``status``, emitted
+        (see the module docs) when this opened a closed breaker."""
+        fresh = b.state is BreakerState.CLOSED
         if not b.failure(now):
             return False
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(keys.breaker(tenant, buyer), str(b.open_until), px=b.cooldown_ms)
-            pipe.zadd(keys.breakers(tenant), {buyer: b.open_until})
-            pipe.zremrangebyscore(keys.breakers(tenant), "-inf", now)
-            await pipe.execute()
+        event = b""
+        if fresh and notice is not None:
+            fields = {"type": "webhook_failing", "account": notice.get("account", ""),
+                      "buyer": buyer, "host": notice.get("host", ""),
+                      "failures": str(b.failures), "error": notice.get("error", ""),
+                      "status": notice.get("status", "0"), "ts": str(now)}
+            event = msgspec.json.encode([x for kv in fields.items() for x in kv])
+        told = await self._lua.breaker_open(
+            self._redis, [keys.tenant_prefix(tenant)],
+            [buyer, b.open_until, b.cooldown_ms, now, WEBHOOK_FAILING_EVERY_MS, event])
+        if told and self._events_observer is not None:
+            self._events_observer(["webhook_failing", 1])
         return True
 
 

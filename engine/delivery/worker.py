@@ -40,6 +40,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import msgspec
@@ -224,7 +225,7 @@ class DeliveryWorker:
         self.opts = options or WorkerOptions()
         self.observer = observer
         self.clock = clock or now_ms
-        self.breakers = Breakers(self.redis)
+        self.breakers = Breakers(self.redis, lua=store.lua, events_observer=self._count_events)
         # the config in force (a reload swaps it): each batch resolves its buyers against
         # the latest one, also a batch read just before the reload
         self._config = config or (lambda: cfg)
@@ -575,7 +576,9 @@ class DeliveryWorker:
             return None
         now = self.clock()
         self._retry_or_give_up(send, att, n, now)
-        return self.breakers.failure(job.tenant, job.buyer, br, now)
+        return self.breakers.failure(job.tenant, job.buyer, br, now, notice={
+            "account": job.account, "host": _host(send.target.ep.delivery.url),
+            "error": att.error, "status": str(att.status)})
 
     def _retry_or_give_up(self, send: _Send, att: client.DeliveryAttempt, n: int, now: int) -> None:
         job, out, d = send.job, send.out, send.target.ep.delivery
@@ -644,6 +647,12 @@ class DeliveryWorker:
         dec = DeliveryDecision(record.FAILED if refund else "UNKNOWN", reason)
         self._finish(out, job, dec, result="failed", attempt=n, status=status, ms=ms,
                      excerpt=excerpt, dead=True)
+
+    def _count_events(self, events: Any) -> None:
+        """Events this worker emitted (``[type, count, ...]``: the breakers'
+        webhook_failing), counted like the scripts' (leadflow_events_emitted_total)."""
+        if self.store.events_observer is not None:
+            self.store.events_observer(events)
 
     def _count_failed(self, n: int) -> None:
         """``n`` delivery_failed events were just appended (by delivery_finish.lua, with
@@ -735,6 +744,20 @@ class DeliveryWorker:
             self._tasks.add(task)
             task.add_done_callback(functools.partial(self._batch_done, len(jobs)))
         return len(jobs)
+
+
+@functools.lru_cache(maxsize=1024)
+def _host(url: str) -> str:
+    """A webhook's host (and port, when given) for the tenant's webhook_failing event:
+    never its path, query or credentials, which may hold a token."""
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname or "", parts.port
+    except ValueError:
+        return ""
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{host}:{port}" if port is not None else host
 
 
 @functools.lru_cache(maxsize=1024)

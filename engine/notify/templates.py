@@ -84,11 +84,13 @@ SAMPLES: Final[dict[str, dict[str, Any]]] = {
     "refund_processed": {"amount": 75_000_000, "balance": 25_000_000},
     "cap_reached": {"buyer_name": "Sunrise Installers", "cap": 50, "window": "day",
                     "unsubscribe_url": SAMPLE_UNSUBSCRIBE_URL},
-    "webhook_failing": {"buyer_name": "Sunrise Installers",
-                        "url": "https://hooks.example.com/leads", "failures": 10,
-                        "last_error": "HTTP 503", "unsubscribe_url": SAMPLE_UNSUBSCRIBE_URL},
-    "return_requested": {"lead_id": "l-8f3a", "amount": 35_000_000,
-                         "reason": "bad phone number", "decide_days": 7,
+    # the webhook's host only: its path or query may hold a token
+    "webhook_failing": {"buyer_name": "Sunrise Installers", "host": "hooks.example.com",
+                        "failures": 10, "last_error": "http 503",
+                        "unsubscribe_url": SAMPLE_UNSUBSCRIBE_URL},
+    # to the tenant's operators; returns are granted when they are made
+    "return_requested": {"lead_id": "l-8f3a", "buyer_name": "Sunrise Installers",
+                         "amount": 35_000_000, "reason": "disconnected phone number",
                          "unsubscribe_url": SAMPLE_UNSUBSCRIBE_URL},
     "return_decided": {"lead_id": "l-8f3a", "granted": True, "amount": 35_000_000,
                        "explanation": "The phone number was disconnected.",

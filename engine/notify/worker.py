@@ -27,9 +27,10 @@ On one Redis a single blocking read serves every tenant, and each tenant's entri
 by that tenant's own task (:meth:`NotifyWorker._consume`): a slow or hanging SMTP server
 holds up only its own tenant's mail.
 
-Recipients: a client account's ``contacts``; the tenant's ``operators`` for its wallet.
-What each gets is :func:`engine.notify.compose.compose`'s: the tenant's own template of the
-kind, nothing for a recipient who turned the kind's category off, an unsubscribe link.
+Recipients: a client account's ``contacts``; the tenant's ``operators`` for its wallet, a
+buyer's failing webhook and a buyer's return. What each gets is
+:func:`engine.notify.compose.compose`'s: the tenant's own template of the kind, nothing for
+a recipient who turned the kind's category off, an unsubscribe link.
 The group starts at the end of a stream (:meth:`NotifyWorker.start_group`): events from
 before a tenant's first notify worker are not mailed.
 Only tenants with a transport are read (:func:`transport_for`: ``[tenants.notify.smtp]`` or
@@ -38,14 +39,20 @@ worker's observer (:data:`NotifyObserver`; engine.run wires it to the metrics): 
 ``failed`` (tried again later) or ``dead_lettered`` (refused for good, or the entry's last
 delivery), with the transport's channel and the message kind.
 
-This slice sends ``balance_alert``, and ``account_paused`` / ``account_resumed`` for an
-account paused or resumed as a whole (``buyer_paused`` / ``buyer_resumed`` without a
-``buyer`` field); a client's ``recharge_succeeded`` (with the card fee of its charge
-attempt, read by the event's ``ref``), and ``recharge_failed`` as ``daily_cap_reached``
-(reason ``daily_cap``), ``recharge_declined`` (every card the attempt tried declined) or
-``recharge_failed`` (the reason in words; one not known is not shown). The card's last 4
-digits and a next attempt are not known here: the default templates leave them out. Every
-other event is acked without a message.
+It sends ``balance_alert``, ``balance_negative``, ``funding_received``,
+``refund_processed`` and ``cap_reached`` to the account's recipients; ``account_paused`` /
+``account_resumed`` for an account paused or resumed as a whole (not a ``buyer_paused`` of
+reason ``manual`` nor a ``buyer_resumed`` with a ``buyer``: one buyer by hand); a client's
+``recharge_succeeded`` (with the card fee of its charge attempt, read by the event's
+``ref``), and ``recharge_failed`` as ``daily_cap_reached`` (reason ``daily_cap``),
+``recharge_declined`` (every card the attempt tried declined) or ``recharge_failed`` (the
+reason in words; one not known is not shown). The card's last 4 digits and a next attempt
+are not known here: the default templates leave them out. ``webhook_failing`` goes to the
+tenant's operators (whatever account it names). A buyer's return (``lead_returned``) is
+two messages (:func:`messages`): ``return_requested`` to the tenant's operators and
+``return_decided`` (granted: returns are decided when they are made) to the client's
+contacts. Every other event is acked without a message. The event types and their fields:
+docs/events.md.
 """
 
 from __future__ import annotations
@@ -94,6 +101,15 @@ _RECHARGE_REASONS: Final[dict[str, str]] = {
     "no_payment_method": "there is no card on file",
 }
 _RECHARGE_UNKNOWN: Final = "the payment could not be completed"
+# a funding's method (adjust.lua's funding_received) in words
+_FUNDING_METHODS: Final[dict[str, str]] = {"card": "card payment", "manual": "manual credit"}
+# a return's reason (engine.api.accounts.RETURN_REASONS) in words
+_RETURN_REASONS: Final[dict[str, str]] = {
+    "disconnected_phone": "disconnected phone number",
+    "wrong_number": "wrong number",
+    "outside_us_canada": "outside the US and Canada",
+    "third_party_submission": "submitted by a third party",
+}
 _RECHARGE_EVENTS: Final = frozenset({b"recharge_succeeded", b"recharge_failed"})
 _DECLINE_CODE: Final = re.compile(r"[a-z][a-z_]{0,40}")
 
@@ -165,44 +181,123 @@ def _recharge(etype: str, fields: Fields, context: dict[str, Any],
     return "recharge_failed"
 
 
-def message(cfg: Config, tenant_id: str, fields: Fields,
-            attempt: ChargeAttempt | None = None) -> Message | None:
-    """The message of an events entry, or None when it makes none (another type, an
-    account no longer configured, nobody to tell). ``attempt`` is the charge attempt a
+def _count(fields: Fields, name: str) -> int:
+    raw = _text(fields, name)
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise NotifyError(f"event field {name}: {raw!r} is not a count") from exc
+
+
+def _words(code: str, known: Mapping[str, str]) -> str:
+    """A reason code as the reader reads it: known words, else the code's own words when it
+    is a plain code (nothing else: it may hold internals)."""
+    if code in known:
+        return known[code]
+    return code.replace("_", " ") if _DECLINE_CODE.fullmatch(code) else "not given"
+
+
+def _returned(context: dict[str, Any], fields: Fields, recipients: tuple[str, ...],
+              operators: tuple[str, ...]) -> list[Message]:
+    """A buyer's return (``lead_returned``, granted and refunded when it is made): the
+    tenant's operators are told it was asked for (``return_requested``), the client's
+    contacts that it was granted (``return_decided``)."""
+    reason = _words(_text(fields, "reason").removeprefix("return: "), _RETURN_REASONS)
+    context.update(lead_id=_text(fields, "lead_id"), buyer_name=_text(fields, "buyer"),
+                   amount=_micros(fields, "amount"), reason=reason)
+    out = []
+    if operators:
+        out.append(Message("return_requested", dict(context), operators))
+    if recipients:
+        out.append(Message("return_decided", {
+            **context, "granted": True,
+            "explanation": f"Reason given: {reason}. A return for an approved reason within "
+                           "the return window is granted at once."}, recipients))
+    return out
+
+
+def messages(cfg: Config, tenant_id: str, fields: Fields,
+             attempt: ChargeAttempt | None = None) -> list[Message]:
+    """The messages of an events entry: none (another type, an account no longer
+    configured, nobody to tell), one, or, for a buyer's return, one to the tenant's
+    operators and one to the client's contacts. ``attempt`` is the charge attempt a
     recharge event refers to (its ``ref``), when it could be read. Raises NotifyError for
     a malformed entry."""
     etype, account = _text(fields, "type"), _text(fields, "account")
     tenant = cfg.tenant(tenant_id)
+    operators = tuple(tenant.notify.operators)
+    client = _client(cfg, tenant_id, account) if account != WALLET else None
     if account == WALLET:
-        name, recipients = tenant.name or tenant.id, tuple(tenant.notify.operators)
-    else:
-        client = _client(cfg, tenant_id, account)
-        if client is None:
-            return None
+        name, recipients = tenant.name or tenant.id, operators
+    elif client is not None:
         name, recipients = client.name or client.id, tuple(client.contacts)
-    if not recipients:
-        return None
+    elif etype == "webhook_failing":  # the tenant's own concern: its client may be gone
+        name, recipients = account, ()
+    else:
+        return []
     context: dict[str, Any] = {"tenant_name": tenant.name or tenant.id, "client_name": name,
                                "account_id": account, "currency": CURRENCY}
+    if etype == "webhook_failing":  # the tenant's operators, not the client
+        if not operators:
+            return []
+        context.update(buyer_name=_text(fields, "buyer"), host=_text(fields, "host"),
+                       failures=_count(fields, "failures"),
+                       last_error=_text(fields, "error") or "unknown")
+        return [Message("webhook_failing", context, operators)]
+    if etype == "lead_returned":
+        return _returned(context, fields, recipients, operators)
+    if not recipients:
+        return []
+    one = _message(etype, account, fields, context, recipients, cfg, tenant, attempt)
+    return [one] if one is not None else []
+
+
+def message(cfg: Config, tenant_id: str, fields: Fields,
+            attempt: ChargeAttempt | None = None) -> Message | None:
+    """The first of :func:`messages` (the only one but for a buyer's return), or None."""
+    out = messages(cfg, tenant_id, fields, attempt)
+    return out[0] if out else None
+
+
+def _message(etype: str, account: str, fields: Fields, context: dict[str, Any],
+             recipients: tuple[str, ...], cfg: Config, tenant: Tenant,
+             attempt: ChargeAttempt | None) -> Message | None:
+    """The message of an event told to the account's own recipients, or None."""
     if etype == "balance_alert":
         context.update(balance=_micros(fields, "balance"),
                        threshold=_micros(fields, "threshold"))
         return Message("balance_alert", context, recipients)
+    if etype == "balance_negative":
+        context.update(balance=_micros(fields, "balance"), floor=_micros(fields, "floor"))
+        return Message("balance_negative", context, recipients)
+    if etype == "funding_received":
+        method = _text(fields, "method")
+        context.update(amount=_micros(fields, "amount"), balance=_micros(fields, "balance"),
+                       method=_FUNDING_METHODS.get(method, "payment"))
+        return Message("funding_received", context, recipients)
+    if etype == "refund_processed":
+        context.update(amount=_micros(fields, "amount"), balance=_micros(fields, "balance"))
+        return Message("refund_processed", context, recipients)
+    if etype == "cap_reached":
+        context.update(buyer_name=_text(fields, "buyer"), cap=_count(fields, "cap"),
+                       window=_text(fields, "window"))
+        return Message("cap_reached", context, recipients)
     if etype in ("recharge_succeeded", "recharge_failed"):
         if account == WALLET:
             return None
         return Message(_recharge(etype, fields, context, attempt), context, recipients)
-    reason = _text(fields, "reason")
-    # one buyer paused by hand (reason "manual"), or resumed by hand (the pause's reason):
-    # not the account. An account paused by a sale names its buyer too (reason floor, ...)
-    if fields.get(b"buyer") and (etype == "buyer_resumed" or reason == "manual"):
-        return None
     if etype == "buyer_paused":
+        reason = _text(fields, "reason")
+        if reason == "manual":  # one buyer paused by hand (buyer_pause.lua): not the account
+            return None
+        # (an account paused at its floor by a lead names the buyer whose sale found it)
         context.update(balance=_micros(fields, "balance"),
                        reason=_PAUSE_REASONS.get(reason, reason),
                        minimum=_minimum(cfg, tenant, account))
         return Message("account_paused", context, recipients)
     if etype == "buyer_resumed":
+        if fields.get(b"buyer"):  # one buyer resumed by hand: not the account
+            return None
         context.update(balance=_micros(fields, "balance"))
         return Message("account_resumed", context, recipients)
     return None
@@ -265,45 +360,46 @@ class NotifyWorker:
         stream = keys.events(tenant)
         attempt = await self._attempt(tenant, fields)
         try:
-            msg = message(self.cfg, tenant, fields, attempt)
             # each recipient's message: the tenant's template, its preferences, its link
-            mail = None if msg is None else await compose(
-                self.events.redis, tenant, msg.kind, msg.context, msg.recipients,
-                public_url=self.cfg.settings.public_url)
+            sends = [(msg, await compose(self.events.redis, tenant, msg.kind, msg.context,
+                                         msg.recipients,
+                                         public_url=self.cfg.settings.public_url))
+                     for msg in messages(self.cfg, tenant, fields, attempt)]
         except NotifyError as exc:
             await self.events.dead_letter(tenant, stream, entry_id, fields, str(exc))
             log.error("notify: event %s of %s dead-lettered: %s", entry_id, tenant, exc)
             return True
-        if msg is None or mail is None:
+        if not sends:
             await self.events.ack(stream, entry_id)
             return True
         outbox = self.outboxes[tenant]
-        errors: list[str] = []
+        errors: list[tuple[str, str]] = []  # (kind, error) of each failed send
         dead: list[str] = []
         busy = False
-        for recipient in msg.recipients:
-            rendered = mail.get(recipient)
-            if rendered is None:  # the recipient turned this category off: done
-                continue
-            _, retry_at = await outbox.tries(entry_id, recipient, msg.kind)
-            if retry_at is not None and self.clock_ms() < retry_at:
-                busy = True  # its backoff is not over: a later claim sends it
-                continue
-            result = await outbox.send(entry_id, recipient, msg.kind, rendered)
-            if result.outcome is SendOutcome.SENT:
-                self._observe("sent", outbox, msg.kind)
-            elif result.outcome is SendOutcome.FAILED:
-                errors.append(result.error or "failed")
-            elif result.outcome is SendOutcome.DEAD:
-                dead.append(f"{result.entry}: {result.error or 'refused'}")
-                self._observe("dead_lettered", outbox, msg.kind)
-            elif result.outcome is SendOutcome.IN_FLIGHT:
-                busy = True
+        for msg, mail in sends:  # (entry, recipient, kind): each message sent once
+            for recipient in msg.recipients:
+                rendered = mail.get(recipient)
+                if rendered is None:  # the recipient turned this category off: done
+                    continue
+                _, retry_at = await outbox.tries(entry_id, recipient, msg.kind)
+                if retry_at is not None and self.clock_ms() < retry_at:
+                    busy = True  # its backoff is not over: a later claim sends it
+                    continue
+                result = await outbox.send(entry_id, recipient, msg.kind, rendered)
+                if result.outcome is SendOutcome.SENT:
+                    self._observe("sent", outbox, msg.kind)
+                elif result.outcome is SendOutcome.FAILED:
+                    errors.append((msg.kind, result.error or "failed"))
+                elif result.outcome is SendOutcome.DEAD:
+                    dead.append(f"{result.entry}: {result.error or 'refused'}")
+                    self._observe("dead_lettered", outbox, msg.kind)
+                elif result.outcome is SendOutcome.IN_FLIGHT:
+                    busy = True
         if errors:
-            error = "; ".join(dead + errors)
+            error = "; ".join(dead + [e for _, e in errors])
             given_up = await self.events.give_up(tenant, stream, entry_id, fields, error)
-            for _ in errors:
-                self._observe("dead_lettered" if given_up else "failed", outbox, msg.kind)
+            for kind, _ in errors:
+                self._observe("dead_lettered" if given_up else "failed", outbox, kind)
             if given_up:
                 log.error("notify: event %s of %s dead-lettered: %s", entry_id, tenant, error)
                 return True
@@ -458,4 +554,4 @@ async def run_notify_worker(cfg: Config, store: Store, *, consumer: str, stop: a
 
 
 __all__ = ["GROUP", "MAX_DELIVERIES", "Message", "NotifyObserver", "NotifyWorker", "message",
-           "run_notify_worker", "smtp_transport", "transport_for"]
+           "messages", "run_notify_worker", "smtp_transport", "transport_for"]

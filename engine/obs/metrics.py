@@ -86,6 +86,12 @@ EVENT_TYPES = (
     "buyer_paused",
     "buyer_resumed",
     "delivery_failed",
+    "balance_negative",
+    "funding_received",
+    "refund_processed",
+    "lead_returned",
+    "cap_reached",
+    "webhook_failing",
 )
 PAUSE_REASONS = ("floor", "min_balance", "manual")
 RECHARGE_OUTCOMES = ("succeeded", "failed", "declined", "authentication_required", "skipped")

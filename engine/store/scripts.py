@@ -42,6 +42,7 @@ _PARTS: dict[str, tuple[str, ...]] = {
     "buyer_pause": (_KEYS, _MONEY),
     # bookkeeping: no money moves
     "balance_close": (_KEYS,),
+    "breaker_open": (_KEYS,),
     "delivery_finish": (_KEYS,),
     "delivery_precheck": (_KEYS,),
     "delivery_requeue": (_KEYS,),
@@ -118,6 +119,7 @@ class Scripts:
         self.arm_recharge = get("arm_recharge")
         self.buyer_pause = get("buyer_pause")
         self.balance_close = get("balance_close")
+        self.breaker_open = get("breaker_open")
         self.delivery_finish = get("delivery_finish")
         self.delivery_precheck = get("delivery_precheck")
         self.delivery_requeue = get("delivery_requeue")

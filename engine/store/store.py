@@ -241,10 +241,18 @@ class Store:
         enforce_floor: bool = True,
         extra: dict[str, str] | None = None,
         refuse_closed: bool = False,
+        event: dict[str, str] | None = None,
     ) -> AdjustResult:
         """One idempotent balance change with its ledger entry (see lua/adjust.lua).
-        ``refuse_closed``: a closed account is refused (``closed``) even for a credit."""
+        ``refuse_closed``: a closed account is refused (``closed``) even for a credit.
+        ``event``: an event this change completes (its ``type`` and extra fields; the
+        script adds ``account``, ``balance`` after the change and ``ts``), emitted in the
+        same step, and not on a replay."""
         flat = [x for kv in (extra or {}).items() for x in kv]
+        notice = b""
+        if event is not None:
+            rest = {k: v for k, v in event.items() if k != "type"}
+            notice = _enc.encode([event["type"], *(x for kv in rest.items() for x in kv)])
         raw = await self._run(
             self.lua.adjust,
             tenant,
@@ -258,6 +266,7 @@ class Store:
                 "1" if enforce_floor else "0",
                 _enc.encode(flat),
                 "1" if refuse_closed else "0",
+                notice,
             ],
         )
         res = _adjust_dec.decode(raw)

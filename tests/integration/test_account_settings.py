@@ -148,13 +148,14 @@ async def test_a_floor_raised_above_the_balance_pauses_until_a_credit(
     await _spend(store, 20 * M)  # -20.00, at the default floor
     state = await _apply(store, opening=0, floor=0)
     assert state.paused == "floor" and state.floor == 0
-    [e] = await _events(redis)
+    negative, e = await _events(redis)
+    assert negative["type"] == "balance_negative"  # the spend, crossing 0.00
     assert (e["type"], e["reason"], e["ref"]) == ("buyer_paused", "floor", "config")
     # the floor lowered back: a floor pause still waits for a credit to 0.00, as ever
     assert (await _apply(store, opening=0)).paused == "floor"
     await store.adjust(T, "c1", 20 * M, "adjustment")
     assert (await store.account(T, "c1")).paused == ""  # type: ignore[union-attr]
-    assert await _types(redis) == ["buyer_paused", "buyer_resumed"]
+    assert await _types(redis) == ["balance_negative", "buyer_paused", "buyer_resumed"]
 
 
 # -- what a reload never does -----------------------------------------------------------------

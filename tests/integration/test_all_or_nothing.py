@@ -26,8 +26,9 @@ from tests.helpers.harness import buyer, campaign, make_config, running
 _WIN = ["h", "d", "w", "m"]
 
 
-def _cand(b: str, account: str, price: int, fee: int = 0) -> dict[str, Any]:
-    return {"b": b, "a": account, "p": price, "fo": fee, "bd": [], "cap": [-1, 5, -1, -1, -1, -1, -1]}
+def _cand(b: str, account: str, price: int, fee: int = 0, day: int = 5) -> dict[str, Any]:
+    return {"b": b, "a": account, "p": price, "fo": fee, "bd": [],
+            "cap": [-1, day, -1, -1, -1, -1, -1]}
 
 
 def _lead(n: int, *cands: dict[str, Any], **over: Any) -> dict[str, Any]:
@@ -105,12 +106,14 @@ async def test_a_lead_failing_at_its_last_write_leaves_the_keyspace_as_it_was(
     """The latest point a lead can fail: its campaign dedupe marks (a TTL of 0, which SET
     refuses), after everything else it writes. On its way it paused a buyer without funds
     (buyer_paused), sold to the next one round robin (debit, ledger entry, balance_alert,
-    cap counters, sale record, delivery job, cursor) and debited the wallet's fees. Every
+    balance_negative, cap counters, its daily cap filled: cap_reached and the buyer hash's
+    mark of it, sale record, delivery job, cursor) and debited the wallet's fees. Every
     key of the server compares equal before and after; nothing is emitted or debited."""
     cfg = make_config(campaign(distribution="round_robin"),
-                      buyer("b0", client="c2", price="500.00"), buyer("b1", price="90.00"))
+                      buyer("b0", client="c2", price="500.00"), buyer("b1", price="110.00"))
     async with running(cfg, redis_server.url) as eng:
-        failing = _lead(1, _cand("b0", "c2", 500_000_000), _cand("b1", "c1", 90_000_000, 200_000),
+        failing = _lead(1, _cand("b0", "c2", 500_000_000),
+                        _cand("b1", "c1", 110_000_000, 200_000, day=1),
                         rr=1, q=[1, 2], fi=100_000, d=["fp-last"], dt=0)
         state = await _keyspace(redis)
         reply = await _decide(redis, failing)
@@ -126,11 +129,12 @@ async def test_a_lead_failing_at_its_last_write_leaves_the_keyspace_as_it_was(
         trims = await _calls(redis, "xtrim")
         ok = await _decide(redis, {**failing, "dt": 60})
         assert await _calls(redis, "xtrim") == trims + 1
-        assert ok["r"][0]["s"] == "ACCEPTED" and ok["r"][0]["sold"] == [["b1", "90000000"]]
+        assert ok["r"][0]["s"] == "ACCEPTED" and ok["r"][0]["sold"] == [["b1", "110000000"]]
         events = [e["type"] for e in await eng.events()]
-        assert "buyer_paused" in events and "balance_alert" in events
+        assert {"buyer_paused", "balance_alert", "balance_negative", "cap_reached"} <= set(events)
+        assert await redis.hget(keys.buyer("t1", "b1"), "crd") == b"d"
         assert await redis.hget(keys.cursors("t1"), "camp") == b"1"
-        assert await eng.balance("c1") == 10_000_000
+        assert await eng.balance("c1") == -10_000_000
         await eng.assert_reconciled()
 
 

@@ -38,5 +38,6 @@ async def test_2000_concurrent_leads_never_cross_the_floor(redis, redis_server):
         assert statuses == {"ACCEPTED": 520, "REJECTED": 1_480}
         assert await eng.balance("c1") == -20_000_000
         events = Counter(e["type"] for e in await eng.events() if e["account"] == "c1")
-        assert events == {"balance_alert": 1, "recharge_needed": 1, "buyer_paused": 1}
+        assert events == {"balance_alert": 1, "recharge_needed": 1, "buyer_paused": 1,
+                          "balance_negative": 1}
         await eng.assert_reconciled()

@@ -29,7 +29,7 @@ from tests.helpers.smtp import SmtpServer
 CONTACT = "ap@bright.example"
 
 
-def _config(server: SmtpServer) -> Config:
+def _config(server: SmtpServer, caps: str = "") -> Config:
     toml = BASE_TOML.replace(
         '[tenants.wallet]\nopening_balance = "1000.00"\n',
         '[tenants.wallet]\nopening_balance = "1000.00"\n'
@@ -41,7 +41,7 @@ def _config(server: SmtpServer) -> Config:
     toml = toml.replace('id = "c1"\nopening_balance = "100.00"',
                         f'id = "c1"\nname = "Bright Solar"\nopening_balance = "25.00"\n'
                         f'contacts = ["{CONTACT}"]')
-    return make_config(campaign(), buyer("b1", price="10.00"), base=toml)
+    return make_config(campaign(), buyer("b1", price="10.00", extra=caps), base=toml)
 
 
 async def _until(check: Callable[[], Awaitable[bool]]) -> None:
@@ -99,6 +99,50 @@ async def test_a_balance_alert_is_one_email_to_the_contact_and_a_replay_sends_no
         await redis.xgroup_setid(keys.events("t1"), GROUP, "0")
         await _until(lambda: _done(redis))
         assert len(smtp_server.received) == 1
+
+
+def _text(got: object) -> str:
+    body = got.message.get_body(("plain",)).get_content()  # type: ignore[attr-defined]
+    return " ".join(body.split())
+
+
+async def test_each_event_of_an_account_is_its_email_to_the_right_recipients(
+        redis, redis_server, smtp_server: SmtpServer) -> None:
+    """$25 at $10 a lead, a daily cap of 3: 25 -> 15 (balance_alert) -> 5 -> -5
+    (balance_negative, and the cap filled: cap_reached); the third lead is returned
+    (return_requested to the operators, return_decided to the client); a manual credit
+    of $100 (funding_received). One e-mail each, with its amounts."""
+    cfg = _config(smtp_server, caps="caps = { day = 3 }")
+    async with running(cfg, redis_server.url, workers=[REGISTRY["notify"]]) as eng:
+        await _until(_started(redis))
+        leads = []
+        for i in range(3):
+            status, body = await eng.lead(email=f"n{i}@example.com")
+            assert status == 200 and body["status"] == "ACCEPTED", body
+            leads.append(body["lead_id"])
+        status, _ = await eng.api("POST", f"/v1/leads/{leads[2]}/returns",
+                                  json={"buyer": "b1", "reason": "disconnected_phone"})
+        assert status == 200
+        status, _ = await eng.api("POST", "/v1/accounts/c1/credits", json={"amount": "100.00"},
+                                  headers={"Idempotency-Key": "wire-1"})
+        assert status == 201
+        assert await eng.balance("c1") == 105_000_000
+        await _until(lambda: _done(redis))
+        got = {(r.recipients[0], r.message["Subject"]): _text(r)
+               for r in smtp_server.received}
+        assert len(smtp_server.received) == len(got) == 6
+        assert "is now 15.00 USD" in got[CONTACT, "Your balance is under 20.00 USD"]
+        negative = got[CONTACT, "Your balance is negative: -5.00 USD"]
+        assert "until it reaches -20.00 USD" in negative
+        assert "b1 received 3 leads this day, its cap." in got[CONTACT, "b1 reached its day cap"]
+        asked = got["ops@acme.example", f"Lead {leads[2]} returned by Bright Solar"]
+        assert f"returned lead {leads[2]}, bought by b1 for 10.00 USD: disconnected phone " \
+               "number." in asked
+        decided = got[CONTACT, f"Return granted for lead {leads[2]}"]
+        assert "10.00 USD is credited back to Bright Solar" in decided
+        funded = got[CONTACT, "Funds received: 100.00 USD"]
+        assert "(manual credit)" in funded and "New balance: 105.00 USD" in funded
+        await eng.assert_reconciled()
 
 
 async def test_an_smtp_server_down_gets_the_email_once_it_is_back(

@@ -2,7 +2,8 @@
 
 After every sequence: each account's ledger sums to its balance, no balance is below its
 floor, and the balance_alert events of an account are exactly its downward crossings of
-the alert threshold as read back from its own ledger.
+the alert threshold as read back from its own ledger; its balance_negative events, its
+crossings of zero; its funding_received events, its funding credits.
 """
 
 from __future__ import annotations
@@ -44,13 +45,22 @@ async def _check(eng) -> None:
     events = await eng.events()
     for account in ("c1", "c2", "wallet"):
         rows = reversed(await eng.store.ledger_page("t1", account, limit=10**9))
-        crossings = 0
+        crossings = negative = funded = 0
         for _, f in rows:
             after, delta = int(f["balance"]), int(f["delta"])
+            funded += f["kind"] == "funding" and delta > 0
             if delta < 0 and after - delta >= ALERT > after:
                 crossings += 1
+            if delta < 0 and after - delta >= 0 > after:
+                negative += 1
         alerts = sum(1 for e in events if e["type"] == "balance_alert" and e["account"] == account)
         assert alerts == crossings, account
+        below = sum(1 for e in events
+                    if e["type"] == "balance_negative" and e["account"] == account)
+        assert below == negative, account
+        received = sum(1 for e in events
+                       if e["type"] == "funding_received" and e["account"] == account)
+        assert received == funded, account
 
 
 async def _run(url: str, steps) -> None:

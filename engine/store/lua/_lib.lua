@@ -216,7 +216,9 @@ end
 
 -- Move a balance by `delta` micros (negative = debit), write its ledger entry and flag
 -- threshold crossings: each event fires once per downward crossing and re-arms by itself
--- once a credit lifts the balance back over the threshold.
+-- once a credit lifts the balance back over the threshold. balance_negative is such a
+-- crossing of zero: a debit taking the balance from 0 or more to below 0 (toward the
+-- floor); it fires again only after a credit brought the balance back to 0 or more.
 local function apply(p, a, delta, kind, ref, now, extra)
   local b0 = a.bal
   keep_acct(a)
@@ -233,6 +235,9 @@ local function apply(p, a, delta, kind, ref, now, extra)
   if delta < 0 then
     if a.alert > 0 and b0 >= a.alert and b1 < a.alert then
       emit(p, 'balance_alert', a, now, {'threshold', fmt(a.alert)})
+    end
+    if b1 < 0 and b0 >= 0 then
+      emit(p, 'balance_negative', a, now, {'floor', fmt(a.floor)})
     end
     if a.ar and a.rthr > 0 and b0 >= a.rthr and b1 < a.rthr then
       emit(p, 'recharge_needed', a, now, {'threshold', fmt(a.rthr), 'ref', ref})

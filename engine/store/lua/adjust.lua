@@ -12,6 +12,13 @@
 -- ARGV[9]  optional; "1" = refuse a closed account whatever the direction (a manual credit:
 --          an account closed by refund-balance stays closed; checked here, in the same step
 --          as the credit, so a close racing it cannot let it through)
+-- ARGV[10] optional; JSON array [type, k1, v1, ...]: an event this change completes, emitted
+--          in its step (refund_processed with the last booking of a balance refund); "" none
+--
+-- Events: the apply() crossings (_lib.lua), and funding_received for a credit of kind
+-- "funding" (POST /funds by card, a manual credit, the operator's wallet credit):
+-- amount, method ("card" when the credit carries the card's payment_method, else
+-- "manual"), ref (the op id). A replay emits nothing.
 --
 -- Returns JSON: {"ok":true,"balance":"<micros>","entry":"<ledger id>","replay":false,
 --                "delta":"<micros>"}   (the op's delta, so a caller can tell a replay of
@@ -47,7 +54,19 @@ return atomically(p, function()
     if a.bal + delta < a.floor then return cjson.encode({ok = false, error = 'below_floor'}) end
   end
 
-  local entry = apply(p, a, delta, kind, opid, now, cjson.decode(ARGV[8]))
+  local extra = cjson.decode(ARGV[8])
+  local entry = apply(p, a, delta, kind, opid, now, extra)
+  if kind == 'funding' and delta > 0 then
+    local method = 'manual'
+    for i = 1, #extra, 2 do
+      if extra[i] == 'payment_method' then method = 'card'; break end
+    end
+    emit(p, 'funding_received', a, now, {'amount', fmt(delta), 'method', method, 'ref', opid})
+  end
+  if ARGV[10] and ARGV[10] ~= '' then
+    local ev = cjson.decode(ARGV[10])
+    emit(p, ev[1], a, now, {unpack(ev, 2)})
+  end
   local result = cjson.encode({ok = true, balance = fmt(a.bal), entry = entry, replay = false,
                                delta = fmt(delta), events = emitted_list()})
   if opid ~= '' then

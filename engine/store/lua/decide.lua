@@ -104,6 +104,28 @@ local function count_sale(s, win, price)
   s.dirty = true  -- written once per call by finish()
 end
 
+-- cap_reached: a sale that fills a count cap (its counter, just bumped, equals the limit;
+-- a limit not set is negative and never equals a count) emits one event on the buyer's
+-- account, for the widest window it filled (the one that decides when leads come again).
+-- Hourly caps are pacing, not news: not told. A refund frees the slot (refund.lua) and the
+-- next sale fills it again: the buyer hash's mark of the window told (its window id; for
+-- the total cap, the limit) keeps that to one event per window. The mark is read and
+-- written only by the filling sale.
+local function cap_reached(L, c, s, a)
+  local cap, win = c.cap, L.win
+  local n, window, field, mark  -- the limit, its window, the buyer hash's mark of it
+  if s.tn == cap[5] then n, window, field, mark = cap[5], 'total', 'crt', fmt(cap[5])
+  elseif s.mn == cap[4] then n, window, field, mark = cap[4], 'month', 'crm', win[4]
+  elseif s.wn == cap[3] then n, window, field, mark = cap[3], 'week', 'crw', win[3]
+  else n, window, field, mark = cap[2], 'day', 'crd', win[2] end
+  local told = redis.call('HGET', s.k, field)
+  if told == mark then return end
+  redis.call('HSET', s.k, field, mark)
+  note3('h', s.k, field, told)
+  emit(p, 'cap_reached', a, now, {'buyer', c.b, 'campaign', L.c, 'cap', fmt(n),
+                                  'window', window, 'ref', L.id})
+end
+
 -- The cap counters of every buyer that sold in this call, every deferred balance, and the
 -- events stream's trimming. It runs after every lead has committed, so it must not fail
 -- half-way: what it writes was checked inside the leads (acct(), count_sale), and each
@@ -168,6 +190,10 @@ local function sell(L, c, bd, s, a)
   apply(p, a, -c.p, 'lead', ref, now, {'buyer', c.b, 'campaign', L.c})
   DEBITED.lead = DEBITED.lead + c.p
   count_sale(s, L.win, c.p)
+  local cap = c.cap
+  if s.dn == cap[2] or s.tn == cap[5] or s.mn == cap[4] or s.wn == cap[3] then
+    cap_reached(L, c, s, a)
+  end
   mark_sold(bd, ref, L.dt)
   -- a new field: a lead is sold to a buyer once (the sync waterfall's later tries go to
   -- buyers it has not tried)

@@ -14,6 +14,10 @@
 -- ARGV[7]  ledger kind for refunds: "refund" (delivery rejected) or "return" (buyer return)
 -- ARGV[8]  tenant wallet account id
 --
+-- A return (kind "return") emits lead_returned on the buyer's account: lead_id, buyer,
+-- amount (the price credited back), reason (ARGV[5]); once per sale (a replay emits
+-- nothing).
+--
 -- All or nothing (atomically, _lib.lua): a refund that fails half-way (a key of the wrong
 -- type) leaves nothing, so the caller's retry cannot credit twice.
 --
@@ -67,6 +71,10 @@ return atomically(p, function()
   end
 
   apply(p, a, price, kind, lead_id, now, extra)
+  if kind == 'return' then
+    emit(p, 'lead_returned', a, now, {'lead_id', lead_id, 'buyer', b, 'amount', sale.p,
+                                      'reason', reason})
+  end
   local fee = tonumber(sale.f)
   if fee > 0 then
     local wallet = acct(p, ARGV[8])

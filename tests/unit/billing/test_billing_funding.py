@@ -29,6 +29,12 @@ async def _ledger(ctx: BillingContext, account: str = "c1") -> list[dict[str, st
     return [f for _, f in reversed(await ctx.store.ledger_page(T, account))]
 
 
+async def _events(ctx: BillingContext, etype: str) -> list[dict[str, str]]:
+    rows = await ctx.store.redis.xrange(keys.events(T))
+    return [{k.decode(): v.decode() for k, v in f.items()} for _, f in rows
+            if f[b"type"] == etype.encode()]
+
+
 async def test_fee_math_3_percent_on_100(ctx: BillingContext, localstripe: LocalStripe) -> None:
     await ctx.methods.attach(T, "c1", localstripe.card())
     a = await funding.fund(ctx, T, "c1", 100 * D, "order-1")
@@ -166,8 +172,13 @@ async def test_refund_balance_closes_at_zero(ctx: BillingContext, localstripe: L
     for e in refunds:
         ttl = await ctx.store.redis.ttl(keys.op(T, f"refund:{e['stripe_refund']}"))
         assert ttl > 365 * 86_400
+    # one refund_processed, written with the call's last step (the write-off here)
+    [event] = await _events(ctx, "refund_processed")
+    assert (event["account"], event["amount"], event["balance"]) == ("c1", "49990000", "0")
+    assert [e["method"] for e in await _events(ctx, "funding_received")] == ["card", "card"]
     assert await funding.refund_balance(ctx, T, "c1") == []
     assert (await ctx.store.account(T, "c1")).balance == 0  # type: ignore[union-attr]
+    assert len(await _events(ctx, "refund_processed")) == 1  # nothing refunded: no event
     # a closed account takes no new funding
     with pytest.raises(Exception) as err:
         await funding.fund(ctx, T, "c1", 100 * D, "f3")
@@ -201,6 +212,28 @@ async def test_refund_balance_after_a_crash_between_refund_and_ledger(
     ledger = [e for e in await _ledger(ctx) if e["kind"] == "refund"]
     assert sorted(int(e["delta"]) for e in ledger) == [-60 * D, -40 * D]
     assert any(e.get("recovered") == "1" for e in ledger)
+    # what the client got back in all: the dead run's refund included (the $40 refund's
+    # booking, this call's last step, carries it)
+    [event] = await _events(ctx, "refund_processed")
+    assert (event["amount"], event["balance"]) == (str(100 * D), "0")
+
+
+async def test_a_refund_only_a_crashed_run_made_is_told_once(
+        ctx: BillingContext, localstripe: LocalStripe) -> None:
+    """The dead run refunded the whole balance and booked none of it: the next call only
+    books it (no step of its own to carry the event), and still tells it, once."""
+    await ctx.methods.attach(T, "c1", localstripe.card())
+    a = await funding.fund(ctx, T, "c1", 100 * D, "f1")
+    await ctx.gateway.refund(
+        payment_intent=a.pi, amount_cents=10_000, idempotency_key="crashed-run",
+        metadata={"tenant": T, "account": "c1", "process": "balance_refund"})
+    assert await funding.refund_balance(ctx, T, "c1") == []  # nothing left to refund
+    state = await ctx.store.account(T, "c1")
+    assert state is not None and state.balance == 0 and state.closed
+    [event] = await _events(ctx, "refund_processed")
+    assert (event["account"], event["amount"], event["balance"]) == ("c1", str(100 * D), "0")
+    await funding.refund_balance(ctx, T, "c1")
+    assert len(await _events(ctx, "refund_processed")) == 1
 
 
 async def _manual_credit(ctx: BillingContext, amount: int, key: str) -> None:

@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from engine.core import keys
 from engine.core.config import Buyer, Config, ResponseRule
 from engine.delivery import record
-from engine.delivery.breaker import is_open, open_buyers
+from engine.delivery.breaker import WEBHOOK_FAILING_EVERY_MS, Breakers, is_open, open_buyers
 from engine.delivery.client import Endpoint
 from engine.delivery.record import DeliveryEvent, read_decision, read_log
 from engine.delivery.sync import deliver_sync
@@ -348,6 +348,68 @@ async def test_breaker_opens_and_router_sees_it(store: Store, buyers: Buyers) ->
         await w.close()
     assert await open_buyers(store.redis, T) == set()
     assert not await is_open(store.redis, T, "b1")
+
+
+async def _webhook_failing(store: Store) -> list[dict[str, str]]:
+    rows = await store.redis.xrange(keys.events(T))
+    return [{k.decode(): v.decode() for k, v in f.items()} for _, f in rows
+            if f[b"type"] == b"webhook_failing"]
+
+
+async def test_a_breaker_opening_is_one_webhook_failing_event_with_the_host_only(
+        store: Store, buyers: Buyers) -> None:
+    """The breaker opens after 2 failures: one webhook_failing event on the buyer's client
+    account (the tenant's operators are told), with the webhook's host and port but not
+    its path or query (a token), the failures and the last error; counted once."""
+    b = buyer("b1", buyers.url + "/down?token=s3cret", breaker_failures=2,
+              breaker_cooldown_s=5, max_attempts=50, **FAST)
+    await accounts(store, b)
+    for i in range(3):
+        await sell(store, b, f"L{i}")
+    counted: list[Any] = []
+    store.events_observer = counted.append
+    w = worker(store, b)
+    try:
+        await until(w, lambda: is_open(store.redis, T, "b1"))
+        for _ in range(3):  # deferred while open: nothing more is emitted
+            await w.process_once()
+    finally:
+        await w.close()
+    [event] = await _webhook_failing(store)
+    host = buyers.url.removeprefix("http://")
+    assert {k: event[k] for k in ("account", "buyer", "host", "failures", "error",
+                                  "status")} == {
+        "account": "c-b1", "buyer": "b1", "host": host, "failures": "2",
+        "error": "http 500", "status": "500"}
+    assert "s3cret" not in str(event) and "/down" not in str(event)
+    assert counted == [["webhook_failing", 1]]
+
+
+async def test_webhook_failing_once_per_outage_across_processes(store: Store) -> None:
+    """Each worker process has its own breaker: the first to open tells, the others do
+    not (keys.breaker_told, set in the same step); a failed probe re-opening a breaker is
+    the same outage; a webhook that recovers and fails again within the hour is not told
+    again. Once that mark is gone, a new outage is told."""
+    notice = {"account": "c-b1", "host": "hooks.example", "error": "timeout", "status": "0"}
+    now = now_ms()
+    one, two = Breakers(store.redis), Breakers(store.redis)
+    a = one.get(T, "b1", failures=1, cooldown_s=30)
+    b = two.get(T, "b1", failures=1, cooldown_s=30)
+    assert await one.failure(T, "b1", a, now, notice=notice)
+    assert await two.failure(T, "b1", b, now + 5, notice=notice)
+    assert a.allow(now + 30_000) == 0  # half-open: one probe, and it fails
+    assert await one.failure(T, "b1", a, now + 30_000, notice=notice)
+    await one.success(T, "b1", a)  # recovered ...
+    assert await one.failure(T, "b1", a, now + 60_000, notice=notice)  # ... and down again
+    assert len(await _webhook_failing(store)) == 1
+    await store.redis.delete(keys.breaker_told(T, "b1"))  # an hour later
+    await one.success(T, "b1", a)
+    assert await one.failure(T, "b1", a, now + 90_000, notice=notice)
+    events = await _webhook_failing(store)
+    assert [(e["host"], e["error"], e["failures"]) for e in events] == [
+        ("hooks.example", "timeout", "1")] * 2
+    told = await store.redis.pttl(keys.breaker_told(T, "b1"))
+    assert 0 < told <= WEBHOOK_FAILING_EVERY_MS
 
 
 async def test_killed_worker_job_is_reclaimed_and_charged_once(

@@ -18,7 +18,14 @@ from engine.notify.outbox import entry_id as outbox_entry
 from engine.notify.sendgrid import SendGridTransport
 from engine.notify.templates import render
 from engine.notify.transport import SmtpTransport
-from engine.notify.worker import NotifyWorker, message, smtp_transport, transport_for
+from engine.notify.worker import (
+    Message,
+    NotifyWorker,
+    message,
+    messages,
+    smtp_transport,
+    transport_for,
+)
 from engine.run import configfile
 from engine.store.store import Store
 from tests.helpers.smtp import SmtpServer
@@ -89,13 +96,14 @@ def test_an_account_pause_and_resume_are_messages_a_buyer_pause_is_not() -> None
                                          balance="1", reason="manual")) is None
 
 
-def test_an_account_paused_by_a_sale_is_a_message_though_the_event_names_the_buyer() -> None:
-    # decide.lua: the sale that took the balance to its floor pauses the account, and its
-    # event carries the buyer and the lead (found by `leadflow demo`: no e-mail was sent)
-    paused = message(_cfg(), "t1", _fields(type="buyer_paused", account="c1", buyer="b1",
-                                           ref="lead-1", balance="-20000000", reason="floor"))
-    assert paused is not None and paused.kind == "account_paused"
-    assert paused.context["reason"] == "the balance reached its floor"
+def test_an_account_paused_at_its_floor_by_a_lead_is_a_message() -> None:
+    """decide.lua pauses the whole account at its floor and names the buyer whose sale
+    found it (the event's buyer field): still the account's pause, not one buyer's (it
+    sent nothing while any buyer field meant a buyer paused by hand)."""
+    msg = message(_cfg(), "t1", _fields(type="buyer_paused", account="c1", buyer="b1",
+                                        ref="L9", balance="-15000000", reason="floor"))
+    assert msg is not None and msg.kind == "account_paused"
+    assert msg.context["reason"] == "the balance reached its floor"
 
 
 @pytest.mark.parametrize("fields", [
@@ -223,6 +231,115 @@ async def test_a_pass_reads_the_charge_attempt_of_a_recharge_event(
     assert all(r.message["Subject"] == "Recharge of 100.00 USD declined"
                for r in smtp_server.received)
     assert (await redis.xpending(keys.events("t1"), "notify"))["pending"] == 0
+
+
+CONTACTS = ("ap@bright.example", "cfo@bright.example")
+OPERATORS = ("ops@acme.example",)
+
+
+def _one(**fields: str) -> tuple[Message, str]:
+    """The one message of an event, and its text as rendered by the default templates."""
+    [msg] = messages(_cfg(), "t1", _fields(**fields))
+    return msg, " ".join(render(msg.kind, msg.context).text.split())
+
+
+def test_balance_negative_goes_to_the_accounts_recipients_with_balance_and_floor() -> None:
+    msg, text = _one(type="balance_negative", account="c1", balance="-4250000",
+                     floor="-20000000")
+    assert (msg.kind, msg.recipients) == ("balance_negative", CONTACTS)
+    assert msg.context["balance"] == -4_250_000 and msg.context["floor"] == -20_000_000
+    assert "is now -4.25 USD" in text and "until it reaches -20.00 USD" in text
+    wallet, _ = _one(type="balance_negative", account=WALLET, balance="-1", floor="-20000000")
+    assert wallet.recipients == OPERATORS
+
+
+@pytest.mark.parametrize(("method", "said"), [
+    ("card", "(card payment)"), ("manual", "(manual credit)"), ("other", "(payment)")])
+def test_funding_received_names_its_method(method: str, said: str) -> None:
+    msg, text = _one(type="funding_received", account="c1", amount="100000000",
+                     method=method, balance="112000000", ref="pi_1")
+    assert (msg.kind, msg.recipients) == ("funding_received", CONTACTS)
+    assert f"We received 100.00 USD {said} for Bright Solar" in text
+    assert "New balance: 112.00 USD" in text
+
+
+def test_refund_processed_says_the_amount_and_the_balance_after() -> None:
+    msg, text = _one(type="refund_processed", account="c1", amount="49990000", balance="0")
+    assert (msg.kind, msg.recipients) == ("refund_processed", CONTACTS)
+    assert "We refunded 49.99 USD" in text and "New balance: 0.00 USD" in text
+
+
+@pytest.mark.parametrize(("window", "said"), [
+    ("day", "b1 received 50 leads this day, its cap. It receives leads again when the next "
+            "day starts."),
+    ("total", "b1 received 50 leads in all, its total cap. It receives no more leads until "
+              "its cap is raised."),
+])
+def test_cap_reached_goes_to_the_buyers_client(window: str, said: str) -> None:
+    msg, text = _one(type="cap_reached", account="c1", buyer="b1", campaign="camp",
+                     cap="50", window=window, balance="1", ref="L1")
+    assert (msg.kind, msg.recipients) == ("cap_reached", CONTACTS)
+    assert msg.context["cap"] == 50 and said in text
+
+
+def test_webhook_failing_goes_to_the_operators_even_for_a_client_no_longer_configured() -> None:
+    fields = {"type": "webhook_failing", "account": "c1", "buyer": "b1",
+              "host": "hooks.example:8443", "failures": "10", "error": "http 503",
+              "status": "503"}
+    msg, text = _one(**fields)
+    assert (msg.kind, msg.recipients) == ("webhook_failing", OPERATORS)
+    assert "The last 10 deliveries to buyer b1 of Bright Solar (account c1) failed, at "            "hooks.example:8443." in text and "Last error: http 503" in text
+    gone, _ = _one(**{**fields, "account": "gone"})
+    assert gone.recipients == OPERATORS and gone.context["client_name"] == "gone"
+    no_ops = configfile.loads(TOML.format(port=1).replace(
+        'operators = ["ops@acme.example"]', "operators = []"), source="<test>")
+    assert messages(no_ops, "t1", _fields(**fields)) == []
+
+
+def test_a_return_is_two_messages_one_to_the_operators_one_to_the_client() -> None:
+    fields = _fields(type="lead_returned", account="c1", lead_id="L1", buyer="b1",
+                     amount="10000000", reason="return: wrong_number", balance="90000000")
+    asked, decided = messages(_cfg(), "t1", fields)
+    assert (asked.kind, asked.recipients) == ("return_requested", OPERATORS)
+    assert (decided.kind, decided.recipients) == ("return_decided", CONTACTS)
+    text = " ".join(render(asked.kind, asked.context).text.split())
+    assert "Bright Solar (account c1) returned lead L1, bought by b1 for 10.00 USD: wrong "            "number." in text
+    assert "credited back to Bright Solar" in text
+    text = " ".join(render(decided.kind, decided.context).text.split())
+    assert "The return of lead L1 was granted: 10.00 USD is credited back" in text
+    assert "Reason given: wrong number." in text
+    assert message(_cfg(), "t1", fields) == asked  # the first
+    quiet = _fields(type="lead_returned", account="quiet", lead_id="L2", buyer="b1",
+                    amount="1", reason="return: wrong_number")
+    assert [m.kind for m in messages(_cfg(), "t1", quiet)] == ["return_requested"]
+
+
+def test_an_unknown_return_reason_is_not_shown_as_given() -> None:
+    [asked, _] = messages(_cfg(), "t1", _fields(
+        type="lead_returned", account="c1", lead_id="L1", buyer="b1", amount="1",
+        reason="return: <script>internal</script>"))
+    assert asked.context["reason"] == "not given"
+
+
+async def test_a_return_sends_each_of_its_two_messages_once(
+        redis: aioredis.Redis, smtp_server: SmtpServer) -> None:
+    cfg = _cfg(smtp_server.port)
+    transport = smtp_transport(cfg.tenant("t1"))
+    assert transport is not None
+    worker = NotifyWorker(cfg, Store(redis), {"t1": transport}, consumer="w1", block_ms=None)
+    await worker.start_group()
+    stream = keys.events("t1")
+    entry = (await redis.xadd(stream, _fields(
+        type="lead_returned", account="c1", lead_id="L1", buyer="b1", amount="10000000",
+        reason="return: disconnected_phone", balance="90000000"))).decode()
+    [batch] = await worker.events.poll(10)
+    assert await worker.handle("t1", entry, batch.entries[0][1])
+    assert await worker.handle("t1", entry, batch.entries[0][1])  # again: nothing new
+    got = sorted((r.recipients[0], r.message["Subject"]) for r in smtp_server.received)
+    assert got == [("ap@bright.example", "Return granted for lead L1"),
+                   ("cfo@bright.example", "Return granted for lead L1"),
+                   ("ops@acme.example", "Lead L1 returned by Bright Solar")]
+    assert (await redis.xpending(stream, "notify"))["pending"] == 0
 
 
 TWO_TENANTS = """
