@@ -37,7 +37,6 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import msgspec
-from redis.exceptions import ResponseError
 
 from engine.core import keys, money
 from engine.core.config import Config, TenantWebhook, resolve_secret
@@ -163,12 +162,7 @@ class TenantHooks:
 
     async def start_group(self) -> None:
         """The group at each stream's end (``$``): see the module docs."""
-        for stream in self.events.streams:
-            try:
-                await self.events.redis.xgroup_create(stream, GROUP, id="$", mkstream=True)
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+        await self.events.ensure(start="$")
 
     async def run(self, stop: asyncio.Event) -> None:
         """Send until ``stop`` is set; a pass that fails (Redis down) is logged and tried

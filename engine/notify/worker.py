@@ -67,7 +67,6 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import msgspec
-from redis.exceptions import ResponseError
 
 from billing.archive import Archive
 from billing.attempts import ChargeAttempt, load_attempt
@@ -130,12 +129,16 @@ def _text(fields: Fields, name: str) -> str:
     return fields.get(name.encode(), b"").decode("utf-8", "replace")
 
 
-def _micros(fields: Fields, name: str) -> int:
+def _int(fields: Fields, name: str, what: str) -> int:
     raw = _text(fields, name)
     try:
         return int(raw)
     except ValueError as exc:
-        raise NotifyError(f"event field {name}: {raw!r} is not an amount in micros") from exc
+        raise NotifyError(f"event field {name}: {raw!r} is not {what}") from exc
+
+
+def _micros(fields: Fields, name: str) -> int:
+    return _int(fields, name, "an amount in micros")
 
 
 def _client(cfg: Config, tenant: str, account: str) -> Client | None:
@@ -182,11 +185,7 @@ def _recharge(etype: str, fields: Fields, context: dict[str, Any],
 
 
 def _count(fields: Fields, name: str) -> int:
-    raw = _text(fields, name)
-    try:
-        return int(raw)
-    except ValueError as exc:
-        raise NotifyError(f"event field {name}: {raw!r} is not a count") from exc
+    return _int(fields, name, "a count")
 
 
 def _words(code: str, known: Mapping[str, str]) -> str:
@@ -485,12 +484,7 @@ class NotifyWorker:
         is not sent every alert its stream still holds. (A group lost under a running
         worker is made again from ``0`` by the consumer, which then sends what the outbox
         has not sent.)"""
-        for stream in self.events.streams:
-            try:
-                await self.events.redis.xgroup_create(stream, GROUP, id="$", mkstream=True)
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+        await self.events.ensure(start="$")
 
     async def run(self, stop: asyncio.Event) -> None:
         """Read, send and ack until ``stop`` is set; a pass that fails (Redis down) is

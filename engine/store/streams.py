@@ -111,11 +111,12 @@ class StreamConsumer:
 
     # -- the group -----------------------------------------------------------------------
 
-    async def ensure(self, streams: Iterable[str] | None = None) -> None:
-        """Create the group on each stream (and the stream) unless it exists."""
+    async def ensure(self, streams: Iterable[str] | None = None, *, start: str = "0") -> None:
+        """Create the group on each stream (and the stream) unless it exists, reading from
+        ``start`` (``0``: the whole stream; ``$``: what comes after now)."""
         for stream in self.streams if streams is None else streams:
             try:
-                await self.redis.xgroup_create(stream, self.group, id="0", mkstream=True)
+                await self.redis.xgroup_create(stream, self.group, id=start, mkstream=True)
             except ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
