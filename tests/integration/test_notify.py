@@ -22,26 +22,15 @@ from engine.notify.outbox import Outbox, entry_id
 from engine.notify.sendgrid import ENTRY_ARG
 from engine.notify.worker import GROUP, run_notify_worker, smtp_transport
 from engine.run.workers import REGISTRY, WorkerContext, in_process_workers
-from tests.helpers.harness import BASE_TOML, buyer, campaign, make_config, running
+from tests.helpers.harness import buyer, campaign, make_config, running
+from tests.helpers.notify_config import CONTACT, notify_toml, sendgrid_table, smtp_table
 from tests.helpers.sendgrid import SendGridServer
 from tests.helpers.smtp import SmtpServer
 
-CONTACT = "ap@bright.example"
-
 
 def _config(server: SmtpServer, caps: str = "") -> Config:
-    toml = BASE_TOML.replace(
-        '[tenants.wallet]\nopening_balance = "1000.00"\n',
-        '[tenants.wallet]\nopening_balance = "1000.00"\n'
-        '[tenants.notify]\noperators = ["ops@acme.example"]\n'
-        # the weekly report (due on some days of the week) is tested on its own clock
-        '[tenants.notify.weekly_report]\nenabled = false\n'
-        f'[tenants.notify.smtp]\nhost = "{server.host}"\nport = {server.port}\n'
-        'security = "plain"\nsender = "Acme Leads <billing@acme.example>"\ntimeout_s = 5\n')
-    toml = toml.replace('id = "c1"\nopening_balance = "100.00"',
-                        f'id = "c1"\nname = "Bright Solar"\nopening_balance = "25.00"\n'
-                        f'contacts = ["{CONTACT}"]')
-    return make_config(campaign(), buyer("b1", price="10.00", extra=caps), base=toml)
+    return make_config(campaign(), buyer("b1", price="10.00", extra=caps),
+                       base=notify_toml(smtp_table(server.host, server.port)))
 
 
 async def _until(check: Callable[[], Awaitable[bool]]) -> None:
@@ -195,19 +184,8 @@ async def test_tenants_without_smtp_are_skipped_with_one_log_line(
 
 
 def _sendgrid_config(server: SendGridServer) -> Config:
-    toml = BASE_TOML.replace(
-        '[tenants.wallet]\nopening_balance = "1000.00"\n',
-        '[tenants.wallet]\nopening_balance = "1000.00"\n'
-        '[tenants.notify]\noperators = ["ops@acme.example"]\n'
-        # the weekly report (due on some days of the week) is tested on its own clock
-        '[tenants.notify.weekly_report]\nenabled = false\n'
-        '[tenants.notify.sendgrid]\napi_key = "env:LEADFLOW_TEST_SENDGRID_KEY"\n'
-        f'sender = "Acme Leads <billing@acme.example>"\nbase_url = "{server.url}"\n'
-        'timeout_s = 5\n')
-    toml = toml.replace('id = "c1"\nopening_balance = "100.00"',
-                        f'id = "c1"\nname = "Bright Solar"\nopening_balance = "25.00"\n'
-                        f'contacts = ["{CONTACT}"]')
-    return make_config(campaign(), buyer("b1", price="10.00"), base=toml)
+    return make_config(campaign(), buyer("b1", price="10.00"),
+                       base=notify_toml(sendgrid_table(server.url)))
 
 
 async def _sent_metric(eng) -> float:

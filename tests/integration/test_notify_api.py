@@ -24,27 +24,17 @@ from engine.notify import prefs
 from engine.notify import templates as tpl
 from engine.notify.worker import GROUP
 from engine.run.workers import REGISTRY
-from tests.helpers.harness import BASE_TOML, Engine, buyer, campaign, make_config, running
+from tests.helpers.harness import Engine, buyer, campaign, make_config, running
+from tests.helpers.notify_config import CONTACT, notify_toml, smtp_table
 from tests.helpers.smtp import SmtpServer
 
-CONTACT = "ap@bright.example"
 OPS = ("ops@acme.example", "cfo@acme.example")
 PUBLIC = "https://leads.acme.example"
 T1 = keys.notify_templates("t1")
 
 
 def _config(server: SmtpServer, *, public_url: bool = True) -> Config:
-    toml = BASE_TOML.replace(
-        '[tenants.wallet]\nopening_balance = "1000.00"\n',
-        '[tenants.wallet]\nopening_balance = "1000.00"\n'
-        '[tenants.notify]\noperators = ["ops@acme.example", "cfo@acme.example"]\n'
-        # the weekly report (due on some days of the week) is tested on its own clock
-        '[tenants.notify.weekly_report]\nenabled = false\n'
-        f'[tenants.notify.smtp]\nhost = "{server.host}"\nport = {server.port}\n'
-        'security = "plain"\nsender = "Acme Leads <billing@acme.example>"\ntimeout_s = 5\n')
-    toml = toml.replace('id = "c1"\nopening_balance = "100.00"',
-                        f'id = "c1"\nname = "Bright Solar"\nopening_balance = "25.00"\n'
-                        f'contacts = ["{CONTACT}"]')
+    toml = notify_toml(smtp_table(server.host, server.port), operators=OPS)
     if public_url:
         toml += f'\n[settings]\npublic_url = "{PUBLIC}"\n'
     return make_config(campaign(), buyer("b1", price="10.00"), base=toml)

@@ -21,11 +21,11 @@ from engine.notify import prefs
 from engine.notify.outbox import Outbox
 from engine.notify.weekly import KIND, MAX_ATTEMPTS, WeeklyReports, event_id, last_due
 from engine.notify.worker import smtp_transport
-from tests.helpers.harness import BASE_TOML, buyer, campaign, make_config, running
+from tests.helpers.harness import buyer, campaign, make_config, running
+from tests.helpers.notify_config import CONTACT, notify_toml, smtp_table
 from tests.helpers.smtp import SmtpServer
 
 TZ = ZoneInfo("America/New_York")
-CONTACT = "ap@bright.example"
 OPERATOR = "ops@acme.example"
 
 
@@ -37,16 +37,8 @@ def _due_ms() -> tuple[str, int]:
 
 
 def _config(server: SmtpServer, day: str) -> Config:
-    toml = BASE_TOML.replace('timezone = "UTC"', 'timezone = "America/New_York"', 1).replace(
-        '[tenants.wallet]\nopening_balance = "1000.00"\n',
-        '[tenants.wallet]\nopening_balance = "1000.00"\n'
-        f'[tenants.notify]\noperators = ["{OPERATOR}"]\n'
-        f'[tenants.notify.weekly_report]\nday = "{day}"\nat = "09:00"\n'
-        f'[tenants.notify.smtp]\nhost = "{server.host}"\nport = {server.port}\n'
-        'security = "plain"\nsender = "Acme Leads <billing@acme.example>"\ntimeout_s = 5\n')
-    toml = toml.replace('id = "c1"\nopening_balance = "100.00"',
-                        f'id = "c1"\nname = "Bright Solar"\nopening_balance = "100.00"\n'
-                        f'contacts = ["{CONTACT}"]')
+    toml = notify_toml(smtp_table(server.host, server.port), operators=(OPERATOR,),
+                       weekly_day=day, opening="100.00", timezone="America/New_York")
     return make_config(campaign(), buyer("b1", price="10.00"), base=toml)
 
 
