@@ -298,6 +298,9 @@ class Settings(_Shape, kw_only=True):
     max_connections: int = 1024  # open connections; past it: 503 (uvicorn limit_concurrency)
     max_header_bytes: int = 32 * 1024  # request line and headers together
     max_headers: int = 100
+    # portal identities (engine.identity; docs/portal.md)
+    invite_ttl_hours: int = 72  # an invite link works this long (1 to 720)
+    api_key_cache_s: float = 0.0  # a buyer key's resolution kept per process (0 to 60; 0: none)
 
 
 class Config(_Shape, kw_only=True):

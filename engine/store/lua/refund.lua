@@ -13,6 +13,7 @@
 -- ARGV[6]  now, epoch milliseconds
 -- ARGV[7]  ledger kind for refunds: "refund" (delivery rejected) or "return" (buyer return)
 -- ARGV[8]  tenant wallet account id
+-- ARGV[9]  optional: who asked (a buyer key's "<user>/key:<id>"), the ledger entries' user
 --
 -- All or nothing (atomically, _lib.lua): a refund that fails half-way (a key of the wrong
 -- type) leaves nothing, so the caller's retry cannot credit twice.
@@ -36,6 +37,10 @@ end
 return atomically(p, function()
   local a = acct(p, sale.a)
   local extra = {'buyer', b, 'reason', reason}
+  if ARGV[9] and ARGV[9] ~= '' then
+    extra[#extra + 1] = 'user'
+    extra[#extra + 1] = ARGV[9]
+  end
 
   -- spend counters follow the sale's price while the sale's day/month are the current ones
   local function spend(delta)
