@@ -315,6 +315,7 @@ class IdentityStore:
         """The invite's user gets ``password`` (argon2id) and is ``active``; the invite is
         used. InviteInvalid: unknown, used, expired, or its user disabled; WeakPassword
         (the invite stays usable)."""
+        credentials.check_password(password, "")  # its length first, whatever the link
         token_hash = credentials.digest(token)
         rows = await self._fetch(
             "SELECT i.tenant, i.user_id, i.expires_ms, i.used_ms, u.email, u.status FROM "

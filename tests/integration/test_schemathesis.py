@@ -61,6 +61,7 @@ def _data(cfg: config_mod.Config, seed: int, cards: list[str]) -> dict[str, obje
         "accounts": [WALLET, *(c.id for c in cfg.clients if c.tenant == TENANT),
                      "globex-buyer"],
         "buyers": [b.id for b in cfg.buyers if b.tenant == TENANT],
+        "clients": [c.id for c in cfg.clients if c.tenant == TENANT],
         "meters": sorted(tenant.meters),
         "leads": leads,
         "reasons": sorted(RETURN_REASONS),
