@@ -188,7 +188,8 @@ class AccountsApi:
         buyer = req.params["id"]
         rt = self.runtime()
         client = rt.buyer_client.get((tenant, buyer))
-        if client is None:
+        scope = scope_accounts(req)  # a buyer key: checked by the guard, again on this config
+        if client is None or (scope is not None and client not in scope):
             return toolkit.error_response(404, "unknown_buyer", "no such buyer")
         if not paused and _paused_by_config(rt, tenant, buyer):
             # routing skips it before any flag is read: "active" here would be a lie
