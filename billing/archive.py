@@ -9,7 +9,8 @@ delivered). An account's history is its entries in SQL
 plus those still in the tenant stream (:func:`history`).
 
 SQLite (stdlib ``sqlite3`` in a worker thread) is the default; a ``postgresql://`` URL
-uses PostgreSQL through psycopg 3. :func:`account_totals` checks that the Redis balance equals
+uses PostgreSQL through psycopg 3 (the backends: engine.store.sql, shared with the identity
+store). :func:`account_totals` checks that the Redis balance equals
 the SQL sum plus the account's entries still in the tenant stream and not yet in SQL.
 """
 
@@ -20,12 +21,10 @@ import csv
 import io
 import logging
 import re
-import sqlite3
-import threading
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from importlib import resources
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 import msgspec
 import redis.asyncio as aioredis
@@ -34,6 +33,7 @@ from billing.schemas import Transaction
 from engine.core import keys, money
 from engine.core.billing_errors import InvalidRequest
 from engine.core.constants import archive_path
+from engine.store.sql import Backend, Row, open_backend
 from engine.store.store import UNAVAILABLE, Store
 from engine.store.streams import Batch, Reader, StreamConsumer
 
@@ -60,94 +60,11 @@ _COLS = ("tenant", "entry_id", "id_ms", "id_seq", "account", "kind", "delta", "b
          "ts", "process", "usr", "extra")
 _json = msgspec.json.Encoder()
 _extra_dec = msgspec.json.Decoder(dict[str, str])
-Row = tuple[Any, ...]
 
 
 class Page(msgspec.Struct, kw_only=True):
     items: list[Transaction]
     next_cursor: str | None = None
-
-
-class _Backend(Protocol):
-    ph: str
-
-    async def script(self, sql: str) -> None: ...
-    async def insert(self, sql: str, rows: Sequence[Row]) -> None: ...
-    async def fetch(self, sql: str, params: Sequence[Any]) -> list[Row]: ...
-    async def close(self) -> None: ...
-
-
-class _Sqlite:
-    ph = "?"
-
-    def __init__(self, path: str) -> None:
-        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")
-        self._lock = threading.Lock()
-
-    def _script(self, sql: str) -> None:
-        with self._lock:
-            self._conn.executescript(sql)
-
-    def _insert(self, sql: str, rows: Sequence[Row]) -> None:
-        with self._lock:
-            self._conn.execute("BEGIN")
-            try:
-                self._conn.executemany(sql, rows)
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
-
-    def _fetch(self, sql: str, params: Sequence[Any]) -> list[Row]:
-        with self._lock:
-            return list(self._conn.execute(sql, params).fetchall())
-
-    async def script(self, sql: str) -> None:
-        await asyncio.to_thread(self._script, sql)
-
-    async def insert(self, sql: str, rows: Sequence[Row]) -> None:
-        await asyncio.to_thread(self._insert, sql, rows)
-
-    async def fetch(self, sql: str, params: Sequence[Any]) -> list[Row]:
-        return await asyncio.to_thread(self._fetch, sql, params)
-
-    async def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-
-
-class _Postgres:
-    ph = "%s"
-
-    def __init__(self, conn: Any) -> None:
-        self._conn = conn
-        self._lock = asyncio.Lock()
-
-    @classmethod
-    async def connect(cls, url: str) -> _Postgres:
-        import psycopg  # noqa: PLC0415 - PostgreSQL's driver, loaded only for a postgresql:// archive
-
-        return cls(await psycopg.AsyncConnection.connect(url))
-
-    async def script(self, sql: str) -> None:
-        async with self._lock, self._conn.transaction():
-            for stmt in (s.strip() for s in sql.split(";")):
-                if stmt and not all(ln.startswith("--") for ln in stmt.splitlines()):
-                    await self._conn.execute(stmt)
-
-    async def insert(self, sql: str, rows: Sequence[Row]) -> None:
-        async with self._lock, self._conn.transaction(), self._conn.cursor() as cur:
-            await cur.executemany(sql, rows)
-
-    async def fetch(self, sql: str, params: Sequence[Any]) -> list[Row]:
-        async with self._lock, self._conn.transaction(), self._conn.cursor() as cur:
-            await cur.execute(sql, params)
-            return list(await cur.fetchall()) if cur.description is not None else []
-
-    async def close(self) -> None:
-        await self._conn.close()
 
 
 def _split_id(entry_id: str) -> tuple[int, int]:
@@ -225,7 +142,7 @@ def _stream_fields(r: Row) -> dict[str, str]:
 class Archive:
     """SQL side of the ledger. Open with :meth:`open`; close when done."""
 
-    def __init__(self, backend: _Backend) -> None:
+    def __init__(self, backend: Backend) -> None:
         self._db = backend
         p = backend.ph
         self._insert_sql = (
@@ -237,13 +154,7 @@ class Archive:
     async def open(cls, url: str | None = None, *, path: str | None = None) -> Archive:
         """``postgresql://...`` -> PostgreSQL; ``sqlite:///file`` or None -> SQLite file
         (``path``, else the default state directory's archive)."""
-        backend: _Backend
-        if url and url.startswith(("postgres://", "postgresql://")):
-            backend = await _Postgres.connect(url)
-        else:
-            if url:
-                path = url.removeprefix("sqlite:///").removeprefix("sqlite://")
-            backend = await asyncio.to_thread(_Sqlite, path or str(archive_path(".leadflow")))
+        backend = await open_backend(url, path or archive_path(".leadflow"))
         archive = cls(backend)
         schema = resources.files("billing").joinpath("schema.sql").read_text(encoding="utf-8")
         await backend.script(schema)

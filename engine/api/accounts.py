@@ -1,4 +1,5 @@
-"""The tenant API for accounts and buyers (bearer token per tenant).
+"""The tenant API for accounts and buyers (bearer token per tenant, or a buyer API key for
+its mapped accounts: engine.api.auth).
 
 A tenant only ever sees its own accounts: the token selects the tenant, and every key
 read or written is under that tenant's prefix.
@@ -7,14 +8,16 @@ read or written is under that tenant's prefix.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, Literal
 
 import msgspec
 
 from billing.archive import Archive, history, parse_cursor
 from engine.api import toolkit
+from engine.api.auth import ACCOUNT, Guard, TenantHandler, scope_accounts
 from engine.api.billing import decode_body
+from engine.api.endpoints import BY_KEY
 from engine.api.schemas import (
     AccountView,
     BuyerAccount,
@@ -33,10 +36,9 @@ from engine.core.billing_errors import BillingError, InvalidRequest, MoneyError
 from engine.core.constants import WALLET
 from engine.core.untrusted import ascii_int
 from engine.obs import telemetry
-from engine.routing.runtime import Runtime, token_digest
+from engine.routing.runtime import Runtime
 from engine.store.store import AccountState, Store, now_ms
 
-TenantHandler = Callable[[Request, str], Awaitable[Response]]
 ScriptObserver = Callable[[str, float, Any], None]  # (script, seconds, [event, count, ...])
 MAX_PAGE = 1_000  # ledger page size, as GET /transactions: above it is 400 invalid_limit
 
@@ -55,26 +57,6 @@ class PauseResult(msgspec.Struct):
 _pause_result = msgspec.json.Decoder(PauseResult)
 _credit = msgspec.json.Decoder(CreditBody)
 _return = msgspec.json.Decoder(ReturnBody)
-
-
-def authenticate(runtime: Runtime, req: Request) -> str | None:
-    """The tenant of the request's bearer token, or None."""
-    header = req.header(b"authorization") or ""
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        return None
-    return runtime.tokens.get(token_digest(token.strip()))
-
-
-def tenant_route(runtime: Callable[[], Runtime], handler: TenantHandler) -> toolkit.Handler:
-    async def wrapped(req: Request) -> Response:
-        tenant = authenticate(runtime(), req)
-        if tenant is None:
-            return toolkit.error_response(401, "unauthorized", "missing or invalid bearer token")
-        req.scope["leadflow.tenant"] = tenant
-        return await handler(req, tenant)
-
-    return wrapped
 
 
 def account_status(a: AccountState) -> Literal["active", "paused", "closed"]:
@@ -100,13 +82,16 @@ def account_view(a: AccountState) -> AccountView:
 class AccountsApi:
     def __init__(self, runtime: Callable[[], Runtime], store: Store,
                  archive: Callable[[], Archive | None] = lambda: None,
-                 observer: ScriptObserver = telemetry.script_observer) -> None:
+                 observer: ScriptObserver = telemetry.script_observer,
+                 guard: Guard | None = None) -> None:
         self.runtime, self.store, self.observer = runtime, store, observer
         self.archive = archive  # the SQL ledger archive, once the service has opened it
+        # the tenant's token, or a buyer key for its mapped accounts (engine.api.auth)
+        self.guard = guard or Guard(runtime, lambda: None)
 
     def mount(self, router: toolkit.Router) -> None:
         def add(method: str, path: str, handler: TenantHandler) -> None:
-            router.add(method, path, tenant_route(self.runtime, handler))
+            router.add(method, path, self.guard.route(BY_KEY[(method, path)], handler))
 
         add("GET", "/v1/accounts/{id}", self.get_account)
         add("GET", "/v1/accounts/{id}/ledger", self.ledger)
@@ -203,7 +188,8 @@ class AccountsApi:
         buyer = req.params["id"]
         rt = self.runtime()
         client = rt.buyer_client.get((tenant, buyer))
-        if client is None:
+        scope = scope_accounts(req)  # a buyer key: checked by the guard, again on this config
+        if client is None or (scope is not None and client not in scope):
             return toolkit.error_response(404, "unknown_buyer", "no such buyer")
         if not paused and _paused_by_config(rt, tenant, buyer):
             # routing skips it before any flag is read: "active" here would be a lie
@@ -232,7 +218,7 @@ class AccountsApi:
         return await self._set_buyer_pause(req, tenant, False)
 
     async def return_lead(self, req: Request, tenant: str) -> Response:
-        return await _return_lead(self.store, req, tenant)
+        return await _return_lead(self.store, self.runtime(), req, tenant)
 
 
 def _paused_by_config(rt: Runtime, tenant: str, buyer: str) -> bool:
@@ -253,9 +239,10 @@ def _credit_refused(account: str, error: str) -> Response:
     return toolkit.error_response(409, error, "credit refused")
 
 
-async def _return_lead(store: Store, req: Request, tenant: str) -> Response:
+async def _return_lead(store: Store, rt: Runtime, req: Request, tenant: str) -> Response:
     """A buyer returns a bad lead: refunded (kind ``return``) within 5 days, for an approved
-    reason only; idempotent (a second return of the same sale changes nothing)."""
+    reason only; idempotent (a second return of the same sale changes nothing). With a
+    buyer key, only a sale to a buyer of its mapped accounts: any other is no sale (404)."""
     lead_id = req.params["id"]
     try:  # the billing endpoints' decoding: JSON only (400 unsupported_media_type)
         body: ReturnBody = decode_body(req, _return)
@@ -264,6 +251,18 @@ async def _return_lead(store: Store, req: Request, tenant: str) -> Response:
     if body.reason not in RETURN_REASONS:
         return toolkit.error_response(422, "reason_not_accepted",
                                    f"returns are accepted for: {', '.join(sorted(RETURN_REASONS))}")
+    scope = scope_accounts(req)
+    user = ""
+    if scope is not None:  # a buyer key: its own buyers' sales only, checked before any read
+        client = rt.buyer_client.get((tenant, body.buyer))
+        if client is None or client not in scope:
+            return toolkit.error_response(404, "unknown_sale", "no such sale")
+        # and the account the sale charged (the buyer may have changed clients since): the
+        # refund credits that account, which must be the key's too
+        if await _sale_account(store, tenant, lead_id, body.buyer) not in scope:
+            return toolkit.error_response(404, "unknown_sale", "no such sale")
+        req.scope[ACCOUNT] = client
+        user = str(req.scope.get("leadflow.user", ""))
     sold_ms = _lead_time_ms(lead_id)
     if sold_ms is None or not await store.redis.hexists(keys.lead(tenant, lead_id), body.buyer):
         return toolkit.error_response(404, "unknown_sale", "no such sale")
@@ -271,11 +270,30 @@ async def _return_lead(store: Store, req: Request, tenant: str) -> Response:
         return toolkit.error_response(409, "return_window_closed",
                                    "returns close 5 days after the sale")
     res = await store.refund_sale(tenant, lead_id, body.buyer, f"return: {body.reason}",
-                                  kind="return")
+                                  kind="return", user=user)
     if not res.ok:
         return toolkit.error_response(404, res.error, "no such sale")
     return toolkit.json_response(ReturnResult(lead_id, body.buyer, res.state,
                                            money.format(int(res.price)), res.replay))
+
+
+class _Sale(msgspec.Struct):
+    a: str = ""  # the account the sale charged
+
+
+_sale = msgspec.json.Decoder(_Sale)
+
+
+async def _sale_account(store: Store, tenant: str, lead_id: str, buyer: str) -> str | None:
+    """The account a sale of the lead to the buyer charged (decide.lua's sale record), or
+    None when there is no such sale (or its record is unreadable)."""
+    raw = await store.redis.hget(keys.lead(tenant, lead_id), buyer)
+    if raw is None:
+        return None
+    try:
+        return _sale.decode(raw).a or None
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
 
 
 def _lead_time_ms(lead_id: str) -> int | None:

@@ -17,12 +17,15 @@ import msgspec
 from billing.archive import Archive
 from engine.api import endpoints, toolkit
 from engine.api.accounts import AccountsApi
+from engine.api.auth import Guard
 from engine.api.docs import ApiDocs
 from engine.api.notify import NotifyApi
+from engine.api.portal import PortalApi
 from engine.api.schemas import Health, Readiness, ReadyChecks
 from engine.api.toolkit import Receive, Request, Response, Scope, Send
 from engine.core.errors import StoreUnavailable
 from engine.core.untrusted import JSON_ERRORS, json_problem
+from engine.identity.store import IdentityStore
 from engine.ingest.batcher import Batcher
 from engine.ingest.codes import Codes, LeadResponse, error
 from engine.ingest.ingest import Ingest, LeadObserver
@@ -65,6 +68,8 @@ class App:
         sync: SyncRouter | None = None,
         before_scrape: Callable[[], None] | None = None,
         archive: Archive | None = None,
+        identity: IdentityStore | None = None,
+        invite_ttl_hours: int = 72,
     ) -> None:
         self.runtime, self.store = runtime, store
         self.max_body, self.max_batch_body = max_body, max_batch_body
@@ -82,6 +87,11 @@ class App:
         # the SQL ledger archive, opened by the service before the app is built (None:
         # not available): GET /ledger pages on into it past the entries still in Redis
         self.archive = archive
+        # portal users and buyer API keys (SQL), opened by the service (None: not available:
+        # buyer keys and the portal endpoints answer 503, the tenant token works as ever)
+        self.identity = identity
+        # who calls a tenant endpoint: its token, or a buyer key for its mapped accounts
+        self.guard = Guard(lambda: self.runtime, lambda: self.identity)
         self.ingest = Ingest(
             lambda: self.runtime,
             self.batcher,
@@ -103,8 +113,11 @@ class App:
         self.router.add("GET", "/openapi.json", self.docs.openapi)
         self.router.add("GET", "/docs", self.docs.page)
         self.router.add("GET", "/docs/static/{file}", self.docs.static)
-        AccountsApi(lambda: self.runtime, store, lambda: self.archive).mount(self.router)
-        NotifyApi(lambda: self.runtime, store).mount(self.router)
+        AccountsApi(lambda: self.runtime, store, lambda: self.archive,
+                    guard=self.guard).mount(self.router)
+        NotifyApi(lambda: self.runtime, store, self.guard).mount(self.router)
+        PortalApi(lambda: self.runtime, lambda: self.identity, self.guard,
+                  invite_ttl_hours=invite_ttl_hours).mount(self.router)
 
     def batcher(self, tenant: str) -> Batcher:
         b = self.batchers.get(tenant)
@@ -117,6 +130,16 @@ class App:
 
     def add_route(self, method: str, path: str, handler: toolkit.Handler, **kw: Any) -> None:
         self.router.add(method, path, handler, **kw)
+
+    def add_tenant_route(self, method: str, path: str, handler: toolkit.Handler) -> None:
+        """A tenant endpoint of the route table behind the guard (engine.api.auth): the
+        tenant's token, or a buyer key where the table allows one."""
+
+        async def with_tenant(req: Request, tenant: str) -> Response:
+            return await handler(req)
+
+        self.router.add(method, path, self.guard.route(endpoints.BY_KEY[(method, path)],
+                                                       with_tenant))
 
     def unmounted(self) -> list[tuple[str, str]]:
         """Routes of the table (engine.api.endpoints) the router does not serve yet."""

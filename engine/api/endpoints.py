@@ -35,13 +35,23 @@ from billing.schemas import (
     UsageResult,
 )
 from engine.api.schemas import (
+    AcceptInviteBody,
     AccountView,
+    ApiKeyView,
     BuyerState,
+    CreatedKey,
+    CreatedUser,
+    CreateKeyBody,
+    CreateUserBody,
     CreditBody,
     CreditResult,
+    DeletedUser,
     Health,
+    Invitation,
+    KeyList,
     LeadPost,
     LedgerPage,
+    PortalUser,
     Preferences,
     PreferencesBody,
     PreviewBody,
@@ -53,6 +63,8 @@ from engine.api.schemas import (
     TemplateBody,
     TemplateList,
     TemplateView,
+    UpdateUserBody,
+    UserList,
 )
 from engine.core.config import AutoRecharge
 from engine.ingest.codes import LeadResponse
@@ -63,6 +75,11 @@ JSON = "application/json"
 FORM = "application/x-www-form-urlencoded"
 NDJSON = "application/x-ndjson"
 Shape = Literal["api", "lead"]  # the error shape: {"error": {...}}, or a LeadResponse
+# What a buyer API key may reach of a tenant endpoint (docs/portal.md "Access"): the client
+# account of the path's {id}, the buyer of the path's {id} (its client account), or a sale
+# named in the body (the handler checks the buyer's client account); None: the tenant only
+# (a buyer key gets 403 forbidden_for_buyer_key)
+BuyerScope = Literal["account", "buyer", "sale"]
 
 
 @dataclass(frozen=True)
@@ -114,6 +131,7 @@ class Endpoint:
     body_required: bool = True
     params: tuple[Param, ...] = ()
     tenant: bool = False  # behind the tenant's bearer token (401 unauthorized without)
+    buyer: BuyerScope | None = None  # also a buyer API key's, for its mapped accounts only
     shape: Shape = "api"
     links: Mapping[int, Mapping[str, Link]] = field(default_factory=dict)
 
@@ -201,7 +219,26 @@ def _card(action: str, summary: str, method: str = "POST", **extra: Reply) -> En
     replies.update({int(k.removeprefix("s")): v for k, v in extra.items()})
     path = PM if action == "detach" else f"{PM}/{action}"
     return Endpoint(method, path, f"{action}PaymentMethod", summary, "billing", replies,
-                    params=(ACCOUNT_ID, PM_ID), tenant=True)
+                    params=(ACCOUNT_ID, PM_ID), tenant=True, buyer="account")
+
+
+USERS = "/v1/portal/users"
+USER = USERS + "/{id}"
+USER_ID = Param("id", "path", {**_ID, "examples": ["usr_0123456789abcdef"]},
+                "a portal user of the tenant", required=True)
+KEY_ID = Param("key_id", "path", {**_ID, "examples": ["0123456789abcdef"]},
+               "a buyer API key's id (`id` of the key, the hex after `lfk_`)", required=True)
+NO_IDENTITY = err("the identity store (SQL) could not be opened: nothing changed",
+                  "unavailable")
+NO_USER = err("no such user of this tenant", "unknown_user")
+_USER_LINKS = {
+    "user": Link("getPortalUser", {"id": "$response.body#/user/id"}),
+    "update": Link("updatePortalUser", {"id": "$response.body#/user/id"}),
+    "delete": Link("deletePortalUser", {"id": "$response.body#/user/id"}),
+    "invite": Link("invitePortalUser", {"id": "$response.body#/user/id"}),
+    "createKey": Link("createApiKey", {"id": "$response.body#/user/id"}),
+    "keys": Link("listApiKeys", {"id": "$response.body#/user/id"}),
+}
 
 
 # -- e-mail notifications (#19; docs/notifications.md) --------------------------------------
@@ -367,7 +404,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     # -- accounts ------------------------------------------------------------------------
     Endpoint("GET", ACCOUNT, "getAccount", "An account's balance, floor and status",
              "accounts", {200: ok(AccountView), 404: NO_ACCOUNT},
-             params=(ACCOUNT_ID,), tenant=True),
+             params=(ACCOUNT_ID,), tenant=True, buyer="account"),
     Endpoint(
         "GET", ACCOUNT + "/ledger", "getLedger", "An account's ledger, newest first",
         "accounts",
@@ -380,7 +417,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
                 Param("before", "query", {"type": "string", "pattern": r"^[0-9]+(-[0-9]+)?$"},
                       "the entries before this entry id (`next_before` of the previous "
                       "page); a bare `ms`: before that millisecond")),
-        tenant=True,
+        tenant=True, buyer="account",
         links={200: {"nextPage": Link("getLedger", {"id": "$request.path.id",
                                                     "before": "$response.body#/next_before"})}},
     ),
@@ -405,14 +442,14 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     ),
     Endpoint("POST", "/v1/buyers/{id}/pause", "pauseBuyer", "Pause a buyer by hand", "buyers",
              {200: ok(BuyerState), 404: err("no such buyer of this tenant", "unknown_buyer")},
-             params=(BUYER_ID,), tenant=True,
+             params=(BUYER_ID,), tenant=True, buyer="buyer",
              links={200: {"resume": Link("resumeBuyer", {"id": "$request.path.id"})}}),
     Endpoint("POST", "/v1/buyers/{id}/resume", "resumeBuyer", "Resume a buyer paused by hand",
              "buyers",
              {200: ok(BuyerState), 404: err("no such buyer of this tenant", "unknown_buyer"),
               409: err("the config pauses this buyer (status = \"paused\")",
                        "paused_by_config")},
-             params=(BUYER_ID,), tenant=True,
+             params=(BUYER_ID,), tenant=True, buyer="buyer",
              links={200: {"pause": Link("pauseBuyer", {"id": "$request.path.id"})}}),
     Endpoint(
         "POST", "/v1/leads/{id}/returns", "returnLead", "A buyer returns a bad lead",
@@ -422,7 +459,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
          404: err("no sale of that lead to that buyer", "unknown_sale"),
          409: err("more than 5 days after the sale", "return_window_closed"),
          422: err("a reason not in the list", "reason_not_accepted")},
-        body=ReturnBody, params=(LEAD_ID,), tenant=True,
+        body=ReturnBody, params=(LEAD_ID,), tenant=True, buyer="sale",
     ),
     # -- billing -------------------------------------------------------------------------
     Endpoint(
@@ -441,11 +478,11 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             "Idempotency-Key", "header",
             {"type": "string", "pattern": f"^({IDEMPOTENCY_KEY_PATTERN[1:-1]})?$"},
             "required unless the body has `idempotency_key` (an empty header is none)")),
-        tenant=True, links={201: _ACCOUNT_LINKS},
+        tenant=True, buyer="account", links={201: _ACCOUNT_LINKS},
     ),
     Endpoint("GET", ACCOUNT + "/payment-methods", "listPaymentMethods", "The account's cards",
              "billing", {200: ok(MethodList, "the primary first"), 404: NO_ACCOUNT},
-             params=(ACCOUNT_ID,), tenant=True),
+             params=(ACCOUNT_ID,), tenant=True, buyer="account"),
     Endpoint(
         "POST", ACCOUNT + "/payment-methods", "attachPaymentMethod",
         "Attach a card (a PaymentMethod made by Stripe.js)", "billing",
@@ -457,7 +494,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
                   *STRIPE_404),
          409: err("another charge of the account in flight", "busy"),
          502: STRIPE_502, 503: STRIPE_503},
-        body=AttachBody, params=(ACCOUNT_ID,), tenant=True,
+        body=AttachBody, params=(ACCOUNT_ID,), tenant=True, buyer="account",
         links={201: {
             "activate": Link("activatePaymentMethod",
                              {"id": "$request.path.id", "pm": "$response.body#/id"}),
@@ -482,7 +519,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
                   "unknown_account"),
          404: NO_ACCOUNT, 409: err("another charge or refund in flight", "busy"),
          502: STRIPE_502, 503: STRIPE_503},
-        params=(ACCOUNT_ID,), tenant=True,
+        params=(ACCOUNT_ID,), tenant=True, buyer="account",
     ),
     Endpoint(
         "PUT", ACCOUNT + "/auto-recharge", "setAutoRecharge", "Set auto-recharge", "billing",
@@ -492,7 +529,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
                   "invalid_cap", "unknown_account"),
          404: NO_ACCOUNT,
          409: err("enabling needs a card on file", "no_payment_method")},
-        body=AutoRecharge, params=(ACCOUNT_ID,), tenant=True,
+        body=AutoRecharge, params=(ACCOUNT_ID,), tenant=True, buyer="account",
     ),
     Endpoint(
         "POST", "/v1/usage", "recordUsage", "Record one metered usage event", "usage",
@@ -540,7 +577,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             Param("format", "query", {"type": "string", "enum": ["json", "csv"],
                                       "default": "json"}),
         ),
-        tenant=True,
+        tenant=True, buyer="account",
         links={200: {"nextPage": Link("listTransactions",
                                       {"id": "$request.path.id",
                                        "cursor": "$response.body#/next_cursor"})}},
@@ -550,7 +587,96 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "Balance, cards, auto-recharge, the newest payments and entries", "billing",
         {200: ok(Overview),
          400: err("the account is not in Redis", "unknown_account"), 404: NO_ACCOUNT},
-        params=(ACCOUNT_ID,), tenant=True,
+        params=(ACCOUNT_ID,), tenant=True, buyer="account",
+    ),
+    # -- portal identities: users, invites, buyer API keys (docs/portal.md) ---------------
+    Endpoint(
+        "POST", USERS, "createPortalUser", "Create a portal user, with its invite link",
+        "portal",
+        {201: ok(CreatedUser, "created (status `invited`), with the one-time link that "
+                              "sets its password"),
+         400: err("refused, nothing stored", *NOT_JSON, "invalid_email", "unknown_account"),
+         409: err("the tenant has a user with this e-mail address", "email_taken"),
+         503: NO_IDENTITY},
+        description=(
+            "The user can reach the client accounts listed (clients of this tenant; "
+            "`wallet` never), with its own login once it has set its password through the "
+            "invite (`invite_url`, valid `invite_ttl_hours`), and with the buyer API keys "
+            "made for it. The invite's token is shown once: only its hash is kept."),
+        body=CreateUserBody, tenant=True, links={201: _USER_LINKS},
+    ),
+    Endpoint("GET", USERS, "listPortalUsers", "The tenant's portal users", "portal",
+             {200: ok(UserList, "oldest first"), 503: NO_IDENTITY}, tenant=True),
+    Endpoint("GET", USER, "getPortalUser", "A portal user", "portal",
+             {200: ok(PortalUser), 404: NO_USER, 503: NO_IDENTITY},
+             params=(USER_ID,), tenant=True),
+    Endpoint(
+        "PATCH", USER, "updatePortalUser", "Disable or enable a user; replace its accounts",
+        "portal",
+        {200: ok(PortalUser, "the user as it now is"),
+         400: err("refused, nothing changed", *NOT_JSON, "unknown_account"),
+         404: NO_USER, 503: NO_IDENTITY},
+        description=(
+            "`status`: `disabled` (its keys answer 401 and its invite is void until it is "
+            "enabled again), `active` (`invited` again when it never set a password). "
+            "`accounts` replaces its mappings; a buyer key follows at once (or within "
+            "`api_key_cache_s`)."),
+        body=UpdateUserBody, params=(USER_ID,), tenant=True,
+    ),
+    Endpoint(
+        "DELETE", USER, "deletePortalUser", "Delete a user and revoke its keys", "portal",
+        {200: ok(DeletedUser), 404: NO_USER, 503: NO_IDENTITY},
+        params=(USER_ID,), tenant=True,
+    ),
+    Endpoint(
+        "POST", USER + "/invite", "invitePortalUser",
+        "A new invite link (the older ones void): a first or a new password", "portal",
+        {201: ok(Invitation), 404: NO_USER,
+         409: err("the user is disabled: enable it first", "user_disabled"),
+         503: NO_IDENTITY},
+        params=(USER_ID,), tenant=True,
+    ),
+    Endpoint(
+        "POST", "/v1/portal/invites/{token}", "acceptInvite",
+        "Accept an invite: set the user's password", "portal",
+        {200: ok(PortalUser, "the password is set, the user `active`; the link is spent"),
+         400: err("refused, the link still works", *NOT_JSON, "weak_password"),
+         410: err("unknown, used or expired link, or its user disabled or deleted",
+                  "invite_invalid"),
+         503: NO_IDENTITY},
+        description=(
+            "No bearer token: the link's token is the credential (one time, "
+            "`invite_ttl_hours`). The password: 12 to 256 characters, not containing the "
+            "user's e-mail address; it is stored as an argon2id hash only."),
+        body=AcceptInviteBody,
+        params=(Param("token", "path", _ID, "the token of the invite link", required=True),),
+    ),
+    Endpoint(
+        "POST", USER + "/keys", "createApiKey", "Make a buyer API key for a user", "portal",
+        {201: ok(CreatedKey, "the key, shown this once (`key`: `lfk_<id>_<secret>`)"),
+         400: err("refused, nothing stored", *NOT_JSON, "invalid_name"),
+         404: NO_USER,
+         409: err("the user is disabled, or has 20 keys that are not revoked",
+                  "user_disabled", "too_many_keys"),
+         503: NO_IDENTITY},
+        description=(
+            "The key acts for the user on the account endpoints, for its mapped accounts "
+            "only (`Authorization: Bearer lfk_...`). Only its SHA-256 is kept: a lost key "
+            "is revoked and replaced, never shown again."),
+        body=CreateKeyBody, body_required=False, params=(USER_ID,), tenant=True,
+        links={201: {"revoke": Link("revokeApiKey",
+                                    {"key_id": "$response.body#/api_key/id"})}},
+    ),
+    Endpoint("GET", USER + "/keys", "listApiKeys", "A user's API keys (no secret)", "portal",
+             {200: ok(KeyList, "oldest first, revoked ones included"), 404: NO_USER,
+              503: NO_IDENTITY},
+             params=(USER_ID,), tenant=True),
+    Endpoint(
+        "DELETE", "/v1/portal/keys/{key_id}", "revokeApiKey", "Revoke a buyer API key",
+        "portal",
+        {200: ok(ApiKeyView, "revoked (a key revoked before: as it was)"),
+         404: err("no such key of this tenant", "unknown_key"), 503: NO_IDENTITY},
+        params=(KEY_ID,), tenant=True,
     ),
     *NOTIFY_ENDPOINTS,
 )

@@ -23,8 +23,9 @@ from typing import Final
 import msgspec
 
 from engine.api import toolkit
-from engine.api.accounts import TenantHandler, tenant_route
+from engine.api.auth import Guard, TenantHandler
 from engine.api.billing import decode_body
+from engine.api.endpoints import BY_KEY
 from engine.api.schemas import (
     Preferences,
     PreferencesBody,
@@ -114,13 +115,14 @@ def _page(title: str, body: str, status: int = 200) -> Response:
 
 
 class NotifyApi:
-    def __init__(self, runtime: Callable[[], Runtime], store: Store) -> None:
+    def __init__(self, runtime: Callable[[], Runtime], store: Store, guard: Guard) -> None:
         self.runtime, self.store = runtime, store
+        self.guard = guard  # the tenant's token; a buyer key: 403 (tenant-only endpoints)
 
     def mount(self, router: toolkit.Router) -> None:
         def add(method: str, path: str, handler: TenantHandler,
                 body_limit: int = 64 * 1024) -> None:
-            router.add(method, path, tenant_route(self.runtime, handler),
+            router.add(method, path, self.guard.route(BY_KEY[(method, path)], handler),
                        body_limit=body_limit)
 
         base = "/v1/notify/templates"

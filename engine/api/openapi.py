@@ -21,15 +21,19 @@ from engine.ingest.codes import LeadResponse
 VERSION = "0.1.0"  # the API's version, as pyproject.toml's
 REF = "#/components/schemas/{name}"
 SECURITY_SCHEME = "tenantToken"
+BUYER_SCHEME = "buyerKey"
 _STATUS_TEXT = {200: "OK", 201: "Created"}
 
 DESCRIPTION = """\
 Lead ingest (`POST /v1/leads`, `POST /v1/leads/batch`) authenticates the seller with
 `lp_supplier_id` and `lp_key` in the body and answers a `LeadResponse`. The tenant API
-(accounts, buyers, returns, billing, usage) takes the tenant's bearer token and answers
-errors as `{"error": {"code", "message"}}`; a refused request changes nothing. Money is a
-decimal string of ASCII digits (`"25.00"`). Codes and rules: the README's "HTTP API" and
-docs/billing.md.
+(accounts, buyers, returns, billing, usage, portal users and keys) takes the tenant's
+bearer token and answers errors as `{"error": {"code", "message"}}`; a refused request
+changes nothing. The operations that also list `buyerKey` take a buyer API key
+(`Bearer lfk_...`) too, and answer it for the client accounts mapped to its user only (404
+for any other); the others answer a buyer key 403 `forbidden_for_buyer_key`. Money is a
+decimal string of ASCII digits (`"25.00"`). Codes and rules: the README's "HTTP API",
+docs/billing.md and docs/portal.md.
 """
 
 # the answers of the router and the server to any endpoint, besides its own
@@ -38,6 +42,10 @@ _TOO_LARGE = {"api": err("a body over its limit (64 KiB)", "too_large"),
                           "or 10,000 lines", 1030)}
 _UNAVAILABLE = err("Redis unreachable: nothing moved; retry", "unavailable")
 _UNAUTHORIZED = err("no bearer token, or not a tenant's", "unauthorized")
+_UNAUTHORIZED_BUYER = err("no bearer token, not a tenant's, or a buyer key that is unknown, "
+                          "revoked, or of a disabled or deleted user", "unauthorized")
+_FORBIDDEN = err("a buyer API key: this operation is the tenant's only",
+                 "forbidden_for_buyer_key")
 
 
 def _structs(endpoints: Iterable[Endpoint]) -> list[type]:
@@ -59,7 +67,9 @@ def _replies(e: Endpoint) -> dict[int, Reply]:
     if e.shape == "api" or e.key != ("POST", "/v1/leads"):
         common[503] = _UNAVAILABLE
     if e.tenant:
-        common[401] = _UNAUTHORIZED
+        common[401] = _UNAUTHORIZED_BUYER if e.buyer else _UNAUTHORIZED
+        if e.buyer is None:
+            common[403] = _FORBIDDEN
     out = dict(e.replies)
     for status, reply in common.items():
         own = out.get(status)
@@ -137,7 +147,8 @@ class _Builder:
                                  "content": {m: {"schema": schema} for m in e.body_media}}
         op["responses"] = {str(status): self.response(e, status, reply)
                            for status, reply in _replies(e).items()}
-        op["security"] = [{SECURITY_SCHEME: []}] if e.tenant else []
+        op["security"] = ([{SECURITY_SCHEME: []}, {BUYER_SCHEME: []}] if e.buyer
+                          else [{SECURITY_SCHEME: []}] if e.tenant else [])
         return op
 
     @staticmethod
@@ -160,9 +171,17 @@ class _Builder:
             "paths": paths,
             "components": {
                 "schemas": self.components,
-                "securitySchemes": {SECURITY_SCHEME: {
-                    "type": "http", "scheme": "bearer",
-                    "description": "the tenant's `api_token` (a token selects its tenant)"}},
+                "securitySchemes": {
+                    SECURITY_SCHEME: {
+                        "type": "http", "scheme": "bearer",
+                        "description": "the tenant's `api_token` (a token selects its tenant)"},
+                    BUYER_SCHEME: {
+                        "type": "http", "scheme": "bearer",
+                        "description": (
+                            "a buyer API key, `lfk_<id>_<secret>` (made by the tenant for a "
+                            "portal user: `POST /v1/portal/users/{id}/keys`): the user's "
+                            "mapped client accounts only (docs/portal.md)")},
+                },
             },
         }
 

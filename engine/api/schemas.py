@@ -257,3 +257,99 @@ class PreferencesBody(msgspec.Struct, forbid_unknown_fields=True):
 class Preferences(msgspec.Struct):
     address: str  # trimmed and lower-cased
     categories: dict[str, bool]  # every category
+
+
+# ---- the portal's identities: users, invites, buyer API keys (docs/portal.md) --------------
+
+Email = Annotated[str, Meta(extra_json_schema={
+    "minLength": 3, "maxLength": 254, "examples": ["buyer@example.com"],
+    "description": "an e-mail address (stored lower-cased: one user per address and tenant)"})]
+AccountIds = Annotated[list[str], Meta(extra_json_schema={
+    "maxItems": 100, "description": "client account ids of the tenant (not `wallet`)"})]
+KeyName = Annotated[str, Meta(extra_json_schema={
+    "maxLength": 100, "pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]*$",
+    "description": "a label of yours, at most 100 characters, no control characters"})]
+Password = Annotated[str, Meta(extra_json_schema={
+    "minLength": 12, "maxLength": 256,
+    "description": "12 to 256 characters, not containing the user's e-mail address"})]
+UserStatus = Literal["invited", "active", "disabled"]
+
+
+class CreateUserBody(msgspec.Struct, forbid_unknown_fields=True):
+    """A portal user of the tenant, mapped to some of its client accounts; it gets an invite
+    link to set its password."""
+
+    email: Email
+    accounts: AccountIds = []
+
+
+class UpdateUserBody(msgspec.Struct, forbid_unknown_fields=True):
+    """``status``: ``disabled`` stops its keys and voids its invite, ``active`` enables it
+    again; ``accounts`` replaces its mappings. A field left out is left as it is."""
+
+    status: Literal["active", "disabled"] | UnsetType = UNSET
+    accounts: AccountIds | UnsetType = UNSET
+
+
+class PortalUser(msgspec.Struct):
+    id: str
+    email: str
+    status: UserStatus  # invited: no password set yet
+    accounts: list[str]
+    created_ms: int
+    updated_ms: int
+
+
+class UserList(msgspec.Struct):
+    data: list[PortalUser]
+
+
+class Invitation(msgspec.Struct):
+    """A one-time link to set the password: send it to the user yourself (shown once)."""
+
+    invite_url: str  # /portal/invite/<token>, relative to the engine's URL
+    invite_token: str
+    expires_ms: int
+
+
+class CreatedUser(msgspec.Struct):
+    user: PortalUser
+    invite: Invitation
+
+
+class DeletedUser(msgspec.Struct):
+    id: str
+    deleted: bool
+    keys_revoked: int
+
+
+class AcceptInviteBody(msgspec.Struct, forbid_unknown_fields=True):
+    password: Password
+
+
+class CreateKeyBody(msgspec.Struct, forbid_unknown_fields=True):
+    name: KeyName = ""
+
+
+class ApiKeyView(msgspec.Struct):
+    """A buyer API key, without its secret (shown once, at creation)."""
+
+    id: str
+    user_id: str
+    name: str
+    prefix: str  # lfk_<id>_<4 characters>: to tell keys apart
+    created_by: str  # "tenant", or the portal user who made it
+    created_ms: int
+    last_used_ms: int | None  # to the minute
+    revoked_ms: int | None
+
+
+class CreatedKey(msgspec.Struct):
+    """The new key: ``key`` is shown this once and never again (only its hash is kept)."""
+
+    key: str
+    api_key: ApiKeyView
+
+
+class KeyList(msgspec.Struct):
+    data: list[ApiKeyView]

@@ -313,6 +313,9 @@ class Settings(_Shape, kw_only=True):
     # where the engine is reached from outside (e.g. "https://leads.acme.example"): the
     # base of e-mails' unsubscribe links (engine.notify.prefs); none: no links
     public_url: str | None = None
+    # portal identities (engine.identity; docs/portal.md)
+    invite_ttl_hours: int = 72  # an invite link works this long (1 to 720)
+    api_key_cache_s: float = 0.0  # a buyer key's resolution kept per process (0 to 60; 0: none)
 
 
 class Config(_Shape, kw_only=True):

@@ -37,6 +37,7 @@ from engine.delivery import DeliveryError
 from engine.delivery.payload import RequestBuilder
 from engine.delivery.signing import Signer, SigningError
 from engine.delivery.verdict import ResponseMapper
+from engine.identity.credentials import KEY_PREFIX
 from engine.routing.runtime import Runtime
 
 MIN_ALERT = 1_000_000  # balance alerts: at least $1.00
@@ -52,6 +53,8 @@ MAX_ROTATION = 1_000
 # fail every lead of the campaign (each taken back whole and answered ERROR 1050).
 MAX_DEDUPE_DAYS = 3_650
 MAX_HTTP_TIMEOUT_S = 3600  # the HTTP server's timeouts (engine.api.server)
+MAX_INVITE_TTL_HOURS = 720  # 30 days: an invite link is a password for whoever holds it
+MAX_KEY_CACHE_S = 60  # a revoked buyer key may work this long in a process, at most
 MAX_TTL_S = {"idempotency_ttl_s": 30 * 86_400, "replay_window_s": 86_400}
 MAX_PORT = 65_535  # a TCP port; 0 binds any free one (the URL is logged at start)
 MAX_COOLDOWN_S = 86_400  # a buyer's open circuit breaker (a key with PX), at most a day
@@ -158,6 +161,9 @@ class _Checker:
                 raise self.fail(f"{p}.api_token",
                                 f"the same token as tenant {token_owner[token]!r}")
             token_owner[token] = t.id
+            if token.startswith(KEY_PREFIX):  # the API reads such a bearer token as a buyer key
+                raise self.fail(f"{p}.api_token",
+                                f"must not start with {KEY_PREFIX!r} (buyer API keys do)")
             for fee in ("inbound_lead", "outbound_delivery"):
                 if self.money(getattr(t.fees, fee), f"{p}.fees.{fee}") < 0:
                     raise self.fail(f"{p}.fees.{fee}", "a fee must not be negative")
@@ -458,6 +464,10 @@ def check(cfg: Config) -> None:
         raise c.fail("settings.public_url",
                      "an http(s) URL without query or fragment (https://leads.acme.example), "
                      f"at most {MAX_PUBLIC_URL} characters")
+    if not 1 <= cfg.settings.invite_ttl_hours <= MAX_INVITE_TTL_HOURS:
+        raise c.fail("settings.invite_ttl_hours", f"1 to {MAX_INVITE_TTL_HOURS} hours")
+    if not 0 <= cfg.settings.api_key_cache_s <= MAX_KEY_CACHE_S:
+        raise c.fail("settings.api_key_cache_s", f"0 to {MAX_KEY_CACHE_S} seconds")
     if cfg.settings.idempotency_ttl_s < cfg.settings.replay_window_s:
         # a keyed lead's payload record points to its key's record: the pointer must not
         # outlive what it points to

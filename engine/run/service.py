@@ -24,16 +24,15 @@ import uvicorn
 from billing.archive import Archive
 from billing.context import BillingContext
 from billing.stripe_gateway import gateway_from_env
-from engine.api.accounts import tenant_route
 from engine.api.app import App
 from engine.api.billing import routes as billing_routes
 from engine.api.server import Limits, Server, protocol_for
-from engine.api.toolkit import Handler, Request, Response
 from engine.core.config import Config, Settings
 from engine.core.constants import WALLET, archive_path
 from engine.core.errors import ConfigError, EmbeddedRedisError, LeadflowError
 from engine.delivery import client
 from engine.delivery.worker import WorkerOptions
+from engine.identity.store import IdentityStore
 from engine.ingest.waterfall import SyncRouter
 from engine.obs import telemetry
 from engine.obs.metrics import (
@@ -206,6 +205,9 @@ class Service:
         archive = await self._open_archive()
         if archive is not None:
             stack.push_async_callback(archive.close)
+        identity = await self._open_identity()
+        if identity is not None:
+            stack.push_async_callback(identity.close)
         # the process's one HTTP client session (connection pool and limits), shared by
         # sync-mode deliveries and an in-process delivery worker; closed after the workers
         lanes = WorkerOptions()  # the worker's connections; sync tries get a reserve
@@ -231,6 +233,8 @@ class Service:
             batch_observer=_decide_observer,
             sync=sync,
             archive=archive,
+            identity=identity,
+            invite_ttl_hours=s.invite_ttl_hours,
         )
         _mount_billing(app, billing)
         missing = app.unmounted()
@@ -275,6 +279,19 @@ class Service:
                                       path=str(archive_path(self.state_dir)))
         except Exception as exc:  # noqa: BLE001 - the engine runs without the archive API
             log.warning("ledger archive not available to the API",
+                        extra={"reason": type(exc).__name__})
+            return None
+
+    async def _open_identity(self) -> IdentityStore | None:
+        """Portal users and buyer API keys (engine.identity), in the same SQL database as the
+        ledger archive. None, with a warning, when it cannot be opened: buyer keys and the
+        portal endpoints then answer 503; the tenant's token works as ever."""
+        try:
+            return await IdentityStore.open(self.cfg.settings.sql_url,
+                                            path=archive_path(self.state_dir),
+                                            key_cache_s=self.cfg.settings.api_key_cache_s)
+        except Exception as exc:  # noqa: BLE001 - the engine runs without the portal API
+            log.warning("identity store not available to the API",
                         extra={"reason": type(exc).__name__})
             return None
 
@@ -434,16 +451,10 @@ class Service:
 
 
 def _mount_billing(app: App, billing: BillingContext) -> None:
-    """Billing's endpoints, behind the same per-tenant bearer token as the accounts API."""
-
-    def guarded(handler: Handler) -> Handler:
-        async def with_tenant(req: Request, tenant: str) -> Response:
-            return await handler(req)
-
-        return tenant_route(lambda: app.runtime, with_tenant)
-
+    """Billing's endpoints, behind the same guard as the accounts API: the tenant's bearer
+    token, or a buyer key where the route table allows one (engine.api.auth)."""
     for method, path, handler in billing_routes(billing):
-        app.add_route(method, path, guarded(handler))
+        app.add_tenant_route(method, path, handler)
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -277,12 +277,14 @@ class Store:
         return res
 
     async def refund_sale(
-        self, tenant: str, lead_id: str, buyer: str, reason: str, *, kind: str = "refund"
+        self, tenant: str, lead_id: str, buyer: str, reason: str, *, kind: str = "refund",
+        user: str = "",
     ) -> SaleResult:
+        """``user``: who asked (a buyer key's label), written as the ledger entries' user."""
         raw = await self._run(
             self.lua.refund,
             tenant,
-            [lead_id, buyer, "refund", 0, reason, now_ms(), kind, WALLET],
+            [lead_id, buyer, "refund", 0, reason, now_ms(), kind, WALLET, user],
         )
         res = _sale_dec.decode(raw)
         if res.ok and not res.replay:

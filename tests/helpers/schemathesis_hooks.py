@@ -114,6 +114,10 @@ def flatmap_case(ctx: Any, case: Any) -> st.SearchStrategy[Any]:
         return st.one_of(st.none(), st.fixed_dictionaries({
             "buyer": st.sampled_from(buyers), "reason": st.sampled_from(DATA["reasons"])}),
         ).map(lambda patch: _set_body(case, patch))
+    if path in ("/v1/portal/users", "/v1/portal/users/{id}") and method in ("POST", "PATCH"):
+        clients = DATA.get("clients", [])  # the tenant's client accounts: a mapping it may make
+        return st.one_of(st.none(), st.lists(st.sampled_from(clients), max_size=3)).map(
+            lambda accounts: _set_body(case, None if accounts is None else {"accounts": accounts}))
     if path == "/v1/usage":
         return _usage_patch(accounts, meters).map(lambda patch: _set_body(case, patch))
     if path == "/v1/usage/batch" and isinstance(case.body, dict) and case.body.get("items"):

@@ -274,6 +274,22 @@ def test_the_breaker_cooldown_is_at_most_a_day() -> None:
     assert "at most 86400" in info.value.reason
 
 
+def test_a_tenant_token_cannot_look_like_a_buyer_key() -> None:
+    _refused(BASE_TOML.replace('api_token = "tok-t2"', 'api_token = "lfk_tenant"'),
+             "tenants[1].api_token", "must not start with 'lfk_'")
+
+
+@pytest.mark.parametrize(("line", "path", "reason"), [
+    ("invite_ttl_hours = 0", "settings.invite_ttl_hours", "1 to 720 hours"),
+    ("invite_ttl_hours = 721", "settings.invite_ttl_hours", "1 to 720 hours"),
+    ("api_key_cache_s = -1", "settings.api_key_cache_s", "0 to 60 seconds"),
+    ("api_key_cache_s = 61", "settings.api_key_cache_s", "0 to 60 seconds"),
+])
+def test_portal_settings_are_bounded(line: str, path: str, reason: str) -> None:
+    _refused(BASE_TOML + f"\n[settings]\n{line}\n", path, reason)
+    make_config(base=BASE_TOML + "\n[settings]\ninvite_ttl_hours = 720\napi_key_cache_s = 60\n")
+
+
 @pytest.mark.parametrize("port", [-1, 65_536, 99_999])
 def test_the_port_is_0_to_65535(port: int) -> None:
     """A port past 65535 was accepted, and uvloop bound 99999 as 34463 (99999 % 65536)

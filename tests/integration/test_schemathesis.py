@@ -48,6 +48,7 @@ TENANT, TOKEN = "acme", "acme-demo-token"
 # per operation and phase; LEADFLOW_SCHEMATHESIS_EXAMPLES=500 for a longer hunt
 MAX_EXAMPLES = int(os.environ.get("LEADFLOW_SCHEMATHESIS_EXAMPLES", "100"))
 HOOKS = ROOT / "tests" / "helpers" / "schemathesis_hooks.py"
+CONFIG = ROOT / "tests" / "schemathesis.toml"  # negative_data_rejection: 413 is a refusal
 
 
 def _data(cfg: config_mod.Config, seed: int, cards: list[str]) -> dict[str, object]:
@@ -61,6 +62,7 @@ def _data(cfg: config_mod.Config, seed: int, cards: list[str]) -> dict[str, obje
         "accounts": [WALLET, *(c.id for c in cfg.clients if c.tenant == TENANT),
                      "globex-buyer"],
         "buyers": [b.id for b in cfg.buyers if b.tenant == TENANT],
+        "clients": [c.id for c in cfg.clients if c.tenant == TENANT],
         "meters": sorted(tenant.meters),
         "leads": leads,
         "reasons": sorted(RETURN_REASONS),
@@ -83,7 +85,8 @@ async def test_schemathesis_finds_no_5xx_and_no_mismatch(redis, redis_server, lo
            "LEADFLOW_SCHEMATHESIS_DATA": str(data), "NO_COLOR": "1"}
     async with running(cfg, redis_server.url, state_dir=tmp_path / "state") as eng:
         argv = [
-            sys.executable, "-m", "schemathesis.cli", "run", f"{eng.url}/openapi.json",
+            sys.executable, "-m", "schemathesis.cli", "--config-file", str(CONFIG), "run",
+            f"{eng.url}/openapi.json",
             "--checks", "all", "--exclude-checks", "positive_data_acceptance",
             "--phases", "examples,coverage,fuzzing,stateful",
             "--seed", str(seed), "--max-examples", str(MAX_EXAMPLES),

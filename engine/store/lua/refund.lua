@@ -13,6 +13,7 @@
 -- ARGV[6]  now, epoch milliseconds
 -- ARGV[7]  ledger kind for refunds: "refund" (delivery rejected) or "return" (buyer return)
 -- ARGV[8]  tenant wallet account id
+-- ARGV[9]  optional: who asked (a buyer key's "<user>/key:<id>"), the ledger entries' user
 --
 -- A return (kind "return") emits lead_returned on the buyer's account: lead_id, buyer,
 -- amount (the price credited back), reason (ARGV[5]); once per sale (a replay emits
@@ -40,6 +41,10 @@ end
 return atomically(p, function()
   local a = acct(p, sale.a)
   local extra = {'buyer', b, 'reason', reason}
+  if ARGV[9] and ARGV[9] ~= '' then
+    extra[#extra + 1] = 'user'
+    extra[#extra + 1] = ARGV[9]
+  end
 
   -- spend counters follow the sale's price while the sale's day/month are the current ones
   local function spend(delta)
