@@ -231,7 +231,10 @@ class Service:
             batch_observer=_decide_observer,
             sync=sync,
             archive=archive,
+            ping_observer=telemetry.ping_observer,
+            bid_latency=telemetry.bid_latency,
         )
+        stack.push_async_callback(app.pingpost.close)
         _mount_billing(app, billing)
         missing = app.unmounted()
         if missing:  # the OpenAPI document would describe an endpoint nobody serves
