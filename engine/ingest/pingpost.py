@@ -418,7 +418,9 @@ class PingPost:
                 return 422, error(Codes.UNKNOWN_BID, "not bids of this ping: "
                                   + ", ".join(unknown))
         wanted = set(accepted if shared and accepted is not None else offered)
-        cands = self._candidates(plan, step, meta["b"], wanted, shared)
+        holding = {_s(f)[2:] for f in await self._fields(pk) if _s(f).startswith("h:")}
+        bids = [b for b in meta["b"] if b[0] in holding or replay]
+        cands = self._candidates(plan, step, bids, wanted, shared)
         test = 1 if meta.get("t") == 1 else lead.test
         lead = msgspec.structs.replace(
             lead, candidates=cands, rotation=[], round_robin=0, test=test,
@@ -442,8 +444,9 @@ class PingPost:
 
     def _candidates(self, plan: CampaignPlan, step: _Pending, bids: list[list[Any]],
                     wanted: set[str], shared: bool) -> list[Candidate | str]:
-        """The held bidders, in auction order, at their bids (shared: the accepted ones;
-        exclusive: the winner, then the other held bidders as the cascade's)."""
+        """The held bidders (``bids``: those still holding), in auction order, at their
+        bids (shared: the accepted ones; exclusive: the winner, then the other held bidders
+        as the cascade's)."""
         windows, _ = self._clock.get(plan.tz, time.time())
         plans = {b.id: b for b in plan.buyers}
         offered = [b for b in bids if b[4] in wanted]
@@ -456,6 +459,13 @@ class PingPost:
             out.append(msgspec.structs.replace(
                 bp.candidates[windows.weekday], price=int(bid),
                 dedupe=plan.buyer_prints(bp, _payload_values(step.lead.payload))))
+        return out
+
+    async def _fields(self, key: str) -> list[Any]:
+        try:
+            out: list[Any] = await self.store.redis.hkeys(key)
+        except UNAVAILABLE as exc:
+            raise StoreUnavailable(f"redis unavailable: {type(exc).__name__}") from exc
         return out
 
     async def _recorded(self, tenant: str, *names: str | None) -> bool:
