@@ -419,7 +419,8 @@ class PingPost:
                                   + ", ".join(unknown))
         wanted = set(accepted if shared and accepted is not None else offered)
         holding = {_s(f)[2:] for f in await self._fields(pk) if _s(f).startswith("h:")}
-        bids = [b for b in meta["b"] if b[0] in holding or replay]
+        # a test ping holds nothing: its post is decided (nothing sold) on every bid
+        bids = [b for b in meta["b"] if b[0] in holding or replay or meta.get("t") == 1]
         cands = self._candidates(plan, step, bids, wanted, shared)
         test = 1 if meta.get("t") == 1 else lead.test
         lead = msgspec.structs.replace(
