@@ -76,6 +76,8 @@ def account_view(a: AccountState) -> AccountView:
             auto_recharge=money.format(a.recharge_threshold) if a.auto_recharge else None,
             min_balance=None if a.min_balance is None else money.format(a.min_balance),
         ),
+        held=money.format(a.held),
+        available=money.format(a.available),
     )
 
 

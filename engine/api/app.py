@@ -29,6 +29,7 @@ from engine.identity.store import IdentityStore
 from engine.ingest.batcher import Batcher
 from engine.ingest.codes import Codes, LeadResponse, error
 from engine.ingest.ingest import Ingest, LeadObserver
+from engine.ingest.pingpost import BidLatency, PingObserver, PingPost
 from engine.obs.metrics import registry_for_process, render
 from engine.routing.runtime import Runtime
 from engine.store.store import UNAVAILABLE, Store
@@ -70,6 +71,8 @@ class App:
         archive: Archive | None = None,
         identity: IdentityStore | None = None,
         invite_ttl_hours: int = 72,
+        ping_observer: PingObserver | None = None,
+        bid_latency: BidLatency | None = None,
     ) -> None:
         self.runtime, self.store = runtime, store
         self.max_body, self.max_batch_body = max_body, max_batch_body
@@ -100,11 +103,17 @@ class App:
             observer=lead_observer,
             sync=sync,
         )
+        self.pingpost = PingPost(lambda: self.runtime, store, self.batcher, self.ingest, sync,
+                                 observer=ping_observer, latency=bid_latency)
         self.router = toolkit.Router(declared=endpoints.BY_KEY)
         # POST /v1/leads is served before routing (see __call__); listed so GET gets a 405
         self.router.add("POST", "/v1/leads", self._lead_routed, body_limit=max_body,
                         too_large=_lead_too_large)
         self.router.add("POST", "/v1/leads/batch", self._batch, body_limit=max_batch_body,
+                        too_large=_lead_too_large)
+        self.router.add("POST", "/v1/ping", self._ping, body_limit=max_body,
+                        too_large=_lead_too_large)
+        self.router.add("POST", "/v1/post", self._post, body_limit=max_body,
                         too_large=_lead_too_large)
         self.router.add("GET", "/healthz", self._healthz)
         self.router.add("GET", "/readyz", self._readyz)
@@ -219,6 +228,29 @@ class App:
             return await self.ingest.handle(data, raw, key)
         except StoreUnavailable as exc:
             return _unavailable(exc)
+
+    # ---- ping-post (engine.ingest.pingpost) ----------------------------------------------
+
+    async def _ping(self, req: Request) -> Response:
+        data, problem = _decode_lead(req.content_type, req.body)
+        if problem is not None:
+            return _lead_response(*problem)
+        try:
+            status, resp = await self.pingpost.ping(data, req.body,
+                                                    req.header(b"idempotency-key"))
+        except StoreUnavailable as exc:
+            return _lead_response(*_unavailable(exc))
+        return Response(_lead_enc.encode(resp), status)
+
+    async def _post(self, req: Request) -> Response:
+        data, problem = _decode_lead(req.content_type, req.body)
+        if problem is not None:
+            return _lead_response(*problem)
+        try:
+            return _lead_response(*await self.pingpost.post(
+                data, req.body, req.header(b"idempotency-key")))
+        except StoreUnavailable as exc:
+            return _lead_response(*_unavailable(exc))
 
     async def _batch(self, req: Request) -> Response:
         """NDJSON in, NDJSON out: one result per non-blank line, in order, each lead on its

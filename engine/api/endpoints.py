@@ -51,7 +51,9 @@ from engine.api.schemas import (
     KeyList,
     LeadPost,
     LedgerPage,
+    PingBody,
     PortalUser,
+    PostBody,
     Preferences,
     PreferencesBody,
     PreviewBody,
@@ -68,6 +70,7 @@ from engine.api.schemas import (
 )
 from engine.core.config import AutoRecharge
 from engine.ingest.codes import LeadResponse
+from engine.ingest.pingpost import PingResponse
 from engine.notify.prefs import MAX_TOKEN, UNSUBSCRIBE_PATH
 from engine.notify.templates import KINDS
 
@@ -193,6 +196,38 @@ LEAD_REPLIES: Mapping[int, Reply] = {
     422: err("field validation failed: `errors` lists every bad field", 1020),
     500: err("decide.lua failed on this lead: every write taken back, nothing charged; "
              "a retry is decided afresh", 1050),
+    503: err("Redis unreachable: nothing was charged; retry (replays are idempotent)", 1040),
+}
+
+PING_REPLIES: Mapping[int, Reply] = {
+    200: Reply("ACCEPTED with the bids offered (held until expires_at), or REJECTED: no "
+               "bid (206), the tenant wallet at its floor (203)", PingResponse, (0, 203, 206)),
+    400: err("malformed body (1000), missing credentials (1001), more than 200 fields "
+             "(1003), a campaign without ping-post (1060)", 1000, 1001, 1003, 1060),
+    401: err("unknown supplier or wrong lp_key", 1011),
+    403: err("the supplier may not post to this campaign", 1012),
+    404: err("unknown campaign", 1010),
+    415: err("a content type other than JSON or form", 1031),
+    422: err("ping field validation failed: `errors` lists every bad field", 1020),
+    503: err("Redis unreachable: nothing was held or charged; retry", 1040),
+}
+POST_REPLIES: Mapping[int, Reply] = {
+    200: Reply(_DECISION, LeadResponse, (0, 1, 100, 101, 200, 201, 202, 203, 204, 205)),
+    400: err("malformed body (1000), missing credentials (1001), more than 200 fields "
+             "(1003), a campaign without ping-post (1060)", 1000, 1001, 1003, 1060),
+    401: err("unknown supplier or wrong lp_key", 1011),
+    403: err("the supplier may not post to this campaign (1012), or the ping was made by "
+             "another supplier (1065)", 1012, 1065),
+    404: err("unknown campaign (1010) or unknown ping of this tenant and campaign (1061)",
+             1010, 1061),
+    409: err("the ping was already posted (another post; a replay returns its result)",
+             1062),
+    410: err("the ping expired, or its holds were released", 1064),
+    415: err("a content type other than JSON or form", 1031),
+    422: err("field validation failed (1020), the post changes a ping field (1063), a "
+             "bid_id not offered by the ping (1066)", 1020, 1063, 1066),
+    500: err("decide.lua failed on this post: every write taken back, nothing charged, "
+             "the holds kept; a retry is decided afresh", 1050),
     503: err("Redis unreachable: nothing was charged; retry (replays are idempotent)", 1040),
 }
 
@@ -365,6 +400,23 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             "`Idempotency-Key` (24 h), returns the first result and charges nothing again."),
         body=LeadPost, body_media=(JSON, FORM), params=(IDEMPOTENCY_LEAD,), shape="lead",
         links={200: {"returnLead": Link("returnLead", {"id": "$response.body#/lead_id"})}},
+    ),
+    Endpoint(
+        "POST", "/v1/ping", "ping", "Ping: collect bids and hold the bidders' funds", "leads",
+        PING_REPLIES,
+        description=(
+            "Ping-post (docs/pingpost.md). The campaign's ping fields only; eligible ping "
+            "buyers bid in parallel within `ping_deadline_ms`; each bid is held on its "
+            "buyer's account until the post or `expires_at`. The same `Idempotency-Key` "
+            "returns the first answer and asks no buyer again."),
+        body=PingBody, body_media=(JSON, FORM), params=(IDEMPOTENCY_LEAD,), shape="lead",
+    ),
+    Endpoint(
+        "POST", "/v1/post", "post", "Post the full lead of a ping", "leads", POST_REPLIES,
+        description=(
+            "The full lead and `lp_ping_id` (shared auctions: `bid_ids`). Sold to the held "
+            "bidder(s) at their bids; answered as a direct post. Idempotent as direct posts."),
+        body=PostBody, body_media=(JSON, FORM), params=(IDEMPOTENCY_LEAD,), shape="lead",
     ),
     Endpoint(
         "POST", "/v1/leads/batch", "postLeadBatch", "Post leads as NDJSON", "leads",

@@ -81,6 +81,19 @@ class LeadPost(msgspec.Struct):
     lp_subid2: SubId = ""
 
 
+class PingBody(LeadPost):
+    """A ping (docs/pingpost.md): the credentials and the campaign's ping fields only (no
+    personal data)."""
+
+
+class PostBody(LeadPost):
+    """A post of a ping: the full lead (the campaign's fields), the ping's id and, for a
+    shared auction, the bids the seller accepts (default: every bid offered)."""
+
+    lp_ping_id: Annotated[str, Meta(description="the ping_id of the ping's answer")] = ""
+    bid_ids: Annotated[list[str], Meta(description="shared auction: the bid ids sold")] = []
+
+
 # ---- accounts ------------------------------------------------------------------------------
 
 
@@ -100,6 +113,10 @@ class AccountView(msgspec.Struct):
     paused_reason: str | None  # floor, min_balance, ... (null unless paused)
     billing: str  # realtime, manual, none
     thresholds: Thresholds
+    # ping-post: funds held by open bids (until their post or expiry), and balance - held,
+    # which every debit and new hold must keep at or above the floor
+    held: MoneyOut = "0.00"
+    available: MoneyOut = "0.00"
 
 
 class LedgerEntry(msgspec.Struct):

@@ -68,6 +68,25 @@ class Dedupe(_Shape, kw_only=True):
     scope: Literal["campaign", "buyer"] = "campaign"
 
 
+class Margin(_Shape, kw_only=True):
+    """The tenant's cut of a bid: the seller is offered the bid less this (ping-post)."""
+
+    percent: str | None = None  # "20" = 20 % of the bid (rounded down to the micro)
+    fixed: str | None = None  # a fixed amount, e.g. "2.50"
+
+
+class PingPost(_Shape, kw_only=True):
+    """A campaign's ping-post exchange (docs/pingpost.md)."""
+
+    ping_fields: list[str] = []  # the campaign fields sent at ping (no personal data)
+    ping_deadline_ms: int = 750  # every bid is collected within this
+    ping_ttl_s: int = 60  # a ping (and its holds) expires after this
+    auction: Literal["exclusive", "shared"] = "exclusive"
+    sell_limit: int = 3  # shared: at most this many bids sold
+    margin: Margin = msgspec.field(default_factory=Margin)
+    min_bid: str = "0.00"  # bids below this are dropped
+
+
 class Campaign(_Shape, kw_only=True):
     id: Id
     tenant: Id
@@ -79,6 +98,7 @@ class Campaign(_Shape, kw_only=True):
     dedupe: Dedupe | None = None
     mode: Literal["async", "sync"] = "async"
     sync_deadline_ms: int = 5_000
+    ping_post: PingPost | None = None  # None: direct post only
 
 
 class Filter(_Shape, kw_only=True):
@@ -169,6 +189,21 @@ class Delivery(_Shape, kw_only=True):
     breaker_cooldown_s: int = 30
 
 
+class Ping(_Shape, kw_only=True):
+    """A ping buyer's bid endpoint: the ping fields are POSTed as JSON, signed with
+    ``secret`` (Standard Webhooks); the bid is read from the answer at ``bid_path`` (a
+    JSON path, as delivery verdict rules) or as the first group of ``bid_regex`` (RE2).
+    Without ``url``: a fixed-price buyer, bidding its ``price`` with no request."""
+
+    url: str | None = None
+    secret: str = ""
+    timeout_ms: int = 500
+    bid_path: str | None = None
+    bid_regex: str | None = None
+    headers: dict[str, str] = {}
+    margin: Margin | None = None  # this buyer's margin, instead of the campaign's
+
+
 class Buyer(_Shape, kw_only=True):
     id: Id
     tenant: Id
@@ -182,6 +217,7 @@ class Buyer(_Shape, kw_only=True):
     caps: Caps = msgspec.field(default_factory=Caps)
     schedule: Schedule | None = None
     delivery: Delivery | None = None
+    ping: Ping | None = None  # a ping-post campaign's bidder (None: it does not bid)
 
 
 class AutoRecharge(_Shape, kw_only=True):
@@ -214,6 +250,8 @@ class Client(Account, kw_only=True):
 class Fees(_Shape, kw_only=True):
     inbound_lead: str = "0.00"  # per valid, new, live lead decided (sold or not): tenant wallet
     outbound_delivery: str = "0.00"  # per sold delivery
+    inbound_ping: str = "0.00"  # per ping decided (test pings: none): tenant wallet
+    outbound_ping: str = "0.00"  # per bid request sent to a buyer: tenant wallet
     card_fee_percent: str = "0"  # passed to buyers on card funding, 0 to 15
 
 

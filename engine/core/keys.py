@@ -39,6 +39,14 @@ _SUFFIX: dict[str, str] = {
     "weekly": "weekly:{}",  # STRING: the weekly reports of the week starting {} are all sent
     # engine.notify.prefs; "{}" is the digest of a lower-cased address (no address in a key)
     "notify_prefs": "notify_prefs:{}",  # HASH: category -> "1" (on) / "0" (off)
+    # ping-post (docs/pingpost.md)
+    # HASH: m (the ping's record, JSON), st (open | posted:<lead id> | expired | released),
+    # ex (expiry, epoch ms), a (the seller's answer, JSON), h:<buyer> = "<account>|<micros>"
+    # while that buyer's hold is open (TTL: the ping's ttl + PING_KEEP_S)
+    "ping": "ping:{}",
+    # ZSET: the open holds of an account, "<ping>|<buyer>|<micros>" -> expiry ms (the
+    # authority on whether a hold is open; the account hash's `held` is their sum)
+    "holds": "acct:{}:holds",
 }
 _FIXED: dict[str, str] = {
     "ledger": "ledger",  # STREAM: every ledger entry of the tenant (archived to SQL)
@@ -52,6 +60,7 @@ _FIXED: dict[str, str] = {
 
     "retries": "deliveries:retry",  # ZSET: delivery jobs waiting for a retry, score = due ms
     "breakers": "breakers",  # ZSET: buyer id -> ms its open breaker half-opens
+    "pings": "pings",  # ZSET: ping id -> its expiry ms, while it may hold funds (the sweep)
     # engine.notify.overrides and engine.notify.prefs
     "notify_templates": "notify_templates",  # HASH: message kind -> JSON {subject, text, html}
     "notify_secret": "notify_secret",  # STRING: the unsubscribe links' HMAC key (SET NX once)
@@ -178,6 +187,18 @@ def cursors(tenant: str) -> str:
 
 def accounts(tenant: str) -> str:
     return tenant_prefix(tenant) + _FIXED["accounts"]
+
+
+def ping(tenant: str, ping_id: str) -> str:
+    return tenant_prefix(tenant) + _SUFFIX["ping"].format(ping_id)
+
+
+def holds(tenant: str, account: str) -> str:
+    return tenant_prefix(tenant) + _SUFFIX["holds"].format(account)
+
+
+def pings(tenant: str) -> str:
+    return tenant_prefix(tenant) + _FIXED["pings"]
 
 
 def retries(tenant: str) -> str:

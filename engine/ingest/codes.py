@@ -27,6 +27,7 @@ class Codes:
     # REJECTED: 200 no buyer matched, 201 all at caps, 202 paused/unfunded, 203 tenant wallet
     ALL_REJECTED = 204  # sync mode: every buyer the lead was sent to rejected it
     NO_VERDICT = 205  # sync mode: the deadline passed before a buyer accepted
+    NO_BID = 206  # ping-post: no eligible buyer bid on the ping (or none could be held)
     MALFORMED = 1000
     MISSING_CREDENTIALS = 1001
     TOO_MANY_FIELDS = 1003
@@ -38,6 +39,14 @@ class Codes:
     UNSUPPORTED_MEDIA = 1031
     UNAVAILABLE = 1040
     NOT_DECIDED = 1050  # decide.lua failed on this lead and took its writes back
+    # ping-post (docs/pingpost.md)
+    NOT_PING_POST = 1060  # the campaign takes no pings
+    UNKNOWN_PING = 1061  # no such ping of this tenant and campaign
+    PING_POSTED = 1062  # the ping was already posted (another post, not a replay)
+    PING_FIELD_CHANGED = 1063  # the post's value of a ping field differs from the ping's
+    PING_EXPIRED = 1064  # the ping expired (or its holds were released) before the post
+    PING_SUPPLIER = 1065  # the ping was made by another supplier
+    UNKNOWN_BID = 1066  # shared: a bid_id that is not one of the ping's offered bids
 
 
 def error(code: int, message: str, errors: list[FieldError] | None = None) -> LeadResponse:

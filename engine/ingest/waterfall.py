@@ -131,6 +131,11 @@ class SyncRouter:
             await self._session.close()
         self._session, self._own_session = None, False
 
+    @property
+    def session(self) -> aiohttp.ClientSession | None:
+        """The process's client session (ping-post bid requests share it)."""
+        return self._session
+
     def endpoint(self, cfg: Config, tenant: str, buyer: str) -> Endpoint | None:
         """The buyer's webhook endpoint, or None when it has none (sold = delivered)."""
         if cfg is not self._cfg:

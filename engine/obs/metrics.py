@@ -116,6 +116,7 @@ HTTP_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 # one outbound webhook delivery to a buyer.
+PING_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5)
 DELIVERY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # threshold crossed -> wallet credited (payment provider round trip, retries).
 RECHARGE_BUCKETS = (0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -218,6 +219,7 @@ class Metrics:
         self._money_metrics()
         self._billing_metrics()
         self._delivery_metrics()
+        self._ping_metrics()
         self._notify_metrics()
         self._stream_metrics()
         self._http_metrics()
@@ -376,6 +378,25 @@ class Metrics:
             "Duration of one webhook delivery attempt (request sent to response read).",
             DELIVERY_BUCKETS,
         )
+
+    def _ping_metrics(self) -> None:
+        # (campaign, status)
+        self.pings = self._children(self._counter(
+            "pings_total", "Pings answered (ping-post), by campaign and status.",
+            ["campaign", "status"]), "pings")
+        # (campaign, outcome): bid | no_bid | timeout | error | ineligible
+        self.ping_bids = self._children(self._counter(
+            "ping_bids_total", "Ping buyers asked for a bid, by campaign and outcome.",
+            ["campaign", "outcome"]), "ping_bids")
+        # (event,): placed | settled | released | expired
+        self.holds = self._children(self._counter(
+            "holds_total", "Ping-post holds of buyers' funds, by event.", ["event"]),
+            "holds", [(e,) for e in ("placed", "settled", "released", "expired")])
+        # (buyer,)
+        self.bid_duration = self._children(Histogram(
+            "ping_bid_duration_seconds", "Duration of one bid request to a ping buyer.",
+            ["buyer"], namespace=NAMESPACE, registry=self.registry,
+            buckets=PING_BUCKETS), "ping_bid_duration")
 
     def _notify_metrics(self) -> None:
         # (channel, kind): the transport's channel ("smtp", "sendgrid") and the message

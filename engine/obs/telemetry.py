@@ -188,3 +188,22 @@ async def _stream_gauges(client: aioredis.Redis, tenants: Sequence[str]) -> None
     for (name, group), (lag, pending) in totals.items():
         METRICS.stream_lag(name, group).set(lag)
         METRICS.stream_pending(name, group).set(pending)
+
+
+def ping_observer(event: str, campaign: str, label: str, n: int) -> None:
+    """engine.ingest.pingpost's counts: pings, bids, holds (see PingObserver)."""
+    if event == "ping":
+        count(METRICS.pings(campaign, label), n)
+    elif event == "bid":
+        count(METRICS.ping_bids(campaign, label), n)
+    else:
+        count(METRICS.holds(label), n)
+
+
+def bid_latency(campaign: str, buyer: str, seconds: float) -> None:
+    observe(METRICS.bid_duration(buyer), seconds)
+
+
+def holds_expired(n: int) -> None:
+    """Holds the ping sweep released past their expiry."""
+    count(METRICS.holds("expired"), n)

@@ -21,7 +21,9 @@ from engine.core.config import (
     Account,
     AutoRecharge,
     Buyer,
+    Campaign,
     Config,
+    Margin,
     Notify,
     ResponseRule,
     SendGrid,
@@ -34,6 +36,7 @@ from engine.core.constants import DEFAULT_FLOOR, WALLET
 from engine.core.errors import ConfigError
 from engine.core.untrusted import valid_address
 from engine.delivery import DeliveryError
+from engine.delivery.bid import BidReader
 from engine.delivery.payload import RequestBuilder
 from engine.delivery.signing import Signer, SigningError
 from engine.delivery.verdict import ResponseMapper
@@ -57,6 +60,12 @@ MAX_INVITE_TTL_HOURS = 720  # 30 days: an invite link is a password for whoever 
 MAX_KEY_CACHE_S = 60  # a revoked buyer key may work this long in a process, at most
 MAX_TTL_S = {"idempotency_ttl_s": 30 * 86_400, "replay_window_s": 86_400}
 MAX_PORT = 65_535  # a TCP port; 0 binds any free one (the URL is logged at start)
+MAX_PING_DEADLINE_MS = 10_000  # a seller's ping waits at most this for bids
+MAX_PING_TTL_S = 3_600  # a ping and its holds live at most an hour
+# never sent at ping (docs/pingpost.md): personal data goes to the winner with the post
+PERSONAL_TYPES = frozenset({"email", "phone", "dob", "ip"})
+PERSONAL_NAMES = frozenset({"name", "first_name", "last_name", "full_name", "address",
+                            "street", "address1", "address2", "email", "phone", "dob", "ssn"})
 MAX_COOLDOWN_S = 86_400  # a buyer's open circuit breaker (a key with PX), at most a day
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _HEADER_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
@@ -164,7 +173,7 @@ class _Checker:
             if token.startswith(KEY_PREFIX):  # the API reads such a bearer token as a buyer key
                 raise self.fail(f"{p}.api_token",
                                 f"must not start with {KEY_PREFIX!r} (buyer API keys do)")
-            for fee in ("inbound_lead", "outbound_delivery"):
+            for fee in ("inbound_lead", "outbound_delivery", "inbound_ping", "outbound_ping"):
                 if self.money(getattr(t.fees, fee), f"{p}.fees.{fee}") < 0:
                     raise self.fail(f"{p}.fees.{fee}", "a fee must not be negative")
             try:
@@ -292,6 +301,8 @@ class _Checker:
             if c.mode == "sync" and c.distribution == "send_to_all":
                 raise self.fail(f"{p}.mode", "sync mode sells to one buyer at a time; "
                                 "send_to_all campaigns are async only")
+            if c.ping_post is not None:
+                self.ping_post(c, f"{p}.ping_post")
             if c.dedupe is not None:
                 for j, name in enumerate(c.dedupe.fields):
                     if name not in names:
@@ -344,6 +355,69 @@ class _Checker:
                     raise self.fail(f"{p}.caps.{name}", "must not be negative")
             if b.delivery is not None:
                 self.delivery(b, f"{p}.delivery")
+            if b.ping is not None:
+                self.ping(b, campaign, f"{p}.ping")
+
+    def margin(self, m: Margin, p: str) -> None:
+        if m.percent is not None and m.fixed is not None:
+            raise self.fail(p, "a margin is percent or fixed, not both")
+        if m.percent is not None:
+            try:
+                bp = money.parse_percent(m.percent)
+            except MoneyError as exc:
+                raise self.fail(f"{p}.percent", str(exc)) from exc
+            if not 0 <= bp < 10_000:
+                raise self.fail(f"{p}.percent", "0 to below 100")
+        if m.fixed is not None and self.money(m.fixed, f"{p}.fixed") < 0:
+            raise self.fail(f"{p}.fixed", "must not be negative")
+
+    def ping_post(self, c: Campaign, p: str) -> None:
+        pp = c.ping_post
+        assert pp is not None
+        types = {f.name: f.type for f in c.fields}
+        for j, name in enumerate(pp.ping_fields):
+            if name not in types:
+                raise self.fail(f"{p}.ping_fields[{j}]", f"unknown field {name!r}")
+            if types[name] in PERSONAL_TYPES or name.lower() in PERSONAL_NAMES:
+                raise self.fail(f"{p}.ping_fields[{j}]", f"{name!r} is personal data: it is "
+                                "sent at post only")
+        if not 1 <= pp.ping_deadline_ms <= MAX_PING_DEADLINE_MS:
+            raise self.fail(f"{p}.ping_deadline_ms", f"1 to {MAX_PING_DEADLINE_MS} ms")
+        if not 1 <= pp.ping_ttl_s <= MAX_PING_TTL_S:
+            raise self.fail(f"{p}.ping_ttl_s", f"1 to {MAX_PING_TTL_S} s")
+        if pp.sell_limit < 1:
+            raise self.fail(f"{p}.sell_limit", "at least 1")
+        self.margin(pp.margin, f"{p}.margin")
+        if self.money(pp.min_bid, f"{p}.min_bid") < 0:
+            raise self.fail(f"{p}.min_bid", "must not be negative")
+
+    def ping(self, b: Buyer, campaign: Campaign, p: str) -> None:
+        g = b.ping
+        assert g is not None
+        if campaign.ping_post is None:
+            raise self.fail(p, f"campaign {campaign.id!r} has no ping_post section")
+        if g.margin is not None:
+            self.margin(g.margin, f"{p}.margin")
+        if g.url is None:  # a fixed-price bidder: its price, no request
+            if g.bid_path or g.bid_regex:
+                raise self.fail(p, "bid_path/bid_regex need a url")
+            return
+        self.webhook_url(g.url, f"{p}.url")
+        self.webhook_secret(g.secret, f"{p}.secret")
+        if not 1 <= g.timeout_ms <= MAX_TIMEOUT_MS:
+            raise self.fail(f"{p}.timeout_ms", f"1 to {MAX_TIMEOUT_MS} ms")
+        if (g.bid_path is None) == (g.bid_regex is None):
+            raise self.fail(p, "a ping url needs bid_path or bid_regex (one of them)")
+        for name, value in g.headers.items():
+            if not _HEADER_NAME.match(name):
+                raise self.fail(f"{p}.headers", f"{name!r} is not a valid header name")
+            if _HEADER_CTL.search(resolve_secret(value)):
+                raise self.fail(f"{p}.headers.{name}", "a header value must not contain "
+                                "control characters")
+        try:
+            BidReader(g)
+        except DeliveryError as exc:
+            raise self.fail(p, str(exc)) from exc
 
     def webhook_url(self, url: str, p: str) -> None:
         try:

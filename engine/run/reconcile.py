@@ -1,6 +1,7 @@
 """``leadflow reconcile``: every account's ledger sums to its balance, no balance is below
 its floor (accounts in billing mode "none" have no floor), and every account the config
-names is in Redis.
+names is in Redis, and (ping-post) every account's ``held`` equals the sum of its open
+holds with none past its expiry by more than the sweep interval.
 
 Which accounts: the platform wallet and the clients of every tenant of the config (one
 missing from Redis is a problem), every account in a tenant's account set, and the
@@ -28,12 +29,14 @@ import msgspec
 from engine.core import keys, money
 from engine.core.config import Config, valid_id
 from engine.core.constants import DEFAULT_FLOOR, WALLET
-from engine.store.store import Store
+from engine.store.store import Store, now_ms
 
 if TYPE_CHECKING:
     from billing.archive import Archive
 
 PAGE = 1_000  # stream entries per XREVRANGE
+SWEEP_INTERVAL_MS = 5_000  # the ping sweep's period (engine.run.workers): a hold may outlive
+# its expiry by this much
 _SQL_MAX_SEQ = 2**63 - 1  # largest stream id sequence SQL's BIGINT holds
 
 
@@ -113,8 +116,29 @@ async def _tenants_in_redis(store: Store) -> set[str]:
     return found
 
 
+async def _holds(store: Store, tenant: str, account: str, held: int, sweep_interval_ms: int
+                 ) -> list[Finding]:
+    """Ping-post holds (docs/pingpost.md): the account's ``held`` is the sum of its open
+    holds, and none is past its expiry by more than the sweep interval."""
+    out = []
+    rows: Any = await store.redis.zrange(keys.holds(tenant, account), 0, -1, withscores=True)
+    total, now, late = 0, now_ms(), 0
+    for member, expiry in rows:
+        total += int(_text(member).rsplit("|", 1)[1])
+        if expiry + sweep_interval_ms < now:
+            late += 1
+    if total != held:
+        out.append(Finding(tenant, account, (
+            f"held is {money.format(held)} but its open holds sum to {money.format(total)}")))
+    if late:
+        out.append(Finding(tenant, account, (
+            f"{late} hold(s) past expiry by more than the sweep interval")))
+    return out
+
+
 async def reconcile(
-    cfg: Config, store: Store, archive: Archive | None = None, *, page: int = PAGE
+    cfg: Config, store: Store, archive: Archive | None = None, *, page: int = PAGE,
+    sweep_interval_ms: int = SWEEP_INTERVAL_MS,
 ) -> tuple[list[AccountCheck], list[Finding]]:
     checks: list[AccountCheck] = []
     findings: list[Finding] = []
@@ -149,6 +173,8 @@ async def reconcile(
                 findings.append(Finding(tenant, account, (
                     f"ledger sums to {money.format(total)} but the balance is "
                     f"{money.format(balance)}")))
+            findings += await _holds(store, tenant, account, int(fields[3] or 0),
+                                     sweep_interval_ms)
             if mode != "none" and balance < floor:
                 findings.append(Finding(tenant, account, (
                     f"balance {money.format(balance)} is below its floor "

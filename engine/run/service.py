@@ -235,7 +235,10 @@ class Service:
             archive=archive,
             identity=identity,
             invite_ttl_hours=s.invite_ttl_hours,
+            ping_observer=telemetry.ping_observer,
+            bid_latency=telemetry.bid_latency,
         )
+        stack.push_async_callback(app.pingpost.close)
         _mount_billing(app, billing)
         missing = app.unmounted()
         if missing:  # the OpenAPI document would describe an endpoint nobody serves

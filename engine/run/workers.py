@@ -13,6 +13,7 @@ started at once with the same consumer name, reads the new config.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Coroutine, Sequence
@@ -28,13 +29,16 @@ from billing.recharge import run_recharge_worker
 from billing.stripe_gateway import ENV_KEY, StripeGateway
 from engine.core.config import Config
 from engine.core.constants import archive_path
+from engine.core.errors import StoreUnavailable
 from engine.delivery.tenant_hooks import run_tenant_hooks
 from engine.delivery.worker import run_delivery_worker
 from engine.notify.worker import run_notify_worker
-from engine.obs.telemetry import delivery_observer, hooks_observer, notify_observer
+from engine.obs.telemetry import delivery_observer, holds_expired, hooks_observer, notify_observer
+from engine.run.reconcile import SWEEP_INTERVAL_MS
 from engine.store.store import Store
 
 log = logging.getLogger("leadflow.workers")
+SWEEP_BATCH = 256  # expired pings released per Lua call
 
 
 @dataclass(frozen=True)
@@ -152,9 +156,37 @@ async def hooks_worker(ctx: WorkerContext, stop: asyncio.Event) -> None:
                            stop=stop, observer=hooks_observer)
 
 
+async def sweep_pings(store: Store, tenants: Sequence[str], *, now: int | None = None,
+                      batch: int = SWEEP_BATCH) -> int:
+    """One pass of the ping-post expiry sweep over ``tenants``: every expired ping's holds
+    released, in bounded batches (lua/ping_sweep.lua). Returns the holds released."""
+    holds = 0
+    for tenant in tenants:
+        while True:
+            n, h = await store.ping_sweep(tenant, now=now, limit=batch)
+            holds += h
+            if n < batch:
+                break
+    return holds
+
+
+async def ping_sweeper(ctx: WorkerContext, stop: asyncio.Event) -> None:
+    """Releases the holds of expired pings every ``SWEEP_INTERVAL_MS`` (reconcile flags a
+    hold past its expiry by more than that)."""
+    while not stop.is_set():
+        try:
+            released = await sweep_pings(ctx.store, ctx.tenants())
+            if released:
+                holds_expired(released)
+        except StoreUnavailable:
+            log.warning("ping sweep: redis unavailable")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), SWEEP_INTERVAL_MS / 1_000)
+
+
 REGISTRY: dict[str, WorkerFn] = {
     "deliver": delivery_worker, "recharge": recharge_worker, "ledger": ledger_worker,
-    "notify": notify_worker, "hooks": hooks_worker}
+    "notify": notify_worker, "hooks": hooks_worker, "pings": ping_sweeper}
 
 
 def _worker_name(factory: WorkerFn) -> str:

@@ -112,6 +112,9 @@ class LeadCall(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     candidates: list[Candidate | str] = field(name="cs")
     # the normalized lead as JSON text (the delivery job's payload); None: it is ARGV[1 + i]
     payload: str | None = field(default=None, name="x")
+    # a ping-post post: its ping id (decide.lua checks the ping and releases each tried
+    # candidate's hold of it just before trying it); None: a direct post
+    ping: str | None = field(default=None, name="pg")
 
     def inline(self) -> list[Candidate]:
         """The candidates, every one inline (a sync campaign's lead: its waterfall reads

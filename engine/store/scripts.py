@@ -40,6 +40,10 @@ _PARTS: dict[str, tuple[str, ...]] = {
     "account_settings": (_KEYS, _MONEY),
     "arm_recharge": (_KEYS, _MONEY),
     "buyer_pause": (_KEYS, _MONEY),
+    # ping-post holds (docs/pingpost.md)
+    "ping_hold": (_KEYS, _MONEY),
+    "ping_release": (_KEYS, _MONEY),
+    "ping_sweep": (_KEYS, _MONEY),
     # bookkeeping: no money moves
     "balance_close": (_KEYS,),
     "breaker_open": (_KEYS,),
@@ -118,6 +122,9 @@ class Scripts:
         self.account_settings = get("account_settings")
         self.arm_recharge = get("arm_recharge")
         self.buyer_pause = get("buyer_pause")
+        self.ping_hold = get("ping_hold")
+        self.ping_release = get("ping_release")
+        self.ping_sweep = get("ping_sweep")
         self.balance_close = get("balance_close")
         self.breaker_open = get("breaker_open")
         self.delivery_finish = get("delivery_finish")

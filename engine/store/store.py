@@ -66,6 +66,40 @@ class AccountState(msgspec.Struct, frozen=True):
     mode: str
     paused: str
     closed: bool
+    held: int = 0  # open ping-post holds (micros); available = balance - held
+
+    @property
+    def available(self) -> int:
+        return self.balance - self.held
+
+
+class PingBid(msgspec.Struct, frozen=True):
+    bid_id: str
+    price: str  # the price offered to the seller, decimal text
+
+
+class PingHoldResult(msgspec.Struct, frozen=True):
+    """ping_hold.lua's answer (see its header)."""
+
+    s: str
+    c: int
+    id: str
+    m: str = ""
+    bids: list[PingBid] | dict[str, Any] = []
+    held: list[list[str]] | dict[str, Any] = []  # [buyer, micros] in auction order
+    xa: str = ""
+    t: int = 0
+    rp: bool = False
+    e: list[str | int] | dict[str, Any] = []
+    x: int = 0  # holds released past their expiry by this call
+
+    @property
+    def bid_list(self) -> list[PingBid]:
+        return self.bids if isinstance(self.bids, list) else []
+
+    @property
+    def held_list(self) -> list[list[str]]:
+        return self.held if isinstance(self.held, list) else []
 
 
 class _Armed(msgspec.Struct, frozen=True):
@@ -74,6 +108,7 @@ class _Armed(msgspec.Struct, frozen=True):
 
 
 _arm_dec = msgspec.json.Decoder(_Armed)
+_hold_dec = msgspec.json.Decoder(PingHoldResult)
 _adjust_dec = msgspec.json.Decoder(AdjustResult)
 _sale_dec = msgspec.json.Decoder(SaleResult)
 _enc = msgspec.json.Encoder()
@@ -297,6 +332,26 @@ class Store:
                     self.observer("fee_refund", fee)
         return res
 
+    async def ping_hold(self, tenant: str, call: dict[str, Any]) -> PingHoldResult:
+        """The holds and fees of one ping in one step (lua/ping_hold.lua; ``call`` is its
+        ARGV[1] object)."""
+        res = _hold_dec.decode(await self._run(self.lua.ping_hold, tenant, [_enc.encode(call)]))
+        if not res.rp:
+            self._count_events(res.e)
+        return res
+
+    async def ping_release(self, tenant: str, ping_id: str) -> int:
+        """Release the open holds of a ping (lua/ping_release.lua); how many were open."""
+        return int(await self._run(self.lua.ping_release, tenant, [ping_id, now_ms()]))
+
+    async def ping_sweep(self, tenant: str, *, now: int | None = None, limit: int = 256
+                         ) -> tuple[int, int]:
+        """One bounded batch of the expiry sweep (lua/ping_sweep.lua): (pings, holds)
+        released. ``now``: the clock (tests inject one)."""
+        raw = await self._run(self.lua.ping_sweep, tenant,
+                              [now_ms() if now is None else now, limit])
+        return int(raw[0]), int(raw[1])
+
     async def arm_recharge(self, tenant: str, account: str, threshold: int, armed: bool
                            ) -> bool:
         """Set the account's auto-recharge flags and apply its minimum-balance rule in one
@@ -399,7 +454,7 @@ class Store:
     async def account(self, tenant: str, account: str) -> AccountState | None:
         v: Any = await self.redis.hmget(
             keys.acct(tenant, account),
-            ["bal", "floor", "alert", "rthr", "ar", "minb", "mode", "paused", "closed"],
+            ["bal", "floor", "alert", "rthr", "ar", "minb", "mode", "paused", "closed", "held"],
         )
         if v[0] is None:
             return None
@@ -415,6 +470,7 @@ class Store:
             mode=s[6] or "manual",
             paused=s[7],
             closed=s[8] == "1",
+            held=int(s[9] or 0),
         )
 
     async def account_ids(self, tenant: str) -> list[str]:

@@ -129,6 +129,11 @@ def _app(state: Buyers) -> web.Application:
                                          headers={"Retry-After": "\u00b2"})
             case "/listed":  # a verdict inside a list (a rule's path indexes it)
                 return web.json_response({"data": ["accepted"]})
+            case "/bid_slow":  # a ping buyer that answers only once released
+                await state.release.wait()
+                return web.json_response({"bid": "50.00"})
+        if path.startswith("/bid/"):  # a ping buyer bidding the amount in its path
+            return web.json_response({"bid": path.removeprefix("/bid/")})
         return web.json_response({"status": "unknown route"}, status=404)
 
     app = web.Application()

@@ -10,7 +10,9 @@
 --
 -- Account hash fields: bal, floor, alert, rthr (auto-recharge threshold, 0 = none),
 -- ar ("1" = auto-recharge on), minb (minimum balance, "" = none), mode (none|manual|realtime),
--- paused ("" or the reason), closed ("1" = closed to new debits).
+-- paused ("" or the reason), closed ("1" = closed to new debits), held (micros held by
+-- open ping-post holds, "" = 0), hnext (the earliest expiry of those holds, epoch ms).
+-- available = bal - held: a debit or a new hold must keep it at or above the floor.
 
 local function fmt(n) return string.format('%d', n) end
 
@@ -31,7 +33,8 @@ local ACCTS = {}     -- account id -> cached settings + balance, for this call o
 -- (HDEL when there was none); 'n' key, field, delta: a HINCRBY taken back; 'r' key,
 -- value, pttl: a deleted key set again (its lifetime left, ms; -1 none); 'sr' set, member:
 -- SREM; 'c' table, key, n: a count taken back; 'f' v1..vn, table, names: a Lua table's
--- fields back. JOURNAL is one table for the whole call, NJ the
+-- fields back; 'za' key, score, member: a ZREM taken back (ZADD); 'zr' key, member: a
+-- ZADD taken back (ZREM). JOURNAL is one table for the whole call, NJ the
 -- current unit's length in it (entries past NJ are stale and ignored).
 local JOURNAL, NJ = nil, 0
 
@@ -108,6 +111,12 @@ local function undo()
       local t, key = J[i - 3], J[i - 2]
       t[key] = t[key] - J[i - 1]
       i = i - 4
+    elseif what == 'za' then
+      redis.call('ZADD', J[i - 3], J[i - 2], J[i - 1])
+      i = i - 4
+    elseif what == 'zr' then
+      redis.call('ZREM', J[i - 2], J[i - 1])
+      i = i - 3
     else  -- 'f'
       local t, names = J[i - 2], J[i - 1]
       local base = i - 3 - #names
@@ -118,11 +127,69 @@ local function undo()
   NJ = 0
 end
 
+-- The clock of the call (epoch ms) for holds: a script that sets it (clock(now)) has the
+-- expired holds of every account it reads released as it reads it (acct()); without it
+-- they still count as held until a script with a clock or the sweep releases them (an
+-- available balance then only looks smaller, never larger).
+local NOW = nil
+local function clock(now) NOW = tonumber(now) end
+local HOLDS_EXPIRED = 0  -- holds released past their expiry by this call (metrics)
+local LAZY_MAX = 64  -- the most expired holds of one account released by one read
+
+-- One open hold released: the account's holds ZSET is the authority (a member removed
+-- here was open), its `held` sum and `hnext` follow, and the ping's h:<buyer> field goes.
+-- Returns true when the hold was open. Every write is journaled.
+local function unhold(p, acct_id, ping, buyer, amount)
+  local pk, field = K.ping(p, ping), 'h:' .. buyer
+  local raw = redis.call('HGET', pk, field)
+  if raw then
+    redis.call('HDEL', pk, field)
+    note3('h', pk, field, raw)
+  end
+  local hk, member = K.holds(p, acct_id), ping .. '|' .. buyer .. '|' .. fmt(amount)
+  local score = redis.call('ZSCORE', hk, member)
+  if not score then return false end
+  redis.call('ZREM', hk, member)
+  note3('za', hk, score, member)
+  local ak = K.acct(p, acct_id)
+  local v = redis.call('HMGET', ak, 'held', 'hnext')
+  redis.call('HINCRBY', ak, 'held', fmt(-amount))
+  note3('h', ak, 'held', v[1])
+  local first = redis.call('ZRANGE', hk, 0, 0, 'WITHSCORES')
+  if first[2] then redis.call('HSET', ak, 'hnext', first[2])
+  else redis.call('HDEL', ak, 'hnext') end
+  note3('h', ak, 'hnext', v[2])
+  local a = ACCTS[acct_id]
+  if a then count(a, 'held', -amount) end
+  return true
+end
+
+-- A ping's hold of `buyer`, if still open ("<account>|<micros>" in the ping hash): released
+local function unhold_ping(p, ping, buyer)
+  local raw = redis.call('HGET', K.ping(p, ping), 'h:' .. buyer)
+  if not raw then return false end
+  local acct_id, amount = string.match(raw, '^(.*)|(%d+)$')
+  return unhold(p, acct_id, ping, buyer, tonumber(amount))
+end
+
+-- the account's holds past their expiry (at most LAZY_MAX), released
+local function expire_holds(p, id)
+  local hk = K.holds(p, id)
+  local due = redis.call('ZRANGEBYSCORE', hk, '-inf', fmt(NOW), 'LIMIT', 0, LAZY_MAX)
+  for i = 1, #due do
+    local ping, buyer, amount = string.match(due[i], '^(.*)|(.*)|(%d+)$')
+    if ping and unhold(p, id, ping, buyer, tonumber(amount)) then
+      HOLDS_EXPIRED = HOLDS_EXPIRED + 1
+    end
+  end
+end
+
 local function acct(p, id)
   local a = ACCTS[id]
   if a then return a end
   local k = K.acct(p, id)
-  local v = redis.call('HMGET', k, 'bal', 'floor', 'alert', 'rthr', 'ar', 'minb', 'mode', 'paused', 'closed')
+  local v = redis.call('HMGET', k, 'bal', 'floor', 'alert', 'rthr', 'ar', 'minb', 'mode', 'paused',
+                       'closed', 'held', 'hnext')
   if not v[1] then return nil end
   -- refused here, where the unit that reads it can still be taken back: HINCRBY would
   -- refuse it only when the balance is written, after the unit's ledger entries. As
@@ -137,8 +204,13 @@ local function acct(p, id)
     id = id, k = k, bal = tonumber(v[1]), floor = tonumber(v[2]) or DEFAULT_FLOOR,
     alert = tonumber(v[3]) or 0, rthr = tonumber(v[4]) or 0, ar = (v[5] == '1'),
     minb = tonumber(v[6] or ''), mode = v[7] or 'manual', paused = v[8] or '', closed = (v[9] == '1'),
+    held = tonumber(v[10] or '') or 0,
   }
   ACCTS[id] = a
+  if a.held ~= 0 and NOW then
+    local hnext = tonumber(v[11] or '')
+    if hnext and hnext <= NOW then expire_holds(p, id) end
+  end
   return a
 end
 
@@ -193,12 +265,13 @@ local function resume(p, a, now)
   emit(p, 'buyer_resumed', a, now, {})
 end
 
--- A debit of `amount` is allowed when it keeps the balance at or above the floor.
--- Accounts in billing mode "none" have no balance checks.
+-- A debit of `amount` is allowed when it keeps the available balance (the balance less
+-- the account's open holds) at or above the floor. Accounts in billing mode "none" have no
+-- balance checks. A ping-post sale releases its own hold first (decide.lua).
 local function can_debit(a, amount)
   if a.mode == 'none' then return true end
   if a.closed or a.paused ~= '' then return false end
-  return a.bal - amount >= a.floor
+  return a.bal - a.held - amount >= a.floor
 end
 
 local function write_ledger(p, a, delta, kind, ref, now, extra)

@@ -7,7 +7,8 @@
 -- ARGV[4]  operation id: the idempotency key ("" = not idempotent); also the ledger `ref`
 -- ARGV[5]  seconds to remember the operation id (e.g. 32 days for usage events)
 -- ARGV[6]  now, epoch milliseconds
--- ARGV[7]  "1" = refuse a debit that would cross the floor (or hit a closed/paused account)
+-- ARGV[7]  "1" = refuse a debit that would take the available balance (balance less open
+--          ping-post holds) below the floor (or hit a closed/paused account)
 -- ARGV[8]  extra ledger fields, JSON array [k1, v1, k2, v2, ...] (strings)
 -- ARGV[9]  optional; "1" = refuse a closed account whatever the direction (a manual credit:
 --          an account closed by refund-balance stays closed; checked here, in the same step
@@ -34,6 +35,7 @@
 local p = KEYS[1]
 local id, delta, kind, opid = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local now, enforce = ARGV[6], ARGV[7] == '1'
+clock(now)  -- expired ping-post holds are released as the account is read
 
 if opid ~= '' then
   local prior = redis.call('GET', K.op(p, opid))
@@ -51,7 +53,7 @@ return atomically(p, function()
   if math.abs(a.bal + delta) > 1e15 then return cjson.encode({ok = false, error = 'balance_limit'}) end
   if delta < 0 and enforce and a.mode ~= 'none' then
     if a.closed then return cjson.encode({ok = false, error = 'closed'}) end
-    if a.bal + delta < a.floor then return cjson.encode({ok = false, error = 'below_floor'}) end
+    if a.bal - a.held + delta < a.floor then return cjson.encode({ok = false, error = 'below_floor'}) end
   end
 
   local extra = cjson.decode(ARGV[8])

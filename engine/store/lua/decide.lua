@@ -18,6 +18,12 @@
 -- that fails half-way is taken back whole (see decide_all) and answers
 -- {"s": "ERROR", "c": 1050, "b": the candidate buyer it was on, if any}; "x" lists such
 -- leads as [[lead id, error text], ...].
+-- A ping-post post (the lead's "pg": its ping id, engine/ingest/pingpost.py) is refused
+-- (REJECTED 1062 posted, 1064 expired or released, 1061 unknown) unless its ping is open, or posted by
+-- this lead (a later sync try); it then marks the ping posted by this lead, and each
+-- candidate (a held bidder, at its bid) has its hold of the ping released just before it
+-- is tried: the sale debits what the hold kept available. Holds of candidates not tried
+-- stay (the next try's), until ping_release.lua or expiry.
 -- The result is also stored under the idempotency key, so a replay returns it verbatim
 -- and changes nothing. A stored value that is not a JSON object is a pointer: the key
 -- the record is stored under.
@@ -29,6 +35,7 @@ local NONE = {}  -- no fingerprints
 -- as text once: every stream entry carries it, and Lua formats a number passed to
 -- redis.call with a float printf each time
 local now, wallet_id = fmt(batch.now), batch.w
+clock(batch.now)  -- accounts read with expired ping-post holds have them released
 defer_balances()  -- written by finish(): the wallet once per call, not once per lead
 local wallet = acct(p, wallet_id)
 local LEAD_TTL = fmt(14 * 86400)  -- the sale records of a lead (refunds, returns)
@@ -206,8 +213,33 @@ local function sell(L, c, bd, s, a)
         'account', c.a, 'price', fmt(c.p), 'fee', fmt(c.fo), 'lead', L.x, 'ts', now))
 end
 
+-- a post's ping: nil when it may be sold (marked posted by this lead), else the refusal
+local function post_of(L)
+  local pk = K.ping(p, L.pg)
+  local v = redis.call('HMGET', pk, 'st', 'ex')
+  if not v[1] then return {s = 'REJECTED', c = 1061, m = 'unknown ping'} end
+  local mine = 'posted:' .. L.id
+  if v[1] == mine then return nil end
+  if v[1] ~= 'open' then
+    if string.sub(v[1], 1, 7) == 'posted:' then
+      return {s = 'REJECTED', c = 1062, m = 'the ping was already posted'}
+    end
+    return {s = 'REJECTED', c = 1064, m = 'the ping expired'}
+  end
+  if tonumber(v[2]) <= batch.now then
+    return {s = 'REJECTED', c = 1064, m = 'the ping expired'}
+  end
+  redis.call('HSET', pk, 'st', mine)
+  note3('h', pk, 'st', v[1])
+  return nil
+end
+
 local function decide(L)
   local test = L.t == 1
+  if L.pg then
+    local refused = post_of(L)
+    if refused then return refused end
+  end
   -- test leads get the full decision, duplicates included (they only never mark one)
   if any_exists(L.d) then
     return {s = 'DUPLICATED', c = 100, m = 'duplicate of a lead sold in this campaign'}
@@ -231,6 +263,7 @@ local function decide(L)
     end
     AT = c.b  -- the buyer a failure from here on is reported with (the sync waterfall, engine/ingest/waterfall.py, skips it)
     local s, a = buyer(c.b), acct(p, c.a)
+    if L.pg and a then unhold_ping(p, L.pg, c.b) end  -- a post: this bidder's hold
     if s.paused ~= '' or s.open or not a then
       why.paused = why.paused + 1
     elseif #bd > 0 and any_exists(bd) then

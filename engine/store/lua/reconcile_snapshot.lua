@@ -8,7 +8,7 @@
 --
 -- Returns {the last id ever written to the ledger stream ("0-0" when it has none;
 -- last-generated-id, not the last entry: the archive may have trimmed the stream empty),
--- then HMGET bal, floor, mode of each account hash of KEYS[2..]}.
+-- then HMGET bal, floor, mode, held of each account hash of KEYS[2..]}.
 
 local last = '0-0'
 if redis.call('EXISTS', KEYS[1]) == 1 then
@@ -18,5 +18,5 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   end
 end
 local out = {last}
-for i = 2, #KEYS do out[i] = redis.call('HMGET', KEYS[i], 'bal', 'floor', 'mode') end
+for i = 2, #KEYS do out[i] = redis.call('HMGET', KEYS[i], 'bal', 'floor', 'mode', 'held') end
 return out

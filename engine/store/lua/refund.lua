@@ -61,7 +61,7 @@ return atomically(p, function()
     end
     -- a higher real-time price is a further debit: it may not take the balance below the
     -- floor (the sale then stands at its routed price)
-    if new > price and a.mode ~= 'none' and a.bal - (new - price) < a.floor then
+    if new > price and a.mode ~= 'none' and a.bal - a.held - (new - price) < a.floor then
       new = price
     end
     if new ~= price then

@@ -73,7 +73,7 @@ async def test_a_call_after_script_flush_sends_the_source_again(redis: aioredis.
     assert stats["cmdstat_evalsha"]["failed_calls"] >= 1  # it was NOSCRIPT first
     assert stats["cmdstat_eval"]["calls"] >= 1
     raw = await reg.reconcile_snapshot(redis, [keys.ledger("t1"), keys.acct("t1", "c1")], [])
-    assert raw == [b"0-0", [None, None, None]]
+    assert raw == [b"0-0", [None, None, None, None]]
 
 
 async def test_a_queued_script_after_script_flush_runs_with_its_multi(
