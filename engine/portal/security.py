@@ -57,8 +57,10 @@ def same_token(expected: str | None, sent: object) -> bool:
 
 def same_origin(origin: str | None, scheme: str, host: str | None) -> bool:
     """A POST's ``Origin`` (when the browser sends one) is the portal's own."""
-    if origin is None:
-        return True  # not sent (an old browser, a same-origin GET turned POST): SameSite
+    if origin is None or origin == "null":
+        # not sent (an old browser), or hidden (a page with Referrer-Policy: no-referrer
+        # posts with "Origin: null"): the CSRF token and SameSite decide alone
+        return True
     if not host:
         return False
     parts = urlsplit(origin)
@@ -115,6 +117,7 @@ def content_security_policy(stripe_origins: tuple[str, ...] = ()) -> str:
 
 
 CSP_STATE = "portal_csp"  # request.state: a page's own CSP (the card page's)
+NO_REFERRER = "portal_no_referrer"  # request.state: a page that sends no Referer at all
 
 
 class SecureHeaders:
@@ -151,8 +154,10 @@ class SecureHeaders:
                                    state.get(CSP_STATE) or content_security_policy())
                 headers["x-content-type-options"] = "nosniff"
                 headers["x-frame-options"] = "DENY"
-                # every page: no URL of the portal (an account id, a card page) leaves it
-                headers["referrer-policy"] = "no-referrer"
+                # no portal URL (an account id) leaves the portal; the card page and the
+                # invite page (its URL holds the invite's secret) send none at all
+                headers["referrer-policy"] = "no-referrer" if state.get(NO_REFERRER) \
+                    else "same-origin"
                 headers["cross-origin-opener-policy"] = "same-origin"
                 headers.setdefault("cache-control", "no-store")
             await send(message)

@@ -48,6 +48,7 @@ from engine.portal.security import (
     COOKIE_PATH,
     CSP_STATE,
     LOGIN_COOKIE,
+    NO_REFERRER,
     SESSION_COOKIE,
     AddressThrottle,
     SecureHeaders,
@@ -183,7 +184,7 @@ class Portal:
         elif status == 405:
             detail = "This page does not take that method."
         return self.templates.TemplateResponse(
-            request, "error.html", {"status": status, "message": detail, "ctx": None},
+            request, "error.html", {"status": status, "problem": detail, "ctx": None},
             status_code=status, headers=getattr(exc, "headers", None))
 
     async def unavailable(self, request: Request, exc: Exception) -> Response:
@@ -365,6 +366,7 @@ class Portal:
         return resp
 
     def _invite_form(self, request: Request, status: int = 200, error: str = "") -> Response:
+        request.scope.setdefault("state", {})[NO_REFERRER] = True
         token = security.new_login_token()
         resp = self._render(request, None, "invite.html", status, login_token=token,
                             error=error)
@@ -690,8 +692,9 @@ class Portal:
         except BillingError as exc:
             return await self.funds(request, ctx=ctx, status=exc.status, error=str(exc))
         origins = _stripe_origins(js)
-        request.scope.setdefault("state", {})[CSP_STATE] = \
-            security.content_security_policy(origins)
+        state = request.scope.setdefault("state", {})
+        state[CSP_STATE] = security.content_security_policy(origins)
+        state[NO_REFERRER] = True
         return self._render(request, ctx, "card.html", stripe_js=js, stripe_key=key,
                             client_secret=secret)
 
@@ -736,7 +739,7 @@ class Portal:
         except Failed as exc:
             return await self.returns(request, ctx=ctx, status=exc.status, error=exc.message)
         return await self.returns(request, ctx=ctx, message=(
-            f"Lead {done['lead_id']} returned: {usd(done['refund'])} credited."
+            f"Lead {done['lead_id']} returned: {usd(done['refunded'])} credited."
             if not done["replay"] else f"Lead {done['lead_id']} was returned already."))
 
 
