@@ -21,7 +21,7 @@ import csv
 import io
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any, NamedTuple
@@ -268,6 +268,12 @@ class Archive:
 
     async def export_csv(self, tenant: str, account: str, **filters: Any) -> str:
         """Every matching transaction as CSV (paged internally)."""
+        return "".join([chunk async for chunk in self.iter_csv(tenant, account, **filters)])
+
+    async def iter_csv(self, tenant: str, account: str, **filters: Any
+                       ) -> AsyncIterator[str]:
+        """The CSV of :meth:`export_csv`, a page of 1,000 transactions at a time (the
+        header first): for a streamed answer, whatever the account's history."""
         out = io.StringIO()
         w = csv.writer(out, lineterminator="\r\n")
         w.writerow(["id", "time_utc", "account", "type", "kind", "amount", "balance", "ref",
@@ -282,8 +288,11 @@ class Archive:
                             t.balance, _csv_safe(t.ref), _csv_safe(t.process),
                             _csv_safe(t.user), t.extra.get("gross", ""),
                             t.extra.get("card_fee", "")])
+            yield out.getvalue()
+            out.seek(0)
+            out.truncate()
             if page.next_cursor is None:
-                return out.getvalue()
+                return
             cursor = page.next_cursor
 
     async def account_sum(self, tenant: str, account: str, *, upto: str | None = None

@@ -157,6 +157,35 @@ class Methods:
 
         return await self._update(tenant, account, drop)
 
+    async def setup_intent(self, tenant: str, account: str) -> str:
+        """A SetupIntent on the account's Customer, for a card entered in Stripe.js: its
+        client secret (for the browser; never logged or stored)."""
+        cus = await self.customer(tenant, account, create=True)
+        _, secret = await self.gateway.create_setup_intent(
+            cus, {"tenant": tenant, "account": account})
+        return secret
+
+    async def setup_card(self, tenant: str, account: str, setup_intent: str) -> str:
+        """The card a confirmed SetupIntent of this account's Customer set up (its
+        PaymentMethod id, to attach as any card is). A SetupIntent of another Customer, not
+        confirmed, or unknown is refused: the id comes from the browser."""
+        if not (isinstance(setup_intent, str) and setup_intent.startswith("seti_")
+                and 5 < len(setup_intent) <= 255):
+            raise InvalidRequest("setup_intent: not a Stripe SetupIntent id (seti_...)",
+                                 code="invalid_setup_intent")
+        cus = await self.customer(tenant, account)
+        try:
+            si = await self.gateway.retrieve_setup_intent(setup_intent)
+        except UnknownPaymentMethod:  # a 404 at Stripe
+            si = None
+        if not cus or si is None or si.customer != cus:
+            raise InvalidRequest("setup_intent: no card set up for this account",
+                                 code="invalid_setup_intent")
+        if si.status != "succeeded" or not si.payment_method.startswith("pm_"):
+            raise InvalidRequest("the card was not confirmed: enter it again",
+                                 code="setup_incomplete")
+        return si.payment_method
+
     async def require(self, tenant: str, account: str) -> tuple[str, list[Method]]:
         """(customer, chargeable cards) or NoPaymentMethod."""
         cus = await self.customer(tenant, account)

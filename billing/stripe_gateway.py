@@ -75,6 +75,14 @@ class Intent(msgspec.Struct, frozen=True):
     error_code: str = ""
 
 
+class SetupState(msgspec.Struct, frozen=True):
+    """A SetupIntent as Stripe has it: whose, how far, which card."""
+
+    customer: str
+    status: str  # "succeeded" once Stripe.js confirmed the card
+    payment_method: str
+
+
 class ChargeRecord(msgspec.Struct, frozen=True):
     id: str
     payment_intent: str
@@ -211,6 +219,22 @@ class StripeGateway:
             params={"customer": customer, "type": "card", "limit": _PAGE},
         )
         return [_card(pm) for pm in page.data]
+
+    async def create_setup_intent(self, customer: str, metadata: dict[str, str]
+                                  ) -> tuple[str, str]:
+        """A SetupIntent for a card the customer enters in Stripe.js (off-session use
+        later): (its id, its client secret, for the browser only)."""
+        si = await self._call(
+            self._client.v1.setup_intents.create,
+            params={"customer": customer, "usage": "off_session",
+                    "payment_method_types": ["card"], "metadata": metadata},
+        )
+        return str(si.id), str(si.client_secret)
+
+    async def retrieve_setup_intent(self, setup_intent: str) -> SetupState:
+        si = await self._call(self._client.v1.setup_intents.retrieve, setup_intent)
+        return SetupState(customer=_id(si.customer), status=str(si.status),
+                          payment_method=_id(si.payment_method))
 
     async def detach(self, payment_method: str) -> None:
         await self._call(self._client.v1.payment_methods.detach, payment_method)

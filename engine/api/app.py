@@ -9,15 +9,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 import msgspec
 
 from billing.archive import Archive
 from engine.api import endpoints, toolkit
 from engine.api.accounts import AccountsApi
-from engine.api.auth import Guard
+from engine.api.auth import ACT_AS, Guard
 from engine.api.docs import ApiDocs
 from engine.api.notify import NotifyApi
 from engine.api.portal import PortalApi
@@ -25,7 +26,7 @@ from engine.api.schemas import Health, Readiness, ReadyChecks
 from engine.api.toolkit import Receive, Request, Response, Scope, Send
 from engine.core.errors import StoreUnavailable
 from engine.core.untrusted import JSON_ERRORS, json_problem
-from engine.identity.store import IdentityStore
+from engine.identity.store import IdentityStore, Principal
 from engine.ingest.batcher import Batcher
 from engine.ingest.codes import Codes, LeadResponse, error
 from engine.ingest.ingest import Ingest, LeadObserver
@@ -49,6 +50,8 @@ MAX_BATCH_LINES = 10_000
 _ALIVE = Health()
 
 HttpObserver = Callable[[str, int, float], None]  # route, status, seconds
+AsgiApp = Callable[[Any, Any, Any], Awaitable[None]]  # any ASGI app (Starlette's types too)
+PORTAL = "/portal"  # the prefix served by the portal's own ASGI app (engine.portal)
 
 
 class App:
@@ -105,6 +108,9 @@ class App:
         )
         self.pingpost = PingPost(lambda: self.runtime, store, self.batcher, self.ingest, sync,
                                  observer=ping_observer, latency=bid_latency)
+        # the browser portal (an ASGI app of its own, engine.portal), set by the service:
+        # requests under /portal go to it whole; None: /portal is no endpoint (404)
+        self.portal: AsgiApp | None = None
         self.router = toolkit.Router(declared=endpoints.BY_KEY)
         # POST /v1/leads is served before routing (see __call__); listed so GET gets a 405
         self.router.add("POST", "/v1/leads", self._lead_routed, body_limit=max_body,
@@ -171,6 +177,9 @@ class App:
         try:
             if scope["path"] == "/v1/leads" and scope["method"] == "POST":
                 route, resp = "/v1/leads", await self._lead(scope, receive)
+            elif self.portal is not None and _is_portal(scope["path"]):
+                await self._portal(self.portal, scope, receive, send, started)
+                return
             else:
                 route, resp = await self._routed(scope, receive)
         except toolkit.ClientGone:  # no body, no decision, nobody to answer
@@ -178,6 +187,43 @@ class App:
         await resp.send(send)
         if self.http_observer is not None:
             self.http_observer(route, resp.status, time.perf_counter() - started)
+
+    async def _portal(self, portal: AsgiApp, scope: Scope, receive: Receive, send: Send,
+                      started: float) -> None:
+        """The portal's app answers itself (its status is seen on the way out, for the
+        request metrics: one route label, ``/portal``)."""
+        status = 500
+
+        async def sending(message: toolkit.Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        await portal(scope, receive, sending)
+        if self.http_observer is not None:
+            self.http_observer(PORTAL, status, time.perf_counter() - started)
+
+    async def call_as(self, principal: Principal, method: str, path: str, *,
+                      query: str = "", body: bytes = b"") -> Response:
+        """An endpoint of the route table called in this process for ``principal`` (the
+        portal's session user): the same guard (what a buyer reaches, its audit rows, the
+        ledger's ``user``), the same handler, the same answer as a buyer key would get.
+        ``path`` is the raw path (parameters percent-encoded); a body is JSON."""
+        raw = path.encode("ascii")
+        scope: Scope = {
+            "type": "http", "method": method, "path": unquote(path), "raw_path": raw,
+            "query_string": query.encode("ascii"),
+            "headers": [(b"content-type", b"application/json")] if body else [],
+            ACT_AS: principal,
+        }
+        route, params, _ = self.router.match(method, scope["path"], raw)
+        if route is None:
+            return toolkit.error_response(404, "not_found", "no such endpoint")
+        try:
+            return await route.handler(Request(scope, body, params))
+        except (StoreUnavailable, *UNAVAILABLE):
+            return toolkit.error_response(503, "unavailable", "storage unavailable")
 
     async def _routed(self, scope: Scope, receive: Receive) -> tuple[str, Response]:
         path, raw_path = scope["path"], scope.get("raw_path")
@@ -315,6 +361,11 @@ class App:
         ok = redis and self.ready and not self.draining and not self.failed_workers
         return toolkit.json_response(
             Readiness("ready" if ok else "not_ready", checks), 200 if ok else 503)
+
+
+def _is_portal(path: str) -> bool:
+    """``/portal`` and what is under it (not ``/portalx``)."""
+    return path.startswith(PORTAL) and (len(path) == len(PORTAL) or path[len(PORTAL)] == "/")
 
 
 def _decode_lead(content_type: str, body: bytes) -> tuple[object, tuple[int, LeadResponse] | None]:

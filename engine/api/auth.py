@@ -34,6 +34,10 @@ log = logging.getLogger("leadflow.api")
 
 TenantHandler = Callable[[Request, str], Awaitable[Response]]
 PRINCIPAL = "leadflow.principal"  # scope: the buyer key's Principal (absent: the tenant)
+# scope: a Principal an in-process caller acts as (engine.api.app.App.call_as: the portal's
+# session). Only a scope built in this process holds one: a request's scope is uvicorn's,
+# which never has this key, and a Principal is no value an HTTP request can carry
+ACT_AS = "leadflow.act_as"
 ACCOUNT = "leadflow.account"  # scope: the client account a buyer key's action was for
 
 
@@ -66,6 +70,12 @@ def scope_accounts(req: Request) -> frozenset[str] | None:
     return None if p is None else p.accounts
 
 
+def reaches_account(rt: Runtime, p: Principal, account: str) -> bool:
+    """A buyer (key or portal session) reaches a client account of its tenant mapped to its
+    user; never the wallet, another tenant's or one the config no longer has."""
+    return account != WALLET and account in p.accounts and (p.tenant, account) in rt.clients
+
+
 def _unauthorized() -> Response:
     return toolkit.error_response(401, "unauthorized", "missing or invalid bearer token")
 
@@ -77,6 +87,13 @@ class Guard:
 
     def route(self, endpoint: Endpoint, handler: TenantHandler) -> toolkit.Handler:
         async def guarded(req: Request) -> Response:
+            acting = req.scope.get(ACT_AS)
+            if isinstance(acting, Principal):  # the portal, for its session's user
+                ids = self.identity()
+                if ids is None:
+                    return toolkit.error_response(503, "unavailable",
+                                                  "logins cannot be checked now: retry later")
+                return await self._as_principal(endpoint, handler, req, acting, ids)
             token = bearer(req)
             if token is None:
                 return _unauthorized()
@@ -98,16 +115,23 @@ class Guard:
             return toolkit.error_response(503, "unavailable",
                                           "buyer keys cannot be checked now: retry later")
         p = await ids.principal(token)
+        if p is None:
+            return _unauthorized()
+        return await self._as_principal(endpoint, handler, req, p, ids)
+
+    async def _as_principal(self, endpoint: Endpoint, handler: TenantHandler, req: Request,
+                            p: Principal, ids: IdentityStore) -> Response:
+        """The endpoint for a buyer: a key's, or a portal session's (the same checks, the
+        same audit rows)."""
         rt = self.runtime()
-        if p is None or p.tenant not in rt.tenants:
+        if p.tenant not in rt.tenants:
             return _unauthorized()
         if endpoint.buyer is None:
             return toolkit.error_response(403, "forbidden_for_buyer_key",
                                           "a buyer API key cannot use this endpoint")
         if endpoint.buyer == "account":
             account = req.params["id"]
-            if account == WALLET or account not in p.accounts or not rt.account_exists(
-                    p.tenant, account):
+            if not reaches_account(rt, p, account):
                 return toolkit.error_response(404, "unknown_account", "no such account")
             req.scope[ACCOUNT] = account
         elif endpoint.buyer == "buyer":
@@ -129,8 +153,10 @@ class Guard:
         """The change a buyer key made, in the audit trail. It happened: a failure to write
         the row is logged, the answer stands (the ledger entries name the user too)."""
         account = req.scope.get(ACCOUNT)
-        detail = {"method": endpoint.method, "path": req.path, "status": resp.status,
-                  "params": dict(req.params)}
+        detail: dict[str, object] = {"method": endpoint.method, "path": req.path,
+                                     "status": resp.status, "params": dict(req.params)}
+        if not p.key_id:
+            detail["via"] = "portal"
         idem = req.header(b"idempotency-key")
         if idem:
             detail["idempotency_key"] = idem[:255]

@@ -354,6 +354,15 @@ class Settings(_Shape, kw_only=True):
     # portal identities (engine.identity; docs/portal.md)
     invite_ttl_hours: int = 72  # an invite link works this long (1 to 720)
     api_key_cache_s: float = 0.0  # a buyer key's resolution kept per process (0 to 60; 0: none)
+    # the browser portal (engine.portal; docs/portal.md "The portal")
+    session_hours: int = 12  # a login lasts this long at most (absolute; 1 to 720)
+    session_idle_minutes: int = 30  # and ends after this long without a request (1 to 1440)
+    login_max_failures: int = 5  # wrong passwords in a row that lock a user (1 to 100)
+    login_lock_minutes: int = 15  # for this long (1 to 1440)
+    # Stripe.js for card entry (the tests point it at localstripe's fake one) and the
+    # publishable key it runs with (pk_...; literal or env:NAME; empty: no card entry)
+    stripe_js_url: str = "https://js.stripe.com/v3/"
+    stripe_publishable_key: str = ""
 
 
 class Config(_Shape, kw_only=True):

@@ -67,6 +67,18 @@ def new_invite_token() -> str:
     return secrets.token_urlsafe(32)
 
 
+SESSION_PATTERN = re.compile(r"[A-Za-z0-9_-]{43}", re.ASCII)
+
+
+def new_session_token() -> str:
+    """A portal session's token (the cookie's value): 32 random bytes, URL-safe base64."""
+    return secrets.token_urlsafe(32)
+
+
+def looks_like_session(token: str) -> bool:
+    return SESSION_PATTERN.fullmatch(token) is not None
+
+
 def check_password(password: str, email: str) -> None:
     """WeakPassword unless 12 to 256 characters and free of the user's e-mail address."""
     if len(password) < MIN_PASSWORD:

@@ -64,3 +64,15 @@ CREATE TABLE IF NOT EXISTS portal_audit (
     ts_ms   BIGINT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS portal_audit_tenant ON portal_audit (tenant, ts_ms);
+
+-- a portal login: the session token (the cookie's value) is kept as its SHA-256 only (hex).
+-- expires_ms is the absolute end, last_seen_ms the idle clock (docs/portal.md "Sessions")
+CREATE TABLE IF NOT EXISTS portal_sessions (
+    token_hash   TEXT   NOT NULL PRIMARY KEY,
+    tenant       TEXT   NOT NULL,
+    user_id      TEXT   NOT NULL,
+    created_ms   BIGINT NOT NULL,
+    last_seen_ms BIGINT NOT NULL,
+    expires_ms   BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS portal_sessions_user ON portal_sessions (tenant, user_id);

@@ -44,6 +44,7 @@ MAX_ACTIVE_KEYS = 20  # unrevoked keys per user
 MAX_ACCOUNTS = 100  # client accounts per user
 MAX_NAME = 100  # a key's name
 LAST_USED_EVERY_MS = 60_000  # last_used_ms is written at most once a minute per key
+SESSION_TOUCH_MS = 60_000  # a session's last_seen_ms is written at most once a minute
 _json = msgspec.json.Encoder()
 
 
@@ -74,6 +75,13 @@ class ApiKey(msgspec.Struct, frozen=True):
     revoked_ms: int | None
 
 
+class LoginThrottle(NamedTuple):
+    """A user is locked ``lock_ms`` after ``max_failures`` wrong passwords in a row."""
+
+    max_failures: int = 5
+    lock_ms: int = 15 * 60_000
+
+
 class Invite(NamedTuple):
     token: str  # shown once: the link's secret
     expires_ms: int
@@ -89,8 +97,9 @@ class Principal(msgspec.Struct, frozen=True):
 
     @property
     def label(self) -> str:
-        """The ``user`` of ledger entries and the actor of audit rows it makes."""
-        return f"{self.user_id}/key:{self.key_id}"
+        """The ``user`` of ledger entries it makes: ``<user>/key:<key id>`` for a buyer
+        key, ``<user>/portal`` for a portal session (no key)."""
+        return f"{self.user_id}/key:{self.key_id}" if self.key_id else f"{self.user_id}/portal"
 
 
 class Actor(NamedTuple):
@@ -119,6 +128,7 @@ class IdentityStore:
         self.key_cache_s = key_cache_s
         self._cache: dict[str, tuple[float, Principal]] = {}
         self._hashing = asyncio.Semaphore(2)  # argon2 takes 64 MiB and a core per hash
+        self._dummy: str | None = None  # a throwaway hash: see _verify
 
     @classmethod
     async def open(cls, url: str | None = None, *, path: str | Path,
@@ -253,6 +263,7 @@ class IdentityStore:
             if status == "disabled":
                 steps.append(self._step("UPDATE portal_invites SET used_ms = ? WHERE "
                                         "user_id = ? AND used_ms IS NULL", (now, user_id)))
+                steps.append(self._end_sessions(tenant, user_id))
         if mapped is not None:
             steps.append(self._step("DELETE FROM portal_user_accounts WHERE tenant = ? AND "
                                     "user_id = ?", (tenant, user_id)))
@@ -281,13 +292,14 @@ class IdentityStore:
                            (tenant, user_id)),
                 self._step("DELETE FROM portal_invites WHERE tenant = ? AND user_id = ?",
                            (tenant, user_id)),
+                self._end_sessions(tenant, user_id),
                 self._step("UPDATE api_keys SET revoked_ms = ? WHERE tenant = ? AND "
                            "user_id = ? AND revoked_ms IS NULL", (now, tenant, user_id)),
                 self._audit(tenant, actor, "user.delete", detail={"user": user_id}),
             ])
         except NoRows:
             raise UnknownUser("no such user") from None
-        return counts[3]
+        return counts[4]
 
     async def reinvite(self, tenant: str, user_id: str, *, invite_ttl_ms: int,
                        actor: Actor = TENANT) -> Invite:
@@ -340,6 +352,7 @@ class IdentityStore:
                            "failed_logins = 0, locked_until_ms = 0, updated_ms = ? WHERE "
                            "tenant = ? AND id = ? AND status <> 'disabled'",
                            (hashed, now, tenant, user_id), need=True),
+                self._end_sessions(tenant, user_id),  # a new password: log out everywhere
                 self._audit(tenant, Actor(user_id), "invite.accept", detail={"user": user_id}),
             ])
         except NoRows:  # used, expired or disabled meanwhile
@@ -435,6 +448,112 @@ class IdentityStore:
                 self._cache.clear()
             self._cache[key_hash] = (time.monotonic() + self.key_cache_s, found)
         return found
+
+    # -- logins and sessions ----------------------------------------------------------------
+
+    def _end_sessions(self, tenant: str, user_id: str) -> Step:
+        return self._step("DELETE FROM portal_sessions WHERE tenant = ? AND user_id = ?",
+                          (tenant, user_id))
+
+    async def _verify(self, stored: str | None, password: str) -> bool:
+        """argon2id off the loop, at most two at a time. No stored hash (no such user, no
+        password yet): a hash of a throwaway password is checked instead, so that a login
+        takes as long whether the address exists or not."""
+        async with self._hashing:
+            if stored is None:
+                if self._dummy is None:
+                    self._dummy = await asyncio.to_thread(self.passwords.hash,
+                                                          secrets.token_urlsafe(16))
+                await asyncio.to_thread(self.passwords.verify, self._dummy, password)
+                return False
+            return await asyncio.to_thread(self.passwords.verify, stored, password)
+
+    async def check_login(self, tenant: str, email: str, password: str, *,
+                          throttle: LoginThrottle) -> User | None:
+        """The active user of ``tenant`` with this e-mail and password, else None (one
+        answer for an unknown address, a wrong password, a user not active and a user
+        locked after ``throttle.max_failures`` failures in a row: the lock lasts
+        ``throttle.lock_ms`` and is not lifted by the right password)."""
+        address = normalize_email(email) or ""
+        rows = await self._fetch(
+            "SELECT id, password_hash, status, locked_until_ms FROM portal_users "
+            "WHERE tenant = ? AND email = ?", (tenant, address)) if address else []
+        now = self.clock()
+        if not rows or rows[0][2] != "active" or int(rows[0][3]) > now:
+            await self._verify(None, password)
+            return None
+        user_id, stored = str(rows[0][0]), rows[0][1]
+        if await self._verify(None if stored is None else str(stored), password):
+            await self._batch([self._step(
+                "UPDATE portal_users SET failed_logins = 0, locked_until_ms = 0 "
+                "WHERE tenant = ? AND id = ?", (tenant, user_id))])
+            return await self.user(tenant, user_id)
+        now = self.clock()
+        limit = throttle.max_failures
+        steps = [self._step(
+            "UPDATE portal_users SET "
+            "locked_until_ms = CASE WHEN failed_logins + 1 >= ? THEN ? ELSE locked_until_ms END, "
+            "failed_logins = CASE WHEN failed_logins + 1 >= ? THEN 0 ELSE failed_logins + 1 END "
+            "WHERE tenant = ? AND id = ?",
+            (limit, now + throttle.lock_ms, limit, tenant, user_id))]
+        await self._batch(steps)
+        locked = await self._fetch("SELECT locked_until_ms FROM portal_users WHERE tenant = ? "
+                                   "AND id = ?", (tenant, user_id))
+        if locked and int(locked[0][0]) > now:
+            await self.audit(tenant, Actor(user_id), "login.locked",
+                             detail={"user": user_id, "until_ms": int(locked[0][0])})
+        return None
+
+    async def start_session(self, tenant: str, user_id: str, *, ttl_ms: int) -> str:
+        """A new session of the user: its token (the cookie's value, kept only as its
+        SHA-256), valid ``ttl_ms`` at most (the absolute limit; the idle one is checked by
+        :meth:`session`)."""
+        token = credentials.new_session_token()
+        now = self.clock()
+        await self._batch([
+            self._step("INSERT INTO portal_sessions (token_hash, tenant, user_id, created_ms, "
+                       "last_seen_ms, expires_ms) VALUES (?, ?, ?, ?, ?, ?)",
+                       (credentials.digest(token), tenant, user_id, now, now, now + ttl_ms)),
+            self._audit(tenant, Actor(user_id), "session.login", detail={"user": user_id}),
+        ])
+        return token
+
+    async def session(self, token: str, *, idle_ms: int) -> Principal | None:
+        """Who the session speaks for (a Principal without a key, its user's mapped accounts
+        read afresh), or None: unknown, past its absolute expiry, idle ``idle_ms`` or more,
+        or its user no longer active. An expired session is deleted."""
+        if not credentials.looks_like_session(token):
+            return None
+        token_hash = credentials.digest(token)
+        rows = await self._fetch(
+            "SELECT s.tenant, s.user_id, s.last_seen_ms, s.expires_ms, u.status, m.account "
+            "FROM portal_sessions s JOIN portal_users u ON u.id = s.user_id AND "
+            "u.tenant = s.tenant LEFT JOIN portal_user_accounts m ON m.user_id = s.user_id "
+            "AND m.tenant = s.tenant WHERE s.token_hash = ?", (token_hash,))
+        if not rows:
+            return None
+        tenant, user_id, last_seen, expires, status = rows[0][:5]
+        now = self.clock()
+        if status != "active" or now >= int(expires) or now - int(last_seen) >= idle_ms:
+            await self._batch([self._step("DELETE FROM portal_sessions WHERE token_hash = ?",
+                                          (token_hash,))])
+            return None
+        if now - int(last_seen) >= SESSION_TOUCH_MS:
+            await self._db.batch([self._step(
+                "UPDATE portal_sessions SET last_seen_ms = ? WHERE token_hash = ?",
+                (now, token_hash))])
+        return Principal(str(tenant), str(user_id), "", frozenset(r[5] for r in rows if r[5]))
+
+    async def end_session(self, token: str) -> None:
+        """Logout: the session's row deleted (the cookie is cleared by the caller)."""
+        token_hash = credentials.digest(token)
+        rows = await self._fetch("SELECT tenant, user_id FROM portal_sessions WHERE "
+                                 "token_hash = ?", (token_hash,))
+        steps = [self._step("DELETE FROM portal_sessions WHERE token_hash = ?", (token_hash,))]
+        if rows:
+            steps.append(self._audit(str(rows[0][0]), Actor(str(rows[0][1])), "session.logout",
+                                     detail={"user": str(rows[0][1])}))
+        await self._batch(steps)
 
 
 def _email(text: str) -> str:

@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=None)
     demo.add_argument("--no-sink", dest="sink", action="store_false",
                       help="no local buyer webhook sink (sold leads are not delivered)")
+    demo.add_argument("--hold", action="store_true",
+                      help="keep serving after the run (open the buyer portal) until Ctrl-C")
 
     cfg = sub.add_parser("config", help="check or load a config file")
     cfg_sub = cfg.add_subparsers(dest="action", required=True)
@@ -147,7 +149,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "demo":
         return _run(run_demo(cfg, leads=args.leads, seed=args.seed, redis_url=args.redis_url,
-                             sink=args.sink))
+                             sink=args.sink, hold=args.hold))
     if args.command == "reconcile":
         return _run(_reconcile(cfg, args.redis_url))
     if args.command == "wallet":

@@ -542,6 +542,13 @@ def check(cfg: Config) -> None:
         raise c.fail("settings.invite_ttl_hours", f"1 to {MAX_INVITE_TTL_HOURS} hours")
     if not 0 <= cfg.settings.api_key_cache_s <= MAX_KEY_CACHE_S:
         raise c.fail("settings.api_key_cache_s", f"0 to {MAX_KEY_CACHE_S} seconds")
+    portal_bounds = {"session_hours": 720, "session_idle_minutes": 1440,
+                     "login_max_failures": 100, "login_lock_minutes": 1440}
+    for name, most in portal_bounds.items():
+        if not 1 <= getattr(cfg.settings, name) <= most:
+            raise c.fail(f"settings.{name}", f"1 to {most}")
+    if not valid_public_url(cfg.settings.stripe_js_url):
+        raise c.fail("settings.stripe_js_url", "an http(s) URL without query or fragment")
     if cfg.settings.idempotency_ttl_s < cfg.settings.replay_window_s:
         # a keyed lead's payload record points to its key's record: the pointer must not
         # outlive what it points to

@@ -19,6 +19,7 @@ import base64
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -244,8 +245,41 @@ async def _delivered(svc: Service, *, within_s: float = 60.0) -> bool:
         await asyncio.sleep(0.05)
 
 
+DEMO_EMAIL = "buyer@demo.example"
+DEMO_PASSWORD = "leadflow demo buyer"  # the demo's only: a throwaway state dir, loopback
+
+
+async def _demo_login(svc: Service) -> None:
+    """A portal user mapped to the first client account, its password the demo's known one
+    (only here: never in a real config), and how to log in."""
+    ids = svc.app.identity
+    clients = svc.cfg.clients
+    if ids is None or not clients:
+        return
+    c = clients[0]
+    _, invite = await ids.create_user(c.tenant, DEMO_EMAIL, [c.id], invite_ttl_ms=3_600_000)
+    await ids.accept_invite(invite.token, DEMO_PASSWORD)
+    print(f"buyer portal: {svc.url}/portal/login?t={c.tenant}  (account {c.id})\n"
+          f"  e-mail {DEMO_EMAIL}  password {DEMO_PASSWORD!r}")
+
+
+async def _until_interrupted(svc: Service) -> None:
+    """``--hold``: keep serving (the portal) until Ctrl-C or SIGTERM."""
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, done.set)
+    print(f"\nserving {svc.url} (the portal: {svc.url}/portal) until Ctrl-C", flush=True)
+    try:
+        await done.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
 async def run_demo(
-    cfg: Config, *, leads: int, seed: int | None, redis_url: str | None, sink: bool = True
+    cfg: Config, *, leads: int, seed: int | None, redis_url: str | None, sink: bool = True,
+    hold: bool = False,
 ) -> int:
     if leads < 1:  # nothing to show: 0 used to exit 1 after "0 problems", -5 exited 0
         raise LeadflowError(f"--leads must be at least 1 (got {leads})")
@@ -268,6 +302,7 @@ async def run_demo(
             print(f"embedded redis-server on port {svc.embedded.port if svc.embedded else '?'}")
         if buyers is not None:
             print(f"buyer webhooks: local sink at {buyers.url}")
+        await _demo_login(svc)
         await _group_at(svc, NOTIFY_GROUP, end=False)  # it starts at the stream's end
         before = await _balances(svc)
         counts = await _post_all(svc.url, cfg, make_leads(random.Random(seed), leads))
@@ -279,23 +314,31 @@ async def run_demo(
         if buyers is not None:
             events.pop("delivery", None)  # delivered jobs leave the stream
         checks, findings = await reconcile(cfg, svc.store)
+        if hold:
+            _print_summary(counts, before, after, events)
+            await _until_interrupted(svc)
     finally:
         await svc.stop()
         if buyers is not None:
             await buyers.stop()
         shutil.rmtree(state_dir, ignore_errors=True)
-    _print_summary(counts, before, after, events)
+    if not hold:  # printed before serving on
+        _print_summary(counts, before, after, events)
     if buyers is not None:
-        print("\ndeliveries (local buyer sink):")
-        for outcome, n in sorted(buyers.outcomes.items()):
-            print(f"  {outcome:<20} {n:>8}")
-        if not drained:
-            print("  (some deliveries were still pending when the demo stopped)")
+        _print_deliveries(buyers, drained)
     _print_mail(mail, mailed)
     for f in findings:
         print(f"RECONCILE FAIL {f.tenant}/{f.account}: {f.problem}")
     print(f"reconcile: {len(checks)} accounts, {len(findings)} problems")
     return 1 if findings or counts.get("ERROR", 0) == leads else 0
+
+
+def _print_deliveries(buyers: BuyerSink, drained: bool) -> None:
+    print("\ndeliveries (local buyer sink):")
+    for outcome, n in sorted(buyers.outcomes.items()):
+        print(f"  {outcome:<20} {n:>8}")
+    if not drained:
+        print("  (some deliveries were still pending when the demo stopped)")
 
 
 def _print_summary(

@@ -41,6 +41,7 @@ from engine.obs.metrics import (
     redis_balance_source,
     start_worker_metrics_server,
 )
+from engine.portal import web as portal_web
 from engine.routing.runtime import Runtime
 from engine.run import configfile
 from engine.run.pidfile import EngineState, PidFile, config_path, read_running
@@ -240,6 +241,8 @@ class Service:
         )
         stack.push_async_callback(app.pingpost.close)
         _mount_billing(app, billing)
+        # the browser portal under /portal (engine.portal), acting through the app's API
+        app.portal = portal_web.build(app, billing, lambda: self.cfg)
         missing = app.unmounted()
         if missing:  # the OpenAPI document would describe an endpoint nobody serves
             raise LeadflowError(f"declared but not mounted: {missing}")

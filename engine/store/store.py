@@ -473,6 +473,16 @@ class Store:
             held=int(s[9] or 0),
         )
 
+    async def buyer_flags(self, tenant: str, buyers: list[str]) -> list[bool]:
+        """Whether each buyer is paused by hand (buyer_pause.lua's flag), in order."""
+        if not buyers:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for b in buyers:
+                pipe.hget(keys.buyer(tenant, b), "paused")
+            flags = await pipe.execute()
+        return [bool(f) for f in flags]
+
     async def account_ids(self, tenant: str) -> list[str]:
         members: Any = await self.redis.smembers(keys.accounts(tenant))
         return sorted(m.decode() for m in members)

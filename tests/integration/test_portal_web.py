@@ -1,0 +1,294 @@
+"""The browser portal over HTTP (no JavaScript): logins, sessions, CSRF, throttling, invites,
+the access matrix of the pages. Real engine, real HTTP, SQLite in the state dir."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.identity import credentials
+from tests.helpers.harness import running
+from tests.helpers.portal import PASSWORD, Browserless, hidden, make_user, portal_config
+
+
+@pytest.fixture
+def cfg():
+    return portal_config()
+
+
+async def test_login_dashboard_logout(redis, redis_server, cfg, tmp_path):
+    async with running(cfg, redis_server.url, state_dir=tmp_path) as eng:
+        await make_user(eng, "buyer@example.com", ["c1"])
+        web = Browserless(eng)
+        try:
+            page = await web.get("/portal/a/c1")
+            assert page.url.endswith("/portal/login"), page.url
+            page = await web.login("buyer@example.com")
+            assert page.status == 200 and page.url.endswith("/portal/a/c1"), page.text
+            assert 'id="balance">$30.00' in page.text
+            assert "Your balance is below $50.00" in page.text
+            csp = page.headers["content-security-policy"]
+            assert "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp
+            assert page.headers["x-content-type-options"] == "nosniff"
+            assert page.headers["referrer-policy"] == "same-origin"
+            token = web.session_cookie()
+            assert token
+            rows = await eng.app.identity._db.fetch("SELECT token_hash FROM portal_sessions", [])
+            assert rows == [(credentials.digest(token),)]
+            csrf = await web.csrf("/portal/a/c1")
+            page = await web.post("/portal/logout", {"csrf": csrf})
+            assert page.url.endswith("/portal/login?done=logout")
+            assert await eng.app.identity._db.fetch("SELECT * FROM portal_sessions", []) == []
+            # the old cookie replayed: no session
+            page = await web.get("/portal/a/c1", cookies={"lf_session": token})
+            assert page.url.endswith("/portal/login")
+        finally:
+            await web.close()
+
+
+def _now(eng, start: int = 1_900_000_000_000) -> list[int]:
+    """The identity store's clock (sessions, locks, the address throttle), moved by hand."""
+    now = [start]
+    eng.app.identity.clock = lambda: now[0]
+    return now
+
+
+async def test_csrf_a_form_without_its_token_changes_nothing(redis, redis_server, cfg, tmp_path):
+    async with running(cfg, redis_server.url, state_dir=tmp_path) as eng:
+        await make_user(eng, "buyer@example.com", ["c1"])
+        web = Browserless(eng)
+        try:
+            await web.login("buyer@example.com")
+            for data in ({}, {"csrf": ""}, {"csrf": "0" * 64}):
+                page = await web.post("/portal/a/c1/campaigns/b1/pause", data)
+                assert page.status == 403 and "nothing was done" in page.text
+                page = await web.post("/portal/keys", {**data, "name": "x"})
+                assert page.status == 403
+                page = await web.post("/portal/logout", data)
+                assert page.status == 403
+            assert await eng.redis.hget("t1:buyer:b1", "paused") is None
+            assert await eng.app.identity.keys("t1", (await eng.app.identity.users("t1"))[0].id) == []
+            assert (await web.get("/portal/a/c1")).url.endswith("/portal/a/c1")  # still in
+            # the right token works; a token of another session does not
+            other = Browserless(eng)
+            await other.login("buyer@example.com")
+            theirs = await other.csrf("/portal/a/c1/campaigns")
+            await other.close()
+            page = await web.post("/portal/a/c1/campaigns/b1/pause", {"csrf": theirs})
+            assert page.status == 403
+            page = await web.post("/portal/a/c1/campaigns/b1/pause",
+                                  {"csrf": await web.csrf("/portal/a/c1/campaigns")})
+            assert page.status == 200 and "Campaign b1 paused" in page.text
+            # a post from another origin, even with the token
+            page = await web.post("/portal/a/c1/campaigns/b1/resume",
+                                  {"csrf": await web.csrf("/portal/a/c1/campaigns")},
+                                  headers={"Origin": "https://evil.example"})
+            assert page.status == 403
+            # the login form's own token (double submit)
+            page = await web.post("/portal/login", {"tenant": "t1", "email": "buyer@example.com",
+                                                    "password": PASSWORD})
+            assert page.status == 403
+        finally:
+            await web.close()
+
+
+async def test_login_throttling(redis, redis_server, cfg, tmp_path):
+    async with running(cfg, redis_server.url, state_dir=tmp_path) as eng:
+        user_id = await make_user(eng, "buyer@example.com", ["c1"])
+        now = _now(eng)
+        web = Browserless(eng)
+        try:
+            for _ in range(cfg.settings.login_max_failures):
+                page = await web.login("buyer@example.com", "wrong password, surely")
+                assert page.status == 401 and "Wrong e-mail or password" in page.text
+            # locked: the right password is refused too, with the same answer
+            page = await web.login("buyer@example.com")
+            assert page.status == 401 and web.session_cookie() is None
+            rows = await eng.app.identity._db.fetch(
+                "SELECT locked_until_ms FROM portal_users WHERE id = ?", [user_id])
+            assert rows[0][0] == now[0] + cfg.settings.login_lock_minutes * 60_000
+            assert next(r["action"] for r in await eng.app.identity.audit_rows("t1")) == \
+                "login.locked"
+            now[0] += cfg.settings.login_lock_minutes * 60_000 + 1
+            page = await web.login("buyer@example.com")
+            assert page.status == 200 and page.url.endswith("/portal/a/c1")
+
+            # the address: 20 failures in 15 minutes (any users, the older ones have left the
+            # window), then 429 for a while, whatever the password
+            other = Browserless(eng)
+            for i in range(20):
+                page = await other.login(f"nobody{i}@example.com", "whatever it is")
+                assert page.status == 401
+            page = await other.login("buyer@example.com")
+            assert page.status == 429 and int(page.headers["retry-after"]) > 0
+            assert "Too many failed logins" in page.text
+            now[0] += 15 * 60_000 + 1
+            page = await other.login("buyer@example.com")
+            assert page.status == 200
+            await other.close()
+        finally:
+            await web.close()
+
+
+async def test_invite_link_password_rules_and_reuse(redis, redis_server, cfg, tmp_path):
+    async with running(cfg, redis_server.url, state_dir=tmp_path) as eng:
+        status, made = await eng.api("POST", "/v1/portal/users",
+                                     json={"email": "new@example.com", "accounts": ["c1"]})
+        assert status == 201
+        link = made["invite"]["invite_url"]
+        web = Browserless(eng)
+        try:
+            page = await web.get(link)
+            assert page.status == 200 and page.headers["referrer-policy"] == "no-referrer"
+
+            async def send(password: str, confirm: str | None = None):
+                form = await web.get(link)
+                return await web.post(link, {
+                    "login_token": hidden(form.text, "login_token"), "password": password,
+                    "confirm": password if confirm is None else confirm})
+
+            for weak, says in (("short", "at least 12"), ("x" * 257, "at most 256"),
+                               ("new@example.com-is-mine", "e-mail address")):
+                page = await send(weak)
+                assert page.status == 400 and says in page.text, page.text
+            page = await send(PASSWORD, "something else entirely")
+            assert page.status == 400 and "differ" in page.text
+            page = await send(PASSWORD)
+            assert page.status == 200 and page.url.endswith("/portal/login?t=t1&done=password")
+            assert "Your password is set" in page.text
+            page = await send("another good password")
+            assert page.status == 410 and "unknown, used or expired" in page.text
+            fresh = Browserless(eng)
+            assert (await fresh.login("new@example.com", "another good password")).status == 401
+            await fresh.close()
+            assert (await web.login("new@example.com")).url.endswith("/portal/a/c1")
+        finally:
+            await web.close()
+
+
+async def test_session_expiry_idle_and_absolute(redis, redis_server, cfg, tmp_path):
+    async with running(cfg, redis_server.url, state_dir=tmp_path) as eng:
+        await make_user(eng, "buyer@example.com", ["c1"])
+        now = _now(eng)
+        s = cfg.settings
+        web = Browserless(eng)
+        try:
+            await web.login("buyer@example.com")
+            now[0] += s.session_idle_minutes * 60_000 - 1
+            assert (await web.get("/portal/a/c1")).url.endswith("/portal/a/c1")  # touched
+            now[0] += s.session_idle_minutes * 60_000
+            page = await web.get("/portal/a/c1")
+            assert page.url.endswith("/portal/login")
+            assert await eng.app.identity._db.fetch("SELECT * FROM portal_sessions", []) == []
+
+            # active all along, it still ends session_hours after the login
+            await web.login("buyer@example.com")
+            end = now[0] + s.session_hours * 3_600_000
+            while now[0] + 20 * 60_000 < end:
+                now[0] += 20 * 60_000
+                assert (await web.get("/portal/a/c1")).url.endswith("/portal/a/c1")
+            now[0] = end
+            assert (await web.get("/portal/a/c1")).url.endswith("/portal/login")
+
+            # a disabled user's session ends at once
+            await web.login("buyer@example.com")
+            user_id = (await eng.app.identity.users("t1"))[0].id
+            status, _ = await eng.api("PATCH", f"/v1/portal/users/{user_id}",
+                                      json={"status": "disabled"})
+            assert status == 200
+            assert (await web.get("/portal/a/c1")).url.endswith("/portal/login")
+        finally:
+            await web.close()
+
+
+GET_PAGES = ["", "/transactions", "/transactions.csv", "/campaigns", "/funds", "/card",
+             "/returns"]
+POSTS = {  # every form that changes something, with what a real one would send
+    "/campaigns/b1/pause": {}, "/campaigns/b1/resume": {},
+    "/funds/preview": {"amount": "100"},
+    "/funds/pay": {"amount": "100.00", "key": "portal-matrix"},
+    "/funds/auto-recharge": {"enabled": "on", "mode": "threshold", "threshold": "25",
+                             "amount": "100"},
+    "/funds/refund": {"confirm": "on"},
+    "/funds/cards": {"setup_intent": "seti_x"},
+    "/funds/cards/pm_x/remove": {}, "/funds/cards/pm_x/primary": {},
+    "/returns": {"lead": "0123456789ab0000", "buyer": "b1", "reason": "wrong_number"},
+}
+
+
+async def _state(eng) -> tuple[dict[bytes, bytes], list[list[tuple]]]:
+    """Every Redis key's DUMP, and the SQL tables an action could change."""
+    redis_state = {k: await eng.redis.dump(k) for k in sorted(await eng.redis.keys("*"))}
+    db = eng.app.identity._db
+    tables = [await db.fetch(f"SELECT * FROM {t} ORDER BY 1", [])
+              for t in ("api_keys", "portal_audit", "portal_users", "portal_user_accounts")]
+    return redis_state, tables
+
+
+async def test_access_matrix_of_the_pages(redis, redis_server, cfg, tmp_path, localstripe,
+                                          monkeypatch):
+    """The owner sees c1's pages; another user of the tenant, a user of another tenant,
+    an expired session and no session get nothing, and none of their posts (each with a
+    valid CSRF token of its own session) moves anything."""
+    from bench.localstripe import API_KEY
+
+    monkeypatch.setenv("LEADFLOW_STRIPE_SECRET_KEY", API_KEY)
+    monkeypatch.setenv("LEADFLOW_STRIPE_API_BASE", localstripe.url)
+    async with running(cfg, redis_server.url, state_dir=tmp_path) as eng:
+        owner_id = await make_user(eng, "owner@example.com", ["c1"])
+        await make_user(eng, "neighbour@example.com", ["c2"])
+        await make_user(eng, "stranger@example.com", ["other"], tenant="t2")
+        await make_user(eng, "late@example.com", ["c1"])
+        owner_key, _ = await eng.app.identity.create_key("t1", owner_id, "mine")
+        clients: dict[str, Browserless] = {}
+        for name, email, tenant in (("owner", "owner@example.com", "t1"),
+                                    ("neighbour", "neighbour@example.com", "t1"),
+                                    ("stranger", "stranger@example.com", "t2"),
+                                    ("expired", "late@example.com", "t1")):
+            clients[name] = Browserless(eng)
+            page = await clients[name].login(email, tenant=tenant)
+            assert page.status == 200, page.text
+        clients["anonymous"] = Browserless(eng)
+        try:
+            # their CSRF tokens, while each session is valid
+            tokens = {n: await c.csrf("/portal/keys") for n, c in clients.items()
+                      if n != "anonymous"}
+            tokens["anonymous"] = ""
+            expired = clients["expired"].session_cookie()
+            await eng.app.identity._db.fetch(
+                "UPDATE portal_sessions SET expires_ms = 0 WHERE token_hash = ? RETURNING 1",
+                [credentials.digest(expired)])
+
+            for path in GET_PAGES:
+                page = await clients["owner"].get(f"/portal/a/c1{path}")
+                assert page.status == 200, (path, page.text)
+                assert "owner@example.com" in page.text or path == "/transactions.csv"
+            before = await _state(eng)
+            for name in ("neighbour", "stranger", "expired", "anonymous"):
+                web = clients[name]
+                for account in ("c1", "c2", "other", "wallet", "nope"):
+                    if (name, account) in (("neighbour", "c2"), ("stranger", "other")):
+                        continue  # their own
+                    for path in GET_PAGES:
+                        page = await web.get(f"/portal/a/{account}{path}")
+                        if name in ("expired", "anonymous"):
+                            assert page.url.endswith("/portal/login"), (name, path)
+                        else:
+                            assert page.status == 404, (name, account, path, page.status)
+                        assert "$100.00" not in page.text and "$30.00" not in page.text
+                    for path, data in POSTS.items():
+                        page = await web.post(f"/portal/a/{account}{path}",
+                                              {**data, "csrf": tokens[name]})
+                        assert page.status in (404, 200), (name, path, page.status)
+                        if page.status == 200:  # to the login page
+                            assert page.url.endswith("/portal/login"), (name, path)
+                page = await web.post(f"/portal/keys/{owner_key.id}/revoke",
+                                      {"csrf": tokens[name]})
+                assert page.status == 404 or page.url.endswith("/portal/login")
+            assert await _state(eng) == before
+            # and the owner's posts do move things (the matrix is not vacuous)
+            page = await clients["owner"].post("/portal/a/c1/campaigns/b1/pause",
+                                               {"csrf": tokens["owner"]})
+            assert page.status == 200 and await _state(eng) != before
+        finally:
+            for c in clients.values():
+                await c.close()
