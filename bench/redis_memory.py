@@ -100,16 +100,23 @@ def steady_state(per_kind: Mapping[str, float], *, leads_per_day: int = LEADS_PE
 
 
 def _stream_state(r: redis.Redis, streams: Iterable[str]) -> list[tuple[str, str, int, int]]:
-    """(stream, group, pending, lag) of every consumer group of ``streams``."""
+    """(stream, group, pending, lag) of every consumer group of ``streams``. A lag Redis
+    cannot tell (nil: entries deleted past the group's position) is 0 when the group has
+    been delivered the stream's last entry, else -1."""
     rows = []
     for s in streams:
         if not r.exists(s):
             continue
         groups: Any = r.xinfo_groups(s)
+        last: Any = None
         for g in groups:
             lag = g.get("lag")
-            rows.append((s, str(g["name"]), int(g["pending"]), int(lag) if lag is not None
-                         else -1))
+            if lag is None:
+                if last is None:
+                    info: Any = r.xinfo_stream(s)
+                    last = info["last-generated-id"]
+                lag = 0 if g["last-delivered-id"] == last else -1
+            rows.append((s, str(g["name"]), int(g["pending"]), int(lag)))
     return rows
 
 
