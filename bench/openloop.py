@@ -82,7 +82,7 @@ def run(*, duration: float = 10.0, concurrency: int = 64, ladder: Sequence[float
                            headers=common.JSON_HEADERS, concurrency=concurrency,
                            duration=duration, cpu=load_cpu)
 
-    guess = max(2_000, int(duration * 8_000))  # more than any closed-loop run here posts
+    guess = max(2_000, int(duration * 12_000))  # more than any closed-loop run here posts
     say(f"open loop: generating {guess:,} leads for the closed-loop runs")
     pool, peer_pool, warm = bodies(guess), bodies(guess), bodies(warmup)
     steps: list[dict[str, Any]] = []
@@ -134,6 +134,9 @@ def run(*, duration: float = 10.0, concurrency: int = 64, ladder: Sequence[float
         "peer_status_counts": {str(k): v for k, v in peer_res.status_counts.items()}
         if peer_res else None,
         **figures(top.rps, peer_res.rps if peer_res else 0.0, steps),
+        # more requests than distinct bodies: some were replays (raise the pool's size)
+        "bodies_reused": top.requests > len(pool) or bool(
+            peer_res and peer_res.requests > len(peer_pool)),
         "engine_rss_bytes": rss,
         "duration_s": duration,
         "concurrency": concurrency,
