@@ -4,6 +4,11 @@
 (:class:`engine.run.service.Service` with no in-process workers) until SIGTERM/SIGINT, then drains
 and exits. :func:`serve_engine` starts it (optionally pinned with ``taskset``), waits for
 ``/readyz`` and stops it with SIGTERM; :func:`rss_bytes` reads a process's RSS from /proc.
+
+``serve_engine(..., as_users_run=True)`` runs ``leadflow run`` instead, exactly as a user
+starts it (engine.run.cli: the service *with* its in-process workers: delivery, ledger
+archive, recharge, notify, tenant webhooks), on a copy of the config in a temp dir, so its
+``state_dir`` (the ledger archive's SQLite file, the pid file) is the run's own.
 """
 
 from __future__ import annotations
@@ -65,11 +70,26 @@ def serve_engine(
     cpu: int | str | None = None,
     *,
     ready_timeout: float = READY_TIMEOUT_S,
+    as_users_run: bool = False,
 ) -> Iterator[EngineURL]:
-    """Run the engine in a subprocess; yields its base URL (``.pid`` is the engine's pid)."""
+    """Run the engine in a subprocess; yields its base URL (``.pid`` is the engine's pid).
+    ``as_users_run``: ``leadflow run`` with its workers (see the module docs)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "bench.engine_proc", "--config", str(config),
-           "--redis-url", redis_url, "--port", str(port)]
+    with tempfile.TemporaryDirectory(prefix="leadflow-bench-run-") as home:
+        if as_users_run:
+            copy = Path(home) / Path(config).name
+            copy.write_text(Path(config).read_text())
+            cmd = [sys.executable, "-c", "import sys; from engine.run.cli import main; "
+                   "sys.exit(main())", "run", "--config", str(copy), "--redis-url", redis_url,
+                   "--port", str(port)]
+        else:
+            cmd = [sys.executable, "-m", "bench.engine_proc", "--config", str(config),
+                   "--redis-url", redis_url, "--port", str(port)]
+        yield from _spawn(cmd, port, cpu, ready_timeout)
+
+
+def _spawn(cmd: list[str], port: int, cpu: int | str | None, ready_timeout: float
+           ) -> Iterator[EngineURL]:
     if cpu is not None and shutil.which("taskset"):
         cmd = ["taskset", "-c", str(cpu), *cmd]
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))

@@ -149,13 +149,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="single posts counted with --instructions")
     p.add_argument("--batches", type=int, default=20,
                    help="batches of 100 counted with --instructions")
+    p.add_argument("--buyers-growth", action="store_true",
+                   help="with --instructions: also count 1 and 200 eligible buyers")
+    p.add_argument("--open-loop", action="store_true",
+                   help="`leadflow run` (with its workers): closed-loop max, open-loop p50/p99/"
+                        "p99.9 at a ladder of rates, and the FastAPI peer (bench.openloop)")
     args = p.parse_args(argv)
+    if args.open_loop:
+        from bench import openloop
+
+        openloop.report(openloop.run(duration=args.duration, concurrency=args.concurrency))
+        return 0
     if args.instructions:
         from bench import ingest_instructions
 
         result = ingest_instructions.run(args.requests, args.batches)
         if result is None:
             return 1
+        if args.buyers_growth:
+            result.update(ingest_instructions.growth() or {})
         print(msgspec.json.encode(result).decode(), flush=True)
         return 0
     report(run(duration=args.duration, concurrency=args.concurrency,

@@ -24,6 +24,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from bench import common
 
 SINGLE_CONCURRENCY, BATCH_CONCURRENCY, BATCH_SIZE = 64, 8, 100
@@ -64,18 +66,20 @@ async def _post(app: Any, scope: dict[str, Any], body: bytes) -> int:
     return int(sent[0]["status"])
 
 
-def child(mode: str, redis_url: str, bodies_file: str, n: int) -> None:
+def child(mode: str, redis_url: str, bodies_file: str, n: int,
+          config: str = str(common.EXAMPLE_CONFIG)) -> None:
     """What runs under callgrind: start the service, post the first ``n`` bodies, stop."""
     import uvloop
 
     bodies = pickle.loads(Path(bodies_file).read_bytes())[:n]
-    uvloop.run(_serve_and_drive(mode, redis_url, bodies))
+    uvloop.run(_serve_and_drive(mode, redis_url, bodies, config))
 
 
-async def _serve_and_drive(mode: str, redis_url: str, bodies: list[bytes]) -> None:
+async def _serve_and_drive(mode: str, redis_url: str, bodies: list[bytes], config: str
+                           ) -> None:
     from engine.run.service import Service, tune_gc
 
-    cfg = common.load_config()
+    cfg = common.load_config(config)
     with tempfile.TemporaryDirectory(prefix="leadflow-bench-ii-") as state_dir:
         svc = Service(cfg, redis_url=redis_url, host="127.0.0.1", port=0,
                       state_dir=state_dir, workers=[])
@@ -87,11 +91,12 @@ async def _serve_and_drive(mode: str, redis_url: str, bodies: list[bytes]) -> No
             await svc.stop()
 
 
-def _count(mode: str, redis_url: str, bodies_file: Path, n: int, out_dir: Path) -> int:
-    out = out_dir / f"callgrind.{mode}.{n}"
+def _count(mode: str, redis_url: str, bodies_file: Path, n: int, out_dir: Path,
+           config: str = str(common.EXAMPLE_CONFIG), tag: str = "") -> int:
+    out = out_dir / f"callgrind.{mode}{tag}.{n}"
     subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
                     sys.executable, "-m", "bench.ingest_instructions", "--child", mode,
-                    redis_url, str(bodies_file), str(n)],
+                    redis_url, str(bodies_file), str(n), config],
                    check=True, cwd=common.ROOT, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
     return common.callgrind_total(out)
@@ -129,9 +134,120 @@ def run(requests: int = 2_000, batches: int = 20, *, quiet: bool = False
             "engine_instruction_requests": requests, "engine_instruction_batches": batches}
 
 
+# -- buyers_growth: the same lead with 1 and with 200 eligible buyers --------------------
+
+GROWTH_CAMPAIGN, GROWTH_CLIENT, GROWTH_SUPPLIER = "growth", "brightside-solar", "aff-101"
+GROWTH_BUYERS = (1, 200)
+TARGET_BUYERS_GROWTH = 2.0
+
+
+def growth_config(n_buyers: int, directory: Path) -> Path:
+    """config/example.toml plus a waterfall campaign ``growth`` (the solar campaign's fields
+    and dedupe) with ``n_buyers`` buyers, every one eligible for every lead (a block
+    filter on AK/HI, a schedule open all week, no caps): the first (priority 1) takes every
+    lead, the others (priority 2) wait behind it, as a large campaign's buyers do. Each
+    buyer's filter is its own (a range up to 5000 + its number): no two are the same."""
+    from engine.core.config import Config
+
+    base = common.EXAMPLE_CONFIG.read_text()
+    cfg: Config = common.load_config()
+    solar = next(c for c in cfg.campaigns if c.id == "solar")
+    fields = ",\n".join("  " + _toml_inline(msgspec.to_builtins(f)) for f in solar.fields)
+    dedupe = _toml_inline(msgspec.to_builtins(solar.dedupe))
+    parts = [base, f"""
+[[campaigns]]
+tenant = "acme"
+id = "{GROWTH_CAMPAIGN}"
+distribution = "waterfall"
+dedupe = {dedupe}
+fields = [
+{fields}
+]
+"""]
+    for i in range(n_buyers):
+        parts.append(f"""
+[[buyers]]
+tenant = "acme"
+id = "g-{i:03d}"
+campaign = "{GROWTH_CAMPAIGN}"
+client = "{GROWTH_CLIENT}"
+price = "{10 + i % 7}.00"
+priority = {1 if i == 0 else 2}
+filters = [{{ field = "state", op = "states", values = ["AK", "HI"], action = "block" }},
+           {{ field = "monthly_bill", op = "range", min = 0, max = {5000 + i} }}]
+schedule = {{ days = {_DAYS}, start = "00:00", end = "24:00" }}
+""")
+    path = directory / f"growth-{n_buyers}.toml"
+    path.write_text("".join(parts))
+    return path
+
+
+_DAYS = '["mon", "tue", "wed", "thu", "fri", "sat", "sun"]'
+
+
+def _toml_inline(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_inline(v)}" for k, v in value.items()
+                                if v is not None) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_inline(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    return msgspec.json.encode(str(value)).decode()
+
+
+def growth_bodies(cfg: Any, n: int, *, seed: int = 77) -> list[bytes]:
+    """``n`` valid solar leads (the generator's), posted to the growth campaign by one
+    supplier; none of AK or HI, so every buyer is eligible for every lead."""
+    keys = common.supplier_keys(cfg)
+    out: list[bytes] = []
+    start = 40_000_000
+    while len(out) < n:
+        for lead in common.lead_dicts(cfg, 4 * n, seed=seed + start, start=start):
+            if lead["lp_campaign_id"] != "solar" or lead.get("state") in ("AK", "HI") or \
+                    lead["lp_supplier_id"] != GROWTH_SUPPLIER:
+                continue
+            body = {**lead, "lp_campaign_id": GROWTH_CAMPAIGN,
+                    "lp_key": keys[GROWTH_SUPPLIER]}
+            out.append(msgspec.json.encode(body))
+        start += 4 * n
+    return out[:n]
+
+
+def growth(requests: int = 1_000, buyers: tuple[int, ...] = GROWTH_BUYERS, *,
+           quiet: bool = False) -> dict[str, Any] | None:
+    """The engine's instructions per lead posted alone with ``buyers`` eligible buyers in
+    the campaign, and ``buyers_growth``: the last over the first. None without valgrind."""
+    say = (lambda _m: None) if quiet else common.log
+    if not shutil.which("valgrind"):
+        return None
+    per: dict[int, float] = {}
+    with tempfile.TemporaryDirectory(prefix="leadflow-bench-growth-") as tmp:
+        tmpdir = Path(tmp)
+        for n in buyers:
+            config = growth_config(n, tmpdir)
+            cfg = common.load_config(config)
+            bodies = growth_bodies(cfg, requests)
+            path = tmpdir / f"growth-{n}.pickle"
+            path.write_bytes(pickle.dumps(bodies))
+            with common.funded_redis(cfg) as srv:
+                base = _count("single", srv.url, path, 0, tmpdir, str(config), f"-g{n}")
+                full = _count("single", srv.url, path, len(bodies), tmpdir, str(config),
+                              f"-g{n}")
+            per[n] = (full - base) / requests
+            say(f"ingest: {per[n]:,.0f} engine instructions per lead with {n} eligible "
+                f"buyer(s) (callgrind, {requests:,} single posts)")
+    first, last = buyers[0], buyers[-1]
+    return {"buyers_growth": round(per[last] / per[first], 3),
+            "engine_instructions_per_lead_by_buyers": {str(n): round(v) for n, v in per.items()},
+            "buyers_growth_requests": requests}
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--child"]:
-        mode, redis_url, bodies_file, count = sys.argv[2:6]
-        child(mode, redis_url, bodies_file, int(count))
+        mode, redis_url, bodies_file, count, config = sys.argv[2:7]
+        child(mode, redis_url, bodies_file, int(count), config)
     else:
         run()

@@ -13,6 +13,15 @@ through ``bodies``. It stops after ``requests`` responses or ``duration`` second
 ``LoadResult.cpu_util`` is the generator's own CPU time over wall time: near 1.0 means the
 generator, not the server, was the bottleneck.
 
+Open loop (``rate``): requests are due on a fixed schedule, request i at ``i / rate``
+seconds after the start, whatever the replies. A free connection takes the next due
+request and sends it when it is due (at once if it is late: every connection was busy);
+its latency is counted from when it was *due*, not from when it was sent, so a stalled
+server's queueing shows in the percentiles instead of slowing the sender down
+(coordinated omission corrected, as wrk2 does). ``concurrency`` is then the most
+requests in flight at once; every request due within ``duration`` is sent, so a run ends
+once the last of them is answered.
+
 CLI::
 
     python -m bench.loadgen http://127.0.0.1:8000/v1/leads -X POST -d '{"a":1}' \\
@@ -47,6 +56,7 @@ class LoadSpec(msgspec.Struct, kw_only=True):
     requests: int | None = None  # stop after this many responses ...
     duration: float | None = None  # ... or after this many seconds
     timeout: float = 30.0  # per request; a stuck request is an error and its conn reopens
+    rate: float | None = None  # open loop: requests per second on a schedule (module docs)
 
 
 class LoadResult(msgspec.Struct, kw_only=True):
@@ -57,6 +67,7 @@ class LoadResult(msgspec.Struct, kw_only=True):
     p50_ms: float
     p99_ms: float
     max_ms: float
+    p999_ms: float = 0.0
     status_counts: dict[int, int]
     cpu_s: float  # CPU time (user + sys) of the generator process
     cpu_util: float  # cpu_s / elapsed_s
@@ -73,6 +84,7 @@ def run(
     duration: float | None = None,
     timeout: float = 30.0,
     cpu: int | None = None,
+    rate: float | None = None,
 ) -> LoadResult:
     """Run a load test in a separate process (pinned to ``cpu`` if given) and return its result."""
     spec = LoadSpec(
@@ -84,6 +96,7 @@ def run(
         requests=requests,
         duration=duration,
         timeout=timeout,
+        rate=rate,
     )
     _validate(spec)
     cmd = [sys.executable, "-m", "bench.loadgen", "--spec-stdin"]
@@ -115,6 +128,8 @@ def _validate(spec: LoadSpec) -> None:
         raise ValueError("concurrency must be >= 1")
     if urlsplit(spec.url).scheme != "http":
         raise ValueError("only http:// URLs")
+    if spec.rate is not None and (spec.rate <= 0 or spec.duration is None):
+        raise ValueError("an open-loop rate must be positive and given with a duration")
 
 
 def _encode_requests(spec: LoadSpec) -> tuple[str, int, list[bytes]]:
@@ -144,6 +159,8 @@ class _Shared:
             time.perf_counter() + spec.duration if spec.duration is not None else float("inf")
         )
         self.timeout = spec.timeout
+        self.rate = spec.rate
+        self.start = time.perf_counter()
         self.issued = 0
         self.latencies: list[float] = []
         self.status: dict[int, int] = {}
@@ -157,6 +174,8 @@ class _Shared:
     def pending(self) -> bool:
         if self.limit is not None:
             return self.issued < self.limit
+        if self.rate is not None:
+            return self.pending_open()
         return time.perf_counter() < self.deadline
 
     def next_request(self) -> bytes | None:
@@ -165,6 +184,16 @@ class _Shared:
         req = self.requests[self.issued % len(self.requests)]
         self.issued += 1
         return req
+
+    def due(self) -> float:
+        """Open loop: when the request just taken (``issued - 1``) is due."""
+        assert self.rate is not None
+        return self.start + (self.issued - 1) / self.rate
+
+    def pending_open(self) -> bool:
+        """Open loop: the next request is due before the end of the run."""
+        assert self.rate is not None
+        return self.start + self.issued / self.rate < self.deadline
 
     def lost(self, in_flight: bool) -> None:
         """A connection closed; ``in_flight``: it had a request without a response."""
@@ -227,14 +256,28 @@ class _Conn(asyncio.Protocol):
 
     def _send(self) -> None:
         assert self.transport is not None
-        req = self.shared.next_request()
+        s = self.shared
+        req = s.next_request()
         if req is None:
             self.in_flight = False
             self.transport.close()
             return
         self.in_flight = True
-        self.started = time.perf_counter()
-        self.transport.write(req)
+        if s.rate is None:
+            self.started = time.perf_counter()
+            self.transport.write(req)
+            return
+        # open loop: latency from when it was due; sent then, or now if already late
+        self.started = due = s.due()
+        wait = due - time.perf_counter()
+        if wait > 0:
+            s.loop.call_later(wait, self._write, req)
+        else:
+            self.transport.write(req)
+
+    def _write(self, req: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(req)
 
     def data_received(self, data: bytes) -> None:
         buf = self.buf
@@ -300,6 +343,7 @@ async def _main(spec: LoadSpec) -> LoadResult:
     t0 = time.perf_counter()
     for _ in range(spec.concurrency):
         shared.connect()
+    shared.start = t0
     watchdog = asyncio.create_task(_watchdog(shared))
     try:
         await shared.done
@@ -322,6 +366,7 @@ async def _main(spec: LoadSpec) -> LoadResult:
         p50_ms=pct(0.50),
         p99_ms=pct(0.99),
         max_ms=lat[-1] * 1000 if n else 0.0,
+        p999_ms=pct(0.999),
         status_counts=dict(sorted(shared.status.items())),
         cpu_s=cpu,
         cpu_util=cpu / elapsed if elapsed > 0 else 0.0,
@@ -346,6 +391,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("-n", "--requests", type=int)
     p.add_argument("-t", "--duration", type=float)
     p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--rate", type=float, default=None,
+                   help="open loop: requests per second on a schedule (with -t)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--spec-stdin", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -366,6 +413,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         requests=args.requests,
         duration=10.0 if args.duration is None and args.requests is None else args.duration,
         timeout=args.timeout,
+        rate=args.rate,
     )
     result = run_in_process(spec)
     if args.json:
@@ -373,7 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(
             f"{result.requests} requests in {result.elapsed_s:.2f}s: {result.rps:,.0f} req/s, "
-            f"p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms, max {result.max_ms:.2f} ms, "
+            f"p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms, "
+            f"p99.9 {result.p999_ms:.2f} ms, max {result.max_ms:.2f} ms, "
             f"errors {result.errors}, status {result.status_counts}, "
             f"loadgen cpu {result.cpu_util:.0%}"
         )

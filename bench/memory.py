@@ -106,8 +106,18 @@ def report(r: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench memory", description=__doc__.split("\n")[0])
-    p.add_argument("--leads", type=int, default=1_000_000)
+    p.add_argument("--leads", type=int, default=None,
+                   help="1,000,000 (engine RSS), or 20,000 with --redis")
+    p.add_argument("--redis", action="store_true",
+                   help="Redis memory per sold lead by kind of key, once `leadflow run`'s "
+                        "workers have caught up (bench.redis_memory)")
     args = p.parse_args(argv)
+    if args.redis:
+        from bench import redis_memory
+
+        redis_memory.report(redis_memory.run(leads=args.leads or 20_000))
+        return 0
+    args.leads = args.leads or 1_000_000
     report(run(leads=args.leads))
     return 0
 

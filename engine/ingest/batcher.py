@@ -32,9 +32,10 @@ Observer = Callable[[float, Any, list[str]], None]
 
 def encode_call(batch: Sequence[_Item], now: int) -> bytes:
     """decide.lua's ARGV[1] for these leads: the leads joined as they are, and the
-    candidate table of them all (each buyer's object once)."""
+    candidate table of them all, each buyer's entry once (the leads of a call share the
+    plan's entry objects, whose hashes bytes cache: a dict drops the repeats in C)."""
     return lua_protocol.encode_call(
-        now, WALLET, [entry for _, _, cands, _ in batch for entry in cands],
+        now, WALLET, list(dict.fromkeys(entry for _, _, cands, _ in batch for entry in cands)),
         [lead for lead, _, _, _ in batch])
 
 

@@ -276,7 +276,7 @@ class Ingest:
         change with the weekday are pre-encoded on the plan, so a lead costs two small
         encodes. A sync campaign's candidates are inline: its waterfall edits them
         (engine.ingest.waterfall)."""
-        order = plan.ordered(plan.eligible(values, local), self._rng)
+        order = plan.route(values, local, self._rng)
         payload = {**values, "lead_id": lead_id, "campaign_id": plan.id}
         for sub in ("lp_subid1", "lp_subid2"):
             if data.get(sub):

@@ -26,6 +26,10 @@ from engine.routing.schedule import CompiledSchedule, daily_cap
 from engine.store.lua_protocol import NO_CAP, Candidate, CapLimits, table_entry
 
 _ROTATING = {"round_robin", "weighted_round_robin"}
+_MINUTES_PER_DAY = 1440
+# a window plan's buyer: (index, its filter or None when it has none, 1 / weight)
+_Member = tuple[int, BuyerFilter | None, float]
+_Group = tuple[tuple[_Member, ...], bool]  # (members in order, tied: ordered per lead)
 _PLAN_TOKENS = itertools.count()
 
 
@@ -130,6 +134,11 @@ class CampaignPlan:
         self.buyers = [self._buyer(cfg, b, fee_out) for b in buyers]
         weights = [b.weight if self.method == "weighted_round_robin" else 1 for b in self.buyers]
         self.sequence = smooth_wrr(weights) if self.buyers else []
+        # per weekday: each buyer's candidate key and table entry, by buyer index
+        self._cand_keys = [[b.cand_keys[d] for b in self.buyers] for d in range(7)]
+        self._cand_entries = [[b.cand_entries[d] for b in self.buyers] for d in range(7)]
+        # the routing plan of the minute of the week last asked for (see route)
+        self._window: tuple[int, list[_Group]] | None = None
 
     def _buyer(self, cfg: Config, b: Buyer, fee_out: int) -> BuyerPlan:
         path = f"buyers[{cfg.buyers.index(b)}]"
@@ -154,6 +163,47 @@ class CampaignPlan:
                 _spend_cap(c.spend_month),
             ),
         )
+
+    def route(self, lead: Mapping[str, str], local: datetime, rng: random.Random) -> list[int]:
+        """``ordered(eligible(lead, local), rng)`` in one pass: the buyers who are active
+        and open at this minute come from a plan made once per minute of the week
+        (:meth:`_window_plan`: already in the method's order, waterfall priorities as
+        groups), so a lead costs each buyer its filter (none: nothing) and, within a
+        waterfall priority shared by several eligible buyers, the random tie-break."""
+        minute = local.weekday() * _MINUTES_PER_DAY + local.hour * 60 + local.minute
+        window = self._window
+        if window is None or window[0] != minute:
+            window = self._window = (minute, self._window_plan(local))
+        out: list[int] = []
+        for members, tied in window[1]:
+            if not tied:
+                out += [i for i, f, _ in members if f is None or f.matches(lead)]
+                continue
+            # as ordered(): weighted random among the eligible of one priority
+            rand = rng.random
+            keyed = [(-(rand() ** inv_w), i) for i, f, inv_w in members
+                     if f is None or f.matches(lead)]
+            keyed.sort()
+            out += [i for _, i in keyed]
+        return out
+
+    def _window_plan(self, local: datetime) -> list[_Group]:
+        """The buyers active and open at ``local``'s minute, in the order :meth:`ordered`
+        gives them before any tie-break: waterfall priority groups (``tied``: 2+ buyers,
+        ordered per lead at random by weight), or one group in price or index order."""
+        buyers = self.buyers
+        idx = [i for i, b in enumerate(buyers) if b.active and b.schedule.is_open(local)]
+
+        def member(i: int) -> _Member:
+            b = buyers[i]
+            return (i, b.filter if len(b.filter) else None, 1 / b.weight)
+
+        if self.method == "waterfall":
+            groups: dict[int, list[_Member]] = {}
+            for i in idx:
+                groups.setdefault(buyers[i].priority, []).append(member(i))
+            return [(tuple(g), len(g) > 1) for _, g in sorted(groups.items())]
+        return [(tuple(member(i) for i in self.ordered(idx, random.Random(0))), False)]
 
     def eligible(self, lead: Mapping[str, str], local: datetime) -> list[int]:
         """Indexes of the buyers whose filters and schedule accept this lead now."""
@@ -201,10 +251,11 @@ class CampaignPlan:
         its buyer-scope fingerprints per candidate (None without buyer-scope dedupe), and
         the entries of that table (``"key":{...}``): a call of 16 leads decodes each
         buyer's candidate object once, not 16 times."""
-        buyers = [self.buyers[i] for i in order]
-        refs: list[Candidate | str] = [b.cand_keys[weekday] for b in buyers]
-        bd = [self.buyer_prints(b, lead) for b in buyers] if self.buyer_scope else None
-        return refs, bd, [b.cand_entries[weekday] for b in buyers]
+        keys, entries = self._cand_keys[weekday], self._cand_entries[weekday]
+        refs: list[Candidate | str] = [keys[i] for i in order]
+        bd = ([self.buyer_prints(self.buyers[i], lead) for i in order] if self.buyer_scope
+              else None)
+        return refs, bd, [entries[i] for i in order]
 
     def rotation(self, order: list[int]) -> list[int]:
         """The campaign's rotation sequence as 1-based candidate positions (0 = not eligible)."""
