@@ -861,7 +861,7 @@ class Portal:
             if not done["replay"] else f"Lead {done['lead_id']} was returned already."))
 
 
-CHART_W, CHART_H, CHART_PAD = 720, 200, 40
+CHART_W, CHART_H, CHART_PAD = 720, 200, 60
 
 
 def bar_chart(days: list[Day], value: Callable[[Day], int],
