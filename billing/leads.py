@@ -174,9 +174,10 @@ class LeadArchive:
 
     # -- archiving -------------------------------------------------------------------------
 
-    def _row(self, tenant: str, f: dict[str, str], personal: frozenset[str]) -> Row | None:
+    def _row(self, tenant: str, f: dict[str, str], names: frozenset[str]) -> Row | None:
         try:
             lead = _fields_dec.decode(f.get("lead", "{}"))
+            personal = {k for k in lead if k in names or k.lower() in PERSONAL_NAMES}
             return (tenant, f["lead_id"], f["buyer"], int(f.get("ts") or 0),
                     f.get("campaign", ""), f.get("supplier", ""), f.get("account", ""),
                     int(f.get("price") or 0), int(f.get("fee") or 0),
