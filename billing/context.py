@@ -16,6 +16,7 @@ from engine.store.store import Store
 
 if TYPE_CHECKING:
     from billing.archive import Archive
+    from billing.leads import LeadArchive
 
 RefundHook = Callable[[str, str], Awaitable[None]]  # (step, account)
 # a recharge's outcome and, when it succeeded, its latency in seconds (engine.obs.telemetry)
@@ -28,6 +29,7 @@ class BillingContext:
     store: Store
     gateway: StripeGateway
     archive: Archive | None = None
+    leads: LeadArchive | None = None  # the lead archive (billing.leads), for the portal
     hook: Hook | None = None  # test seam, see billing.attempts.Charger
     refund_hook: RefundHook | None = None  # test seam of funding.refund_balance's steps
     # a recharge's outcome (succeeded, declined, authentication_required, failed, skipped)

@@ -311,6 +311,7 @@ class Tenant(_Shape, kw_only=True):
     name: str = ""
     api_token: str  # bearer token of the tenant's API; literal or env:NAME
     timezone: str = "UTC"
+    pii_retention_days: int = 30  # personal fields of the lead archive erased after this
     fees: Fees = msgspec.field(default_factory=Fees)
     wallet: Account = msgspec.field(default_factory=Account)
     meters: dict[str, str] = {}  # metered service -> unit price

@@ -52,6 +52,7 @@ _FIXED: dict[str, str] = {
     "ledger": "ledger",  # STREAM: every ledger entry of the tenant (archived to SQL)
     "events": "events",  # STREAM: balance_alert, recharge_needed, buyer_paused, ...
     "deliveries": "deliveries",  # STREAM: one delivery job per sold buyer
+    "sold": "sold",  # STREAM: sold leads, as the delivery worker read them (lead archive)
     "cursors": "cursors",  # HASH: campaign id -> round-robin counter
     "accounts": "accounts",  # SET: account ids (reconcile walks it; SCAN finds only these sets)
     "charge_audit": "charge_audit",  # STREAM: every charge attempt transition (audit)
@@ -179,6 +180,10 @@ def events(tenant: str) -> str:
 
 def deliveries(tenant: str) -> str:
     return tenant_prefix(tenant) + _FIXED["deliveries"]
+
+
+def sold(tenant: str) -> str:
+    return tenant_prefix(tenant) + _FIXED["sold"]
 
 
 def cursors(tenant: str) -> str:

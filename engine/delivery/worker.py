@@ -46,6 +46,7 @@ import aiohttp
 import msgspec
 import redis.asyncio as aioredis
 
+from billing.leads import SOLD_MAXLEN
 from engine.core import keys
 from engine.core.config import Buyer, Config
 from engine.delivery import client, payload, record
@@ -378,7 +379,23 @@ class DeliveryWorker:
                 log.warning("tenant %s: dropping %d empty/malformed delivery entries",
                             b.tenant, len(bad))
                 await self.stream.ack(b.stream, *bad, delete=True)
+        await self._hand_on(jobs)
         return jobs
+
+    async def _hand_on(self, jobs: Sequence[Job]) -> None:
+        """New sales (a job's first read: attempt 0) to the tenant's ``keys.sold`` stream,
+        for the lead archive (billing.leads): the job is deleted once delivered. Before
+        anything else is done with them, so a job is never delivered without being handed
+        on; one read twice (claimed after a crash) is handed on twice, which the archive's
+        upsert takes once."""
+        new = [j for j in jobs if j.attempt == 0]
+        if not new:
+            return
+        async with self._rsem, self.redis.pipeline(transaction=False) as pipe:
+            for j in new:
+                pipe.xadd(keys.sold(j.tenant), j.raw,  # type: ignore[arg-type]
+                          maxlen=SOLD_MAXLEN, approximate=True)
+            await pipe.execute()
 
     # -- processing ----------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ from starlette.templating import Jinja2Templates
 
 from billing import funding, policy
 from billing.context import BillingContext
+from billing.leads import Day, LeadArchive
 from engine.api.accounts import RETURN_REASONS
 from engine.api.app import App
 from engine.api.auth import reaches_account
@@ -153,6 +154,10 @@ class Portal:
             Route(a, self.dashboard),
             Route(a + "/transactions", self.transactions),
             Route(a + "/transactions.csv", self.transactions_csv),
+            Route(a + "/leads", self.leads),
+            Route(a + "/leads.csv", self.leads_csv),
+            Route(a + "/leads/{buyer}/{lead}", self.lead_detail),
+            Route(a + "/analytics", self.analytics),
             Route(a + "/campaigns", self.campaigns),
             Route(a + "/campaigns/{buyer}/{action}", self.pause_resume, methods=["POST"]),
             Route(a + "/funds", self.funds),
@@ -529,6 +534,119 @@ class Portal:
         return StreamingResponse(body(), media_type="text/csv; charset=utf-8", headers={
             "content-disposition": f'attachment; filename="{name}"'})
 
+    # ---- leads and analytics ----------------------------------------------------------------
+
+    def _leads(self) -> LeadArchive:
+        arc = self.billing.leads
+        if arc is None:
+            raise HTTPException(503, "The lead archive is not available now.")
+        return arc
+
+    def _range(self, ctx: Ctx, request: Request) -> tuple[dict[str, str], int | None,
+                                                             int | None]:
+        """(the form's dates, from and to in epoch ms): days of the tenant's time zone,
+        ``to`` inclusive."""
+        q = request.query_params
+        shown = {k: q.get(k, "") for k in ("from", "to")}
+        zone = self._zone(ctx)
+        bounds: list[int | None] = []
+        for name, days in (("from", 0), ("to", 1)):
+            if not shown[name]:
+                bounds.append(None)
+                continue
+            try:
+                day = dt.date.fromisoformat(shown[name])
+            except ValueError:
+                raise Failed(400, f"{name}: a date (YYYY-MM-DD)") from None
+            start = dt.datetime.combine(day + dt.timedelta(days=days), dt.time(), zone)
+            bounds.append(int(start.timestamp() * 1000))
+        return shown, bounds[0], bounds[1]
+
+    async def leads(self, request: Request) -> Response:
+        """The leads the account bought: newest first, a page at a time."""
+        ctx = await self._account(request)
+        arc = self._leads()
+        when = self._when(ctx)
+        try:
+            shown, from_ms, to_ms = self._range(ctx, request)
+            cursor = request.query_params.get("cursor", "") or None
+            page = await arc.leads(ctx.tenant, [ctx.account], from_ms=from_ms, to_ms=to_ms,
+                                   limit=PAGE, cursor=cursor)
+        except (Failed, BillingError) as exc:
+            status = exc.status if isinstance(exc, Failed) else 400
+            return self._render(request, ctx, "leads.html", status, items=[], next_url="",
+                                csv_url="", shown={"from": "", "to": ""}, when=when,
+                                error=exc.message if isinstance(exc, Failed) else str(exc))
+        base = {k: v for k, v in shown.items() if v}
+        next_url = "?" + urlencode({**base, "cursor": page.next_cursor}) \
+            if page.next_cursor else ""
+        return self._render(request, ctx, "leads.html", items=page.items, next_url=next_url,
+                            first_url="?" + urlencode(base) if cursor else "",
+                            csv_url="leads.csv?" + urlencode(base), shown=shown, when=when,
+                            money=money.format, quote=lambda v: quote(v, safe=""))
+
+    async def leads_csv(self, request: Request) -> Response:
+        """Every lead of the range, streamed (a page of the archive at a time)."""
+        ctx = await self._account(request)
+        arc = self._leads()
+        try:
+            _, from_ms, to_ms = self._range(ctx, request)
+        except Failed as exc:
+            raise HTTPException(exc.status, exc.message) from None
+        chunks = arc.iter_csv(ctx.tenant, [ctx.account], from_ms=from_ms, to_ms=to_ms)
+
+        async def body() -> AsyncIterator[bytes]:
+            async for chunk in chunks:
+                yield chunk.encode()
+
+        name = f"{ctx.account}-leads.csv"
+        return StreamingResponse(body(), media_type="text/csv; charset=utf-8", headers={
+            "content-disposition": f'attachment; filename="{name}"'})
+
+    async def lead_detail(self, request: Request) -> Response:
+        ctx = await self._account(request)
+        lead = await self._leads().lead(ctx.tenant, [ctx.account], request.path_params["lead"],
+                                        request.path_params["buyer"])
+        if lead is None:
+            raise HTTPException(404)
+        return self._render(request, ctx, "lead.html", lead=lead, when=self._when(ctx),
+                            money=money.format, retention=self._retention(ctx))
+
+    def _retention(self, ctx: Ctx) -> int:
+        tenant = self.api.runtime.tenants.get(ctx.tenant)
+        return tenant.pii_retention_days if tenant else 30
+
+    async def analytics(self, request: Request) -> Response:
+        """Leads and spend per day of the tenant's time zone, as SVG drawn here."""
+        ctx = await self._account(request)
+        arc = self._leads()
+        zone = self._zone(ctx)
+        today = dt.datetime.fromtimestamp(self.now_ms() / 1000, zone).date()
+        q = request.query_params
+        try:
+            last = dt.date.fromisoformat(q["to"]) if q.get("to") else today
+            first = dt.date.fromisoformat(q["from"]) if q.get("from") else \
+                last - dt.timedelta(days=29)
+        except ValueError:
+            first, last = today - dt.timedelta(days=29), today
+            error = "from, to: dates (YYYY-MM-DD)"
+        else:
+            error = ""
+        if first > last or (last - first).days > 366:
+            first = last - dt.timedelta(days=29)
+            error = "The range is one day to a year, from before to: showing 30 days."
+        days = await arc.daily(ctx.tenant, [ctx.account], first=first, last=last,
+                               tz=zone.key)
+        leads = sum(d.leads for d in days)
+        returned = sum(d.returned for d in days)
+        return self._render(
+            request, ctx, "analytics.html", 400 if error else 200, error=error,
+            shown={"from": first.isoformat(), "to": last.isoformat()}, zone=zone.key,
+            leads=leads, spend=money.format(sum(d.spend for d in days)), returned=returned,
+            rate=f"{100 * returned / leads:.1f}" if leads else "0.0",
+            leads_chart=bar_chart(days, lambda d: d.leads, str),
+            spend_chart=bar_chart(days, lambda d: d.spend, lambda v: usd(money.format(v))))
+
     # ---- campaigns ------------------------------------------------------------------------
 
     async def _buyers(self, ctx: Ctx) -> list[dict[str, str]]:
@@ -741,6 +859,28 @@ class Portal:
         return await self.returns(request, ctx=ctx, message=(
             f"Lead {done['lead_id']} returned: {usd(done['refunded'])} credited."
             if not done["replay"] else f"Lead {done['lead_id']} was returned already."))
+
+
+CHART_W, CHART_H, CHART_PAD = 720, 200, 60
+
+
+def bar_chart(days: list[Day], value: Callable[[Day], int],
+              label: Callable[[int], str]) -> dict[str, Any]:
+    """One bar per day, as the coordinates an SVG template draws (no script, no style)."""
+    top = max((value(d) for d in days), default=0) or 1
+    inner_w, inner_h = CHART_W - 2 * CHART_PAD, CHART_H - 2 * CHART_PAD
+    step = inner_w / max(len(days), 1)
+    bars = []
+    for i, d in enumerate(days):
+        h = inner_h * value(d) / top
+        bars.append({"x": f"{CHART_PAD + i * step + step * 0.1:.1f}",
+                     "y": f"{CHART_PAD + inner_h - h:.1f}", "w": f"{step * 0.8:.1f}",
+                     "h": f"{h:.1f}", "title": f"{d.day.isoformat()}: {label(value(d))}"})
+    every = max(1, len(days) // 8)
+    ticks = [{"x": f"{CHART_PAD + i * step + step / 2:.1f}", "text": d.day.strftime("%m-%d")}
+             for i, d in enumerate(days) if i % every == 0]
+    return {"w": CHART_W, "h": CHART_H, "pad": CHART_PAD, "bottom": CHART_H - CHART_PAD,
+            "right": CHART_W - CHART_PAD, "bars": bars, "ticks": ticks, "top": label(top)}
 
 
 class _Redirect(HTTPException):

@@ -66,6 +66,7 @@ MAX_PING_TTL_S = 3_600  # a ping and its holds live at most an hour
 PERSONAL_TYPES = frozenset({"email", "phone", "dob", "ip"})
 PERSONAL_NAMES = frozenset({"name", "first_name", "last_name", "full_name", "address",
                             "street", "address1", "address2", "email", "phone", "dob", "ssn"})
+MAX_PII_RETENTION_DAYS = 3_650  # the lead archive keeps personal fields at most this long
 MAX_COOLDOWN_S = 86_400  # a buyer's open circuit breaker (a key with PX), at most a day
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _HEADER_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
@@ -162,6 +163,9 @@ class _Checker:
         for i, t in enumerate(self.cfg.tenants):
             p = f"tenants[{i}]"
             zone(t.timezone, self.src, f"{p}.timezone")
+            if not 1 <= t.pii_retention_days <= MAX_PII_RETENTION_DAYS:
+                raise self.fail(f"{p}.pii_retention_days",
+                                f"1 to {MAX_PII_RETENTION_DAYS} days")
             token = resolve_secret(t.api_token)
             if not token:
                 raise self.fail(f"{p}.api_token", "empty (is its environment variable set?)")

@@ -23,6 +23,7 @@ import uvicorn
 
 from billing.archive import Archive
 from billing.context import BillingContext
+from billing.leads import LeadArchive
 from billing.stripe_gateway import gateway_from_env
 from engine.api.app import App
 from engine.api.billing import routes as billing_routes
@@ -209,6 +210,7 @@ class Service:
         identity = await self._open_identity()
         if identity is not None:
             stack.push_async_callback(identity.close)
+        leads = await self._open_leads(stack)
         # the process's one HTTP client session (connection pool and limits), shared by
         # sync-mode deliveries and an in-process delivery worker; closed after the workers
         lanes = WorkerOptions()  # the worker's connections; sync tries get a reserve
@@ -218,7 +220,7 @@ class Service:
         sync = SyncRouter(store, session=http, observer=telemetry.delivery_observer)
         stack.push_async_callback(sync.close)  # after the last request and worker
         billing = BillingContext(self.cfg, store, gateway_from_env(), archive=archive,
-                                 observer=telemetry.recharge_observer)
+                                 leads=leads, observer=telemetry.recharge_observer)
         app = App(
             Runtime(self.cfg),
             store,
@@ -285,6 +287,20 @@ class Service:
                                       path=str(archive_path(self.state_dir)))
         except Exception as exc:  # noqa: BLE001 - the engine runs without the archive API
             log.warning("ledger archive not available to the API",
+                        extra={"reason": type(exc).__name__})
+            return None
+
+    async def _open_leads(self, stack: AsyncExitStack) -> LeadArchive | None:
+        """The lead archive the leads worker fills (billing.leads), for the portal's Leads
+        and Analytics pages: its own connection, closed with ``stack``. None, with a
+        warning, when it cannot be opened (those pages then answer 503)."""
+        try:
+            leads = await LeadArchive.open(self.cfg.settings.sql_url,
+                                           path=str(archive_path(self.state_dir)))
+            stack.push_async_callback(leads.close)
+            return leads
+        except Exception as exc:  # noqa: BLE001 - the engine runs without the lead pages
+            log.warning("lead archive not available to the portal",
                         extra={"reason": type(exc).__name__})
             return None
 

@@ -25,6 +25,7 @@ import aiohttp
 
 from billing.archive import Archive, run_archive_worker
 from billing.context import BillingContext
+from billing.leads import LeadArchive, run_lead_archive
 from billing.recharge import run_recharge_worker
 from billing.stripe_gateway import ENV_KEY, StripeGateway
 from engine.core.config import Config
@@ -137,6 +138,18 @@ async def ledger_worker(ctx: WorkerContext, stop: asyncio.Event) -> None:
         await archive.close()
 
 
+async def leads_worker(ctx: WorkerContext, stop: asyncio.Event) -> None:
+    """The lead archive (billing/leads): sold leads, their delivery outcomes and returns
+    into SQL (the ledger's database); personal fields erased after the retention."""
+    archive = await LeadArchive.open(ctx.config().settings.sql_url,
+                                     path=str(archive_path(ctx.state_dir)))
+    try:
+        await run_lead_archive(ctx.store, archive, ctx.config(),
+                               consumer=ctx.consumer + "-leads", stop=stop)
+    finally:
+        await archive.close()
+
+
 async def notify_worker(ctx: WorkerContext, stop: asyncio.Event) -> None:
     """E-mail notifications (engine/notify), one consumer of ``events``; tenants without
     ``[tenants.notify.smtp]`` or ``[tenants.notify.sendgrid]`` are skipped (one log line)."""
@@ -186,6 +199,7 @@ async def ping_sweeper(ctx: WorkerContext, stop: asyncio.Event) -> None:
 
 REGISTRY: dict[str, WorkerFn] = {
     "deliver": delivery_worker, "recharge": recharge_worker, "ledger": ledger_worker,
+    "leads": leads_worker,
     "notify": notify_worker, "hooks": hooks_worker, "pings": ping_sweeper}
 
 

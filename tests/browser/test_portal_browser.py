@@ -13,7 +13,7 @@ import pytest
 from selenium.webdriver.common.by import By
 
 from engine.core import keys
-from engine.run.workers import ledger_worker
+from engine.run.workers import delivery_worker, leads_worker, ledger_worker
 from tests.helpers.harness import running
 from tests.helpers.portal import PASSWORD, make_user, portal_config
 
@@ -162,3 +162,40 @@ async def test_buyer_flow(redis, redis_server, tmp_path, stripe_env, browser):
         await browser.shot("logged-out")
         await browser.get(eng.url + "/portal/a/c1")
         assert browser.url.endswith("/portal/login")
+
+
+async def test_leads_and_analytics(redis, redis_server, tmp_path, browser):
+    """A lead sold through the engine reaches the Leads page (delivery worker, then the lead
+    archive), its detail view shows its fields and outcome, Analytics draws it."""
+    cfg = portal_config()
+    async with running(cfg, redis_server.url, state_dir=tmp_path,
+                       workers=[delivery_worker, leads_worker]) as eng:
+        await make_user(eng, "buyer@example.com", ["c1"])
+        status, sold = await eng.lead(campaign="camp", email="lead@example.com")
+        assert status == 200 and sold["status"] == "ACCEPTED", sold
+        lead_id = sold["lead_id"]
+        await login(browser, eng.url, "buyer@example.com")
+        await browser.get(eng.url + "/portal/a/c1/leads")
+
+        def delivered(driver):
+            text = driver.find_element(By.CSS_SELECTOR, "#leads").text
+            if lead_id in text and "accepted" in text:
+                return True
+            driver.refresh()
+            return False
+
+        await browser.wait(delivered)
+        await browser.shot("leads")
+        await browser.click(f"a[href$='/{lead_id}']")
+        assert (await browser.text("#outcome")).startswith("accepted")
+        assert await browser.text("#price") == "$10.00"
+        assert "lead@example.com" in await browser.text("#fields")
+        await browser.shot("lead-detail")
+        await browser.get(eng.url + "/portal/a/c1/analytics")
+        assert await browser.text("#total-leads") == "1"
+        assert await browser.text("#total-spend") == "$10.00"
+        assert await browser.text("#returns-rate") == "0.0 %"
+        bars = await browser.run(lambda: browser.driver.find_elements(
+            By.CSS_SELECTOR, "#leads-chart rect.bar"))
+        assert len(bars) == 30
+        await browser.shot("analytics")

@@ -3,6 +3,9 @@ the access matrix of the pages. Real engine, real HTTP, SQLite in the state dir.
 
 from __future__ import annotations
 
+import html
+import re
+
 import pytest
 
 from engine.identity import credentials
@@ -201,7 +204,29 @@ async def test_session_expiry_idle_and_absolute(redis, redis_server, cfg, tmp_pa
 
 
 GET_PAGES = ["", "/transactions", "/transactions.csv", "/campaigns", "/funds", "/card",
-             "/returns"]
+             "/returns", "/leads", "/leads.csv", "/leads/b1/0123456789abmatx", "/analytics"]
+CSV_PAGES = ("/transactions.csv", "/leads.csv")
+
+
+async def archive_sale(eng, lead_id: str = "0123456789abmatx", *, account: str = "c1",
+                       buyer: str = "b1", price: int = 30_000_000, ts: int | None = None,
+                       outcome: str = "accepted", returned: bool = False) -> None:
+    """A sale in the lead archive, as the leads worker writes it (billing.leads)."""
+    import time
+
+    import msgspec
+
+    arc = eng.svc.billing.leads
+    ts = ts if ts is not None else int(time.time() * 1000)
+    await arc._db.insert(arc._upsert_sql, [(
+        "t1", lead_id, buyer, ts, "camp", "s1", account, price, 500_000,
+        msgspec.json.encode({"state": "CA"}).decode(),
+        msgspec.json.encode({"email": "lead@example.com"}).decode(), 1)])
+    p = arc._db.ph
+    await arc._db.fetch(f"UPDATE sold_leads SET outcome = {p}, returned_ts = {p}, "
+                        f"return_reason = {p} WHERE lead_id = {p}",
+                        [outcome, ts + 1 if returned else None,
+                         "wrong_number" if returned else "", lead_id])
 POSTS = {  # every form that changes something, with what a real one would send
     "/campaigns/b1/pause": {}, "/campaigns/b1/resume": {},
     "/funds/preview": {"amount": "100"},
@@ -239,6 +264,7 @@ async def test_access_matrix_of_the_pages(redis, redis_server, cfg, tmp_path, lo
         await make_user(eng, "stranger@example.com", ["other"], tenant="t2")
         await make_user(eng, "late@example.com", ["c1"])
         owner_key, _ = await eng.app.identity.create_key("t1", owner_id, "mine")
+        await archive_sale(eng)  # a lead c1 bought, for $30.00
         clients: dict[str, Browserless] = {}
         for name, email, tenant in (("owner", "owner@example.com", "t1"),
                                     ("neighbour", "neighbour@example.com", "t1"),
@@ -261,7 +287,9 @@ async def test_access_matrix_of_the_pages(redis, redis_server, cfg, tmp_path, lo
             for path in GET_PAGES:
                 page = await clients["owner"].get(f"/portal/a/c1{path}")
                 assert page.status == 200, (path, page.text)
-                assert "owner@example.com" in page.text or path == "/transactions.csv"
+                assert "owner@example.com" in page.text or path in CSV_PAGES
+                if path.startswith("/leads"):
+                    assert "0123456789abmatx" in page.text and "30.00" in page.text, path
             before = await _state(eng)
             for name in ("neighbour", "stranger", "expired", "anonymous"):
                 web = clients[name]
@@ -292,3 +320,52 @@ async def test_access_matrix_of_the_pages(redis, redis_server, cfg, tmp_path, lo
         finally:
             for c in clients.values():
                 await c.close()
+
+
+async def test_leads_list_filters_pages_detail_csv_and_analytics(redis, redis_server, cfg,
+                                                               tmp_path):
+    """The Leads page: only c1's sales, newest first, a page of 25, the time range in the
+    tenant's days, a detail view, the CSV streamed; Analytics: leads and spend per day as
+    SVG, the returns rate."""
+    import datetime as dt
+
+    async with running(cfg, redis_server.url, state_dir=tmp_path) as eng:
+        await make_user(eng, "buyer@example.com", ["c1"])
+        day = int(dt.datetime(2026, 3, 10, 12, tzinfo=dt.UTC).timestamp() * 1000)
+        for i in range(30):  # 30 sales to c1 over 3 days, every tenth returned
+            await archive_sale(eng, f"lead{i:04d}", price=10_000_000,
+                               ts=day + (i // 10) * 86_400_000 + i, returned=i % 10 == 0)
+        await archive_sale(eng, "theirs", account="c2", buyer="b2", price=77_000_000, ts=day)
+        web = Browserless(eng)
+        try:
+            await web.login("buyer@example.com")
+            page = await web.get("/portal/a/c1/leads")
+            assert page.status == 200 and page.text.count('class="lead"') == 25
+            assert page.text.index("lead0029") < page.text.index("lead0028")
+            assert "theirs" not in page.text and "77.00" not in page.text
+            nxt = re.search(r'href="([^"]+)" id="next"', page.text)
+            assert nxt is not None
+            nxt = html.unescape(nxt.group(1))
+            page = await web.get("/portal/a/c1/leads" + nxt)
+            assert page.text.count('class="lead"') == 5 and "lead0000" in page.text
+            page = await web.get("/portal/a/c1/leads?from=2026-03-11&to=2026-03-11")
+            assert page.text.count('class="lead"') == 10 and "lead0015" in page.text
+            page = await web.get("/portal/a/c1/leads?from=nope")
+            assert page.status == 400
+            page = await web.get("/portal/a/c1/leads/b1/lead0010")
+            assert page.status == 200 and "wrong_number" in page.text
+            assert "lead@example.com" in page.text and "kept 30 days" in page.text
+            assert (await web.get("/portal/a/c1/leads/b2/theirs")).status == 404
+            page = await web.get("/portal/a/c1/leads.csv?from=2026-03-10")
+            rows = page.text.strip().split("\r\n")
+            assert len(rows) == 31 and rows[0].startswith("lead_id,time_utc")
+            assert "theirs" not in page.text
+            page = await web.get("/portal/a/c1/analytics?from=2026-03-09&to=2026-03-13")
+            assert page.status == 200
+            assert 'id="total-leads">30<' in page.text
+            assert 'id="total-spend">$270.00<' in page.text  # the 3 returned not spent
+            assert 'id="returns-rate">10.0 %<' in page.text
+            assert page.text.count('class="bar"') == 10  # 5 days, 2 charts
+            assert "<script" not in page.text
+        finally:
+            await web.close()
