@@ -35,7 +35,7 @@ from engine.core.billing_errors import InvalidRequest
 from engine.core.constants import archive_path
 from engine.store.sql import Backend, Row, open_backend
 from engine.store.store import UNAVAILABLE, Store
-from engine.store.streams import Batch, Reader, StreamConsumer
+from engine.store.streams import Batch, Fields, Reader, StreamConsumer
 
 log = logging.getLogger("leadflow.archive")
 
@@ -295,29 +295,38 @@ class Archive:
                 return
             cursor = page.next_cursor
 
-    async def account_sum(self, tenant: str, account: str, *, upto: str | None = None
-                          ) -> tuple[int, int]:
-        """(sum of deltas, rows) archived for the account, up to entry id ``upto``."""
+    def _below(self, entry_id: str | None, *, inclusive: bool = False) -> tuple[str, list[Any]]:
+        """The SQL condition (and its parameters) of the entries before ``entry_id`` (and
+        that one too when ``inclusive``); none without an id."""
+        if not entry_id:
+            return "", []
+        p, (ms, seq) = self._db.ph, _split_id(entry_id)
+        op = "<=" if inclusive else "<"
+        return f" AND (id_ms < {p} OR (id_ms = {p} AND id_seq {op} {p}))", [ms, ms, seq]
+
+    async def account_sum(self, tenant: str, account: str, *, upto: str | None = None,
+                          below: str | None = None) -> tuple[int, int]:
+        """(sum of deltas, rows) archived for the account, up to entry id ``upto`` or
+        before entry id ``below``."""
         p = self._db.ph
+        cond, extra = self._below(below) if below else self._below(upto, inclusive=True)
         sql = ("SELECT COALESCE(SUM(delta), 0), COUNT(*) FROM ledger_entries "  # noqa: S608
-               f"WHERE tenant = {p} AND account = {p}")
-        params: list[Any] = [tenant, account]
-        if upto:
-            ms, seq = _split_id(upto)
-            sql += f" AND (id_ms < {p} OR (id_ms = {p} AND id_seq <= {p}))"
-            params += [ms, ms, seq]
-        rows = await self._db.fetch(sql, params)
+               f"WHERE tenant = {p} AND account = {p}" + cond)
+        rows = await self._db.fetch(sql, [tenant, account, *extra])
         return int(rows[0][0]), int(rows[0][1])
 
-    async def period_sums(self, tenant: str, account: str, from_ms: int, to_ms: int
-                          ) -> list[tuple[str, bool, int, int]]:
-        """The account's archived entries with ``from_ms <= ts < to_ms``, grouped by ledger
-        kind and direction: (kind, credit, entries, sum of deltas) rows."""
+    async def period_sums(self, tenant: str, account: str, from_ms: int, to_ms: int, *,
+                          below: str | None = None) -> list[tuple[str, bool, int, int]]:
+        """The account's archived entries with ``from_ms <= ts < to_ms`` (and, with
+        ``below``, an id before it), grouped by ledger kind and direction: (kind, credit,
+        entries, sum of deltas) rows."""
         p = self._db.ph
+        cond, extra = self._below(below)
         rows = await self._db.fetch(
             "SELECT kind, delta > 0, COUNT(*), COALESCE(SUM(delta), 0) "  # noqa: S608
             f"FROM ledger_entries WHERE tenant = {p} AND account = {p} AND ts >= {p} "
-            f"AND ts < {p} GROUP BY kind, delta > 0", [tenant, account, from_ms, to_ms])
+            f"AND ts < {p}{cond} GROUP BY kind, delta > 0",
+            [tenant, account, from_ms, to_ms, *extra])
         return [(str(r[0]), bool(r[1]), int(r[2]), int(r[3])) for r in rows]
 
     async def archived(self, tenant: str, ids: Iterable[str]) -> set[str]:
@@ -400,19 +409,29 @@ class AccountTotals(msgspec.Struct, frozen=True):
 
 async def account_totals(store: Store, archive: Archive, tenant: str,
                          account: str) -> AccountTotals:
-    """Redis balance == SQL sum + the account's entries in the tenant stream not yet in
-    SQL (one snapshot: the whole stream, which the ledger worker keeps short)."""
+    """Redis balance == SQL sum + the account's entries in the tenant stream (one snapshot
+    of the whole stream, which the ledger worker keeps short; see :func:`_snapshot`)."""
+    bal, first, rows = await _snapshot(store, tenant, account)
+    sql_sum, _ = await archive.account_sum(tenant, account, below=first)
+    return AccountTotals(account=account, redis_balance=bal, sql_sum=sql_sum,
+                         unarchived_sum=sum(int(f[b"delta"]) for f in rows))
+
+
+async def _snapshot(store: Store, tenant: str, account: str
+                    ) -> tuple[int, str | None, list[Fields]]:
+    """The account's balance, the tenant ledger stream's first entry id (None: empty) and
+    the account's entries in the stream, read together. The stream is trimmed only from
+    its head and only after the SQL commit, so every entry before the first one is in SQL,
+    and SQL is summed only below it: an entry archived while this runs is counted once,
+    from the stream (asking SQL which stream entries it has, then summing SQL, counted
+    such an entry twice)."""
     async with store.redis.pipeline(transaction=True) as pipe:
         pipe.hget(keys.acct(tenant, account), "bal")
         pipe.xrange(keys.ledger(tenant), "-", "+")
         bal, rows = await pipe.execute()
-    upto = rows[-1][0].decode() if rows else None
     want = account.encode()
-    stream = {i.decode(): int(f[b"delta"]) for i, f in rows if f.get(b"account") == want}
-    done = await archive.archived(tenant, stream)
-    sql_sum, _ = await archive.account_sum(tenant, account, upto=upto)
-    return AccountTotals(account=account, redis_balance=int(bal or 0), sql_sum=sql_sum,
-                         unarchived_sum=sum(d for i, d in stream.items() if i not in done))
+    first = rows[0][0].decode() if rows else None
+    return int(bal or 0), first, [f for _, f in rows if f.get(b"account") == want]
 
 
 class PeriodTotals(msgspec.Struct, frozen=True):
@@ -448,28 +467,21 @@ def _totals(balance: int, rows: Iterable[tuple[str, bool, int, int]]) -> PeriodT
 
 async def period_totals(store: Store, archive: Archive, tenant: str, account: str, *,
                         from_ms: int, to_ms: int) -> PeriodTotals:
-    """The account's ledger over ``from_ms <= ts < to_ms``: the SQL archive's sums plus
-    the entries still in the tenant stream and not yet in SQL (as :func:`account_totals`
-    reads them: one snapshot of the stream with the balance)."""
-    async with store.redis.pipeline(transaction=True) as pipe:
-        pipe.hget(keys.acct(tenant, account), "bal")
-        pipe.xrange(keys.ledger(tenant), "-", "+")
-        bal, rows = await pipe.execute()
-    want = account.encode()
-    stream = {i.decode(): f for i, f in rows if f.get(b"account") == want
-              and from_ms <= int(f.get(b"ts", b"0")) < to_ms}
-    done = await archive.archived(tenant, stream)
+    """The account's ledger over ``from_ms <= ts < to_ms``: the SQL archive's sums of the
+    entries before the tenant stream's first, plus the stream's (:func:`_snapshot`)."""
+    bal, first, rows = await _snapshot(store, tenant, account)
     grouped: dict[tuple[str, bool], list[int]] = {}
-    for kind, credit, n, total in await archive.period_sums(tenant, account, from_ms, to_ms):
+    for kind, credit, n, total in await archive.period_sums(tenant, account, from_ms, to_ms,
+                                                            below=first):
         grouped[(kind, credit)] = [n, total]
-    for entry_id, f in stream.items():
-        if entry_id in done:
+    for f in rows:
+        if not from_ms <= int(f.get(b"ts", b"0")) < to_ms:
             continue
         delta = int(f[b"delta"])
         cell = grouped.setdefault((f.get(b"kind", b"").decode(), delta > 0), [0, 0])
         cell[0] += 1
         cell[1] += delta
-    return _totals(int(bal or 0), ((k, c, n, s) for (k, c), (n, s) in grouped.items()))
+    return _totals(bal, ((k, c, n, s) for (k, c), (n, s) in grouped.items()))
 
 
 def _ledgers(redis: aioredis.Redis, tenants: list[str], consumer: str, *,
