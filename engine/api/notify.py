@@ -214,7 +214,11 @@ class NotifyApi:
             return _unknown_kind(kind)
         rt = self.runtime()
         t = rt.cfg.tenant(tenant)
-        sender = transport(t)
+        try:
+            sender = transport(t)
+        except NotifyError as exc:  # e.g. a SendGrid key whose variable is unset now
+            return toolkit.error_response(409, "no_transport",
+                                          f"the tenant's mail transport cannot start: {exc}")
         if sender is None:
             return toolkit.error_response(
                 409, "no_transport", "the tenant has no mail transport "

@@ -127,6 +127,8 @@ class IdentityStore:
         self.passwords = passwords or Passwords()
         self.key_cache_s = key_cache_s
         self._cache: dict[str, tuple[float, Principal]] = {}
+        # bumped by every change: a lookup that began before a change caches nothing
+        self._generation = 0
         self._hashing = asyncio.Semaphore(2)  # argon2 takes 64 MiB and a core per hash
         self._dummy: str | None = None  # a throwaway hash: see _verify
 
@@ -162,6 +164,7 @@ class IdentityStore:
 
     async def _batch(self, steps: Sequence[Step]) -> list[int]:
         counts = await self._db.batch(steps)
+        self._generation += 1
         self._cache.clear()  # whatever changed, a key resolves afresh
         return counts
 
@@ -430,6 +433,7 @@ class IdentityStore:
         hit = self._cache.get(key_hash)
         if hit is not None and hit[0] > time.monotonic():
             return hit[1]
+        generation = self._generation
         rows = await self._fetch(
             "SELECT k.tenant, k.user_id, k.key_hash, k.last_used_ms, m.account FROM api_keys k "
             "JOIN portal_users u ON u.id = k.user_id AND u.tenant = k.tenant "
@@ -443,7 +447,9 @@ class IdentityStore:
         if last_used is None or now - int(last_used) >= LAST_USED_EVERY_MS:
             await self._db.batch([self._step("UPDATE api_keys SET last_used_ms = ? WHERE id = ?",
                                              (now, key_id))])
-        if self.key_cache_s > 0:
+        # a revocation (or any change) committed while this lookup ran: not cached, so the
+        # next lookup reads it (found by review)
+        if self.key_cache_s > 0 and generation == self._generation:
             if len(self._cache) > 10_000:  # bounded: keys come and go
                 self._cache.clear()
             self._cache[key_hash] = (time.monotonic() + self.key_cache_s, found)

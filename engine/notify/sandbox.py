@@ -28,9 +28,12 @@ sample data); ``render`` renders each context.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import resource
+import shutil
 import sys
+import tempfile
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, Literal
@@ -47,6 +50,10 @@ MAX_RENDERED_BYTES: Final = 1024 * 1024  # a rendered part (UTF-8)
 MAX_CHILDREN: Final = max(1, (os.cpu_count() or 2) // 2)  # at once, per engine process
 
 _MARKS: Final = ("{{", "{%", "{#")
+# the child's working directory: an empty one of its own (not the engine's, which holds
+# its config); made once per engine process, removed at exit
+_EMPTY_DIR: Final = tempfile.mkdtemp(prefix="leadflow-sandbox-")
+atexit.register(shutil.rmtree, _EMPTY_DIR, ignore_errors=True)
 _CHILD = ("import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
           "from engine.notify.sandbox import main; main()")
 
@@ -128,7 +135,7 @@ async def _run(op: Literal["validate", "render"], kind: str, tpl: Templates,
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-I", "-c", _CHILD, msgspec.json.encode(sys.path).decode(),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.DEVNULL, env={})
+                stderr=asyncio.subprocess.DEVNULL, env={}, cwd=_EMPTY_DIR)
         except OSError as exc:
             raise NotifyError(f"cannot start the template renderer: {exc.strerror}") from exc
         try:
@@ -157,6 +164,10 @@ async def _run(op: Literal["validate", "render"], kind: str, tpl: Templates,
 def _limit() -> None:
     resource.setrlimit(resource.RLIMIT_CPU, (CPU_S, CPU_S))
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_BYTES, MEMORY_BYTES))
+    # past a sandbox escape: no file written (a pipe is not a file), no process started
+    # (for a user other than root, which the kernel does not hold to RLIMIT_NPROC)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
 
 
 def _here(op: Literal["validate", "render"], kind: str, tpl: Templates,

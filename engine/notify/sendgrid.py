@@ -34,7 +34,7 @@ import msgspec
 
 from engine.notify import NotifyError, PermanentTransportError, TransportError
 from engine.notify.templates import Rendered
-from engine.notify.transport import message_id
+from engine.notify.transport import message_id, unsubscribe_headers
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +93,19 @@ class SendGridTransport:
         return f"SendGridTransport({self.settings.base_url})"
 
     def payload(self, recipient: str, message: Rendered, *, key: str) -> dict[str, Any]:
-        """The JSON body of the mail send request for ``message`` to ``recipient``."""
+        """The JSON body of the mail send request for ``message`` to ``recipient``, with the
+        same unsubscribe headers as SMTP's (NotifyError for a bad unsubscribe URL)."""
+        try:
+            listed = unsubscribe_headers(message)
+        except ValueError as exc:
+            raise NotifyError(f"sendgrid: {exc}") from exc
         return {
             "personalizations": [{"to": [{"email": recipient}]}],
             "from": self._from,
             "subject": message.subject,
             "content": [{"type": "text/plain", "value": message.text},
                         {"type": "text/html", "value": message.html}],
-            "headers": {"Message-ID": message_id(key, self.settings.sender)},
+            "headers": {"Message-ID": message_id(key, self.settings.sender), **listed},
             "custom_args": {ENTRY_ARG: key},
         }
 

@@ -100,6 +100,18 @@ def message_id(key: str, sender: str) -> str:
     return f"<notify.{key}@{domain}>"
 
 
+def unsubscribe_headers(message: Rendered) -> dict[str, str]:
+    """``List-Unsubscribe`` (RFC 2369) and RFC 8058's one click, when ``message`` has an
+    unsubscribe link; every transport sends them. ValueError for a URL that is not a plain
+    http(s) one."""
+    if message.unsubscribe_url is None:
+        return {}
+    if not _HEADER_URL.fullmatch(message.unsubscribe_url):
+        raise ValueError("the unsubscribe URL is not a plain http(s) URL")
+    return {"List-Unsubscribe": f"<{message.unsubscribe_url}>",
+            "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
+
+
 def build_message(sender: str, recipient: str, message: Rendered, *, key: str) -> EmailMessage:
     """The multipart text+HTML e-mail of ``message``; raises NotifyError for a bad header."""
     msg = EmailMessage(policy=_POLICY)
@@ -109,11 +121,8 @@ def build_message(sender: str, recipient: str, message: Rendered, *, key: str) -
         msg["Subject"] = message.subject
         msg["Date"] = formatdate(localtime=False, usegmt=True)
         msg["Message-ID"] = message_id(key, sender)
-        if message.unsubscribe_url is not None:  # RFC 2369, and RFC 8058's one click
-            if not _HEADER_URL.fullmatch(message.unsubscribe_url):
-                raise ValueError("the unsubscribe URL is not a plain http(s) URL")
-            msg["List-Unsubscribe"] = f"<{message.unsubscribe_url}>"
-            msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+        for name, value in unsubscribe_headers(message).items():
+            msg[name] = value
     except (ValueError, email.errors.HeaderParseError) as exc:
         raise NotifyError(f"cannot build the message to {recipient!r}: {exc}") from exc
     msg.set_content(message.text)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from argon2 import PasswordHasher
@@ -275,3 +276,29 @@ async def test_key_cache_keeps_an_answer_its_ttl(tmp_path: Path) -> None:
     finally:
         await here.close()
         await there.close()
+
+
+async def test_a_revocation_racing_a_key_lookup_is_not_cached_away(tmp_path: Path) -> None:
+    """Found by review: a lookup that read the key before a revocation in the same process
+    committed wrote its answer to the cache after the revocation cleared it, and the
+    revoked key kept working for key_cache_s."""
+    ids = await IdentityStore.open(f"sqlite:///{tmp_path / 'ids.sqlite3'}",
+                                   path=tmp_path / "unused", passwords=FAST, key_cache_s=60)
+    try:
+        user, _ = await ids.create_user("t1", "a@b.example", ["c1"], invite_ttl_ms=HOUR)
+        key, secret = await ids.create_key("t1", user.id)
+        fetch, raced = ids._fetch, []
+
+        async def fetch_then_revoke(sql: str, params: Any = ()) -> Any:
+            rows = await fetch(sql, params)
+            if "FROM api_keys k" in sql and not raced:
+                raced.append(1)
+                await ids.revoke_key("t1", key.id)
+            return rows
+
+        ids._fetch = fetch_then_revoke  # type: ignore[method-assign]
+        assert await ids.principal(secret) is not None  # it read the key before the revoke
+        ids._fetch = fetch  # type: ignore[method-assign]
+        assert await ids.principal(secret) is None
+    finally:
+        await ids.close()

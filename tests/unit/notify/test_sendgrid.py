@@ -57,6 +57,23 @@ async def test_the_request_is_sendgrids_v3_mail_send(sendgrid_server: SendGridSe
                          "custom_args"}
 
 
+async def test_an_optional_kind_carries_the_unsubscribe_headers_as_smtp_does(
+        sendgrid_server: SendGridServer) -> None:
+    """Found by review: SendGrid messages had no List-Unsubscribe headers."""
+    url = "https://leads.acme.example/v1/notify/unsubscribe?t=abc.def"
+    rendered = t.render("weekly_report", {**t.sample("weekly_report"), "unsubscribe_url": url})
+    assert rendered.unsubscribe_url == url
+    tr = transport(sendgrid_server)
+    try:
+        await tr.send(TO, rendered, key="k1")
+    finally:
+        await tr.close()
+    [req] = sendgrid_server.requests
+    assert req.json()["headers"] == {
+        "Message-ID": "<notify.k1@acme.example>", "List-Unsubscribe": f"<{url}>",
+        "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
+
+
 async def test_a_bare_sender_has_no_name(sendgrid_server: SendGridServer) -> None:
     tr = SendGridTransport(SendGridSettings(api_key=KEY, sender="billing@acme.example",
                                             base_url=sendgrid_server.url + "/"))
