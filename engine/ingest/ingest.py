@@ -50,7 +50,9 @@ class LuaLead(NamedTuple):
     candidates: list[bytes]
 
 
-class _Answer(NamedTuple):
+class Answer(NamedTuple):
+    """A request answered without a decision (a refusal), or a decided lead's outcome."""
+
     http_status: int
     response: LeadResponse
     campaign: str = ""
@@ -59,16 +61,16 @@ class _Answer(NamedTuple):
     plan: CampaignPlan | None = None
 
 
-class _Pending(NamedTuple):
+class Pending(NamedTuple):
     """A valid lead, routed, waiting for its decision."""
 
     plan: CampaignPlan
     supplier: SupplierPlan
     lead: LuaLead
 
-    def outcome(self, decision: Decision) -> _Answer:
+    def outcome(self, decision: Decision) -> Answer:
         status = 500 if decision.status == "ERROR" else 200
-        return _Answer(status, _response(decision, self.supplier), self.plan.id,
+        return Answer(status, lead_response(decision, self.supplier), self.plan.id,
                        self.supplier.id, decision, self.plan)
 
 
@@ -76,7 +78,7 @@ def _stamp(done: list[float], i: int, _fut: object) -> None:
     done[i] = time.perf_counter()
 
 
-def _refused(
+def refused(
     status: int,
     code: int,
     message: str,
@@ -84,8 +86,8 @@ def _refused(
     *,
     campaign: str = "",
     supplier: str = "",
-) -> _Answer:
-    return _Answer(status, error(code, message, errors), campaign, supplier)
+) -> Answer:
+    return Answer(status, error(code, message, errors), campaign, supplier)
 
 
 _PROCESS_TAG = secrets.token_hex(4)  # distinguishes engine processes
@@ -98,7 +100,7 @@ def new_lead_id() -> str:
     return f"{time.time_ns() // 1_000_000:012x}{_PROCESS_TAG}{next(_sequence) & 0xFFFFFF:06x}"
 
 
-def _text(value: object) -> str | None:
+def id_text(value: object) -> str | None:
     """A string, or a JSON integer as its decimal digits (ids and subids); None for
     anything else (a float, a boolean, null, a list, an object)."""
     if isinstance(value, str):
@@ -106,6 +108,46 @@ def _text(value: object) -> str | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     return None
+
+
+def authentic(supplier: SupplierPlan | None, key: str) -> bool:
+    """``key`` is the supplier's ``lp_key``, compared in constant time (also for an unknown
+    supplier, against a dummy key)."""
+    expected = supplier.key if supplier is not None else _DUMMY_KEY
+    return hmac.compare_digest(key.encode(), expected)  # constant time
+
+
+def authenticate(data: Mapping[str, Any], rt: Runtime
+                 ) -> tuple[CampaignPlan, SupplierPlan] | Answer:
+    """The seller's credentials of a post or a ping: its campaign and supplier, or the
+    refusal. Lead Prosper's supplier specs type the two ids Numeric and the key Text: an
+    id may come as a JSON integer (13424 reaches campaign "13424"), the key only as text."""
+    camp_id, sup_id = id_text(data.get("lp_campaign_id")), id_text(data.get("lp_supplier_id"))
+    key = data.get("lp_key")
+    if not camp_id or not sup_id or not isinstance(key, str):
+        return refused(
+            400,
+            Codes.MISSING_CREDENTIALS,
+            "lp_campaign_id and lp_supplier_id (text or an integer) and lp_key (text) "
+            "are required",
+        )
+    plan = rt.campaigns.get(camp_id)
+    supplier = rt.suppliers.get(sup_id)
+    if not authentic(supplier, key) or supplier is None:
+        return refused(401, Codes.UNAUTHORIZED, "unknown supplier or wrong lp_key")
+    if plan is None or plan.tenant != supplier.tenant:
+        return refused(
+            404, Codes.UNKNOWN_CAMPAIGN, f"unknown campaign {camp_id!r}", supplier=sup_id
+        )
+    if supplier.campaigns and plan.id not in supplier.campaigns:
+        return refused(
+            403,
+            Codes.FORBIDDEN,
+            "supplier may not post to this campaign",
+            campaign=plan.id,
+            supplier=sup_id,
+        )
+    return plan, supplier
 
 
 class Ingest:
@@ -130,8 +172,8 @@ class Ingest:
         self, data: object, raw: bytes, idempotency_key: str | None = None
     ) -> tuple[int, LeadResponse]:
         started = time.perf_counter()
-        step = self._prepare(data, raw, idempotency_key)
-        out = step if isinstance(step, _Answer) else step.outcome(await self._decision(step))
+        step = self.prepare(data, raw, idempotency_key)
+        out = step if isinstance(step, Answer) else step.outcome(await self._decision(step))
         if self._observer is not None:
             self._observe(out, time.perf_counter() - started)
         return out.http_status, out.response
@@ -144,21 +186,21 @@ class Ingest:
         batch endpoint's path: every lead is validated and routed first, then all their
         decisions are awaited together, on the batcher's futures, not on a task per lead."""
         started = time.perf_counter()
-        steps: list[_Answer | _Pending] = []
+        steps: list[Answer | Pending] = []
         done: list[float] = []  # when each lead was refused or its decision arrived
         for lead in leads:
-            steps.append(self._prepare(*lead))
+            steps.append(self.prepare(*lead))
             done.append(time.perf_counter())
         waits: list[asyncio.Future[Decision]] = []
         for i, step in enumerate(steps):
-            if isinstance(step, _Pending):
+            if isinstance(step, Pending):
                 fut = asyncio.ensure_future(self._decision(step))
                 fut.add_done_callback(functools.partial(_stamp, done, i))
                 waits.append(fut)
         decided = iter(await asyncio.gather(*waits, return_exceptions=True))
         out: list[tuple[int, LeadResponse] | Exception] = []
         for step, finished in zip(steps, done, strict=True):
-            if isinstance(step, _Answer):
+            if isinstance(step, Answer):
                 outcome = step
             else:
                 decision = next(decided)
@@ -173,13 +215,13 @@ class Ingest:
             out.append((outcome.http_status, outcome.response))
         return out
 
-    def _observe(self, out: _Answer, seconds: float) -> None:
+    def _observe(self, out: Answer, seconds: float) -> None:
         assert self._observer is not None
         d = out.decision
         sold = d.buyers if d is not None and not d.replay and d.test != 1 else []
         self._observer(out.campaign, out.supplier, out.response.status, seconds, sold)
 
-    def _decision(self, step: _Pending) -> Awaitable[Decision]:
+    def _decision(self, step: Pending) -> Awaitable[Decision]:
         """The lead's decision: the batcher's future, or the sync waterfall."""
         plan, lead = step.plan, step.lead
         batcher = self._batcher(plan.tenant)
@@ -187,47 +229,18 @@ class Ingest:
             return self.sync.decide(batcher, self._runtime().cfg, plan, lead.json, lead.payload)
         return batcher.submit(*lead)
 
-    def _prepare(self, data: object, raw: bytes, idempotency_key: str | None
-                 ) -> _Answer | _Pending:
-        """Everything before the decision: a refusal, or the lead ready for decide.lua."""
+    def prepare(self, data: object, raw: bytes, idempotency_key: str | None
+                ) -> Answer | Pending:
+        """Everything before the decision: a refusal, or the lead ready for decide.lua
+        (the ping-post post, engine.ingest.pingpost, starts from it too)."""
         if not isinstance(data, dict):
-            return _refused(400, Codes.MALFORMED, "the body must be a JSON object or form fields")
+            return refused(400, Codes.MALFORMED, "the body must be a JSON object or form fields")
         if len(data) > MAX_FIELDS:
-            return _refused(400, Codes.TOO_MANY_FIELDS, f"at most {MAX_FIELDS} fields")
-        rt = self._runtime()
-        # Lead Prosper's supplier specs type the two ids Numeric and the key Text: an id
-        # may come as a JSON integer (13424 reaches campaign "13424"), the key only as text
-        camp_id, sup_id = _text(data.get("lp_campaign_id")), _text(data.get("lp_supplier_id"))
-        key = data.get("lp_key")
-        if not camp_id or not sup_id or not isinstance(key, str):
-            return _refused(
-                400,
-                Codes.MISSING_CREDENTIALS,
-                "lp_campaign_id and lp_supplier_id (text or an integer) and lp_key (text) "
-                "are required",
-            )
-        plan = rt.campaigns.get(camp_id)
-        supplier = rt.suppliers.get(sup_id)
-        if not self._authentic(supplier, key) or supplier is None:
-            return _refused(401, Codes.UNAUTHORIZED, "unknown supplier or wrong lp_key")
-        if plan is None or plan.tenant != supplier.tenant:
-            return _refused(
-                404, Codes.UNKNOWN_CAMPAIGN, f"unknown campaign {camp_id!r}", supplier=sup_id
-            )
-        if supplier.campaigns and plan.id not in supplier.campaigns:
-            return _refused(
-                403,
-                Codes.FORBIDDEN,
-                "supplier may not post to this campaign",
-                campaign=plan.id,
-                supplier=sup_id,
-            )
-        return self._route(data, raw, idempotency_key, plan, supplier)
-
-    @staticmethod
-    def _authentic(supplier: SupplierPlan | None, key: str) -> bool:
-        expected = supplier.key if supplier is not None else _DUMMY_KEY
-        return hmac.compare_digest(key.encode(), expected)  # constant time
+            return refused(400, Codes.TOO_MANY_FIELDS, f"at most {MAX_FIELDS} fields")
+        seller = authenticate(data, self._runtime())
+        if isinstance(seller, Answer):
+            return seller
+        return self._route(data, raw, idempotency_key, *seller)
 
     def _route(
         self,
@@ -236,13 +249,13 @@ class Ingest:
         idempotency_key: str | None,
         plan: CampaignPlan,
         supplier: SupplierPlan,
-    ) -> _Answer | _Pending:
+    ) -> Answer | Pending:
         windows, local = self._clock.get(plan.tz, time.time())
         values, errors = plan.schema.validate(data, today=local.date())
-        errors += _subid_errors(data)
+        errors += subid_errors(data)
         if errors:
             names = ", ".join(sorted({e.field for e in errors}))
-            return _refused(
+            return refused(
                 422,
                 Codes.INVALID_FIELDS,
                 f"invalid fields: {names}",
@@ -256,7 +269,7 @@ class Ingest:
         lead = self._lua_lead(
             plan, values, data, lead_id, test, windows, local, raw, supplier, idempotency_key
         )
-        return _Pending(plan, supplier, lead)
+        return Pending(plan, supplier, lead)
 
     def _lua_lead(
         self,
@@ -288,7 +301,7 @@ class Ingest:
             cs = plan.inline_candidates(order, values, windows.weekday)
         else:
             cs, bd, table = plan.candidate_refs(order, values, windows.weekday)
-        pkey = "p:" + _digest(supplier.id, raw)
+        pkey = "p:" + digest(supplier.id, raw)
         # at most 15 keywords: more and CPython calls through a dict (**kwargs), which
         # costs a msgspec Struct about 0.5 us; the optional fields are set after
         lead = LeadCall(
@@ -303,11 +316,11 @@ class Ingest:
             rotation=plan.rotation(order) if plan.rotating else [],
             dedupe=plan.campaign_prints(values),
             dedupe_ttl=plan.dedupe_ttl_s,
-            windows=_window_ids(windows),
+            windows=window_ids(windows),
             candidates=cs,
         )
         if idempotency_key:  # both rules: the same key, or the same payload in the window
-            lead.key = "h:" + _digest(supplier.id, idempotency_key.encode())
+            lead.key = "h:" + digest(supplier.id, idempotency_key.encode())
             lead.key_ttl, lead.key2, lead.key2_ttl = (
                 self.idempotency_ttl_s, pkey, self.replay_window_s)
         if bd is not None:
@@ -316,11 +329,11 @@ class Ingest:
 
 
 @functools.lru_cache(maxsize=64)
-def _window_ids(w: Windows) -> list[str]:
+def window_ids(w: Windows) -> list[str]:
     return [str(w.hour), str(w.day), str(w.week), str(w.month)]
 
 
-def _digest(scope: str, data: bytes) -> str:
+def digest(scope: str, data: bytes) -> str:
     """Idempotency key of ``data`` within ``scope`` (a supplier): the scope comes first and
     ends with a NUL, which ids cannot contain, so ("1", "15...") never meets ("11", "5...")."""
     h = hashlib.blake2b(scope.encode() + b"\x00", digest_size=16, person=b"leadflow-idem")
@@ -328,7 +341,7 @@ def _digest(scope: str, data: bytes) -> str:
     return h.hexdigest()
 
 
-def _subid_errors(data: Mapping[str, Any]) -> list[FieldError]:
+def subid_errors(data: Mapping[str, Any]) -> list[FieldError]:
     """Subids (text up to 75 characters, no control characters: they go to buyers) and
     ``lp_action`` (absent, or ``test``: a mistyped test flag must not become a sale)."""
     out = []
@@ -336,7 +349,7 @@ def _subid_errors(data: Mapping[str, Any]) -> list[FieldError]:
         value = data.get(name)
         if value is None:
             continue
-        text = _text(value)
+        text = id_text(value)
         if text is None or len(text) > MAX_SUBID:
             out.append(
                 FieldError(
@@ -357,7 +370,7 @@ def _subid_errors(data: Mapping[str, Any]) -> list[FieldError]:
 _MESSAGES = {"ACCEPTED": "lead accepted"}
 
 
-def _response(d: Decision, supplier: SupplierPlan) -> LeadResponse:
+def lead_response(d: Decision, supplier: SupplierPlan) -> LeadResponse:
     if d.status == "ERROR":  # nothing stored under the lead id: a retry gets a new one
         return LeadResponse(status="ERROR", code=d.code, message=d.message, test=d.test == 1)
     return LeadResponse(

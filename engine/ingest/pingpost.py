@@ -40,15 +40,18 @@ from engine.delivery.client import new_session
 from engine.ingest.batcher import Batcher
 from engine.ingest.codes import Codes, LeadResponse, error
 from engine.ingest.ingest import (
+    MAX_FIELDS,
+    Answer,
     Ingest,
-    _Answer,
-    _digest,
-    _Pending,
-    _response,
-    _subid_errors,
-    _text,
-    _window_ids,
+    Pending,
+    authenticate,
+    digest,
+    id_text,
+    lead_response,
     new_lead_id,
+    refused,
+    subid_errors,
+    window_ids,
 )
 from engine.routing.fields import CampaignSchema, FieldError
 from engine.routing.plans import BuyerPlan, CampaignPlan
@@ -190,24 +193,20 @@ class PingPost:
     # ---- the seller's credentials, as a direct post's ---------------------------------
 
     def _seller(self, data: object, rt: Runtime
-                ) -> tuple[CampaignPlan, SupplierPlan] | tuple[int, int, str]:
+                ) -> tuple[CampaignPlan, SupplierPlan] | Answer:
+        """The seller's credentials, checked as a direct post's (ingest.authenticate), and
+        a campaign that takes pings."""
         if not isinstance(data, dict):
-            return 400, Codes.MALFORMED, "the body must be a JSON object or form fields"
-        camp_id, sup_id = _text(data.get("lp_campaign_id")), _text(data.get("lp_supplier_id"))
-        key = data.get("lp_key")
-        if not camp_id or not sup_id or not isinstance(key, str):
-            return (400, Codes.MISSING_CREDENTIALS, "lp_campaign_id and lp_supplier_id (text "
-                    "or an integer) and lp_key (text) are required")
-        plan, supplier = rt.campaigns.get(camp_id), rt.suppliers.get(sup_id)
-        if not Ingest._authentic(supplier, key) or supplier is None:
-            return 401, Codes.UNAUTHORIZED, "unknown supplier or wrong lp_key"
-        if plan is None or plan.tenant != supplier.tenant:
-            return 404, Codes.UNKNOWN_CAMPAIGN, f"unknown campaign {camp_id!r}"
-        if supplier.campaigns and plan.id not in supplier.campaigns:
-            return 403, Codes.FORBIDDEN, "supplier may not post to this campaign"
+            return refused(400, Codes.MALFORMED, "the body must be a JSON object or form fields")
+        if len(data) > MAX_FIELDS:
+            return refused(400, Codes.TOO_MANY_FIELDS, f"at most {MAX_FIELDS} fields")
+        seller = authenticate(data, rt)
+        if isinstance(seller, Answer):
+            return seller
+        plan = seller[0]
         if plan.campaign.ping_post is None:
-            return 400, Codes.NOT_PING_POST, f"campaign {plan.id!r} takes no pings"
-        return plan, supplier
+            return refused(400, Codes.NOT_PING_POST, f"campaign {plan.id!r} takes no pings")
+        return seller
 
     # ---- POST /v1/ping -----------------------------------------------------------------
 
@@ -215,31 +214,30 @@ class PingPost:
                    ) -> tuple[int, PingResponse]:
         rt = self._runtime()
         seller = self._seller(data, rt)
-        if not isinstance(seller[0], CampaignPlan):
-            status, code, message = seller
-            return status, ping_error(code, message)
+        if isinstance(seller, Answer):
+            return seller.http_status, ping_error(seller.response.code, seller.response.message)
         plan, supplier = seller
-        assert isinstance(data, dict) and isinstance(supplier, SupplierPlan)
+        assert isinstance(data, dict)
         pp = plan.campaign.ping_post
         assert pp is not None
         bidders, schema = self._compiled(rt, plan)
         windows, local = self._clock.get(plan.tz, time.time())
         values, errors = schema.validate(data, today=local.date())
-        errors += _subid_errors(data)
+        errors += subid_errors(data)
         if errors:
             names = ", ".join(sorted({e.field for e in errors}))
             return 422, ping_error(Codes.INVALID_FIELDS, f"invalid fields: {names}", errors)
         action = data.get("lp_action")
         test = supplier.test_mode or (isinstance(action, str) and action.lower() == "test")
         tenant = plan.tenant
-        ikey = ("q:" + _digest(supplier.id, idempotency_key.encode())
+        ikey = ("q:" + digest(supplier.id, idempotency_key.encode())
                 if idempotency_key else "")
         if ikey:  # a replay asks no buyer again
             prior: Any = await self._get(keys.idem(tenant, ikey))
             if prior is not None:
                 return self._ping_answer(msgspec.json.decode(prior), plan.id, replay=True)
         ping_id = new_lead_id()
-        win = _window_ids(windows)
+        win = window_ids(windows)
         eligible = await self._eligible(plan, bidders, values, local, win, windows.weekday,
                                         money.parse(pp.min_bid))
         self._count("bid", plan.id, "ineligible", len(bidders) - len(eligible))
@@ -375,18 +373,17 @@ class PingPost:
                    ) -> tuple[int, LeadResponse]:
         rt = self._runtime()
         seller = self._seller(data, rt)
-        if not isinstance(seller[0], CampaignPlan):
-            status, code, message = seller
-            return status, error(code, message)
+        if isinstance(seller, Answer):
+            return seller.http_status, seller.response
         plan, supplier = seller
-        assert isinstance(data, dict) and isinstance(supplier, SupplierPlan)
+        assert isinstance(data, dict)
         parsed = _post_ids(data)
         if isinstance(parsed[0], int):
             return parsed
         ping_id, accepted = parsed
         lead_data = {k: v for k, v in data.items() if k not in ("lp_ping_id", "bid_ids")}
-        step = self.ingest._prepare(lead_data, raw, idempotency_key)
-        if isinstance(step, _Answer):
+        step = self.ingest.prepare(lead_data, raw, idempotency_key)
+        if isinstance(step, Answer):
             return step.http_status, step.response
         tenant = plan.tenant
         pk = keys.ping(tenant, ping_id)
@@ -440,10 +437,10 @@ class PingPost:
                 self._count("hold", plan.id, "settled", len(d.buyers))
                 self._count("hold", plan.id, "released", released)
         return ({Codes.UNKNOWN_PING: 404, Codes.PING_POSTED: 409, Codes.PING_EXPIRED: 410}
-                .get(d.code, _Pending(plan, supplier, step.lead).outcome(d).http_status),
-                _response(d, supplier))
+                .get(d.code, Pending(plan, supplier, step.lead).outcome(d).http_status),
+                lead_response(d, supplier))
 
-    def _candidates(self, plan: CampaignPlan, step: _Pending, bids: list[list[Any]],
+    def _candidates(self, plan: CampaignPlan, step: Pending, bids: list[list[Any]],
                     wanted: set[str], shared: bool) -> list[Candidate | str]:
         """The held bidders (``bids``: those still holding), in auction order, at their
         bids (shared: the accepted ones; exclusive: the winner, then the other held bidders
@@ -479,7 +476,7 @@ class PingPost:
 def _post_ids(data: Mapping[str, Any]
               ) -> tuple[str, list[str] | None] | tuple[int, LeadResponse]:
     """The post's ping id and accepted bid ids (form: comma-separated), or its refusal."""
-    ping_id = _text(data.get("lp_ping_id"))
+    ping_id = id_text(data.get("lp_ping_id"))
     if not ping_id:
         return 422, error(Codes.INVALID_FIELDS, "invalid fields: lp_ping_id", [
             FieldError("lp_ping_id", "required", "is required")])

@@ -9,7 +9,7 @@ import pytest
 from engine.core import keys
 from engine.core.config import AutoRecharge
 from engine.core.errors import ConfigError
-from engine.ingest.ingest import _digest
+from engine.ingest.ingest import digest
 from engine.run.provision import provision_accounts
 from engine.store.store import Store
 from tests.helpers import sales
@@ -40,8 +40,8 @@ async def test_reprice_never_crosses_the_floor_and_spend_caps_follow(redis):
 
 
 def test_idempotency_keys_of_suppliers_never_collide():
-    assert _digest("1", b"order-51") != _digest("11", b"order-5")
-    assert _digest("s1", b"x") == _digest("s1", b"x")
+    assert digest("1", b"order-51") != digest("11", b"order-5")
+    assert digest("s1", b"x") == digest("s1", b"x")
 
 
 @pytest.mark.parametrize(("setting", "value"), [
