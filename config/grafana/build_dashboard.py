@@ -65,6 +65,52 @@ def quantiles(metric: str, by: str = "") -> list[tuple[str, str]]:
     ]
 
 
+def row(pid: int, title: str, y: int) -> dict[str, Any]:
+    return {"id": pid, "type": "row", "title": title, "collapsed": False,
+            "gridPos": {"x": 0, "y": y, "w": 24, "h": 1}, "panels": []}
+
+
+def ping_post_row(rate: str, y: int) -> list[dict[str, Any]]:
+    """The ping-post row (docs/pingpost.md): pings, bids, holds, the ping-to-post ratio,
+    and each ping buyer's bid latency and timeout rate."""
+    camp = 'campaign=~"$campaign"'
+    return [
+        row(100, "Ping-post", y),
+        panel(101, "Pings by status (per second)", [
+            (f"sum by (status) (rate(leadflow_pings_total{{{camp}}}{rate}))", "{{status}}"),
+        ], unit="reqps", x=0, y=y + 1, w=8, stack=True),
+        panel(102, "Bids by outcome (per second)", [
+            (f"sum by (outcome) (rate(leadflow_ping_bids_total{{{camp}}}{rate}))",
+             "{{outcome}}"),
+        ], unit="reqps", x=8, y=y + 1, w=8, stack=True,
+              description="Every ping buyer of a ping: bid, no_bid, timeout, error, or "
+                          "ineligible (not asked: filters, schedule, caps, pause, funds)."),
+        panel(103, "Holds placed / settled / released / expired (per second)", [
+            (f"sum by (event) (rate(leadflow_holds_total{rate}))", "{{event}}"),
+        ], unit="reqps", x=16, y=y + 1, w=8,
+              description="Buyers' funds held at bid time: settled by a post, released at "
+                          "its end (backups not tried), expired with the ping."),
+        panel(104, "Ping-to-post ratio (pings per post)", [
+            (f"sum by (campaign) (rate(leadflow_pings_total{{{camp}}}{rate}))"
+             f" / sum by (campaign) (rate(leadflow_ping_posts_total{{{camp}}}{rate}))",
+             "{{campaign}}"),
+        ], x=0, y=y + 9, w=8,
+              description="Pings answered per post received, by campaign (no series while a "
+                          "campaign gets no post)."),
+        panel(105, "Bid latency p50 / p99 by buyer",
+              quantiles("leadflow_ping_bid_duration_seconds", "buyer"), unit="s",
+              x=8, y=y + 9, w=8),
+        panel(106, "Bid timeout rate by buyer", [
+            (f"sum by (buyer) (rate(leadflow_ping_bid_requests_total{{outcome=\"timeout\"}}"
+             f"{rate})) / sum by (buyer) (rate(leadflow_ping_bid_requests_total{rate}))",
+             "{{buyer}}"),
+        ], unit="percentunit", x=16, y=y + 9, w=8,
+              description="Share of the bid requests sent to each ping buyer that timed out "
+                          "(its timeout_ms or the ping's deadline). Alert: "
+                          "LeadflowPingBuyerTimeouts."),
+    ]  # fmt: skip
+
+
 def dashboard() -> dict[str, Any]:
     rate = "[$__rate_interval]"
     panels = [
@@ -133,6 +179,7 @@ def dashboard() -> dict[str, Any]:
               description="E-mail notifications: sent, failed (tried again later) and "
                           "dead-lettered (refused for good, or the event's last delivery)."),
     ]  # fmt: skip
+    panels += ping_post_row(rate, y=70)
 
     def var(name: str, query: str) -> dict[str, Any]:
         return {

@@ -30,7 +30,7 @@ from engine.identity.store import IdentityStore, Principal
 from engine.ingest.batcher import Batcher
 from engine.ingest.codes import Codes, LeadResponse, error
 from engine.ingest.ingest import Ingest, LeadObserver
-from engine.ingest.pingpost import BidLatency, PingObserver, PingPost
+from engine.ingest.pingpost import BidObserver, PingObserver, PingPost
 from engine.obs.metrics import registry_for_process, render
 from engine.routing.runtime import Runtime
 from engine.store.store import UNAVAILABLE, Store
@@ -75,7 +75,7 @@ class App:
         identity: IdentityStore | None = None,
         invite_ttl_hours: int = 72,
         ping_observer: PingObserver | None = None,
-        bid_latency: BidLatency | None = None,
+        bid_observer: BidObserver | None = None,
     ) -> None:
         self.runtime, self.store = runtime, store
         self.max_body, self.max_batch_body = max_body, max_batch_body
@@ -107,7 +107,7 @@ class App:
             sync=sync,
         )
         self.pingpost = PingPost(lambda: self.runtime, store, self.batcher, self.ingest, sync,
-                                 observer=ping_observer, latency=bid_latency)
+                                 observer=ping_observer, bids=bid_observer)
         # the browser portal (an ASGI app of its own, engine.portal), set by the service:
         # requests under /portal go to it whole; None: /portal is no endpoint (404)
         self.portal: AsgiApp | None = None

@@ -66,11 +66,13 @@ if TYPE_CHECKING:
 PING_KEEP_S = 86_400  # a ping's record outlives its expiry by this (a late post: 1064)
 CONTROL = ("lp_campaign_id", "lp_supplier_id", "lp_key", "lp_action", "lp_subid1",
            "lp_subid2", "lp_ping_id", "bid_ids")
-# (event, campaign, label, count): "ping" (label: the answer's status), "bid" (bid |
-# no_bid | timeout | error | ineligible), "hold" (placed | settled | released | expired)
+# (event, campaign, label, count): "ping" and "post" (label: the answer's status, lower
+# case; replays are not counted), "bid" (bid | no_bid | timeout | error | ineligible),
+# "hold" (placed | settled | released; expired: the sweep and the scripts' events)
 PingObserver = Callable[[str, str, str, int], None]
-# (campaign, buyer, seconds): one bid request's latency
-BidLatency = Callable[[str, str, float], None]
+# (campaign, buyer, outcome, seconds): one bid request sent to a ping buyer, its outcome
+# (bid | no_bid | timeout | error; cut off at the ping's deadline: timeout) and latency
+BidObserver = Callable[[str, str, str, float], None]
 _enc = msgspec.json.Encoder()
 _meta_dec = msgspec.json.Decoder(dict[str, Any])
 _BUYER_FIELDS = ("paused", "hid", "hn", "did", "dn", "wid", "wn", "mid", "mn", "tn",
@@ -148,10 +150,10 @@ class PingPost:
                  batcher: Callable[[str], Batcher], ingest: Ingest,
                  sync: SyncRouter | None = None, *,
                  observer: PingObserver | None = None,
-                 latency: BidLatency | None = None) -> None:
+                 bids: BidObserver | None = None) -> None:
         self._runtime, self.store, self._batcher = runtime, store, batcher
         self.ingest, self.sync = ingest, sync
-        self.observer, self.latency = observer, latency
+        self.observer, self.bids = observer, bids
         self._clock = WindowClock()
         self._cfg: Config | None = None
         self._bidders: dict[str, list[_Bidder]] = {}  # campaign -> ping buyers
@@ -273,9 +275,8 @@ class PingPost:
             "bids": bids,
         }
         res = await self.store.ping_hold(tenant, call)
-        if not res.rp and not test:
+        if not res.rp and not test:  # (its lazy releases are counted from res.e)
             self._count("hold", plan.id, "placed", len(res.held_list))
-            self._count("hold", plan.id, "expired", res.x)
         return self._ping_answer(msgspec.to_builtins(res), plan.id, replay=res.rp)
 
     def _ping_answer(self, r: Mapping[str, Any], campaign: str, *, replay: bool
@@ -287,7 +288,7 @@ class PingPost:
                                        for b in (bids if isinstance(bids, list) else [])],
             expires_at=r.get("xa") or None, test=int(r.get("t") or 0) == 1)
         if not replay:
-            self._count("ping", campaign, resp.status)
+            self._count("ping", campaign, resp.status.lower())
         return 200, resp
 
     async def _get(self, key: str) -> Any:
@@ -350,17 +351,20 @@ class PingPost:
             tasks[asyncio.create_task(ask(session, b.reader, ping_id=ping_id, buyer=b.buyer,
                                           fields=fields, timeout_ms=timeout))] = b
         if tasks:
+            sent = time.perf_counter()
             done, pending = await asyncio.wait(
                 tasks, timeout=max(deadline - time.monotonic(), 0) + 0.05)
             for t in pending:  # past the deadline: no bid
                 t.cancel()
                 self._count("bid", campaign, "timeout")
+                if self.bids is not None:
+                    self.bids(campaign, tasks[t].buyer, "timeout", time.perf_counter() - sent)
             for t in done:
                 b = tasks[t]
                 bid, outcome, seconds = t.result()
                 self._count("bid", campaign, outcome)
-                if self.latency is not None:
-                    self.latency(campaign, b.buyer, seconds)
+                if self.bids is not None:
+                    self.bids(campaign, b.buyer, outcome, seconds)
                 if bid is not None:
                     out.append((b, bid))
             if pending:
@@ -371,20 +375,30 @@ class PingPost:
 
     async def post(self, data: object, raw: bytes, idempotency_key: str | None = None
                    ) -> tuple[int, LeadResponse]:
+        """A post, counted (``post``, by campaign and status) unless its seller was not
+        recognised or it is a replay: with the pings, the ping-to-post ratio."""
+        status, resp, campaign = await self._post(data, raw, idempotency_key)
+        if campaign:
+            self._count("post", campaign, resp.status.lower())
+        return status, resp
+
+    async def _post(self, data: object, raw: bytes, idempotency_key: str | None
+                    ) -> tuple[int, LeadResponse, str]:
+        """The post's answer and its campaign ("" when it is not counted)."""
         rt = self._runtime()
         seller = self._seller(data, rt)
         if isinstance(seller, Answer):
-            return seller.http_status, seller.response
+            return seller.http_status, seller.response, ""
         plan, supplier = seller
         assert isinstance(data, dict)
         parsed = _post_ids(data)
         if isinstance(parsed[0], int):
-            return parsed
+            return parsed[0], parsed[1], plan.id
         ping_id, accepted = parsed
         lead_data = {k: v for k, v in data.items() if k not in ("lp_ping_id", "bid_ids")}
         step = self.ingest.prepare(lead_data, raw, idempotency_key)
         if isinstance(step, Answer):
-            return step.http_status, step.response
+            return step.http_status, step.response, plan.id
         tenant = plan.tenant
         pk = keys.ping(tenant, ping_id)
         try:
@@ -392,18 +406,20 @@ class PingPost:
         except UNAVAILABLE as exc:
             raise StoreUnavailable(f"redis unavailable: {type(exc).__name__}") from exc
         if got[0] is None:
-            return 404, error(Codes.UNKNOWN_PING, f"unknown ping {ping_id!r}")
+            return 404, error(Codes.UNKNOWN_PING, f"unknown ping {ping_id!r}"), plan.id
         meta = _meta_dec.decode(got[0])
         if meta["c"] != plan.id:
-            return 404, error(Codes.UNKNOWN_PING, f"unknown ping {ping_id!r} of this campaign")
+            return (404, error(Codes.UNKNOWN_PING, f"unknown ping {ping_id!r} of this campaign"),
+                    plan.id)
         if meta["s"] != supplier.id:
-            return 403, error(Codes.PING_SUPPLIER, "the ping was made by another supplier")
+            return (403, error(Codes.PING_SUPPLIER, "the ping was made by another supplier"),
+                    plan.id)
         lead = decode_lead(step.lead.json)
         replay = await self._recorded(tenant, lead.key, lead.key2)
         if not replay:
-            refused = _refusal(_s(got[1]), int(got[2] or 0), meta, step.lead.payload)
-            if refused is not None:
-                return refused
+            refusal = _refusal(_s(got[1]), int(got[2] or 0), meta, step.lead.payload)
+            if refusal is not None:
+                return refusal[0], refusal[1], plan.id
         answer = _meta_dec.decode(got[3]) if got[3] else {}
         offered = [b["bid_id"] for b in answer.get("bids") or []
                    if isinstance(answer.get("bids"), list)]
@@ -413,7 +429,7 @@ class PingPost:
             unknown = [x for x in accepted if x not in offered]
             if unknown:
                 return 422, error(Codes.UNKNOWN_BID, "not bids of this ping: "
-                                  + ", ".join(unknown))
+                                  + ", ".join(unknown)), plan.id
         wanted = set(accepted if shared and accepted is not None else offered)
         holding = {_s(f)[2:] for f in await self._fields(pk) if _s(f).startswith("h:")}
         # a test ping holds nothing: its post is decided (nothing sold) on every bid
@@ -438,7 +454,7 @@ class PingPost:
                 self._count("hold", plan.id, "released", released)
         return ({Codes.UNKNOWN_PING: 404, Codes.PING_POSTED: 409, Codes.PING_EXPIRED: 410}
                 .get(d.code, Pending(plan, supplier, step.lead).outcome(d).http_status),
-                lead_response(d, supplier))
+                lead_response(d, supplier), "" if d.replay else plan.id)
 
     def _candidates(self, plan: CampaignPlan, step: Pending, bids: list[list[Any]],
                     wanted: set[str], shared: bool) -> list[Candidate | str]:

@@ -380,14 +380,24 @@ class Metrics:
         )
 
     def _ping_metrics(self) -> None:
-        # (campaign, status)
+        # (campaign, status): status lower-cased, as leads_received's
         self.pings = self._children(self._counter(
             "pings_total", "Pings answered (ping-post), by campaign and status.",
             ["campaign", "status"]), "pings")
+        # (campaign, status): the posts of pings (replays not counted); with pings_total,
+        # the ping-to-post ratio
+        self.ping_posts = self._children(self._counter(
+            "ping_posts_total", "Posts of pings answered (ping-post), by campaign and status.",
+            ["campaign", "status"]), "ping_posts")
         # (campaign, outcome): bid | no_bid | timeout | error | ineligible
         self.ping_bids = self._children(self._counter(
             "ping_bids_total", "Ping buyers asked for a bid, by campaign and outcome.",
             ["campaign", "outcome"]), "ping_bids")
+        # (buyer, outcome): bid | no_bid | timeout | error, one per request sent
+        self.ping_bid_requests = self._children(self._counter(
+            "ping_bid_requests_total",
+            "Bid requests sent to ping buyers, by buyer and outcome (timeout: the buyer's "
+            "timeout or the ping's deadline).", ["buyer", "outcome"]), "ping_bid_requests")
         # (event,): placed | settled | released | expired
         self.holds = self._children(self._counter(
             "holds_total", "Ping-post holds of buyers' funds, by event.", ["event"]),

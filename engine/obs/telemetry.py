@@ -108,13 +108,16 @@ def script_observer(script: str, seconds: float, events: Iterable[Any]) -> None:
 
 
 def events_observer(events: Iterable[Any]) -> None:
-    """Events a Lua script emitted (``[type, count, ...]``): counted by type; pauses by
-    reason."""
+    """Events a Lua script emitted (``[type, count, ...]``): counted by type; pauses
+    (``paused:<reason>``) by reason; ``hold:expired``, the ping-post holds a script released
+    past their expiry as it read an account, in ``leadflow_holds_total``."""
     flat = list(events) if not isinstance(events, dict) else []
     for etype, n in zip(flat[::2], flat[1::2], strict=False):
         name = str(etype)
         if name.startswith("paused:"):
             METRICS.buyers_paused(name.removeprefix("paused:")).inc(int(n))
+        elif name.startswith("hold:"):  # ping-post holds released lazily past expiry
+            count(METRICS.holds(name.removeprefix("hold:")), int(n))
         else:
             METRICS.events_emitted(name).inc(int(n))
 
@@ -191,16 +194,21 @@ async def _stream_gauges(client: aioredis.Redis, tenants: Sequence[str]) -> None
 
 
 def ping_observer(event: str, campaign: str, label: str, n: int) -> None:
-    """engine.ingest.pingpost's counts: pings, bids, holds (see PingObserver)."""
+    """engine.ingest.pingpost's counts: pings, posts, bids, holds (see PingObserver)."""
     if event == "ping":
         count(METRICS.pings(campaign, label), n)
+    elif event == "post":
+        count(METRICS.ping_posts(campaign, label), n)
     elif event == "bid":
         count(METRICS.ping_bids(campaign, label), n)
     else:
         count(METRICS.holds(label), n)
 
 
-def bid_latency(campaign: str, buyer: str, seconds: float) -> None:
+def bid_observer(campaign: str, buyer: str, outcome: str, seconds: float) -> None:
+    """One bid request sent to a ping buyer: its outcome and latency, by buyer (the
+    timeout-rate alert's numerator and denominator)."""
+    count(METRICS.ping_bid_requests(buyer, outcome))
     observe(METRICS.bid_duration(buyer), seconds)
 
 

@@ -239,7 +239,7 @@ class Service:
             identity=identity,
             invite_ttl_hours=s.invite_ttl_hours,
             ping_observer=telemetry.ping_observer,
-            bid_latency=telemetry.bid_latency,
+            bid_observer=telemetry.bid_observer,
         )
         stack.push_async_callback(app.pingpost.close)
         _mount_billing(app, billing)

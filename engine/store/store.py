@@ -90,8 +90,7 @@ class PingHoldResult(msgspec.Struct, frozen=True):
     xa: str = ""
     t: int = 0
     rp: bool = False
-    e: list[str | int] | dict[str, Any] = []
-    x: int = 0  # holds released past their expiry by this call
+    e: list[str | int] | dict[str, Any] = []  # with "hold:expired" (lazy releases)
 
     @property
     def bid_list(self) -> list[PingBid]:
@@ -305,10 +304,10 @@ class Store:
             ],
         )
         res = _adjust_dec.decode(raw)
-        if res.ok and not res.replay:
-            if self.observer is not None:
+        if not res.replay:
+            if res.ok and self.observer is not None:
                 self.observer(kind, delta)
-            self._count_events(res.events)
+            self._count_events(res.events)  # a refusal's: holds it released past expiry
         return res
 
     async def refund_sale(

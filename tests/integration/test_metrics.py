@@ -114,6 +114,12 @@ REQUIRED = {
     "leadflow_build_info": ("gauge", {"version", "revision", "python"}),
     "leadflow_account_balance_micros": ("gauge", {"tenant", "account"}),
     "leadflow_account_floor_micros": ("gauge", {"tenant", "account"}),
+    "leadflow_pings": ("counter", {"campaign", "status"}),
+    "leadflow_ping_posts": ("counter", {"campaign", "status"}),
+    "leadflow_ping_bids": ("counter", {"campaign", "outcome"}),
+    "leadflow_ping_bid_requests": ("counter", {"buyer", "outcome"}),
+    "leadflow_ping_bid_duration_seconds": ("histogram", {"buyer"}),
+    "leadflow_holds": ("counter", {"event"}),
 }
 
 

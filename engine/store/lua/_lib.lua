@@ -133,7 +133,10 @@ end
 -- available balance then only looks smaller, never larger).
 local NOW = nil
 local function clock(now) NOW = tonumber(now) end
-local HOLDS_EXPIRED = 0  -- holds released past their expiry by this call (metrics)
+-- A hold released here past its expiry is counted in EMITTED as 'hold:expired' (with the
+-- events: journaled, so a unit taken back does not count it), and every script returns
+-- EMITTED (emitted_list): leadflow_holds_total{event="expired"} (engine.obs.telemetry).
+local HOLD_EXPIRED = 'hold:expired'
 local LAZY_MAX = 64  -- the most expired holds of one account released by one read
 
 -- One open hold released: the account's holds ZSET is the authority (a member removed
@@ -179,7 +182,7 @@ local function expire_holds(p, id)
   for i = 1, #due do
     local ping, buyer, amount = string.match(due[i], '^(.*)|(.*)|(%d+)$')
     if ping and unhold(p, id, ping, buyer, tonumber(amount)) then
-      HOLDS_EXPIRED = HOLDS_EXPIRED + 1
+      count(EMITTED, HOLD_EXPIRED, 1)
     end
   end
 end

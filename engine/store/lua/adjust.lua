@@ -24,7 +24,8 @@
 -- Returns JSON: {"ok":true,"balance":"<micros>","entry":"<ledger id>","replay":false,
 --                "delta":"<micros>"}   (the op's delta, so a caller can tell a replay of
 --                                       the same key with another amount)
---           or  {"ok":false,"error":"unknown_account"|"below_floor"|"closed"|"balance_limit"}
+--           or  {"ok":false,"error":"unknown_account"|"below_floor"|"closed"|"balance_limit",
+--                "events": [...]}  (a refusal's events: only 'hold:expired' counts)
 --
 -- All or nothing (atomically, _lib.lua): a failure after the balance change (the op id's
 -- SET) takes it back, so a retry under the same op id cannot move money twice.
@@ -46,14 +47,20 @@ if opid ~= '' then
   end
 end
 
+-- a refusal moves no money, but reading the account may have released expired holds
+-- (counted in its events, 'hold:expired')
+local function refuse(why)
+  return cjson.encode({ok = false, error = why, events = emitted_list()})
+end
+
 return atomically(p, function()
   local a = acct(p, id)
-  if not a then return cjson.encode({ok = false, error = 'unknown_account'}) end
-  if a.closed and ARGV[9] == '1' then return cjson.encode({ok = false, error = 'closed'}) end
-  if math.abs(a.bal + delta) > 1e15 then return cjson.encode({ok = false, error = 'balance_limit'}) end
+  if not a then return refuse('unknown_account') end
+  if a.closed and ARGV[9] == '1' then return refuse('closed') end
+  if math.abs(a.bal + delta) > 1e15 then return refuse('balance_limit') end
   if delta < 0 and enforce and a.mode ~= 'none' then
-    if a.closed then return cjson.encode({ok = false, error = 'closed'}) end
-    if a.bal - a.held + delta < a.floor then return cjson.encode({ok = false, error = 'below_floor'}) end
+    if a.closed then return refuse('closed') end
+    if a.bal - a.held + delta < a.floor then return refuse('below_floor') end
   end
 
   local extra = cjson.decode(ARGV[8])

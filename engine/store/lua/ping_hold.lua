@@ -24,7 +24,8 @@
 -- The answer is stored in the ping hash ("a") and under the idempotency key, so a replay
 -- returns it and changes nothing. Returns JSON {"s": ACCEPTED | REJECTED, "c": code,
 -- "m": message, "id": ping id, "bids": [{"bid_id", "price"}], "held": [[buyer, micros]],
--- "xa": expires_at, "rp": true on a replay, "e": events, "x": holds expired meanwhile}.
+-- "xa": expires_at, "rp": true on a replay, "e": events (with "hold:expired": the holds
+-- of the bidders' accounts released past their expiry as they were read)}.
 
 local p = KEYS[1]
 local q = cjson.decode(ARGV[1])
@@ -104,6 +105,5 @@ return atomically(p, function()
     note1('k', ik)
   end
   r.e = emitted_list()
-  r.x = HOLDS_EXPIRED
   return cjson.encode(r)
 end)
