@@ -8,15 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from prometheus_client import REGISTRY
 
 from engine.core import keys
-from tests.helpers.buyers import Buyers
+from tests.helpers.buyers import Buyers, buyer_servers
 from tests.integration.test_pingpost import (
     LEAD,
     _fresh,
     bidder,
-    buyers,  # noqa: F401 - the fixture
     fixed,
     held,
     ping,
@@ -24,6 +24,11 @@ from tests.integration.test_pingpost import (
     pp_campaign,
 )
 
+
+@pytest.fixture
+async def buyers() -> Any:
+    async with buyer_servers() as b:
+        yield b
 
 class Counts:
     """The samples named in ``wanted`` now; :meth:`delta` their growth since."""
