@@ -85,6 +85,11 @@ class PingPost(_Shape, kw_only=True):
     sell_limit: int = 3  # shared: at most this many bids sold
     margin: Margin = msgspec.field(default_factory=Margin)
     min_bid: str = "0.00"  # bids below this are dropped
+    # with a campaign dedupe: the hashes a seller may send at ping (``<field>_md5``,
+    # ``<field>_sha256``) for the duplicate check there; each is one more dedupe mark per
+    # sale (docs/pingpost.md, "Duplicates at ping"). [] turns the check off
+    dedupe_hashes: list[Literal["md5", "sha256"]] = msgspec.field(
+        default_factory=lambda: ["md5", "sha256"])
 
 
 class Campaign(_Shape, kw_only=True):

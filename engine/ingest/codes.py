@@ -23,7 +23,8 @@ class Codes:
 
     ACCEPTED = 0
     ACCEPTED_PENDING = 1  # sync mode: a waterfall still running (or cut off by a crash)
-    DUPLICATED = 100  # 101: duplicate for every matching buyer (buyer-scope dedupe)
+    DUPLICATED = 100  # a lead with the same dedupe values was sold (ping: their hashes)
+    ALL_DUPLICATED = 101  # duplicate for every matching buyer (buyer-scope dedupe)
     # REJECTED: 200 no buyer matched, 201 all at caps, 202 paused/unfunded, 203 tenant wallet
     ALL_REJECTED = 204  # sync mode: every buyer the lead was sent to rejected it
     NO_VERDICT = 205  # sync mode: the deadline passed before a buyer accepted

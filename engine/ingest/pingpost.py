@@ -54,7 +54,7 @@ from engine.ingest.ingest import (
     window_ids,
 )
 from engine.routing.fields import CampaignSchema, FieldError
-from engine.routing.plans import BuyerPlan, CampaignPlan
+from engine.routing.plans import HASH_HEX, BuyerPlan, CampaignPlan
 from engine.routing.runtime import Runtime, SupplierPlan
 from engine.routing.schedule import WindowClock
 from engine.store.lua_protocol import Candidate, Decision, decode_lead, encode_lead
@@ -80,7 +80,7 @@ _BUYER_FIELDS = ("paused", "hid", "hn", "did", "dn", "wid", "wn", "mid", "mn", "
 
 
 class PingResponse(msgspec.Struct, omit_defaults=True):
-    status: str  # ACCEPTED | REJECTED | ERROR
+    status: str  # ACCEPTED | REJECTED | DUPLICATED | ERROR
     code: int
     message: str = ""
     ping_id: str | None = None
@@ -226,6 +226,7 @@ class PingPost:
         windows, local = self._clock.get(plan.tz, time.time())
         values, errors = schema.validate(data, today=local.date())
         errors += subid_errors(data)
+        hashed = _hashed_values(plan, data, errors)
         if errors:
             names = ", ".join(sorted({e.field for e in errors}))
             return 422, ping_error(Codes.INVALID_FIELDS, f"invalid fields: {names}", errors)
@@ -238,11 +239,19 @@ class PingPost:
             prior: Any = await self._get(keys.idem(tenant, ikey))
             if prior is not None:
                 return self._ping_answer(msgspec.json.decode(prior), plan.id, replay=True)
+        if hashed and await self._exists(tenant, plan.hashed_prints(hashed)):
+            return self._ping_answer({"s": "DUPLICATED", "c": Codes.DUPLICATED, "t": test,
+                                      "m": "duplicate of a lead sold in this campaign"},
+                                     plan.id, replay=False)
         ping_id = new_lead_id()
         win = window_ids(windows)
-        eligible = await self._eligible(plan, bidders, values, local, win, windows.weekday,
-                                        money.parse(pp.min_bid))
+        eligible, dups = await self._eligible(plan, bidders, values, local, win,
+                                              windows.weekday, money.parse(pp.min_bid), hashed)
         self._count("bid", plan.id, "ineligible", len(bidders) - len(eligible))
+        if dups and not eligible:  # buyer-scope dedupe: every matching buyer bought it
+            return self._ping_answer({"s": "DUPLICATED", "c": Codes.ALL_DUPLICATED, "t": test,
+                                      "m": "every matching buyer already bought this lead"},
+                                     plan.id, replay=False)
         fields = {**values, "ping_id": ping_id, "campaign_id": plan.id}
         if test:
             fields["test"] = "true"
@@ -297,15 +306,28 @@ class PingPost:
         except UNAVAILABLE as exc:
             raise StoreUnavailable(f"redis unavailable: {type(exc).__name__}") from exc
 
+    async def _exists(self, tenant: str, prints: list[str]) -> bool:
+        """Whether any of these dedupe marks exists (a lead sold with those values)."""
+        if not prints:
+            return False
+        try:
+            n: Any = await self.store.redis.exists(*(keys.dup(tenant, fp) for fp in prints))
+        except UNAVAILABLE as exc:
+            raise StoreUnavailable(f"redis unavailable: {type(exc).__name__}") from exc
+        return bool(n)
+
     async def _eligible(self, plan: CampaignPlan, bidders: list[_Bidder],
                         values: Mapping[str, str], local: Any, win: list[str], weekday: int,
-                        min_bid: int) -> list[_Bidder]:
+                        min_bid: int, hashed: Mapping[str, Mapping[str, str]]
+                        ) -> tuple[list[_Bidder], int]:
         """The ping buyers that may bid now: filters (on the ping fields), schedule and
-        status here; pause, breaker, caps and funds from one pipelined read."""
+        status here; pause, breaker, caps, funds and (buyer-scope dedupe, hashed values at
+        ping) duplicates from one pipelined read. With the number of buyers left out as
+        duplicates."""
         first = [b for b in bidders if b.plan.active and b.plan.schedule.is_open(local)
                  and b.plan.filter.matches(values)]
         if not first:
-            return []
+            return [], 0
         tenant = plan.tenant
         pipe = self.store.redis.pipeline(transaction=False)
         for b in first:
@@ -313,16 +335,22 @@ class PingPost:
             pipe.exists(keys.breaker(tenant, b.buyer))
             pipe.hmget(keys.acct(tenant, b.plan.account),
                        ["bal", "floor", "mode", "paused", "closed", "held"])
+            if hashed:  # buyer-scope marks of the hashed values (none: EXISTS of none)
+                prints = plan.hashed_prints(hashed, b.plan)
+                pipe.exists(*(keys.dup(tenant, fp) for fp in prints or ["-"]))
         try:
             got: list[Any] = await pipe.execute()
         except UNAVAILABLE as exc:
             raise StoreUnavailable(f"redis unavailable: {type(exc).__name__}") from exc
-        out = []
+        out, dups, n = [], 0, 4 if hashed else 3
         for i, b in enumerate(first):
-            state = [_s(x) for x in got[3 * i]]
-            acct = [_s(x) for x in got[3 * i + 2]]
+            state = [_s(x) for x in got[n * i]]
+            acct = [_s(x) for x in got[n * i + 2]]
             least = max(min_bid, b.plan.price if b.reader is None else 1)
-            if state[0] or got[3 * i + 1] or not acct[0]:
+            if hashed and got[n * i + 3]:
+                dups += 1
+                continue
+            if state[0] or got[n * i + 1] or not acct[0]:
                 continue
             if _over_cap(b.plan.cap_array(weekday), state, win, least):
                 continue
@@ -331,7 +359,7 @@ class PingPost:
                 if acct[3] or acct[4] == "1" or int(acct[0]) - int(acct[5] or 0) - least < floor:
                     continue
             out.append(b)
-        return out
+        return out, dups
 
     async def _collect(self, campaign: str, eligible: list[_Bidder], ping_id: str,
                        fields: Mapping[str, Any], deadline: float
@@ -487,6 +515,28 @@ class PingPost:
             if name and await self._get(keys.idem(tenant, name)) is not None:
                 return True
         return False
+
+
+def _hashed_values(plan: CampaignPlan, data: Mapping[str, Any], errors: list[FieldError]
+                   ) -> dict[str, dict[str, str]]:
+    """The hashed dedupe values of a ping (``<field>_<alg>``: hex, lower-cased here), by
+    algorithm then field; a malformed one is an error. Empty without a campaign dedupe."""
+    out: dict[str, dict[str, str]] = {}
+    if plan.dedupe is None:
+        return out
+    for alg in plan.dedupe_hashes:
+        for name in plan.dedupe.fields:
+            value = data.get(f"{name}_{alg}")
+            if value is None or value == "":
+                continue
+            text = value.strip().lower() if isinstance(value, str) else ""
+            if len(text) != HASH_HEX[alg] or text.strip("0123456789abcdef"):
+                errors.append(FieldError(f"{name}_{alg}", "invalid_hash",
+                                         f"must be the {alg} of the value, "
+                                         f"{HASH_HEX[alg]} hex digits"))
+                continue
+            out.setdefault(alg, {})[name] = text
+    return out
 
 
 def _post_ids(data: Mapping[str, Any]

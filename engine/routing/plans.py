@@ -11,9 +11,10 @@ from __future__ import annotations
 import hashlib
 import itertools
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import msgspec
@@ -46,6 +47,36 @@ def _dedupe_prints(dedupe: Dedupe | None, scope: str, lead: Mapping[str, str]) -
         values = [lead.get(f, "") for f in dedupe.fields]
         return [fingerprint(scope, [*dedupe.fields, *values])] if all(values) else []
     return [fingerprint(scope, [f, lead[f]]) for f in dedupe.fields if lead.get(f)]
+
+
+# the hashes a seller may send at ping instead of a dedupe field (docs/pingpost.md)
+HASHES: dict[str, Callable[[bytes], Any]] = {"md5": hashlib.md5, "sha256": hashlib.sha256}
+HASH_HEX = {"md5": 32, "sha256": 64}  # hex digits of each
+
+
+def hashed_text(kind: str, value: str) -> str:
+    """What a seller hashes for the duplicate check at ping, from a field's normalized
+    value (engine.routing.fields): the value itself (an e-mail trimmed and lower-cased),
+    but a phone as digits-only E.164 ("1" and its 10 NANP digits)."""
+    return "1" + value if kind == "phone" else value
+
+
+def hash_hex(alg: str, kind: str, value: str) -> str:
+    """The lower-case hex digest a seller sends as ``<field>_<alg>`` for this value."""
+    return str(HASHES[alg](hashed_text(kind, value).encode()).hexdigest())
+
+
+def _hashed_prints(dedupe: Dedupe, scope: str, alg: str, hexes: Mapping[str, str]
+                   ) -> list[str]:
+    """The marks of hashed dedupe values (``hexes``: field -> hex digest), as
+    :func:`_dedupe_prints` builds them from plain values; ``<field>#<alg>`` in place of the
+    field name, which a field name cannot contain, so they never meet a plain mark."""
+    names = [f"{f}#{alg}" for f in dedupe.fields]
+    if dedupe.match == "all":
+        values = [hexes.get(f, "") for f in dedupe.fields]
+        return [fingerprint(scope, [*names, *values])] if all(values) else []
+    return [fingerprint(scope, [n, hexes[f]]) for f, n in zip(dedupe.fields, names, strict=True)
+            if hexes.get(f)]
 
 
 def _cap(value: int | None) -> int:
@@ -130,6 +161,12 @@ class CampaignPlan:
         self.dedupe = campaign.dedupe
         self.dedupe_ttl_s = (campaign.dedupe.days if campaign.dedupe else 1) * 86_400
         self.buyer_scope = campaign.dedupe is not None and campaign.dedupe.scope == "buyer"
+        # ping-post with a dedupe: each sale also marks its values' hashes, which a ping
+        # may be checked against (docs/pingpost.md, "Duplicates at ping")
+        pp = campaign.ping_post
+        self.dedupe_hashes: list[str] = (list(pp.dedupe_hashes)
+                                         if pp is not None and campaign.dedupe else [])
+        self._kinds = {f.name: f.type for f in campaign.fields}
         buyers = [b for b in cfg.buyers if b.tenant == tenant.id and b.campaign == campaign.id]
         self.buyers = [self._buyer(cfg, b, fee_out) for b in buyers]
         weights = [b.weight if self.method == "weighted_round_robin" else 1 for b in self.buyers]
@@ -229,12 +266,34 @@ class CampaignPlan:
     def campaign_prints(self, lead: Mapping[str, str]) -> list[str]:
         if self.dedupe is None or self.buyer_scope:
             return []
-        return _dedupe_prints(self.dedupe, "c:" + self.id, lead)
+        return self._prints("c:" + self.id, lead)
 
     def buyer_prints(self, buyer: BuyerPlan, lead: Mapping[str, str]) -> list[str]:
         if not self.buyer_scope:
             return []
-        return _dedupe_prints(self.dedupe, "b:" + buyer.id, lead)
+        return self._prints("b:" + buyer.id, lead)
+
+    def _prints(self, scope: str, lead: Mapping[str, str]) -> list[str]:
+        """A lead's dedupe marks: of its values, and of their hashes (ping-post)."""
+        assert self.dedupe is not None
+        out = _dedupe_prints(self.dedupe, scope, lead)
+        for alg in self.dedupe_hashes:
+            hexes = {f: hash_hex(alg, self._kinds.get(f, "text"), lead[f])
+                     for f in self.dedupe.fields if lead.get(f)}
+            out += _hashed_prints(self.dedupe, scope, alg, hexes)
+        return out
+
+    def hashed_prints(self, hashed: Mapping[str, Mapping[str, str]],
+                      buyer: BuyerPlan | None = None) -> list[str]:
+        """The marks a ping's hashed dedupe values (``hashed``: alg -> field -> hex) are
+        checked against: the campaign's, or with ``buyer`` (buyer-scope dedupe) its own."""
+        if self.dedupe is None or self.buyer_scope != (buyer is not None):
+            return []
+        scope = "c:" + self.id if buyer is None else "b:" + buyer.id
+        out: list[str] = []
+        for alg, hexes in hashed.items():
+            out += _hashed_prints(self.dedupe, scope, alg, hexes)
+        return out
 
     def inline_candidates(self, order: list[int], lead: Mapping[str, str], weekday: int
                           ) -> list[Candidate | str]:
