@@ -83,7 +83,8 @@ class LeadPost(msgspec.Struct):
 
 class PingBody(LeadPost):
     """A ping (docs/pingpost.md): the credentials and the campaign's ping fields only (no
-    personal data)."""
+    personal data); with a campaign dedupe, optionally the dedupe fields hashed
+    (``<field>_md5`` / ``<field>_sha256``, hex) for the duplicate check at ping."""
 
 
 class PostBody(LeadPost):
