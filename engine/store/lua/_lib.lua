@@ -175,6 +175,26 @@ local function unhold_ping(p, ping, buyer)
   return unhold(p, acct_id, ping, buyer, tonumber(amount))
 end
 
+-- A ping closed: every open hold of it released, and the ping, if still open (never
+-- posted), marked `state` ("released", "expired"). Returns the holds released. Leaving
+-- the sweep's ZSET is the caller's.
+local function close_ping(p, ping, state)
+  local pk = K.ping(p, ping)
+  local v = redis.call('HGETALL', pk)
+  local n = 0
+  for i = 1, #v, 2 do
+    if string.sub(v[i], 1, 2) == 'h:' and unhold_ping(p, ping, string.sub(v[i], 3)) then
+      n = n + 1
+    end
+  end
+  local st = redis.call('HGET', pk, 'st')
+  if st == 'open' then
+    redis.call('HSET', pk, 'st', state)
+    note3('h', pk, 'st', st)
+  end
+  return n
+end
+
 -- the account's holds past their expiry (at most LAZY_MAX), released
 local function expire_holds(p, id)
   local hk = K.holds(p, id)

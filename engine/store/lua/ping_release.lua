@@ -12,21 +12,9 @@
 local p, ping = KEYS[1], ARGV[1]
 clock(ARGV[2])
 return atomically(p, function()
-  local pk = K.ping(p, ping)
-  local v = redis.call('HGETALL', pk)
-  local n = 0
-  for i = 1, #v, 2 do
-    if string.sub(v[i], 1, 2) == 'h:' and unhold_ping(p, ping, string.sub(v[i], 3)) then
-      n = n + 1
-    end
-  end
-  local st = redis.call('HGET', pk, 'st')
-  if st == 'open' then
-    redis.call('HSET', pk, 'st', 'released')
-    note3('h', pk, 'st', st)
-  end
+  local n = close_ping(p, ping, 'released')
   if redis.call('ZREM', K.pings(p), ping) == 1 then
-    note3('za', K.pings(p), redis.call('HGET', pk, 'ex') or '0', ping)
+    note3('za', K.pings(p), redis.call('HGET', K.ping(p, ping), 'ex') or '0', ping)
   end
   return n
 end)

@@ -18,18 +18,7 @@ return atomically(p, function()
   local holds = 0
   for i = 1, #due, 2 do
     local ping = due[i]
-    local pk = K.ping(p, ping)
-    local v = redis.call('HGETALL', pk)
-    for j = 1, #v, 2 do
-      if string.sub(v[j], 1, 2) == 'h:' and unhold_ping(p, ping, string.sub(v[j], 3)) then
-        holds = holds + 1
-      end
-    end
-    local st = redis.call('HGET', pk, 'st')
-    if st == 'open' then
-      redis.call('HSET', pk, 'st', 'expired')
-      note3('h', pk, 'st', st)
-    end
+    holds = holds + close_ping(p, ping, 'expired')
     redis.call('ZREM', zk, ping)
     note3('za', zk, due[i + 1], ping)
   end
