@@ -20,6 +20,7 @@ MAX_FEE_BP = 1_500  # 15%
 CENT = 10_000  # micros
 MIN_THRESHOLD = 20 * money.MICROS
 MIN_AMOUNT = 100 * money.MICROS
+MIN_ALERT = 1 * money.MICROS  # seed 001: balance alerts at least $1.00
 _ar_dec = msgspec.json.Decoder(AutoRecharge)
 
 
@@ -51,6 +52,15 @@ def validate(ar: AutoRecharge) -> None:
     if cap < amount:
         raise InvalidRequest("max_amount_per_day: at least one recharge amount",
                              code="invalid_cap")
+
+
+def check_alert(text: str) -> int:
+    """A balance alert threshold (PUT /alert): a decimal string of at least $1.00, in micros."""
+    alert = money.parse(text, field="threshold")
+    if alert < MIN_ALERT:
+        raise InvalidRequest(f"threshold: the minimum is ${money.format(MIN_ALERT)}",
+                             code="alert_too_small")
+    return alert
 
 
 def threshold_flags(ar: AutoRecharge) -> tuple[bool, int]:

@@ -10,7 +10,7 @@ value with its documented code (``invalid_amount``, ``invalid_quantity``, ...).
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
@@ -145,11 +145,26 @@ class TransactionPage(msgspec.Struct):
     next_cursor: str | None
 
 
+class AlertBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The account's own balance alert: ``balance_alert`` (and its e-mail) when the balance
+    falls below ``threshold``, at least 1.00; ``null``: the tenant's default (its config)
+    again. An own threshold outlives config reloads."""
+
+    threshold: Money | None
+
+
+class AlertSettings(msgspec.Struct, kw_only=True):
+    threshold: MoneyOut  # in force ("0.00": no alert)
+    # "account": the account's own (PUT /alert), kept over reloads; "config": the tenant's
+    source: Literal["account", "config"]
+
+
 class Overview(msgspec.Struct, kw_only=True):
     account: str
     balance: MoneyOut
     floor: MoneyOut
     alert: MoneyOut
+    alert_source: Literal["account", "config"] = "config"  # as AlertSettings.source
     paused: str  # "" or the pause reason
     closed: bool
     auto_recharge: AutoRechargeSettings

@@ -16,9 +16,11 @@ from typing import Any
 
 import msgspec
 
-from billing import archive, funding, recharge, usage
+from billing import archive, funding, policy, recharge, usage
 from billing.context import BillingContext
 from billing.schemas import (
+    AlertBody,
+    AlertSettings,
     AttachBody,
     AutoRechargeSettings,
     BalanceRefund,
@@ -52,6 +54,7 @@ OVERVIEW_ENTRIES = 10  # payments, and ledger entries, an overview shows (newest
 _fund = msgspec.json.Decoder(FundBody)
 _attach = msgspec.json.Decoder(AttachBody)
 _auto = msgspec.json.Decoder(AutoRecharge)
+_alert = msgspec.json.Decoder(AlertBody)
 _usage = msgspec.json.Decoder(Usage)
 _batch = msgspec.json.Decoder(BatchBody)
 
@@ -198,6 +201,19 @@ class _BillingApi:
         saved = await recharge.configure(self.ctx, tenant, account, ar)
         return json_response(_settings(saved))
 
+    async def alert(self, req: Request) -> Response:
+        """PUT /v1/accounts/{id}/alert {"threshold": "25.00"} (null: the config's again)."""
+        tenant, account = self._account_of(req)
+        body: AlertBody = decode_body(req, _alert)
+        own = None if body.threshold is None else policy.check_alert(body.threshold)
+        default = money.parse(self.ctx.settings(tenant, account).alert)
+        if not await self.ctx.store.set_alert(tenant, account, own, default, ref="api"):
+            raise InvalidRequest(f"account {account} is not provisioned",
+                                 code="unknown_account")
+        return json_response(AlertSettings(threshold=money.format(default if own is None
+                                                                  else own),
+                                           source="config" if own is None else "account"))
+
     async def record_usage(self, req: Request) -> Response:
         """POST /v1/usage {account, meter, quantity, event_id}."""
         tenant = _tenant(req)
@@ -270,6 +286,7 @@ class _BillingApi:
             balance=money.format(state.balance),
             floor=money.format(state.floor),
             alert=money.format(state.alert),
+            alert_source="account" if state.own_alert else "config",
             paused=state.paused, closed=state.closed,
             auto_recharge=_settings(await recharge.settings(self.ctx, tenant, account)),
             payment_methods=await self.ctx.methods.all(tenant, account),
@@ -289,6 +306,7 @@ class _BillingApi:
             ("DELETE", f"{base}/payment-methods/{{pm}}", self.method_action("detach")),
             ("POST", f"{base}/refund-balance", self.refund_balance),
             ("PUT", f"{base}/auto-recharge", self.auto_recharge),
+            ("PUT", f"{base}/alert", self.alert),
             ("POST", "/v1/usage", self.record_usage),
             ("POST", "/v1/usage/batch", self.record_batch),
             ("GET", f"{base}/transactions", self.transactions),

@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 from billing.schemas import (
     IDEMPOTENCY_KEY_PATTERN,
+    AlertBody,
+    AlertSettings,
     AttachBody,
     AutoRechargeSettings,
     BalanceRefund,
@@ -582,6 +584,20 @@ ENDPOINTS: tuple[Endpoint, ...] = (
          404: NO_ACCOUNT,
          409: err("enabling needs a card on file", "no_payment_method")},
         body=AutoRecharge, params=(ACCOUNT_ID,), tenant=True, buyer="account",
+    ),
+    Endpoint(
+        "PUT", ACCOUNT + "/alert", "setBalanceAlert", "Set the account's balance alert",
+        "billing",
+        {200: ok(AlertSettings, "the threshold in force"),
+         400: err("refused, nothing changed", *NOT_JSON, "invalid_amount", "alert_too_small",
+                  "unknown_account"),
+         404: NO_ACCOUNT},
+        description=(
+            "`balance_alert` (and its e-mail) once when the balance falls below the threshold; "
+            "at once when the new threshold lies above the balance. An own threshold "
+            "outlives config reloads (docs/billing.md \"Balance alerts\"); `null` puts the "
+            "tenant's default (`alert` of the config) back in force."),
+        body=AlertBody, params=(ACCOUNT_ID,), tenant=True, buyer="account",
     ),
     Endpoint(
         "POST", "/v1/usage", "recordUsage", "Record one metered usage event", "usage",

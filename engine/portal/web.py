@@ -164,6 +164,7 @@ class Portal:
             Route(a + "/funds/preview", self.fund_preview, methods=["POST"]),
             Route(a + "/funds/pay", self.fund_pay, methods=["POST"]),
             Route(a + "/funds/auto-recharge", self.auto_recharge, methods=["POST"]),
+            Route(a + "/funds/alert", self.alert, methods=["POST"]),
             Route(a + "/funds/refund", self.refund, methods=["POST"]),
             Route(a + "/funds/cards", self.card_added, methods=["POST"]),
             Route(a + "/funds/cards/{pm}/{action}", self.card_action, methods=["POST"]),
@@ -693,15 +694,26 @@ class Portal:
             raise HTTPException(404)
         return ctx
 
+    async def _balance_account(self, request: Request, *, form: FormData | None = None
+                               ) -> Ctx:
+        """The Funds page and its balance alert: billing modes manual and realtime."""
+        ctx = await self._account(request, form=form)
+        if ctx.mode == "none":
+            raise HTTPException(404)
+        return ctx
+
     async def funds(self, request: Request, *, ctx: Ctx | None = None, status: int = 200,
                     **data: Any) -> Response:
-        ctx = ctx or await self._billing_account(request)
+        """Realtime: funding, cards, auto-recharge, refund and the balance alert; manual: the
+        balance and its alert only."""
+        ctx = ctx or await self._balance_account(request)
         overview = await self._call(ctx, "GET", self._path(ctx.account, "/overview"))
         bp = self._fee_bp(ctx)
         ar = overview["auto_recharge"]
         return self._render(request, ctx, "funds.html", status, overview=overview,
                             fee_percent=f"{bp / 100:g}", minimum=money.format(policy.MIN_FUNDING),
                             ar=ar, ar_mode="schedule" if ar["every_days"] else "threshold",
+                            min_alert=money.format(policy.MIN_ALERT),
                             when=self._when(ctx), **data)
 
     def _amount(self, text: str) -> int:
@@ -760,6 +772,23 @@ class Portal:
         except Failed as exc:
             return await self.funds(request, ctx=ctx, status=exc.status, error=exc.message)
         return await self.funds(request, ctx=ctx, message="Auto-recharge saved.")
+
+    async def alert(self, request: Request) -> Response:
+        """The account's own balance alert (PUT /alert), or the tenant's default again."""
+        form = await self._form(request)
+        ctx = await self._balance_account(request, form=form)
+        reset = form.get("reset") == "1"
+        threshold = None if reset else \
+            str(form.get("threshold", "")).strip().removeprefix("$").replace(",", "")
+        try:
+            done = await self._call(ctx, "PUT", self._path(ctx.account, "/alert"),
+                                    body={"threshold": threshold})
+        except Failed as exc:
+            return await self.funds(request, ctx=ctx, status=exc.status, error=exc.message)
+        under = "no alert" if money.parse(done["threshold"]) == 0 else \
+            f"an e-mail when the balance drops under {usd(done['threshold'])}"
+        return await self.funds(request, ctx=ctx, message=(
+            f"Balance alert saved: {under}" + (" (the default)." if reset else ".")))
 
     async def refund(self, request: Request) -> Response:
         form = await self._form(request)

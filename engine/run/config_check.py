@@ -43,7 +43,6 @@ from engine.delivery.verdict import ResponseMapper
 from engine.identity.credentials import KEY_PREFIX
 from engine.routing.runtime import Runtime
 
-MIN_ALERT = 1_000_000  # balance alerts: at least $1.00
 MAX_CARD_FEE_BP = 1_500  # pass-through card fee: up to 15%
 MAX_SYNC_DEADLINE_MS = 60_000  # a seller waits at most a minute for a sync-mode answer
 MAX_TIMEOUT_MS = 30_000  # a buyer webhook request: half the worker's 60 s claim-idle time
@@ -136,7 +135,7 @@ class _Checker:
             raise self.fail(f"{path}.opening_balance",
                             f"{money.format(opening)} is below the floor {money.format(floor)}")
         alert = self.money(acct.alert, f"{path}.alert")
-        if 0 < alert < MIN_ALERT or alert < 0:
+        if 0 < alert < policy.MIN_ALERT or alert < 0:
             raise self.fail(f"{path}.alert", "balance alerts start at $1.00 (or 0 to disable)")
         if acct.min_balance is not None and self.money(acct.min_balance, f"{path}.min_balance") < 0:
             raise self.fail(f"{path}.min_balance", "must not be negative")

@@ -39,6 +39,7 @@ _PARTS: dict[str, tuple[str, ...]] = {
     "refund": (_KEYS, _MONEY),
     "account_settings": (_KEYS, _MONEY),
     "arm_recharge": (_KEYS, _MONEY),
+    "alert_set": (_KEYS, _MONEY),
     "buyer_pause": (_KEYS, _MONEY),
     # ping-post holds (docs/pingpost.md)
     "ping_hold": (_KEYS, _MONEY),
@@ -121,6 +122,7 @@ class Scripts:
         self.refund = get("refund")
         self.account_settings = get("account_settings")
         self.arm_recharge = get("arm_recharge")
+        self.alert_set = get("alert_set")
         self.buyer_pause = get("buyer_pause")
         self.ping_hold = get("ping_hold")
         self.ping_release = get("ping_release")

@@ -67,6 +67,7 @@ class AccountState(msgspec.Struct, frozen=True):
     paused: str
     closed: bool
     held: int = 0  # open ping-post holds (micros); available = balance - held
+    own_alert: bool = False  # the alert is the account's own (PUT /alert), not the config's
 
     @property
     def available(self) -> int:
@@ -362,6 +363,18 @@ class Store:
         self._count_events(res.events)
         return res.ok
 
+    async def set_alert(self, tenant: str, account: str, own: int | None, default: int, *,
+                        ref: str) -> bool:
+        """The account's own balance alert threshold (``None``: the config's ``default`` back
+        in force), applied to its balance in the same step (lua/alert_set.lua:
+        ``balance_alert`` with ``ref`` when the new threshold lies above the balance). A
+        reload keeps an own threshold. False: no such account."""
+        raw = await self._run(self.lua.alert_set, tenant,
+                              [account, "" if own is None else own, default, now_ms(), ref])
+        res = _arm_dec.decode(raw)
+        self._count_events(res.events)
+        return res.ok
+
     def _count_events(self, events: Any) -> None:
         """Events a script emitted (``[type, count, ...]``), to ``events_observer``."""
         if self.events_observer is not None and events:
@@ -453,7 +466,8 @@ class Store:
     async def account(self, tenant: str, account: str) -> AccountState | None:
         v: Any = await self.redis.hmget(
             keys.acct(tenant, account),
-            ["bal", "floor", "alert", "rthr", "ar", "minb", "mode", "paused", "closed", "held"],
+            ["bal", "floor", "alert", "rthr", "ar", "minb", "mode", "paused", "closed", "held",
+             "ualert"],
         )
         if v[0] is None:
             return None
@@ -470,6 +484,7 @@ class Store:
             paused=s[7],
             closed=s[8] == "1",
             held=int(s[9] or 0),
+            own_alert=bool(s[10]),
         )
 
     async def buyer_flags(self, tenant: str, buyers: list[str]) -> list[bool]:

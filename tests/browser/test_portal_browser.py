@@ -1,7 +1,8 @@
 """The portal in a real headless Chromium: a buyer logs in, sees its balance, filters and
 exports transactions, pauses and resumes a campaign, adds a card through (localstripe's
-fake) Stripe.js, adds $100 and is charged $103 at 3 %, sets auto-recharge, returns a lead,
-manages an API key and logs out. Every page checked is saved as a screenshot."""
+fake) Stripe.js, adds $100 and is charged $103 at 3 %, sets auto-recharge and a balance
+alert, returns a lead, manages an API key and logs out. Every page checked is saved as a
+screenshot."""
 
 from __future__ import annotations
 
@@ -134,6 +135,19 @@ async def test_buyer_flow(redis, redis_server, tmp_path, stripe_env, browser):
         assert await browser.text("#auto-recharge") == \
             "On: $100.00 when the balance falls below $25.00"
         await browser.shot("dashboard-auto-recharge")
+
+        # a balance alert of its own, above the balance ($120): balance_alert at once
+        await browser.get(eng.url + "/portal/a/c1/funds")
+        assert "(the default)" in await browser.text("#alert-now")
+        await browser.type("#alert-threshold", "150.00")
+        await browser.submit_and_wait("#save-alert")
+        assert await browser.text("#message") == \
+            "Balance alert saved: an e-mail when the balance drops under $150.00."
+        assert "$150.00 (your own)" in await browser.text("#alert-now")
+        await browser.shot("balance-alert")
+        alerts = [e for e in await eng.events() if e["type"] == "balance_alert"]
+        assert [(e["threshold"], e["balance"], e["ref"]) for e in alerts] == [
+            ("150000000", "120000000", "api")]
 
         # return the lead
         await browser.get(eng.url + "/portal/a/c1/returns")

@@ -139,6 +139,49 @@ async def test_an_alert_raised_above_the_balance_fires_once(redis: aioredis.Redi
     assert await _types(redis) == ["balance_alert"] * 2
 
 
+async def test_an_own_alert_fires_once_and_outlives_reloads(redis: aioredis.Redis) -> None:
+    """alert_set.lua (PUT /alert): an own threshold above the balance fires balance_alert
+    (ref api) once, as a reload's would; a reload keeps it over the config's (which a null
+    puts back in force, applied to the balance the same way); an unknown account: nothing."""
+    store = Store(redis)
+    await _apply(store, opening=25 * M, alert=20 * M)
+    assert await store.set_alert(T, "c1", 22 * M, 20 * M, ref="api")  # below the balance
+    assert await _types(redis) == []
+    assert await store.set_alert(T, "c1", 30 * M, 20 * M, ref="api")  # above: told once
+    [e] = await _events(redis)
+    assert (e["type"], e["threshold"], e["balance"], e["ref"]) == (
+        "balance_alert", str(30 * M), str(25 * M), "api")
+    assert await store.set_alert(T, "c1", 40 * M, 20 * M, ref="api")  # already below
+    state = await _apply(store, opening=25 * M, alert=10 * M)  # a reload: the own one stays
+    assert (state.alert, state.own_alert) == (40 * M, True)
+    assert await _types(redis) == ["balance_alert"]
+    await _spend(store, 20 * M)  # 5 < 40, no new crossing
+    await store.adjust(T, "c1", 50 * M, "funding")  # 55: above the own threshold again
+    await _spend(store, 20 * M)  # 35 < 40: the debit's crossing, of the own threshold
+    alerts = [e for e in await _events(redis) if e["type"] == "balance_alert"]
+    assert [(e["threshold"], e["balance"]) for e in alerts][1:] == [(str(40 * M), str(35 * M))]
+    # back to the config's (10, below the balance): nothing fires; the reload applies it
+    assert await store.set_alert(T, "c1", None, 10 * M, ref="api")
+    state = await _apply(store, opening=25 * M, alert=36 * M)  # a reload raises it: told
+    assert (state.alert, state.own_alert) == (36 * M, False)
+    assert [e.get("ref", "") for e in await _events(redis) if e["type"] == "balance_alert"
+            ] == ["api", "", "config"]
+    assert not await store.set_alert(T, "nope", 30 * M, 20 * M, ref="api")
+    assert await redis.exists(keys.acct(T, "nope")) == 0
+
+
+async def test_an_own_alert_of_billing_none_or_a_closed_account_is_silent(
+        redis: aioredis.Redis) -> None:
+    store = Store(redis)
+    await _apply(store, "c1", opening=10 * M, mode="none")
+    await _apply(store, "c2", opening=10 * M)
+    await redis.hset(keys.acct(T, "c2"), "closed", "1")
+    for account in ("c1", "c2"):
+        assert await store.set_alert(T, account, 30 * M, 0, ref="api")
+        assert (await store.account(T, account)).alert == 30 * M  # type: ignore[union-attr]
+    assert await _types(redis) == []
+
+
 # -- floor ------------------------------------------------------------------------------------
 
 async def test_a_floor_raised_above_the_balance_pauses_until_a_credit(

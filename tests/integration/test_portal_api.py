@@ -18,6 +18,7 @@ from engine.api import openapi
 from engine.api.endpoints import ENDPOINTS, Endpoint
 from engine.core import keys
 from engine.identity import credentials
+from engine.run.provision import provision_accounts
 from tests.helpers.harness import Engine, make_config, running
 
 HOUR = 3_600_000
@@ -319,6 +320,49 @@ async def test_a_buyer_key_money_action_names_its_user(redis, redis_server, cfg,
         assert fund["detail"]["idempotency_key"] == "fund-1" and fund["detail"]["status"] == 201
 
 
+async def test_balance_alert_by_the_tenant_and_a_buyer_key(redis, redis_server, cfg, tmp_path):
+    """PUT /alert: the tenant's token and a buyer key on its own account set the account's
+    own threshold; one above the balance fires balance_alert (ref api) at once; a reload
+    (provisioning the config again) keeps it; null puts the config's back. The key's change
+    has its audit row; another buyer's key gets the 404 of an unknown account."""
+    async with running(cfg, redis_server.url, state_dir=tmp_path) as eng:
+        user = (await new_user(eng, "alerts@example.com", ["c1"]))["user"]
+        key = await new_key(eng, user["id"])
+        other = await new_key(eng, (await new_user(eng, "n@example.com", ["c2"]))["user"]["id"])
+        await call(eng, "POST", "/v1/accounts/c1/credits", "tok-t1", {"amount": "30.00"},
+                   {"Idempotency-Key": "alert-credit"})
+        status, body = await call(eng, "PUT", "/v1/accounts/c1/alert", key, {"threshold": "25"})
+        assert (status, body) == (200, {"threshold": "25.00", "source": "account"})
+        assert [e["type"] for e in await eng.events() if e["type"] == "balance_alert"] == []
+        status, body = await call(eng, "PUT", "/v1/accounts/c1/alert", key,
+                                  {"threshold": "40.00"})
+        assert status == 200 and body["threshold"] == "40.00"
+        [alert] = [e for e in await eng.events() if e["type"] == "balance_alert"]
+        assert (alert["account"], alert["threshold"], alert["balance"], alert["ref"]) == (
+            "c1", "40000000", "30000000", "api")
+        status, body = await call(eng, "PUT", "/v1/accounts/c1/alert", other,
+                                  {"threshold": "1.00"})
+        assert (status, body["error"]["code"]) == (404, "unknown_account")
+        # a reload keeps the account's own threshold
+        await provision_accounts(eng.svc.cfg, eng.svc.billing.store)
+        status, view = await call(eng, "GET", "/v1/accounts/c1/overview", key)
+        assert (view["alert"], view["alert_source"]) == ("40.00", "account")
+        # the tenant's token; then null: the config's (20.00) again
+        status, body = await call(eng, "PUT", "/v1/accounts/c1/alert", "tok-t1",
+                                  {"threshold": "2.50"})
+        assert (status, body) == (200, {"threshold": "2.50", "source": "account"})
+        status, body = await call(eng, "PUT", "/v1/accounts/c1/alert", key, {"threshold": None})
+        assert (status, body) == (200, {"threshold": "20.00", "source": "config"})
+        status, view = await call(eng, "GET", "/v1/accounts/c1/overview", "tok-t1")
+        assert (view["alert"], view["alert_source"]) == ("20.00", "config")
+        status, body = await call(eng, "PUT", "/v1/accounts/c1/alert", key,
+                                  {"threshold": "0.99"})
+        assert (status, body["error"]["code"]) == (400, "alert_too_small")
+        audit = await eng.app.identity.audit_rows("t1")
+        mine = [(r["action"], r["account"], r["actor"]) for r in audit if r["key_id"]]
+        assert mine == [("setBalanceAlert", "c1", user["id"])] * 3
+
+
 async def test_a_return_needs_the_account_the_sale_charged(redis, redis_server, cfg, tmp_path):
     """A buyer moved to another client after the sale: the key of the new client's user
     cannot return the lead (its refund would credit the old client, which paid)."""
@@ -465,6 +509,10 @@ async def _refund_balance(ctx: Ctx, a: str) -> Call:
     return Call("POST", f"/v1/accounts/{a}/refund-balance")
 
 
+async def _alert(ctx: Ctx, a: str) -> Call:
+    return Call("PUT", f"/v1/accounts/{a}/alert", {"threshold": "5.00"})
+
+
 async def _auto_recharge(ctx: Ctx, a: str) -> Call:
     await ctx.card(a)
     return Call("PUT", f"/v1/accounts/{a}/auto-recharge",
@@ -487,6 +535,7 @@ RECIPES: dict[str, Prepare] = {
     "detachPaymentMethod": card_action("detach", "DELETE"),
     "refundBalance": _refund_balance,
     "setAutoRecharge": _auto_recharge,
+    "setBalanceAlert": _alert,
     "listTransactions": get("/v1/accounts/{a}/transactions?format=csv"),
     "getOverview": get("/v1/accounts/{a}/overview"),
 }

@@ -8,8 +8,9 @@ import re
 
 import pytest
 
+from engine.core import keys
 from engine.identity import credentials
-from tests.helpers.harness import running
+from tests.helpers.harness import make_config, running
 from tests.helpers.portal import PASSWORD, Browserless, hidden, make_user, portal_config
 
 
@@ -234,6 +235,7 @@ POSTS = {  # every form that changes something, with what a real one would send
     "/funds/auto-recharge": {"enabled": "on", "mode": "threshold", "threshold": "25",
                              "amount": "100"},
     "/funds/refund": {"confirm": "on"},
+    "/funds/alert": {"threshold": "25"},
     "/funds/cards": {"setup_intent": "seti_x"},
     "/funds/cards/pm_x/remove": {}, "/funds/cards/pm_x/primary": {},
     "/returns": {"lead": "0123456789ab0000", "buyer": "b1", "reason": "wrong_number"},
@@ -367,5 +369,59 @@ async def test_leads_list_filters_pages_detail_csv_and_analytics(redis, redis_se
             assert 'id="returns-rate">10.0 %<' in page.text
             assert page.text.count('class="bar"') == 10  # 5 days, 2 charts
             assert "<script" not in page.text
+        finally:
+            await web.close()
+
+
+async def test_balance_alert_form_in_manual_and_realtime_not_none(redis, redis_server,
+                                                                   tmp_path):
+    """The Funds page's balance alert: in billing modes realtime (c1) and manual (c3: the
+    balance and the alert only, no card funding), not none (c4); CSRF as every form; a
+    threshold under $1.00 refused, nothing changed; "use the default" puts the config's
+    back."""
+    from tests.helpers.portal import TOML
+
+    base = TOML.format(stripe_js="https://js.stripe.com/v3/", c1_balance="30.00")
+    cfg = make_config(base=base + '\n[[clients]]\ntenant = "t1"\nid = "c4"\n'
+                                  'billing = "none"\n')
+    async with running(cfg, redis_server.url, state_dir=tmp_path) as eng:
+        await make_user(eng, "buyer@example.com", ["c1", "c3", "c4"])
+        web = Browserless(eng)
+        try:
+            await web.login("buyer@example.com")
+            page = await web.get("/portal/a/c3/funds")
+            assert page.status == 200 and 'id="alert-form"' in page.text
+            assert 'id="add-funds"' not in page.text and 'id="cards"' not in page.text
+            assert "(the default)" in page.text and 'href="/portal/a/c3/funds"' in page.text
+            assert (await web.get("/portal/a/c3/card")).status == 404
+            csrf = hidden(page.text, "csrf")
+            before = await eng.redis.hgetall(keys.acct("t1", "c3"))
+            assert before[b"alert"] == b"20000000"
+            page = await web.post("/portal/a/c3/funds/alert", {"threshold": "45"})
+            assert page.status == 403
+            page = await web.post("/portal/a/c3/funds/alert", {"threshold": "0.50",
+                                                               "csrf": csrf})
+            assert page.status == 400 and "the minimum is $1.00" in page.text
+            assert await eng.redis.hgetall(keys.acct("t1", "c3")) == before
+            page = await web.post("/portal/a/c3/funds/alert", {"threshold": "$45.00",
+                                                               "csrf": csrf})
+            assert page.status == 200, page.text
+            assert "drops under $45.00." in page.text and "(your own)" in page.text
+            [e] = [e for e in await eng.events() if e["type"] == "balance_alert"]
+            assert (e["account"], e["threshold"], e["balance"]) == ("c3", "45000000",
+                                                                    "40000000")
+            page = await web.post("/portal/a/c3/funds/alert", {"reset": "1", "csrf": csrf})
+            assert "drops under $20.00 (the default)." in page.text
+            # realtime: the alert beside the card funding
+            page = await web.get("/portal/a/c1/funds")
+            assert 'id="alert-form"' in page.text and 'id="add-funds"' in page.text
+            # billing none: no Funds page, no alert
+            page = await web.get("/portal/a/c4")
+            assert page.status == 200 and "/portal/a/c4/funds" not in page.text
+            assert (await web.get("/portal/a/c4/funds")).status == 404
+            page = await web.post("/portal/a/c4/funds/alert", {"threshold": "45",
+                                                               "csrf": csrf})
+            assert page.status == 404
+            assert await eng.redis.hget(keys.acct("t1", "c4"), "ualert") is None
         finally:
             await web.close()

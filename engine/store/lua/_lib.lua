@@ -8,7 +8,9 @@
 -- and flush_balances() writes each account's net change once, in the same script.
 -- Time: `now` is Unix epoch milliseconds, passed in by the caller (scripts stay pure).
 --
--- Account hash fields: bal, floor, alert, rthr (auto-recharge threshold, 0 = none),
+-- Account hash fields: bal, floor, alert (the balance alert in force), ualert (the account's
+-- own alert set through the API, which a reload keeps; absent = the config's), rthr
+-- (auto-recharge threshold, 0 = none),
 -- ar ("1" = auto-recharge on), minb (minimum balance, "" = none), mode (none|manual|realtime),
 -- paused ("" or the reason), closed ("1" = closed to new debits), held (micros held by
 -- open ping-post holds, "" = 0), hnext (the earliest expiry of those holds, epoch ms).
@@ -286,6 +288,18 @@ end
 local function resume(p, a, now)
   set_paused(a, '')
   emit(p, 'buyer_resumed', a, now, {})
+end
+
+-- A settings change against the unchanged balance (account_settings.lua on a reload,
+-- alert_set.lua for PUT /alert): below_alert(a) is read with the settings before the
+-- change and after it; balance_alert fires when the change makes it true (`ref` names the
+-- change), once, as a debit's crossing does. Nothing for billing "none" or a closed account.
+local function below_alert(a) return a.mode ~= 'none' and a.alert > 0 and a.bal < a.alert end
+
+local function alert_crossed(p, a, was_below, now, ref)
+  if not a.closed and not was_below and below_alert(a) then
+    emit(p, 'balance_alert', a, now, {'threshold', fmt(a.alert), 'ref', ref})
+  end
 end
 
 -- A debit of `amount` is allowed when it keeps the available balance (the balance less

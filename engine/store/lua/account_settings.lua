@@ -7,7 +7,9 @@
 -- ARGV[1]  account id
 -- ARGV[2]  opening balance, micros (used only when the account is created)
 -- ARGV[3]  floor, micros (e.g. -20000000)
--- ARGV[4]  balance alert threshold, micros (0 = none)
+-- ARGV[4]  balance alert threshold, micros (0 = none): the config's, in force unless the
+--          account has its own (field ualert, set by PUT /alert: alert_set.lua), which a
+--          reload keeps
 -- ARGV[5]  auto-recharge threshold, micros (0 = none)
 -- ARGV[6]  auto-recharge enabled, "1" or "0"
 -- ARGV[7]  minimum balance, micros, or "" for none
@@ -44,7 +46,6 @@ return atomically(p, function()
   end
 
   local function billed(a) return a.mode ~= 'none' end
-  local function below_alert(a) return billed(a) and a.alert > 0 and a.bal < a.alert end
   local function below_recharge(a)
     return billed(a) and a.ar and a.rthr > 0 and a.bal < a.rthr
   end
@@ -53,10 +54,11 @@ return atomically(p, function()
   local alerted, asked = true, true  -- a new account: no crossing
   if created == 0 then alerted, asked = below_alert(a), below_recharge(a) end
   local old = redis.call('HMGET', k, unpack(SETTINGS))
-  redis.call('HSET', k, 'floor', ARGV[3], 'alert', ARGV[4], 'rthr', ARGV[5], 'ar', ARGV[6],
+  local alert = redis.call('HGET', k, 'ualert') or ARGV[4]  -- the account's own wins
+  redis.call('HSET', k, 'floor', ARGV[3], 'alert', alert, 'rthr', ARGV[5], 'ar', ARGV[6],
              'minb', ARGV[7], 'mode', ARGV[8])
   for i = 1, #SETTINGS do note3('h', k, SETTINGS[i], old[i]) end
-  a.floor, a.alert, a.rthr = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+  a.floor, a.alert, a.rthr = tonumber(ARGV[3]), tonumber(alert), tonumber(ARGV[5])
   a.ar, a.minb, a.mode = ARGV[6] == '1', tonumber(ARGV[7]), ARGV[8]
   if created == 1 and tonumber(ARGV[2]) ~= 0 then
     apply(p, a, tonumber(ARGV[2]), 'opening', 'opening:' .. id, now, {})
@@ -64,9 +66,7 @@ return atomically(p, function()
 
   if not a.closed then
     local why = {'ref', 'config'}
-    if below_alert(a) and not alerted then
-      emit(p, 'balance_alert', a, now, {'threshold', fmt(a.alert), 'ref', 'config'})
-    end
+    alert_crossed(p, a, alerted, now, 'config')
     if below_recharge(a) and not asked then
       emit(p, 'recharge_needed', a, now, {'threshold', fmt(a.rthr), 'ref', 'config'})
     end
