@@ -664,13 +664,16 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         {201: ok(CreatedUser, "created (status `invited`), with the one-time link that "
                               "sets its password"),
          400: err("refused, nothing stored", *NOT_JSON, "invalid_email", "unknown_account"),
-         409: err("the tenant has a user with this e-mail address", "email_taken"),
+         409: err("the tenant has a user with this e-mail address; an operator with "
+                  "accounts", "email_taken", "operator_user"),
          503: NO_IDENTITY},
         description=(
             "The user can reach the client accounts listed (clients of this tenant; "
             "`wallet` never), with its own login once it has set its password through the "
             "invite (`invite_url`, valid `invite_ttl_hours`), and with the buyer API keys "
-            "made for it. The invite's token is shown once: only its hash is kept."),
+            "made for it. The invite's token is shown once: only its hash is kept. "
+            "`role` `operator`: a login to the portal's operator page (the tenant's "
+            "clients, balances, users and mappings, read-only), with no account and no key."),
         body=CreateUserBody, tenant=True, links={201: _USER_LINKS},
     ),
     Endpoint("GET", USERS, "listPortalUsers", "The tenant's portal users", "portal",
@@ -683,7 +686,9 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "portal",
         {200: ok(PortalUser, "the user as it now is"),
          400: err("refused, nothing changed", *NOT_JSON, "unknown_account"),
-         404: NO_USER, 503: NO_IDENTITY},
+         404: NO_USER,
+         409: err("accounts for an operator (it has none)", "operator_user"),
+         503: NO_IDENTITY},
         description=(
             "`status`: `disabled` (its keys answer 401 and its invite is void until it is "
             "enabled again), `active` (`invited` again when it never set a password). "
@@ -724,8 +729,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         {201: ok(CreatedKey, "the key, shown this once (`key`: `lfk_<id>_<secret>`)"),
          400: err("refused, nothing stored", *NOT_JSON, "invalid_name"),
          404: NO_USER,
-         409: err("the user is disabled, or has 20 keys that are not revoked",
-                  "user_disabled", "too_many_keys"),
+         409: err("the user is disabled, is an operator (no keys), or has 20 keys that "
+                  "are not revoked", "user_disabled", "operator_user", "too_many_keys"),
          503: NO_IDENTITY},
         description=(
             "The key acts for the user on the account endpoints, for its mapped accounts "

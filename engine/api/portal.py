@@ -50,7 +50,7 @@ Handler = Callable[[Request, str], Awaitable[Response]]
 
 def user_view(u: User) -> PortalUser:
     return PortalUser(id=u.id, email=u.email, status=u.status, accounts=list(u.accounts),
-                      created_ms=u.created_ms, updated_ms=u.updated_ms)
+                      created_ms=u.created_ms, updated_ms=u.updated_ms, role=u.role)
 
 
 def key_view(k: ApiKey) -> ApiKeyView:
@@ -119,7 +119,7 @@ class PortalApi:
         body: CreateUserBody = decode_body(req, _create_user)
         accounts = self._accounts(tenant, body.accounts)
         user, invite = await ids.create_user(tenant, body.email, accounts,
-                                             invite_ttl_ms=self.invite_ttl_ms)
+                                             invite_ttl_ms=self.invite_ttl_ms, role=body.role)
         return toolkit.json_response(CreatedUser(user_view(user), invitation(invite)), 201)
 
     async def list_users(self, req: Request, tenant: str) -> Response:

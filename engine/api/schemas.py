@@ -299,6 +299,8 @@ class CreateUserBody(msgspec.Struct, forbid_unknown_fields=True):
 
     email: Email
     accounts: AccountIds = []
+    # operator: the portal's operator page of the tenant (read-only), no account, no key
+    role: Literal["buyer", "operator"] = "buyer"
 
 
 class UpdateUserBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -316,6 +318,7 @@ class PortalUser(msgspec.Struct):
     accounts: list[str]
     created_ms: int
     updated_ms: int
+    role: Literal["buyer", "operator"] = "buyer"
 
 
 class UserList(msgspec.Struct):

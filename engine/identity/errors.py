@@ -48,6 +48,13 @@ class UserDisabled(IdentityError):
     status = 409
 
 
+class OperatorUser(IdentityError):
+    """An operator (role ``operator``) is mapped to no client account and has no buyer key."""
+
+    code = "operator_user"
+    status = 409
+
+
 class TooManyKeys(IdentityError):
     code = "too_many_keys"
     status = 409

@@ -25,6 +25,14 @@ CREATE TABLE IF NOT EXISTS portal_user_accounts (
 CREATE INDEX IF NOT EXISTS portal_user_accounts_account
     ON portal_user_accounts (tenant, account);
 
+-- the tenant's operators: portal users who see the operator page (the tenant's clients,
+-- balances, users and mappings), with no client account and no buyer key. A table of its
+-- own, so that databases made before roles need no migration (absent: a buyer)
+CREATE TABLE IF NOT EXISTS portal_operators (
+    tenant  TEXT NOT NULL,
+    user_id TEXT NOT NULL PRIMARY KEY
+);
+
 -- an invite token is stored as its SHA-256 only (hex), used_ms makes it one time
 CREATE TABLE IF NOT EXISTS portal_invites (
     token_hash TEXT   NOT NULL PRIMARY KEY,

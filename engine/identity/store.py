@@ -32,6 +32,7 @@ from engine.identity.errors import (
     EmailTaken,
     InvalidInput,
     InviteInvalid,
+    OperatorUser,
     TooManyKeys,
     UnknownKey,
     UnknownUser,
@@ -40,6 +41,9 @@ from engine.identity.errors import (
 from engine.store.sql import Backend, NoRows, Step, open_backend
 
 Status = Literal["invited", "active", "disabled"]
+# buyer: the portal's account pages for its mapped client accounts, buyer keys; operator:
+# the operator page of its tenant (read-only), no client account, no key
+Role = Literal["buyer", "operator"]
 MAX_ACTIVE_KEYS = 20  # unrevoked keys per user
 MAX_ACCOUNTS = 100  # client accounts per user
 MAX_NAME = 100  # a key's name
@@ -61,6 +65,7 @@ class User(msgspec.Struct, frozen=True):
     created_ms: int
     updated_ms: int
     has_password: bool
+    role: Role = "buyer"
 
 
 class ApiKey(msgspec.Struct, frozen=True):
@@ -94,6 +99,7 @@ class Principal(msgspec.Struct, frozen=True):
     user_id: str
     key_id: str
     accounts: frozenset[str]
+    operator: bool = False  # a portal session of an operator (no accounts, no key)
 
     @property
     def label(self) -> str:
@@ -114,7 +120,9 @@ class Actor(NamedTuple):
 
 
 TENANT = Actor()
-_USER_COLS = "id, tenant, email, status, created_ms, updated_ms, password_hash IS NOT NULL"
+_USER_COLS = ("id, tenant, email, status, created_ms, updated_ms, password_hash IS NOT NULL, "
+              "EXISTS (SELECT 1 FROM portal_operators o WHERE o.user_id = portal_users.id "
+              "AND o.tenant = portal_users.tenant)")
 _KEY_COLS = ("id, tenant, user_id, name, prefix, created_by, created_ms, last_used_ms, "
              "revoked_ms")
 
@@ -193,12 +201,15 @@ class IdentityStore:
     # -- users ------------------------------------------------------------------------------
 
     async def create_user(self, tenant: str, email: str, accounts: Iterable[str], *,
-                          invite_ttl_ms: int, actor: Actor = TENANT) -> tuple[User, Invite]:
+                          invite_ttl_ms: int, actor: Actor = TENANT,
+                          role: Role = "buyer") -> tuple[User, Invite]:
         """A new user (``invited``: no password yet) mapped to ``accounts`` (client accounts
         of the tenant: the caller checks them), with its invite. EmailTaken: the tenant
-        has a user with that address."""
+        has a user with that address; OperatorUser: an operator with accounts."""
         address = _email(email)
         mapped = _accounts(accounts)
+        if role == "operator" and mapped:
+            raise OperatorUser("an operator is mapped to no client account")
         now = self.clock()
         user_id = f"usr_{secrets.token_hex(8)}"
         token = credentials.new_invite_token()
@@ -208,15 +219,17 @@ class IdentityStore:
                        "ON CONFLICT (tenant, email) DO NOTHING",
                        (user_id, tenant, address, now, now), need=True),
             *self._map(tenant, user_id, mapped),
+            *([self._step("INSERT INTO portal_operators (tenant, user_id) VALUES (?, ?)",
+                          (tenant, user_id))] if role == "operator" else []),
             self._invite(tenant, user_id, token, now + invite_ttl_ms),
             self._audit(tenant, actor, "user.create", detail={
-                "user": user_id, "email": address, "accounts": mapped}),
+                "user": user_id, "email": address, "accounts": mapped, "role": role}),
         ]
         try:
             await self._batch(steps)
         except NoRows:
             raise EmailTaken(f"a user with e-mail {address} exists") from None
-        user = User(user_id, tenant, address, "invited", mapped, now, now, False)
+        user = User(user_id, tenant, address, "invited", mapped, now, now, False, role)
         return user, Invite(token, now + invite_ttl_ms)
 
     def _map(self, tenant: str, user_id: str, accounts: list[str]) -> list[Step]:
@@ -255,6 +268,8 @@ class IdentityStore:
         ``active`` (back to ``invited`` when it never set a password); ``accounts``
         replaces its mappings."""
         mapped = None if accounts is None else _accounts(accounts)
+        if mapped and (await self.user(tenant, user_id)).role == "operator":  # UnknownUser
+            raise OperatorUser("an operator is mapped to no client account")
         now = self.clock()
         steps = [self._step("UPDATE portal_users SET updated_ms = ? WHERE tenant = ? AND "
                             "id = ?", (now, tenant, user_id), need=True)]
@@ -293,6 +308,8 @@ class IdentityStore:
                            (tenant, user_id), need=True),
                 self._step("DELETE FROM portal_user_accounts WHERE tenant = ? AND user_id = ?",
                            (tenant, user_id)),
+                self._step("DELETE FROM portal_operators WHERE tenant = ? AND user_id = ?",
+                           (tenant, user_id)),
                 self._step("DELETE FROM portal_invites WHERE tenant = ? AND user_id = ?",
                            (tenant, user_id)),
                 self._end_sessions(tenant, user_id),
@@ -302,7 +319,7 @@ class IdentityStore:
             ])
         except NoRows:
             raise UnknownUser("no such user") from None
-        return counts[4]
+        return counts[5]
 
     async def reinvite(self, tenant: str, user_id: str, *, invite_ttl_ms: int,
                        actor: Actor = TENANT) -> Invite:
@@ -384,10 +401,12 @@ class IdentityStore:
                     "INSERT INTO api_keys (id, tenant, user_id, created_by, prefix, key_hash, "
                     "name, created_ms) SELECT ?, ?, ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 "
                     "FROM portal_users WHERE tenant = ? AND id = ? AND status <> 'disabled') "
-                    "AND (SELECT COUNT(*) FROM api_keys WHERE tenant = ? AND user_id = ? AND "
-                    "revoked_ms IS NULL) < ?",
+                    "AND NOT EXISTS (SELECT 1 FROM portal_operators WHERE tenant = ? AND "
+                    "user_id = ?) AND (SELECT COUNT(*) FROM api_keys WHERE tenant = ? AND "
+                    "user_id = ? AND revoked_ms IS NULL) < ?",
                     (made.id, tenant, user_id, actor.user, made.prefix, made.hash, name, now,
-                     tenant, user_id, tenant, user_id, MAX_ACTIVE_KEYS), need=True),
+                     tenant, user_id, tenant, user_id, tenant, user_id, MAX_ACTIVE_KEYS),
+                    need=True),
                 self._audit(tenant, actor, "key.create",
                             detail={"user": user_id, "key": made.id, "name": name}),
             ])
@@ -395,6 +414,8 @@ class IdentityStore:
             user = await self.user(tenant, user_id)  # UnknownUser
             if user.status == "disabled":
                 raise UserDisabled("the user is disabled: enable it first") from None
+            if user.role == "operator":
+                raise OperatorUser("an operator has no buyer keys") from None
             raise TooManyKeys(f"a user has at most {MAX_ACTIVE_KEYS} keys that are not "
                               "revoked: revoke one first") from None
         key = ApiKey(made.id, tenant, user_id, name, made.prefix, actor.user, now, None, None)
@@ -532,10 +553,11 @@ class IdentityStore:
             return None
         token_hash = credentials.digest(token)
         rows = await self._fetch(
-            "SELECT s.tenant, s.user_id, s.last_seen_ms, s.expires_ms, u.status, m.account "
-            "FROM portal_sessions s JOIN portal_users u ON u.id = s.user_id AND "
+            "SELECT s.tenant, s.user_id, s.last_seen_ms, s.expires_ms, u.status, m.account, "
+            "o.user_id FROM portal_sessions s JOIN portal_users u ON u.id = s.user_id AND "
             "u.tenant = s.tenant LEFT JOIN portal_user_accounts m ON m.user_id = s.user_id "
-            "AND m.tenant = s.tenant WHERE s.token_hash = ?", (token_hash,))
+            "AND m.tenant = s.tenant LEFT JOIN portal_operators o ON o.user_id = s.user_id "
+            "AND o.tenant = s.tenant WHERE s.token_hash = ?", (token_hash,))
         if not rows:
             return None
         tenant, user_id, last_seen, expires, status = rows[0][:5]
@@ -548,7 +570,8 @@ class IdentityStore:
             await self._db.batch([self._step(
                 "UPDATE portal_sessions SET last_seen_ms = ? WHERE token_hash = ?",
                 (now, token_hash))])
-        return Principal(str(tenant), str(user_id), "", frozenset(r[5] for r in rows if r[5]))
+        return Principal(str(tenant), str(user_id), "", frozenset(r[5] for r in rows if r[5]),
+                         operator=rows[0][6] is not None)
 
     async def end_session(self, token: str) -> None:
         """Logout: the session's row deleted (the cookie is cleared by the caller)."""
@@ -585,7 +608,8 @@ def _name(name: str) -> str:
 
 def _user(r: Sequence[Any], accounts: list[str]) -> User:
     return User(id=r[0], tenant=r[1], email=r[2], status=r[3], accounts=accounts,
-                created_ms=int(r[4]), updated_ms=int(r[5]), has_password=bool(r[6]))
+                created_ms=int(r[4]), updated_ms=int(r[5]), has_password=bool(r[6]),
+                role="operator" if r[7] else "buyer")
 
 
 def _key(r: Sequence[Any]) -> ApiKey:

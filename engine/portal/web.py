@@ -34,12 +34,13 @@ from starlette.templating import Jinja2Templates
 from billing import funding, policy
 from billing.context import BillingContext
 from billing.leads import Day, LeadArchive
-from engine.api.accounts import RETURN_REASONS
+from engine.api.accounts import RETURN_REASONS, account_status
 from engine.api.app import App
 from engine.api.auth import reaches_account
 from engine.core import money
 from engine.core.billing_errors import BillingError, MoneyError
 from engine.core.config import Config, Settings, resolve_secret
+from engine.core.constants import WALLET
 from engine.core.errors import StoreUnavailable
 from engine.core.untrusted import ascii_int
 from engine.identity.errors import IdentityError
@@ -148,6 +149,7 @@ class Portal:
             Route("/portal/logout", self.logout, methods=["POST"]),
             Route("/portal/invite/{token}", self.invite_page, methods=["GET"]),
             Route("/portal/invite/{token}", self.accept_invite, methods=["POST"]),
+            Route("/portal/operator", self.operator),
             Route("/portal/keys", self.keys_page, methods=["GET"]),
             Route("/portal/keys", self.create_key, methods=["POST"]),
             Route("/portal/keys/{key_id}/revoke", self.revoke_key, methods=["POST"]),
@@ -304,6 +306,8 @@ class Portal:
         ctx = await self._session(request)
         if ctx is None:
             return self._to_login(request)
+        if ctx.principal.operator:
+            return RedirectResponse("/portal/operator", 303)
         accounts = sorted(a for a in ctx.principal.accounts
                           if reaches_account(self.api.runtime, ctx.principal, a))
         if len(accounts) == 1:
@@ -402,15 +406,22 @@ class Portal:
 
     # ---- API keys (the user's own) -----------------------------------------------------------
 
+    async def _buyer(self, request: Request, *, form: FormData | None = None) -> Ctx:
+        """A buyer's own page (its API keys): an operator has none (404)."""
+        ctx = await self._user(request, form=form)
+        if ctx.principal.operator:
+            raise HTTPException(404)
+        return ctx
+
     async def keys_page(self, request: Request, *, ctx: Ctx | None = None, status: int = 200,
                         **data: Any) -> Response:
-        ctx = ctx or await self._user(request)
+        ctx = ctx or await self._buyer(request)
         keys = await self._ids().keys(ctx.tenant, ctx.user.id)
         return self._render(request, ctx, "keys.html", status, keys=keys, **data)
 
     async def create_key(self, request: Request) -> Response:
         form = await self._form(request)
-        ctx = await self._user(request, form=form)
+        ctx = await self._buyer(request, form=form)
         try:
             key, secret = await self._ids().create_key(
                 ctx.tenant, ctx.user.id, str(form.get("name", "")), actor=Actor(ctx.user.id))
@@ -422,7 +433,7 @@ class Portal:
 
     async def revoke_key(self, request: Request) -> Response:
         form = await self._form(request)
-        ctx = await self._user(request, form=form)
+        ctx = await self._buyer(request, form=form)
         ids = self._ids()
         key_id = request.path_params["key_id"]
         try:
@@ -433,6 +444,36 @@ class Portal:
         except IdentityError:
             raise HTTPException(404) from None
         return await self.keys_page(request, ctx=ctx, message=f"Key {key.prefix}… revoked.")
+
+    # ---- the operator page (the tenant's) ---------------------------------------------------
+
+    async def operator(self, request: Request) -> Response:
+        """The tenant's clients (and its wallet) with balance, available, status, billing
+        mode and alert; its portal users with role, status and mappings. Read-only, for a
+        user with the operator role (anyone else: 404, as a page that does not exist)."""
+        ctx = await self._user(request)
+        if not ctx.principal.operator:
+            raise HTTPException(404)
+        rt = self.api.runtime
+        store = self.billing.store
+        rows: list[dict[str, str]] = []
+        for account in [WALLET, *sorted(c.id for c in rt.cfg.clients
+                                        if c.tenant == ctx.tenant)]:
+            state = await store.account(ctx.tenant, account)
+            client = rt.clients.get((ctx.tenant, account))
+            mode = client.billing if client is not None else "manual"
+            if state is None:
+                rows.append({"id": account, "mode": mode, "status": "not provisioned"})
+                continue
+            status = account_status(state)
+            rows.append({
+                "id": account, "mode": mode, "balance": money.format(state.balance),
+                "available": money.format(state.available), "alert": money.format(state.alert),
+                "own_alert": "own" if state.own_alert else "",
+                "status": f"paused ({state.paused})" if status == "paused" else status})
+        users = await self._ids().users(ctx.tenant)
+        return self._render(request, ctx, "operator.html", clients=rows, users=users,
+                            when=self._when(ctx))
 
     # ---- dashboard -------------------------------------------------------------------------
 

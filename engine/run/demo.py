@@ -246,12 +246,14 @@ async def _delivered(svc: Service, *, within_s: float = 60.0) -> bool:
 
 
 DEMO_EMAIL = "buyer@demo.example"
+DEMO_OPERATOR = "operator@demo.example"  # the tenant's operator page, same password
 DEMO_PASSWORD = "leadflow demo buyer"  # the demo's only: a throwaway state dir, loopback
 
 
 async def _demo_login(svc: Service) -> None:
-    """A portal user mapped to the first client account, its password the demo's known one
-    (only here: never in a real config), and how to log in."""
+    """A portal user mapped to the first client account and an operator of its tenant,
+    their password the demo's known one (only here: never in a real config), and how to
+    log in."""
     ids = svc.app.identity
     clients = svc.cfg.clients
     if ids is None or not clients:
@@ -259,8 +261,12 @@ async def _demo_login(svc: Service) -> None:
     c = clients[0]
     _, invite = await ids.create_user(c.tenant, DEMO_EMAIL, [c.id], invite_ttl_ms=3_600_000)
     await ids.accept_invite(invite.token, DEMO_PASSWORD)
+    _, invite = await ids.create_user(c.tenant, DEMO_OPERATOR, [], invite_ttl_ms=3_600_000,
+                                      role="operator")
+    await ids.accept_invite(invite.token, DEMO_PASSWORD)
     print(f"buyer portal: {svc.url}/portal/login?t={c.tenant}  (account {c.id})\n"
-          f"  e-mail {DEMO_EMAIL}  password {DEMO_PASSWORD!r}")
+          f"  e-mail {DEMO_EMAIL}  password {DEMO_PASSWORD!r}\n"
+          f"  the operator page: e-mail {DEMO_OPERATOR}, the same password")
 
 
 async def _until_interrupted(svc: Service) -> None:

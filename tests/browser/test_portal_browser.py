@@ -213,3 +213,26 @@ async def test_leads_and_analytics(redis, redis_server, tmp_path, browser):
             By.CSS_SELECTOR, "#leads-chart rect.bar"))
         assert len(bars) == 30
         await browser.shot("analytics")
+
+
+async def test_operator_page(redis, redis_server, tmp_path, browser):
+    """The tenant's operator (a portal user with the operator role) logs in and sees its
+    clients with balance, available and status, and its users with their mappings."""
+    cfg = portal_config()
+    async with running(cfg, redis_server.url, state_dir=tmp_path) as eng:
+        await make_user(eng, "buyer@example.com", ["c1", "c2"])
+        await make_user(eng, "ops@example.com", [], role="operator")
+        status, sold = await eng.lead(campaign="camp", email="lead@example.com")
+        assert status == 200 and sold["status"] == "ACCEPTED", sold
+        await login(browser, eng.url, "ops@example.com")
+        assert browser.url.endswith("/portal/operator")
+        assert await browser.text("#client-c1 .balance") == "$20.00"
+        assert await browser.text("#client-c1 .available") == "$20.00"
+        assert await browser.text("#client-c2 .status") == "active"
+        assert "$1,000.00" in await browser.text("#client-wallet")
+        users = await browser.text("#users")
+        assert "buyer@example.com buyer active c1, c2" in users
+        assert "ops@example.com operator active" in users
+        await browser.shot("operator")
+        await browser.get(eng.url + "/portal/a/c1")
+        assert "no such page" in await browser.text("main")

@@ -103,11 +103,12 @@ def portal_config(stripe_js: str = "https://js.stripe.com/v3/", c1_balance: str 
 
 
 async def make_user(eng: Engine, email: str, accounts: list[str], tenant: str = "t1",
-                    password: str = PASSWORD) -> str:
+                    password: str = PASSWORD, role: str = "buyer") -> str:
     """A user with its password set (the invite accepted): its id."""
     ids = eng.app.identity
     assert ids is not None
-    user, invite = await ids.create_user(tenant, email, accounts, invite_ttl_ms=3_600_000)
+    user, invite = await ids.create_user(tenant, email, accounts, invite_ttl_ms=3_600_000,
+                                         role=role)  # type: ignore[arg-type]
     await ids.accept_invite(invite.token, password)
     return user.id
 

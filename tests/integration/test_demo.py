@@ -22,6 +22,7 @@ async def test_demo_delivers_to_the_local_sink_and_reconciles(
     assert "buyer webhooks: local sink at http://127.0.0.1:" in out
     # a demo buyer's portal login (the demo's known password)
     assert "/portal/login?t=" in out and "e-mail buyer@demo.example" in out
+    assert "e-mail operator@demo.example" in out
     assert "password 'leadflow demo buyer'" in out
     assert "deliveries (local buyer sink):" in out and "accepted" in out
     assert "reconcile: " in out and " 0 problems" in out

@@ -363,6 +363,42 @@ async def test_balance_alert_by_the_tenant_and_a_buyer_key(redis, redis_server, 
         assert mine == [("setBalanceAlert", "c1", user["id"])] * 3
 
 
+async def test_an_operator_user_has_no_account_and_no_key(redis, redis_server, cfg, tmp_path):
+    """role operator (the portal's operator page): made with no account (with one: 409
+    operator_user, nothing stored), never mapped to one, never given a key; deleting it
+    removes its role."""
+    async with running(cfg, redis_server.url, state_dir=tmp_path) as eng:
+        before = await sql_rows(eng, "portal_users")
+        status, body = await call(eng, "POST", "/v1/portal/users", "tok-t1",
+                                  {"email": "ops@example.com", "role": "operator",
+                                   "accounts": ["c1"]})
+        assert (status, body["error"]["code"]) == (409, "operator_user")
+        assert await sql_rows(eng, "portal_users") == before
+        status, body = await call(eng, "POST", "/v1/portal/users", "tok-t1",
+                                  {"email": "ops@example.com", "role": "root"})
+        assert (status, body["error"]["code"]) == (400, "invalid_body")
+        made = await new_user(eng, "ops@example.com", [])
+        assert made["user"]["role"] == "buyer"
+        ops = (await call(eng, "POST", "/v1/portal/users", "tok-t1",
+                          {"email": "ops2@example.com", "role": "operator"}))[1]["user"]
+        assert (ops["role"], ops["accounts"]) == ("operator", [])
+        status, body = await call(eng, "POST", f"/v1/portal/users/{ops['id']}/keys", "tok-t1",
+                                  {"name": "x"})
+        assert (status, body["error"]["code"]) == (409, "operator_user")
+        status, body = await call(eng, "PATCH", f"/v1/portal/users/{ops['id']}", "tok-t1",
+                                  {"accounts": ["c1"]})
+        assert (status, body["error"]["code"]) == (409, "operator_user")
+        assert await sql_rows(eng, "api_keys") == []
+        status, body = await call(eng, "PATCH", f"/v1/portal/users/{ops['id']}", "tok-t1",
+                                  {"status": "disabled"})
+        assert (status, body["role"], body["accounts"]) == (200, "operator", [])
+        status, users = await call(eng, "GET", "/v1/portal/users", "tok-t1")
+        assert [(u["email"], u["role"]) for u in users["data"]] == [
+            ("ops@example.com", "buyer"), ("ops2@example.com", "operator")]
+        assert (await call(eng, "DELETE", f"/v1/portal/users/{ops['id']}", "tok-t1"))[0] == 200
+        assert await sql_rows(eng, "portal_operators") == []
+
+
 async def test_a_return_needs_the_account_the_sale_charged(redis, redis_server, cfg, tmp_path):
     """A buyer moved to another client after the sale: the key of the new client's user
     cannot return the lead (its refund would credit the old client, which paid)."""

@@ -425,3 +425,56 @@ async def test_balance_alert_form_in_manual_and_realtime_not_none(redis, redis_s
             assert await eng.redis.hget(keys.acct("t1", "c4"), "ualert") is None
         finally:
             await web.close()
+
+
+async def test_the_operator_page_and_who_reaches_it(redis, redis_server, cfg, tmp_path):
+    """An operator (a portal user with the operator role, made through the tenant API) logs
+    in as any user and sees its tenant's clients with balance, available and status, and
+    its users with their mappings. Buyers get the 404 of a page that does not exist;
+    another tenant's operator sees its own tenant only; no session or an expired one goes
+    to the login page. An operator reaches no account page and has no keys page."""
+    async with running(cfg, redis_server.url, state_dir=tmp_path) as eng:
+        status, made = await eng.api("POST", "/v1/portal/users", json={
+            "email": "ops@example.com", "role": "operator"})
+        assert status == 201 and made["user"]["role"] == "operator", made
+        token = made["invite"]["invite_token"]
+        assert (await eng.api("POST", f"/v1/portal/invites/{token}",
+                              json={"password": PASSWORD}))[0] == 200
+        await make_user(eng, "buyer@example.com", ["c1", "c2"])
+        await make_user(eng, "t2ops@example.com", [], tenant="t2", role="operator")
+        ops, buyer, t2ops, nobody = (Browserless(eng) for _ in range(4))
+        try:
+            page = await ops.login("ops@example.com")
+            assert page.status == 200 and page.url.endswith("/portal/operator"), page.url
+            text = page.text
+            assert 'id="client-c1"' in text and 'id="client-c3"' in text
+            assert 'id="client-wallet"' in text and "other" not in text
+            assert "$30.00" in text and "$300.00" in text and "$1,000.00" in text
+            assert "buyer@example.com" in text and "c1, c2" in text
+            assert "ops@example.com" in text and "t2ops@example.com" not in text
+            assert 'href="/portal/keys"' not in text
+            for path in ("/portal/a/c1", "/portal/a/c1/funds", "/portal/keys"):
+                assert (await ops.get(path)).status == 404, path
+            before = await _state(eng)
+            csrf = await ops.csrf("/portal/operator")
+            for path in ("/portal/a/c1/campaigns/b1/pause", "/portal/keys",
+                         "/portal/a/c1/funds/alert"):
+                page = await ops.post(path, {"csrf": csrf, "threshold": "5", "name": "x"})
+                assert page.status == 404, path
+            assert await _state(eng) == before
+            # a buyer: 404; another tenant's operator: its own tenant only
+            await buyer.login("buyer@example.com")
+            page = await buyer.get("/portal/operator")
+            assert page.status == 404 and "buyer@example.com" not in page.text.split(
+                "</header>")[-1]
+            page = await t2ops.login("t2ops@example.com", tenant="t2")
+            assert page.url.endswith("/portal/operator")
+            assert 'id="client-other"' in page.text and "$70.00" in page.text
+            assert "c1" not in page.text and "buyer@example.com" not in page.text
+            # no session; an ended one
+            assert (await nobody.get("/portal/operator")).url.endswith("/portal/login")
+            await ops.post("/portal/logout", {"csrf": csrf})
+            assert (await ops.get("/portal/operator")).url.endswith("/portal/login")
+        finally:
+            for c in (ops, buyer, t2ops, nobody):
+                await c.close()
