@@ -261,6 +261,16 @@ class IdentityStore:
                                  "AND user_id = ? ORDER BY account", (tenant, user_id))
         return _user(rows[0], [a for (a,) in maps])
 
+    async def notify_addresses(self, tenant: str, account: str) -> list[str]:
+        """The e-mail addresses of the active users mapped to a client account, oldest user
+        first: recipients of the account's notifications (engine.notify). An invited user
+        (no password yet), a disabled or a deleted one gets nothing."""
+        rows = await self._fetch(
+            "SELECT u.email FROM portal_users u JOIN portal_user_accounts m ON m.user_id = u.id "
+            "AND m.tenant = u.tenant WHERE u.tenant = ? AND m.account = ? AND "
+            "u.status = 'active' ORDER BY u.created_ms, u.id", (tenant, account))
+        return [str(r[0]) for r in rows]
+
     async def update_user(self, tenant: str, user_id: str, *, status: Status | None = None,
                           accounts: Iterable[str] | None = None,
                           actor: Actor = TENANT) -> User:

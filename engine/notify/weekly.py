@@ -42,7 +42,7 @@ from engine.core.config import WEEKDAYS, Config, Tenant
 from engine.core.constants import WALLET
 from engine.notify.compose import compose
 from engine.notify.outbox import Outbox, SendOutcome
-from engine.notify.recipients import audience
+from engine.notify.recipients import PortalAddresses, audience, portal_addresses
 from engine.store.store import UNAVAILABLE, Store
 
 log = logging.getLogger("leadflow.notify.weekly")
@@ -98,8 +98,10 @@ class WeeklyReports:
     def __init__(self, cfg: Config, store: Store, archive: Archive,
                  outboxes: Mapping[str, Outbox], *,
                  clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
-                 observer: Callable[[str, str, str], None] | None = None) -> None:
+                 observer: Callable[[str, str, str], None] | None = None,
+                 portal: PortalAddresses | None = None) -> None:
         self.cfg, self.store, self.archive = cfg, store, archive
+        self.portal = portal  # a client's portal users: recipients beside its contacts
         self.outboxes = outboxes
         self.clock_ms = clock_ms
         self.observer = observer  # (outcome, channel, kind): the notify worker's metrics
@@ -138,7 +140,8 @@ class WeeklyReports:
     async def _account(self, tenant: Tenant, outbox: Outbox, week: Week, account: str,
                        now: int) -> tuple[int, bool]:
         """(reports sent now, whether any is left for a later pass) of one account."""
-        who = audience(self.cfg, tenant.id, account)
+        who = audience(self.cfg, tenant.id, account,
+                       await portal_addresses(self.portal, self.cfg, tenant.id, account))
         if who is None or not who.recipients:
             return 0, False
         event = event_id(week, account)

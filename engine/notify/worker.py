@@ -27,7 +27,8 @@ On one Redis a single blocking read serves every tenant, and each tenant's entri
 by that tenant's own task (:meth:`NotifyWorker._consume`): a slow or hanging SMTP server
 holds up only its own tenant's mail.
 
-Recipients: a client account's ``contacts``; the tenant's ``operators`` for its wallet, a
+Recipients: a client account's ``contacts`` and the active portal users mapped to it (each
+address once: :mod:`engine.notify.recipients`); the tenant's ``operators`` for its wallet, a
 buyer's failing webhook and a buyer's return. What each gets is
 :func:`engine.notify.compose.compose`'s: the tenant's own template of the kind, nothing for
 a recipient who turned the kind's category off, an unsubscribe link.
@@ -62,7 +63,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -71,11 +72,13 @@ import msgspec
 from billing.archive import Archive
 from billing.attempts import ChargeAttempt, load_attempt
 from engine.core import keys, money
-from engine.core.config import Client, Config, Tenant, resolve_secret
+from engine.core.config import Config, Tenant, resolve_secret
 from engine.core.constants import WALLET
 from engine.notify import NotifyError
 from engine.notify.compose import compose
 from engine.notify.outbox import Outbox, SendOutcome
+from engine.notify.recipients import PortalAddresses, audience, portal_addresses
+from engine.notify.recipients import client as find_client
 from engine.notify.sendgrid import SendGridSettings, SendGridTransport
 from engine.notify.transport import SmtpSettings, SmtpTransport, Transport
 from engine.notify.weekly import WeeklyReports
@@ -141,14 +144,10 @@ def _micros(fields: Fields, name: str) -> int:
     return _int(fields, name, "an amount in micros")
 
 
-def _client(cfg: Config, tenant: str, account: str) -> Client | None:
-    return next((c for c in cfg.clients if c.tenant == tenant and c.id == account), None)
-
-
 def _minimum(cfg: Config, tenant: Tenant, account: str) -> int:
     """The balance an account paused for its floor or minimum resumes at (as the Lua does:
     its minimum, not below 0)."""
-    client = _client(cfg, tenant.id, account)
+    client = find_client(cfg, tenant.id, account)
     raw = client.min_balance if client is not None else tenant.wallet.min_balance
     return max(money.parse(raw, field="min_balance") if raw is not None else 0, 0)
 
@@ -216,20 +215,20 @@ def _returned(context: dict[str, Any], fields: Fields, recipients: tuple[str, ..
 
 
 def messages(cfg: Config, tenant_id: str, fields: Fields,
-             attempt: ChargeAttempt | None = None) -> list[Message]:
+             attempt: ChargeAttempt | None = None, portal: Sequence[str] = ()
+             ) -> list[Message]:
     """The messages of an events entry: none (another type, an account no longer
     configured, nobody to tell), one, or, for a buyer's return, one to the tenant's
-    operators and one to the client's contacts. ``attempt`` is the charge attempt a
-    recharge event refers to (its ``ref``), when it could be read. Raises NotifyError for
-    a malformed entry."""
+    operators and one to the client's recipients (its contacts and ``portal``, the
+    addresses of its portal users: :func:`engine.notify.recipients.audience`). ``attempt``
+    is the charge attempt a recharge event refers to (its ``ref``), when it could be read.
+    Raises NotifyError for a malformed entry."""
     etype, account = _text(fields, "type"), _text(fields, "account")
     tenant = cfg.tenant(tenant_id)
     operators = tuple(tenant.notify.operators)
-    client = _client(cfg, tenant_id, account) if account != WALLET else None
-    if account == WALLET:
-        name, recipients = tenant.name or tenant.id, operators
-    elif client is not None:
-        name, recipients = client.name or client.id, tuple(client.contacts)
+    who = audience(cfg, tenant_id, account, portal)
+    if who is not None:
+        name, recipients = who.name, who.recipients
     elif etype == "webhook_failing":  # the tenant's own concern: its client may be gone
         name, recipients = account, ()
     else:
@@ -339,10 +338,12 @@ class NotifyWorker:
                  retry_base_ms: int = 30_000, retry_max_ms: int = 3_600_000,
                  claim_ms: int = 120_000,
                  clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
-                 observer: NotifyObserver | None = None) -> None:
+                 observer: NotifyObserver | None = None,
+                 portal: PortalAddresses | None = None) -> None:
         self.cfg = cfg
         self.clock_ms = clock_ms
         self.observer = observer
+        self.portal = portal  # the addresses of a client's portal users (identity store)
         self.outboxes = {t: Outbox(store.redis, t, tr, claim_ms=claim_ms,
                                    retry_base_ms=retry_base_ms, retry_max_ms=retry_max_ms,
                                    clock_ms=clock_ms)
@@ -358,12 +359,16 @@ class NotifyWorker:
         dead-lettered), False when it stays pending for a later claim."""
         stream = keys.events(tenant)
         attempt = await self._attempt(tenant, fields)
+        # read on every delivery of the entry: a user disabled or deleted since gets nothing
+        # (a failure, SQL down, leaves the entry pending for a later claim)
+        portal = await portal_addresses(self.portal, self.cfg, tenant,
+                                        _text(fields, "account"))
         try:
             # each recipient's message: the tenant's template, its preferences, its link
             sends = [(msg, await compose(self.events.redis, tenant, msg.kind, msg.context,
                                          msg.recipients,
                                          public_url=self.cfg.settings.public_url))
-                     for msg in messages(self.cfg, tenant, fields, attempt)]
+                     for msg in messages(self.cfg, tenant, fields, attempt, portal)]
         except NotifyError as exc:
             await self.events.dead_letter(tenant, stream, entry_id, fields, str(exc))
             log.error("notify: event %s of %s dead-lettered: %s", entry_id, tenant, exc)
@@ -516,12 +521,14 @@ async def run_notify_worker(cfg: Config, store: Store, *, consumer: str, stop: a
                             claim_idle_ms: int = 60_000, claim_every_ms: int = 5_000,
                             retry_base_ms: int = 30_000, retry_max_ms: int = 3_600_000,
                             claim_ms: int = 120_000,
-                            observer: NotifyObserver | None = None) -> None:
+                            observer: NotifyObserver | None = None,
+                            portal: PortalAddresses | None = None) -> None:
     """The notification worker of every tenant with a transport (:func:`transport_for`), or
     of the tenants in ``transports``, each with its own (``leadflow demo``'s in-memory one),
     and with ``archive`` (the ledger's SQL side) their weekly reports
     (:mod:`engine.notify.weekly`); without any such tenant, one log line and nothing to
-    do. The transports it opened are closed when it ends."""
+    do. ``portal``: the addresses of a client's portal users, recipients of its messages
+    beside its contacts. The transports it opened are closed when it ends."""
     opened: dict[str, Transport] = {}
     if transports is None:
         opened = {t.id: tr for t in cfg.tenants if (tr := transport_for(t)) is not None}
@@ -535,12 +542,12 @@ async def run_notify_worker(cfg: Config, store: Store, *, consumer: str, stop: a
         worker = NotifyWorker(cfg, store, transports, consumer=consumer,
                               claim_idle_ms=claim_idle_ms, claim_every_ms=claim_every_ms,
                               retry_base_ms=retry_base_ms, retry_max_ms=retry_max_ms,
-                              claim_ms=claim_ms, observer=observer)
+                              claim_ms=claim_ms, observer=observer, portal=portal)
         if archive is None:
             await worker.run(stop)
             return
         weekly = WeeklyReports(cfg, store, archive, worker.outboxes, clock_ms=worker.clock_ms,
-                               observer=observer)
+                               observer=observer, portal=portal)
         await asyncio.gather(worker.run(stop), weekly.run(stop))
     finally:
         for transport in opened.values():

@@ -33,6 +33,7 @@ from engine.core.constants import archive_path
 from engine.core.errors import StoreUnavailable
 from engine.delivery.tenant_hooks import run_tenant_hooks
 from engine.delivery.worker import run_delivery_worker
+from engine.identity.store import IdentityStore
 from engine.notify.worker import run_notify_worker
 from engine.obs.telemetry import delivery_observer, holds_expired, hooks_observer, notify_observer
 from engine.run.reconcile import SWEEP_INTERVAL_MS
@@ -152,12 +153,19 @@ async def leads_worker(ctx: WorkerContext, stop: asyncio.Event) -> None:
 
 async def notify_worker(ctx: WorkerContext, stop: asyncio.Event) -> None:
     """E-mail notifications (engine/notify), one consumer of ``events``; tenants without
-    ``[tenants.notify.smtp]`` or ``[tenants.notify.sendgrid]`` are skipped (one log line)."""
-    archive = await Archive.open(ctx.config().settings.sql_url,
-                                 path=str(archive_path(ctx.state_dir)))
+    ``[tenants.notify.smtp]`` or ``[tenants.notify.sendgrid]`` are skipped (one log line).
+    A client's messages also go to its active portal users (the identity store, in the
+    ledger archive's database)."""
+    sql_url, path = ctx.config().settings.sql_url, str(archive_path(ctx.state_dir))
+    archive = await Archive.open(sql_url, path=path)
     try:
-        await run_notify_worker(ctx.config(), ctx.store, consumer=ctx.consumer + "-notify",
-                                stop=stop, archive=archive, observer=notify_observer)
+        ids = await IdentityStore.open(sql_url, path=path)
+        try:
+            await run_notify_worker(ctx.config(), ctx.store, consumer=ctx.consumer + "-notify",
+                                    stop=stop, archive=archive, observer=notify_observer,
+                                    portal=ids.notify_addresses)
+        finally:
+            await ids.close()
     finally:
         await archive.close()
 

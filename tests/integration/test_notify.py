@@ -40,6 +40,8 @@ async def _until(check: Callable[[], Awaitable[bool]]) -> None:
 
 
 async def _group(redis: aioredis.Redis) -> dict[str, object]:
+    if not await redis.exists(keys.events("t1")):  # the worker has not made it yet
+        return {}
     for g in await redis.xinfo_groups(keys.events("t1")):
         name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
         if name == GROUP:
