@@ -17,6 +17,7 @@ from engine.identity.errors import (
     EmailTaken,
     InvalidInput,
     InviteInvalid,
+    OperatorUser,
     TooManyKeys,
     UnknownKey,
     UnknownUser,
@@ -27,7 +28,8 @@ from engine.identity.store import MAX_ACTIVE_KEYS, IdentityStore
 
 HOUR = 3_600_000
 GOOD = "correct horse battery"
-TABLES = ("portal_users", "portal_user_accounts", "portal_invites", "api_keys", "portal_audit")
+TABLES = ("portal_users", "portal_user_accounts", "portal_invites", "api_keys", "portal_audit",
+          "portal_operators")
 # cheap argon2 for the tests that are not about its cost (the default takes ~150 ms a hash)
 FAST = Passwords(PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
 
@@ -302,3 +304,40 @@ async def test_a_revocation_racing_a_key_lookup_is_not_cached_away(tmp_path: Pat
         assert await ids.principal(secret) is None
     finally:
         await ids.close()
+
+
+async def test_operators_and_the_notify_addresses_of_an_account(ids: IdentityStore) -> None:
+    """An operator: its role read back everywhere, no account, no key, its session marked;
+    notify_addresses: the active users mapped to the account (not invited,
+    disabled, deleted ones, nor another tenant's)."""
+    ops, invite = await ids.create_user("t1", "ops@example.com", [], invite_ttl_ms=HOUR,
+                                        role="operator")
+    await ids.accept_invite(invite.token, "correct horse battery")
+    assert ops.role == "operator" and (await ids.user("t1", ops.id)).role == "operator"
+    with pytest.raises(OperatorUser):
+        await ids.create_key("t1", ops.id, "k")
+    with pytest.raises(OperatorUser):
+        await ids.update_user("t1", ops.id, accounts=["c1"])
+    with pytest.raises(OperatorUser):
+        await ids.create_user("t1", "ops2@example.com", ["c1"], invite_ttl_ms=HOUR,
+                              role="operator")
+    token = await ids.start_session("t1", ops.id, ttl_ms=HOUR)
+    p = await ids.session(token, idle_ms=HOUR)
+    assert p is not None and p.operator and p.accounts == frozenset()
+
+    made = []
+    for email, accounts in (("a@example.com", ["c1"]), ("b@example.com", ["c1", "c2"]),
+                            ("off@example.com", ["c1"]), ("gone@example.com", ["c1"]),
+                            ("c2@example.com", ["c2"])):
+        user, invite = await ids.create_user("t1", email, accounts, invite_ttl_ms=HOUR)
+        await ids.accept_invite(invite.token, "correct horse battery")
+        made.append(user.id)
+    await ids.create_user("t1", "new@example.com", ["c1"], invite_ttl_ms=HOUR)  # invited
+    await ids.create_user("t2", "t2@example.com", ["c1"], invite_ttl_ms=HOUR)
+    await ids.update_user("t1", made[2], status="disabled")
+    await ids.delete_user("t1", made[3])
+    assert sorted(await ids.notify_addresses("t1", "c1")) == ["a@example.com", "b@example.com"]
+    roles = {u.email: u.role for u in await ids.users("t1")}
+    assert roles.pop("ops@example.com") == "operator" and set(roles.values()) == {"buyer"}
+    await ids.delete_user("t1", ops.id)
+    assert await _rows(ids, "portal_operators") == []
