@@ -448,7 +448,8 @@ async def test_the_operator_page_and_who_reaches_it(redis, redis_server, cfg, tm
             assert page.status == 200 and page.url.endswith("/portal/operator"), page.url
             text = page.text
             assert 'id="client-c1"' in text and 'id="client-c3"' in text
-            assert 'id="client-wallet"' in text and "other" not in text
+            assert 'id="client-wallet"' in text and 'id="client-other"' not in text
+            assert "$70.00" not in text  # t2's client
             assert "$30.00" in text and "$300.00" in text and "$1,000.00" in text
             assert "buyer@example.com" in text and "c1, c2" in text
             assert "ops@example.com" in text and "t2ops@example.com" not in text
@@ -470,7 +471,8 @@ async def test_the_operator_page_and_who_reaches_it(redis, redis_server, cfg, tm
             page = await t2ops.login("t2ops@example.com", tenant="t2")
             assert page.url.endswith("/portal/operator")
             assert 'id="client-other"' in page.text and "$70.00" in page.text
-            assert "c1" not in page.text and "buyer@example.com" not in page.text
+            assert 'id="client-c1"' not in page.text and "$30.00" not in page.text
+            assert "buyer@example.com" not in page.text and ">ops@example.com<" not in page.text
             # no session; an ended one
             assert (await nobody.get("/portal/operator")).url.endswith("/portal/login")
             await ops.post("/portal/logout", {"csrf": csrf})
