@@ -40,10 +40,14 @@ RETENTION_DAYS: dict[str, float | None] = {
     "idempotency": 1.0,  # settings.idempotency_ttl_s (86400)
     "dedupe": 30.0,  # the solar campaign's dedupe.days (30; auto-insurance 7)
     "sale record": 14.0,  # decide.lua's LEAD_TTL
-    "delivery log": 14.0,  # engine.delivery.record.STATE_TTL_S
+    # while a delivery is open (deleted when settled: delivery_finish.lua); what is left
+    # once drained (a sync try's taken-over decision, a job never settled) lives
+    # engine.delivery.record.STATE_TTL_S
+    "delivery log": 14.0,
     "delivery state": 14.0,
     "ledger stream": None,  # archived to SQL and trimmed by the ledger worker
     "deliveries stream": None,  # XACK + XDEL once delivered
+    "sold stream": None,  # XACK + XDEL once in the lead archive (billing.leads)
     "events stream": None,  # MAXLEN ~ 1M entries, whatever the age
     "other": None,  # accounts, buyers, cursors, scripts' fixed keys: not per lead
 }
@@ -56,7 +60,7 @@ def kind(key: str) -> str:
     head = rest.split(":", 1)[0]
     return {"idem": "idempotency", "dup": "dedupe", "lead": "sale record",
             "dlog": "delivery log", "dstate": "delivery state"}.get(head) or {
-        "ledger": "ledger stream", "deliveries": "deliveries stream",
+        "ledger": "ledger stream", "deliveries": "deliveries stream", "sold": "sold stream",
         "events": "events stream"}.get(rest, "other")
 
 
@@ -122,12 +126,13 @@ def _stream_state(r: redis.Redis, streams: Iterable[str]) -> list[tuple[str, str
 
 def wait_drained(r: redis.Redis, tenants: Iterable[str], *, timeout: float = 300.0,
                  settle: float = 1.0) -> float:
-    """Wait until every consumer group of the tenants' ledger, deliveries and events
+    """Wait until every consumer group of the tenants' ledger, deliveries, events and sold
     streams has nothing pending and no lag (read and acknowledged everything); seconds
     waited. TimeoutError after ``timeout``."""
     from engine.core import keys
 
-    streams = [f(t) for t in tenants for f in (keys.ledger, keys.deliveries, keys.events)]
+    streams = [f(t) for t in tenants
+               for f in (keys.ledger, keys.deliveries, keys.events, keys.sold)]
     t0 = time.monotonic()
     while True:
         rows = _stream_state(r, streams)

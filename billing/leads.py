@@ -17,9 +17,12 @@ nothing twice), commits, and only then acks and deletes the entries. Then:
 * **returns**: the ``lead_returned`` events of the tenant's ``keys.events`` stream (its own
   group ``leads``), an UPDATE that sets ``returned_ts``/``return_reason`` once (a return
   seen before its sale leaves a placeholder row the sale fills in);
-* **outcomes**: for rows still ``pending``, the delivery worker's decision in
-  ``keys.dstate`` (ACCEPTED, REJECTED, DUPLICATED, FAILED -> accepted, rejected, duplicate,
-  failed), an UPDATE of pending rows only;
+* **outcomes and delivery logs**: the ``settled`` entries the delivery worker appends to
+  ``keys.sold`` once a delivery is settled (delivery_finish.lua: its decision and the
+  lead's delivery log, which Redis then forgets): the decision (ACCEPTED, REJECTED,
+  DUPLICATED, FAILED -> accepted, rejected, duplicate, failed) as an UPDATE of a pending
+  row only, the buyer's log entries upserted into ``sold_lead_deliveries``; in the same
+  pass as the sales, after them (a sale's entry always comes first in the stream);
 * **personal fields**: erased ``pii_retention_days`` (per tenant, 30 by default) after the
   sale (:meth:`LeadArchive.erase_personal`), the rest of the row kept.
 
@@ -57,7 +60,6 @@ log = logging.getLogger("leadflow.leads")
 GROUP = "leads"
 DAY_MS = 86_400_000
 MAX_PAGE = 500
-SOLD_MAXLEN = 1_000_000  # keys.sold keeps about this many entries if never archived
 OUTCOMES = {"ACCEPTED": "accepted", "REJECTED": "rejected", "DUPLICATED": "duplicate",
             "FAILED": "failed"}
 REFUNDED = ("rejected", "duplicate", "failed")  # outcomes whose sale was refunded
@@ -93,10 +95,30 @@ class SoldLead(msgspec.Struct, kw_only=True, frozen=True):
     return_reason: str
     fields: dict[str, str]  # every field kept: the others, and personal ones until erased
     erased: bool  # personal fields erased (retention) or none were ever kept
+    attempts: list[Attempt] = []  # the delivery log, oldest first (:meth:`LeadArchive.lead`)
 
     @property
     def returned(self) -> bool:
         return self.returned_ts is not None
+
+
+class Attempt(msgspec.Struct, frozen=True):
+    """One entry of a sale's delivery log (engine.delivery.record's log entry): an
+    attempt (``result``: accepted, rejected, duplicated, timeout, error, retry, ...) or a
+    decision (failed, skipped, deferred)."""
+
+    buyer: str
+    attempt: int
+    ts: int
+    result: str
+    status: int = 0
+    ms: int = 0
+    reason: str = ""
+    excerpt: str = ""
+
+
+_attempts_dec = msgspec.json.Decoder(list[Attempt])
+_attempts_enc = msgspec.json.Encoder()
 
 
 class LeadPage(msgspec.Struct, kw_only=True):
@@ -159,6 +181,10 @@ class LeadArchive:
             f"sold) VALUES ({p}, {p}, {p}, {p}, {p}, 0) ON CONFLICT (tenant, lead_id, buyer) "
             "DO UPDATE SET returned_ts = excluded.returned_ts, "
             "return_reason = excluded.return_reason WHERE sold_leads.returned_ts IS NULL")
+        self._deliveries_sql = (
+            "INSERT INTO sold_lead_deliveries (tenant, lead_id, buyer, log) VALUES "  # noqa: S608
+            f"({p}, {p}, {p}, {p}) ON CONFLICT (tenant, lead_id, buyer) "
+            "DO UPDATE SET log = excluded.log")
 
     @classmethod
     async def open(cls, url: str | None = None, *, path: str | None = None) -> LeadArchive:
@@ -187,18 +213,52 @@ class LeadArchive:
         except (KeyError, ValueError):
             return None
 
+    def _settled(self, tenant: str, f: dict[str, str]) -> list[Step] | None:
+        """A settled delivery's steps: its outcome (a pending row only) and its delivery
+        log (this buyer's entries)."""
+        p = self._db.ph
+        try:
+            lead_id, buyer = f["lead_id"], f["buyer"]
+            d = msgspec.json.decode(f["decision"])
+            log_ = [a for a in _attempts_dec.decode(f.get("log", "[]")) if a.buyer == buyer]
+        except (KeyError, msgspec.DecodeError):
+            return None
+        steps = [Step(self._deliveries_sql, (tenant, lead_id, buyer,
+                                             _attempts_enc.encode(log_).decode()))]
+        outcome = OUTCOMES.get(d.get("o", "")) if isinstance(d, dict) else None
+        if outcome:
+            steps.append(Step(
+                f"UPDATE sold_leads SET outcome = {p}, reason = {p} "  # noqa: S608
+                f"WHERE tenant = {p} AND lead_id = {p} AND buyer = {p} "
+                "AND outcome = 'pending'",
+                (outcome, str(d.get("r", ""))[:500], tenant, lead_id, buyer)))
+        return steps
+
     async def store_sold(self, consumer: StreamConsumer, tenant: str, batches: list[Batch],
                          personal: Callable[[str], frozenset[str]]) -> int:
-        """Sold-lead entries into SQL (one transaction), then acked and deleted."""
+        """Sold-lead entries into SQL (one transaction), then their settled deliveries
+        (outcome and delivery log; replayed, they write the same again); then acked and
+        deleted."""
         entries = [(i, _decode(f)) for b in batches for i, f in b.entries]
         gone = [i for b in batches for i in b.gone]
-        rows = [r for _, f in entries
-                if (r := self._row(tenant, f, personal(f.get("campaign", "")))) is not None]
-        if len(rows) < len(entries):
-            log.warning("lead archive: tenant %s: %d malformed entries dropped", tenant,
-                        len(entries) - len(rows))
+        rows: list[Row] = []
+        steps: list[Step] = []
+        bad = 0
+        for _, f in entries:
+            if "settled" in f:
+                settled = self._settled(tenant, f)
+                steps += settled or ()
+                bad += settled is None
+            elif (r := self._row(tenant, f, personal(f.get("campaign", "")))) is not None:
+                rows.append(r)
+            else:
+                bad += 1
+        if bad:
+            log.warning("lead archive: tenant %s: %d malformed entries dropped", tenant, bad)
         if rows:
             await self._db.insert(self._upsert_sql, rows)
+        if steps:  # after the sales they settle (a stream's order: a sale comes first)
+            await self._db.batch(steps)
         ids = [i for i, _ in entries] + gone
         if ids:  # committed: only now may Redis forget them
             await consumer.ack(keys.sold(tenant), *ids, delete=True)
@@ -224,38 +284,6 @@ class LeadArchive:
         if ids:
             await consumer.ack(keys.events(tenant), *ids)
         return len(ids)
-
-    async def resolve_outcomes(self, redis: aioredis.Redis, tenant: str, *,
-                               limit: int = 500) -> int:
-        """Pending rows whose delivery the delivery worker decided since: UPDATEd."""
-        p = self._db.ph
-        pending = await self._db.fetch(
-            f"SELECT lead_id, buyer FROM sold_leads WHERE tenant = {p} "  # noqa: S608
-            f"AND outcome = 'pending' AND sold = 1 ORDER BY ts LIMIT {p}", [tenant, limit])
-        if not pending:
-            return 0
-        async with redis.pipeline(transaction=False) as pipe:
-            for lead_id, buyer in pending:
-                pipe.hget(keys.dstate(tenant, lead_id), buyer)
-            states = await pipe.execute()
-        steps = []
-        for (lead_id, buyer), raw in zip(pending, states, strict=True):
-            if not raw:
-                continue
-            try:
-                d = msgspec.json.decode(raw)
-            except msgspec.DecodeError:
-                continue
-            outcome = OUTCOMES.get(d.get("o", "")) if isinstance(d, dict) else None
-            if outcome:
-                steps.append(Step(
-                    f"UPDATE sold_leads SET outcome = {p}, reason = {p} "  # noqa: S608
-                    f"WHERE tenant = {p} AND lead_id = {p} AND buyer = {p} "
-                    "AND outcome = 'pending'",
-                    (outcome, str(d.get("r", ""))[:500], tenant, lead_id, buyer)))
-        if steps:
-            await self._db.batch(steps)
-        return len(steps)
 
     async def erase_personal(self, tenant: str, days: int, *, now: int) -> int:
         """Personal fields of the tenant's sales older than ``days`` days erased; returns
@@ -283,7 +311,6 @@ class LeadArchive:
         n = await self.store_sold(sold, tenant, await sold.poll(count, reader=reader), personal)
         n += await self.store_returns(events, tenant,
                                       await events.poll(count, reader=(keys.events(tenant),)))
-        n += await self.resolve_outcomes(sold.redis, tenant)
         return n
 
     # -- queries ---------------------------------------------------------------------------
@@ -330,7 +357,13 @@ class LeadArchive:
         rows = await self._db.fetch(
             f"SELECT {_SELECT} FROM sold_leads WHERE {' AND '.join(where)} "  # noqa: S608
             f"AND lead_id = {p} AND buyer = {p}", [*params, lead_id, buyer])
-        return _sold_lead(rows[0]) if rows else None
+        if not rows:
+            return None
+        logs = await self._db.fetch(
+            f"SELECT log FROM sold_lead_deliveries WHERE tenant = {p} "  # noqa: S608
+            f"AND lead_id = {p} AND buyer = {p}", [tenant, lead_id, buyer])
+        attempts = _attempts_dec.decode(logs[0][0]) if logs else []
+        return msgspec.structs.replace(_sold_lead(rows[0]), attempts=attempts)
 
     async def iter_csv(self, tenant: str, accounts: Sequence[str], *,
                        from_ms: int | None = None, to_ms: int | None = None

@@ -30,3 +30,14 @@ CREATE TABLE IF NOT EXISTS sold_leads (
 CREATE INDEX IF NOT EXISTS sold_leads_account ON sold_leads (tenant, account, ts);
 CREATE INDEX IF NOT EXISTS sold_leads_outcome ON sold_leads (tenant, outcome, ts);
 CREATE INDEX IF NOT EXISTS sold_leads_pii ON sold_leads (tenant, pii_erased_ts, ts);
+-- The delivery log of a sale (JSON list of attempts and decisions, oldest first: buyer,
+-- attempt, ts, result, status, ms, reason, excerpt), copied once its delivery settled
+-- (engine.delivery: the decision recorded, its money effect applied, the job acked), when
+-- Redis forgets it.
+CREATE TABLE IF NOT EXISTS sold_lead_deliveries (
+    tenant  TEXT NOT NULL,
+    lead_id TEXT NOT NULL,
+    buyer   TEXT NOT NULL,
+    log     TEXT NOT NULL DEFAULT '[]',
+    PRIMARY KEY (tenant, lead_id, buyer)
+);

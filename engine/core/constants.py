@@ -8,6 +8,9 @@ WALLET = "wallet"  # the reserved account id of a tenant's platform-fee wallet
 # seed 000: at $0.00 an account accrues a negative balance, at most -$20.00; the floor of
 # an account that names none (the config's default, config check's bound, _lib.lua's)
 DEFAULT_FLOOR = -20_000_000  # micros
+# keys.sold (sales and settled deliveries for the lead archive, billing.leads) keeps about
+# this many entries if never archived
+SOLD_MAXLEN = 1_000_000
 ARCHIVE_FILE = "ledger.sqlite3"  # the SQLite ledger archive's file in the state directory
 
 

@@ -8,6 +8,10 @@
 * ``keys.dlog(tenant, lead)``: LIST of JSON entries, one per attempt or decision: buyer,
   attempt, ts, status, ms, result, reason, a truncated response excerpt. No headers, no
   secrets, no request body.
+
+Both live only while a delivery is open: settling a job done (delivery_finish.lua's
+``a``) hands its decision and the log to the lead archive (``keys.sold``) and deletes
+them (docs/delivery.md, "Recording an outcome").
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 import msgspec
 
 from engine.core import keys
+from engine.core.constants import SOLD_MAXLEN
 from engine.store.store import Store
 
 log = logging.getLogger("leadflow.delivery")
@@ -98,13 +103,14 @@ class _LogEntry(msgspec.Struct, omit_defaults=True):
     excerpt: str = ""
 
 
-def finish_arg(rows: Sequence[Sequence[Any]], acks: Sequence[str] = (),
+def finish_arg(rows: Sequence[Sequence[Any]], done: Sequence[Sequence[Any]] = (),
                group: str = "") -> bytes:
     """delivery_finish.lua's ARGV[1]: ``rows`` of (lead, buyer, decision JSON, log entry
-    JSON), a dead letter's also its entry's and its event's fields (flat lists of strings),
-    and the stream entry ids to ack (with the consumer ``group``)."""
-    return _enc.encode({"g": group, "ttl": STATE_TTL_S, "lmax": LOG_MAX, "j": rows,
-                        "a": acks})
+    JSON, the job's stream entry id or "" for a sync try), a dead letter's also its
+    entry's and its event's fields (flat lists of strings); and the jobs ``done``, as
+    (entry id, lead, buyer, keep 0/1), to settle and ack (with the consumer ``group``)."""
+    return _enc.encode({"g": group, "ttl": STATE_TTL_S, "lmax": LOG_MAX, "m": SOLD_MAXLEN,
+                        "j": rows, "a": done})
 
 
 def log_entry(
@@ -139,12 +145,6 @@ async def apply_money(
         return
     if not res.ok:
         log.warning("sale %s/%s of tenant %s: %s", lead_id, buyer, tenant, res.error)
-
-
-async def read_log(store: Store, tenant: str, lead_id: str) -> list[dict[str, Any]]:
-    """The delivery log of a lead, oldest first."""
-    rows = await store.redis.lrange(keys.dlog(tenant, lead_id), 0, -1)
-    return [msgspec.json.decode(r) for r in rows]
 
 
 async def read_decision(store: Store, tenant: str, lead_id: str,

@@ -46,9 +46,9 @@ import aiohttp
 import msgspec
 import redis.asyncio as aioredis
 
-from billing.leads import SOLD_MAXLEN
 from engine.core import keys
 from engine.core.config import Buyer, Config
+from engine.core.constants import SOLD_MAXLEN
 from engine.delivery import client, payload, record
 from engine.delivery.breaker import Breaker, Breakers, BreakerState
 from engine.delivery.client import Endpoint
@@ -136,13 +136,17 @@ class _Batch:
     and wake the batch once, when the last one is in (``sent``); a batch that stopped
     waiting (``dropped``) has its queued requests skipped."""
 
-    __slots__ = ("common", "dropped", "events", "jobs", "left", "money", "ops", "sent")
+    __slots__ = ("common", "dropped", "events", "jobs", "keep", "left", "money", "ops",
+                 "sent")
 
     def __init__(self, jobs: Sequence[Job] = ()) -> None:
         self.jobs = jobs
         self.ops: dict[str, list[Callable[[Any], None]]] = {}  # rare: retries, dead letters
         self.common: dict[str, dict[str, list[Any]]] = {}  # decisions, logs, acks (Lua)
         self.money: list[tuple[Job, DeliveryDecision]] = []
+        # (tenant, lead, buyer) taken over from an expired sync claim: settled keeping its
+        # decision in dstate (delivery_finish.lua)
+        self.keep: set[tuple[str, str, str]] = set()
         self.events: list[DeliveryEvent] = []  # for the observer, told once per batch
         self.left = 0
         self.sent: asyncio.Future[None] | None = None
@@ -169,12 +173,18 @@ class _Batch:
         c = self.common.get(job.tenant)
         if c is None:
             c = self.common[job.tenant] = {"j": [], "a": [], "jobs": [], "dead": []}
-        c["j"].append((job.lead_id, job.buyer, decision, entry.decode(), *(dead or ())))
+        c["j"].append((job.lead_id, job.buyer, decision, entry.decode(), job.entry_id,
+                       *(dead or ())))
         c["jobs"].append(job)  # not sent: maps delivery_finish.lua's row numbers back
         if dead is not None:
             c["dead"].append(len(c["j"]))  # its row number, as the script counts them
         if ack:
-            c["a"].append(job.entry_id)
+            c["a"].append(self.done(job))
+
+    def done(self, job: Job) -> tuple[str, str, str, int]:
+        """A job to settle and ack, as delivery_finish.lua's ``a`` takes it."""
+        return (job.entry_id, job.lead_id, job.buyer,
+                int((job.tenant, job.lead_id, job.buyer) in self.keep))
 
 
 def _dead_letter(job: Job, reason: str, *, attempts: int, status: int, now: int
@@ -498,7 +508,7 @@ class DeliveryWorker:
             theirs = [j for j, _ in out.money if (j.tenant, j.lead_id, j.buyer) in kept]
             out.money = [(j, d) for j, d in out.money
                          if (j.tenant, j.lead_id, j.buyer) not in kept]
-            await self._ack_all(theirs)
+            await self._ack_all(out, theirs)
         if not out.money:
             return
 
@@ -514,7 +524,7 @@ class DeliveryWorker:
             return job
 
         done = [j for j in await asyncio.gather(*(money(j, d) for j, d in out.money)) if j]
-        await self._ack_all(done)
+        await self._ack_all(out, done)
 
     async def _finish_rows(self, tenant: str, common: dict[str, list[Any]]) -> Any:
         """delivery_finish.lua for a tenant's rows. Returns the row numbers whose delivery
@@ -525,14 +535,15 @@ class DeliveryWorker:
     def _finish_arg(self, common: dict[str, list[Any]]) -> bytes:
         return record.finish_arg(common["j"], common["a"], self.opts.group)
 
-    async def _ack_all(self, jobs: Sequence[Job]) -> None:
-        for tenant in {j.tenant for j in jobs}:  # one MULTI per tenant: one slot each
-            async with self.redis.pipeline(transaction=True) as pipe:
-                for j in jobs:
-                    if j.tenant == tenant:
-                        self._ack_in(pipe, j)
-                async with self._rsem:
-                    await pipe.execute()
+    async def _ack_all(self, out: _Batch, jobs: Sequence[Job]) -> None:
+        """Jobs whose money effect is applied: settled and acked, one delivery_finish.lua
+        call per tenant (no rows)."""
+        for tenant in {j.tenant for j in jobs}:
+            done = [out.done(j) for j in jobs if j.tenant == tenant]
+            async with self._rsem:
+                await self._lua.delivery_finish(
+                    self.redis, [keys.tenant_prefix(tenant)],
+                    [record.finish_arg((), done, self.opts.group)])
 
     def _handle(
         self, job: Job, sale_raw: bytes | None, state_raw: bytes | None, out: _Batch, now: int
@@ -543,6 +554,8 @@ class DeliveryWorker:
             if prior.o == record.SYNC and prior.u > now:
                 self._defer(out, job, prior.u, "sync attempt in progress")
                 return None
+            if prior.o == record.SYNC:  # the sync try outlived its claim: taken over
+                out.keep.add((job.tenant, job.lead_id, job.buyer))
             if prior.o != record.SYNC:  # decided before: replay the money effect, ack
                 out.money.append((job, prior))
                 return None

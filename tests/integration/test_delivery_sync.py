@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from engine.core import keys
-from engine.delivery.record import read_decision, read_log
 from engine.delivery.worker import DeliveryWorker, WorkerOptions
 from engine.store.store import now_ms
+from tests.helpers import settled
 from tests.helpers.buyers import SECRET, Buyers, buyer_servers
 from tests.helpers.harness import Engine, buyer, campaign, make_config, running
 
@@ -89,10 +89,10 @@ async def test_first_rejects_second_accepts(redis, redis_server, buyers: Buyers)
         kinds = [f["kind"] for _, f in reversed(await eng.store.ledger_page("t1", "c1"))]
         assert kinds == ["opening", "lead", "refund"]
         await ledgers_sum(eng)
-        d1 = await read_decision(eng.store, "t1", lead_id, "b1")
-        d2 = await read_decision(eng.store, "t1", lead_id, "b2")
+        d1 = await settled.decision(eng.store, "t1", lead_id, "b1")
+        d2 = await settled.decision(eng.store, "t1", lead_id, "b2")
         assert d1 is not None and d1.o == "REJECTED" and d2 is not None and d2.o == "ACCEPTED"
-        log = await read_log(eng.store, "t1", lead_id)
+        log = await settled.delivery_log(eng.store, "t1", lead_id)
         assert [(e["buyer"], e["result"]) for e in log] == [("b1", "rejected"),
                                                            ("b2", "accepted")]
         # a replay returns the final result and charges nothing
@@ -149,9 +149,9 @@ async def test_deadline_passes_no_sale_and_the_worker_never_sends_it(
         lead_id = r["lead_id"]
         assert await eng.balance("c1") == OPENING  # b1's sale refunded
         assert buyers.at("/accept") == []  # no time was left for the next buyer
-        log = await read_log(eng.store, "t1", lead_id)
+        log = await settled.delivery_log(eng.store, "t1", lead_id)
         assert [(e["buyer"], e["result"]) for e in log] == [("b1", "failed")]
-        d = await read_decision(eng.store, "t1", lead_id, "b1")
+        d = await settled.decision(eng.store, "t1", lead_id, "b1")
         assert d is not None and d.o == "FAILED" and "timeout" in d.r
         _, again = await eng.lead(email="cy@example.com")
         assert again == r
@@ -195,7 +195,7 @@ async def test_a_buyer_without_a_verdict_is_skipped_while_time_is_left(
         assert (r["status"], r["code"], r["payout"]) == ("ACCEPTED", 0, "3.00"), r
         lead_id = r["lead_id"]
         assert await eng.balance("c1") == OPENING and await eng.balance("c2") == OPENING - PRICE
-        b1 = await read_decision(eng.store, "t1", lead_id, "b1")
+        b1 = await settled.decision(eng.store, "t1", lead_id, "b1")
         assert b1 is not None and b1.o == "FAILED"
         buyers.release.set()
         await drain_worker(eng, offset_ms=5_000)

@@ -29,7 +29,7 @@ async def leads(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         arc = await LeadArchive.open(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
     else:
         arc = await LeadArchive.open(request.getfixturevalue("postgres_url"))
-        await arc._db.fetch("TRUNCATE sold_leads", [])
+        await arc._db.fetch("TRUNCATE sold_leads, sold_lead_deliveries", [])
     yield arc
     await arc.close()
 
@@ -70,7 +70,11 @@ async def test_sales_archived_once_with_outcome_and_return(
     assert await w.process_once(block_ms=20) == 3  # delivered: the jobs are deleted
     await w.close()
     assert await redis.xlen(keys.deliveries(T)) == 0
-    assert await redis.xlen(keys.sold(T)) == 3  # ... handed on first
+    # each handed on when first read, then settled: its decision and delivery log there,
+    # gone from Redis
+    assert await redis.xlen(keys.sold(T)) == 6
+    for i in range(3):
+        assert not await redis.exists(keys.dstate(T, f"L{i}"), keys.dlog(T, f"L{i}"))
     personal = personal_of(cfg, T)
     assert await leads.archive_once(redis, T, consumer="a1", personal=personal) >= 3
     assert await redis.xlen(keys.sold(T)) == 0  # committed, then deleted
@@ -95,6 +99,8 @@ async def test_sales_archived_once_with_outcome_and_return(
     got = await leads.lead(T, ["c-b1"], "L1", "b1")
     assert got is not None and got.returned and got.return_reason == "not interested"
     assert await leads.lead(T, ["c-other"], "L1", "b1") is None  # another account's: none
+    assert [(a.buyer, a.attempt, a.result, a.reason) for a in got.attempts] == [
+        ("b1", 0, "accepted", "no webhook configured")]  # the delivery log, from SQL
     csv = "".join([c async for c in leads.iter_csv(T, ["c-b1"])])
     assert csv.count("\r\n") == 4 and "not interested" in csv
 
@@ -123,7 +129,7 @@ async def test_interrupted_batch_redelivered_nothing_doubled_nothing_lost(
         await leads.archive_once(redis, T, consumer="dead", personal=personal_of(cfg, T),
                                  claim_idle_ms=0)
     leads._db.insert = real  # type: ignore[method-assign]
-    assert await redis.xlen(keys.sold(T)) == 5  # nothing acked, nothing deleted
+    assert await redis.xlen(keys.sold(T)) == 10  # nothing acked, nothing deleted
     assert await leads.archive_once(redis, T, consumer="heir", personal=personal_of(cfg, T),
                                     claim_idle_ms=0) >= 5
     assert await _count(leads) == [(5, 5)]

@@ -34,7 +34,7 @@ from engine.delivery.worker import DeliveryWorker, WorkerOptions
 from engine.obs import telemetry
 from engine.obs.metrics import CREDIT_KINDS, EVENT_TYPES, Metrics, render
 from engine.store.store import Store, now_ms
-from tests.helpers import ROOT, sales
+from tests.helpers import ROOT, sales, settled
 from tests.helpers.buyers import SECRET, Buyers, buyer_servers
 from tests.helpers.harness import BASE_TOML
 
@@ -170,7 +170,7 @@ async def test_delivery_worker_counts_fee_refunds_reprices_and_delivery_failed(
 
     # another worker replays the money effects of the recorded decisions: counted never
     for b in (rej, price, old):
-        d = await record.read_decision(store, T, f"L-{b.id}", b.id)
+        d = await settled.decision(store, T, f"L-{b.id}", b.id)
         assert d is not None
         await record.apply_money(store, T, f"L-{b.id}", b.id, d,
                                   sale_price=money.parse(b.price))

@@ -152,7 +152,7 @@ async def test_bookkeeping_scripts_load_and_survive_script_flush(redis, name):
     args = {
         "delivery_precheck": ([keys.tenant_prefix("t1")], [b'[["L1","b1"]]']),
         "delivery_finish": ([keys.tenant_prefix("t1")],
-                            [b'{"g":"g","ttl":60,"lmax":5,"j":[],"a":[]}']),
+                            [b'{"g":"g","ttl":60,"lmax":5,"m":10,"j":[],"a":[]}']),
         "sync_claim": ([keys.tenant_prefix("t1")], ["L1", "k1", "{}", 60, "", "b1"]),
         "sync_final": ([keys.tenant_prefix("t1")],
                        [b'{"k":"k1","r":"","kt":60,"lead":"L1","rel":[],"del":[],"fp":[]}']),

@@ -26,6 +26,7 @@ from tests.helpers.harness import buyer, campaign, make_config, running
 from tests.helpers.notify_config import CONTACT, notify_toml, sendgrid_table, smtp_table
 from tests.helpers.sendgrid import SendGridServer
 from tests.helpers.smtp import SmtpServer
+from tests.helpers.streams import group
 
 
 def _config(server: SmtpServer, caps: str = "") -> Config:
@@ -40,13 +41,7 @@ async def _until(check: Callable[[], Awaitable[bool]]) -> None:
 
 
 async def _group(redis: aioredis.Redis) -> dict[str, object]:
-    if not await redis.exists(keys.events("t1")):  # the worker has not made it yet
-        return {}
-    for g in await redis.xinfo_groups(keys.events("t1")):
-        name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
-        if name == GROUP:
-            return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in g.items()}
-    return {}
+    return await group(redis, keys.events("t1"), GROUP)
 
 
 def _started(redis: aioredis.Redis) -> Callable[[], Awaitable[bool]]:

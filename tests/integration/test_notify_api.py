@@ -27,6 +27,7 @@ from engine.run.workers import REGISTRY
 from tests.helpers.harness import Engine, buyer, campaign, make_config, running
 from tests.helpers.notify_config import CONTACT, notify_toml, smtp_table
 from tests.helpers.smtp import SmtpServer
+from tests.helpers.streams import group
 
 OPS = ("ops@acme.example", "cfo@acme.example")
 PUBLIC = "https://leads.acme.example"
@@ -47,13 +48,7 @@ async def _until(check: Callable[[], Awaitable[bool]]) -> None:
 
 
 async def _group(redis: aioredis.Redis) -> dict[str, Any]:
-    if not await redis.exists(keys.events("t1")):  # the worker has not made it yet
-        return {}
-    for g in await redis.xinfo_groups(keys.events("t1")):
-        name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
-        if name == GROUP:
-            return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in g.items()}
-    return {}
+    return await group(redis, keys.events("t1"), GROUP)
 
 
 async def _done(redis: aioredis.Redis) -> bool:

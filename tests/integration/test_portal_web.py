@@ -228,6 +228,13 @@ async def archive_sale(eng, lead_id: str = "0123456789abmatx", *, account: str =
                         f"return_reason = {p} WHERE lead_id = {p}",
                         [outcome, ts + 1 if returned else None,
                          "wrong_number" if returned else "", lead_id])
+    await arc._db.insert(arc._deliveries_sql, [("t1", lead_id, buyer, msgspec.json.encode([
+        {"buyer": buyer, "attempt": 1, "ts": ts, "result": "timeout", "ms": 5000,
+         "reason": "timeout; retry at 1"},
+        {"buyer": buyer, "attempt": 2, "ts": ts + 9, "result": "accepted", "status": 200,
+         "ms": 41, "excerpt": '{"status":"ok"}'}]).decode())])
+
+
 POSTS = {  # every form that changes something, with what a real one would send
     "/campaigns/b1/pause": {}, "/campaigns/b1/resume": {},
     "/funds/preview": {"amount": "100"},
@@ -356,6 +363,9 @@ async def test_leads_list_filters_pages_detail_csv_and_analytics(redis, redis_se
             assert page.status == 400
             page = await web.get("/portal/a/c1/leads/b1/lead0010")
             assert page.status == 200 and "wrong_number" in page.text
+            attempts = page.text.split('id="attempts"', 1)[1].split("</table>", 1)[0]
+            assert attempts.count("<tr>") == 3 and "timeout; retry at 1" in attempts
+            assert "&#34;status&#34;:&#34;ok&#34;" in attempts  # escaped, not markup
             assert "lead@example.com" in page.text and "kept 30 days" in page.text
             assert (await web.get("/portal/a/c1/leads/b2/theirs")).status == 404
             page = await web.get("/portal/a/c1/leads.csv?from=2026-03-10")

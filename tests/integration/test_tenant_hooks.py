@@ -19,6 +19,7 @@ from engine.delivery.tenant_hooks import GROUP, payload, run_tenant_hooks
 from engine.run.workers import REGISTRY, WorkerContext, in_process_workers
 from tests.helpers.buyers import SECRET, Buyers, buyer_servers
 from tests.helpers.harness import BASE_TOML, Engine, buyer, campaign, make_config, running
+from tests.helpers.streams import group
 
 
 @pytest.fixture
@@ -40,18 +41,14 @@ def _config(url: str, events: str = "[]") -> Config:
 
 async def _group_done(redis: aioredis.Redis) -> bool:
     last = await redis.xrevrange(keys.events("t1"), count=1)
-    for g in await redis.xinfo_groups(keys.events("t1")):
-        if g["name"] in (GROUP, GROUP.encode()):
-            delivered = g["last-delivered-id"]
-            delivered = delivered.decode() if isinstance(delivered, bytes) else delivered
-            return bool(last) and g["pending"] == 0 and delivered == last[0][0].decode()
-    return False
+    g = await group(redis, keys.events("t1"), GROUP)
+    return bool(g and last) and g["pending"] == 0 and (
+        g["last-delivered-id"] == last[0][0].decode())
 
 
 async def _until_group(redis: aioredis.Redis) -> None:
     async with asyncio.timeout(15):
-        while not any(g["name"] in (GROUP, GROUP.encode())  # noqa: ASYNC110 - polls Redis
-                      for g in await redis.xinfo_groups(keys.events("t1"))):
+        while not await group(redis, keys.events("t1"), GROUP):  # noqa: ASYNC110 - polls
             await asyncio.sleep(0.02)
 
 

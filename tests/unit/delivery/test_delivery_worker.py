@@ -20,11 +20,12 @@ from engine.core.config import Buyer, Config, ResponseRule
 from engine.delivery import record
 from engine.delivery.breaker import WEBHOOK_FAILING_EVERY_MS, Breakers, is_open, open_buyers
 from engine.delivery.client import Endpoint
-from engine.delivery.record import DeliveryEvent, read_decision, read_log
+from engine.delivery.record import DeliveryEvent
 from engine.delivery.sync import deliver_sync
 from engine.delivery.verdict import BuyerVerdict
 from engine.delivery.worker import DeliveryWorker, WorkerOptions
 from engine.store.store import Store, now_ms
+from tests.helpers import settled
 from tests.helpers.buyers import SECRET, Buyers, buyer_servers
 from tests.helpers.sales import FEE, OPENING, T, accounts, balance, buyer, sell
 
@@ -75,8 +76,8 @@ async def until(
         await asyncio.sleep(0.005)
 
 
-async def settled(store: Store, lead_id: str, b: Buyer) -> str:
-    d = await read_decision(store, T, lead_id, b.id)
+async def decided(store: Store, lead_id: str, b: Buyer) -> str:
+    d = await settled.decision(store, T, lead_id, b.id)
     return d.o if d else ""
 
 
@@ -104,13 +105,13 @@ async def test_accepted_keeps_the_sale(store: Store, buyers: Buyers) -> None:
         assert await w.process_once() == 1
     finally:
         await w.close()
-    assert await settled(store, "L1", b) == "ACCEPTED"
+    assert await decided(store, "L1", b) == "ACCEPTED"
     assert await balance(store, b.client) == OPENING - PRICE
     assert await balance(store, "wallet") == OPENING - FEE
     [req] = buyers.at("/accept")
     assert req.verified and req.msg_id == "msg_L1_b1"
     assert await stream_empty(store.redis)
-    [entry] = await read_log(store, T, "L1")
+    [entry] = await settled.delivery_log(store, T, "L1")
     assert entry["result"] == "accepted" and entry["status"] == 200 and entry["attempt"] == 1
     assert "headers" not in entry and SECRET not in str(entry)
     assert [(e.kind, e.status) for e in events] == [("accepted", 200)]
@@ -139,8 +140,8 @@ async def test_one_batch_over_two_tenants_keeps_each_jobs_own_precheck(
     finally:
         await w.close()
     assert [r.msg_id for r in buyers.at("/accept")] == ["msg_L1_b1"]
-    assert await settled(store, "L1", a) == "ACCEPTED"
-    skipped = await read_decision(store, "beta", "L2", "b2")
+    assert await decided(store, "L1", a) == "ACCEPTED"
+    skipped = await settled.decision(store, "beta", "L2", "b2")
     assert skipped is not None and skipped.r == "sale refunded before delivery"
 
 
@@ -197,7 +198,7 @@ async def test_malformed_entries_are_dropped_and_bad_bytes_never_fail_a_batch(
     finally:
         await w.close()
     assert [r.msg_id for r in buyers.at("/accept")] == ["msg_L1_b1"]
-    assert await settled(store, "L1", b) == "ACCEPTED"
+    assert await decided(store, "L1", b) == "ACCEPTED"
     [(_, dead)] = await store.redis.xrange(keys.dead_letter(T, "deliveries"))
     assert dead[b"lead_id"] == b"L2" and dead[b"fee"] == "\ufffd\ufffd".encode()
 
@@ -215,18 +216,18 @@ async def test_rejected_and_duplicate_are_refunded(
         await w.process_once()
     finally:
         await w.close()
-    assert await settled(store, "L1", b) == outcome
+    assert await decided(store, "L1", b) == outcome
     await assert_refunded(store, b)
     assert not await store.redis.exists(keys.dup(T, "fp-L1"))  # fingerprint forgotten
     ledger = await store.ledger_page(T, b.client)
     assert ledger[0][1]["kind"] == "refund" and ledger[0][1]["delta"] == str(PRICE)
     # the reason is recorded: in the decision, the refund's ledger entry and the log
-    d = await read_decision(store, T, "L1", b.id)
+    d = await settled.decision(store, T, "L1", b.id)
     want = ("rejected: HTTP 200, no accept rule matched" if outcome == "REJECTED"
             else "duplicate: status in [409]")
     assert d is not None and d.r == want
     assert ledger[0][1]["reason"] == want
-    log = await read_log(store, T, "L1")
+    log = await settled.delivery_log(store, T, "L1")
     assert [(e["result"], e["reason"]) for e in log] == [(outcome.lower(), want)]
     assert await stream_empty(store.redis)
     # a replayed job (e.g. re-claimed) refunds nothing twice
@@ -260,7 +261,7 @@ async def test_500_then_200_delivered_once_with_the_same_webhook_id(
         await w.process_once()
         assert await store.redis.zcard(keys.retries(T)) == 1
         assert await stream_empty(store.redis)  # the retry waits in the ZSET, not the PEL
-        await until(w, lambda: _is(settled(store, "L1", b), "ACCEPTED"))
+        await until(w, lambda: _is(decided(store, "L1", b), "ACCEPTED"))
     finally:
         await w.close()
     reqs = buyers.at("/flaky")
@@ -268,7 +269,7 @@ async def test_500_then_200_delivered_once_with_the_same_webhook_id(
     assert reqs[0].msg_id == reqs[1].msg_id == "msg_L1_b1"
     assert reqs[0].body == reqs[1].body
     assert await balance(store, b.client) == OPENING - PRICE
-    log = await read_log(store, T, "L1")
+    log = await settled.delivery_log(store, T, "L1")
     assert [(e["result"], e["status"]) for e in log] == [("retry", 500), ("accepted", 200)]
 
 
@@ -286,7 +287,7 @@ async def test_429_honours_retry_after(store: Store, buyers: Buyers) -> None:
         await w.process_once()
         assert len(buyers.at("/busy")) == 1  # not due yet
         clock.offset = int(due) - now_ms() + 1  # time passes, without sleeping
-        await until(w, lambda: _is(settled(store, "L1", b), "ACCEPTED"))
+        await until(w, lambda: _is(decided(store, "L1", b), "ACCEPTED"))
     finally:
         await w.close()
     assert len(buyers.at("/busy")) == 2
@@ -303,7 +304,7 @@ async def test_exhausted_retries_dead_letter_event_and_refund(
     events: list[DeliveryEvent] = []
     w = worker(store, b, events=events)
     try:
-        await until(w, lambda: _is(settled(store, "L1", b), "FAILED"))
+        await until(w, lambda: _is(decided(store, "L1", b), "FAILED"))
     finally:
         await w.close()
     [(_, dead)] = await store.redis.xrange(keys.dead_letter(T, "deliveries"))
@@ -316,7 +317,7 @@ async def test_exhausted_retries_dead_letter_event_and_refund(
     kinds = [e.kind for e in events]
     assert kinds[-1] == "dead_letter" and len(kinds) == 4
     assert kinds[0] == ("timeout" if path == "/slow" else "error")
-    log = await read_log(store, T, "L1")
+    log = await settled.delivery_log(store, T, "L1")
     assert [e["result"] for e in log] == ["retry", "retry", "failed"]
 
 
@@ -341,7 +342,7 @@ async def test_breaker_opens_and_router_sees_it(store: Store, buyers: Buyers) ->
         clock.offset = 5_001
 
         async def all_accepted() -> bool:
-            return all([await settled(store, f"L{i}", b) == "ACCEPTED" for i in range(3)])
+            return all([await decided(store, f"L{i}", b) == "ACCEPTED" for i in range(3)])
 
         await until(w, all_accepted)
     finally:
@@ -429,7 +430,7 @@ async def test_killed_worker_job_is_reclaimed_and_charged_once(
     assert pending["pending"] == 1 and pending["consumers"][0]["name"] == b"w1"
     second = worker(store, b, consumer="w2", claim_idle_ms=0)
     try:
-        await until(second, lambda: _is(settled(store, "L1", b), "ACCEPTED"))
+        await until(second, lambda: _is(decided(store, "L1", b), "ACCEPTED"))
     finally:
         await second.close()
     reqs = buyers.at("/hold")
@@ -470,7 +471,7 @@ async def test_sync_mode_single_attempt(store: Store, buyers: Buyers) -> None:
     finally:
         await w.close()
     assert [len(buyers.at(p)) for p in ("/accept", "/reject", "/slow")] == [1, 1, 1]
-    assert await settled(store, "S3", slow) == "FAILED"
+    assert await decided(store, "S3", slow) == "FAILED"
     await assert_refunded(store, no, wallet=OPENING - FEE)
 
 
@@ -504,7 +505,7 @@ async def test_log_entry_has_latency_and_a_truncated_excerpt(store: Store, buyer
         await w.process_once()
     finally:
         await w.close()
-    (entry,) = await read_log(store, T, "L1")
+    (entry,) = await settled.delivery_log(store, T, "L1")
     assert entry["result"] == "accepted" and entry["status"] == 200
     assert isinstance(entry["ms"], int) and 0 <= entry["ms"] < 300
     assert entry["excerpt"] == '{"status":"accepted","note":"' + "x" * 11  # 40 characters
@@ -525,7 +526,7 @@ async def test_a_job_older_than_max_age_is_dead_lettered_and_refunded(
     finally:
         await w.close()
     assert buyers.at("/accept") == []
-    assert await settled(store, "L1", b) == "FAILED"
+    assert await decided(store, "L1", b) == "FAILED"
     await assert_refunded(store, b)
     dead = await store.redis.xrange(keys.dead_letter(T, "deliveries"))
     assert len(dead) == 1 and b"expired" in dead[0][1][b"reason"]
@@ -591,7 +592,7 @@ async def test_a_job_waiting_on_a_slow_buyer_is_not_claimed_by_another_worker(
         await task
         await other.close()
     assert len(buyers.at("/hold")) == 1
-    assert await settled(store, "K1", b) == "ACCEPTED"
+    assert await decided(store, "K1", b) == "ACCEPTED"
 
 
 async def _decided_meanwhile(store: Store, buyers: Buyers, path: str, lead_id: str,
@@ -623,9 +624,9 @@ async def test_a_decision_recorded_meanwhile_by_another_worker_stands(
     recorded first stands with its money effect; the later one neither overwrites it nor
     refunds the sale the other one's buyer accepted."""
     b = await _decided_meanwhile(store, buyers, "/hold_reject", "R1")
-    assert await settled(store, "R1", b) == "ACCEPTED"
+    assert await decided(store, "R1", b) == "ACCEPTED"
     assert await balance(store, b.client) == OPENING - PRICE  # not refunded
-    log = await read_log(store, T, "R1")
+    log = await settled.delivery_log(store, T, "R1")
     assert [e["result"] for e in log] == ["rejected"]  # this attempt is still logged
     assert await stream_empty(store.redis)
 
@@ -637,12 +638,66 @@ async def test_a_job_given_up_on_writes_no_dead_letter_when_another_worker_decid
     other worker's decision stands, so the delivery did not fail. The dead letter and the
     delivery_failed event used to be written anyway (an alert for a lead the buyer took)."""
     b = await _decided_meanwhile(store, buyers, "/hold_fail", "F1", max_attempts=1)
-    assert await settled(store, "F1", b) == "ACCEPTED"
+    assert await decided(store, "F1", b) == "ACCEPTED"
     assert await balance(store, b.client) == OPENING - PRICE  # not refunded
     events = [f for _, f in await store.redis.xrange(keys.events(T))]
     assert not [e for e in events if e[b"type"] == b"delivery_failed"]
     assert await store.redis.xlen(keys.dead_letter(T, "deliveries")) == 0
-    assert [e["result"] for e in await read_log(store, T, "F1")] == ["failed"]
+    assert [e["result"] for e in await settled.delivery_log(store, T, "F1")] == ["failed"]
+    assert await stream_empty(store.redis)
+
+
+async def test_a_job_settled_meanwhile_by_another_worker_stands(
+    store: Store, buyers: Buyers
+) -> None:
+    """The same race, when the other worker also settled the job (its decision and log
+    handed to the lead archive and forgotten in Redis, the entry acked and deleted): the
+    later worker's verdict changes nothing and writes nothing back into Redis."""
+    b = buyer("b1", buyers.url + "/hold_reject", **{**FAST, "timeout_ms": 10_000})
+    await accounts(store, b)
+    await sell(store, b, "S1")
+    w = worker(store, b)
+    task = asyncio.create_task(w.process_once())
+    try:
+        await buyers.reached("/hold_reject")
+        [(raw_id, _)] = await store.redis.xrange(keys.deliveries(T))
+        entry_id = raw_id.decode()
+        accepted = record.DeliveryDecision(record.ACCEPTED, "accepted: by the other worker")
+        await store.lua.delivery_finish(store.redis, [keys.tenant_prefix(T)], [
+            record.finish_arg([("S1", b.id, record.encode_decision(accepted).decode(),
+                                record.log_entry(buyer=b.id, attempt=1, ts=1,
+                                                 result="accepted").decode(), entry_id)],
+                              [(entry_id, "S1", b.id, 0)], "delivery")])
+        assert not await store.redis.exists(keys.dstate(T, "S1"), keys.dlog(T, "S1"))
+        buyers.release.set()
+        assert await task == 1
+    finally:
+        await w.close()
+    assert await decided(store, "S1", b) == "ACCEPTED"  # the settled one
+    assert await balance(store, b.client) == OPENING - PRICE  # not refunded
+    assert not await store.redis.exists(keys.dstate(T, "S1"), keys.dlog(T, "S1"))
+    assert await stream_empty(store.redis)
+
+
+async def test_a_job_taken_over_from_an_expired_sync_claim_keeps_its_decision(
+    store: Store, buyers: Buyers
+) -> None:
+    """A sync try whose claim expired: the worker delivers the job and settles it, but
+    leaves its decision in dstate, where the late sync try will find it."""
+    b = buyer("b1", buyers.url + "/accept", **FAST)
+    await accounts(store, b)
+    await sell(store, b, "K1")
+    claim = record.DeliveryDecision(record.SYNC, "sync attempt", u=now_ms() - 1)
+    await store.redis.hset(keys.dstate(T, "K1"), b.id, record.encode_decision(claim))
+    w = worker(store, b)
+    try:
+        assert await w.process_once() == 1
+    finally:
+        await w.close()
+    kept = await record.read_decision(store, T, "K1", b.id)
+    assert kept is not None and kept.o == "ACCEPTED"
+    settled_entries = [f for _, f in await store.redis.xrange(keys.sold(T)) if b"settled" in f]
+    assert len(settled_entries) == 1 and b"ACCEPTED" in settled_entries[0][b"decision"]
     assert await stream_empty(store.redis)
 
 
@@ -662,9 +717,9 @@ async def test_a_sync_try_keeps_a_decision_recorded_first(store: Store, buyers: 
         buyers.release.set()
         v = await task
     assert v is not None and v.outcome is BuyerVerdict.ACCEPTED and v.reason == accepted.r
-    assert await settled(store, "Y1", b) == "ACCEPTED"
+    assert await decided(store, "Y1", b) == "ACCEPTED"
     assert await balance(store, b.client) == OPENING - PRICE  # not refunded
-    assert [e["result"] for e in await read_log(store, T, "Y1")] == ["rejected"]
+    assert [e["result"] for e in await settled.delivery_log(store, T, "Y1")] == ["rejected"]
 
 
 async def test_put_form_template_headers_and_get_reach_a_real_buyer(
@@ -693,5 +748,5 @@ async def test_put_form_template_headers_and_get_reach_a_real_buyer(
     assert p.body == b"fname=Ada&src=leadflow&id=P1"
     g = sent["GET"]
     assert g.body == b"" and g.query.startswith("aff=7&") and "first_name=Ada" in g.query
-    assert await settled(store, "P1", put) == "ACCEPTED"
-    assert await settled(store, "G1", get) == "ACCEPTED"
+    assert await decided(store, "P1", put) == "ACCEPTED"
+    assert await decided(store, "G1", get) == "ACCEPTED"
