@@ -21,7 +21,8 @@ nothing twice), commits, and only then acks and deletes the entries. Then:
   ``keys.sold`` once a delivery is settled (delivery_finish.lua: its decision and the
   lead's delivery log, which Redis then forgets): the decision (ACCEPTED, REJECTED,
   DUPLICATED, FAILED -> accepted, rejected, duplicate, failed) as an UPDATE of a pending
-  row only, the buyer's log entries upserted into ``sold_lead_deliveries``; in the same
+  row only, the log entries inserted into ``sold_lead_attempts`` (once each: a replay, or
+  a later settle of the same delivery, adds only what is new); in the same
   pass as the sales, after them (a sale's entry always comes first in the stream);
 * **personal fields**: erased ``pii_retention_days`` (per tenant, 30 by default) after the
   sale (:meth:`LeadArchive.erase_personal`), the rest of the row kept.
@@ -72,6 +73,8 @@ PERSONAL_NAMES = frozenset({
 PERSONAL_TYPES = frozenset({"email", "phone", "dob", "ip"})
 _COLS = ("tenant", "lead_id", "buyer", "ts", "campaign", "supplier", "account", "price",
          "fee", "fields", "personal", "sold")
+_ATTEMPT_COLS = ("tenant", "lead_id", "buyer", "ts", "attempt", "result", "status", "ms",
+                 "reason", "excerpt")
 _SELECT = ("lead_id, buyer, ts, campaign, supplier, account, price, fee, outcome, reason, "
            "returned_ts, return_reason, fields, personal")
 _json = msgspec.json.Encoder()
@@ -118,7 +121,6 @@ class Attempt(msgspec.Struct, frozen=True):
 
 
 _attempts_dec = msgspec.json.Decoder(list[Attempt])
-_attempts_enc = msgspec.json.Encoder()
 
 
 class LeadPage(msgspec.Struct, kw_only=True):
@@ -181,10 +183,9 @@ class LeadArchive:
             f"sold) VALUES ({p}, {p}, {p}, {p}, {p}, 0) ON CONFLICT (tenant, lead_id, buyer) "
             "DO UPDATE SET returned_ts = excluded.returned_ts, "
             "return_reason = excluded.return_reason WHERE sold_leads.returned_ts IS NULL")
-        self._deliveries_sql = (
-            "INSERT INTO sold_lead_deliveries (tenant, lead_id, buyer, log) VALUES "  # noqa: S608
-            f"({p}, {p}, {p}, {p}) ON CONFLICT (tenant, lead_id, buyer) "
-            "DO UPDATE SET log = excluded.log")
+        self._attempts_sql = (
+            f"INSERT INTO sold_lead_attempts ({', '.join(_ATTEMPT_COLS)}) VALUES "  # noqa: S608
+            f"({', '.join([p] * len(_ATTEMPT_COLS))}) ON CONFLICT DO NOTHING")
 
     @classmethod
     async def open(cls, url: str | None = None, *, path: str | None = None) -> LeadArchive:
@@ -213,26 +214,25 @@ class LeadArchive:
         except (KeyError, ValueError):
             return None
 
-    def _settled(self, tenant: str, f: dict[str, str]) -> list[Step] | None:
-        """A settled delivery's steps: its outcome (a pending row only) and its delivery
-        log (this buyer's entries)."""
+    def _settled(self, tenant: str, f: dict[str, str]) -> tuple[list[Row], list[Step]] | None:
+        """A settled delivery: its log entries (rows of ``sold_lead_attempts``) and its
+        outcome (an UPDATE of a pending row only); None when malformed."""
         p = self._db.ph
         try:
             lead_id, buyer = f["lead_id"], f["buyer"]
             d = msgspec.json.decode(f["decision"])
-            log_ = [a for a in _attempts_dec.decode(f.get("log", "[]")) if a.buyer == buyer]
+            log_ = _attempts_dec.decode(f.get("log", "[]"))
         except (KeyError, msgspec.DecodeError):
             return None
-        steps = [Step(self._deliveries_sql, (tenant, lead_id, buyer,
-                                             _attempts_enc.encode(log_).decode()))]
+        rows: list[Row] = [(tenant, lead_id, buyer, a.ts, a.attempt, a.result, a.status, a.ms,
+                            a.reason[:500], a.excerpt[:500]) for a in log_]
         outcome = OUTCOMES.get(d.get("o", "")) if isinstance(d, dict) else None
-        if outcome:
-            steps.append(Step(
-                f"UPDATE sold_leads SET outcome = {p}, reason = {p} "  # noqa: S608
-                f"WHERE tenant = {p} AND lead_id = {p} AND buyer = {p} "
-                "AND outcome = 'pending'",
-                (outcome, str(d.get("r", ""))[:500], tenant, lead_id, buyer)))
-        return steps
+        if not outcome:
+            return rows, []
+        return rows, [Step(
+            f"UPDATE sold_leads SET outcome = {p}, reason = {p} "  # noqa: S608
+            f"WHERE tenant = {p} AND lead_id = {p} AND buyer = {p} AND outcome = 'pending'",
+            (outcome, str(d.get("r", ""))[:500], tenant, lead_id, buyer))]
 
     async def store_sold(self, consumer: StreamConsumer, tenant: str, batches: list[Batch],
                          personal: Callable[[str], frozenset[str]]) -> int:
@@ -242,13 +242,17 @@ class LeadArchive:
         entries = [(i, _decode(f)) for b in batches for i, f in b.entries]
         gone = [i for b in batches for i in b.gone]
         rows: list[Row] = []
+        attempts: list[Row] = []
         steps: list[Step] = []
         bad = 0
         for _, f in entries:
             if "settled" in f:
                 settled = self._settled(tenant, f)
-                steps += settled or ()
-                bad += settled is None
+                if settled is None:
+                    bad += 1
+                else:
+                    attempts += settled[0]
+                    steps += settled[1]
             elif (r := self._row(tenant, f, personal(f.get("campaign", "")))) is not None:
                 rows.append(r)
             else:
@@ -257,6 +261,8 @@ class LeadArchive:
             log.warning("lead archive: tenant %s: %d malformed entries dropped", tenant, bad)
         if rows:
             await self._db.insert(self._upsert_sql, rows)
+        if attempts:
+            await self._db.insert(self._attempts_sql, attempts)
         if steps:  # after the sales they settle (a stream's order: a sale comes first)
             await self._db.batch(steps)
         ids = [i for i, _ in entries] + gone
@@ -285,6 +291,40 @@ class LeadArchive:
             await consumer.ack(keys.events(tenant), *ids)
         return len(ids)
 
+    async def resolve_outcomes(self, redis: aioredis.Redis, tenant: str, *,
+                               limit: int = 500) -> int:
+        """Pending rows whose delivery was decided (``keys.dstate``) but never reached the
+        archive as settled (a sale decided before settling existed, or its settled entry
+        trimmed from a backlog past ``SOLD_MAXLEN``): UPDATEd."""
+        p = self._db.ph
+        pending = await self._db.fetch(
+            f"SELECT lead_id, buyer FROM sold_leads WHERE tenant = {p} "  # noqa: S608
+            f"AND outcome = 'pending' AND sold = 1 ORDER BY ts LIMIT {p}", [tenant, limit])
+        if not pending:
+            return 0
+        async with redis.pipeline(transaction=False) as pipe:
+            for lead_id, buyer in pending:
+                pipe.hget(keys.dstate(tenant, lead_id), buyer)
+            states = await pipe.execute()
+        steps = []
+        for (lead_id, buyer), raw in zip(pending, states, strict=True):
+            if not raw:
+                continue
+            try:
+                d = msgspec.json.decode(raw)
+            except msgspec.DecodeError:
+                continue
+            outcome = OUTCOMES.get(d.get("o", "")) if isinstance(d, dict) else None
+            if outcome:
+                steps.append(Step(
+                    f"UPDATE sold_leads SET outcome = {p}, reason = {p} "  # noqa: S608
+                    f"WHERE tenant = {p} AND lead_id = {p} AND buyer = {p} "
+                    "AND outcome = 'pending'",
+                    (outcome, str(d.get("r", ""))[:500], tenant, lead_id, buyer)))
+        if steps:
+            await self._db.batch(steps)
+        return len(steps)
+
     async def erase_personal(self, tenant: str, days: int, *, now: int) -> int:
         """Personal fields of the tenant's sales older than ``days`` days erased; returns
         the rows erased."""
@@ -311,6 +351,7 @@ class LeadArchive:
         n = await self.store_sold(sold, tenant, await sold.poll(count, reader=reader), personal)
         n += await self.store_returns(events, tenant,
                                       await events.poll(count, reader=(keys.events(tenant),)))
+        n += await self.resolve_outcomes(sold.redis, tenant)
         return n
 
     # -- queries ---------------------------------------------------------------------------
@@ -360,9 +401,12 @@ class LeadArchive:
         if not rows:
             return None
         logs = await self._db.fetch(
-            f"SELECT log FROM sold_lead_deliveries WHERE tenant = {p} "  # noqa: S608
-            f"AND lead_id = {p} AND buyer = {p}", [tenant, lead_id, buyer])
-        attempts = _attempts_dec.decode(logs[0][0]) if logs else []
+            f"SELECT {', '.join(_ATTEMPT_COLS[2:])} FROM sold_lead_attempts "  # noqa: S608
+            f"WHERE tenant = {p} AND lead_id = {p} AND buyer = {p} ORDER BY ts, attempt",
+            [tenant, lead_id, buyer])
+        attempts = [Attempt(buyer=r[0], ts=int(r[1]), attempt=int(r[2]), result=r[3],
+                            status=int(r[4]), ms=int(r[5]), reason=r[6], excerpt=r[7])
+                    for r in logs]
         return msgspec.structs.replace(_sold_lead(rows[0]), attempts=attempts)
 
     async def iter_csv(self, tenant: str, accounts: Sequence[str], *,

@@ -30,14 +30,20 @@ CREATE TABLE IF NOT EXISTS sold_leads (
 CREATE INDEX IF NOT EXISTS sold_leads_account ON sold_leads (tenant, account, ts);
 CREATE INDEX IF NOT EXISTS sold_leads_outcome ON sold_leads (tenant, outcome, ts);
 CREATE INDEX IF NOT EXISTS sold_leads_pii ON sold_leads (tenant, pii_erased_ts, ts);
--- The delivery log of a sale (JSON list of attempts and decisions, oldest first: buyer,
--- attempt, ts, result, status, ms, reason, excerpt), copied once its delivery settled
--- (engine.delivery: the decision recorded, its money effect applied, the job acked), when
--- Redis forgets it.
-CREATE TABLE IF NOT EXISTS sold_lead_deliveries (
-    tenant  TEXT NOT NULL,
-    lead_id TEXT NOT NULL,
-    buyer   TEXT NOT NULL,
-    log     TEXT NOT NULL DEFAULT '[]',
-    PRIMARY KEY (tenant, lead_id, buyer)
+-- The delivery log of a sale, one row per attempt or decision (engine.delivery's log
+-- entry: result accepted, rejected, duplicated, retry, deferred, failed, skipped, ...),
+-- copied once its delivery settled (its decision recorded, its money effect applied, the
+-- job acked), when Redis forgets the log. Inserted once each (ON CONFLICT DO NOTHING).
+CREATE TABLE IF NOT EXISTS sold_lead_attempts (
+    tenant  TEXT    NOT NULL,
+    lead_id TEXT    NOT NULL,
+    buyer   TEXT    NOT NULL,
+    ts      BIGINT  NOT NULL,
+    attempt INTEGER NOT NULL,
+    result  TEXT    NOT NULL,
+    status  INTEGER NOT NULL DEFAULT 0,
+    ms      BIGINT  NOT NULL DEFAULT 0,
+    reason  TEXT    NOT NULL DEFAULT '',
+    excerpt TEXT    NOT NULL DEFAULT '',
+    PRIMARY KEY (tenant, lead_id, buyer, ts, attempt, result)
 );

@@ -28,7 +28,9 @@ _SUFFIX: dict[str, str] = {
     "rstate": "acct:{}:rstate",  # HASH: day, n, amount (daily caps), last_ms, attempt
     "attempt": "attempt:{}",  # STRING: JSON charge attempt (funding/recharge state machine)
     "card_tries": "card:{}:tries",  # ZSET: charge attempts on one payment method, by ms
-    "dlog": "dlog:{}",  # LIST: delivery log of a lead (one JSON entry per attempt, TTL)
+    # LIST: delivery log of a lead to a buyer ("{}:{}": lead, buyer), one JSON entry per
+    # attempt or decision, while the delivery is open (TTL)
+    "dlog": "dlog:{}:{}",
     "dstate": "dstate:{}",  # HASH: buyer -> delivery outcome of a lead, or a sync claim (TTL)
     "breaker": "breaker:{}",  # STRING: present while the buyer's breaker is open (TTL)
     # STRING (TTL): a webhook_failing event was emitted for the buyer (one per outage)
@@ -124,8 +126,8 @@ def charge_audit(tenant: str) -> str:
     return tenant_prefix(tenant) + _FIXED["charge_audit"]
 
 
-def dlog(tenant: str, lead_id: str) -> str:
-    return tenant_prefix(tenant) + _SUFFIX["dlog"].format(lead_id)
+def dlog(tenant: str, lead_id: str, buyer: str) -> str:
+    return tenant_prefix(tenant) + _SUFFIX["dlog"].format(lead_id, buyer)
 
 
 def dstate(tenant: str, lead_id: str) -> str:
@@ -223,12 +225,14 @@ def dead_letter(tenant: str, stream: str) -> str:
 
 
 def lua_preamble() -> str:
-    """Lua helpers ``K.<name>(prefix[, id])`` generated from the tables above."""
+    """Lua helpers ``K.<name>(prefix[, id[, id2]])`` generated from the tables above."""
     lines = ["local K = {}", f"local DEFAULT_FLOOR = {DEFAULT_FLOOR}"]
     for name, template in _SUFFIX.items():
-        head, _, tail = template.partition("{}")
-        body = f"p .. {head!r} .. id" + (f" .. {tail!r}" if tail else "")
-        lines.append(f"K.{name} = function(p, id) return {body} end")
+        parts = template.split("{}")
+        args = ["id", "id2"][:len(parts) - 1]
+        body = " .. ".join(["p"] + [x for i, part in enumerate(parts) for x in (
+            [repr(part)] if part else []) + ([args[i]] if i < len(args) else [])])
+        lines.append(f"K.{name} = function(p, {', '.join(args)}) return {body} end")
     for name, suffix in _FIXED.items():
         lines.append(f"K.{name} = function(p) return p .. {suffix!r} end")
     # the dead-letter stream of a stream key (K.dead(K.deliveries(p))), as dead_letter()

@@ -5,13 +5,12 @@
   sync-mode attempt holds it (``SYNC`` until ``u``). It is written *before* the money
   effect, so a worker that dies between the two replays the (idempotent) refund/reprice
   from it instead of sending the lead again.
-* ``keys.dlog(tenant, lead)``: LIST of JSON entries, one per attempt or decision: buyer,
-  attempt, ts, status, ms, result, reason, a truncated response excerpt. No headers, no
-  secrets, no request body.
-
-Both live only while a delivery is open: settling a job done (delivery_finish.lua's
-``a``) hands its decision and the log to the lead archive (``keys.sold``) and deletes
-them (docs/delivery.md, "Recording an outcome").
+* ``keys.dlog(tenant, lead, buyer)``: LIST of JSON entries, one per attempt or decision:
+  buyer, attempt, ts, status, ms, result, reason, a truncated response excerpt. No headers,
+  no secrets, no request body. It lives while the delivery is open: settling a job done
+  (delivery_finish.lua's ``a``) hands the decision and the log to the lead archive
+  (``keys.sold``) and deletes the log; the decision stays (docs/delivery.md, "Recording an
+  outcome").
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ ACCEPTED, DUPLICATED, REJECTED, FAILED, SYNC = (
     "ACCEPTED", "DUPLICATED", "REJECTED", "FAILED", "SYNC")
 REFUNDED_OUTCOMES = frozenset({DUPLICATED, REJECTED, FAILED})
 STATE_TTL_S = 14 * 86_400  # as long as the sale record (decide.lua)
-LOG_MAX = 100  # entries kept per lead
+LOG_MAX = 100  # entries kept per delivery
 
 
 class DeliveryDecision(msgspec.Struct, omit_defaults=True, frozen=True):
@@ -120,8 +119,8 @@ def log_entry(
     return _enc.encode(_LogEntry(buyer, attempt, ts, result, status, ms, reason, excerpt))
 
 
-def write_log(pipe: Any, tenant: str, lead_id: str, entry: bytes) -> None:
-    k = keys.dlog(tenant, lead_id)
+def write_log(pipe: Any, tenant: str, lead_id: str, buyer: str, entry: bytes) -> None:
+    k = keys.dlog(tenant, lead_id, buyer)
     pipe.rpush(k, entry)
     pipe.ltrim(k, -LOG_MAX, -1)
     pipe.expire(k, STATE_TTL_S)

@@ -109,7 +109,7 @@ async def _record(store: Store, tenant: str, lead_id: str, buyer: str, dec: Deli
     delivery_finish.lua as the worker records them: a decision someone else recorded first
     (the stream worker, if this try outlived its claim) is kept. Returns the decision that
     stands: ``dec``, or that other one, whose money effect is already applied."""
-    row = (lead_id, buyer, record.encode_decision(dec).decode(), entry.decode(), "")
+    row = (lead_id, buyer, record.encode_decision(dec).decode(), entry.decode())
     kept = await store.lua.delivery_finish(store.redis, [keys.tenant_prefix(tenant)],
                                            [record.finish_arg([row])])
     if not kept:

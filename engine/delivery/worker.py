@@ -136,17 +136,13 @@ class _Batch:
     and wake the batch once, when the last one is in (``sent``); a batch that stopped
     waiting (``dropped``) has its queued requests skipped."""
 
-    __slots__ = ("common", "dropped", "events", "jobs", "keep", "left", "money", "ops",
-                 "sent")
+    __slots__ = ("common", "dropped", "events", "jobs", "left", "money", "ops", "sent")
 
     def __init__(self, jobs: Sequence[Job] = ()) -> None:
         self.jobs = jobs
         self.ops: dict[str, list[Callable[[Any], None]]] = {}  # rare: retries, dead letters
         self.common: dict[str, dict[str, list[Any]]] = {}  # decisions, logs, acks (Lua)
         self.money: list[tuple[Job, DeliveryDecision]] = []
-        # (tenant, lead, buyer) taken over from an expired sync claim: settled keeping its
-        # decision in dstate (delivery_finish.lua)
-        self.keep: set[tuple[str, str, str]] = set()
         self.events: list[DeliveryEvent] = []  # for the observer, told once per batch
         self.left = 0
         self.sent: asyncio.Future[None] | None = None
@@ -173,18 +169,17 @@ class _Batch:
         c = self.common.get(job.tenant)
         if c is None:
             c = self.common[job.tenant] = {"j": [], "a": [], "jobs": [], "dead": []}
-        c["j"].append((job.lead_id, job.buyer, decision, entry.decode(), job.entry_id,
-                       *(dead or ())))
+        c["j"].append((job.lead_id, job.buyer, decision, entry.decode(), *(dead or ())))
         c["jobs"].append(job)  # not sent: maps delivery_finish.lua's row numbers back
         if dead is not None:
             c["dead"].append(len(c["j"]))  # its row number, as the script counts them
         if ack:
-            c["a"].append(self.done(job))
+            c["a"].append(done(job))
 
-    def done(self, job: Job) -> tuple[str, str, str, int]:
-        """A job to settle and ack, as delivery_finish.lua's ``a`` takes it."""
-        return (job.entry_id, job.lead_id, job.buyer,
-                int((job.tenant, job.lead_id, job.buyer) in self.keep))
+
+def done(job: Job) -> tuple[str, str, str]:
+    """A job to settle and ack, as delivery_finish.lua's ``a`` takes it."""
+    return (job.entry_id, job.lead_id, job.buyer)
 
 
 def _dead_letter(job: Job, reason: str, *, attempts: int, status: int, now: int
@@ -508,7 +503,7 @@ class DeliveryWorker:
             theirs = [j for j, _ in out.money if (j.tenant, j.lead_id, j.buyer) in kept]
             out.money = [(j, d) for j, d in out.money
                          if (j.tenant, j.lead_id, j.buyer) not in kept]
-            await self._ack_all(out, theirs)
+            await self._ack_all(theirs)
         if not out.money:
             return
 
@@ -523,8 +518,8 @@ class DeliveryWorker:
                 return None
             return job
 
-        done = [j for j in await asyncio.gather(*(money(j, d) for j, d in out.money)) if j]
-        await self._ack_all(out, done)
+        finished = [j for j in await asyncio.gather(*(money(j, d) for j, d in out.money)) if j]
+        await self._ack_all(finished)
 
     async def _finish_rows(self, tenant: str, common: dict[str, list[Any]]) -> Any:
         """delivery_finish.lua for a tenant's rows. Returns the row numbers whose delivery
@@ -535,15 +530,15 @@ class DeliveryWorker:
     def _finish_arg(self, common: dict[str, list[Any]]) -> bytes:
         return record.finish_arg(common["j"], common["a"], self.opts.group)
 
-    async def _ack_all(self, out: _Batch, jobs: Sequence[Job]) -> None:
+    async def _ack_all(self, jobs: Sequence[Job]) -> None:
         """Jobs whose money effect is applied: settled and acked, one delivery_finish.lua
         call per tenant (no rows)."""
         for tenant in {j.tenant for j in jobs}:
-            done = [out.done(j) for j in jobs if j.tenant == tenant]
             async with self._rsem:
                 await self._lua.delivery_finish(
                     self.redis, [keys.tenant_prefix(tenant)],
-                    [record.finish_arg((), done, self.opts.group)])
+                    [record.finish_arg((), [done(j) for j in jobs if j.tenant == tenant],
+                                       self.opts.group)])
 
     def _handle(
         self, job: Job, sale_raw: bytes | None, state_raw: bytes | None, out: _Batch, now: int
@@ -554,8 +549,6 @@ class DeliveryWorker:
             if prior.o == record.SYNC and prior.u > now:
                 self._defer(out, job, prior.u, "sync attempt in progress")
                 return None
-            if prior.o == record.SYNC:  # the sync try outlived its claim: taken over
-                out.keep.add((job.tenant, job.lead_id, job.buyer))
             if prior.o != record.SYNC:  # decided before: replay the money effect, ack
                 out.money.append((job, prior))
                 return None
@@ -623,7 +616,7 @@ class DeliveryWorker:
             ms=att.latency_ms, reason=f"{att.error}; retry at {due}", excerpt=att.excerpt)
 
         def op(pipe: Any) -> None:
-            record.write_log(pipe, job.tenant, job.lead_id, entry)
+            record.write_log(pipe, job.tenant, job.lead_id, job.buyer, entry)
             self._schedule(pipe, job, fields, due)
 
         out.add(job.tenant, op)
@@ -640,7 +633,7 @@ class DeliveryWorker:
                                  result="deferred", reason=f"{why}; retry at {until}")
 
         def op(pipe: Any) -> None:
-            record.write_log(pipe, job.tenant, job.lead_id, entry)
+            record.write_log(pipe, job.tenant, job.lead_id, job.buyer, entry)
             self._schedule(pipe, job, job.fields, until)
 
         out.add(job.tenant, op)

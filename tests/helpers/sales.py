@@ -33,16 +33,20 @@ async def accounts(store: Store, *buyers: Buyer) -> None:
                                            auto_recharge=False, min_balance=None, mode="manual")
 
 
-async def sell(store: Store, b: Buyer, lead_id: str, lead: dict[str, str] | None = None) -> None:
-    """One lead, one candidate: the sale record and the delivery job, as in production."""
+async def sell(store: Store, b: Buyer, lead_id: str, lead: dict[str, str] | None = None, *,
+               key: str | None = None) -> None:
+    """One lead, one candidate: the sale record and the delivery job, as in production.
+    ``key``: the call's idempotency key and fingerprint (another to sell the same lead
+    again, to another buyer: a shared lead)."""
+    key = key or lead_id
     lead = lead if lead is not None else {"first_name": "Ada", "email": "ada@example.com",
                                           "state": "CA"}
     batch = Call(now=now_ms(), wallet=WALLET, leads=[LeadCall(
-        id=lead_id, key=f"k-{lead_id}", key_ttl=3600, test=0, campaign=b.campaign, fee_in=0,
+        id=lead_id, key=f"k-{key}", key_ttl=3600, test=0, campaign=b.campaign, fee_in=0,
         sell_limit=1, round_robin=0, rotation=[], dedupe=[], dedupe_ttl=86_400,
         windows=["h1", "d1", "w1", "m1"], payload=msgspec.json.encode(lead).decode(),
         candidates=[Candidate(buyer=b.id, account=b.client, price=money.parse(b.price),
-                              fee_out=FEE, caps=(-1,) * 7, dedupe=[f"fp-{lead_id}"])],
+                              fee_out=FEE, caps=(-1,) * 7, dedupe=[f"fp-{key}"])],
     )])
     raw = await scripts().decide(store.redis, [keys.tenant_prefix(b.tenant)],
                                  [msgspec.json.encode(batch)])

@@ -29,7 +29,7 @@ async def leads(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         arc = await LeadArchive.open(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
     else:
         arc = await LeadArchive.open(request.getfixturevalue("postgres_url"))
-        await arc._db.fetch("TRUNCATE sold_leads, sold_lead_deliveries", [])
+        await arc._db.fetch("TRUNCATE sold_leads, sold_lead_attempts", [])
     yield arc
     await arc.close()
 
@@ -71,10 +71,11 @@ async def test_sales_archived_once_with_outcome_and_return(
     await w.close()
     assert await redis.xlen(keys.deliveries(T)) == 0
     # each handed on when first read, then settled: its decision and delivery log there,
-    # gone from Redis
+    # the log gone from Redis (the decision stays: it guards against a second delivery)
     assert await redis.xlen(keys.sold(T)) == 6
     for i in range(3):
-        assert not await redis.exists(keys.dstate(T, f"L{i}"), keys.dlog(T, f"L{i}"))
+        assert not await redis.exists(keys.dlog(T, f"L{i}", "b1"))
+        assert await redis.exists(keys.dstate(T, f"L{i}"))
     personal = personal_of(cfg, T)
     assert await leads.archive_once(redis, T, consumer="a1", personal=personal) >= 3
     assert await redis.xlen(keys.sold(T)) == 0  # committed, then deleted

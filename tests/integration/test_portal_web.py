@@ -228,11 +228,9 @@ async def archive_sale(eng, lead_id: str = "0123456789abmatx", *, account: str =
                         f"return_reason = {p} WHERE lead_id = {p}",
                         [outcome, ts + 1 if returned else None,
                          "wrong_number" if returned else "", lead_id])
-    await arc._db.insert(arc._deliveries_sql, [("t1", lead_id, buyer, msgspec.json.encode([
-        {"buyer": buyer, "attempt": 1, "ts": ts, "result": "timeout", "ms": 5000,
-         "reason": "timeout; retry at 1"},
-        {"buyer": buyer, "attempt": 2, "ts": ts + 9, "result": "accepted", "status": 200,
-         "ms": 41, "excerpt": '{"status":"ok"}'}]).decode())])
+    await arc._db.insert(arc._attempts_sql, [
+        ("t1", lead_id, buyer, ts, 1, "timeout", 0, 5000, "timeout; retry at 1", ""),
+        ("t1", lead_id, buyer, ts + 9, 2, "accepted", 200, 41, "", '{"status":"ok"}')])
 
 
 POSTS = {  # every form that changes something, with what a real one would send

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 
@@ -647,58 +648,100 @@ async def test_a_job_given_up_on_writes_no_dead_letter_when_another_worker_decid
     assert await stream_empty(store.redis)
 
 
-async def test_a_job_settled_meanwhile_by_another_worker_stands(
+async def test_a_verdict_stands_when_the_entry_was_moved_to_retries(
     store: Store, buyers: Buyers
 ) -> None:
-    """The same race, when the other worker also settled the job (its decision and log
-    handed to the lead archive and forgotten in Redis, the entry acked and deleted): the
-    later worker's verdict changes nothing and writes nothing back into Redis."""
-    b = buyer("b1", buyers.url + "/hold_reject", **{**FAST, "timeout_ms": 10_000})
+    """Worker A holds the job; worker B took it over, got a 5xx and moved it to the retries
+    (ZADD + XACK/XDEL). A's buyer then accepts: A's decision is recorded, and the retry
+    finds it and sends nothing (review of the settle change: a missing entry once counted
+    as settled, so A's verdict was dropped and the lead sent twice)."""
+    clock = Clock()
+    b = buyer("b1", buyers.url + "/hold", **{**FAST, "timeout_ms": 10_000})
     await accounts(store, b)
-    await sell(store, b, "S1")
-    w = worker(store, b)
+    await sell(store, b, "D1")
+    w = worker(store, b, clock=clock)
     task = asyncio.create_task(w.process_once())
     try:
-        await buyers.reached("/hold_reject")
-        [(raw_id, _)] = await store.redis.xrange(keys.deliveries(T))
-        entry_id = raw_id.decode()
-        accepted = record.DeliveryDecision(record.ACCEPTED, "accepted: by the other worker")
-        await store.lua.delivery_finish(store.redis, [keys.tenant_prefix(T)], [
-            record.finish_arg([("S1", b.id, record.encode_decision(accepted).decode(),
-                                record.log_entry(buyer=b.id, attempt=1, ts=1,
-                                                 result="accepted").decode(), entry_id)],
-                              [(entry_id, "S1", b.id, 0)], "delivery")])
-        assert not await store.redis.exists(keys.dstate(T, "S1"), keys.dlog(T, "S1"))
+        await buyers.reached("/hold")
+        [(raw_id, f)] = await store.redis.xrange(keys.deliveries(T))
+        fields = {k.decode(): v.decode() for k, v in f.items()} | {"attempt": "1"}
+        member = msgspec.json.encode([x for kv in fields.items() for x in kv])
+        async with store.redis.pipeline(transaction=True) as p:  # worker B's retry
+            p.zadd(keys.retries(T), {member: 0})
+            p.xack(keys.deliveries(T), "delivery", raw_id)
+            p.xdel(keys.deliveries(T), raw_id)
+            await p.execute()
         buyers.release.set()
         assert await task == 1
+        clock.offset = 60_000
+        await w.process_once()  # the retry: decided already, nothing sent
     finally:
         await w.close()
-    assert await decided(store, "S1", b) == "ACCEPTED"  # the settled one
-    assert await balance(store, b.client) == OPENING - PRICE  # not refunded
-    assert not await store.redis.exists(keys.dstate(T, "S1"), keys.dlog(T, "S1"))
+    assert len(buyers.at("/hold")) == 1
+    assert await decided(store, "D1", b) == "ACCEPTED"
+    assert await balance(store, b.client) == OPENING - PRICE
     assert await stream_empty(store.redis)
 
 
-async def test_a_job_taken_over_from_an_expired_sync_claim_keeps_its_decision(
-    store: Store, buyers: Buyers
-) -> None:
-    """A sync try whose claim expired: the worker delivers the job and settles it, but
-    leaves its decision in dstate, where the late sync try will find it."""
-    b = buyer("b1", buyers.url + "/accept", **FAST)
+async def test_a_late_retry_of_a_settled_job_sends_nothing(store: Store, buyers: Buyers) -> None:
+    """Worker A holds the job (its buyer will answer 500); worker B took it over, its buyer
+    accepted and B settled it. A's 500 then schedules a retry: the retry finds B's decision
+    (settling keeps it) and neither sends nor refunds."""
+    clock = Clock()
+    b = buyer("b1", buyers.url + "/hold_fail", **{**FAST, "timeout_ms": 10_000})
     await accounts(store, b)
-    await sell(store, b, "K1")
-    claim = record.DeliveryDecision(record.SYNC, "sync attempt", u=now_ms() - 1)
-    await store.redis.hset(keys.dstate(T, "K1"), b.id, record.encode_decision(claim))
-    w = worker(store, b)
+    await sell(store, b, "S2")
+    w = worker(store, b, clock=clock)
+    task = asyncio.create_task(w.process_once())
     try:
-        assert await w.process_once() == 1
+        await buyers.reached("/hold_fail")
+        [(raw_id, _)] = await store.redis.xrange(keys.deliveries(T))
+        accepted = record.DeliveryDecision(record.ACCEPTED, "accepted: by the other worker")
+        await store.lua.delivery_finish(store.redis, [keys.tenant_prefix(T)], [
+            record.finish_arg([("S2", b.id, record.encode_decision(accepted).decode(),
+                                record.log_entry(buyer=b.id, attempt=1, ts=1,
+                                                 result="accepted").decode())],
+                              [(raw_id.decode(), "S2", b.id)], "delivery")])
+        buyers.release.set()
+        assert await task == 1
+        assert await store.redis.zcard(keys.retries(T)) == 1
+        clock.offset = 3_600_000
+        await w.process_once()
+        await w.process_once()
     finally:
         await w.close()
-    kept = await record.read_decision(store, T, "K1", b.id)
-    assert kept is not None and kept.o == "ACCEPTED"
-    settled_entries = [f for _, f in await store.redis.xrange(keys.sold(T)) if b"settled" in f]
-    assert len(settled_entries) == 1 and b"ACCEPTED" in settled_entries[0][b"decision"]
+    assert len(buyers.at("/hold_fail")) == 1
+    assert await decided(store, "S2", b) == "ACCEPTED"
+    assert await store.redis.xlen(keys.dead_letter(T, "deliveries")) == 0
+    assert await balance(store, b.client) == OPENING - PRICE  # not refunded
     assert await stream_empty(store.redis)
+
+
+async def test_a_shared_lead_settles_each_buyers_log_apart(store: Store,
+                                                           buyers: Buyers) -> None:
+    """One lead sold to Y (its first try fails, retried later) and X (accepts at once): X
+    settling hands on X's log only; Y's log, with its failed try, waits for Y's settle."""
+    clock = Clock()
+    y = buyer("y", buyers.url + "/flaky", **{**FAST, "retry_base_ms": 60_000,
+                                              "retry_max_ms": 60_000})
+    x = buyer("x", buyers.url + "/accept", **FAST)
+    await accounts(store, x, y)
+    w = worker(store, x, y, clock=clock)
+    try:
+        await sell(store, y, "L", key="L-y")
+        await w.process_once()  # Y: 500, a retry in a minute
+        await sell(store, x, "L", key="L-x")
+        await w.process_once()  # X: accepted, settled
+        assert await store.redis.llen(keys.dlog(T, "L", "y")) == 1
+        clock.offset = 120_000
+        await w.process_once()
+        await w.process_once()
+    finally:
+        await w.close()
+    logs = {f[b"buyer"].decode(): [e["result"] for e in msgspec.json.decode(f[b"log"])]
+            for _, f in await store.redis.xrange(keys.sold(T)) if b"settled" in f}
+    assert logs == {"x": ["accepted"], "y": ["retry", "accepted"]}
+    assert not await store.redis.exists(keys.dlog(T, "L", "x"), keys.dlog(T, "L", "y"))
 
 
 async def test_a_sync_try_keeps_a_decision_recorded_first(store: Store, buyers: Buyers) -> None:
