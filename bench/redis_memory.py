@@ -14,7 +14,8 @@ every key, grouped by kind (:func:`kind`), before and after, divided by the sold
 
 The steady state for 1M sold leads a day: a kind whose keys live ``ttl`` days holds
 ``ttl`` days of leads (idempotency 1 day, dedupe marks the campaign's look-back: 30 days
-for solar, the sale record and the delivery log and state 14 days); a stream
+for solar, the sale record and the delivery state 14 days, the delivery log until its
+delivery settles); a stream
 trimmed by its consumers holds what is in flight (the measured bytes, ~0 once drained);
 the events stream (a few entries per thousand leads) keeps at most its last 1M entries
 (``MAXLEN ~ 1000000``): counted like the drained streams, as a day's worth.
@@ -40,9 +41,8 @@ RETENTION_DAYS: dict[str, float | None] = {
     "idempotency": 1.0,  # settings.idempotency_ttl_s (86400)
     "dedupe": 30.0,  # the solar campaign's dedupe.days (30; auto-insurance 7)
     "sale record": 14.0,  # decide.lua's LEAD_TTL
-    # while a delivery is open (deleted when settled: delivery_finish.lua); what is left
-    # once drained (a sync try's taken-over decision, a job never settled) lives
-    # engine.delivery.record.STATE_TTL_S
+    # the log: deleted when its delivery settles (delivery_finish.lua), ~0 once drained;
+    # the state (the decision) stays engine.delivery.record.STATE_TTL_S
     "delivery log": 14.0,
     "delivery state": 14.0,
     "ledger stream": None,  # archived to SQL and trimmed by the ledger worker
