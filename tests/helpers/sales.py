@@ -33,7 +33,8 @@ async def accounts(store: Store, *buyers: Buyer) -> None:
                                            auto_recharge=False, min_balance=None, mode="manual")
 
 
-async def sell(store: Store, b: Buyer, lead_id: str, lead: dict[str, str] | None = None) -> None:
+async def sell(store: Store, b: Buyer, lead_id: str, lead: dict[str, str] | None = None, *,
+               supplier: str = "") -> None:
     """One lead, one candidate: the sale record and the delivery job, as in production."""
     lead = lead if lead is not None else {"first_name": "Ada", "email": "ada@example.com",
                                           "state": "CA"}
@@ -43,6 +44,7 @@ async def sell(store: Store, b: Buyer, lead_id: str, lead: dict[str, str] | None
         windows=["h1", "d1", "w1", "m1"], payload=msgspec.json.encode(lead).decode(),
         candidates=[Candidate(buyer=b.id, account=b.client, price=money.parse(b.price),
                               fee_out=FEE, caps=(-1,) * 7, dedupe=[f"fp-{lead_id}"])],
+        supplier=supplier,
     )])
     raw = await scripts().decide(store.redis, [keys.tenant_prefix(b.tenant)],
                                  [msgspec.json.encode(batch)])

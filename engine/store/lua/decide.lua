@@ -210,7 +210,8 @@ local function sell(L, c, bd, s, a)
   note2('hd', lk, c.b)
   local dk = K.deliveries(p)
   note2('x', dk, redis.call('XADD', dk, '*', 'lead_id', ref, 'buyer', c.b, 'campaign', L.c,
-        'account', c.a, 'price', fmt(c.p), 'fee', fmt(c.fo), 'lead', L.x, 'ts', now))
+        'account', c.a, 'price', fmt(c.p), 'fee', fmt(c.fo), 'lead', L.x, 'ts', now,
+        'supplier', L.sp or ''))
 end
 
 -- a post's ping: nil when it may be sold (marked posted by this lead), else the refusal
