@@ -14,7 +14,8 @@
 -- A candidate is skipped (counted as "paused") when its buyer hash says paused, its account
 -- is missing, or its delivery circuit breaker is open (K.breaker exists; one EXISTS per
 -- buyer per call, written by the delivery worker).
--- Balances and cap counters are written once per call, at its end (finish()). A lead
+-- Balances and cap counters are written once per call, at its end (finish()), and so is
+-- the wallet's ledger entry of the call's platform fees, one per campaign (record_fees). A lead
 -- that fails half-way is taken back whole (see decide_all) and answers
 -- {"s": "ERROR", "c": 1050, "b": the candidate buyer it was on, if any}; "x" lists such
 -- leads as [[lead id, error text], ...].
@@ -43,6 +44,13 @@ local LEAD_TTL = fmt(14 * 86400)  -- the sale records of a lead (refunds, return
 local BUYERS = {}
 local AT = nil  -- the candidate buyer the current lead is on (an ERROR result names it)
 local DEBITED = {lead = 0, fee = 0}  -- money moved by this call, returned for metrics
+-- The platform fees of the call's leads, one wallet ledger entry per campaign written by
+-- finish() (record_fees): each lead moves the wallet's cached balance (its crossings'
+-- events fire at that lead) and adds its fees and id here, journaled like the rest of it.
+local FEES, FEE_ORDER = {}, {}  -- campaign -> {fi, fo, n, ids}; campaigns in first-fee order
+local FEE_FIELDS = {'fi', 'fo', 'n'}
+local LEDGER_OK = nil  -- the ledger stream checked writable (once per call, see charge_fees)
+
 local BUYER_FIELDS = {'paused', 'hid', 'hn', 'did', 'dn', 'wid', 'wn', 'mid', 'mn', 'tn',
                       'sdid', 'sdv', 'smid', 'smv'}
 
@@ -133,12 +141,68 @@ local function cap_reached(L, c, s, a)
                                   'window', window, 'ref', L.id})
 end
 
+-- a lead's platform fees (fee_in of them inbound): the wallet debited now, the ledger entry
+-- left to record_fees(). The entry is written after every lead has committed, so it must
+-- not fail then: the ledger stream is checked here, where the lead can still be taken back
+-- (a key of another type fails this lead, as its own XADD did), and Redis refuses no write
+-- for memory once the script has written (each lead writes its idempotency record).
+local function charge_fees(L, fee_in, fees)
+  if not LEDGER_OK then
+    local t = redis.call('TYPE', K.ledger(p)).ok
+    if t ~= 'stream' and t ~= 'none' then
+      error('WRONGTYPE the tenant ledger is not a stream')
+    end
+    LEDGER_OK = true
+  end
+  local b0 = move(wallet, -fees)
+  local e = FEES[L.c]
+  if not e then
+    e = {fi = 0, fo = 0, n = 0, ids = {}}  -- left empty if this lead is taken back: skipped
+    FEES[L.c] = e
+    FEE_ORDER[#FEE_ORDER + 1] = L.c
+  end
+  local J, n = JOURNAL, NJ  -- e's sums as they are, restored by undo() (an 'f' op)
+  J[n + 1], J[n + 2], J[n + 3], J[n + 4], J[n + 5], J[n + 6] = e.fi, e.fo, e.n, e, FEE_FIELDS, 'f'
+  NJ = n + 6
+  e.fi, e.fo, e.n = e.fi + fee_in, e.fo + fees - fee_in, e.n + 1
+  e.ids[e.n] = L.id  -- a slot past n (a lead taken back) is overwritten or never read
+  crossings(p, wallet, b0, -fees, L.id, now)
+end
+
+-- The call's fee entries, one per campaign: ref the ids of its leads (comma-separated),
+-- inbound and outbound the sums, balance the wallet's after the entry (the wallet has no
+-- other entry in a call: it is no buyer's account). One that fails (unreachable, see
+-- charge_fees) has its debit taken off the wallet's deferred change, so that the balance
+-- written matches the ledger; the first error is returned.
+local function record_fees()
+  local first, after = nil, 0
+  for i = #FEE_ORDER, 1, -1 do  -- each entry's balance: the wallet's less the entries after it
+    local e = FEES[FEE_ORDER[i]]
+    e.after = after
+    after = after + e.fi + e.fo
+  end
+  for _, c in ipairs(FEE_ORDER) do
+    local e = FEES[c]
+    if e.n > 0 then
+      local total = e.fi + e.fo
+      local ok, err = pcall(ledger_entry, p, wallet.id, -total, fmt(wallet.bal + e.after),
+                            'fee', table.concat(e.ids, ',', 1, e.n), now,
+                            {'inbound', fmt(e.fi), 'outbound', fmt(e.fo), 'campaign', c})
+      if not ok then
+        wallet.pending, wallet.bal = wallet.pending + total, wallet.bal + total
+        first = first or err
+      end
+    end
+  end
+  return first
+end
+
 -- The cap counters of every buyer that sold in this call, every deferred balance, and the
 -- events stream's trimming. It runs after every lead has committed, so it must not fail
 -- half-way: what it writes was checked inside the leads (acct(), count_sale), and each
 -- write is made on its own; the first error is returned for the caller to raise.
 local function finish()
-  local first
+  local first = record_fees()  -- before the balances: a failed one is not flushed
   for _, s in pairs(BUYERS) do
     if s.dirty then
       local ok, err = pcall(redis.call, 'HSET', s.k, 'hid', s.hid, 'hn', fmt(s.hn),
@@ -298,8 +362,7 @@ local function decide(L)
     fees, fee_in = 0, 0  -- a duplicate for every buyer: no inbound fee (only valid, new leads)
   end
   if fees > 0 then
-    apply(p, wallet, -fees, 'fee', L.id, now,
-          {'inbound', fmt(fee_in), 'outbound', fmt(fees - fee_in), 'campaign', L.c})
+    charge_fees(L, fee_in, fees)
     DEBITED.fee = DEBITED.fee + fees
   end
   if #sold > 0 then
