@@ -40,6 +40,14 @@ clock(batch.now)  -- accounts read with expired ping-post holds have them releas
 defer_balances()  -- written by finish(): the wallet once per call, not once per lead
 local wallet = acct(p, wallet_id)
 local LEAD_TTL = fmt(14 * 86400)  -- the sale records of a lead (refunds, returns)
+-- TTLs as text, once per distinct value of the call (redis.call formats a number with a
+-- float printf each time)
+local TEXT = {}
+local function text(n)
+  local t = TEXT[n]
+  if not t then t = fmt(n); TEXT[n] = t end
+  return t
+end
 
 local BUYERS = {}
 local AT = nil  -- the candidate buyer the current lead is on (an ERROR result names it)
@@ -68,28 +76,24 @@ local function buyer(b)
   return s
 end
 
--- current count of a window: the stored count if it belongs to this window id, else 0
-local function in_window(s, idf, nf, win)
-  if s[idf] == win then return s[nf] end
-  return 0
-end
-
-local function over(limit, used) return limit >= 0 and used >= limit end
-local function over_spend(limit, used, price) return limit >= 0 and used + price > limit end
-
+-- A cap is reached when it is set (>= 0) and the count of its window (the stored count
+-- if it belongs to this window id, else 0; spend: plus this price) is at or past it
+-- (spend: past it). Written out: a function call per cap cost more than the checks.
 local function over_cap(s, cap, win, price)
-  return over(cap[1], in_window(s, 'hid', 'hn', win[1]))
-      or over(cap[2], in_window(s, 'did', 'dn', win[2]))
-      or over(cap[3], in_window(s, 'wid', 'wn', win[3]))
-      or over(cap[4], in_window(s, 'mid', 'mn', win[4]))
-      or over(cap[5], s.tn)
-      or over_spend(cap[6], in_window(s, 'sdid', 'sdv', win[2]), price)
-      or over_spend(cap[7], in_window(s, 'smid', 'smv', win[4]), price)
-end
-
--- a window's counter moved by `by`: restarted when the stored window id is another one
-local function bump(s, idf, nf, w, by)
-  if s[idf] ~= w then s[idf] = w; s[nf] = by else s[nf] = s[nf] + by end
+  local l = cap[1]
+  if l >= 0 and (s.hid == win[1] and s.hn or 0) >= l then return true end
+  l = cap[2]
+  if l >= 0 and (s.did == win[2] and s.dn or 0) >= l then return true end
+  l = cap[3]
+  if l >= 0 and (s.wid == win[3] and s.wn or 0) >= l then return true end
+  l = cap[4]
+  if l >= 0 and (s.mid == win[4] and s.mn or 0) >= l then return true end
+  l = cap[5]
+  if l >= 0 and s.tn >= l then return true end
+  l = cap[6]
+  if l >= 0 and (s.sdid == win[2] and s.sdv or 0) + price > l then return true end
+  l = cap[7]
+  return l >= 0 and (s.smid == win[4] and s.smv or 0) + price > l
 end
 
 -- what a sale changes in a buyer's cached state (taken back by undo() on a failure)
@@ -112,9 +116,15 @@ local function count_sale(s, win, price)
   -- fail this lead (taken back), not finish()
   if not (win[1] and win[2] and win[3] and win[4]) then error('lead window ids missing') end
   keep_counters(s)
-  bump(s, 'hid', 'hn', win[1], 1); bump(s, 'did', 'dn', win[2], 1)
-  bump(s, 'wid', 'wn', win[3], 1); bump(s, 'mid', 'mn', win[4], 1)
-  bump(s, 'sdid', 'sdv', win[2], price); bump(s, 'smid', 'smv', win[4], price)
+  -- each window's counter moved: restarted when the stored window id is another one
+  -- (written out, as over_cap)
+  local h, d, w, m = win[1], win[2], win[3], win[4]
+  if s.hid ~= h then s.hid, s.hn = h, 1 else s.hn = s.hn + 1 end
+  if s.did ~= d then s.did, s.dn = d, 1 else s.dn = s.dn + 1 end
+  if s.wid ~= w then s.wid, s.wn = w, 1 else s.wn = s.wn + 1 end
+  if s.mid ~= m then s.mid, s.mn = m, 1 else s.mn = s.mn + 1 end
+  if s.sdid ~= d then s.sdid, s.sdv = d, price else s.sdv = s.sdv + price end
+  if s.smid ~= m then s.smid, s.smv = m, price else s.smv = s.smv + price end
   s.tn = s.tn + 1
   s.dirty = true  -- written once per call by finish()
 end
@@ -233,8 +243,8 @@ local function mark_sold(fps, lead_id, ttl)
   end
 end
 
--- the order in which candidates are tried, the rotation position it starts at and the
--- cursor as stored (for undo): round
+-- the order in which candidates are tried (nil: their own order, 1 to #L.cs), the rotation
+-- position it starts at and the cursor as stored (for undo): round
 -- robin starts at the campaign cursor. A sale moves the cursor one position past where
 -- this lead *started*, not past the buyer who took it: jumping past the taker would skip
 -- the turns of the buyers in between who could not take this lead, and a buyer with a
@@ -242,11 +252,7 @@ end
 -- alternating: C never got one).
 local function order(L)
   local stored = L.rr == 1 and redis.call('HGET', K.cursors(p), L.c)
-  if L.rr ~= 1 or #L.q == 0 then
-    local o = {}
-    for i = 1, #L.cs do o[i] = i end
-    return o, 0, stored
-  end
+  if L.rr ~= 1 or #L.q == 0 then return nil, 0, stored end
   local start = tonumber(stored or '0') % #L.q
   local o, seen = {}, {}
   for off = 0, #L.q - 1 do
@@ -256,8 +262,10 @@ local function order(L)
   return o, start, stored
 end
 
-local function sell(L, c, bd, s, a)
+local function sell(L, c, bd, s, a, price)
   local ref = L.id
+  local fee = c.fs
+  if not fee then fee = fmt(c.fo); c.fs = fee end
   apply(p, a, -c.p, 'lead', ref, now, {'buyer', c.b, 'campaign', L.c})
   DEBITED.lead = DEBITED.lead + c.p
   count_sale(s, L.win, c.p)
@@ -265,16 +273,16 @@ local function sell(L, c, bd, s, a)
   if s.dn == cap[2] or s.tn == cap[5] or s.mn == cap[4] or s.wn == cap[3] then
     cap_reached(L, c, s, a)
   end
-  mark_sold(bd, ref, L.dt)
+  mark_sold(bd, ref, text(L.dt))
   -- a new field: a lead is sold to a buyer once (the sync waterfall's later tries go to
   -- buyers it has not tried)
   local lk = K.lead(p, ref)
-  redis.call('HSET', lk, c.b, cjson.encode({a = c.a, p = fmt(c.p), f = fmt(c.fo),
+  redis.call('HSET', lk, c.b, cjson.encode({a = c.a, p = price, f = fee,
              w = L.win, s = 'sold', bd = bd, cd = L.d}))
   note2('hd', lk, c.b)
   local dk = K.deliveries(p)
   note2('x', dk, redis.call('XADD', dk, '*', 'lead_id', ref, 'buyer', c.b, 'campaign', L.c,
-        'account', c.a, 'price', fmt(c.p), 'fee', fmt(c.fo), 'lead', L.x, 'ts', now,
+        'account', c.a, 'price', price, 'fee', fee, 'lead', L.x, 'ts', now,
         'supplier', L.sp or ''))
 end
 
@@ -317,7 +325,8 @@ local function decide(L)
   local fee_in = test and 0 or L.fi
   local fees = fee_in
   local tries, start, cursor = order(L)
-  for _, ci in ipairs(tries) do
+  for k = 1, tries and #tries or #L.cs do
+    local ci = tries and tries[k] or k
     if #sold >= L.n then break end
     AT = nil  -- until this candidate's buyer is known
     local c, bd = L.cs[ci], nil
@@ -344,8 +353,10 @@ local function decide(L)
       why.wallet = why.wallet + 1
       break
     else
+      local price = c.ps  -- as text: the sale record, the job, the answer
+      if not price then price = fmt(c.p); c.ps = price end
       if not test then
-        sell(L, c, bd, s, a)
+        sell(L, c, bd, s, a, price)
         fees = fees + c.fo
         if L.rr == 1 then
           local ck = K.cursors(p)
@@ -353,7 +364,7 @@ local function decide(L)
           note3('h', ck, L.c, cursor)
         end
       end
-      sold[#sold + 1] = {c.b, fmt(c.p)}
+      sold[#sold + 1] = {c.b, price}
     end
   end
   AT = nil  -- what fails from here on (fees, marks, the record) is not one buyer's
@@ -366,7 +377,7 @@ local function decide(L)
     DEBITED.fee = DEBITED.fee + fees
   end
   if #sold > 0 then
-    if not test then mark_sold(L.d, L.id, L.dt) end
+    if not test then mark_sold(L.d, L.id, text(L.dt)) end
     return {s = 'ACCEPTED', c = 0, m = '', sold = sold}
   end
   if tried == 0 then return {s = 'REJECTED', c = 200, m = 'no buyer matched the lead'} end
@@ -403,7 +414,7 @@ local function one(i, L)
     -- sync waterfall still writing it) is pointed to
     if prior then
       local pending = string.find(prior, '"sy":', 1, true) ~= nil
-      redis.call('SET', ik, pending and at or prior, 'EX', L.kt)
+      redis.call('SET', ik, pending and at or prior, 'EX', text(L.kt))
       note1('k', ik)
     end
   end
@@ -417,12 +428,12 @@ local function one(i, L)
   if not r.sold then r.sold = {} end
   if L.k2 then  -- absent before (record): this lead creates it
     local k2 = K.idem(p, L.k2)
-    redis.call('SET', k2, L.k, 'EX', L.k2t)
+    redis.call('SET', k2, L.k, 'EX', text(L.k2t))
     note1('k', k2)
   end
   -- the lead's last writes: nothing can fail after the record, so neither needs an undo
   -- (the sale record's lifetime is set last: a sync try n found it with try 1's field)
-  redis.call('SET', ik, cjson.encode(r), 'EX', L.kt)
+  redis.call('SET', ik, cjson.encode(r), 'EX', text(L.kt))
   if r.s == 'ACCEPTED' and L.t ~= 1 then redis.call('EXPIRE', K.lead(p, L.id), LEAD_TTL) end
   return r
 end
