@@ -273,10 +273,11 @@ local function sell(L, c, bd, s, a, price)
   if s.dn == cap[2] or s.tn == cap[5] or s.mn == cap[4] or s.wn == cap[3] then
     cap_reached(L, c, s, a)
   end
-  mark_sold(bd, ref, text(L.dt))
+  if #bd > 0 then mark_sold(bd, ref, text(L.dt)) end
   -- a new field: a lead is sold to a buyer once (the sync waterfall's later tries go to
   -- buyers it has not tried)
   local lk = K.lead(p, ref)
+  L.lk = lk  -- its lifetime is set by one(), last
   redis.call('HSET', lk, c.b, cjson.encode({a = c.a, p = price, f = fee,
              w = L.win, s = 'sold', bd = bd, cd = L.d}))
   note2('hd', lk, c.b)
@@ -286,21 +287,26 @@ local function sell(L, c, bd, s, a, price)
         'supplier', L.sp or ''))
 end
 
+-- a lead's decision (sold: its sales, [buyer, price as text] each)
+local function result(L, s, c, m, sold)
+  return {id = L.id, s = s, c = c, m = m, sold = sold or {}, t = L.t}
+end
+
 -- a post's ping: nil when it may be sold (marked posted by this lead), else the refusal
 local function post_of(L)
   local pk = K.ping(p, L.pg)
   local v = redis.call('HMGET', pk, 'st', 'ex')
-  if not v[1] then return {s = 'REJECTED', c = 1061, m = 'unknown ping'} end
+  if not v[1] then return result(L, 'REJECTED', 1061, 'unknown ping') end
   local mine = 'posted:' .. L.id
   if v[1] == mine then return nil end
   if v[1] ~= 'open' then
     if string.sub(v[1], 1, 7) == 'posted:' then
-      return {s = 'REJECTED', c = 1062, m = 'the ping was already posted'}
+      return result(L, 'REJECTED', 1062, 'the ping was already posted')
     end
-    return {s = 'REJECTED', c = 1064, m = 'the ping expired'}
+    return result(L, 'REJECTED', 1064, 'the ping expired')
   end
   if tonumber(v[2]) <= batch.now then
-    return {s = 'REJECTED', c = 1064, m = 'the ping expired'}
+    return result(L, 'REJECTED', 1064, 'the ping expired')
   end
   redis.call('HSET', pk, 'st', mine)
   note3('h', pk, 'st', v[1])
@@ -315,12 +321,13 @@ local function decide(L)
   end
   -- test leads get the full decision, duplicates included (they only never mark one)
   if any_exists(L.d) then
-    return {s = 'DUPLICATED', c = 100, m = 'duplicate of a lead sold in this campaign'}
+    return result(L, 'DUPLICATED', 100, 'duplicate of a lead sold in this campaign')
   end
   if not test and L.fi > 0 and (not wallet or not can_debit(wallet, L.fi)) then
-    return {s = 'REJECTED', c = 203, m = 'tenant platform wallet is at its floor'}
+    return result(L, 'REJECTED', 203, 'tenant platform wallet is at its floor')
   end
-  local sold, why = {}, {cap = 0, paused = 0, funds = 0, dup = 0, wallet = 0}
+  -- why the candidates tried did not take the lead, counted
+  local sold, n_cap, n_paused, n_funds, n_dup, n_wallet = {}, 0, 0, 0, 0, 0
   -- the platform fees of this lead, debited from the wallet as ONE balance change at the end
   local fee_in = test and 0 or L.fi
   local fees = fee_in
@@ -336,21 +343,21 @@ local function decide(L)
       bd = c.bd
     end
     AT = c.b  -- the buyer a failure from here on is reported with (the sync waterfall, engine/ingest/waterfall.py, skips it)
-    local s, a = buyer(c.b), acct(p, c.a)
+    local s, a = BUYERS[c.b] or buyer(c.b), ACCTS[c.a] or acct(p, c.a)
     if L.pg and a then unhold_ping(p, L.pg, c.b) end  -- a post: this bidder's hold
     if s.paused ~= '' or s.open or not a then
-      why.paused = why.paused + 1
+      n_paused = n_paused + 1
     elseif #bd > 0 and any_exists(bd) then
-      why.dup = why.dup + 1
+      n_dup = n_dup + 1
     elseif over_cap(s, c.cap, L.win, c.p) then
-      why.cap = why.cap + 1
+      n_cap = n_cap + 1
     elseif not can_debit(a, c.p) then
-      why.funds = why.funds + 1
+      n_funds = n_funds + 1
       if not test and a.paused == '' and not a.closed then
         pause(p, a, 'floor', now, {'buyer', c.b, 'ref', L.id})
       end
     elseif not test and c.fo > 0 and (not wallet or not can_debit(wallet, fees + c.fo)) then
-      why.wallet = why.wallet + 1
+      n_wallet = n_wallet + 1
       break
     else
       local price = c.ps  -- as text: the sale record, the job, the answer
@@ -368,8 +375,8 @@ local function decide(L)
     end
   end
   AT = nil  -- what fails from here on (fees, marks, the record) is not one buyer's
-  local tried = why.cap + why.paused + why.funds + why.dup + why.wallet
-  if #sold == 0 and tried > 0 and why.dup == tried then
+  local tried = n_cap + n_paused + n_funds + n_dup + n_wallet
+  if #sold == 0 and tried > 0 and n_dup == tried then
     fees, fee_in = 0, 0  -- a duplicate for every buyer: no inbound fee (only valid, new leads)
   end
   if fees > 0 then
@@ -378,17 +385,17 @@ local function decide(L)
   end
   if #sold > 0 then
     if not test then mark_sold(L.d, L.id, text(L.dt)) end
-    return {s = 'ACCEPTED', c = 0, m = '', sold = sold}
+    return result(L, 'ACCEPTED', 0, '', sold)
   end
-  if tried == 0 then return {s = 'REJECTED', c = 200, m = 'no buyer matched the lead'} end
-  if why.dup == tried then
-    return {s = 'DUPLICATED', c = 101, m = 'every matching buyer already bought this lead'}
+  if tried == 0 then return result(L, 'REJECTED', 200, 'no buyer matched the lead') end
+  if n_dup == tried then
+    return result(L, 'DUPLICATED', 101, 'every matching buyer already bought this lead')
   end
-  if why.wallet > 0 then return {s = 'REJECTED', c = 203, m = 'tenant platform wallet is at its floor'} end
-  if why.cap == tried then return {s = 'REJECTED', c = 201, m = 'every matching buyer is at a cap'} end
-  return {s = 'REJECTED', c = 202, m = string.format(
+  if n_wallet > 0 then return result(L, 'REJECTED', 203, 'tenant platform wallet is at its floor') end
+  if n_cap == tried then return result(L, 'REJECTED', 201, 'every matching buyer is at a cap') end
+  return result(L, 'REJECTED', 202, string.format(
     'no matching buyer could take the lead (%d at cap, %d paused, %d without funds)',
-    why.cap, why.paused, why.funds)}
+    n_cap, n_paused, n_funds))
 end
 
 -- the stored record under key k, a pointer followed (nil when absent or expired), and
@@ -402,7 +409,8 @@ local function record(k)
   return v, k
 end
 
--- one lead: its stored result on a replay, else its decision, stored under its keys
+-- one lead: its stored result on a replay, else its decision, stored under its keys; and
+-- the decision as JSON when it was encoded for its record (the reply reuses it)
 local function one(i, L)
   L.x = L.x or ARGV[i + 1]
   local ik = K.idem(p, L.k)
@@ -424,8 +432,6 @@ local function one(i, L)
     return r
   end
   local r = decide(L)
-  r.id, r.t = L.id, L.t
-  if not r.sold then r.sold = {} end
   if L.k2 then  -- absent before (record): this lead creates it
     local k2 = K.idem(p, L.k2)
     redis.call('SET', k2, L.k, 'EX', text(L.k2t))
@@ -433,9 +439,10 @@ local function one(i, L)
   end
   -- the lead's last writes: nothing can fail after the record, so neither needs an undo
   -- (the sale record's lifetime is set last: a sync try n found it with try 1's field)
-  redis.call('SET', ik, cjson.encode(r), 'EX', text(L.kt))
-  if r.s == 'ACCEPTED' and L.t ~= 1 then redis.call('EXPIRE', K.lead(p, L.id), LEAD_TTL) end
-  return r
+  local json = cjson.encode(r)
+  redis.call('SET', ik, json, 'EX', text(L.kt))
+  if r.s == 'ACCEPTED' and L.t ~= 1 then redis.call('EXPIRE', L.lk or K.lead(p, L.id), LEAD_TTL) end
+  return r, json
 end
 
 -- Each lead is all or nothing. One that fails half-way (a Redis error on one of its
@@ -443,13 +450,13 @@ end
 -- answers ERROR 1050 with no idempotency record, so a retry decides it afresh and is
 -- charged once; the leads after it are decided as usual. Its error text goes back in
 -- "x" for the engine's log.
-local out, failed = {}, {}
+local out, failed = {}, {}  -- out: each lead's decision as JSON, in order
 local function decide_all()
   JOURNAL = {}
   for i, L in ipairs(batch.leads) do
     NJ, AT = 0, nil
     local lead_debits, fee_debits = DEBITED.lead, DEBITED.fee
-    local ok, r = pcall(one, i, L)
+    local ok, r, json = pcall(one, i, L)
     if not ok then
       undo()
       DEBITED.lead, DEBITED.fee = lead_debits, fee_debits
@@ -458,8 +465,9 @@ local function decide_all()
       r = {id = id, s = 'ERROR', c = 1050, sold = {}, b = AT,
            m = 'the lead could not be decided; nothing was charged',
            t = type(L) == 'table' and L.t == 1 and 1 or 0}
+      json = nil
     end
-    out[i] = r
+    out[i] = json or cjson.encode(r)
   end
 end
 
@@ -471,5 +479,8 @@ JOURNAL = nil  -- finish() writes nothing it would have to take back
 local unfinished = finish()
 if not ok then error(err, 0) end  -- as raised: no second position prefix
 if unfinished then error(unfinished, 0) end
-return cjson.encode({r = out, e = emitted_list(), m = {fmt(DEBITED.lead), fmt(DEBITED.fee)},
-                     x = failed})
+-- the reply: the decisions as encoded above, joined (a second cjson pass over each cost
+-- more than the concatenation)
+return '{"r":[' .. table.concat(out, ',') .. '],"e":' .. cjson.encode(emitted_list())
+  .. ',"m":["' .. fmt(DEBITED.lead) .. '","' .. fmt(DEBITED.fee) .. '"],"x":'
+  .. cjson.encode(failed) .. '}'
