@@ -238,6 +238,7 @@ local function acct(p, id)
 end
 
 local NO_FIELDS = {}  -- a ledger entry without extra fields
+local LEDGER_KEYS = {}  -- tenant prefix -> its ledger stream's key, made once per script
 local EVENTS_MAXLEN = '1000000'  -- the events stream keeps about this many entries
 
 -- While a unit is journaled its XADD does not trim (undo() could not bring trimmed
@@ -304,7 +305,8 @@ local function ledger_entry(p, account, delta, balance, kind, ref, now, extra)
   -- the tenant's one ledger stream (archived to SQL by the ledger worker); an account's
   -- history is its entries there plus the archive's rows (engine.store.ledger_tail,
   -- billing.archive.history): a second, per-account stream cost 12 % of decide.lua
-  local stream = K.ledger(p)
+  local stream = LEDGER_KEYS[p]
+  if not stream then stream = K.ledger(p); LEDGER_KEYS[p] = stream end
   local id = redis.call('XADD', stream, '*', 'account', account, 'delta', fmt(delta),
                         'balance', balance, 'kind', kind, 'ref', ref, 'ts', now, unpack(extra))
   note2('x', stream, id)

@@ -40,6 +40,7 @@ clock(batch.now)  -- accounts read with expired ping-post holds have them releas
 defer_balances()  -- written by finish(): the wallet once per call, not once per lead
 local wallet = acct(p, wallet_id)
 local LEAD_TTL = fmt(14 * 86400)  -- the sale records of a lead (refunds, returns)
+local DELIVERIES = K.deliveries(p)  -- the delivery jobs' stream
 -- TTLs as text, once per distinct value of the call (redis.call formats a number with a
 -- float printf each time)
 local TEXT = {}
@@ -229,7 +230,11 @@ local function finish()
 end
 
 local function any_exists(fps)
-  for i = 1, #fps do
+  local n = #fps
+  if n == 2 then  -- one command (solar's email and phone); a key table for more cost more
+    return redis.call('EXISTS', K.dup(p, fps[1]), K.dup(p, fps[2])) > 0
+  end
+  for i = 1, n do
     if redis.call('EXISTS', K.dup(p, fps[i])) == 1 then return true end
   end
   return false
@@ -281,7 +286,7 @@ local function sell(L, c, bd, s, a, price)
   redis.call('HSET', lk, c.b, cjson.encode({a = c.a, p = price, f = fee,
              w = L.win, s = 'sold', bd = bd, cd = L.d}))
   note2('hd', lk, c.b)
-  local dk = K.deliveries(p)
+  local dk = DELIVERIES
   note2('x', dk, redis.call('XADD', dk, '*', 'lead_id', ref, 'buyer', c.b, 'campaign', L.c,
         'account', c.a, 'price', price, 'fee', fee, 'lead', L.x, 'ts', now,
         'supplier', L.sp or ''))
@@ -398,10 +403,10 @@ local function decide(L)
     n_cap, n_paused, n_funds))
 end
 
--- the stored record under key k, a pointer followed (nil when absent or expired), and
--- the key it was found under
-local function record(k)
-  local v = redis.call('GET', K.idem(p, k))
+-- the stored record under key k (`key`: its Redis key, when made already), a pointer
+-- followed (nil when absent or expired), and the key it was found under
+local function record(k, key)
+  local v = redis.call('GET', key or K.idem(p, k))
   if v and string.sub(v, 1, 1) ~= '{' then
     k = v
     v = redis.call('GET', K.idem(p, k))
@@ -414,7 +419,7 @@ end
 local function one(i, L)
   L.x = L.x or ARGV[i + 1]
   local ik = K.idem(p, L.k)
-  local prior, at = record(L.k)
+  local prior, at = record(L.k, ik)
   if not prior and L.k2 then
     prior, at = record(L.k2)
     -- a key seen for the first time on a payload replay: it must name the same lead for
