@@ -316,6 +316,16 @@ def _is_stream_id(text: str) -> bool:
     return True
 
 
+def _lead_of(f: dict[str, str]) -> str | None:
+    """The lead of an entry of a lead kind; a ``fee`` entry holds the platform fees of a
+    decide.lua call's leads of one campaign, its ref their ids comma-separated: the lead
+    only when it names one."""
+    ref = f.get("ref")
+    if f.get("kind") not in _LEAD_KINDS or ref is None or "," in ref:
+        return None
+    return ref
+
+
 def _entry_view(entry_id: str, f: dict[str, str]) -> LedgerEntry:
     extra = {
         k: v for k, v in f.items() if k not in ("account", "kind", "delta", "balance", "ref", "ts")
@@ -326,7 +336,7 @@ def _entry_view(entry_id: str, f: dict[str, str]) -> LedgerEntry:
         kind=f.get("kind"),
         delta=money.format(int(f["delta"])),
         balance_after=money.format(int(f["balance"])),
-        lead_id=f.get("ref") if f.get("kind") in _LEAD_KINDS else None,
+        lead_id=_lead_of(f),
         ref=f.get("ref"),
         time_ms=int(f.get("ts", "0")),
         details=extra or msgspec.UNSET,

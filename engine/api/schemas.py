@@ -126,7 +126,8 @@ class LedgerEntry(msgspec.Struct):
     kind: str | None
     delta: MoneyOut
     balance_after: MoneyOut
-    lead_id: str | None  # the lead of a lead, fee, refund, return, ... entry
+    lead_id: str | None  # the lead of a lead, fee, refund, return, ... entry (a fee entry
+    # of several leads: None; its ref lists them, comma-separated)
     ref: str | None
     time_ms: int
     details: dict[str, str] | UnsetType = UNSET  # the entry's other fields, when it has any

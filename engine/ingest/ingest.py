@@ -318,6 +318,7 @@ class Ingest:
             dedupe_ttl=plan.dedupe_ttl_s,
             windows=window_ids(windows),
             candidates=cs,
+            supplier=supplier.id,
         )
         if idempotency_key:  # both rules: the same key, or the same payload in the window
             lead.key = "h:" + digest(supplier.id, idempotency_key.encode())

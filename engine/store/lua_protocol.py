@@ -115,6 +115,9 @@ class LeadCall(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     # a ping-post post: its ping id (decide.lua checks the ping and releases each tried
     # candidate's hold of it just before trying it); None: a direct post
     ping: str | None = field(default=None, name="pg")
+    # the supplier that posted it (lp_supplier_id): carried into the delivery job's
+    # "supplier" field for the lead archive (billing.leads); "" when none
+    supplier: str = field(default="", name="sp")
 
     def inline(self) -> list[Candidate]:
         """The candidates, every one inline (a sync campaign's lead: its waterfall reads

@@ -34,7 +34,7 @@ async def accounts(store: Store, *buyers: Buyer) -> None:
 
 
 async def sell(store: Store, b: Buyer, lead_id: str, lead: dict[str, str] | None = None, *,
-               key: str | None = None) -> None:
+               key: str | None = None, supplier: str = "") -> None:
     """One lead, one candidate: the sale record and the delivery job, as in production.
     ``key``: the call's idempotency key and fingerprint (another to sell the same lead
     again, to another buyer: a shared lead)."""
@@ -47,6 +47,7 @@ async def sell(store: Store, b: Buyer, lead_id: str, lead: dict[str, str] | None
         windows=["h1", "d1", "w1", "m1"], payload=msgspec.json.encode(lead).decode(),
         candidates=[Candidate(buyer=b.id, account=b.client, price=money.parse(b.price),
                               fee_out=FEE, caps=(-1,) * 7, dedupe=[f"fp-{key}"])],
+        supplier=supplier,
     )])
     raw = await scripts().decide(store.redis, [keys.tenant_prefix(b.tenant)],
                                  [msgspec.json.encode(batch)])

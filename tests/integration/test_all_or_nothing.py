@@ -172,6 +172,59 @@ async def test_a_lead_the_script_cannot_decide_answers_500_and_its_retry_is_char
         assert (status, body["code"], body["test"]) == (500, 1050, True)
 
 
+async def test_a_calls_fees_are_one_wallet_entry_per_campaign_without_the_leads_taken_back(
+        redis, redis_server):
+    """The platform fees of a call are one wallet ledger entry per campaign, written once
+    every lead has committed: its ref lists the leads (comma-separated), inbound and
+    outbound are their sums, balance the wallet's after it. L2 fails at its dedupe marks,
+    after its fees were counted: they are taken back with the rest of it."""
+    cfg = make_config(campaign(), buyer("b1"))
+    async with running(cfg, redis_server.url) as eng:
+        w0 = await eng.balance("wallet")
+        sold = _cand("b1", "c1", 1_000_000, 200_000)
+        reply = await _decide(redis, _lead(1, sold, fi=100_000),
+                              _lead(2, sold, fi=100_000, d=["fp-2"], dt=0),
+                              _lead(3, sold, fi=100_000, c="camp2"),
+                              _lead(4, fi=100_000, cs=[]))
+        assert [r["s"] for r in reply["r"]] == ["ACCEPTED", "ERROR", "ACCEPTED", "REJECTED"]
+        assert reply["m"] == ["2000000", "700000"]
+        fees = [{k.decode(): v.decode() for k, v in f.items()}
+                for _, f in await redis.xrange(keys.ledger("t1")) if f[b"kind"] == b"fee"]
+        assert [(f["ref"], f["delta"], f["balance"], f["inbound"], f["outbound"], f["campaign"])
+                for f in fees] == [
+            ("L1,L4", "-400000", str(w0 - 400_000), "200000", "200000", "camp"),
+            ("L3", "-300000", str(w0 - 700_000), "100000", "200000", "camp2")]
+        assert all(f["account"] == WALLET for f in fees)
+        assert await eng.balance("wallet") == w0 - 700_000
+        await eng.assert_reconciled()
+        status, page = await eng.api("GET", f"/v1/accounts/{WALLET}/ledger")
+        assert status == 200, page
+        assert [(e["ref"], e["lead_id"]) for e in page["entries"] if e["kind"] == "fee"] == [
+            ("L3", "L3"), ("L1,L4", None)]  # newest first; lead_id: when it names one
+
+
+async def test_a_lead_whose_fees_cannot_be_recorded_fails_alone(redis, redis_server):
+    """A lead's fee entry is written after the call's leads have committed, so a ledger
+    that is not a stream fails the lead that would pay a fee, while it can be taken back
+    (before, its own XADD did): nothing of it is left, and a lead without fees is decided."""
+    cfg = make_config(campaign(), buyer("b1"))
+    async with running(cfg, redis_server.url) as eng:
+        w0 = await eng.balance("wallet")
+        await redis.rename(keys.ledger("t1"), "saved-ledger")
+        await redis.set(keys.ledger("t1"), "not a stream")
+        reply = await _decide(redis, _lead(1, fi=100_000, cs=[]), _lead(2, cs=[]))
+        assert [(r["s"], r["c"]) for r in reply["r"]] == [("ERROR", 1050), ("REJECTED", 200)]
+        assert "WRONGTYPE" in reply["x"][0][1] and reply["m"] == ["0", "0"]
+        assert await redis.exists(keys.idem("t1", "k1")) == 0
+        await redis.delete(keys.ledger("t1"))
+        await redis.rename("saved-ledger", keys.ledger("t1"))
+        assert await eng.balance("wallet") == w0
+        again = await _decide(redis, _lead(1, fi=100_000, cs=[]))
+        assert (again["r"][0]["s"], again["m"]) == ("REJECTED", ["0", "100000"])
+        assert await eng.balance("wallet") == w0 - 100_000
+        await eng.assert_reconciled()
+
+
 async def test_bad_data_fails_its_lead_not_the_balances_of_the_call(redis, redis_server):
     """What finish() writes after every lead has committed is checked inside the leads: an
     account whose stored balance is not an integer (HINCRBY would refuse it in finish())

@@ -31,6 +31,7 @@ async def test_accepted_lead_charges_buyer_and_wallet(redis, redis_server, cfg):
         assert await eng.balance("c2") == 100_000_000
         jobs = await redis.xrange(keys.deliveries("t1"))
         assert len(jobs) == 1 and jobs[0][1][b"buyer"] == b"b1"
+        assert jobs[0][1][b"supplier"] == b"s1"  # lp_supplier_id: the lead archive's column
         assert b'"email":"jane.doe@example.com"' in jobs[0][1][b"lead"]
         await eng.assert_reconciled()
 

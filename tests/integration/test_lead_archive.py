@@ -46,15 +46,16 @@ def _buyer(bid: str) -> Buyer:  # no webhook: delivered (ACCEPTED) by being sold
     return Buyer(id=bid, tenant=T, campaign="cmp", client=f"c-{bid}", price="5.00")
 
 
-async def _sold(redis: aioredis.Redis, n: int, *, cfg: Config | None = None) -> tuple[
-        Store, Config, DeliveryWorker]:
+async def _sold(redis: aioredis.Redis, n: int, *, cfg: Config | None = None,
+                supplier: str = "s7") -> tuple[Store, Config, DeliveryWorker]:
     store = Store(redis)
     b = _buyer("b1")
     cfg = cfg or _cfg(b)
     await sales.accounts(store, b)
     for i in range(n):
         await sales.sell(store, b, f"L{i}", {"first_name": "Ada", "contact": "ada@x.test",
-                                            "state": "CA", "i": str(i)})
+                                            "state": "CA", "i": str(i)},
+                         supplier=supplier)
     w = DeliveryWorker(cfg, store, tenants=[T], consumer="d1",
                        options=WorkerOptions(block_ms=20))
     return store, cfg, w
@@ -84,6 +85,9 @@ async def test_sales_archived_once_with_outcome_and_return(
     s = page.items[0]
     assert (s.buyer, s.campaign, s.account, s.price, s.fee) == (
         "b1", "cmp", "c-b1", 5_000_000, sales.FEE)
+    # the lead's supplier, carried by decide.lua's delivery job into the SQL row (#18)
+    assert await leads._db.fetch("SELECT DISTINCT supplier FROM sold_leads", []) == [("s7",)]
+    assert s.supplier == "s7"
     assert s.outcome == "accepted" and not s.returned
     assert s.fields == {"first_name": "Ada", "contact": "ada@x.test", "state": "CA", "i": "2"}
     # a replay of the same sales (a job handed on twice) changes nothing
@@ -104,6 +108,7 @@ async def test_sales_archived_once_with_outcome_and_return(
         ("b1", 0, "accepted", "no webhook configured")]  # the delivery log, from SQL
     csv = "".join([c async for c in leads.iter_csv(T, ["c-b1"])])
     assert csv.count("\r\n") == 4 and "not interested" in csv
+    assert csv.startswith("lead_id,time_utc,campaign,supplier,") and ",cmp,s7,b1," in csv
 
 
 async def test_interrupted_batch_redelivered_nothing_doubled_nothing_lost(

@@ -348,6 +348,7 @@ async def test_leads_list_filters_pages_detail_csv_and_analytics(redis, redis_se
             await web.login("buyer@example.com")
             page = await web.get("/portal/a/c1/leads")
             assert page.status == 200 and page.text.count('class="lead"') == 25
+            assert '<td class="supplier">s1</td>' in page.text
             assert page.text.index("lead0029") < page.text.index("lead0028")
             assert "theirs" not in page.text and "77.00" not in page.text
             nxt = re.search(r'href="([^"]+)" id="next"', page.text)
@@ -365,10 +366,12 @@ async def test_leads_list_filters_pages_detail_csv_and_analytics(redis, redis_se
             assert attempts.count("<tr>") == 3 and "timeout; retry at 1" in attempts
             assert "&#34;status&#34;:&#34;ok&#34;" in attempts  # escaped, not markup
             assert "lead@example.com" in page.text and "kept 30 days" in page.text
+            assert '<td id="supplier">s1</td>' in page.text
             assert (await web.get("/portal/a/c1/leads/b2/theirs")).status == 404
             page = await web.get("/portal/a/c1/leads.csv?from=2026-03-10")
             rows = page.text.strip().split("\r\n")
-            assert len(rows) == 31 and rows[0].startswith("lead_id,time_utc")
+            assert len(rows) == 31 and rows[0].startswith("lead_id,time_utc,campaign,supplier")
+            assert ",camp,s1,b1," in rows[1]
             assert "theirs" not in page.text
             page = await web.get("/portal/a/c1/analytics?from=2026-03-09&to=2026-03-13")
             assert page.status == 200

@@ -239,6 +239,8 @@ local function acct(p, id)
   return a
 end
 
+local NO_FIELDS = {}  -- a ledger entry without extra fields
+local LEDGER_KEYS = {}  -- tenant prefix -> its ledger stream's key, made once per script
 local EVENTS_MAXLEN = '1000000'  -- the events stream keeps about this many entries
 
 -- While a unit is journaled its XADD does not trim (undo() could not bring trimmed
@@ -311,25 +313,27 @@ local function can_debit(a, amount)
   return a.bal - a.held - amount >= a.floor
 end
 
-local function write_ledger(p, a, delta, kind, ref, now, extra)
-  local f = {'account', a.id, 'delta', fmt(delta), 'balance', fmt(a.bal), 'kind', kind,
-             'ref', ref, 'ts', now}
-  for i = 1, #extra do f[#f + 1] = extra[i] end
+-- One ledger entry: `balance` is the account's balance after it (text); `extra` the entry's
+-- other fields, name, value, ...
+local function ledger_entry(p, account, delta, balance, kind, ref, now, extra)
   -- the tenant's one ledger stream (archived to SQL by the ledger worker); an account's
   -- history is its entries there plus the archive's rows (engine.store.ledger_tail,
   -- billing.archive.history): a second, per-account stream cost 12 % of decide.lua
-  local stream = K.ledger(p)
-  local id = redis.call('XADD', stream, '*', unpack(f))
+  local stream = LEDGER_KEYS[p]
+  if not stream then stream = K.ledger(p); LEDGER_KEYS[p] = stream end
+  local id = redis.call('XADD', stream, '*', 'account', account, 'delta', fmt(delta),
+                        'balance', balance, 'kind', kind, 'ref', ref, 'ts', now, unpack(extra))
   note2('x', stream, id)
   return id
 end
 
--- Move a balance by `delta` micros (negative = debit), write its ledger entry and flag
--- threshold crossings: each event fires once per downward crossing and re-arms by itself
--- once a credit lifts the balance back over the threshold. balance_negative is such a
--- crossing of zero: a debit taking the balance from 0 or more to below 0 (toward the
--- floor); it fires again only after a credit brought the balance back to 0 or more.
-local function apply(p, a, delta, kind, ref, now, extra)
+local function write_ledger(p, a, delta, kind, ref, now, extra)
+  return ledger_entry(p, a.id, delta, fmt(a.bal), kind, ref, now, extra)
+end
+
+-- An account's balance moved by `delta` micros (negative = debit), in Redis or, deferred,
+-- in its cached copy (journaled either way); returns the balance before
+local function move(a, delta)
   local b0 = a.bal
   keep_acct(a)
   if DEFERRED then
@@ -339,9 +343,17 @@ local function apply(p, a, delta, kind, ref, now, extra)
     a.bal = redis.call('HINCRBY', a.k, 'bal', fmt(delta))
     note3('h', a.k, 'bal', fmt(b0))
   end
+  return b0
+end
+
+-- The threshold crossings of a balance change from b0 to a.bal: each event fires once per
+-- downward crossing and re-arms by itself once a credit lifts the balance back over the
+-- threshold. balance_negative is such a crossing of zero: a debit taking the balance from 0
+-- or more to below 0 (toward the floor); it fires again only after a credit brought the
+-- balance back to 0 or more.
+local function crossings(p, a, b0, delta, ref, now)
+  if a.mode == 'none' then return end
   local b1 = a.bal
-  local id = write_ledger(p, a, delta, kind, ref, now, extra or {})
-  if a.mode == 'none' then return id end
   if delta < 0 then
     if a.alert > 0 and b0 >= a.alert and b1 < a.alert then
       emit(p, 'balance_alert', a, now, {'threshold', fmt(a.alert)})
@@ -358,6 +370,14 @@ local function apply(p, a, delta, kind, ref, now, extra)
   elseif delta > 0 and (a.paused == 'floor' or a.paused == 'min_balance') then
     if b1 >= math.max(a.minb or 0, 0) then resume(p, a, now) end
   end
+end
+
+-- Move a balance by `delta` micros (negative = debit), write its ledger entry and flag
+-- threshold crossings (crossings above).
+local function apply(p, a, delta, kind, ref, now, extra)
+  local b0 = move(a, delta)
+  local id = write_ledger(p, a, delta, kind, ref, now, extra or NO_FIELDS)
+  crossings(p, a, b0, delta, ref, now)
   return id
 end
 

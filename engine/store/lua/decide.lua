@@ -14,7 +14,8 @@
 -- A candidate is skipped (counted as "paused") when its buyer hash says paused, its account
 -- is missing, or its delivery circuit breaker is open (K.breaker exists; one EXISTS per
 -- buyer per call, written by the delivery worker).
--- Balances and cap counters are written once per call, at its end (finish()). A lead
+-- Balances and cap counters are written once per call, at its end (finish()), and so is
+-- the wallet's ledger entry of the call's platform fees, one per campaign (record_fees). A lead
 -- that fails half-way is taken back whole (see decide_all) and answers
 -- {"s": "ERROR", "c": 1050, "b": the candidate buyer it was on, if any}; "x" lists such
 -- leads as [[lead id, error text], ...].
@@ -39,10 +40,26 @@ clock(batch.now)  -- accounts read with expired ping-post holds have them releas
 defer_balances()  -- written by finish(): the wallet once per call, not once per lead
 local wallet = acct(p, wallet_id)
 local LEAD_TTL = fmt(14 * 86400)  -- the sale records of a lead (refunds, returns)
+local DELIVERIES = K.deliveries(p)  -- the delivery jobs' stream
+-- TTLs as text, once per distinct value of the call (redis.call formats a number with a
+-- float printf each time)
+local TEXT = {}
+local function text(n)
+  local t = TEXT[n]
+  if not t then t = fmt(n); TEXT[n] = t end
+  return t
+end
 
 local BUYERS = {}
 local AT = nil  -- the candidate buyer the current lead is on (an ERROR result names it)
 local DEBITED = {lead = 0, fee = 0}  -- money moved by this call, returned for metrics
+-- The platform fees of the call's leads, one wallet ledger entry per campaign written by
+-- finish() (record_fees): each lead moves the wallet's cached balance (its crossings'
+-- events fire at that lead) and adds its fees and id here, journaled like the rest of it.
+local FEES, FEE_ORDER = {}, {}  -- campaign -> {fi, fo, n, ids}; campaigns in first-fee order
+local FEE_FIELDS = {'fi', 'fo', 'n'}
+local LEDGER_OK = nil  -- the ledger stream checked writable (once per call, see charge_fees)
+
 local BUYER_FIELDS = {'paused', 'hid', 'hn', 'did', 'dn', 'wid', 'wn', 'mid', 'mn', 'tn',
                       'sdid', 'sdv', 'smid', 'smv'}
 
@@ -60,28 +77,24 @@ local function buyer(b)
   return s
 end
 
--- current count of a window: the stored count if it belongs to this window id, else 0
-local function in_window(s, idf, nf, win)
-  if s[idf] == win then return s[nf] end
-  return 0
-end
-
-local function over(limit, used) return limit >= 0 and used >= limit end
-local function over_spend(limit, used, price) return limit >= 0 and used + price > limit end
-
+-- A cap is reached when it is set (>= 0) and the count of its window (the stored count
+-- if it belongs to this window id, else 0; spend: plus this price) is at or past it
+-- (spend: past it). Written out: a function call per cap cost more than the checks.
 local function over_cap(s, cap, win, price)
-  return over(cap[1], in_window(s, 'hid', 'hn', win[1]))
-      or over(cap[2], in_window(s, 'did', 'dn', win[2]))
-      or over(cap[3], in_window(s, 'wid', 'wn', win[3]))
-      or over(cap[4], in_window(s, 'mid', 'mn', win[4]))
-      or over(cap[5], s.tn)
-      or over_spend(cap[6], in_window(s, 'sdid', 'sdv', win[2]), price)
-      or over_spend(cap[7], in_window(s, 'smid', 'smv', win[4]), price)
-end
-
--- a window's counter moved by `by`: restarted when the stored window id is another one
-local function bump(s, idf, nf, w, by)
-  if s[idf] ~= w then s[idf] = w; s[nf] = by else s[nf] = s[nf] + by end
+  local l = cap[1]
+  if l >= 0 and (s.hid == win[1] and s.hn or 0) >= l then return true end
+  l = cap[2]
+  if l >= 0 and (s.did == win[2] and s.dn or 0) >= l then return true end
+  l = cap[3]
+  if l >= 0 and (s.wid == win[3] and s.wn or 0) >= l then return true end
+  l = cap[4]
+  if l >= 0 and (s.mid == win[4] and s.mn or 0) >= l then return true end
+  l = cap[5]
+  if l >= 0 and s.tn >= l then return true end
+  l = cap[6]
+  if l >= 0 and (s.sdid == win[2] and s.sdv or 0) + price > l then return true end
+  l = cap[7]
+  return l >= 0 and (s.smid == win[4] and s.smv or 0) + price > l
 end
 
 -- what a sale changes in a buyer's cached state (taken back by undo() on a failure)
@@ -104,9 +117,15 @@ local function count_sale(s, win, price)
   -- fail this lead (taken back), not finish()
   if not (win[1] and win[2] and win[3] and win[4]) then error('lead window ids missing') end
   keep_counters(s)
-  bump(s, 'hid', 'hn', win[1], 1); bump(s, 'did', 'dn', win[2], 1)
-  bump(s, 'wid', 'wn', win[3], 1); bump(s, 'mid', 'mn', win[4], 1)
-  bump(s, 'sdid', 'sdv', win[2], price); bump(s, 'smid', 'smv', win[4], price)
+  -- each window's counter moved: restarted when the stored window id is another one
+  -- (written out, as over_cap)
+  local h, d, w, m = win[1], win[2], win[3], win[4]
+  if s.hid ~= h then s.hid, s.hn = h, 1 else s.hn = s.hn + 1 end
+  if s.did ~= d then s.did, s.dn = d, 1 else s.dn = s.dn + 1 end
+  if s.wid ~= w then s.wid, s.wn = w, 1 else s.wn = s.wn + 1 end
+  if s.mid ~= m then s.mid, s.mn = m, 1 else s.mn = s.mn + 1 end
+  if s.sdid ~= d then s.sdid, s.sdv = d, price else s.sdv = s.sdv + price end
+  if s.smid ~= m then s.smid, s.smv = m, price else s.smv = s.smv + price end
   s.tn = s.tn + 1
   s.dirty = true  -- written once per call by finish()
 end
@@ -133,12 +152,68 @@ local function cap_reached(L, c, s, a)
                                   'window', window, 'ref', L.id})
 end
 
+-- a lead's platform fees (fee_in of them inbound): the wallet debited now, the ledger entry
+-- left to record_fees(). The entry is written after every lead has committed, so it must
+-- not fail then: the ledger stream is checked here, where the lead can still be taken back
+-- (a key of another type fails this lead, as its own XADD did), and Redis refuses no write
+-- for memory once the script has written (each lead writes its idempotency record).
+local function charge_fees(L, fee_in, fees)
+  if not LEDGER_OK then
+    local t = redis.call('TYPE', K.ledger(p)).ok
+    if t ~= 'stream' and t ~= 'none' then
+      error('WRONGTYPE the tenant ledger is not a stream')
+    end
+    LEDGER_OK = true
+  end
+  local b0 = move(wallet, -fees)
+  local e = FEES[L.c]
+  if not e then
+    e = {fi = 0, fo = 0, n = 0, ids = {}}  -- left empty if this lead is taken back: skipped
+    FEES[L.c] = e
+    FEE_ORDER[#FEE_ORDER + 1] = L.c
+  end
+  local J, n = JOURNAL, NJ  -- e's sums as they are, restored by undo() (an 'f' op)
+  J[n + 1], J[n + 2], J[n + 3], J[n + 4], J[n + 5], J[n + 6] = e.fi, e.fo, e.n, e, FEE_FIELDS, 'f'
+  NJ = n + 6
+  e.fi, e.fo, e.n = e.fi + fee_in, e.fo + fees - fee_in, e.n + 1
+  e.ids[e.n] = L.id  -- a slot past n (a lead taken back) is overwritten or never read
+  crossings(p, wallet, b0, -fees, L.id, now)
+end
+
+-- The call's fee entries, one per campaign: ref the ids of its leads (comma-separated),
+-- inbound and outbound the sums, balance the wallet's after the entry (the wallet has no
+-- other entry in a call: it is no buyer's account). One that fails (unreachable, see
+-- charge_fees) has its debit taken off the wallet's deferred change, so that the balance
+-- written matches the ledger; the first error is returned.
+local function record_fees()
+  local first, after = nil, 0
+  for i = #FEE_ORDER, 1, -1 do  -- each entry's balance: the wallet's less the entries after it
+    local e = FEES[FEE_ORDER[i]]
+    e.after = after
+    after = after + e.fi + e.fo
+  end
+  for _, c in ipairs(FEE_ORDER) do
+    local e = FEES[c]
+    if e.n > 0 then
+      local total = e.fi + e.fo
+      local ok, err = pcall(ledger_entry, p, wallet.id, -total, fmt(wallet.bal + e.after),
+                            'fee', table.concat(e.ids, ',', 1, e.n), now,
+                            {'inbound', fmt(e.fi), 'outbound', fmt(e.fo), 'campaign', c})
+      if not ok then
+        wallet.pending, wallet.bal = wallet.pending + total, wallet.bal + total
+        first = first or err
+      end
+    end
+  end
+  return first
+end
+
 -- The cap counters of every buyer that sold in this call, every deferred balance, and the
 -- events stream's trimming. It runs after every lead has committed, so it must not fail
 -- half-way: what it writes was checked inside the leads (acct(), count_sale), and each
 -- write is made on its own; the first error is returned for the caller to raise.
 local function finish()
-  local first
+  local first = record_fees()  -- before the balances: a failed one is not flushed
   for _, s in pairs(BUYERS) do
     if s.dirty then
       local ok, err = pcall(redis.call, 'HSET', s.k, 'hid', s.hid, 'hn', fmt(s.hn),
@@ -155,7 +230,11 @@ local function finish()
 end
 
 local function any_exists(fps)
-  for i = 1, #fps do
+  local n = #fps
+  if n == 2 then  -- one command (solar's email and phone); a key table for more cost more
+    return redis.call('EXISTS', K.dup(p, fps[1]), K.dup(p, fps[2])) > 0
+  end
+  for i = 1, n do
     if redis.call('EXISTS', K.dup(p, fps[i])) == 1 then return true end
   end
   return false
@@ -169,8 +248,8 @@ local function mark_sold(fps, lead_id, ttl)
   end
 end
 
--- the order in which candidates are tried, the rotation position it starts at and the
--- cursor as stored (for undo): round
+-- the order in which candidates are tried (nil: their own order, 1 to #L.cs), the rotation
+-- position it starts at and the cursor as stored (for undo): round
 -- robin starts at the campaign cursor. A sale moves the cursor one position past where
 -- this lead *started*, not past the buyer who took it: jumping past the taker would skip
 -- the turns of the buyers in between who could not take this lead, and a buyer with a
@@ -178,11 +257,7 @@ end
 -- alternating: C never got one).
 local function order(L)
   local stored = L.rr == 1 and redis.call('HGET', K.cursors(p), L.c)
-  if L.rr ~= 1 or #L.q == 0 then
-    local o = {}
-    for i = 1, #L.cs do o[i] = i end
-    return o, 0, stored
-  end
+  if L.rr ~= 1 or #L.q == 0 then return nil, 0, stored end
   local start = tonumber(stored or '0') % #L.q
   local o, seen = {}, {}
   for off = 0, #L.q - 1 do
@@ -192,8 +267,10 @@ local function order(L)
   return o, start, stored
 end
 
-local function sell(L, c, bd, s, a)
+local function sell(L, c, bd, s, a, price)
   local ref = L.id
+  local fee = c.fs
+  if not fee then fee = fmt(c.fo); c.fs = fee end
   apply(p, a, -c.p, 'lead', ref, now, {'buyer', c.b, 'campaign', L.c})
   DEBITED.lead = DEBITED.lead + c.p
   count_sale(s, L.win, c.p)
@@ -201,33 +278,40 @@ local function sell(L, c, bd, s, a)
   if s.dn == cap[2] or s.tn == cap[5] or s.mn == cap[4] or s.wn == cap[3] then
     cap_reached(L, c, s, a)
   end
-  mark_sold(bd, ref, L.dt)
+  if #bd > 0 then mark_sold(bd, ref, text(L.dt)) end
   -- a new field: a lead is sold to a buyer once (the sync waterfall's later tries go to
   -- buyers it has not tried)
   local lk = K.lead(p, ref)
-  redis.call('HSET', lk, c.b, cjson.encode({a = c.a, p = fmt(c.p), f = fmt(c.fo),
+  L.lk = lk  -- its lifetime is set by one(), last
+  redis.call('HSET', lk, c.b, cjson.encode({a = c.a, p = price, f = fee,
              w = L.win, s = 'sold', bd = bd, cd = L.d}))
   note2('hd', lk, c.b)
-  local dk = K.deliveries(p)
+  local dk = DELIVERIES
   note2('x', dk, redis.call('XADD', dk, '*', 'lead_id', ref, 'buyer', c.b, 'campaign', L.c,
-        'account', c.a, 'price', fmt(c.p), 'fee', fmt(c.fo), 'lead', L.x, 'ts', now))
+        'account', c.a, 'price', price, 'fee', fee, 'lead', L.x, 'ts', now,
+        'supplier', L.sp or ''))
+end
+
+-- a lead's decision (sold: its sales, [buyer, price as text] each)
+local function result(L, s, c, m, sold)
+  return {id = L.id, s = s, c = c, m = m, sold = sold or {}, t = L.t}
 end
 
 -- a post's ping: nil when it may be sold (marked posted by this lead), else the refusal
 local function post_of(L)
   local pk = K.ping(p, L.pg)
   local v = redis.call('HMGET', pk, 'st', 'ex')
-  if not v[1] then return {s = 'REJECTED', c = 1061, m = 'unknown ping'} end
+  if not v[1] then return result(L, 'REJECTED', 1061, 'unknown ping') end
   local mine = 'posted:' .. L.id
   if v[1] == mine then return nil end
   if v[1] ~= 'open' then
     if string.sub(v[1], 1, 7) == 'posted:' then
-      return {s = 'REJECTED', c = 1062, m = 'the ping was already posted'}
+      return result(L, 'REJECTED', 1062, 'the ping was already posted')
     end
-    return {s = 'REJECTED', c = 1064, m = 'the ping expired'}
+    return result(L, 'REJECTED', 1064, 'the ping expired')
   end
   if tonumber(v[2]) <= batch.now then
-    return {s = 'REJECTED', c = 1064, m = 'the ping expired'}
+    return result(L, 'REJECTED', 1064, 'the ping expired')
   end
   redis.call('HSET', pk, 'st', mine)
   note3('h', pk, 'st', v[1])
@@ -242,17 +326,19 @@ local function decide(L)
   end
   -- test leads get the full decision, duplicates included (they only never mark one)
   if any_exists(L.d) then
-    return {s = 'DUPLICATED', c = 100, m = 'duplicate of a lead sold in this campaign'}
+    return result(L, 'DUPLICATED', 100, 'duplicate of a lead sold in this campaign')
   end
   if not test and L.fi > 0 and (not wallet or not can_debit(wallet, L.fi)) then
-    return {s = 'REJECTED', c = 203, m = 'tenant platform wallet is at its floor'}
+    return result(L, 'REJECTED', 203, 'tenant platform wallet is at its floor')
   end
-  local sold, why = {}, {cap = 0, paused = 0, funds = 0, dup = 0, wallet = 0}
+  -- why the candidates tried did not take the lead, counted
+  local sold, n_cap, n_paused, n_funds, n_dup, n_wallet = {}, 0, 0, 0, 0, 0
   -- the platform fees of this lead, debited from the wallet as ONE balance change at the end
   local fee_in = test and 0 or L.fi
   local fees = fee_in
   local tries, start, cursor = order(L)
-  for _, ci in ipairs(tries) do
+  for k = 1, tries and #tries or #L.cs do
+    local ci = tries and tries[k] or k
     if #sold >= L.n then break end
     AT = nil  -- until this candidate's buyer is known
     local c, bd = L.cs[ci], nil
@@ -262,25 +348,27 @@ local function decide(L)
       bd = c.bd
     end
     AT = c.b  -- the buyer a failure from here on is reported with (the sync waterfall, engine/ingest/waterfall.py, skips it)
-    local s, a = buyer(c.b), acct(p, c.a)
+    local s, a = BUYERS[c.b] or buyer(c.b), ACCTS[c.a] or acct(p, c.a)
     if L.pg and a then unhold_ping(p, L.pg, c.b) end  -- a post: this bidder's hold
     if s.paused ~= '' or s.open or not a then
-      why.paused = why.paused + 1
+      n_paused = n_paused + 1
     elseif #bd > 0 and any_exists(bd) then
-      why.dup = why.dup + 1
+      n_dup = n_dup + 1
     elseif over_cap(s, c.cap, L.win, c.p) then
-      why.cap = why.cap + 1
+      n_cap = n_cap + 1
     elseif not can_debit(a, c.p) then
-      why.funds = why.funds + 1
+      n_funds = n_funds + 1
       if not test and a.paused == '' and not a.closed then
         pause(p, a, 'floor', now, {'buyer', c.b, 'ref', L.id})
       end
     elseif not test and c.fo > 0 and (not wallet or not can_debit(wallet, fees + c.fo)) then
-      why.wallet = why.wallet + 1
+      n_wallet = n_wallet + 1
       break
     else
+      local price = c.ps  -- as text: the sale record, the job, the answer
+      if not price then price = fmt(c.p); c.ps = price end
       if not test then
-        sell(L, c, bd, s, a)
+        sell(L, c, bd, s, a, price)
         fees = fees + c.fo
         if L.rr == 1 then
           local ck = K.cursors(p)
@@ -288,38 +376,37 @@ local function decide(L)
           note3('h', ck, L.c, cursor)
         end
       end
-      sold[#sold + 1] = {c.b, fmt(c.p)}
+      sold[#sold + 1] = {c.b, price}
     end
   end
   AT = nil  -- what fails from here on (fees, marks, the record) is not one buyer's
-  local tried = why.cap + why.paused + why.funds + why.dup + why.wallet
-  if #sold == 0 and tried > 0 and why.dup == tried then
+  local tried = n_cap + n_paused + n_funds + n_dup + n_wallet
+  if #sold == 0 and tried > 0 and n_dup == tried then
     fees, fee_in = 0, 0  -- a duplicate for every buyer: no inbound fee (only valid, new leads)
   end
   if fees > 0 then
-    apply(p, wallet, -fees, 'fee', L.id, now,
-          {'inbound', fmt(fee_in), 'outbound', fmt(fees - fee_in), 'campaign', L.c})
+    charge_fees(L, fee_in, fees)
     DEBITED.fee = DEBITED.fee + fees
   end
   if #sold > 0 then
-    if not test then mark_sold(L.d, L.id, L.dt) end
-    return {s = 'ACCEPTED', c = 0, m = '', sold = sold}
+    if not test then mark_sold(L.d, L.id, text(L.dt)) end
+    return result(L, 'ACCEPTED', 0, '', sold)
   end
-  if tried == 0 then return {s = 'REJECTED', c = 200, m = 'no buyer matched the lead'} end
-  if why.dup == tried then
-    return {s = 'DUPLICATED', c = 101, m = 'every matching buyer already bought this lead'}
+  if tried == 0 then return result(L, 'REJECTED', 200, 'no buyer matched the lead') end
+  if n_dup == tried then
+    return result(L, 'DUPLICATED', 101, 'every matching buyer already bought this lead')
   end
-  if why.wallet > 0 then return {s = 'REJECTED', c = 203, m = 'tenant platform wallet is at its floor'} end
-  if why.cap == tried then return {s = 'REJECTED', c = 201, m = 'every matching buyer is at a cap'} end
-  return {s = 'REJECTED', c = 202, m = string.format(
+  if n_wallet > 0 then return result(L, 'REJECTED', 203, 'tenant platform wallet is at its floor') end
+  if n_cap == tried then return result(L, 'REJECTED', 201, 'every matching buyer is at a cap') end
+  return result(L, 'REJECTED', 202, string.format(
     'no matching buyer could take the lead (%d at cap, %d paused, %d without funds)',
-    why.cap, why.paused, why.funds)}
+    n_cap, n_paused, n_funds))
 end
 
--- the stored record under key k, a pointer followed (nil when absent or expired), and
--- the key it was found under
-local function record(k)
-  local v = redis.call('GET', K.idem(p, k))
+-- the stored record under key k (`key`: its Redis key, when made already), a pointer
+-- followed (nil when absent or expired), and the key it was found under
+local function record(k, key)
+  local v = redis.call('GET', key or K.idem(p, k))
   if v and string.sub(v, 1, 1) ~= '{' then
     k = v
     v = redis.call('GET', K.idem(p, k))
@@ -327,11 +414,12 @@ local function record(k)
   return v, k
 end
 
--- one lead: its stored result on a replay, else its decision, stored under its keys
+-- one lead: its stored result on a replay, else its decision, stored under its keys; and
+-- the decision as JSON when it was encoded for its record (the reply reuses it)
 local function one(i, L)
   L.x = L.x or ARGV[i + 1]
   local ik = K.idem(p, L.k)
-  local prior, at = record(L.k)
+  local prior, at = record(L.k, ik)
   if not prior and L.k2 then
     prior, at = record(L.k2)
     -- a key seen for the first time on a payload replay: it must name the same lead for
@@ -339,7 +427,7 @@ local function one(i, L)
     -- sync waterfall still writing it) is pointed to
     if prior then
       local pending = string.find(prior, '"sy":', 1, true) ~= nil
-      redis.call('SET', ik, pending and at or prior, 'EX', L.kt)
+      redis.call('SET', ik, pending and at or prior, 'EX', text(L.kt))
       note1('k', ik)
     end
   end
@@ -349,18 +437,17 @@ local function one(i, L)
     return r
   end
   local r = decide(L)
-  r.id, r.t = L.id, L.t
-  if not r.sold then r.sold = {} end
   if L.k2 then  -- absent before (record): this lead creates it
     local k2 = K.idem(p, L.k2)
-    redis.call('SET', k2, L.k, 'EX', L.k2t)
+    redis.call('SET', k2, L.k, 'EX', text(L.k2t))
     note1('k', k2)
   end
   -- the lead's last writes: nothing can fail after the record, so neither needs an undo
   -- (the sale record's lifetime is set last: a sync try n found it with try 1's field)
-  redis.call('SET', ik, cjson.encode(r), 'EX', L.kt)
-  if r.s == 'ACCEPTED' and L.t ~= 1 then redis.call('EXPIRE', K.lead(p, L.id), LEAD_TTL) end
-  return r
+  local json = cjson.encode(r)
+  redis.call('SET', ik, json, 'EX', text(L.kt))
+  if r.s == 'ACCEPTED' and L.t ~= 1 then redis.call('EXPIRE', L.lk or K.lead(p, L.id), LEAD_TTL) end
+  return r, json
 end
 
 -- Each lead is all or nothing. One that fails half-way (a Redis error on one of its
@@ -368,13 +455,13 @@ end
 -- answers ERROR 1050 with no idempotency record, so a retry decides it afresh and is
 -- charged once; the leads after it are decided as usual. Its error text goes back in
 -- "x" for the engine's log.
-local out, failed = {}, {}
+local out, failed = {}, {}  -- out: each lead's decision as JSON, in order
 local function decide_all()
   JOURNAL = {}
   for i, L in ipairs(batch.leads) do
     NJ, AT = 0, nil
     local lead_debits, fee_debits = DEBITED.lead, DEBITED.fee
-    local ok, r = pcall(one, i, L)
+    local ok, r, json = pcall(one, i, L)
     if not ok then
       undo()
       DEBITED.lead, DEBITED.fee = lead_debits, fee_debits
@@ -383,8 +470,9 @@ local function decide_all()
       r = {id = id, s = 'ERROR', c = 1050, sold = {}, b = AT,
            m = 'the lead could not be decided; nothing was charged',
            t = type(L) == 'table' and L.t == 1 and 1 or 0}
+      json = nil
     end
-    out[i] = r
+    out[i] = json or cjson.encode(r)
   end
 end
 
@@ -396,5 +484,8 @@ JOURNAL = nil  -- finish() writes nothing it would have to take back
 local unfinished = finish()
 if not ok then error(err, 0) end  -- as raised: no second position prefix
 if unfinished then error(unfinished, 0) end
-return cjson.encode({r = out, e = emitted_list(), m = {fmt(DEBITED.lead), fmt(DEBITED.fee)},
-                     x = failed})
+-- the reply: the decisions as encoded above, joined (a second cjson pass over each cost
+-- more than the concatenation)
+return '{"r":[' .. table.concat(out, ',') .. '],"e":' .. cjson.encode(emitted_list())
+  .. ',"m":["' .. fmt(DEBITED.lead) .. '","' .. fmt(DEBITED.fee) .. '"],"x":'
+  .. cjson.encode(failed) .. '}'

@@ -46,7 +46,7 @@ def _lead(n: int, candidates: list[Candidate | str], **over: Any) -> LeadCall:
 def test_the_wire_names_are_decide_luas() -> None:
     """The short keys decide.lua reads, in the order the engine has always sent them."""
     assert _wire_names(LeadCall) == ["id", "k", "kt", "t", "c", "fi", "n", "rr", "q", "d",
-                                     "dt", "win", "k2", "k2t", "bd", "cs", "x", "pg"]
+                                     "dt", "win", "k2", "k2t", "bd", "cs", "x", "pg", "sp"]
     assert _wire_names(Candidate) == ["b", "a", "p", "fo", "cap", "bd"]
     assert _wire_names(Call) == ["now", "w", "c", "leads"]
     assert _wire_names(Decision) == ["id", "s", "c", "m", "sold", "t", "rp", "b"]
