@@ -415,18 +415,19 @@ class LeadArchive:
         """The sales as CSV, the header first, then a page of 500 at a time."""
         out = io.StringIO()
         w = csv.writer(out, lineterminator="\r\n")
-        w.writerow(["lead_id", "time_utc", "campaign", "supplier", "buyer", "account", "price",
-                    "fee", "outcome", "returned_utc", "return_reason"])
+        # supplier last: a column added after the others, so readers by position keep working
+        w.writerow(["lead_id", "time_utc", "campaign", "buyer", "account", "price", "fee",
+                    "outcome", "returned_utc", "return_reason", "supplier"])
         cursor: str | None = None
         while True:
             page = await self.leads(tenant, accounts, from_ms=from_ms, to_ms=to_ms,
                                     limit=MAX_PAGE, cursor=cursor)
             for s in page.items:
                 w.writerow([_csv_safe(s.lead_id), _utc(s.ts), _csv_safe(s.campaign),
-                            _csv_safe(s.supplier), _csv_safe(s.buyer), _csv_safe(s.account),
-                            money.format(s.price), money.format(s.fee), s.outcome,
+                            _csv_safe(s.buyer), _csv_safe(s.account), money.format(s.price),
+                            money.format(s.fee), s.outcome,
                             "" if s.returned_ts is None else _utc(s.returned_ts),
-                            _csv_safe(s.return_reason)])
+                            _csv_safe(s.return_reason), _csv_safe(s.supplier)])
             yield out.getvalue()
             out.seek(0)
             out.truncate()

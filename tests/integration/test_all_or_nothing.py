@@ -244,6 +244,22 @@ async def test_bad_data_fails_its_lead_not_the_balances_of_the_call(redis, redis
         assert await redis.hget(keys.acct("t1", "c2"), "bal") == b"100000000.0"
 
 
+@pytest.mark.parametrize("bad_id", [True, "L2,L9"])
+async def test_a_lead_id_the_fee_entry_cannot_list_fails_its_lead(redis, redis_server, bad_id):
+    """The call's fee entry lists its leads' ids after they have committed: an id that is
+    not a string, or has a comma, fails its own lead while it can be taken back (review:
+    the entry's ref failed after the leads, before any balance was written: a free sale)."""
+    cfg = make_config(campaign(), buyer("b1"))
+    async with running(cfg, redis_server.url) as eng:
+        w0 = await eng.balance("wallet")
+        reply = await _decide(redis, _lead(1, fi=100_000), _lead(2, fi=100_000, cs=[], id=bad_id))
+        assert [r["s"] for r in reply["r"]] == ["ACCEPTED", "ERROR"]
+        assert "lead id" in reply["x"][0][1]
+        assert await eng.balance("c1") == 100_000_000 - 1_000_000
+        assert await eng.balance("wallet") == w0 - 100_000
+        await eng.assert_reconciled()
+
+
 async def test_a_failing_try_leaves_an_earlier_sale_records_lifetime_alone(redis, redis_server):
     """A sync try n finds the lead's sale record with try 1's field. A failure at the try's
     idempotency record (a TTL Redis refuses) takes its field back and leaves the record's

@@ -370,8 +370,8 @@ async def test_leads_list_filters_pages_detail_csv_and_analytics(redis, redis_se
             assert (await web.get("/portal/a/c1/leads/b2/theirs")).status == 404
             page = await web.get("/portal/a/c1/leads.csv?from=2026-03-10")
             rows = page.text.strip().split("\r\n")
-            assert len(rows) == 31 and rows[0].startswith("lead_id,time_utc,campaign,supplier")
-            assert ",camp,s1,b1," in rows[1]
+            assert len(rows) == 31 and rows[0].startswith("lead_id,time_utc,campaign,buyer")
+            assert ",camp,b1," in rows[1] and rows[1].endswith(",s1")
             assert "theirs" not in page.text
             page = await web.get("/portal/a/c1/analytics?from=2026-03-09&to=2026-03-13")
             assert page.status == 200

@@ -156,8 +156,14 @@ end
 -- left to record_fees(). The entry is written after every lead has committed, so it must
 -- not fail then: the ledger stream is checked here, where the lead can still be taken back
 -- (a key of another type fails this lead, as its own XADD did), and Redis refuses no write
--- for memory once the script has written (each lead writes its idempotency record).
+-- for memory once the script has written (each lead writes its idempotency record). The
+-- lead's id, which the entry's ref lists, is checked here too (a string without a comma).
+-- An XADD that fails all the same (a stream whose last id is the largest there is) is the
+-- fallback's: the books stay even, the call raises, and its leads' fees are not charged.
 local function charge_fees(L, fee_in, fees)
+  if type(L.id) ~= 'string' or string.find(L.id, ',', 1, true) then
+    error('lead id: not a string without a comma')
+  end
   if not LEDGER_OK then
     local t = redis.call('TYPE', K.ledger(p)).ok
     if t ~= 'stream' and t ~= 'none' then
@@ -196,9 +202,11 @@ local function record_fees()
     local e = FEES[c]
     if e.n > 0 then
       local total = e.fi + e.fo
-      local ok, err = pcall(ledger_entry, p, wallet.id, -total, fmt(wallet.bal + e.after),
-                            'fee', table.concat(e.ids, ',', 1, e.n), now,
-                            {'inbound', fmt(e.fi), 'outbound', fmt(e.fo), 'campaign', c})
+      local ok, err = pcall(function()
+        ledger_entry(p, wallet.id, -total, fmt(wallet.bal + e.after), 'fee',
+                     table.concat(e.ids, ',', 1, e.n), now,
+                     {'inbound', fmt(e.fi), 'outbound', fmt(e.fo), 'campaign', c})
+      end)
       if not ok then
         wallet.pending, wallet.bal = wallet.pending + total, wallet.bal + total
         first = first or err
