@@ -7,9 +7,10 @@ Redis/the buyers' records with deadlines.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 import msgspec
@@ -648,6 +649,34 @@ async def test_a_job_given_up_on_writes_no_dead_letter_when_another_worker_decid
     assert await stream_empty(store.redis)
 
 
+class _Held(NamedTuple):
+    b: Buyer
+    w: DeliveryWorker
+    clock: Clock
+    task: asyncio.Task[int]
+    entry_id: bytes
+    fields: dict[bytes, bytes]
+
+
+@contextlib.asynccontextmanager
+async def _held(store: Store, buyers: Buyers, path: str, lead_id: str) -> AsyncIterator[_Held]:
+    """Worker A (on a movable clock) sending ``lead_id`` to a buyer that holds its answer
+    (``path``) until ``buyers.release``; the job's stream entry, for the test to act as
+    another worker meanwhile. The worker is closed on the way out."""
+    clock = Clock()
+    b = buyer("b1", buyers.url + path, **{**FAST, "timeout_ms": 10_000})
+    await accounts(store, b)
+    await sell(store, b, lead_id)
+    w = worker(store, b, clock=clock)
+    task = asyncio.create_task(w.process_once())
+    try:
+        await buyers.reached(path)
+        [(entry_id, fields)] = await store.redis.xrange(keys.deliveries(T))
+        yield _Held(b, w, clock, task, entry_id, fields)
+    finally:
+        await w.close()
+
+
 async def test_a_verdict_stands_when_the_entry_was_moved_to_retries(
     store: Store, buyers: Buyers
 ) -> None:
@@ -655,28 +684,19 @@ async def test_a_verdict_stands_when_the_entry_was_moved_to_retries(
     (ZADD + XACK/XDEL). A's buyer then accepts: A's decision is recorded, and the retry
     finds it and sends nothing (review of the settle change: a missing entry once counted
     as settled, so A's verdict was dropped and the lead sent twice)."""
-    clock = Clock()
-    b = buyer("b1", buyers.url + "/hold", **{**FAST, "timeout_ms": 10_000})
-    await accounts(store, b)
-    await sell(store, b, "D1")
-    w = worker(store, b, clock=clock)
-    task = asyncio.create_task(w.process_once())
-    try:
-        await buyers.reached("/hold")
-        [(raw_id, f)] = await store.redis.xrange(keys.deliveries(T))
-        fields = {k.decode(): v.decode() for k, v in f.items()} | {"attempt": "1"}
+    async with _held(store, buyers, "/hold", "D1") as h:
+        fields = {k.decode(): v.decode() for k, v in h.fields.items()} | {"attempt": "1"}
         member = msgspec.json.encode([x for kv in fields.items() for x in kv])
         async with store.redis.pipeline(transaction=True) as p:  # worker B's retry
             p.zadd(keys.retries(T), {member: 0})
-            p.xack(keys.deliveries(T), "delivery", raw_id)
-            p.xdel(keys.deliveries(T), raw_id)
+            p.xack(keys.deliveries(T), "delivery", h.entry_id)
+            p.xdel(keys.deliveries(T), h.entry_id)
             await p.execute()
         buyers.release.set()
-        assert await task == 1
-        clock.offset = 60_000
-        await w.process_once()  # the retry: decided already, nothing sent
-    finally:
-        await w.close()
+        assert await h.task == 1
+        h.clock.offset = 60_000
+        await h.w.process_once()  # the retry: decided already, nothing sent
+    b = h.b
     assert len(buyers.at("/hold")) == 1
     assert await decided(store, "D1", b) == "ACCEPTED"
     assert await balance(store, b.client) == OPENING - PRICE
@@ -687,15 +707,8 @@ async def test_a_late_retry_of_a_settled_job_sends_nothing(store: Store, buyers:
     """Worker A holds the job (its buyer will answer 500); worker B took it over, its buyer
     accepted and B settled it. A's 500 then schedules a retry: the retry finds B's decision
     (settling keeps it) and neither sends nor refunds."""
-    clock = Clock()
-    b = buyer("b1", buyers.url + "/hold_fail", **{**FAST, "timeout_ms": 10_000})
-    await accounts(store, b)
-    await sell(store, b, "S2")
-    w = worker(store, b, clock=clock)
-    task = asyncio.create_task(w.process_once())
-    try:
-        await buyers.reached("/hold_fail")
-        [(raw_id, _)] = await store.redis.xrange(keys.deliveries(T))
+    async with _held(store, buyers, "/hold_fail", "S2") as h:
+        b, raw_id = h.b, h.entry_id
         accepted = record.DeliveryDecision(record.ACCEPTED, "accepted: by the other worker")
         await store.lua.delivery_finish(store.redis, [keys.tenant_prefix(T)], [
             record.finish_arg([("S2", b.id, record.encode_decision(accepted).decode(),
@@ -703,13 +716,11 @@ async def test_a_late_retry_of_a_settled_job_sends_nothing(store: Store, buyers:
                                                  result="accepted").decode())],
                               [(raw_id.decode(), "S2", b.id)], "delivery")])
         buyers.release.set()
-        assert await task == 1
+        assert await h.task == 1
         assert await store.redis.zcard(keys.retries(T)) == 1
-        clock.offset = 3_600_000
-        await w.process_once()
-        await w.process_once()
-    finally:
-        await w.close()
+        h.clock.offset = 3_600_000
+        await h.w.process_once()
+        await h.w.process_once()
     assert len(buyers.at("/hold_fail")) == 1
     assert await decided(store, "S2", b) == "ACCEPTED"
     assert await store.redis.xlen(keys.dead_letter(T, "deliveries")) == 0
