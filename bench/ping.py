@@ -22,11 +22,14 @@ overhead per ping, and its instructions per ping (#17).
    ping's latency: its *overhead* is the latency less the slowest buyer answer it waited
    for. ``ping_overhead_p50_ms`` / ``ping_overhead_p99_ms`` are the engine's (target p99
    <= 5 ms); ``ceiling_overhead_*`` the fan-out's at the same rate: what asyncio + aiohttp
-   alone cost on this machine;
+   alone cost on this machine. Each server's CPU time per ping in its closed loop is
+   reported too (``ping_ratio_per_cpu``: the fan-out's over the engine's), as other work
+   on the machine moves it less than the rates;
 6. *instructions* (valgrind): the engine's service in-process under callgrind
    (bench.ingest_instructions, mode ``ping``: 16 concurrent ``POST /v1/ping`` through the
    ASGI app, the buyers as above but with deadlines long enough for valgrind's pace),
-   N pings less none, per ping -> ``ping_instructions``.
+   N pings less none, per ping -> ``ping_instructions``; the bare fan-out's logic alike
+   (bench.pingfarm ``count``, no HTTP server in front either) -> ``instructions_ratio``.
 
 Every phase's buyer requests per ping are counted (10.0: every buyer was asked) and the
 engine's bid timeouts read from its /metrics. Prints the figures, then LAST one JSON line.
@@ -37,8 +40,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import pickle
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import urllib.request
@@ -232,6 +237,17 @@ def _text(v: Any) -> str:
     return v.decode(errors="replace") if isinstance(v, bytes) else str(v)
 
 
+def cpu_per_ping(closed: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """Each server's CPU ms per ping in its own closed loop, and the ceiling's over the
+    engine's (what ``ping_ratio`` would be were both CPU-bound on a core of their own)."""
+    ms = {side: 1000 * closed[side][f"{side}_cpu"] / closed[side]["per_s"]
+          if closed[side]["per_s"] else 0.0 for side in ("engine", "ceiling")}
+    return {"engine_cpu_ms_per_ping": round(ms["engine"], 3),
+            "ceiling_cpu_ms_per_ping": round(ms["ceiling"], 3),
+            "ping_ratio_per_cpu": round(ms["ceiling"] / ms["engine"], 3)
+            if ms["engine"] else None}
+
+
 def run(*, duration: float = 10.0, concurrency: int = 64, warmup: int = 500,
         instructions: bool = True, instruction_pings: int = 200, ttl_s: int = TTL_S,
         quiet: bool = False) -> dict[str, Any]:
@@ -280,6 +296,9 @@ def run(*, duration: float = 10.0, concurrency: int = 64, warmup: int = 500,
             "engine_per_s": closed["engine"]["per_s"],
             "ping_ratio": round(closed["engine"]["per_s"] / closed["ceiling"]["per_s"], 3)
             if closed["ceiling"]["per_s"] else None,
+            # CPU of the server process per ping in its closed loop: the ratio that the
+            # machine's other work (its share of the core) moves least
+            **cpu_per_ping(closed),
             "open_loop_rate_per_s": round(rate, 1),
             "ping_overhead_p50_ms": opened["engine"]["overhead"]["p50_ms"],
             "ping_overhead_p99_ms": opened["engine"]["overhead"]["p99_ms"],
@@ -303,9 +322,10 @@ def run(*, duration: float = 10.0, concurrency: int = 64, warmup: int = 500,
 
 def count_instructions(buyer_urls: Sequence[str], n: int, tmp: Path, *, quiet: bool = False
                        ) -> dict[str, Any] | None:
-    """The engine's CPU instructions per ping (callgrind, in-process ASGI, the buyers as in
-    the timed runs; deadline and timeouts of 10 s, as valgrind runs Python ~50x slower),
-    or None without valgrind."""
+    """CPU instructions per ping under callgrind (N pings less none, the buyers as in the
+    timed runs), or None without valgrind: the engine's service in-process through its ASGI
+    app (deadline and timeouts of 10 s, as valgrind runs Python ~50x slower), and the bare
+    fan-out's logic (bench.pingfarm ``count``); neither with an HTTP server in front."""
     say = (lambda _m: None) if quiet else common.log
     if not shutil.which("valgrind"):
         say("ping: valgrind not found (Debian: apt-get install valgrind); instructions skipped")
@@ -316,8 +336,23 @@ def count_instructions(buyer_urls: Sequence[str], n: int, tmp: Path, *, quiet: b
     bodies, _ = ping_bodies(cfg, n, seed=4)
     say(f"ping: instructions (callgrind, {n} pings)")
     per = ingest_instructions.per_lead(cfg, "ping", bodies, n, tmp, str(config))
-    say(f"ping: engine {per:,.0f} instructions per ping")
-    return {"ping_instructions": round(per), "ping_instruction_pings": n}
+    path = tmp / "fanout.pickle"
+    path.write_bytes(pickle.dumps(bodies))
+
+    def fanned(count: int) -> int:
+        out = tmp / f"callgrind.fanout.{count}"
+        subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+                        sys.executable, "-m", "bench.pingfarm", "count", str(path), str(count),
+                        str(ingest_instructions.PING_CONCURRENCY),
+                        *(u + "/bid" for u in buyer_urls)],
+                       check=True, cwd=common.ROOT, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        return common.callgrind_total(out)
+
+    ceiling = (fanned(n) - fanned(0)) / n
+    say(f"ping: engine {per:,.0f} instructions per ping, bare fan-out {ceiling:,.0f}")
+    return {"ping_instructions": round(per), "ceiling_instructions_per_ping": round(ceiling),
+            "instructions_ratio": round(ceiling / per, 3), "ping_instruction_pings": n}
 
 
 def report(r: dict[str, Any]) -> None:
@@ -329,6 +364,9 @@ def report(r: dict[str, Any]) -> None:
     if r["ping_ratio"] is not None:
         print(f"ping_ratio: {r['ping_ratio']:.2f} (target >= {TARGET_RATIO}: "
               f"{'met' if r['ping_ratio'] >= TARGET_RATIO else 'NOT met'})")
+    print(f"CPU per ping (server process, closed loop): engine "
+          f"{r['engine_cpu_ms_per_ping']:.2f} ms, fan-out {r['ceiling_cpu_ms_per_ping']:.2f}"
+          f" ms: ratio {r['ping_ratio_per_cpu']}")
     print(f"open loop at {r['open_loop_rate_per_s']:,.0f} pings/s (50 % of the engine's "
           f"max), overhead = latency - slowest buyer answer (p50 "
           f"{r['slowest_answer_p50_ms']:.1f} ms, p99 {r['slowest_answer_p99_ms']:.1f} ms):")
@@ -341,7 +379,9 @@ def report(r: dict[str, Any]) -> None:
           f" {'met' if ok else 'NOT met'}; the bare fan-out's: "
           f"{r['ceiling_overhead_p99_ms']:.2f})")
     if r.get("ping_instructions") is not None:
-        print(f"ping_instructions: {r['ping_instructions']:,} per ping (callgrind)")
+        print(f"ping_instructions: {r['ping_instructions']:,} per ping (callgrind; the bare "
+              f"fan-out's {r['ceiling_instructions_per_ping']:,}: ratio "
+              f"{r['instructions_ratio']:.2f})")
     print(f"machine: {common.machine_line(r['machine'])}")
     print(msgspec.json.encode(r).decode(), flush=True)
 

@@ -14,16 +14,22 @@ buyer's CPU, not the engine's.
 engine logic: per request it POSTs the request's body to every URL in parallel on one
 client session (the engine's connector settings, engine.delivery.client.new_session),
 each with the engine's default per-buyer timeout, and answers
-``{"answered": n}`` once all have answered.
+``{"answered": n}`` once all have answered (:class:`FanOut`).
+
+``python -m bench.pingfarm count BODIES N CONCURRENCY URL...``: the first N bodies of the
+pickled list BODIES fanned out with no HTTP server in front (:func:`fan_many`), what
+bench.ping counts under callgrind as the ceiling's instructions per ping.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import pickle
 import random
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import aiohttp
 import msgspec
@@ -94,36 +100,74 @@ def _buyer_app(seed: int, buyer: int) -> web.Application:
     return app
 
 
-def _fanout_app(urls: Sequence[str]) -> web.Application:
-    timeout = aiohttp.ClientTimeout(total=BUYER_TIMEOUT_S)
-    headers = {"content-type": "application/json"}
-    session: list[aiohttp.ClientSession] = []
+class FanOut:
+    """The ceiling's whole logic: one body POSTed to every URL in parallel on one client
+    session (the engine's connector settings), each with the engine's default per-buyer
+    timeout; the number of 200 answers."""
 
-    async def one(url: str, body: bytes) -> bool:
+    def __init__(self, urls: Sequence[str]) -> None:
+        self.urls = list(urls)
+        self.timeout = aiohttp.ClientTimeout(total=BUYER_TIMEOUT_S)
+        self.headers = {"content-type": "application/json"}
+        self.session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self.session = new_session()
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    async def _one(self, url: str, body: bytes) -> bool:
+        assert self.session is not None
         try:
-            async with session[0].post(url, data=body, headers=headers, timeout=timeout,
-                                       allow_redirects=False) as resp:
+            async with self.session.post(url, data=body, headers=self.headers,
+                                         timeout=self.timeout, allow_redirects=False) as resp:
                 await resp.read()
                 return resp.status == 200
         except (TimeoutError, aiohttp.ClientError, OSError):
             return False
 
-    async def fan(request: web.Request) -> web.Response:
-        body = await request.read()
-        answered = await asyncio.gather(*(one(url, body) for url in urls))
-        return web.json_response({"answered": sum(answered)})
+    async def __call__(self, body: bytes) -> int:
+        return sum(await asyncio.gather(*(self._one(url, body) for url in self.urls)))
 
-    async def open_session(app: web.Application) -> None:
-        session.append(new_session())
 
-    async def close_session(app: web.Application) -> None:
-        await session[0].close()
+def _fanout_app(urls: Sequence[str]) -> web.Application:
+    fan = FanOut(urls)
+
+    async def route(request: web.Request) -> web.Response:
+        return web.json_response({"answered": await fan(await request.read())})
+
+    async def start(app: web.Application) -> None:
+        await fan.start()
+
+    async def close(app: web.Application) -> None:
+        await fan.close()
 
     app = web.Application()
-    app.router.add_post("/v1/ping", fan)
-    app.on_startup.append(open_session)
-    app.on_cleanup.append(close_session)
+    app.router.add_post("/v1/ping", route)
+    app.on_startup.append(start)
+    app.on_cleanup.append(close)
     return app
+
+
+async def fan_many(urls: Sequence[str], bodies: Sequence[bytes], concurrency: int) -> None:
+    """Every body fanned out, ``concurrency`` at a time, with no HTTP server in front (what
+    ``count`` runs under callgrind, as the engine's count has none); every buyer must
+    answer."""
+    fan = FanOut(urls)
+    await fan.start()
+    todo = iter(bodies)
+
+    async def client() -> None:
+        for body in todo:
+            if await fan(body) != len(urls):
+                raise RuntimeError("a buyer did not answer the fan-out")
+
+    try:
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+    finally:
+        await fan.close()
 
 
 async def _serve(apps: Sequence[tuple[web.Application, int]]) -> None:
@@ -149,6 +193,10 @@ def main(argv: Sequence[str]) -> int:
         apps = [(_buyer_app(seed, first + i), int(port)) for i, port in enumerate(argv[3:])]
     elif argv[:1] == ["fanout"] and len(argv) >= 3:
         apps = [(_fanout_app(argv[2:]), int(argv[1]))]
+    elif argv[:1] == ["count"] and len(argv) >= 5:  # count BODIES N CONCURRENCY URL...
+        bodies = pickle.loads(Path(argv[1]).read_bytes())[:int(argv[2])]
+        uvloop.run(fan_many(argv[4:], bodies, int(argv[3])))
+        return 0
     else:
         print(__doc__, file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ counter's child without valgrind. No assertion on speed."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import pickle
 
@@ -12,7 +13,8 @@ import pytest
 from bench import common, ingest_instructions, ping, pingfarm
 
 KEYS = ("ceiling_per_s", "engine_per_s", "ping_ratio", "open_loop_rate_per_s",
-        "slowest_answer_p50_ms")
+        "slowest_answer_p50_ms", "engine_cpu_ms_per_ping", "ceiling_cpu_ms_per_ping",
+        "ping_ratio_per_cpu")
 
 
 def test_buyer_delays_are_fixed_per_buyer_and_within_20_to_80_ms() -> None:
@@ -51,7 +53,8 @@ def test_ping_benchmark_json_line(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_ping_instructions_driver(tmp_path) -> None:
     """What ``count_instructions`` runs under callgrind (the service in-process, pings
-    through the ASGI app to the real buyers), run here without valgrind with a few pings."""
+    through the ASGI app to the real buyers; the bare fan-out), run here without valgrind
+    with a few pings."""
     with ping.buyer_farm() as (urls, _):
         config = ping.ping_config(urls, tmp_path)
         cfg = common.load_config(config)
@@ -62,3 +65,6 @@ def test_ping_instructions_driver(tmp_path) -> None:
         with common.funded_redis(cfg) as srv:
             ingest_instructions.child("ping", srv.url, str(path), len(bodies), str(config))
         assert ping.buyer_requests(urls) - before == 5 * ping.BUYERS
+        # and the ceiling's (bench.pingfarm count): the same pings, fanned out bare
+        asyncio.run(pingfarm.fan_many([u + "/bid" for u in urls], bodies, 2))
+        assert ping.buyer_requests(urls) - before == 10 * ping.BUYERS
