@@ -285,6 +285,22 @@ async def test_expiry_post_refused_and_hold_gone(redis_server, buyers: Buyers):
         await eng.assert_reconciled()
 
 
+async def test_sweep_releases_more_expired_pings_than_one_call_takes(redis_server, buyers):
+    """The sweep calls ping_sweep.lua in batches of SWEEP_BATCH until one returns fewer:
+    every expired ping is released in one pass however many there are."""
+    from engine.run.workers import SWEEP_BATCH
+
+    cfg = make_config(pp_campaign(ttl=30), fixed("fx", "1.00"))
+    async with running(cfg, redis_server.url) as eng:
+        await _fresh(eng, cfg)
+        n = 2 * SWEEP_BATCH + 3
+        await asyncio.gather(*(ping(eng) for _ in range(n)))
+        assert await held(eng, "c1") == n * 1_000_000
+        assert await sweep_pings(eng.store, ["t1"], now=now_ms() + 31_000) == n
+        assert await held(eng, "c1") == 0 and await eng.redis.zcard(keys.pings("t1")) == 0
+        await eng.assert_reconciled()
+
+
 async def test_expired_holds_are_released_lazily_by_the_next_hold(redis_server, buyers):
     """An account read by a script with a clock past a hold's expiry releases it."""
     cfg = make_config(pp_campaign(ttl=30), fixed("fx", "70.00"))
