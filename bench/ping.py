@@ -14,10 +14,12 @@ overhead per ping, and its instructions per ping (#17).
    its workers too, the pings sweep among them) on an embedded redis-server (AOF
    everysec), config/example.toml plus a ping-post campaign whose 10 buyers are those
    servers (:func:`ping_config`), every client account funded with $10M so every bid is
-   held (holds expire after ``ping_ttl_s`` = 10 s, released by the sweep during the run);
+   held (holds expire after ``ping_ttl_s`` = 5 s, released by the sweep during the run);
 4. *closed loop* (bench.loadgen, ``concurrency`` connections, ``duration`` s) on each:
    ``ping_ratio`` = the engine's pings/s over the fan-out's (target >= 0.6);
-5. *open loop* at 50 % of the engine's closed-loop rate (a fixed schedule, latency from
+5. *open loop* at 50 % of the engine's closed-loop rate, once every ping of the closed
+   loop has expired and been swept (its backlog is not the open loop's; :func:`wait_swept`)
+   (a fixed schedule, latency from
    when each ping was due: coordinated omission corrected), on each, recording every
    ping's latency: its *overhead* is the latency less the slowest buyer answer it waited
    for. ``ping_overhead_p50_ms`` / ``ping_overhead_p99_ms`` are the engine's (target p99
@@ -46,6 +48,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -57,6 +60,7 @@ import redis
 from bench import common, ingest_instructions, loadgen, nullapp
 from bench.engine_proc import EngineURL, serve_engine
 from bench.pingfarm import slowest_ms
+from engine.core import keys
 from engine.store.embedded import free_port
 
 BUYERS = 10
@@ -64,7 +68,7 @@ SEED = 17
 CAMPAIGN, SUPPLIER = "pingbench", "aff-101"
 CLIENTS = ("sunpower-direct", "brightside-solar", "safeway-insurance")  # funded, billed
 PING_FIELDS = ("state", "zip", "monthly_bill", "homeowner")
-TTL_S = 10
+TTL_S = 5  # the open loop's own holds expire and are swept in its second half
 TARGET_RATIO, TARGET_P99_MS, FRACTION = 0.6, 5.0, 0.5
 STATES = ("CA", "TX", "FL", "NY", "AZ", "NV", "CO", "NJ", "MA", "WA")
 SECRET = "whsec_" + "bGVhZGZsb3ctYmVuY2gtcGluZy1zZWNyZXQtMDEyMw=="
@@ -177,6 +181,21 @@ def engine_counter(url: str, name: str, **labels: str) -> float:
     return total
 
 
+def wait_swept(redis_url: str, tenant: str, *, timeout: float = 120.0) -> float:
+    """Wait until no ping of ``tenant`` may hold funds (its ``pings`` ZSET is empty: every
+    one expired and swept, or released); seconds waited."""
+    r = redis.Redis.from_url(redis_url)
+    t0 = time.monotonic()
+    try:
+        while r.zcard(keys.pings(tenant)):
+            if time.monotonic() - t0 > timeout:
+                raise TimeoutError(f"pings not swept after {timeout:.0f} s")
+            time.sleep(0.5)  # the sweep runs every 5 s
+    finally:
+        r.close()
+    return time.monotonic() - t0
+
+
 def pct(values: Sequence[float], q: float) -> float:
     """The ``q`` quantile of sorted ``values`` (bench.loadgen's rule)."""
     return values[min(len(values) - 1, int(q * len(values)))] if values else 0.0
@@ -273,6 +292,8 @@ def run(*, duration: float = 10.0, concurrency: int = 64, warmup: int = 500,
                                         duration=duration, cpu=load_cpu)
                 say(f"ping: {side} {closed[side]['per_s']:,.0f} pings/s, "
                     f"p99 {closed[side]['p99_ms']:.1f} ms")
+            swept = wait_swept(srv.url, "acme")
+            say(f"ping: the closed loop's pings swept after {swept:.1f} s")
             rate = closed["engine"]["per_s"] * FRACTION
             bodies, slowest = ping_bodies(cfg, int(rate * duration) + 1, seed=3)
             opened: dict[str, dict[str, Any]] = {}
@@ -308,7 +329,7 @@ def run(*, duration: float = 10.0, concurrency: int = 64, warmup: int = 500,
             "slowest_answer_p99_ms": round(pct(answers, 0.99), 3),
             "closed_loop": closed, "open_loop": opened,
             "engine_bid_timeouts": timeouts, "engine_pings_accepted": accepted,
-            "redis_slow_calls": slow,
+            "redis_slow_calls": slow, "sweep_wait_s": round(swept, 1),
         })
         if instructions:
             out.update(count_instructions(buyer_urls, instruction_pings, Path(tmp),
