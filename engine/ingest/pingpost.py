@@ -381,11 +381,13 @@ class PingPost:
         """Every eligible buyer's bid, asked in parallel within the deadline."""
         out: list[tuple[_Bidder, int]] = []
         tasks: dict[asyncio.Task[tuple[int | None, str, float]], _Bidder] = {}
+        outcomes: dict[str, int] = {}  # counted once per outcome, not once per buyer
+        pending: set[asyncio.Task[tuple[int | None, str, float]]] = set()
         session = None
         for b in eligible:
             if b.reader is None:
                 out.append((b, b.plan.price))
-                self._count("bid", campaign, "bid")
+                outcomes["bid"] = outcomes.get("bid", 0) + 1
                 continue
             session = session or self._session()
             left_ms = int((deadline - time.monotonic()) * 1_000)
@@ -398,19 +400,21 @@ class PingPost:
                 tasks, timeout=max(deadline - time.monotonic(), 0) + 0.05)
             for t in pending:  # past the deadline: no bid
                 t.cancel()
-                self._count("bid", campaign, "timeout")
+                outcomes["timeout"] = outcomes.get("timeout", 0) + 1
                 if self.bids is not None:
                     self.bids(campaign, tasks[t].buyer, "timeout", time.perf_counter() - sent)
             for t in done:
                 b = tasks[t]
                 bid, outcome, seconds = t.result()
-                self._count("bid", campaign, outcome)
+                outcomes[outcome] = outcomes.get(outcome, 0) + 1
                 if self.bids is not None:
                     self.bids(campaign, b.buyer, outcome, seconds)
                 if bid is not None:
                     out.append((b, bid))
-            if pending:
-                await asyncio.gather(*pending, return_exceptions=True)
+        for outcome, n in outcomes.items():
+            self._count("bid", campaign, outcome, n)
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
         return out
 
     # ---- POST /v1/post -----------------------------------------------------------------
