@@ -9,7 +9,9 @@ and ``bench/results/latest.md``, and prints LAST one JSON line with issue #16's 
 keys (:func:`targets`): ``decide_vs_minimal``, ``redis_bytes_per_lead``,
 ``engine_instructions_per_lead``, ``buyers_growth``, ``open_loop_p99_ms``, ``peer_ratio``.
 ``--quick`` posts 200k instead of 1M leads in the memory benchmark. ``protocol`` (what the
-HTTP server's limits cost a request, in instructions) runs on its own only; ``openloop``
+HTTP server's limits cost a request, in instructions) and ``ping`` (ping-post: pings/s
+against a bare aiohttp fan-out, the engine's overhead per ping, instructions per ping;
+#17's targets) run on their own only; ``openloop``
 is ``ingest --open-loop`` and ``redis_memory`` is ``memory --redis``.
 """
 
@@ -38,7 +40,7 @@ TARGETS: dict[str, tuple[str, str, float]] = {
     "open_loop_p99_ms": ("openloop", "<=", 10.0),
     "peer_ratio": ("openloop", ">=", 4.0),
 }
-EXTRAS = ("protocol",)  # run on their own only: python -m bench protocol
+EXTRAS = ("protocol", "ping")  # run on their own only: python -m bench protocol
 
 
 def _delivery_main(argv: Sequence[str]) -> int:

@@ -28,10 +28,11 @@ import msgspec
 
 from bench import common
 
-SINGLE_CONCURRENCY, BATCH_CONCURRENCY, BATCH_SIZE = 64, 8, 100
+SINGLE_CONCURRENCY, BATCH_CONCURRENCY, BATCH_SIZE, PING_CONCURRENCY = 64, 8, 100, 16
 _MODES = {  # mode -> (path, content type, concurrency)
     "single": ("/v1/leads", b"application/json", SINGLE_CONCURRENCY),
     "batch": ("/v1/leads/batch", b"application/x-ndjson", BATCH_CONCURRENCY),
+    "ping": ("/v1/ping", b"application/json", PING_CONCURRENCY),  # bench.ping
 }
 
 
@@ -102,13 +103,15 @@ def _count(mode: str, redis_url: str, bodies_file: Path, n: int, out_dir: Path,
     return common.callgrind_total(out)
 
 
-def _per_lead(cfg: Any, mode: str, bodies: list[bytes], leads: int, tmp: Path) -> float:
-    """One mode on its own freshly funded Redis (the other's sales use up no cap of it)."""
+def per_lead(cfg: Any, mode: str, bodies: list[bytes], leads: int, tmp: Path,
+             config: str = str(common.EXAMPLE_CONFIG)) -> float:
+    """One mode on its own freshly funded Redis (the other's sales use up no cap of it):
+    the engine's instructions with every body posted less with none, per lead."""
     path = tmp / f"{mode}.pickle"
     path.write_bytes(pickle.dumps(bodies))
     with common.funded_redis(cfg) as srv:
-        base = _count(mode, srv.url, path, 0, tmp)
-        return (_count(mode, srv.url, path, len(bodies), tmp) - base) / leads
+        base = _count(mode, srv.url, path, 0, tmp, config)
+        return (_count(mode, srv.url, path, len(bodies), tmp, config) - base) / leads
 
 
 def run(requests: int = 2_000, batches: int = 20, *, quiet: bool = False
@@ -125,7 +128,7 @@ def run(requests: int = 2_000, batches: int = 20, *, quiet: bool = False
     per: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="leadflow-bench-ii-") as tmp:
         for mode, (bodies, leads) in work.items():
-            per[mode] = _per_lead(cfg, mode, bodies, leads, Path(tmp))
+            per[mode] = per_lead(cfg, mode, bodies, leads, Path(tmp))
     say(f"ingest: engine {per['single']:,.0f} instructions per lead posted alone, "
         f"{per['batch']:,.0f} per batch line (callgrind, in-process ASGI, {requests:,} "
         f"requests, {batches} batches of {BATCH_SIZE})")
@@ -152,8 +155,8 @@ def growth_config(n_buyers: int, directory: Path) -> Path:
     base = common.EXAMPLE_CONFIG.read_text()
     cfg: Config = common.load_config()
     solar = next(c for c in cfg.campaigns if c.id == "solar")
-    fields = ",\n".join("  " + _toml_inline(msgspec.to_builtins(f)) for f in solar.fields)
-    dedupe = _toml_inline(msgspec.to_builtins(solar.dedupe))
+    fields = ",\n".join("  " + toml_inline(msgspec.to_builtins(f)) for f in solar.fields)
+    dedupe = toml_inline(msgspec.to_builtins(solar.dedupe))
     parts = [base, f"""
 [[campaigns]]
 tenant = "acme"
@@ -185,12 +188,12 @@ schedule = {{ days = {_DAYS}, start = "00:00", end = "24:00" }}
 _DAYS = '["mon", "tue", "wed", "thu", "fri", "sat", "sun"]'
 
 
-def _toml_inline(value: Any) -> str:
+def toml_inline(value: Any) -> str:
     if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_inline(v)}" for k, v in value.items()
+        return "{ " + ", ".join(f"{k} = {toml_inline(v)}" for k, v in value.items()
                                 if v is not None) + " }"
     if isinstance(value, list):
-        return "[" + ", ".join(_toml_inline(v) for v in value) + "]"
+        return "[" + ", ".join(toml_inline(v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):

@@ -22,6 +22,10 @@ server's queueing shows in the percentiles instead of slowing the sender down
 requests in flight at once; every request due within ``duration`` is sent, so a run ends
 once the last of them is answered.
 
+``record``: the result also carries ``samples``, one ``(body index, latency s)`` per
+response, so a caller that knows what each body costs the server (bench.ping: the slowest
+buyer answer a ping waits for) can subtract it per request.
+
 CLI::
 
     python -m bench.loadgen http://127.0.0.1:8000/v1/leads -X POST -d '{"a":1}' \\
@@ -57,6 +61,7 @@ class LoadSpec(msgspec.Struct, kw_only=True):
     duration: float | None = None  # ... or after this many seconds
     timeout: float = 30.0  # per request; a stuck request is an error and its conn reopens
     rate: float | None = None  # open loop: requests per second on a schedule (module docs)
+    record: bool = False  # return (body index, latency s) per response in ``samples``
 
 
 class LoadResult(msgspec.Struct, kw_only=True):
@@ -71,6 +76,7 @@ class LoadResult(msgspec.Struct, kw_only=True):
     status_counts: dict[int, int]
     cpu_s: float  # CPU time (user + sys) of the generator process
     cpu_util: float  # cpu_s / elapsed_s
+    samples: list[tuple[int, float]] = []  # with ``record``: (body index, latency s)
 
 
 def run(
@@ -85,10 +91,11 @@ def run(
     timeout: float = 30.0,
     cpu: int | None = None,
     rate: float | None = None,
+    record: bool = False,
 ) -> LoadResult:
     """Run a load test in a separate process (pinned to ``cpu`` if given) and return its result."""
     spec = LoadSpec(
-        url=url,
+        url=str(url),  # a str subclass (bench.engine_proc.EngineURL) does not encode
         method=method,
         bodies=list(bodies) or [b""],
         headers=dict(headers or {}),
@@ -97,6 +104,7 @@ def run(
         duration=duration,
         timeout=timeout,
         rate=rate,
+        record=record,
     )
     _validate(spec)
     cmd = [sys.executable, "-m", "bench.loadgen", "--spec-stdin"]
@@ -160,6 +168,7 @@ class _Shared:
         )
         self.timeout = spec.timeout
         self.rate = spec.rate
+        self.samples: list[tuple[int, float]] | None = [] if spec.record else None
         self.start = time.perf_counter()
         self.issued = 0
         self.latencies: list[float] = []
@@ -243,6 +252,7 @@ class _Conn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.started = 0.0
+        self.index = 0  # the body index of the request in flight
         self.in_flight = False
         self.need = -1  # size of the full response once its head is parsed; -2 = chunked
         self.head_end = 0
@@ -263,6 +273,7 @@ class _Conn(asyncio.Protocol):
             self.transport.close()
             return
         self.in_flight = True
+        self.index = (s.issued - 1) % len(s.requests)
         if s.rate is None:
             self.started = time.perf_counter()
             self.transport.write(req)
@@ -309,7 +320,10 @@ class _Conn(asyncio.Protocol):
                 if len(buf) < total:
                     return
             s = self.shared
-            s.latencies.append(time.perf_counter() - self.started)
+            latency = time.perf_counter() - self.started
+            s.latencies.append(latency)
+            if s.samples is not None:
+                s.samples.append((self.index, latency))
             s.status[self.status] = s.status.get(self.status, 0) + 1
             del buf[:total]
             self.need = -1
@@ -370,6 +384,7 @@ async def _main(spec: LoadSpec) -> LoadResult:
         status_counts=dict(sorted(shared.status.items())),
         cpu_s=cpu,
         cpu_util=cpu / elapsed if elapsed > 0 else 0.0,
+        samples=shared.samples or [],
     )
 
 

@@ -6,6 +6,7 @@
 ``serve("bench.nullapp:app")`` starts uvicorn (httptools, uvloop, no access log) in its own
 process on a free loopback port, optionally pinned to a CPU, and yields the base URL.
 ``serve(..., server="granian")`` does the same with granian if it is installed.
+``serve_command`` runs any other server command that way (bench.pingfarm's).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any, Literal
 
+from bench.engine_proc import EngineURL
 from engine.api.toolkit import lifespan
 from engine.store.embedded import free_port
 
@@ -106,7 +108,23 @@ def serve(
     importable from the repository root.
     """
     port = free_port()
-    cmd = _command(app_ref, port, server, interface, workers)
+    with serve_command(_command(app_ref, port, server, interface, workers), port, cpu=cpu,
+                       env=env, startup_timeout=startup_timeout) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def serve_command(
+    cmd: list[str],
+    port: int,
+    *,
+    cpu: int | str | None = None,
+    env: dict[str, str] | None = None,
+    startup_timeout: float = 30.0,
+) -> Iterator[EngineURL]:
+    """Run the server ``cmd`` (listening on loopback ``port``) in its own process group,
+    optionally pinned; yields ``http://127.0.0.1:PORT`` (``.pid``: the server's process)
+    once it listens, stops it after."""
     if cpu is not None and shutil.which("taskset"):
         cmd = ["taskset", "-c", str(cpu), *cmd]
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
@@ -123,7 +141,7 @@ def serve(
         )
         try:
             _wait_listening(proc, port, startup_timeout, log)
-            yield f"http://127.0.0.1:{port}"
+            yield EngineURL(f"http://127.0.0.1:{port}", proc.pid)  # taskset execs: its pid
         finally:
             _stop(proc)
 

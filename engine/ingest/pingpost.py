@@ -77,6 +77,8 @@ _enc = msgspec.json.Encoder()
 _meta_dec = msgspec.json.Decoder(dict[str, Any])
 _BUYER_FIELDS = ("paused", "hid", "hn", "did", "dn", "wid", "wn", "mid", "mn", "tn",
                  "sdid", "sdv", "smid", "smv")
+_PAUSED = _BUYER_FIELDS[:1]  # a buyer without a cap today: its counters are not read
+_ACCT_FIELDS = ("bal", "floor", "mode", "paused", "closed", "held")
 
 
 class PingResponse(msgspec.Struct, omit_defaults=True):
@@ -135,12 +137,16 @@ def _s(v: Any) -> str:
 
 
 class _Bidder:
-    __slots__ = ("buyer", "config", "plan", "reader")
+    __slots__ = ("acct_key", "breaker_key", "buyer", "buyer_key", "config", "plan", "reader")
 
     def __init__(self, plan: BuyerPlan, config: Buyer) -> None:
         self.plan, self.config, self.buyer = plan, config, plan.id
         assert config.ping is not None
         self.reader = BidReader(config.ping) if config.ping.url else None
+        # the keys its eligibility reads, built once (not per ping)
+        self.buyer_key = keys.buyer(config.tenant, plan.id)
+        self.breaker_key = keys.breaker(config.tenant, plan.id)
+        self.acct_key = keys.acct(config.tenant, plan.account)
 
 
 class PingPost:
@@ -330,29 +336,37 @@ class PingPost:
             return [], 0
         tenant = plan.tenant
         pipe = self.store.redis.pipeline(transaction=False)
-        for b in first:
-            pipe.hmget(keys.buyer(tenant, b.buyer), list(_BUYER_FIELDS))
-            pipe.exists(keys.breaker(tenant, b.buyer))
-            pipe.hmget(keys.acct(tenant, b.plan.account),
-                       ["bal", "floor", "mode", "paused", "closed", "held"])
-            if hashed:  # buyer-scope marks of the hashed values (none: EXISTS of none)
+        # in order: per buyer its hash (the cap counters only when it has a cap today) and
+        # breaker; each account once (buyers often share one); per buyer its dedupe marks
+        caps = [b.plan.cap_array(weekday) for b in first]
+        for b, limits in zip(first, caps, strict=True):
+            pipe.hmget(b.buyer_key, _BUYER_FIELDS if max(limits) >= 0 else _PAUSED)
+            pipe.exists(b.breaker_key)
+        accounts = list(dict.fromkeys(b.acct_key for b in first))
+        for key in accounts:
+            pipe.hmget(key, _ACCT_FIELDS)
+        if hashed:  # buyer-scope marks of the hashed values (none: EXISTS of none)
+            for b in first:
                 prints = plan.hashed_prints(hashed, b.plan)
                 pipe.exists(*(keys.dup(tenant, fp) for fp in prints or ["-"]))
         try:
             got: list[Any] = await pipe.execute()
         except UNAVAILABLE as exc:
             raise StoreUnavailable(f"redis unavailable: {type(exc).__name__}") from exc
-        out, dups, n = [], 0, 4 if hashed else 3
+        n = 2 * len(first)
+        read = {key: [_s(x) for x in got[n + j]] for j, key in enumerate(accounts)}
+        marks = got[n + len(accounts):]
+        out, dups = [], 0
         for i, b in enumerate(first):
-            state = [_s(x) for x in got[n * i]]
-            acct = [_s(x) for x in got[n * i + 2]]
+            state = [_s(x) for x in got[2 * i]]
+            acct = read[b.acct_key]
             least = max(min_bid, b.plan.price if b.reader is None else 1)
-            if hashed and got[n * i + 3]:
+            if hashed and marks[i]:
                 dups += 1
                 continue
-            if state[0] or got[n * i + 1] or not acct[0]:
+            if state[0] or got[2 * i + 1] or not acct[0]:
                 continue
-            if _over_cap(b.plan.cap_array(weekday), state, win, least):
+            if max(caps[i]) >= 0 and _over_cap(caps[i], state, win, least):
                 continue
             if acct[2] != "none":
                 floor = int(acct[1]) if acct[1] else -20_000_000
@@ -367,11 +381,13 @@ class PingPost:
         """Every eligible buyer's bid, asked in parallel within the deadline."""
         out: list[tuple[_Bidder, int]] = []
         tasks: dict[asyncio.Task[tuple[int | None, str, float]], _Bidder] = {}
+        outcomes: dict[str, int] = {}  # counted once per outcome, not once per buyer
+        pending: set[asyncio.Task[tuple[int | None, str, float]]] = set()
         session = None
         for b in eligible:
             if b.reader is None:
                 out.append((b, b.plan.price))
-                self._count("bid", campaign, "bid")
+                outcomes["bid"] = outcomes.get("bid", 0) + 1
                 continue
             session = session or self._session()
             left_ms = int((deadline - time.monotonic()) * 1_000)
@@ -384,19 +400,21 @@ class PingPost:
                 tasks, timeout=max(deadline - time.monotonic(), 0) + 0.05)
             for t in pending:  # past the deadline: no bid
                 t.cancel()
-                self._count("bid", campaign, "timeout")
+                outcomes["timeout"] = outcomes.get("timeout", 0) + 1
                 if self.bids is not None:
                     self.bids(campaign, tasks[t].buyer, "timeout", time.perf_counter() - sent)
             for t in done:
                 b = tasks[t]
                 bid, outcome, seconds = t.result()
-                self._count("bid", campaign, outcome)
+                outcomes[outcome] = outcomes.get(outcome, 0) + 1
                 if self.bids is not None:
                     self.bids(campaign, b.buyer, outcome, seconds)
                 if bid is not None:
                     out.append((b, bid))
-            if pending:
-                await asyncio.gather(*pending, return_exceptions=True)
+        for outcome, n in outcomes.items():
+            self._count("bid", campaign, outcome, n)
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
         return out
 
     # ---- POST /v1/post -----------------------------------------------------------------

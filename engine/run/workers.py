@@ -40,7 +40,7 @@ from engine.run.reconcile import SWEEP_INTERVAL_MS
 from engine.store.store import Store
 
 log = logging.getLogger("leadflow.workers")
-SWEEP_BATCH = 256  # expired pings released per Lua call
+SWEEP_BATCH = 16  # expired pings released per Lua call (~10 holds each: a few ms of Redis)
 
 
 @dataclass(frozen=True)

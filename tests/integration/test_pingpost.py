@@ -131,6 +131,52 @@ async def test_min_bid_and_ties(redis_server, buyers: Buyers):
         assert order == ["mm", "zz", "aa"]  # "low" is under min_bid
 
 
+async def test_eligibility_caps_pause_breaker_and_buyers_sharing_an_account(redis_server,
+                                                                           buyers: Buyers):
+    """Before any bid: a buyer at its cap, a paused buyer and one whose breaker is open are
+    left out; buyers paid by one account are each checked against it (read once)."""
+    import time
+
+    import msgspec
+
+    from engine.delivery.breaker import Breakers
+
+    cfg = make_config(pp_campaign("shared"),
+                      fixed("capped", "9.00", client="c1", extra="caps = { day = 1 }"),
+                      fixed("a", "8.00", client="c2"), fixed("b", "7.00", client="c2"),
+                      fixed("paused", "6.00", client="c1"),
+                      fixed("broken", "5.00", client="c1"))
+    async with running(cfg, redis_server.url) as eng:
+        await _fresh(eng, cfg)
+
+        held_by: list[str] = []
+
+        async def bidders() -> list[str]:
+            """The buyers that bid on a new ping (held_by: those held), then released."""
+            _, r = await ping(eng)
+            raw = await eng.redis.hgetall(keys.ping("t1", r["ping_id"]))
+            await eng.store.ping_release("t1", r["ping_id"])
+            bids = [b[0] for b in msgspec.json.decode(raw[b"m"])["b"]]
+            held_by[:] = [b for b in bids if f"h:{b}".encode() in raw]
+            return bids
+
+        assert await bidders() == ["capped", "a", "b", "paused", "broken"] == held_by
+        _, r = await ping(eng)
+        status, d = await post(eng, r["ping_id"], bid_ids=[r["bids"][0]["bid_id"]])
+        assert status == 200 and d["status"] == "ACCEPTED", d  # "capped" sold: day cap 1
+        status, _ = await eng.api("POST", "/v1/buyers/paused/pause")
+        assert status == 200
+        breakers = Breakers(eng.redis)
+        br = breakers.get("t1", "broken", failures=1, cooldown_s=30)
+        assert await breakers.failure("t1", "broken", br, int(time.time() * 1000))
+        assert await bidders() == ["a", "b"]
+        # c2 can hold one 8.00 bid above its floor (-20.00), not a 7.00 one beside it
+        await eng.store.adjust("t1", "c2", -110_000_000, "adjustment", enforce_floor=False)
+        assert await bidders() == ["a", "b"]  # each asked (10.00 above the floor) ...
+        assert held_by == ["a"]  # ... and held while the account could cover it
+        await eng.assert_reconciled()
+
+
 async def test_test_ping_holds_nothing_and_its_post_sells_nothing(redis_server, buyers):
     cfg = make_config(pp_campaign(), fixed("fx", "10.00"))
     async with running(cfg, redis_server.url) as eng:
@@ -236,6 +282,22 @@ async def test_expiry_post_refused_and_hold_gone(redis_server, buyers: Buyers):
         status, d = await post(eng, r["ping_id"])
         assert (status, d["code"]) == (410, 1064)
         assert await eng.balance("c1") == 100_000_000
+        await eng.assert_reconciled()
+
+
+async def test_sweep_releases_more_expired_pings_than_one_call_takes(redis_server, buyers):
+    """The sweep calls ping_sweep.lua in batches of SWEEP_BATCH until one returns fewer:
+    every expired ping is released in one pass however many there are."""
+    from engine.run.workers import SWEEP_BATCH
+
+    cfg = make_config(pp_campaign(ttl=30), fixed("fx", "1.00"))
+    async with running(cfg, redis_server.url) as eng:
+        await _fresh(eng, cfg)
+        n = 2 * SWEEP_BATCH + 3
+        await asyncio.gather(*(ping(eng) for _ in range(n)))
+        assert await held(eng, "c1") == n * 1_000_000
+        assert await sweep_pings(eng.store, ["t1"], now=now_ms() + 31_000) == n
+        assert await held(eng, "c1") == 0 and await eng.redis.zcard(keys.pings("t1")) == 0
         await eng.assert_reconciled()
 
 

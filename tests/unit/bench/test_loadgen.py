@@ -34,6 +34,17 @@ def test_request_count_mode_adds_up(null_url: str) -> None:
     assert result.rps > 0
 
 
+def test_record_gives_each_response_its_body_index(null_url: str) -> None:
+    """``record``: one (body index, latency) per response; bodies rotate in order."""
+    result = loadgen.run(f"{null_url}/v1/leads", method="POST",
+                         bodies=[b'{"a":1}', b'{"b":2}', b'{"c":3}'],
+                         headers={"content-type": "application/json"}, concurrency=4,
+                         requests=30, record=True)
+    assert len(result.samples) == result.requests == 30
+    assert sorted(i for i, _ in result.samples) == [0] * 10 + [1] * 10 + [2] * 10
+    assert all(latency > 0 for _, latency in result.samples)
+
+
 def test_duration_mode_adds_up(null_url: str) -> None:
     result = loadgen.run(null_url, concurrency=8, duration=0.5)
     assert result.requests > 0
