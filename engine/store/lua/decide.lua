@@ -41,6 +41,7 @@ local wallet = acct(p, wallet_id)
 local LEAD_TTL = fmt(14 * 86400)  -- the sale records of a lead (refunds, returns)
 
 local BUYERS = {}
+local MORE = {}  -- decide()'s answer for a lead to be sent again with more candidates
 local AT = nil  -- the candidate buyer the current lead is on (an ERROR result names it)
 local DEBITED = {lead = 0, fee = 0}  -- money moved by this call, returned for metrics
 local BUYER_FIELDS = {'paused', 'hid', 'hn', 'did', 'dn', 'wid', 'wn', 'mid', 'mn', 'tn',
@@ -292,6 +293,9 @@ local function decide(L)
     end
   end
   AT = nil  -- what fails from here on (fees, marks, the record) is not one buyer's
+  -- "mr": the first of more eligible buyers, who could not take it all; the engine sends
+  -- the lead again with every one (decide_all takes this try's writes back)
+  if L.mr == 1 and #sold < L.n and why.wallet == 0 then return MORE end
   local tried = why.cap + why.paused + why.funds + why.dup + why.wallet
   if #sold == 0 and tried > 0 and why.dup == tried then
     fees, fee_in = 0, 0  -- a duplicate for every buyer: no inbound fee (only valid, new leads)
@@ -349,6 +353,7 @@ local function one(i, L)
     return r
   end
   local r = decide(L)
+  if r == MORE then return r end  -- no record: the lead is decided again
   r.id, r.t = L.id, L.t
   if not r.sold then r.sold = {} end
   if L.k2 then  -- absent before (record): this lead creates it
@@ -375,6 +380,11 @@ local function decide_all()
     NJ, AT = 0, nil
     local lead_debits, fee_debits = DEBITED.lead, DEBITED.fee
     local ok, r = pcall(one, i, L)
+    if ok and r == MORE then  -- nothing of this try is kept
+      undo()
+      DEBITED.lead, DEBITED.fee = lead_debits, fee_debits
+      r = {id = L.id, s = 'MORE', c = 0, sold = {}, t = L.t}
+    end
     if not ok then
       undo()
       DEBITED.lead, DEBITED.fee = lead_debits, fee_debits
