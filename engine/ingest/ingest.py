@@ -27,7 +27,7 @@ from engine.routing.fields import CONTROL_CHARS, FieldError
 from engine.routing.plans import CampaignPlan
 from engine.routing.runtime import Runtime, SupplierPlan
 from engine.routing.schedule import WindowClock, Windows
-from engine.store.lua_protocol import Candidate, Decision, LeadCall, encode_lead
+from engine.store.lua_protocol import MORE, Candidate, Decision, LeadCall, encode_lead
 
 if TYPE_CHECKING:
     from engine.ingest.waterfall import SyncRouter
@@ -62,11 +62,13 @@ class Answer(NamedTuple):
 
 
 class Pending(NamedTuple):
-    """A valid lead, routed, waiting for its decision."""
+    """A valid lead, routed, waiting for its decision; ``more``: the lead with every
+    eligible buyer, when ``lead`` has only the first of them (decide.lua's MORE)."""
 
     plan: CampaignPlan
     supplier: SupplierPlan
     lead: LuaLead
+    more: Callable[[], LuaLead] | None = None
 
     def outcome(self, decision: Decision) -> Answer:
         status = 500 if decision.status == "ERROR" else 200
@@ -227,6 +229,8 @@ class Ingest:
         batcher = self._batcher(plan.tenant)
         if plan.sync and self.sync is not None:  # waits for the buyers' verdicts
             return self.sync.decide(batcher, self._runtime().cfg, plan, lead.json, lead.payload)
+        if step.more is not None:
+            return _decided(batcher, lead, step.more)
         return batcher.submit(*lead)
 
     def prepare(self, data: object, raw: bytes, idempotency_key: str | None
@@ -266,10 +270,9 @@ class Ingest:
         action = data.get("lp_action")  # checked above: absent, "" or test in any case
         test = supplier.test_mode or (isinstance(action, str) and action.lower() == "test")
         lead_id = new_lead_id()
-        lead = self._lua_lead(
+        return Pending(plan, supplier, *self._lua_lead(
             plan, values, data, lead_id, test, windows, local, raw, supplier, idempotency_key
-        )
-        return Pending(plan, supplier, lead)
+        ))
 
     def _lua_lead(
         self,
@@ -283,13 +286,14 @@ class Ingest:
         raw: bytes,
         supplier: SupplierPlan,
         idempotency_key: str | None,
-    ) -> LuaLead:
+    ) -> tuple[LuaLead, Callable[[], LuaLead] | None]:
         """The lead as decide.lua's JSON (a :class:`LeadCall`), already encoded, its
         delivery payload and its candidates for the call's table: per-buyer parts that only
         change with the weekday are pre-encoded on the plan, so a lead costs two small
         encodes. A sync campaign's candidates are inline: its waterfall edits them
-        (engine.ingest.waterfall)."""
-        order = plan.route(values, local, self._rng)
+        (engine.ingest.waterfall). A lead routed with the first of more eligible buyers
+        (:meth:`CampaignPlan.route_first`) comes with how to make it with all of them."""
+        order, rest = plan.route_first(values, local, self._rng)
         payload = {**values, "lead_id": lead_id, "campaign_id": plan.id}
         for sub in ("lp_subid1", "lp_subid2"):
             if data.get(sub):
@@ -325,7 +329,29 @@ class Ingest:
                 self.idempotency_ttl_s, pkey, self.replay_window_s)
         if bd is not None:
             lead.buyer_dedupe = bd
-        return LuaLead(encode_lead(lead), _enc.encode(payload), table)
+        encoded = _enc.encode(payload)
+        if rest is None:
+            return LuaLead(encode_lead(lead), encoded, table), None
+        lead.more = 1
+
+        def every_buyer() -> LuaLead:  # the same lead, every eligible buyer in order
+            cs, lead.buyer_dedupe, table = plan.candidate_refs(
+                order + list(rest), values, windows.weekday)
+            lead.candidates, lead.more = cs, 0
+            return LuaLead(encode_lead(lead), encoded, table)
+
+        return LuaLead(encode_lead(lead), encoded, table), every_buyer
+
+
+async def _decided(batcher: Batcher, lead: LuaLead, more: Callable[[], LuaLead]
+                   ) -> Decision:
+    """The decision of a lead routed with the first of its eligible buyers: when they
+    could not take it (MORE: decide.lua wrote and stored nothing), of the lead with every
+    one of them."""
+    decision = await batcher.submit(*lead)
+    if decision.status == MORE:
+        decision = await batcher.submit(*more())
+    return decision
 
 
 @functools.lru_cache(maxsize=64)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -30,7 +30,13 @@ _ROTATING = {"round_robin", "weighted_round_robin"}
 _MINUTES_PER_DAY = 1440
 # a window plan's buyer: (index, its filter or None when it has none, 1 / weight)
 _Member = tuple[int, BuyerFilter | None, float]
-_Group = tuple[tuple[_Member, ...], bool]  # (members in order, tied: ordered per lead)
+# (members in order, tied: ordered per lead, all of one weight: shuffled lazily)
+_Group = tuple[tuple[_Member, ...], bool, bool]
+# Candidates a lead is routed with beyond its sell limit before the rest of its eligible
+# buyers are left for later (CampaignPlan.route_first): when none of these can take it
+# (caps, funds, pauses, buyer duplicates), decide.lua answers MORE and writes nothing,
+# and the engine sends the lead again with every eligible buyer (docs/benchmarks.md).
+EXTRA_CANDIDATES = 3
 _PLAN_TOKENS = itertools.count()
 
 
@@ -125,6 +131,35 @@ class BuyerPlan:
                                   in zip(self.cand_keys, self.candidates, strict=True))
 
 
+def _walk(groups: Sequence[_Group], lead: Mapping[str, str], rng: random.Random
+          ) -> Iterator[int]:
+    """The eligible buyers of a window plan in :meth:`CampaignPlan.route`'s order, each
+    filter evaluated when its buyer is reached. A tie among buyers of one weight is a
+    Fisher-Yates shuffle made one place at a time (as uniform as route's sort of random
+    keys); of several weights, every member's key is drawn first, as route does."""
+    for members, tied, one_weight in groups:
+        if not tied:
+            for i, f, _ in members:
+                if f is None or f.matches(lead):
+                    yield i
+        elif one_weight:
+            pool, n, rand = list(members), len(members), rng.random
+            for k in range(n):
+                j = k + int(rand() * (n - k))
+                pool[k], pool[j] = pool[j], pool[k]
+                i, f, _ = pool[k]
+                if f is None or f.matches(lead):
+                    yield i
+        else:
+            rand = rng.random
+            keyed = sorted([(-(rand() ** inv_w), i) for i, _, inv_w in members])
+            filters = {i: f for i, f, _ in members}
+            for _, i in keyed:
+                f = filters[i]
+                if f is None or f.matches(lead):
+                    yield i
+
+
 def smooth_wrr(weights: Sequence[int]) -> list[int]:
     """nginx's smooth weighted round robin, unrolled to one full cycle of indexes: weights
     3,1 give 0,0,1,0 rather than 0,0,0,1, so a heavy buyer's leads are spread out."""
@@ -174,8 +209,16 @@ class CampaignPlan:
         # per weekday: each buyer's candidate key and table entry, by buyer index
         self._cand_keys = [[b.cand_keys[d] for b in self.buyers] for d in range(7)]
         self._cand_entries = [[b.cand_entries[d] for b in self.buyers] for d in range(7)]
-        # the routing plan of the minute of the week last asked for (see route)
+        # the routing plan of the minute of the week last asked for (see route), and
+        # how many buyers it has
         self._window: tuple[int, list[_Group]] | None = None
+        self._window_size = 0
+        # the candidates a lead is first routed with (route_first; 0: all of them):
+        # rotating campaigns are ordered by decide.lua over every eligible buyer, a sync
+        # campaign's waterfall and a ping-post post pick their candidates themselves
+        self.first_candidates = (
+            0 if self.rotating or self.sync or campaign.ping_post is not None
+            else self.sell_limit + EXTRA_CANDIDATES)
 
     def _buyer(self, cfg: Config, b: Buyer, fee_out: int) -> BuyerPlan:
         path = f"buyers[{cfg.buyers.index(b)}]"
@@ -207,12 +250,8 @@ class CampaignPlan:
         (:meth:`_window_plan`: already in the method's order, waterfall priorities as
         groups), so a lead costs each buyer its filter (none: nothing) and, within a
         waterfall priority shared by several eligible buyers, the random tie-break."""
-        minute = local.weekday() * _MINUTES_PER_DAY + local.hour * 60 + local.minute
-        window = self._window
-        if window is None or window[0] != minute:
-            window = self._window = (minute, self._window_plan(local))
         out: list[int] = []
-        for members, tied in window[1]:
+        for members, tied, _ in self._window_at(local)[1]:
             if not tied:
                 out += [i for i, f, _ in members if f is None or f.matches(lead)]
                 continue
@@ -224,10 +263,38 @@ class CampaignPlan:
             out += [i for _, i in keyed]
         return out
 
+    def route_first(self, lead: Mapping[str, str], local: datetime, rng: random.Random
+                    ) -> tuple[list[int], Iterator[int] | None]:
+        """The lead's first :attr:`first_candidates` eligible buyers in :meth:`route`'s
+        order, and the rest of them as an iterator (None when there is no more: the first
+        are all of them), evaluated only if asked for: a lead costs the buyers it needs,
+        not the campaign's size. With ``first_candidates`` 0 (rotating, sync and
+        ping-post campaigns) or a campaign no larger, it is :meth:`route`. The first and
+        the rest together are one draw of :meth:`route`'s order (a tie-break among buyers
+        of one priority and weight is a shuffle made as far as it is read)."""
+        want = self.first_candidates
+        _, groups = self._window_at(local)
+        if want <= 0 or self._window_size <= want:
+            return self.route(lead, local, rng), None
+        walk = _walk(groups, lead, rng)
+        first = list(itertools.islice(walk, want))
+        after = next(walk, None) if len(first) == want else None
+        return first, (None if after is None else itertools.chain((after,), walk))
+
+    def _window_at(self, local: datetime) -> tuple[int, list[_Group]]:
+        """The routing plan of ``local``'s minute of the week (made once a minute)."""
+        minute = local.weekday() * _MINUTES_PER_DAY + local.hour * 60 + local.minute
+        window = self._window
+        if window is None or window[0] != minute:
+            window = self._window = (minute, self._window_plan(local))
+            self._window_size = sum(len(members) for members, _, _ in window[1])
+        return window
+
     def _window_plan(self, local: datetime) -> list[_Group]:
-        """The buyers active and open at ``local``'s minute, in the order :meth:`ordered`
-        gives them before any tie-break: waterfall priority groups (``tied``: 2+ buyers,
-        ordered per lead at random by weight), or one group in price or index order."""
+        """The buyers active and open at ``local``, in the order :meth:`ordered` gives
+        them before any tie-break: waterfall priority groups (``tied``: 2+ buyers,
+        ordered per lead at random by weight; with one weight, lazily), or one group in
+        price or index order."""
         buyers = self.buyers
         idx = [i for i, b in enumerate(buyers) if b.active and b.schedule.is_open(local)]
 
@@ -239,8 +306,9 @@ class CampaignPlan:
             groups: dict[int, list[_Member]] = {}
             for i in idx:
                 groups.setdefault(buyers[i].priority, []).append(member(i))
-            return [(tuple(g), len(g) > 1) for _, g in sorted(groups.items())]
-        return [(tuple(member(i) for i in self.ordered(idx, random.Random(0))), False)]
+            return [(tuple(g), len(g) > 1, len({w for *_, w in g}) == 1)
+                    for _, g in sorted(groups.items())]
+        return [(tuple(member(i) for i in self.ordered(idx, random.Random(0))), False, True)]
 
     def eligible(self, lead: Mapping[str, str], local: datetime) -> list[int]:
         """Indexes of the buyers whose filters and schedule accept this lead now."""
