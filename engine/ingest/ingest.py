@@ -361,10 +361,16 @@ def window_ids(w: Windows) -> list[str]:
 
 def digest(scope: str, data: bytes) -> str:
     """Idempotency key of ``data`` within ``scope`` (a supplier): the scope comes first and
-    ends with a NUL, which ids cannot contain, so ("1", "15...") never meets ("11", "5...")."""
-    h = hashlib.blake2b(scope.encode() + b"\x00", digest_size=16, person=b"leadflow-idem")
+    ends with a NUL, which ids cannot contain, so ("1", "15...") never meets ("11", "5...").
+    The hash of the scope is made once per scope and copied."""
+    h = _scope_hash(scope).copy()
     h.update(data)
     return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=1024)
+def _scope_hash(scope: str) -> hashlib.blake2b:
+    return hashlib.blake2b(scope.encode() + b"\x00", digest_size=16, person=b"leadflow-idem")
 
 
 def subid_errors(data: Mapping[str, Any]) -> list[FieldError]:

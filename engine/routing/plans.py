@@ -46,13 +46,43 @@ def fingerprint(scope: str, parts: Sequence[str]) -> str:
     return hashlib.blake2b("\x1f".join((scope, *parts)).encode(), digest_size=12).hexdigest()
 
 
-def _dedupe_prints(dedupe: Dedupe | None, scope: str, lead: Mapping[str, str]) -> list[str]:
-    if dedupe is None:
-        return []
-    if dedupe.match == "all":
-        values = [lead.get(f, "") for f in dedupe.fields]
-        return [fingerprint(scope, [*dedupe.fields, *values])] if all(values) else []
-    return [fingerprint(scope, [f, lead[f]]) for f in dedupe.fields if lead.get(f)]
+def _hash_state(*parts: str) -> hashlib.blake2b:
+    """The state of :func:`fingerprint`'s hash once it has read ``parts`` and the
+    separator after them: a copy of it reads the rest of a fingerprint's text."""
+    return hashlib.blake2b(("\x1f".join(parts) + "\x1f").encode(), digest_size=12)
+
+
+class _Printer:
+    """A lead's dedupe fingerprints of its plain values in one scope: ``match = "any"``,
+    one per field present, :func:`fingerprint` of (field, value); ``"all"``, one of
+    (every field, then every value) when every field is present. The hash of the scope
+    and field names is computed once; a lead's fingerprint copies it and reads only the
+    lead's values (the same text as fingerprint's, so the same fingerprint)."""
+
+    __slots__ = ("_all", "_fields", "_states")
+
+    def __init__(self, dedupe: Dedupe, scope: str) -> None:
+        self._fields = tuple(dedupe.fields)
+        self._all = dedupe.match == "all"
+        self._states = ((_hash_state(scope, *dedupe.fields),) if self._all
+                        else tuple(_hash_state(scope, f) for f in dedupe.fields))
+
+    def __call__(self, lead: Mapping[str, str]) -> list[str]:
+        if self._all:
+            values = [lead.get(f, "") for f in self._fields]
+            if not all(values):
+                return []
+            h = self._states[0].copy()
+            h.update("\x1f".join(values).encode())
+            return [h.hexdigest()]
+        out = []
+        for f, state in zip(self._fields, self._states, strict=True):
+            value = lead.get(f)
+            if value:
+                h = state.copy()
+                h.update(value.encode())
+                out.append(h.hexdigest())
+        return out
 
 
 # the hashes a seller may send at ping instead of a dedupe field (docs/pingpost.md)
@@ -75,7 +105,7 @@ def hash_hex(alg: str, kind: str, value: str) -> str:
 def _hashed_prints(dedupe: Dedupe, scope: str, alg: str, hexes: Mapping[str, str]
                    ) -> list[str]:
     """The marks of hashed dedupe values (``hexes``: field -> hex digest), as
-    :func:`_dedupe_prints` builds them from plain values; ``<field>#<alg>`` in place of the
+    :class:`_Printer` makes them of plain values; ``<field>#<alg>`` in place of the
     field name, which a field name cannot contain, so they never meet a plain mark."""
     names = [f"{f}#{alg}" for f in dedupe.fields]
     if dedupe.match == "all":
@@ -204,6 +234,12 @@ class CampaignPlan:
         self._kinds = {f.name: f.type for f in campaign.fields}
         buyers = [b for b in cfg.buyers if b.tenant == tenant.id and b.campaign == campaign.id]
         self.buyers = [self._buyer(cfg, b, fee_out) for b in buyers]
+        # the fingerprints of a lead's plain values: the campaign's, or by buyer index
+        dd = campaign.dedupe
+        self._printer = _Printer(dd, "c:" + self.id) if dd and not self.buyer_scope else None
+        self._buyer_printers = ([_Printer(dd, "b:" + b.id) for b in self.buyers]
+                                if dd and self.buyer_scope else [])
+        self._buyer_index = {b.id: i for i, b in enumerate(self.buyers)}
         weights = [b.weight if self.method == "weighted_round_robin" else 1 for b in self.buyers]
         self.sequence = smooth_wrr(weights) if self.buyers else []
         # per weekday: each buyer's candidate key and table entry, by buyer index
@@ -332,19 +368,20 @@ class CampaignPlan:
         return idx
 
     def campaign_prints(self, lead: Mapping[str, str]) -> list[str]:
-        if self.dedupe is None or self.buyer_scope:
+        if self._printer is None:
             return []
-        return self._prints("c:" + self.id, lead)
+        return self._prints(self._printer, "c:" + self.id, lead)
 
     def buyer_prints(self, buyer: BuyerPlan, lead: Mapping[str, str]) -> list[str]:
         if not self.buyer_scope:
             return []
-        return self._prints("b:" + buyer.id, lead)
+        printer = self._buyer_printers[self._buyer_index[buyer.id]]
+        return self._prints(printer, "b:" + buyer.id, lead)
 
-    def _prints(self, scope: str, lead: Mapping[str, str]) -> list[str]:
+    def _prints(self, printer: _Printer, scope: str, lead: Mapping[str, str]) -> list[str]:
         """A lead's dedupe marks: of its values, and of their hashes (ping-post)."""
         assert self.dedupe is not None
-        out = _dedupe_prints(self.dedupe, scope, lead)
+        out = printer(lead)
         for alg in self.dedupe_hashes:
             hexes = {f: hash_hex(alg, self._kinds.get(f, "text"), lead[f])
                      for f in self.dedupe.fields if lead.get(f)}
@@ -380,8 +417,11 @@ class CampaignPlan:
         buyer's candidate object once, not 16 times."""
         keys, entries = self._cand_keys[weekday], self._cand_entries[weekday]
         refs: list[Candidate | str] = [keys[i] for i in order]
-        bd = ([self.buyer_prints(self.buyers[i], lead) for i in order] if self.buyer_scope
-              else None)
+        bd: list[list[str]] | None = None
+        if self.buyer_scope:
+            printers = self._buyer_printers
+            bd = ([printers[i](lead) for i in order] if not self.dedupe_hashes
+                  else [self.buyer_prints(self.buyers[i], lead) for i in order])
         return refs, bd, [entries[i] for i in order]
 
     def rotation(self, order: list[int]) -> list[int]:
