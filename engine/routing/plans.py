@@ -249,6 +249,7 @@ class CampaignPlan:
         # how many buyers it has
         self._window: tuple[int, list[_Group]] | None = None
         self._window_size = 0
+        self._window_flat: tuple[_Member, ...] | None = None  # its buyers, when none tie
         # the candidates a lead is first routed with (route_first; 0: all of them):
         # rotating campaigns are ordered by decide.lua over every eligible buyer, a sync
         # campaign's waterfall and a ping-post post pick their candidates themselves
@@ -286,8 +287,11 @@ class CampaignPlan:
         (:meth:`_window_plan`: already in the method's order, waterfall priorities as
         groups), so a lead costs each buyer its filter (none: nothing) and, within a
         waterfall priority shared by several eligible buyers, the random tie-break."""
+        groups = self._window_at(local)[1]
+        if self._window_flat is not None:  # no tie: one pass over every buyer in order
+            return [i for i, f, _ in self._window_flat if f is None or f.matches(lead)]
         out: list[int] = []
-        for members, tied, _ in self._window_at(local)[1]:
+        for members, tied, _ in groups:
             if not tied:
                 out += [i for i, f, _ in members if f is None or f.matches(lead)]
                 continue
@@ -324,6 +328,8 @@ class CampaignPlan:
         if window is None or window[0] != minute:
             window = self._window = (minute, self._window_plan(local))
             self._window_size = sum(len(members) for members, _, _ in window[1])
+            self._window_flat = (None if any(tied for _, tied, _ in window[1])
+                                 else tuple(m for members, _, _ in window[1] for m in members))
         return window
 
     def _window_plan(self, local: datetime) -> list[_Group]:
