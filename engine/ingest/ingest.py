@@ -236,7 +236,7 @@ class Ingest:
         if plan.sync and self.sync is not None:  # waits for the buyers' verdicts
             return self.sync.decide(batcher, self._runtime().cfg, plan, lead.json, lead.payload)
         if step.more is not None:
-            return _decided(batcher, lead, step.more)
+            return _decided(batcher, plan, lead, step.more)
         return batcher.submit(*lead)
 
     def prepare(self, data: object, raw: bytes, idempotency_key: str | None
@@ -350,13 +350,14 @@ class Ingest:
         return LuaLead(encode_lead(lead), encoded, table), every_buyer
 
 
-async def _decided(batcher: Batcher, lead: LuaLead, more: Callable[[], LuaLead]
-                   ) -> Decision:
+async def _decided(batcher: Batcher, plan: CampaignPlan, lead: LuaLead,
+                   more: Callable[[], LuaLead]) -> Decision:
     """The decision of a lead routed with the first of its eligible buyers: when they
     could not take it (MORE: decide.lua wrote and stored nothing), of the lead with every
-    one of them."""
+    one of them; the campaign's next leads then start with more."""
     decision = await batcher.submit(*lead)
     if decision.status == MORE:
+        plan.needed_more()
         decision = await batcher.submit(*more())
     return decision
 

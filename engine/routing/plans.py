@@ -37,6 +37,7 @@ _Group = tuple[tuple[_Member, ...], bool, bool]
 # (caps, funds, pauses, buyer duplicates), decide.lua answers MORE and writes nothing,
 # and the engine sends the lead again with every eligible buyer (docs/benchmarks.md).
 EXTRA_CANDIDATES = 3
+WIDENED_FOR = 1_000  # leads routed with more first candidates after a MORE (needed_more)
 _PLAN_TOKENS = itertools.count()
 
 
@@ -253,9 +254,10 @@ class CampaignPlan:
         # the candidates a lead is first routed with (route_first; 0: all of them):
         # rotating campaigns are ordered by decide.lua over every eligible buyer, a sync
         # campaign's waterfall and a ping-post post pick their candidates themselves
-        self.first_candidates = (
+        self.first_candidates = self._first_base = (
             0 if self.rotating or self.sync or campaign.ping_post is not None
             else self.sell_limit + EXTRA_CANDIDATES)
+        self._widened_for = 0  # leads routed before first_candidates is halved again
 
     def _buyer(self, cfg: Config, b: Buyer, fee_out: int) -> BuyerPlan:
         path = f"buyers[{cfg.buyers.index(b)}]"
@@ -313,6 +315,8 @@ class CampaignPlan:
         the rest together are one draw of :meth:`route`'s order (a tie-break among buyers
         of one priority and weight is a shuffle made as far as it is read)."""
         want = self.first_candidates
+        if self._widened_for:
+            self._narrow()
         _, groups = self._window_at(local)
         if want <= 0 or self._window_size <= want:
             return self.route(lead, local, rng), None
@@ -320,6 +324,23 @@ class CampaignPlan:
         first = list(itertools.islice(walk, want))
         after = next(walk, None) if len(first) == want else None
         return first, (None if after is None else itertools.chain((after,), walk))
+
+    def needed_more(self) -> None:
+        """A lead's first candidates could not take it (decide.lua's MORE): the next
+        leads are routed with twice as many (up to every buyer) for the next
+        :data:`WIDENED_FOR` leads, then half as many again, down to the usual number. A
+        campaign whose first buyers are at their caps for the day then pays a second call
+        for a few leads, not for every lead."""
+        if self._first_base:
+            self.first_candidates = min(2 * self.first_candidates, len(self.buyers))
+            self._widened_for = WIDENED_FOR
+
+    def _narrow(self) -> None:
+        self._widened_for -= 1
+        if not self._widened_for:
+            self.first_candidates = max(self.first_candidates // 2, self._first_base)
+            if self.first_candidates > self._first_base:
+                self._widened_for = WIDENED_FOR
 
     def _window_at(self, local: datetime) -> tuple[int, list[_Group]]:
         """The routing plan of ``local``'s minute of the week (made once a minute)."""

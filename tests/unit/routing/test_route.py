@@ -102,3 +102,34 @@ def test_route_first_reads_only_what_it_needs_and_keeps_the_tie_break_fair() -> 
                for _ in range(199 * 60)]
     counts = [seconds.count(i) for i in range(1, 200)]
     assert min(counts) > 25 and max(counts) < 100  # 60 each on average
+
+
+def test_a_campaign_that_needed_more_starts_its_leads_with_more_for_a_while() -> None:
+    """After a MORE the first candidates double (up to every buyer) for WIDENED_FOR
+    leads, then halve back, step by step, to sell limit + EXTRA_CANDIDATES."""
+    from engine.routing.plans import EXTRA_CANDIDATES, WIDENED_FOR
+
+    plan = Runtime(make_config(campaign(), *[buyer(f"b{i:02d}", priority=i + 1)
+                                             for i in range(20)])).campaigns["camp"]
+    local = datetime(2026, 1, 5, 12, tzinfo=ZoneInfo("UTC"))
+    base = 1 + EXTRA_CANDIDATES
+
+    def first() -> int:
+        return len(plan.route_first({"email": "a@b.example"}, local, random.Random(1))[0])
+
+    assert first() == base
+    plan.needed_more()
+    plan.needed_more()
+    assert first() == 4 * base
+    for _ in range(WIDENED_FOR - 1):
+        first()
+    assert first() == 2 * base  # the WIDENED_FOR-th lead since: halved once
+    for _ in range(WIDENED_FOR - 1):
+        first()
+    assert first() == base and plan.first_candidates == base
+    for _ in range(5):
+        plan.needed_more()
+    assert plan.first_candidates == 20 and first() == 20
+    for _ in range(3 * WIDENED_FOR):  # every buyer at once, and back down from there
+        first()
+    assert plan.first_candidates == base
