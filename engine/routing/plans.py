@@ -251,6 +251,7 @@ class CampaignPlan:
         self._window: tuple[int, list[_Group]] | None = None
         self._window_size = 0
         self._window_flat: tuple[_Member, ...] | None = None  # its buyers, when none tie
+        self._window_local: datetime | None = None  # the datetime last asked about
         # the candidates a lead is first routed with (route_first; 0: all of them):
         # rotating campaigns are ordered by decide.lua over every eligible buyer, a sync
         # campaign's waterfall and a ping-post post pick their candidates themselves
@@ -343,7 +344,11 @@ class CampaignPlan:
                 self._widened_for = WIDENED_FOR
 
     def _window_at(self, local: datetime) -> tuple[int, list[_Group]]:
-        """The routing plan of ``local``'s minute of the week (made once a minute)."""
+        """The routing plan of ``local``'s minute of the week (made once a minute; the
+        ingest clock hands every lead of a second the same datetime object)."""
+        if local is self._window_local and self._window is not None:
+            return self._window
+        self._window_local = local
         minute = local.weekday() * _MINUTES_PER_DAY + local.hour * 60 + local.minute
         window = self._window
         if window is None or window[0] != minute:
