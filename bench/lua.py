@@ -69,8 +69,10 @@ def representative_leads(cfg: Any, n: int, *, seed: int = SEED, campaign: str | 
         if errors:
             continue
         raw = msgspec.json.encode(data)
-        lead = ingest._lua_lead(plan, values, data, new_lead_id(), False, windows,
-                                local, raw, supplier, None)
+        lead, every_buyer = ingest._lua_lead(plan, values, data, new_lead_id(), False,
+                                             windows, local, raw, supplier, None)
+        if every_buyer is not None:  # routed with its first candidates: decided with all
+            lead = every_buyer()
         if campaign is not None and not lead.candidates:
             continue
         # decide.lua's lead JSON with its delivery payload inline (redis-benchmark sends

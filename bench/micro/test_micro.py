@@ -55,7 +55,8 @@ class Case:
     def lua_lead(self) -> LuaLead:
         """What the engine hands the batcher (engine.ingest.ingest.LuaLead)."""
         return self.ingest._lua_lead(self.plan, self.values, self.data, new_lead_id(), False,
-                                     self.windows, self.local, self.raw, self.supplier, None)
+                                     self.windows, self.local, self.raw, self.supplier,
+                                     None)[0]
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,16 @@ import re
 _ATEXT = r"[a-z0-9!#$%&'*+/=?^_`{|}~-]+"  # RFC 5322 atext, lower-cased
 EMAIL_LOCAL = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*", re.ASCII)
 EMAIL_DOMAIN = re.compile(r"(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}", re.ASCII)
+# the two at once, one match per address: neither part may contain an "@", so the local
+# part is what comes before the first one
+EMAIL = re.compile(rf"({EMAIL_LOCAL.pattern})@{EMAIL_DOMAIN.pattern}", re.ASCII)
 MAX_EMAIL = 254
 
 
 def normalize_email(text: str) -> str | None:
     """The address lower-cased, or None when it is not one."""
     value = text.lower()
-    local, _, domain = value.partition("@")
-    if (len(value) > MAX_EMAIL or len(local) > 64 or not EMAIL_LOCAL.fullmatch(local)
-            or not EMAIL_DOMAIN.fullmatch(domain)):
+    found = EMAIL.fullmatch(value)
+    if found is None or len(value) > MAX_EMAIL or found.end(1) > 64:
         return None
     return value

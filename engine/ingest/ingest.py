@@ -27,7 +27,7 @@ from engine.routing.fields import CONTROL_CHARS, FieldError
 from engine.routing.plans import CampaignPlan
 from engine.routing.runtime import Runtime, SupplierPlan
 from engine.routing.schedule import WindowClock, Windows
-from engine.store.lua_protocol import Candidate, Decision, LeadCall, encode_lead
+from engine.store.lua_protocol import MORE, Candidate, Decision, LeadCall, encode_lead
 
 if TYPE_CHECKING:
     from engine.ingest.waterfall import SyncRouter
@@ -62,11 +62,13 @@ class Answer(NamedTuple):
 
 
 class Pending(NamedTuple):
-    """A valid lead, routed, waiting for its decision."""
+    """A valid lead, routed, waiting for its decision; ``more``: the lead with every
+    eligible buyer, when ``lead`` has only the first of them (decide.lua's MORE)."""
 
     plan: CampaignPlan
     supplier: SupplierPlan
     lead: LuaLead
+    more: Callable[[], LuaLead] | None = None
 
     def outcome(self, decision: Decision) -> Answer:
         status = 500 if decision.status == "ERROR" else 200
@@ -94,10 +96,16 @@ _PROCESS_TAG = secrets.token_hex(4)  # distinguishes engine processes
 _sequence = itertools.count()
 
 
+_stamp_ms: list[Any] = [-1, ""]  # the last epoch ms and its id prefix (leads share it)
+
+
 def new_lead_id() -> str:
     """Unique and time-ordered: 12 hex digits of epoch ms, a random per-process tag and a
     per-process sequence number (no syscall per lead)."""
-    return f"{time.time_ns() // 1_000_000:012x}{_PROCESS_TAG}{next(_sequence) & 0xFFFFFF:06x}"
+    ms = time.time_ns() // 1_000_000
+    if ms != _stamp_ms[0]:
+        _stamp_ms[0], _stamp_ms[1] = ms, f"{ms:012x}{_PROCESS_TAG}"
+    return f"{_stamp_ms[1]}{next(_sequence) & 0xFFFFFF:06x}"
 
 
 def id_text(value: object) -> str | None:
@@ -227,6 +235,8 @@ class Ingest:
         batcher = self._batcher(plan.tenant)
         if plan.sync and self.sync is not None:  # waits for the buyers' verdicts
             return self.sync.decide(batcher, self._runtime().cfg, plan, lead.json, lead.payload)
+        if step.more is not None:
+            return _decided(batcher, plan, lead, step.more)
         return batcher.submit(*lead)
 
     def prepare(self, data: object, raw: bytes, idempotency_key: str | None
@@ -252,7 +262,8 @@ class Ingest:
     ) -> Answer | Pending:
         windows, local = self._clock.get(plan.tz, time.time())
         values, errors = plan.schema.validate(data, today=local.date())
-        errors += subid_errors(data)
+        if "lp_subid1" in data or "lp_subid2" in data or "lp_action" in data:
+            errors += subid_errors(data)  # the fields it reads: most leads have none
         if errors:
             names = ", ".join(sorted({e.field for e in errors}))
             return refused(
@@ -266,10 +277,9 @@ class Ingest:
         action = data.get("lp_action")  # checked above: absent, "" or test in any case
         test = supplier.test_mode or (isinstance(action, str) and action.lower() == "test")
         lead_id = new_lead_id()
-        lead = self._lua_lead(
+        return Pending(plan, supplier, *self._lua_lead(
             plan, values, data, lead_id, test, windows, local, raw, supplier, idempotency_key
-        )
-        return Pending(plan, supplier, lead)
+        ))
 
     def _lua_lead(
         self,
@@ -283,13 +293,14 @@ class Ingest:
         raw: bytes,
         supplier: SupplierPlan,
         idempotency_key: str | None,
-    ) -> LuaLead:
+    ) -> tuple[LuaLead, Callable[[], LuaLead] | None]:
         """The lead as decide.lua's JSON (a :class:`LeadCall`), already encoded, its
         delivery payload and its candidates for the call's table: per-buyer parts that only
         change with the weekday are pre-encoded on the plan, so a lead costs two small
         encodes. A sync campaign's candidates are inline: its waterfall edits them
-        (engine.ingest.waterfall)."""
-        order = plan.route(values, local, self._rng)
+        (engine.ingest.waterfall). A lead routed with the first of more eligible buyers
+        (:meth:`CampaignPlan.route_first`) comes with how to make it with all of them."""
+        order, rest = plan.route_first(values, local, self._rng)
         payload = {**values, "lead_id": lead_id, "campaign_id": plan.id}
         for sub in ("lp_subid1", "lp_subid2"):
             if data.get(sub):
@@ -326,7 +337,30 @@ class Ingest:
                 self.idempotency_ttl_s, pkey, self.replay_window_s)
         if bd is not None:
             lead.buyer_dedupe = bd
-        return LuaLead(encode_lead(lead), _enc.encode(payload), table)
+        encoded = _enc.encode(payload)
+        if rest is None:
+            return LuaLead(encode_lead(lead), encoded, table), None
+        lead.more = 1
+
+        def every_buyer() -> LuaLead:  # the same lead, every eligible buyer in order
+            cs, lead.buyer_dedupe, table = plan.candidate_refs(
+                order + list(rest), values, windows.weekday)
+            lead.candidates, lead.more = cs, 0
+            return LuaLead(encode_lead(lead), encoded, table)
+
+        return LuaLead(encode_lead(lead), encoded, table), every_buyer
+
+
+async def _decided(batcher: Batcher, plan: CampaignPlan, lead: LuaLead,
+                   more: Callable[[], LuaLead]) -> Decision:
+    """The decision of a lead routed with the first of its eligible buyers: when they
+    could not take it (MORE: decide.lua wrote and stored nothing), of the lead with every
+    one of them; the campaign's next leads then start with more."""
+    decision = await batcher.submit(*lead)
+    if decision.status == MORE:
+        plan.needed_more()
+        decision = await batcher.submit(*more())
+    return decision
 
 
 @functools.lru_cache(maxsize=64)
@@ -336,10 +370,16 @@ def window_ids(w: Windows) -> list[str]:
 
 def digest(scope: str, data: bytes) -> str:
     """Idempotency key of ``data`` within ``scope`` (a supplier): the scope comes first and
-    ends with a NUL, which ids cannot contain, so ("1", "15...") never meets ("11", "5...")."""
-    h = hashlib.blake2b(scope.encode() + b"\x00", digest_size=16, person=b"leadflow-idem")
+    ends with a NUL, which ids cannot contain, so ("1", "15...") never meets ("11", "5...").
+    The hash of the scope is made once per scope and copied."""
+    h = _scope_hash(scope).copy()
     h.update(data)
     return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=1024)
+def _scope_hash(scope: str) -> hashlib.blake2b:
+    return hashlib.blake2b(scope.encode() + b"\x00", digest_size=16, person=b"leadflow-idem")
 
 
 def subid_errors(data: Mapping[str, Any]) -> list[FieldError]:

@@ -63,7 +63,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from engine.core.config import Field
-from engine.core.email import EMAIL_DOMAIN, EMAIL_LOCAL
+from engine.core.email import normalize_email
 from engine.core.errors import ConfigError
 
 __all__ = ["STATES", "CampaignSchema", "FieldError", "parse_decimal", "state_code"]
@@ -119,8 +119,6 @@ CONTROL_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")  # all but tab
 _WHITESPACE = re.compile(r"\s")
 # Decimal() alone also takes "1_000", "NaN", "Infinity" and non-ASCII digits: gate it.
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
-# the e-mail rule, shared with portal logins (the compiled patterns themselves: no extra call)
-_EMAIL_LOCAL, _EMAIL_DOMAIN = EMAIL_LOCAL, EMAIL_DOMAIN
 # Separators people type in phone numbers; everything else (letters, "x123") is invalid.
 _PHONE_PUNCT = str.maketrans("", "", " \t-.()/")
 _NANP = re.compile(r"(?:\+?1)?([2-9][0-9]{2}[2-9][0-9]{6})", re.ASCII)
@@ -208,15 +206,10 @@ def _range_message(minimum: Decimal | None, maximum: Decimal | None) -> str:
 
 def _email(text: str, today: datetime.date) -> str:
     """Pragmatic check: one @, dot-atom local part <= 64, LDH domain labels with a dot and an
-    alphabetic TLD, <= 254 total. Quoted local parts, IP literals and raw IDNs are refused."""
-    value = text.lower()
-    local, _, domain = value.partition("@")
-    if (
-        len(value) > 254
-        or len(local) > 64
-        or not _EMAIL_LOCAL.fullmatch(local)
-        or not _EMAIL_DOMAIN.fullmatch(domain)
-    ):
+    alphabetic TLD, <= 254 total. Quoted local parts, IP literals and raw IDNs are refused
+    (engine.core.email, the portal logins' rule too)."""
+    value = normalize_email(text)
+    if value is None:
         raise _Invalid("invalid_email", "must be a valid email address")
     return value
 
@@ -276,15 +269,13 @@ def _dob(min_age: int | None, max_age: int | None) -> Normalizer:
 
 
 def _parse_date(text: str) -> datetime.date | None:
-    match = _ISO_DATE.fullmatch(text)
-    if match is not None:
-        year, month, day = match.groups()
-    else:
+    try:
+        if _ISO_DATE.fullmatch(text) is not None:  # what fromisoformat reads, in C
+            return datetime.date.fromisoformat(text)
         match = _US_DATE.fullmatch(text)
         if match is None:
             return None
         month, day, year = match.groups()
-    try:
         return datetime.date(int(year), int(month), int(day))
     except ValueError:  # 2023-02-29, 13/01/2000, ...
         return None
@@ -339,6 +330,13 @@ class _Rule(NamedTuple):
     required: bool
     max_length: int
     normalize: Normalizer
+    # the valid texts seen and their normal forms, for the types whose normal form
+    # depends on the text alone and that repeat from lead to lead (None: not kept)
+    memo: dict[str, str] | None
+
+
+_MEMO_TYPES = frozenset({"number", "state", "bool", "list"})
+_MEMO_MAX = 1024  # texts per field; then it starts again
 
 
 class CampaignSchema:
@@ -366,12 +364,14 @@ class CampaignSchema:
         """Normalized values of the schema's fields and every error found."""
         values: dict[str, str] = {}
         errors: list[FieldError] = []
-        for name, kind, required, max_length, normalize in self._rules:
+        for name, kind, required, max_length, normalize, memo in self._rules:
             value = raw.get(name)
             if value is None:
                 text = ""
             elif type(value) is str:
                 text = value.strip()
+            elif type(value) is int:  # a JSON integer, as _coerce reads it
+                text = str(value)
             else:
                 text_or_error = _coerce(value, name, kind)
                 if isinstance(text_or_error, FieldError):
@@ -384,11 +384,24 @@ class CampaignSchema:
             elif len(text) > max_length:
                 message = f"must be at most {max_length} characters"
                 errors.append(FieldError(name, "too_long", message))
-            else:
+            elif memo is None:
                 try:
                     values[name] = normalize(text, today)
                 except _Invalid as exc:
                     errors.append(FieldError(name, exc.code, exc.message))
+            else:
+                known = memo.get(text)
+                if known is not None:
+                    values[name] = known
+                    continue
+                try:
+                    values[name] = known = normalize(text, today)
+                except _Invalid as exc:
+                    errors.append(FieldError(name, exc.code, exc.message))
+                    continue
+                if len(memo) >= _MEMO_MAX:
+                    memo.clear()
+                memo[text] = known
         return values, errors
 
 
@@ -416,7 +429,8 @@ def _compile(field: Field, source: str, path: str) -> _Rule:
     # url ignores max_length: its default (255) is shorter than many real URLs
     max_length = _URL_MAX if field.type == "url" else field.max_length
     return _Rule(
-        field.name, field.type, field.required, max_length, _normalizer(field, source, path)
+        field.name, field.type, field.required, max_length, _normalizer(field, source, path),
+        {} if field.type in _MEMO_TYPES else None,
     )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -30,7 +30,14 @@ _ROTATING = {"round_robin", "weighted_round_robin"}
 _MINUTES_PER_DAY = 1440
 # a window plan's buyer: (index, its filter or None when it has none, 1 / weight)
 _Member = tuple[int, BuyerFilter | None, float]
-_Group = tuple[tuple[_Member, ...], bool]  # (members in order, tied: ordered per lead)
+# (members in order, tied: ordered per lead, all of one weight: shuffled lazily)
+_Group = tuple[tuple[_Member, ...], bool, bool]
+# Candidates a lead is routed with beyond its sell limit before the rest of its eligible
+# buyers are left for later (CampaignPlan.route_first): when none of these can take it
+# (caps, funds, pauses, buyer duplicates), decide.lua answers MORE and writes nothing,
+# and the engine sends the lead again with every eligible buyer (docs/benchmarks.md).
+EXTRA_CANDIDATES = 3
+WIDENED_FOR = 1_000  # leads routed with more first candidates after a MORE (needed_more)
 _PLAN_TOKENS = itertools.count()
 
 
@@ -40,13 +47,43 @@ def fingerprint(scope: str, parts: Sequence[str]) -> str:
     return hashlib.blake2b("\x1f".join((scope, *parts)).encode(), digest_size=12).hexdigest()
 
 
-def _dedupe_prints(dedupe: Dedupe | None, scope: str, lead: Mapping[str, str]) -> list[str]:
-    if dedupe is None:
-        return []
-    if dedupe.match == "all":
-        values = [lead.get(f, "") for f in dedupe.fields]
-        return [fingerprint(scope, [*dedupe.fields, *values])] if all(values) else []
-    return [fingerprint(scope, [f, lead[f]]) for f in dedupe.fields if lead.get(f)]
+def _hash_state(*parts: str) -> hashlib.blake2b:
+    """The state of :func:`fingerprint`'s hash once it has read ``parts`` and the
+    separator after them: a copy of it reads the rest of a fingerprint's text."""
+    return hashlib.blake2b(("\x1f".join(parts) + "\x1f").encode(), digest_size=12)
+
+
+class _Printer:
+    """A lead's dedupe fingerprints of its plain values in one scope: ``match = "any"``,
+    one per field present, :func:`fingerprint` of (field, value); ``"all"``, one of
+    (every field, then every value) when every field is present. The hash of the scope
+    and field names is computed once; a lead's fingerprint copies it and reads only the
+    lead's values (the same text as fingerprint's, so the same fingerprint)."""
+
+    __slots__ = ("_all", "_fields", "_states")
+
+    def __init__(self, dedupe: Dedupe, scope: str) -> None:
+        self._fields = tuple(dedupe.fields)
+        self._all = dedupe.match == "all"
+        self._states = ((_hash_state(scope, *dedupe.fields),) if self._all
+                        else tuple(_hash_state(scope, f) for f in dedupe.fields))
+
+    def __call__(self, lead: Mapping[str, str]) -> list[str]:
+        if self._all:
+            values = [lead.get(f, "") for f in self._fields]
+            if not all(values):
+                return []
+            h = self._states[0].copy()
+            h.update("\x1f".join(values).encode())
+            return [h.hexdigest()]
+        out = []
+        for f, state in zip(self._fields, self._states, strict=True):
+            value = lead.get(f)
+            if value:
+                h = state.copy()
+                h.update(value.encode())
+                out.append(h.hexdigest())
+        return out
 
 
 # the hashes a seller may send at ping instead of a dedupe field (docs/pingpost.md)
@@ -69,7 +106,7 @@ def hash_hex(alg: str, kind: str, value: str) -> str:
 def _hashed_prints(dedupe: Dedupe, scope: str, alg: str, hexes: Mapping[str, str]
                    ) -> list[str]:
     """The marks of hashed dedupe values (``hexes``: field -> hex digest), as
-    :func:`_dedupe_prints` builds them from plain values; ``<field>#<alg>`` in place of the
+    :class:`_Printer` makes them of plain values; ``<field>#<alg>`` in place of the
     field name, which a field name cannot contain, so they never meet a plain mark."""
     names = [f"{f}#{alg}" for f in dedupe.fields]
     if dedupe.match == "all":
@@ -125,6 +162,35 @@ class BuyerPlan:
                                   in zip(self.cand_keys, self.candidates, strict=True))
 
 
+def _walk(groups: Sequence[_Group], lead: Mapping[str, str], rng: random.Random
+          ) -> Iterator[int]:
+    """The eligible buyers of a window plan in :meth:`CampaignPlan.route`'s order, each
+    filter evaluated when its buyer is reached. A tie among buyers of one weight is a
+    Fisher-Yates shuffle made one place at a time (as uniform as route's sort of random
+    keys); of several weights, every member's key is drawn first, as route does."""
+    for members, tied, one_weight in groups:
+        if not tied:
+            for i, f, _ in members:
+                if f is None or f.matches(lead):
+                    yield i
+        elif one_weight:
+            pool, n, rand = list(members), len(members), rng.random
+            for k in range(n):
+                j = k + int(rand() * (n - k))
+                pool[k], pool[j] = pool[j], pool[k]
+                i, f, _ = pool[k]
+                if f is None or f.matches(lead):
+                    yield i
+        else:
+            rand = rng.random
+            keyed = sorted([(-(rand() ** inv_w), i) for i, _, inv_w in members])
+            filters = {i: f for i, f, _ in members}
+            for _, i in keyed:
+                f = filters[i]
+                if f is None or f.matches(lead):
+                    yield i
+
+
 def smooth_wrr(weights: Sequence[int]) -> list[int]:
     """nginx's smooth weighted round robin, unrolled to one full cycle of indexes: weights
     3,1 give 0,0,1,0 rather than 0,0,0,1, so a heavy buyer's leads are spread out."""
@@ -169,13 +235,30 @@ class CampaignPlan:
         self._kinds = {f.name: f.type for f in campaign.fields}
         buyers = [b for b in cfg.buyers if b.tenant == tenant.id and b.campaign == campaign.id]
         self.buyers = [self._buyer(cfg, b, fee_out) for b in buyers]
+        # the fingerprints of a lead's plain values: the campaign's, or by buyer index
+        dd = campaign.dedupe
+        self._printer = _Printer(dd, "c:" + self.id) if dd and not self.buyer_scope else None
+        self._buyer_printers = ([_Printer(dd, "b:" + b.id) for b in self.buyers]
+                                if dd and self.buyer_scope else [])
+        self._buyer_index = {b.id: i for i, b in enumerate(self.buyers)}
         weights = [b.weight if self.method == "weighted_round_robin" else 1 for b in self.buyers]
         self.sequence = smooth_wrr(weights) if self.buyers else []
         # per weekday: each buyer's candidate key and table entry, by buyer index
         self._cand_keys = [[b.cand_keys[d] for b in self.buyers] for d in range(7)]
         self._cand_entries = [[b.cand_entries[d] for b in self.buyers] for d in range(7)]
-        # the routing plan of the minute of the week last asked for (see route)
+        # the routing plan of the minute of the week last asked for (see route), and
+        # how many buyers it has
         self._window: tuple[int, list[_Group]] | None = None
+        self._window_size = 0
+        self._window_flat: tuple[_Member, ...] | None = None  # its buyers, when none tie
+        self._window_local: datetime | None = None  # the datetime last asked about
+        # the candidates a lead is first routed with (route_first; 0: all of them):
+        # rotating campaigns are ordered by decide.lua over every eligible buyer, a sync
+        # campaign's waterfall and a ping-post post pick their candidates themselves
+        self.first_candidates = self._first_base = (
+            0 if self.rotating or self.sync or campaign.ping_post is not None
+            else self.sell_limit + EXTRA_CANDIDATES)
+        self._widened_for = 0  # leads routed before first_candidates is halved again
 
     def _buyer(self, cfg: Config, b: Buyer, fee_out: int) -> BuyerPlan:
         path = f"buyers[{cfg.buyers.index(b)}]"
@@ -207,12 +290,11 @@ class CampaignPlan:
         (:meth:`_window_plan`: already in the method's order, waterfall priorities as
         groups), so a lead costs each buyer its filter (none: nothing) and, within a
         waterfall priority shared by several eligible buyers, the random tie-break."""
-        minute = local.weekday() * _MINUTES_PER_DAY + local.hour * 60 + local.minute
-        window = self._window
-        if window is None or window[0] != minute:
-            window = self._window = (minute, self._window_plan(local))
+        groups = self._window_at(local)[1]
+        if self._window_flat is not None:  # no tie: one pass over every buyer in order
+            return [i for i, f, _ in self._window_flat if f is None or f.matches(lead)]
         out: list[int] = []
-        for members, tied in window[1]:
+        for members, tied, _ in groups:
             if not tied:
                 out += [i for i, f, _ in members if f is None or f.matches(lead)]
                 continue
@@ -224,10 +306,63 @@ class CampaignPlan:
             out += [i for _, i in keyed]
         return out
 
+    def route_first(self, lead: Mapping[str, str], local: datetime, rng: random.Random
+                    ) -> tuple[list[int], Iterator[int] | None]:
+        """The lead's first :attr:`first_candidates` eligible buyers in :meth:`route`'s
+        order, and the rest of them as an iterator (None when there is no more: the first
+        are all of them), evaluated only if asked for: a lead costs the buyers it needs,
+        not the campaign's size. With ``first_candidates`` 0 (rotating, sync and
+        ping-post campaigns) or a campaign no larger, it is :meth:`route`. The first and
+        the rest together are one draw of :meth:`route`'s order (a tie-break among buyers
+        of one priority and weight is a shuffle made as far as it is read)."""
+        want = self.first_candidates
+        if self._widened_for:
+            self._narrow()
+        _, groups = self._window_at(local)
+        if want <= 0 or self._window_size <= want:
+            return self.route(lead, local, rng), None
+        walk = _walk(groups, lead, rng)
+        first = list(itertools.islice(walk, want))
+        after = next(walk, None) if len(first) == want else None
+        return first, (None if after is None else itertools.chain((after,), walk))
+
+    def needed_more(self) -> None:
+        """A lead's first candidates could not take it (decide.lua's MORE): the next
+        leads are routed with twice as many (up to every buyer) for the next
+        :data:`WIDENED_FOR` leads, then half as many again, down to the usual number. A
+        campaign whose first buyers are at their caps for the day then pays a second call
+        for a few leads, not for every lead."""
+        if self._first_base:
+            self.first_candidates = min(2 * self.first_candidates, len(self.buyers))
+            self._widened_for = WIDENED_FOR
+
+    def _narrow(self) -> None:
+        self._widened_for -= 1
+        if not self._widened_for:
+            self.first_candidates = max(self.first_candidates // 2, self._first_base)
+            if self.first_candidates > self._first_base:
+                self._widened_for = WIDENED_FOR
+
+    def _window_at(self, local: datetime) -> tuple[int, list[_Group]]:
+        """The routing plan of ``local``'s minute of the week (made once a minute; the
+        ingest clock hands every lead of a second the same datetime object)."""
+        if local is self._window_local and self._window is not None:
+            return self._window
+        self._window_local = local
+        minute = local.weekday() * _MINUTES_PER_DAY + local.hour * 60 + local.minute
+        window = self._window
+        if window is None or window[0] != minute:
+            window = self._window = (minute, self._window_plan(local))
+            self._window_size = sum(len(members) for members, _, _ in window[1])
+            self._window_flat = (None if any(tied for _, tied, _ in window[1])
+                                 else tuple(m for members, _, _ in window[1] for m in members))
+        return window
+
     def _window_plan(self, local: datetime) -> list[_Group]:
-        """The buyers active and open at ``local``'s minute, in the order :meth:`ordered`
-        gives them before any tie-break: waterfall priority groups (``tied``: 2+ buyers,
-        ordered per lead at random by weight), or one group in price or index order."""
+        """The buyers active and open at ``local``, in the order :meth:`ordered` gives
+        them before any tie-break: waterfall priority groups (``tied``: 2+ buyers,
+        ordered per lead at random by weight; with one weight, lazily), or one group in
+        price or index order."""
         buyers = self.buyers
         idx = [i for i, b in enumerate(buyers) if b.active and b.schedule.is_open(local)]
 
@@ -239,8 +374,9 @@ class CampaignPlan:
             groups: dict[int, list[_Member]] = {}
             for i in idx:
                 groups.setdefault(buyers[i].priority, []).append(member(i))
-            return [(tuple(g), len(g) > 1) for _, g in sorted(groups.items())]
-        return [(tuple(member(i) for i in self.ordered(idx, random.Random(0))), False)]
+            return [(tuple(g), len(g) > 1, len({w for *_, w in g}) == 1)
+                    for _, g in sorted(groups.items())]
+        return [(tuple(member(i) for i in self.ordered(idx, random.Random(0))), False, True)]
 
     def eligible(self, lead: Mapping[str, str], local: datetime) -> list[int]:
         """Indexes of the buyers whose filters and schedule accept this lead now."""
@@ -264,19 +400,20 @@ class CampaignPlan:
         return idx
 
     def campaign_prints(self, lead: Mapping[str, str]) -> list[str]:
-        if self.dedupe is None or self.buyer_scope:
+        if self._printer is None:
             return []
-        return self._prints("c:" + self.id, lead)
+        return self._prints(self._printer, "c:" + self.id, lead)
 
     def buyer_prints(self, buyer: BuyerPlan, lead: Mapping[str, str]) -> list[str]:
         if not self.buyer_scope:
             return []
-        return self._prints("b:" + buyer.id, lead)
+        printer = self._buyer_printers[self._buyer_index[buyer.id]]
+        return self._prints(printer, "b:" + buyer.id, lead)
 
-    def _prints(self, scope: str, lead: Mapping[str, str]) -> list[str]:
+    def _prints(self, printer: _Printer, scope: str, lead: Mapping[str, str]) -> list[str]:
         """A lead's dedupe marks: of its values, and of their hashes (ping-post)."""
         assert self.dedupe is not None
-        out = _dedupe_prints(self.dedupe, scope, lead)
+        out = printer(lead)
         for alg in self.dedupe_hashes:
             hexes = {f: hash_hex(alg, self._kinds.get(f, "text"), lead[f])
                      for f in self.dedupe.fields if lead.get(f)}
@@ -312,8 +449,11 @@ class CampaignPlan:
         buyer's candidate object once, not 16 times."""
         keys, entries = self._cand_keys[weekday], self._cand_entries[weekday]
         refs: list[Candidate | str] = [keys[i] for i in order]
-        bd = ([self.buyer_prints(self.buyers[i], lead) for i in order] if self.buyer_scope
-              else None)
+        bd: list[list[str]] | None = None
+        if self.buyer_scope:
+            printers = self._buyer_printers
+            bd = ([printers[i](lead) for i in order] if not self.dedupe_hashes
+                  else [self.buyer_prints(self.buyers[i], lead) for i in order])
         return refs, bd, [entries[i] for i in order]
 
     def rotation(self, order: list[int]) -> list[int]:

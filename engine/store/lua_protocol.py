@@ -34,6 +34,7 @@ import msgspec
 from msgspec import field
 
 __all__ = [
+    "MORE",
     "Call",
     "Candidate",
     "CapLimits",
@@ -49,6 +50,9 @@ __all__ = [
     "encode_lead",
     "table_entry",
 ]
+
+MORE = "MORE"
+"""A :class:`Decision`'s status for a lead given :attr:`LeadCall.more`: decided again."""
 
 NO_CAP = -1
 """A :attr:`Candidate.caps` limit that is not set (decide.lua: a negative limit is none)."""
@@ -118,6 +122,11 @@ class LeadCall(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     # the supplier that posted it (lp_supplier_id): carried into the delivery job's
     # "supplier" field for the lead archive (billing.leads); "" when none
     supplier: str = field(default="", name="sp")
+    # 1: the candidates are the first of more eligible buyers (engine.routing.plans,
+    # route_first): when they cannot take the lead (sold fewer than sell_limit, no wallet
+    # refusal), decide.lua answers MORE, takes back what it wrote for the lead and
+    # stores no idempotency record; the engine sends it again with every eligible buyer
+    more: int = field(default=0, name="mr")
 
     def inline(self) -> list[Candidate]:
         """The candidates, every one inline (a sync campaign's lead: its waterfall reads
@@ -156,7 +165,9 @@ class Decision(msgspec.Struct, frozen=True, gc=False):
     """
 
     id: str  # lead id
-    status: str = field(name="s")  # ACCEPTED | DUPLICATED | REJECTED | ERROR
+    # ACCEPTED | DUPLICATED | REJECTED | ERROR, or MORE (LeadCall.more: never answered
+    # to a seller, nothing written nor stored)
+    status: str = field(name="s")
     code: int = field(name="c")  # response code (engine.ingest.ingest.Codes)
     message: str = field(default="", name="m")  # reason, for the seller
     # the buyers it was sold to, in order; cjson encodes an empty list as {}

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from datetime import UTC, datetime
 
+import msgspec
+
 from engine.core import keys
 from engine.routing.plans import smooth_wrr
 from tests.helpers.harness import buyer, campaign, make_config, running
@@ -339,4 +341,79 @@ async def test_a_calls_candidate_table_is_shared_but_each_lead_keeps_its_own_par
         assert (await record(1))["bd"] == ["fpA"]
         assert (await record(3))["bd"] in ({}, [])  # none of its own, none leaked in
         assert (await record(4))["bd"] == ["fpD"]
+        await eng.assert_reconciled()
+
+
+BROKE = """
+[[clients]]
+tenant = "t1"
+id = "broke"
+opening_balance = "0.00"
+floor = "0.00"
+"""
+
+
+def _unfunded_first(funded_last: bool) -> list[str]:
+    """A waterfall whose first four buyers (priorities 1-4: the candidates a lead is first
+    routed with, sell limit 1 + EXTRA_CANDIDATES) pay from an account without funds; the
+    fifth (priority 5) from a funded one, or from the same when ``funded_last`` is off."""
+    parts = [campaign(), BROKE]
+    for i in range(1, 5):
+        parts.append(buyer(f"b{i}", client="broke", priority=i))
+    parts.append(buyer("b5", client="c1" if funded_last else "broke", priority=5))
+    return parts
+
+
+async def test_a_lead_whose_first_candidates_cannot_pay_sells_to_the_next(redis, redis_server):
+    """The lead goes first with buyers b1-b4 (decide.lua answers MORE: nothing written,
+    no idempotency record), then with all five: it sells to b5, once, with one record, one
+    sale's ledger entries and one buyer_paused event of the account without funds."""
+    from engine.routing.plans import EXTRA_CANDIDATES
+
+    assert EXTRA_CANDIDATES == 3  # the five buyers below are one more than the first
+    cfg = make_config(*_unfunded_first(funded_last=True))
+    async with running(cfg, redis_server.url) as eng:
+        status, r = await eng.lead(email="more@example.com")
+        assert (status, r["status"], r["code"]) == (200, "ACCEPTED", 0), r
+        jobs = await eng.redis.xrange(keys.deliveries("t1"))
+        assert [f[b"buyer"] for _, f in jobs] == [b"b5"]
+        assert len(await eng.redis.keys(keys.idem("t1", "*"))) == 1
+        ledger = [{k.decode(): v.decode() for k, v in f.items()}
+                  for _, f in await eng.redis.xrange(keys.ledger("t1"))
+                  if f.get(b"ref") == r["lead_id"].encode()]
+        assert sorted((e["account"], e["kind"], e["delta"]) for e in ledger) == [
+            ("c1", "lead", "-10000000"), ("wallet", "fee", "-300000")]
+        assert await eng.balance("c1") == 90_000_000
+        assert await eng.balance("broke") == 0
+        assert await eng.balance("wallet") == 1000_000_000 - 300_000
+        paused = [e for e in await eng.events() if e["type"] == "buyer_paused"]
+        assert [(e["account"], e["reason"]) for e in paused] == [("broke", "floor")]
+        # a replay answers the stored decision and changes nothing
+        _, again = await eng.lead(email="more@example.com")
+        assert again["lead_id"] == r["lead_id"] and again["status"] == "ACCEPTED"
+        assert len(await eng.redis.xrange(keys.deliveries("t1"))) == 1
+        # the batch endpoint's leads too, each on its own
+        lines = [msgspec.json.encode({"lp_campaign_id": "camp", "lp_supplier_id": "s1",
+                                      "lp_key": "key-s1", "email": f"more{i}@example.com"})
+                 for i in range(3)]
+        _, rows = await eng.post(raw=b"\n".join(lines), path="/v1/leads/batch",
+                                 headers={"content-type": "application/x-ndjson"})
+        assert [row["status"] for row in rows] == ["ACCEPTED"] * 3, rows
+        jobs = await eng.redis.xrange(keys.deliveries("t1"))
+        assert [f[b"buyer"] for _, f in jobs] == [b"b5"] * 4
+        assert len(await eng.redis.keys(keys.idem("t1", "*"))) == 4
+        await eng.assert_reconciled()
+
+
+async def test_a_lead_no_candidate_can_take_is_refused_as_before(redis, redis_server):
+    """Every one of the five buyers without funds: the second try, with all five, decides
+    it as one try always did (every buyer counted in the message, the inbound fee)."""
+    cfg = make_config(*_unfunded_first(funded_last=False))
+    async with running(cfg, redis_server.url) as eng:
+        _, r = await eng.lead(email="none@example.com")
+        assert (r["status"], r["code"]) == ("REJECTED", 202), r
+        assert r["message"] == ("no matching buyer could take the lead (0 at cap, 0 paused, "
+                                "5 without funds)")
+        assert len(await eng.redis.keys(keys.idem("t1", "*"))) == 1
+        assert await eng.balance("wallet") == 1000_000_000 - 100_000
         await eng.assert_reconciled()

@@ -51,6 +51,7 @@ local function text(n)
 end
 
 local BUYERS = {}
+local MORE = {}  -- decide()'s answer for a lead to be sent again with more candidates
 local AT = nil  -- the candidate buyer the current lead is on (an ERROR result names it)
 local DEBITED = {lead = 0, fee = 0}  -- money moved by this call, returned for metrics
 -- The platform fees of the call's leads, one wallet ledger entry per campaign written by
@@ -388,6 +389,9 @@ local function decide(L)
     end
   end
   AT = nil  -- what fails from here on (fees, marks, the record) is not one buyer's
+  -- "mr": the first of more eligible buyers, who could not take it all; the engine sends
+  -- the lead again with every one (decide_all takes this try's writes back)
+  if L.mr == 1 and #sold < L.n and n_wallet == 0 then return MORE end
   local tried = n_cap + n_paused + n_funds + n_dup + n_wallet
   if #sold == 0 and tried > 0 and n_dup == tried then
     fees, fee_in = 0, 0  -- a duplicate for every buyer: no inbound fee (only valid, new leads)
@@ -445,6 +449,7 @@ local function one(i, L)
     return r
   end
   local r = decide(L)
+  if r == MORE then return r end  -- no record: the lead is decided again
   if L.k2 then  -- absent before (record): this lead creates it
     local k2 = K.idem(p, L.k2)
     redis.call('SET', k2, L.k, 'EX', text(L.k2t))
@@ -470,6 +475,11 @@ local function decide_all()
     NJ, AT = 0, nil
     local lead_debits, fee_debits = DEBITED.lead, DEBITED.fee
     local ok, r, json = pcall(one, i, L)
+    if ok and r == MORE then  -- nothing of this try is kept
+      undo()
+      DEBITED.lead, DEBITED.fee = lead_debits, fee_debits
+      r, json = {id = L.id, s = 'MORE', c = 0, sold = {}, t = L.t}, nil
+    end
     if not ok then
       undo()
       DEBITED.lead, DEBITED.fee = lead_debits, fee_debits

@@ -28,7 +28,7 @@ METHODS = ["waterfall", "highest_price", "exclusive", "send_to_all", "round_robi
 @st.composite
 def plans(draw: st.DrawFn) -> tuple[str, list[str]]:
     method = draw(st.sampled_from(METHODS))
-    n = draw(st.integers(1, 12))
+    n = draw(st.integers(1, 14))
     parts = [campaign(distribution=method)]
     for i in range(n):
         status = 'status = "paused"' if draw(st.booleans()) and i % 5 == 4 else ""
@@ -58,6 +58,18 @@ def test_route_is_eligible_then_ordered(plan_parts: tuple[str, list[str]], state
         assert got == want
     # the window plan is cached per minute: the next lead of that minute gets the same
     assert sorted(plan.route(lead, local, random.Random(2))) == sorted(want)
+    # the first candidates and the rest, as far as they are read, are one such order
+    first, rest = plan.route_first(lead, local, random.Random(3))
+    whole = first + (list(rest) if rest is not None else [])
+    assert sorted(whole) == sorted(want)
+    assert [plan.buyers[i].priority for i in whole] == [plan.buyers[i].priority for i in want]
+    if method != "waterfall":
+        assert whole == want
+    if plan.first_candidates:
+        assert first == whole[:plan.first_candidates]
+        assert (rest is None) == (len(whole) <= plan.first_candidates)
+    else:  # rotating: every eligible buyer at once
+        assert rest is None and first == want
 
 
 def test_waterfall_ties_follow_the_weights() -> None:
@@ -70,3 +82,54 @@ def test_waterfall_ties_follow_the_weights() -> None:
     orders = [plan.route({"email": "a@b.example"}, local, rng) for _ in range(4000)]
     assert {tuple(o[2:]) for o in orders} == {(2,)}
     assert sum(o[0] == 0 for o in orders) / len(orders) == pytest.approx(0.75, abs=0.03)
+
+
+def test_route_first_reads_only_what_it_needs_and_keeps_the_tie_break_fair() -> None:
+    """200 buyers, the first alone at priority 1, the rest tied at priority 2 (one weight):
+    a lead is routed with the first four and the rest left unread; read to the end they
+    are every buyer once, and each of the tied is second about as often as any other."""
+    from engine.routing.plans import EXTRA_CANDIDATES
+
+    parts = [campaign(), buyer("b000", priority=1)]
+    parts += [buyer(f"b{i:03d}", priority=2) for i in range(1, 200)]
+    plan = Runtime(make_config(*parts)).campaigns["camp"]
+    local = datetime(2026, 1, 5, 12, tzinfo=ZoneInfo("UTC"))
+    rng = random.Random(11)
+    first, rest = plan.route_first({"email": "a@b.example"}, local, rng)
+    assert len(first) == 1 + EXTRA_CANDIDATES and first[0] == 0 and rest is not None
+    assert sorted(first + list(rest)) == list(range(200))
+    seconds = [plan.route_first({"email": "a@b.example"}, local, rng)[0][1]
+               for _ in range(199 * 60)]
+    counts = [seconds.count(i) for i in range(1, 200)]
+    assert min(counts) > 25 and max(counts) < 100  # 60 each on average
+
+
+def test_a_campaign_that_needed_more_starts_its_leads_with_more_for_a_while() -> None:
+    """After a MORE the first candidates double (up to every buyer) for WIDENED_FOR
+    leads, then halve back, step by step, to sell limit + EXTRA_CANDIDATES."""
+    from engine.routing.plans import EXTRA_CANDIDATES, WIDENED_FOR
+
+    plan = Runtime(make_config(campaign(), *[buyer(f"b{i:02d}", priority=i + 1)
+                                             for i in range(20)])).campaigns["camp"]
+    local = datetime(2026, 1, 5, 12, tzinfo=ZoneInfo("UTC"))
+    base = 1 + EXTRA_CANDIDATES
+
+    def first() -> int:
+        return len(plan.route_first({"email": "a@b.example"}, local, random.Random(1))[0])
+
+    assert first() == base
+    plan.needed_more()
+    plan.needed_more()
+    assert first() == 4 * base
+    for _ in range(WIDENED_FOR - 1):
+        first()
+    assert first() == 2 * base  # the WIDENED_FOR-th lead since: halved once
+    for _ in range(WIDENED_FOR - 1):
+        first()
+    assert first() == base and plan.first_candidates == base
+    for _ in range(5):
+        plan.needed_more()
+    assert plan.first_candidates == 20 and first() == 20
+    for _ in range(3 * WIDENED_FOR):  # every buyer at once, and back down from there
+        first()
+    assert plan.first_candidates == base

@@ -46,7 +46,7 @@ def _lead(n: int, candidates: list[Candidate | str], **over: Any) -> LeadCall:
 def test_the_wire_names_are_decide_luas() -> None:
     """The short keys decide.lua reads, in the order the engine has always sent them."""
     assert _wire_names(LeadCall) == ["id", "k", "kt", "t", "c", "fi", "n", "rr", "q", "d",
-                                     "dt", "win", "k2", "k2t", "bd", "cs", "x", "pg", "sp"]
+                                     "dt", "win", "k2", "k2t", "bd", "cs", "x", "pg", "sp", "mr"]
     assert _wire_names(Candidate) == ["b", "a", "p", "fo", "cap", "bd"]
     assert _wire_names(Call) == ["now", "w", "c", "leads"]
     assert _wire_names(Decision) == ["id", "s", "c", "m", "sold", "t", "rp", "b"]
@@ -162,4 +162,36 @@ async def test_decide_lua_decides_what_the_structs_encode(redis: aioredis.Redis)
     again = await decide(by_key, _lead(4, [b2], key="k2-alias"), test)
     assert [(d.id, d.replay) for d in again] == [("L1", True), ("L2", True), ("L3", True)]
     assert [d.buyers for d in again] == [d.buyers for d in first]
+    await batcher.drain()
+
+
+async def test_more_takes_back_the_try_and_stores_nothing(redis: aioredis.Redis) -> None:
+    """A lead given the first of more candidates (``mr``) that they cannot take in full
+    (here: sell limit 2, one of the two sells, the other has no funds): MORE, with the
+    sale taken back, no record, mark, ledger entry, delivery job or event. Without ``mr``
+    the same lead is decided and sold to the one."""
+    store = Store(redis)
+    for account, opening in ((WALLET, 10_000_000), ("c1", 10_000_000), ("poor", 0)):
+        await store.apply_account_settings("t1", account, opening=opening, floor=0, alert=0,
+                                           recharge_threshold=0, auto_recharge=False,
+                                           min_balance=None, mode="manual")
+    batcher = Batcher(store, "t1")
+    rich = Candidate(buyer="b1", account="c1", price=1_000_000, fee_out=100_000, caps=_CAPS)
+    poor = Candidate(buyer="b2", account="poor", price=1_000_000, fee_out=0, caps=_CAPS)
+    entries = [table_entry("r.0", rich), table_entry("p.0", poor)]
+    lead = _lead(1, ["r.0", "p.0"], sell_limit=2, fee_in=10_000, dedupe=["fp-c"],
+                 buyer_dedupe=[["fp-b1"], ["fp-b2"]], more=1)
+    before = {k: await redis.type(k) for k in await redis.keys("*")}
+    streams = {k: await redis.xlen(k) for k, t in before.items() if t == b"stream"}
+    more = await batcher.decide(encode_lead(lead), b'{"email":"a@b.c"}', entries)
+    assert (more.id, more.status, more.buyers) == ("L1", "MORE", [])
+    assert {k: await redis.type(k) for k in await redis.keys("*")} == before
+    assert {k: await redis.xlen(k) for k in streams} == streams
+    assert (await store.account("t1", "c1")).balance == 10_000_000  # type: ignore[union-attr]
+    assert (await store.account("t1", "poor")).paused == ""  # type: ignore[union-attr]
+    decided = await batcher.decide(encode_lead(msgspec.structs.replace(lead, more=0)),
+                                   b'{"email":"a@b.c"}', entries)
+    assert (decided.status, decided.buyers) == ("ACCEPTED", [["b1", "1000000"]])
+    assert (await store.account("t1", "c1")).balance == 9_000_000  # type: ignore[union-attr]
+    assert await redis.exists(keys.idem("t1", "k1")) == 1
     await batcher.drain()
