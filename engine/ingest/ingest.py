@@ -343,6 +343,7 @@ class Ingest:
         lead.more = 1
 
         def every_buyer() -> LuaLead:  # the same lead, every eligible buyer in order
+            plan.needed_more(len(order))
             cs, lead.buyer_dedupe, table = plan.candidate_refs(
                 order + list(rest), values, windows.weekday)
             lead.candidates, lead.more = cs, 0
@@ -355,10 +356,11 @@ async def _decided(batcher: Batcher, plan: CampaignPlan, lead: LuaLead,
                    more: Callable[[], LuaLead]) -> Decision:
     """The decision of a lead routed with the first of its eligible buyers: when they
     could not take it (MORE: decide.lua wrote and stored nothing), of the lead with every
-    one of them; the campaign's next leads then start with more."""
+    one of them (``more`` also widens the campaign's next leads). The second try is a
+    new call: leads of the first call after this one were decided before it (the order
+    the README's batch endpoint documents)."""
     decision = await batcher.submit(*lead)
     if decision.status == MORE:
-        plan.needed_more()
         decision = await batcher.submit(*more())
     return decision
 

@@ -484,7 +484,7 @@ class PingPost:
         test = 1 if meta.get("t") == 1 else lead.test
         lead = msgspec.structs.replace(
             lead, candidates=cands, rotation=[], round_robin=0, test=test,
-            sell_limit=max(len(wanted), 1) if shared else 1, ping=ping_id)
+            sell_limit=max(len(wanted), 1) if shared else 1, ping=ping_id, more=0)
         encoded = encode_lead(lead)
         batcher = self._batcher(tenant)
         hooked = any(self.sync is not None and self.sync.endpoint(rt.cfg, tenant, c.buyer)

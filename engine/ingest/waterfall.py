@@ -338,7 +338,7 @@ def _next_try(lead: LeadCall, tried: set[str], n: int) -> LeadCall:
     keep = [i for i, c in enumerate(cs) if c.buyer not in tried]
     pos = {old + 1: new + 1 for new, old in enumerate(keep)}
     return msgspec.structs.replace(
-        lead, key=f"{lead.key}:{lead.id}:{n}", fee_in=0,
+        lead, key=f"{lead.key}:{lead.id}:{n}", fee_in=0, more=0,
         candidates=[cs[i] for i in keep], rotation=[pos.get(x, 0) for x in lead.rotation],
         # the payload's pointer leads to try 1's key, which holds the result
         key2=None, key2_ttl=None)

@@ -326,13 +326,15 @@ class CampaignPlan:
         after = next(walk, None) if len(first) == want else None
         return first, (None if after is None else itertools.chain((after,), walk))
 
-    def needed_more(self) -> None:
-        """A lead's first candidates could not take it (decide.lua's MORE): the next
-        leads are routed with twice as many (up to every buyer) for the next
+    def needed_more(self, first: int) -> None:
+        """A lead routed with ``first`` candidates could not take it (decide.lua's MORE):
+        the next leads are routed with twice as many (up to every buyer) for the next
         :data:`WIDENED_FOR` leads, then half as many again, down to the usual number. A
         campaign whose first buyers are at their caps for the day then pays a second call
-        for a few leads, not for every lead."""
-        if self._first_base:
+        for a few leads, not for every lead. Only a lead routed with the current number
+        widens it: the other MOREs of the same call (routed before it widened) do not
+        double it again."""
+        if self._first_base and first >= self.first_candidates:
             self.first_candidates = min(2 * self.first_candidates, len(self.buyers))
             self._widened_for = WIDENED_FOR
 

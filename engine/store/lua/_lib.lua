@@ -234,7 +234,16 @@ local function acct(p, id)
   ACCTS[id] = a
   if a.held ~= 0 and NOW then
     local hnext = tonumber(v[11] or '')
-    if hnext and hnext <= NOW then expire_holds(p, id) end
+    if hnext and hnext <= NOW then
+      -- outside the unit's journal: a hold past its expiry is released whatever becomes of
+      -- the unit that read the account, which stays cached for the call's later units (an
+      -- undo that put the holds back left them seeing less than the account has)
+      local j = JOURNAL
+      JOURNAL = nil
+      local ok, err = pcall(expire_holds, p, id)
+      JOURNAL = j
+      if not ok then error(err, 0) end
+    end
   end
   return a
 end

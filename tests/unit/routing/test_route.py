@@ -118,8 +118,10 @@ def test_a_campaign_that_needed_more_starts_its_leads_with_more_for_a_while() ->
         return len(plan.route_first({"email": "a@b.example"}, local, random.Random(1))[0])
 
     assert first() == base
-    plan.needed_more()
-    plan.needed_more()
+    plan.needed_more(base)
+    plan.needed_more(base)  # a second MORE of the same call, routed before it widened
+    assert first() == 2 * base
+    plan.needed_more(2 * base)
     assert first() == 4 * base
     for _ in range(WIDENED_FOR - 1):
         first()
@@ -128,7 +130,7 @@ def test_a_campaign_that_needed_more_starts_its_leads_with_more_for_a_while() ->
         first()
     assert first() == base and plan.first_candidates == base
     for _ in range(5):
-        plan.needed_more()
+        plan.needed_more(plan.first_candidates)
     assert plan.first_candidates == 20 and first() == 20
     for _ in range(3 * WIDENED_FOR):  # every buyer at once, and back down from there
         first()

@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 import msgspec
+import pytest
 import redis.asyncio as aioredis
 
 from engine.core import keys
@@ -27,7 +28,7 @@ from engine.store.lua_protocol import (
     encode_lead,
     table_entry,
 )
-from engine.store.store import Store
+from engine.store.store import Store, now_ms
 
 _CAPS = (-1, 5, -1, -1, -1, -1, -1)
 
@@ -195,3 +196,36 @@ async def test_more_takes_back_the_try_and_stores_nothing(redis: aioredis.Redis)
     assert (await store.account("t1", "c1")).balance == 9_000_000  # type: ignore[union-attr]
     assert await redis.exists(keys.idem("t1", "k1")) == 1
     await batcher.drain()
+
+
+@pytest.mark.parametrize("more_first", [False, True])
+async def test_a_more_leaves_expired_holds_released_for_the_calls_next_leads(
+        redis: aioredis.Redis, more_first: bool) -> None:
+    """An account read by a lead releases its holds past their expiry, and stays cached
+    for the call's later leads. When that lead answers MORE, the release stands: the
+    next lead sees the whole balance (review: the undo put the holds back, and a later
+    lead found the account without funds and paused it at its floor)."""
+    store = Store(redis)
+    for account, opening in ((WALLET, 10_000_000), ("A", 1_000_000)):
+        await store.apply_account_settings("t1", account, opening=opening, floor=0, alert=0,
+                                           recharge_threshold=0, auto_recharge=False,
+                                           min_balance=None, mode="manual")
+    expired = now_ms() - 10_000  # a ping-post hold of 0.90 past its expiry, not swept yet
+    await redis.zadd(keys.holds("t1", "A"), {"pg1|bH|900000": expired})
+    await redis.hset(keys.acct("t1", "A"), mapping={"held": 900_000, "hnext": expired})
+    await redis.hset(keys.ping("t1", "pg1"), mapping={"h:bH": "A|900000", "st": "posted:x"})
+    await redis.hset(keys.buyer("t1", "bX"), "paused", "manual")
+    batcher = Batcher(store, "t1", max_inflight=1)
+    x = Candidate(buyer="bX", account="A", price=500_000, fee_out=0, caps=_CAPS)
+    y = Candidate(buyer="bY", account="A", price=500_000, fee_out=0, caps=_CAPS)
+    entries = [table_entry("x.0", x), table_entry("y.0", y)]
+    leads = [_lead(2, ["y.0"])]
+    if more_first:  # bX is paused: its lead answers MORE, after reading A
+        leads.insert(0, _lead(1, ["x.0"], more=1))
+    out = await asyncio.gather(*(batcher.submit(encode_lead(lead), b"{}", entries)
+                                 for lead in leads))
+    await batcher.drain()
+    assert [d.status for d in out] == ["MORE", "ACCEPTED"][2 - len(leads):]
+    a = await store.account("t1", "A")
+    assert a is not None and a.paused == "" and a.balance == 500_000
+    assert await redis.zcard(keys.holds("t1", "A")) == 0
