@@ -28,6 +28,7 @@ _UNKNOWN = "unknown"
 _kind = operator.attrgetter("kind")
 # streams with consumer groups whose lag/pending SREs watch: (logical name, key builder)
 _STREAMS = (("deliveries", keys.deliveries), ("events", keys.events), ("ledger", keys.ledger))
+LAG_SCAN_MAX = 10_000  # entries counted for a lag Redis cannot tell (_lag)
 
 
 class _Tally:
@@ -175,6 +176,19 @@ async def monitor(client: aioredis.Redis, tenants: Sequence[str], stop: asyncio.
             await asyncio.wait_for(stop.wait(), every_s)
 
 
+async def _lag(client: aioredis.Redis, key: str, group: dict[Any, Any]) -> int:
+    """A group's lag: XINFO GROUPS' ``lag``, or, where Redis cannot tell it (nil: entries
+    deleted past the group's position, as decide.lua's taken-back tries and the delivery
+    worker's acks leave), the entries after its last-delivered id, counted up to
+    :data:`LAG_SCAN_MAX`."""
+    lag = group.get("lag")
+    if lag is not None or "lag" not in group:  # Redis 6.2 has no lag field: 0 as before
+        return int(lag or 0)
+    last = group.get("last-delivered-id") or b"0-0"
+    last = last.decode() if isinstance(last, bytes) else str(last)
+    return len(await client.xrange(key, min="(" + last, max="+", count=LAG_SCAN_MAX) or ())
+
+
 async def _stream_gauges(client: aioredis.Redis, tenants: Sequence[str]) -> None:
     totals: dict[tuple[str, str], tuple[int, int]] = {}
     for tenant in tenants:
@@ -186,7 +200,7 @@ async def _stream_gauges(client: aioredis.Redis, tenants: Sequence[str]) -> None
             for g in groups:
                 group = g["name"].decode() if isinstance(g["name"], bytes) else str(g["name"])
                 lag, pending = totals.get((name, group), (0, 0))
-                totals[(name, group)] = (lag + int(g.get("lag") or 0),
+                totals[(name, group)] = (lag + await _lag(client, key_of(tenant), g),
                                          pending + int(g.get("pending") or 0))
     for (name, group), (lag, pending) in totals.items():
         METRICS.stream_lag(name, group).set(lag)
