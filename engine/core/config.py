@@ -31,7 +31,7 @@ BillingMode = Literal["none", "manual", "realtime"]
 Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 WEEKDAYS: tuple[str, ...] = get_args(Weekday)  # Monday first, as date.weekday()
 
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # whole string: fullmatch
 
 
 # fields whose values are secrets or may carry them (a URL's user info or query): a repr
@@ -278,7 +278,7 @@ class WeeklyReport(_Shape, kw_only=True):
 
     enabled: bool = True
     day: Weekday = "mon"
-    at: Annotated[str, msgspec.Meta(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")] = "09:00"
+    at: Annotated[str, msgspec.Meta(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]\Z")] = "09:00"
 
 
 class TenantWebhook(_Shape, kw_only=True):
@@ -409,4 +409,4 @@ def zone(name: str, source: str, path: str) -> ZoneInfo:
 
 
 def valid_id(value: str) -> bool:
-    return bool(_ID.match(value))
+    return bool(_ID.fullmatch(value))  # not match + "$": "$" also matches before a final "\n"
