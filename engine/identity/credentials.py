@@ -103,3 +103,11 @@ class Passwords:
             return self.hasher.verify(stored, password)
         except (VerificationError, InvalidHashError):
             return False
+
+    def needs_rehash(self, stored: str) -> bool:
+        """The hash was made with other parameters than the hasher's (a library upgrade
+        raised them): the right password is hashed again at login."""
+        try:
+            return self.hasher.check_needs_rehash(stored)
+        except InvalidHashError:
+            return False

@@ -521,9 +521,16 @@ class IdentityStore:
             return None
         user_id, stored = str(rows[0][0]), rows[0][1]
         if await self._verify(None if stored is None else str(stored), password):
-            await self._batch([self._step(
+            steps = [self._step(
                 "UPDATE portal_users SET failed_logins = 0, locked_until_ms = 0 "
-                "WHERE tenant = ? AND id = ?", (tenant, user_id))])
+                "WHERE tenant = ? AND id = ?", (tenant, user_id))]
+            if stored is not None and self.passwords.needs_rehash(str(stored)):
+                async with self._hashing:
+                    fresh = await asyncio.to_thread(self.passwords.hash, password)
+                steps.append(self._step(  # only if not changed meanwhile
+                    "UPDATE portal_users SET password_hash = ? WHERE tenant = ? AND id = ? "
+                    "AND password_hash = ?", (fresh, tenant, user_id, str(stored))))
+            await self._batch(steps)
             return await self.user(tenant, user_id)
         now = self.clock()
         limit = throttle.max_failures

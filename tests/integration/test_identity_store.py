@@ -24,7 +24,7 @@ from engine.identity.errors import (
     UserDisabled,
     WeakPassword,
 )
-from engine.identity.store import MAX_ACTIVE_KEYS, IdentityStore
+from engine.identity.store import MAX_ACTIVE_KEYS, IdentityStore, LoginThrottle
 
 HOUR = 3_600_000
 GOOD = "correct horse battery"
@@ -97,6 +97,27 @@ async def test_default_hasher_is_argon2id(tmp_path: Path) -> None:
         assert stored is not None and re.match(r"\$argon2id\$v=19\$m=65536,t=3,p=4\$", stored)
     finally:
         await store.close()
+
+
+async def test_a_login_rehashes_a_password_made_with_other_parameters(
+        ids: IdentityStore) -> None:
+    """argon2's parameters rise with the library (or the deployment's choice): a hash made
+    with older ones is replaced at the next right login, never at a wrong one."""
+    user, invite = await ids.create_user("t1", "old@example.com", [], invite_ttl_ms=HOUR)
+    await ids.accept_invite(invite.token, GOOD)
+    weaker = Passwords(PasswordHasher(time_cost=1, memory_cost=512, parallelism=1))
+    await ids._db.fetch(f"UPDATE portal_users SET password_hash = {ids._db.ph} "
+                        f"WHERE id = {ids._db.ph}", [weaker.hash(GOOD), user.id])
+    old = await ids.password_hash("t1", user.id)
+    assert old is not None and "m=512" in old
+    assert await ids.check_login("t1", "old@example.com", "wrong password!",
+                                 throttle=LoginThrottle()) is None
+    assert await ids.password_hash("t1", user.id) == old
+    assert await ids.check_login("t1", "old@example.com", GOOD, throttle=LoginThrottle())
+    new = await ids.password_hash("t1", user.id)
+    assert new is not None and new != old and "m=1024" in new and FAST.verify(new, GOOD)
+    assert await ids.check_login("t1", "old@example.com", GOOD, throttle=LoginThrottle())
+    assert await ids.password_hash("t1", user.id) == new  # current: left alone
 
 
 async def test_expired_invite_is_refused(ids: IdentityStore, clock: Clock) -> None:
