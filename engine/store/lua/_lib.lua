@@ -314,21 +314,21 @@ local function can_debit(a, amount)
 end
 
 -- One ledger entry: `balance` is the account's balance after it (text); `extra` the entry's
--- other fields, name, value, ...
-local function ledger_entry(p, account, delta, balance, kind, ref, now, extra)
+-- other fields, name, value, ...; `dtext` the delta as text, when the caller has it
+local function ledger_entry(p, account, delta, balance, kind, ref, now, extra, dtext)
   -- the tenant's one ledger stream (archived to SQL by the ledger worker); an account's
   -- history is its entries there plus the archive's rows (engine.store.ledger_tail,
   -- billing.archive.history): a second, per-account stream cost 12 % of decide.lua
   local stream = LEDGER_KEYS[p]
   if not stream then stream = K.ledger(p); LEDGER_KEYS[p] = stream end
-  local id = redis.call('XADD', stream, '*', 'account', account, 'delta', fmt(delta),
+  local id = redis.call('XADD', stream, '*', 'account', account, 'delta', dtext or fmt(delta),
                         'balance', balance, 'kind', kind, 'ref', ref, 'ts', now, unpack(extra))
   note2('x', stream, id)
   return id
 end
 
-local function write_ledger(p, a, delta, kind, ref, now, extra)
-  return ledger_entry(p, a.id, delta, fmt(a.bal), kind, ref, now, extra)
+local function write_ledger(p, a, delta, kind, ref, now, extra, dtext)
+  return ledger_entry(p, a.id, delta, fmt(a.bal), kind, ref, now, extra, dtext)
 end
 
 -- An account's balance moved by `delta` micros (negative = debit), in Redis or, deferred,
@@ -373,10 +373,10 @@ local function crossings(p, a, b0, delta, ref, now)
 end
 
 -- Move a balance by `delta` micros (negative = debit), write its ledger entry and flag
--- threshold crossings (crossings above).
-local function apply(p, a, delta, kind, ref, now, extra)
+-- threshold crossings (crossings above). `dtext`: the delta as text (ledger_entry).
+local function apply(p, a, delta, kind, ref, now, extra, dtext)
   local b0 = move(a, delta)
-  local id = write_ledger(p, a, delta, kind, ref, now, extra or NO_FIELDS)
+  local id = write_ledger(p, a, delta, kind, ref, now, extra or NO_FIELDS, dtext)
   crossings(p, a, b0, delta, ref, now)
   return id
 end

@@ -68,9 +68,13 @@ local function buyer(b)
   if s then return s end
   local k = K.buyer(p, b)
   local v = redis.call('HMGET', k, unpack(BUYER_FIELDS))
-  s = {k = k}
-  for i = 1, #BUYER_FIELDS do s[BUYER_FIELDS[i]] = v[i] or '' end
-  for _, f in ipairs({'hn', 'dn', 'wn', 'mn', 'tn', 'sdv', 'smv'}) do s[f] = tonumber(s[f]) or 0 end
+  -- one constructor, in BUYER_FIELDS' order (a table grown field by field was rehashed four
+  -- times): ids as text ('' when absent), counts and spends as numbers (0 when absent)
+  s = {k = k, paused = v[1] or '', hid = v[2] or '', hn = tonumber(v[3]) or 0,
+       did = v[4] or '', dn = tonumber(v[5]) or 0, wid = v[6] or '', wn = tonumber(v[7]) or 0,
+       mid = v[8] or '', mn = tonumber(v[9]) or 0, tn = tonumber(v[10]) or 0,
+       sdid = v[11] or '', sdv = tonumber(v[12]) or 0, smid = v[13] or '',
+       smv = tonumber(v[14]) or 0, open = false, dirty = false}
   -- the delivery worker keeps this key while the buyer's circuit breaker is open
   s.open = redis.call('EXISTS', K.breaker(p, b)) == 1
   BUYERS[b] = s
@@ -101,8 +105,12 @@ end
 local COUNTERS = {'hid', 'hn', 'did', 'dn', 'wid', 'wn', 'mid', 'mn', 'tn', 'sdid', 'sdv',
                   'smid', 'smv', 'dirty'}
 
--- a buyer's COUNTERS as they are now, restored by undo() (an 'f' op, written out)
-local function keep_counters(s)
+local function count_sale(s, win, price)
+  -- finish() writes these window ids after every lead has committed: a missing one must
+  -- fail this lead (taken back), not finish()
+  local h, d, w, m = win[1], win[2], win[3], win[4]
+  if not (h and d and w and m) then error('lead window ids missing') end
+  -- the buyer's COUNTERS as they are now, restored by undo() (an 'f' op, written out)
   local J, n = JOURNAL, NJ
   J[n + 1], J[n + 2], J[n + 3], J[n + 4], J[n + 5], J[n + 6], J[n + 7], J[n + 8] =
     s.hid, s.hn, s.did, s.dn, s.wid, s.wn, s.mid, s.mn
@@ -110,16 +118,8 @@ local function keep_counters(s)
     s.tn, s.sdid, s.sdv, s.smid, s.smv, s.dirty
   J[n + 15], J[n + 16], J[n + 17] = s, COUNTERS, 'f'
   NJ = n + 17
-end
-
-local function count_sale(s, win, price)
-  -- finish() writes these window ids after every lead has committed: a missing one must
-  -- fail this lead (taken back), not finish()
-  if not (win[1] and win[2] and win[3] and win[4]) then error('lead window ids missing') end
-  keep_counters(s)
   -- each window's counter moved: restarted when the stored window id is another one
   -- (written out, as over_cap)
-  local h, d, w, m = win[1], win[2], win[3], win[4]
   if s.hid ~= h then s.hid, s.hn = h, 1 else s.hn = s.hn + 1 end
   if s.did ~= d then s.did, s.dn = d, 1 else s.dn = s.dn + 1 end
   if s.wid ~= w then s.wid, s.wn = w, 1 else s.wn = s.wn + 1 end
@@ -237,10 +237,13 @@ local function finish()
   return first
 end
 
+-- whether a fingerprint of fps is marked; for two (one command: solar's email and phone;
+-- a key table for more cost more), their keys too, for mark_sold
 local function any_exists(fps)
   local n = #fps
-  if n == 2 then  -- one command (solar's email and phone); a key table for more cost more
-    return redis.call('EXISTS', K.dup(p, fps[1]), K.dup(p, fps[2])) > 0
+  if n == 2 then
+    local k1, k2 = K.dup(p, fps[1]), K.dup(p, fps[2])
+    return redis.call('EXISTS', k1, k2) > 0, k1, k2
   end
   for i = 1, n do
     if redis.call('EXISTS', K.dup(p, fps[i])) == 1 then return true end
@@ -248,7 +251,15 @@ local function any_exists(fps)
   return false
 end
 
-local function mark_sold(fps, lead_id, ttl)
+-- k1, k2: the keys of two fingerprints, when any_exists made them
+local function mark_sold(fps, lead_id, ttl, k1, k2)
+  if k2 then
+    redis.call('SET', k1, lead_id, 'EX', ttl)
+    note1('k', k1)  -- checked absent before (any_exists): this lead created it
+    redis.call('SET', k2, lead_id, 'EX', ttl)
+    note1('k', k2)
+    return
+  end
   for i = 1, #fps do
     local k = K.dup(p, fps[i])
     redis.call('SET', k, lead_id, 'EX', ttl)
@@ -275,24 +286,33 @@ local function order(L)
   return o, start, stored
 end
 
+-- the sale record's fields: one table for the call, each sale sets every field and encodes
+-- it (a table per sale cost its allocation and collection)
+local REC = {s = 'sold'}
+
+-- A candidate table object keeps what its sales format the same way all call long: its fee
+-- and debit as text, and its ledger entry's extra fields (for its campaign: an inline
+-- candidate is no other lead's).
 local function sell(L, c, bd, s, a, price)
   local ref = L.id
-  local fee = c.fs
-  if not fee then fee = fmt(c.fo); c.fs = fee end
-  apply(p, a, -c.p, 'lead', ref, now, {'buyer', c.b, 'campaign', L.c})
+  local fee, debit, extra = c.fs, c.ds, c.lx
+  if not fee then fee, debit = fmt(c.fo), fmt(-c.p); c.fs, c.ds = fee, debit end
+  if not extra or extra[4] ~= L.c then extra = {'buyer', c.b, 'campaign', L.c}; c.lx = extra end
+  apply(p, a, -c.p, 'lead', ref, now, extra, debit)
   DEBITED.lead = DEBITED.lead + c.p
   count_sale(s, L.win, c.p)
   local cap = c.cap
   if s.dn == cap[2] or s.tn == cap[5] or s.mn == cap[4] or s.wn == cap[3] then
     cap_reached(L, c, s, a)
   end
-  if #bd > 0 then mark_sold(bd, ref, text(L.dt)) end
+  if #bd > 0 then mark_sold(bd, ref, TEXT[L.dt] or text(L.dt)) end
   -- a new field: a lead is sold to a buyer once (the sync waterfall's later tries go to
   -- buyers it has not tried)
   local lk = K.lead(p, ref)
   L.lk = lk  -- its lifetime is set by one(), last
-  redis.call('HSET', lk, c.b, cjson.encode({a = c.a, p = price, f = fee,
-             w = L.win, s = 'sold', bd = bd, cd = L.d}))
+  local rec = REC
+  rec.a, rec.p, rec.f, rec.w, rec.bd, rec.cd = c.a, price, fee, L.win, bd, L.d
+  redis.call('HSET', lk, c.b, cjson.encode(rec))
   note2('hd', lk, c.b)
   local dk = DELIVERIES
   note2('x', dk, redis.call('XADD', dk, '*', 'lead_id', ref, 'buyer', c.b, 'campaign', L.c,
@@ -333,7 +353,8 @@ local function decide(L)
     if refused then return refused end
   end
   -- test leads get the full decision, duplicates included (they only never mark one)
-  if any_exists(L.d) then
+  local dup, k1, k2 = any_exists(L.d)  -- k1, k2: the keys of two, for mark_sold
+  if dup then
     return result(L, 'DUPLICATED', 100, 'duplicate of a lead sold in this campaign')
   end
   if not test and L.fi > 0 and (not wallet or not can_debit(wallet, L.fi)) then
@@ -344,12 +365,14 @@ local function decide(L)
   -- the platform fees of this lead, debited from the wallet as ONE balance change at the end
   local fee_in = test and 0 or L.fi
   local fees = fee_in
-  local tries, start, cursor = order(L)
-  for k = 1, tries and #tries or #L.cs do
+  local tries, start, cursor = nil, 0, nil  -- their own order unless round robin
+  if L.rr == 1 then tries, start, cursor = order(L) end
+  local cs, pg, win = L.cs, L.pg, L.win
+  for k = 1, tries and #tries or #cs do
     local ci = tries and tries[k] or k
     if #sold >= L.n then break end
     AT = nil  -- until this candidate's buyer is known
-    local c, bd = L.cs[ci], nil
+    local c, bd = cs[ci], nil
     if type(c) == 'string' then  -- a key of the call's table; its fingerprints: the lead's
       c, bd = CANDS[c], L.bd and L.bd[ci] or NONE
     else
@@ -357,12 +380,12 @@ local function decide(L)
     end
     AT = c.b  -- the buyer a failure from here on is reported with (the sync waterfall, engine/ingest/waterfall.py, skips it)
     local s, a = BUYERS[c.b] or buyer(c.b), ACCTS[c.a] or acct(p, c.a)
-    if L.pg and a then unhold_ping(p, L.pg, c.b) end  -- a post: this bidder's hold
+    if pg and a then unhold_ping(p, pg, c.b) end  -- a post: this bidder's hold
     if s.paused ~= '' or s.open or not a then
       n_paused = n_paused + 1
     elseif #bd > 0 and any_exists(bd) then
       n_dup = n_dup + 1
-    elseif over_cap(s, c.cap, L.win, c.p) then
+    elseif over_cap(s, c.cap, win, c.p) then
       n_cap = n_cap + 1
     elseif not can_debit(a, c.p) then
       n_funds = n_funds + 1
@@ -384,7 +407,9 @@ local function decide(L)
           note3('h', ck, L.c, cursor)
         end
       end
-      sold[#sold + 1] = {c.b, price}
+      local sale = c.sd  -- [buyer, price]: the same for every lead of the call, never changed
+      if not sale then sale = {c.b, price}; c.sd = sale end
+      sold[#sold + 1] = sale
     end
   end
   AT = nil  -- what fails from here on (fees, marks, the record) is not one buyer's
@@ -397,7 +422,7 @@ local function decide(L)
     DEBITED.fee = DEBITED.fee + fees
   end
   if #sold > 0 then
-    if not test then mark_sold(L.d, L.id, text(L.dt)) end
+    if not test then mark_sold(L.d, L.id, TEXT[L.dt] or text(L.dt), k1, k2) end
     return result(L, 'ACCEPTED', 0, '', sold)
   end
   if tried == 0 then return result(L, 'REJECTED', 200, 'no buyer matched the lead') end
@@ -435,7 +460,7 @@ local function one(i, L)
     -- sync waterfall still writing it) is pointed to
     if prior then
       local pending = string.find(prior, '"sy":', 1, true) ~= nil
-      redis.call('SET', ik, pending and at or prior, 'EX', text(L.kt))
+      redis.call('SET', ik, pending and at or prior, 'EX', TEXT[L.kt] or text(L.kt))
       note1('k', ik)
     end
   end
@@ -453,7 +478,7 @@ local function one(i, L)
   -- the lead's last writes: nothing can fail after the record, so neither needs an undo
   -- (the sale record's lifetime is set last: a sync try n found it with try 1's field)
   local json = cjson.encode(r)
-  redis.call('SET', ik, json, 'EX', text(L.kt))
+  redis.call('SET', ik, json, 'EX', TEXT[L.kt] or text(L.kt))
   if r.s == 'ACCEPTED' and L.t ~= 1 then redis.call('EXPIRE', L.lk or K.lead(p, L.id), LEAD_TTL) end
   return r, json
 end
