@@ -67,7 +67,7 @@ local function buyer(b)
   local s = BUYERS[b]
   if s then return s end
   local k = K.buyer(p, b)
-  local v = redis.call('HMGET', k, unpack(BUYER_FIELDS))
+  local v = rcall('HMGET', k, unpack(BUYER_FIELDS))
   -- one constructor, in BUYER_FIELDS' order (a table grown field by field was rehashed four
   -- times): ids as text ('' when absent), counts and spends as numbers (0 when absent)
   s = {k = k, paused = v[1] or '', hid = v[2] or '', hn = tonumber(v[3]) or 0,
@@ -76,7 +76,7 @@ local function buyer(b)
        sdid = v[11] or '', sdv = tonumber(v[12]) or 0, smid = v[13] or '',
        smv = tonumber(v[14]) or 0, open = false, dirty = false}
   -- the delivery worker keeps this key while the buyer's circuit breaker is open
-  s.open = redis.call('EXISTS', K.breaker(p, b)) == 1
+  s.open = rcall('EXISTS', K.breaker(p, b)) == 1
   BUYERS[b] = s
   return s
 end
@@ -144,9 +144,9 @@ local function cap_reached(L, c, s, a)
   elseif s.mn == cap[4] then n, window, field, mark = cap[4], 'month', 'crm', win[4]
   elseif s.wn == cap[3] then n, window, field, mark = cap[3], 'week', 'crw', win[3]
   else n, window, field, mark = cap[2], 'day', 'crd', win[2] end
-  local told = redis.call('HGET', s.k, field)
+  local told = rcall('HGET', s.k, field)
   if told == mark then return end
-  redis.call('HSET', s.k, field, mark)
+  rcall('HSET', s.k, field, mark)
   note3('h', s.k, field, told)
   emit(p, 'cap_reached', a, now, {'buyer', c.b, 'campaign', L.c, 'cap', fmt(n),
                                   'window', window, 'ref', L.id})
@@ -161,11 +161,11 @@ end
 -- An XADD that fails all the same (a stream whose last id is the largest there is) is the
 -- fallback's: the books stay even, the call raises, and its leads' fees are not charged.
 local function charge_fees(L, fee_in, fees)
-  if type(L.id) ~= 'string' or string.find(L.id, ',', 1, true) then
+  if type(L.id) ~= 'string' or sfind(L.id, ',', 1, true) then
     error('lead id: not a string without a comma')
   end
   if not LEDGER_OK then
-    local t = redis.call('TYPE', K.ledger(p)).ok
+    local t = rcall('TYPE', K.ledger(p)).ok
     if t ~= 'stream' and t ~= 'none' then
       error('WRONGTYPE the tenant ledger is not a stream')
     end
@@ -204,7 +204,7 @@ local function record_fees()
       local total = e.fi + e.fo
       local ok, err = pcall(function()
         ledger_entry(p, wallet.id, -total, fmt(wallet.bal + e.after), 'fee',
-                     table.concat(e.ids, ',', 1, e.n), now,
+                     tconcat(e.ids, ',', 1, e.n), now,
                      {'inbound', fmt(e.fi), 'outbound', fmt(e.fo), 'campaign', c})
       end)
       if not ok then
@@ -224,7 +224,7 @@ local function finish()
   local first = record_fees()  -- before the balances: a failed one is not flushed
   for _, s in pairs(BUYERS) do
     if s.dirty then
-      local ok, err = pcall(redis.call, 'HSET', s.k, 'hid', s.hid, 'hn', fmt(s.hn),
+      local ok, err = pcall(rcall, 'HSET', s.k, 'hid', s.hid, 'hn', fmt(s.hn),
                  'did', s.did, 'dn', fmt(s.dn), 'wid', s.wid, 'wn', fmt(s.wn),
                  'mid', s.mid, 'mn', fmt(s.mn), 'tn', fmt(s.tn), 'sdid', s.sdid,
                  'sdv', fmt(s.sdv), 'smid', s.smid, 'smv', fmt(s.smv))
@@ -243,10 +243,10 @@ local function any_exists(fps)
   local n = #fps
   if n == 2 then
     local k1, k2 = K.dup(p, fps[1]), K.dup(p, fps[2])
-    return redis.call('EXISTS', k1, k2) > 0, k1, k2
+    return rcall('EXISTS', k1, k2) > 0, k1, k2
   end
   for i = 1, n do
-    if redis.call('EXISTS', K.dup(p, fps[i])) == 1 then return true end
+    if rcall('EXISTS', K.dup(p, fps[i])) == 1 then return true end
   end
   return false
 end
@@ -254,15 +254,15 @@ end
 -- k1, k2: the keys of two fingerprints, when any_exists made them
 local function mark_sold(fps, lead_id, ttl, k1, k2)
   if k2 then
-    redis.call('SET', k1, lead_id, 'EX', ttl)
+    rcall('SET', k1, lead_id, 'EX', ttl)
     note1('k', k1)  -- checked absent before (any_exists): this lead created it
-    redis.call('SET', k2, lead_id, 'EX', ttl)
+    rcall('SET', k2, lead_id, 'EX', ttl)
     note1('k', k2)
     return
   end
   for i = 1, #fps do
     local k = K.dup(p, fps[i])
-    redis.call('SET', k, lead_id, 'EX', ttl)
+    rcall('SET', k, lead_id, 'EX', ttl)
     note1('k', k)  -- checked absent before (any_exists): this lead created it
   end
 end
@@ -275,7 +275,7 @@ end
 -- narrow filter could then starve (A, B, C with B and C on CA leads only, CA and TX leads
 -- alternating: C never got one).
 local function order(L)
-  local stored = L.rr == 1 and redis.call('HGET', K.cursors(p), L.c)
+  local stored = L.rr == 1 and rcall('HGET', K.cursors(p), L.c)
   if L.rr ~= 1 or #L.q == 0 then return nil, 0, stored end
   local start = tonumber(stored or '0') % #L.q
   local o, seen = {}, {}
@@ -312,10 +312,10 @@ local function sell(L, c, bd, s, a, price)
   L.lk = lk  -- its lifetime is set by one(), last
   local rec = REC
   rec.a, rec.p, rec.f, rec.w, rec.bd, rec.cd = c.a, price, fee, L.win, bd, L.d
-  redis.call('HSET', lk, c.b, cjson.encode(rec))
+  rcall('HSET', lk, c.b, jencode(rec))
   note2('hd', lk, c.b)
   local dk = DELIVERIES
-  note2('x', dk, redis.call('XADD', dk, '*', 'lead_id', ref, 'buyer', c.b, 'campaign', L.c,
+  note2('x', dk, rcall('XADD', dk, '*', 'lead_id', ref, 'buyer', c.b, 'campaign', L.c,
         'account', c.a, 'price', price, 'fee', fee, 'lead', L.x, 'ts', now,
         'supplier', L.sp or ''))
 end
@@ -328,12 +328,12 @@ end
 -- a post's ping: nil when it may be sold (marked posted by this lead), else the refusal
 local function post_of(L)
   local pk = K.ping(p, L.pg)
-  local v = redis.call('HMGET', pk, 'st', 'ex')
+  local v = rcall('HMGET', pk, 'st', 'ex')
   if not v[1] then return result(L, 'REJECTED', 1061, 'unknown ping') end
   local mine = 'posted:' .. L.id
   if v[1] == mine then return nil end
   if v[1] ~= 'open' then
-    if string.sub(v[1], 1, 7) == 'posted:' then
+    if ssub(v[1], 1, 7) == 'posted:' then
       return result(L, 'REJECTED', 1062, 'the ping was already posted')
     end
     return result(L, 'REJECTED', 1064, 'the ping expired')
@@ -341,7 +341,7 @@ local function post_of(L)
   if tonumber(v[2]) <= batch.now then
     return result(L, 'REJECTED', 1064, 'the ping expired')
   end
-  redis.call('HSET', pk, 'st', mine)
+  rcall('HSET', pk, 'st', mine)
   note3('h', pk, 'st', v[1])
   return nil
 end
@@ -403,7 +403,7 @@ local function decide(L)
         fees = fees + c.fo
         if L.rr == 1 then
           local ck = K.cursors(p)
-          redis.call('HSET', ck, L.c, start + 1)
+          rcall('HSET', ck, L.c, start + 1)
           note3('h', ck, L.c, cursor)
         end
       end
@@ -431,7 +431,7 @@ local function decide(L)
   end
   if n_wallet > 0 then return result(L, 'REJECTED', 203, 'tenant platform wallet is at its floor') end
   if n_cap == tried then return result(L, 'REJECTED', 201, 'every matching buyer is at a cap') end
-  return result(L, 'REJECTED', 202, string.format(
+  return result(L, 'REJECTED', 202, sformat(
     'no matching buyer could take the lead (%d at cap, %d paused, %d without funds)',
     n_cap, n_paused, n_funds))
 end
@@ -439,10 +439,10 @@ end
 -- the stored record under key k (`key`: its Redis key, when made already), a pointer
 -- followed (nil when absent or expired), and the key it was found under
 local function record(k, key)
-  local v = redis.call('GET', key or K.idem(p, k))
-  if v and string.sub(v, 1, 1) ~= '{' then
+  local v = rcall('GET', key or K.idem(p, k))
+  if v and ssub(v, 1, 1) ~= '{' then
     k = v
-    v = redis.call('GET', K.idem(p, k))
+    v = rcall('GET', K.idem(p, k))
   end
   return v, k
 end
@@ -459,8 +459,8 @@ local function one(i, L)
     -- its own TTL, past the payload window. A final record is copied; a pending one (a
     -- sync waterfall still writing it) is pointed to
     if prior then
-      local pending = string.find(prior, '"sy":', 1, true) ~= nil
-      redis.call('SET', ik, pending and at or prior, 'EX', TEXT[L.kt] or text(L.kt))
+      local pending = sfind(prior, '"sy":', 1, true) ~= nil
+      rcall('SET', ik, pending and at or prior, 'EX', TEXT[L.kt] or text(L.kt))
       note1('k', ik)
     end
   end
@@ -472,14 +472,14 @@ local function one(i, L)
   local r = decide(L)
   if L.k2 then  -- absent before (record): this lead creates it
     local k2 = K.idem(p, L.k2)
-    redis.call('SET', k2, L.k, 'EX', text(L.k2t))
+    rcall('SET', k2, L.k, 'EX', text(L.k2t))
     note1('k', k2)
   end
   -- the lead's last writes: nothing can fail after the record, so neither needs an undo
   -- (the sale record's lifetime is set last: a sync try n found it with try 1's field)
-  local json = cjson.encode(r)
-  redis.call('SET', ik, json, 'EX', TEXT[L.kt] or text(L.kt))
-  if r.s == 'ACCEPTED' and L.t ~= 1 then redis.call('EXPIRE', L.lk or K.lead(p, L.id), LEAD_TTL) end
+  local json = jencode(r)
+  rcall('SET', ik, json, 'EX', TEXT[L.kt] or text(L.kt))
+  if r.s == 'ACCEPTED' and L.t ~= 1 then rcall('EXPIRE', L.lk or K.lead(p, L.id), LEAD_TTL) end
   return r, json
 end
 
@@ -505,7 +505,7 @@ local function decide_all()
            t = type(L) == 'table' and L.t == 1 and 1 or 0}
       json = nil
     end
-    out[i] = json or cjson.encode(r)
+    out[i] = json or jencode(r)
   end
 end
 
@@ -519,6 +519,6 @@ if not ok then error(err, 0) end  -- as raised: no second position prefix
 if unfinished then error(unfinished, 0) end
 -- the reply: the decisions as encoded above, joined (a second cjson pass over each cost
 -- more than the concatenation)
-return '{"r":[' .. table.concat(out, ',') .. '],"e":' .. cjson.encode(emitted_list())
+return '{"r":[' .. tconcat(out, ',') .. '],"e":' .. jencode(emitted_list())
   .. ',"m":["' .. fmt(DEBITED.lead) .. '","' .. fmt(DEBITED.fee) .. '"],"x":'
-  .. cjson.encode(failed) .. '}'
+  .. jencode(failed) .. '}'
