@@ -251,18 +251,22 @@ local function any_exists(fps)
   return false
 end
 
+-- SET's GET option (Redis 6.2) on the keys the script found absent: the reply is then a nil
+-- bulk, which Lua gets as false, where plain SET's status reply is a new table ({ok =
+-- 'OK'}: ~1,000 instructions a SET with its collection). What is written, and the SET ...
+-- PX that the AOF and replicas get, are the same.
 -- k1, k2: the keys of two fingerprints, when any_exists made them
 local function mark_sold(fps, lead_id, ttl, k1, k2)
   if k2 then
-    rcall('SET', k1, lead_id, 'EX', ttl)
+    rcall('SET', k1, lead_id, 'EX', ttl, 'GET')
     note1('k', k1)  -- checked absent before (any_exists): this lead created it
-    rcall('SET', k2, lead_id, 'EX', ttl)
+    rcall('SET', k2, lead_id, 'EX', ttl, 'GET')
     note1('k', k2)
     return
   end
   for i = 1, #fps do
     local k = K.dup(p, fps[i])
-    rcall('SET', k, lead_id, 'EX', ttl)
+    rcall('SET', k, lead_id, 'EX', ttl, 'GET')
     note1('k', k)  -- checked absent before (any_exists): this lead created it
   end
 end
@@ -478,7 +482,7 @@ local function one(i, L)
   -- the lead's last writes: nothing can fail after the record, so neither needs an undo
   -- (the sale record's lifetime is set last: a sync try n found it with try 1's field)
   local json = jencode(r)
-  rcall('SET', ik, json, 'EX', TEXT[L.kt] or text(L.kt))
+  rcall('SET', ik, json, 'EX', TEXT[L.kt] or text(L.kt), 'GET')  -- absent (record): see mark_sold
   if r.s == 'ACCEPTED' and L.t ~= 1 then rcall('EXPIRE', L.lk or K.lead(p, L.id), LEAD_TTL) end
   return r, json
 end
