@@ -68,12 +68,16 @@ local function buyer(b)
   local s = BUYERS[b]
   if s then return s end
   local k = K.buyer(p, b)
-  local v = redis.call('HMGET', k, unpack(BUYER_FIELDS))
-  s = {k = k}
-  for i = 1, #BUYER_FIELDS do s[BUYER_FIELDS[i]] = v[i] or '' end
-  for _, f in ipairs({'hn', 'dn', 'wn', 'mn', 'tn', 'sdv', 'smv'}) do s[f] = tonumber(s[f]) or 0 end
+  local v = rcall('HMGET', k, unpack(BUYER_FIELDS))
+  -- one constructor, in BUYER_FIELDS' order (a table grown field by field was rehashed four
+  -- times): ids as text ('' when absent), counts and spends as numbers (0 when absent)
+  s = {k = k, paused = v[1] or '', hid = v[2] or '', hn = tonumber(v[3]) or 0,
+       did = v[4] or '', dn = tonumber(v[5]) or 0, wid = v[6] or '', wn = tonumber(v[7]) or 0,
+       mid = v[8] or '', mn = tonumber(v[9]) or 0, tn = tonumber(v[10]) or 0,
+       sdid = v[11] or '', sdv = tonumber(v[12]) or 0, smid = v[13] or '',
+       smv = tonumber(v[14]) or 0, open = false, dirty = false}
   -- the delivery worker keeps this key while the buyer's circuit breaker is open
-  s.open = redis.call('EXISTS', K.breaker(p, b)) == 1
+  s.open = rcall('EXISTS', K.breaker(p, b)) == 1
   BUYERS[b] = s
   return s
 end
@@ -102,8 +106,12 @@ end
 local COUNTERS = {'hid', 'hn', 'did', 'dn', 'wid', 'wn', 'mid', 'mn', 'tn', 'sdid', 'sdv',
                   'smid', 'smv', 'dirty'}
 
--- a buyer's COUNTERS as they are now, restored by undo() (an 'f' op, written out)
-local function keep_counters(s)
+local function count_sale(s, win, price)
+  -- finish() writes these window ids after every lead has committed: a missing one must
+  -- fail this lead (taken back), not finish()
+  local h, d, w, m = win[1], win[2], win[3], win[4]
+  if not (h and d and w and m) then error('lead window ids missing') end
+  -- the buyer's COUNTERS as they are now, restored by undo() (an 'f' op, written out)
   local J, n = JOURNAL, NJ
   J[n + 1], J[n + 2], J[n + 3], J[n + 4], J[n + 5], J[n + 6], J[n + 7], J[n + 8] =
     s.hid, s.hn, s.did, s.dn, s.wid, s.wn, s.mid, s.mn
@@ -111,16 +119,8 @@ local function keep_counters(s)
     s.tn, s.sdid, s.sdv, s.smid, s.smv, s.dirty
   J[n + 15], J[n + 16], J[n + 17] = s, COUNTERS, 'f'
   NJ = n + 17
-end
-
-local function count_sale(s, win, price)
-  -- finish() writes these window ids after every lead has committed: a missing one must
-  -- fail this lead (taken back), not finish()
-  if not (win[1] and win[2] and win[3] and win[4]) then error('lead window ids missing') end
-  keep_counters(s)
   -- each window's counter moved: restarted when the stored window id is another one
   -- (written out, as over_cap)
-  local h, d, w, m = win[1], win[2], win[3], win[4]
   if s.hid ~= h then s.hid, s.hn = h, 1 else s.hn = s.hn + 1 end
   if s.did ~= d then s.did, s.dn = d, 1 else s.dn = s.dn + 1 end
   if s.wid ~= w then s.wid, s.wn = w, 1 else s.wn = s.wn + 1 end
@@ -145,9 +145,9 @@ local function cap_reached(L, c, s, a)
   elseif s.mn == cap[4] then n, window, field, mark = cap[4], 'month', 'crm', win[4]
   elseif s.wn == cap[3] then n, window, field, mark = cap[3], 'week', 'crw', win[3]
   else n, window, field, mark = cap[2], 'day', 'crd', win[2] end
-  local told = redis.call('HGET', s.k, field)
+  local told = rcall('HGET', s.k, field)
   if told == mark then return end
-  redis.call('HSET', s.k, field, mark)
+  rcall('HSET', s.k, field, mark)
   note3('h', s.k, field, told)
   emit(p, 'cap_reached', a, now, {'buyer', c.b, 'campaign', L.c, 'cap', fmt(n),
                                   'window', window, 'ref', L.id})
@@ -162,11 +162,11 @@ end
 -- An XADD that fails all the same (a stream whose last id is the largest there is) is the
 -- fallback's: the books stay even, the call raises, and its leads' fees are not charged.
 local function charge_fees(L, fee_in, fees)
-  if type(L.id) ~= 'string' or string.find(L.id, ',', 1, true) then
+  if type(L.id) ~= 'string' or sfind(L.id, ',', 1, true) then
     error('lead id: not a string without a comma')
   end
   if not LEDGER_OK then
-    local t = redis.call('TYPE', K.ledger(p)).ok
+    local t = rcall('TYPE', K.ledger(p)).ok
     if t ~= 'stream' and t ~= 'none' then
       error('WRONGTYPE the tenant ledger is not a stream')
     end
@@ -205,7 +205,7 @@ local function record_fees()
       local total = e.fi + e.fo
       local ok, err = pcall(function()
         ledger_entry(p, wallet.id, -total, fmt(wallet.bal + e.after), 'fee',
-                     table.concat(e.ids, ',', 1, e.n), now,
+                     tconcat(e.ids, ',', 1, e.n), now,
                      {'inbound', fmt(e.fi), 'outbound', fmt(e.fo), 'campaign', c})
       end)
       if not ok then
@@ -225,7 +225,7 @@ local function finish()
   local first = record_fees()  -- before the balances: a failed one is not flushed
   for _, s in pairs(BUYERS) do
     if s.dirty then
-      local ok, err = pcall(redis.call, 'HSET', s.k, 'hid', s.hid, 'hn', fmt(s.hn),
+      local ok, err = pcall(rcall, 'HSET', s.k, 'hid', s.hid, 'hn', fmt(s.hn),
                  'did', s.did, 'dn', fmt(s.dn), 'wid', s.wid, 'wn', fmt(s.wn),
                  'mid', s.mid, 'mn', fmt(s.mn), 'tn', fmt(s.tn), 'sdid', s.sdid,
                  'sdv', fmt(s.sdv), 'smid', s.smid, 'smv', fmt(s.smv))
@@ -238,21 +238,36 @@ local function finish()
   return first
 end
 
+-- whether a fingerprint of fps is marked; for two (one command: solar's email and phone;
+-- a key table for more cost more), their keys too, for mark_sold
 local function any_exists(fps)
   local n = #fps
-  if n == 2 then  -- one command (solar's email and phone); a key table for more cost more
-    return redis.call('EXISTS', K.dup(p, fps[1]), K.dup(p, fps[2])) > 0
+  if n == 2 then
+    local k1, k2 = K.dup(p, fps[1]), K.dup(p, fps[2])
+    return rcall('EXISTS', k1, k2) > 0, k1, k2
   end
   for i = 1, n do
-    if redis.call('EXISTS', K.dup(p, fps[i])) == 1 then return true end
+    if rcall('EXISTS', K.dup(p, fps[i])) == 1 then return true end
   end
   return false
 end
 
-local function mark_sold(fps, lead_id, ttl)
+-- SET's GET option (Redis 6.2) on the keys the script found absent: the reply is then a nil
+-- bulk, which Lua gets as false, where plain SET's status reply is a new table ({ok =
+-- 'OK'}: ~1,000 instructions a SET with its collection). What is written, and the SET ...
+-- PX that the AOF and replicas get, are the same.
+-- k1, k2: the keys of two fingerprints, when any_exists made them
+local function mark_sold(fps, lead_id, ttl, k1, k2)
+  if k2 then
+    rcall('SET', k1, lead_id, 'EX', ttl, 'GET')
+    note1('k', k1)  -- checked absent before (any_exists): this lead created it
+    rcall('SET', k2, lead_id, 'EX', ttl, 'GET')
+    note1('k', k2)
+    return
+  end
   for i = 1, #fps do
     local k = K.dup(p, fps[i])
-    redis.call('SET', k, lead_id, 'EX', ttl)
+    rcall('SET', k, lead_id, 'EX', ttl, 'GET')
     note1('k', k)  -- checked absent before (any_exists): this lead created it
   end
 end
@@ -265,7 +280,7 @@ end
 -- narrow filter could then starve (A, B, C with B and C on CA leads only, CA and TX leads
 -- alternating: C never got one).
 local function order(L)
-  local stored = L.rr == 1 and redis.call('HGET', K.cursors(p), L.c)
+  local stored = L.rr == 1 and rcall('HGET', K.cursors(p), L.c)
   if L.rr ~= 1 or #L.q == 0 then return nil, 0, stored end
   local start = tonumber(stored or '0') % #L.q
   local o, seen = {}, {}
@@ -276,27 +291,36 @@ local function order(L)
   return o, start, stored
 end
 
+-- the sale record's fields: one table for the call, each sale sets every field and encodes
+-- it (a table per sale cost its allocation and collection)
+local REC = {s = 'sold'}
+
+-- A candidate table object keeps what its sales format the same way all call long: its fee
+-- and debit as text, and its ledger entry's extra fields (for its campaign: an inline
+-- candidate is no other lead's).
 local function sell(L, c, bd, s, a, price)
   local ref = L.id
-  local fee = c.fs
-  if not fee then fee = fmt(c.fo); c.fs = fee end
-  apply(p, a, -c.p, 'lead', ref, now, {'buyer', c.b, 'campaign', L.c})
+  local fee, debit, extra = c.fs, c.ds, c.lx
+  if not fee then fee, debit = fmt(c.fo), fmt(-c.p); c.fs, c.ds = fee, debit end
+  if not extra or extra[4] ~= L.c then extra = {'buyer', c.b, 'campaign', L.c}; c.lx = extra end
+  apply(p, a, -c.p, 'lead', ref, now, extra, debit)
   DEBITED.lead = DEBITED.lead + c.p
   count_sale(s, L.win, c.p)
   local cap = c.cap
   if s.dn == cap[2] or s.tn == cap[5] or s.mn == cap[4] or s.wn == cap[3] then
     cap_reached(L, c, s, a)
   end
-  if #bd > 0 then mark_sold(bd, ref, text(L.dt)) end
+  if #bd > 0 then mark_sold(bd, ref, TEXT[L.dt] or text(L.dt)) end
   -- a new field: a lead is sold to a buyer once (the sync waterfall's later tries go to
   -- buyers it has not tried)
   local lk = K.lead(p, ref)
   L.lk = lk  -- its lifetime is set by one(), last
-  redis.call('HSET', lk, c.b, cjson.encode({a = c.a, p = price, f = fee,
-             w = L.win, s = 'sold', bd = bd, cd = L.d}))
+  local rec = REC
+  rec.a, rec.p, rec.f, rec.w, rec.bd, rec.cd = c.a, price, fee, L.win, bd, L.d
+  rcall('HSET', lk, c.b, jencode(rec))
   note2('hd', lk, c.b)
   local dk = DELIVERIES
-  note2('x', dk, redis.call('XADD', dk, '*', 'lead_id', ref, 'buyer', c.b, 'campaign', L.c,
+  note2('x', dk, rcall('XADD', dk, '*', 'lead_id', ref, 'buyer', c.b, 'campaign', L.c,
         'account', c.a, 'price', price, 'fee', fee, 'lead', L.x, 'ts', now,
         'supplier', L.sp or ''))
 end
@@ -309,12 +333,12 @@ end
 -- a post's ping: nil when it may be sold (marked posted by this lead), else the refusal
 local function post_of(L)
   local pk = K.ping(p, L.pg)
-  local v = redis.call('HMGET', pk, 'st', 'ex')
+  local v = rcall('HMGET', pk, 'st', 'ex')
   if not v[1] then return result(L, 'REJECTED', 1061, 'unknown ping') end
   local mine = 'posted:' .. L.id
   if v[1] == mine then return nil end
   if v[1] ~= 'open' then
-    if string.sub(v[1], 1, 7) == 'posted:' then
+    if ssub(v[1], 1, 7) == 'posted:' then
       return result(L, 'REJECTED', 1062, 'the ping was already posted')
     end
     return result(L, 'REJECTED', 1064, 'the ping expired')
@@ -322,7 +346,7 @@ local function post_of(L)
   if tonumber(v[2]) <= batch.now then
     return result(L, 'REJECTED', 1064, 'the ping expired')
   end
-  redis.call('HSET', pk, 'st', mine)
+  rcall('HSET', pk, 'st', mine)
   note3('h', pk, 'st', v[1])
   return nil
 end
@@ -334,7 +358,8 @@ local function decide(L)
     if refused then return refused end
   end
   -- test leads get the full decision, duplicates included (they only never mark one)
-  if any_exists(L.d) then
+  local dup, k1, k2 = any_exists(L.d)  -- k1, k2: the keys of two, for mark_sold
+  if dup then
     return result(L, 'DUPLICATED', 100, 'duplicate of a lead sold in this campaign')
   end
   if not test and L.fi > 0 and (not wallet or not can_debit(wallet, L.fi)) then
@@ -345,12 +370,14 @@ local function decide(L)
   -- the platform fees of this lead, debited from the wallet as ONE balance change at the end
   local fee_in = test and 0 or L.fi
   local fees = fee_in
-  local tries, start, cursor = order(L)
-  for k = 1, tries and #tries or #L.cs do
+  local tries, start, cursor = nil, 0, nil  -- their own order unless round robin
+  if L.rr == 1 then tries, start, cursor = order(L) end
+  local cs, pg, win = L.cs, L.pg, L.win
+  for k = 1, tries and #tries or #cs do
     local ci = tries and tries[k] or k
     if #sold >= L.n then break end
     AT = nil  -- until this candidate's buyer is known
-    local c, bd = L.cs[ci], nil
+    local c, bd = cs[ci], nil
     if type(c) == 'string' then  -- a key of the call's table; its fingerprints: the lead's
       c, bd = CANDS[c], L.bd and L.bd[ci] or NONE
     else
@@ -358,12 +385,12 @@ local function decide(L)
     end
     AT = c.b  -- the buyer a failure from here on is reported with (the sync waterfall, engine/ingest/waterfall.py, skips it)
     local s, a = BUYERS[c.b] or buyer(c.b), ACCTS[c.a] or acct(p, c.a)
-    if L.pg and a then unhold_ping(p, L.pg, c.b) end  -- a post: this bidder's hold
+    if pg and a then unhold_ping(p, pg, c.b) end  -- a post: this bidder's hold
     if s.paused ~= '' or s.open or not a then
       n_paused = n_paused + 1
     elseif #bd > 0 and any_exists(bd) then
       n_dup = n_dup + 1
-    elseif over_cap(s, c.cap, L.win, c.p) then
+    elseif over_cap(s, c.cap, win, c.p) then
       n_cap = n_cap + 1
     elseif not can_debit(a, c.p) then
       n_funds = n_funds + 1
@@ -381,11 +408,13 @@ local function decide(L)
         fees = fees + c.fo
         if L.rr == 1 then
           local ck = K.cursors(p)
-          redis.call('HSET', ck, L.c, start + 1)
+          rcall('HSET', ck, L.c, start + 1)
           note3('h', ck, L.c, cursor)
         end
       end
-      sold[#sold + 1] = {c.b, price}
+      local sale = c.sd  -- [buyer, price]: the same for every lead of the call, never changed
+      if not sale then sale = {c.b, price}; c.sd = sale end
+      sold[#sold + 1] = sale
     end
   end
   AT = nil  -- what fails from here on (fees, marks, the record) is not one buyer's
@@ -401,7 +430,7 @@ local function decide(L)
     DEBITED.fee = DEBITED.fee + fees
   end
   if #sold > 0 then
-    if not test then mark_sold(L.d, L.id, text(L.dt)) end
+    if not test then mark_sold(L.d, L.id, TEXT[L.dt] or text(L.dt), k1, k2) end
     return result(L, 'ACCEPTED', 0, '', sold)
   end
   if tried == 0 then return result(L, 'REJECTED', 200, 'no buyer matched the lead') end
@@ -410,7 +439,7 @@ local function decide(L)
   end
   if n_wallet > 0 then return result(L, 'REJECTED', 203, 'tenant platform wallet is at its floor') end
   if n_cap == tried then return result(L, 'REJECTED', 201, 'every matching buyer is at a cap') end
-  return result(L, 'REJECTED', 202, string.format(
+  return result(L, 'REJECTED', 202, sformat(
     'no matching buyer could take the lead (%d at cap, %d paused, %d without funds)',
     n_cap, n_paused, n_funds))
 end
@@ -418,10 +447,10 @@ end
 -- the stored record under key k (`key`: its Redis key, when made already), a pointer
 -- followed (nil when absent or expired), and the key it was found under
 local function record(k, key)
-  local v = redis.call('GET', key or K.idem(p, k))
-  if v and string.sub(v, 1, 1) ~= '{' then
+  local v = rcall('GET', key or K.idem(p, k))
+  if v and ssub(v, 1, 1) ~= '{' then
     k = v
-    v = redis.call('GET', K.idem(p, k))
+    v = rcall('GET', K.idem(p, k))
   end
   return v, k
 end
@@ -438,8 +467,8 @@ local function one(i, L)
     -- its own TTL, past the payload window. A final record is copied; a pending one (a
     -- sync waterfall still writing it) is pointed to
     if prior then
-      local pending = string.find(prior, '"sy":', 1, true) ~= nil
-      redis.call('SET', ik, pending and at or prior, 'EX', text(L.kt))
+      local pending = sfind(prior, '"sy":', 1, true) ~= nil
+      rcall('SET', ik, pending and at or prior, 'EX', TEXT[L.kt] or text(L.kt))
       note1('k', ik)
     end
   end
@@ -452,14 +481,14 @@ local function one(i, L)
   if r == MORE then return r end  -- no record: the lead is decided again
   if L.k2 then  -- absent before (record): this lead creates it
     local k2 = K.idem(p, L.k2)
-    redis.call('SET', k2, L.k, 'EX', text(L.k2t))
+    rcall('SET', k2, L.k, 'EX', text(L.k2t))
     note1('k', k2)
   end
   -- the lead's last writes: nothing can fail after the record, so neither needs an undo
   -- (the sale record's lifetime is set last: a sync try n found it with try 1's field)
-  local json = cjson.encode(r)
-  redis.call('SET', ik, json, 'EX', text(L.kt))
-  if r.s == 'ACCEPTED' and L.t ~= 1 then redis.call('EXPIRE', L.lk or K.lead(p, L.id), LEAD_TTL) end
+  local json = jencode(r)
+  rcall('SET', ik, json, 'EX', TEXT[L.kt] or text(L.kt), 'GET')  -- absent (record): see mark_sold
+  if r.s == 'ACCEPTED' and L.t ~= 1 then rcall('EXPIRE', L.lk or K.lead(p, L.id), LEAD_TTL) end
   return r, json
 end
 
@@ -490,7 +519,7 @@ local function decide_all()
            t = type(L) == 'table' and L.t == 1 and 1 or 0}
       json = nil
     end
-    out[i] = json or cjson.encode(r)
+    out[i] = json or jencode(r)
   end
 end
 
@@ -504,6 +533,6 @@ if not ok then error(err, 0) end  -- as raised: no second position prefix
 if unfinished then error(unfinished, 0) end
 -- the reply: the decisions as encoded above, joined (a second cjson pass over each cost
 -- more than the concatenation)
-return '{"r":[' .. table.concat(out, ',') .. '],"e":' .. cjson.encode(emitted_list())
+return '{"r":[' .. tconcat(out, ',') .. '],"e":' .. jencode(emitted_list())
   .. ',"m":["' .. fmt(DEBITED.lead) .. '","' .. fmt(DEBITED.fee) .. '"],"x":'
-  .. cjson.encode(failed) .. '}'
+  .. jencode(failed) .. '}'
