@@ -33,7 +33,7 @@ from billing.schemas import Transaction
 from engine.core import keys, money
 from engine.core.billing_errors import InvalidRequest
 from engine.core.constants import archive_path
-from engine.store.sql import Backend, Row, open_backend
+from engine.store.sql import Backend, Row, open_backend, time_range
 from engine.store.store import UNAVAILABLE, Store
 from engine.store.streams import Batch, Fields, Reader, StreamConsumer
 
@@ -239,12 +239,7 @@ class Archive:
         p = self._db.ph
         where = [f"tenant = {p}", f"account = {p}"]
         params: list[Any] = [tenant, account]
-        if from_ms is not None:
-            where.append(f"ts >= {p}")
-            params.append(from_ms)
-        if to_ms is not None:
-            where.append(f"ts < {p}")
-            params.append(to_ms)
+        time_range(p, from_ms, to_ms, where, params)
         for allowed in (kinds, only):
             if allowed is not None:
                 where.append(f"kind IN ({', '.join([p] * len(allowed))})" if allowed

@@ -52,7 +52,7 @@ from engine.core import keys, money
 from engine.core.billing_errors import InvalidRequest
 from engine.core.config import Campaign, Config, Tenant
 from engine.core.constants import archive_path
-from engine.store.sql import Backend, Row, Step, open_backend
+from engine.store.sql import Backend, Row, Step, open_backend, time_range
 from engine.store.store import UNAVAILABLE, Store, now_ms
 from engine.store.streams import Batch, StreamConsumer
 
@@ -362,12 +362,7 @@ class LeadArchive:
         where = [f"tenant = {p}", "sold = 1",
                  f"account IN ({', '.join([p] * len(accounts))})" if accounts else "1 = 0"]
         params: list[Any] = [tenant, *accounts]
-        if from_ms is not None:
-            where.append(f"ts >= {p}")
-            params.append(from_ms)
-        if to_ms is not None:
-            where.append(f"ts < {p}")
-            params.append(to_ms)
+        time_range(p, from_ms, to_ms, where, params)
         return where, params
 
     async def leads(self, tenant: str, accounts: Sequence[str], *, from_ms: int | None = None,

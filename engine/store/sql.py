@@ -32,6 +32,18 @@ class Step(NamedTuple):
     need: bool = False
 
 
+def time_range(ph: str, from_ms: int | None, to_ms: int | None, where: list[str],
+               params: list[Any]) -> None:
+    """``ts >= from_ms`` and ``ts < to_ms`` (each only when given) added to a query's
+    conditions and parameters (``ph``: the backend's placeholder)."""
+    if from_ms is not None:
+        where.append(f"ts >= {ph}")
+        params.append(from_ms)
+    if to_ms is not None:
+        where.append(f"ts < {ph}")
+        params.append(to_ms)
+
+
 class NoRows(Exception):
     """A step marked ``need`` changed no row: nothing of the batch was kept."""
 
