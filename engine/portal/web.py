@@ -566,15 +566,8 @@ class Portal:
             "from_ms": int(query["from"]) if "from" in query else None,
             "to_ms": int(query["to"]) if "to" in query else None,
             "type": query.get("type"), "q": query.get("q")}
-        chunks = arc.iter_csv(ctx.tenant, ctx.account, **filters)
-
-        async def body() -> AsyncIterator[bytes]:
-            async for chunk in chunks:
-                yield chunk.encode()
-
-        name = f"{ctx.account}-transactions.csv"
-        return StreamingResponse(body(), media_type="text/csv; charset=utf-8", headers={
-            "content-disposition": f'attachment; filename="{name}"'})
+        return _csv(arc.iter_csv(ctx.tenant, ctx.account, **filters),
+                    f"{ctx.account}-transactions.csv")
 
     # ---- leads and analytics ----------------------------------------------------------------
 
@@ -635,15 +628,8 @@ class Portal:
             _, from_ms, to_ms = self._range(ctx, request)
         except Failed as exc:
             raise HTTPException(exc.status, exc.message) from None
-        chunks = arc.iter_csv(ctx.tenant, [ctx.account], from_ms=from_ms, to_ms=to_ms)
-
-        async def body() -> AsyncIterator[bytes]:
-            async for chunk in chunks:
-                yield chunk.encode()
-
-        name = f"{ctx.account}-leads.csv"
-        return StreamingResponse(body(), media_type="text/csv; charset=utf-8", headers={
-            "content-disposition": f'attachment; filename="{name}"'})
+        return _csv(arc.iter_csv(ctx.tenant, [ctx.account], from_ms=from_ms, to_ms=to_ms),
+                    f"{ctx.account}-leads.csv")
 
     async def lead_detail(self, request: Request) -> Response:
         ctx = await self._account(request)
@@ -982,3 +968,14 @@ async def _redirect(request: Request, exc: Exception) -> Response:
 def build(api: App, billing: BillingContext, config: Callable[[], Config]) -> Starlette:
     """The portal's ASGI app, for :attr:`engine.api.app.App.portal`."""
     return Portal(api, billing, config).asgi()
+
+
+def _csv(chunks: AsyncIterator[str], name: str) -> StreamingResponse:
+    """A CSV download streamed as the archive yields it."""
+
+    async def body() -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            yield chunk.encode()
+
+    return StreamingResponse(body(), media_type="text/csv; charset=utf-8", headers={
+        "content-disposition": f'attachment; filename="{name}"'})
