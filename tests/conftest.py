@@ -17,7 +17,8 @@ from engine.store.embedded import EmbeddedRedis
 from tests.helpers import ROOT
 
 pytest_plugins = ("tests.helpers.stripe_fixture", "tests.helpers.billing_fixtures",
-                  "tests.helpers.smtp", "tests.helpers.sendgrid", "tests.helpers.postgres")
+                  "tests.helpers.smtp", "tests.helpers.sendgrid", "tests.helpers.postgres",
+                  "tests.helpers.buyers")
 
 EXAMPLE_CONFIG = ROOT / "config" / "example.toml"
 

@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import pytest
 from aiohttp import web
 from standardwebhooks import Webhook
 
@@ -168,3 +169,10 @@ async def buyer_servers() -> AsyncIterator[Buyers]:
         raw.close()
         await raw.wait_closed()
         await runner.cleanup()
+
+
+@pytest.fixture
+async def buyers() -> AsyncIterator[Buyers]:
+    """The buyer servers (a pytest fixture, registered by tests/conftest.py)."""
+    async with buyer_servers() as b:
+        yield b

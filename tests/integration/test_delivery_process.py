@@ -13,22 +13,14 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-
-import pytest
 
 from engine.core import keys
 from engine.delivery.worker import DeliveryWorker, WorkerOptions
 from tests.helpers import ROOT, settled
-from tests.helpers.buyers import SECRET, Buyers, buyer_servers
+from tests.helpers.buyers import SECRET, Buyers
 from tests.helpers.harness import BASE_TOML, buyer, campaign, make_config, running
-
-
-@pytest.fixture
-async def buyers() -> AsyncIterator[Buyers]:
-    async with buyer_servers() as b:
-        yield b
 
 
 async def _until(what: str, check: Callable[[], Awaitable[bool]], within: float = 20.0) -> None:

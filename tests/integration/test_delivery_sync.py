@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import Any
-
-import pytest
 
 from engine.core import keys
 from engine.delivery.worker import DeliveryWorker, WorkerOptions
 from engine.store.store import now_ms
 from tests.helpers import settled
-from tests.helpers.buyers import SECRET, Buyers, buyer_servers
+from tests.helpers.buyers import SECRET, Buyers
 from tests.helpers.harness import Engine, buyer, campaign, make_config, running
 
 PRICE = 10_000_000
@@ -25,10 +22,6 @@ RULES = ('accept = [{ path = "status", equals = "accepted" }], '
          'duplicate = [{ status = [409] }]')
 
 
-@pytest.fixture
-async def buyers() -> AsyncIterator[Buyers]:
-    async with buyer_servers() as b:
-        yield b
 
 
 def hook(buyers: Buyers, path: str, timeout_ms: int = 5_000) -> str:

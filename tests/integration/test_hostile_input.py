@@ -5,7 +5,6 @@ decided as usual."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
 
@@ -14,7 +13,7 @@ import pytest
 
 from engine.delivery.worker import DeliveryWorker
 from tests.helpers import settled
-from tests.helpers.buyers import SECRET, Buyers, buyer_servers
+from tests.helpers.buyers import SECRET, Buyers
 from tests.helpers.harness import BASE_TOML, Engine, buyer, campaign, make_config, running
 
 LEAD = {"lp_campaign_id": "camp", "lp_supplier_id": "s1", "lp_key": "key-s1"}
@@ -236,10 +235,6 @@ async def test_a_number_field_takes_ascii_digits_only(redis, redis_server) -> No
 RULES = 'accept = [{ path = "status", equals = "accepted" }]'
 
 
-@pytest.fixture
-async def buyers() -> AsyncIterator[Buyers]:
-    async with buyer_servers() as b:
-        yield b
 
 
 def sync_config(buyers: Buyers, first: str, rules: str = RULES) -> Any:

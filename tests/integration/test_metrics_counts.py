@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 import urllib.request
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ from engine.obs import telemetry
 from engine.obs.metrics import CREDIT_KINDS, EVENT_TYPES, Metrics, render
 from engine.store.store import Store, now_ms
 from tests.helpers import ROOT, sales, settled
-from tests.helpers.buyers import SECRET, Buyers, buyer_servers
+from tests.helpers.buyers import SECRET, Buyers
 from tests.helpers.harness import BASE_TOML
 
 T = sales.T
@@ -112,10 +111,6 @@ async def test_store_counts_every_ledger_entry_it_writes_once(redis) -> None:
     }
 
 
-@pytest.fixture
-async def buyers() -> AsyncIterator[Buyers]:
-    async with buyer_servers() as b:
-        yield b
 
 
 def _exposed(m: Metrics) -> dict[tuple[str, str], float]:

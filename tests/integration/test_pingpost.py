@@ -8,13 +8,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import pytest
-
 from engine.core import keys
 from engine.run.workers import sweep_pings
 from engine.store.embedded import EmbeddedRedis
 from engine.store.store import now_ms
-from tests.helpers.buyers import SECRET, Buyers, buyer_servers
+from tests.helpers.buyers import SECRET, Buyers
 from tests.helpers.harness import BASE_TOML, buyer, campaign, make_config, running
 
 PP = ('ping_post = {{ ping_fields = ["state"], auction = "{auction}", sell_limit = 2, '
@@ -67,10 +65,6 @@ async def held(eng: Any, account: str) -> int:
     return state.held
 
 
-@pytest.fixture
-async def buyers() -> Any:
-    async with buyer_servers() as b:
-        yield b
 
 
 async def test_exclusive_auction_holds_every_bid_and_settles_the_winner(redis_server,

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from engine.core.errors import ConfigError
-from tests.helpers.buyers import Buyers, buyer_servers
+from tests.helpers.buyers import Buyers
 from tests.helpers.harness import buyer, campaign, make_config, running
 from tests.integration.test_pingpost import (
     _fresh,
@@ -21,12 +21,6 @@ from tests.integration.test_pingpost import (
     ping,
     post,
 )
-
-
-@pytest.fixture
-async def buyers() -> Any:
-    async with buyer_servers() as b:
-        yield b
 
 LEAD = {"email": "  Ann@Example.COM ", "phone": "(415) 555-0123", "state": "CA"}
 EMAIL_MD5 = hashlib.md5(b"ann@example.com").hexdigest()

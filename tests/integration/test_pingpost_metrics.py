@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
 from prometheus_client import REGISTRY
 
 from engine.core import keys
-from tests.helpers.buyers import Buyers, buyer_servers
+from tests.helpers.buyers import Buyers
 from tests.integration.test_pingpost import (
     LEAD,
     _fresh,
@@ -24,11 +23,6 @@ from tests.integration.test_pingpost import (
     pp_campaign,
 )
 
-
-@pytest.fixture
-async def buyers() -> Any:
-    async with buyer_servers() as b:
-        yield b
 
 class Counts:
     """The samples named in ``wanted`` now; :meth:`delta` their growth since."""

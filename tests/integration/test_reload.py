@@ -9,23 +9,14 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
-
-import pytest
 
 from engine.run import configfile
 from engine.run.service import Service
 from engine.run.workers import delivery_worker
 from tests.helpers import ROOT
-from tests.helpers.buyers import SECRET, Buyers, buyer_servers
+from tests.helpers.buyers import SECRET, Buyers
 from tests.helpers.harness import BASE_TOML, Engine, buyer, campaign, running
-
-
-@pytest.fixture
-async def buyers() -> AsyncIterator[Buyers]:
-    async with buyer_servers() as b:
-        yield b
 
 
 def _hook(url: str) -> str:

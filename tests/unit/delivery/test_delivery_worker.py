@@ -28,7 +28,7 @@ from engine.delivery.verdict import BuyerVerdict
 from engine.delivery.worker import DeliveryWorker, WorkerOptions
 from engine.store.store import Store, now_ms
 from tests.helpers import settled
-from tests.helpers.buyers import SECRET, Buyers, buyer_servers
+from tests.helpers.buyers import SECRET, Buyers
 from tests.helpers.sales import FEE, OPENING, T, accounts, balance, buyer, sell
 
 PRICE = 25_000_000
@@ -38,10 +38,6 @@ FAST = dict(secret=SECRET, accept=ACCEPT, duplicate=DUP, timeout_ms=300, retry_b
             retry_max_ms=20)
 
 
-@pytest.fixture
-async def buyers() -> AsyncIterator[Buyers]:
-    async with buyer_servers() as b:
-        yield b
 
 
 @pytest.fixture
