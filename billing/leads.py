@@ -214,10 +214,21 @@ class LeadArchive:
         except (KeyError, ValueError):
             return None
 
+    def _outcome(self, tenant: str, lead_id: str, buyer: str, d: Any) -> Step | None:
+        """A delivery decision (decoded ``keys.dstate`` JSON) as the UPDATE of its row's
+        outcome, a pending row only; None when it is no final decision."""
+        outcome = OUTCOMES.get(d.get("o", "")) if isinstance(d, dict) else None
+        if not outcome:
+            return None
+        p = self._db.ph
+        return Step(
+            f"UPDATE sold_leads SET outcome = {p}, reason = {p} "  # noqa: S608
+            f"WHERE tenant = {p} AND lead_id = {p} AND buyer = {p} AND outcome = 'pending'",
+            (outcome, str(d.get("r", ""))[:500], tenant, lead_id, buyer))
+
     def _settled(self, tenant: str, f: dict[str, str]) -> tuple[list[Row], list[Step]] | None:
         """A settled delivery: its log entries (rows of ``sold_lead_attempts``) and its
         outcome (an UPDATE of a pending row only); None when malformed."""
-        p = self._db.ph
         try:
             lead_id, buyer = f["lead_id"], f["buyer"]
             d = msgspec.json.decode(f["decision"])
@@ -226,13 +237,8 @@ class LeadArchive:
             return None
         rows: list[Row] = [(tenant, lead_id, buyer, a.ts, a.attempt, a.result, a.status, a.ms,
                             a.reason[:500], a.excerpt[:500]) for a in log_]
-        outcome = OUTCOMES.get(d.get("o", "")) if isinstance(d, dict) else None
-        if not outcome:
-            return rows, []
-        return rows, [Step(
-            f"UPDATE sold_leads SET outcome = {p}, reason = {p} "  # noqa: S608
-            f"WHERE tenant = {p} AND lead_id = {p} AND buyer = {p} AND outcome = 'pending'",
-            (outcome, str(d.get("r", ""))[:500], tenant, lead_id, buyer))]
+        step = self._outcome(tenant, lead_id, buyer, d)
+        return rows, [] if step is None else [step]
 
     async def store_sold(self, consumer: StreamConsumer, tenant: str, batches: list[Batch],
                          personal: Callable[[str], frozenset[str]]) -> int:
@@ -314,13 +320,9 @@ class LeadArchive:
                 d = msgspec.json.decode(raw)
             except msgspec.DecodeError:
                 continue
-            outcome = OUTCOMES.get(d.get("o", "")) if isinstance(d, dict) else None
-            if outcome:
-                steps.append(Step(
-                    f"UPDATE sold_leads SET outcome = {p}, reason = {p} "  # noqa: S608
-                    f"WHERE tenant = {p} AND lead_id = {p} AND buyer = {p} "
-                    "AND outcome = 'pending'",
-                    (outcome, str(d.get("r", ""))[:500], tenant, lead_id, buyer)))
+            step = self._outcome(tenant, lead_id, buyer, d)
+            if step is not None:
+                steps.append(step)
         if steps:
             await self._db.batch(steps)
         return len(steps)
@@ -342,8 +344,8 @@ class LeadArchive:
         tid = tenant if isinstance(tenant, str) else tenant.id
         sold, events = consumers(redis, [tid], consumer, count=count,
                                  claim_idle_ms=claim_idle_ms)
-        return await self._pass(sold, events, tid, personal or (lambda _c: PERSONAL_NAMES),
-                                count)
+        n = await self._pass(sold, events, tid, personal or (lambda _c: PERSONAL_NAMES), count)
+        return n + await self.resolve_outcomes(redis, tid)
 
     async def _pass(self, sold: StreamConsumer, events: StreamConsumer, tenant: str,
                     personal: Callable[[str], frozenset[str]], count: int) -> int:
@@ -351,7 +353,6 @@ class LeadArchive:
         n = await self.store_sold(sold, tenant, await sold.poll(count, reader=reader), personal)
         n += await self.store_returns(events, tenant,
                                       await events.poll(count, reader=(keys.events(tenant),)))
-        n += await self.resolve_outcomes(sold.redis, tenant)
         return n
 
     # -- queries ---------------------------------------------------------------------------
@@ -485,6 +486,9 @@ def personal_of(cfg: Config, tenant: str) -> Callable[[str], frozenset[str]]:
     return lambda campaign: by_id.get(campaign, PERSONAL_NAMES)
 
 
+# personal fields erased, and the outcomes no settled entry brought looked up
+# (resolve_outcomes: a fallback, not worth a query and a Redis read of every pending row on
+# every pass), once a minute
 ERASE_EVERY_MS = 60_000
 
 
@@ -492,7 +496,8 @@ async def run_lead_archive(store: Store, archive: LeadArchive, cfg: Config, *,
                            consumer: str, stop: asyncio.Event, idle_s: float = 0.5,
                            clock: Callable[[], int] = now_ms) -> None:
     """Archive every tenant's sales until ``stop`` is set; erase personal fields past
-    each tenant's ``pii_retention_days`` once a minute. One tenant's failure is logged and
+    each tenant's ``pii_retention_days`` and look up the outcomes that never came settled
+    once a minute. One tenant's failure is logged and
     skipped for the pass."""
     tenants = list(cfg.tenants)
     sold, events = consumers(store.redis, [t.id for t in tenants], consumer)
@@ -507,6 +512,7 @@ async def run_lead_archive(store: Store, archive: LeadArchive, cfg: Config, *,
                 taken += await archive._pass(sold, events, t.id, personal[t.id], 1_000)
                 if erase:
                     await archive.erase_personal(t.id, t.pii_retention_days, now=now)
+                    taken += await archive.resolve_outcomes(store.redis, t.id)
             except UNAVAILABLE as exc:
                 log.warning("lead archive: tenant %s unavailable (%s); retrying", t.id,
                             type(exc).__name__)
