@@ -1,7 +1,7 @@
 """A lead's delivery log as tests read it, wherever it is now: in Redis while a delivery
 is open (``keys.dlog``), in the tenant's ``sold`` stream (its ``settled`` entries, for the
 lead archive) once settled, when Redis forgets it (delivery_finish.lua). The decision stays
-in ``keys.dstate`` (:func:`decision`)."""
+in ``keys.dstate`` (engine.delivery.record.read_decision)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,7 @@ from typing import Any
 import msgspec
 
 from engine.core import keys
-from engine.delivery.record import DeliveryDecision, read_decision
 from engine.store.store import Store
-
-
-async def decision(store: Store, tenant: str, lead_id: str,
-                   buyer: str) -> DeliveryDecision | None:
-    return await read_decision(store, tenant, lead_id, buyer)
 
 
 async def delivery_log(store: Store, tenant: str, lead_id: str,

@@ -17,8 +17,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from engine.core import keys
+from engine.delivery.record import read_decision
 from engine.delivery.worker import DeliveryWorker, WorkerOptions
-from tests.helpers import ROOT, settled
+from tests.helpers import ROOT
 from tests.helpers.buyers import SECRET, Buyers
 from tests.helpers.harness import BASE_TOML, buyer, campaign, make_config, running
 
@@ -60,7 +61,7 @@ async def test_worker_process_killed_mid_delivery(redis, redis_server, buyers: B
         stream = keys.deliveries("t1")
         pending = await eng.redis.xpending(stream, "delivery")
         assert pending["pending"] == 1 and pending["consumers"][0]["name"] == b"doomed-deliver"
-        assert await settled.decision(eng.store, "t1", lead_id, "b1") is None
+        assert await read_decision(eng.store, "t1", lead_id, "b1") is None
 
         second = DeliveryWorker(eng.svc.cfg, eng.store, tenants=["t1"], consumer="heir",
                                 options=WorkerOptions(claim_idle_ms=0, block_ms=10))
@@ -73,7 +74,7 @@ async def test_worker_process_killed_mid_delivery(redis, redis_server, buyers: B
             await _until("the second worker to deliver the entry", delivered)
         finally:
             await second.close()
-        decision = await settled.decision(eng.store, "t1", lead_id, "b1")
+        decision = await read_decision(eng.store, "t1", lead_id, "b1")
         assert decision is not None and decision.o == "ACCEPTED"
         reqs = buyers.at("/hold")
         assert len(reqs) == 2 and reqs[0].msg_id == reqs[1].msg_id == f"msg_{lead_id}_b1"

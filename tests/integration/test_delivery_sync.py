@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from engine.core import keys
+from engine.delivery.record import read_decision
 from engine.delivery.worker import DeliveryWorker, WorkerOptions
 from engine.store.store import now_ms
 from tests.helpers import settled
@@ -82,8 +83,8 @@ async def test_first_rejects_second_accepts(redis, redis_server, buyers: Buyers)
         kinds = [f["kind"] for _, f in reversed(await eng.store.ledger_page("t1", "c1"))]
         assert kinds == ["opening", "lead", "refund"]
         await ledgers_sum(eng)
-        d1 = await settled.decision(eng.store, "t1", lead_id, "b1")
-        d2 = await settled.decision(eng.store, "t1", lead_id, "b2")
+        d1 = await read_decision(eng.store, "t1", lead_id, "b1")
+        d2 = await read_decision(eng.store, "t1", lead_id, "b2")
         assert d1 is not None and d1.o == "REJECTED" and d2 is not None and d2.o == "ACCEPTED"
         log = await settled.delivery_log(eng.store, "t1", lead_id)
         assert [(e["buyer"], e["result"]) for e in log] == [("b1", "rejected"),
@@ -144,7 +145,7 @@ async def test_deadline_passes_no_sale_and_the_worker_never_sends_it(
         assert buyers.at("/accept") == []  # no time was left for the next buyer
         log = await settled.delivery_log(eng.store, "t1", lead_id)
         assert [(e["buyer"], e["result"]) for e in log] == [("b1", "failed")]
-        d = await settled.decision(eng.store, "t1", lead_id, "b1")
+        d = await read_decision(eng.store, "t1", lead_id, "b1")
         assert d is not None and d.o == "FAILED" and "timeout" in d.r
         _, again = await eng.lead(email="cy@example.com")
         assert again == r
@@ -188,7 +189,7 @@ async def test_a_buyer_without_a_verdict_is_skipped_while_time_is_left(
         assert (r["status"], r["code"], r["payout"]) == ("ACCEPTED", 0, "3.00"), r
         lead_id = r["lead_id"]
         assert await eng.balance("c1") == OPENING and await eng.balance("c2") == OPENING - PRICE
-        b1 = await settled.decision(eng.store, "t1", lead_id, "b1")
+        b1 = await read_decision(eng.store, "t1", lead_id, "b1")
         assert b1 is not None and b1.o == "FAILED"
         buyers.release.set()
         await drain_worker(eng, offset_ms=5_000)

@@ -11,8 +11,8 @@ from urllib.parse import quote
 import msgspec
 import pytest
 
+from engine.delivery.record import read_decision
 from engine.delivery.worker import DeliveryWorker
-from tests.helpers import settled
 from tests.helpers.buyers import SECRET, Buyers
 from tests.helpers.harness import BASE_TOML, Engine, buyer, campaign, make_config, running
 
@@ -259,7 +259,7 @@ async def test_a_buyers_odd_answer_is_its_verdict_not_a_500(
         status, resp = await raw_post(eng, "/v1/leads", lead, "application/json")
         assert status == 200, (status, resp)  # it was a 500 (RecursionError, ValueError)
         assert (resp["status"], resp["code"]) == ("ACCEPTED", 0), resp
-        decision = await settled.decision(eng.store, "t1", resp["lead_id"], "b1")
+        decision = await read_decision(eng.store, "t1", resp["lead_id"], "b1")
         assert decision is not None and decision.o == b1, decision
         assert await eng.balance("c1") == OPENING
         assert await eng.balance("c2") == OPENING - PRICE
@@ -288,7 +288,7 @@ async def test_the_delivery_worker_rejects_a_too_deep_answer(redis, redis_server
             assert await w.process_once(block_ms=None) == 1
         finally:
             await w.close()
-        decision = await settled.decision(eng.store, "t1", resp["lead_id"], "b1")
+        decision = await read_decision(eng.store, "t1", resp["lead_id"], "b1")
         assert decision is not None and decision.o == "REJECTED", decision
         assert await eng.balance("c1") == OPENING  # the rejected sale is refunded
         await eng.assert_reconciled()

@@ -29,11 +29,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from engine.core import keys, money
 from engine.core.config import Config, ResponseRule
 from engine.delivery import record
+from engine.delivery.record import read_decision
 from engine.delivery.worker import DeliveryWorker, WorkerOptions
 from engine.obs import telemetry
 from engine.obs.metrics import CREDIT_KINDS, EVENT_TYPES, Metrics, render
 from engine.store.store import Store, now_ms
-from tests.helpers import ROOT, sales, settled
+from tests.helpers import ROOT, sales
 from tests.helpers.buyers import SECRET, Buyers
 from tests.helpers.harness import BASE_TOML
 
@@ -165,7 +166,7 @@ async def test_delivery_worker_counts_fee_refunds_reprices_and_delivery_failed(
 
     # another worker replays the money effects of the recorded decisions: counted never
     for b in (rej, price, old):
-        d = await settled.decision(store, T, f"L-{b.id}", b.id)
+        d = await read_decision(store, T, f"L-{b.id}", b.id)
         assert d is not None
         await record.apply_money(store, T, f"L-{b.id}", b.id, d,
                                   sale_price=money.parse(b.price))

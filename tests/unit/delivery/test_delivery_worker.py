@@ -22,7 +22,7 @@ from engine.core.config import Buyer, Config, ResponseRule
 from engine.delivery import record
 from engine.delivery.breaker import WEBHOOK_FAILING_EVERY_MS, Breakers, is_open, open_buyers
 from engine.delivery.client import Endpoint
-from engine.delivery.record import DeliveryEvent
+from engine.delivery.record import DeliveryEvent, read_decision
 from engine.delivery.sync import deliver_sync
 from engine.delivery.verdict import BuyerVerdict
 from engine.delivery.worker import DeliveryWorker, WorkerOptions
@@ -75,7 +75,7 @@ async def until(
 
 
 async def decided(store: Store, lead_id: str, b: Buyer) -> str:
-    d = await settled.decision(store, T, lead_id, b.id)
+    d = await read_decision(store, T, lead_id, b.id)
     return d.o if d else ""
 
 
@@ -139,7 +139,7 @@ async def test_one_batch_over_two_tenants_keeps_each_jobs_own_precheck(
         await w.close()
     assert [r.msg_id for r in buyers.at("/accept")] == ["msg_L1_b1"]
     assert await decided(store, "L1", a) == "ACCEPTED"
-    skipped = await settled.decision(store, "beta", "L2", "b2")
+    skipped = await read_decision(store, "beta", "L2", "b2")
     assert skipped is not None and skipped.r == "sale refunded before delivery"
 
 
@@ -220,7 +220,7 @@ async def test_rejected_and_duplicate_are_refunded(
     ledger = await store.ledger_page(T, b.client)
     assert ledger[0][1]["kind"] == "refund" and ledger[0][1]["delta"] == str(PRICE)
     # the reason is recorded: in the decision, the refund's ledger entry and the log
-    d = await settled.decision(store, T, "L1", b.id)
+    d = await read_decision(store, T, "L1", b.id)
     want = ("rejected: HTTP 200, no accept rule matched" if outcome == "REJECTED"
             else "duplicate: status in [409]")
     assert d is not None and d.r == want
